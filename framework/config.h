@@ -1,0 +1,124 @@
+// The one validated configuration of a run.
+//
+// Loaded from YAML, overridden by `--set a.b=value`, validated as a whole,
+// printed once at start. Every key is declared once (config.cpp's key table),
+// which drives parsing, overrides, validation and printing.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace reformer {
+
+struct ModelConfig {
+  int vocab_size = 256;               // token ids are in [0, vocab_size)
+  int d_model = 128;                  // D: width of each residual stream
+  int n_heads = 4;                    // attention heads
+  int d_head = 0;                     // head width; 0 means d_model / n_heads
+  int d_ff = 256;                     // feed-forward hidden width
+  int n_layers = 2;                   // reversible layers
+  int max_len = 256;                  // L: sequence length trained and evaluated
+  std::vector<int> axial_shape;       // (a1, a2), a1 * a2 >= max_len; empty: chosen from max_len
+  std::vector<int> axial_dims;        // (d1, d2), d1 + d2 = d_model; empty: (D/2, D - D/2)
+  std::string activation = "gelu";    // gelu | relu
+  double layernorm_eps = 1e-6;        // added to the variance
+  double dropout = 0.0;               // residual-branch dropout probability, [0, 1)
+  int ffn_chunk = 0;                  // positions per feed-forward chunk; 0: whole sequence
+  int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
+  double init_std = 0.02;             // normal init of matrices and token embeddings
+  double axial_init_std = 1.0;        // normal init of the axial position tables
+};
+
+struct AttentionConfig {
+  std::vector<std::string> kinds{"lsh"};  // per layer, repeated cyclically: lsh | full | local
+  int bucket_size = 32;                   // positions per chunk after sorting (LSH), per local chunk
+  int n_hashes = 2;                       // hash rounds
+  int n_buckets = 0;                      // per round, even; 0: 2 * max_len / bucket_size rounded to a power of two
+  int chunks_before = 1;                  // previous chunks each chunk attends to
+  int chunks_after = 0;                   // following chunks (must be 0 for causal models)
+  bool causal = true;                     // language modelling mask
+};
+
+struct OptimizerConfig {
+  std::string name = "adamw";     // adamw | adafactor
+  double lr = 1e-3;               // peak learning rate
+  double beta1 = 0.9;             // first-moment decay (adafactor: 0 disables momentum)
+  double beta2 = 0.98;            // AdamW second-moment decay
+  double eps = 1e-9;              // AdamW epsilon
+  double weight_decay = 0.0;      // decoupled, multiplies lr
+  double decay_rate = 0.8;        // Adafactor: beta2_t = 1 - t^-decay_rate
+  double clip_threshold = 1.0;    // Adafactor update RMS clip
+  double grad_clip = 1.0;         // clip by global norm; 0 disables
+  std::string schedule = "rsqrt"; // rsqrt (linear warm-up then rsqrt decay) | cosine | constant
+  int64_t warmup_steps = 100;     // linear warm-up steps
+  double min_lr_ratio = 0.1;      // cosine floor as a fraction of lr
+};
+
+struct TrainingConfig {
+  int64_t steps = 1000;       // optimizer steps
+  int batch_size = 8;         // sequences per step, over all data-parallel ranks
+  uint64_t seed = 1;          // keys every random stream of the run
+  std::string device = "cpu"; // cpu | cuda | auto
+  int log_every = 10;         // steps between progress lines
+  int eval_every = 0;         // steps between evaluations; 0: only at the end
+  int eval_batches = 4;       // batches per evaluation
+};
+
+struct DataConfig {
+  std::string kind = "duplication";  // duplication | bytes
+  std::string path;                  // bytes: file of bytes (e.g. enwik8)
+  std::string split = "fractions";   // bytes: fractions | enwik8 (90M/5M/5M)
+  double valid_fraction = 0.05;      // bytes + fractions: share for validation
+  double test_fraction = 0.05;       // bytes + fractions: share for test
+  int dup_symbols = 0;               // duplication: w uniform over 1..dup_symbols-1; 0: vocab_size
+};
+
+struct ParallelConfig {
+  int dp = 1;                     // data-parallel groups
+  int sp = 1;                     // sequence-parallel ranks per group
+  std::string backend = "local";  // local | mpi | nccl
+};
+
+struct CheckpointConfig {
+  std::string dir = "checkpoints";  // where checkpoints are written
+  int64_t every = 0;                // steps between checkpoints; 0: only at the end
+  int keep = 3;                     // newest checkpoints kept
+  std::string resume = "auto";      // auto | none | PATH
+};
+
+struct LoggingConfig {
+  std::string metrics;  // JSON-lines metrics file; empty: none
+};
+
+struct Config {
+  ModelConfig model;
+  AttentionConfig attention;
+  OptimizerConfig optimizer;
+  TrainingConfig training;
+  DataConfig data;
+  ParallelConfig parallel;
+  CheckpointConfig checkpoint;
+  LoggingConfig logging;
+
+  // Derived by validate(): never read from YAML.
+  int head_dim() const { return model.d_head > 0 ? model.d_head : model.d_model / model.n_heads; }
+  std::string attention_kind(int layer) const {
+    return attention.kinds[size_t(layer) % attention.kinds.size()];
+  }
+  int buckets() const;  // n_buckets, resolved
+};
+
+// Loads `path`, applies `overrides` ("a.b=value", in order) and validates.
+// Throws ConfigError naming the key, the file (or "--set") and the line.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// Same, from YAML text; `source_name` stands for the file name in messages.
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides = {});
+
+// The resolved configuration as YAML (every key, defaults filled in); parsing
+// it again gives the same Config.
+std::string to_yaml(const Config& c);
+
+}  // namespace reformer

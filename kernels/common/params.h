@@ -1,0 +1,54 @@
+// Parameter structs shared by the CPU and CUDA twins of each op.
+#pragma once
+
+#include <cstdint>
+
+namespace reformer {
+
+enum class Activation { gelu, relu };
+
+// Masked scores are set (not added) to these values, as in trax and HF.
+constexpr double kCausalMaskValue = -1e9;  // key position > query position
+constexpr double kSelfMaskValue = -1e5;    // a query's own position
+
+// One attention call over one head of one sequence.
+// Positions are first permuted by `perm` (one order per round), cut into
+// chunks of `chunk` sorted slots; each chunk attends to itself,
+// `chunks_before` previous and `chunks_after` following chunks of the same
+// round (wrapping around the round when `wrap`), then masks apply by the
+// original positions.
+struct AttentionParams {
+  int64_t L = 0;          // positions in the sequence
+  int dh = 0;             // head width
+  int64_t ld = 0;         // row stride (elements) of qk, v, out and their gradients; >= dh
+  int n_rounds = 1;       // hash rounds; each has its own order in perm
+  int chunk = 0;          // sorted slots per chunk; L % chunk == 0
+  int chunks_before = 1;  // previous chunks each chunk also sees
+  int chunks_after = 0;   // following chunks each chunk also sees
+  bool wrap = true;       // look-back of chunk 0 wraps to the round's last chunk(s)
+  bool causal = true;     // mask keys whose position is after the query's
+};
+
+// Decoupled-weight-decay Adam (Loshchilov & Hutter).
+struct AdamWParams {
+  float lr = 1e-3f;
+  float beta1 = 0.9f;
+  float beta2 = 0.999f;
+  float eps = 1e-8f;
+  float weight_decay = 0.0f;  // multiplies lr * param, decoupled from the moments
+  int64_t step = 1;           // 1-based step, for bias correction
+};
+
+// Adafactor (Shazeer & Stern, 2018) with factored second moments for
+// matrices, update clipping, optional first moment and decoupled decay.
+struct AdafactorParams {
+  float lr = 1e-3f;
+  float beta1 = 0.0f;           // 0 disables the first moment (m unused)
+  float decay_rate = 0.8f;      // beta2_t = 1 - step^(-decay_rate)
+  float eps1 = 1e-30f;          // added to grad^2
+  float clip_threshold = 1.0f;  // update RMS is clipped to this
+  float weight_decay = 0.0f;    // multiplies lr * param
+  int64_t step = 1;             // 1-based
+};
+
+}  // namespace reformer

@@ -1,0 +1,94 @@
+// Counter-based random numbers (Philox4x32-10, Salmon et al., SC'11).
+//
+// Every random quantity in the model (LSH rotations, dropout masks, parameter
+// initialisation, data sampling) is a pure function of a key built from
+// (seed, purpose, indices...) and an element counter, so any rank, any device
+// and any recompute draws exactly the same numbers with no state to carry.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define REFORMER_HD __host__ __device__ __forceinline__
+#else
+#define REFORMER_HD inline
+#endif
+
+namespace reformer {
+
+struct Philox4 {
+  uint32_t v[4];
+};
+
+// One Philox4x32-10 block: counter (c0..c3) under key (k0, k1).
+REFORMER_HD Philox4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                               uint32_t k0, uint32_t k1) {
+  const uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+  const uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  for (int i = 0; i < 10; ++i) {
+    const uint64_t p0 = uint64_t(M0) * c0;
+    const uint64_t p1 = uint64_t(M1) * c2;
+    const uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
+    const uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += W0; k1 += W1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// Mixes a 64-bit value (splitmix64 finaliser); used to fold key parts.
+REFORMER_HD uint64_t mix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// A stream of random numbers named by a 64-bit key; element i of the stream
+// is a pure function of (key, i).
+struct RngKey {
+  uint64_t key;
+};
+
+// Builds a key from a seed and up to five indices (e.g. step, layer, head,
+// round, purpose). Different index tuples give unrelated streams.
+REFORMER_HD RngKey make_key(uint64_t seed, uint64_t a = 0, uint64_t b = 0,
+                            uint64_t c = 0, uint64_t d = 0, uint64_t e = 0) {
+  uint64_t k = mix64(seed);
+  k = mix64(k ^ a);
+  k = mix64(k ^ (b + 0x1000193ull));
+  k = mix64(k ^ (c + 0x2000329ull));
+  k = mix64(k ^ (d + 0x40006b3ull));
+  k = mix64(k ^ (e + 0x8000d67ull));
+  return RngKey{k};
+}
+
+// Four uniform 32-bit words for block i of the stream.
+REFORMER_HD Philox4 rng_block(RngKey key, uint64_t i) {
+  return philox4x32(uint32_t(i), uint32_t(i >> 32), 0u, 0u, uint32_t(key.key),
+                    uint32_t(key.key >> 32));
+}
+
+// Uniform in [0, 1) from 32 random bits (24-bit resolution, exact in fp32).
+REFORMER_HD float u32_to_unit(uint32_t x) { return float(x >> 8) * (1.0f / 16777216.0f); }
+
+// Element i of the stream as a uniform float in [0, 1).
+REFORMER_HD float rng_uniform(RngKey key, uint64_t i) {
+  return u32_to_unit(rng_block(key, i).v[0]);
+}
+
+// Element i of the stream as a 32-bit word.
+REFORMER_HD uint32_t rng_u32(RngKey key, uint64_t i) { return rng_block(key, i).v[0]; }
+
+// Element i of the stream as a standard normal (Box-Muller on one block).
+REFORMER_HD float rng_normal(RngKey key, uint64_t i) {
+  const Philox4 b = rng_block(key, i);
+  const float u1 = (float(b.v[0] >> 8) + 1.0f) * (1.0f / 16777216.0f);  // (0, 1]
+  const float u2 = u32_to_unit(b.v[1]);
+  return sqrtf(-2.0f * logf(u1)) * cosf(6.28318530717958647692f * u2);
+}
+
+}  // namespace reformer

@@ -1,0 +1,23 @@
+// Elementwise and copy ops (CPU reference). Contracts as in framework/ops.h.
+#pragma once
+
+#include <cstdint>
+
+namespace reformer::cpu {
+
+template <class T> void fill(T* x, T value, int64_t n);
+template <class T> void copy(T* dst, const T* src, int64_t n);
+template <class T> void add(T* out, const T* a, const T* b, int64_t n);
+template <class T> void sub(T* out, const T* a, const T* b, int64_t n);
+template <class T> void axpy(T* y, T a, const T* x, int64_t n);
+template <class T> void scale(T* x, T s, int64_t n);
+template <class T> double sum_squares(const T* x, int64_t n);
+template <class T>
+void copy_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
+template <class T>
+void add_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
+template <class T>
+void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,
+             int64_t offset);
+
+}  // namespace reformer::cpu

@@ -1,0 +1,17 @@
+// Dense linear layer out = inp @ w + bias (CPU reference: cache-blocked,
+// multi-threaded with OpenMP; each output element is reduced by one thread in
+// a fixed order, so results do not depend on the thread count).
+// Contracts as in framework/ops.h.
+#pragma once
+
+#include <cstdint>
+
+namespace reformer::cpu {
+
+template <class T>
+void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC);
+template <class T>
+void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N,
+                     int C, int OC);
+
+}  // namespace reformer::cpu
