@@ -28,6 +28,8 @@ struct ModelConfig {
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings
   double axial_init_std = 1.0;        // normal init of the axial position tables
+
+  bool operator==(const ModelConfig&) const = default;
 };
 
 struct AttentionConfig {
@@ -38,6 +40,8 @@ struct AttentionConfig {
   int chunks_before = 1;                  // previous chunks each chunk attends to
   int chunks_after = 0;                   // following chunks (must be 0 for causal models)
   bool causal = true;                     // language modelling mask
+
+  bool operator==(const AttentionConfig&) const = default;
 };
 
 struct OptimizerConfig {
@@ -53,6 +57,8 @@ struct OptimizerConfig {
   std::string schedule = "rsqrt"; // rsqrt (linear warm-up then rsqrt decay) | cosine | constant
   int64_t warmup_steps = 100;     // linear warm-up steps
   double min_lr_ratio = 0.1;      // cosine floor as a fraction of lr
+
+  bool operator==(const OptimizerConfig&) const = default;
 };
 
 struct TrainingConfig {
@@ -63,6 +69,8 @@ struct TrainingConfig {
   int log_every = 10;         // steps between progress lines
   int eval_every = 0;         // steps between evaluations; 0: only at the end
   int eval_batches = 4;       // batches per evaluation
+
+  bool operator==(const TrainingConfig&) const = default;
 };
 
 struct DataConfig {
@@ -72,12 +80,16 @@ struct DataConfig {
   double valid_fraction = 0.05;      // bytes + fractions: share for validation
   double test_fraction = 0.05;       // bytes + fractions: share for test
   int dup_symbols = 0;               // duplication: w uniform over 1..dup_symbols-1; 0: vocab_size
+
+  bool operator==(const DataConfig&) const = default;
 };
 
 struct ParallelConfig {
   int dp = 1;                     // data-parallel groups
   int sp = 1;                     // sequence-parallel ranks per group
   std::string backend = "local";  // local | mpi | nccl
+
+  bool operator==(const ParallelConfig&) const = default;
 };
 
 struct CheckpointConfig {
@@ -85,10 +97,14 @@ struct CheckpointConfig {
   int64_t every = 0;                // steps between checkpoints; 0: only at the end
   int keep = 3;                     // newest checkpoints kept
   std::string resume = "auto";      // auto | none | PATH
+
+  bool operator==(const CheckpointConfig&) const = default;
 };
 
 struct LoggingConfig {
   std::string metrics;  // JSON-lines metrics file; empty: none
+
+  bool operator==(const LoggingConfig&) const = default;
 };
 
 struct Config {
@@ -107,6 +123,8 @@ struct Config {
     return attention.kinds[size_t(layer) % attention.kinds.size()];
   }
   int buckets() const;  // n_buckets, resolved
+
+  bool operator==(const Config&) const = default;
 };
 
 // Loads `path`, applies `overrides` ("a.b=value", in order) and validates.
@@ -120,5 +138,13 @@ Config parse_config(const std::string& yaml_text, const std::string& source_name
 // The resolved configuration as YAML (every key, defaults filled in); parsing
 // it again gives the same Config.
 std::string to_yaml(const Config& c);
+
+// Cross-field checks and derived defaults (axial_shape, axial_dims when
+// empty) for a Config built in code; load_config and parse_config already
+// call it. Messages start with `source_name`. Throws ConfigError.
+void validate_config(Config& c, const std::string& source_name = "config");
+
+// Every dotted key ("model.d_model", ...) in the order to_yaml prints them.
+std::vector<std::string> config_keys();
 
 }  // namespace reformer

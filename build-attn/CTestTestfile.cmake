@@ -1,0 +1,9 @@
+# CMake generated Testfile for 
+# Source directory: /work/main
+# Build directory: /work/main/build-attn
+# 
+# This file includes the relevant testing commands required for 
+# testing this directory and lists subdirectories to be tested as well.
+include("/work/main/build-attn/test_attention[1]_include.cmake")
+include("/work/main/build-attn/test_config[1]_include.cmake")
+include("/work/main/build-attn/test_lsh[1]_include.cmake")

@@ -1,0 +1,100 @@
+// The Reformer language model: embedding with axial positions, a stack of
+// reversible layers (LSH / full / local attention and a chunked feed-forward),
+// output LayerNorm over concat(y1, y2), a linear head and the token loss.
+//
+// The backward pass keeps only the top activations (y1, y2) and each layer's
+// bucket ids; it rebuilds every layer's inputs from its outputs
+// (x2 = y2 - FFN(LN_f(y1)), x1 = y1 - Attn(LN_a(x2))) on the way down.
+//
+// All arithmetic goes through an Ops<T>; T is float for training, double for
+// finite-difference checks.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "framework/config.h"
+#include "framework/ops.h"
+#include "framework/params.h"
+
+namespace reformer {
+
+// Sums over the positions of one or more sequences.
+struct LossStats {
+  double loss_sum = 0;   // sum of token cross-entropies (nats) over counted positions
+  int64_t count = 0;     // positions with a target (target >= 0)
+  int64_t correct = 0;   // counted positions whose argmax logit is the target
+  LossStats& operator+=(const LossStats& o) {
+    loss_sum += o.loss_sum; count += o.count; correct += o.correct;
+    return *this;
+  }
+};
+
+template <class T>
+class ReformerModel {
+ public:
+  // Allocates parameters, gradients and the activations for one sequence of
+  // cfg.model.max_len positions. The config must be validated.
+  ReformerModel(const Config& cfg, Ops<T>& ops);
+  ~ReformerModel();
+  ReformerModel(const ReformerModel&) = delete;
+  ReformerModel& operator=(const ReformerModel&) = delete;
+
+  const ParamTable& table() const { return table_; }
+  int64_t num_params() const { return table_.total(); }
+  T* params() { return params_.data(); }  // flat [num_params], in Ops memory
+  T* grads() { return grads_.data(); }    // same layout as params()
+  int64_t seq_len() const { return L_; }
+
+  // Fills parameters from the counter RNG keyed by `seed` (normal for
+  // matrices and embeddings, ones / zeros for LayerNorm and biases).
+  void init_params(uint64_t seed);
+  void zero_grads();
+
+  // One sequence: tokens[L] and targets[L] in host memory (target -1: not
+  // counted). Runs the forward pass and, when `backward`, the backward pass,
+  // ACCUMULATING parameter gradients scaled by `grad_scale` (the caller passes
+  // 1 / (positions counted over the whole batch and all ranks)).
+  // `step` keys the LSH rotations and dropout masks; `train` enables dropout.
+  LossStats forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step,
+                             bool backward, bool train, T grad_scale);
+
+  // Forward only, copying every logit [L, V] to `logits` (host).
+  void forward_logits(const int32_t* tokens, uint64_t step, std::vector<T>* logits);
+
+  // Test hooks (host copies, [L, D] each): the inputs (x1, x2) of every layer
+  // as the forward pass saw them, and as the backward pass rebuilt them.
+  struct Trace {
+    std::vector<std::vector<T>> forward_x1, forward_x2, rebuilt_x1, rebuilt_x2;
+  };
+  Trace* trace = nullptr;
+
+ private:
+  struct Layer;     // parameter pointers of one layer
+  struct Scratch;   // activation buffers
+  Layer layer_params(T* base, int l) const;
+  void embed(const int32_t* tokens);
+  void attention_forward(int l, const T* x, T* out, uint64_t step, bool rehash);
+  void attention_backward(int l, const T* x, const T* dout, T* dx);
+  void ffn_chunk(int l, const T* y1, T* g, int64_t rows, int64_t row0, uint64_t step, bool train);
+  void ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy1, int64_t rows, int64_t row0,
+                          uint64_t step, bool train);
+  LossStats head(const int32_t* targets, bool backward, T grad_scale, std::vector<T>* logits);
+  void stack_forward(const int32_t* tokens, uint64_t step, bool train);
+  void stack_backward(uint64_t step, bool train);
+
+  Config cfg_;
+  Ops<T>& ops_;
+  ParamTable table_;
+  int64_t L_;
+  int D_, H_, dh_, F_, V_, NL_;
+  int d1_, a2_, nb_;
+  Buffer<T> params_, grads_;
+  Scratch* s_;
+};
+
+extern template class ReformerModel<float>;
+extern template class ReformerModel<double>;
+
+}  // namespace reformer

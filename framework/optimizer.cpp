@@ -1,0 +1,102 @@
+#include "framework/optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace reformer {
+
+double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps) {
+  const double s = double(std::max<int64_t>(step, 1));
+  const double w = double(std::max<int64_t>(c.warmup_steps, 0));
+  const double warm = w > 0 ? std::min(1.0, s / w) : 1.0;
+  if (c.schedule == "rsqrt") return c.lr * warm * (w > 0 ? std::sqrt(w / std::max(s, w)) : 1 / std::sqrt(s));
+  if (c.schedule == "cosine") {
+    if (s <= w) return c.lr * warm;
+    const double span = std::max(1.0, double(total_steps) - w);
+    const double progress = std::min(1.0, (s - w) / span);
+    const double cosv = 0.5 * (1 + std::cos(M_PI * progress));
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * cosv);
+  }
+  return c.lr * warm;  // constant
+}
+
+template <class T>
+Optimizer<T>::Optimizer(const OptimizerConfig& cfg, const ParamTable& table, Ops<T>& ops)
+    : cfg_(cfg), table_(table), ops_(ops) {
+  auto add = [&](const std::string& state, size_t param, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    buffers_.emplace_back(ops, n);
+    ops.fill(buffers_.back().data(), T(0), n);
+    state_.push_back(StateTensor{state, param, std::move(shape), buffers_.back().data(), n});
+  };
+  const auto& ps = table.params();
+  for (size_t k = 0; k < ps.size(); ++k) {
+    const ParamInfo& p = ps[k];
+    if (cfg.name == "adamw") {
+      add("m", k, p.shape);
+      add("v", k, p.shape);
+    } else {
+      const bool factored = p.rows() > 1 && p.cols() > 1;
+      if (factored) {
+        add("vr", k, {p.rows()});
+        add("vc", k, {p.cols()});
+      } else {
+        add("vr", k, p.shape);
+      }
+      if (cfg.beta1 > 0) add("m", k, p.shape);
+    }
+  }
+}
+
+template <class T>
+void Optimizer<T>::step(T* params, const T* grads, int64_t step, double lr) {
+  const auto& ps = table_.params();
+  // State tensors are laid out per parameter in constructor order.
+  size_t si = 0;
+  for (size_t k = 0; k < ps.size(); ++k) {
+    const ParamInfo& p = ps[k];
+    T* w = params + p.offset;
+    const T* g = grads + p.offset;
+    const double wd = p.decay ? cfg_.weight_decay : 0.0;
+    if (cfg_.name == "adamw") {
+      AdamWParams a;
+      a.lr = float(lr);
+      a.beta1 = float(cfg_.beta1);
+      a.beta2 = float(cfg_.beta2);
+      a.eps = float(cfg_.eps);
+      a.weight_decay = float(wd);
+      a.step = step;
+      T* m = state_[si++].data;
+      T* v = state_[si++].data;
+      ops_.adamw_update(w, g, m, v, p.size, a);
+    } else {
+      AdafactorParams a;
+      a.lr = float(lr);
+      a.beta1 = float(cfg_.beta1);
+      a.decay_rate = float(cfg_.decay_rate);
+      a.clip_threshold = float(cfg_.clip_threshold);
+      a.weight_decay = float(wd);
+      a.step = step;
+      const bool factored = p.rows() > 1 && p.cols() > 1;
+      T* vr = state_[si++].data;
+      T* vc = factored ? state_[si++].data : nullptr;
+      T* m = cfg_.beta1 > 0 ? state_[si++].data : nullptr;
+      ops_.adafactor_update(w, g, m, vr, vc, p.rows(), p.cols(), a);
+    }
+  }
+}
+
+template <class T>
+double clip_grad_norm(Ops<T>& ops, T* grads, int64_t n, double max_norm) {
+  const double norm = std::sqrt(ops.sum_squares(grads, n));
+  if (max_norm > 0 && norm > max_norm) ops.scale(grads, T(max_norm / (norm + 1e-6)), n);
+  return norm;
+}
+
+template class Optimizer<float>;
+template class Optimizer<double>;
+template double clip_grad_norm<float>(Ops<float>&, float*, int64_t, double);
+template double clip_grad_norm<double>(Ops<double>&, double*, int64_t, double);
+
+}  // namespace reformer

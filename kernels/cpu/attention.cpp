@@ -1,0 +1,497 @@
+// Chunked attention over permuted positions (LSH, local) and exact full
+// attention, shared-QK scoring (CPU reference and test oracle).
+//
+// Scoring, for a query at position i and a key at position j:
+//   s_ij = q_i . k_hat_j,  q_i = qk row i,  k_hat_j = k_j / sqrt(|k_j|^2 + kNormEps),
+// then, set rather than added: kCausalMaskValue when causal and j > i,
+// otherwise kSelfMaskValue when j == i. Masked scores are constants: they
+// take part in the softmax but pass no gradient to qk.
+//
+// Chunked attention: round r's sorted order perm[r, :] is cut into L / chunk
+// chunks; a query in chunk c attends to the keys of chunks
+// c - chunks_before .. c + chunks_after of the same round (modulo the number
+// of chunks when wrap, otherwise clipped), each chunk counted once. Saved for
+// the backward, by position: out_r [n_rounds, L, dh] and
+// lse [n_rounds, L] = log sum_j exp(s_ij). Rounds combine as
+// out_i = sum_r exp(lse_r,i - logsumexp_r lse_r,i) out_r,i.
+//
+// Gradients ACCUMULATE into dqk and dv ([L, ld] head slices); a null pointer
+// is skipped. Every output element is produced by one thread in a fixed
+// order, so results do not depend on the number of threads.
+#include "kernels/cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "framework/errors.h"
+
+namespace reformer::cpu {
+
+namespace {
+
+// Added to |k|^2 under the square root of the key norm, so that a zero key
+// has k_hat = 0 and a finite gradient. The CUDA twin uses the same value.
+constexpr double kNormEps = 1e-12;
+
+void check_common(const AttentionParams& p, const char* op) {
+  if (p.L < 0 || p.dh <= 0 || p.ld < p.dh)
+    throw ShapeError(std::string(op) + ": need L >= 0, dh > 0, ld >= dh (L=" +
+                     std::to_string(p.L) + ", dh=" + std::to_string(p.dh) +
+                     ", ld=" + std::to_string(p.ld) + ")");
+}
+
+void check_chunked(const AttentionParams& p, const char* op) {
+  check_common(p, op);
+  if (p.n_rounds < 1 || p.chunk <= 0 || p.L % p.chunk != 0 || p.chunks_before < 0 ||
+      p.chunks_after < 0)
+    throw ShapeError(std::string(op) + ": need n_rounds >= 1, chunk > 0, L % chunk == 0, "
+                     "chunks_before >= 0, chunks_after >= 0 (L=" + std::to_string(p.L) +
+                     ", chunk=" + std::to_string(p.chunk) +
+                     ", n_rounds=" + std::to_string(p.n_rounds) + ")");
+}
+
+template <class T>
+T dot(const T* a, const T* b, int n) {
+  T s = T(0);
+  for (int d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// Unit-norm keys khat [L, dh] (dense) and the norms they were divided by.
+template <class T>
+void normalise_keys(std::vector<T>& khat, std::vector<T>& norm, const T* qk,
+                    const AttentionParams& p) {
+  const int dh = p.dh;
+  khat.assign(size_t(p.L) * size_t(dh), T(0));
+  norm.assign(size_t(p.L), T(0));
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < p.L; ++j) {
+    const T* k = qk + j * p.ld;
+    const T n = std::sqrt(dot(k, k, dh) + T(kNormEps));
+    norm[size_t(j)] = n;
+    T* kh = khat.data() + j * dh;
+    for (int d = 0; d < dh; ++d) kh[d] = k[d] / n;
+  }
+}
+
+// Score of query i (row q) against key j (unit row kh), with the masks.
+// `masked` reports whether the score is a mask constant.
+template <class T>
+T masked_score(const T* q, const T* kh, int64_t i, int64_t j, int dh, bool causal,
+               bool& masked) {
+  masked = true;
+  if (causal && j > i) return T(kCausalMaskValue);
+  if (j == i) return T(kSelfMaskValue);
+  masked = false;
+  return dot(q, kh, dh);
+}
+
+// Which chunks each chunk attends to (win), and which chunks attend to each
+// chunk (inv), both in increasing order of the first chunk index that
+// produced the pair; a chunk appears at most once in any list.
+struct ChunkWindows {
+  int64_t n_chunks = 0;
+  int64_t max_window = 0;  // longest window, in chunks
+  std::vector<std::vector<int64_t>> win;
+  std::vector<std::vector<int64_t>> inv;
+};
+
+ChunkWindows make_windows(const AttentionParams& p) {
+  ChunkWindows w;
+  w.n_chunks = p.L / p.chunk;
+  w.win.resize(size_t(w.n_chunks));
+  w.inv.resize(size_t(w.n_chunks));
+  for (int64_t c = 0; c < w.n_chunks; ++c) {
+    auto& list = w.win[size_t(c)];
+    for (int64_t o = -int64_t(p.chunks_before); o <= int64_t(p.chunks_after); ++o) {
+      int64_t kc = c + o;
+      if (p.wrap) {
+        kc %= w.n_chunks;
+        if (kc < 0) kc += w.n_chunks;
+      } else if (kc < 0 || kc >= w.n_chunks) {
+        continue;
+      }
+      if (std::find(list.begin(), list.end(), kc) == list.end()) list.push_back(kc);
+    }
+    w.max_window = std::max(w.max_window, int64_t(list.size()));
+  }
+  for (int64_t c = 0; c < w.n_chunks; ++c)
+    for (int64_t kc : w.win[size_t(c)]) w.inv[size_t(kc)].push_back(c);
+  return w;
+}
+
+// Combination of the rounds at one position: with m = max_r lse_r and
+// z = sum_r exp(lse_r - m), round r has weight exp(lse_r - m) / z, and a
+// (round, key) pair of that position has weight exp(s - m) / z. Shifting by m
+// rather than by logsumexp keeps these exact when lse is large (a query that
+// sees only itself has lse = kSelfMaskValue in every round).
+template <class T>
+struct RoundShift {
+  T m;      // max_r lse[r, i]
+  T inv_z;  // 1 / sum_r exp(lse[r, i] - m)
+};
+
+template <class T>
+RoundShift<T> round_shift(const T* lse, int64_t i, int64_t L, int n_rounds) {
+  T m = lse[i];
+  for (int r = 1; r < n_rounds; ++r) m = std::max(m, lse[int64_t(r) * L + i]);
+  T z = T(0);
+  for (int r = 0; r < n_rounds; ++r) z += std::exp(lse[int64_t(r) * L + i] - m);
+  return {m, T(1) / z};
+}
+
+// o[0..dh) = combined output of position i from out_r [n_rounds, L, dh].
+template <class T>
+void combine_rounds(T* o, const T* out_r, const T* lse, int64_t i, const AttentionParams& p) {
+  const int dh = p.dh;
+  const RoundShift<T> sh = round_shift(lse, i, p.L, p.n_rounds);
+  for (int d = 0; d < dh; ++d) o[d] = T(0);
+  for (int r = 0; r < p.n_rounds; ++r) {
+    const T w = std::exp(lse[int64_t(r) * p.L + i] - sh.m) * sh.inv_z;
+    const T* src = out_r + (int64_t(r) * p.L + i) * dh;
+    for (int d = 0; d < dh; ++d) o[d] += w * src[d];
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- chunked
+
+template <class T>
+void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v,
+                               const int32_t* perm, const AttentionParams& p) {
+  check_chunked(p, "chunked_attention_forward");
+  const int64_t L = p.L, ld = p.ld, chunk = p.chunk;
+  const int dh = p.dh;
+  if (L == 0) return;
+  const ChunkWindows cw = make_windows(p);
+  std::vector<T> khat, norm;
+  normalise_keys(khat, norm, qk, p);
+
+  const int64_t n_units = int64_t(p.n_rounds) * cw.n_chunks;
+#pragma omp parallel
+  {
+    std::vector<T> e(size_t(cw.max_window * chunk));
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < n_units; ++u) {
+      const int64_t r = u / cw.n_chunks, c = u % cw.n_chunks;
+      const int32_t* pr = perm + r * L;
+      const auto& window = cw.win[size_t(c)];
+      for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
+        const int64_t i = pr[s];
+        const T* q = qk + i * ld;
+        // Scores over the window, then a max-shifted softmax.
+        T m = -std::numeric_limits<T>::infinity();
+        size_t n = 0;
+        for (int64_t kc : window)
+          for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
+            const int64_t j = pr[t];
+            bool masked;
+            const T sc = masked_score(q, khat.data() + j * dh, i, j, dh, p.causal, masked);
+            e[n++] = sc;
+            m = std::max(m, sc);
+          }
+        T sum = T(0);
+        for (size_t k = 0; k < n; ++k) {
+          e[k] = std::exp(e[k] - m);
+          sum += e[k];
+        }
+        const T inv_sum = T(1) / sum;
+        T* o = out_r + (r * L + i) * dh;
+        for (int d = 0; d < dh; ++d) o[d] = T(0);
+        n = 0;
+        for (int64_t kc : window)
+          for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
+            const T* vj = v + int64_t(pr[t]) * ld;
+            const T pij = e[n++] * inv_sum;
+            for (int d = 0; d < dh; ++d) o[d] += pij * vj[d];
+          }
+        lse[r * L + i] = m + std::log(sum);
+      }
+    }
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < L; ++i)
+    combine_rounds(out + i * ld, out_r, lse, i, p);
+}
+
+// The combined output is one softmax over all (round, key) pairs of query i,
+// with weights P_rij = w_r,i p_r,ij = exp(s_ij - logsumexp_r lse_r,i). Hence, with D_i = dout_i . out_i:
+//   dv_j   += sum_{r,i} P_rij dout_i
+//   ds_rij  = P_rij (dout_i . v_j - D_i)   (0 for masked scores)
+//   dq_i   += sum_{r,j} ds_rij k_hat_j
+//   dkhat_j = sum_{r,i} ds_rij q_i,  dk_j = (dkhat_j - k_hat_j (k_hat_j . dkhat_j)) / |k_j|
+// which equals the round-by-round derivation (d out_r = w_r dout,
+// d lse_r = w_r (dout . out_r - dout . out)). Query-side terms are computed by
+// query chunk, key-side terms by key chunk (recomputing the scores), each into
+// per-round buffers that are summed in round order.
+template <class T>
+void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const T* v,
+                                const int32_t* perm, const T* out_r, const T* lse,
+                                const AttentionParams& p) {
+  check_chunked(p, "chunked_attention_backward");
+  const int64_t L = p.L, ld = p.ld, chunk = p.chunk;
+  const int dh = p.dh;
+  const int R = p.n_rounds;
+  if (L == 0 || (!dqk && !dv)) return;
+  const ChunkWindows cw = make_windows(p);
+  std::vector<T> khat, norm;
+  normalise_keys(khat, norm, qk, p);
+
+  // Per position: the round shift and D_i = dout_i . out_i.
+  std::vector<RoundShift<T>> shift(static_cast<size_t>(L));
+  std::vector<T> D(static_cast<size_t>(L));
+#pragma omp parallel
+  {
+    std::vector<T> o(static_cast<size_t>(dh));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < L; ++i) {
+      shift[size_t(i)] = round_shift(lse, i, L, R);
+      combine_rounds(o.data(), out_r, lse, i, p);
+      D[size_t(i)] = dot(dout + i * ld, o.data(), dh);
+    }
+  }
+  auto pair_weight = [&](T score, int64_t i) {
+    return std::exp(score - shift[size_t(i)].m) * shift[size_t(i)].inv_z;
+  };
+
+  const size_t per_round = size_t(R) * size_t(L) * size_t(dh);
+  std::vector<T> dq_r(dqk ? per_round : 0), dkhat_r(dqk ? per_round : 0),
+      dv_r(dv ? per_round : 0);
+  const int64_t n_units = int64_t(R) * cw.n_chunks;
+
+  // Query side: dq_r[r, i] for the queries of chunk c.
+  if (dqk) {
+#pragma omp parallel for schedule(static)
+    for (int64_t u = 0; u < n_units; ++u) {
+      const int64_t r = u / cw.n_chunks, c = u % cw.n_chunks;
+      const int32_t* pr = perm + r * L;
+      for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
+        const int64_t i = pr[s];
+        const T* q = qk + i * ld;
+        const T* g = dout + i * ld;
+        T* dq = dq_r.data() + (r * L + i) * dh;
+        for (int d = 0; d < dh; ++d) dq[d] = T(0);
+        for (int64_t kc : cw.win[size_t(c)])
+          for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
+            const int64_t j = pr[t];
+            const T* kh = khat.data() + j * dh;
+            bool masked;
+            const T sc = masked_score(q, kh, i, j, dh, p.causal, masked);
+            if (masked) continue;
+            const T P = pair_weight(sc, i);
+            const T ds = P * (dot(g, v + j * ld, dh) - D[size_t(i)]);
+            for (int d = 0; d < dh; ++d) dq[d] += ds * kh[d];
+          }
+      }
+    }
+  }
+
+  // Key side: dkhat_r[r, j] and dv_r[r, j] for the keys of chunk kc, from
+  // every query chunk whose window holds kc.
+#pragma omp parallel for schedule(static)
+  for (int64_t u = 0; u < n_units; ++u) {
+    const int64_t r = u / cw.n_chunks, kc = u % cw.n_chunks;
+    const int32_t* pr = perm + r * L;
+    for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
+      const int64_t j = pr[t];
+      const T* kh = khat.data() + j * dh;
+      const T* vj = v + j * ld;
+      T* dk = dqk ? dkhat_r.data() + (r * L + j) * dh : nullptr;
+      T* dvj = dv ? dv_r.data() + (r * L + j) * dh : nullptr;
+      for (int d = 0; d < dh; ++d) {
+        if (dk) dk[d] = T(0);
+        if (dvj) dvj[d] = T(0);
+      }
+      for (int64_t c : cw.inv[size_t(kc)])
+        for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
+          const int64_t i = pr[s];
+          const T* q = qk + i * ld;
+          const T* g = dout + i * ld;
+          bool masked;
+          const T sc = masked_score(q, kh, i, j, dh, p.causal, masked);
+          const T P = pair_weight(sc, i);
+          if (dvj)
+            for (int d = 0; d < dh; ++d) dvj[d] += P * g[d];
+          if (dk && !masked) {
+            const T ds = P * (dot(g, vj, dh) - D[size_t(i)]);
+            for (int d = 0; d < dh; ++d) dk[d] += ds * q[d];
+          }
+        }
+    }
+  }
+
+  // Sum the rounds in order; project dkhat through the normalisation.
+#pragma omp parallel
+  {
+    std::vector<T> acc(static_cast<size_t>(dh));
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < L; ++j) {
+      if (dv) {
+        for (int d = 0; d < dh; ++d) acc[size_t(d)] = T(0);
+        for (int r = 0; r < R; ++r) {
+          const T* src = dv_r.data() + (int64_t(r) * L + j) * dh;
+          for (int d = 0; d < dh; ++d) acc[size_t(d)] += src[d];
+        }
+        for (int d = 0; d < dh; ++d) dv[j * ld + d] += acc[size_t(d)];
+      }
+      if (dqk) {
+        for (int d = 0; d < dh; ++d) acc[size_t(d)] = T(0);
+        for (int r = 0; r < R; ++r) {
+          const T* src = dkhat_r.data() + (int64_t(r) * L + j) * dh;
+          for (int d = 0; d < dh; ++d) acc[size_t(d)] += src[d];
+        }
+        const T* kh = khat.data() + j * dh;
+        const T proj = dot(kh, acc.data(), dh);
+        const T inv_norm = T(1) / norm[size_t(j)];
+        for (int d = 0; d < dh; ++d) {
+          T g = (acc[size_t(d)] - kh[d] * proj) * inv_norm;
+          for (int r = 0; r < R; ++r) g += dq_r[size_t((int64_t(r) * L + j) * dh + d)];
+          dqk[j * ld + d] += g;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- full
+// Written without the chunked helpers above so that it is an independent
+// oracle: plain loops over all keys j (j <= i when causal).
+
+template <class T>
+void full_attention_forward(T* out, T* lse, const T* qk, const T* v, const AttentionParams& p) {
+  check_common(p, "full_attention_forward");
+  const int64_t L = p.L, ld = p.ld;
+  const int dh = p.dh;
+  std::vector<T> kn(static_cast<size_t>(L));  // key norms
+  for (int64_t j = 0; j < L; ++j) {
+    T s = T(0);
+    for (int d = 0; d < dh; ++d) s += qk[j * ld + d] * qk[j * ld + d];
+    kn[size_t(j)] = std::sqrt(s + T(kNormEps));
+  }
+#pragma omp parallel
+  {
+    std::vector<T> e(static_cast<size_t>(L));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t nk = p.causal ? i + 1 : L;
+      T m = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < nk; ++j) {
+        T sc;
+        if (j == i) {
+          sc = T(kSelfMaskValue);
+        } else {
+          sc = T(0);
+          for (int d = 0; d < dh; ++d) sc += qk[i * ld + d] * (qk[j * ld + d] / kn[size_t(j)]);
+        }
+        e[size_t(j)] = sc;
+        m = std::max(m, sc);
+      }
+      T sum = T(0);
+      for (int64_t j = 0; j < nk; ++j) {
+        e[size_t(j)] = std::exp(e[size_t(j)] - m);
+        sum += e[size_t(j)];
+      }
+      for (int d = 0; d < dh; ++d) out[i * ld + d] = T(0);
+      for (int64_t j = 0; j < nk; ++j) {
+        const T pij = e[size_t(j)] / sum;
+        for (int d = 0; d < dh; ++d) out[i * ld + d] += pij * v[j * ld + d];
+      }
+      lse[i] = m + std::log(sum);
+    }
+  }
+}
+
+template <class T>
+void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T* qk, const T* v,
+                             const T* lse, const AttentionParams& p) {
+  check_common(p, "full_attention_backward");
+  const int64_t L = p.L, ld = p.ld;
+  const int dh = p.dh;
+  if (!dqk && !dv) return;
+  std::vector<T> kn(static_cast<size_t>(L)), kh(size_t(L) * size_t(dh)), D(static_cast<size_t>(L));
+  for (int64_t j = 0; j < L; ++j) {
+    T s = T(0);
+    for (int d = 0; d < dh; ++d) s += qk[j * ld + d] * qk[j * ld + d];
+    kn[size_t(j)] = std::sqrt(s + T(kNormEps));
+    for (int d = 0; d < dh; ++d) kh[size_t(j * dh + d)] = qk[j * ld + d] / kn[size_t(j)];
+    T g = T(0);
+    for (int d = 0; d < dh; ++d) g += dout[j * ld + d] * out[j * ld + d];
+    D[size_t(j)] = g;
+  }
+  // P_ij = exp(s_ij - lse_i); ds_ij = P_ij (dout_i . v_j - D_i) for unmasked pairs.
+  auto prob_and_ds = [&](int64_t i, int64_t j, T& P, T& ds) {
+    T sc = T(0), gv = T(0);
+    for (int d = 0; d < dh; ++d) {
+      sc += qk[i * ld + d] * kh[size_t(j * dh + d)];
+      gv += dout[i * ld + d] * v[j * ld + d];
+    }
+    if (j == i) sc = T(kSelfMaskValue);
+    P = std::exp(sc - lse[i]);
+    ds = j == i ? T(0) : P * (gv - D[size_t(i)]);
+  };
+
+  // Query side: dqk_i += sum_j ds_ij khat_j.
+  if (dqk) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < L; ++i) {
+      const int64_t nk = p.causal ? i + 1 : L;
+      for (int64_t j = 0; j < nk; ++j) {
+        T P, ds;
+        prob_and_ds(i, j, P, ds);
+        for (int d = 0; d < dh; ++d) dqk[i * ld + d] += ds * kh[size_t(j * dh + d)];
+      }
+    }
+  }
+  // Key side: dv_j += sum_i P_ij dout_i; dqk_j += d khat_j / d k_j applied to sum_i ds_ij q_i.
+#pragma omp parallel
+  {
+    std::vector<T> dk(static_cast<size_t>(dh));
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < L; ++j) {
+      for (int d = 0; d < dh; ++d) dk[size_t(d)] = T(0);
+      for (int64_t i = p.causal ? j : 0; i < L; ++i) {
+        T P, ds;
+        prob_and_ds(i, j, P, ds);
+        if (dv)
+          for (int d = 0; d < dh; ++d) dv[j * ld + d] += P * dout[i * ld + d];
+        if (dqk)
+          for (int d = 0; d < dh; ++d) dk[size_t(d)] += ds * qk[i * ld + d];
+      }
+      if (dqk) {
+        T proj = T(0);
+        for (int d = 0; d < dh; ++d) proj += kh[size_t(j * dh + d)] * dk[size_t(d)];
+        for (int d = 0; d < dh; ++d)
+          dqk[j * ld + d] += (dk[size_t(d)] - kh[size_t(j * dh + d)] * proj) / kn[size_t(j)];
+      }
+    }
+  }
+}
+
+template void chunked_attention_forward<float>(float*, float*, float*, const float*, const float*,
+                                               const int32_t*, const AttentionParams&);
+template void chunked_attention_forward<double>(double*, double*, double*, const double*,
+                                                const double*, const int32_t*,
+                                                const AttentionParams&);
+template void chunked_attention_backward<float>(float*, float*, const float*, const float*,
+                                                const float*, const int32_t*, const float*,
+                                                const float*, const AttentionParams&);
+template void chunked_attention_backward<double>(double*, double*, const double*, const double*,
+                                                 const double*, const int32_t*, const double*,
+                                                 const double*, const AttentionParams&);
+template void full_attention_forward<float>(float*, float*, const float*, const float*,
+                                            const AttentionParams&);
+template void full_attention_forward<double>(double*, double*, const double*, const double*,
+                                             const AttentionParams&);
+template void full_attention_backward<float>(float*, float*, const float*, const float*,
+                                             const float*, const float*, const float*,
+                                             const AttentionParams&);
+template void full_attention_backward<double>(double*, double*, const double*, const double*,
+                                              const double*, const double*, const double*,
+                                              const AttentionParams&);
+
+}  // namespace reformer::cpu

@@ -1,0 +1,126 @@
+// Elementwise and copy ops (CPU reference). Contracts as in framework/ops.h.
+//
+// Every result element depends only on its own inputs, so splitting the work
+// over OpenMP threads never changes a bit; sum_squares reduces fixed-size
+// blocks and adds the block sums in order for the same reason.
+#include "kernels/cpu/elementwise.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels/common/philox.h"
+
+namespace reformer::cpu {
+
+namespace {
+// Below this many elements a loop runs on the calling thread only.
+constexpr int64_t kParallelMin = 1 << 15;
+// Elements per partial sum in sum_squares; fixes the summation order.
+constexpr int64_t kSumBlock = 1 << 14;
+}  // namespace
+
+template <class T>
+void fill(T* x, T value, int64_t n) {
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) x[i] = value;
+}
+
+template <class T>
+void copy(T* dst, const T* src, int64_t n) {
+  if (n <= 0 || dst == src) return;
+  std::memmove(dst, src, sizeof(T) * size_t(n));
+}
+
+template <class T>
+void add(T* out, const T* a, const T* b, int64_t n) {
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+template <class T>
+void sub(T* out, const T* a, const T* b, int64_t n) {
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] - b[i];
+}
+
+template <class T>
+void axpy(T* y, T a, const T* x, int64_t n) {
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+template <class T>
+void scale(T* x, T s, int64_t n) {
+#pragma omp parallel for if (n >= kParallelMin)
+  for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
+template <class T>
+double sum_squares(const T* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> partial(size_t(blocks), 0.0);
+#pragma omp parallel for if (blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t end = std::min(n, (b + 1) * kSumBlock);
+    double s = 0.0;
+    for (int64_t i = b * kSumBlock; i < end; ++i) s += double(x[i]) * double(x[i]);
+    partial[size_t(b)] = s;
+  }
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+template <class T>
+void copy_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols) {
+#pragma omp parallel for if (rows * cols >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld_src;
+    T* d = dst + r * ld_dst;
+    for (int64_t c = 0; c < cols; ++c) d[c] = s[c];
+  }
+}
+
+template <class T>
+void add_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols) {
+#pragma omp parallel for if (rows * cols >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * ld_src;
+    T* d = dst + r * ld_dst;
+    for (int64_t c = 0; c < cols; ++c) d[c] += s[c];
+  }
+}
+
+// Element i is kept iff rng_uniform(key, offset + i) >= p, so the mask of an
+// element depends only on the key and its global index: the recompute and
+// the backward (same key, same offset) reproduce it exactly.
+template <class T>
+void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,
+             int64_t offset) {
+  if (p <= 0.0f) return;
+  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(site));
+  const T keep = T(1) - T(p);
+#pragma omp parallel for if (n >= kParallelMin / 8)
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = rng_uniform(key, uint64_t(offset + i)) >= p ? x[i] / keep : T(0);
+  }
+}
+
+#define REFORMER_INSTANTIATE(T)                                                              \
+  template void fill<T>(T*, T, int64_t);                                                     \
+  template void copy<T>(T*, const T*, int64_t);                                              \
+  template void add<T>(T*, const T*, const T*, int64_t);                                     \
+  template void sub<T>(T*, const T*, const T*, int64_t);                                     \
+  template void axpy<T>(T*, T, const T*, int64_t);                                           \
+  template void scale<T>(T*, T, int64_t);                                                    \
+  template double sum_squares<T>(const T*, int64_t);                                         \
+  template void copy_2d<T>(T*, int64_t, const T*, int64_t, int64_t, int64_t);                \
+  template void add_2d<T>(T*, int64_t, const T*, int64_t, int64_t, int64_t);                 \
+  template void dropout<T>(T*, int64_t, float, uint64_t, uint64_t, int, int, int64_t);
+REFORMER_INSTANTIATE(float)
+REFORMER_INSTANTIATE(double)
+#undef REFORMER_INSTANTIATE
+
+}  // namespace reformer::cpu

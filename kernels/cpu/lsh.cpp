@@ -1,0 +1,101 @@
+// LSH hashing by random rotations and the per-round sort (CPU reference).
+//
+// Contracts (framework/ops.h, DESIGN.md section 1):
+//  - R [n_hashes, dh, n_buckets/2]: element i is rng_normal(key, i) with
+//    key = make_key(seed, step, layer, head, 1); round r's block starts at
+//    r * dh * n_buckets/2.
+//  - buckets [n_hashes, L]: argmax over concat(x_i R_r, -x_i R_r), lowest index
+//    on ties, x_i = qk[i * ld .. i * ld + dh).
+//  - perm [n_hashes, L]: the positions of round r stably sorted by
+//    (bucket, position); every bucket id must lie in [0, n_buckets).
+#include "kernels/cpu/lsh.h"
+
+#include <string>
+#include <vector>
+
+#include "framework/errors.h"
+#include "kernels/common/philox.h"
+
+namespace reformer::cpu {
+
+namespace {
+
+// Purpose index of the rotation stream in make_key (seed, step, layer, head, purpose).
+constexpr uint64_t kRotationPurpose = 1;
+
+void check_buckets(int n_buckets) {
+  if (n_buckets < 2 || n_buckets % 2 != 0)
+    throw ShapeError("lsh: n_buckets must be even and >= 2, got " + std::to_string(n_buckets));
+}
+
+}  // namespace
+
+template <class T>
+void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,
+                   int n_buckets) {
+  check_buckets(n_buckets);
+  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(head), kRotationPurpose);
+  const int64_t n = int64_t(n_hashes) * dh * (n_buckets / 2);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) R[i] = T(rng_normal(key, uint64_t(i)));
+}
+
+template <class T>
+void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
+              int n_hashes, int n_buckets) {
+  check_buckets(n_buckets);
+  const int half = n_buckets / 2;
+#pragma omp parallel
+  {
+    std::vector<T> y(size_t(half), T(0));
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < L; ++i) {
+      const T* x = qk + i * ld;
+      for (int r = 0; r < n_hashes; ++r) {
+        const T* Rr = R + int64_t(r) * dh * half;
+        for (int k = 0; k < half; ++k) y[size_t(k)] = T(0);
+        for (int d = 0; d < dh; ++d) {
+          const T xd = x[d];
+          const T* row = Rr + int64_t(d) * half;
+          for (int k = 0; k < half; ++k) y[size_t(k)] += xd * row[k];
+        }
+        // argmax over concat(y, -y); strict '>' keeps the lowest index on ties.
+        int best = 0;
+        T best_val = y[0];
+        for (int k = 1; k < half; ++k)
+          if (y[size_t(k)] > best_val) { best_val = y[size_t(k)]; best = k; }
+        for (int k = 0; k < half; ++k)
+          if (-y[size_t(k)] > best_val) { best_val = -y[size_t(k)]; best = half + k; }
+        buckets[int64_t(r) * L + i] = int32_t(best);
+      }
+    }
+  }
+}
+
+void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets) {
+  check_buckets(n_buckets);
+  for (int64_t k = 0; k < int64_t(n_hashes) * L; ++k)
+    if (buckets[k] < 0 || buckets[k] >= n_buckets)
+      throw ShapeError("lsh_sort: bucket id " + std::to_string(buckets[k]) + " outside [0, " +
+                       std::to_string(n_buckets) + ")");
+  // Counting sort per round: visiting positions in increasing order makes it
+  // stable, so ties in bucket are ordered by position.
+#pragma omp parallel for schedule(static)
+  for (int r = 0; r < n_hashes; ++r) {
+    const int32_t* b = buckets + int64_t(r) * L;
+    int32_t* out = perm + int64_t(r) * L;
+    std::vector<int64_t> start(size_t(n_buckets) + 1, 0);
+    for (int64_t i = 0; i < L; ++i) ++start[size_t(b[i]) + 1];
+    for (int k = 0; k < n_buckets; ++k) start[size_t(k) + 1] += start[size_t(k)];
+    for (int64_t i = 0; i < L; ++i) out[start[size_t(b[i])]++] = int32_t(i);
+  }
+}
+
+template void lsh_rotations<float>(float*, uint64_t, uint64_t, int, int, int, int, int);
+template void lsh_rotations<double>(double*, uint64_t, uint64_t, int, int, int, int, int);
+template void lsh_hash<float>(int32_t*, const float*, int64_t, const float*, int64_t, int, int,
+                              int);
+template void lsh_hash<double>(int32_t*, const double*, int64_t, const double*, int64_t, int, int,
+                               int);
+
+}  // namespace reformer::cpu

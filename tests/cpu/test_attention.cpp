@@ -1,0 +1,611 @@
+// Chunked (LSH, local) and full attention on CPU: forward against brute-force
+// references and against each other, backward against central differences.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "framework/errors.h"
+#include "kernels/cpu/attention.h"
+#include "tests/common/gradcheck.h"
+
+namespace reformer::cpu {
+namespace {
+
+using test::fill_random;
+using test::max_rel_err;
+using test::numeric_grad;
+
+// Written into output padding columns (d >= dh) to check they stay untouched.
+constexpr double kSentinel = 12345.0;
+
+// Finite differences (h = 1e-6, double): truncation ~h^2 f''' ~ 1e-12 and
+// cancellation ~1e-16 |f| / h ~ 1e-9 for |f| ~ 10, so analytic gradients must
+// agree to about 1e-9 absolute. Judged as |a - n| <= kGradTol (kGradAtol + |n|).
+constexpr double kGradAtol = 1e-6;
+constexpr double kGradTol = 1e-3;
+
+struct Inputs {
+  int64_t L;
+  int dh;
+  int64_t ld;
+  std::vector<double> qk, v, g;  // [L, ld]; g is dout, also the loss weights
+};
+
+Inputs make_inputs(int64_t L, int dh, int64_t ld, uint64_t seed, double qk_scale = 1.5) {
+  Inputs in{L, dh, ld, {}, {}, {}};
+  for (auto* x : {&in.qk, &in.v, &in.g}) x->assign(size_t(L * ld), 0.0);
+  fill_random(in.qk.data(), L * ld, seed, qk_scale);
+  fill_random(in.v.data(), L * ld, seed + 100);
+  fill_random(in.g.data(), L * ld, seed + 200);
+  return in;
+}
+
+AttentionParams params(int64_t L, int dh, int64_t ld, int n_rounds, int chunk, int before,
+                       int after, bool wrap, bool causal) {
+  AttentionParams p;
+  p.L = L;
+  p.dh = dh;
+  p.ld = ld;
+  p.n_rounds = n_rounds;
+  p.chunk = chunk;
+  p.chunks_before = before;
+  p.chunks_after = after;
+  p.wrap = wrap;
+  p.causal = causal;
+  return p;
+}
+
+std::vector<int32_t> random_perms(int n_rounds, int64_t L, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::vector<int32_t> perm(size_t(n_rounds * L));
+  for (int r = 0; r < n_rounds; ++r) {
+    std::iota(perm.begin() + r * L, perm.begin() + (r + 1) * L, 0);
+    std::shuffle(perm.begin() + r * L, perm.begin() + (r + 1) * L, gen);
+  }
+  return perm;
+}
+
+std::vector<int32_t> identity_perms(int n_rounds, int64_t L) {
+  std::vector<int32_t> perm(size_t(n_rounds * L));
+  for (int r = 0; r < n_rounds; ++r) std::iota(perm.begin() + r * L, perm.begin() + (r + 1) * L, 0);
+  return perm;
+}
+
+template <class T>
+struct ChunkedOut {
+  std::vector<T> out, out_r, lse;
+};
+
+template <class T>
+ChunkedOut<T> run_chunked(const std::vector<T>& qk, const std::vector<T>& v,
+                          const std::vector<int32_t>& perm, const AttentionParams& p) {
+  ChunkedOut<T> o;
+  o.out.assign(size_t(p.L * p.ld), T(kSentinel));
+  o.out_r.assign(size_t(p.n_rounds * p.L * p.dh), T(0));
+  o.lse.assign(size_t(p.n_rounds * p.L), T(0));
+  chunked_attention_forward(o.out.data(), o.out_r.data(), o.lse.data(), qk.data(), v.data(),
+                            perm.data(), p);
+  return o;
+}
+
+struct FullOut {
+  std::vector<double> out, lse;
+};
+
+FullOut run_full(const std::vector<double>& qk, const std::vector<double>& v,
+                 const AttentionParams& p) {
+  FullOut o;
+  o.out.assign(size_t(p.L * p.ld), kSentinel);
+  o.lse.assign(size_t(p.L), 0.0);
+  full_attention_forward(o.out.data(), o.lse.data(), qk.data(), v.data(), p);
+  return o;
+}
+
+struct Grads {
+  std::vector<double> dqk, dv;
+};
+
+Grads chunked_grads(const Inputs& in, const std::vector<int32_t>& perm, const AttentionParams& p,
+                    double init = 0.0) {
+  const auto o = run_chunked(in.qk, in.v, perm, p);
+  Grads gr{std::vector<double>(in.qk.size(), init), std::vector<double>(in.v.size(), init)};
+  chunked_attention_backward(gr.dqk.data(), gr.dv.data(), in.g.data(), in.qk.data(), in.v.data(),
+                             perm.data(), o.out_r.data(), o.lse.data(), p);
+  return gr;
+}
+
+Grads full_grads(const Inputs& in, const AttentionParams& p, double init = 0.0) {
+  const auto o = run_full(in.qk, in.v, p);
+  Grads gr{std::vector<double>(in.qk.size(), init), std::vector<double>(in.v.size(), init)};
+  full_attention_backward(gr.dqk.data(), gr.dv.data(), in.g.data(), o.out.data(), in.qk.data(),
+                          in.v.data(), o.lse.data(), p);
+  return gr;
+}
+
+// sum over the [L, dh] part of out * g.
+double weighted_sum(const std::vector<double>& out, const std::vector<double>& g,
+                    const AttentionParams& p) {
+  double s = 0;
+  for (int64_t i = 0; i < p.L; ++i)
+    for (int d = 0; d < p.dh; ++d) s += out[size_t(i * p.ld + d)] * g[size_t(i * p.ld + d)];
+  return s;
+}
+
+double max_abs_diff(const std::vector<double>& a, const std::vector<double>& b,
+                    const AttentionParams& p) {
+  double m = 0;
+  for (int64_t i = 0; i < p.L; ++i)
+    for (int d = 0; d < p.dh; ++d)
+      m = std::max(m, std::fabs(a[size_t(i * p.ld + d)] - b[size_t(i * p.ld + d)]));
+  return m;
+}
+
+double max_abs(const std::vector<double>& a) {
+  double m = 0;
+  for (double x : a) m = std::max(m, std::fabs(x));
+  return m;
+}
+
+// Masked score by the definition in DESIGN.md section 1.
+double ref_score(const Inputs& in, int64_t i, int64_t j, bool causal) {
+  if (causal && j > i) return -1e9;
+  if (j == i) return -1e5;
+  double nn = 0, s = 0;
+  for (int d = 0; d < in.dh; ++d) nn += in.qk[size_t(j * in.ld + d)] * in.qk[size_t(j * in.ld + d)];
+  for (int d = 0; d < in.dh; ++d)
+    s += in.qk[size_t(i * in.ld + d)] * in.qk[size_t(j * in.ld + d)] / std::sqrt(nn + 1e-12);
+  return s;
+}
+
+// Softmax of query i over the key positions `keys`: writes o[0..dh), returns lse.
+double ref_softmax(const Inputs& in, int64_t i, const std::vector<int64_t>& keys, bool causal,
+                   double* o) {
+  double m = -1e300;
+  for (int64_t j : keys) m = std::max(m, ref_score(in, i, j, causal));
+  double z = 0;
+  for (int64_t j : keys) z += std::exp(ref_score(in, i, j, causal) - m);
+  for (int d = 0; d < in.dh; ++d) o[d] = 0;
+  for (int64_t j : keys) {
+    const double pij = std::exp(ref_score(in, i, j, causal) - m) / z;
+    for (int d = 0; d < in.dh; ++d) o[d] += pij * in.v[size_t(j * in.ld + d)];
+  }
+  return m + std::log(z);
+}
+
+// Brute-force chunked attention: the window is the set of key slots whose
+// chunk index is c + o (o in [-before, after]) modulo n_chunks or clipped;
+// rounds combined by softmax over their lse. Returns out [L, ld] (dh used).
+std::vector<double> ref_chunked(const Inputs& in, const std::vector<int32_t>& perm,
+                                const AttentionParams& p) {
+  const int64_t L = p.L, nc = L / p.chunk;
+  std::vector<double> out_r(size_t(p.n_rounds * L * p.dh)), lse(size_t(p.n_rounds * L));
+  for (int r = 0; r < p.n_rounds; ++r)
+    for (int64_t s = 0; s < L; ++s) {
+      const int64_t i = perm[size_t(r * L + s)], c = s / p.chunk;
+      std::set<int64_t> chunks;
+      for (int64_t o = -p.chunks_before; o <= p.chunks_after; ++o) {
+        if (p.wrap) chunks.insert(((c + o) % nc + nc) % nc);
+        else if (c + o >= 0 && c + o < nc) chunks.insert(c + o);
+      }
+      std::vector<int64_t> keys;
+      for (int64_t t = 0; t < L; ++t)
+        if (chunks.count(t / p.chunk)) keys.push_back(perm[size_t(r * L + t)]);
+      lse[size_t(r * L + i)] = ref_softmax(in, i, keys, p.causal, &out_r[size_t((r * L + i) * p.dh)]);
+    }
+  std::vector<double> out(size_t(L * p.ld), 0.0);
+  for (int64_t i = 0; i < L; ++i) {
+    double m = -1e300, z = 0;
+    for (int r = 0; r < p.n_rounds; ++r) m = std::max(m, lse[size_t(r * L + i)]);
+    for (int r = 0; r < p.n_rounds; ++r) z += std::exp(lse[size_t(r * L + i)] - m);
+    for (int r = 0; r < p.n_rounds; ++r)
+      for (int d = 0; d < p.dh; ++d)
+        out[size_t(i * p.ld + d)] +=
+            std::exp(lse[size_t(r * L + i)] - m) / z * out_r[size_t((r * L + i) * p.dh + d)];
+  }
+  return out;
+}
+
+void expect_padding_untouched(const std::vector<double>& x, const AttentionParams& p,
+                              double value) {
+  for (int64_t i = 0; i < p.L; ++i)
+    for (int64_t d = p.dh; d < p.ld; ++d) ASSERT_EQ(x[size_t(i * p.ld + d)], value) << i << "," << d;
+}
+
+// Central-difference check of the chunked backward (dqk, dv) for loss = sum out * g.
+void check_chunked_grads(const AttentionParams& p, const std::vector<int32_t>& perm,
+                         uint64_t seed) {
+  Inputs in = make_inputs(p.L, p.dh, p.ld, seed);
+  const Grads an = chunked_grads(in, perm, p);
+  auto f = [&] { return weighted_sum(run_chunked(in.qk, in.v, perm, p).out, in.g, p); };
+  const auto nq = numeric_grad(f, in.qk.data(), int64_t(in.qk.size()));
+  const auto nv = numeric_grad(f, in.v.data(), int64_t(in.v.size()));
+  ASSERT_GT(max_abs(nq), 1e-2);  // the check is not vacuous
+  ASSERT_GT(max_abs(nv), 1e-2);
+  EXPECT_LE(max_rel_err(an.dqk.data(), nq.data(), int64_t(nq.size()), kGradAtol), kGradTol);
+  EXPECT_LE(max_rel_err(an.dv.data(), nv.data(), int64_t(nv.size()), kGradAtol), kGradTol);
+  expect_padding_untouched(an.dqk, p, 0.0);
+  expect_padding_untouched(an.dv, p, 0.0);
+}
+
+void check_full_grads(const AttentionParams& p, uint64_t seed) {
+  Inputs in = make_inputs(p.L, p.dh, p.ld, seed);
+  const Grads an = full_grads(in, p);
+  auto f = [&] { return weighted_sum(run_full(in.qk, in.v, p).out, in.g, p); };
+  const auto nq = numeric_grad(f, in.qk.data(), int64_t(in.qk.size()));
+  const auto nv = numeric_grad(f, in.v.data(), int64_t(in.v.size()));
+  ASSERT_GT(max_abs(nq), 1e-2);
+  ASSERT_GT(max_abs(nv), 1e-2);
+  EXPECT_LE(max_rel_err(an.dqk.data(), nq.data(), int64_t(nq.size()), kGradAtol), kGradTol);
+  EXPECT_LE(max_rel_err(an.dv.data(), nv.data(), int64_t(nv.size()), kGradAtol), kGradTol);
+  expect_padding_untouched(an.dqk, p, 0.0);
+  expect_padding_untouched(an.dv, p, 0.0);
+}
+
+// ---------------------------------------------------------------- forward
+
+TEST(ChunkedAttention, EqualsFullWhenWindowCoversSequence) {
+  // L = 2 * chunk with one chunk of look-back (wrapping): every query sees all keys.
+  for (bool causal : {true, false})
+    for (int rounds : {1, 2, 3}) {
+      const auto p = params(24, 5, 7, rounds, 12, 1, 0, true, causal);
+      const Inputs in = make_inputs(p.L, p.dh, p.ld, 11 + uint64_t(rounds));
+      const auto perm = random_perms(rounds, p.L, 7u * uint32_t(rounds));
+      const auto c = run_chunked(in.qk, in.v, perm, p);
+      const auto f = run_full(in.qk, in.v, p);
+      EXPECT_LE(max_abs_diff(c.out, f.out, p), 1e-12) << "causal " << causal << " rounds " << rounds;
+      // Each round's saved lse is the full lse, by position.
+      for (int r = 0; r < rounds; ++r)
+        for (int64_t i = 0; i < p.L; ++i)
+          EXPECT_NEAR(c.lse[size_t(r * p.L + i)], f.lse[size_t(i)], 1e-12);
+      expect_padding_untouched(c.out, p, kSentinel);
+    }
+}
+
+TEST(ChunkedAttention, MatchesBruteForceWindows) {
+  struct Case { int64_t L; int chunk, before, after; bool wrap, causal; int rounds; };
+  const Case cases[] = {
+      {40, 8, 1, 0, true, true, 2},   {40, 8, 1, 0, false, true, 1},
+      {40, 8, 2, 1, true, false, 3},  {40, 10, 1, 1, false, false, 2},
+      {36, 12, 2, 0, true, true, 2},  // look-back 2 of 3 chunks wraps past chunk 0 twice
+      {24, 4, 0, 0, true, true, 1},   // each chunk alone
+  };
+  for (const Case& k : cases) {
+    const auto p = params(k.L, 7, 9, k.rounds, k.chunk, k.before, k.after, k.wrap, k.causal);
+    const Inputs in = make_inputs(p.L, p.dh, p.ld, 21);
+    const auto perm = random_perms(k.rounds, p.L, 5);
+    const auto c = run_chunked(in.qk, in.v, perm, p);
+    EXPECT_LE(max_abs_diff(c.out, ref_chunked(in, perm, p), p), 1e-12)
+        << "L " << k.L << " chunk " << k.chunk << " before " << k.before << " after " << k.after
+        << " wrap " << k.wrap << " causal " << k.causal;
+  }
+}
+
+TEST(ChunkedAttention, RepeatedWindowChunkCountedOnce) {
+  // Two chunks, one before and one after, wrapping: chunk 0's window names
+  // chunk 1 twice. Counted once, every query sees each key once: full attention.
+  const auto p = params(24, 5, 6, 1, 12, 1, 1, true, false);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 31);
+  const auto perm = random_perms(1, p.L, 3);
+  const auto c = run_chunked(in.qk, in.v, perm, p);
+  EXPECT_LE(max_abs_diff(c.out, run_full(in.qk, in.v, p).out, p), 1e-12);
+}
+
+TEST(ChunkedAttention, LocalAttentionSeesOwnAndPreviousChunk) {
+  for (bool causal : {true, false}) {
+    const auto p = params(40, 5, 8, 1, 8, 1, 0, false, causal);
+    const Inputs in = make_inputs(p.L, p.dh, p.ld, 41);
+    const auto c = run_chunked(in.qk, in.v, identity_perms(1, p.L), p);
+    std::vector<double> ref(size_t(p.L * p.ld), 0.0);
+    for (int64_t i = 0; i < p.L; ++i) {
+      std::vector<int64_t> keys;
+      for (int64_t j = 0; j < p.L; ++j)
+        if (j / p.chunk == i / p.chunk || j / p.chunk == i / p.chunk - 1) keys.push_back(j);
+      ref_softmax(in, i, keys, causal, &ref[size_t(i * p.ld)]);
+    }
+    EXPECT_LE(max_abs_diff(c.out, ref, p), 1e-12) << "causal " << causal;
+  }
+}
+
+TEST(ChunkedAttention, IdenticalRoundsEqualOneRound) {
+  const auto p1 = params(40, 7, 7, 1, 8, 1, 0, true, true);
+  auto p3 = p1;
+  p3.n_rounds = 3;
+  const Inputs in = make_inputs(p1.L, p1.dh, p1.ld, 51);
+  const auto one = random_perms(1, p1.L, 9);
+  std::vector<int32_t> three;
+  for (int r = 0; r < 3; ++r) three.insert(three.end(), one.begin(), one.end());
+  const auto a = run_chunked(in.qk, in.v, one, p1);
+  const auto b = run_chunked(in.qk, in.v, three, p3);
+  EXPECT_LE(max_abs_diff(a.out, b.out, p1), 1e-13);
+  // Gradients too: the three rounds share each pair's probability.
+  const Grads ga = chunked_grads(in, one, p1), gb = chunked_grads(in, three, p3);
+  EXPECT_LE(max_abs_diff(ga.dqk, gb.dqk, p1), 1e-12);
+  EXPECT_LE(max_abs_diff(ga.dv, gb.dv, p1), 1e-12);
+}
+
+TEST(ChunkedAttention, RoundsAreSavedIndependentlyByPosition) {
+  const auto p = params(24, 5, 7, 3, 6, 1, 0, true, true);
+  auto p1 = p;
+  p1.n_rounds = 1;
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 61);
+  const auto perm = random_perms(3, p.L, 13);
+  const auto all = run_chunked(in.qk, in.v, perm, p);
+  for (int r = 0; r < 3; ++r) {
+    const std::vector<int32_t> pr(perm.begin() + r * p.L, perm.begin() + (r + 1) * p.L);
+    const auto one = run_chunked(in.qk, in.v, pr, p1);
+    for (int64_t i = 0; i < p.L; ++i) {
+      EXPECT_EQ(all.lse[size_t(r * p.L + i)], one.lse[size_t(i)]);
+      for (int d = 0; d < p.dh; ++d) {
+        EXPECT_EQ(all.out_r[size_t((r * p.L + i) * p.dh + d)], one.out_r[size_t(i * p.dh + d)]);
+        // With one round, out is out_r (weight exp(0) = 1).
+        EXPECT_EQ(one.out[size_t(i * p.ld + d)], one.out_r[size_t(i * p.dh + d)]);
+      }
+    }
+  }
+}
+
+TEST(ChunkedAttention, InvariantToSlotOrderWithinChunks) {
+  const auto p = params(40, 5, 7, 2, 8, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 71);
+  const auto perm = random_perms(2, p.L, 17);
+  auto shuffled = perm;
+  std::mt19937 gen(3);
+  for (int64_t c = 0; c < 2 * p.L / p.chunk; ++c)
+    std::shuffle(shuffled.begin() + c * p.chunk, shuffled.begin() + (c + 1) * p.chunk, gen);
+  ASSERT_NE(perm, shuffled);
+  EXPECT_LE(max_abs_diff(run_chunked(in.qk, in.v, perm, p).out,
+                         run_chunked(in.qk, in.v, shuffled, p).out, p), 1e-13);
+  const Grads a = chunked_grads(in, perm, p), b = chunked_grads(in, shuffled, p);
+  EXPECT_LE(max_abs_diff(a.dqk, b.dqk, p), 1e-12);
+  EXPECT_LE(max_abs_diff(a.dv, b.dv, p), 1e-12);
+}
+
+TEST(ChunkedAttention, KeysAreNormalised) {
+  // Scaling row j of qk by a positive factor leaves k_hat_j unchanged, so
+  // only query j's output can change.
+  const auto p = params(24, 5, 7, 2, 6, 1, 0, true, false);
+  Inputs in = make_inputs(p.L, p.dh, p.ld, 81);
+  const auto perm = random_perms(2, p.L, 19);
+  const auto a = run_chunked(in.qk, in.v, perm, p);
+  const int64_t j = 9;
+  for (int d = 0; d < p.dh; ++d) in.qk[size_t(j * p.ld + d)] *= 3.0;
+  const auto b = run_chunked(in.qk, in.v, perm, p);
+  double changed = 0;
+  for (int64_t i = 0; i < p.L; ++i)
+    for (int d = 0; d < p.dh; ++d) {
+      const double diff = std::fabs(a.out[size_t(i * p.ld + d)] - b.out[size_t(i * p.ld + d)]);
+      if (i == j) changed = std::max(changed, diff);
+      else EXPECT_LE(diff, 1e-14) << i;
+    }
+  EXPECT_GT(changed, 1e-6);
+}
+
+TEST(ChunkedAttention, CausalOutputIgnoresLaterPositions) {
+  const auto p = params(40, 5, 7, 3, 8, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 91);
+  const auto perm = random_perms(3, p.L, 23);
+  const auto base = run_chunked(in.qk, in.v, perm, p);
+  for (int64_t cut : {0, 7, 20, 38}) {
+    Inputs mod = in;
+    for (int64_t i = cut + 1; i < p.L; ++i)
+      for (int d = 0; d < p.dh; ++d) {
+        mod.qk[size_t(i * p.ld + d)] = -2.0 * mod.qk[size_t(i * p.ld + d)] + 0.3;
+        mod.v[size_t(i * p.ld + d)] += 1.0;
+      }
+    const auto o = run_chunked(mod.qk, mod.v, perm, p);
+    for (int64_t i = 0; i <= cut; ++i)
+      for (int d = 0; d < p.dh; ++d)
+        EXPECT_EQ(o.out[size_t(i * p.ld + d)], base.out[size_t(i * p.ld + d)]) << cut << " " << i;
+  }
+}
+
+TEST(ChunkedAttention, FirstPositionAttendsToItself) {
+  for (int rounds : {1, 3}) {
+    const auto p = params(24, 5, 7, rounds, 6, 1, 0, true, true);
+    const Inputs in = make_inputs(p.L, p.dh, p.ld, 101);
+    const auto o = run_chunked(in.qk, in.v, random_perms(rounds, p.L, 29), p);
+    for (int d = 0; d < p.dh; ++d) EXPECT_NEAR(o.out[size_t(d)], in.v[size_t(d)], 1e-15);
+  }
+}
+
+TEST(ChunkedAttention, ZeroKeyStaysFinite) {
+  const auto p = params(12, 5, 5, 2, 4, 1, 0, true, true);
+  Inputs in = make_inputs(p.L, p.dh, p.ld, 111);
+  for (int d = 0; d < p.dh; ++d) in.qk[size_t(3 * p.ld + d)] = 0.0;
+  const auto perm = random_perms(2, p.L, 31);
+  const auto o = run_chunked(in.qk, in.v, perm, p);
+  const Grads g = chunked_grads(in, perm, p);
+  for (double x : o.out) EXPECT_TRUE(std::isfinite(x));
+  for (double x : g.dqk) EXPECT_TRUE(std::isfinite(x));
+  for (double x : g.dv) EXPECT_TRUE(std::isfinite(x));
+}
+
+TEST(ChunkedAttention, FloatAgreesWithDouble) {
+  const auto p = params(40, 7, 9, 2, 8, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 121);
+  const auto perm = random_perms(2, p.L, 37);
+  const auto d = run_chunked(in.qk, in.v, perm, p);
+  const std::vector<float> qkf(in.qk.begin(), in.qk.end()), vf(in.v.begin(), in.v.end()),
+      gf(in.g.begin(), in.g.end());
+  const auto f = run_chunked(qkf, vf, perm, p);
+  std::vector<float> dqk(qkf.size(), 0.f), dv(vf.size(), 0.f);
+  chunked_attention_backward(dqk.data(), dv.data(), gf.data(), qkf.data(), vf.data(), perm.data(),
+                             f.out_r.data(), f.lse.data(), p);
+  const Grads gd = chunked_grads(in, perm, p);
+  // fp32 rounding (6e-8) grown by sums over ~16 keys and exp: 1e-5 relative to O(1) values.
+  for (size_t k = 0; k < d.out.size(); ++k) {
+    EXPECT_NEAR(f.out[k], d.out[k], 1e-5 * (1 + std::fabs(d.out[k])));
+    EXPECT_NEAR(dqk[k], gd.dqk[k], 1e-5 * (1 + std::fabs(gd.dqk[k])));
+    EXPECT_NEAR(dv[k], gd.dv[k], 1e-5 * (1 + std::fabs(gd.dv[k])));
+  }
+}
+
+TEST(ChunkedAttention, SameBitsForAnyThreadCount) {
+  const auto p = params(48, 5, 7, 3, 8, 1, 1, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 131);
+  const auto perm = random_perms(3, p.L, 41);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const auto a = run_chunked(in.qk, in.v, perm, p);
+  const Grads ga = chunked_grads(in, perm, p);
+  for (int threads : {2, 3, 5}) {
+    omp_set_num_threads(threads);
+    const auto b = run_chunked(in.qk, in.v, perm, p);
+    const Grads gb = chunked_grads(in, perm, p);
+    EXPECT_EQ(a.out, b.out) << threads;
+    EXPECT_EQ(a.lse, b.lse) << threads;
+    EXPECT_EQ(ga.dqk, gb.dqk) << threads;
+    EXPECT_EQ(ga.dv, gb.dv) << threads;
+  }
+  omp_set_num_threads(saved);
+}
+
+TEST(ChunkedAttention, RejectsChunkNotDividingL) {
+  const auto p = params(20, 5, 5, 1, 6, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 1);
+  const auto perm = identity_perms(1, p.L);
+  std::vector<double> out(in.qk.size()), out_r(size_t(p.L * p.dh)), lse(size_t(p.L));
+  EXPECT_THROW(chunked_attention_forward(out.data(), out_r.data(), lse.data(), in.qk.data(),
+                                         in.v.data(), perm.data(), p),
+               ShapeError);
+}
+
+// ---------------------------------------------------------------- backward
+
+TEST(ChunkedAttentionBackward, GradEqualsFullWhenWindowCoversSequence) {
+  for (bool causal : {true, false})
+    for (int rounds : {1, 2, 3}) {
+      const auto p = params(24, 5, 7, rounds, 12, 1, 0, true, causal);
+      const Inputs in = make_inputs(p.L, p.dh, p.ld, 141 + uint64_t(rounds));
+      const auto perm = random_perms(rounds, p.L, 43u * uint32_t(rounds));
+      const Grads c = chunked_grads(in, perm, p), f = full_grads(in, p);
+      EXPECT_LE(max_abs_diff(c.dqk, f.dqk, p), 1e-12) << "causal " << causal << " rounds " << rounds;
+      EXPECT_LE(max_abs_diff(c.dv, f.dv, p), 1e-12) << "causal " << causal << " rounds " << rounds;
+    }
+}
+
+TEST(ChunkedAttentionBackward, FiniteDifferencesTwoRoundsCausalWrap) {
+  check_chunked_grads(params(24, 5, 7, 2, 6, 1, 0, true, true), random_perms(2, 24, 47), 151);
+}
+
+TEST(ChunkedAttentionBackward, FiniteDifferencesThreeRoundsCausalWrap) {
+  check_chunked_grads(params(40, 7, 9, 3, 8, 1, 0, true, true), random_perms(3, 40, 53), 161);
+}
+
+TEST(ChunkedAttentionBackward, FiniteDifferencesLookAheadNonCausal) {
+  check_chunked_grads(params(24, 5, 6, 2, 4, 1, 1, true, false), random_perms(2, 24, 59), 171);
+}
+
+TEST(ChunkedAttentionBackward, FiniteDifferencesLocalNoWrap) {
+  check_chunked_grads(params(24, 5, 7, 1, 6, 1, 0, false, true), identity_perms(1, 24), 181);
+}
+
+TEST(ChunkedAttentionBackward, FiniteDifferencesRepeatedWindowChunk) {
+  // Three chunks, two before and one after: every window would name one chunk twice.
+  check_chunked_grads(params(18, 5, 7, 2, 6, 2, 1, true, true), random_perms(2, 18, 61), 191);
+}
+
+TEST(ChunkedAttentionBackward, Accumulates) {
+  const auto p = params(24, 5, 7, 2, 6, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 201);
+  const auto perm = random_perms(2, p.L, 67);
+  const Grads g0 = chunked_grads(in, perm, p, 0.0), g1 = chunked_grads(in, perm, p, 0.75);
+  for (size_t k = 0; k < g0.dqk.size(); ++k) {
+    EXPECT_NEAR(g1.dqk[k], g0.dqk[k] + 0.75, 1e-15);
+    EXPECT_NEAR(g1.dv[k], g0.dv[k] + 0.75, 1e-15);
+  }
+}
+
+TEST(ChunkedAttentionBackward, NullGradientIsSkipped) {
+  const auto p = params(24, 5, 7, 2, 6, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 211);
+  const auto perm = random_perms(2, p.L, 71);
+  const auto o = run_chunked(in.qk, in.v, perm, p);
+  const Grads both = chunked_grads(in, perm, p);
+  std::vector<double> dqk(in.qk.size(), 0.0), dv(in.v.size(), 0.0);
+  chunked_attention_backward(dqk.data(), static_cast<double*>(nullptr), in.g.data(), in.qk.data(),
+                             in.v.data(), perm.data(), o.out_r.data(), o.lse.data(), p);
+  chunked_attention_backward(static_cast<double*>(nullptr), dv.data(), in.g.data(), in.qk.data(),
+                             in.v.data(), perm.data(), o.out_r.data(), o.lse.data(), p);
+  EXPECT_EQ(dqk, both.dqk);
+  EXPECT_EQ(dv, both.dv);
+}
+
+// ---------------------------------------------------------------- full
+
+TEST(FullAttention, MatchesBruteForce) {
+  for (bool causal : {true, false}) {
+    const auto p = params(12, 7, 9, 1, 0, 0, 0, true, causal);
+    const Inputs in = make_inputs(p.L, p.dh, p.ld, 221);
+    const auto o = run_full(in.qk, in.v, p);
+    std::vector<double> ref(size_t(p.L * p.ld), 0.0);
+    for (int64_t i = 0; i < p.L; ++i) {
+      std::vector<int64_t> keys(size_t(p.L));
+      std::iota(keys.begin(), keys.end(), 0);
+      EXPECT_NEAR(ref_softmax(in, i, keys, causal, &ref[size_t(i * p.ld)]), o.lse[size_t(i)],
+                  1e-12);
+    }
+    EXPECT_LE(max_abs_diff(o.out, ref, p), 1e-12);
+    expect_padding_untouched(o.out, p, kSentinel);
+  }
+}
+
+TEST(FullAttention, CausalOutputIgnoresLaterPositions) {
+  const auto p = params(24, 5, 7, 1, 0, 0, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 231);
+  const auto base = run_full(in.qk, in.v, p);
+  for (int64_t cut : {0, 5, 22}) {
+    Inputs mod = in;
+    for (int64_t i = cut + 1; i < p.L; ++i)
+      for (int d = 0; d < p.dh; ++d) {
+        mod.qk[size_t(i * p.ld + d)] *= -3.0;
+        mod.v[size_t(i * p.ld + d)] -= 2.0;
+      }
+    const auto o = run_full(mod.qk, mod.v, p);
+    for (int64_t i = 0; i <= cut; ++i)
+      for (int d = 0; d < p.dh; ++d)
+        EXPECT_EQ(o.out[size_t(i * p.ld + d)], base.out[size_t(i * p.ld + d)]) << cut << " " << i;
+  }
+}
+
+TEST(FullAttention, FirstPositionAttendsToItself) {
+  const auto p = params(12, 5, 7, 1, 0, 0, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 241);
+  const auto o = run_full(in.qk, in.v, p);
+  for (int d = 0; d < p.dh; ++d) EXPECT_EQ(o.out[size_t(d)], in.v[size_t(d)]);
+  EXPECT_EQ(o.lse[0], -1e5);
+}
+
+TEST(FullAttentionBackward, FiniteDifferencesCausal) {
+  check_full_grads(params(12, 5, 7, 1, 0, 0, 0, true, true), 251);
+}
+
+TEST(FullAttentionBackward, FiniteDifferencesNonCausal) {
+  check_full_grads(params(12, 7, 8, 1, 0, 0, 0, true, false), 261);
+}
+
+TEST(FullAttentionBackward, AccumulatesAndSkipsNull) {
+  const auto p = params(12, 5, 7, 1, 0, 0, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 271);
+  const Grads g0 = full_grads(in, p, 0.0), g1 = full_grads(in, p, -0.5);
+  for (size_t k = 0; k < g0.dqk.size(); ++k) {
+    // Several += per element, so the initial value changes the rounding.
+    EXPECT_NEAR(g1.dqk[k], g0.dqk[k] - 0.5, 1e-13);
+    EXPECT_NEAR(g1.dv[k], g0.dv[k] - 0.5, 1e-13);
+  }
+  const auto o = run_full(in.qk, in.v, p);
+  std::vector<double> dv(in.v.size(), 0.0);
+  full_attention_backward(static_cast<double*>(nullptr), dv.data(), in.g.data(), o.out.data(),
+                          in.qk.data(), in.v.data(), o.lse.data(), p);
+  EXPECT_EQ(dv, g0.dv);
+}
+
+}  // namespace
+}  // namespace reformer::cpu

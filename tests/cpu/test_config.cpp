@@ -1,0 +1,311 @@
+// Configuration: parsing, overrides, per-key and cross-field validation,
+// printing, and the recipes in configs/.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "framework/config.h"
+#include "framework/errors.h"
+
+namespace reformer {
+namespace {
+
+// The message of the ConfigError `f` throws; fails the test if none.
+std::string config_error(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const ConfigError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no ConfigError thrown";
+  return "";
+}
+
+std::string parse_error(const std::string& yaml, const std::vector<std::string>& overrides = {}) {
+  return config_error([&] { parse_config(yaml, "configs/x.yaml", overrides); });
+}
+
+std::string set_error(const std::string& override_text) {
+  return config_error([&] { parse_config("", "configs/x.yaml", {override_text}); });
+}
+
+TEST(Config, DefaultsAreValid) {
+  Config c;
+  EXPECT_NO_THROW(validate_config(c));
+  EXPECT_EQ(c.head_dim(), 32);
+  EXPECT_EQ(parse_config("", "empty.yaml"), c);
+}
+
+TEST(Config, EveryRecipeLoadsAndValidates) {
+  namespace fs = std::filesystem;
+  int count = 0;
+  for (const auto& entry : fs::directory_iterator(fs::path(REFORMER_SOURCE_DIR) / "configs")) {
+    if (entry.path().extension() != ".yaml") continue;
+    SCOPED_TRACE(entry.path().string());
+    Config c;
+    EXPECT_NO_THROW(c = load_config(entry.path().string()));
+    EXPECT_EQ(parse_config(to_yaml(c), "printed"), c);
+    ++count;
+  }
+  EXPECT_GE(count, 6);
+}
+
+TEST(Config, RecipeValues) {
+  std::string dir = std::string(REFORMER_SOURCE_DIR) + "/configs/";
+  Config tiny = load_config(dir + "tiny.yaml");
+  EXPECT_EQ(tiny.model.d_model, 32);
+  EXPECT_EQ(tiny.model.max_len, 32);
+  EXPECT_EQ(tiny.attention.bucket_size, 8);
+  EXPECT_EQ(tiny.training.steps, 30);
+  EXPECT_EQ(tiny.data.kind, "duplication");
+  Config enwik8 = load_config(dir + "enwik8.yaml");
+  EXPECT_EQ(enwik8.model.max_len, 65536);
+  EXPECT_EQ(enwik8.data.kind, "bytes");
+  EXPECT_EQ(enwik8.optimizer.name, "adafactor");
+  Config dp = load_config(dir + "multi-gpu-dp.yaml");
+  EXPECT_EQ(dp.parallel.dp, 2);
+  EXPECT_EQ(dp.parallel.backend, "nccl");
+}
+
+TEST(Config, UnknownKeyNamesKeyFileAndLine) {
+  std::string msg = parse_error("model:\n  d_model: 64\n  n_layers: 2\n  foo_bar: 3\n");
+  EXPECT_EQ(msg, "configs/x.yaml:4: unknown key 'model.foo_bar'");
+}
+
+TEST(Config, UnknownKeySuggestsNearest) {
+  std::string msg = parse_error("model:\n\n  d_modle: 64\n");
+  EXPECT_EQ(msg, "configs/x.yaml:3: unknown key 'model.d_modle' (did you mean 'model.d_model'?)");
+  // The right key under the wrong section.
+  EXPECT_NE(parse_error("model:\n  bucket_size: 16\n").find("'attention.bucket_size'"),
+            std::string::npos);
+}
+
+TEST(Config, UnknownSection) {
+  std::string msg = parse_error("model:\n  d_model: 64\nmodle:\n  d_ff: 3\n");
+  EXPECT_NE(msg.find("configs/x.yaml:3: unknown section 'modle'"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("did you mean 'model'?"), std::string::npos) << msg;
+}
+
+TEST(Config, WrongType) {
+  std::string yaml = "# comment\nmodel:\n  d_model: 64\n  n_layers: 2\n\n\n  n_heads: four\n";
+  EXPECT_EQ(parse_error(yaml), "configs/x.yaml:7: model.n_heads: expected an integer, got 'four'");
+  EXPECT_EQ(parse_error("optimizer:\n  lr: fast\n"),
+            "configs/x.yaml:2: optimizer.lr: expected a number, got 'fast'");
+  EXPECT_EQ(parse_error("attention:\n  causal: maybe\n"),
+            "configs/x.yaml:2: attention.causal: expected true or false, got 'maybe'");
+  EXPECT_EQ(parse_error("model:\n  d_model: [1, 2]\n"),
+            "configs/x.yaml:2: model.d_model: expected an integer, got a list");
+  EXPECT_EQ(parse_error("model:\n  d_model: 64.5\n"),
+            "configs/x.yaml:2: model.d_model: expected an integer, got '64.5'");
+  EXPECT_EQ(parse_error("training:\n  seed: -1\n"),
+            "configs/x.yaml:2: training.seed: expected a non-negative integer, got '-1'");
+}
+
+TEST(Config, OutOfRange) {
+  EXPECT_EQ(parse_error("model:\n  n_heads: 0\n"),
+            "configs/x.yaml:2: model.n_heads = 0 is out of range [1, 4096]");
+  EXPECT_EQ(parse_error("model:\n  dropout: 1.0\n"),
+            "configs/x.yaml:2: model.dropout = 1.0 is out of range [0, 1)");
+  EXPECT_EQ(parse_error("model:\n  max_len: 99999999999999999999\n"),
+            "configs/x.yaml:2: model.max_len = 99999999999999999999 is out of range [1, 1073741824]");
+}
+
+TEST(Config, BadEnum) {
+  EXPECT_EQ(parse_error("optimizer:\n  name: sgd\n"),
+            "configs/x.yaml:2: optimizer.name: 'sgd' is not one of adamw, adafactor");
+  EXPECT_EQ(parse_error("attention:\n  kinds: [lsh, lhs]\n"),
+            "configs/x.yaml:2: attention.kinds[1]: 'lhs' is not one of lsh, full, local");
+  // Block lists report the element's own line.
+  EXPECT_EQ(parse_error("attention:\n  kinds:\n    - lsh\n    - lhs\n"),
+            "configs/x.yaml:4: attention.kinds[1]: 'lhs' is not one of lsh, full, local");
+}
+
+TEST(Config, YamlSyntaxErrorNamesLine) {
+  std::string msg = parse_error("model:\n  d_model: 64\n   n_heads: 4\nattention:\n  n_hashes: 2\n");
+  EXPECT_EQ(msg.rfind("configs/x.yaml:", 0), 0u) << msg;
+  EXPECT_NE(msg.find("YAML syntax error"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("configs/x.yaml:3:"), std::string::npos) << msg;
+}
+
+TEST(Config, TopLevelMustBeAMap) {
+  EXPECT_NE(parse_error("- model\n- attention\n").find("top level must be a map"),
+            std::string::npos);
+  EXPECT_NE(parse_error("model: 3\n").find("model: expected a map of keys"), std::string::npos);
+}
+
+TEST(Config, DuplicateKey) {
+  std::string msg = parse_error("model:\n  d_model: 64\n  d_model: 32\n");
+  EXPECT_EQ(msg, "configs/x.yaml:3: model.d_model appears twice (first at line 2)");
+}
+
+TEST(Config, MissingFile) {
+  std::string msg = config_error([] { load_config("/nonexistent/dir/x.yaml"); });
+  EXPECT_NE(msg.find("cannot open config file"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("/nonexistent/dir/x.yaml"), std::string::npos) << msg;
+}
+
+TEST(Config, LoadConfigReportsPathAndLine) {
+  std::string path = testing::TempDir() + "test_config_bad.yaml";
+  {
+    std::ofstream out(path);
+    out << "model:\n  d_model: 64\ntraining:\n  step: 5\n";
+  }
+  std::string msg = config_error([&] { load_config(path); });
+  EXPECT_EQ(msg, path + ":4: unknown key 'training.step' (did you mean 'training.steps'?)");
+  std::filesystem::remove(path);
+}
+
+TEST(Config, MissingKeysKeepDefaults) {
+  Config c = parse_config("model:\n  d_model: 64\n", "x.yaml");
+  Config d;
+  EXPECT_EQ(c.model.d_model, 64);
+  EXPECT_EQ(c.model.n_heads, d.model.n_heads);
+  EXPECT_EQ(c.optimizer, d.optimizer);
+  EXPECT_EQ(c.attention, d.attention);
+}
+
+TEST(Config, SetOverrides) {
+  Config c = parse_config("model:\n  d_model: 64\n", "x.yaml",
+                          {"model.d_model=96", "optimizer.lr=2.5e-4", "training.device=auto",
+                           "attention.kinds=[lsh,full]", "attention.causal=false",
+                           "training.seed=18446744073709551615", "model.d_model = 128"});
+  EXPECT_EQ(c.model.d_model, 128);  // later overrides win
+  EXPECT_EQ(c.optimizer.lr, 2.5e-4);
+  EXPECT_EQ(c.training.device, "auto");
+  EXPECT_EQ(c.attention.kinds, (std::vector<std::string>{"lsh", "full"}));
+  EXPECT_FALSE(c.attention.causal);
+  EXPECT_EQ(c.training.seed, 18446744073709551615ull);
+  EXPECT_EQ(c.attention_kind(3), "full");
+  // A single scalar is a one-element list; an empty value an empty string.
+  Config d = parse_config("", "x.yaml", {"attention.kinds=local", "logging.metrics="});
+  EXPECT_EQ(d.attention.kinds, (std::vector<std::string>{"local"}));
+  EXPECT_EQ(d.logging.metrics, "");
+  Config e = parse_config("", "x.yaml", {"model.axial_shape=[16, 16]"});
+  EXPECT_EQ(e.model.axial_shape, (std::vector<int>{16, 16}));
+}
+
+TEST(Config, SetErrors) {
+  EXPECT_EQ(set_error("model.d_model=abc"),
+            "--set model.d_model=abc: model.d_model: expected an integer, got 'abc'");
+  EXPECT_EQ(set_error("model.d_modle=64"),
+            "--set model.d_modle=64: unknown key 'model.d_modle' (did you mean 'model.d_model'?)");
+  EXPECT_EQ(set_error("model.d_model"), "--set model.d_model: expected KEY=VALUE, e.g. model.d_model=256");
+  EXPECT_EQ(set_error("attention.kinds=[lsh,lhs]"),
+            "--set attention.kinds=[lsh,lhs]: attention.kinds[1]: 'lhs' is not one of lsh, full, local");
+  EXPECT_EQ(set_error("model.n_heads=0"),
+            "--set model.n_heads=0: model.n_heads = 0 is out of range [1, 4096]");
+  std::string msg = set_error("attention.kinds=[lsh,");
+  EXPECT_EQ(msg.rfind("--set attention.kinds=[lsh,: attention.kinds: cannot read", 0), 0u) << msg;
+}
+
+TEST(Config, CrossFieldBucketSize) {
+  std::string msg = parse_error("model:\n  max_len: 100\nattention:\n  bucket_size: 32\n");
+  EXPECT_EQ(msg.rfind("configs/x.yaml:2: model.max_len = 100 is not a multiple of attention.bucket_size = 32", 0),
+            0u) << msg;
+  // Full attention only: no constraint.
+  EXPECT_NO_THROW(parse_config("model:\n  max_len: 100\nattention:\n  kinds: [full]\n", "x.yaml"));
+  // Set from the command line: the message still starts with the file.
+  msg = parse_error("", {"model.max_len=100"});
+  EXPECT_EQ(msg.rfind("configs/x.yaml: model.max_len = 100", 0), 0u) << msg;
+}
+
+TEST(Config, CrossFieldAxial) {
+  EXPECT_EQ(parse_error("model:\n  d_model: 64\n  axial_dims: [32, 16]\n"),
+            "configs/x.yaml:3: model.axial_dims = [32, 16] sums to 48, not model.d_model = 64");
+  EXPECT_EQ(parse_error("model:\n  max_len: 256\n  axial_shape: [8, 16]\n"),
+            "configs/x.yaml:3: model.axial_shape = [8, 16] covers 128 positions, fewer than "
+            "model.max_len = 256");
+  EXPECT_NE(parse_error("model:\n  axial_shape: [8, 8, 8]\n").find("must have 2 entries"),
+            std::string::npos);
+}
+
+TEST(Config, CrossFieldAttentionAndHeads) {
+  EXPECT_EQ(parse_error("attention:\n  causal: true\n  chunks_after: 1\n"),
+            "configs/x.yaml:3: attention.chunks_after = 1 must be 0 when attention.causal is true");
+  EXPECT_NO_THROW(parse_config("attention:\n  causal: false\n  chunks_after: 1\n", "x.yaml"));
+  EXPECT_NE(parse_error("attention:\n  n_buckets: 7\n").find("attention.n_buckets = 7 must be even"),
+            std::string::npos);
+  EXPECT_NE(parse_error("model:\n  d_model: 130\n  n_heads: 4\n").find("model.n_heads = 4"),
+            std::string::npos);
+  EXPECT_NO_THROW(parse_config("model:\n  d_model: 130\n  n_heads: 4\n  d_head: 32\n  axial_dims: [65, 65]\n",
+                               "x.yaml"));
+}
+
+TEST(Config, CrossFieldDataAndParallel) {
+  EXPECT_NE(parse_error("data:\n  kind: bytes\n").find("data.path"), std::string::npos);
+  EXPECT_NE(parse_error("model:\n  vocab_size: 16\ndata:\n  dup_symbols: 17\n").find("data.dup_symbols = 17"),
+            std::string::npos);
+  EXPECT_NE(parse_error("model:\n  vocab_size: 2\n").find("at least 3"), std::string::npos);
+  EXPECT_NE(parse_error("model:\n  max_len: 33\nattention:\n  kinds: [full]\n").find("must be even"),
+            std::string::npos);
+  EXPECT_NE(parse_error("data:\n  valid_fraction: 0.5\n  test_fraction: 0.5\n").find("less than 1"),
+            std::string::npos);
+  EXPECT_NE(parse_error("parallel:\n  dp: 2\n  backend: mpi\ntraining:\n  batch_size: 3\n")
+                .find("training.batch_size = 3 is not divisible by parallel.dp = 2"),
+            std::string::npos);
+  EXPECT_NE(parse_error("parallel:\n  dp: 2\n").find("parallel.backend"), std::string::npos);
+  EXPECT_NE(parse_error("checkpoint:\n  keep: 0\n").find("checkpoint.keep = 0 is out of range"),
+            std::string::npos);
+}
+
+TEST(Config, DerivedAxialDefaults) {
+  Config c = parse_config("model:\n  max_len: 32\n  d_model: 33\n  n_heads: 3\n", "x.yaml");
+  EXPECT_EQ(c.model.axial_shape, (std::vector<int>{4, 8}));  // a2 = 8 >= sqrt(32)
+  EXPECT_EQ(c.model.axial_dims, (std::vector<int>{16, 17}));
+  Config d = parse_config("model:\n  max_len: 1000\nattention:\n  bucket_size: 8\n", "x.yaml");
+  EXPECT_EQ(d.model.axial_shape, (std::vector<int>{32, 32}));  // ceil(1000 / 32) = 32
+  Config e = parse_config("model:\n  max_len: 65536\n", "x.yaml");
+  EXPECT_EQ(e.model.axial_shape, (std::vector<int>{256, 256}));
+  Config f = parse_config("model:\n  max_len: 96\n", "x.yaml");
+  EXPECT_EQ(f.model.axial_shape, (std::vector<int>{6, 16}));
+  // Given values are kept.
+  Config g = parse_config("model:\n  max_len: 64\n  axial_shape: [2, 32]\n", "x.yaml");
+  EXPECT_EQ(g.model.axial_shape, (std::vector<int>{2, 32}));
+}
+
+TEST(Config, Buckets) {
+  Config c = parse_config("model:\n  max_len: 1024\nattention:\n  bucket_size: 64\n", "x.yaml");
+  EXPECT_EQ(c.buckets(), 32);
+  c = parse_config("model:\n  max_len: 96\nattention:\n  bucket_size: 32\n", "x.yaml");
+  EXPECT_EQ(c.buckets(), 8);  // 2 * 96 / 32 = 6, rounded up
+  c = parse_config("model:\n  max_len: 32\nattention:\n  bucket_size: 32\n", "x.yaml");
+  EXPECT_EQ(c.buckets(), 2);
+  c = parse_config("attention:\n  n_buckets: 6\n", "x.yaml");
+  EXPECT_EQ(c.buckets(), 6);
+}
+
+TEST(Config, ToYamlRoundTrip) {
+  Config c = parse_config(
+      "model:\n  layernorm_eps: 1.0e-7\n  init_std: 0.1\n  dropout: 0.3333333333333333\n"
+      "optimizer:\n  lr: 3.0e-4\n  beta2: 0.999\n"
+      "data:\n  path: \"odd name: #1 \\\"quoted\\\"\"\n"
+      "checkpoint:\n  resume: 'yes'\n"
+      "logging:\n  metrics: ''\n",
+      "x.yaml", {"training.seed=12345678901234567890", "attention.kinds=[lsh, local, full]"});
+  std::string text = to_yaml(c);
+  Config again = parse_config(text, "printed");
+  EXPECT_EQ(again, c);
+  EXPECT_EQ(to_yaml(again), text);
+  EXPECT_EQ(again.data.path, "odd name: #1 \"quoted\"");
+  EXPECT_EQ(again.checkpoint.resume, "yes");
+  EXPECT_EQ(again.model.dropout, 0.3333333333333333);
+  // Every key is printed, once.
+  for (const std::string& key : config_keys()) {
+    std::string member = key.substr(key.find('.') + 1);
+    EXPECT_NE(text.find("\n  " + member + ": "), std::string::npos) << key;
+  }
+}
+
+TEST(Config, KeyTable) {
+  std::vector<std::string> keys = config_keys();
+  EXPECT_EQ(keys.size(), 56u);
+  EXPECT_EQ(keys.front(), "model.vocab_size");
+  EXPECT_EQ(keys.back(), "logging.metrics");
+}
+
+}  // namespace
+}  // namespace reformer

@@ -1,0 +1,321 @@
+// LSH rotations, hashing and the per-round sort (CPU reference).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "framework/errors.h"
+#include "kernels/common/philox.h"
+#include "kernels/cpu/lsh.h"
+#include "tests/common/gradcheck.h"
+
+namespace reformer::cpu {
+namespace {
+
+using test::fill_random;
+
+std::vector<double> rotations(uint64_t seed, uint64_t step, int layer, int head, int n_hashes,
+                              int dh, int n_buckets) {
+  std::vector<double> R(size_t(n_hashes) * size_t(dh) * size_t(n_buckets / 2));
+  lsh_rotations(R.data(), seed, step, layer, head, n_hashes, dh, n_buckets);
+  return R;
+}
+
+// buckets[r, i] by the definition: argmax over concat(y, -y), lowest index on ties.
+template <class T>
+std::vector<int32_t> naive_hash(const std::vector<T>& qk, int64_t ld, const std::vector<T>& R,
+                                int64_t L, int dh, int n_hashes, int n_buckets) {
+  const int half = n_buckets / 2;
+  std::vector<int32_t> b(size_t(n_hashes) * size_t(L));
+  for (int r = 0; r < n_hashes; ++r)
+    for (int64_t i = 0; i < L; ++i) {
+      std::vector<T> y(static_cast<size_t>(n_buckets));
+      for (int k = 0; k < half; ++k) {
+        T s = 0;
+        for (int d = 0; d < dh; ++d)
+          s += qk[size_t(i * ld + d)] * R[size_t((int64_t(r) * dh + d) * half + k)];
+        y[size_t(k)] = s;
+        y[size_t(half + k)] = -s;
+      }
+      b[size_t(r * L + i)] = int32_t(std::max_element(y.begin(), y.end()) - y.begin());
+    }
+  return b;
+}
+
+std::vector<int32_t> random_buckets(int64_t n, int n_buckets, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int32_t> dist(0, n_buckets - 1);
+  std::vector<int32_t> b(static_cast<size_t>(n));
+  for (auto& x : b) x = dist(gen);
+  return b;
+}
+
+std::vector<int32_t> sorted(const std::vector<int32_t>& buckets, int64_t L, int n_hashes,
+                            int n_buckets) {
+  std::vector<int32_t> perm(size_t(n_hashes) * size_t(L));
+  lsh_sort(perm.data(), buckets.data(), L, n_hashes, n_buckets);
+  return perm;
+}
+
+// ---------------------------------------------------------------- rotations
+
+TEST(LshRotations, DeterministicForSameKey) {
+  const auto a = rotations(7, 3, 2, 1, 3, 5, 8);
+  const auto b = rotations(7, 3, 2, 1, 3, 5, 8);
+  EXPECT_EQ(a, b);
+  // The float instance draws the same numbers (rng_normal is computed in fp32).
+  std::vector<float> f(a.size());
+  lsh_rotations(f.data(), 7, 3, 2, 1, 3, 5, 8);
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(double(f[i]), a[i]) << i;
+}
+
+TEST(LshRotations, DifferForDifferentSeedStepLayerHead) {
+  const auto base = rotations(7, 3, 2, 1, 2, 5, 8);
+  const std::vector<std::vector<double>> others = {
+      rotations(8, 3, 2, 1, 2, 5, 8), rotations(7, 4, 2, 1, 2, 5, 8),
+      rotations(7, 3, 3, 1, 2, 5, 8), rotations(7, 3, 2, 0, 2, 5, 8)};
+  for (const auto& o : others) {
+    int equal = 0;
+    for (size_t i = 0; i < base.size(); ++i) equal += base[i] == o[i];
+    EXPECT_EQ(equal, 0);
+  }
+}
+
+TEST(LshRotations, ElementIIsStreamElementI) {
+  const int n_hashes = 3, dh = 7, n_buckets = 6;
+  const auto R = rotations(11, 5, 1, 2, n_hashes, dh, n_buckets);
+  const RngKey key = make_key(11, 5, 1, 2, 1);
+  for (size_t i = 0; i < R.size(); ++i) EXPECT_EQ(R[i], double(rng_normal(key, i))) << i;
+  // Round 0 of a 3-round draw is the whole of a 1-round draw.
+  const auto one = rotations(11, 5, 1, 2, 1, dh, n_buckets);
+  EXPECT_TRUE(std::equal(one.begin(), one.end(), R.begin()));
+}
+
+TEST(LshRotations, StandardNormalStatistics) {
+  const auto R = rotations(1234, 0, 0, 0, 4, 64, 512);  // 65536 draws
+  const double n = double(R.size());
+  double mean = 0, m2 = 0, m3 = 0, m4 = 0, within1 = 0;
+  for (double x : R) mean += x;
+  mean /= n;
+  for (double x : R) {
+    const double d = x - mean;
+    m2 += d * d;
+    m3 += d * d * d;
+    m4 += d * d * d * d;
+    within1 += std::fabs(x) < 1.0;
+  }
+  m2 /= n;
+  m3 /= n;
+  m4 /= n;
+  // Standard errors at n = 65536: mean 0.004, variance 0.0055, skewness
+  // 0.0096, kurtosis 0.019, P(|x| < 1) 0.0018; bounds are about 5 of them.
+  EXPECT_NEAR(mean, 0.0, 0.02);
+  EXPECT_NEAR(m2, 1.0, 0.03);
+  EXPECT_NEAR(m3 / std::pow(m2, 1.5), 0.0, 0.05);
+  EXPECT_NEAR(m4 / (m2 * m2), 3.0, 0.1);
+  EXPECT_NEAR(within1 / n, 0.682689, 0.01);
+}
+
+TEST(LshRotations, RejectsOddOrTooFewBuckets) {
+  std::vector<double> R(100);
+  EXPECT_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 7), ShapeError);
+  EXPECT_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 0), ShapeError);
+}
+
+// ---------------------------------------------------------------- hash
+
+TEST(LshHash, MatchesNaiveArgmaxDouble) {
+  const int64_t L = 40, ld = 9;
+  const int dh = 7, n_hashes = 3, n_buckets = 8;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 1);
+  const auto R = rotations(3, 1, 0, 0, n_hashes, dh, n_buckets);
+  std::vector<int32_t> b(size_t(n_hashes * L));
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  EXPECT_EQ(b, naive_hash(qk, ld, R, L, dh, n_hashes, n_buckets));
+}
+
+TEST(LshHash, MatchesNaiveArgmaxFloat) {
+  const int64_t L = 24, ld = 6;
+  const int dh = 5, n_hashes = 2, n_buckets = 16;
+  std::vector<double> qd(size_t(L * ld));
+  fill_random(qd.data(), int64_t(qd.size()), 2);
+  std::vector<float> qk(qd.begin(), qd.end());
+  std::vector<float> R(size_t(n_hashes * dh * n_buckets / 2));
+  lsh_rotations(R.data(), 5, 2, 1, 0, n_hashes, dh, n_buckets);
+  std::vector<int32_t> b(size_t(n_hashes * L));
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  EXPECT_EQ(b, naive_hash(qk, ld, R, L, dh, n_hashes, n_buckets));
+}
+
+TEST(LshHash, ScaleInvariant) {
+  const int64_t L = 40, ld = 7;
+  const int dh = 7, n_hashes = 4, n_buckets = 10;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 3);
+  std::vector<double> qk2(qk), qk_half(qk);
+  for (auto& x : qk2) x *= 2;
+  for (auto& x : qk_half) x *= 0.5;
+  const auto R = rotations(9, 0, 0, 0, n_hashes, dh, n_buckets);
+  std::vector<int32_t> b(size_t(n_hashes * L)), b2(b.size()), bh(b.size());
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(b2.data(), qk2.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(bh.data(), qk_half.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  EXPECT_EQ(b, b2);
+  EXPECT_EQ(b, bh);
+}
+
+TEST(LshHash, BucketsInRangeAndUsed) {
+  const int64_t L = 200, ld = 5;
+  const int dh = 5, n_hashes = 2;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 4);
+  for (int n_buckets : {2, 4, 8}) {
+    const auto R = rotations(1, 0, 0, 0, n_hashes, dh, n_buckets);
+    std::vector<int32_t> b(size_t(n_hashes * L));
+    lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+    std::vector<int> count(size_t(n_buckets), 0);
+    for (int32_t x : b) {
+      ASSERT_GE(x, 0);
+      ASSERT_LT(x, n_buckets);
+      ++count[size_t(x)];
+    }
+    // 200 random points per round over at most 8 buckets: every bucket is hit.
+    for (int c : count) EXPECT_GT(c, 0) << "n_buckets " << n_buckets;
+  }
+}
+
+TEST(LshHash, NegatedInputMapsToOppositeBucket) {
+  const int64_t L = 40, ld = 8;
+  const int dh = 5, n_hashes = 3, n_buckets = 12, half = n_buckets / 2;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 5);
+  std::vector<double> neg(qk);
+  for (auto& x : neg) x = -x;
+  const auto R = rotations(2, 0, 0, 0, n_hashes, dh, n_buckets);
+  std::vector<int32_t> b(size_t(n_hashes * L)), bn(b.size());
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(bn.data(), neg.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  for (size_t k = 0; k < b.size(); ++k) EXPECT_EQ(bn[k], (b[k] + half) % n_buckets) << k;
+}
+
+TEST(LshHash, TiesPickLowestIndex) {
+  // dh = 1, two rotation columns equal to 1: y = (x, x), concat = (x, x, -x, -x).
+  const std::vector<double> R = {1.0, 1.0};
+  const std::vector<double> qk = {2.0, -3.0, 0.0};
+  std::vector<int32_t> b(3);
+  lsh_hash(b.data(), qk.data(), 1, R.data(), 3, 1, 1, 4);
+  EXPECT_EQ(b, (std::vector<int32_t>{0, 2, 0}));
+}
+
+// ---------------------------------------------------------------- sort
+
+TEST(LshSort, IsPermutationPerRound) {
+  const int64_t L = 97;
+  const int n_hashes = 3, n_buckets = 8;
+  const auto b = random_buckets(n_hashes * L, n_buckets, 1);
+  const auto perm = sorted(b, L, n_hashes, n_buckets);
+  for (int r = 0; r < n_hashes; ++r) {
+    std::vector<int32_t> p(perm.begin() + r * L, perm.begin() + (r + 1) * L);
+    std::sort(p.begin(), p.end());
+    for (int64_t s = 0; s < L; ++s) EXPECT_EQ(p[size_t(s)], s);
+  }
+}
+
+TEST(LshSort, BucketsNondecreasingTiesByPosition) {
+  const int64_t L = 64;
+  const int n_hashes = 2, n_buckets = 4;
+  const auto b = random_buckets(n_hashes * L, n_buckets, 2);
+  const auto perm = sorted(b, L, n_hashes, n_buckets);
+  for (int r = 0; r < n_hashes; ++r)
+    for (int64_t s = 1; s < L; ++s) {
+      const int32_t i0 = perm[size_t(r * L + s - 1)], i1 = perm[size_t(r * L + s)];
+      const int32_t b0 = b[size_t(r * L + i0)], b1 = b[size_t(r * L + i1)];
+      ASSERT_LE(b0, b1);
+      if (b0 == b1) EXPECT_LT(i0, i1);
+    }
+}
+
+TEST(LshSort, EqualsStdStableSortWithManyTies) {
+  const int64_t L = 101;
+  const int n_hashes = 4, n_buckets = 6;
+  const auto b = random_buckets(n_hashes * L, n_buckets, 3);
+  const auto perm = sorted(b, L, n_hashes, n_buckets);
+  for (int r = 0; r < n_hashes; ++r) {
+    std::vector<int32_t> ref(static_cast<size_t>(L));
+    std::iota(ref.begin(), ref.end(), 0);
+    std::stable_sort(ref.begin(), ref.end(), [&](int32_t x, int32_t y) {
+      return b[size_t(r * L + x)] < b[size_t(r * L + y)];
+    });
+    EXPECT_TRUE(std::equal(ref.begin(), ref.end(), perm.begin() + r * L)) << "round " << r;
+  }
+}
+
+TEST(LshSort, IndependentOfTiePresentation) {
+  const int64_t L = 50;
+  const int n_hashes = 2, n_buckets = 4;
+  const auto b = random_buckets(n_hashes * L, n_buckets, 4);
+  const auto perm = sorted(b, L, n_hashes, n_buckets);
+  for (int r = 0; r < n_hashes; ++r) {
+    // Present the positions in reverse order and sort by (bucket, position).
+    std::vector<int32_t> ref(static_cast<size_t>(L));
+    std::iota(ref.rbegin(), ref.rend(), 0);
+    std::sort(ref.begin(), ref.end(), [&](int32_t x, int32_t y) {
+      const int32_t bx = b[size_t(r * L + x)], by = b[size_t(r * L + y)];
+      return bx != by ? bx < by : x < y;
+    });
+    EXPECT_TRUE(std::equal(ref.begin(), ref.end(), perm.begin() + r * L)) << "round " << r;
+  }
+}
+
+TEST(LshSort, RoundsAreSortedIndependently) {
+  const int64_t L = 36;
+  const int n_hashes = 3, n_buckets = 8;
+  const auto b = random_buckets(n_hashes * L, n_buckets, 5);
+  const auto perm = sorted(b, L, n_hashes, n_buckets);
+  for (int r = 0; r < n_hashes; ++r) {
+    const std::vector<int32_t> br(b.begin() + r * L, b.begin() + (r + 1) * L);
+    const auto one = sorted(br, L, 1, n_buckets);
+    EXPECT_TRUE(std::equal(one.begin(), one.end(), perm.begin() + r * L)) << "round " << r;
+  }
+}
+
+TEST(LshSort, SingleBucketGivesIdentity) {
+  const int64_t L = 12;
+  const std::vector<int32_t> b(size_t(2 * L), 3);  // all in bucket 3 of 8; others empty
+  const auto perm = sorted(b, L, 2, 8);
+  for (int r = 0; r < 2; ++r)
+    for (int64_t s = 0; s < L; ++s) EXPECT_EQ(perm[size_t(r * L + s)], s);
+}
+
+TEST(LshSort, RejectsOutOfRangeBucket) {
+  std::vector<int32_t> b = {0, 1, 4, 2}, perm(4);
+  EXPECT_THROW(lsh_sort(perm.data(), b.data(), 4, 1, 4), ShapeError);
+  b[2] = -1;
+  EXPECT_THROW(lsh_sort(perm.data(), b.data(), 4, 1, 4), ShapeError);
+}
+
+TEST(LshPipeline, HashThenSortGroupsBuckets) {
+  const int64_t L = 40, ld = 7;
+  const int dh = 5, n_hashes = 2, n_buckets = 8;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 6);
+  const auto R = rotations(4, 7, 1, 3, n_hashes, dh, n_buckets);
+  std::vector<int32_t> b(size_t(n_hashes * L));
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  const auto perm = sorted(b, L, n_hashes, n_buckets);
+  for (int r = 0; r < n_hashes; ++r)
+    for (int64_t s = 1; s < L; ++s) {
+      const int32_t i0 = perm[size_t(r * L + s - 1)], i1 = perm[size_t(r * L + s)];
+      const auto key0 = std::pair(b[size_t(r * L + i0)], i0);
+      const auto key1 = std::pair(b[size_t(r * L + i1)], i1);
+      EXPECT_LT(key0, key1);
+    }
+}
+
+}  // namespace
+}  // namespace reformer::cpu
