@@ -281,7 +281,10 @@ void write_tensor(hid_t group, const CheckpointTensor& t, const std::string& ful
 // "model_written", "optimizer_written").
 void write_file(const std::string& tmp, const CheckpointState& s) {
   Handle fapl = file_access_plist();
-  Handle file = own(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl.get()), H5Fclose,
+  // No modification times anywhere: the same state always gives the same bytes.
+  Handle fcpl = own(H5Pcreate(H5P_FILE_CREATE), H5Pclose, "H5Pcreate(file create)");
+  check(H5Pset_obj_track_times(fcpl.get(), false), "H5Pset_obj_track_times");
+  Handle file = own(H5Fcreate(tmp.c_str(), H5F_ACC_TRUNC, fcpl.get(), fapl.get()), H5Fclose,
                     "creating " + tmp);
   stage("created");
   const hid_t root = file.get();

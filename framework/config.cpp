@@ -13,7 +13,6 @@
 #include <map>
 #include <optional>
 #include <sstream>
-#include <string_view>
 #include <variant>
 
 #include "framework/errors.h"
@@ -481,8 +480,8 @@ void apply_document(Config& c, const YAML::Node& root, const std::string& source
          "the top level must be a map of sections (" + join(sections(), ", ") + "), got " +
              describe(root));
   std::map<std::string, int> seen;  // dotted key or section -> line
-  for (auto sec = root.begin(); sec != root.end(); ++sec) {
-    const YAML::Node& sname = sec->first;
+  for (const auto& sec : root) {  // each element holds its key and value nodes
+    const YAML::Node& sname = sec.first;
     Where at{source, line_of(sname, 0)};
     if (!sname.IsScalar()) fail(at, "section names must be plain words, got " + describe(sname));
     const std::string& section = sname.Scalar();
@@ -493,11 +492,11 @@ void apply_document(Config& c, const YAML::Node& root, const std::string& source
       fail(at, "section '" + section + "' appears twice (first at line " +
                    std::to_string(seen[section]) + ")");
     seen[section] = at.line;
-    const YAML::Node& body = sec->second;
+    const YAML::Node& body = sec.second;
     if (body.IsNull()) continue;
     if (!body.IsMap()) fail(at, section + ": expected a map of keys, got " + describe(body));
-    for (auto kv = body.begin(); kv != body.end(); ++kv) {
-      const YAML::Node& kname = kv->first;
+    for (const auto& kv : body) {
+      const YAML::Node& kname = kv.first;
       Where key_at{source, line_of(kname, at.line)};
       if (!kname.IsScalar()) fail(key_at, section + ": keys must be plain words, got " + describe(kname));
       std::string dotted = section + "." + kname.Scalar();
@@ -506,7 +505,7 @@ void apply_document(Config& c, const YAML::Node& root, const std::string& source
       if (seen.count(dotted))
         fail(key_at, dotted + " appears twice (first at line " + std::to_string(seen[dotted]) + ")");
       seen[dotted] = key_at.line;
-      ValueReader(c, *key, key_at).read(kv->second);
+      ValueReader(c, *key, key_at).read(kv.second);
       origins[dotted] = key_at;
     }
   }

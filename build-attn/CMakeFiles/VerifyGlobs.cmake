@@ -70,8 +70,15 @@ endif()
 file(GLOB NEW_GLOB LIST_DIRECTORIES true "/work/main/tests/cpu/test_*.cpp")
 set(OLD_GLOB
   "/work/main/tests/cpu/test_attention.cpp"
+  "/work/main/tests/cpu/test_checkpoint.cpp"
   "/work/main/tests/cpu/test_config.cpp"
+  "/work/main/tests/cpu/test_data.cpp"
   "/work/main/tests/cpu/test_lsh.cpp"
+  "/work/main/tests/cpu/test_model.cpp"
+  "/work/main/tests/cpu/test_ops_dense.cpp"
+  "/work/main/tests/cpu/test_ops_elementwise.cpp"
+  "/work/main/tests/cpu/test_ops_loss.cpp"
+  "/work/main/tests/cpu/test_ops_optim.cpp"
   )
 if(NOT "${NEW_GLOB}" STREQUAL "${OLD_GLOB}")
   message("-- GLOB mismatch!")

@@ -32,6 +32,10 @@ namespace reformer::cpu {
 
 namespace {
 
+// Below this many multiply-adds a call runs on one thread: thread start-up
+// would cost more than it saves. Results do not depend on it.
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+
 // Added to |k|^2 under the square root of the key norm, so that a zero key
 // has k_hat = 0 and a finite gradient. The CUDA twin uses the same value.
 constexpr double kNormEps = 1e-12;
@@ -63,11 +67,11 @@ T dot(const T* a, const T* b, int n) {
 // Unit-norm keys khat [L, dh] (dense) and the norms they were divided by.
 template <class T>
 void normalise_keys(std::vector<T>& khat, std::vector<T>& norm, const T* qk,
-                    const AttentionParams& p) {
+                    const AttentionParams& p, bool par) {
   const int dh = p.dh;
   khat.assign(size_t(p.L) * size_t(dh), T(0));
   norm.assign(size_t(p.L), T(0));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t j = 0; j < p.L; ++j) {
     const T* k = qk + j * p.ld;
     const T n = std::sqrt(dot(k, k, dh) + T(kNormEps));
@@ -77,16 +81,52 @@ void normalise_keys(std::vector<T>& khat, std::vector<T>& norm, const T* qk,
   }
 }
 
-// Score of query i (row q) against key j (unit row kh), with the masks.
-// `masked` reports whether the score is a mask constant.
+// Whether the score of query position i against key position j is a mask constant.
+inline bool is_masked(int64_t i, int64_t j, bool causal) { return j == i || (causal && j > i); }
+
+// Replaces score by its mask constant where (i, j) is masked; returns whether it was.
 template <class T>
-T masked_score(const T* q, const T* kh, int64_t i, int64_t j, int dh, bool causal,
-               bool& masked) {
-  masked = true;
-  if (causal && j > i) return T(kCausalMaskValue);
-  if (j == i) return T(kSelfMaskValue);
-  masked = false;
-  return dot(q, kh, dh);
+bool apply_mask(T& score, int64_t i, int64_t j, bool causal) {
+  if (causal && j > i) {
+    score = T(kCausalMaskValue);
+    return true;
+  }
+  if (j == i) {
+    score = T(kSelfMaskValue);
+    return true;
+  }
+  return false;
+}
+
+// pos[0..n) = the positions at the slots of `chunks` (in list order) of one
+// round's order pr; returns n.
+inline int64_t window_positions(int64_t* pos, const int32_t* pr,
+                                const std::vector<int64_t>& chunks, int64_t chunk) {
+  int64_t n = 0;
+  for (int64_t c : chunks)
+    for (int64_t t = c * chunk; t < (c + 1) * chunk; ++t) pos[n++] = pr[t];
+  return n;
+}
+
+// dst [dh, n] = rows pos[0..n) of src (row stride ld), transposed.
+template <class T>
+void gather_transposed(T* dst, const T* src, int64_t ld, const int64_t* pos, int64_t n, int dh) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T* row = src + pos[k] * ld;
+    for (int d = 0; d < dh; ++d) dst[d * n + k] = row[d];
+  }
+}
+
+// y[k] = x . column k of xt [dh, n], summed over d in increasing order (the
+// same order as dot(), so every pass computes a score to the same bits).
+template <class T>
+void row_times(T* y, const T* x, const T* xt, int64_t n, int dh) {
+  for (int64_t k = 0; k < n; ++k) y[k] = T(0);
+  for (int d = 0; d < dh; ++d) {
+    const T xd = x[d];
+    const T* col = xt + d * n;
+    for (int64_t k = 0; k < n; ++k) y[k] += xd * col[k];
+  }
 }
 
 // Which chunks each chunk attends to (win), and which chunks attend to each
@@ -94,7 +134,8 @@ T masked_score(const T* q, const T* kh, int64_t i, int64_t j, int dh, bool causa
 // produced the pair; a chunk appears at most once in any list.
 struct ChunkWindows {
   int64_t n_chunks = 0;
-  int64_t max_window = 0;  // longest window, in chunks
+  int64_t max_window = 0;   // longest win list
+  int64_t max_inverse = 0;  // longest inv list
   std::vector<std::vector<int64_t>> win;
   std::vector<std::vector<int64_t>> inv;
 };
@@ -120,6 +161,7 @@ ChunkWindows make_windows(const AttentionParams& p) {
   }
   for (int64_t c = 0; c < w.n_chunks; ++c)
     for (int64_t kc : w.win[size_t(c)]) w.inv[size_t(kc)].push_back(c);
+  for (const auto& list : w.inv) w.max_inverse = std::max(w.max_inverse, int64_t(list.size()));
   return w;
 }
 
@@ -168,59 +210,56 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
   const int dh = p.dh;
   if (L == 0) return;
   const ChunkWindows cw = make_windows(p);
+  const bool par = p.n_rounds * L * cw.max_window * chunk * dh >= kMinParallelWork;
   std::vector<T> khat, norm;
-  normalise_keys(khat, norm, qk, p);
+  normalise_keys(khat, norm, qk, p, par);
 
   const int64_t n_units = int64_t(p.n_rounds) * cw.n_chunks;
-#pragma omp parallel
+  const size_t W = size_t(cw.max_window * chunk);
+#pragma omp parallel if (par)
   {
-    std::vector<T> e(size_t(cw.max_window * chunk));
+    std::vector<int64_t> keys(W);
+    std::vector<T> kt(W * size_t(dh)), e(W);
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < n_units; ++u) {
       const int64_t r = u / cw.n_chunks, c = u % cw.n_chunks;
       const int32_t* pr = perm + r * L;
-      const auto& window = cw.win[size_t(c)];
+      const int64_t n = window_positions(keys.data(), pr, cw.win[size_t(c)], chunk);
+      gather_transposed(kt.data(), khat.data(), dh, keys.data(), n, dh);
       for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
         const int64_t i = pr[s];
-        const T* q = qk + i * ld;
-        // Scores over the window, then a max-shifted softmax.
+        // Masked scores over the window, then a max-shifted softmax.
+        row_times(e.data(), qk + i * ld, kt.data(), n, dh);
         T m = -std::numeric_limits<T>::infinity();
-        size_t n = 0;
-        for (int64_t kc : window)
-          for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
-            const int64_t j = pr[t];
-            bool masked;
-            const T sc = masked_score(q, khat.data() + j * dh, i, j, dh, p.causal, masked);
-            e[n++] = sc;
-            m = std::max(m, sc);
-          }
+        for (int64_t k = 0; k < n; ++k) {
+          apply_mask(e[size_t(k)], i, keys[size_t(k)], p.causal);
+          m = std::max(m, e[size_t(k)]);
+        }
         T sum = T(0);
-        for (size_t k = 0; k < n; ++k) {
-          e[k] = std::exp(e[k] - m);
-          sum += e[k];
+        for (int64_t k = 0; k < n; ++k) {
+          e[size_t(k)] = std::exp(e[size_t(k)] - m);
+          sum += e[size_t(k)];
         }
         const T inv_sum = T(1) / sum;
         T* o = out_r + (r * L + i) * dh;
         for (int d = 0; d < dh; ++d) o[d] = T(0);
-        n = 0;
-        for (int64_t kc : window)
-          for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
-            const T* vj = v + int64_t(pr[t]) * ld;
-            const T pij = e[n++] * inv_sum;
-            for (int d = 0; d < dh; ++d) o[d] += pij * vj[d];
-          }
+        for (int64_t k = 0; k < n; ++k) {
+          const T pij = e[size_t(k)] * inv_sum;
+          const T* vj = v + keys[size_t(k)] * ld;
+          for (int d = 0; d < dh; ++d) o[d] += pij * vj[d];
+        }
         lse[r * L + i] = m + std::log(sum);
       }
     }
   }
 
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < L; ++i)
-    combine_rounds(out + i * ld, out_r, lse, i, p);
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t i = 0; i < L; ++i) combine_rounds(out + i * ld, out_r, lse, i, p);
 }
 
 // The combined output is one softmax over all (round, key) pairs of query i,
-// with weights P_rij = w_r,i p_r,ij = exp(s_ij - logsumexp_r lse_r,i). Hence, with D_i = dout_i . out_i:
+// with weights P_rij = w_r,i p_r,ij = exp(s_ij - logsumexp_r lse_r,i). Hence,
+// with D_i = dout_i . out_i:
 //   dv_j   += sum_{r,i} P_rij dout_i
 //   ds_rij  = P_rij (dout_i . v_j - D_i)   (0 for masked scores)
 //   dq_i   += sum_{r,j} ds_rij k_hat_j
@@ -239,13 +278,14 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
   const int R = p.n_rounds;
   if (L == 0 || (!dqk && !dv)) return;
   const ChunkWindows cw = make_windows(p);
+  const bool par = p.n_rounds * L * cw.max_window * chunk * dh >= kMinParallelWork;
   std::vector<T> khat, norm;
-  normalise_keys(khat, norm, qk, p);
+  normalise_keys(khat, norm, qk, p, par);
 
   // Per position: the round shift and D_i = dout_i . out_i.
   std::vector<RoundShift<T>> shift(static_cast<size_t>(L));
   std::vector<T> D(static_cast<size_t>(L));
-#pragma omp parallel
+#pragma omp parallel if (par)
   {
     std::vector<T> o(static_cast<size_t>(dh));
 #pragma omp for schedule(static)
@@ -266,67 +306,82 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
 
   // Query side: dq_r[r, i] for the queries of chunk c.
   if (dqk) {
-#pragma omp parallel for schedule(static)
-    for (int64_t u = 0; u < n_units; ++u) {
-      const int64_t r = u / cw.n_chunks, c = u % cw.n_chunks;
-      const int32_t* pr = perm + r * L;
-      for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
-        const int64_t i = pr[s];
-        const T* q = qk + i * ld;
-        const T* g = dout + i * ld;
-        T* dq = dq_r.data() + (r * L + i) * dh;
-        for (int d = 0; d < dh; ++d) dq[d] = T(0);
-        for (int64_t kc : cw.win[size_t(c)])
-          for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
-            const int64_t j = pr[t];
+    const size_t W = size_t(cw.max_window * chunk);
+#pragma omp parallel if (par)
+    {
+      std::vector<int64_t> keys(W);
+      std::vector<T> kt(W * size_t(dh)), vt(W * size_t(dh)), sc(W), gv(W);
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t r = u / cw.n_chunks, c = u % cw.n_chunks;
+        const int32_t* pr = perm + r * L;
+        const int64_t n = window_positions(keys.data(), pr, cw.win[size_t(c)], chunk);
+        gather_transposed(kt.data(), khat.data(), dh, keys.data(), n, dh);
+        gather_transposed(vt.data(), v, ld, keys.data(), n, dh);
+        for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
+          const int64_t i = pr[s];
+          row_times(sc.data(), qk + i * ld, kt.data(), n, dh);
+          row_times(gv.data(), dout + i * ld, vt.data(), n, dh);
+          T* dq = dq_r.data() + (r * L + i) * dh;
+          for (int d = 0; d < dh; ++d) dq[d] = T(0);
+          for (int64_t k = 0; k < n; ++k) {
+            const int64_t j = keys[size_t(k)];
+            if (is_masked(i, j, p.causal)) continue;
+            const T ds = pair_weight(sc[size_t(k)], i) * (gv[size_t(k)] - D[size_t(i)]);
             const T* kh = khat.data() + j * dh;
-            bool masked;
-            const T sc = masked_score(q, kh, i, j, dh, p.causal, masked);
-            if (masked) continue;
-            const T P = pair_weight(sc, i);
-            const T ds = P * (dot(g, v + j * ld, dh) - D[size_t(i)]);
             for (int d = 0; d < dh; ++d) dq[d] += ds * kh[d];
           }
+        }
       }
     }
   }
 
   // Key side: dkhat_r[r, j] and dv_r[r, j] for the keys of chunk kc, from
   // every query chunk whose window holds kc.
-#pragma omp parallel for schedule(static)
-  for (int64_t u = 0; u < n_units; ++u) {
-    const int64_t r = u / cw.n_chunks, kc = u % cw.n_chunks;
-    const int32_t* pr = perm + r * L;
-    for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
-      const int64_t j = pr[t];
-      const T* kh = khat.data() + j * dh;
-      const T* vj = v + j * ld;
-      T* dk = dqk ? dkhat_r.data() + (r * L + j) * dh : nullptr;
-      T* dvj = dv ? dv_r.data() + (r * L + j) * dh : nullptr;
-      for (int d = 0; d < dh; ++d) {
-        if (dk) dk[d] = T(0);
-        if (dvj) dvj[d] = T(0);
-      }
-      for (int64_t c : cw.inv[size_t(kc)])
-        for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
-          const int64_t i = pr[s];
-          const T* q = qk + i * ld;
-          const T* g = dout + i * ld;
-          bool masked;
-          const T sc = masked_score(q, kh, i, j, dh, p.causal, masked);
-          const T P = pair_weight(sc, i);
-          if (dvj)
-            for (int d = 0; d < dh; ++d) dvj[d] += P * g[d];
-          if (dk && !masked) {
-            const T ds = P * (dot(g, vj, dh) - D[size_t(i)]);
-            for (int d = 0; d < dh; ++d) dk[d] += ds * q[d];
+  {
+    const size_t Q = size_t(cw.max_inverse * chunk);
+#pragma omp parallel if (par)
+    {
+      std::vector<int64_t> queries(Q);
+      std::vector<T> qt(Q * size_t(dh)), gt(dqk ? Q * size_t(dh) : 0), sc(Q), gv(Q);
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < n_units; ++u) {
+        const int64_t r = u / cw.n_chunks, kc = u % cw.n_chunks;
+        const int32_t* pr = perm + r * L;
+        const int64_t n = window_positions(queries.data(), pr, cw.inv[size_t(kc)], chunk);
+        gather_transposed(qt.data(), qk, ld, queries.data(), n, dh);
+        if (dqk) gather_transposed(gt.data(), dout, ld, queries.data(), n, dh);
+        for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
+          const int64_t j = pr[t];
+          row_times(sc.data(), khat.data() + j * dh, qt.data(), n, dh);
+          if (dqk) row_times(gv.data(), v + j * ld, gt.data(), n, dh);
+          T* dk = dqk ? dkhat_r.data() + (r * L + j) * dh : nullptr;
+          T* dvj = dv ? dv_r.data() + (r * L + j) * dh : nullptr;
+          for (int d = 0; d < dh; ++d) {
+            if (dk) dk[d] = T(0);
+            if (dvj) dvj[d] = T(0);
+          }
+          for (int64_t k = 0; k < n; ++k) {
+            const int64_t i = queries[size_t(k)];
+            T score = sc[size_t(k)];
+            const bool masked = apply_mask(score, i, j, p.causal);
+            const T P = pair_weight(score, i);
+            const T* g = dout + i * ld;
+            if (dvj)
+              for (int d = 0; d < dh; ++d) dvj[d] += P * g[d];
+            if (dk && !masked) {
+              const T ds = P * (gv[size_t(k)] - D[size_t(i)]);
+              const T* q = qk + i * ld;
+              for (int d = 0; d < dh; ++d) dk[d] += ds * q[d];
+            }
           }
         }
+      }
     }
   }
 
   // Sum the rounds in order; project dkhat through the normalisation.
-#pragma omp parallel
+#pragma omp parallel if (par)
   {
     std::vector<T> acc(static_cast<size_t>(dh));
 #pragma omp for schedule(static)
@@ -367,13 +422,14 @@ void full_attention_forward(T* out, T* lse, const T* qk, const T* v, const Atten
   check_common(p, "full_attention_forward");
   const int64_t L = p.L, ld = p.ld;
   const int dh = p.dh;
+  const bool par = L * L * dh >= kMinParallelWork;
   std::vector<T> kn(static_cast<size_t>(L));  // key norms
   for (int64_t j = 0; j < L; ++j) {
     T s = T(0);
     for (int d = 0; d < dh; ++d) s += qk[j * ld + d] * qk[j * ld + d];
     kn[size_t(j)] = std::sqrt(s + T(kNormEps));
   }
-#pragma omp parallel
+#pragma omp parallel if (par)
   {
     std::vector<T> e(static_cast<size_t>(L));
 #pragma omp for schedule(static)
@@ -413,6 +469,7 @@ void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T
   const int64_t L = p.L, ld = p.ld;
   const int dh = p.dh;
   if (!dqk && !dv) return;
+  const bool par = L * L * dh >= kMinParallelWork;
   std::vector<T> kn(static_cast<size_t>(L)), kh(size_t(L) * size_t(dh)), D(static_cast<size_t>(L));
   for (int64_t j = 0; j < L; ++j) {
     T s = T(0);
@@ -437,7 +494,7 @@ void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T
 
   // Query side: dqk_i += sum_j ds_ij khat_j.
   if (dqk) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
     for (int64_t i = 0; i < L; ++i) {
       const int64_t nk = p.causal ? i + 1 : L;
       for (int64_t j = 0; j < nk; ++j) {
@@ -448,7 +505,7 @@ void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T
     }
   }
   // Key side: dv_j += sum_i P_ij dout_i; dqk_j += d khat_j / d k_j applied to sum_i ds_ij q_i.
-#pragma omp parallel
+#pragma omp parallel if (par)
   {
     std::vector<T> dk(static_cast<size_t>(dh));
 #pragma omp for schedule(static)

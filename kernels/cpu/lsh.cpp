@@ -23,6 +23,10 @@ namespace {
 // Purpose index of the rotation stream in make_key (seed, step, layer, head, purpose).
 constexpr uint64_t kRotationPurpose = 1;
 
+// Below this many operations a call runs on one thread: thread start-up would
+// cost more than it saves. Results do not depend on it.
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+
 void check_buckets(int n_buckets) {
   if (n_buckets < 2 || n_buckets % 2 != 0)
     throw ShapeError("lsh: n_buckets must be even and >= 2, got " + std::to_string(n_buckets));
@@ -36,7 +40,8 @@ void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int 
   check_buckets(n_buckets);
   const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(head), kRotationPurpose);
   const int64_t n = int64_t(n_hashes) * dh * (n_buckets / 2);
-#pragma omp parallel for schedule(static)
+  const bool par = n * 64 >= kMinParallelWork;  // a normal costs ~64 multiply-adds
+#pragma omp parallel for schedule(static) if (par)
   for (int64_t i = 0; i < n; ++i) R[i] = T(rng_normal(key, uint64_t(i)));
 }
 
@@ -45,7 +50,8 @@ void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, 
               int n_hashes, int n_buckets) {
   check_buckets(n_buckets);
   const int half = n_buckets / 2;
-#pragma omp parallel
+  const bool par = L * n_hashes * dh * half >= kMinParallelWork;
+#pragma omp parallel if (par)
   {
     std::vector<T> y(size_t(half), T(0));
 #pragma omp for schedule(static)
@@ -78,9 +84,10 @@ void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, in
     if (buckets[k] < 0 || buckets[k] >= n_buckets)
       throw ShapeError("lsh_sort: bucket id " + std::to_string(buckets[k]) + " outside [0, " +
                        std::to_string(n_buckets) + ")");
+  const bool par = int64_t(n_hashes) * (L + n_buckets) >= kMinParallelWork;
   // Counting sort per round: visiting positions in increasing order makes it
   // stable, so ties in bucket are ordered by position.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (par)
   for (int r = 0; r < n_hashes; ++r) {
     const int32_t* b = buckets + int64_t(r) * L;
     int32_t* out = perm + int64_t(r) * L;

@@ -21,7 +21,7 @@ inline void fill_random(double* x, int64_t n, uint64_t seed, double scale = 1.0)
 // (f(x + h e_i) - f(x - h e_i)) / 2h. x is restored.
 inline std::vector<double> numeric_grad(const std::function<double()>& f, double* x, int64_t n,
                                         double h = 1e-6) {
-  std::vector<double> g(size_t(n));
+  std::vector<double> g(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     const double x0 = x[i];
     x[i] = x0 + h;

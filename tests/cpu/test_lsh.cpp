@@ -236,7 +236,9 @@ TEST(LshSort, BucketsNondecreasingTiesByPosition) {
       const int32_t i0 = perm[size_t(r * L + s - 1)], i1 = perm[size_t(r * L + s)];
       const int32_t b0 = b[size_t(r * L + i0)], b1 = b[size_t(r * L + i1)];
       ASSERT_LE(b0, b1);
-      if (b0 == b1) EXPECT_LT(i0, i1);
+      if (b0 == b1) {
+        EXPECT_LT(i0, i1);
+      }
     }
 }
 

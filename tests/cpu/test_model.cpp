@@ -57,9 +57,11 @@ void make_tokens(int64_t L, int V, uint64_t seed, std::vector<int32_t>* tokens,
 }
 
 // Checks d(mean loss)/d(theta) for every parameter against central
-// differences. In double the forward is exact to ~1e-16 relative, so with
-// h = 1e-6 the truncation error (~h^2 * f''') and rounding (~1e-16 / h) keep
-// the difference near 1e-9; 1e-6 relative (atol 1e-8) leaves a wide margin.
+// differences. In double the loss (~2) carries rounding ~1e-16 relative, so
+// with h = 1e-6 the difference quotient has absolute noise ~1e-10 and the
+// truncation error is ~h^2 times the third derivative. The test asks
+// |analytic - numeric| <= 1e-6 * (1e-3 + |numeric|): 1e-9 absolute for
+// near-zero gradients, 1e-6 relative otherwise.
 void check_model_gradients(const Config& cfg) {
   CpuOps<double> ops;
   ReformerModel<double> model(cfg, ops);
@@ -83,7 +85,7 @@ void check_model_gradients(const Config& cfg) {
       test::numeric_grad(loss, model.params(), model.num_params(), 1e-6);
   for (const ParamInfo& p : model.table().params()) {
     const double err = test::max_rel_err(analytic.data() + p.offset, numeric.data() + p.offset,
-                                         p.size, 1e-8);
+                                         p.size, 1e-3);
     EXPECT_LE(err, 1e-6) << "parameter " << p.name;
   }
 }
@@ -189,8 +191,10 @@ TEST(Attention, LshEqualsFullWhenEveryWindowCoversTheSequence) {
 }
 
 namespace {
-// Changing the token at position t must leave every logit before t unchanged.
-void check_causal(const Config& cfg) {
+// Changing the token at position t must leave every logit before t unchanged:
+// bitwise when the summation order is fixed (full, local), to `tol` when a
+// changed bucket reorders the keys of a window (LSH).
+void check_causal(const Config& cfg, float tol) {
   CpuOps<float> ops;
   ReformerModel<float> model(cfg, ops);
   model.init_params(cfg.training.seed);
@@ -200,12 +204,14 @@ void check_causal(const Config& cfg) {
   std::vector<float> before, after;
   model.forward_logits(tokens.data(), 7, &before);
   for (int64_t t : {int64_t(1), L / 2, L - 1}) {
+    // A future change must change something later, or the test proves nothing.
     std::vector<int32_t> changed = tokens;
     changed[size_t(t)] = (changed[size_t(t)] + 3) % cfg.model.vocab_size;
     model.forward_logits(changed.data(), 7, &after);
     const int V = cfg.model.vocab_size;
     for (int64_t i = 0; i < t * V; ++i)
-      ASSERT_EQ(before[size_t(i)], after[size_t(i)]) << "position " << i / V << " changed by " << t;
+      ASSERT_NEAR(before[size_t(i)], after[size_t(i)], tol * (1 + std::fabs(before[size_t(i)])))
+          << "position " << i / V << " changed by " << t;
     bool later_changed = false;
     for (int64_t i = t * V; i < L * V; ++i) later_changed |= before[size_t(i)] != after[size_t(i)];
     EXPECT_TRUE(later_changed) << "the change at " << t << " had no effect at all";
@@ -214,7 +220,7 @@ void check_causal(const Config& cfg) {
 }  // namespace
 
 TEST(Causality, FullAndLocalAttention) {
-  check_causal(small_config({"attention.kinds=[full, local]", "model.max_len=24"}));
+  check_causal(small_config({"attention.kinds=[full, local]", "model.max_len=24"}), 0.0f);
 }
 
 TEST(Causality, LshWhenWindowsCoverTheSequence) {
@@ -222,7 +228,8 @@ TEST(Causality, LshWhenWindowsCoverTheSequence) {
   // paper), so strict token-level causality holds when windows cover the
   // sequence; the kernel-level test checks the mask with fixed buckets.
   check_causal(small_config({"attention.kinds=[lsh]", "model.max_len=12",
-                             "attention.bucket_size=6", "attention.n_hashes=3"}));
+                             "attention.bucket_size=6", "attention.n_hashes=3"}),
+               1e-5f);
 }
 
 TEST(Model, ParameterTableIsContiguousAndNamed) {

@@ -1,0 +1,409 @@
+// CPU dense ops: matmul, layernorm, activations, embedding.
+//
+// Backward passes are checked against central finite differences in double
+// on the scalar loss sum(out * r) with random r, at small odd sizes.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/embedding.h"
+#include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/matmul.h"
+#include "tests/common/gradcheck.h"
+
+namespace reformer {
+namespace {
+
+using test::fill_random;
+using test::max_rel_err;
+using test::numeric_grad;
+using Vec = std::vector<double>;
+
+// Central differences with h = 1e-6 in double: truncation error ~h^2 * f'''
+// ~1e-12, rounding error ~eps * |loss| / h ~1e-9 for losses of order 1. So
+// analytic and numeric gradients must agree to 1e-6 relative, with an
+// absolute floor of 1e-8 (atol 1e-2 at rtol 1e-6) for entries near zero.
+constexpr double kFdRtol = 1e-6;
+constexpr double kFdAtol = 1e-2;
+
+Vec random_vec(int64_t n, uint64_t seed, double scale = 1.0) {
+  Vec v(static_cast<size_t>(n));
+  fill_random(v.data(), n, seed, scale);
+  return v;
+}
+
+double dot(const Vec& a, const Vec& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Expects the analytic gradient of loss() with respect to x to match central
+// differences.
+void expect_fd_match(const std::function<double()>& loss, Vec& x, const Vec& analytic,
+                     const char* what) {
+  const Vec numeric = numeric_grad(loss, x.data(), int64_t(x.size()));
+  EXPECT_LE(max_rel_err(analytic.data(), numeric.data(), int64_t(x.size()), kFdAtol), kFdRtol)
+      << what;
+}
+
+// Expects b == 2 * a to double rounding (the accumulate contract after two calls).
+void expect_twice(const Vec& once, const Vec& twice, const char* what) {
+  ASSERT_EQ(once.size(), twice.size());
+  for (size_t i = 0; i < once.size(); ++i) {
+    EXPECT_NEAR(twice[i], 2 * once[i], 1e-12 * (1 + std::fabs(once[i]))) << what << " [" << i << "]";
+  }
+}
+
+// ---------------------------------------------------------------- matmul
+
+template <class T>
+std::vector<T> naive_matmul(const std::vector<T>& inp, const std::vector<T>& w, const T* bias,
+                            int N, int C, int OC) {
+  std::vector<T> out(size_t(N) * OC);
+  for (int n = 0; n < N; ++n)
+    for (int o = 0; o < OC; ++o) {
+      double s = bias ? double(bias[o]) : 0.0;
+      for (int c = 0; c < C; ++c) s += double(inp[size_t(n) * C + c]) * double(w[size_t(c) * OC + o]);
+      out[size_t(n) * OC + o] = T(s);
+    }
+  return out;
+}
+
+template <class T>
+std::vector<T> cast(const Vec& v) {
+  return std::vector<T>(v.begin(), v.end());
+}
+
+template <class T>
+void check_matmul_forward(int N, int C, int OC, bool with_bias, double rtol) {
+  const auto inp = cast<T>(random_vec(int64_t(N) * C, 1));
+  const auto w = cast<T>(random_vec(int64_t(C) * OC, 2));
+  const auto bias = cast<T>(random_vec(OC, 3));
+  const T* b = with_bias ? bias.data() : nullptr;
+  std::vector<T> out(size_t(N) * OC, T(123));
+  cpu::matmul_forward(out.data(), inp.data(), w.data(), b, N, C, OC);
+  const auto ref = naive_matmul(inp, w, b, N, C, OC);
+  for (size_t i = 0; i < out.size(); ++i) {
+    // Each element is a sum of C products of magnitude <= 1.
+    EXPECT_NEAR(double(out[i]), double(ref[i]), rtol * (C + 1)) << "element " << i;
+  }
+}
+
+TEST(MatmulForward, MatchesNaiveFloat) {
+  // fp32 sums of C terms: rounding error <= C * 2^-24 per unit magnitude.
+  check_matmul_forward<float>(5, 7, 3, true, 1e-6);
+  check_matmul_forward<float>(5, 7, 3, false, 1e-6);
+}
+
+TEST(MatmulForward, MatchesNaiveDouble) {
+  check_matmul_forward<double>(5, 7, 3, true, 1e-14);
+  check_matmul_forward<double>(5, 7, 3, false, 1e-14);
+}
+
+TEST(MatmulForward, MatchesNaiveAcrossBlockEdges) {
+  // Sizes that leave remainders in every blocking dimension (rows, columns, k).
+  check_matmul_forward<float>(97, 131, 263, true, 1e-6);
+  check_matmul_forward<double>(37, 301, 11, true, 1e-14);
+}
+
+struct MatmulCase {
+  int N = 5, C = 7, OC = 3;
+  Vec inp = random_vec(int64_t(N) * C, 11);
+  Vec w = random_vec(int64_t(C) * OC, 12);
+  Vec bias = random_vec(OC, 13);
+  Vec r = random_vec(int64_t(N) * OC, 14);  // dloss/dout
+
+  double loss() {
+    Vec out(size_t(N) * OC);
+    cpu::matmul_forward(out.data(), inp.data(), w.data(), bias.data(), N, C, OC);
+    return dot(out, r);
+  }
+  void backward(double* dinp, double* dw, double* dbias) {
+    cpu::matmul_backward(dinp, dw, dbias, r.data(), inp.data(), w.data(), N, C, OC);
+  }
+};
+
+TEST(MatmulBackward, FiniteDifference) {
+  MatmulCase m;
+  Vec dinp(m.inp.size()), dw(m.w.size()), dbias(m.bias.size());
+  m.backward(dinp.data(), dw.data(), dbias.data());
+  auto loss = [&] { return m.loss(); };
+  expect_fd_match(loss, m.inp, dinp, "dinp");
+  expect_fd_match(loss, m.w, dw, "dw");
+  expect_fd_match(loss, m.bias, dbias, "dbias");
+}
+
+TEST(MatmulBackward, Accumulates) {
+  MatmulCase m;
+  Vec dinp1(m.inp.size()), dw1(m.w.size()), db1(m.bias.size());
+  m.backward(dinp1.data(), dw1.data(), db1.data());
+  Vec dinp2(m.inp.size()), dw2(m.w.size()), db2(m.bias.size());
+  m.backward(dinp2.data(), dw2.data(), db2.data());
+  m.backward(dinp2.data(), dw2.data(), db2.data());
+  expect_twice(dinp1, dinp2, "dinp");
+  expect_twice(dw1, dw2, "dw");
+  expect_twice(db1, db2, "dbias");
+}
+
+TEST(MatmulBackward, SkipsNullGradients) {
+  MatmulCase m;
+  Vec dinp(m.inp.size()), dw(m.w.size()), db(m.bias.size());
+  m.backward(dinp.data(), dw.data(), db.data());
+  Vec only_dw(m.w.size());
+  m.backward(nullptr, only_dw.data(), nullptr);
+  EXPECT_EQ(only_dw, dw);
+  Vec only_dinp(m.inp.size()), only_db(m.bias.size());
+  m.backward(only_dinp.data(), nullptr, only_db.data());
+  EXPECT_EQ(only_dinp, dinp);
+  EXPECT_EQ(only_db, db);
+  m.backward(nullptr, nullptr, nullptr);  // nothing to do, nothing touched
+}
+
+// Forward and all three gradients, at sizes with several tasks per product.
+template <class T>
+std::vector<std::vector<T>> matmul_all(int threads) {
+  const int N = 301, C = 133, OC = 270;
+  const auto inp = cast<T>(random_vec(int64_t(N) * C, 21));
+  const auto w = cast<T>(random_vec(int64_t(C) * OC, 22));
+  const auto bias = cast<T>(random_vec(OC, 23));
+  const auto dout = cast<T>(random_vec(int64_t(N) * OC, 24));
+  std::vector<T> out(size_t(N) * OC), dinp(size_t(N) * C, T(0.5)), dw(size_t(C) * OC, T(0.25)),
+      db(size_t(OC), T(1));
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  cpu::matmul_forward(out.data(), inp.data(), w.data(), bias.data(), N, C, OC);
+  cpu::matmul_backward(dinp.data(), dw.data(), db.data(), dout.data(), inp.data(), w.data(), N, C,
+                       OC);
+  omp_set_num_threads(saved);
+  return {out, dinp, dw, db};
+}
+
+TEST(Matmul, DeterministicAcrossThreadCounts) {
+  // Bitwise equality: every output element is reduced by one thread in a fixed order.
+  EXPECT_EQ(matmul_all<float>(1), matmul_all<float>(2));
+  EXPECT_EQ(matmul_all<float>(1), matmul_all<float>(3));
+  EXPECT_EQ(matmul_all<double>(1), matmul_all<double>(2));
+}
+
+// ---------------------------------------------------------------- layernorm
+
+struct LayernormCase {
+  int N = 5, C = 7;
+  float eps = 1e-5f;
+  Vec inp = random_vec(int64_t(N) * C, 31, 2.0);
+  Vec w = random_vec(C, 32);
+  Vec b = random_vec(C, 33);
+  Vec r = random_vec(int64_t(N) * C, 34);
+  Vec out = Vec(size_t(N) * C), mean = Vec(size_t(N)), rstd = Vec(size_t(N));
+
+  double loss() {
+    cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(),
+                           N, C, eps);
+    return dot(out, r);
+  }
+  void backward(double* dinp, double* dw, double* db) {
+    loss();  // refresh the saved statistics
+    cpu::layernorm_backward(dinp, dw, db, r.data(), inp.data(), w.data(), mean.data(),
+                            rstd.data(), N, C);
+  }
+};
+
+TEST(Layernorm, ForwardMatchesFormula) {
+  LayernormCase ln;
+  ln.loss();
+  for (int n = 0; n < ln.N; ++n) {
+    double m = 0, var = 0;
+    for (int c = 0; c < ln.C; ++c) m += ln.inp[size_t(n * ln.C + c)];
+    m /= ln.C;
+    for (int c = 0; c < ln.C; ++c) var += std::pow(ln.inp[size_t(n * ln.C + c)] - m, 2);
+    var /= ln.C;  // biased
+    const double rs = 1 / std::sqrt(var + double(ln.eps));
+    EXPECT_NEAR(ln.mean[size_t(n)], m, 1e-14);
+    EXPECT_NEAR(ln.rstd[size_t(n)], rs, 1e-12 * rs);
+    for (int c = 0; c < ln.C; ++c) {
+      const double want = (ln.inp[size_t(n * ln.C + c)] - m) * rs * ln.w[size_t(c)] + ln.b[size_t(c)];
+      EXPECT_NEAR(ln.out[size_t(n * ln.C + c)], want, 1e-12);
+    }
+  }
+}
+
+TEST(Layernorm, FloatMatchesDouble) {
+  LayernormCase ln;
+  ln.loss();
+  const auto inp = cast<float>(ln.inp), w = cast<float>(ln.w), b = cast<float>(ln.b);
+  std::vector<float> out(ln.out.size()), mean(ln.mean.size()), rstd(ln.rstd.size());
+  cpu::layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(),
+                         ln.N, ln.C, ln.eps);
+  // Inputs are rounded to fp32 (2^-24 relative); outputs are O(1).
+  for (size_t i = 0; i < out.size(); ++i) EXPECT_NEAR(out[i], ln.out[i], 1e-5);
+}
+
+TEST(Layernorm, BackwardFiniteDifference) {
+  LayernormCase ln;
+  Vec dinp(ln.inp.size()), dw(ln.w.size()), db(ln.b.size());
+  ln.backward(dinp.data(), dw.data(), db.data());
+  auto loss = [&] { return ln.loss(); };
+  expect_fd_match(loss, ln.inp, dinp, "dinp");
+  expect_fd_match(loss, ln.w, dw, "dw");
+  expect_fd_match(loss, ln.b, db, "db");
+}
+
+TEST(Layernorm, BackwardAccumulates) {
+  LayernormCase ln;
+  Vec dinp1(ln.inp.size()), dw1(ln.w.size()), db1(ln.b.size());
+  ln.backward(dinp1.data(), dw1.data(), db1.data());
+  Vec dinp2(ln.inp.size()), dw2(ln.w.size()), db2(ln.b.size());
+  ln.backward(dinp2.data(), dw2.data(), db2.data());
+  ln.backward(dinp2.data(), dw2.data(), db2.data());
+  expect_twice(dinp1, dinp2, "dinp");
+  expect_twice(dw1, dw2, "dw");
+  expect_twice(db1, db2, "db");
+}
+
+TEST(Layernorm, BackwardSkipsNullGradients) {
+  LayernormCase ln;
+  Vec dinp(ln.inp.size()), dw(ln.w.size()), db(ln.b.size());
+  ln.backward(dinp.data(), dw.data(), db.data());
+  Vec only_dinp(ln.inp.size()), only_db(ln.b.size()), only_dw(ln.w.size());
+  ln.backward(only_dinp.data(), nullptr, nullptr);
+  ln.backward(nullptr, nullptr, only_db.data());
+  ln.backward(nullptr, only_dw.data(), nullptr);
+  EXPECT_EQ(only_dinp, dinp);
+  EXPECT_EQ(only_db, db);
+  EXPECT_EQ(only_dw, dw);
+}
+
+// ---------------------------------------------------------------- activations
+
+double gelu_ref(double x) {
+  return 0.5 * x * (1 + std::tanh(std::sqrt(2 / M_PI) * (x + 0.044715 * x * x * x)));
+}
+
+TEST(Activation, ForwardMatchesFormula) {
+  const Vec x = random_vec(9, 41, 3.0);
+  Vec gelu(x.size()), relu(x.size());
+  cpu::activation_forward(gelu.data(), x.data(), int64_t(x.size()), Activation::gelu);
+  cpu::activation_forward(relu.data(), x.data(), int64_t(x.size()), Activation::relu);
+  for (size_t i = 0; i < x.size(); ++i) {
+    EXPECT_NEAR(gelu[i], gelu_ref(x[i]), 1e-15 * (1 + std::fabs(x[i])));
+    EXPECT_EQ(relu[i], x[i] > 0 ? x[i] : 0.0);
+  }
+  std::vector<float> xf = cast<float>(x), gf(x.size());
+  cpu::activation_forward(gf.data(), xf.data(), int64_t(x.size()), Activation::gelu);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(gf[i], gelu_ref(double(xf[i])), 1e-6);
+}
+
+void check_activation_fd(Activation act) {
+  // Inputs kept away from 0 so ReLU's kink is not inside the difference stencil.
+  Vec x = random_vec(11, 42, 3.0);
+  for (double& v : x)
+    if (std::fabs(v) < 0.1) v += 0.2;
+  const Vec r = random_vec(11, 43);
+  auto loss = [&] {
+    Vec y(x.size());
+    cpu::activation_forward(y.data(), x.data(), int64_t(x.size()), act);
+    return dot(y, r);
+  };
+  Vec dx(x.size());
+  cpu::activation_backward(dx.data(), r.data(), x.data(), int64_t(x.size()), act);
+  expect_fd_match(loss, x, dx, act == Activation::gelu ? "gelu" : "relu");
+}
+
+TEST(Activation, GeluBackwardFiniteDifference) { check_activation_fd(Activation::gelu); }
+
+TEST(Activation, ReluBackwardFiniteDifference) { check_activation_fd(Activation::relu); }
+
+TEST(Activation, BackwardAccumulates) {
+  const Vec x = random_vec(7, 44, 2.0), r = random_vec(7, 45);
+  for (Activation act : {Activation::gelu, Activation::relu}) {
+    Vec once(x.size()), twice(x.size());
+    cpu::activation_backward(once.data(), r.data(), x.data(), 7, act);
+    cpu::activation_backward(twice.data(), r.data(), x.data(), 7, act);
+    cpu::activation_backward(twice.data(), r.data(), x.data(), 7, act);
+    expect_twice(once, twice, "dinp");
+  }
+  cpu::activation_backward<double>(nullptr, r.data(), x.data(), 7, Activation::gelu);  // skipped
+}
+
+// ---------------------------------------------------------------- embedding
+
+struct EmbeddingCase {
+  int V = 5, D = 7, d1 = 3, a1 = 4, a2 = 3;  // a1 * a2 = 12 positions
+  int64_t L = 5, pos_offset = 6;             // positions 6..10
+  std::vector<int32_t> tokens = {2, 0, 2, 4, 1};  // token 2 repeats
+  Vec wte = random_vec(int64_t(V) * D, 51);
+  Vec pos1 = random_vec(int64_t(a1) * d1, 52);
+  Vec pos2 = random_vec(int64_t(a2) * (D - d1), 53);
+  Vec r = random_vec(L * D, 54);
+
+  Vec forward() {
+    Vec out(size_t(L * D));
+    cpu::embedding_forward(out.data(), tokens.data(), wte.data(), pos1.data(), pos2.data(), L, D,
+                           d1, a2, pos_offset);
+    return out;
+  }
+  double loss() { return dot(forward(), r); }
+  void backward(double* dwte, double* dpos1, double* dpos2) {
+    cpu::embedding_backward(dwte, dpos1, dpos2, r.data(), tokens.data(), L, D, d1, a2,
+                            pos_offset);
+  }
+};
+
+TEST(Embedding, ForwardUsesGlobalPositions) {
+  EmbeddingCase e;
+  const Vec out = e.forward();
+  for (int64_t i = 0; i < e.L; ++i) {
+    const int64_t p = e.pos_offset + i;
+    for (int c = 0; c < e.D; ++c) {
+      const double tok = e.wte[size_t(e.tokens[size_t(i)] * e.D + c)];
+      const double pos = c < e.d1 ? e.pos1[size_t((p / e.a2) * e.d1 + c)]
+                                  : e.pos2[size_t((p % e.a2) * (e.D - e.d1) + c - e.d1)];
+      EXPECT_EQ(out[size_t(i * e.D + c)], tok + pos) << "i=" << i << " c=" << c;
+    }
+  }
+  // A shard starting at pos_offset equals the same rows of the whole sequence.
+  EmbeddingCase whole;
+  whole.L = e.pos_offset + e.L;
+  whole.pos_offset = 0;
+  whole.tokens.assign(size_t(whole.L), 3);
+  for (int64_t i = 0; i < e.L; ++i) whole.tokens[size_t(e.pos_offset + i)] = e.tokens[size_t(i)];
+  const Vec full = whole.forward();
+  for (int64_t i = 0; i < e.L * e.D; ++i) EXPECT_EQ(out[size_t(i)], full[size_t(e.pos_offset * e.D + i)]);
+}
+
+TEST(Embedding, BackwardFiniteDifference) {
+  EmbeddingCase e;
+  Vec dwte(e.wte.size()), dpos1(e.pos1.size()), dpos2(e.pos2.size());
+  e.backward(dwte.data(), dpos1.data(), dpos2.data());
+  auto loss = [&] { return e.loss(); };
+  expect_fd_match(loss, e.wte, dwte, "dwte");
+  expect_fd_match(loss, e.pos1, dpos1, "dpos1");
+  expect_fd_match(loss, e.pos2, dpos2, "dpos2");
+}
+
+TEST(Embedding, BackwardAccumulatesAndSkipsNull) {
+  EmbeddingCase e;
+  Vec dwte(e.wte.size()), dpos1(e.pos1.size()), dpos2(e.pos2.size());
+  e.backward(dwte.data(), dpos1.data(), dpos2.data());
+  Vec dwte2(e.wte.size()), dpos1_2(e.pos1.size()), dpos2_2(e.pos2.size());
+  e.backward(dwte2.data(), dpos1_2.data(), dpos2_2.data());
+  e.backward(dwte2.data(), dpos1_2.data(), dpos2_2.data());
+  expect_twice(dwte, dwte2, "dwte");
+  expect_twice(dpos1, dpos1_2, "dpos1");
+  expect_twice(dpos2, dpos2_2, "dpos2");
+  Vec only_pos2(e.pos2.size());
+  e.backward(nullptr, nullptr, only_pos2.data());
+  EXPECT_EQ(only_pos2, dpos2);
+  Vec only_wte(e.wte.size());
+  e.backward(only_wte.data(), nullptr, nullptr);
+  EXPECT_EQ(only_wte, dwte);
+}
+
+}  // namespace
+}  // namespace reformer
