@@ -158,8 +158,7 @@ int64_t numel(const std::vector<int64_t>& shape) {
 // cluster file systems; files are immutable once renamed into place).
 Handle file_access_plist() {
   Handle fapl = own(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, "H5Pcreate(file access)");
-  check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_V110),
-        "H5Pset_libver_bounds");
+  check(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_V110), "H5Pset_libver_bounds");
   check(H5Pset_fclose_degree(fapl.get(), H5F_CLOSE_STRONG), "H5Pset_fclose_degree");
 #if H5_VERSION_GE(1, 10, 7)
   check(H5Pset_file_locking(fapl.get(), false, true), "H5Pset_file_locking");
@@ -172,15 +171,15 @@ Handle file_access_plist() {
 void validate_tensors(const std::string& where, const std::vector<CheckpointTensor>& tensors) {
   std::set<std::string> seen;
   for (const auto& t : tensors) {
-    if (t.name.empty() || t.name == "." || t.name == ".." ||
-        t.name.find('/') != std::string::npos)
+    if (t.name.empty() || t.name == "." || t.name == ".." || t.name.find('/') != std::string::npos)
       problem("invalid tensor name \"" + t.name + "\" in " + where +
               " (empty, \".\", \"..\" or containing '/')");
     if (!seen.insert(t.name).second) problem("duplicate tensor " + where + "/" + t.name);
     if (t.shape.empty())
       problem("tensor " + where + "/" + t.name + " has rank 0; store scalars with shape [1]");
     int64_t n = numel(t.shape);
-    if (n < 0) problem("tensor " + where + "/" + t.name + " has invalid shape " + shape_str(t.shape));
+    if (n < 0)
+      problem("tensor " + where + "/" + t.name + " has invalid shape " + shape_str(t.shape));
     if (static_cast<uint64_t>(n) != t.data.size())
       problem("tensor " + where + "/" + t.name + " has shape " + shape_str(t.shape) + " (" +
               std::to_string(n) + " values) but " + std::to_string(t.data.size()) + " values");
@@ -340,11 +339,11 @@ std::string parent_dir(const std::string& path) {
 
 // One dataset as seen by a scan.
 struct DatasetInfo {
-  std::string full;             // "/model/<name>" or "/optimizer/<state>/<name>"
-  std::vector<int64_t> shape;   // empty when unknown
-  std::string dtype = "?";      // e.g. "float32"
-  bool ok = false;              // read through its checksum and passed every check
-  std::string problem;          // why not ok
+  std::string full;            // "/model/<name>" or "/optimizer/<state>/<name>"
+  std::vector<int64_t> shape;  // empty when unknown
+  std::string dtype = "?";     // e.g. "float32"
+  bool ok = false;             // read through its checksum and passed every check
+  std::string problem;         // why not ok
 };
 
 // Everything a scan of one file found. `problems` empty means the file is valid.
@@ -387,13 +386,18 @@ std::string describe_type(hid_t type) {
   const size_t bits = H5Tget_size(type) * 8;
   std::string s;
   switch (H5Tget_class(type)) {
-    case H5T_FLOAT: s = "float" + std::to_string(bits); break;
+    case H5T_FLOAT:
+      s = "float" + std::to_string(bits);
+      break;
     case H5T_INTEGER:
       s = (H5Tget_sign(type) == H5T_SGN_NONE ? "uint" : "int") + std::to_string(bits);
       break;
-    case H5T_STRING: return "string";
-    case H5T_COMPOUND: return "compound";
-    default: return "other";
+    case H5T_STRING:
+      return "string";
+    case H5T_COMPOUND:
+      return "compound";
+    default:
+      return "other";
   }
   if (H5Tget_order(type) == H5T_ORDER_BE) s += "be";
   return s;
@@ -401,9 +405,11 @@ std::string describe_type(hid_t type) {
 
 Handle open_attr(hid_t obj, const char* name) {
   htri_t exists = H5Aexists(obj, name);
-  if (exists < 0) problem(std::string("attribute ") + name + " is unreadable (" + h5_detail() + ")");
+  if (exists < 0)
+    problem(std::string("attribute ") + name + " is unreadable (" + h5_detail() + ")");
   if (exists == 0) problem(std::string("missing attribute ") + name);
-  Handle attr = own(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose, std::string("opening attribute ") + name);
+  Handle attr =
+      own(H5Aopen(obj, name, H5P_DEFAULT), H5Aclose, std::string("opening attribute ") + name);
   Handle space = own(H5Aget_space(attr.get()), H5Sclose, std::string("attribute ") + name);
   if (H5Sget_simple_extent_npoints(space.get()) != 1)
     problem(std::string("attribute ") + name + " is not a single value");
@@ -489,9 +495,10 @@ bool is_checksum_failure(const std::vector<std::string>& stack) {
 
 // Opens, checks and reads one dataset into `t` (name set by the caller).
 // Fills `info` as far as it gets.
-void read_tensor(hid_t group, const std::string& name, const std::string& full,
-                 uintmax_t file_size, CheckpointTensor& t, DatasetInfo& info) {
-  Handle dset = own(H5Dopen2(group, name.c_str(), H5P_DEFAULT), H5Dclose, "opening dataset " + full);
+void read_tensor(hid_t group, const std::string& name, const std::string& full, uintmax_t file_size,
+                 CheckpointTensor& t, DatasetInfo& info) {
+  Handle dset =
+      own(H5Dopen2(group, name.c_str(), H5P_DEFAULT), H5Dclose, "opening dataset " + full);
   Handle type = own(H5Dget_type(dset.get()), H5Tclose, "reading the type of dataset " + full);
   info.dtype = describe_type(type.get());
   Handle space = own(H5Dget_space(dset.get()), H5Sclose, "reading the shape of dataset " + full);
@@ -557,8 +564,7 @@ void read_tensor_group(hid_t file, const std::string& where, uintmax_t file_size
     CheckpointTensor t;
     t.name = name;
     c.attempt([&] {
-      if (object_type(group.get(), name, full) != H5I_DATASET)
-        problem(full + " is not a dataset");
+      if (object_type(group.get(), name, full) != H5I_DATASET) problem(full + " is not a dataset");
       read_tensor(group.get(), name, full, file_size, t, info);
     });
     if (!info.ok && info.problem.empty())
@@ -585,7 +591,11 @@ void scan_file(const std::string& path, bool strict, Scan& scan) {
     if (fd < 0) return c.report(std::string("cannot be opened: ") + std::strerror(errno));
     ::close(fd);
   }
+#if H5_VERSION_GE(1, 12, 0)
+  const htri_t is_hdf5 = H5Fis_accessible(path.c_str(), H5P_DEFAULT);
+#else
   const htri_t is_hdf5 = H5Fis_hdf5(path.c_str());
+#endif
   if (is_hdf5 == 0) return c.report("not an HDF5 file (no HDF5 signature)");
   if (is_hdf5 < 0) return c.report("truncated or unreadable (" + h5_detail() + ")");
 
@@ -604,21 +614,22 @@ void scan_file(const std::string& path, bool strict, Scan& scan) {
   c.attempt([&] {
     scan.format = read_string_attr(root, "format");
     if (scan.format != kFormatName)
-      problem("not a reformer checkpoint (format attribute is \"" + scan.format + "\", expected \"" +
-              kFormatName + "\")");
+      problem("not a reformer checkpoint (format attribute is \"" + scan.format +
+              "\", expected \"" + kFormatName + "\")");
   });
   c.attempt([&] {
     scan.format_version = read_int_attr<int64_t>(root, "format_version", H5T_NATIVE_INT64);
     if (scan.format_version != kFormatVersion)
       problem("format_version " + std::to_string(scan.format_version) +
-              " is not supported (this build reads version " + std::to_string(kFormatVersion) + ")");
+              " is not supported (this build reads version " + std::to_string(kFormatVersion) +
+              ")");
   });
   auto int_attr = [&](const char* name, int64_t& dst, int64_t min_value) {
     c.attempt([&] {
       dst = read_int_attr<int64_t>(root, name, H5T_NATIVE_INT64);
       if (dst < min_value)
-        problem(std::string("attribute ") + name + " is " + std::to_string(dst) + ", must be >= " +
-                std::to_string(min_value));
+        problem(std::string("attribute ") + name + " is " + std::to_string(dst) +
+                ", must be >= " + std::to_string(min_value));
     });
   };
   int_attr("step", s.step, 0);
@@ -821,21 +832,20 @@ void check_matches(const CheckpointState& state,
       const int64_t n = numel(shape), r = numel(t.shape);
       const int64_t cols = vc ? numel(vc->shape) : 1;
       if (r < 0 || cols < 0 || r * cols != n)
-        problems.push_back(
-            "optimizer state vr" + std::string(vc ? "/vc" : "") + ": parameter " + name +
-            " has shape " + shape_str(t.shape) + (vc ? " x " + shape_str(vc->shape) : "") +
-            " in the checkpoint, which does not factor its shape " + shape_str(shape) +
-            " in the model");
+        problems.push_back("optimizer state vr" + std::string(vc ? "/vc" : "") + ": parameter " +
+                           name + " has shape " + shape_str(t.shape) +
+                           (vc ? " x " + shape_str(vc->shape) : "") +
+                           " in the checkpoint, which does not factor its shape " +
+                           shape_str(shape) + " in the model");
     }
   }
   if (vc_state && !states.count("vr"))
     problems.push_back("optimizer state vc is present without vr");
 
   if (problems.empty()) return;
-  std::string msg = problems.size() == 1
-                        ? problems.front()
-                        : "checkpoint does not match the model (" + std::to_string(problems.size()) +
-                              " mismatches): ";
+  std::string msg = problems.size() == 1 ? problems.front()
+                                         : "checkpoint does not match the model (" +
+                                               std::to_string(problems.size()) + " mismatches): ";
   if (problems.size() > 1) {
     const size_t shown = std::min<size_t>(problems.size(), 8);
     for (size_t i = 0; i < shown; ++i) msg += (i ? "; " : "") + problems[i];
@@ -886,11 +896,10 @@ std::optional<std::string> find_resumable(const std::string& dir, std::vector<st
       const CheckpointState s = read_checkpoint(f.path);
       if (s.step == f.step) return f.path;
       if (notes)
-        notes->push_back("passed over " + f.path + ": its step attribute is " +
-                         std::to_string(s.step) + ", not the " + std::to_string(f.step) +
-                         " in its name");
+        notes->push_back(f.path + ": its step attribute is " + std::to_string(s.step) +
+                         ", not the " + std::to_string(f.step) + " in its name");
     } catch (const CheckpointError& e) {
-      if (notes) notes->push_back(std::string("passed over ") + e.what());
+      if (notes) notes->push_back(e.what());
     }
   }
   return std::nullopt;
@@ -947,13 +956,16 @@ bool inspect_checkpoint(const std::string& path, std::ostream& out) {
       wshape = std::max(wshape, shape_str(d.shape).size());
       wtype = std::max(wtype, d.dtype.size());
     }
-    auto pad = [](const std::string& v, size_t w) { return v + std::string(w - std::min(w, v.size()), ' '); };
+    auto pad = [](const std::string& v, size_t w) {
+      return v + std::string(w - std::min(w, v.size()), ' ');
+    };
     out << "datasets       : " << scan.datasets.size() << "\n";
-    out << "  " << pad("dataset", wname) << "  " << pad("shape", wshape) << "  " << pad("dtype", wtype)
-        << "  checksum\n";
+    out << "  " << pad("dataset", wname) << "  " << pad("shape", wshape) << "  "
+        << pad("dtype", wtype) << "  checksum\n";
     for (const auto& d : scan.datasets) {
-      out << "  " << pad(d.full, wname) << "  " << pad(d.shape.empty() ? "?" : shape_str(d.shape), wshape)
-          << "  " << pad(d.dtype, wtype) << "  ";
+      out << "  " << pad(d.full, wname) << "  "
+          << pad(d.shape.empty() ? "?" : shape_str(d.shape), wshape) << "  " << pad(d.dtype, wtype)
+          << "  ";
       if (d.ok)
         out << "ok\n";
       else

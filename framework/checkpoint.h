@@ -26,20 +26,20 @@ namespace reformer {
 
 // One named tensor of a checkpoint.
 struct CheckpointTensor {
-  std::string name;              // parameter name, e.g. "layers.0.attn.wqk"; no '/', not "." or ".."
-  std::vector<int64_t> shape;    // row-major, rank >= 1, every dim >= 0
-  std::vector<float> data;       // product(shape) values
+  std::string name;            // parameter name, e.g. "layers.0.attn.wqk"; no '/', not "." or ".."
+  std::vector<int64_t> shape;  // row-major, rank >= 1, every dim >= 0
+  std::vector<float> data;     // product(shape) values
 };
 
 // Everything a run needs to continue exactly where it stopped.
 struct CheckpointState {
-  int64_t step = 0;              // optimizer steps completed
-  int64_t tokens_seen = 0;       // training tokens consumed over all ranks
-  int64_t samples_drawn = 0;     // data sampler position (sequences drawn over all ranks)
-  uint64_t seed = 0;             // run seed (all random streams are counter-based on it)
-  int dp = 1, sp = 1;            // world layout the file was written under
-  std::string config_text;       // resolved YAML config
-  std::string optimizer_name;    // "adamw" | "adafactor"
+  int64_t step = 0;                     // optimizer steps completed
+  int64_t tokens_seen = 0;              // training tokens consumed over all ranks
+  int64_t samples_drawn = 0;            // data sampler position (sequences drawn over all ranks)
+  uint64_t seed = 0;                    // run seed (all random streams are counter-based on it)
+  int dp = 1, sp = 1;                   // world layout the file was written under
+  std::string config_text;              // resolved YAML config
+  std::string optimizer_name;           // "adamw" | "adafactor"
   std::vector<CheckpointTensor> model;  // -> /model/<name>, order preserved
   // Optimizer state name ("m", "v", "vr", "vc") -> tensors named like the
   // parameters they belong to; -> /optimizer/<state>/<name>, order preserved.
@@ -87,8 +87,10 @@ void save_checkpoint(const std::string& dir, const CheckpointState& state, int k
 
 // The newest ckpt-<step>.h5 in `dir` (by the step in its name) that
 // read_checkpoint accepts and whose step attribute equals the step in its name.
-// When `notes` is non-null it gets one line per file passed over, saying why.
-// std::nullopt when there is none, or `dir` does not exist. Reads every
+// When `notes` is non-null it gets one line per file passed over, "<path>: <why>"
+// (e.g. "<dir>/ckpt-00000300.h5: dataset /model/x fails its checksum").
+// std::nullopt when there is none, or `dir` does not exist; throws
+// CheckpointError only when `dir` exists but cannot be listed. Reads every
 // candidate in full (that is the validation), newest first, until one passes.
 std::optional<std::string> find_resumable(const std::string& dir, std::vector<std::string>* notes);
 

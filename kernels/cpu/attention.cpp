@@ -37,7 +37,7 @@ namespace {
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 
 // Added to |k|^2 under the square root of the key norm, so that a zero key
-// has k_hat = 0 and a finite gradient. The CUDA twin uses the same value.
+// has k_hat = 0 and a finite gradient. A CUDA twin must use the same value.
 constexpr double kNormEps = 1e-12;
 
 void check_common(const AttentionParams& p, const char* op) {
@@ -129,9 +129,9 @@ void row_times(T* y, const T* x, const T* xt, int64_t n, int dh) {
   }
 }
 
-// Which chunks each chunk attends to (win), and which chunks attend to each
-// chunk (inv), both in increasing order of the first chunk index that
-// produced the pair; a chunk appears at most once in any list.
+// win[c]: the chunks that chunk c attends to, in offset order
+// (-chunks_before .. chunks_after); inv[kc]: the chunks whose window holds
+// kc, increasing. A chunk appears at most once in any list.
 struct ChunkWindows {
   int64_t n_chunks = 0;
   int64_t max_window = 0;   // longest win list

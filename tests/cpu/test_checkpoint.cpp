@@ -1,8 +1,6 @@
 // HDF5 checkpoints: bitwise round trip, atomic save and pruning, refusal of
 // damaged files with a message naming the problem, resume selection, inspection,
 // and a SIGKILL at every stage of a save leaving a resumable directory.
-#include "framework/checkpoint.h"
-
 #include <gtest/gtest.h>
 #include <hdf5.h>
 #include <signal.h>
@@ -19,6 +17,7 @@
 #include <limits>
 #include <sstream>
 
+#include "framework/checkpoint.h"
 #include "framework/errors.h"
 
 namespace fs = std::filesystem;
@@ -101,7 +100,8 @@ bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * 4) == 0);
 }
 
-void expect_same_tensors(const std::vector<CheckpointTensor>& a, const std::vector<CheckpointTensor>& b) {
+void expect_same_tensors(const std::vector<CheckpointTensor>& a,
+                         const std::vector<CheckpointTensor>& b) {
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) {
     EXPECT_EQ(a[i].name, b[i].name);
@@ -200,9 +200,9 @@ TEST(Checkpoint, RoundTripIsBitwise) {
 TEST(Checkpoint, RoundTripLargeTensorsAcrossChunks) {
   TempDir dir;
   CheckpointState s = make_state(7);
-  s.model.push_back(tensor("big2d", {1100, 1000}, 4));        // 1.1M: two chunks along dim 0
-  s.model.push_back(tensor("big1d", {(1 << 20) + 7}, 5));     // partial last chunk
-  s.model.push_back(tensor("wide_row", {2, 1200000}, 6));     // one row exceeds the cap
+  s.model.push_back(tensor("big2d", {1100, 1000}, 4));     // 1.1M: two chunks along dim 0
+  s.model.push_back(tensor("big1d", {(1 << 20) + 7}, 5));  // partial last chunk
+  s.model.push_back(tensor("wide_row", {2, 1200000}, 6));  // one row exceeds the cap
   s.optimizer[0].second.push_back(tensor("big2d", {1100, 1000}, 7));
   const std::string path = dir / "big.h5";
   write_checkpoint(path, s);
@@ -261,9 +261,10 @@ TEST(Checkpoint, RoundTripEdgeCases) {
   a.optimizer_name = "adafactor";
   a.config_text.clear();
   for (int i = 0; i < 5000; ++i) a.config_text += "key_" + std::to_string(i) + ": some value\n";
-  a.optimizer = {{"vr", {tensor("embed", {7}, 1), tensor("layers.0.attn.wqk", {15}, 2),
-                         tensor("ln.bias", {11}, 3)}},
-                 {"vc", {tensor("embed", {3}, 4), tensor("layers.0.attn.wqk", {7}, 5)}}};
+  a.optimizer = {
+      {"vr",
+       {tensor("embed", {7}, 1), tensor("layers.0.attn.wqk", {15}, 2), tensor("ln.bias", {11}, 3)}},
+      {"vc", {tensor("embed", {3}, 4), tensor("layers.0.attn.wqk", {7}, 5)}}};
   path = dir / "adafactor.h5";
   write_checkpoint(path, a);
   const CheckpointState r = read_checkpoint(path);
@@ -279,21 +280,25 @@ TEST(Checkpoint, WriteRefusesInvalidStateAndLeavesNothing) {
     edit(s);
     return s;
   };
-  EXPECT_NE(error_of([&] { write_checkpoint(path, with([](auto& s) { s.model[0].data.pop_back(); })); })
-                .find("embed has shape [7, 3] (21 values) but 20 values"),
+  EXPECT_NE(error_of([&] {
+              write_checkpoint(path, with([](auto& s) { s.model[0].data.pop_back(); }));
+            }).find("embed has shape [7, 3] (21 values) but 20 values"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { write_checkpoint(path, with([](auto& s) { s.model[1].name = "embed"; })); })
-                .find("duplicate tensor /model/embed"),
+  EXPECT_NE(error_of([&] {
+              write_checkpoint(path, with([](auto& s) { s.model[1].name = "embed"; }));
+            }).find("duplicate tensor /model/embed"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { write_checkpoint(path, with([](auto& s) { s.model[0].name = "a/b"; })); })
-                .find("invalid tensor name"),
+  EXPECT_NE(error_of([&] {
+              write_checkpoint(path, with([](auto& s) { s.model[0].name = "a/b"; }));
+            }).find("invalid tensor name"),
             std::string::npos);
   EXPECT_NE(error_of([&] {
               write_checkpoint(path, with([](auto& s) { s.model[0] = {"scalar", {}, {1.0f}}; }));
             }).find("rank 0"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { write_checkpoint(dir / "no/such/dir/x.h5", make_state()); }).find("x.h5"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { write_checkpoint(dir / "no/such/dir/x.h5", make_state()); }).find("x.h5"),
+      std::string::npos);
   EXPECT_TRUE(ckpt_files(dir.path()).empty());
 }
 
@@ -368,7 +373,8 @@ TEST(Checkpoint, EveryFlippedByteIsRefusedOrHarmless) {
       const CheckpointState r = read_checkpoint(bad);
       ++harmless;
       expect_same_state(s, r);
-      if (testing::Test::HasFailure()) FAIL() << "flip at byte " << i << " changed the state silently";
+      if (testing::Test::HasFailure())
+        FAIL() << "flip at byte " << i << " changed the state silently";
     } catch (const CheckpointError& e) {
       ++refused;
       EXPECT_EQ(std::string(e.what()).rfind(bad + ": ", 0), 0u) << e.what();
@@ -416,8 +422,9 @@ TEST(Checkpoint, MissingDatasetIsNamedByCheckMatches) {
   auto extra = expected;
   extra.pop_back();
   extra.pop_back();  // the model no longer has layers.0.attn.wqk
-  EXPECT_NE(error_of([&] { check_matches(r, extra); }).find("extra dataset /model/layers.0.attn.wqk"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { check_matches(r, extra); }).find("extra dataset /model/layers.0.attn.wqk"),
+      std::string::npos);
 }
 
 TEST(Checkpoint, WrongShapeNamesParameterAndBothShapes) {
@@ -427,9 +434,12 @@ TEST(Checkpoint, WrongShapeNamesParameterAndBothShapes) {
   const std::string path = dir / "ckpt.h5";
   write_checkpoint(path, s);
   const CheckpointState r = read_checkpoint(path);
-  const std::string msg =
-      error_of([&] { check_matches(r, {{"embed", {5, 8}}, {"layers.0.attn.wqk", {64, 64}}}); });
-  EXPECT_EQ(msg, "parameter layers.0.attn.wqk has shape [64, 32] in the checkpoint but [64, 64] in the model");
+  const std::string msg = error_of([&] {
+    check_matches(r, {{"embed", {5, 8}}, {"layers.0.attn.wqk", {64, 64}}});
+  });
+  EXPECT_EQ(
+      msg,
+      "parameter layers.0.attn.wqk has shape [64, 32] in the checkpoint but [64, 64] in the model");
 }
 
 TEST(Checkpoint, CheckMatchesCoversOptimizerState) {
@@ -446,23 +456,27 @@ TEST(Checkpoint, CheckMatchesCoversOptimizerState) {
 
   bad = s;
   bad.optimizer[0].second.pop_back();  // m lacks ln.bias
-  EXPECT_NE(error_of([&] { check_matches(bad, expected); }).find("missing dataset /optimizer/m/ln.bias"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { check_matches(bad, expected); }).find("missing dataset /optimizer/m/ln.bias"),
+      std::string::npos);
 
   bad = s;
   bad.optimizer[0].second.push_back(tensor("ghost", {2}, 1));
-  EXPECT_NE(error_of([&] { check_matches(bad, expected); }).find("extra dataset /optimizer/m/ghost"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { check_matches(bad, expected); }).find("extra dataset /optimizer/m/ghost"),
+      std::string::npos);
 
   // Adafactor: vr x vc must factor the parameter; unfactored tensors have no vc.
   CheckpointState af = s;
-  af.optimizer = {{"vr", {tensor("embed", {7}, 1), tensor("layers.0.attn.wqk", {15}, 2),
-                          tensor("ln.bias", {11}, 3)}},
-                  {"vc", {tensor("embed", {3}, 4), tensor("layers.0.attn.wqk", {7}, 5)}}};
+  af.optimizer = {
+      {"vr",
+       {tensor("embed", {7}, 1), tensor("layers.0.attn.wqk", {15}, 2), tensor("ln.bias", {11}, 3)}},
+      {"vc", {tensor("embed", {3}, 4), tensor("layers.0.attn.wqk", {7}, 5)}}};
   EXPECT_NO_THROW(check_matches(af, expected));
   af.optimizer[1].second[0].shape = {4};
   af.optimizer[1].second[0].data.resize(4);
-  EXPECT_NE(error_of([&] { check_matches(af, expected); }).find("parameter embed"), std::string::npos);
+  EXPECT_NE(error_of([&] { check_matches(af, expected); }).find("parameter embed"),
+            std::string::npos);
 }
 
 TEST(Checkpoint, NonHdf5EmptyAndMissingFilesAreRefused) {
@@ -514,11 +528,11 @@ TEST(Checkpoint, InspectReportsAGoodFile) {
   std::ostringstream out;
   EXPECT_TRUE(inspect_checkpoint(path, out));
   const std::string r = out.str();
-  for (const char* want : {"reformer-checkpoint version 1", "step           : 100",
-                           "tokens seen    : 123,456,789,112", "seed           : 18364758544493064720",
-                           "dp 2 x sp 4", "optimizer      : adamw", "d_model: 64",
-                           "parameters     : 137 in 3 tensors", "/model/layers.0.attn.wqk",
-                           "[3, 5, 7]", "float32", "/optimizer/v/ln.bias", "status         : valid"})
+  for (const char* want :
+       {"reformer-checkpoint version 1", "step           : 100", "tokens seen    : 123,456,789,112",
+        "seed           : 18364758544493064720", "dp 2 x sp 4", "optimizer      : adamw",
+        "d_model: 64", "parameters     : 137 in 3 tensors", "/model/layers.0.attn.wqk", "[3, 5, 7]",
+        "float32", "/optimizer/v/ln.bias", "status         : valid"})
     EXPECT_NE(r.find(want), std::string::npos) << "missing \"" << want << "\" in:\n" << r;
   EXPECT_EQ(r.find("FAILED"), std::string::npos) << r;
 }
@@ -564,10 +578,13 @@ TEST(Checkpoint, FindResumablePassesOverDamagedNewerFiles) {
   ASSERT_TRUE(found.has_value());
   EXPECT_EQ(*found, checkpoint_path(dir.path(), 2));
   ASSERT_EQ(notes.size(), 3u);
-  EXPECT_NE(notes[0].find("ckpt-00000006.h5: its step attribute is 2"), std::string::npos) << notes[0];
-  EXPECT_NE(notes[1].find("ckpt-00000004.h5: dataset /model/big fails its checksum"), std::string::npos)
+  EXPECT_NE(notes[0].find("ckpt-00000006.h5: its step attribute is 2"), std::string::npos)
+      << notes[0];
+  EXPECT_NE(notes[1].find("ckpt-00000004.h5: dataset /model/big fails its checksum"),
+            std::string::npos)
       << notes[1];
-  EXPECT_NE(notes[2].find("ckpt-00000003.h5: truncated or unreadable"), std::string::npos) << notes[2];
+  EXPECT_NE(notes[2].find("ckpt-00000003.h5: truncated or unreadable"), std::string::npos)
+      << notes[2];
   EXPECT_EQ(find_resumable(dir.path(), nullptr), found);
 }
 
@@ -590,8 +607,8 @@ void kill_at_stage(const char* stage) {
 }  // namespace
 
 TEST(Checkpoint, SigkillAtEveryStageLeavesAResumableDirectory) {
-  const char* stages[] = {"created", "model_written", "optimizer_written", "closed",
-                          "fsynced", "renamed",       "pruned"};
+  const char* stages[] = {"created", "model_written", "optimizer_written", "closed", "fsynced",
+                          "renamed", "pruned"};
   for (const char* stage : stages) {
     SCOPED_TRACE(stage);
     TempDir dir;
@@ -629,15 +646,18 @@ TEST(Checkpoint, SigkillAtEveryStageLeavesAResumableDirectory) {
       } catch (const CheckpointError&) {
         valid = false;
       }
-      const bool noted = std::any_of(notes.begin(), notes.end(),
-                                     [&](const std::string& n) { return n.find(p) != std::string::npos; });
+      const bool noted = std::any_of(notes.begin(), notes.end(), [&](const std::string& n) {
+        return n.find(p) != std::string::npos;
+      });
       EXPECT_TRUE(valid || noted) << p;
     }
     EXPECT_EQ(read_checkpoint(checkpoint_path(dir.path(), 2)).step, 2);
-    if (completed) expect_same_state(make_state(3), read_checkpoint(checkpoint_path(dir.path(), 3)));
+    if (completed)
+      expect_same_state(make_state(3), read_checkpoint(checkpoint_path(dir.path(), 3)));
 
     // The next save tidies up: newest two kept, no temporary file left.
     save_checkpoint(dir.path(), make_state(3), 2);
-    EXPECT_EQ(ckpt_files(dir.path()), (std::vector<std::string>{"ckpt-00000002.h5", "ckpt-00000003.h5"}));
+    EXPECT_EQ(ckpt_files(dir.path()),
+              (std::vector<std::string>{"ckpt-00000002.h5", "ckpt-00000003.h5"}));
   }
 }

@@ -335,7 +335,7 @@ TEST(Activation, BackwardAccumulates) {
 
 struct EmbeddingCase {
   int V = 5, D = 7, d1 = 3, a1 = 4, a2 = 3;  // a1 * a2 = 12 positions
-  int64_t L = 5, pos_offset = 6;             // positions 6..10
+  int64_t L = 5, pos_offset = 4;             // positions 4..8, not a multiple of a2
   std::vector<int32_t> tokens = {2, 0, 2, 4, 1};  // token 2 repeats
   Vec wte = random_vec(int64_t(V) * D, 51);
   Vec pos1 = random_vec(int64_t(a1) * d1, 52);

@@ -1,5 +1,0 @@
-if(EXISTS "/work/main/build-attn/test_lsh[1]_tests.cmake")
-  include("/work/main/build-attn/test_lsh[1]_tests.cmake")
-else()
-  add_test(test_lsh_NOT_BUILT test_lsh_NOT_BUILT)
-endif()

@@ -1,0 +1,261 @@
+// The `reformer` program end to end: exit statuses and messages for bad input,
+// metrics output, determinism, and resuming after SIGKILL / SIGTERM with the
+// same losses as an uninterrupted run.
+#include <gtest/gtest.h>
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include "framework/checkpoint.h"
+
+extern char** environ;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kBin = REFORMER_BINARY;
+const std::string kSrc = REFORMER_SOURCE_DIR;
+
+struct Result {
+  int status = -1;     // exit status, or 128 + signal
+  std::string output;  // stdout and stderr together
+};
+
+// Runs a shell command line, capturing its output and exit status.
+Result run(const std::string& cmd) {
+  Result r;
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return r;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) r.output.append(buf, n);
+  const int st = pclose(p);
+  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  return r;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/reformer_cli_XXXXXX";
+    dir_ = mkdtemp(tmpl);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  std::string write(const std::string& name, const std::string& text) const {
+    std::ofstream(path(name)) << text;
+    return path(name);
+  }
+  // A tiny training command writing its checkpoints under the test's folder.
+  std::string tiny(const std::string& extra) const {
+    return "env OMP_NUM_THREADS=1 " + kBin + " train --config " + kSrc + "/configs/tiny.yaml" +
+           " --set checkpoint.dir=" + path("ckpt") + " " + extra;
+  }
+  std::string dir_;
+};
+
+// step -> loss text, from a metrics file; a later line for the same step wins.
+std::map<long, std::string> losses(const std::string& metrics) {
+  std::map<long, std::string> out;
+  std::ifstream f(metrics);
+  std::string line;
+  const std::regex re("\\{\"step\": ([0-9]+), \"loss\": ([^,]+),");
+  std::smatch m;
+  while (std::getline(f, line))
+    if (std::regex_search(line, m, re)) out[std::stol(m[1])] = m[2];
+  return out;
+}
+
+}  // namespace
+
+TEST_F(Cli, HelpExitsZero) {
+  for (const char* c : {"--help", "train --help", "eval --help", "inspect --help"}) {
+    const Result r = run(kBin + " " + c);
+    EXPECT_EQ(r.status, 0) << c;
+    EXPECT_NE(r.output.find("usage"), std::string::npos) << c << ": " << r.output;
+  }
+}
+
+TEST_F(Cli, UnknownCommandAndArgumentExitTwo) {
+  EXPECT_EQ(run(kBin + " frobnicate").status, 2);
+  EXPECT_EQ(run(kBin + " train --frobnicate").status, 2);
+  EXPECT_EQ(run(kBin).status, 2);
+}
+
+TEST_F(Cli, MisspeltKeyExitsTwoNamingKeyFileAndLine) {
+  const std::string cfg = write("bad.yaml", "model:\n  d_model: 32\n  n_layres: 2\n");
+  const Result r = run(kBin + " train --config " + cfg);
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.output.find("model.n_layres"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("bad.yaml:3"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.n_layers"), std::string::npos) << r.output;  // did you mean
+}
+
+TEST_F(Cli, WrongTypeAndRangeExitTwo) {
+  const Result a = run(tiny("--set model.d_model=abc"));
+  EXPECT_EQ(a.status, 2);
+  EXPECT_NE(a.output.find("model.d_model"), std::string::npos) << a.output;
+  const Result b = run(tiny("--set model.n_heads=0"));
+  EXPECT_EQ(b.status, 2);
+  EXPECT_NE(b.output.find("model.n_heads"), std::string::npos) << b.output;
+  const Result c = run(tiny("--set attention.kinds=[lsh,lhs]"));
+  EXPECT_EQ(c.status, 2);
+  EXPECT_NE(c.output.find("lhs"), std::string::npos) << c.output;
+}
+
+TEST_F(Cli, MissingConfigFileExitsTwo) {
+  const Result r = run(kBin + " train --config " + path("nope.yaml"));
+  EXPECT_EQ(r.status, 2);
+  EXPECT_NE(r.output.find("nope.yaml"), std::string::npos) << r.output;
+}
+
+TEST_F(Cli, MissingDataFileIsRefusedWithAMessage) {
+  const Result r = run(tiny("--set data.kind=bytes --set data.path=" + path("enwik8") +
+                            " --set model.vocab_size=256"));
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find("cannot open data file"), std::string::npos) << r.output;
+}
+
+TEST_F(Cli, TrainsWritesMetricsAndEndsWithAnEvalLine) {
+  const Result r = run(tiny("--metrics " + path("m.jsonl")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("config (resolved):"), std::string::npos);
+  EXPECT_NE(r.output.find("tok/s"), std::string::npos);
+  std::ifstream f(path("m.jsonl"));
+  std::string line, last;
+  int lines = 0;
+  while (std::getline(f, line)) {
+    ++lines;
+    last = line;
+    if (line.find("\"eval\"") == std::string::npos)
+      for (const char* k : {"\"step\"", "\"loss\"", "\"bpc\"", "\"lr\"", "\"tokens_per_s\""})
+        EXPECT_NE(line.find(k), std::string::npos) << k << " missing in " << line;
+  }
+  EXPECT_GE(lines, 7);
+  for (const char* k : {"\"eval\": true", "\"eval_loss\"", "\"eval_bpc\"", "\"eval_accuracy\""})
+    EXPECT_NE(last.find(k), std::string::npos) << k << " missing in " << last;
+  EXPECT_TRUE(fs::exists(path("ckpt/ckpt-00000030.h5")));
+}
+
+TEST_F(Cli, SameConfigSameLossesBitForBit) {
+  ASSERT_EQ(run(tiny("--set checkpoint.resume=none --set training.log_every=1 --metrics " + path("a.jsonl"))).status, 0);
+  ASSERT_EQ(run(tiny("--set checkpoint.resume=none --set training.log_every=1 --metrics " + path("b.jsonl"))).status, 0);
+  const auto a = losses(path("a.jsonl")), b = losses(path("b.jsonl"));
+  EXPECT_EQ(a.size(), 30u);
+  EXPECT_EQ(a, b);
+}
+
+TEST_F(Cli, ResumeAfterSigkillGivesTheUninterruptedLosses) {
+  const std::string common =
+      "--set training.steps=40 --set training.log_every=1 --set checkpoint.resume=auto ";
+  // Uninterrupted: 40 steps.
+  ASSERT_EQ(run(tiny(common + "--set checkpoint.resume=none --set checkpoint.dir=" + path("full") +
+                     " --metrics " + path("full.jsonl")))
+                .status,
+            0);
+  // Interrupted: checkpoints every 20 steps; SIGKILL once step 20's file exists.
+  const std::string cmd = tiny(common + "--set checkpoint.every=20 --metrics " + path("cut.jsonl")) +
+                          " > " + path("cut.log") + " 2>&1";
+  pid_t pid;
+  const char* argv[] = {"/bin/sh", "-c", nullptr, nullptr};
+  const std::string exec_cmd = "exec " + cmd;
+  argv[2] = exec_cmd.c_str();
+  ASSERT_EQ(posix_spawn(&pid, "/bin/sh", nullptr, nullptr, const_cast<char**>(argv), environ), 0);
+  const std::string ck20 = path("ckpt/ckpt-00000020.h5");
+  for (int i = 0; i < 20000 && !fs::exists(ck20); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(fs::exists(ck20));
+  kill(pid, SIGKILL);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  ASSERT_TRUE(WIFSIGNALED(st)) << "the run finished before it could be killed";
+  ASSERT_FALSE(fs::exists(path("ckpt/ckpt-00000040.h5")));
+  // The same command resumes from step 20 (appending to the metrics file).
+  const Result r = run(tiny(common + "--set checkpoint.every=20 --metrics " + path("cut.jsonl")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("resumed from"), std::string::npos) << r.output;
+  const auto full = losses(path("full.jsonl")), cut = losses(path("cut.jsonl"));
+  ASSERT_EQ(full.size(), 40u);
+  EXPECT_EQ(full, cut);
+}
+
+TEST_F(Cli, SigtermWritesACheckpointAndResumesExactly) {
+  const std::string common =
+      "--set training.steps=200 --set training.log_every=1 --set checkpoint.resume=auto ";
+  pid_t pid;
+  const std::string exec_cmd = "exec " + tiny(common + "--metrics " + path("cut.jsonl")) + " > " +
+                               path("cut.log") + " 2>&1";
+  const char* argv[] = {"/bin/sh", "-c", exec_cmd.c_str(), nullptr};
+  ASSERT_EQ(posix_spawn(&pid, "/bin/sh", nullptr, nullptr, const_cast<char**>(argv), environ), 0);
+  // Wait until a few steps are logged, then ask it to stop.
+  for (int i = 0; i < 20000 && losses(path("cut.jsonl")).size() < 5; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  kill(pid, SIGTERM);
+  int st = 0;
+  waitpid(pid, &st, 0);
+  ASSERT_TRUE(WIFEXITED(st));
+  EXPECT_EQ(WEXITSTATUS(st), 0);
+  const size_t done = losses(path("cut.jsonl")).size();
+  ASSERT_LT(done, 200u) << "the run finished before SIGTERM";
+  std::ifstream log(path("cut.log"));
+  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("stop requested"), std::string::npos) << text;
+  const Result resumed = run(tiny(common + "--metrics " + path("cut.jsonl")));
+  ASSERT_EQ(resumed.status, 0) << resumed.output;
+  EXPECT_NE(resumed.output.find("resumed from"), std::string::npos) << resumed.output;
+  ASSERT_EQ(run(tiny(common + "--set checkpoint.resume=none --set checkpoint.dir=" + path("full") +
+                     " --metrics " + path("full.jsonl")))
+                .status,
+            0);
+  EXPECT_EQ(losses(path("full.jsonl")), losses(path("cut.jsonl")));
+}
+
+TEST_F(Cli, EvalAndInspectACheckpoint) {
+  ASSERT_EQ(run(tiny("")).status, 0);
+  const std::string ck = path("ckpt/ckpt-00000030.h5");
+  const Result e = run(kBin + " eval --checkpoint " + ck);
+  EXPECT_EQ(e.status, 0) << e.output;
+  EXPECT_NE(e.output.find("accuracy"), std::string::npos) << e.output;
+  EXPECT_NE(e.output.find("bpc"), std::string::npos) << e.output;
+  const Result i = run(kBin + " inspect " + ck);
+  EXPECT_EQ(i.status, 0) << i.output;
+  EXPECT_NE(i.output.find("layers.0.attn.wqk"), std::string::npos) << i.output;
+}
+
+TEST_F(Cli, InspectAndResumeRefuseADamagedCheckpoint) {
+  ASSERT_EQ(run(tiny("")).status, 0);
+  const std::string ck = path("ckpt/ckpt-00000030.h5");
+  // Flip one byte inside the raw data of /model/embed.tokens: find its first
+  // values' bytes in the file (datasets are stored uncompressed).
+  const reformer::CheckpointState st = reformer::read_checkpoint(ck);
+  const auto& t = st.model.front();
+  ASSERT_EQ(t.name, "embed.tokens");
+  const std::string needle(reinterpret_cast<const char*>(t.data.data()), 32);
+  std::fstream f(ck, std::ios::in | std::ios::out | std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  const size_t at = bytes.find(needle);
+  ASSERT_NE(at, std::string::npos);
+  f.clear();
+  f.seekp(std::streamoff(at + 9));
+  const char flipped = char(bytes[at + 9] ^ 0x5a);
+  f.write(&flipped, 1);
+  f.close();
+  const Result i = run(kBin + " inspect " + ck);
+  EXPECT_NE(i.status, 0) << i.output;
+  EXPECT_NE(i.output.find("embed.tokens"), std::string::npos) << i.output;
+  const Result r = run(tiny("--resume " + ck));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("checkpoint refused"), std::string::npos) << r.output;
+}
