@@ -27,7 +27,7 @@ struct ModelConfig {
   int ffn_chunk = 0;                  // positions per feed-forward chunk; 0: whole sequence
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings
-  double axial_init_std = 1.0;        // normal init of the axial position tables
+  double axial_init_std = 0.02;       // normal init of the axial position tables
 
   bool operator==(const ModelConfig&) const = default;
 };
