@@ -40,10 +40,16 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, std::string metrics_path
     : cfg_(cfg), comm_(comm), metrics_path_(std::move(metrics_path)) {
   REFORMER_REQUIRE(cfg.training.batch_size % comm.size() == 0, ConfigError,
                    "training.batch_size must be a multiple of the number of ranks");
+  REFORMER_REQUIRE(cfg.parallel.sp == 1, ConfigError,
+                   "parallel.sp > 1: sequence parallelism is not implemented yet");
+  REFORMER_REQUIRE(cfg.parallel.dp * cfg.parallel.sp == comm.size(), ConfigError,
+                   "parallel.dp * parallel.sp must equal the number of processes (" +
+                       std::to_string(comm.size()) + ")");
+  ops_ = make_ops(cfg_.training.device);
   data_ = make_dataset(cfg_);
-  model_ = std::make_unique<ReformerModel<float>>(cfg_, ops_);
+  model_ = std::make_unique<ReformerModel<float>>(cfg_, *ops_);
   model_->init_params(cfg_.training.seed);
-  opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), ops_);
+  opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), *ops_);
 }
 
 Trainer::~Trainer() = default;
@@ -62,7 +68,7 @@ CheckpointState Trainer::snapshot() const {
   const auto& ps = model.table().params();
   for (const ParamInfo& p : ps) {
     CheckpointTensor t{p.name, p.shape, std::vector<float>(size_t(p.size))};
-    ops_.to_host(t.data.data(), model.params() + p.offset, p.size);
+    ops_->to_host(t.data.data(), model.params() + p.offset, p.size);
     st.model.push_back(std::move(t));
   }
   for (const auto& s : opt_->state()) {
@@ -73,7 +79,7 @@ CheckpointState Trainer::snapshot() const {
       it = st.optimizer.end() - 1;
     }
     CheckpointTensor t{ps[s.param].name, s.shape, std::vector<float>(size_t(s.size))};
-    ops_.to_host(t.data.data(), s.data, s.size);
+    ops_->to_host(t.data.data(), s.data, s.size);
     it->second.push_back(std::move(t));
   }
   return st;
@@ -86,7 +92,7 @@ void Trainer::load(const std::string& path, bool full) {
   for (const ParamInfo& p : ps) expected.emplace_back(p.name, p.shape);
   check_matches(st, expected);
   for (size_t k = 0; k < ps.size(); ++k)
-    ops_.from_host(model_->params() + ps[k].offset, st.model[k].data.data(), ps[k].size);
+    ops_->from_host(model_->params() + ps[k].offset, st.model[k].data.data(), ps[k].size);
   if (!full) return;
   if (st.optimizer_name != cfg_.optimizer.name)
     throw CheckpointError(path + ": written with optimizer '" + st.optimizer_name +
@@ -102,7 +108,7 @@ void Trainer::load(const std::string& path, bool full) {
     if (found->shape != s.shape)
       throw CheckpointError(path + ": optimizer state " + s.state + "/" + ps[s.param].name +
                             " has the wrong shape");
-    ops_.from_host(s.data, found->data.data(), s.size);
+    ops_->from_host(s.data, found->data.data(), s.size);
   }
   step_ = st.step;
   samples_drawn_ = st.samples_drawn;
@@ -208,7 +214,7 @@ TrainResult Trainer::train() {
     double sums[3] = {st.loss_sum, double(st.count), double(st.correct)};
     comm_.allreduce_sum(sums, 3);
     const double grad_norm =
-        clip_grad_norm(ops_, model_->grads(), model_->num_params(), cfg_.optimizer.grad_clip);
+        clip_grad_norm(*ops_, model_->grads(), model_->num_params(), cfg_.optimizer.grad_clip);
     const double lr = learning_rate(cfg_.optimizer, step_ + 1, tc.steps);
     opt_->step(model_->params(), model_->grads(), step_ + 1, lr);
     ++step_;
@@ -217,6 +223,7 @@ TrainResult Trainer::train() {
     ++interval_steps;
 
     const double loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
+    result.losses.push_back(loss);
     const bool last = step_ == tc.steps;
     if (step_ % tc.log_every == 0 || last || step_ == first_step + 1) {
       const double t1 = now_seconds();

@@ -6,12 +6,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "distributed/communicator.h"
 #include "framework/checkpoint.h"
 #include "framework/config.h"
-#include "kernels/cpu/cpu_ops.h"
 #include "framework/data.h"
+#include "framework/device.h"
 #include "framework/logging.h"
 #include "framework/model.h"
 #include "framework/optimizer.h"
@@ -34,6 +35,7 @@ struct TrainResult {
   int64_t step = 0;        // steps completed
   bool interrupted = false;  // stopped by request_stop()
   EvalResult eval;         // the last evaluation
+  std::vector<double> losses;  // mean training loss of each step this call ran
 };
 
 class Trainer {
@@ -64,7 +66,7 @@ class Trainer {
   Config cfg_;
   Communicator& comm_;
   std::string metrics_path_;
-  mutable CpuOps<float> ops_;  // snapshot() copies device memory to the host
+  std::unique_ptr<Ops<float>> ops_;  // the device the run computes on
   std::unique_ptr<ReformerModel<float>> model_;
   std::unique_ptr<Optimizer<float>> opt_;
   std::unique_ptr<Dataset> data_;

@@ -1,0 +1,32 @@
+#include "framework/device.h"
+
+#include "framework/errors.h"
+#include "kernels/cpu/cpu_ops.h"
+#if defined(REFORMER_HAVE_CUDA)
+#include "kernels/cuda/cuda_ops.h"
+#endif
+
+namespace reformer {
+
+bool cuda_available() {
+#if defined(REFORMER_HAVE_CUDA)
+  return cuda_device_count() > 0;
+#else
+  return false;
+#endif
+}
+
+std::unique_ptr<Ops<float>> make_ops(const std::string& device) {
+  if (device == "cuda" || (device == "auto" && cuda_available())) {
+#if defined(REFORMER_HAVE_CUDA)
+    if (!cuda_available())
+      throw ConfigError("training.device: cuda was asked for but no CUDA device is visible");
+    return make_cuda_ops();
+#else
+    throw ConfigError("training.device: cuda was asked for but this build has no CUDA path");
+#endif
+  }
+  return std::make_unique<CpuOps<float>>();
+}
+
+}  // namespace reformer

@@ -1,0 +1,19 @@
+// Chooses the Ops implementation a run computes with.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "framework/ops.h"
+
+namespace reformer {
+
+// True when this build has the CUDA path and a CUDA device is visible.
+bool cuda_available();
+
+// Ops for training.device: "cpu", "cuda" (throws ConfigError when the build
+// has no CUDA path or no device is visible) or "auto" (CUDA when available,
+// else CPU).
+std::unique_ptr<Ops<float>> make_ops(const std::string& device);
+
+}  // namespace reformer
