@@ -259,3 +259,19 @@ TEST_F(Cli, InspectAndResumeRefuseADamagedCheckpoint) {
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("checkpoint refused"), std::string::npos) << r.output;
 }
+
+TEST_F(Cli, DuplicationRecipeLearnsTheCopyWithLsh) {
+  // The paper's task at CPU size: LSH attention with 4 hash rounds must
+  // predict the second copy of held-out sequences with >= 95% accuracy.
+  const Result r = run(kBin + " train --config " + kSrc + "/configs/duplication-cpu.yaml" +
+                       " --set checkpoint.dir=" + path("ckpt") + " --metrics " + path("m.jsonl"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  std::ifstream f(path("m.jsonl"));
+  std::string line, last_eval;
+  while (std::getline(f, line))
+    if (line.find("\"eval\": true") != std::string::npos) last_eval = line;
+  const std::regex re("\"eval_accuracy\": ([0-9.eE+-]+)");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(last_eval, m, re)) << last_eval;
+  EXPECT_GE(std::stod(m[1]), 0.95) << last_eval;
+}
