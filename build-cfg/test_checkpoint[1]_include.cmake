@@ -1,5 +1,0 @@
-if(EXISTS "/work/main/build-cfg/test_checkpoint[1]_tests.cmake")
-  include("/work/main/build-cfg/test_checkpoint[1]_tests.cmake")
-else()
-  add_test(test_checkpoint_NOT_BUILT test_checkpoint_NOT_BUILT)
-endif()
