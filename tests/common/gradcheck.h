@@ -17,6 +17,13 @@ inline void fill_random(double* x, int64_t n, uint64_t seed, double scale = 1.0)
   }
 }
 
+// n deterministic values in [-scale, scale].
+inline std::vector<double> random_vec(int64_t n, uint64_t seed, double scale = 1.0) {
+  std::vector<double> v(static_cast<size_t>(n));
+  fill_random(v.data(), n, seed, scale);
+  return v;
+}
+
 // Numerical gradient of a scalar function f() with respect to x[0..n):
 // (f(x + h e_i) - f(x - h e_i)) / 2h. x is restored.
 inline std::vector<double> numeric_grad(const std::function<double()>& f, double* x, int64_t n,

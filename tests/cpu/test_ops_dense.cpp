@@ -31,11 +31,7 @@ using Vec = std::vector<double>;
 constexpr double kFdRtol = 1e-6;
 constexpr double kFdAtol = 1e-2;
 
-Vec random_vec(int64_t n, uint64_t seed, double scale = 1.0) {
-  Vec v(static_cast<size_t>(n));
-  fill_random(v.data(), n, seed, scale);
-  return v;
-}
+using test::random_vec;
 
 double dot(const Vec& a, const Vec& b) {
   double s = 0;

@@ -13,11 +13,7 @@ namespace {
 
 using Vec = std::vector<double>;
 
-Vec random_vec(int64_t n, uint64_t seed, double scale = 1.0) {
-  Vec v(static_cast<size_t>(n));
-  test::fill_random(v.data(), n, seed, scale);
-  return v;
-}
+using test::random_vec;
 
 constexpr int N = 5, V = 7;
 
