@@ -39,6 +39,8 @@ class Ops {
   virtual void to_host_i32(int32_t* host, const int32_t* src, int64_t n) = 0;
   virtual void from_host_i32(int32_t* dst, const int32_t* host, int64_t n) = 0;
   virtual void synchronize() = 0;  // all issued work is done
+  // Most bytes this Ops has held allocated at once; -1 where not tracked.
+  virtual int64_t peak_bytes() const { return -1; }
 
   // ---------------------------------------------------------------- elementwise
   virtual void fill(T* x, T value, int64_t n) = 0;

@@ -14,7 +14,8 @@ if [ "${REFORMER_SKIP_ASAN:-0}" != 1 ]; then
     TARGETS="$asan_tests" scripts/setup.sh >/dev/null
   for t in $asan_tests; do
     echo "== $t under AddressSanitizer + UBSan"
-    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1 "build-asan/$t" --gtest_brief=1
+    ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=tests/lsan.supp \
+      UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 "build-asan/$t" --gtest_brief=1
   done
 fi
 
