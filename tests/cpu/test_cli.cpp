@@ -275,3 +275,16 @@ TEST_F(Cli, DuplicationRecipeLearnsTheCopyWithLsh) {
   ASSERT_TRUE(std::regex_search(last_eval, m, re)) << last_eval;
   EXPECT_GE(std::stod(m[1]), 0.95) << last_eval;
 }
+
+TEST_F(Cli, ResumeRefusesACheckpointOfAnotherModelNamingParameterAndShapes) {
+  ASSERT_EQ(run(tiny("")).status, 0);
+  const std::string ck = path("ckpt/ckpt-00000030.h5");
+  const Result r = run(tiny("--set model.d_ff=48 --resume " + ck));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("layers.0.ffn.w1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("[32, 64]"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("[32, 48]"), std::string::npos) << r.output;
+  const Result missing = run(tiny("--resume " + path("ckpt/ckpt-00000999.h5")));
+  EXPECT_EQ(missing.status, 1) << missing.output;
+  EXPECT_NE(missing.output.find("does not exist"), std::string::npos) << missing.output;
+}
