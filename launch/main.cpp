@@ -3,6 +3,7 @@
 //   reformer train   [--config FILE] [--set key=value]... [--metrics PATH] [--resume auto|none|PATH]
 //   reformer eval    --checkpoint PATH [--config FILE] [--set key=value]... [--split valid|test]
 //   reformer inspect PATH
+//   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
@@ -10,6 +11,8 @@
 #include <cstdio>
 #include <cstring>
 #include <iostream>
+#include <sstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,6 +23,7 @@
 #include "framework/logging.h"
 #include "framework/trainer.h"
 #include "generated/default_config.h"
+#include "launch/bench.h"
 
 using namespace reformer;
 
@@ -38,6 +42,7 @@ const char* kMainHelp =
     "  train     train a model (resumes from the newest checkpoint by default)\n"
     "  eval      evaluate a checkpoint on the validation or test split\n"
     "  inspect   describe and verify a checkpoint file\n"
+    "  bench     time training steps at several sequence lengths\n"
     "\n"
     "Run 'reformer <command> --help' for the options of a command.\n";
 
@@ -70,8 +75,17 @@ const char* kInspectHelp =
     "parameter count and its datasets with their checksum status. Exits 1 if the file\n"
     "is not a valid checkpoint.\n";
 
+const char* kBenchHelp =
+    "usage: reformer bench [--config FILE] [--set key=value]... [--lengths L1,L2,...]\n"
+    "                      [--steps N]\n"
+    "\n"
+    "Times N training steps (forward, backward, optimizer; batch 1, random bytes) after\n"
+    "one warm-up step, for each sequence length (default: the config's model.max_len),\n"
+    "and prints a table of ms/step, tokens/s and peak memory.\n";
+
 struct Args {
-  std::string config, metrics, resume, checkpoint, split = "valid", positional;
+  std::string config, metrics, resume, checkpoint, split = "valid", positional, lengths;
+  int steps = 3;
   std::vector<std::string> sets;
   int batches = 0;
   bool help = false;
@@ -93,6 +107,8 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
     else if (s == "--checkpoint" && cmd == "eval") a.checkpoint = value(i, "--checkpoint");
     else if (s == "--split" && cmd == "eval") a.split = value(i, "--split");
     else if (s == "--batches" && cmd == "eval") a.batches = std::stoi(value(i, "--batches"));
+    else if (s == "--lengths" && cmd == "bench") a.lengths = value(i, "--lengths");
+    else if (s == "--steps" && cmd == "bench") a.steps = std::stoi(value(i, "--steps"));
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
     else throw UsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
   }
@@ -109,13 +125,15 @@ void on_signal(int sig) {
   std::signal(sig, SIG_DFL);  // a second signal ends the process at once
 }
 
-int cmd_train(const Args& a) {
+// The communicator of the run lives in main() (cmd_* create it into `comm`),
+// so that main's error handling can end every rank of a multi-process job.
+int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
   std::vector<std::string> sets = a.sets;
   if (!a.resume.empty()) sets.push_back("checkpoint.resume=" + a.resume);
   Args b = a;
   b.sets = sets;
   const Config cfg = load(b);
-  auto comm = make_communicator(cfg.parallel.backend);
+  comm = make_communicator(cfg.parallel.backend);
   set_log_rank(comm->rank());
   log_info("config (resolved):\n" + to_yaml(cfg));
   Trainer trainer(cfg, *comm, a.metrics);
@@ -127,7 +145,7 @@ int cmd_train(const Args& a) {
   return 0;
 }
 
-int cmd_eval(const Args& a) {
+int cmd_eval(const Args& a, std::unique_ptr<Communicator>& comm) {
   if (a.checkpoint.empty()) throw UsageError("reformer eval needs --checkpoint PATH");
   Config cfg;
   if (!a.config.empty()) {
@@ -138,7 +156,7 @@ int cmd_eval(const Args& a) {
   }
   if (a.split != "valid" && a.split != "test")
     throw UsageError("--split must be valid or test, not '" + a.split + "'");
-  auto comm = make_communicator(cfg.parallel.backend);
+  comm = make_communicator(cfg.parallel.backend);
   set_log_rank(comm->rank());
   Trainer trainer(cfg, *comm, "");
   trainer.load(a.checkpoint, /*full*/ false);
@@ -151,9 +169,40 @@ int cmd_eval(const Args& a) {
   return 0;
 }
 
+int cmd_bench(const Args& a) {
+  const Config cfg = load(a);
+  std::vector<int64_t> lengths;
+  std::stringstream ss(a.lengths);
+  for (std::string item; std::getline(ss, item, ',');) {
+    try {
+      lengths.push_back(std::stoll(item));
+    } catch (const std::exception&) {
+      throw UsageError("--lengths: '" + item + "' is not a number");
+    }
+  }
+  if (lengths.empty()) lengths.push_back(cfg.model.max_len);
+  if (a.steps < 1) throw UsageError("--steps must be at least 1");
+  const auto rows = run_bench(cfg, lengths, a.steps, a.config.empty() ? "<built-in default>" : a.config);
+  std::fputs(format_bench(rows).c_str(), stdout);
+  return 0;
+}
+
 int cmd_inspect(const Args& a) {
   if (a.positional.empty()) throw UsageError("reformer inspect needs a checkpoint PATH");
   return inspect_checkpoint(a.positional, std::cout) ? 0 : 1;
+}
+
+// Reports an error that reached main and returns `status`. In a job of more
+// than one rank the message names the rank and the whole job is ended
+// (MPI_Abort): returning would leave the other ranks waiting in a collective
+// (and this one in MPI_Finalize).
+int fail(const std::unique_ptr<Communicator>& comm, int status, const char* kind, const char* what) {
+  const bool many = comm && comm->size() > 1;
+  const std::string rank = many ? "[rank " + std::to_string(comm->rank()) + "] " : "";
+  std::fprintf(stderr, "reformer: %s%s%s\n", rank.c_str(), kind, what);
+  std::fflush(stderr);
+  if (many) comm->abort(status);
+  return status;
 }
 
 }  // namespace
@@ -164,31 +213,32 @@ int main(int argc, char** argv) {
     std::fputs(kMainHelp, cmd.empty() ? stderr : stdout);
     return cmd.empty() ? 2 : 0;
   }
+  std::unique_ptr<Communicator> comm;
   try {
-    if (cmd != "train" && cmd != "eval" && cmd != "inspect")
+    if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench")
       throw UsageError("unknown command '" + cmd + "' (try 'reformer --help')");
     const Args a = parse_args(cmd, argc, argv);
     if (a.help) {
-      std::fputs(cmd == "train" ? kTrainHelp : cmd == "eval" ? kEvalHelp : kInspectHelp, stdout);
+      std::fputs(cmd == "train"  ? kTrainHelp
+                 : cmd == "eval" ? kEvalHelp
+                 : cmd == "bench" ? kBenchHelp
+                                 : kInspectHelp,
+                 stdout);
       return 0;
     }
-    if (cmd == "train") return cmd_train(a);
-    if (cmd == "eval") return cmd_eval(a);
+    if (cmd == "train") return cmd_train(a, comm);
+    if (cmd == "eval") return cmd_eval(a, comm);
+    if (cmd == "bench") return cmd_bench(a);
     return cmd_inspect(a);
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "reformer: %s\n", e.what());
-    return 2;
+    return fail(comm, 2, "", e.what());
   } catch (const ConfigError& e) {
-    std::fprintf(stderr, "reformer: config error: %s\n", e.what());
-    return 2;
+    return fail(comm, 2, "config error: ", e.what());
   } catch (const CheckpointError& e) {
-    std::fprintf(stderr, "reformer: checkpoint refused: %s\n", e.what());
-    return 1;
+    return fail(comm, 1, "checkpoint refused: ", e.what());
   } catch (const DataError& e) {
-    std::fprintf(stderr, "reformer: data error: %s\n", e.what());
-    return 1;
+    return fail(comm, 1, "data error: ", e.what());
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "reformer: error: %s\n", e.what());
-    return 1;
+    return fail(comm, 1, "error: ", e.what());
   }
 }
