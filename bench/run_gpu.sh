@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On a GPU machine: build, run the GPU test suite, time `reformer bench` on
+# the peers' model, then the peers themselves in the same call.
+#   bench/run_gpu.sh OUT_DIR LENGTHS [PEERS_SCRIPT]
+# e.g. bench/run_gpu.sh /tmp/out 16384,65536 .peers/peer_bench.py
+set -uo pipefail
+out=${1:?output folder}
+lengths=${2:-16384,65536}
+peers=${3:-}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvcc --version | tail -1; } \
+  > "$out/machine.txt" 2>&1
+cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
+  > "$out/build.log" 2>&1 && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1 \
+  || { tail -40 "$out/build.log"; exit 1; }
+ctest --test-dir build-gpu -L gpu --output-on-failure > "$out/gpu-tests.log" 2>&1
+echo "gpu tests: $(tail -n 8 "$out/gpu-tests.log" | grep -E 'tests passed|FAILED' | head -1)"
+build-gpu/reformer bench --config configs/bench-peer.yaml --lengths "$lengths" --steps 3 \
+  > "$out/bench.log" 2>&1
+grep -E '^\|' "$out/bench.log" || tail -20 "$out/bench.log"
+if [ -n "$peers" ]; then
+  for p in hf flash; do
+    PYTHONUNBUFFERED=1 timeout 900 python3 "$peers" "$p" "$lengths" > "$out/peer-$p.log" 2>&1
+    grep '^{' "$out/peer-$p.log"
+  done
+fi
