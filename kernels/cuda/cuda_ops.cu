@@ -1,0 +1,92 @@
+// CudaOps construction, memory and the framework's entry points
+// (cuda_device_count, make_cuda_ops). The op families live in their own .cu
+// files, mirroring kernels/cpu/.
+#include "kernels/cuda/cuda_ops.h"
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/cuda_ops_impl.h"
+
+namespace reformer {
+
+int cuda_device_count() {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the error so later calls start clean
+    return 0;
+  }
+  return n;
+}
+
+std::unique_ptr<Ops<float>> make_cuda_ops() { return std::make_unique<CudaOps>(); }
+
+namespace {
+constexpr size_t kLtWorkspaceBytes = size_t(32) << 20;  // cuBLASLt scratch; Hopper wants >= 32 MiB
+}  // namespace
+
+CudaOps::CudaOps() {
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaSetDevice(dev));
+  CUBLAS_CHECK(cublasLtCreate(&lt_));
+  CUDA_CHECK(cudaMalloc(&lt_ws_, kLtWorkspaceBytes));
+  lt_ws_bytes_ = kLtWorkspaceBytes;
+  CUDA_CHECK(cudaMallocHost(&host_scalar_, sizeof(double)));
+  CUDA_CHECK(cudaMallocHost(&host_flag_, sizeof(int32_t)));
+}
+
+CudaOps::~CudaOps() {
+  // Destructors never throw: errors here are ignored.
+  cudaDeviceSynchronize();
+  if (host_flag_) cudaFreeHost(host_flag_);
+  if (host_scalar_) cudaFreeHost(host_scalar_);
+  if (lt_ws_) cudaFree(lt_ws_);
+  if (lt_) cublasLtDestroy(lt_);
+}
+
+float* CudaOps::alloc(int64_t n) {
+  if (n <= 0) return nullptr;
+  void* p = nullptr;
+  CUDA_CHECK(cudaMalloc(&p, sizeof(float) * size_t(n)));
+  return static_cast<float*>(p);
+}
+
+// release() runs from Buffer destructors, so it must not throw.
+void CudaOps::release(float* p) {
+  if (p) cudaFree(p);
+}
+
+int32_t* CudaOps::alloc_i32(int64_t n) {
+  if (n <= 0) return nullptr;
+  void* p = nullptr;
+  CUDA_CHECK(cudaMalloc(&p, sizeof(int32_t) * size_t(n)));
+  return static_cast<int32_t*>(p);
+}
+
+void CudaOps::release_i32(int32_t* p) {
+  if (p) cudaFree(p);
+}
+
+void CudaOps::to_host(float* host, const float* src, int64_t n) {
+  if (n > 0) CUDA_CHECK(cudaMemcpy(host, src, sizeof(float) * size_t(n), cudaMemcpyDeviceToHost));
+}
+
+void CudaOps::from_host(float* dst, const float* host, int64_t n) {
+  if (n > 0) CUDA_CHECK(cudaMemcpy(dst, host, sizeof(float) * size_t(n), cudaMemcpyHostToDevice));
+}
+
+void CudaOps::to_host_i32(int32_t* host, const int32_t* src, int64_t n) {
+  if (n > 0)
+    CUDA_CHECK(cudaMemcpy(host, src, sizeof(int32_t) * size_t(n), cudaMemcpyDeviceToHost));
+}
+
+void CudaOps::from_host_i32(int32_t* dst, const int32_t* host, int64_t n) {
+  if (n > 0)
+    CUDA_CHECK(cudaMemcpy(dst, host, sizeof(int32_t) * size_t(n), cudaMemcpyHostToDevice));
+}
+
+void CudaOps::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+}  // namespace reformer

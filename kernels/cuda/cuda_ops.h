@@ -1,0 +1,22 @@
+// Entry points of the CUDA path, safe to include from plain C++ (no CUDA
+// headers): the framework asks how many devices there are and builds the
+// CUDA Ops<float>. The implementation (CudaOps, kernels/cuda/cuda_ops_impl.h)
+// is compiled by nvcc only.
+#pragma once
+
+#include <memory>
+
+#include "framework/ops.h"
+
+namespace reformer {
+
+// Number of visible CUDA devices; 0 when there is none or no usable driver.
+// Never throws.
+int cuda_device_count();
+
+// Ops<float> on the current CUDA device (device 0 unless the caller selected
+// another), with its own cuBLASLt handle and workspace. Throws DeviceError
+// when the device cannot be used.
+std::unique_ptr<Ops<float>> make_cuda_ops();
+
+}  // namespace reformer

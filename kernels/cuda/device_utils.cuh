@@ -1,0 +1,162 @@
+// Small device helpers shared by the CUDA kernels: warp and block
+// reductions, launch geometry, and a deterministic two-pass sum.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/workspace.h"
+
+namespace reformer::cuda {
+
+constexpr int kThreads = 256;  // threads per block of the elementwise kernels
+
+// Blocks for a grid-stride loop over n elements (at least 1, at most 65535 * 16).
+inline unsigned grid_for(int64_t n, int threads = kThreads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return unsigned(std::max<int64_t>(1, std::min<int64_t>(b, int64_t(65535) * 16)));
+}
+
+template <class T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <class T>
+__device__ __forceinline__ T warp_max(T v) {
+  for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every
+// thread gets the result. The order is fixed by the thread layout, so the
+// result is deterministic. `sh` holds 32 values.
+template <class T>
+__device__ T block_sum(T v, T* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nw = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  T t = lane < nw ? sh[lane] : T(0);
+  t = warp_sum(t);
+  return t;
+}
+
+template <class T>
+__device__ T block_max(T v, T* sh) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nw = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  T t = lane < nw ? sh[lane] : sh[0];
+  t = warp_max(t);
+  return t;
+}
+
+// ---------------------------------------------------------------- two-pass sum
+// sum_{i < n} f(i) in double, deterministically: pass 1 gives each of a fixed
+// number of blocks (a function of n only) a fixed strided subset; pass 2 adds
+// the block sums in a fixed tree order into *out (device).
+constexpr int kReduceThreads = 256;
+constexpr int kReduceMaxBlocks = 1024;
+
+inline int reduce_blocks(int64_t n) {
+  const int64_t b = (n + kReduceThreads * 8 - 1) / (kReduceThreads * 8);
+  return int(std::max<int64_t>(1, std::min<int64_t>(b, kReduceMaxBlocks)));
+}
+
+template <class F>
+__global__ void reduce_partial_kernel(double* partial, F f, int64_t n) {
+  __shared__ double sh[32];
+  double s = 0.0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) s += f(i);
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// out[0] = sum of partial[0..nb); then `post` (a functor taking the sum and
+// a pointer to out) may transform it.
+template <class Post>
+__global__ void reduce_final_kernel(double* out, const double* partial, int nb, Post post) {
+  __shared__ double sh[32];
+  double s = 0.0;
+  for (int i = threadIdx.x; i < nb; i += blockDim.x) s += partial[i];
+  s = block_sum(s, sh);
+  if (threadIdx.x == 0) post(s, out);
+}
+
+struct StoreSum {
+  __device__ void operator()(double s, double* out) const { out[0] = s; }
+};
+
+// Launches both passes; `scratch` holds reduce_blocks(n) doubles.
+template <class F, class Post = StoreSum>
+void reduce_sum(double* out, double* scratch, F f, int64_t n, cudaStream_t stream,
+                Post post = Post()) {
+  const int nb = reduce_blocks(n);
+  reduce_partial_kernel<<<nb, kReduceThreads, 0, stream>>>(scratch, f, n);
+  CUDA_CHECK_LAUNCH("reduce_partial_kernel");
+  reduce_final_kernel<<<1, kReduceThreads, 0, stream>>>(out, scratch, nb, post);
+  CUDA_CHECK_LAUNCH("reduce_final_kernel");
+}
+
+// ---------------------------------------------------------------- column sums
+// dst[c] += sum_r f(r, c) for c < cols, r < rows, accumulated in Acc and
+// deterministic: pass 1 sums row slabs of kColSlab rows per (slab, column)
+// into partial [slabs, cols]; pass 2 adds the slabs in order.
+constexpr int kColSlab = 256;
+
+template <class Acc, class F>
+__global__ void colsum_partial_kernel(Acc* partial, F f, int64_t rows, int64_t cols) {
+  // block (32, 8): 32 columns, 8 row lanes; slab blockIdx.y.
+  __shared__ Acc sh[8][33];
+  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const int64_t r0 = int64_t(blockIdx.y) * kColSlab;
+  const int64_t r1 = min(rows, r0 + kColSlab);
+  Acc s = Acc(0);
+  if (c < cols)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) s += Acc(f(r, c));
+  sh[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    Acc t = Acc(0);
+    for (int k = 0; k < 8; ++k) t += sh[k][threadIdx.x];
+    partial[int64_t(blockIdx.y) * cols + c] = t;
+  }
+}
+
+// dst[c] = post(c, sum_s partial[s, c]).
+template <class Acc, class Post>
+__global__ void colsum_final_kernel(const Acc* partial, int64_t slabs, int64_t cols, Post post) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  Acc t = Acc(0);
+  for (int64_t s = 0; s < slabs; ++s) t += partial[s * cols + c];
+  post(c, t);
+}
+
+inline int64_t colsum_slabs(int64_t rows) { return std::max<int64_t>(1, (rows + kColSlab - 1) / kColSlab); }
+
+// scratch holds colsum_slabs(rows) * cols Acc values.
+template <class Acc, class F, class Post>
+void colsum(Acc* scratch, F f, Post post, int64_t rows, int64_t cols, cudaStream_t stream) {
+  if (cols <= 0) return;
+  const int64_t slabs = colsum_slabs(rows);
+  dim3 grid(unsigned((cols + 31) / 32), unsigned(slabs));
+  colsum_partial_kernel<Acc><<<grid, dim3(32, 8), 0, stream>>>(scratch, f, rows, cols);
+  CUDA_CHECK_LAUNCH("colsum_partial_kernel");
+  colsum_final_kernel<Acc><<<unsigned((cols + 255) / 256), 256, 0, stream>>>(scratch, slabs, cols,
+                                                                             post);
+  CUDA_CHECK_LAUNCH("colsum_final_kernel");
+}
+
+}  // namespace reformer::cuda

@@ -1,0 +1,163 @@
+// Elementwise and copy ops (CUDA twin of kernels/cpu/elementwise.cpp).
+// Every output element is computed by one thread from its own inputs, so
+// results are bitwise reproducible; sum_squares is a deterministic two-pass
+// reduction in double. dropout draws the same counter-RNG stream as the CPU
+// (same key, same element index), so masks are identical.
+#include <cuda_runtime.h>
+
+#include "kernels/common/philox.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/cuda_ops_impl.h"
+#include "kernels/cuda/device_utils.cuh"
+
+namespace reformer {
+namespace cuda {
+namespace {
+
+// ---------------------------------------------------------------- kernels
+
+__global__ void fill_kernel(float* x, float v, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = v;
+}
+
+// out = a + sign * b (add: sign 1, sub: sign -1).
+__global__ void add_kernel(float* out, const float* a, const float* b, float sign, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = sign > 0.0f ? a[i] + b[i] : a[i] - b[i];
+}
+
+// Rounded multiply then add (no FMA contraction), as on the host: bitwise
+// equal to the CPU.
+__global__ void axpy_kernel(float* y, float a, const float* x, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __fadd_rn(y[i], __fmul_rn(a, x[i]));
+}
+
+__global__ void scale_kernel(float* x, float s, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] *= s;
+}
+
+// dst[r, c] (+)= src[r, c]; one thread per element of a [rows, cols] tile.
+__global__ void copy_2d_kernel(float* dst, int64_t ld_dst, const float* src, int64_t ld_src,
+                               int64_t rows, int64_t cols, bool accumulate) {
+  const int64_t n = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    if (accumulate)
+      dst[r * ld_dst + c] += src[r * ld_src + c];
+    else
+      dst[r * ld_dst + c] = src[r * ld_src + c];
+  }
+}
+
+__global__ void dropout_kernel(float* x, int64_t n, float p, RngKey key, int64_t offset) {
+  const float keep = 1.0f - p;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = rng_uniform(key, uint64_t(offset + i)) >= p ? x[i] / keep : 0.0f;
+}
+
+struct SquareOf {
+  const float* x;
+  __device__ double operator()(int64_t i) const { return double(x[i]) * double(x[i]); }
+};
+
+// ---------------------------------------------------------------- launchers
+
+void launch_fill(float* x, float v, int64_t n, cudaStream_t s) {
+  if (n <= 0) return;
+  fill_kernel<<<grid_for(n), kThreads, 0, s>>>(x, v, n);
+  CUDA_CHECK_LAUNCH("fill_kernel");
+}
+
+void launch_add(float* out, const float* a, const float* b, float sign, int64_t n,
+                cudaStream_t s) {
+  if (n <= 0) return;
+  add_kernel<<<grid_for(n), kThreads, 0, s>>>(out, a, b, sign, n);
+  CUDA_CHECK_LAUNCH("add_kernel");
+}
+
+void launch_copy_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                    int64_t cols, bool accumulate, cudaStream_t s) {
+  if (rows <= 0 || cols <= 0) return;
+  copy_2d_kernel<<<grid_for(rows * cols), kThreads, 0, s>>>(dst, ld_dst, src, ld_src, rows, cols,
+                                                            accumulate);
+  CUDA_CHECK_LAUNCH("copy_2d_kernel");
+}
+
+}  // namespace
+}  // namespace cuda
+
+// ---------------------------------------------------------------- op entries
+
+void CudaOps::fill(float* x, float value, int64_t n) { cuda::launch_fill(x, value, n, stream_); }
+
+void CudaOps::copy(float* dst, const float* src, int64_t n) {
+  if (n <= 0 || dst == src) return;
+  const size_t bytes = sizeof(float) * size_t(n);
+  const bool overlap = dst < src + n && src < dst + n;
+  if (overlap) {  // memmove semantics: stage through the workspace
+    void* tmp = ws_.get(bytes);
+    CUDA_CHECK(cudaMemcpyAsync(tmp, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(dst, tmp, bytes, cudaMemcpyDeviceToDevice, stream_));
+    return;
+  }
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+}
+
+void CudaOps::add(float* out, const float* a, const float* b, int64_t n) {
+  cuda::launch_add(out, a, b, 1.0f, n, stream_);
+}
+
+void CudaOps::sub(float* out, const float* a, const float* b, int64_t n) {
+  cuda::launch_add(out, a, b, -1.0f, n, stream_);
+}
+
+void CudaOps::axpy(float* y, float a, const float* x, int64_t n) {
+  if (n <= 0) return;
+  cuda::axpy_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(y, a, x, n);
+  CUDA_CHECK_LAUNCH("axpy_kernel");
+}
+
+void CudaOps::scale(float* x, float s, int64_t n) {
+  if (n <= 0) return;
+  cuda::scale_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(x, s, n);
+  CUDA_CHECK_LAUNCH("scale_kernel");
+}
+
+double CudaOps::sum_squares(const float* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  double* scratch = static_cast<double*>(ws_.get(sizeof(double) * (cuda::kReduceMaxBlocks + 1)));
+  cuda::reduce_sum(scratch + cuda::kReduceMaxBlocks, scratch, cuda::SquareOf{x}, n, stream_);
+  CUDA_CHECK(cudaMemcpyAsync(host_scalar_, scratch + cuda::kReduceMaxBlocks, sizeof(double),
+                             cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return *host_scalar_;
+}
+
+void CudaOps::copy_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                      int64_t cols) {
+  cuda::launch_copy_2d(dst, ld_dst, src, ld_src, rows, cols, false, stream_);
+}
+
+void CudaOps::add_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
+                     int64_t cols) {
+  cuda::launch_copy_2d(dst, ld_dst, src, ld_src, rows, cols, true, stream_);
+}
+
+void CudaOps::dropout(float* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,
+                      int site, int64_t offset) {
+  if (p <= 0.0f || n <= 0) return;
+  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(site));
+  cuda::dropout_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(x, n, p, key, offset);
+  CUDA_CHECK_LAUNCH("dropout_kernel");
+}
+
+}  // namespace reformer

@@ -1,0 +1,116 @@
+// LayerNorm over the last dimension (CUDA twin of kernels/cpu/layernorm.cpp).
+// One warp per row, two-pass statistics in fp32 (biased variance); the weight
+// and bias gradients are deterministic two-pass column sums in double.
+// Bitwise reproducible.
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/cuda_ops_impl.h"
+#include "kernels/cuda/device_utils.cuh"
+
+namespace reformer {
+namespace cuda {
+namespace {
+
+constexpr int kRowsPerBlock = 8;  // one warp per row
+
+__global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp,
+                                         const float* w, const float* b, int64_t N, int C,
+                                         float eps) {
+  const int64_t n = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (n >= N) return;
+  const float* x = inp + n * C;
+  float s = 0.0f;
+  for (int c = lane; c < C; c += 32) s += x[c];
+  const float m = warp_sum(s) / float(C);
+  float v = 0.0f;
+  for (int c = lane; c < C; c += 32) {
+    const float d = x[c] - m;
+    v += d * d;
+  }
+  const float var = warp_sum(v) / float(C);
+  const float r = 1.0f / sqrtf(var + eps);
+  float* o = out + n * C;
+  for (int c = lane; c < C; c += 32) o[c] = (x[c] - m) * r * w[c] + b[c];
+  if (lane == 0) {
+    mean[n] = m;
+    rstd[n] = r;
+  }
+}
+
+// dinp += rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * w.
+__global__ void layernorm_dinp_kernel(float* dinp, const float* dout, const float* inp,
+                                      const float* w, const float* mean, const float* rstd,
+                                      int64_t N, int C) {
+  const int64_t n = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (n >= N) return;
+  const float* x = inp + n * C;
+  const float* g = dout + n * C;
+  const float m = mean[n], r = rstd[n];
+  float sg = 0.0f, sgx = 0.0f;
+  for (int c = lane; c < C; c += 32) {
+    const float gw = g[c] * w[c];
+    sg += gw;
+    sgx += gw * (x[c] - m) * r;
+  }
+  const float g_mean = warp_sum(sg) / float(C);
+  const float gx_mean = warp_sum(sgx) / float(C);
+  float* d = dinp + n * C;
+  for (int c = lane; c < C; c += 32) {
+    const float xhat = (x[c] - m) * r;
+    d[c] += r * (g[c] * w[c] - g_mean - xhat * gx_mean);
+  }
+}
+
+struct DwTerm {  // dout * xhat
+  const float *dout, *inp, *mean, *rstd;
+  int64_t C;
+  __device__ double operator()(int64_t r, int64_t c) const {
+    return double(dout[r * C + c]) * ((double(inp[r * C + c]) - double(mean[r])) * double(rstd[r]));
+  }
+};
+struct DbTerm {
+  const float* dout;
+  int64_t C;
+  __device__ double operator()(int64_t r, int64_t c) const { return double(dout[r * C + c]); }
+};
+struct AddTo {  // dst[c] += sum
+  float* dst;
+  __device__ void operator()(int64_t c, double s) const { dst[c] += float(s); }
+};
+
+}  // namespace
+}  // namespace cuda
+
+void CudaOps::layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                                const float* w, const float* b, int64_t N, int C, float eps) {
+  if (N <= 0 || C <= 0) return;
+  const unsigned blocks = unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock);
+  cuda::layernorm_forward_kernel<<<blocks, 32 * cuda::kRowsPerBlock, 0, stream_>>>(
+      out, mean, rstd, inp, w, b, N, C, eps);
+  CUDA_CHECK_LAUNCH("layernorm_forward_kernel");
+}
+
+void CudaOps::layernorm_backward(float* dinp, float* dw, float* db, const float* dout,
+                                 const float* inp, const float* w, const float* mean,
+                                 const float* rstd, int64_t N, int C) {
+  if (N <= 0 || C <= 0) return;
+  if (dinp) {
+    const unsigned blocks = unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock);
+    cuda::layernorm_dinp_kernel<<<blocks, 32 * cuda::kRowsPerBlock, 0, stream_>>>(
+        dinp, dout, inp, w, mean, rstd, N, C);
+    CUDA_CHECK_LAUNCH("layernorm_dinp_kernel");
+  }
+  if (dw || db) {
+    double* scratch =
+        static_cast<double*>(ws_.get(sizeof(double) * size_t(cuda::colsum_slabs(N) * C)));
+    if (dw)
+      cuda::colsum<double>(scratch, cuda::DwTerm{dout, inp, mean, rstd, C}, cuda::AddTo{dw}, N, C,
+                           stream_);
+    if (db) cuda::colsum<double>(scratch, cuda::DbTerm{dout, C}, cuda::AddTo{db}, N, C, stream_);
+  }
+}
+
+}  // namespace reformer

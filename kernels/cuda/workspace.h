@@ -1,0 +1,63 @@
+// Device scratch memory owned by CudaOps and lent to one op at a time.
+//
+// All ops run on one stream, so a region handed out by get() may be reused by
+// the next op without synchronisation; growing frees the old allocation
+// (cudaFree waits for the device), so pointers from an earlier get() are
+// invalid after the next one.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kernels/cuda/check.h"
+
+namespace reformer::cuda {
+
+class Workspace {
+ public:
+  Workspace() = default;
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  ~Workspace() {
+    if (p_) cudaFree(p_);  // never throws from a destructor
+  }
+  // At least `bytes` bytes of device memory, 256-byte aligned.
+  void* get(size_t bytes) {
+    if (bytes > cap_) {
+      if (p_) CUDA_CHECK(cudaFree(p_));
+      p_ = nullptr;
+      cap_ = 0;
+      const size_t grown = bytes + bytes / 4;
+      CUDA_CHECK(cudaMalloc(&p_, grown));
+      cap_ = grown;
+    }
+    return p_;
+  }
+
+ private:
+  void* p_ = nullptr;
+  size_t cap_ = 0;
+};
+
+// Lays out several regions in one workspace allocation: reserve() every
+// region first (recording offsets), then base = ws.get(total()), then at().
+class Carve {
+ public:
+  size_t reserve(size_t bytes) {
+    const size_t off = total_;
+    total_ += (bytes + 255) / 256 * 256;
+    return off;
+  }
+  size_t total() const { return total_ > 0 ? total_ : 256; }
+  template <class T>
+  static T* at(void* base, size_t off) {
+    return reinterpret_cast<T*>(static_cast<char*>(base) + off);
+  }
+
+ private:
+  size_t total_ = 0;
+};
+
+}  // namespace reformer::cuda
