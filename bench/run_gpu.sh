@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine: build, run the GPU test suite, time `reformer bench` on
 # the peers' model, then the peers themselves in the same call.
-#   bench/run_gpu.sh OUT_DIR LENGTHS [PEERS_SCRIPT]
-# e.g. bench/run_gpu.sh /tmp/out 16384,65536 .peers/peer_bench.py
+#   bench/run_gpu.sh OUT_DIR LENGTHS [PEERS_SCRIPT [PEER_LENGTHS]]
+# e.g. bench/run_gpu.sh /tmp/out 16384,65536,262144 .peers/peer_bench.py 16384,65536
 set -uo pipefail
 out=${1:?output folder}
 lengths=${2:-16384,65536}
 peers=${3:-}
+peer_lengths=${4:-$lengths}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 
@@ -22,7 +23,7 @@ build-gpu/reformer bench --config configs/bench-peer.yaml --lengths "$lengths" -
 grep -E '^\|' "$out/bench.log" || tail -20 "$out/bench.log"
 if [ -n "$peers" ]; then
   for p in hf flash; do
-    PYTHONUNBUFFERED=1 timeout 900 python3 "$peers" "$p" "$lengths" > "$out/peer-$p.log" 2>&1
+    PYTHONUNBUFFERED=1 timeout 900 python3 "$peers" "$p" "$peer_lengths" > "$out/peer-$p.log" 2>&1
     grep '^{' "$out/peer-$p.log"
   done
 fi

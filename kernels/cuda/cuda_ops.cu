@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
 
@@ -50,23 +52,48 @@ float* CudaOps::alloc(int64_t n) {
   if (n <= 0) return nullptr;
   void* p = nullptr;
   CUDA_CHECK(cudaMalloc(&p, sizeof(float) * size_t(n)));
+  track_alloc(p, sizeof(float) * size_t(n));
   return static_cast<float*>(p);
 }
 
 // release() runs from Buffer destructors, so it must not throw.
 void CudaOps::release(float* p) {
-  if (p) cudaFree(p);
+  if (!p) return;
+  track_release(p);
+  cudaFree(p);
 }
 
 int32_t* CudaOps::alloc_i32(int64_t n) {
   if (n <= 0) return nullptr;
   void* p = nullptr;
   CUDA_CHECK(cudaMalloc(&p, sizeof(int32_t) * size_t(n)));
+  track_alloc(p, sizeof(int32_t) * size_t(n));
   return static_cast<int32_t*>(p);
 }
 
 void CudaOps::release_i32(int32_t* p) {
-  if (p) cudaFree(p);
+  if (!p) return;
+  track_release(p);
+  cudaFree(p);
+}
+
+void CudaOps::track_alloc(const void* p, size_t bytes) {
+  sizes_[p] = bytes;
+  live_ += bytes;
+  peak_live_ = std::max(peak_live_, live_);
+}
+
+void CudaOps::track_release(const void* p) {
+  const auto it = sizes_.find(p);
+  if (it == sizes_.end()) return;
+  live_ -= it->second;
+  sizes_.erase(it);
+}
+
+// The op scratch only grows and the cuBLASLt workspace is held throughout,
+// so both count as held at the moment of peak allocation.
+int64_t CudaOps::peak_bytes() const {
+  return int64_t(peak_live_ + ws_.capacity() + lt_ws_bytes_);
 }
 
 void CudaOps::to_host(float* host, const float* src, int64_t n) {

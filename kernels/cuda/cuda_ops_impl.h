@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <map>
+#include <unordered_map>
 #include <tuple>
 
 #include "framework/ops.h"
@@ -43,6 +44,7 @@ class CudaOps final : public Ops<float> {
   void to_host_i32(int32_t* host, const int32_t* src, int64_t n) override;
   void from_host_i32(int32_t* dst, const int32_t* host, int64_t n) override;
   void synchronize() override;
+  int64_t peak_bytes() const override;
 
   void fill(float* x, float value, int64_t n) override;
   void copy(float* dst, const float* src, int64_t n) override;
@@ -115,6 +117,11 @@ class CudaOps final : public Ops<float> {
             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
   cudaStream_t stream_ = nullptr;  // the legacy default stream
+  // Device bytes held through alloc / alloc_i32, for peak_bytes().
+  std::unordered_map<const void*, size_t> sizes_;
+  size_t live_ = 0, peak_live_ = 0;
+  void track_alloc(const void* p, size_t bytes);
+  void track_release(const void* p);
   cuda::Workspace ws_;             // op scratch (CUB temp storage, attention buffers, partial sums)
   cublasLtHandle_t lt_ = nullptr;
   void* lt_ws_ = nullptr;          // cuBLASLt workspace

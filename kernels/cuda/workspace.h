@@ -35,6 +35,7 @@ class Workspace {
     }
     return p_;
   }
+  size_t capacity() const { return cap_; }
 
  private:
   void* p_ = nullptr;
