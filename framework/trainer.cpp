@@ -46,6 +46,9 @@ Trainer::Trainer(const Config& cfg, Communicator& comm, std::string metrics_path
                    "parallel.dp * parallel.sp must equal the number of processes (" +
                        std::to_string(comm.size()) + ")");
   ops_ = make_ops(cfg_.training.device);
+  REFORMER_REQUIRE(std::string(ops_->name()) == "cpu" || comm.size() == 1, ConfigError,
+                   "training.device: several processes on CUDA need the NCCL backend, which is "
+                   "not implemented yet (the MPI backend sums host buffers)");
   data_ = make_dataset(cfg_);
   model_ = std::make_unique<ReformerModel<float>>(cfg_, *ops_);
   model_->init_params(cfg_.training.seed);
