@@ -1,0 +1,109 @@
+// Learning-rate schedules, gradient clipping and the optimizer driver over
+// the flat parameter buffer.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "framework/optimizer.h"
+#include "kernels/cpu/cpu_ops.h"
+
+using namespace reformer;
+
+namespace {
+OptimizerConfig schedule(const std::string& name, double lr, int64_t warmup) {
+  OptimizerConfig c;
+  c.schedule = name;
+  c.lr = lr;
+  c.warmup_steps = warmup;
+  c.min_lr_ratio = 0.1;
+  return c;
+}
+}  // namespace
+
+TEST(Schedule, RsqrtWarmsUpLinearlyThenDecaysAsInverseSqrt) {
+  const OptimizerConfig c = schedule("rsqrt", 1e-3, 100);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 1, 1000), 1e-5);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 50, 1000), 5e-4);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 100, 1000), 1e-3);
+  EXPECT_NEAR(learning_rate(c, 400, 1000), 5e-4, 1e-15);  // sqrt(100 / 400) = 1/2
+  EXPECT_NEAR(learning_rate(c, 10000, 1000), 1e-4, 1e-15);
+}
+
+TEST(Schedule, CosineEndsAtTheFloor) {
+  const OptimizerConfig c = schedule("cosine", 2e-3, 10);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 5, 110), 1e-3);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 10, 110), 2e-3);
+  EXPECT_NEAR(learning_rate(c, 60, 110), 2e-3 * (0.1 + 0.9 * 0.5), 1e-15);  // halfway
+  EXPECT_NEAR(learning_rate(c, 110, 110), 2e-4, 1e-15);
+  EXPECT_NEAR(learning_rate(c, 500, 110), 2e-4, 1e-15);  // stays at the floor
+}
+
+TEST(Schedule, ConstantAfterWarmup) {
+  const OptimizerConfig c = schedule("constant", 3e-4, 4);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 2, 100), 1.5e-4);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 4, 100), 3e-4);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 99, 100), 3e-4);
+  EXPECT_DOUBLE_EQ(learning_rate(schedule("constant", 3e-4, 0), 1, 100), 3e-4);
+}
+
+TEST(Clip, ScalesDownOnlyAboveTheThreshold) {
+  CpuOps<double> ops;
+  std::vector<double> g = {3, 4};  // norm 5
+  EXPECT_DOUBLE_EQ(clip_grad_norm<double>(ops, g.data(), 2, 10.0), 5.0);
+  EXPECT_EQ(g, (std::vector<double>{3, 4}));
+  EXPECT_DOUBLE_EQ(clip_grad_norm<double>(ops, g.data(), 2, 1.0), 5.0);
+  EXPECT_NEAR(std::sqrt(g[0] * g[0] + g[1] * g[1]), 1.0, 1e-6);
+  EXPECT_NEAR(g[0] / g[1], 0.75, 1e-12);
+  std::vector<double> h = {3, 4};
+  clip_grad_norm<double>(ops, h.data(), 2, 0.0);  // 0 disables clipping
+  EXPECT_EQ(h, (std::vector<double>{3, 4}));
+}
+
+namespace {
+ParamTable two_params() {
+  ParamTable t;
+  t.add("w", {3, 4}, InitKind::normal, 0.1, /*decay*/ true);
+  t.add("b", {4}, InitKind::zeros, 0, /*decay*/ false);
+  return t;
+}
+}  // namespace
+
+TEST(Optimizer, AdamWStateMirrorsParametersAndDecaysMatricesOnly) {
+  CpuOps<double> ops;
+  const ParamTable t = two_params();
+  OptimizerConfig c;
+  c.name = "adamw";
+  c.weight_decay = 0.5;
+  Optimizer<double> opt(c, t, ops);
+  ASSERT_EQ(opt.state().size(), 4u);  // m, v for each parameter
+  EXPECT_EQ(opt.state()[0].state, "m");
+  EXPECT_EQ(opt.state()[1].state, "v");
+  EXPECT_EQ(opt.state()[2].shape, (std::vector<int64_t>{4}));
+  // With a zero gradient only weight decay moves the parameters, and only
+  // the matrix (decay = true) is decayed.
+  std::vector<double> p(16, 1.0), g(16, 0.0);
+  opt.step(p.data(), g.data(), 1, 0.1);
+  // lr and weight decay travel as float in AdamWParams: 1e-8 covers that.
+  for (int i = 0; i < 12; ++i) EXPECT_NEAR(p[size_t(i)], 1.0 - 0.1 * 0.5, 1e-8);
+  for (int i = 12; i < 16; ++i) EXPECT_DOUBLE_EQ(p[size_t(i)], 1.0);
+}
+
+TEST(Optimizer, AdafactorFactorsMatricesOnly) {
+  CpuOps<double> ops;
+  const ParamTable t = two_params();
+  OptimizerConfig c;
+  c.name = "adafactor";
+  c.beta1 = 0.0;
+  Optimizer<double> opt(c, t, ops);
+  ASSERT_EQ(opt.state().size(), 3u);  // vr [3], vc [4] for w; vr [4] for b
+  EXPECT_EQ(opt.state()[0].shape, (std::vector<int64_t>{3}));
+  EXPECT_EQ(opt.state()[1].shape, (std::vector<int64_t>{4}));
+  EXPECT_EQ(opt.state()[2].shape, (std::vector<int64_t>{4}));
+  c.beta1 = 0.9;
+  Optimizer<double> with_momentum(c, t, ops);
+  EXPECT_EQ(with_momentum.state().size(), 5u);
+  std::vector<double> p(16, 1.0), g(16, 0.25);
+  opt.step(p.data(), g.data(), 1, 0.01);
+  for (double x : p) EXPECT_LT(x, 1.0);  // a positive gradient lowers every weight
+}
