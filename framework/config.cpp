@@ -610,6 +610,9 @@ void validate(Config& c, const std::string& source, const Origins& origins) {
   const DataConfig& d = c.data;
   if (d.kind == "bytes" && d.path.empty())
     fail_at("data.kind", "data.kind = bytes needs data.path (the file of bytes)");
+  if (d.kind == "bytes" && m.vocab_size < 256)
+    fail_at("model.vocab_size", "model.vocab_size = " + s(m.vocab_size) +
+                                    " is too small for data.kind = bytes (needs 256)");
   if (d.kind == "duplication") {
     if (m.max_len % 2 != 0)
       fail_at("model.max_len", "model.max_len = " + s(m.max_len) +

@@ -122,6 +122,9 @@ TEST_F(Cli, MissingConfigFileExitsTwo) {
 }
 
 TEST_F(Cli, MissingDataFileIsRefusedWithAMessage) {
+  const Result small = run(tiny("--set data.kind=bytes --set data.path=" + path("enwik8")));
+  EXPECT_EQ(small.status, 2) << small.output;  // vocab 16 cannot hold bytes
+  EXPECT_NE(small.output.find("model.vocab_size"), std::string::npos) << small.output;
   const Result r = run(tiny("--set data.kind=bytes --set data.path=" + path("enwik8") +
                             " --set model.vocab_size=256"));
   EXPECT_EQ(r.status, 1);
