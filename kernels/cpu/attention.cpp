@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "framework/errors.h"
+#include "kernels/common/attention_checks.h"
 
 namespace reformer::cpu {
 
@@ -40,21 +41,10 @@ constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 // has k_hat = 0 and a finite gradient. A CUDA twin must use the same value.
 constexpr double kNormEps = 1e-12;
 
-void check_common(const AttentionParams& p, const char* op) {
-  if (p.L < 0 || p.dh <= 0 || p.ld < p.dh)
-    throw ShapeError(std::string(op) + ": need L >= 0, dh > 0, ld >= dh (L=" +
-                     std::to_string(p.L) + ", dh=" + std::to_string(p.dh) +
-                     ", ld=" + std::to_string(p.ld) + ")");
-}
+void check_common(const AttentionParams& p, const char* op) { check_attention_shape(p, op); }
 
 void check_chunked(const AttentionParams& p, const char* op) {
-  check_common(p, op);
-  if (p.n_rounds < 1 || p.chunk <= 0 || p.L % p.chunk != 0 || p.chunks_before < 0 ||
-      p.chunks_after < 0)
-    throw ShapeError(std::string(op) + ": need n_rounds >= 1, chunk > 0, L % chunk == 0, "
-                     "chunks_before >= 0, chunks_after >= 0 (L=" + std::to_string(p.L) +
-                     ", chunk=" + std::to_string(p.chunk) +
-                     ", n_rounds=" + std::to_string(p.n_rounds) + ")");
+  check_chunked_attention_shape(p, op);
 }
 
 template <class T>

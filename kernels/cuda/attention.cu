@@ -36,6 +36,7 @@
 #include <string>
 
 #include "framework/errors.h"
+#include "kernels/common/attention_checks.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
 #include "kernels/cuda/device_utils.cuh"
@@ -703,10 +704,7 @@ void dispatch_backward(const AttnGeom& g, int rounds, const float* qk, const flo
 }
 
 void check_common(const AttentionParams& p, const char* op) {
-  if (p.L < 0 || p.dh <= 0 || p.ld < p.dh)
-    throw ShapeError(std::string(op) + ": need L >= 0, dh > 0, ld >= dh (L=" +
-                     std::to_string(p.L) + ", dh=" + std::to_string(p.dh) +
-                     ", ld=" + std::to_string(p.ld) + ")");
+  check_attention_shape(p, op);
   if (p.dh > 128)
     throw ShapeError(std::string(op) + ": the CUDA kernels support dh <= 128, got " +
                      std::to_string(p.dh));
@@ -716,12 +714,7 @@ void check_common(const AttentionParams& p, const char* op) {
 
 void check_chunked(const AttentionParams& p, const char* op) {
   check_common(p, op);
-  if (p.n_rounds < 1 || p.chunk <= 0 || p.L % p.chunk != 0 || p.chunks_before < 0 ||
-      p.chunks_after < 0)
-    throw ShapeError(std::string(op) + ": need n_rounds >= 1, chunk > 0, L % chunk == 0, "
-                     "chunks_before >= 0, chunks_after >= 0 (L=" + std::to_string(p.L) +
-                     ", chunk=" + std::to_string(p.chunk) +
-                     ", n_rounds=" + std::to_string(p.n_rounds) + ")");
+  check_chunked_attention_shape(p, op);
   if (p.chunks_before + p.chunks_after + 1 > kMaxWindow)
     throw ShapeError(std::string(op) + ": chunks_before + chunks_after + 1 must be <= " +
                      std::to_string(kMaxWindow));

@@ -1,0 +1,30 @@
+// Argument checks shared by the CPU and CUDA attention ops.
+#pragma once
+
+#include <string>
+
+#include "framework/errors.h"
+#include "kernels/common/params.h"
+
+namespace reformer {
+
+// Throws ShapeError unless L >= 0, dh > 0 and ld >= dh.
+inline void check_attention_shape(const AttentionParams& p, const char* op) {
+  if (p.L < 0 || p.dh <= 0 || p.ld < p.dh)
+    throw ShapeError(std::string(op) + ": need L >= 0, dh > 0, ld >= dh (L=" +
+                     std::to_string(p.L) + ", dh=" + std::to_string(p.dh) +
+                     ", ld=" + std::to_string(p.ld) + ")");
+}
+
+// The above, and a chunk geometry that divides the sequence.
+inline void check_chunked_attention_shape(const AttentionParams& p, const char* op) {
+  check_attention_shape(p, op);
+  if (p.n_rounds < 1 || p.chunk <= 0 || p.L % p.chunk != 0 || p.chunks_before < 0 ||
+      p.chunks_after < 0)
+    throw ShapeError(std::string(op) + ": need n_rounds >= 1, chunk > 0, L % chunk == 0, "
+                     "chunks_before >= 0, chunks_after >= 0 (L=" + std::to_string(p.L) +
+                     ", chunk=" + std::to_string(p.chunk) +
+                     ", n_rounds=" + std::to_string(p.n_rounds) + ")");
+}
+
+}  // namespace reformer
