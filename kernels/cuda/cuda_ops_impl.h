@@ -7,7 +7,8 @@
 // (elementwise.cu, matmul.cu, attention.cu, ...), next to their kernels.
 //
 // Numerics: fp32 storage everywhere; GEMMs use bf16 tensor-core math with
-// fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF); everything else computes
+// fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF), except lsh_hash's TF32
+// products (CUBLAS_COMPUTE_32F_FAST_TF32); everything else computes
 // in fp32 (reductions of losses, norms and optimizer statistics in double).
 // Determinism: every op gives the same bits on every run except
 // embedding_backward's dwte (atomicAdd over tokens) - see embedding.cu.
@@ -132,9 +133,11 @@ class CudaOps final : public Ops<float> {
   using GemmKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
   struct GemmChoice {
     cublasLtMatmulAlgo_t algo;
-    cublasComputeType_t compute;  // CUBLAS_COMPUTE_32F_FAST_16BF unless no bf16 kernel fits
+    cublasComputeType_t compute;  // CUBLAS_COMPUTE_32F_FAST_16BF (lsh: _TF32) unless none fits
   };
   std::map<GemmKey, GemmChoice> algo_cache_;
+  // lsh_hash's TF32 products (lsh.cu), same key with the alignment of x only.
+  std::map<GemmKey, GemmChoice> lsh_algo_cache_;
 };
 
 }  // namespace reformer

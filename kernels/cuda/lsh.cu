@@ -4,16 +4,24 @@
 //  - Rotations: element i of R is rng_normal(make_key(seed, step, layer,
 //    head, 1), i), the CPU's stream; device logf/cosf may differ from the
 //    host's by an ulp, so hashes agree with the CPU except at near-ties.
-//  - Hash: one thread per (position, round), the position's vector and a
-//    32-column tile of the rotation staged in shared memory; argmax over
-//    concat(y, -y) with the lowest index on ties.
+//  - Hash: y = x @ R for all rounds in one cuBLASLt GEMM per chunk of
+//    positions, x [rows, dh] (row stride ld) times Rcat [dh, n_hashes * nb/2]
+//    (R's rounds side by side), with TF32 tensor-core math accumulating in
+//    fp32 (CUBLAS_COMPUTE_32F_FAST_TF32; plain fp32 if cuBLASLt offers no
+//    TF32 kernel for the alignment). TF32 keeps 10 mantissa bits, so y differs
+//    from the CPU's fp32 sums by ~1e-3 relative and buckets agree except at
+//    near-ties. The fp32 products of one chunk (at most kHashScratchBytes, in
+//    the op workspace) feed a warp-per-(position, round) argmax over
+//    concat(y, -y) with the lowest index on ties, as on the CPU.
 //  - Sort: one CUB radix sort of the keys (round, bucket, position) packed in
 //    32 or 64 bits; the position bits make it stable by position. A bucket
 //    id outside [0, n_buckets) throws ShapeError (checked on the host after
 //    the sort, which costs one synchronisation).
-// All three are bitwise reproducible.
+// All three are bitwise reproducible on one GPU model and toolkit.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cub/device/device_radix_sort.cuh>
 #include <string>
 
@@ -28,8 +36,10 @@ namespace cuda {
 namespace {
 
 constexpr uint64_t kRotationPurpose = 1;  // as in kernels/cpu/lsh.cpp
-constexpr int kHashThreads = 64;          // positions per block of the hash kernel
-constexpr int kHashCols = 32;             // rotation columns per shared-memory tile
+constexpr int kArgmaxThreads = 256;       // 8 warps: 8 (position, round) pairs per block
+// Bound on the fp32 products x @ Rcat held at once: positions are hashed in
+// chunks of at most this many bytes of [chunk, n_hashes * n_buckets/2].
+constexpr int64_t kHashScratchBytes = int64_t(256) << 20;
 
 void check_buckets(int n_buckets) {
   if (n_buckets < 2 || n_buckets % 2 != 0)
@@ -48,66 +58,105 @@ __global__ void rotations_kernel(float* R, RngKey key, int64_t n) {
     R[i] = rng_normal(key, uint64_t(i));
 }
 
-// buckets[r, i] for i in this block's positions, r = blockIdx.y. The
-// rotation is staged kHashCols columns at a time in shared memory; each
-// thread keeps its kHashCols projections in registers (y summed over d in
-// increasing order, as on the CPU).
-__global__ void __launch_bounds__(kHashThreads) hash_kernel(int32_t* buckets, const float* qk,
-                                                            int64_t ld, const float* R, int64_t L,
-                                                            int dh, int half) {
-  extern __shared__ float smem[];
-  float* xs = smem;                                // [kHashThreads][dh + 1]
-  float4* rs = reinterpret_cast<float4*>(smem + ((kHashThreads * (dh + 1) + 3) / 4) * 4);
-                                                   // [dh][kHashCols / 4]
-  const int64_t i0 = int64_t(blockIdx.x) * kHashThreads;
-  const int r = blockIdx.y;
-  for (int e = threadIdx.x; e < kHashThreads * dh; e += blockDim.x) {
-    const int t = e / dh, d = e % dh;
-    xs[t * (dh + 1) + d] = i0 + t < L ? qk[(i0 + t) * ld + d] : 0.0f;
+// Rcat[d, r * half + j] = R[r, d, j]: the rounds side by side, rows ldy apart,
+// so one GEMM x @ Rcat computes every round.
+__global__ void concat_rounds_kernel(float* Rcat, int64_t ldy, const float* R, int dh, int half,
+                                     int64_t n) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = e % half, rd = e / half;
+    const int64_t d = rd % dh, r = rd / dh;
+    Rcat[d * ldy + r * half + j] = R[e];
   }
-  const int64_t i = i0 + threadIdx.x;
-  const float* x = xs + threadIdx.x * (dh + 1);
-  const float* Rr = R + int64_t(r) * dh * half;
-  float best_pos = 0.0f, best_neg = 0.0f;
-  int arg_pos = 0, arg_neg = 0;
-  for (int k0 = 0; k0 < half; k0 += kHashCols) {
-    __syncthreads();  // xs written / the previous rotation tile consumed
-    float* rsf = reinterpret_cast<float*>(rs);
-    for (int e = threadIdx.x; e < dh * kHashCols; e += blockDim.x) {
-      const int d = e / kHashCols, j = e % kHashCols;
-      rsf[e] = k0 + j < half ? Rr[int64_t(d) * half + k0 + j] : 0.0f;
-    }
-    __syncthreads();
-    float y[kHashCols];
-#pragma unroll
-    for (int j = 0; j < kHashCols; ++j) y[j] = 0.0f;
-    for (int d = 0; d < dh; ++d) {
-      const float xd = x[d];
-#pragma unroll
-      for (int j4 = 0; j4 < kHashCols / 4; ++j4) {
-        const float4 rv = rs[d * (kHashCols / 4) + j4];
-        y[4 * j4 + 0] += xd * rv.x;
-        y[4 * j4 + 1] += xd * rv.y;
-        y[4 * j4 + 2] += xd * rv.z;
-        y[4 * j4 + 3] += xd * rv.w;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kHashCols; ++j) {
-      const int k = k0 + j;
-      if (k >= half) break;
-      if (k == 0 || y[j] > best_pos) {
-        best_pos = y[j];
-        arg_pos = k;
-      }
-      if (k == 0 || -y[j] > best_neg) {
-        best_neg = -y[j];
-        arg_neg = k;
-      }
-    }
-  }
-  if (i < L) buckets[int64_t(r) * L + i] = best_neg > best_pos ? half + arg_neg : arg_pos;
 }
+
+// Running argmax / argmin of one lane's values, visited in increasing k; the
+// indices are -1 until the first value. Strict comparisons keep the lowest k.
+struct Extremes {
+  float hi, lo;
+  int khi, klo;
+  __device__ void see(float v, int k) {
+    if (khi < 0 || v > hi) {
+      hi = v;
+      khi = k;
+    }
+    if (klo < 0 || v < lo) {
+      lo = v;
+      klo = k;
+    }
+  }
+};
+
+// buckets[r, c0 + i] = argmax over concat(y, -y), y = Y[i, r * half .. + half),
+// lowest index on ties as on the CPU: the max of y if max y >= -min y, else
+// half + the first position of min y. One warp per (position, round).
+template <bool kVec4>
+__global__ void __launch_bounds__(kArgmaxThreads)
+    argmax_kernel(int32_t* buckets, const float* Y, int64_t ldy, int64_t rows, int64_t c0,
+                  int64_t L, int n_hashes, int half) {
+  const int64_t seg = int64_t(blockIdx.x) * (kArgmaxThreads / 32) + threadIdx.x / 32;
+  if (seg >= rows * n_hashes) return;
+  const int lane = int(threadIdx.x % 32);
+  const int64_t i = seg / n_hashes;
+  const int r = int(seg % n_hashes);
+  const float* y = Y + i * ldy + int64_t(r) * half;
+  Extremes e{0.0f, 0.0f, -1, -1};
+  if constexpr (kVec4) {
+    const float4* y4 = reinterpret_cast<const float4*>(y);
+#pragma unroll 4
+    for (int q = lane; q < half / 4; q += 32) {
+      const float4 v = __ldcs(y4 + q);  // read once: do not keep in cache
+      e.see(v.x, 4 * q);
+      e.see(v.y, 4 * q + 1);
+      e.see(v.z, 4 * q + 2);
+      e.see(v.w, 4 * q + 3);
+    }
+  } else {
+    for (int k = lane; k < half; k += 32) e.see(__ldcs(y + k), k);
+  }
+  // Butterfly: every lane ends with the warp's extremes, ties to the lowest k.
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float hi = __shfl_xor_sync(0xffffffffu, e.hi, off);
+    const float lo = __shfl_xor_sync(0xffffffffu, e.lo, off);
+    const int khi = __shfl_xor_sync(0xffffffffu, e.khi, off);
+    const int klo = __shfl_xor_sync(0xffffffffu, e.klo, off);
+    if (khi >= 0 && (e.khi < 0 || hi > e.hi || (hi == e.hi && khi < e.khi))) {
+      e.hi = hi;
+      e.khi = khi;
+    }
+    if (klo >= 0 && (e.klo < 0 || lo < e.lo || (lo == e.lo && klo < e.klo))) {
+      e.lo = lo;
+      e.klo = klo;
+    }
+  }
+  if (lane == 0) {
+    const int b = -e.lo > e.hi ? half + e.klo : e.khi;  // lane 0 saw k = 0, so both are set
+    buckets[int64_t(r) * L + c0 + i] = b;
+  }
+}
+
+// Largest power of two (<= 16) dividing both the address and the row stride in bytes.
+int alignment(const void* p, int64_t ld) {
+  const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(p)) | uint64_t(ld * 4);
+  int al = 16;
+  while (al > 4 && (a % uint64_t(al)) != 0) al >>= 1;
+  return al;
+}
+
+// RAII holders for the cuBLASLt descriptors of one call.
+struct LtDescs {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDescs() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
 
 template <class Key>
 __global__ void make_keys_kernel(Key* keys, int32_t* bad, const int32_t* buckets, int64_t L,
@@ -184,16 +233,89 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
   cuda::check_buckets(n_buckets);
   if (L <= 0 || n_hashes <= 0) return;
   if (dh <= 0 || ld < dh) throw ShapeError("lsh_hash: need dh > 0 and ld >= dh");
-  const size_t smem =
-      sizeof(float) * (size_t((cuda::kHashThreads * (dh + 1) + 3) / 4) * 4 +
-                       size_t(dh) * cuda::kHashCols);
-  if (smem > 48 * 1024)
-    CUDA_CHECK(cudaFuncSetAttribute(cuda::hash_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    int(smem)));
-  const dim3 grid(unsigned((L + cuda::kHashThreads - 1) / cuda::kHashThreads), unsigned(n_hashes));
-  cuda::hash_kernel<<<grid, cuda::kHashThreads, smem, stream_>>>(buckets, qk, ld, R, L, dh,
-                                                                 n_buckets / 2);
-  CUDA_CHECK_LAUNCH("hash_kernel");
+  const int half = n_buckets / 2;
+  const int64_t m = int64_t(n_hashes) * half;  // columns of Rcat and of the products
+  const int64_t ldy = (m + 3) / 4 * 4;         // rows 16-byte aligned
+  int64_t chunk = std::max<int64_t>(1, cuda::kHashScratchBytes / (ldy * int64_t(sizeof(float))));
+  if (chunk >= 256) chunk = chunk / 256 * 256;
+  chunk = std::min(chunk, L);
+
+  cuda::Carve carve;
+  const size_t off_r = carve.reserve(sizeof(float) * size_t(dh) * size_t(ldy));
+  const size_t off_y = carve.reserve(sizeof(float) * size_t(chunk) * size_t(ldy));
+  void* base = ws_.get(carve.total());
+  float* Rcat = cuda::Carve::at<float>(base, off_r);
+  float* Y = cuda::Carve::at<float>(base, off_y);
+
+  const int64_t nR = m * dh;
+  cuda::concat_rounds_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rcat, ldy, R, dh,
+                                                                                half, nR);
+  CUDA_CHECK_LAUNCH("concat_rounds_kernel");
+
+  // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ld).
+  auto make = [&](cuda::LtDescs& d, cublasComputeType_t compute, int64_t rows) {
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
+    const cublasOperation_t tn = CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &tn, sizeof(tn)));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tn, sizeof(tn)));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, CUDA_R_32F, uint64_t(m), uint64_t(dh), ldy));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, CUDA_R_32F, uint64_t(dh), uint64_t(rows), ld));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, CUDA_R_32F, uint64_t(m), uint64_t(rows), ldy));
+  };
+  const float alpha = 1.0f, beta = 0.0f;
+  for (int64_t c0 = 0; c0 < L; c0 += chunk) {
+    const int64_t rows = std::min(chunk, L - c0);
+    const float* x = qk + c0 * ld;
+    const int al_x = cuda::alignment(x, ld);
+    const GemmKey key{0, 0, m, rows, int64_t(dh), ldy, ld, ldy, 0, al_x};
+    // TF32 tensor-core math; plain fp32 only if cuBLASLt offers no TF32 kernel.
+    auto it = lsh_algo_cache_.find(key);
+    if (it == lsh_algo_cache_.end()) {
+      for (cublasComputeType_t compute : {CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_32F}) {
+        cuda::LtDescs q;
+        make(q, compute, rows);
+        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&q.pref));
+        const uint64_t ws = lt_ws_bytes_;
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+            q.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+        const uint32_t a16 = 16, ab = uint32_t(al_x);
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a16, sizeof(a16)));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab)));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &a16, sizeof(a16)));
+        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
+            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &a16, sizeof(a16)));
+        cublasLtMatmulHeuristicResult_t result{};
+        int found = 0;
+        const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, q.op, q.a, q.b, q.c, q.c,
+                                                                 q.pref, 1, &result, &found);
+        if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
+          it = lsh_algo_cache_.emplace(key, GemmChoice{result.algo, compute}).first;
+          break;
+        }
+      }
+      if (it == lsh_algo_cache_.end())
+        throw DeviceError("lsh_hash: no cuBLASLt algorithm for m=" + std::to_string(m) +
+                          " n=" + std::to_string(rows) + " k=" + std::to_string(dh) +
+                          " (at " __FILE__ ")");
+    }
+    cuda::LtDescs d;
+    make(d, it->second.compute, rows);
+    CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, Rcat, d.a, x, d.b, &beta, Y, d.c, Y, d.c,
+                                &it->second.algo, lt_ws_, lt_ws_bytes_, stream_));
+
+    const unsigned blocks = unsigned((rows * n_hashes + cuda::kArgmaxThreads / 32 - 1) /
+                                     (cuda::kArgmaxThreads / 32));
+    if (half % 4 == 0)
+      cuda::argmax_kernel<true><<<blocks, cuda::kArgmaxThreads, 0, stream_>>>(
+          buckets, Y, ldy, rows, c0, L, n_hashes, half);
+    else
+      cuda::argmax_kernel<false><<<blocks, cuda::kArgmaxThreads, 0, stream_>>>(
+          buckets, Y, ldy, rows, c0, L, n_hashes, half);
+    CUDA_CHECK_LAUNCH("argmax_kernel");
+  }
 }
 
 void CudaOps::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
