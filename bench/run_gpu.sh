@@ -18,7 +18,7 @@ cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITE
   || { tail -40 "$out/build.log"; exit 1; }
 ctest --test-dir build-gpu -L gpu --output-on-failure > "$out/gpu-tests.log" 2>&1
 echo "gpu tests: $(tail -n 8 "$out/gpu-tests.log" | grep -E 'tests passed|FAILED' | head -1)"
-build-gpu/reformer bench --config configs/bench-peer.yaml --lengths "$lengths" --steps 3 \
+build-gpu/reformer bench --config configs/bench-peer.yaml --lengths "$lengths" --steps 2 \
   > "$out/bench.log" 2>&1
 grep -E '^\|' "$out/bench.log" || tail -20 "$out/bench.log"
 if [ -n "$peers" ]; then
