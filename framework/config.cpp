@@ -86,6 +86,7 @@ const std::vector<Key>& keys() {
       num(KEY(attention, bucket_size), 1, 1 << 20),
       num(KEY(attention, n_hashes), 1, 64),
       num(KEY(attention, n_buckets), 0, 1 << 24),
+      any(KEY(attention, factorize_buckets)),
       num(KEY(attention, chunks_before), 0, 64),
       num(KEY(attention, chunks_after), 0, 64),
       any(KEY(attention, causal)),
@@ -602,6 +603,10 @@ void validate(Config& c, const std::string& source, const Origins& origins) {
   if (a.n_buckets % 2 != 0)
     fail_at("attention.n_buckets", "attention.n_buckets = " + s(a.n_buckets) +
                                        " must be even (0 chooses it from max_len / bucket_size)");
+  if (a.factorize_buckets && a.n_buckets >= 4 && (a.n_buckets & (a.n_buckets - 1)) != 0)
+    fail_at("attention.n_buckets", "attention.n_buckets = " + s(a.n_buckets) +
+                                       " must be a power of two when attention.factorize_buckets"
+                                       " is true (0 chooses one from max_len / bucket_size)");
   if (a.causal && a.chunks_after != 0)
     fail_at("attention.chunks_after", "attention.chunks_after = " + s(a.chunks_after) +
                                           " must be 0 when attention.causal is true");
@@ -653,6 +658,14 @@ int Config::buckets() const {
   if (attention.n_buckets > 0) return attention.n_buckets;
   int64_t wanted = (2 * int64_t(model.max_len) + attention.bucket_size - 1) / attention.bucket_size;
   return int(pow2_at_least(std::max<int64_t>(wanted, 2)));
+}
+
+int Config::bucket_factor0() const {
+  const int nb = buckets();
+  if (!attention.factorize_buckets || nb < 4) return 0;
+  int k = 0;
+  while ((int64_t(1) << (k + 1)) <= nb) ++k;  // nb = 2^k (validated)
+  return 1 << (k / 2);
 }
 
 void validate_config(Config& c, const std::string& source_name) {

@@ -37,6 +37,7 @@ struct AttentionConfig {
   int bucket_size = 32;                   // positions per chunk after sorting (LSH), per local chunk
   int n_hashes = 2;                       // hash rounds
   int n_buckets = 0;                      // per round, even; 0: 2 * max_len / bucket_size rounded to a power of two
+  bool factorize_buckets = false;         // hash n_buckets = f0 * f1 (>= 4, a power of two) as HF: bucket_factor0()
   int chunks_before = 1;                  // previous chunks each chunk attends to
   int chunks_after = 0;                   // following chunks (must be 0 for causal models)
   bool causal = true;                     // language modelling mask
@@ -123,6 +124,10 @@ struct Config {
     return attention.kinds[size_t(layer) % attention.kinds.size()];
   }
   int buckets() const;  // n_buckets, resolved
+  // Factorized hashing (attention.factorize_buckets, buckets() = 2^k >= 4):
+  // f0 = 2^floor(k/2), so that buckets() = f0 * f1 with f1 = 2^(k - floor(k/2));
+  // 0 when the buckets are not factorized (flag off or buckets() < 4).
+  int bucket_factor0() const;
 
   bool operator==(const Config&) const = default;
 };

@@ -75,6 +75,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops) : cfg_(cfg), ops
   d1_ = m.axial_dims[0];
   a2_ = m.axial_shape[1];
   nb_ = cfg.buckets();
+  f0_ = cfg.bucket_factor0();
   const int HD = H_ * dh_;
 
   // Parameter layout; names are the checkpoint's dataset names.
@@ -120,7 +121,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops) : cfg_(cfg), ops
   for (Buffer<T>* b : {&s.qk, &s.v, &s.ao, &s.dqk, &s.dv, &s.dao}) *b = Buffer<T>(ops, LHD);
   s.out_r = Buffer<T>(ops, int64_t(H_) * s.rounds * L_ * dh_);
   s.lse = Buffer<T>(ops, int64_t(H_) * s.rounds * L_);
-  s.rot = Buffer<T>(ops, int64_t(nh) * dh_ * (nb_ / 2));
+  s.rot = Buffer<T>(ops, int64_t(nh) * dh_ * rotation_cols(nb_, f0_));
   s.perm = IntBuffer<T>(ops, int64_t(nh) * L_);
   s.identity = IntBuffer<T>(ops, L_);
   {
@@ -228,8 +229,8 @@ void ReformerModel<T>::attention_forward(int l, const T* x, T* out, uint64_t ste
     } else {
       int32_t* buckets = s.buckets[size_t(l)].data() + int64_t(h) * nh * L_;
       if (rehash) {
-        ops_.lsh_rotations(s.rot.data(), cfg_.training.seed, step, l, h, nh, dh_, nb_);
-        ops_.lsh_hash(buckets, qk, HD, s.rot.data(), L_, dh_, nh, nb_);
+        ops_.lsh_rotations(s.rot.data(), cfg_.training.seed, step, l, h, nh, dh_, nb_, f0_);
+        ops_.lsh_hash(buckets, qk, HD, s.rot.data(), L_, dh_, nh, nb_, f0_);
       }
       ops_.lsh_sort(s.perm.data(), buckets, L_, nh, nb_);
       ap.n_rounds = nh;

@@ -90,6 +90,7 @@ class ReformerModel {
   int64_t L_;
   int D_, H_, dh_, F_, V_, NL_;
   int d1_, a2_, nb_;
+  int f0_;  // bucket factor 0 (Config::bucket_factor0); 0: not factorized
   Buffer<T> params_, grads_;
   Scratch* s_;
 };

@@ -95,13 +95,20 @@ class Ops {
                                    Activation act) = 0;
 
   // ---------------------------------------------------------------- LSH
-  // R [n_hashes, dh, n_buckets/2] ~ N(0, 1) from the stream keyed by
-  // (seed, step, layer, head); round r uses R + r * dh * n_buckets/2.
+  // factor0: 0 hashes into n_buckets with one rotation block per round;
+  // otherwise n_buckets = factor0 * factor1 (both even) with one block per
+  // factor (kernels/common/params.h, rotation_cols). cols below is
+  // rotation_cols(n_buckets, factor0).
+  // R [n_hashes, dh, cols] ~ N(0, 1) from the stream keyed by
+  // (seed, step, layer, head); round r uses R + r * dh * cols.
   virtual void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head,
-                             int n_hashes, int dh, int n_buckets) = 0;
-  // buckets[r, i] = argmax(concat(x_i R_r, -x_i R_r)), x_i = qk[i * ld .. + dh].
+                             int n_hashes, int dh, int n_buckets, int factor0) = 0;
+  // y = x_i R_r, x_i = qk[i * ld .. + dh]. factor0 == 0:
+  // buckets[r, i] = argmax(concat(y, -y)); otherwise b0 + factor0 * b1 with
+  // b0 = argmax(concat(y0, -y0)), y0 = y[0, factor0/2), b1 likewise over the
+  // rest of y. Ties go to the lowest index.
   virtual void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-                        int n_hashes, int n_buckets) = 0;
+                        int n_hashes, int n_buckets, int factor0) = 0;
   // perm[r, s] = position at slot s when round r is sorted by (bucket, position).
   virtual void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
                         int n_buckets) = 0;

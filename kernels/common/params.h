@@ -3,6 +3,14 @@
 
 #include <cstdint>
 
+#ifndef REFORMER_HD  // as in kernels/common/philox.h
+#if defined(__CUDACC__)
+#define REFORMER_HD __host__ __device__ __forceinline__
+#else
+#define REFORMER_HD inline
+#endif
+#endif
+
 namespace reformer {
 
 enum class Activation { gelu, relu };
@@ -10,6 +18,15 @@ enum class Activation { gelu, relu };
 // Masked scores are set (not added) to these values, as in trax and HF.
 constexpr double kCausalMaskValue = -1e9;  // key position > query position
 constexpr double kSelfMaskValue = -1e5;    // a query's own position
+
+// LSH rotation columns per hash round. factor0 == 0: one block of
+// n_buckets/2 columns, bucket = argmax(concat(y, -y)). Otherwise the buckets
+// factor as n_buckets = factor0 * factor1 (HF / trax): two blocks of
+// factor0/2 and factor1/2 columns, factor 0's first; bucket = b0 + factor0 * b1
+// with b_i = argmax(concat(y_i, -y_i)) over block i.
+REFORMER_HD int rotation_cols(int n_buckets, int factor0) {
+  return factor0 == 0 ? n_buckets / 2 : factor0 / 2 + (n_buckets / factor0) / 2;
+}
 
 // One attention call over one head of one sequence.
 // Positions are first permuted by `perm` (one order per round), cut into

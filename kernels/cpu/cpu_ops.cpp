@@ -107,13 +107,13 @@ void CpuOps<T>::activation_backward(T* dinp, const T* dout, const T* inp, int64_
 
 template <class T>
 void CpuOps<T>::lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head,
-                              int n_hashes, int dh, int n_buckets) {
-  cpu::lsh_rotations(R, seed, step, layer, head, n_hashes, dh, n_buckets);
+                              int n_hashes, int dh, int n_buckets, int factor0) {
+  cpu::lsh_rotations(R, seed, step, layer, head, n_hashes, dh, n_buckets, factor0);
 }
 template <class T>
 void CpuOps<T>::lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-                         int n_hashes, int n_buckets) {
-  cpu::lsh_hash(buckets, qk, ld, R, L, dh, n_hashes, n_buckets);
+                         int n_hashes, int n_buckets, int factor0) {
+  cpu::lsh_hash(buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0);
 }
 template <class T>
 void CpuOps<T>::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,

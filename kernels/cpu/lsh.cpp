@@ -1,11 +1,14 @@
 // LSH hashing by random rotations and the per-round sort (CPU reference).
 //
 // Contracts (framework/ops.h, DESIGN.md section 1):
-//  - R [n_hashes, dh, n_buckets/2]: element i is rng_normal(key, i) with
+//  - R [n_hashes, dh, cols], cols = rotation_cols(n_buckets, factor0)
+//    (kernels/common/params.h): element i is rng_normal(key, i) with
 //    key = make_key(seed, step, layer, head, 1); round r's block starts at
-//    r * dh * n_buckets/2.
-//  - buckets [n_hashes, L]: argmax over concat(x_i R_r, -x_i R_r), lowest index
-//    on ties, x_i = qk[i * ld .. i * ld + dh).
+//    r * dh * cols.
+//  - buckets [n_hashes, L]: with y = x_i R_r, x_i = qk[i * ld .. i * ld + dh),
+//    argmax over concat(y, -y) (factor0 == 0), or b0 + factor0 * b1 with b0,
+//    b1 the argmaxes over concat(y0, -y0) and concat(y1, -y1) for y's first
+//    factor0/2 columns y0 and the rest y1; lowest index on ties.
 //  - perm [n_hashes, L]: the positions of round r stably sorted by
 //    (bucket, position); every bucket id must lie in [0, n_buckets).
 #include "kernels/cpu/lsh.h"
@@ -14,6 +17,7 @@
 #include <vector>
 
 #include "framework/errors.h"
+#include "kernels/common/params.h"
 #include "kernels/common/philox.h"
 
 namespace reformer::cpu {
@@ -32,14 +36,37 @@ void check_buckets(int n_buckets) {
     throw ShapeError("lsh: n_buckets must be even and >= 2, got " + std::to_string(n_buckets));
 }
 
+// factor0 == 0, or an even factor0 >= 2 with an even cofactor n_buckets / factor0 >= 2.
+void check_factor(int n_buckets, int factor0) {
+  check_buckets(n_buckets);
+  if (factor0 == 0) return;
+  if (factor0 < 2 || factor0 % 2 != 0 || n_buckets % factor0 != 0 ||
+      (n_buckets / factor0) % 2 != 0)
+    throw ShapeError("lsh: factor0 = " + std::to_string(factor0) +
+                     " must be 0 or an even factor of n_buckets = " + std::to_string(n_buckets) +
+                     " with an even cofactor");
+}
+
+// argmax over concat(y[0, n), -y[0, n)); strict '>' keeps the lowest index on ties.
+template <class T>
+int signed_argmax(const T* y, int n) {
+  int best = 0;
+  T best_val = y[0];
+  for (int k = 1; k < n; ++k)
+    if (y[k] > best_val) { best_val = y[k]; best = k; }
+  for (int k = 0; k < n; ++k)
+    if (-y[k] > best_val) { best_val = -y[k]; best = n + k; }
+  return best;
+}
+
 }  // namespace
 
 template <class T>
 void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,
-                   int n_buckets) {
-  check_buckets(n_buckets);
+                   int n_buckets, int factor0) {
+  check_factor(n_buckets, factor0);
   const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(head), kRotationPurpose);
-  const int64_t n = int64_t(n_hashes) * dh * (n_buckets / 2);
+  const int64_t n = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
   const bool par = n * 64 >= kMinParallelWork;  // a normal costs ~64 multiply-adds
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t i = 0; i < n; ++i) R[i] = T(rng_normal(key, uint64_t(i)));
@@ -47,32 +74,28 @@ void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int 
 
 template <class T>
 void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-              int n_hashes, int n_buckets) {
-  check_buckets(n_buckets);
-  const int half = n_buckets / 2;
-  const bool par = L * n_hashes * dh * half >= kMinParallelWork;
+              int n_hashes, int n_buckets, int factor0) {
+  check_factor(n_buckets, factor0);
+  const int cols = rotation_cols(n_buckets, factor0);
+  const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
+  const bool par = L * n_hashes * dh * cols >= kMinParallelWork;
 #pragma omp parallel if (par)
   {
-    std::vector<T> y(size_t(half), T(0));
+    std::vector<T> y(size_t(cols), T(0));
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < L; ++i) {
       const T* x = qk + i * ld;
       for (int r = 0; r < n_hashes; ++r) {
-        const T* Rr = R + int64_t(r) * dh * half;
-        for (int k = 0; k < half; ++k) y[size_t(k)] = T(0);
+        const T* Rr = R + int64_t(r) * dh * cols;
+        for (int k = 0; k < cols; ++k) y[size_t(k)] = T(0);
         for (int d = 0; d < dh; ++d) {
           const T xd = x[d];
-          const T* row = Rr + int64_t(d) * half;
-          for (int k = 0; k < half; ++k) y[size_t(k)] += xd * row[k];
+          const T* row = Rr + int64_t(d) * cols;
+          for (int k = 0; k < cols; ++k) y[size_t(k)] += xd * row[k];
         }
-        // argmax over concat(y, -y); strict '>' keeps the lowest index on ties.
-        int best = 0;
-        T best_val = y[0];
-        for (int k = 1; k < half; ++k)
-          if (y[size_t(k)] > best_val) { best_val = y[size_t(k)]; best = k; }
-        for (int k = 0; k < half; ++k)
-          if (-y[size_t(k)] > best_val) { best_val = -y[size_t(k)]; best = half + k; }
-        buckets[int64_t(r) * L + i] = int32_t(best);
+        int b = signed_argmax(y.data(), h0);
+        if (factor0 != 0) b += factor0 * signed_argmax(y.data() + h0, cols - h0);
+        buckets[int64_t(r) * L + i] = int32_t(b);
       }
     }
   }
@@ -98,11 +121,11 @@ void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, in
   }
 }
 
-template void lsh_rotations<float>(float*, uint64_t, uint64_t, int, int, int, int, int);
-template void lsh_rotations<double>(double*, uint64_t, uint64_t, int, int, int, int, int);
+template void lsh_rotations<float>(float*, uint64_t, uint64_t, int, int, int, int, int, int);
+template void lsh_rotations<double>(double*, uint64_t, uint64_t, int, int, int, int, int, int);
 template void lsh_hash<float>(int32_t*, const float*, int64_t, const float*, int64_t, int, int,
-                              int);
+                              int, int);
 template void lsh_hash<double>(int32_t*, const double*, int64_t, const double*, int64_t, int, int,
-                               int);
+                               int, int);
 
 }  // namespace reformer::cpu

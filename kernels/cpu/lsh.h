@@ -8,10 +8,10 @@ namespace reformer::cpu {
 
 template <class T>
 void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,
-                   int n_buckets);
+                   int n_buckets, int factor0);
 template <class T>
 void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-              int n_hashes, int n_buckets);
+              int n_hashes, int n_buckets, int factor0);
 void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets);
 
 }  // namespace reformer::cpu

@@ -84,9 +84,9 @@ class CudaOps final : public Ops<float> {
                            Activation act) override;
 
   void lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes,
-                     int dh, int n_buckets) override;
+                     int dh, int n_buckets, int factor0) override;
   void lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const float* R, int64_t L, int dh,
-                int n_hashes, int n_buckets) override;
+                int n_hashes, int n_buckets, int factor0) override;
   void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
                 int n_buckets) override;
 

@@ -5,14 +5,16 @@
 //    head, 1), i), the CPU's stream; device logf/cosf may differ from the
 //    host's by an ulp, so hashes agree with the CPU except at near-ties.
 //  - Hash: y = x @ R for all rounds in one cuBLASLt GEMM per chunk of
-//    positions, x [rows, dh] (row stride ld) times Rcat [dh, n_hashes * nb/2]
-//    (R's rounds side by side), with TF32 tensor-core math accumulating in
+//    positions, x [rows, dh] (row stride ld) times Rcat [dh, n_hashes * cols]
+//    (R's rounds side by side; cols = rotation_cols(n_buckets, factor0)), with TF32 tensor-core math accumulating in
 //    fp32 (CUBLAS_COMPUTE_32F_FAST_TF32; plain fp32 if cuBLASLt offers no
 //    TF32 kernel for the alignment). TF32 keeps 10 mantissa bits, so y differs
 //    from the CPU's fp32 sums by ~1e-3 relative and buckets agree except at
 //    near-ties. The fp32 products of one chunk (at most kHashScratchBytes, in
 //    the op workspace) feed a warp-per-(position, round) argmax over
-//    concat(y, -y) with the lowest index on ties, as on the CPU.
+//    concat(y, -y) with the lowest index on ties, as on the CPU; with
+//    factorized buckets the warp takes one such argmax per factor's block
+//    and combines them as b0 + factor0 * b1.
 //  - Sort: one CUB radix sort of the keys (round, bucket, position) packed in
 //    32 or 64 bits; the position bits make it stable by position. A bucket
 //    id outside [0, n_buckets) throws ShapeError (checked on the host after
@@ -26,6 +28,7 @@
 #include <string>
 
 #include "framework/errors.h"
+#include "kernels/common/params.h"
 #include "kernels/common/philox.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
@@ -38,12 +41,24 @@ namespace {
 constexpr uint64_t kRotationPurpose = 1;  // as in kernels/cpu/lsh.cpp
 constexpr int kArgmaxThreads = 256;       // 8 warps: 8 (position, round) pairs per block
 // Bound on the fp32 products x @ Rcat held at once: positions are hashed in
-// chunks of at most this many bytes of [chunk, n_hashes * n_buckets/2].
+// chunks of at most this many bytes of [chunk, n_hashes * cols].
 constexpr int64_t kHashScratchBytes = int64_t(256) << 20;
 
 void check_buckets(int n_buckets) {
   if (n_buckets < 2 || n_buckets % 2 != 0)
     throw ShapeError("lsh: n_buckets must be even and >= 2, got " + std::to_string(n_buckets));
+}
+
+// As in kernels/cpu/lsh.cpp: factor0 == 0, or an even factor0 >= 2 with an
+// even cofactor n_buckets / factor0 >= 2.
+void check_factor(int n_buckets, int factor0) {
+  check_buckets(n_buckets);
+  if (factor0 == 0) return;
+  if (factor0 < 2 || factor0 % 2 != 0 || n_buckets % factor0 != 0 ||
+      (n_buckets / factor0) % 2 != 0)
+    throw ShapeError("lsh: factor0 = " + std::to_string(factor0) +
+                     " must be 0 or an even factor of n_buckets = " + std::to_string(n_buckets) +
+                     " with an even cofactor");
 }
 
 int bits_for(int64_t n) {  // bits to hold values 0..n-1 (at least 1)
@@ -58,15 +73,15 @@ __global__ void rotations_kernel(float* R, RngKey key, int64_t n) {
     R[i] = rng_normal(key, uint64_t(i));
 }
 
-// Rcat[d, r * half + j] = R[r, d, j]: the rounds side by side, rows ldy apart,
+// Rcat[d, r * cols + j] = R[r, d, j]: the rounds side by side, rows ldy apart,
 // so one GEMM x @ Rcat computes every round.
-__global__ void concat_rounds_kernel(float* Rcat, int64_t ldy, const float* R, int dh, int half,
+__global__ void concat_rounds_kernel(float* Rcat, int64_t ldy, const float* R, int dh, int cols,
                                      int64_t n) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t j = e % half, rd = e / half;
+    const int64_t j = e % cols, rd = e / cols;
     const int64_t d = rd % dh, r = rd / dh;
-    Rcat[d * ldy + r * half + j] = R[e];
+    Rcat[d * ldy + r * cols + j] = R[e];
   }
 }
 
@@ -87,24 +102,17 @@ struct Extremes {
   }
 };
 
-// buckets[r, c0 + i] = argmax over concat(y, -y), y = Y[i, r * half .. + half),
-// lowest index on ties as on the CPU: the max of y if max y >= -min y, else
-// half + the first position of min y. One warp per (position, round).
+// One warp's argmax over concat(y[0, n), -y[0, n)), lowest index on ties as
+// on the CPU: the first position of max y if max y >= -min y, else n + the
+// first position of min y. Every lane returns the result. kVec4: y is 16-byte
+// aligned and n % 4 == 0.
 template <bool kVec4>
-__global__ void __launch_bounds__(kArgmaxThreads)
-    argmax_kernel(int32_t* buckets, const float* Y, int64_t ldy, int64_t rows, int64_t c0,
-                  int64_t L, int n_hashes, int half) {
-  const int64_t seg = int64_t(blockIdx.x) * (kArgmaxThreads / 32) + threadIdx.x / 32;
-  if (seg >= rows * n_hashes) return;
-  const int lane = int(threadIdx.x % 32);
-  const int64_t i = seg / n_hashes;
-  const int r = int(seg % n_hashes);
-  const float* y = Y + i * ldy + int64_t(r) * half;
+__device__ __forceinline__ int warp_signed_argmax(const float* y, int n, int lane) {
   Extremes e{0.0f, 0.0f, -1, -1};
   if constexpr (kVec4) {
     const float4* y4 = reinterpret_cast<const float4*>(y);
 #pragma unroll 4
-    for (int q = lane; q < half / 4; q += 32) {
+    for (int q = lane; q < n / 4; q += 32) {
       const float4 v = __ldcs(y4 + q);  // read once: do not keep in cache
       e.see(v.x, 4 * q);
       e.see(v.y, 4 * q + 1);
@@ -112,7 +120,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
       e.see(v.w, 4 * q + 3);
     }
   } else {
-    for (int k = lane; k < half; k += 32) e.see(__ldcs(y + k), k);
+    for (int k = lane; k < n; k += 32) e.see(__ldcs(y + k), k);
   }
   // Butterfly: every lane ends with the warp's extremes, ties to the lowest k.
 #pragma unroll
@@ -130,10 +138,26 @@ __global__ void __launch_bounds__(kArgmaxThreads)
       e.klo = klo;
     }
   }
-  if (lane == 0) {
-    const int b = -e.lo > e.hi ? half + e.klo : e.khi;  // lane 0 saw k = 0, so both are set
-    buckets[int64_t(r) * L + c0 + i] = b;
-  }
+  return -e.lo > e.hi ? n + e.klo : e.khi;  // lane 0 saw k = 0, so both are set
+}
+
+// buckets[r, c0 + i] for y = Y[i, r * cols .. + cols): the argmax over
+// concat(y0, -y0) for the first block y0 = y[0, h0); when h0 < cols
+// (factorized), plus 2 * h0 (= factor0) times the argmax over the second
+// block y[h0, cols). One warp per (position, round).
+template <bool kVec4>
+__global__ void __launch_bounds__(kArgmaxThreads)
+    argmax_kernel(int32_t* buckets, const float* Y, int64_t ldy, int64_t rows, int64_t c0,
+                  int64_t L, int n_hashes, int cols, int h0) {
+  const int64_t seg = int64_t(blockIdx.x) * (kArgmaxThreads / 32) + threadIdx.x / 32;
+  if (seg >= rows * n_hashes) return;
+  const int lane = int(threadIdx.x % 32);
+  const int64_t i = seg / n_hashes;
+  const int r = int(seg % n_hashes);
+  const float* y = Y + i * ldy + int64_t(r) * cols;
+  int b = warp_signed_argmax<kVec4>(y, h0, lane);
+  if (h0 < cols) b += 2 * h0 * warp_signed_argmax<kVec4>(y + h0, cols - h0, lane);
+  if (lane == 0) buckets[int64_t(r) * L + c0 + i] = b;
 }
 
 // Largest power of two (<= 16) dividing both the address and the row stride in bytes.
@@ -218,23 +242,24 @@ void sort_rounds(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
 }  // namespace cuda
 
 void CudaOps::lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, int head,
-                            int n_hashes, int dh, int n_buckets) {
-  cuda::check_buckets(n_buckets);
+                            int n_hashes, int dh, int n_buckets, int factor0) {
+  cuda::check_factor(n_buckets, factor0);
   const RngKey key =
       make_key(seed, step, uint64_t(layer), uint64_t(head), cuda::kRotationPurpose);
-  const int64_t n = int64_t(n_hashes) * dh * (n_buckets / 2);
+  const int64_t n = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
   if (n <= 0) return;
   cuda::rotations_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(R, key, n);
   CUDA_CHECK_LAUNCH("rotations_kernel");
 }
 
 void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const float* R, int64_t L,
-                       int dh, int n_hashes, int n_buckets) {
-  cuda::check_buckets(n_buckets);
+                       int dh, int n_hashes, int n_buckets, int factor0) {
+  cuda::check_factor(n_buckets, factor0);
   if (L <= 0 || n_hashes <= 0) return;
   if (dh <= 0 || ld < dh) throw ShapeError("lsh_hash: need dh > 0 and ld >= dh");
-  const int half = n_buckets / 2;
-  const int64_t m = int64_t(n_hashes) * half;  // columns of Rcat and of the products
+  const int cols = rotation_cols(n_buckets, factor0);
+  const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
+  const int64_t m = int64_t(n_hashes) * cols;         // columns of Rcat and of the products
   const int64_t ldy = (m + 3) / 4 * 4;         // rows 16-byte aligned
   int64_t chunk = std::max<int64_t>(1, cuda::kHashScratchBytes / (ldy * int64_t(sizeof(float))));
   if (chunk >= 256) chunk = chunk / 256 * 256;
@@ -249,7 +274,7 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
 
   const int64_t nR = m * dh;
   cuda::concat_rounds_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rcat, ldy, R, dh,
-                                                                                half, nR);
+                                                                                cols, nR);
   CUDA_CHECK_LAUNCH("concat_rounds_kernel");
 
   // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ld).
@@ -308,12 +333,13 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
 
     const unsigned blocks = unsigned((rows * n_hashes + cuda::kArgmaxThreads / 32 - 1) /
                                      (cuda::kArgmaxThreads / 32));
-    if (half % 4 == 0)
+    // float4 loads need each block's start (rounds cols apart) 16-byte aligned.
+    if (cols % 4 == 0 && h0 % 4 == 0)
       cuda::argmax_kernel<true><<<blocks, cuda::kArgmaxThreads, 0, stream_>>>(
-          buckets, Y, ldy, rows, c0, L, n_hashes, half);
+          buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
     else
       cuda::argmax_kernel<false><<<blocks, cuda::kArgmaxThreads, 0, stream_>>>(
-          buckets, Y, ldy, rows, c0, L, n_hashes, half);
+          buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
     CUDA_CHECK_LAUNCH("argmax_kernel");
   }
 }

@@ -69,6 +69,13 @@ TEST(Config, RecipeValues) {
   Config dp = load_config(dir + "multi-gpu-dp.yaml");
   EXPECT_EQ(dp.parallel.dp, 2);
   EXPECT_EQ(dp.parallel.backend, "nccl");
+  // Only the peers' benchmark model factorizes its buckets (as HF does there).
+  Config peer = load_config(dir + "bench-peer.yaml");
+  EXPECT_TRUE(peer.attention.factorize_buckets);
+  EXPECT_EQ(peer.buckets(), 512);  // 2 * 16384 / 64
+  EXPECT_EQ(peer.bucket_factor0(), 16);
+  EXPECT_FALSE(tiny.attention.factorize_buckets);
+  EXPECT_FALSE(enwik8.attention.factorize_buckets);
 }
 
 TEST(Config, UnknownKeyNamesKeyFileAndLine) {
@@ -276,6 +283,41 @@ TEST(Config, Buckets) {
   EXPECT_EQ(c.buckets(), 2);
   c = parse_config("attention:\n  n_buckets: 6\n", "x.yaml");
   EXPECT_EQ(c.buckets(), 6);
+  EXPECT_EQ(c.bucket_factor0(), 0);  // not factorized by default
+}
+
+TEST(Config, FactorizeBuckets) {
+  Config c;
+  EXPECT_FALSE(c.attention.factorize_buckets);
+  // Auto n_buckets = 2 * 1024 / 64 = 32 = 2^5: f0 = 2^2, f1 = 2^3.
+  const std::string auto32 = "model:\n  max_len: 1024\nattention:\n  bucket_size: 64\n";
+  c = parse_config(auto32, "x.yaml");
+  EXPECT_EQ(c.bucket_factor0(), 0);
+  c = parse_config(auto32, "x.yaml", {"attention.factorize_buckets=true"});
+  EXPECT_EQ(c.buckets(), 32);
+  EXPECT_EQ(c.bucket_factor0(), 4);
+  // Explicit powers of two: 2^k -> f0 = 2^floor(k/2); fewer than 4 buckets are not factorized.
+  for (const auto& [nb, f0] : {std::pair{2, 0}, std::pair{4, 2}, std::pair{8, 2},
+                               std::pair{16, 4}, std::pair{2048, 32}, std::pair{32768, 128}}) {
+    c = parse_config("", "x.yaml",
+                     {"attention.factorize_buckets=true", "attention.n_buckets=" + std::to_string(nb)});
+    EXPECT_EQ(c.bucket_factor0(), f0) << nb;
+    if (f0 > 0) {
+      EXPECT_EQ(nb % f0, 0) << nb;
+      EXPECT_GE(nb / f0, f0) << nb;
+      EXPECT_LE(nb / f0, 2 * f0) << nb;
+    }
+  }
+  // A non-power of two is refused only when factorized.
+  EXPECT_EQ(parse_error("attention:\n  factorize_buckets: true\n  n_buckets: 24\n"),
+            "configs/x.yaml:3: attention.n_buckets = 24 must be a power of two when "
+            "attention.factorize_buckets is true (0 chooses one from max_len / bucket_size)");
+  EXPECT_EQ(parse_error("attention:\n  n_buckets: 12\n", {"attention.factorize_buckets=true"}),
+            "configs/x.yaml:2: attention.n_buckets = 12 must be a power of two when "
+            "attention.factorize_buckets is true (0 chooses one from max_len / bucket_size)");
+  EXPECT_NO_THROW(parse_config("attention:\n  n_buckets: 24\n", "x.yaml"));
+  EXPECT_EQ(parse_error("attention:\n  factorize_buckets: maybe\n"),
+            "configs/x.yaml:2: attention.factorize_buckets: expected true or false, got 'maybe'");
 }
 
 TEST(Config, ToYamlRoundTrip) {
@@ -302,7 +344,7 @@ TEST(Config, ToYamlRoundTrip) {
 
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 56u);
+  EXPECT_EQ(keys.size(), 57u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.metrics");
 }

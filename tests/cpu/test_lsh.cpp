@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "framework/errors.h"
+#include "kernels/common/params.h"
 #include "kernels/common/philox.h"
 #include "kernels/cpu/lsh.h"
 #include "tests/common/gradcheck.h"
@@ -19,9 +20,10 @@ namespace {
 using test::fill_random;
 
 std::vector<double> rotations(uint64_t seed, uint64_t step, int layer, int head, int n_hashes,
-                              int dh, int n_buckets) {
-  std::vector<double> R(size_t(n_hashes) * size_t(dh) * size_t(n_buckets / 2));
-  lsh_rotations(R.data(), seed, step, layer, head, n_hashes, dh, n_buckets);
+                              int dh, int n_buckets, int factor0 = 0) {
+  std::vector<double> R(size_t(n_hashes) * size_t(dh) *
+                        size_t(rotation_cols(n_buckets, factor0)));
+  lsh_rotations(R.data(), seed, step, layer, head, n_hashes, dh, n_buckets, factor0);
   return R;
 }
 
@@ -42,6 +44,36 @@ std::vector<int32_t> naive_hash(const std::vector<T>& qk, int64_t ld, const std:
         y[size_t(half + k)] = -s;
       }
       b[size_t(r * L + i)] = int32_t(std::max_element(y.begin(), y.end()) - y.begin());
+    }
+  return b;
+}
+
+// Factorized buckets by the definition (HF's ReformerModel): y = x R_r over
+// f0/2 + f1/2 columns; b0 = argmax(concat(y[:f0/2], -y[:f0/2])),
+// b1 = argmax(concat(y[f0/2:], -y[f0/2:])), bucket = b0 + f0 * b1.
+template <class T>
+std::vector<int32_t> naive_factored_hash(const std::vector<T>& qk, int64_t ld,
+                                         const std::vector<T>& R, int64_t L, int dh, int n_hashes,
+                                         int n_buckets, int f0) {
+  const int f1 = n_buckets / f0, cols = f0 / 2 + f1 / 2;
+  std::vector<int32_t> b(size_t(n_hashes) * size_t(L));
+  for (int r = 0; r < n_hashes; ++r)
+    for (int64_t i = 0; i < L; ++i) {
+      std::vector<T> y(static_cast<size_t>(cols));
+      for (int k = 0; k < cols; ++k) {
+        T s = 0;
+        for (int d = 0; d < dh; ++d)
+          s += qk[size_t(i * ld + d)] * R[size_t((int64_t(r) * dh + d) * cols + k)];
+        y[size_t(k)] = s;
+      }
+      std::vector<T> c0, c1;
+      for (int k = 0; k < f0 / 2; ++k) c0.push_back(y[size_t(k)]);
+      for (int k = 0; k < f0 / 2; ++k) c0.push_back(-y[size_t(k)]);
+      for (int k = f0 / 2; k < cols; ++k) c1.push_back(y[size_t(k)]);
+      for (int k = f0 / 2; k < cols; ++k) c1.push_back(-y[size_t(k)]);
+      const auto b0 = int32_t(std::max_element(c0.begin(), c0.end()) - c0.begin());
+      const auto b1 = int32_t(std::max_element(c1.begin(), c1.end()) - c1.begin());
+      b[size_t(r * L + i)] = b0 + f0 * b1;
     }
   return b;
 }
@@ -69,7 +101,7 @@ TEST(LshRotations, DeterministicForSameKey) {
   EXPECT_EQ(a, b);
   // The float instance draws the same numbers (rng_normal is computed in fp32).
   std::vector<float> f(a.size());
-  lsh_rotations(f.data(), 7, 3, 2, 1, 3, 5, 8);
+  lsh_rotations(f.data(), 7, 3, 2, 1, 3, 5, 8, 0);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(double(f[i]), a[i]) << i;
 }
 
@@ -93,6 +125,26 @@ TEST(LshRotations, ElementIIsStreamElementI) {
   // Round 0 of a 3-round draw is the whole of a 1-round draw.
   const auto one = rotations(11, 5, 1, 2, 1, dh, n_buckets);
   EXPECT_TRUE(std::equal(one.begin(), one.end(), R.begin()));
+}
+
+TEST(LshRotations, FactorizedSizeAndStream) {
+  // 64 buckets as 8 * 8: 4 + 4 columns per round rather than 32.
+  EXPECT_EQ(rotation_cols(64, 0), 32);
+  EXPECT_EQ(rotation_cols(64, 8), 8);
+  EXPECT_EQ(rotation_cols(32768, 128), 64 + 128);
+  EXPECT_EQ(rotation_cols(4, 2), 2);
+  const int n_hashes = 3, dh = 7, n_buckets = 64, f0 = 8;
+  const auto R = rotations(11, 5, 1, 2, n_hashes, dh, n_buckets, f0);
+  ASSERT_EQ(R.size(), size_t(n_hashes * dh * 8));
+  EXPECT_EQ(R, rotations(11, 5, 1, 2, n_hashes, dh, n_buckets, f0));  // deterministic
+  // Element i is stream element i, as without factors: a prefix of the plain draw.
+  const auto plain = rotations(11, 5, 1, 2, n_hashes, dh, n_buckets);
+  EXPECT_TRUE(std::equal(R.begin(), R.end(), plain.begin()));
+  // Guard against writing past the end: the buffer's tail stays untouched.
+  std::vector<float> Rf(R.size() + 5, -7.0f);
+  lsh_rotations(Rf.data(), 11, 5, 1, 2, n_hashes, dh, n_buckets, f0);
+  for (size_t i = 0; i < R.size(); ++i) EXPECT_EQ(double(Rf[i]), R[i]) << i;
+  for (size_t i = R.size(); i < Rf.size(); ++i) EXPECT_EQ(Rf[i], -7.0f) << i;
 }
 
 TEST(LshRotations, StandardNormalStatistics) {
@@ -122,8 +174,15 @@ TEST(LshRotations, StandardNormalStatistics) {
 
 TEST(LshRotations, RejectsOddOrTooFewBuckets) {
   std::vector<double> R(100);
-  EXPECT_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 7), ShapeError);
-  EXPECT_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 0), ShapeError);
+  EXPECT_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 7, 0), ShapeError);
+  EXPECT_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 0, 0), ShapeError);
+  // factor0 must be 0 or an even factor with an even cofactor.
+  for (int f0 : {-2, 1, 3, 6, 16, 32})
+    EXPECT_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 16, f0), ShapeError) << f0;
+  std::vector<int32_t> b(1);
+  const std::vector<double> x(5, 1.0);
+  EXPECT_THROW(lsh_hash(b.data(), x.data(), 5, R.data(), 1, 5, 1, 16, 6), ShapeError);
+  EXPECT_NO_THROW(lsh_rotations(R.data(), 1, 0, 0, 0, 1, 5, 16, 8));
 }
 
 // ---------------------------------------------------------------- hash
@@ -135,7 +194,7 @@ TEST(LshHash, MatchesNaiveArgmaxDouble) {
   fill_random(qk.data(), int64_t(qk.size()), 1);
   const auto R = rotations(3, 1, 0, 0, n_hashes, dh, n_buckets);
   std::vector<int32_t> b(size_t(n_hashes * L));
-  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
   EXPECT_EQ(b, naive_hash(qk, ld, R, L, dh, n_hashes, n_buckets));
 }
 
@@ -146,9 +205,9 @@ TEST(LshHash, MatchesNaiveArgmaxFloat) {
   fill_random(qd.data(), int64_t(qd.size()), 2);
   std::vector<float> qk(qd.begin(), qd.end());
   std::vector<float> R(size_t(n_hashes * dh * n_buckets / 2));
-  lsh_rotations(R.data(), 5, 2, 1, 0, n_hashes, dh, n_buckets);
+  lsh_rotations(R.data(), 5, 2, 1, 0, n_hashes, dh, n_buckets, 0);
   std::vector<int32_t> b(size_t(n_hashes * L));
-  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
   EXPECT_EQ(b, naive_hash(qk, ld, R, L, dh, n_hashes, n_buckets));
 }
 
@@ -162,9 +221,9 @@ TEST(LshHash, ScaleInvariant) {
   for (auto& x : qk_half) x *= 0.5;
   const auto R = rotations(9, 0, 0, 0, n_hashes, dh, n_buckets);
   std::vector<int32_t> b(size_t(n_hashes * L)), b2(b.size()), bh(b.size());
-  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
-  lsh_hash(b2.data(), qk2.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
-  lsh_hash(bh.data(), qk_half.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
+  lsh_hash(b2.data(), qk2.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
+  lsh_hash(bh.data(), qk_half.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
   EXPECT_EQ(b, b2);
   EXPECT_EQ(b, bh);
 }
@@ -177,7 +236,7 @@ TEST(LshHash, BucketsInRangeAndUsed) {
   for (int n_buckets : {2, 4, 8}) {
     const auto R = rotations(1, 0, 0, 0, n_hashes, dh, n_buckets);
     std::vector<int32_t> b(size_t(n_hashes * L));
-    lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+    lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
     std::vector<int> count(size_t(n_buckets), 0);
     for (int32_t x : b) {
       ASSERT_GE(x, 0);
@@ -198,8 +257,8 @@ TEST(LshHash, NegatedInputMapsToOppositeBucket) {
   for (auto& x : neg) x = -x;
   const auto R = rotations(2, 0, 0, 0, n_hashes, dh, n_buckets);
   std::vector<int32_t> b(size_t(n_hashes * L)), bn(b.size());
-  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
-  lsh_hash(bn.data(), neg.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
+  lsh_hash(bn.data(), neg.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
   for (size_t k = 0; k < b.size(); ++k) EXPECT_EQ(bn[k], (b[k] + half) % n_buckets) << k;
 }
 
@@ -208,8 +267,87 @@ TEST(LshHash, TiesPickLowestIndex) {
   const std::vector<double> R = {1.0, 1.0};
   const std::vector<double> qk = {2.0, -3.0, 0.0};
   std::vector<int32_t> b(3);
-  lsh_hash(b.data(), qk.data(), 1, R.data(), 3, 1, 1, 4);
+  lsh_hash(b.data(), qk.data(), 1, R.data(), 3, 1, 1, 4, 0);
   EXPECT_EQ(b, (std::vector<int32_t>{0, 2, 0}));
+}
+
+TEST(LshHash, FactorizedMatchesNaiveDouble) {
+  const int64_t L = 60, ld = 9;
+  const int dh = 7, n_hashes = 3;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 11);
+  // Equal and unequal factors, and the smallest (2 * 2).
+  for (const auto& [n_buckets, f0] : {std::pair{16, 4}, std::pair{32, 4}, std::pair{4, 2},
+                                     std::pair{24, 6}}) {
+    const auto R = rotations(3, 1, 0, 0, n_hashes, dh, n_buckets, f0);
+    std::vector<int32_t> b(size_t(n_hashes * L));
+    lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, f0);
+    EXPECT_EQ(b, naive_factored_hash(qk, ld, R, L, dh, n_hashes, n_buckets, f0))
+        << n_buckets << " = " << f0 << " * " << n_buckets / f0;
+  }
+}
+
+TEST(LshHash, FactorizedMatchesNaiveFloat) {
+  const int64_t L = 33, ld = 6;
+  const int dh = 5, n_hashes = 2, n_buckets = 128, f0 = 8;
+  std::vector<double> qd(size_t(L * ld));
+  fill_random(qd.data(), int64_t(qd.size()), 12);
+  std::vector<float> qk(qd.begin(), qd.end());
+  std::vector<float> R(size_t(n_hashes * dh * rotation_cols(n_buckets, f0)));
+  lsh_rotations(R.data(), 5, 2, 1, 0, n_hashes, dh, n_buckets, f0);
+  std::vector<int32_t> b(size_t(n_hashes * L));
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, f0);
+  EXPECT_EQ(b, naive_factored_hash(qk, ld, R, L, dh, n_hashes, n_buckets, f0));
+}
+
+TEST(LshHash, FactorizedBucketsInRangeAndUsed) {
+  const int64_t L = 400, ld = 5;
+  const int dh = 5, n_hashes = 2;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 13);
+  for (const auto& [n_buckets, f0] : {std::pair{4, 2}, std::pair{8, 2}, std::pair{16, 4}}) {
+    const auto R = rotations(1, 0, 0, 0, n_hashes, dh, n_buckets, f0);
+    std::vector<int32_t> b(size_t(n_hashes * L));
+    lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, f0);
+    std::vector<int> count(size_t(n_buckets), 0);
+    for (int32_t x : b) {
+      ASSERT_GE(x, 0);
+      ASSERT_LT(x, n_buckets);
+      ++count[size_t(x)];
+    }
+    // 800 random points over at most 16 buckets: every bucket is hit.
+    for (int c : count) EXPECT_GT(c, 0) << "n_buckets " << n_buckets << " f0 " << f0;
+    // The sort accepts them.
+    const auto perm = sorted(b, L, n_hashes, n_buckets);
+    EXPECT_EQ(perm.size(), b.size());
+  }
+}
+
+TEST(LshHash, FactorizedNegatedInputFlipsBothFactors) {
+  const int64_t L = 40, ld = 8;
+  const int dh = 5, n_hashes = 3, n_buckets = 32, f0 = 4, f1 = n_buckets / f0;
+  std::vector<double> qk(size_t(L * ld));
+  fill_random(qk.data(), int64_t(qk.size()), 14);
+  std::vector<double> neg(qk);
+  for (auto& x : neg) x = -x;
+  const auto R = rotations(2, 0, 0, 0, n_hashes, dh, n_buckets, f0);
+  std::vector<int32_t> b(size_t(n_hashes * L)), bn(b.size());
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, f0);
+  lsh_hash(bn.data(), neg.data(), ld, R.data(), L, dh, n_hashes, n_buckets, f0);
+  for (size_t k = 0; k < b.size(); ++k) {
+    const int b0 = b[k] % f0, b1 = b[k] / f0;
+    EXPECT_EQ(bn[k], (b0 + f0 / 2) % f0 + f0 * ((b1 + f1 / 2) % f1)) << k;
+  }
+}
+
+TEST(LshHash, FactorizedTiesPickLowestIndex) {
+  // dh = 1, 4 = 2 * 2 buckets, columns (1, 1): y0 = (x), y1 = (x).
+  // x > 0: b0 = 0, b1 = 0; x < 0: b0 = 1, b1 = 1 -> 3; x = 0: all tie -> 0.
+  const std::vector<double> R = {1.0, 1.0};
+  const std::vector<double> qk = {2.0, -3.0, 0.0};
+  std::vector<int32_t> b(3);
+  lsh_hash(b.data(), qk.data(), 1, R.data(), 3, 1, 1, 4, 2);
+  EXPECT_EQ(b, (std::vector<int32_t>{0, 3, 0}));
 }
 
 // ---------------------------------------------------------------- sort
@@ -308,7 +446,7 @@ TEST(LshPipeline, HashThenSortGroupsBuckets) {
   fill_random(qk.data(), int64_t(qk.size()), 6);
   const auto R = rotations(4, 7, 1, 3, n_hashes, dh, n_buckets);
   std::vector<int32_t> b(size_t(n_hashes * L));
-  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets);
+  lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
   const auto perm = sorted(b, L, n_hashes, n_buckets);
   for (int r = 0; r < n_hashes; ++r)
     for (int64_t s = 1; s < L; ++s) {

@@ -104,6 +104,13 @@ TEST(ModelGrad, ThreeHashRoundsReluChunked) {
                                       "attention.kinds=[lsh]"}));
 }
 
+TEST(ModelGrad, FactorizedBuckets) {
+  // 8 buckets hashed as 2 * 4 (one rotation block per factor, as HF).
+  const Config cfg = small_config({"attention.factorize_buckets=true", "attention.n_buckets=8"});
+  ASSERT_EQ(cfg.bucket_factor0(), 2);
+  check_model_gradients(cfg);
+}
+
 TEST(ModelGrad, WithDropoutMasksReproducedInRecompute) {
   // The dropout masks are keyed by (seed, step, layer, site), so the forward
   // recompute in the backward pass reproduces them and the gradient is exact.

@@ -328,8 +328,8 @@ TEST(CudaOps, LshRotationsHashSort) {
   const int64_t nR = int64_t(n_hashes) * dh * (n_buckets / 2);
   Buffer<float> R(*g.ops, nR);
   std::vector<float> Rc(static_cast<size_t>(nR));
-  g.ops->lsh_rotations(R.data(), 7, 3, 1, 2, n_hashes, dh, n_buckets);
-  cpu.lsh_rotations(Rc.data(), 7, 3, 1, 2, n_hashes, dh, n_buckets);
+  g.ops->lsh_rotations(R.data(), 7, 3, 1, 2, n_hashes, dh, n_buckets, 0);
+  cpu.lsh_rotations(Rc.data(), 7, 3, 1, 2, n_hashes, dh, n_buckets, 0);
   // Same stream; device logf / cosf differ from the host's by an ulp or two,
   // which near a zero of the cosine is an absolute error of ~1e-6.
   expect_close(g.down(R), Rc, 1e-5, 1e-5, "lsh_rotations");
@@ -339,8 +339,8 @@ TEST(CudaOps, LshRotationsHashSort) {
   auto dqk = g.up(qk), dR = g.up(Rc);
   IntBuffer<float> buckets(*g.ops, n_hashes * L);
   std::vector<int32_t> bc(static_cast<size_t>(n_hashes * L));
-  g.ops->lsh_hash(buckets.data(), dqk.data() + 5, ld, dR.data(), L, dh, n_hashes, n_buckets);
-  cpu.lsh_hash(bc.data(), qk.data() + 5, ld, Rc.data(), L, dh, n_hashes, n_buckets);
+  g.ops->lsh_hash(buckets.data(), dqk.data() + 5, ld, dR.data(), L, dh, n_hashes, n_buckets, 0);
+  cpu.lsh_hash(bc.data(), qk.data() + 5, ld, Rc.data(), L, dh, n_hashes, n_buckets, 0);
   const auto bg = g.down_i(buckets);
   int64_t mismatches = 0;
   for (size_t k = 0; k < bg.size(); ++k) {
@@ -380,35 +380,43 @@ TEST(CudaOps, LshRotationsHashSort) {
 namespace {
 
 // Hashes L random positions (rows ld apart from qk offset off) on the GPU and
-// checks the rounds of positions `check` (all if empty) against the CPU. A
-// bucket may differ only at a near-tie: the CPU's and the GPU's buckets must
+// checks the rounds of positions `check` (all if empty) against the CPU, with
+// factor0 as in Ops::lsh_hash. A bucket may differ only at a near-tie: in each
+// factor's block where the CPU's and the GPU's choices differ, the two must
 // score within TF32 rounding of each other (2^-9 relative per product, both
 // inputs rounded; doubled for margin). Returns the number of mismatches.
 int64_t hash_mismatches(Gpu& g, int64_t L, int dh, int n_hashes, int n_buckets, int64_t ld,
-                        int64_t off, std::vector<int64_t> check, uint64_t seed) {
+                        int64_t off, std::vector<int64_t> check, uint64_t seed, int factor0 = 0) {
   CpuOps<float> cpu;
-  const int half = n_buckets / 2;
-  const int64_t nR = int64_t(n_hashes) * dh * half;
+  const int cols = rotation_cols(n_buckets, factor0);
+  // Blocks of columns: {first column, columns}; bucket = sum of b_j * stride_j.
+  struct Block {
+    int c0, n, stride;
+  };
+  std::vector<Block> blocks = {{0, cols, 1}};
+  if (factor0 != 0) blocks = {{0, factor0 / 2, 1}, {factor0 / 2, cols - factor0 / 2, factor0}};
+  const int64_t nR = int64_t(n_hashes) * dh * cols;
   std::vector<float> Rc(static_cast<size_t>(nR));
-  cpu.lsh_rotations(Rc.data(), seed, 1, 0, 0, n_hashes, dh, n_buckets);
+  cpu.lsh_rotations(Rc.data(), seed, 1, 0, 0, n_hashes, dh, n_buckets, factor0);
   const auto qk = random_vec(off + L * ld, seed + 1);
   auto dqk = g.up(qk), dR = g.up(Rc);
   IntBuffer<float> buckets(*g.ops, n_hashes * L);
-  g.ops->lsh_hash(buckets.data(), dqk.data() + off, ld, dR.data(), L, dh, n_hashes, n_buckets);
+  g.ops->lsh_hash(buckets.data(), dqk.data() + off, ld, dR.data(), L, dh, n_hashes, n_buckets,
+                  factor0);
   const auto bg = g.down_i(buckets);
 
   std::vector<int32_t> bc;  // [n_hashes, check.size()]
   if (check.empty()) {
     for (int64_t i = 0; i < L; ++i) check.push_back(i);
     bc.resize(static_cast<size_t>(n_hashes * L));
-    cpu.lsh_hash(bc.data(), qk.data() + off, ld, Rc.data(), L, dh, n_hashes, n_buckets);
+    cpu.lsh_hash(bc.data(), qk.data() + off, ld, Rc.data(), L, dh, n_hashes, n_buckets, factor0);
   } else {
     const int64_t n = int64_t(check.size());
     bc.resize(static_cast<size_t>(n_hashes * n));
     std::vector<int32_t> one(static_cast<size_t>(n_hashes));
     for (int64_t c = 0; c < n; ++c) {
       cpu.lsh_hash(one.data(), qk.data() + off + check[size_t(c)] * ld, ld, Rc.data(), 1, dh,
-                   n_hashes, n_buckets);
+                   n_hashes, n_buckets, factor0);
       for (int r = 0; r < n_hashes; ++r) bc[size_t(r * n + c)] = one[size_t(r)];
     }
   }
@@ -424,24 +432,29 @@ int64_t hash_mismatches(Gpu& g, int64_t L, int dh, int n_hashes, int n_buckets, 
       }
       if (got == want) continue;
       ++mismatches;
-      // score(b) = +-(x R_r)[b mod half] and its magnitude bound, in double.
-      auto score = [&](int32_t b, double* mag) {
-        const float* x = qk.data() + off + i * ld;
-        const float* Rr = Rc.data() + int64_t(r) * dh * half;
-        double s = 0.0, a = 0.0;
-        for (int d = 0; d < dh; ++d) {
-          const double t = double(x[d]) * double(Rr[int64_t(d) * half + b % half]);
-          s += t;
-          a += std::fabs(t);
-        }
-        *mag = a;
-        return b < half ? s : -s;
-      };
-      double mg = 0.0, mw = 0.0;
-      const double sg = score(got, &mg), sw = score(want, &mw);
-      EXPECT_LE(std::fabs(sw - sg), std::ldexp(1.0, -8) * (mg + mw))
-          << "not a near-tie: round " << r << " position " << i << " gpu " << got << " ("
-          << sg << ") cpu " << want << " (" << sw << ")";
+      for (const Block& blk : blocks) {
+        // The block's choice in [0, 2 n): +-(x R_r)[c0 + b mod n].
+        const int bg_j = (got / blk.stride) % (2 * blk.n), bw_j = (want / blk.stride) % (2 * blk.n);
+        if (bg_j == bw_j) continue;
+        // score(b) and its magnitude bound, in double.
+        auto score = [&](int b, double* mag) {
+          const float* x = qk.data() + off + i * ld;
+          const float* Rr = Rc.data() + int64_t(r) * dh * cols;
+          double s = 0.0, a = 0.0;
+          for (int d = 0; d < dh; ++d) {
+            const double t = double(x[d]) * double(Rr[int64_t(d) * cols + blk.c0 + b % blk.n]);
+            s += t;
+            a += std::fabs(t);
+          }
+          *mag = a;
+          return b < blk.n ? s : -s;
+        };
+        double mg = 0.0, mw = 0.0;
+        const double sg = score(bg_j, &mg), sw = score(bw_j, &mw);
+        EXPECT_LE(std::fabs(sw - sg), std::ldexp(1.0, -8) * (mg + mw))
+            << "not a near-tie: round " << r << " position " << i << " block at " << blk.c0
+            << " gpu " << got << " (" << sg << ") cpu " << want << " (" << sw << ")";
+      }
     }
   }
   return mismatches;
@@ -477,6 +490,56 @@ TEST(CudaOps, LshHashOddSizes) {
   }
 }
 
+// Factorized buckets (HF): two argmaxes per (position, round), over blocks of
+// factor0/2 and (n_buckets/factor0)/2 columns. Aligned blocks take the float4
+// path; odd block widths, unaligned rows and the smallest factors (2 * 2) the
+// scalar one.
+TEST(CudaOps, LshHashFactorized) {
+  REQUIRE_GPU();
+  Gpu g;
+  struct Case {
+    int64_t L;
+    int dh, n_hashes, n_buckets, factor0;
+    int64_t ld, off;
+  };
+  for (const Case& c : {Case{4096, 64, 4, 2048, 32, 64, 0}, Case{2048, 128, 2, 32768, 128, 128, 0},
+                        Case{999, 37, 3, 512, 16, 77, 3}, Case{257, 64, 5, 24, 6, 3 * 64 + 1, 5},
+                        Case{130, 8, 1, 4, 2, 8, 0}, Case{515, 32, 2, 64, 8, 32, 0}}) {
+    const int64_t n = c.n_hashes * c.L;
+    const int64_t m =
+        hash_mismatches(g, c.L, c.dh, c.n_hashes, c.n_buckets, c.ld, c.off, {}, 14, c.factor0);
+    EXPECT_LE(m, std::max<int64_t>(2, n / 200))
+        << m << " hash mismatches at L=" << c.L << " dh=" << c.dh << " n_buckets=" << c.n_buckets
+        << " factor0=" << c.factor0;
+  }
+  // The bucket ids cover [0, n_buckets) and sort like the CPU's.
+  CpuOps<float> cpu;
+  const int64_t L = 8192;
+  const int dh = 16, nh = 2, nb = 16, f0 = 4;
+  std::vector<float> Rc(static_cast<size_t>(nh * dh * rotation_cols(nb, f0)));
+  cpu.lsh_rotations(Rc.data(), 21, 0, 0, 0, nh, dh, nb, f0);
+  const auto qk = random_vec(L * dh, 22);
+  auto dqk = g.up(qk), dR = g.up(Rc);
+  IntBuffer<float> buckets(*g.ops, nh * L);
+  g.ops->lsh_hash(buckets.data(), dqk.data(), dh, dR.data(), L, dh, nh, nb, f0);
+  const auto bg = g.down_i(buckets);
+  std::vector<int64_t> count(static_cast<size_t>(nb), 0);
+  for (int32_t b : bg) {
+    ASSERT_GE(b, 0);
+    ASSERT_LT(b, nb);
+    ++count[size_t(b)];
+  }
+  for (int b = 0; b < nb; ++b) EXPECT_GT(count[size_t(b)], 0) << "bucket " << b;
+  IntBuffer<float> perm(*g.ops, nh * L);
+  std::vector<int32_t> pc(static_cast<size_t>(nh * L));
+  g.ops->lsh_sort(perm.data(), buckets.data(), L, nh, nb);
+  cpu.lsh_sort(pc.data(), bg.data(), L, nh, nb);
+  EXPECT_EQ(g.down_i(perm), pc) << "lsh_sort of factorized buckets";
+  // A factor that does not divide n_buckets is refused.
+  EXPECT_THROW(g.ops->lsh_hash(buckets.data(), dqk.data(), dh, dR.data(), L, dh, nh, nb, 6),
+               ShapeError);
+}
+
 // Products of 1 GiB: positions are hashed in several chunks; sampled positions
 // (chunk edges among them) are checked against the CPU.
 TEST(CudaOps, LshHashChunked) {
@@ -500,15 +563,24 @@ TEST(CudaOps, DISABLED_LshHashTiming) {
   REQUIRE_GPU();
   Gpu g;
   const int dh = 128, n_hashes = 4;
-  for (const auto& [L, n_buckets] : {std::pair<int64_t, int>{65536, 2048}, {1048576, 32768}}) {
-    const int64_t nR = int64_t(n_hashes) * dh * (n_buckets / 2);
+  struct Case {
+    int64_t L;
+    int n_buckets, factor0;
+  };
+  for (const Case& c : {Case{65536, 2048, 0}, Case{65536, 2048, 32}, Case{1048576, 32768, 0},
+                        Case{1048576, 32768, 128}}) {
+    const int64_t L = c.L;
+    const int n_buckets = c.n_buckets, factor0 = c.factor0;
+    const int cols = rotation_cols(n_buckets, factor0);
+    const int64_t nR = int64_t(n_hashes) * dh * cols;
     Buffer<float> qk(*g.ops, L * dh), R(*g.ops, nR);
     // Normal entries from the rotation stream: L * dh of them as [1, 1, 2 L dh / 2].
-    g.ops->lsh_rotations(qk.data(), 5, 0, 0, 0, 1, 1, int(2 * L * dh));
-    g.ops->lsh_rotations(R.data(), 6, 0, 0, 0, n_hashes, dh, n_buckets);
+    g.ops->lsh_rotations(qk.data(), 5, 0, 0, 0, 1, 1, int(2 * L * dh), 0);
+    g.ops->lsh_rotations(R.data(), 6, 0, 0, 0, n_hashes, dh, n_buckets, factor0);
     IntBuffer<float> buckets(*g.ops, n_hashes * L), perm(*g.ops, n_hashes * L);
     auto hash = [&] {
-      g.ops->lsh_hash(buckets.data(), qk.data(), dh, R.data(), L, dh, n_hashes, n_buckets);
+      g.ops->lsh_hash(buckets.data(), qk.data(), dh, R.data(), L, dh, n_hashes, n_buckets,
+                      factor0);
     };
     hash();
     g.ops->synchronize();
@@ -523,10 +595,10 @@ TEST(CudaOps, DISABLED_LshHashTiming) {
     g.ops->synchronize();
     const double s_sort =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
-    const double flop = 2.0 * double(L) * dh * (n_buckets / 2) * n_hashes;
-    std::printf("lsh_hash L=%lld dh=%d n_buckets=%d n_hashes=%d: %.3f ms, %.1f TFLOP/s; "
-                "lsh_sort %.3f ms\n",
-                static_cast<long long>(L), dh, n_buckets, n_hashes, 1e3 * s_hash,
+    const double flop = 2.0 * double(L) * dh * cols * n_hashes;
+    std::printf("lsh_hash L=%lld dh=%d n_buckets=%d factor0=%d n_hashes=%d: %.3f ms, "
+                "%.1f TFLOP/s; lsh_sort %.3f ms\n",
+                static_cast<long long>(L), dh, n_buckets, factor0, n_hashes, 1e3 * s_hash,
                 flop / s_hash * 1e-12, 1e3 * s_sort);
   }
 }
