@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a GPU machine: build, run the GPU test suite, time `reformer bench` on
+# On a GPU machine: build, run the GPU test suite, train the built-in default
+# run, break a training step down by op (ops_bench), time `reformer bench` on
 # the peers' model, then the peers themselves in the same call.
 #   bench/run_gpu.sh OUT_DIR LENGTHS [PEERS_SCRIPT [PEER_LENGTHS]]
 # e.g. bench/run_gpu.sh /tmp/out 16384,65536,262144 .peers/peer_bench.py 16384,65536
@@ -14,10 +15,15 @@ cd "$(dirname "$0")/.."
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nvcc --version | tail -1; } \
   > "$out/machine.txt" 2>&1
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
-  > "$out/build.log" 2>&1 && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1 \
+  -DREFORMER_BENCH=ON > "$out/build.log" 2>&1 && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
 ctest --test-dir build-gpu -L gpu --output-on-failure > "$out/gpu-tests.log" 2>&1
 echo "gpu tests: $(tail -n 8 "$out/gpu-tests.log" | grep -E 'tests passed|FAILED' | head -1)"
+build-gpu/reformer train --set checkpoint.dir="$out/default-ckpt" --metrics "$out/default.jsonl" \
+  > "$out/default.log" 2>&1
+echo "default run: $(grep -E '^eval' "$out/default.log" | tail -1)"
+build-gpu/ops_bench 65536 > "$out/ops_bench.txt" 2>&1
+tail -n 25 "$out/ops_bench.txt"
 build-gpu/reformer bench --config configs/bench-peer.yaml --lengths "$lengths" --steps 2 \
   > "$out/bench.log" 2>&1
 grep -E '^\|' "$out/bench.log" || tail -20 "$out/bench.log"
