@@ -53,7 +53,8 @@ const char* kTrainHelp =
     "  --config FILE     YAML recipe (see configs/); without it, the built-in default:\n"
     "                    the duplication task sized for a CPU (configs/duplication-cpu.yaml)\n"
     "  --set key=value   override one key, e.g. --set training.steps=500 (repeatable)\n"
-    "  --metrics PATH    append one JSON object per logged step and evaluation to PATH\n"
+    "  --metrics PATH    write one JSON object per logged step and evaluation to PATH\n"
+    "                    (default: logging.metrics; appended to when resuming)\n"
     "  --resume SPEC     auto: newest valid checkpoint in checkpoint.dir (default);\n"
     "                    none: start fresh; PATH: exactly that checkpoint\n"
     "\n"
@@ -136,7 +137,7 @@ int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
   comm = make_communicator(cfg.parallel.backend);
   set_log_rank(comm->rank());
   log_info("config (resolved):\n" + to_yaml(cfg));
-  Trainer trainer(cfg, *comm, a.metrics);
+  Trainer trainer(cfg, *comm, a.metrics.empty() ? cfg.logging.metrics : a.metrics);
   trainer.resume();
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);

@@ -291,3 +291,9 @@ TEST_F(Cli, ResumeRefusesACheckpointOfAnotherModelNamingParameterAndShapes) {
   EXPECT_EQ(missing.status, 1) << missing.output;
   EXPECT_NE(missing.output.find("does not exist"), std::string::npos) << missing.output;
 }
+
+TEST_F(Cli, MetricsPathFromTheConfigWhenNoFlag) {
+  const Result r = run(tiny("--set logging.metrics=" + path("from-config.jsonl")));
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(losses(path("from-config.jsonl")).size(), 7u);  // steps 1, 5, 10, ..., 30
+}
