@@ -128,6 +128,36 @@ __device__ __forceinline__ int tile_position(const AttnGeom& g, const int32_t* p
   return slot < g.chunk ? pr[c * g.chunk + slot] : -1;
 }
 
+// Position of element k of a window of n elements: for full attention the
+// positions first, first + 1, ...; otherwise slot k of the window's chunks
+// (chunk ids in `chunks`, in order) under the round's permutation pr.
+// -1 past the window's end.
+template <bool FULL>
+__device__ __forceinline__ int window_position(const AttnGeom& g, const int32_t* pr,
+                                               const int* chunks, int64_t first, int64_t k,
+                                               int64_t n) {
+  if (k >= n) return -1;
+  if (FULL) return int(first + k);
+  const int64_t kc = chunks[k / g.chunk];
+  return pr[kc * g.chunk + k % g.chunk];
+}
+
+// Loads kCols rows, a[pos] (row stride lda) into sa and b[pos] (row stride
+// ldb) into sb, for the positions in spos; rows with pos < 0 and columns
+// past dh are zero. sa / sb rows are sa_stride / sb_stride floats apart.
+template <int DHM>
+__device__ __forceinline__ void load_rows(float* sa, int sa_stride, float* sb, int sb_stride,
+                                          const int* spos, const float* a, int64_t lda,
+                                          const float* b, int64_t ldb, int dh, int tid) {
+  for (int e = tid; e < kCols * DHM; e += kBlock) {
+    const int row = e / DHM, d = e % DHM;
+    const int pos = spos[row];
+    const bool ok = pos >= 0 && d < dh;
+    sa[row * sa_stride + d] = ok ? a[int64_t(pos) * lda + d] : 0.0f;
+    sb[row * sb_stride + d] = ok ? b[int64_t(pos) * ldb + d] : 0.0f;
+  }
+}
+
 // ---------------------------------------------------------------- small kernels
 
 __global__ void normalise_keys_kernel(float* khat, float* norm, const float* qk, int64_t L,
@@ -288,27 +318,9 @@ __global__ void __launch_bounds__(kBlock) attn_forward_kernel(AttnGeom g, const 
 
   for (int64_t k0 = 0; k0 < n_keys; k0 += kCols) {
     __syncthreads();  // the previous tile is consumed (and sq is written)
-    if (tid < kCols) {
-      const int64_t k = k0 + tid;
-      int pos = -1;
-      if (k < n_keys) {
-        if (FULL) {
-          pos = int(k);
-        } else {
-          const int64_t kc = swin[k / g.chunk];
-          pos = pr[kc * g.chunk + k % g.chunk];
-        }
-      }
-      skpos[tid] = pos;
-    }
+    if (tid < kCols) skpos[tid] = window_position<FULL>(g, pr, swin, 0, k0 + tid, n_keys);
     __syncthreads();
-    for (int e = tid; e < kCols * DHM; e += kBlock) {
-      const int row = e / DHM, d = e % DHM;
-      const int pos = skpos[row];
-      const bool ok = pos >= 0 && d < g.dh;
-      sk[row * (DHM + 1) + d] = ok ? khat[int64_t(pos) * g.dh + d] : 0.0f;
-      sv[row * DHM + d] = ok ? v[int64_t(pos) * g.ld + d] : 0.0f;
-    }
+    load_rows<DHM>(sk, DHM + 1, sv, DHM, skpos, khat, g.dh, v, g.ld, g.dh, tid);
     __syncthreads();
 
     const int kp = skpos[lane];
@@ -417,27 +429,9 @@ __global__ void __launch_bounds__(kBlock) attn_dq_kernel(AttnGeom g, const float
 
   for (int64_t k0 = 0; k0 < n_keys; k0 += kCols) {
     __syncthreads();
-    if (tid < kCols) {
-      const int64_t k = k0 + tid;
-      int pos = -1;
-      if (k < n_keys) {
-        if (FULL) {
-          pos = int(k);
-        } else {
-          const int64_t kc = swin[k / g.chunk];
-          pos = pr[kc * g.chunk + k % g.chunk];
-        }
-      }
-      skpos[tid] = pos;
-    }
+    if (tid < kCols) skpos[tid] = window_position<FULL>(g, pr, swin, 0, k0 + tid, n_keys);
     __syncthreads();
-    for (int e = tid; e < kCols * DHM; e += kBlock) {
-      const int row = e / DHM, d = e % DHM;
-      const int pos = skpos[row];
-      const bool ok = pos >= 0 && d < g.dh;
-      sk[row * (DHM + 1) + d] = ok ? khat[int64_t(pos) * g.dh + d] : 0.0f;
-      sv[row * (DHM + 1) + d] = ok ? v[int64_t(pos) * g.ld + d] : 0.0f;
-    }
+    load_rows<DHM>(sk, DHM + 1, sv, DHM + 1, skpos, khat, g.dh, v, g.ld, g.dh, tid);
     __syncthreads();
 
     const int kp = skpos[lane];
@@ -540,29 +534,14 @@ __global__ void __launch_bounds__(kBlock) attn_dkv_kernel(AttnGeom g, const floa
   for (int64_t k0 = 0; k0 < n_q; k0 += kCols) {
     __syncthreads();
     if (tid < kCols) {
-      const int64_t k = k0 + tid;
-      int pos = -1;
-      if (k < n_q) {
-        if (FULL) {
-          pos = int(q_lo + k);
-        } else {
-          const int64_t qc = sinv[k / g.chunk];
-          pos = pr[qc * g.chunk + k % g.chunk];
-        }
-      }
+      const int pos = window_position<FULL>(g, pr, sinv, q_lo, k0 + tid, n_q);
       sqpos[tid] = pos;
       sm_m[tid] = pos >= 0 ? rm[pos] : 0.0f;
       sm_iz[tid] = pos >= 0 ? riz[pos] : 0.0f;
       sm_D[tid] = pos >= 0 ? rD[pos] : 0.0f;
     }
     __syncthreads();
-    for (int e = tid; e < kCols * DHM; e += kBlock) {
-      const int row = e / DHM, d = e % DHM;
-      const int pos = sqpos[row];
-      const bool ok = pos >= 0 && d < g.dh;
-      sq[row * (DHM + 1) + d] = ok ? qk[int64_t(pos) * g.ld + d] : 0.0f;
-      sg[row * (DHM + 1) + d] = ok ? dout[int64_t(pos) * g.ld + d] : 0.0f;
-    }
+    load_rows<DHM>(sq, DHM + 1, sg, DHM + 1, sqpos, qk, g.ld, dout, g.ld, g.dh, tid);
     __syncthreads();
 
     const int qp = sqpos[lane];

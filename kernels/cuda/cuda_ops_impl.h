@@ -112,10 +112,13 @@ class CudaOps final : public Ops<float> {
                         int64_t rows, int64_t cols, const AdafactorParams& p) override;
 
  private:
-  // C[m, n] (column-major, ldc) = alpha op(A) op(B) + beta C through cuBLASLt
-  // with bf16 tensor-core math and fp32 accumulation (matmul.cu).
+  // C[m, n] (column-major, ldc) = op(A) op(B) + beta C through cuBLASLt, fp32
+  // in memory and accumulation, with the tensor-core math `fast`
+  // (CUBLAS_COMPUTE_32F_FAST_16BF or _FAST_TF32), or plain fp32 where cuBLASLt
+  // offers no such kernel for the shape (matmul.cu).
   void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A,
-            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+            cublasComputeType_t fast = CUBLAS_COMPUTE_32F_FAST_16BF);
 
   cudaStream_t stream_ = nullptr;  // the legacy default stream
   // Device bytes held through alloc / alloc_i32, for peak_bytes().
@@ -129,15 +132,15 @@ class CudaOps final : public Ops<float> {
   size_t lt_ws_bytes_ = 0;
   double* host_scalar_ = nullptr;  // pinned: results of sum_squares
   int32_t* host_flag_ = nullptr;   // pinned: lsh_sort's bucket-range check
-  // Heuristic choices by (transa, transb, m, n, k, lda, ldb, ldc, beta != 0, alignments).
-  using GemmKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int>;
+  // Heuristic choices by (transa, transb, m, n, k, lda, ldb, ldc, beta != 0,
+  // alignments, fast compute type).
+  using GemmKey =
+      std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int>;
   struct GemmChoice {
     cublasLtMatmulAlgo_t algo;
-    cublasComputeType_t compute;  // CUBLAS_COMPUTE_32F_FAST_16BF (lsh: _TF32) unless none fits
+    cublasComputeType_t compute;  // the key's fast type unless none fits, then CUBLAS_COMPUTE_32F
   };
   std::map<GemmKey, GemmChoice> algo_cache_;
-  // lsh_hash's TF32 products (lsh.cu), same key with the alignment of x only.
-  std::map<GemmKey, GemmChoice> lsh_algo_cache_;
 };
 
 }  // namespace reformer

@@ -160,28 +160,6 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   if (lane == 0) buckets[int64_t(r) * L + c0 + i] = b;
 }
 
-// Largest power of two (<= 16) dividing both the address and the row stride in bytes.
-int alignment(const void* p, int64_t ld) {
-  const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(p)) | uint64_t(ld * 4);
-  int al = 16;
-  while (al > 4 && (a % uint64_t(al)) != 0) al >>= 1;
-  return al;
-}
-
-// RAII holders for the cuBLASLt descriptors of one call.
-struct LtDescs {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
-  cublasLtMatmulPreference_t pref = nullptr;
-  ~LtDescs() {
-    if (pref) cublasLtMatmulPreferenceDestroy(pref);
-    if (c) cublasLtMatrixLayoutDestroy(c);
-    if (b) cublasLtMatrixLayoutDestroy(b);
-    if (a) cublasLtMatrixLayoutDestroy(a);
-    if (op) cublasLtMatmulDescDestroy(op);
-  }
-};
-
 template <class Key>
 __global__ void make_keys_kernel(Key* keys, int32_t* bad, const int32_t* buckets, int64_t L,
                                  int64_t n, int n_buckets, int bits_l, int bits_b) {
@@ -277,59 +255,12 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
                                                                                 cols, nR);
   CUDA_CHECK_LAUNCH("concat_rounds_kernel");
 
-  // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ld).
-  auto make = [&](cuda::LtDescs& d, cublasComputeType_t compute, int64_t rows) {
-    CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
-    const cublasOperation_t tn = CUBLAS_OP_N;
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &tn, sizeof(tn)));
-    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tn, sizeof(tn)));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, CUDA_R_32F, uint64_t(m), uint64_t(dh), ldy));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, CUDA_R_32F, uint64_t(dh), uint64_t(rows), ld));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, CUDA_R_32F, uint64_t(m), uint64_t(rows), ldy));
-  };
-  const float alpha = 1.0f, beta = 0.0f;
   for (int64_t c0 = 0; c0 < L; c0 += chunk) {
     const int64_t rows = std::min(chunk, L - c0);
-    const float* x = qk + c0 * ld;
-    const int al_x = cuda::alignment(x, ld);
-    const GemmKey key{0, 0, m, rows, int64_t(dh), ldy, ld, ldy, 0, al_x};
-    // TF32 tensor-core math; plain fp32 only if cuBLASLt offers no TF32 kernel.
-    auto it = lsh_algo_cache_.find(key);
-    if (it == lsh_algo_cache_.end()) {
-      for (cublasComputeType_t compute : {CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_32F}) {
-        cuda::LtDescs q;
-        make(q, compute, rows);
-        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&q.pref));
-        const uint64_t ws = lt_ws_bytes_;
-        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-            q.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-        const uint32_t a16 = 16, ab = uint32_t(al_x);
-        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &a16, sizeof(a16)));
-        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab)));
-        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &a16, sizeof(a16)));
-        CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-            q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &a16, sizeof(a16)));
-        cublasLtMatmulHeuristicResult_t result{};
-        int found = 0;
-        const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, q.op, q.a, q.b, q.c, q.c,
-                                                                 q.pref, 1, &result, &found);
-        if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-          it = lsh_algo_cache_.emplace(key, GemmChoice{result.algo, compute}).first;
-          break;
-        }
-      }
-      if (it == lsh_algo_cache_.end())
-        throw DeviceError("lsh_hash: no cuBLASLt algorithm for m=" + std::to_string(m) +
-                          " n=" + std::to_string(rows) + " k=" + std::to_string(dh) +
-                          " (at " __FILE__ ")");
-    }
-    cuda::LtDescs d;
-    make(d, it->second.compute, rows);
-    CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, Rcat, d.a, x, d.b, &beta, Y, d.c, Y, d.c,
-                                &it->second.algo, lt_ws_, lt_ws_bytes_, stream_));
+    // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ld),
+    // in TF32 tensor-core math.
+    gemm(false, false, m, rows, int64_t(dh), Rcat, ldy, qk + c0 * ld, ld, 0.0f, Y, ldy,
+         CUBLAS_COMPUTE_32F_FAST_TF32);
 
     const unsigned blocks = unsigned((rows * n_hashes + cuda::kArgmaxThreads / 32 - 1) /
                                      (cuda::kArgmaxThreads / 32));

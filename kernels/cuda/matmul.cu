@@ -67,11 +67,12 @@ struct LtDescs {
 }  // namespace cuda
 
 void CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A,
-                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                   cublasComputeType_t fast) {
   const int al_a = cuda::alignment(A, lda), al_b = cuda::alignment(B, ldb),
             al_c = cuda::alignment(C, ldc);
   const GemmKey key{int(trans_a), int(trans_b), m, n, k, lda, ldb, ldc, beta != 0.0f ? 1 : 0,
-                    al_a * 10000 + al_b * 100 + al_c};
+                    al_a * 10000 + al_b * 100 + al_c, int(fast)};
   auto make = [&](cuda::LtDescs& d, cublasComputeType_t compute) {
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
     const cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -85,11 +86,11 @@ void CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, CUDA_R_32F, uint64_t(m), uint64_t(n), ldc));
   };
 
-  // The algorithm and compute type chosen for this key: bf16 tensor-core math
-  // first; plain fp32 only if cuBLASLt offers no bf16 kernel for the shape.
+  // The algorithm and compute type chosen for this key: tensor-core math
+  // first; plain fp32 only if cuBLASLt offers no such kernel for the shape.
   auto it = algo_cache_.find(key);
   if (it == algo_cache_.end()) {
-    for (cublasComputeType_t compute : {CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_COMPUTE_32F}) {
+    for (cublasComputeType_t compute : {fast, CUBLAS_COMPUTE_32F}) {
       cuda::LtDescs q;
       make(q, compute);
       CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&q.pref));
