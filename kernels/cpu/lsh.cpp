@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "framework/errors.h"
+#include "kernels/common/lsh_checks.h"
 #include "kernels/common/params.h"
 #include "kernels/common/philox.h"
 
@@ -24,28 +25,9 @@ namespace reformer::cpu {
 
 namespace {
 
-// Purpose index of the rotation stream in make_key (seed, step, layer, head, purpose).
-constexpr uint64_t kRotationPurpose = 1;
-
 // Below this many operations a call runs on one thread: thread start-up would
 // cost more than it saves. Results do not depend on it.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
-
-void check_buckets(int n_buckets) {
-  if (n_buckets < 2 || n_buckets % 2 != 0)
-    throw ShapeError("lsh: n_buckets must be even and >= 2, got " + std::to_string(n_buckets));
-}
-
-// factor0 == 0, or an even factor0 >= 2 with an even cofactor n_buckets / factor0 >= 2.
-void check_factor(int n_buckets, int factor0) {
-  check_buckets(n_buckets);
-  if (factor0 == 0) return;
-  if (factor0 < 2 || factor0 % 2 != 0 || n_buckets % factor0 != 0 ||
-      (n_buckets / factor0) % 2 != 0)
-    throw ShapeError("lsh: factor0 = " + std::to_string(factor0) +
-                     " must be 0 or an even factor of n_buckets = " + std::to_string(n_buckets) +
-                     " with an even cofactor");
-}
 
 // argmax over concat(y[0, n), -y[0, n)); strict '>' keeps the lowest index on ties.
 template <class T>
@@ -64,8 +46,8 @@ int signed_argmax(const T* y, int n) {
 template <class T>
 void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,
                    int n_buckets, int factor0) {
-  check_factor(n_buckets, factor0);
-  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(head), kRotationPurpose);
+  check_lsh_factor(n_buckets, factor0);
+  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(head), kLshRotationPurpose);
   const int64_t n = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
   const bool par = n * 64 >= kMinParallelWork;  // a normal costs ~64 multiply-adds
 #pragma omp parallel for schedule(static) if (par)
@@ -75,7 +57,7 @@ void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int 
 template <class T>
 void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
               int n_hashes, int n_buckets, int factor0) {
-  check_factor(n_buckets, factor0);
+  check_lsh_factor(n_buckets, factor0);
   const int cols = rotation_cols(n_buckets, factor0);
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
   const bool par = L * n_hashes * dh * cols >= kMinParallelWork;
@@ -102,7 +84,7 @@ void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, 
 }
 
 void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets) {
-  check_buckets(n_buckets);
+  check_lsh_buckets(n_buckets);
   for (int64_t k = 0; k < int64_t(n_hashes) * L; ++k)
     if (buckets[k] < 0 || buckets[k] >= n_buckets)
       throw ShapeError("lsh_sort: bucket id " + std::to_string(buckets[k]) + " outside [0, " +

@@ -28,6 +28,7 @@
 #include <string>
 
 #include "framework/errors.h"
+#include "kernels/common/lsh_checks.h"
 #include "kernels/common/params.h"
 #include "kernels/common/philox.h"
 #include "kernels/cuda/check.h"
@@ -38,28 +39,10 @@ namespace reformer {
 namespace cuda {
 namespace {
 
-constexpr uint64_t kRotationPurpose = 1;  // as in kernels/cpu/lsh.cpp
 constexpr int kArgmaxThreads = 256;       // 8 warps: 8 (position, round) pairs per block
 // Bound on the fp32 products x @ Rcat held at once: positions are hashed in
 // chunks of at most this many bytes of [chunk, n_hashes * cols].
 constexpr int64_t kHashScratchBytes = int64_t(256) << 20;
-
-void check_buckets(int n_buckets) {
-  if (n_buckets < 2 || n_buckets % 2 != 0)
-    throw ShapeError("lsh: n_buckets must be even and >= 2, got " + std::to_string(n_buckets));
-}
-
-// As in kernels/cpu/lsh.cpp: factor0 == 0, or an even factor0 >= 2 with an
-// even cofactor n_buckets / factor0 >= 2.
-void check_factor(int n_buckets, int factor0) {
-  check_buckets(n_buckets);
-  if (factor0 == 0) return;
-  if (factor0 < 2 || factor0 % 2 != 0 || n_buckets % factor0 != 0 ||
-      (n_buckets / factor0) % 2 != 0)
-    throw ShapeError("lsh: factor0 = " + std::to_string(factor0) +
-                     " must be 0 or an even factor of n_buckets = " + std::to_string(n_buckets) +
-                     " with an even cofactor");
-}
 
 int bits_for(int64_t n) {  // bits to hold values 0..n-1 (at least 1)
   int b = 1;
@@ -221,9 +204,9 @@ void sort_rounds(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
 
 void CudaOps::lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, int head,
                             int n_hashes, int dh, int n_buckets, int factor0) {
-  cuda::check_factor(n_buckets, factor0);
+  check_lsh_factor(n_buckets, factor0);
   const RngKey key =
-      make_key(seed, step, uint64_t(layer), uint64_t(head), cuda::kRotationPurpose);
+      make_key(seed, step, uint64_t(layer), uint64_t(head), kLshRotationPurpose);
   const int64_t n = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
   if (n <= 0) return;
   cuda::rotations_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(R, key, n);
@@ -232,7 +215,7 @@ void CudaOps::lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, i
 
 void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const float* R, int64_t L,
                        int dh, int n_hashes, int n_buckets, int factor0) {
-  cuda::check_factor(n_buckets, factor0);
+  check_lsh_factor(n_buckets, factor0);
   if (L <= 0 || n_hashes <= 0) return;
   if (dh <= 0 || ld < dh) throw ShapeError("lsh_hash: need dh > 0 and ld >= dh");
   const int cols = rotation_cols(n_buckets, factor0);
@@ -277,7 +260,7 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
 
 void CudaOps::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
                        int n_buckets) {
-  cuda::check_buckets(n_buckets);
+  check_lsh_buckets(n_buckets);
   if (L <= 0 || n_hashes <= 0) return;
   const int bits_l = cuda::bits_for(L), bits_b = cuda::bits_for(n_buckets),
             bits_r = cuda::bits_for(n_hashes);
