@@ -154,7 +154,7 @@ double max_abs(const std::vector<double>& a) {
   return m;
 }
 
-// Masked score by the definition in DESIGN.md section 1.
+// Masked score by definition: causal mask first, then the self mask.
 double ref_score(const Inputs& in, int64_t i, int64_t j, bool causal) {
   if (causal && j > i) return -1e9;
   if (j == i) return -1e5;
