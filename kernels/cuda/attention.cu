@@ -1,6 +1,6 @@
 // Chunked attention over permuted positions (LSH, local) and exact full
 // attention, shared-QK scoring (CUDA twin of kernels/cpu/attention.cpp; the
-// exact semantics are described there and in DESIGN.md section 1).
+// exact semantics are described there and in README.md, "Model semantics").
 //
 // Scoring: s_ij = q_i . k_hat_j with k_hat_j = k_j / sqrt(|k_j|^2 + 1e-12);
 // masked scores are SET to -1e9 (causal, key after query) or -1e5 (the
@@ -54,6 +54,10 @@ constexpr int kTile = kWarps * kRowsPerWarp;   // rows per block
 constexpr int kCols = 32;                      // keys (forward, dq) or queries (dk, dv) per pass
 constexpr int kMaxWindow = 32;                 // chunks in one window list
 constexpr int kBlock = 32 * kWarps;
+// The forward kernel has its own geometry: kFwdRowsPerWarp queries per warp
+// and 4 or 8 warps per block (32 or 64 queries per block), so each gathered
+// key tile serves more queries. The backward kernels use kTile / kBlock.
+constexpr int kFwdRowsPerWarp = 8;
 
 // Geometry of one attention call over one head.
 struct AttnGeom {
@@ -120,10 +124,10 @@ __device__ __forceinline__ void decode_block(const AttnGeom& g, int64_t* r, int6
 }
 
 // Position of row `row` of this block's tile (-1 when past the chunk / sequence).
-template <bool FULL>
+template <bool FULL, int TILE = kTile>
 __device__ __forceinline__ int tile_position(const AttnGeom& g, const int32_t* pr, int64_t c,
                                              int64_t t, int row) {
-  const int64_t slot = t * kTile + row;
+  const int64_t slot = t * TILE + row;
   if (FULL) return slot < g.L ? int(slot) : -1;
   return slot < g.chunk ? pr[c * g.chunk + slot] : -1;
 }
@@ -145,11 +149,11 @@ __device__ __forceinline__ int window_position(const AttnGeom& g, const int32_t*
 // Loads kCols rows, a[pos] (row stride lda) into sa and b[pos] (row stride
 // ldb) into sb, for the positions in spos; rows with pos < 0 and columns
 // past dh are zero. sa / sb rows are sa_stride / sb_stride floats apart.
-template <int DHM>
+template <int DHM, int BLOCK = kBlock>
 __device__ __forceinline__ void load_rows(float* sa, int sa_stride, float* sb, int sb_stride,
                                           const int* spos, const float* a, int64_t lda,
                                           const float* b, int64_t ldb, int dh, int tid) {
-  for (int e = tid; e < kCols * DHM; e += kBlock) {
+  for (int e = tid; e < kCols * DHM; e += BLOCK) {
     const int row = e / DHM, d = e % DHM;
     const int pos = spos[row];
     const bool ok = pos >= 0 && d < dh;
@@ -273,17 +277,30 @@ __global__ void finish_backward_kernel(float* dqk, float* dv, const float* dq_r,
 // ---------------------------------------------------------------- forward
 
 // Chunked: out = out_r [R, L, dh], lse [R, L]. Full: out [L, ld], lse [L].
-template <int DHM, bool FULL>
-__global__ void __launch_bounds__(kBlock) attn_forward_kernel(AttnGeom g, const float* qk,
-                                                              const float* khat, const float* v,
-                                                              float* out, float* lse) {
+// WARPS warps of kFwdRowsPerWarp queries each; g.row_tiles counts tiles of
+// fwd_tile(WARPS) queries (see launch_forward).
+template <int WARPS>
+constexpr int fwd_tile() {
+  return WARPS * kFwdRowsPerWarp;
+}
+
+// 16 resident warps per SM (16 / WARPS blocks) caps registers at 128.
+template <int DHM, bool FULL, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
+    attn_forward_kernel(AttnGeom g, const float* qk, const float* khat, const float* v,
+                        float* out, float* lse) {
   constexpr int NT = DHM / 32;
-  extern __shared__ float smem[];
-  float* sq = smem;                        // [kTile][DHM]
-  float* sk = sq + kTile * DHM;            // [kCols][DHM + 1]
+  constexpr int RW = kFwdRowsPerWarp;
+  constexpr int TILE = fwd_tile<WARPS>();
+  constexpr int BLOCK = 32 * WARPS;
+  extern __shared__ float4 fwd_smem4[];
+  float* smem = reinterpret_cast<float*>(fwd_smem4);
+  float* sq = smem;                        // [TILE][DHM]
+  float* sp = sq + TILE * DHM;             // [WARPS][RW][kCols] probabilities
+  float* sk = sp + TILE * kCols;           // [kCols][DHM + 1]
   float* sv = sk + kCols * (DHM + 1);      // [kCols][DHM]
   __shared__ int skpos[kCols];
-  __shared__ int sqpos[kTile];
+  __shared__ int sqpos[TILE];
   __shared__ int swin[kMaxWindow];
   __shared__ int s_nwin;
 
@@ -294,74 +311,93 @@ __global__ void __launch_bounds__(kBlock) attn_forward_kernel(AttnGeom g, const 
   else
     decode_block(g, &r, &c, &t);
   const int32_t* pr = FULL ? nullptr : g.perm + r * g.L;
-  if (tid < kTile) sqpos[tid] = tile_position<FULL>(g, pr, c, t, tid);
+  if (tid < TILE) sqpos[tid] = tile_position<FULL, TILE>(g, pr, c, t, tid);
   if (!FULL && tid == 0) s_nwin = chunk_list(swin, c, +1, g);
   __syncthreads();
-  for (int e = tid; e < kTile * DHM; e += kBlock) {
+  for (int e = tid; e < TILE * DHM; e += BLOCK) {
     const int row = e / DHM, d = e % DHM;
     const int pos = sqpos[row];
     sq[e] = pos >= 0 && d < g.dh ? qk[int64_t(pos) * g.ld + d] : 0.0f;
   }
-  const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kTile) : g.L)
+  const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * TILE) : g.L)
                               : int64_t(s_nwin) * g.chunk;
+  // sq and sk are zero past dh, so the score loop may run to dh rounded up to 4.
+  const int dh4 = (g.dh + 3) & ~3;
 
-  int qp[kRowsPerWarp];
-  float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][NT];
+  // Query positions are read from sqpos when needed (fewer live registers).
+  const int* qp = sqpos + warp * RW;
+  float m[RW], l[RW], o[RW][NT];
 #pragma unroll
-  for (int u = 0; u < kRowsPerWarp; ++u) {
-    qp[u] = sqpos[warp * kRowsPerWarp + u];
+  for (int u = 0; u < RW; ++u) {
     m[u] = -INFINITY;
     l[u] = 0.0f;
 #pragma unroll
     for (int q = 0; q < NT; ++q) o[u][q] = 0.0f;
   }
+  const float* qrow = sq + warp * RW * DHM;
+  float* pw = sp + warp * RW * kCols;
 
   for (int64_t k0 = 0; k0 < n_keys; k0 += kCols) {
     __syncthreads();  // the previous tile is consumed (and sq is written)
     if (tid < kCols) skpos[tid] = window_position<FULL>(g, pr, swin, 0, k0 + tid, n_keys);
     __syncthreads();
-    load_rows<DHM>(sk, DHM + 1, sv, DHM, skpos, khat, g.dh, v, g.ld, g.dh, tid);
+    load_rows<DHM, BLOCK>(sk, DHM + 1, sv, DHM, skpos, khat, g.dh, v, g.ld, g.dh, tid);
     __syncthreads();
 
     const int kp = skpos[lane];
-    float s[kRowsPerWarp];
+    float s[RW];
 #pragma unroll
-    for (int u = 0; u < kRowsPerWarp; ++u) s[u] = 0.0f;
+    for (int u = 0; u < RW; ++u) s[u] = 0.0f;
     const float* krow = sk + lane * (DHM + 1);
-    const float* qrow = sq + warp * kRowsPerWarp * DHM;
-    for (int d = 0; d < g.dh; ++d) {
-      const float kd = krow[d];
+#pragma unroll 1
+    for (int d = 0; d < dh4; d += 4) {
+      const float k0v = krow[d], k1v = krow[d + 1], k2v = krow[d + 2], k3v = krow[d + 3];
 #pragma unroll
-      for (int u = 0; u < kRowsPerWarp; ++u) s[u] += qrow[u * DHM + d] * kd;
+      for (int u = 0; u < RW; ++u) {
+        const float4 q4 = *reinterpret_cast<const float4*>(qrow + u * DHM + d);
+        s[u] += q4.x * k0v;
+        s[u] += q4.y * k1v;
+        s[u] += q4.z * k2v;
+        s[u] += q4.w * k3v;
+      }
     }
-    float p[kRowsPerWarp];
 #pragma unroll
-    for (int u = 0; u < kRowsPerWarp; ++u) {
+    for (int u = 0; u < RW; ++u) {
       bool masked;
       const float sc = kp < 0 ? -INFINITY : masked_score(s[u], qp[u], kp, g.causal, &masked);
       const float mn = fmaxf(m[u], warp_max(sc));
-      p[u] = kp < 0 ? 0.0f : expf(sc - mn);
+      const float p = kp < 0 ? 0.0f : expf(sc - mn);
       const float corr = expf(m[u] - mn);
-      l[u] = l[u] * corr + warp_sum(p[u]);
+      l[u] = l[u] * corr + warp_sum(p);
 #pragma unroll
       for (int q = 0; q < NT; ++q) o[u][q] *= corr;
       m[u] = mn;
+      pw[u * kCols + lane] = p;
     }
-    for (int kk = 0; kk < kCols; ++kk) {
-      float vv[NT];
+    __syncwarp();
+#pragma unroll 1
+    for (int kk = 0; kk < kCols; kk += 4) {
+      float vv[4][NT];
 #pragma unroll
-      for (int q = 0; q < NT; ++q) vv[q] = sv[kk * DHM + lane + 32 * q];
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
-      for (int u = 0; u < kRowsPerWarp; ++u) {
-        const float pk = __shfl_sync(0xffffffffu, p[u], kk);
+        for (int q = 0; q < NT; ++q) vv[j][q] = sv[(kk + j) * DHM + lane + 32 * q];
 #pragma unroll
-        for (int q = 0; q < NT; ++q) o[u][q] += pk * vv[q];
+      for (int u = 0; u < RW; ++u) {
+        const float4 p4 = *reinterpret_cast<const float4*>(pw + u * kCols + kk);
+#pragma unroll
+        for (int q = 0; q < NT; ++q) {
+          o[u][q] += p4.x * vv[0][q];
+          o[u][q] += p4.y * vv[1][q];
+          o[u][q] += p4.z * vv[2][q];
+          o[u][q] += p4.w * vv[3][q];
+        }
       }
     }
   }
 
 #pragma unroll
-  for (int u = 0; u < kRowsPerWarp; ++u) {
+  for (int u = 0; u < RW; ++u) {
     if (qp[u] < 0) continue;
     const float inv = 1.0f / l[u];
     float* dst = FULL ? out + int64_t(qp[u]) * g.ld : out + (r * g.L + qp[u]) * g.dh;
@@ -610,7 +646,9 @@ __global__ void __launch_bounds__(kBlock) attn_dkv_kernel(AttnGeom g, const floa
 
 // ---------------------------------------------------------------- launchers
 
-size_t fwd_smem(int dhm) { return sizeof(float) * size_t(kTile * dhm + kCols * (dhm + 1) + kCols * dhm); }
+size_t fwd_smem(int dhm, int tile) {
+  return sizeof(float) * size_t(tile * dhm + tile * kCols + kCols * (dhm + 1) + kCols * dhm);
+}
 size_t bwd_smem(int dhm) { return sizeof(float) * size_t(2 * kTile * dhm + 2 * kCols * (dhm + 1)); }
 
 int kernel_dhm(int dh) {
@@ -628,14 +666,32 @@ unsigned attn_blocks(const AttnGeom& g, int rounds) {
   return unsigned(int64_t(rounds) * g.n_chunks * g.row_tiles);
 }
 
+// The forward's row tiles are fwd_tile<WARPS>() queries: g.row_tiles is
+// recomputed for them, so decode_block and attn_blocks agree.
+template <int DHM, bool FULL, int WARPS>
+void launch_forward_tiles(AttnGeom g, int rounds, const float* qk, const float* khat,
+                          const float* v, float* out, float* lse, cudaStream_t s) {
+  constexpr int TILE = fwd_tile<WARPS>();
+  g.row_tiles = ((FULL ? g.L : int64_t(g.chunk)) + TILE - 1) / TILE;
+  const size_t smem = fwd_smem(DHM, TILE);
+  set_smem(attn_forward_kernel<DHM, FULL, WARPS>, smem);
+  attn_forward_kernel<DHM, FULL, WARPS><<<attn_blocks(g, rounds), 32 * WARPS, smem, s>>>(
+      g, qk, khat, v, out, lse);
+  CUDA_CHECK_LAUNCH("attn_forward_kernel");
+}
+
+// 64 queries per block; chunked attention with chunks of at most 32 slots
+// uses 32.
 template <int DHM, bool FULL>
 void launch_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                     const float* v, float* out, float* lse, cudaStream_t s) {
-  const size_t smem = fwd_smem(DHM);
-  set_smem(attn_forward_kernel<DHM, FULL>, smem);
-  attn_forward_kernel<DHM, FULL><<<attn_blocks(g, rounds), kBlock, smem, s>>>(g, qk, khat, v, out,
-                                                                             lse);
-  CUDA_CHECK_LAUNCH("attn_forward_kernel");
+  if constexpr (!FULL) {
+    if (g.chunk <= fwd_tile<4>()) {
+      launch_forward_tiles<DHM, FULL, 4>(g, rounds, qk, khat, v, out, lse, s);
+      return;
+    }
+  }
+  launch_forward_tiles<DHM, FULL, 8>(g, rounds, qk, khat, v, out, lse, s);
 }
 
 template <int DHM, bool FULL>
