@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "framework/config.h"
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "framework/logging.h"
 #include "framework/model.h"
 #include "framework/optimizer.h"

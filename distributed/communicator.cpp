@@ -2,7 +2,7 @@
 
 #include <cstdlib>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 #ifdef REFORMER_HAVE_MPI
 #include "distributed/mpi_communicator.h"

@@ -4,7 +4,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 

@@ -17,7 +17,7 @@
 #include <sstream>
 #include <utility>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 

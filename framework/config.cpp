@@ -15,7 +15,7 @@
 #include <sstream>
 #include <variant>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 namespace {

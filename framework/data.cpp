@@ -3,7 +3,7 @@
 #include <cstdio>
 #include <fstream>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/philox.h"
 
 namespace reformer {

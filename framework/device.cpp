@@ -1,6 +1,6 @@
 #include "framework/device.h"
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/cpu/cpu_ops.h"
 #if defined(REFORMER_HAVE_CUDA)
 #include "kernels/cuda/cuda_ops.h"

@@ -4,7 +4,7 @@
 #include <memory>
 #include <string>
 
-#include "framework/ops.h"
+#include "kernels/ops.h"
 
 namespace reformer {
 

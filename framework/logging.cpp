@@ -4,7 +4,7 @@
 #include <cstdarg>
 #include <mutex>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 

@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <numeric>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/philox.h"
 
 namespace reformer {

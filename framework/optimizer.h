@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "framework/config.h"
-#include "framework/ops.h"
+#include "kernels/ops.h"
 #include "framework/params.h"
 
 namespace reformer {

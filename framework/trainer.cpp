@@ -5,7 +5,7 @@
 #include <cmath>
 #include <csignal>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 

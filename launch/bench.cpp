@@ -10,7 +10,7 @@
 #include <sstream>
 
 #include "framework/device.h"
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "framework/logging.h"
 #include "framework/model.h"
 #include "framework/optimizer.h"

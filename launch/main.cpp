@@ -19,7 +19,7 @@
 #include "distributed/communicator.h"
 #include "framework/checkpoint.h"
 #include "framework/config.h"
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "framework/logging.h"
 #include "framework/trainer.h"
 #include "generated/default_config.h"

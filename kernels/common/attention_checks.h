@@ -3,7 +3,7 @@
 
 #include <string>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/params.h"
 
 namespace reformer {

@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 

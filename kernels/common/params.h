@@ -18,6 +18,8 @@ enum class Activation { gelu, relu };
 // Masked scores are set (not added) to these values, as in trax and HF.
 constexpr double kCausalMaskValue = -1e9;  // key position > query position
 constexpr double kSelfMaskValue = -1e5;    // a query's own position
+// Keys are k / sqrt(|k|^2 + kKeyNormEps): a zero key stays finite.
+constexpr double kKeyNormEps = 1e-12;
 
 // LSH rotation columns per hash round. factor0 == 0: one block of
 // n_buckets/2 columns, bucket = argmax(concat(y, -y)). Otherwise the buckets

@@ -1,4 +1,4 @@
-// GELU (tanh approximation) and ReLU (CPU reference). Contracts as in framework/ops.h.
+// GELU (tanh approximation) and ReLU (CPU reference). Contracts as in kernels/ops.h.
 //
 // gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)));  relu(x) = max(x, 0),
 // with relu'(0) = 0. The backward accumulates into dinp.

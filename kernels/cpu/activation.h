@@ -1,4 +1,4 @@
-// GELU (tanh approximation) and ReLU (CPU reference). Contracts as in framework/ops.h.
+// GELU (tanh approximation) and ReLU (CPU reference). Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

@@ -26,7 +26,7 @@
 #include <string>
 #include <vector>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/attention_checks.h"
 
 namespace reformer::cpu {
@@ -36,10 +36,6 @@ namespace {
 // Below this many multiply-adds a call runs on one thread: thread start-up
 // would cost more than it saves. Results do not depend on it.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
-
-// Added to |k|^2 under the square root of the key norm, so that a zero key
-// has k_hat = 0 and a finite gradient. A CUDA twin must use the same value.
-constexpr double kNormEps = 1e-12;
 
 void check_common(const AttentionParams& p, const char* op) { check_attention_shape(p, op); }
 
@@ -64,7 +60,7 @@ void normalise_keys(std::vector<T>& khat, std::vector<T>& norm, const T* qk,
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t j = 0; j < p.L; ++j) {
     const T* k = qk + j * p.ld;
-    const T n = std::sqrt(dot(k, k, dh) + T(kNormEps));
+    const T n = std::sqrt(dot(k, k, dh) + T(kKeyNormEps));
     norm[size_t(j)] = n;
     T* kh = khat.data() + j * dh;
     for (int d = 0; d < dh; ++d) kh[d] = k[d] / n;
@@ -417,7 +413,7 @@ void full_attention_forward(T* out, T* lse, const T* qk, const T* v, const Atten
   for (int64_t j = 0; j < L; ++j) {
     T s = T(0);
     for (int d = 0; d < dh; ++d) s += qk[j * ld + d] * qk[j * ld + d];
-    kn[size_t(j)] = std::sqrt(s + T(kNormEps));
+    kn[size_t(j)] = std::sqrt(s + T(kKeyNormEps));
   }
 #pragma omp parallel if (par)
   {
@@ -464,7 +460,7 @@ void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T
   for (int64_t j = 0; j < L; ++j) {
     T s = T(0);
     for (int d = 0; d < dh; ++d) s += qk[j * ld + d] * qk[j * ld + d];
-    kn[size_t(j)] = std::sqrt(s + T(kNormEps));
+    kn[size_t(j)] = std::sqrt(s + T(kKeyNormEps));
     for (int d = 0; d < dh; ++d) kh[size_t(j * dh + d)] = qk[j * ld + d] / kn[size_t(j)];
     T g = T(0);
     for (int d = 0; d < dh; ++d) g += dout[j * ld + d] * out[j * ld + d];

@@ -1,6 +1,6 @@
 // Chunked attention over permuted positions (LSH and local attention) and
 // exact full attention, with shared-QK scoring (CPU reference).
-// Contracts as in framework/ops.h.
+// Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

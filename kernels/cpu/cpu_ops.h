@@ -3,7 +3,7 @@
 // and double (finite-difference checks).
 #pragma once
 
-#include "framework/ops.h"
+#include "kernels/ops.h"
 
 namespace reformer {
 

@@ -1,5 +1,5 @@
 // Softmax cross-entropy over rows of logits, and row argmax (CPU reference).
-// Contracts as in framework/ops.h.
+// Contracts as in kernels/ops.h.
 //
 // Each row is max-subtracted before exponentiation and reduced in double.
 // A row is read completely before its gradient is written, which is what

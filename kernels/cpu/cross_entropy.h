@@ -1,5 +1,5 @@
 // Softmax cross-entropy over rows of logits, and row argmax (CPU reference).
-// Contracts as in framework/ops.h.
+// Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// Elementwise and copy ops (CPU reference). Contracts as in framework/ops.h.
+// Elementwise and copy ops (CPU reference). Contracts as in kernels/ops.h.
 //
 // Every result element depends only on its own inputs, so splitting the work
 // over OpenMP threads never changes a bit; sum_squares reduces fixed-size

@@ -1,4 +1,4 @@
-// Elementwise and copy ops (CPU reference). Contracts as in framework/ops.h.
+// Elementwise and copy ops (CPU reference). Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // Token embedding plus axial position embedding (CPU reference).
-// Contracts as in framework/ops.h.
+// Contracts as in kernels/ops.h.
 //
 // Positions are global: row i of this call is position p = pos_offset + i,
 // which reads pos1[p / a2] (first d1 columns) and pos2[p % a2] (the rest).

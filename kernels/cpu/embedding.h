@@ -1,5 +1,5 @@
 // Token embedding plus axial position embedding (CPU reference).
-// Contracts as in framework/ops.h.
+// Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

@@ -1,4 +1,4 @@
-// LayerNorm over the last dimension (CPU reference). Contracts as in framework/ops.h.
+// LayerNorm over the last dimension (CPU reference). Contracts as in kernels/ops.h.
 //
 // Row statistics are accumulated in double (biased variance, two passes).
 // The weight and bias gradients are split over columns, so every gradient

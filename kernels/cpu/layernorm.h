@@ -1,4 +1,4 @@
-// LayerNorm over the last dimension (CPU reference). Contracts as in framework/ops.h.
+// LayerNorm over the last dimension (CPU reference). Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

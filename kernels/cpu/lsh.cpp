@@ -1,6 +1,6 @@
 // LSH hashing by random rotations and the per-round sort (CPU reference).
 //
-// Contracts (framework/ops.h):
+// Contracts (kernels/ops.h):
 //  - R [n_hashes, dh, cols], cols = rotation_cols(n_buckets, factor0)
 //    (kernels/common/params.h): element i is rng_normal(key, i) with
 //    key = make_key(seed, step, layer, head, 1); round r's block starts at
@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/lsh_checks.h"
 #include "kernels/common/params.h"
 #include "kernels/common/philox.h"

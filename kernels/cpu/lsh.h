@@ -1,5 +1,5 @@
 // LSH hashing by random rotations, and the per-round sort by (bucket, position)
-// (CPU reference). Contracts as in framework/ops.h.
+// (CPU reference). Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

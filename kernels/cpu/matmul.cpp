@@ -1,5 +1,5 @@
 // Dense linear layer out = inp @ w + bias (CPU reference). Contracts as in
-// framework/ops.h.
+// kernels/ops.h.
 //
 // All three products (forward, dinp, dw) go through one blocked kernel that
 // owns disjoint tiles of its output: a tile is computed by one thread, and

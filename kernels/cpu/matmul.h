@@ -1,7 +1,7 @@
 // Dense linear layer out = inp @ w + bias (CPU reference: cache-blocked,
 // multi-threaded with OpenMP; each output element is reduced by one thread in
 // a fixed order, so results do not depend on the thread count).
-// Contracts as in framework/ops.h.
+// Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

@@ -1,5 +1,5 @@
 // AdamW and Adafactor parameter updates (CPU reference). Contracts as in
-// framework/ops.h and the parameter structs in kernels/common/params.h.
+// kernels/ops.h and the parameter structs in kernels/common/params.h.
 //
 // Reductions (Adafactor's row/column means and update RMS) are accumulated in
 // double over a fixed partition (per row, then rows in order), so results do

@@ -1,4 +1,4 @@
-// AdamW and Adafactor parameter updates (CPU reference). Contracts as in framework/ops.h.
+// AdamW and Adafactor parameter updates (CPU reference). Contracts as in kernels/ops.h.
 #pragma once
 
 #include <cstdint>

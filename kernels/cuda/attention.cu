@@ -35,7 +35,7 @@
 #include <cmath>
 #include <string>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/attention_checks.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
@@ -45,9 +45,9 @@ namespace reformer {
 namespace cuda {
 namespace {
 
-constexpr float kNormEps = 1e-12f;  // as kernels/cpu/attention.cpp
-constexpr float kCausalMask = -1e9f;
-constexpr float kSelfMask = -1e5f;
+constexpr float kNormEps = float(kKeyNormEps);
+constexpr float kCausalMask = float(kCausalMaskValue);
+constexpr float kSelfMask = float(kSelfMaskValue);
 constexpr int kWarps = 4;                      // warps per block
 constexpr int kRowsPerWarp = 4;                // queries (forward, dq) or keys (dk, dv) per warp
 constexpr int kTile = kWarps * kRowsPerWarp;   // rows per block

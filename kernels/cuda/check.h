@@ -11,7 +11,7 @@
 
 #include <string>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer::cuda {
 

@@ -6,7 +6,7 @@
 
 #include <memory>
 
-#include "framework/ops.h"
+#include "kernels/ops.h"
 
 namespace reformer {
 

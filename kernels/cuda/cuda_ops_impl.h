@@ -22,7 +22,7 @@
 #include <unordered_map>
 #include <tuple>
 
-#include "framework/ops.h"
+#include "kernels/ops.h"
 #include "kernels/cuda/workspace.h"
 
 namespace reformer {

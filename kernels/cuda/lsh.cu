@@ -27,7 +27,7 @@
 #include <cub/device/device_radix_sort.cuh>
 #include <string>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/lsh_checks.h"
 #include "kernels/common/params.h"
 #include "kernels/common/philox.h"

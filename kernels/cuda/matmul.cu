@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <string>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
 #include "kernels/cuda/device_utils.cuh"

@@ -11,7 +11,7 @@
 #include <set>
 #include <vector>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/cpu/attention.h"
 #include "tests/common/gradcheck.h"
 

@@ -18,7 +18,7 @@
 #include <sstream>
 
 #include "framework/checkpoint.h"
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace fs = std::filesystem;
 using namespace reformer;

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "framework/config.h"
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 namespace {

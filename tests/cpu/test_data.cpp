@@ -6,7 +6,7 @@
 #include <set>
 
 #include "framework/data.h"
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 using namespace reformer;
 

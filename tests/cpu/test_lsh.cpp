@@ -8,7 +8,7 @@
 #include <random>
 #include <vector>
 
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "kernels/common/params.h"
 #include "kernels/common/philox.h"
 #include "kernels/cpu/lsh.h"

@@ -26,8 +26,8 @@
 #include <string>
 #include <vector>
 
-#include "framework/errors.h"
-#include "framework/ops.h"
+#include "kernels/errors.h"
+#include "kernels/ops.h"
 #include "kernels/common/philox.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"

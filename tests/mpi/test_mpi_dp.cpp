@@ -30,7 +30,7 @@
 #include "distributed/mpi_communicator.h"
 #include "framework/checkpoint.h"
 #include "framework/config.h"
-#include "framework/errors.h"
+#include "kernels/errors.h"
 #include "framework/logging.h"
 #include "framework/trainer.h"
 

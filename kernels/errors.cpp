@@ -1,4 +1,4 @@
-#include "framework/errors.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 
