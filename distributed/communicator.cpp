@@ -1,6 +1,7 @@
 #include "distributed/communicator.h"
 
 #include <cstdlib>
+#include <cstring>
 
 #include "kernels/errors.h"
 
@@ -9,6 +10,11 @@
 #endif
 
 namespace reformer {
+
+void Communicator::alltoall(const void* send, void* recv, int64_t bytes) {
+  REFORMER_REQUIRE(size() == 1, CommError, "alltoall is not available in this backend");
+  std::memcpy(recv, send, size_t(bytes));
+}
 
 void LocalCommunicator::abort(int status) { std::exit(status); }
 

@@ -24,6 +24,9 @@ class Communicator {
   // Copies `bytes` bytes from rank `root` to every rank.
   virtual void broadcast(void* data, int64_t bytes, int root) = 0;
   virtual void barrier() = 0;
+  // Block r of send (bytes each) goes to rank r: recv[s * bytes ..] = rank s's
+  // send[rank() * bytes ..]. (Provisional default: one rank only.)
+  virtual void alltoall(const void* send, void* recv, int64_t bytes);
   // Ends every rank of the job with a non-zero status (a failing rank must not
   // leave the others hanging in a collective).
   [[noreturn]] virtual void abort(int status) = 0;

@@ -593,7 +593,7 @@ void validate(Config& c, const std::string& source, const Origins& origins) {
   // Attention.
   if (a.kinds.empty()) fail_at("attention.kinds", "attention.kinds must name at least one kind");
   for (int layer = 0; layer < m.n_layers; ++layer) {
-    const std::string kind = c.attention_kind(layer);
+    const std::string& kind = a.kinds[size_t(layer) % a.kinds.size()];
     if ((kind == "lsh" || kind == "local") && m.max_len % a.bucket_size != 0)
       fail_at("model.max_len", "model.max_len = " + s(m.max_len) +
                                    " is not a multiple of attention.bucket_size = " +

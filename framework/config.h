@@ -11,6 +11,8 @@
 
 namespace reformer {
 
+enum class AttentionKind { lsh, full, local };
+
 struct ModelConfig {
   int vocab_size = 256;               // token ids are in [0, vocab_size)
   int d_model = 128;                  // D: width of each residual stream
@@ -120,8 +122,9 @@ struct Config {
 
   // Derived by validate(): never read from YAML.
   int head_dim() const { return model.d_head > 0 ? model.d_head : model.d_model / model.n_heads; }
-  std::string attention_kind(int layer) const {
-    return attention.kinds[size_t(layer) % attention.kinds.size()];
+  AttentionKind attention_kind(int layer) const {
+    const std::string& k = attention.kinds[size_t(layer) % attention.kinds.size()];
+    return k == "lsh" ? AttentionKind::lsh : k == "full" ? AttentionKind::full : AttentionKind::local;
   }
   int buckets() const;  // n_buckets, resolved
   // Factorized hashing (attention.factorize_buckets, buckets() = 2^k >= 4):

@@ -14,7 +14,9 @@
 #include <functional>
 #include <vector>
 
+#include "distributed/communicator.h"
 #include "framework/config.h"
+#include "framework/model_tensors.h"
 #include "kernels/ops.h"
 #include "framework/params.h"
 
@@ -31,12 +33,23 @@ struct LossStats {
   }
 };
 
+// This rank's part of a sequence-parallel group: positions
+// [rank * L / size, (rank + 1) * L / size) and heads
+// [rank * H / size, (rank + 1) * H / size) of attention. The default is one
+// rank holding everything.
+struct SequenceShard {
+  int size = 1;                   // ranks sharing one sequence
+  int rank = 0;                   // this rank's index among them
+  Communicator* comm = nullptr;   // the group (needed when size > 1)
+};
+
 template <class T>
 class ReformerModel {
  public:
-  // Allocates parameters, gradients and the activations for one sequence of
-  // cfg.model.max_len positions. The config must be validated.
-  ReformerModel(const Config& cfg, Ops<T>& ops);
+  // Allocates parameters, gradients and the activations for this rank's
+  // shard of one sequence of cfg.model.max_len positions. The config must be
+  // validated; throws ConfigError when the shard layout cannot work.
+  ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceShard& shard = {});
   ~ReformerModel();
   ReformerModel(const ReformerModel&) = delete;
   ReformerModel& operator=(const ReformerModel&) = delete;
@@ -45,53 +58,66 @@ class ReformerModel {
   int64_t num_params() const { return table_.total(); }
   T* params() { return params_.data(); }  // flat [num_params], in Ops memory
   T* grads() { return grads_.data(); }    // same layout as params()
-  int64_t seq_len() const { return L_; }
+  int64_t seq_len() const { return L_; }  // positions this rank holds
+  int64_t seq_offset() const { return pos0_; }  // global position of its first
 
   // Fills parameters from the counter RNG keyed by `seed` (normal for
   // matrices and embeddings, ones / zeros for LayerNorm and biases).
   void init_params(uint64_t seed);
   void zero_grads();
 
-  // One sequence: tokens[L] and targets[L] in host memory (target -1: not
-  // counted). Runs the forward pass and, when `backward`, the backward pass,
-  // ACCUMULATING parameter gradients scaled by `grad_scale` (the caller passes
-  // 1 / (positions counted over the whole batch and all ranks)).
+  // One sequence: this rank's tokens[seq_len()] and targets[seq_len()] in
+  // host memory (target -1: not counted). Runs the forward pass and, when
+  // `backward`, the backward pass, ACCUMULATING parameter gradients scaled by
+  // `grad_scale` (the caller passes 1 / (positions counted over the whole
+  // batch and all ranks)). Under sequence parallelism every rank of the group
+  // calls it together, and the gradients are this rank's part of the sum.
   // `step` keys the LSH rotations and dropout masks; `train` enables dropout.
   LossStats forward_backward(const int32_t* tokens, const int32_t* targets, uint64_t step,
                              bool backward, bool train, T grad_scale);
 
-  // Forward only, copying every logit [L, V] to `logits` (host).
+  // Forward only, copying every logit of this rank's positions [seq_len(), V]
+  // to `logits` (host).
   void forward_logits(const int32_t* tokens, uint64_t step, std::vector<T>* logits);
 
-  // Test hooks (host copies, [L, D] each): the inputs (x1, x2) of every layer
-  // as the forward pass saw them, and as the backward pass rebuilt them.
+  // Called during forward_backward's backward pass with each part of the
+  // flat buffer (head, layers top-down, embedding) as soon as its gradients
+  // for this sequence are complete; the trainer starts reducing there.
+  std::function<void(ParamRange)> on_grads_ready;
+
+  // Test hooks (host copies, [seq_len(), D] each): the inputs (x1, x2) of
+  // every layer as the forward pass saw them, and as the backward pass
+  // rebuilt them.
   struct Trace {
     std::vector<std::vector<T>> forward_x1, forward_x2, rebuilt_x1, rebuilt_x2;
   };
   Trace* trace = nullptr;
 
  private:
-  struct Layer;     // parameter pointers of one layer
   struct Scratch;   // activation buffers
-  Layer layer_params(T* base, int l) const;
   void embed(const int32_t* tokens);
   void attention_forward(int l, const T* x, T* out, uint64_t step, bool rehash);
   void attention_backward(int l, const T* x, const T* dout, T* dx);
   void ffn_chunk(int l, const T* y1, T* g, int64_t rows, int64_t row0, uint64_t step, bool train);
   void ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy1, int64_t rows, int64_t row0,
                           uint64_t step, bool train);
+  void branch_dropout(T* x, int l, uint64_t step, bool train);
   LossStats head(const int32_t* targets, bool backward, T grad_scale, std::vector<T>* logits);
   void stack_forward(const int32_t* tokens, uint64_t step, bool train);
   void stack_backward(uint64_t step, bool train);
+  void grads_ready(ParamRange r) { if (on_grads_ready) on_grads_ready(r); }
 
   Config cfg_;
   Ops<T>& ops_;
+  SequenceShard shard_;
   ParamTable table_;
-  int64_t L_;
-  int D_, H_, dh_, F_, V_, NL_;
-  int d1_, a2_, nb_;
-  int f0_;  // bucket factor 0 (Config::bucket_factor0); 0: not factorized
+  int64_t L_;      // positions of this rank
+  int64_t Lfull_;  // positions of the whole sequence
+  int64_t pos0_;   // global position of this rank's first
+  int D_, H_, Hloc_, dh_, F_, V_, NL_;
+  int d1_, a2_;
   Buffer<T> params_, grads_;
+  ModelTensors<T> P_, G_;  // named views of params_ and grads_
   Scratch* s_;
 };
 

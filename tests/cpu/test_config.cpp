@@ -186,7 +186,7 @@ TEST(Config, SetOverrides) {
   EXPECT_EQ(c.attention.kinds, (std::vector<std::string>{"lsh", "full"}));
   EXPECT_FALSE(c.attention.causal);
   EXPECT_EQ(c.training.seed, 18446744073709551615ull);
-  EXPECT_EQ(c.attention_kind(3), "full");
+  EXPECT_EQ(c.attention_kind(3), AttentionKind::full);
   // A single scalar is a one-element list; an empty value an empty string.
   Config d = parse_config("", "x.yaml", {"attention.kinds=local", "logging.metrics="});
   EXPECT_EQ(d.attention.kinds, (std::vector<std::string>{"local"}));

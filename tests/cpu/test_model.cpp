@@ -8,6 +8,8 @@
 
 #include "framework/config.h"
 #include "framework/model.h"
+#include "framework/model_tensors.h"
+#include "kernels/errors.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "tests/common/gradcheck.h"
 
@@ -267,4 +269,21 @@ TEST(Model, SameSeedSameBitsAcrossRuns) {
   const LossStats sb = b.forward_backward(tokens.data(), targets.data(), 4, true, true, 0.5f);
   EXPECT_EQ(sa.loss_sum, sb.loss_sum);
   for (int64_t i = 0; i < a.num_params(); ++i) ASSERT_EQ(a.grads()[i], b.grads()[i]);
+}
+
+// Named views reach every tensor of the table exactly once, and refuse a
+// table they do not match.
+TEST(ModelTensors, BindingMatchesTheTable) {
+  const Config cfg = small_config();
+  ParamTable t = model_param_table(cfg);
+  std::vector<double> buf(size_t(t.total()));
+  const ModelTensors<double> v = bind_tensors(t, buf.data(), cfg.model.n_layers);
+  EXPECT_EQ(v.tokens, buf.data());
+  EXPECT_EQ(v.layers[1].b2 + cfg.model.d_model, v.ln_out_w);
+  const ParamRange l1 = layer_range(t, 1), head = head_range(t);
+  EXPECT_EQ(l1.offset + l1.count, head.offset);
+  EXPECT_EQ(head.offset + head.count, t.total());
+  t.add("stray", {3}, InitKind::zeros, 0, false);
+  EXPECT_THROW(bind_tensors(t, buf.data(), cfg.model.n_layers), ShapeError);
+  EXPECT_THROW(bind_tensors(model_param_table(cfg), buf.data(), 3), ShapeError);
 }

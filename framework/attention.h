@@ -1,0 +1,82 @@
+// Attention kinds as small strategies, chosen per layer at construction.
+//
+// A kind sees the heads it owns over the whole sequence: qk, v and ao are
+// [L, ld] with `heads` heads of width dh side by side (ld >= heads * dh).
+// Under sequence parallelism the model first exchanges its sequence shard for
+// a head shard, so the kinds never know about ranks; head0 is the global
+// index of the first owned head (it keys the LSH rotations, so every layout
+// hashes alike).
+//
+// Adding a kind: a file with its class and a factory, and one case in
+// make_attention (attention.cpp).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "framework/config.h"
+#include "kernels/ops.h"
+
+namespace reformer {
+
+struct AttentionShape {
+  int layer = 0;    // keys rotations and error messages
+  int64_t L = 0;    // positions the kind attends over (the whole sequence)
+  int heads = 0;    // heads owned
+  int head0 = 0;    // global index of head 0 of this call
+  int dh = 0;       // head width
+  int64_t ld = 0;   // row stride of qk, v, ao and their gradients
+};
+
+// Transient buffers the kinds share across layers (a layer's forward and
+// backward run back to back in the recompute), sized by the model for the
+// largest kind it holds.
+template <class T>
+struct AttentionScratch {
+  Buffer<T> out_r;         // per owned head [rounds, L, dh]: each round's output
+  Buffer<T> lse;           // per owned head [rounds, L]: each round's log-sum-exp
+  Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
+  IntBuffer<T> perm;       // sorted order of one head [n_hashes, L]
+  IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)
+  int rounds = 1;          // rounds out_r / lse hold per head
+};
+
+template <class T>
+class AttentionKindImpl {
+ public:
+  virtual ~AttentionKindImpl() = default;
+  virtual const char* name() const = 0;
+  // ao = attention(qk, v) for every owned head. `rehash` (LSH): compute and
+  // save the bucket ids from this qk; otherwise reuse the saved ones (the
+  // backward recompute must see the forward's buckets). Saves what backward
+  // needs.
+  virtual void forward(const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
+  // dqk, dv += gradients for dao, right after forward() on the same inputs.
+  virtual void backward(const T* qk, const T* v, const T* ao, const T* dao, T* dqk, T* dv) = 0;
+};
+
+// The kind layer `shape.layer` runs: attention.kinds cycled over layers,
+// except that a sequence of at most one chunk always runs full attention
+// (one chunk makes every kind exact). Allocates what the kind keeps between
+// steps (LSH: bucket ids) through ops; `scratch` must outlive the kind.
+template <class T>
+std::unique_ptr<AttentionKindImpl<T>> make_attention(const Config& cfg, const AttentionShape& shape,
+                                                     Ops<T>& ops, AttentionScratch<T>& scratch);
+// True when layer `layer` runs LSH attention over a sequence of L positions.
+bool uses_lsh(const Config& cfg, int layer, int64_t L);
+
+// Chunk geometry and masks shared by the kinds.
+AttentionParams attention_params(const Config& cfg, const AttentionShape& shape);
+
+// The factories behind make_attention, one per kind's file.
+template <class T>
+std::unique_ptr<AttentionKindImpl<T>> make_lsh_attention(const Config&, const AttentionShape&,
+                                                         Ops<T>&, AttentionScratch<T>&);
+template <class T>
+std::unique_ptr<AttentionKindImpl<T>> make_local_attention(const Config&, const AttentionShape&,
+                                                           Ops<T>&, AttentionScratch<T>&);
+template <class T>
+std::unique_ptr<AttentionKindImpl<T>> make_full_attention(const Config&, const AttentionShape&,
+                                                          Ops<T>&, AttentionScratch<T>&);
+
+}  // namespace reformer

@@ -1,0 +1,62 @@
+// Local attention: chunks of consecutive positions, each attending to itself
+// and its look-back (no wrap), in one round.
+#include "framework/attention.h"
+
+namespace reformer {
+
+namespace {
+
+template <class T>
+class LocalAttention final : public AttentionKindImpl<T> {
+ public:
+  LocalAttention(const Config& cfg, const AttentionShape& shape, Ops<T>& ops,
+                 AttentionScratch<T>& scratch)
+      : shape_(shape), ops_(ops), s_(scratch) {
+    ap_ = attention_params(cfg, shape);
+    ap_.n_rounds = 1;
+    ap_.wrap = false;
+  }
+  const char* name() const override { return "local"; }
+
+  void forward(const T* qk, const T* v, T* ao, uint64_t, bool) override {
+    for (int h = 0; h < shape_.heads; ++h) {
+      const int64_t c = int64_t(h) * shape_.dh;
+      ops_.chunked_attention_forward(ao + c, out_r(h), lse(h), qk + c, v + c,
+                                     s_.identity.data(), ap_);
+    }
+  }
+
+  void backward(const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
+    for (int h = 0; h < shape_.heads; ++h) {
+      const int64_t c = int64_t(h) * shape_.dh;
+      ops_.chunked_attention_backward(dqk + c, dv + c, dao + c, qk + c, v + c,
+                                      s_.identity.data(), out_r(h), lse(h), ap_);
+    }
+  }
+
+ private:
+  T* out_r(int h) { return s_.out_r.data() + int64_t(h) * s_.rounds * shape_.L * shape_.dh; }
+  T* lse(int h) { return s_.lse.data() + int64_t(h) * s_.rounds * shape_.L; }
+
+  AttentionShape shape_;
+  Ops<T>& ops_;
+  AttentionScratch<T>& s_;
+  AttentionParams ap_;
+};
+
+}  // namespace
+
+template <class T>
+std::unique_ptr<AttentionKindImpl<T>> make_local_attention(const Config& cfg,
+                                                           const AttentionShape& shape,
+                                                           Ops<T>& ops,
+                                                           AttentionScratch<T>& scratch) {
+  return std::make_unique<LocalAttention<T>>(cfg, shape, ops, scratch);
+}
+
+template std::unique_ptr<AttentionKindImpl<float>> make_local_attention(
+    const Config&, const AttentionShape&, Ops<float>&, AttentionScratch<float>&);
+template std::unique_ptr<AttentionKindImpl<double>> make_local_attention(
+    const Config&, const AttentionShape&, Ops<double>&, AttentionScratch<double>&);
+
+}  // namespace reformer

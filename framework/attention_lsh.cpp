@@ -1,0 +1,78 @@
+// LSH attention (shared QK): per owned head, hash every position into
+// n_buckets in each of n_hashes rounds, sort each round by (bucket, position),
+// attend within chunks of the sorted order and their look-back, combine the
+// rounds by log-sum-exp. Bucket ids are kept from the forward pass so the
+// backward recompute attends over the same chunks.
+#include "framework/attention.h"
+
+namespace reformer {
+
+namespace {
+
+template <class T>
+class LshAttention final : public AttentionKindImpl<T> {
+ public:
+  LshAttention(const Config& cfg, const AttentionShape& shape, Ops<T>& ops,
+               AttentionScratch<T>& scratch)
+      : cfg_(cfg), shape_(shape), ops_(ops), s_(scratch),
+        nh_(cfg.attention.n_hashes), nb_(cfg.buckets()), f0_(cfg.bucket_factor0()),
+        buckets_(ops, int64_t(shape.heads) * cfg.attention.n_hashes * shape.L) {
+    ap_ = attention_params(cfg, shape);
+    ap_.n_rounds = nh_;
+    ap_.wrap = true;
+  }
+  const char* name() const override { return "lsh"; }
+
+  void forward(const T* qk, const T* v, T* ao, uint64_t step, bool rehash) override {
+    const int64_t L = shape_.L;
+    for (int h = 0; h < shape_.heads; ++h) {
+      int32_t* buckets = buckets_.data() + int64_t(h) * nh_ * L;
+      const int64_t c = int64_t(h) * shape_.dh;
+      if (rehash) {
+        ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer,
+                           shape_.head0 + h, nh_, shape_.dh, nb_, f0_);
+        ops_.lsh_hash(buckets, qk + c, shape_.ld, s_.rot.data(), L, shape_.dh, nh_, nb_, f0_);
+      }
+      ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
+      ops_.chunked_attention_forward(ao + c, out_r(h), lse(h), qk + c, v + c, s_.perm.data(), ap_);
+    }
+  }
+
+  void backward(const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
+    const int64_t L = shape_.L;
+    for (int h = 0; h < shape_.heads; ++h) {
+      const int64_t c = int64_t(h) * shape_.dh;
+      ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
+      ops_.chunked_attention_backward(dqk + c, dv + c, dao + c, qk + c, v + c, s_.perm.data(),
+                                      out_r(h), lse(h), ap_);
+    }
+  }
+
+ private:
+  T* out_r(int h) { return s_.out_r.data() + int64_t(h) * s_.rounds * shape_.L * shape_.dh; }
+  T* lse(int h) { return s_.lse.data() + int64_t(h) * s_.rounds * shape_.L; }
+
+  const Config& cfg_;
+  AttentionShape shape_;
+  Ops<T>& ops_;
+  AttentionScratch<T>& s_;
+  int nh_, nb_, f0_;
+  IntBuffer<T> buckets_;  // [heads, n_hashes, L], kept from forward to backward
+  AttentionParams ap_;
+};
+
+}  // namespace
+
+template <class T>
+std::unique_ptr<AttentionKindImpl<T>> make_lsh_attention(const Config& cfg,
+                                                         const AttentionShape& shape, Ops<T>& ops,
+                                                         AttentionScratch<T>& scratch) {
+  return std::make_unique<LshAttention<T>>(cfg, shape, ops, scratch);
+}
+
+template std::unique_ptr<AttentionKindImpl<float>> make_lsh_attention(
+    const Config&, const AttentionShape&, Ops<float>&, AttentionScratch<float>&);
+template std::unique_ptr<AttentionKindImpl<double>> make_lsh_attention(
+    const Config&, const AttentionShape&, Ops<double>&, AttentionScratch<double>&);
+
+}  // namespace reformer
