@@ -36,23 +36,34 @@ std::string human_duration(double s) {
 void request_stop() { g_stop = 1; }
 bool stop_requested() { return g_stop != 0; }
 
-Trainer::Trainer(const Config& cfg, Communicator& comm, std::string metrics_path)
-    : cfg_(cfg), comm_(comm), metrics_path_(std::move(metrics_path)) {
-  REFORMER_REQUIRE(cfg.training.batch_size % comm.size() == 0, ConfigError,
-                   "training.batch_size must be a multiple of the number of ranks");
-  REFORMER_REQUIRE(cfg.parallel.sp == 1, ConfigError,
-                   "parallel.sp > 1: sequence parallelism is not implemented yet");
-  REFORMER_REQUIRE(cfg.parallel.dp * cfg.parallel.sp == comm.size(), ConfigError,
-                   "parallel.dp * parallel.sp must equal the number of processes (" +
-                       std::to_string(comm.size()) + ")");
+Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_path)
+    : cfg_(cfg), world_(world), host_(world.host()), metrics_path_(std::move(metrics_path)) {
+  grid_ = std::make_unique<ProcessGrid>(world, cfg.parallel.dp, cfg.parallel.sp);
+  cfg_.parallel.dp = grid_->dp();
+  REFORMER_REQUIRE(cfg.training.batch_size % grid_->dp() == 0, ConfigError,
+                   "training.batch_size = " + std::to_string(cfg.training.batch_size) +
+                       " must be a multiple of parallel.dp = " + std::to_string(grid_->dp()) +
+                       " (each data-parallel group takes an equal share of the batch)");
   ops_ = make_ops(cfg_.training.device);
-  REFORMER_REQUIRE(std::string(ops_->name()) == "cpu" || comm.size() == 1, ConfigError,
-                   "training.device: several processes on CUDA need the NCCL backend, which is "
-                   "not implemented yet (the MPI backend sums host buffers)");
+  const bool on_device = std::string(ops_->name()) != "cpu";
+  if (world.size() > 1 && on_device != world.device_buffers())
+    throw ConfigError(std::string("training.device computes in ") +
+                      (on_device ? "device" : "host") + " memory but parallel.backend '" +
+                      world.backend() + "' reduces " +
+                      (world.device_buffers() ? "device" : "host") +
+                      " buffers: use backend nccl with device cuda, mpi with device cpu");
+  world.set_compute_stream(ops_->stream());
+  if (grid_->sp() > 1) grid_->sp_group().set_compute_stream(ops_->stream());
   data_ = make_dataset(cfg_);
-  model_ = std::make_unique<ReformerModel<float>>(cfg_, *ops_);
+  const SequenceShard shard{grid_->sp(), grid_->sp_rank(), &grid_->sp_group()};
+  model_ = std::make_unique<ReformerModel<float>>(cfg_, *ops_, shard);
   model_->init_params(cfg_.training.seed);
   opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), *ops_);
+  const auto bucket_elems = int64_t(cfg_.parallel.bucket_mb * 1024 * 1024 / sizeof(float));
+  reducer_ = std::make_unique<GradReducer>(world, model_->grads(), model_->num_params(),
+                                           bucket_elems);
+  seq_tokens_.resize(size_t(cfg_.model.max_len));
+  seq_targets_.resize(size_t(cfg_.model.max_len));
 }
 
 Trainer::~Trainer() = default;
@@ -63,8 +74,8 @@ CheckpointState Trainer::snapshot() const {
   st.tokens_seen = tokens_seen_;
   st.samples_drawn = samples_drawn_;
   st.seed = cfg_.training.seed;
-  st.dp = cfg_.parallel.dp;
-  st.sp = cfg_.parallel.sp;
+  st.dp = grid_->dp();
+  st.sp = grid_->sp();
   st.config_text = to_yaml(cfg_);
   st.optimizer_name = cfg_.optimizer.name;
   auto& model = *model_;
@@ -136,25 +147,59 @@ std::string Trainer::resume() {
 }
 
 void Trainer::save() {
-  if (comm_.rank() == 0) {
+  // Parameters and optimizer state are the same on every rank (gradients
+  // are summed over the world before the update): rank 0 writes.
+  if (world_.rank() == 0) {
     save_checkpoint(cfg_.checkpoint.dir, snapshot(), cfg_.checkpoint.keep);
     log_info("checkpoint: wrote " + checkpoint_path(cfg_.checkpoint.dir, step_));
   }
-  comm_.barrier();
+  host_.barrier();
+}
+
+void Trainer::sample_shard(Split split, int64_t index, int32_t* tokens, int32_t* targets) {
+  data_->sample(split, index, seq_tokens_.data(), seq_targets_.data());
+  const int64_t n = model_->seq_len(), p0 = model_->seq_offset();
+  std::copy_n(seq_tokens_.begin() + p0, n, tokens);
+  std::copy_n(seq_targets_.begin() + p0, n, targets);
+}
+
+LossStats Trainer::accumulate_step(const std::vector<int32_t>& tokens,
+                                   const std::vector<int32_t>& targets, int n_seq,
+                                   float grad_scale) {
+  const int64_t L = model_->seq_len();
+  const bool reduce = world_.size() > 1;
+  LossStats st;
+  for (int j = 0; j < n_seq; ++j) {
+    // Gradients accumulate over this rank's sequences; the reduction starts
+    // during the last one's backward pass, bucket by bucket.
+    const bool last = j + 1 == n_seq;
+    if (reduce && last) {
+      reducer_->begin();
+      model_->on_grads_ready = [this](ParamRange r) { reducer_->ready(r); };
+    }
+    st += model_->forward_backward(tokens.data() + j * L, targets.data() + j * L,
+                                   uint64_t(step_), /*backward*/ true, /*train*/ true,
+                                   grad_scale);
+  }
+  model_->on_grads_ready = nullptr;
+  if (reduce) reducer_->finish();
+  return st;
 }
 
 EvalResult Trainer::evaluate(Split split, int batches) {
-  const int64_t L = cfg_.model.max_len;
+  const int64_t L = model_->seq_len();
   const int64_t n = int64_t(batches) * cfg_.training.batch_size;
   std::vector<int32_t> tokens(static_cast<size_t>(L)), targets(static_cast<size_t>(L));
   LossStats total;
-  for (int64_t i = comm_.rank(); i < n; i += comm_.size()) {
-    data_->sample(split, i, tokens.data(), targets.data());
+  // Sequence i goes to data-parallel group i mod dp; its sequence-parallel
+  // ranks each take their positions.
+  for (int64_t i = grid_->dp_rank(); i < n; i += grid_->dp()) {
+    sample_shard(split, i, tokens.data(), targets.data());
     total += model_->forward_backward(tokens.data(), targets.data(), uint64_t(step_),
                                       /*backward*/ false, /*train*/ false, 0.0f);
   }
   double sums[3] = {total.loss_sum, double(total.count), double(total.correct)};
-  comm_.allreduce_sum(sums, 3);
+  host_.allreduce_sum(sums, 3);
   EvalResult r;
   r.tokens = int64_t(sums[1]);
   r.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
@@ -165,10 +210,11 @@ EvalResult Trainer::evaluate(Split split, int batches) {
 
 TrainResult Trainer::train() {
   const TrainingConfig& tc = cfg_.training;
-  const int64_t L = cfg_.model.max_len;
-  const int per_rank = tc.batch_size / comm_.size();
-  MetricsWriter metrics(comm_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
-  std::vector<int32_t> tokens(size_t(per_rank * L)), targets(size_t(per_rank * L));
+  const int64_t L = cfg_.model.max_len;     // positions per sequence
+  const int64_t Ll = model_->seq_len();     // positions this rank holds
+  const int per_group = tc.batch_size / grid_->dp();
+  MetricsWriter metrics(world_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
+  std::vector<int32_t> tokens(size_t(per_group * Ll)), targets(size_t(per_group * Ll));
   TrainResult result;
   const bool dup = cfg_.data.kind == "duplication";
 
@@ -199,23 +245,19 @@ TrainResult Trainer::train() {
     model_->zero_grads();
     // This rank's share of the global batch; indices are global so the
     // batch is the same whatever the number of ranks.
+    // Global sequence indices: the batch is the same whatever the layout.
     int64_t local_count = 0;
-    for (int j = 0; j < per_rank; ++j) {
-      const int64_t index = samples_drawn_ + int64_t(comm_.rank()) * per_rank + j;
-      data_->sample(Split::train, index, tokens.data() + j * L, targets.data() + j * L);
+    for (int j = 0; j < per_group; ++j) {
+      const int64_t index = samples_drawn_ + int64_t(grid_->dp_rank()) * per_group + j;
+      sample_shard(Split::train, index, tokens.data() + j * Ll, targets.data() + j * Ll);
     }
-    for (int64_t i = 0; i < per_rank * L; ++i) local_count += targets[size_t(i)] >= 0;
+    for (int64_t i = 0; i < per_group * Ll; ++i) local_count += targets[size_t(i)] >= 0;
     double count = double(local_count);
-    comm_.allreduce_sum(&count, 1);
+    host_.allreduce_sum(&count, 1);
     const float grad_scale = count > 0 ? float(1.0 / count) : 0.0f;
-    LossStats st;
-    for (int j = 0; j < per_rank; ++j)
-      st += model_->forward_backward(tokens.data() + j * L, targets.data() + j * L,
-                                     uint64_t(step_), /*backward*/ true, /*train*/ true,
-                                     grad_scale);
-    comm_.allreduce_sum(model_->grads(), model_->num_params());
+    const LossStats st = accumulate_step(tokens, targets, per_group, grad_scale);
     double sums[3] = {st.loss_sum, double(st.count), double(st.correct)};
-    comm_.allreduce_sum(sums, 3);
+    host_.allreduce_sum(sums, 3);
     const double grad_norm =
         clip_grad_norm(*ops_, model_->grads(), model_->num_params(), cfg_.optimizer.grad_clip);
     const double lr = learning_rate(cfg_.optimizer, step_ + 1, tc.steps);
@@ -248,7 +290,7 @@ TrainResult Trainer::train() {
     if (tc.eval_every > 0 && step_ % tc.eval_every == 0 && !last) run_eval();
     // A stop request on any rank stops every rank at the same step.
     double stop_votes = stop_requested() ? 1.0 : 0.0;
-    comm_.allreduce_sum(&stop_votes, 1);
+    host_.allreduce_sum(&stop_votes, 1);
     const bool stop = stop_votes > 0;
     if (cfg_.checkpoint.every > 0 && step_ % cfg_.checkpoint.every == 0 && !last && !stop) save();
     if (stop) {

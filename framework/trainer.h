@@ -9,10 +9,12 @@
 #include <vector>
 
 #include "distributed/communicator.h"
+#include "distributed/process_grid.h"
 #include "framework/checkpoint.h"
 #include "framework/config.h"
 #include "framework/data.h"
 #include "framework/device.h"
+#include "framework/grad_reducer.h"
 #include "framework/logging.h"
 #include "framework/model.h"
 #include "framework/optimizer.h"
@@ -40,9 +42,11 @@ struct TrainResult {
 
 class Trainer {
  public:
-  // Builds the model (initialised from training.seed), optimizer and data.
-  // `metrics_path` may be empty.
-  Trainer(const Config& cfg, Communicator& comm, std::string metrics_path);
+  // Builds the process grid (parallel.dp x parallel.sp over `world`), the
+  // model (initialised from training.seed), optimizer and data. Throws
+  // ConfigError when the layout, the device and the backend do not fit
+  // together. `metrics_path` may be empty.
+  Trainer(const Config& cfg, Communicator& world, std::string metrics_path);
   ~Trainer();
 
   // Applies cfg.checkpoint.resume (auto | none | PATH); returns the path
@@ -57,14 +61,25 @@ class Trainer {
   EvalResult evaluate(Split split, int batches);
 
   int64_t step() const { return step_; }
+  const ProcessGrid& grid() const { return *grid_; }
   ReformerModel<float>& model() { return *model_; }
   CheckpointState snapshot() const;
 
  private:
   void save();
+  // This rank's share of sequence `index`: the positions its model holds.
+  void sample_shard(Split split, int64_t index, int32_t* tokens, int32_t* targets);
+  // Forward and backward over this rank's sequences of one step; gradients
+  // summed over every rank when it returns.
+  LossStats accumulate_step(const std::vector<int32_t>& tokens,
+                            const std::vector<int32_t>& targets, int n_seq, float grad_scale);
 
   Config cfg_;
-  Communicator& comm_;
+  Communicator& world_;
+  Communicator& host_;  // world_.host(): small host-side sums
+  std::unique_ptr<ProcessGrid> grid_;
+  std::unique_ptr<GradReducer> reducer_;
+  std::vector<int32_t> seq_tokens_, seq_targets_;  // one whole sequence
   std::string metrics_path_;
   std::unique_ptr<Ops<float>> ops_;  // the device the run computes on
   std::unique_ptr<ReformerModel<float>> model_;

@@ -1,0 +1,50 @@
+// Data-parallel gradient reduction in buckets, overlapped with the backward
+// pass.
+//
+// The model reports each part of the flat gradient buffer as soon as its
+// gradients are complete (head first, then layers top-down, then the
+// embedding: contiguous ranges in falling offsets). Ranges gather into a
+// bucket until it holds at least `bucket_elems` elements; the bucket's
+// all-reduce then starts at once (asynchronously, on the communicator's
+// stream for device backends) while the backward pass goes on below it.
+// finish() starts what is left and waits for every bucket, so the clip and
+// the optimizer see the summed gradients.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "distributed/communicator.h"
+#include "framework/model_tensors.h"
+
+namespace reformer {
+
+class GradReducer {
+ public:
+  // grads: the flat buffer [n] in the communicator's memory space.
+  GradReducer(Communicator& comm, float* grads, int64_t n, int64_t bucket_elems);
+
+  // Starts a step: nothing pending.
+  void begin();
+  // The range's gradients are final for this step. Ranges must arrive in
+  // falling, adjacent order, covering [0, n) by finish().
+  void ready(ParamRange r);
+  // Starts the last bucket and waits for all of them.
+  void finish();
+
+  int64_t buckets_started() const { return buckets_; }  // this step
+
+ private:
+  void launch();
+
+  Communicator& comm_;
+  float* grads_;
+  int64_t n_;
+  int64_t bucket_elems_;
+  int64_t lo_ = 0, hi_ = 0;  // pending span [lo_, hi_)
+  int64_t buckets_ = 0;
+  std::vector<std::unique_ptr<Work>> inflight_;
+};
+
+}  // namespace reformer

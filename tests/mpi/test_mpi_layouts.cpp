@@ -1,0 +1,252 @@
+// Every process layout computes the function of one process, run under
+// mpirun -np 2 and 4 on CPUs with the MPI backend:
+//  - sequence-parallel attention (the head exchange) gives the outputs and,
+//    summed over the group, the gradients of the one-process model (double);
+//  - training under every dp x sp layout of the world gives the per-step
+//    losses and the final parameters of the one-process run (within 1e-5),
+//    for an LSH-only model and for an LSH + local mix;
+//  - a checkpoint written under one layout resumes under another.
+//
+// Every collective in a test is made by every rank in the same order; checks
+// are EXPECT_* (never an ASSERT_* that could make one rank skip a collective
+// the others wait in). All ranks run on one host and share /tmp.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "distributed/communicator.h"
+#include "framework/checkpoint.h"
+#include "framework/config.h"
+#include "framework/model.h"
+#include "framework/trainer.h"
+#include "kernels/cpu/cpu_ops.h"
+#include "tests/common/mpi_test_main.h"
+
+namespace fs = std::filesystem;
+using namespace reformer;
+
+namespace {
+
+Communicator* g_world = nullptr;
+Communicator& world() { return *g_world; }
+
+// A shared temporary folder: made by rank 0, its name broadcast.
+std::string shared_temp_dir() {
+  char name[256] = {0};
+  if (world().rank() == 0) {
+    char tmpl[] = "/tmp/reformer_mpi_layouts_XXXXXX";
+    const char* d = mkdtemp(tmpl);
+    std::snprintf(name, sizeof name, "%s", d ? d : "");
+  }
+  world().broadcast(name, sizeof name, 0);
+  return name;
+}
+
+// Four heads, so that sp = 2 and 4 divide them; 64 positions, 16 per rank at
+// sp = 4, two chunks of 8.
+const char* kYaml = R"(
+model:
+  vocab_size: 16
+  d_model: 32
+  n_heads: 4
+  d_ff: 48
+  n_layers: 2
+  max_len: 64
+attention:
+  kinds: [lsh]
+  bucket_size: 8
+  n_hashes: 2
+optimizer:
+  name: adamw
+  lr: 3.0e-3
+  warmup_steps: 5
+  schedule: rsqrt
+training:
+  steps: 20
+  batch_size: 4
+  device: cpu
+  log_every: 1000
+  eval_every: 0
+  eval_batches: 1
+data:
+  kind: duplication
+checkpoint:
+  resume: none
+)";
+
+Config make_config(std::vector<std::string> sets) {
+  return parse_config(kYaml, "<test_mpi_layouts>", sets);
+}
+
+struct Layout {
+  int dp, sp;
+};
+std::string text(const Layout& l) {
+  return "dp " + std::to_string(l.dp) + " x sp " + std::to_string(l.sp);
+}
+// Every dp x sp = world size.
+std::vector<Layout> layouts() {
+  std::vector<Layout> out;
+  for (int sp = 1; sp <= world().size(); ++sp)
+    if (world().size() % sp == 0) out.push_back({world().size() / sp, sp});
+  return out;
+}
+
+// |a - b| <= atol + rtol * |b|
+bool within(double a, double b, double rtol, double atol = 0) {
+  return std::fabs(a - b) <= atol + rtol * std::fabs(b);
+}
+
+std::vector<float> flat_params(const Trainer& t) {
+  std::vector<float> out;
+  for (const CheckpointTensor& p : t.snapshot().model)
+    out.insert(out.end(), p.data.begin(), p.data.end());
+  return out;
+}
+
+struct Run {
+  std::vector<double> losses;
+  std::vector<float> params;
+};
+
+Run train(const Config& cfg, Communicator& comm) {
+  Trainer t(cfg, comm, "");
+  t.resume();
+  const TrainResult r = t.train();
+  return Run{r.losses, flat_params(t)};
+}
+
+// Compares a layout's run with the one-process run: losses to 1e-5 relative
+// (gradients summed over ranks in another order drift by fp32 ulps per step),
+// parameters to 1e-5 relative + 1e-6 absolute.
+void expect_same_run(const Run& got, const Run& ref, const std::string& what) {
+  EXPECT_EQ(got.losses.size(), ref.losses.size()) << what;
+  for (size_t s = 0; s < std::min(got.losses.size(), ref.losses.size()); ++s)
+    EXPECT_PRED4(within, got.losses[s], ref.losses[s], 1e-5, 0.0) << what << ", step " << s + 1;
+  EXPECT_EQ(got.params.size(), ref.params.size()) << what;
+  int64_t wrong = 0;
+  double worst = 0;
+  for (size_t i = 0; i < std::min(got.params.size(), ref.params.size()); ++i) {
+    wrong += !within(got.params[i], ref.params[i], 1e-5, 1e-6);
+    worst = std::max(worst, double(std::fabs(got.params[i] - ref.params[i])));
+  }
+  EXPECT_EQ(wrong, 0) << what << ": largest parameter difference " << worst;
+}
+
+std::vector<std::string> layout_sets(const Layout& l, const std::string& dir) {
+  return {"parallel.dp=" + std::to_string(l.dp), "parallel.sp=" + std::to_string(l.sp),
+          "parallel.backend=mpi", "checkpoint.dir=" + dir};
+}
+
+// ------------------------------------------------------------------ attention
+
+// The whole world as one sequence-parallel group, in double: every rank's
+// logits equal its slice of the one-process logits, and the gradients summed
+// over the group equal the one-process gradients.
+TEST(SequenceParallel, ModelMatchesOneProcess) {
+  for (const char* kinds : {"[lsh]", "[lsh, local]", "[full, lsh]"}) {
+    const Config cfg = make_config({std::string("attention.kinds=") + kinds,
+                                    "model.dropout=0.1"});
+    CpuOps<double> ops;
+    ReformerModel<double> whole(cfg, ops);
+    ReformerModel<double> part(cfg, ops, SequenceShard{world().size(), world().rank(), &world()});
+    whole.init_params(7);
+    part.init_params(7);
+    const int64_t L = cfg.model.max_len, Ll = part.seq_len(), p0 = part.seq_offset();
+    EXPECT_EQ(Ll * world().size(), L);
+    std::vector<int32_t> tokens(size_t(L)), targets(size_t(L));
+    for (int64_t i = 0; i < L; ++i) {
+      tokens[size_t(i)] = int32_t((i * 7 + 3) % cfg.model.vocab_size);
+      targets[size_t(i)] = i + 1 < L ? int32_t(((i + 1) * 7 + 3) % cfg.model.vocab_size) : -1;
+    }
+    const double scale = 1.0 / double(L - 1);
+    whole.zero_grads();
+    part.zero_grads();
+    const LossStats a = whole.forward_backward(tokens.data(), targets.data(), 3, true, true, scale);
+    const LossStats b = part.forward_backward(tokens.data() + p0, targets.data() + p0, 3, true,
+                                              true, scale);
+    double sums[2] = {b.loss_sum, double(b.count)};
+    world().allreduce_sum(sums, 2);
+    EXPECT_PRED4(within, sums[0], a.loss_sum, 1e-12, 0.0) << kinds;
+    EXPECT_EQ(int64_t(sums[1]), a.count) << kinds;
+    std::vector<double> g(part.grads(), part.grads() + part.num_params());
+    world().allreduce_sum(g.data(), int64_t(g.size()));
+    int64_t wrong = 0;
+    for (int64_t i = 0; i < whole.num_params(); ++i)
+      wrong += !within(g[size_t(i)], whole.grads()[i], 1e-9, 1e-12);
+    EXPECT_EQ(wrong, 0) << kinds << ": gradients of " << whole.num_params();
+    std::vector<double> la, lb;
+    whole.forward_logits(tokens.data(), 3, &la);
+    part.forward_logits(tokens.data() + p0, 3, &lb);
+    int64_t wrong_logits = 0;
+    const int64_t V = cfg.model.vocab_size;
+    for (int64_t i = 0; i < Ll * V; ++i)
+      wrong_logits += !within(lb[size_t(i)], la[size_t(p0 * V + i)], 1e-12, 1e-12);
+    EXPECT_EQ(wrong_logits, 0) << kinds;
+  }
+}
+
+// ------------------------------------------------------------------ training
+
+class Layouts : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { dir_ = new std::string(shared_temp_dir()); }
+  static void TearDownTestSuite() {
+    world().barrier();
+    if (world().rank() == 0 && !dir_->empty()) fs::remove_all(*dir_);
+    delete dir_;
+  }
+  static inline std::string* dir_ = nullptr;
+};
+
+TEST_F(Layouts, TrainingMatchesOneProcess) {
+  for (const char* kinds : {"[lsh]", "[lsh, local]"}) {
+    const std::string k = std::string("attention.kinds=") + kinds;
+    auto local = make_communicator(CommBackend::local);
+    const Run ref = train(make_config({k, "checkpoint.dir=" + *dir_ + "/ref" +
+                                              std::to_string(world().rank())}),
+                          *local);
+    for (const Layout& l : layouts()) {
+      std::vector<std::string> sets = layout_sets(l, *dir_ + "/run");
+      sets.push_back(k);
+      expect_same_run(train(make_config(sets), world()), ref, text(l) + " " + kinds);
+    }
+  }
+}
+
+// 6 steps under the last layout (all sequence-parallel), then on to 10 under
+// the first (all data-parallel): the same losses and parameters as 10 steps
+// of one process.
+TEST_F(Layouts, CheckpointResumesUnderAnotherLayout) {
+  const std::vector<Layout> ls = layouts();
+  const std::string dir = *dir_ + "/resume";
+  std::vector<std::string> a = layout_sets(ls.back(), dir);
+  a.push_back("training.steps=6");
+  train(make_config(a), world());
+  std::vector<std::string> b = layout_sets(ls.front(), dir);
+  b.insert(b.end(), {"training.steps=10", "checkpoint.resume=auto"});
+  const Run resumed = train(make_config(b), world());
+  auto local = make_communicator(CommBackend::local);
+  Run ref = train(make_config({"training.steps=10", "checkpoint.dir=" + *dir_ + "/straight" +
+                                                        std::to_string(world().rank())}),
+                  *local);
+  ref.losses.erase(ref.losses.begin(), ref.losses.begin() + 6);
+  expect_same_run(resumed, ref, text(ls.back()) + " -> " + text(ls.front()));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  return reformer_test::mpi_test_main(argc, argv, [] {
+    auto comm = make_communicator(CommBackend::mpi);
+    g_world = comm.get();
+    const int status = RUN_ALL_TESTS();
+    g_world = nullptr;
+    return status;
+  });
+}
