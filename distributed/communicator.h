@@ -88,6 +88,30 @@ class Communicator {
   [[noreturn]] virtual void abort(int status) = 0;
 };
 
+// One process, no communication: sums are identities, gathers and exchanges
+// are copies (host memory), split() gives another local communicator, and
+// send/recv (which would need a peer) throw CommError.
+class LocalCommunicator final : public Communicator {
+ public:
+  const char* backend() const override { return "local"; }
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  void allreduce_sum(float*, int64_t) override {}
+  void allreduce_sum(double*, int64_t) override {}
+  std::unique_ptr<Work> allreduce_sum_async(float* data, int64_t n) override;
+  void broadcast(void*, int64_t, int) override {}
+  void allgather(const void* send, void* recv, int64_t bytes) override;
+  void reduce_scatter_sum(const float* send, float* recv, int64_t n) override;
+  void alltoall(const void* send, void* recv, int64_t bytes) override;
+  void alltoallv(const void* send, const int64_t* send_bytes, const int64_t* send_off, void* recv,
+                 const int64_t* recv_bytes, const int64_t* recv_off) override;
+  void send(const void* data, int64_t bytes, int peer) override;
+  void recv(void* data, int64_t bytes, int peer) override;
+  void barrier() override {}
+  std::unique_ptr<Communicator> split(int color, int key) override;
+  [[noreturn]] void abort(int status) override;
+};
+
 // The communicator of `backend` over every process of the job. Throws
 // CommError when the backend was not built in or cannot start.
 std::unique_ptr<Communicator> make_communicator(CommBackend backend,
