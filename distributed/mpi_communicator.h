@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "distributed/communicator.h"
+#include "distributed/watchdog.h"
 
 namespace reformer {
 
@@ -38,16 +39,21 @@ namespace reformer {
 
 namespace reformer {
 
+// Host buffers; every call is watched (watchdog.h) with options.timeout_s and
+// split into calls of at most options.max_chunk elements or bytes (MPI
+// counts are int). Send and receive buffers must not overlap.
 class MpiCommunicator final : public Communicator {
  public:
-  // Initialises MPI (MPI_THREAD_FUNNELED: only the thread that made the
-  // communicator calls MPI) unless the program already did, then duplicates
-  // MPI_COMM_WORLD. `max_chunk` bounds the elements (allreduce) or bytes
-  // (broadcast) of one MPI call, at most INT_MAX since MPI counts are int;
-  // larger buffers go in pieces. Tests shrink it to exercise the splitting.
-  // Throws CommError when MPI was already finalized or a call fails.
-  explicit MpiCommunicator(int64_t max_chunk = INT_MAX);
-  // Frees the duplicate; calls MPI_Finalize only when the constructor
+  // Initialises MPI unless the program already did (MPI_THREAD_MULTIPLE when
+  // the library has it, else MPI_THREAD_FUNNELED: only the thread that made
+  // the communicator calls MPI, the watchdog thread only MPI_Abort), then
+  // duplicates MPI_COMM_WORLD. Throws CommError when MPI was already
+  // finalized, lacks thread support, or a call fails.
+  explicit MpiCommunicator(const CommOptions& options = {});
+  // Adopts `comm` (from MPI_Comm_split; freed on destruction) without owning
+  // MPI's initialisation.
+  MpiCommunicator(MPI_Comm comm, const CommOptions& options);
+  // Frees the communicator; calls MPI_Finalize only when the constructor
   // initialised MPI.
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
@@ -60,21 +66,42 @@ class MpiCommunicator final : public Communicator {
   // a sequential sum in the last bits (exact for small integers).
   void allreduce_sum(float* data, int64_t n) override;
   void allreduce_sum(double* data, int64_t n) override;
+  // MPI_Iallreduce per chunk; the Work's wait() is MPI_Waitall (watched).
+  std::unique_ptr<Work> allreduce_sum_async(float* data, int64_t n) override;
   void broadcast(void* data, int64_t bytes, int root) override;
+  void allgather(const void* send, void* recv, int64_t bytes) override;
+  void reduce_scatter_sum(const float* send, float* recv, int64_t n) override;
+  void alltoall(const void* send, void* recv, int64_t bytes) override;
+  // MPI_Alltoallv when every count fits in one call and every offset in an
+  // int; otherwise non-blocking point-to-point messages of at most max_chunk
+  // bytes. Throws CommError on negative counts or offsets.
+  void alltoallv(const void* send, const int64_t* send_bytes, const int64_t* send_off, void* recv,
+                 const int64_t* recv_bytes, const int64_t* recv_off) override;
+  // Throws CommError for peer == rank() (it would wait for itself).
+  void send(const void* data, int64_t bytes, int peer) override;
+  void recv(void* data, int64_t bytes, int peer) override;
   void barrier() override;
+  // MPI_Comm_split; color must be >= 0.
+  std::unique_ptr<Communicator> split(int color, int key) override;
   // MPI_Abort on MPI_COMM_WORLD: ends every process of the job.
   [[noreturn]] void abort(int status) override;
 
   MPI_Comm comm() const { return comm_; }
+  const CommOptions& options() const { return options_; }
 
  private:
   template <class T>
   void allreduce(T* data, int64_t n, MPI_Datatype type);
+  WatchedOp watched(const char* op, int64_t amount, const char* unit) const {
+    return {"mpi", op, amount, unit, size_};
+  }
+  void check_peer(int peer, const char* op) const;
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;
   int size_ = 1;
-  int64_t max_chunk_ = INT_MAX;
+  CommOptions options_;
+  int64_t max_chunk_ = INT_MAX;  // options_.max_chunk clamped to 1 .. INT_MAX
   bool owns_mpi_ = false;  // MPI_Init_thread was called here: finalize on destruction
 };
 

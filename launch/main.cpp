@@ -13,6 +13,7 @@
 #include <iostream>
 #include <sstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -126,6 +127,13 @@ void on_signal(int sig) {
   std::signal(sig, SIG_DFL);  // a second signal ends the process at once
 }
 
+// The backend named by the (validated) configuration.
+CommBackend backend_of(const Config& cfg) {
+  const std::optional<CommBackend> b = parse_comm_backend(cfg.parallel.backend);
+  if (!b) throw ConfigError("parallel.backend: unknown backend '" + cfg.parallel.backend + "'");
+  return *b;
+}
+
 // The communicator of the run lives in main() (cmd_* create it into `comm`),
 // so that main's error handling can end every rank of a multi-process job.
 int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
@@ -134,7 +142,7 @@ int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
   Args b = a;
   b.sets = sets;
   const Config cfg = load(b);
-  comm = make_communicator(cfg.parallel.backend);
+  comm = make_communicator(backend_of(cfg));
   set_log_rank(comm->rank());
   log_info("config (resolved):\n" + to_yaml(cfg));
   Trainer trainer(cfg, *comm, a.metrics.empty() ? cfg.logging.metrics : a.metrics);
@@ -157,7 +165,7 @@ int cmd_eval(const Args& a, std::unique_ptr<Communicator>& comm) {
   }
   if (a.split != "valid" && a.split != "test")
     throw UsageError("--split must be valid or test, not '" + a.split + "'");
-  comm = make_communicator(cfg.parallel.backend);
+  comm = make_communicator(backend_of(cfg));
   set_log_rank(comm->rank());
   Trainer trainer(cfg, *comm, "");
   trainer.load(a.checkpoint, /*full*/ false);

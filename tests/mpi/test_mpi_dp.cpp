@@ -6,9 +6,7 @@
 //    run in one process; its checkpoint resumes in one process; evaluation
 //    under dp equals evaluation in one process.
 //
-// The program has its own main(): MPI is initialised once around all tests,
-// only rank 0 prints gtest's report (other ranks print their failures prefixed
-// with the rank), and every rank exits with the same status.
+// The program has its own main() (tests/common/mpi_gtest_main.h).
 //
 // Every collective in a test is made by every rank in the same order; checks
 // are EXPECT_* (never an ASSERT_* that could make one rank skip a collective
@@ -33,6 +31,8 @@
 #include "kernels/errors.h"
 #include "framework/logging.h"
 #include "framework/trainer.h"
+#include "tests/common/collective_checks.h"
+#include "tests/common/mpi_gtest_main.h"
 
 namespace fs = std::filesystem;
 using namespace reformer;
@@ -45,31 +45,16 @@ MpiCommunicator& world() { return *g_comm; }
 
 // ------------------------------------------------------------------ collectives
 
-// Rank r contributes (r + 1) * v(i) with v(i) = i % 7 + 1, so element i sums to
-// v(i) * size * (size + 1) / 2: small integers, exact in fp32 and fp64 whatever
-// the reduction order.
+// The exact checks of tests/common/collective_checks.h on host buffers.
+const test::Memory kHost = test::host_memory();
+
 template <class T>
 int64_t allreduce_wrong(Communicator& comm, int64_t n) {
-  const int r = comm.rank(), p = comm.size();
-  std::vector<T> x(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) x[size_t(i)] = T((r + 1) * (i % 7 + 1));
-  comm.allreduce_sum(x.data(), n);
-  int64_t wrong = 0;
-  for (int64_t i = 0; i < n; ++i) wrong += x[size_t(i)] != T((i % 7 + 1) * p * (p + 1) / 2);
-  return wrong;
+  return test::allreduce_wrong<T>(comm, kHost, n);
 }
 
-// The root fills byte i with (i * 31 + root) % 251, every other rank with a
-// different garbage value; counts the bytes that differ from the root's.
 int64_t broadcast_wrong(Communicator& comm, int64_t bytes, int root) {
-  std::vector<unsigned char> b(static_cast<size_t>(bytes));
-  for (int64_t i = 0; i < bytes; ++i)
-    b[size_t(i)] = comm.rank() == root ? (unsigned char)((i * 31 + root) % 251)
-                                       : (unsigned char)(255 - comm.rank());
-  comm.broadcast(b.data(), bytes, root);
-  int64_t wrong = 0;
-  for (int64_t i = 0; i < bytes; ++i) wrong += b[size_t(i)] != (unsigned char)((i * 31 + root) % 251);
-  return wrong;
+  return test::broadcast_wrong(comm, kHost, bytes, root);
 }
 
 const int64_t kSizes[] = {1, 2, 97, 1025, 65536 + 3};
@@ -89,7 +74,7 @@ TEST(MpiCommunicator, MatchesWorld) {
 TEST(MpiCommunicator, MakeCommunicatorMpi) {
   // MPI is already initialised: the new communicator must not finalize it.
   {
-    auto c = make_communicator("mpi");
+    auto c = make_communicator(CommBackend::mpi);
     EXPECT_STREQ(c->backend(), "mpi");
     EXPECT_EQ(c->rank(), world().rank());
     EXPECT_EQ(c->size(), world().size());
@@ -101,15 +86,17 @@ TEST(MpiCommunicator, MakeCommunicatorMpi) {
   EXPECT_EQ(finalized, 0);
 }
 
+#ifndef REFORMER_HAVE_NCCL
 TEST(MpiCommunicator, NcclIsAnErrorNamingWhatIsMissing) {
   try {
-    make_communicator("nccl");
-    ADD_FAILURE() << "make_communicator(\"nccl\") did not throw";
+    make_communicator(CommBackend::nccl);
+    ADD_FAILURE() << "make_communicator(CommBackend::nccl) did not throw";
   } catch (const CommError& e) {
     EXPECT_NE(std::string(e.what()).find("NCCL"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(make_communicator("gloo"), CommError);
+  EXPECT_FALSE(parse_comm_backend("gloo").has_value());
 }
+#endif
 
 TEST(MpiCommunicator, AllreduceFloatExact) {
   for (int64_t n : kSizes) EXPECT_EQ(allreduce_wrong<float>(world(), n), 0) << "n = " << n;
@@ -135,7 +122,7 @@ TEST(MpiCommunicator, BroadcastFromFirstAndLastRank) {
 // max_chunk exercises the same code with sizes a test can afford, including a
 // last piece shorter than the others and an exact multiple.
 TEST(MpiCommunicator, LargeBuffersGoInPieces) {
-  MpiCommunicator small(/*max_chunk*/ 100);
+  MpiCommunicator small(CommOptions{.max_chunk = 100});
   for (int64_t n : {int64_t(99), int64_t(100), int64_t(1025), int64_t(2000)}) {
     EXPECT_EQ(allreduce_wrong<float>(small, n), 0) << "n = " << n;
     EXPECT_EQ(allreduce_wrong<double>(small, n), 0) << "n = " << n;
@@ -342,25 +329,6 @@ TEST_F(DataParallel, CheckpointResumesInOneProcess) {
   comm.barrier();
 }
 
-// Prints failures of a rank other than 0 (whose report gtest prints in full)
-// as "[rank r] file:line: message".
-class RankFailurePrinter : public ::testing::EmptyTestEventListener {
- public:
-  explicit RankFailurePrinter(int rank) : rank_(rank) {}
-  void OnTestPartResult(const ::testing::TestPartResult& r) override {
-    if (!r.failed()) return;
-    std::fprintf(stderr, "[rank %d] %s:%d: %s\n", rank_, r.file_name() ? r.file_name() : "?",
-                 r.line_number(), r.message());
-  }
-  void OnTestEnd(const ::testing::TestInfo& t) override {
-    if (t.result()->Failed())
-      std::fprintf(stderr, "[rank %d] FAILED %s.%s\n", rank_, t.test_suite_name(), t.name());
-  }
-
- private:
-  int rank_;
-};
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -369,32 +337,12 @@ int main(int argc, char** argv) {
   // have read its environment already when the library was loaded.
   setenv("OMP_NUM_THREADS", "1", 1);
   omp_set_num_threads(1);
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  // A rank left waiting in a collective (a bug) ends the job instead of the
-  // CTest timeout: mpirun aborts every rank when one is killed.
-  alarm(300);
   set_log_sink([](const std::string&) {});
-
-  ::testing::InitGoogleTest(&argc, argv);
-  if (rank != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-    listeners.Append(new RankFailurePrinter(rank));
-  }
-  int failed = 0;
-  {
+  return reformer::test::mpi_gtest_main(argc, argv, [] {
     MpiCommunicator comm;
     g_comm = &comm;
-    failed = RUN_ALL_TESTS() != 0 ? 1 : 0;
+    const int status = RUN_ALL_TESTS();
     g_comm = nullptr;
-  }
-  // Every rank returns the same status: failed anywhere is failed everywhere.
-  int any = 0;
-  MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  if (rank == 0 && any && !failed) std::fprintf(stderr, "[rank 0] some other rank failed (see above)\n");
-  MPI_Finalize();
-  return any;
+    return status;
+  });
 }
