@@ -19,7 +19,7 @@ Kind parse_kind(const std::string& s) {
 // attention) and the chunk geometry shared by its kinds.
 AttentionParams attention_setup(const Config& cfg, int l, int64_t L, int dh, int HD, Kind* kind) {
   const AttentionConfig& ac = cfg.attention;
-  *kind = parse_kind(cfg.attention_kind(l));
+  *kind = parse_kind(to_string(cfg.attention_kind(l)));
   if (*kind != Kind::full && L <= ac.bucket_size) *kind = Kind::full;
   AttentionParams ap;
   ap.L = L;
@@ -109,7 +109,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops) : cfg_(cfg), ops
   Scratch& s = *s_;
   const int64_t LD = L_ * D_, LHD = L_ * HD;
   bool any_lsh = false;
-  for (int l = 0; l < NL_; ++l) any_lsh |= parse_kind(cfg.attention_kind(l)) == Kind::lsh;
+  for (int l = 0; l < NL_; ++l) any_lsh |= parse_kind(to_string(cfg.attention_kind(l))) == Kind::lsh;
   const int nh = cfg.attention.n_hashes;
   s.rounds = any_lsh ? nh : 1;
   s.tokens = IntBuffer<T>(ops, L_);
@@ -131,7 +131,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops) : cfg_(cfg), ops
   }
   s.buckets.resize(size_t(NL_));
   for (int l = 0; l < NL_; ++l)
-    if (parse_kind(cfg.attention_kind(l)) == Kind::lsh)
+    if (parse_kind(to_string(cfg.attention_kind(l))) == Kind::lsh)
       s.buckets[size_t(l)] = IntBuffer<T>(ops, int64_t(H_) * nh * L_);
 
   s.fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L_) : L_;
@@ -291,7 +291,7 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* g, int64_t rows, int64_t
                                  uint64_t step, bool train) {
   Scratch& s = *s_;
   const Layer P = layer_params(params_.data(), l);
-  const Activation act = cfg_.model.activation == "relu" ? Activation::relu : Activation::gelu;
+  const Activation act = cfg_.model.activation;
   ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), y1, P.ln_f_w, P.ln_f_b,
                          rows, D_, float(cfg_.model.layernorm_eps));
   ops_.matmul_forward(s.fh.data(), s.fln.data(), P.w1, P.b1, rows, D_, F_);
@@ -311,7 +311,7 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   Scratch& s = *s_;
   const Layer P = layer_params(params_.data(), l);
   const Layer G = layer_params(grads_.data(), l);
-  const Activation act = cfg_.model.activation == "relu" ? Activation::relu : Activation::gelu;
+  const Activation act = cfg_.model.activation;
   T* dgd = s.dfg.data();
   ops_.copy(dgd, dg, rows * D_);
   if (train && cfg_.model.dropout > 0)
