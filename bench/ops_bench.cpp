@@ -500,9 +500,9 @@ void build_recipe(Recipe& r, Bufs& b, const Shapes& s, const Config& cfg,
   if (cfg.optimizer.grad_clip > 0)
     r.add("scale", all, "optimizer", 1, 0, [&b, P] { b.ops.scale(b.grads.data(), 1.0f, P); });
   const int n_tensors = int(table.params().size());
-  r.add(opt.name() + "_update", strfmt("%d tensors, %lld", n_tensors, (long long)P), "optimizer",
-        n_tensors, 0, [&b, &opt] { opt.step(b.params.data(), b.grads.data(), 1, 1e-4); },
-        n_tensors);
+  r.add(std::string(to_string(opt.kind())) + "_update",
+        strfmt("%d tensors, %lld", n_tensors, (long long)P), "optimizer", n_tensors, 0,
+        [&b, &opt] { opt.step(b.params.data(), b.grads.data(), 1, 1e-4); }, n_tensors);
 }
 
 // Times one entry: a warm-up call, one run to size the measurement, then up
