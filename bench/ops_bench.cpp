@@ -251,7 +251,7 @@ void build_recipe(Recipe& r, Bufs& b, const Shapes& s, const Config& cfg,
                   const ParamTable& table, Optimizer<float>& opt) {
   const bool dropout = cfg.model.dropout > 0;  // train = true
   const float p = float(cfg.model.dropout);
-  const Activation act = cfg.model.activation == "relu" ? Activation::relu : Activation::gelu;
+  const Activation act = cfg.model.activation;
 
   // ---- elementwise and copies on `rows` x `cols` elements
   auto fill = [&](int64_t rows, int64_t cols, int64_t n) {
@@ -311,11 +311,10 @@ void build_recipe(Recipe& r, Bufs& b, const Shapes& s, const Config& cfg,
   // ---- attention of one layer: forward (rehash in the step's forward,
   // reuse of the bucket ids in the backward's recompute) and backward, all
   // heads; head 0's slices are timed (every head has the same shape).
-  enum class Kind { lsh, full, local };
+  using Kind = AttentionKind;
   auto kind_of = [&](int l) {
-    const std::string k = cfg.attention_kind(l);
-    if (k != "full" && s.L <= cfg.attention.bucket_size) return Kind::full;
-    return k == "lsh" ? Kind::lsh : k == "full" ? Kind::full : Kind::local;
+    const Kind k = cfg.attention_kind(l);
+    return s.L <= cfg.attention.bucket_size ? Kind::full : k;
   };
   const double window = double((1 + s.ap.chunks_before + s.ap.chunks_after) * s.ap.chunk);
   auto attention_forward = [&](Kind kind, bool rehash) {
@@ -501,9 +500,9 @@ void build_recipe(Recipe& r, Bufs& b, const Shapes& s, const Config& cfg,
   if (cfg.optimizer.grad_clip > 0)
     r.add("scale", all, "optimizer", 1, 0, [&b, P] { b.ops.scale(b.grads.data(), 1.0f, P); });
   const int n_tensors = int(table.params().size());
-  r.add(opt.name() + "_update", strfmt("%d tensors, %lld", n_tensors, (long long)P), "optimizer",
-        n_tensors, 0, [&b, &opt] { opt.step(b.params.data(), b.grads.data(), 1, 1e-4); },
-        n_tensors);
+  r.add(std::string(to_string(opt.kind())) + "_update",
+        strfmt("%d tensors, %lld", n_tensors, (long long)P), "optimizer", n_tensors, 0,
+        [&b, &opt] { opt.step(b.params.data(), b.grads.data(), 1, 1e-4); }, n_tensors);
 }
 
 // Times one entry: a warm-up call, one run to size the measurement, then up
@@ -577,14 +576,15 @@ int run(const Options& o) {
   const std::string step_peak = peak_gib(*ops);
 
   std::string kinds;
-  for (const std::string& k : cfg.attention.kinds) kinds += (kinds.empty() ? "" : ",") + k;
+  for (AttentionKind k : cfg.attention.kinds)
+    kinds += (kinds.empty() ? "" : ",") + std::string(to_string(k));
   std::printf("ops_bench: %s, L=%lld, %d layers, d_model %d, %d heads x %d, d_ff %d, vocab %d, "
               "attention %s (%d rounds, %d buckets%s, chunk %d), ffn_chunk %lld, loss_chunk %lld, "
               "%s, %lld parameters\n\n",
               o.config.c_str(), (long long)s.L, s.NL, s.D, s.H, s.dh, s.F, s.V, kinds.c_str(),
               s.nh, s.nb, s.f0 ? strfmt(" = %d x %d", s.f0, s.nb / s.f0).c_str() : "",
               s.ap.chunk, (long long)s.fc, (long long)s.oc,
-              cfg.optimizer.name.c_str(), (long long)table.total());
+              to_string(cfg.optimizer.name), (long long)table.total());
 
   Bufs b(*ops, s, table.total());
   Optimizer<float> opt(cfg.optimizer, table, *ops);

@@ -5,13 +5,71 @@
 // which drives parsing, overrides, validation and printing.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <string_view>
+#include <type_traits>
 #include <vector>
+
+#include "distributed/backend.h"     // CommBackend
+#include "kernels/common/params.h"  // Activation
 
 namespace reformer {
 
+// ---------------------------------------------------------------- enumerated values
+//
+// Every key with a fixed set of values is an enum, parsed once when the
+// configuration is read; the names are the YAML spellings.
+
 enum class AttentionKind { lsh, full, local };
+enum class OptimizerKind { adamw, adafactor };
+// rsqrt: linear warm-up then rsqrt decay; cosine: warm-up then cosine to the
+// floor; constant: warm-up then lr.
+enum class Schedule { rsqrt, cosine, constant };
+enum class DeviceKind { cpu, cuda, auto_ };  // auto_: CUDA when available, else CPU
+enum class DataKind { duplication, bytes };
+// How a byte file is cut: fractions (data.valid_fraction, data.test_fraction)
+// or enwik8 (90M / 5M / 5M bytes).
+enum class ByteSplit { fractions, enwik8 };
+// Sequence parallelism: heads (each rank all positions of some heads) or
+// sort (each rank a range of sorted positions).
+enum class SpMode { heads, sort };
+// A step whose loss or gradient is not finite: stop the run, or skip the update.
+enum class OnNonFinite { stop, skip };
+
+// The YAML names of an enum's values, indexed by the value.
+template <class E>
+struct EnumNames;
+template <> struct EnumNames<AttentionKind> { static constexpr std::array names{"lsh", "full", "local"}; };
+template <> struct EnumNames<OptimizerKind> { static constexpr std::array names{"adamw", "adafactor"}; };
+template <> struct EnumNames<Schedule> { static constexpr std::array names{"rsqrt", "cosine", "constant"}; };
+template <> struct EnumNames<DeviceKind> { static constexpr std::array names{"cpu", "cuda", "auto"}; };
+template <> struct EnumNames<DataKind> { static constexpr std::array names{"duplication", "bytes"}; };
+template <> struct EnumNames<ByteSplit> { static constexpr std::array names{"fractions", "enwik8"}; };
+template <> struct EnumNames<SpMode> { static constexpr std::array names{"heads", "sort"}; };
+template <> struct EnumNames<OnNonFinite> { static constexpr std::array names{"stop", "skip"}; };
+template <> struct EnumNames<Activation> { static constexpr std::array names{"gelu", "relu"}; };
+template <> struct EnumNames<CommBackend> { static constexpr std::array names{"local", "mpi", "nccl"}; };
+
+template <class E>
+concept ConfigEnum = std::is_enum_v<E> && requires { EnumNames<E>::names; };
+
+// The YAML name of `e` (CommBackend has its own, equal, in distributed/backend.h).
+template <ConfigEnum E>
+const char* to_string(E e) {
+  const size_t i = size_t(e);
+  return i < EnumNames<E>::names.size() ? EnumNames<E>::names[i] : "?";
+}
+
+// The value named `s`, or nullopt: parse_enum<Schedule>("cosine").
+template <ConfigEnum E>
+std::optional<E> parse_enum(std::string_view s) {
+  for (size_t i = 0; i < EnumNames<E>::names.size(); ++i)
+    if (s == EnumNames<E>::names[i]) return E(i);
+  return std::nullopt;
+}
 
 struct ModelConfig {
   int vocab_size = 256;               // token ids are in [0, vocab_size)
@@ -23,8 +81,8 @@ struct ModelConfig {
   int max_len = 256;                  // L: sequence length trained and evaluated
   std::vector<int> axial_shape;       // (a1, a2), a1 * a2 >= max_len; empty: chosen from max_len
   std::vector<int> axial_dims;        // (d1, d2), d1 + d2 = d_model; empty: (D/2, D - D/2)
-  std::string activation = "gelu";    // gelu | relu
-  double layernorm_eps = 1e-6;        // added to the variance
+  Activation activation = Activation::gelu;  // gelu | relu
+  double layernorm_eps = 1e-6;        // added to the variance, > 0
   double dropout = 0.0;               // residual-branch dropout probability, [0, 1)
   int ffn_chunk = 0;                  // positions per feed-forward chunk; 0: whole sequence
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
@@ -35,7 +93,7 @@ struct ModelConfig {
 };
 
 struct AttentionConfig {
-  std::vector<std::string> kinds{"lsh"};  // per layer, repeated cyclically: lsh | full | local
+  std::vector<AttentionKind> kinds{AttentionKind::lsh};  // per layer, repeated cyclically
   int bucket_size = 32;                   // positions per chunk after sorting (LSH), per local chunk
   int n_hashes = 2;                       // hash rounds
   int n_buckets = 0;                      // per round, even; 0: 2 * max_len / bucket_size rounded to a power of two
@@ -48,16 +106,16 @@ struct AttentionConfig {
 };
 
 struct OptimizerConfig {
-  std::string name = "adamw";     // adamw | adafactor
+  OptimizerKind name = OptimizerKind::adamw;  // the YAML key is optimizer.name
   double lr = 1e-3;               // peak learning rate
   double beta1 = 0.9;             // first-moment decay (adafactor: 0 disables momentum)
   double beta2 = 0.98;            // AdamW second-moment decay
-  double eps = 1e-9;              // AdamW epsilon
+  double eps = 1e-9;              // AdamW epsilon, > 0 with adamw
   double weight_decay = 0.0;      // decoupled, multiplies lr
   double decay_rate = 0.8;        // Adafactor: beta2_t = 1 - t^-decay_rate
   double clip_threshold = 1.0;    // Adafactor update RMS clip
   double grad_clip = 1.0;         // clip by global norm; 0 disables
-  std::string schedule = "rsqrt"; // rsqrt (linear warm-up then rsqrt decay) | cosine | constant
+  Schedule schedule = Schedule::rsqrt;
   int64_t warmup_steps = 100;     // linear warm-up steps
   double min_lr_ratio = 0.1;      // cosine floor as a fraction of lr
 
@@ -68,18 +126,19 @@ struct TrainingConfig {
   int64_t steps = 1000;       // optimizer steps
   int batch_size = 8;         // sequences per step, over all data-parallel ranks
   uint64_t seed = 1;          // keys every random stream of the run
-  std::string device = "cpu"; // cpu | cuda | auto
+  DeviceKind device = DeviceKind::cpu;
   int log_every = 10;         // steps between progress lines
   int eval_every = 0;         // steps between evaluations; 0: only at the end
   int eval_batches = 4;       // batches per evaluation
+  OnNonFinite on_nonfinite = OnNonFinite::stop;  // a step with a non-finite loss or gradient
 
   bool operator==(const TrainingConfig&) const = default;
 };
 
 struct DataConfig {
-  std::string kind = "duplication";  // duplication | bytes
+  DataKind kind = DataKind::duplication;
   std::string path;                  // bytes: file of bytes (e.g. enwik8)
-  std::string split = "fractions";   // bytes: fractions | enwik8 (90M/5M/5M)
+  ByteSplit split = ByteSplit::fractions;  // bytes: how the file is cut
   double valid_fraction = 0.05;      // bytes + fractions: share for validation
   double test_fraction = 0.05;       // bytes + fractions: share for test
   int dup_symbols = 0;               // duplication: w uniform over 1..dup_symbols-1; 0: vocab_size
@@ -88,9 +147,12 @@ struct DataConfig {
 };
 
 struct ParallelConfig {
-  int dp = 1;                     // data-parallel groups
-  int sp = 1;                     // sequence-parallel ranks per group
-  std::string backend = "local";  // local | mpi | nccl
+  int dp = 1;                           // data-parallel groups; 0 (YAML `auto`): world size / sp
+  int sp = 1;                           // sequence-parallel ranks per group
+  CommBackend backend = CommBackend::local;
+  SpMode sp_mode = SpMode::heads;       // how a group splits attention over its sp ranks
+  double timeout_s = 600;               // a collective that takes longer ends the job; > 0
+  double bucket_mb = 25;                // gradient all-reduce bucket size in MiB; > 0
 
   bool operator==(const ParallelConfig&) const = default;
 };
@@ -105,7 +167,8 @@ struct CheckpointConfig {
 };
 
 struct LoggingConfig {
-  std::string metrics;  // JSON-lines metrics file; empty: none
+  std::string metrics;   // JSON-lines metrics file; empty: none
+  bool per_rank = false;  // a log file per rank
 
   bool operator==(const LoggingConfig&) const = default;
 };
@@ -123,8 +186,7 @@ struct Config {
   // Derived by validate(): never read from YAML.
   int head_dim() const { return model.d_head > 0 ? model.d_head : model.d_model / model.n_heads; }
   AttentionKind attention_kind(int layer) const {
-    const std::string& k = attention.kinds[size_t(layer) % attention.kinds.size()];
-    return k == "lsh" ? AttentionKind::lsh : k == "full" ? AttentionKind::full : AttentionKind::local;
+    return attention.kinds[size_t(layer) % attention.kinds.size()];
   }
   int buckets() const;  // n_buckets, resolved
   // Factorized hashing (attention.factorize_buckets, buckets() = 2^k >= 4):
@@ -154,5 +216,23 @@ void validate_config(Config& c, const std::string& source_name = "config");
 
 // Every dotted key ("model.d_model", ...) in the order to_yaml prints them.
 std::vector<std::string> config_keys();
+
+// The first dotted key (in config_keys() order) whose value, as to_yaml
+// prints it, differs between `a` and `b`; "" when they print the same.
+std::string first_difference(const Config& a, const Config& b);
+
+// A stable 64-bit hash (FNV-1a) of to_yaml(c): equal on every rank, build and
+// run for equal configurations.
+uint64_t config_digest(const Config& c);
+
+// Fills parallel.dp = 0 (`auto`) from the number of processes of the job and
+// checks dp * sp == world_size and the batch split. Throws ConfigError.
+void resolve_world_size(Config& c, int world_size);
+
+// Largest model.max_len (and sequence length of `reformer bench`).
+constexpr int kMaxLength = 1 << 30;
+
+// The most bytes of YAML load_config reads; a larger file is refused.
+constexpr int64_t kMaxConfigBytes = int64_t(16) << 20;
 
 }  // namespace reformer

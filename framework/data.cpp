@@ -1,7 +1,9 @@
 #include "framework/data.h"
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <new>
 
 #include "kernels/errors.h"
 #include "kernels/common/philox.h"
@@ -44,19 +46,31 @@ std::string DuplicationTask::describe() const {
          std::to_string(symbols_ - 1);
 }
 
-ByteCorpus::ByteCorpus(const std::string& path, const std::string& split_kind,
-                       double valid_fraction, double test_fraction, int64_t L, uint64_t seed)
+ByteCorpus::ByteCorpus(const std::string& path, ByteSplit split_kind, double valid_fraction,
+                       double test_fraction, int64_t L, uint64_t seed)
     : path_(path), L_(L), seed_(seed) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (fs::exists(st) && !fs::is_regular_file(st))
+    throw DataError("data file '" + path + "' is " +
+                    (fs::is_directory(st) ? "a directory" : "not a regular file") +
+                    "; data.path names the file of bytes itself");
   std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) throw DataError("cannot open data file '" + path + "'");
   const std::streamsize n = f.tellg();
   if (n <= 0) throw DataError("data file '" + path + "' is empty");
-  bytes_.resize(size_t(n));
+  try {
+    bytes_.resize(size_t(n));
+  } catch (const std::bad_alloc&) {
+    throw DataError("data file '" + path + "' has " + std::to_string(n) +
+                    " bytes, more than this process can hold in memory");
+  }
   f.seekg(0);
   if (!f.read(reinterpret_cast<char*>(bytes_.data()), n))
     throw DataError("cannot read data file '" + path + "'");
   const int64_t total = int64_t(n);
-  if (split_kind == "enwik8") {
+  if (split_kind == ByteSplit::enwik8) {
     constexpr int64_t M = 1000000;
     if (total < 100 * M)
       throw DataError("data file '" + path + "' has " + std::to_string(total) +
@@ -101,7 +115,7 @@ std::string ByteCorpus::describe() const {
 }
 
 std::unique_ptr<Dataset> make_dataset(const Config& cfg) {
-  if (cfg.data.kind == "bytes")
+  if (cfg.data.kind == DataKind::bytes)
     return std::make_unique<ByteCorpus>(cfg.data.path, cfg.data.split, cfg.data.valid_fraction,
                                         cfg.data.test_fraction, cfg.model.max_len,
                                         cfg.training.seed);

@@ -43,10 +43,11 @@ class DuplicationTask final : public Dataset {
 // range. The whole file is held in memory.
 class ByteCorpus final : public Dataset {
  public:
-  // split_kind "enwik8": 90M / 5M / 5M bytes (the file must hold 100M);
-  // "fractions": the last valid_fraction and test_fraction of the file.
-  // Throws DataError for a missing, unreadable or too short file.
-  ByteCorpus(const std::string& path, const std::string& split_kind, double valid_fraction,
+  // ByteSplit::enwik8: 90M / 5M / 5M bytes (the file must hold 100M);
+  // ByteSplit::fractions: the last valid_fraction and test_fraction of the file.
+  // Throws DataError for a missing, unreadable, too short or too large file,
+  // or a path that is not a regular file.
+  ByteCorpus(const std::string& path, ByteSplit split_kind, double valid_fraction,
              double test_fraction, int64_t L, uint64_t seed);
   void sample(Split split, int64_t index, int32_t* tokens, int32_t* targets) const override;
   std::string describe() const override;

@@ -16,8 +16,8 @@ bool cuda_available() {
 #endif
 }
 
-std::unique_ptr<Ops<float>> make_ops(const std::string& device) {
-  if (device == "cuda" || (device == "auto" && cuda_available())) {
+std::unique_ptr<Ops<float>> make_ops(DeviceKind device) {
+  if (device == DeviceKind::cuda || (device == DeviceKind::auto_ && cuda_available())) {
 #if defined(REFORMER_HAVE_CUDA)
     if (!cuda_available())
       throw ConfigError("training.device: cuda was asked for but no CUDA device is visible");

@@ -2,8 +2,8 @@
 #pragma once
 
 #include <memory>
-#include <string>
 
+#include "framework/config.h"
 #include "kernels/ops.h"
 
 namespace reformer {
@@ -11,9 +11,9 @@ namespace reformer {
 // True when this build has the CUDA path and a CUDA device is visible.
 bool cuda_available();
 
-// Ops for training.device: "cpu", "cuda" (throws ConfigError when the build
-// has no CUDA path or no device is visible) or "auto" (CUDA when available,
-// else CPU).
-std::unique_ptr<Ops<float>> make_ops(const std::string& device);
+// Ops for training.device: cpu, cuda (throws ConfigError when the build has
+// no CUDA path or no device is visible) or auto_ (CUDA when available, else
+// CPU).
+std::unique_ptr<Ops<float>> make_ops(DeviceKind device);
 
 }  // namespace reformer

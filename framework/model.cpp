@@ -15,9 +15,6 @@ namespace {
 // Dropout sites (part of the dropout RNG key).
 constexpr int kSiteAttention = 0;
 constexpr int kSiteFFN = 1;
-Activation activation_of(const Config& cfg) {
-  return cfg.model.activation == "relu" ? Activation::relu : Activation::gelu;
-}
 }  // namespace
 
 // Activation buffers for one rank's shard of a sequence; sizes in elements.
@@ -232,7 +229,7 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* g, int64_t rows, int64_t
   ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), y1, P.ln_f_w, P.ln_f_b,
                          rows, D_, float(cfg_.model.layernorm_eps));
   ops_.matmul_forward(s.fh.data(), s.fln.data(), P.w1, P.b1, rows, D_, F_);
-  ops_.activation_forward(s.fa.data(), s.fh.data(), rows * F_, activation_of(cfg_));
+  ops_.activation_forward(s.fa.data(), s.fh.data(), rows * F_, cfg_.model.activation);
   ops_.matmul_forward(g, s.fa.data(), P.w2, P.b2, rows, F_, D_);
   if (train && cfg_.model.dropout > 0)
     ops_.dropout(g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
@@ -256,7 +253,7 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   ops_.fill(s.dfa.data(), T(0), rows * F_);
   ops_.matmul_backward(s.dfa.data(), G.w2, G.b2, dgd, s.fa.data(), P.w2, rows, F_, D_);
   ops_.fill(s.dfh.data(), T(0), rows * F_);
-  ops_.activation_backward(s.dfh.data(), s.dfa.data(), s.fh.data(), rows * F_, activation_of(cfg_));
+  ops_.activation_backward(s.dfh.data(), s.dfa.data(), s.fh.data(), rows * F_, cfg_.model.activation);
   ops_.fill(s.dfln.data(), T(0), rows * D_);
   ops_.matmul_backward(s.dfln.data(), G.w1, G.b1, s.dfh.data(), s.fln.data(), P.w1, rows, D_, F_);
   ops_.layernorm_backward(dy1, G.ln_f_w, G.ln_f_b, s.dfln.data(), y1, P.ln_f_w, s.fmean.data(),

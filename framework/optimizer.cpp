@@ -3,21 +3,28 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/errors.h"
+
 namespace reformer {
 
 double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps) {
   const double s = double(std::max<int64_t>(step, 1));
   const double w = double(std::max<int64_t>(c.warmup_steps, 0));
   const double warm = w > 0 ? std::min(1.0, s / w) : 1.0;
-  if (c.schedule == "rsqrt") return c.lr * warm * (w > 0 ? std::sqrt(w / std::max(s, w)) : 1 / std::sqrt(s));
-  if (c.schedule == "cosine") {
-    if (s <= w) return c.lr * warm;
-    const double span = std::max(1.0, double(total_steps) - w);
-    const double progress = std::min(1.0, (s - w) / span);
-    const double cosv = 0.5 * (1 + std::cos(M_PI * progress));
-    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * cosv);
+  switch (c.schedule) {
+    case Schedule::rsqrt:
+      return c.lr * warm * (w > 0 ? std::sqrt(w / std::max(s, w)) : 1 / std::sqrt(s));
+    case Schedule::cosine: {
+      if (s <= w) return c.lr * warm;
+      const double span = std::max(1.0, double(total_steps) - w);
+      const double progress = std::min(1.0, (s - w) / span);
+      const double cosv = 0.5 * (1 + std::cos(M_PI * progress));
+      return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * cosv);
+    }
+    case Schedule::constant:
+      return c.lr * warm;
   }
-  return c.lr * warm;  // constant
+  throw ConfigError("optimizer.schedule: unknown value " + std::to_string(int(c.schedule)));
 }
 
 template <class T>
@@ -33,10 +40,10 @@ Optimizer<T>::Optimizer(const OptimizerConfig& cfg, const ParamTable& table, Ops
   const auto& ps = table.params();
   for (size_t k = 0; k < ps.size(); ++k) {
     const ParamInfo& p = ps[k];
-    if (cfg.name == "adamw") {
+    if (cfg.name == OptimizerKind::adamw) {
       add("m", k, p.shape);
       add("v", k, p.shape);
-    } else {
+    } else if (cfg.name == OptimizerKind::adafactor) {
       const bool factored = p.rows() > 1 && p.cols() > 1;
       if (factored) {
         add("vr", k, {p.rows()});
@@ -45,6 +52,8 @@ Optimizer<T>::Optimizer(const OptimizerConfig& cfg, const ParamTable& table, Ops
         add("vr", k, p.shape);
       }
       if (cfg.beta1 > 0) add("m", k, p.shape);
+    } else {
+      throw ConfigError("optimizer.name: unknown value " + std::to_string(int(cfg.name)));
     }
   }
 }
@@ -59,7 +68,7 @@ void Optimizer<T>::step(T* params, const T* grads, int64_t step, double lr) {
     T* w = params + p.offset;
     const T* g = grads + p.offset;
     const double wd = p.decay ? cfg_.weight_decay : 0.0;
-    if (cfg_.name == "adamw") {
+    if (cfg_.name == OptimizerKind::adamw) {
       AdamWParams a;
       a.lr = float(lr);
       a.beta1 = float(cfg_.beta1);

@@ -26,7 +26,7 @@ class Optimizer {
   Optimizer(const OptimizerConfig& cfg, const ParamTable& table, Ops<T>& ops);
   // Applies one update with learning rate `lr` as step number `step` (1-based).
   void step(T* params, const T* grads, int64_t step, double lr);
-  const std::string& name() const { return cfg_.name; }
+  OptimizerKind kind() const { return cfg_.name; }
 
   // State for checkpoints: names ("m", "v" for AdamW; "vr", "vc", "m" for
   // Adafactor) and, per parameter, the shape and location of each state tensor.

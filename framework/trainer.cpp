@@ -77,7 +77,7 @@ CheckpointState Trainer::snapshot() const {
   st.dp = grid_->dp();
   st.sp = grid_->sp();
   st.config_text = to_yaml(cfg_);
-  st.optimizer_name = cfg_.optimizer.name;
+  st.optimizer_name = to_string(cfg_.optimizer.name);
   auto& model = *model_;
   const auto& ps = model.table().params();
   for (const ParamInfo& p : ps) {
@@ -108,9 +108,9 @@ void Trainer::load(const std::string& path, bool full) {
   for (size_t k = 0; k < ps.size(); ++k)
     ops_->from_host(model_->params() + ps[k].offset, st.model[k].data.data(), ps[k].size);
   if (!full) return;
-  if (st.optimizer_name != cfg_.optimizer.name)
+  if (st.optimizer_name != to_string(cfg_.optimizer.name))
     throw CheckpointError(path + ": written with optimizer '" + st.optimizer_name +
-                          "' but the config asks for '" + cfg_.optimizer.name + "'");
+                          "' but the config asks for '" + to_string(cfg_.optimizer.name) + "'");
   for (const auto& s : opt_->state()) {
     const CheckpointTensor* found = nullptr;
     for (const auto& [name, tensors] : st.optimizer)
@@ -216,7 +216,7 @@ TrainResult Trainer::train() {
   MetricsWriter metrics(world_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
   std::vector<int32_t> tokens(size_t(per_group * Ll)), targets(size_t(per_group * Ll));
   TrainResult result;
-  const bool dup = cfg_.data.kind == "duplication";
+  const bool dup = cfg_.data.kind == DataKind::duplication;
 
   auto run_eval = [&]() {
     const EvalResult e = evaluate(Split::valid, tc.eval_batches);

@@ -35,13 +35,21 @@ double host_peak_gib() {
 
 std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& lengths,
                                 int steps, const std::string& config_name) {
-  std::vector<BenchRow> rows;
+  std::vector<Config> configs;
   for (const int64_t L : lengths) {
+    const std::string where = config_name + " (bench length " + std::to_string(L) + ")";
+    if (L < 1 || L > kMaxLength)
+      throw ConfigError(where + ": the length must be in [1, " + std::to_string(kMaxLength) + "]");
     Config cfg = base;
     cfg.model.max_len = int(L);
     cfg.model.axial_shape.clear();  // re-derived for this length
     cfg.attention.n_buckets = 0;
-    validate_config(cfg, config_name + " (bench length " + std::to_string(L) + ")");
+    validate_config(cfg, where);
+    configs.push_back(cfg);
+  }
+  std::vector<BenchRow> rows;
+  for (const Config& cfg : configs) {
+    const int64_t L = cfg.model.max_len;
     auto ops = make_ops(cfg.training.device);
     ReformerModel<float> model(cfg, *ops);
     model.init_params(cfg.training.seed);

@@ -19,7 +19,10 @@ struct BenchRow {
 };
 
 // Runs `steps` timed training steps (after one warm-up step) of `base` at each
-// length (model.max_len replaced, axial shape and buckets re-derived).
+// length (model.max_len replaced, axial shape and buckets re-derived). Every
+// length's configuration is validated before the first runs: a length the
+// model cannot take (not positive, too long, not a multiple of the bucket
+// size, ...) throws ConfigError naming it.
 std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& lengths,
                                 int steps, const std::string& config_name);
 

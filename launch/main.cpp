@@ -7,6 +7,7 @@
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
+#include <charconv>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -86,12 +87,36 @@ const char* kBenchHelp =
     "and prints a table of ms/step, tokens/s and peak memory.\n";
 
 struct Args {
-  std::string config, metrics, resume, checkpoint, split = "valid", positional, lengths;
+  std::string config, metrics, resume, checkpoint, split = "valid", positional;
+  std::vector<int64_t> lengths;  // bench; empty: the config's model.max_len
   int steps = 3;
   std::vector<std::string> sets;
-  int batches = 0;
+  int batches = 0;  // eval; 0: the config's training.eval_batches
   bool help = false;
 };
+
+// The whole number `text` given to `flag`, in [lo, hi]; else a UsageError
+// naming the option.
+int64_t whole_number(const char* flag, const std::string& text, int64_t lo, int64_t hi) {
+  int64_t v = 0;
+  const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
+  if (text.empty() || r.ptr != text.data() + text.size() || r.ec == std::errc::invalid_argument)
+    throw UsageError(std::string(flag) + ": '" + text + "' is not a whole number");
+  if (r.ec == std::errc::result_out_of_range || v < lo || v > hi)
+    throw UsageError(std::string(flag) + ": " + text + " is out of range [" + std::to_string(lo) +
+                     ", " + std::to_string(hi) + "]");
+  return v;
+}
+
+// "L1,L2,...": sequence lengths, each in [1, kMaxLength].
+std::vector<int64_t> lengths_list(const std::string& text) {
+  std::vector<int64_t> out;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');)
+    out.push_back(whole_number("--lengths", item, 1, kMaxLength));
+  if (out.empty()) throw UsageError("--lengths: expected L1,L2,..., got '" + text + "'");
+  return out;
+}
 
 Args parse_args(const std::string& cmd, int argc, char** argv) {
   Args a;
@@ -108,9 +133,11 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
     else if (s == "--resume" && cmd == "train") a.resume = value(i, "--resume");
     else if (s == "--checkpoint" && cmd == "eval") a.checkpoint = value(i, "--checkpoint");
     else if (s == "--split" && cmd == "eval") a.split = value(i, "--split");
-    else if (s == "--batches" && cmd == "eval") a.batches = std::stoi(value(i, "--batches"));
-    else if (s == "--lengths" && cmd == "bench") a.lengths = value(i, "--lengths");
-    else if (s == "--steps" && cmd == "bench") a.steps = std::stoi(value(i, "--steps"));
+    else if (s == "--batches" && cmd == "eval")
+      a.batches = int(whole_number("--batches", value(i, "--batches"), 1, 1000000));
+    else if (s == "--lengths" && cmd == "bench") a.lengths = lengths_list(value(i, "--lengths"));
+    else if (s == "--steps" && cmd == "bench")
+      a.steps = int(whole_number("--steps", value(i, "--steps"), 1, 1000000));
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
     else throw UsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
   }
@@ -128,10 +155,10 @@ void on_signal(int sig) {
 }
 
 // The backend named by the (validated) configuration.
-CommBackend backend_of(const Config& cfg) {
-  const std::optional<CommBackend> b = parse_comm_backend(cfg.parallel.backend);
-  if (!b) throw ConfigError("parallel.backend: unknown backend '" + cfg.parallel.backend + "'");
-  return *b;
+CommOptions comm_options(const Config& cfg) {
+  CommOptions o;
+  o.timeout_s = cfg.parallel.timeout_s;
+  return o;
 }
 
 // The communicator of the run lives in main() (cmd_* create it into `comm`),
@@ -141,9 +168,10 @@ int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
   if (!a.resume.empty()) sets.push_back("checkpoint.resume=" + a.resume);
   Args b = a;
   b.sets = sets;
-  const Config cfg = load(b);
-  comm = make_communicator(backend_of(cfg));
+  Config cfg = load(b);
+  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
   set_log_rank(comm->rank());
+  resolve_world_size(cfg, comm->size());
   log_info("config (resolved):\n" + to_yaml(cfg));
   Trainer trainer(cfg, *comm, a.metrics.empty() ? cfg.logging.metrics : a.metrics);
   trainer.resume();
@@ -165,32 +193,24 @@ int cmd_eval(const Args& a, std::unique_ptr<Communicator>& comm) {
   }
   if (a.split != "valid" && a.split != "test")
     throw UsageError("--split must be valid or test, not '" + a.split + "'");
-  comm = make_communicator(backend_of(cfg));
+  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
   set_log_rank(comm->rank());
+  resolve_world_size(cfg, comm->size());
   Trainer trainer(cfg, *comm, "");
   trainer.load(a.checkpoint, /*full*/ false);
   const int batches = a.batches > 0 ? a.batches : cfg.training.eval_batches;
   const EvalResult e = trainer.evaluate(a.split == "test" ? Split::test : Split::valid, batches);
   std::string line = strfmt("eval %s | %s | tokens %lld | loss %.9g | bpc %.4f", a.split.c_str(),
                             a.checkpoint.c_str(), (long long)e.tokens, e.loss, e.bpc);
-  if (cfg.data.kind == "duplication") line += strfmt(" | accuracy %.4f", e.accuracy);
+  if (cfg.data.kind == DataKind::duplication) line += strfmt(" | accuracy %.4f", e.accuracy);
   log_info(line);
   return 0;
 }
 
 int cmd_bench(const Args& a) {
   const Config cfg = load(a);
-  std::vector<int64_t> lengths;
-  std::stringstream ss(a.lengths);
-  for (std::string item; std::getline(ss, item, ',');) {
-    try {
-      lengths.push_back(std::stoll(item));
-    } catch (const std::exception&) {
-      throw UsageError("--lengths: '" + item + "' is not a number");
-    }
-  }
+  std::vector<int64_t> lengths = a.lengths;
   if (lengths.empty()) lengths.push_back(cfg.model.max_len);
-  if (a.steps < 1) throw UsageError("--steps must be at least 1");
   const auto rows = run_bench(cfg, lengths, a.steps, a.config.empty() ? "<built-in default>" : a.config);
   std::fputs(format_bench(rows).c_str(), stdout);
   return 0;

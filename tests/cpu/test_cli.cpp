@@ -297,3 +297,63 @@ TEST_F(Cli, MetricsPathFromTheConfigWhenNoFlag) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(losses(path("from-config.jsonl")).size(), 7u);  // steps 1, 5, 10, ..., 30
 }
+
+// ---------------------------------------------------------------- hostile input
+
+TEST_F(Cli, ConfigThatIsADirectoryHugeOrTwoDocumentsExitsTwo) {
+  const Result dir = run(kBin + " train --config " + dir_);
+  EXPECT_EQ(dir.status, 2) << dir.output;
+  EXPECT_NE(dir.output.find("is a directory"), std::string::npos) << dir.output;
+  const Result zero = run(kBin + " train --config /dev/zero");
+  EXPECT_EQ(zero.status, 2) << zero.output;
+  EXPECT_NE(zero.output.find("larger than 16 MiB"), std::string::npos) << zero.output;
+  const std::string two = write("two.yaml", "model:\n  d_model: 32\n---\ntraining:\n  steps: 1\n");
+  const Result docs = run(kBin + " train --config " + two);
+  EXPECT_EQ(docs.status, 2) << docs.output;
+  EXPECT_NE(docs.output.find("two.yaml:3: a second YAML document"), std::string::npos)
+      << docs.output;
+}
+
+TEST_F(Cli, BadNumbersOnTheCommandLineExitTwoNamingTheOption) {
+  const std::string eval = kBin + " eval --checkpoint " + path("none.h5") + " --batches ";
+  for (const char* bad : {"abc", "99999999999", "-3", "0", "2x", ""}) {
+    const Result r = run(eval + "'" + bad + "'");
+    EXPECT_EQ(r.status, 2) << bad << ": " << r.output;
+    EXPECT_NE(r.output.find("--batches"), std::string::npos) << bad << ": " << r.output;
+    EXPECT_EQ(r.output.find("stoi"), std::string::npos) << r.output;
+  }
+  const std::string bench = kBin + " bench --config " + kSrc + "/configs/tiny.yaml ";
+  const Result steps = run(bench + "--steps x");
+  EXPECT_EQ(steps.status, 2) << steps.output;
+  EXPECT_NE(steps.output.find("--steps: 'x' is not a whole number"), std::string::npos)
+      << steps.output;
+  for (const char* bad : {"0", "-8", "9999999999999", "16,,32", "abc"}) {
+    const Result r = run(bench + "--lengths " + bad);
+    EXPECT_EQ(r.status, 2) << bad << ": " << r.output;
+    EXPECT_NE(r.output.find("--lengths"), std::string::npos) << bad << ": " << r.output;
+  }
+  // Positive but not a length the model takes (tiny: bucket_size 8); refused
+  // before any length runs.
+  const Result unfit = run(bench + "--lengths 16,12");
+  EXPECT_EQ(unfit.status, 2) << unfit.output;
+  EXPECT_NE(unfit.output.find("bench length 12"), std::string::npos) << unfit.output;
+  EXPECT_EQ(unfit.output.find("L=16"), std::string::npos) << unfit.output;
+}
+
+TEST_F(Cli, ImpossibleDuplicationLengthIsAConfigError) {
+  const Result r = run(tiny("--set model.max_len=2 --set attention.kinds=[full]"));
+  EXPECT_EQ(r.status, 2) << r.output;
+  EXPECT_NE(r.output.find("config error"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("model.max_len = 2"), std::string::npos) << r.output;
+}
+
+TEST_F(Cli, DataPathThatIsADirectoryIsADataError) {
+  fs::create_directory(path("corpus"));
+  const Result r = run(tiny("--set data.kind=bytes --set model.vocab_size=256 --set data.path=" +
+                            path("corpus")));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("data error: data file '" + path("corpus") + "' is a directory"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("bad_alloc"), std::string::npos) << r.output;
+}

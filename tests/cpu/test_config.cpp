@@ -61,14 +61,14 @@ TEST(Config, RecipeValues) {
   EXPECT_EQ(tiny.model.max_len, 32);
   EXPECT_EQ(tiny.attention.bucket_size, 8);
   EXPECT_EQ(tiny.training.steps, 30);
-  EXPECT_EQ(tiny.data.kind, "duplication");
+  EXPECT_EQ(tiny.data.kind, DataKind::duplication);
   Config enwik8 = load_config(dir + "enwik8.yaml");
   EXPECT_EQ(enwik8.model.max_len, 65536);
-  EXPECT_EQ(enwik8.data.kind, "bytes");
-  EXPECT_EQ(enwik8.optimizer.name, "adafactor");
+  EXPECT_EQ(enwik8.data.kind, DataKind::bytes);
+  EXPECT_EQ(enwik8.optimizer.name, OptimizerKind::adafactor);
   Config dp = load_config(dir + "multi-gpu-dp.yaml");
   EXPECT_EQ(dp.parallel.dp, 2);
-  EXPECT_EQ(dp.parallel.backend, "nccl");
+  EXPECT_EQ(dp.parallel.backend, CommBackend::nccl);
   // Only the peers' benchmark model factorizes its buckets (as HF does there).
   Config peer = load_config(dir + "bench-peer.yaml");
   EXPECT_TRUE(peer.attention.factorize_buckets);
@@ -182,14 +182,14 @@ TEST(Config, SetOverrides) {
                            "training.seed=18446744073709551615", "model.d_model = 128"});
   EXPECT_EQ(c.model.d_model, 128);  // later overrides win
   EXPECT_EQ(c.optimizer.lr, 2.5e-4);
-  EXPECT_EQ(c.training.device, "auto");
-  EXPECT_EQ(c.attention.kinds, (std::vector<std::string>{"lsh", "full"}));
+  EXPECT_EQ(c.training.device, DeviceKind::auto_);
+  EXPECT_EQ(c.attention.kinds, (std::vector<AttentionKind>{AttentionKind::lsh, AttentionKind::full}));
   EXPECT_FALSE(c.attention.causal);
   EXPECT_EQ(c.training.seed, 18446744073709551615ull);
   EXPECT_EQ(c.attention_kind(3), AttentionKind::full);
   // A single scalar is a one-element list; an empty value an empty string.
   Config d = parse_config("", "x.yaml", {"attention.kinds=local", "logging.metrics="});
-  EXPECT_EQ(d.attention.kinds, (std::vector<std::string>{"local"}));
+  EXPECT_EQ(d.attention.kinds, (std::vector<AttentionKind>{AttentionKind::local}));
   EXPECT_EQ(d.logging.metrics, "");
   Config e = parse_config("", "x.yaml", {"model.axial_shape=[16, 16]"});
   EXPECT_EQ(e.model.axial_shape, (std::vector<int>{16, 16}));
@@ -344,9 +344,174 @@ TEST(Config, ToYamlRoundTrip) {
 
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 57u);
+  EXPECT_EQ(keys.size(), 62u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
-  EXPECT_EQ(keys.back(), "logging.metrics");
+  EXPECT_EQ(keys.back(), "logging.per_rank");
+}
+
+// Every enum's names read back as the same value; unknown names do not parse.
+template <class E>
+void expect_names_round_trip(std::initializer_list<E> values) {
+  for (E e : values) EXPECT_EQ(parse_enum<E>(to_string(e)), e) << to_string(e);
+  EXPECT_EQ(parse_enum<E>("bogus"), std::nullopt);
+  EXPECT_EQ(values.size(), EnumNames<E>::names.size());
+}
+
+TEST(Config, EnumNames) {
+  expect_names_round_trip({AttentionKind::lsh, AttentionKind::full, AttentionKind::local});
+  expect_names_round_trip({OptimizerKind::adamw, OptimizerKind::adafactor});
+  expect_names_round_trip({Schedule::rsqrt, Schedule::cosine, Schedule::constant});
+  expect_names_round_trip({DeviceKind::cpu, DeviceKind::cuda, DeviceKind::auto_});
+  expect_names_round_trip({DataKind::duplication, DataKind::bytes});
+  expect_names_round_trip({ByteSplit::fractions, ByteSplit::enwik8});
+  expect_names_round_trip({SpMode::heads, SpMode::sort});
+  expect_names_round_trip({OnNonFinite::stop, OnNonFinite::skip});
+  expect_names_round_trip({Activation::gelu, Activation::relu});
+  expect_names_round_trip({CommBackend::local, CommBackend::mpi, CommBackend::nccl});
+  EXPECT_STREQ(to_string(DeviceKind::auto_), "auto");
+  for (CommBackend b : {CommBackend::local, CommBackend::mpi, CommBackend::nccl})
+    EXPECT_EQ(parse_comm_backend(to_string(b)), b);  // distributed/backend.h agrees
+  // Parsed once: the fields hold the values.
+  Config c = parse_config("model:\n  activation: relu\noptimizer:\n  schedule: cosine\n", "x.yaml",
+                          {"data.split=enwik8", "attention.kinds=[local, lsh]"});
+  EXPECT_EQ(c.model.activation, Activation::relu);
+  EXPECT_EQ(c.optimizer.schedule, Schedule::cosine);
+  EXPECT_EQ(c.data.split, ByteSplit::enwik8);
+  EXPECT_EQ(c.attention_kind(0), AttentionKind::local);
+  EXPECT_EQ(parse_error("optimizer:\n  name:\n"),
+            "configs/x.yaml:2: optimizer.name: expected one of adamw, adafactor, got nothing");
+  EXPECT_EQ(parse_error("training:\n  device: [cpu]\n"),
+            "configs/x.yaml:2: training.device: expected one of cpu, cuda, auto, got a list");
+}
+
+TEST(Config, NewParallelTrainingAndLoggingKeys) {
+  Config d;
+  EXPECT_EQ(d.parallel.sp_mode, SpMode::heads);
+  EXPECT_EQ(d.parallel.timeout_s, 600.0);
+  EXPECT_EQ(d.parallel.bucket_mb, 25.0);
+  EXPECT_FALSE(d.logging.per_rank);
+  EXPECT_EQ(d.training.on_nonfinite, OnNonFinite::stop);
+  Config c = parse_config(
+      "parallel:\n  dp: auto\n  sp_mode: sort\n  timeout_s: 30.5\n  bucket_mb: 0.25\n"
+      "training:\n  on_nonfinite: skip\nlogging:\n  per_rank: true\n",
+      "x.yaml");
+  EXPECT_EQ(c.parallel.dp, 0);
+  EXPECT_EQ(c.parallel.sp_mode, SpMode::sort);
+  EXPECT_EQ(c.parallel.timeout_s, 30.5);
+  EXPECT_EQ(c.parallel.bucket_mb, 0.25);
+  EXPECT_EQ(c.training.on_nonfinite, OnNonFinite::skip);
+  EXPECT_TRUE(c.logging.per_rank);
+  const std::string text = to_yaml(c);
+  EXPECT_NE(text.find("\n  dp: auto\n"), std::string::npos) << text;
+  EXPECT_EQ(parse_config(text, "printed"), c);
+  EXPECT_EQ(parse_config("", "x.yaml", {"parallel.dp=3", "parallel.backend=mpi",
+                                        "training.batch_size=6"}).parallel.dp, 3);
+  EXPECT_EQ(set_error("parallel.dp=0"),
+            "--set parallel.dp=0: parallel.dp = 0 is out of range [1, 65536] (or auto)");
+  EXPECT_EQ(set_error("parallel.dp=many"),
+            "--set parallel.dp=many: parallel.dp: expected an integer or auto, got 'many'");
+  EXPECT_EQ(set_error("parallel.timeout_s=0"),
+            "--set parallel.timeout_s=0: parallel.timeout_s = 0 is out of range (0, 1000000000]");
+  EXPECT_EQ(set_error("parallel.bucket_mb=-1"),
+            "--set parallel.bucket_mb=-1: parallel.bucket_mb = -1 is out of range (0, 1048576]");
+  EXPECT_EQ(set_error("parallel.sp_mode=rows"),
+            "--set parallel.sp_mode=rows: parallel.sp_mode: 'rows' is not one of heads, sort");
+  EXPECT_EQ(set_error("training.on_nonfinite=ignore"),
+            "--set training.on_nonfinite=ignore: training.on_nonfinite: 'ignore' is not one of "
+            "stop, skip");
+  EXPECT_EQ(set_error("logging.per_rank=2"),
+            "--set logging.per_rank=2: logging.per_rank: expected true or false, got '2'");
+}
+
+TEST(Config, ResolveWorldSize) {
+  Config c = parse_config("", "x.yaml",
+                          {"parallel.dp=auto", "parallel.sp=2", "parallel.backend=mpi"});
+  resolve_world_size(c, 8);
+  EXPECT_EQ(c.parallel.dp, 4);
+  Config one = parse_config("", "x.yaml", {"parallel.dp=auto"});  // local backend, one process
+  resolve_world_size(one, 1);
+  EXPECT_EQ(one.parallel.dp, 1);
+  Config odd = parse_config("", "x.yaml", {"parallel.dp=auto", "parallel.sp=2", "parallel.backend=mpi"});
+  EXPECT_NE(config_error([&] { resolve_world_size(odd, 3); }).find("not divisible by parallel.sp = 2"),
+            std::string::npos);
+  Config batch = parse_config("", "x.yaml", {"parallel.dp=auto", "parallel.backend=mpi"});
+  EXPECT_NE(config_error([&] { resolve_world_size(batch, 3); })
+                .find("training.batch_size = 8 is not divisible by parallel.dp = 3"),
+            std::string::npos);
+  Config fixed = parse_config("", "x.yaml", {"parallel.dp=2", "parallel.backend=mpi"});
+  EXPECT_NE(config_error([&] { resolve_world_size(fixed, 4); }).find("number of processes (4)"),
+            std::string::npos);
+}
+
+TEST(Config, FirstDifferenceAndDigest) {
+  const Config a = parse_config("", "x.yaml");
+  Config b = a;
+  EXPECT_EQ(first_difference(a, b), "");
+  EXPECT_EQ(config_digest(a), config_digest(b));
+  EXPECT_EQ(config_digest(a), config_digest(parse_config(to_yaml(a), "printed")));
+  b.training.seed = 7;
+  b.optimizer.lr = 2e-3;  // earlier in the table than training.seed
+  EXPECT_EQ(first_difference(a, b), "optimizer.lr");
+  EXPECT_EQ(first_difference(b, a), "optimizer.lr");
+  EXPECT_NE(config_digest(a), config_digest(b));
+  b = a;
+  b.attention.kinds = {AttentionKind::lsh, AttentionKind::full};
+  EXPECT_EQ(first_difference(a, b), "attention.kinds");
+  b = a;
+  b.parallel.dp = 0;
+  EXPECT_EQ(first_difference(a, b), "parallel.dp");
+}
+
+// ---------------------------------------------------------------- hostile input
+
+TEST(Config, ADirectoryIsNotAConfigFile) {
+  const std::string dir = testing::TempDir();
+  std::string msg = config_error([&] { load_config(dir); });
+  EXPECT_NE(msg.find("'" + dir + "' is a directory"), std::string::npos) << msg;
+}
+
+TEST(Config, AnEndlessOrHugeFileIsRefusedAfterTheCap) {
+  std::string msg = config_error([] { load_config("/dev/zero"); });
+  EXPECT_EQ(msg, "config file '/dev/zero' is larger than 16 MiB; a configuration is a few "
+                 "kilobytes of YAML (is it the right file?)");
+}
+
+TEST(Config, ASecondYamlDocumentIsRefusedNamingItsLine) {
+  EXPECT_EQ(parse_error("model:\n  d_model: 64\n---\nmodel:\n  d_model: 32\n").rfind("configs/x.yaml:3: a second YAML document", 0),
+            0u);
+  EXPECT_EQ(parse_error("# recipe\n---\nmodel:\n  d_model: 64\n--- \ntraining:\n  steps: 2\n")
+                .rfind("configs/x.yaml:5: a second YAML document", 0),
+            0u);
+  EXPECT_NE(parse_error("model:\n  d_model: 64\n---\n").find("a configuration is one document"),
+            std::string::npos);
+  // One document with its start and end markers is fine.
+  EXPECT_EQ(parse_config("---\nmodel:\n  d_model: 64\n...\n", "x.yaml").model.d_model, 64);
+}
+
+TEST(Config, ValuesThatCannotStayFiniteAreRefused) {
+  EXPECT_EQ(parse_error("model:\n  layernorm_eps: 0\n"),
+            "configs/x.yaml:2: model.layernorm_eps = 0 is out of range (0, 1]");
+  EXPECT_EQ(parse_error("optimizer:\n  eps: 0.0\n").rfind(
+                "configs/x.yaml:2: optimizer.eps = 0.0 must be positive with optimizer.name = adamw", 0),
+            0u);
+  EXPECT_NO_THROW(parse_config("optimizer:\n  name: adafactor\n  eps: 0\n", "x.yaml"));
+  // A Config built in code gets the per-key checks too.
+  Config c;
+  c.model.layernorm_eps = -1e-6;
+  EXPECT_EQ(config_error([&] { validate_config(c, "code"); }),
+            "code: model.layernorm_eps = -1.0e-06 is out of range (0, 1]");
+  c = Config{};
+  c.model.max_len = 0;
+  EXPECT_EQ(config_error([&] { validate_config(c, "code"); }),
+            "code: model.max_len = 0 is out of range [1, 1073741824]");
+}
+
+TEST(Config, DuplicationNeedsFourPositions) {
+  EXPECT_EQ(parse_error("model:\n  max_len: 2\nattention:\n  kinds: [full]\n")
+                .rfind("configs/x.yaml:2: model.max_len = 2 must be even and at least 4 for "
+                       "data.kind = duplication", 0),
+            0u);
+  EXPECT_NO_THROW(parse_config("model:\n  max_len: 4\nattention:\n  kinds: [full]\n", "x.yaml"));
 }
 
 }  // namespace

@@ -67,7 +67,7 @@ TEST(ByteCorpus, WindowsStayInsideTheirSplit) {
   // Bytes mark their split: train 't' [0, 800), valid 'v' [800, 900), test 'x'.
   const std::string path =
       write_temp(std::string(800, 't') + std::string(100, 'v') + std::string(100, 'x'));
-  ByteCorpus c(path, "fractions", 0.1, 0.1, 16, 1);
+  ByteCorpus c(path, ByteSplit::fractions, 0.1, 0.1, 16, 1);
   EXPECT_EQ(c.split_size(Split::train), 800);
   EXPECT_EQ(c.split_size(Split::valid), 100);
   EXPECT_EQ(c.split_size(Split::test), 100);
@@ -89,7 +89,7 @@ TEST(ByteCorpus, TargetsAreTheNextBytes) {
   std::string bytes;
   for (int i = 0; i < 1000; ++i) bytes += char(i % 251);
   const std::string path = write_temp(bytes);
-  ByteCorpus c(path, "fractions", 0.1, 0.1, 16, 1);
+  ByteCorpus c(path, ByteSplit::fractions, 0.1, 0.1, 16, 1);
   std::vector<int32_t> tok(16), tgt(16);
   for (int k = 0; k < 50; ++k) {
     c.sample(Split::train, k, tok.data(), tgt.data());
@@ -99,17 +99,18 @@ TEST(ByteCorpus, TargetsAreTheNextBytes) {
 }
 
 TEST(ByteCorpus, MissingFileIsRefused) {
-  EXPECT_THROW(ByteCorpus("/nonexistent/enwik8", "fractions", 0.05, 0.05, 16, 1), DataError);
+  EXPECT_THROW(ByteCorpus("/nonexistent/enwik8", ByteSplit::fractions, 0.05, 0.05, 16, 1),
+               DataError);
 }
 
 TEST(ByteCorpus, TooShortForTheSplitIsRefused) {
   const std::string path = write_temp(std::string(40, 'a'));
   try {
-    ByteCorpus c(path, "fractions", 0.1, 0.1, 16, 1);
+    ByteCorpus c(path, ByteSplit::fractions, 0.1, 0.1, 16, 1);
     FAIL() << "expected DataError";
   } catch (const DataError& e) {
     EXPECT_NE(std::string(e.what()).find("valid"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(ByteCorpus(path, "enwik8", 0, 0, 16, 1), DataError);
+  EXPECT_THROW(ByteCorpus(path, ByteSplit::enwik8, 0, 0, 16, 1), DataError);
   std::remove(path.c_str());
 }

@@ -11,7 +11,7 @@
 using namespace reformer;
 
 namespace {
-OptimizerConfig schedule(const std::string& name, double lr, int64_t warmup) {
+OptimizerConfig schedule(Schedule name, double lr, int64_t warmup) {
   OptimizerConfig c;
   c.schedule = name;
   c.lr = lr;
@@ -22,7 +22,7 @@ OptimizerConfig schedule(const std::string& name, double lr, int64_t warmup) {
 }  // namespace
 
 TEST(Schedule, RsqrtWarmsUpLinearlyThenDecaysAsInverseSqrt) {
-  const OptimizerConfig c = schedule("rsqrt", 1e-3, 100);
+  const OptimizerConfig c = schedule(Schedule::rsqrt, 1e-3, 100);
   EXPECT_DOUBLE_EQ(learning_rate(c, 1, 1000), 1e-5);
   EXPECT_DOUBLE_EQ(learning_rate(c, 50, 1000), 5e-4);
   EXPECT_DOUBLE_EQ(learning_rate(c, 100, 1000), 1e-3);
@@ -31,7 +31,7 @@ TEST(Schedule, RsqrtWarmsUpLinearlyThenDecaysAsInverseSqrt) {
 }
 
 TEST(Schedule, CosineEndsAtTheFloor) {
-  const OptimizerConfig c = schedule("cosine", 2e-3, 10);
+  const OptimizerConfig c = schedule(Schedule::cosine, 2e-3, 10);
   EXPECT_DOUBLE_EQ(learning_rate(c, 5, 110), 1e-3);
   EXPECT_DOUBLE_EQ(learning_rate(c, 10, 110), 2e-3);
   EXPECT_NEAR(learning_rate(c, 60, 110), 2e-3 * (0.1 + 0.9 * 0.5), 1e-15);  // halfway
@@ -40,11 +40,11 @@ TEST(Schedule, CosineEndsAtTheFloor) {
 }
 
 TEST(Schedule, ConstantAfterWarmup) {
-  const OptimizerConfig c = schedule("constant", 3e-4, 4);
+  const OptimizerConfig c = schedule(Schedule::constant, 3e-4, 4);
   EXPECT_DOUBLE_EQ(learning_rate(c, 2, 100), 1.5e-4);
   EXPECT_DOUBLE_EQ(learning_rate(c, 4, 100), 3e-4);
   EXPECT_DOUBLE_EQ(learning_rate(c, 99, 100), 3e-4);
-  EXPECT_DOUBLE_EQ(learning_rate(schedule("constant", 3e-4, 0), 1, 100), 3e-4);
+  EXPECT_DOUBLE_EQ(learning_rate(schedule(Schedule::constant, 3e-4, 0), 1, 100), 3e-4);
 }
 
 TEST(Clip, ScalesDownOnlyAboveTheThreshold) {
@@ -73,7 +73,7 @@ TEST(Optimizer, AdamWStateMirrorsParametersAndDecaysMatricesOnly) {
   CpuOps<double> ops;
   const ParamTable t = two_params();
   OptimizerConfig c;
-  c.name = "adamw";
+  c.name = OptimizerKind::adamw;
   c.weight_decay = 0.5;
   Optimizer<double> opt(c, t, ops);
   ASSERT_EQ(opt.state().size(), 4u);  // m, v for each parameter
@@ -93,7 +93,7 @@ TEST(Optimizer, AdafactorFactorsMatricesOnly) {
   CpuOps<double> ops;
   const ParamTable t = two_params();
   OptimizerConfig c;
-  c.name = "adafactor";
+  c.name = OptimizerKind::adafactor;
   c.beta1 = 0.0;
   Optimizer<double> opt(c, t, ops);
   ASSERT_EQ(opt.state().size(), 3u);  // vr [3], vc [4] for w; vr [4] for b
