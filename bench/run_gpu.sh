@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU machine: build, run the GPU test suite, train the built-in default
-# run, break a training step down by op (ops_bench), time `reformer bench` on
+# run, break a training step down by op (reformer bench --breakdown), time `reformer bench` on
 # the peers' model, then the peers themselves in the same call.
 #   bench/run_gpu.sh OUT_DIR LENGTHS [PEERS_SCRIPT [PEER_LENGTHS]]
 # e.g. bench/run_gpu.sh /tmp/out 16384,65536,262144 .peers/peer_bench.py 16384,65536
@@ -22,8 +22,9 @@ echo "gpu tests: $(tail -n 8 "$out/gpu-tests.log" | grep -E 'tests passed|FAILED
 build-gpu/reformer train --set checkpoint.dir=/tmp/reformer-default-ckpt --set checkpoint.resume=none \
   > "$out/default.log" 2>&1
 echo "default run: $(grep -E '^eval' "$out/default.log" | tail -1)"
-build-gpu/ops_bench 65536 > "$out/ops_bench.txt" 2>&1
-tail -n 25 "$out/ops_bench.txt"
+build-gpu/reformer bench --config configs/bench-peer.yaml --lengths 65536 --steps 2 --breakdown \
+  > "$out/breakdown.txt" 2>&1
+tail -n 40 "$out/breakdown.txt"
 build-gpu/reformer bench --config configs/bench-peer.yaml --lengths "$lengths" --steps 2 \
   > "$out/bench.log" 2>&1
 grep -E '^\|' "$out/bench.log" || tail -20 "$out/bench.log"

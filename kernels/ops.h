@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "kernels/common/params.h"
+#include "kernels/op_list.h"
 
 namespace reformer {
 
@@ -28,128 +29,77 @@ class Ops {
  public:
   virtual ~Ops() = default;
   virtual const char* name() const = 0;
-
-  // ---------------------------------------------------------------- memory
-  virtual T* alloc(int64_t n) = 0;  // n elements, uninitialised
-  virtual void release(T* p) = 0;
-  virtual int32_t* alloc_i32(int64_t n) = 0;
-  virtual void release_i32(int32_t* p) = 0;
-  virtual void to_host(T* host, const T* src, int64_t n) = 0;
-  virtual void from_host(T* dst, const T* host, int64_t n) = 0;
-  virtual void to_host_i32(int32_t* host, const int32_t* src, int64_t n) = 0;
-  virtual void from_host_i32(int32_t* dst, const int32_t* host, int64_t n) = 0;
-  virtual void synchronize() = 0;  // all issued work is done
   // Most bytes this Ops has held allocated at once; -1 where not tracked.
   virtual int64_t peak_bytes() const { return -1; }
+  // False when this backend lacks the op: calling it then throws DeviceError,
+  // and the conformance suite skips it on this backend.
+  virtual bool supports(OpId) const { return true; }
+  // The backend's stream (a cudaStream_t for CUDA; nullptr where every op has
+  // completed when it returns, as on the CPU). Every op is issued on it in
+  // call order. Other streams (collectives) order themselves after the
+  // compute issued so far by waiting on an event recorded on it.
+  //
+  // Host synchronisation points: synchronize(), to_host, to_host_i32 and
+  // sum_squares return only once all work issued before them is done, and
+  // they are where errors detected on the device are reported (thrown); any
+  // other op may return before its work is done. from_host may return before
+  // the copy is done, but the host buffer may be reused at once.
+  virtual void* stream() { return nullptr; }
 
-  // ---------------------------------------------------------------- elementwise
-  virtual void fill(T* x, T value, int64_t n) = 0;
-  virtual void copy(T* dst, const T* src, int64_t n) = 0;
-  virtual void add(T* out, const T* a, const T* b, int64_t n) = 0;  // out = a + b (may alias)
-  virtual void sub(T* out, const T* a, const T* b, int64_t n) = 0;  // out = a - b (may alias)
-  virtual void axpy(T* y, T a, const T* x, int64_t n) = 0;          // y += a * x
-  virtual void scale(T* x, T s, int64_t n) = 0;                     // x *= s
-  virtual double sum_squares(const T* x, int64_t n) = 0;            // sum x^2, accumulated in double
-  // dst[r, :cols] = src[r, :cols] for r < rows; row strides ld_dst, ld_src.
-  virtual void copy_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows,
-                       int64_t cols) = 0;
-  // dst[r, :cols] += src[r, :cols].
-  virtual void add_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows,
-                      int64_t cols) = 0;
-  // x[i] = keep_i ? x[i] / (1 - p) : 0, keep_i drawn from the counter RNG
-  // keyed by (seed, step, layer, site) at element offset + i. Applying it to a
-  // gradient with the same key is its backward.
-  virtual void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,
-                       int site, int64_t offset) = 0;
-
-  // ---------------------------------------------------------------- embedding
-  // out[L, D] = wte[tokens[i]] + concat(pos1[p / a2], pos2[p % a2]), p = pos_offset + i.
-  // wte [V, D], pos1 [a1, d1], pos2 [a2, D - d1].
-  virtual void embedding_forward(T* out, const int32_t* tokens, const T* wte, const T* pos1,
-                                 const T* pos2, int64_t L, int D, int d1, int a2,
-                                 int64_t pos_offset) = 0;
-  virtual void embedding_backward(T* dwte, T* dpos1, T* dpos2, const T* dout,
-                                  const int32_t* tokens, int64_t L, int D, int d1, int a2,
-                                  int64_t pos_offset) = 0;
-
-  // ---------------------------------------------------------------- layernorm
-  // out[N, C] = (inp - mean) * rstd * w + b, rstd = 1 / sqrt(var + eps);
-  // mean[N], rstd[N] are saved for the backward.
-  virtual void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* w,
-                                 const T* b, int64_t N, int C, float eps) = 0;
-  virtual void layernorm_backward(T* dinp, T* dw, T* db, const T* dout, const T* inp,
-                                  const T* w, const T* mean, const T* rstd, int64_t N,
-                                  int C) = 0;
-
-  // ---------------------------------------------------------------- linear
-  // out[N, OC] = inp[N, C] @ w[C, OC] (+ bias[OC] when bias is non-null).
-  virtual void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, int C,
-                              int OC) = 0;
-  // dinp += dout @ w^T; dw += inp^T @ dout; dbias += column sums of dout.
-  virtual void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp,
-                               const T* w, int64_t N, int C, int OC) = 0;
-
-  // ---------------------------------------------------------------- activation
-  virtual void activation_forward(T* out, const T* inp, int64_t n, Activation act) = 0;
-  virtual void activation_backward(T* dinp, const T* dout, const T* inp, int64_t n,
-                                   Activation act) = 0;
-
-  // ---------------------------------------------------------------- LSH
-  // factor0: 0 hashes into n_buckets with one rotation block per round;
-  // otherwise n_buckets = factor0 * factor1 (both even) with one block per
-  // factor (kernels/common/params.h, rotation_cols). cols below is
-  // rotation_cols(n_buckets, factor0).
-  // R [n_hashes, dh, cols] ~ N(0, 1) from the stream keyed by
-  // (seed, step, layer, head); round r uses R + r * dh * cols.
-  virtual void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head,
-                             int n_hashes, int dh, int n_buckets, int factor0) = 0;
-  // y = x_i R_r, x_i = qk[i * ld .. + dh]. factor0 == 0:
-  // buckets[r, i] = argmax(concat(y, -y)); otherwise b0 + factor0 * b1 with
-  // b0 = argmax(concat(y0, -y0)), y0 = y[0, factor0/2), b1 likewise over the
-  // rest of y. Ties go to the lowest index.
-  virtual void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-                        int n_hashes, int n_buckets, int factor0) = 0;
-  // perm[r, s] = position at slot s when round r is sorted by (bucket, position).
-  virtual void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
-                        int n_buckets) = 0;
-
-  // ---------------------------------------------------------------- attention
-  // Chunked attention over permuted positions (LSH, and local with the identity
-  // permutation). qk, v, out: [L, ld] slices of one head. Keys are qk rows
-  // normalised to unit length; logits q . k_hat, masked per AttentionParams.
-  // Writes out; saves out_r [n_rounds, L, dh] and lse [n_rounds, L] (by
-  // position) for the backward. Rounds combine by their log-sum-exp.
-  virtual void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v,
-                                         const int32_t* perm, const AttentionParams& p) = 0;
-  virtual void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const T* v,
-                                          const int32_t* perm, const T* out_r, const T* lse,
-                                          const AttentionParams& p) = 0;
-  // Exact causal attention with the same scoring and masks (p.n_rounds, p.chunk
-  // and the chunk fields are ignored). lse [L] saved for the backward.
-  virtual void full_attention_forward(T* out, T* lse, const T* qk, const T* v,
-                                      const AttentionParams& p) = 0;
-  virtual void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T* qk,
-                                       const T* v, const T* lse, const AttentionParams& p) = 0;
-
-  // ---------------------------------------------------------------- loss
-  // loss[n] = logsumexp(logits[n, :]) - logits[n, targets[n]], 0 where targets[n] < 0.
-  // When dlogits is non-null it is OVERWRITTEN with
-  // (softmax(logits[n]) - onehot(targets[n])) * grad_scale (0 rows where
-  // targets[n] < 0); dlogits may alias logits.
-  virtual void softmax_cross_entropy(T* loss, T* dlogits, const T* logits,
-                                     const int32_t* targets, int64_t N, int V,
-                                     T grad_scale) = 0;
-  // out[n] = argmax_v logits[n, v] (lowest index on ties).
-  virtual void argmax_rows(int32_t* out, const T* logits, int64_t N, int V) = 0;
-
-  // ---------------------------------------------------------------- optimizers
-  virtual void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n,
-                            const AdamWParams& p) = 0;
-  // One tensor viewed as [rows, cols]. Factored (vr [rows], vc [cols]) when
-  // rows > 1 and cols > 1; otherwise vr holds the full second moment [n] and vc
-  // is unused. m [rows * cols] is used only when p.beta1 > 0.
-  virtual void adafactor_update(T* param, const T* grad, T* m, T* vr, T* vc, int64_t rows,
-                                int64_t cols, const AdafactorParams& p) = 0;
+  // Every op of kernels/op_list.h, in list order. Contracts by family:
+  //
+  // memory: alloc(n) returns n uninitialised elements; release(nullptr) is a
+  //   no-op and never throws; to_host / from_host (and the _i32 twins) copy
+  //   n elements between host memory and this Ops' memory.
+  // elementwise: out = a + b, out = a - b (may alias); axpy y += a * x;
+  //   scale x *= s; sum_squares sums x^2 in double; copy has memmove
+  //   semantics. copy_2d: dst[r, :cols] = src[r, :cols] for r < rows with row
+  //   strides ld_dst, ld_src; add_2d the same with +=.
+  //   dropout: x[i] = keep_i ? x[i] / (1 - p) : 0, keep_i drawn from the
+  //   counter RNG keyed by (seed, step, layer, site) at element offset + i;
+  //   applying it to a gradient with the same key is its backward.
+  // embedding: out[L, D] = wte[tokens[i]] + concat(pos1[p / a2], pos2[p % a2]),
+  //   p = pos_offset + i; wte [V, D], pos1 [a1, d1], pos2 [a2, D - d1].
+  // layernorm: out[N, C] = (inp - mean) * rstd * w + b, rstd = 1 / sqrt(var +
+  //   eps); mean[N], rstd[N] are saved for the backward.
+  // linear: out[N, OC] = inp[N, C] @ w[C, OC] (+ bias[OC] when non-null);
+  //   backward: dinp += dout @ w^T; dw += inp^T @ dout; dbias += column sums.
+  // activation: out = act(inp); dinp += dout * act'(inp).
+  // LSH: factor0 == 0 hashes into n_buckets with one rotation block per
+  //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
+  //   block per factor (kernels/common/params.h, rotation_cols); cols is
+  //   rotation_cols(n_buckets, factor0).
+  //   lsh_rotations: R [n_hashes, dh, cols] ~ N(0, 1) from the stream keyed by
+  //   (seed, step, layer, head); round r uses R + r * dh * cols.
+  //   lsh_hash: y = x_i R_r, x_i = qk[i * ld .. + dh]. factor0 == 0:
+  //   buckets[r, i] = argmax(concat(y, -y)); otherwise b0 + factor0 * b1 with
+  //   b0 = argmax(concat(y0, -y0)), y0 = y[0, factor0/2), b1 likewise over the
+  //   rest of y. Ties go to the lowest index. Every id is in [0, n_buckets).
+  //   lsh_sort: perm[r, s] = position at slot s when round r is sorted by
+  //   (bucket, position). Requires buckets in [0, n_buckets) (lsh_hash's
+  //   output always is); an id outside throws ShapeError - on the CPU at
+  //   once, on a device at the next host synchronisation point (see
+  //   stream()), perm being unspecified meanwhile.
+  // attention: chunked attention over permuted positions (LSH, and local with
+  //   the identity permutation). qk, v, out: [L, ld] slices of one head. Keys
+  //   are qk rows normalised to unit length; logits q . k_hat, masked per
+  //   AttentionParams. Writes out; saves out_r [n_rounds, L, dh] and
+  //   lse [n_rounds, L] (by position) for the backward. Rounds combine by
+  //   their log-sum-exp. full_attention_*: exact attention with the same
+  //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
+  //   ignored); lse [L] saved for the backward.
+  // loss: softmax_cross_entropy: loss[n] = logsumexp(logits[n, :]) -
+  //   logits[n, targets[n]], 0 where targets[n] < 0. When dlogits is non-null
+  //   it is OVERWRITTEN with (softmax(logits[n]) - onehot(targets[n])) *
+  //   grad_scale (0 rows where targets[n] < 0); dlogits may alias logits.
+  //   argmax_rows: out[n] = argmax_v logits[n, v] (lowest index on ties).
+  // optimizers: adamw_update on n elements. adafactor_update: one tensor
+  //   viewed as [rows, cols]; factored (vr [rows], vc [cols]) when rows > 1
+  //   and cols > 1, otherwise vr holds the full second moment [n] and vc is
+  //   unused; m [rows * cols] is used only when p.beta1 > 0.
+#define REFORMER_DECLARE_OP_PURE(ret, name, params, args) virtual ret name params = 0;
+  REFORMER_OPS(REFORMER_DECLARE_OP_PURE)
+#undef REFORMER_DECLARE_OP_PURE
 };
 
 // Owns n elements allocated through an Ops.

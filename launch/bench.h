@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "framework/config.h"
+#include "kernels/profiling_ops.h"
 
 namespace reformer {
 
@@ -16,17 +17,29 @@ struct BenchRow {
   double tokens_per_s = 0;
   double device_peak_gib = -1; // peak device memory held by the run's ops; -1: not tracked
   double host_peak_gib = 0;    // peak resident memory of the process
+  // With breakdown: per-op totals over the timed steps (ProfilingOps), in
+  // op-list order; empty otherwise.
+  std::vector<OpStats> ops;
+  int steps = 0;               // timed steps
 };
 
 // Runs `steps` timed training steps (after one warm-up step) of `base` at each
 // length (model.max_len replaced, axial shape and buckets re-derived). Every
 // length's configuration is validated before the first runs: a length the
 // model cannot take (not positive, too long, not a multiple of the bucket
-// size, ...) throws ConfigError naming it.
+// size, ...) throws ConfigError naming it. With breakdown the device Ops is
+// wrapped in a ProfilingOps for the whole run and each row carries the
+// per-op times of the timed steps (the per-op timing adds a little to
+// ms/step).
 std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& lengths,
-                                int steps, const std::string& config_name);
+                                int steps, const std::string& config_name,
+                                bool breakdown = false);
 
 // A Markdown table of the rows.
 std::string format_bench(const std::vector<BenchRow>& rows);
+
+// A Markdown table of one row's per-op times (ops with calls, slowest first):
+// op, calls per step, ms per step, % of the step's wall time.
+std::string format_breakdown(const BenchRow& row);
 
 }  // namespace reformer

@@ -80,11 +80,12 @@ const char* kInspectHelp =
 
 const char* kBenchHelp =
     "usage: reformer bench [--config FILE] [--set key=value]... [--lengths L1,L2,...]\n"
-    "                      [--steps N]\n"
+    "                      [--steps N] [--breakdown]\n"
     "\n"
     "Times N training steps (forward, backward, optimizer; batch 1, random bytes) after\n"
     "one warm-up step, for each sequence length (default: the config's model.max_len),\n"
-    "and prints a table of ms/step, tokens/s and peak memory.\n";
+    "and prints a table of ms/step, tokens/s and peak memory. --breakdown also times every\n"
+    "op of the real step and prints, per length, a table of op, calls, ms and % of step.\n";
 
 struct Args {
   std::string config, metrics, resume, checkpoint, split = "valid", positional;
@@ -93,6 +94,7 @@ struct Args {
   std::vector<std::string> sets;
   int batches = 0;  // eval; 0: the config's training.eval_batches
   bool help = false;
+  bool breakdown = false;
 };
 
 // The whole number `text` given to `flag`, in [lo, hi]; else a UsageError
@@ -138,6 +140,7 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
     else if (s == "--lengths" && cmd == "bench") a.lengths = lengths_list(value(i, "--lengths"));
     else if (s == "--steps" && cmd == "bench")
       a.steps = int(whole_number("--steps", value(i, "--steps"), 1, 1000000));
+    else if (s == "--breakdown" && cmd == "bench") a.breakdown = true;
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
     else throw UsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
   }
@@ -211,8 +214,11 @@ int cmd_bench(const Args& a) {
   const Config cfg = load(a);
   std::vector<int64_t> lengths = a.lengths;
   if (lengths.empty()) lengths.push_back(cfg.model.max_len);
-  const auto rows = run_bench(cfg, lengths, a.steps, a.config.empty() ? "<built-in default>" : a.config);
+  const auto rows = run_bench(cfg, lengths, a.steps,
+                              a.config.empty() ? "<built-in default>" : a.config, a.breakdown);
   std::fputs(format_bench(rows).c_str(), stdout);
+  if (a.breakdown)
+    for (const BenchRow& r : rows) std::fputs(("\n" + format_breakdown(r)).c_str(), stdout);
   return 0;
 }
 

@@ -32,6 +32,23 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
     throw_device_error(call, "cublas status " + std::to_string(int(s)), file, line);
 }
 
+// Codes device code writes to CudaOps' error word when an op finds invalid
+// input it cannot report at once (the host does not wait for ops); thrown as
+// ShapeError at the next host synchronisation point (kernels/ops.h).
+enum DeviceErrorCode : int32_t {
+  kNoDeviceError = 0,
+  kBucketOutOfRange = 1,  // lsh_sort: a bucket id outside [0, n_buckets)
+};
+
+inline const char* describe_device_error(int32_t code) {
+  switch (code) {
+    case kBucketOutOfRange:
+      return "lsh_sort: a bucket id lies outside [0, n_buckets)";
+    default:
+      return "an op found invalid input on the device";
+  }
+}
+
 }  // namespace reformer::cuda
 
 // CUDA_CHECK(cudaMemcpy(...)): throws DeviceError when the call fails.

@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <string>
 
+#include "kernels/errors.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
 
@@ -32,20 +34,27 @@ CudaOps::CudaOps() {
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaSetDevice(dev));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  ws_.bind(stream_);
   CUBLAS_CHECK(cublasLtCreate(&lt_));
   CUDA_CHECK(cudaMalloc(&lt_ws_, kLtWorkspaceBytes));
   lt_ws_bytes_ = kLtWorkspaceBytes;
   CUDA_CHECK(cudaMallocHost(&host_scalar_, sizeof(double)));
-  CUDA_CHECK(cudaMallocHost(&host_flag_, sizeof(int32_t)));
+  CUDA_CHECK(cudaHostAlloc(&device_error_, sizeof(int32_t), cudaHostAllocMapped));
+  *device_error_ = 0;
+  CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&device_error_dev_),
+                                      device_error_, 0));
 }
 
 CudaOps::~CudaOps() {
   // Destructors never throw: errors here are ignored.
-  cudaDeviceSynchronize();
-  if (host_flag_) cudaFreeHost(host_flag_);
+  if (stream_) cudaStreamSynchronize(stream_);
+  ws_.free_now();
+  if (device_error_) cudaFreeHost(device_error_);
   if (host_scalar_) cudaFreeHost(host_scalar_);
   if (lt_ws_) cudaFree(lt_ws_);
   if (lt_) cublasLtDestroy(lt_);
+  if (stream_) cudaStreamDestroy(stream_);
 }
 
 float* CudaOps::alloc(int64_t n) {
@@ -96,24 +105,60 @@ int64_t CudaOps::peak_bytes() const {
   return int64_t(peak_live_ + ws_.capacity() + lt_ws_bytes_);
 }
 
-void CudaOps::to_host(float* host, const float* src, int64_t n) {
-  if (n > 0) CUDA_CHECK(cudaMemcpy(host, src, sizeof(float) * size_t(n), cudaMemcpyDeviceToHost));
+namespace {
+
+// True when host is page-locked (cudaMallocHost / registered): an async copy
+// from it reads the buffer later, so the caller may not reuse it at once.
+bool is_pinned(const void* host) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, host) != cudaSuccess) {
+    cudaGetLastError();  // not known to CUDA: pageable
+    return false;
+  }
+  return a.type == cudaMemoryTypeHost;
 }
 
-void CudaOps::from_host(float* dst, const float* host, int64_t n) {
-  if (n > 0) CUDA_CHECK(cudaMemcpy(dst, host, sizeof(float) * size_t(n), cudaMemcpyHostToDevice));
+}  // namespace
+
+void CudaOps::sync_and_check() {
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const int32_t code = *static_cast<volatile int32_t*>(device_error_);
+  if (code == 0) return;
+  *device_error_ = 0;
+  throw ShapeError(std::string("cuda: ") + cuda::describe_device_error(code));
+}
+
+void CudaOps::to_host(float* host, const float* src, int64_t n) {
+  if (n > 0)
+    CUDA_CHECK(cudaMemcpyAsync(host, src, sizeof(float) * size_t(n), cudaMemcpyDeviceToHost,
+                               stream_));
+  sync_and_check();
 }
 
 void CudaOps::to_host_i32(int32_t* host, const int32_t* src, int64_t n) {
   if (n > 0)
-    CUDA_CHECK(cudaMemcpy(host, src, sizeof(int32_t) * size_t(n), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpyAsync(host, src, sizeof(int32_t) * size_t(n), cudaMemcpyDeviceToHost,
+                               stream_));
+  sync_and_check();
+}
+
+// A copy from pageable memory returns once the data is staged, so the host
+// buffer may be reused at once without waiting for the device; from pinned
+// memory the DMA reads the buffer later, so that case waits for the stream.
+void CudaOps::from_host(float* dst, const float* host, int64_t n) {
+  if (n <= 0) return;
+  CUDA_CHECK(
+      cudaMemcpyAsync(dst, host, sizeof(float) * size_t(n), cudaMemcpyHostToDevice, stream_));
+  if (is_pinned(host)) CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
 void CudaOps::from_host_i32(int32_t* dst, const int32_t* host, int64_t n) {
-  if (n > 0)
-    CUDA_CHECK(cudaMemcpy(dst, host, sizeof(int32_t) * size_t(n), cudaMemcpyHostToDevice));
+  if (n <= 0) return;
+  CUDA_CHECK(
+      cudaMemcpyAsync(dst, host, sizeof(int32_t) * size_t(n), cudaMemcpyHostToDevice, stream_));
+  if (is_pinned(host)) CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-void CudaOps::synchronize() { CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+void CudaOps::synchronize() { sync_and_check(); }
 
 }  // namespace reformer

@@ -19,4 +19,9 @@ int cuda_device_count();
 // when the device cannot be used.
 std::unique_ptr<Ops<float>> make_cuda_ops();
 
+class StreamClock;  // kernels/profiling_ops.h
+// A StreamClock timing work on `stream` (a cudaStream_t, e.g. Ops::stream())
+// with CUDA events.
+std::unique_ptr<StreamClock> make_cuda_stream_clock(void* stream);
+
 }  // namespace reformer

@@ -1,10 +1,16 @@
 // CudaOps: Ops<float> on one CUDA device (nvcc only).
 //
-// Every op is issued on stream_ (the legacy default stream), in order, so the
-// workspace can be reused op after op without synchronisation; to_host /
-// from_host are synchronous cudaMemcpy calls, alloc is cudaMalloc. Each op
-// family's member functions are defined in the .cu file of that family
-// (elementwise.cu, matmul.cu, attention.cu, ...), next to their kernels.
+// Every op - kernel launches, cuBLASLt, CUB, memsets and copies - is issued
+// on stream_, a non-blocking stream of its own (never the legacy default
+// stream), in order, so the workspace can be reused op after op without
+// synchronisation. The host waits for the stream only where the interface
+// says so (kernels/ops.h, Ops::stream): synchronize, to_host, to_host_i32
+// and sum_squares. Errors found on the device (lsh_sort's bucket range) are
+// raised in device_error_ and thrown at those points. alloc is cudaMalloc,
+// done outside the training step; the op workspace grows stream-ordered
+// (workspace.h). Each op family's member functions are defined in the .cu
+// file of that family (elementwise.cu, matmul.cu, attention_*.cu, ...), next
+// to their kernels.
 //
 // Numerics: fp32 storage everywhere; GEMMs use bf16 tensor-core math with
 // fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF), except lsh_hash's TF32
@@ -34,82 +40,11 @@ class CudaOps final : public Ops<float> {
   CudaOps(const CudaOps&) = delete;
   CudaOps& operator=(const CudaOps&) = delete;
 
+  using T = float;  // the element type of the op list's signatures
   const char* name() const override { return "cuda"; }
-
-  float* alloc(int64_t n) override;
-  void release(float* p) override;
-  int32_t* alloc_i32(int64_t n) override;
-  void release_i32(int32_t* p) override;
-  void to_host(float* host, const float* src, int64_t n) override;
-  void from_host(float* dst, const float* host, int64_t n) override;
-  void to_host_i32(int32_t* host, const int32_t* src, int64_t n) override;
-  void from_host_i32(int32_t* dst, const int32_t* host, int64_t n) override;
-  void synchronize() override;
   int64_t peak_bytes() const override;
-
-  void fill(float* x, float value, int64_t n) override;
-  void copy(float* dst, const float* src, int64_t n) override;
-  void add(float* out, const float* a, const float* b, int64_t n) override;
-  void sub(float* out, const float* a, const float* b, int64_t n) override;
-  void axpy(float* y, float a, const float* x, int64_t n) override;
-  void scale(float* x, float s, int64_t n) override;
-  double sum_squares(const float* x, int64_t n) override;
-  void copy_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
-               int64_t cols) override;
-  void add_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
-              int64_t cols) override;
-  void dropout(float* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,
-               int64_t offset) override;
-
-  void embedding_forward(float* out, const int32_t* tokens, const float* wte, const float* pos1,
-                         const float* pos2, int64_t L, int D, int d1, int a2,
-                         int64_t pos_offset) override;
-  void embedding_backward(float* dwte, float* dpos1, float* dpos2, const float* dout,
-                          const int32_t* tokens, int64_t L, int D, int d1, int a2,
-                          int64_t pos_offset) override;
-
-  void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w,
-                         const float* b, int64_t N, int C, float eps) override;
-  void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
-                          const float* w, const float* mean, const float* rstd, int64_t N,
-                          int C) override;
-
-  void matmul_forward(float* out, const float* inp, const float* w, const float* bias, int64_t N,
-                      int C, int OC) override;
-  void matmul_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
-                       const float* w, int64_t N, int C, int OC) override;
-
-  void activation_forward(float* out, const float* inp, int64_t n, Activation act) override;
-  void activation_backward(float* dinp, const float* dout, const float* inp, int64_t n,
-                           Activation act) override;
-
-  void lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes,
-                     int dh, int n_buckets, int factor0) override;
-  void lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const float* R, int64_t L, int dh,
-                int n_hashes, int n_buckets, int factor0) override;
-  void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
-                int n_buckets) override;
-
-  void chunked_attention_forward(float* out, float* out_r, float* lse, const float* qk,
-                                 const float* v, const int32_t* perm,
-                                 const AttentionParams& p) override;
-  void chunked_attention_backward(float* dqk, float* dv, const float* dout, const float* qk,
-                                  const float* v, const int32_t* perm, const float* out_r,
-                                  const float* lse, const AttentionParams& p) override;
-  void full_attention_forward(float* out, float* lse, const float* qk, const float* v,
-                              const AttentionParams& p) override;
-  void full_attention_backward(float* dqk, float* dv, const float* dout, const float* out,
-                               const float* qk, const float* v, const float* lse,
-                               const AttentionParams& p) override;
-
-  void softmax_cross_entropy(float* loss, float* dlogits, const float* logits,
-                             const int32_t* targets, int64_t N, int V, float grad_scale) override;
-  void argmax_rows(int32_t* out, const float* logits, int64_t N, int V) override;
-
-  void adamw_update(float* param, const float* grad, float* m, float* v, int64_t n,
-                    const AdamWParams& p) override;
-  void adafactor_update(float* param, const float* grad, float* m, float* vr, float* vc,
-                        int64_t rows, int64_t cols, const AdafactorParams& p) override;
+  void* stream() override { return stream_; }
+  REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
  private:
   // C[m, n] (column-major, ldc) = op(A) op(B) + beta C through cuBLASLt, fp32
@@ -120,7 +55,12 @@ class CudaOps final : public Ops<float> {
             int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
             cublasComputeType_t fast = CUBLAS_COMPUTE_32F_FAST_16BF);
 
-  cudaStream_t stream_ = nullptr;  // the legacy default stream
+  // Waits for stream_; then throws the device error raised since the last
+  // check, if any (device_error_, cleared). Every host synchronisation point
+  // goes through it.
+  void sync_and_check();
+
+  cudaStream_t stream_ = nullptr;  // non-blocking; every op is issued on it
   // Device bytes held through alloc / alloc_i32, for peak_bytes().
   std::unordered_map<const void*, size_t> sizes_;
   size_t live_ = 0, peak_live_ = 0;
@@ -131,7 +71,11 @@ class CudaOps final : public Ops<float> {
   void* lt_ws_ = nullptr;          // cuBLASLt workspace
   size_t lt_ws_bytes_ = 0;
   double* host_scalar_ = nullptr;  // pinned: results of sum_squares
-  int32_t* host_flag_ = nullptr;   // pinned: lsh_sort's bucket-range check
+  // Pinned, mapped host word written by device code when an op finds invalid
+  // input (nonzero: an error code of cuda::DeviceErrorCode); read and cleared
+  // by sync_and_check() only, after the stream is idle.
+  int32_t* device_error_ = nullptr;
+  int32_t* device_error_dev_ = nullptr;  // device_error_ as device code addresses it
   // Heuristic choices by (transa, transb, m, n, k, lda, ldb, ldc, beta != 0,
   // alignments, fast compute type).
   using GemmKey =

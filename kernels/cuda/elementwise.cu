@@ -132,13 +132,17 @@ void CudaOps::scale(float* x, float s, int64_t n) {
   CUDA_CHECK_LAUNCH("scale_kernel");
 }
 
+// A host synchronisation point (kernels/ops.h): returns after all earlier work.
 double CudaOps::sum_squares(const float* x, int64_t n) {
-  if (n <= 0) return 0.0;
+  if (n <= 0) {
+    sync_and_check();
+    return 0.0;
+  }
   double* scratch = static_cast<double*>(ws_.get(sizeof(double) * (cuda::kReduceMaxBlocks + 1)));
   cuda::reduce_sum(scratch + cuda::kReduceMaxBlocks, scratch, cuda::SquareOf{x}, n, stream_);
   CUDA_CHECK(cudaMemcpyAsync(host_scalar_, scratch + cuda::kReduceMaxBlocks, sizeof(double),
                              cudaMemcpyDeviceToHost, stream_));
-  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  sync_and_check();
   return *host_scalar_;
 }
 

@@ -16,9 +16,10 @@
 //    factorized buckets the warp takes one such argmax per factor's block
 //    and combines them as b0 + factor0 * b1.
 //  - Sort: one CUB radix sort of the keys (round, bucket, position) packed in
-//    32 or 64 bits; the position bits make it stable by position. A bucket
-//    id outside [0, n_buckets) throws ShapeError (checked on the host after
-//    the sort, which costs one synchronisation).
+//    32 or 64 bits; the position bits make it stable by position. The host
+//    does not wait for it: a bucket id outside [0, n_buckets) (never produced
+//    by lsh_hash) raises kBucketOutOfRange in CudaOps' device error word, and
+//    the next host synchronisation point throws ShapeError (kernels/ops.h).
 // All three are bitwise reproducible on one GPU model and toolkit.
 #include <cuda_runtime.h>
 
@@ -143,6 +144,8 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   if (lane == 0) buckets[int64_t(r) * L + c0 + i] = b;
 }
 
+// bad: CudaOps' device error word; an out-of-range bucket raises
+// kBucketOutOfRange there and is sorted as bucket 0.
 template <class Key>
 __global__ void make_keys_kernel(Key* keys, int32_t* bad, const int32_t* buckets, int64_t L,
                                  int64_t n, int n_buckets, int bits_l, int bits_b) {
@@ -151,7 +154,7 @@ __global__ void make_keys_kernel(Key* keys, int32_t* bad, const int32_t* buckets
     const int64_t r = idx / L, i = idx % L;
     int32_t b = buckets[idx];
     if (b < 0 || b >= n_buckets) {
-      *bad = 1;
+      *bad = kBucketOutOfRange;
       b = 0;
     }
     keys[idx] = (Key(r) << (bits_b + bits_l)) | (Key(b) << bits_l) | Key(i);
@@ -167,25 +170,22 @@ __global__ void keys_to_perm_kernel(int32_t* perm, const Key* keys, int64_t n, K
 
 template <class Key>
 void sort_rounds(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets,
-                 int bits_l, int bits_b, int total_bits, Workspace& ws, int32_t* host_flag,
+                 int bits_l, int bits_b, int total_bits, Workspace& ws, int32_t* error_word,
                  cudaStream_t stream) {
   const int64_t n = int64_t(n_hashes) * L;
   size_t temp_bytes = 0;
   CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, temp_bytes, static_cast<const Key*>(nullptr),
                                             static_cast<Key*>(nullptr), n, 0, total_bits, stream));
   Carve carve;
-  const size_t off_flag = carve.reserve(sizeof(int32_t));
   const size_t off_in = carve.reserve(sizeof(Key) * size_t(n));
   const size_t off_out = carve.reserve(sizeof(Key) * size_t(n));
   const size_t off_temp = carve.reserve(temp_bytes);
   void* base = ws.get(carve.total());
-  int32_t* flag = Carve::at<int32_t>(base, off_flag);
   Key* keys_in = Carve::at<Key>(base, off_in);
   Key* keys_out = Carve::at<Key>(base, off_out);
   void* temp = Carve::at<char>(base, off_temp);
 
-  CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int32_t), stream));
-  make_keys_kernel<Key><<<grid_for(n), kThreads, 0, stream>>>(keys_in, flag, buckets, L, n,
+  make_keys_kernel<Key><<<grid_for(n), kThreads, 0, stream>>>(keys_in, error_word, buckets, L, n,
                                                               n_buckets, bits_l, bits_b);
   CUDA_CHECK_LAUNCH("make_keys_kernel");
   CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temp, temp_bytes, keys_in, keys_out, n, 0, total_bits,
@@ -193,10 +193,6 @@ void sort_rounds(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
   keys_to_perm_kernel<Key><<<grid_for(n), kThreads, 0, stream>>>(
       perm, keys_out, n, Key((Key(1) << bits_l) - 1));
   CUDA_CHECK_LAUNCH("keys_to_perm_kernel");
-  CUDA_CHECK(cudaMemcpyAsync(host_flag, flag, sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
-  CUDA_CHECK(cudaStreamSynchronize(stream));
-  if (*host_flag != 0)
-    throw ShapeError("lsh_sort: a bucket id lies outside [0, " + std::to_string(n_buckets) + ")");
 }
 
 }  // namespace
@@ -268,10 +264,10 @@ void CudaOps::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_h
   if (total > 64) throw ShapeError("lsh_sort: (round, bucket, position) does not fit 64 bits");
   if (total <= 32)
     cuda::sort_rounds<uint32_t>(perm, buckets, L, n_hashes, n_buckets, bits_l, bits_b, total, ws_,
-                                host_flag_, stream_);
+                                device_error_dev_, stream_);
   else
     cuda::sort_rounds<uint64_t>(perm, buckets, L, n_hashes, n_buckets, bits_l, bits_b, total, ws_,
-                                host_flag_, stream_);
+                                device_error_dev_, stream_);
 }
 
 }  // namespace reformer

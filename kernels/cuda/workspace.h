@@ -1,9 +1,12 @@
 // Device scratch memory owned by CudaOps and lent to one op at a time.
 //
 // All ops run on one stream, so a region handed out by get() may be reused by
-// the next op without synchronisation; growing frees the old allocation
-// (cudaFree waits for the device), so pointers from an earlier get() are
-// invalid after the next one.
+// the next op without synchronisation. Growing is stream-ordered
+// (cudaFreeAsync of the old block, cudaMallocAsync of the new one on the
+// bound stream): it never blocks the host or the device, and pointers from an
+// earlier get() are invalid after the next one. The op shapes of a training
+// step are fixed, so the workspace reaches its size during the first step
+// and later steps allocate nothing.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -20,24 +23,34 @@ class Workspace {
   Workspace() = default;
   Workspace(const Workspace&) = delete;
   Workspace& operator=(const Workspace&) = delete;
-  ~Workspace() {
-    if (p_) cudaFree(p_);  // never throws from a destructor
-  }
-  // At least `bytes` bytes of device memory, 256-byte aligned.
+  ~Workspace() { free_now(); }
+  // The stream every user of the workspace runs on; set once, before get().
+  void bind(cudaStream_t stream) { stream_ = stream; }
+  // At least `bytes` bytes of device memory, 256-byte aligned, usable by work
+  // issued on the bound stream from now on.
   void* get(size_t bytes) {
     if (bytes > cap_) {
-      if (p_) CUDA_CHECK(cudaFree(p_));
+      if (p_) CUDA_CHECK(cudaFreeAsync(p_, stream_));
       p_ = nullptr;
       cap_ = 0;
       const size_t grown = bytes + bytes / 4;
-      CUDA_CHECK(cudaMalloc(&p_, grown));
+      CUDA_CHECK(cudaMallocAsync(&p_, grown, stream_));
       cap_ = grown;
     }
     return p_;
   }
   size_t capacity() const { return cap_; }
+  // Frees the block once the bound stream's work is done; never throws.
+  void free_now() {
+    if (!p_) return;
+    cudaFreeAsync(p_, stream_);
+    cudaStreamSynchronize(stream_);
+    p_ = nullptr;
+    cap_ = 0;
+  }
 
  private:
+  cudaStream_t stream_ = nullptr;
   void* p_ = nullptr;
   size_t cap_ = 0;
 };

@@ -1,0 +1,283 @@
+// Shared pieces of the CUDA attention ops (attention_forward.cu,
+// attention_backward.cu): the call geometry, device helpers for windows,
+// masks and tile loads, the key normalisation, argument checks and the
+// per-call scratch layout. Internal to those two files (everything is in an
+// unnamed namespace, one copy per translation unit).
+//
+// Chunked attention over permuted positions (LSH, local) and exact full
+// attention, shared-QK scoring (CUDA twin of kernels/cpu/attention.cpp; the
+// exact semantics are described there and in README.md, "Model semantics").
+//
+// Scoring: s_ij = q_i . k_hat_j with k_hat_j = k_j / sqrt(|k_j|^2 + 1e-12);
+// masked scores are SET to -1e9 (causal, key after query) or -1e5 (the
+// query's own position). Chunked: a query in chunk c of round r sees the
+// keys of chunks c - chunks_before .. c + chunks_after of that round
+// (wrapped or clipped, each chunk once); out_r [n_rounds, L, dh] and
+// lse [n_rounds, L] are saved by position and the rounds are combined with
+// max-shifted weights exp(lse_r - max_r lse) / sum_r exp(lse_r - max_r lse).
+//
+// Kernels (one set serves chunked and full attention; FULL selects the
+// geometry: queries and keys by position, one round):
+//  - normalise_keys_kernel: k_hat [L, dh] and |k| [L], one warp per position.
+//  - attn_forward_kernel: one block per (round, chunk, tile of 16 queries);
+//    key tiles of 32 (k_hat and v gathered through perm into shared memory),
+//    one lane per key for the scores, online max-shifted softmax, one lane
+//    per head dimension for the weighted sum; writes out_r (or out) and lse.
+//  - combine_rounds_kernel: out = weighted sum of out_r over rounds.
+//  - row_stats_kernel: per position the round shift (max lse, 1 / z) and
+//    D = dout . out.
+//  - attn_dq_kernel: query side of the backward, recomputing probabilities
+//    from lse: dq_r[r, i] = sum_j ds_rij k_hat_j.
+//  - attn_dkv_kernel: key side, one block per (round, key chunk, tile of 16
+//    keys) over the query chunks whose window holds it:
+//    dkhat_r[r, j] = sum_i ds_rij q_i, dv_r[r, j] = sum_i P_rij dout_i.
+//  - finish_backward_kernel: sums the rounds in order, projects dkhat through
+//    the normalisation and ACCUMULATES into dqk and dv.
+// Every output element is written by one thread in a fixed order: the
+// forward and backward are bitwise reproducible (no atomics).
+// Limits: dh <= 128, chunks_before + chunks_after + 1 <= 32.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/errors.h"
+#include "kernels/common/attention_checks.h"
+#include "kernels/common/params.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/workspace.h"
+
+namespace reformer {
+namespace cuda {
+namespace {
+
+constexpr float kNormEps = float(kKeyNormEps);
+constexpr float kCausalMask = float(kCausalMaskValue);
+constexpr float kSelfMask = float(kSelfMaskValue);
+constexpr int kWarps = 4;                      // warps per block
+constexpr int kRowsPerWarp = 4;                // queries (forward, dq) or keys (dk, dv) per warp
+constexpr int kTile = kWarps * kRowsPerWarp;   // rows per block
+constexpr int kCols = 32;                      // keys (forward, dq) or queries (dk, dv) per pass
+constexpr int kMaxWindow = 32;                 // chunks in one window list
+constexpr int kBlock = 32 * kWarps;
+// The forward kernel has its own geometry: kFwdRowsPerWarp queries per warp
+// and 4 or 8 warps per block (32 or 64 queries per block), so each gathered
+// key tile serves more queries. The backward kernels use kTile / kBlock.
+constexpr int kFwdRowsPerWarp = 8;
+
+// Geometry of one attention call over one head.
+struct AttnGeom {
+  const int32_t* perm;  // [n_rounds, L] sorted positions (chunked); unused when full
+  int64_t L;            // positions
+  int64_t ld;           // row stride of qk, v, dout, out, dqk, dv
+  int dh;               // head width, <= the kernel's DHM
+  int chunk;            // sorted slots per chunk (chunked)
+  int64_t n_chunks;     // L / chunk (chunked); 1 when full
+  int before, after;    // window offsets (chunked)
+  bool wrap;            // window wraps around the round (chunked)
+  bool causal;          // mask keys after the query
+  int64_t row_tiles;    // kTile-row tiles per chunk (chunked) or per sequence (full)
+};
+
+__device__ __forceinline__ int64_t wrap_chunk(int64_t kc, const AttnGeom& g, bool* ok) {
+  if (g.wrap) {
+    kc %= g.n_chunks;
+    if (kc < 0) kc += g.n_chunks;
+    *ok = true;
+  } else {
+    *ok = kc >= 0 && kc < g.n_chunks;
+  }
+  return kc;
+}
+
+// list = the chunks in the window of chunk c (sign +1), or the chunks whose
+// window holds chunk c (sign -1), each once; returns the count.
+__device__ int chunk_list(int* list, int64_t c, int sign, const AttnGeom& g) {
+  int n = 0;
+  for (int o = -g.before; o <= g.after; ++o) {
+    bool ok;
+    const int64_t kc = wrap_chunk(c + sign * o, g, &ok);
+    if (!ok) continue;
+    bool dup = false;
+    for (int k = 0; k < n; ++k) dup |= list[k] == int(kc);
+    if (!dup) list[n++] = int(kc);
+  }
+  return n;
+}
+
+__device__ __forceinline__ float masked_score(float s, int qpos, int kpos, bool causal,
+                                              bool* masked) {
+  if (causal && kpos > qpos) {
+    *masked = true;
+    return kCausalMask;
+  }
+  if (kpos == qpos) {
+    *masked = true;
+    return kSelfMask;
+  }
+  *masked = false;
+  return s;
+}
+
+// Decodes a flat block index into (round, chunk, tile).
+__device__ __forceinline__ void decode_block(const AttnGeom& g, int64_t* r, int64_t* c,
+                                             int64_t* t) {
+  const int64_t b = blockIdx.x;
+  *t = b % g.row_tiles;
+  const int64_t rest = b / g.row_tiles;
+  *c = rest % g.n_chunks;
+  *r = rest / g.n_chunks;
+}
+
+// Position of row `row` of this block's tile (-1 when past the chunk / sequence).
+template <bool FULL, int TILE = kTile>
+__device__ __forceinline__ int tile_position(const AttnGeom& g, const int32_t* pr, int64_t c,
+                                             int64_t t, int row) {
+  const int64_t slot = t * TILE + row;
+  if (FULL) return slot < g.L ? int(slot) : -1;
+  return slot < g.chunk ? pr[c * g.chunk + slot] : -1;
+}
+
+// Position of element k of a window of n elements: for full attention the
+// positions first, first + 1, ...; otherwise slot k of the window's chunks
+// (chunk ids in `chunks`, in order) under the round's permutation pr.
+// -1 past the window's end.
+template <bool FULL>
+__device__ __forceinline__ int window_position(const AttnGeom& g, const int32_t* pr,
+                                               const int* chunks, int64_t first, int64_t k,
+                                               int64_t n) {
+  if (k >= n) return -1;
+  if (FULL) return int(first + k);
+  const int64_t kc = chunks[k / g.chunk];
+  return pr[kc * g.chunk + k % g.chunk];
+}
+
+// Loads kCols rows, a[pos] (row stride lda) into sa and b[pos] (row stride
+// ldb) into sb, for the positions in spos; rows with pos < 0 and columns
+// past dh are zero. sa / sb rows are sa_stride / sb_stride floats apart.
+template <int DHM, int BLOCK = kBlock>
+__device__ __forceinline__ void load_rows(float* sa, int sa_stride, float* sb, int sb_stride,
+                                          const int* spos, const float* a, int64_t lda,
+                                          const float* b, int64_t ldb, int dh, int tid) {
+  for (int e = tid; e < kCols * DHM; e += BLOCK) {
+    const int row = e / DHM, d = e % DHM;
+    const int pos = spos[row];
+    const bool ok = pos >= 0 && d < dh;
+    sa[row * sa_stride + d] = ok ? a[int64_t(pos) * lda + d] : 0.0f;
+    sb[row * sb_stride + d] = ok ? b[int64_t(pos) * ldb + d] : 0.0f;
+  }
+}
+
+// ---------------------------------------------------------------- small kernels
+
+__global__ void normalise_keys_kernel(float* khat, float* norm, const float* qk, int64_t L,
+                                      int64_t ld, int dh) {
+  const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (j >= L) return;
+  const float* k = qk + j * ld;
+  float s = 0.0f;
+  for (int d = lane; d < dh; d += 32) s += k[d] * k[d];
+  const float n = sqrtf(warp_sum(s) + kNormEps);
+  for (int d = lane; d < dh; d += 32) khat[j * dh + d] = k[d] / n;
+  if (lane == 0) norm[j] = n;
+}
+
+
+// ---------------------------------------------------------------- host helpers
+
+inline int kernel_dhm(int dh) {
+  if (dh <= 32) return 32;
+  if (dh <= 64) return 64;
+  return 128;
+}
+
+template <class Kernel>
+void set_smem(Kernel k, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+inline unsigned attn_blocks(const AttnGeom& g, int rounds) {
+  return unsigned(int64_t(rounds) * g.n_chunks * g.row_tiles);
+}
+
+inline void check_common(const AttentionParams& p, const char* op) {
+  check_attention_shape(p, op);
+  if (p.dh > 128)
+    throw ShapeError(std::string(op) + ": the CUDA kernels support dh <= 128, got " +
+                     std::to_string(p.dh));
+  if (p.L > int64_t(0x7fffffff))
+    throw ShapeError(std::string(op) + ": L must fit in int32");
+}
+
+inline void check_chunked(const AttentionParams& p, const char* op) {
+  check_common(p, op);
+  check_chunked_attention_shape(p, op);
+  if (p.chunks_before + p.chunks_after + 1 > kMaxWindow)
+    throw ShapeError(std::string(op) + ": chunks_before + chunks_after + 1 must be <= " +
+                     std::to_string(kMaxWindow));
+}
+
+inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool full) {
+  AttnGeom g;
+  g.perm = perm;
+  g.L = p.L;
+  g.ld = p.ld;
+  g.dh = p.dh;
+  g.causal = p.causal;
+  if (full) {
+    g.chunk = 0;
+    g.n_chunks = 1;
+    g.before = g.after = 0;
+    g.wrap = false;
+    g.row_tiles = (p.L + kTile - 1) / kTile;
+  } else {
+    g.chunk = p.chunk;
+    g.n_chunks = p.L / p.chunk;
+    g.before = p.chunks_before;
+    g.after = p.chunks_after;
+    g.wrap = p.wrap;
+    g.row_tiles = (p.chunk + kTile - 1) / kTile;
+  }
+  return g;
+}
+
+inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) / kWarps); }
+
+// Scratch of one call: k_hat, norms, row statistics and the per-round gradients.
+struct AttnScratch {
+  float *khat, *norm, *rm, *riz, *rD, *dq_r, *dkh_r, *dv_r;
+};
+
+inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool backward) {
+  Carve carve;
+  const size_t f = sizeof(float);
+  const size_t per_round = f * size_t(R) * size_t(L) * size_t(dh);
+  const size_t o_khat = carve.reserve(f * size_t(L) * size_t(dh));
+  const size_t o_norm = carve.reserve(f * size_t(L));
+  const size_t o_rm = carve.reserve(backward ? f * size_t(L) : 0);
+  const size_t o_riz = carve.reserve(backward ? f * size_t(L) : 0);
+  const size_t o_rD = carve.reserve(backward ? f * size_t(L) : 0);
+  const size_t o_dq = carve.reserve(backward ? per_round : 0);
+  const size_t o_dkh = carve.reserve(backward ? per_round : 0);
+  const size_t o_dv = carve.reserve(backward ? per_round : 0);
+  void* base = ws.get(carve.total());
+  return AttnScratch{Carve::at<float>(base, o_khat), Carve::at<float>(base, o_norm),
+                     Carve::at<float>(base, o_rm),   Carve::at<float>(base, o_riz),
+                     Carve::at<float>(base, o_rD),   Carve::at<float>(base, o_dq),
+                     Carve::at<float>(base, o_dkh),  Carve::at<float>(base, o_dv)};
+}
+
+inline void launch_normalise(const AttnScratch& sc, const float* qk, const AttentionParams& p,
+                      cudaStream_t s) {
+  normalise_keys_kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(sc.khat, sc.norm, qk, p.L, p.ld,
+                                                                 p.dh);
+  CUDA_CHECK_LAUNCH("normalise_keys_kernel");
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace reformer

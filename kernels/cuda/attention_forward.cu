@@ -1,0 +1,243 @@
+// Attention forward on CUDA: the key tiles, online softmax and round
+// combination (the kernels are described in attention_common.cuh).
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/cuda_ops_impl.h"
+
+namespace reformer {
+namespace cuda {
+namespace {
+
+// out[i, d] = sum_r w_r,i out_r[r, i, d]; one thread per (i, d).
+__global__ void combine_rounds_kernel(float* out, int64_t ld, const float* out_r, const float* lse,
+                                      int64_t L, int dh, int R) {
+  const int64_t n = L * dh;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / dh;
+    const int d = int(e % dh);
+    float m = lse[i];
+    for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
+    float z = 0.0f;
+    for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
+    const float inv_z = 1.0f / z;
+    float o = 0.0f;
+    for (int r = 0; r < R; ++r)
+      o += expf(lse[int64_t(r) * L + i] - m) * inv_z * out_r[(int64_t(r) * L + i) * dh + d];
+    out[i * ld + d] = o;
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+// Chunked: out = out_r [R, L, dh], lse [R, L]. Full: out [L, ld], lse [L].
+// WARPS warps of kFwdRowsPerWarp queries each; g.row_tiles counts tiles of
+// fwd_tile(WARPS) queries (see launch_forward).
+template <int WARPS>
+constexpr int fwd_tile() {
+  return WARPS * kFwdRowsPerWarp;
+}
+
+// 16 resident warps per SM (16 / WARPS blocks) caps registers at 128.
+template <int DHM, bool FULL, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS, 16 / WARPS)
+    attn_forward_kernel(AttnGeom g, const float* qk, const float* khat, const float* v,
+                        float* out, float* lse) {
+  constexpr int NT = DHM / 32;
+  constexpr int RW = kFwdRowsPerWarp;
+  constexpr int TILE = fwd_tile<WARPS>();
+  constexpr int BLOCK = 32 * WARPS;
+  extern __shared__ float4 fwd_smem4[];
+  float* smem = reinterpret_cast<float*>(fwd_smem4);
+  float* sq = smem;                        // [TILE][DHM]
+  float* sp = sq + TILE * DHM;             // [WARPS][RW][kCols] probabilities
+  float* sk = sp + TILE * kCols;           // [kCols][DHM + 1]
+  float* sv = sk + kCols * (DHM + 1);      // [kCols][DHM]
+  __shared__ int skpos[kCols];
+  __shared__ int sqpos[TILE];
+  __shared__ int swin[kMaxWindow];
+  __shared__ int s_nwin;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int64_t r = 0, c = 0, t = 0;
+  if (FULL)
+    t = blockIdx.x;
+  else
+    decode_block(g, &r, &c, &t);
+  const int32_t* pr = FULL ? nullptr : g.perm + r * g.L;
+  if (tid < TILE) sqpos[tid] = tile_position<FULL, TILE>(g, pr, c, t, tid);
+  if (!FULL && tid == 0) s_nwin = chunk_list(swin, c, +1, g);
+  __syncthreads();
+  for (int e = tid; e < TILE * DHM; e += BLOCK) {
+    const int row = e / DHM, d = e % DHM;
+    const int pos = sqpos[row];
+    sq[e] = pos >= 0 && d < g.dh ? qk[int64_t(pos) * g.ld + d] : 0.0f;
+  }
+  const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * TILE) : g.L)
+                              : int64_t(s_nwin) * g.chunk;
+  // sq and sk are zero past dh, so the score loop may run to dh rounded up to 4.
+  const int dh4 = (g.dh + 3) & ~3;
+
+  // Query positions are read from sqpos when needed (fewer live registers).
+  const int* qp = sqpos + warp * RW;
+  float m[RW], l[RW], o[RW][NT];
+#pragma unroll
+  for (int u = 0; u < RW; ++u) {
+    m[u] = -INFINITY;
+    l[u] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < NT; ++q) o[u][q] = 0.0f;
+  }
+  const float* qrow = sq + warp * RW * DHM;
+  float* pw = sp + warp * RW * kCols;
+
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kCols) {
+    __syncthreads();  // the previous tile is consumed (and sq is written)
+    if (tid < kCols) skpos[tid] = window_position<FULL>(g, pr, swin, 0, k0 + tid, n_keys);
+    __syncthreads();
+    load_rows<DHM, BLOCK>(sk, DHM + 1, sv, DHM, skpos, khat, g.dh, v, g.ld, g.dh, tid);
+    __syncthreads();
+
+    const int kp = skpos[lane];
+    float s[RW];
+#pragma unroll
+    for (int u = 0; u < RW; ++u) s[u] = 0.0f;
+    const float* krow = sk + lane * (DHM + 1);
+#pragma unroll 1
+    for (int d = 0; d < dh4; d += 4) {
+      const float k0v = krow[d], k1v = krow[d + 1], k2v = krow[d + 2], k3v = krow[d + 3];
+#pragma unroll
+      for (int u = 0; u < RW; ++u) {
+        const float4 q4 = *reinterpret_cast<const float4*>(qrow + u * DHM + d);
+        s[u] += q4.x * k0v;
+        s[u] += q4.y * k1v;
+        s[u] += q4.z * k2v;
+        s[u] += q4.w * k3v;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < RW; ++u) {
+      bool masked;
+      const float sc = kp < 0 ? -INFINITY : masked_score(s[u], qp[u], kp, g.causal, &masked);
+      const float mn = fmaxf(m[u], warp_max(sc));
+      const float p = kp < 0 ? 0.0f : expf(sc - mn);
+      const float corr = expf(m[u] - mn);
+      l[u] = l[u] * corr + warp_sum(p);
+#pragma unroll
+      for (int q = 0; q < NT; ++q) o[u][q] *= corr;
+      m[u] = mn;
+      pw[u * kCols + lane] = p;
+    }
+    __syncwarp();
+#pragma unroll 1
+    for (int kk = 0; kk < kCols; kk += 4) {
+      float vv[4][NT];
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int q = 0; q < NT; ++q) vv[j][q] = sv[(kk + j) * DHM + lane + 32 * q];
+#pragma unroll
+      for (int u = 0; u < RW; ++u) {
+        const float4 p4 = *reinterpret_cast<const float4*>(pw + u * kCols + kk);
+#pragma unroll
+        for (int q = 0; q < NT; ++q) {
+          o[u][q] += p4.x * vv[0][q];
+          o[u][q] += p4.y * vv[1][q];
+          o[u][q] += p4.z * vv[2][q];
+          o[u][q] += p4.w * vv[3][q];
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int u = 0; u < RW; ++u) {
+    if (qp[u] < 0) continue;
+    const float inv = 1.0f / l[u];
+    float* dst = FULL ? out + int64_t(qp[u]) * g.ld : out + (r * g.L + qp[u]) * g.dh;
+#pragma unroll
+    for (int q = 0; q < NT; ++q) {
+      const int d = lane + 32 * q;
+      if (d < g.dh) dst[d] = o[u][q] * inv;
+    }
+    if (lane == 0) lse[(FULL ? 0 : r * g.L) + qp[u]] = m[u] + logf(l[u]);
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+
+size_t fwd_smem(int dhm, int tile) {
+  return sizeof(float) * size_t(tile * dhm + tile * kCols + kCols * (dhm + 1) + kCols * dhm);
+}
+
+// The forward's row tiles are fwd_tile<WARPS>() queries: g.row_tiles is
+// recomputed for them, so decode_block and attn_blocks agree.
+template <int DHM, bool FULL, int WARPS>
+void launch_forward_tiles(AttnGeom g, int rounds, const float* qk, const float* khat,
+                          const float* v, float* out, float* lse, cudaStream_t s) {
+  constexpr int TILE = fwd_tile<WARPS>();
+  g.row_tiles = ((FULL ? g.L : int64_t(g.chunk)) + TILE - 1) / TILE;
+  const size_t smem = fwd_smem(DHM, TILE);
+  set_smem(attn_forward_kernel<DHM, FULL, WARPS>, smem);
+  attn_forward_kernel<DHM, FULL, WARPS><<<attn_blocks(g, rounds), 32 * WARPS, smem, s>>>(
+      g, qk, khat, v, out, lse);
+  CUDA_CHECK_LAUNCH("attn_forward_kernel");
+}
+
+// 64 queries per block; chunked attention with chunks of at most 32 slots
+// uses 32.
+template <int DHM, bool FULL>
+void launch_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
+                    const float* v, float* out, float* lse, cudaStream_t s) {
+  if constexpr (!FULL) {
+    if (g.chunk <= fwd_tile<4>()) {
+      launch_forward_tiles<DHM, FULL, 4>(g, rounds, qk, khat, v, out, lse, s);
+      return;
+    }
+  }
+  launch_forward_tiles<DHM, FULL, 8>(g, rounds, qk, khat, v, out, lse, s);
+}
+
+template <bool FULL>
+void dispatch_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
+                      const float* v, float* out, float* lse, cudaStream_t s) {
+  switch (kernel_dhm(g.dh)) {
+    case 32: launch_forward<32, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
+    case 64: launch_forward<64, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
+    default: launch_forward<128, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+
+// ---------------------------------------------------------------- op entries
+
+void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, const float* qk,
+                                        const float* v, const int32_t* perm,
+                                        const AttentionParams& p) {
+  cuda::check_chunked(p, "chunked_attention_forward");
+  if (p.L == 0) return;
+  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false);
+  cuda::launch_normalise(sc, qk, p, stream_);
+  const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
+  cuda::dispatch_forward<false>(g, p.n_rounds, qk, sc.khat, v, out_r, lse, stream_);
+  cuda::combine_rounds_kernel<<<cuda::grid_for(p.L * p.dh), cuda::kThreads, 0, stream_>>>(
+      out, p.ld, out_r, lse, p.L, p.dh, p.n_rounds);
+  CUDA_CHECK_LAUNCH("combine_rounds_kernel");
+}
+
+void CudaOps::full_attention_forward(float* out, float* lse, const float* qk, const float* v,
+                                     const AttentionParams& p) {
+  cuda::check_common(p, "full_attention_forward");
+  if (p.L == 0) return;
+  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, false);
+  cuda::launch_normalise(sc, qk, p, stream_);
+  const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
+  cuda::dispatch_forward<true>(g, 1, qk, sc.khat, v, out, lse, stream_);
+}
+
+}  // namespace reformer

@@ -1,0 +1,155 @@
+// The one list of ops of the Ops<T> interface (kernels/ops.h).
+//
+// Each entry is X(ret, name, (parameters), (arguments)): the return type, the
+// method name, its parameter list and the same names as an argument list. The
+// parameters are written with T, the element type (each backend class
+// defines T). From this list Ops<T> declares its pure virtual methods, each
+// backend declares its overrides (REFORMER_DECLARE_OP_OVERRIDE), CpuOps
+// forwards to kernels/cpu/ (cpu::name(arguments)), ProfilingOps forwards and
+// times, and OpId names every op for Ops::supports(). Adding an op is one
+// entry here plus one implementation per backend; the conformance suite
+// (tests/gpu/conformance_*.cpp) then needs one case.
+//
+// Contracts of each op are written in kernels/ops.h beside the declaration
+// list's section, and in kernels/cpu/<family>.h.
+#pragma once
+
+// Memory and transfers: implemented by hand in each backend (they are not
+// arithmetic, so CpuOps does not forward them to kernels/cpu/).
+#define REFORMER_MEMORY_OPS(X)                                                              \
+  X(T*, alloc, (int64_t n), (n))                                                            \
+  X(void, release, (T* p), (p))                                                             \
+  X(int32_t*, alloc_i32, (int64_t n), (n))                                                  \
+  X(void, release_i32, (int32_t* p), (p))                                                   \
+  X(void, to_host, (T* host, const T* src, int64_t n), (host, src, n))                      \
+  X(void, from_host, (T* dst, const T* host, int64_t n), (dst, host, n))                    \
+  X(void, to_host_i32, (int32_t* host, const int32_t* src, int64_t n), (host, src, n))      \
+  X(void, from_host_i32, (int32_t* dst, const int32_t* host, int64_t n), (dst, host, n))    \
+  X(void, synchronize, (), ())
+
+// Arithmetic: CpuOps forwards each to the function of the same name in
+// kernels/cpu/ (namespace reformer::cpu).
+#define REFORMER_COMPUTE_OPS(X)                                                             \
+  /* elementwise */                                                                         \
+  X(void, fill, (T* x, T value, int64_t n), (x, value, n))                                  \
+  X(void, copy, (T* dst, const T* src, int64_t n), (dst, src, n))                           \
+  X(void, add, (T* out, const T* a, const T* b, int64_t n), (out, a, b, n))                 \
+  X(void, sub, (T* out, const T* a, const T* b, int64_t n), (out, a, b, n))                 \
+  X(void, axpy, (T* y, T a, const T* x, int64_t n), (y, a, x, n))                           \
+  X(void, scale, (T* x, T s, int64_t n), (x, s, n))                                         \
+  X(double, sum_squares, (const T* x, int64_t n), (x, n))                                   \
+  X(void, copy_2d,                                                                          \
+    (T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols),     \
+    (dst, ld_dst, src, ld_src, rows, cols))                                                 \
+  X(void, add_2d,                                                                           \
+    (T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols),     \
+    (dst, ld_dst, src, ld_src, rows, cols))                                                 \
+  X(void, dropout,                                                                          \
+    (T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,           \
+     int64_t offset),                                                                       \
+    (x, n, p, seed, step, layer, site, offset))                                             \
+  /* embedding */                                                                           \
+  X(void, embedding_forward,                                                                \
+    (T* out, const int32_t* tokens, const T* wte, const T* pos1, const T* pos2, int64_t L,  \
+     int D, int d1, int a2, int64_t pos_offset),                                            \
+    (out, tokens, wte, pos1, pos2, L, D, d1, a2, pos_offset))                               \
+  X(void, embedding_backward,                                                               \
+    (T* dwte, T* dpos1, T* dpos2, const T* dout, const int32_t* tokens, int64_t L, int D,   \
+     int d1, int a2, int64_t pos_offset),                                                   \
+    (dwte, dpos1, dpos2, dout, tokens, L, D, d1, a2, pos_offset))                           \
+  /* layernorm */                                                                           \
+  X(void, layernorm_forward,                                                                \
+    (T* out, T* mean, T* rstd, const T* inp, const T* w, const T* b, int64_t N, int C,      \
+     float eps),                                                                            \
+    (out, mean, rstd, inp, w, b, N, C, eps))                                                \
+  X(void, layernorm_backward,                                                               \
+    (T* dinp, T* dw, T* db, const T* dout, const T* inp, const T* w, const T* mean,         \
+     const T* rstd, int64_t N, int C),                                                      \
+    (dinp, dw, db, dout, inp, w, mean, rstd, N, C))                                         \
+  /* linear */                                                                              \
+  X(void, matmul_forward,                                                                   \
+    (T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC),            \
+    (out, inp, w, bias, N, C, OC))                                                          \
+  X(void, matmul_backward,                                                                  \
+    (T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N, int C,   \
+     int OC),                                                                               \
+    (dinp, dw, dbias, dout, inp, w, N, C, OC))                                              \
+  /* activation */                                                                          \
+  X(void, activation_forward, (T* out, const T* inp, int64_t n, Activation act),            \
+    (out, inp, n, act))                                                                     \
+  X(void, activation_backward,                                                              \
+    (T* dinp, const T* dout, const T* inp, int64_t n, Activation act),                      \
+    (dinp, dout, inp, n, act))                                                              \
+  /* LSH */                                                                                 \
+  X(void, lsh_rotations,                                                                    \
+    (T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,         \
+     int n_buckets, int factor0),                                                           \
+    (R, seed, step, layer, head, n_hashes, dh, n_buckets, factor0))                         \
+  X(void, lsh_hash,                                                                         \
+    (int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh, int n_hashes,\
+     int n_buckets, int factor0),                                                           \
+    (buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0))                              \
+  X(void, lsh_sort,                                                                         \
+    (int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets),        \
+    (perm, buckets, L, n_hashes, n_buckets))                                                \
+  /* attention */                                                                           \
+  X(void, chunked_attention_forward,                                                        \
+    (T* out, T* out_r, T* lse, const T* qk, const T* v, const int32_t* perm,                \
+     const AttentionParams& p),                                                             \
+    (out, out_r, lse, qk, v, perm, p))                                                      \
+  X(void, chunked_attention_backward,                                                       \
+    (T* dqk, T* dv, const T* dout, const T* qk, const T* v, const int32_t* perm,            \
+     const T* out_r, const T* lse, const AttentionParams& p),                               \
+    (dqk, dv, dout, qk, v, perm, out_r, lse, p))                                            \
+  X(void, full_attention_forward,                                                           \
+    (T* out, T* lse, const T* qk, const T* v, const AttentionParams& p),                    \
+    (out, lse, qk, v, p))                                                                   \
+  X(void, full_attention_backward,                                                          \
+    (T* dqk, T* dv, const T* dout, const T* out, const T* qk, const T* v, const T* lse,     \
+     const AttentionParams& p),                                                             \
+    (dqk, dv, dout, out, qk, v, lse, p))                                                    \
+  /* loss */                                                                                \
+  X(void, softmax_cross_entropy,                                                            \
+    (T* loss, T* dlogits, const T* logits, const int32_t* targets, int64_t N, int V,        \
+     T grad_scale),                                                                         \
+    (loss, dlogits, logits, targets, N, V, grad_scale))                                     \
+  X(void, argmax_rows, (int32_t* out, const T* logits, int64_t N, int V),                   \
+    (out, logits, N, V))                                                                    \
+  /* optimizers */                                                                          \
+  X(void, adamw_update, (T* param, const T* grad, T* m, T* v, int64_t n,                    \
+                         const AdamWParams& p),                                             \
+    (param, grad, m, v, n, p))                                                              \
+  X(void, adafactor_update,                                                                 \
+    (T* param, const T* grad, T* m, T* vr, T* vc, int64_t rows, int64_t cols,               \
+     const AdafactorParams& p),                                                             \
+    (param, grad, m, vr, vc, rows, cols, p))
+
+// Every op of the interface.
+#define REFORMER_OPS(X) REFORMER_MEMORY_OPS(X) REFORMER_COMPUTE_OPS(X)
+
+// In a backend class body (with T defined): `ret name(params) override;`.
+#define REFORMER_DECLARE_OP_OVERRIDE(ret, name, params, args) ret name params override;
+
+namespace reformer {
+
+// One id per op, in list order, for Ops::supports() and per-op tables.
+enum class OpId {
+#define REFORMER_OP_ID(ret, name, params, args) name,
+  REFORMER_OPS(REFORMER_OP_ID)
+#undef REFORMER_OP_ID
+  count
+};
+
+inline constexpr int kOpCount = int(OpId::count);
+
+// The op's method name ("matmul_forward").
+inline const char* op_name(OpId id) {
+  static constexpr const char* names[] = {
+#define REFORMER_OP_NAME(ret, name, params, args) #name,
+      REFORMER_OPS(REFORMER_OP_NAME)
+#undef REFORMER_OP_NAME
+  };
+  return names[int(id)];
+}
+
+}  // namespace reformer

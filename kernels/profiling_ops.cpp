@@ -1,0 +1,73 @@
+#include "kernels/profiling_ops.h"
+
+#include <chrono>
+
+namespace reformer {
+
+namespace {
+// Ops timed between two flushes; a flush waits for the device, so it should
+// be rare (a training step issues a few thousand ops).
+constexpr size_t kMaxPending = size_t(1) << 16;
+}  // namespace
+
+int64_t WallClock::mark() noexcept {
+  using namespace std::chrono;
+  try {
+    t_.push_back(duration<double, std::milli>(steady_clock::now().time_since_epoch()).count());
+  } catch (...) {
+    return -1;
+  }
+  return int64_t(t_.size()) - 1;
+}
+
+double WallClock::ms_between(int64_t a, int64_t b) { return t_[size_t(b)] - t_[size_t(a)]; }
+
+ProfilingOps::ProfilingOps(Ops<float>& inner, std::unique_ptr<StreamClock> clock)
+    : inner_(inner), clock_(std::move(clock)) {
+  pending_.reserve(kMaxPending);
+  reset();
+}
+
+void ProfilingOps::make_room() {
+  if (pending_.size() >= kMaxPending) flush();
+}
+
+void ProfilingOps::record(OpId id, int64_t begin, int64_t end) noexcept {
+  if (begin >= 0 && end >= 0 && pending_.size() < pending_.capacity())
+    pending_.push_back(Pending{id, begin, end});
+}
+
+void ProfilingOps::flush() {
+  for (const Pending& p : pending_) {
+    OpStats& s = totals_[size_t(p.op)];
+    ++s.calls;
+    s.ms += clock_->ms_between(p.begin, p.end);
+  }
+  pending_.clear();
+  clock_->clear();
+}
+
+std::vector<OpStats> ProfilingOps::stats() {
+  flush();
+  return totals_;
+}
+
+void ProfilingOps::reset() {
+  pending_.clear();
+  clock_->clear();
+  totals_.clear();
+  for (int i = 0; i < kOpCount; ++i) totals_.push_back(OpStats{OpId(i), 0, 0.0});
+}
+
+// Trailing return types: ret is written with T, which names a type only in
+// the class's scope.
+#define REFORMER_PROFILE_FORWARD(ret, name, params, args) \
+  auto ProfilingOps::name params -> ret {                 \
+    make_room();                                          \
+    const Span span(*this, OpId::name);                   \
+    return inner_.name args;                              \
+  }
+REFORMER_OPS(REFORMER_PROFILE_FORWARD)
+#undef REFORMER_PROFILE_FORWARD
+
+}  // namespace reformer

@@ -1,0 +1,102 @@
+// ProfilingOps: an Ops<float> that forwards every op of kernels/op_list.h to
+// an inner Ops and times it, accumulating calls and milliseconds per op. It
+// wraps the Ops a model really computes with, so the profile is the real
+// call order (`reformer bench --breakdown`); the forwarding is generated from
+// the op list, so it cannot miss an op.
+//
+// Timing goes through a StreamClock: CUDA events recorded on the inner
+// stream (make_cuda_stream_clock, kernels/cuda/cuda_ops.h) where the inner
+// Ops has a stream, the host's steady clock (WallClock) otherwise. Event
+// timing adds two event records per op and never waits for the device until
+// stats() or the mark buffer fills; an op's time is then the device time
+// between its first and its last piece of work on the stream.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "kernels/ops.h"
+
+namespace reformer {
+
+// Marks points of the work issued on one stream and measures between them.
+class StreamClock {
+ public:
+  virtual ~StreamClock() = default;
+  // Marks the point the stream has reached (everything issued so far);
+  // returns its id, valid until clear(). Never throws; -1 when marking failed.
+  virtual int64_t mark() noexcept = 0;
+  // Milliseconds from mark a to mark b; waits until b is reached.
+  virtual double ms_between(int64_t a, int64_t b) = 0;
+  // Forgets every mark (ids restart at 0).
+  virtual void clear() = 0;
+};
+
+// StreamClock for Ops whose work is done when the call returns: host time.
+class WallClock final : public StreamClock {
+ public:
+  int64_t mark() noexcept override;
+  double ms_between(int64_t a, int64_t b) override;
+  void clear() override { t_.clear(); }
+
+ private:
+  std::vector<double> t_;  // ms since an arbitrary origin, by mark id
+};
+
+// Calls and time of one op since the last reset().
+struct OpStats {
+  OpId op;
+  int64_t calls = 0;
+  double ms = 0.0;
+};
+
+class ProfilingOps final : public Ops<float> {
+ public:
+  using T = float;  // the element type of the op list's signatures
+  // inner must outlive this; clock measures inner's stream.
+  ProfilingOps(Ops<float>& inner, std::unique_ptr<StreamClock> clock);
+
+  const char* name() const override { return inner_.name(); }
+  int64_t peak_bytes() const override { return inner_.peak_bytes(); }
+  bool supports(OpId id) const override { return inner_.supports(id); }
+  void* stream() override { return inner_.stream(); }
+  REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
+
+  // Per-op totals since the last reset(), in op-list order (every op, called
+  // or not). Waits for the marked work to be done.
+  std::vector<OpStats> stats();
+  // Starts counting afresh (e.g. after a warm-up step).
+  void reset();
+
+ private:
+  // Times one forwarded call: marks the stream at construction and at
+  // destruction (also when the op throws).
+  class Span {
+   public:
+    Span(ProfilingOps& p, OpId id) : p_(p), id_(id), begin_(p.clock_->mark()) {}
+    ~Span() { p_.record(id_, begin_, p_.clock_->mark()); }
+    Span(const Span&) = delete;
+    Span& operator=(const Span&) = delete;
+
+   private:
+    ProfilingOps& p_;
+    OpId id_;
+    int64_t begin_;
+  };
+  struct Pending {
+    OpId op;
+    int64_t begin, end;  // clock marks
+  };
+  // Before each op: flushes when pending_ is full, so record() never grows it.
+  void make_room();
+  void record(OpId id, int64_t begin, int64_t end) noexcept;
+  void flush();  // folds pending_ into totals_ and clears the clock
+
+  Ops<float>& inner_;
+  std::unique_ptr<StreamClock> clock_;
+  std::vector<Pending> pending_;
+  std::vector<OpStats> totals_;  // by OpId
+};
+
+}  // namespace reformer

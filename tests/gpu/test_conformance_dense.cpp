@@ -1,0 +1,308 @@
+// Conformance cases of the dense ops: elementwise, embedding, layernorm,
+// matmul, activation, loss and optimizers (harness: conformance.h). Sizes
+// include odd ones (97, 65, 1025) beside powers of two; backward ops start
+// from nonzero gradient buffers, since gradients accumulate.
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tests/gpu/conformance.h"
+
+using namespace reformer;
+using namespace reformer::conformance;
+
+namespace {
+
+std::string sz(int64_t n) { return std::to_string(n); }
+
+// Row mean and 1 / sqrt(var + eps) of x [N, C], in double: the layernorm
+// backward cases start from the same statistics on every side.
+std::pair<std::vector<double>, std::vector<double>> row_stats(const std::vector<double>& x,
+                                                              int64_t N, int C, double eps) {
+  std::vector<double> m(static_cast<size_t>(N)), r(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) {
+    double s = 0, q = 0;
+    for (int c = 0; c < C; ++c) s += x[size_t(n * C + c)];
+    const double mean = s / C;
+    for (int c = 0; c < C; ++c) q += (x[size_t(n * C + c)] - mean) * (x[size_t(n * C + c)] - mean);
+    m[size_t(n)] = double(float(mean));
+    r[size_t(n)] = double(float(1.0 / std::sqrt(q / C + eps)));
+  }
+  return {m, r};
+}
+
+void add_elementwise(std::vector<Case>& cases) {
+  for (int64_t n : {int64_t(1), int64_t(97), int64_t(1025), int64_t(65536 + 3)}) {
+    const std::string s = " n=" + sz(n);
+    Case c = make_case("fill" + s, OpId::fill, {output("x", n, 1, kFp32Elementwise)},
+                       [n](auto& ops, auto& t) { ops.fill(t("x"), 2.5f, n); });
+    c.bitwise = true;
+    cases.push_back(c);
+    c = make_case("add" + s, OpId::add,
+                  {input("a", n, 1), input("b", n, 2), output("out", n, 3, kFp32Elementwise)},
+                  [n](auto& ops, auto& t) { ops.add(t("out"), t("a"), t("b"), n); });
+    c.bitwise = true;
+    cases.push_back(c);
+    // out aliases a.
+    c = make_case("sub in place" + s, OpId::sub,
+                  {output("a", n, 1, kFp32Elementwise), input("b", n, 2)},
+                  [n](auto& ops, auto& t) { ops.sub(t("a"), t("a"), t("b"), n); });
+    c.bitwise = true;
+    cases.push_back(c);
+    // axpy: rounded multiply then add on every backend: bitwise equal to the CPU.
+    c = make_case("axpy" + s, OpId::axpy, {output("y", n, 1, kFp32Elementwise), input("x", n, 2)},
+                  [n](auto& ops, auto& t) { ops.axpy(t("y"), 0.75f, t("x"), n); });
+    c.bitwise = true;
+    cases.push_back(c);
+    cases.push_back(make_case("scale" + s, OpId::scale, {output("x", n, 1, kFp32Elementwise)},
+                              [n](auto& ops, auto& t) { ops.scale(t("x"), -1.5f, n); }));
+    c = make_case("copy" + s, OpId::copy, {input("a", n, 1), output("out", n, 3, kFp32Elementwise)},
+                  [n](auto& ops, auto& t) { ops.copy(t("out"), t("a"), n); });
+    c.bitwise = true;
+    cases.push_back(c);
+    // Sum of squares in double: only the summation order differs.
+    c = make_case("sum_squares" + s, OpId::sum_squares, {input("x", n, 1)},
+                  [n](auto& ops, auto& t) { t.scalar = ops.sum_squares(t("x"), n); });
+    c.scalar_rtol = 1e-12;
+    cases.push_back(c);
+    // Dropout masks are the same counter-RNG draws on every backend.
+    c = make_case("dropout" + s, OpId::dropout, {output("x", n, 1, kFp32Elementwise)},
+                  [n](auto& ops, auto& t) { ops.dropout(t("x"), n, 0.3f, 11, 5, 2, 1, 1000); });
+    c.bitwise = true;
+    cases.push_back(c);
+  }
+  // Overlapping copy has memmove semantics.
+  Case c = make_case("copy overlapping", OpId::copy, {output("x", 1025, 3, kFp32Elementwise)},
+                     [](auto& ops, auto& t) { ops.copy(t("x") + 7, t("x"), 1000); });
+  c.bitwise = true;
+  cases.push_back(c);
+  const int64_t rows = 97, cols = 65, ld_src = 130, ld_dst = 71;
+  c = make_case("copy_2d", OpId::copy_2d,
+                {input("src", rows * ld_src, 4), output("dst", rows * ld_dst, 5, kFp32Elementwise)},
+                [=](auto& ops, auto& t) {
+                  ops.copy_2d(t("dst"), ld_dst, t("src") + 3, ld_src, rows, cols);
+                });
+  c.bitwise = true;
+  cases.push_back(c);
+  c = make_case("add_2d", OpId::add_2d,
+                {input("src", rows * ld_src, 4), output("dst", rows * ld_dst, 5, kFp32Elementwise)},
+                [=](auto& ops, auto& t) {
+                  ops.add_2d(t("dst") + 1, ld_dst, t("src"), ld_src, rows - 1, cols);
+                });
+  c.bitwise = true;
+  cases.push_back(c);
+}
+
+void add_embedding(std::vector<Case>& cases) {
+  const int64_t L = 97, offset = 13;
+  const int D = 65, d1 = 32, a2 = 10, a1 = 12, V = 29;
+  std::vector<int32_t> tokens(static_cast<size_t>(L));
+  for (int64_t i = 0; i < L; ++i) tokens[size_t(i)] = int32_t((i * 7 + 3) % V);
+  Case c = make_case("embedding_forward", OpId::embedding_forward,
+                     {ints("tokens", tokens), input("wte", int64_t(V) * D, 6),
+                      input("pos1", int64_t(a1) * d1, 7), input("pos2", int64_t(a2) * (D - d1), 8),
+                      output("out", L * D, 9, kFp32Elementwise)},
+                     [=](auto& ops, auto& t) {
+                       ops.embedding_forward(t("out"), t.i("tokens"), t("wte"), t("pos1"),
+                                             t("pos2"), L, D, d1, a2, offset);
+                     });
+  c.bitwise = true;
+  cases.push_back(c);
+  // dwte sums over tokens by atomics on CUDA: order (and last bits) vary.
+  c = make_case("embedding_backward", OpId::embedding_backward,
+                {ints("tokens", tokens), input("dout", L * D, 9),
+                 output("dwte", int64_t(V) * D, 10, kFp32Elementwise),
+                 output("dpos1", int64_t(a1) * d1, 11, kFp32Elementwise),
+                 output("dpos2", int64_t(a2) * (D - d1), 12, kFp32Elementwise)},
+                [=](auto& ops, auto& t) {
+                  ops.embedding_backward(t("dwte"), t("dpos1"), t("dpos2"), t("dout"),
+                                         t.i("tokens"), L, D, d1, a2, offset);
+                });
+  c.deterministic = false;
+  cases.push_back(c);
+}
+
+void add_layernorm(std::vector<Case>& cases) {
+  for (auto [N, C] : {std::pair<int64_t, int>{97, 65}, {128, 1024}, {3, 1025}}) {
+    const std::string s = " " + sz(N) + "x" + sz(C);
+    // fp32 row statistics vs double: a few ulp of the row scale.
+    cases.push_back(make_case(
+        "layernorm_forward" + s, OpId::layernorm_forward,
+        {input("x", N * C, 20, -2.0, 3.0), input("w", C, 21, 0.5, 1.5), input("b", C, 22),
+         output("out", N * C, 23, {1e-5, 1e-5}), output("mean", N, 24, {1e-6, 1e-5}),
+         output("rstd", N, 25, {0, 1e-5})},
+        [=](auto& ops, auto& t) {
+          ops.layernorm_forward(t("out"), t("mean"), t("rstd"), t("x"), t("w"), t("b"), N, C,
+                                1e-6f);
+        }));
+    const auto x = random_values(N * C, 20, -2.0, 3.0);
+    auto [m, r] = row_stats(x, N, C, 1e-6);
+    cases.push_back(make_case(
+        "layernorm_backward" + s, OpId::layernorm_backward,
+        {values("x", x), input("w", C, 21, 0.5, 1.5), values("mean", m), values("rstd", r),
+         input("dout", N * C, 26), output("dinp", N * C, 27, kFp32Reduction),
+         output("dw", C, 28, {1e-5, 1e-5}), output("db", C, 29, {1e-5, 1e-5})},
+        [=](auto& ops, auto& t) {
+          ops.layernorm_backward(t("dinp"), t("dw"), t("db"), t("dout"), t("x"), t("w"),
+                                 t("mean"), t("rstd"), N, C);
+        }));
+  }
+}
+
+void add_matmul(std::vector<Case>& cases) {
+  struct Shape {
+    int64_t N;
+    int C, OC;
+  };
+  for (const Shape sh : {Shape{97, 65, 1025}, Shape{128, 256, 512}, Shape{1, 64, 3}}) {
+    const int64_t N = sh.N;
+    const int C = sh.C, OC = sh.OC;
+    const std::string s = " N=" + sz(N) + " C=" + sz(C) + " OC=" + sz(OC);
+    for (bool bias : {true, false})
+      cases.push_back(make_case(
+          std::string("matmul_forward") + (bias ? " bias" : "") + s, OpId::matmul_forward,
+          {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("bias", OC, 32),
+           output("out", N * OC, 33, kBf16Gemm)},
+          [=](auto& ops, auto& t) {
+            ops.matmul_forward(t("out"), t("x"), t("w"), bias ? t("bias") : nullptr, N, C, OC);
+          }));
+    // Accumulated GEMM gradients: 2e-2 of the increment's scale; dbias sums
+    // columns in double on every backend.
+    const Tol gemm_inc{0, 0, 0, 2e-2};
+    cases.push_back(make_case(
+        "matmul_backward" + s, OpId::matmul_backward,
+        {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("dout", N * OC, 33),
+         output("dinp", N * C, 34, gemm_inc), output("dw", int64_t(C) * OC, 35, gemm_inc),
+         output("dbias", OC, 36, {1e-5, 1e-5})},
+        [=](auto& ops, auto& t) {
+          ops.matmul_backward(t("dinp"), t("dw"), t("dbias"), t("dout"), t("x"), t("w"), N, C,
+                              OC);
+        }));
+    // Null gradients are skipped.
+    cases.push_back(make_case(
+        "matmul_backward dbias only" + s, OpId::matmul_backward,
+        {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("dout", N * OC, 33),
+         output("dbias", OC, 36, {1e-5, 1e-5})},
+        [=](auto& ops, auto& t) {
+          ops.matmul_backward(nullptr, nullptr, t("dbias"), t("dout"), t("x"), t("w"), N, C, OC);
+        }));
+  }
+}
+
+void add_activation(std::vector<Case>& cases) {
+  const int64_t n = 1025;
+  for (Activation act : {Activation::gelu, Activation::relu}) {
+    const std::string s = act == Activation::gelu ? " gelu" : " relu";
+    cases.push_back(make_case("activation_forward" + s, OpId::activation_forward,
+                              {input("x", n, 40, -4.0, 4.0), output("out", n, 41, kFp32Elementwise)},
+                              [=](auto& ops, auto& t) {
+                                ops.activation_forward(t("out"), t("x"), n, act);
+                              }));
+    cases.push_back(make_case(
+        "activation_backward" + s, OpId::activation_backward,
+        {input("x", n, 40, -4.0, 4.0), input("dout", n, 41), output("dinp", n, 42, kFp32Elementwise)},
+        [=](auto& ops, auto& t) { ops.activation_backward(t("dinp"), t("dout"), t("x"), n, act); }));
+  }
+}
+
+void add_loss(std::vector<Case>& cases) {
+  for (auto [N, V] : {std::pair<int64_t, int>{97, 256}, {33, 1025}, {4, 7}}) {
+    const std::string s = " N=" + sz(N) + " V=" + sz(V);
+    auto logits = random_values(N * V, 80, -5.0, 5.0);
+    // Ties for argmax: row 1 has its maximum twice.
+    logits[size_t(V) + 3] = 9.0;
+    logits[size_t(V) + 5] = 9.0;
+    std::vector<int32_t> targets(static_cast<size_t>(N));
+    for (int64_t i = 0; i < N; ++i) targets[size_t(i)] = i % 5 == 2 ? -1 : int32_t((i * 13) % V);
+    // Softmax terms are fp32 exps summed in another order: rtol 1e-5.
+    const Tol loss_tol{1e-5, 1e-5}, dlogits_tol{1e-9, 1e-5};
+    cases.push_back(make_case(
+        "softmax_cross_entropy" + s, OpId::softmax_cross_entropy,
+        {values("logits", logits), ints("targets", targets), output("loss", N, 81, loss_tol),
+         output("dlogits", N * V, 82, dlogits_tol)},
+        [=](auto& ops, auto& t) {
+          ops.softmax_cross_entropy(t("loss"), t("dlogits"), t("logits"), t.i("targets"), N, V,
+                                    0.01f);
+        }));
+    // dlogits may alias logits.
+    cases.push_back(make_case(
+        "softmax_cross_entropy in place" + s, OpId::softmax_cross_entropy,
+        {values("logits", logits, true, dlogits_tol), ints("targets", targets),
+         output("loss", N, 81, loss_tol)},
+        [=](auto& ops, auto& t) {
+          ops.softmax_cross_entropy(t("loss"), t("logits"), t("logits"), t.i("targets"), N, V,
+                                    0.01f);
+        }));
+    Case c = make_case("argmax_rows" + s, OpId::argmax_rows,
+                       {values("logits", logits), int_output("out", N)},
+                       [=](auto& ops, auto& t) { ops.argmax_rows(t.i("out"), t("logits"), N, V); });
+    c.bitwise = true;
+    cases.push_back(c);
+  }
+}
+
+void add_optimizers(std::vector<Case>& cases) {
+  // Three steps from zero moments; moments are statistics of squares.
+  const int64_t n = 1025;
+  cases.push_back(make_case(
+      "adamw_update 3 steps", OpId::adamw_update,
+      {output("p", n, 90, {1e-6, 1e-5}), values("m", std::vector<double>(size_t(n)), true, {1e-7, 1e-5}),
+       values("v", std::vector<double>(size_t(n)), true, {1e-9, 1e-5}), input("g1", n, 92),
+       input("g2", n, 93), input("g3", n, 94)},
+      [=](auto& ops, auto& t) {
+        AdamWParams ap;
+        ap.lr = 1e-2f;
+        ap.weight_decay = 0.1f;
+        for (int step = 1; step <= 3; ++step) {
+          ap.step = step;
+          ops.adamw_update(t("p"), t("g" + std::to_string(step)), t("m"), t("v"), n, ap);
+        }
+      }));
+  struct Shape {
+    int64_t rows, cols;
+    float beta1;
+  };
+  for (const Shape sh : {Shape{97, 65, 0.0f}, Shape{97, 65, 0.9f}, Shape{1, 1025, 0.0f},
+                         Shape{1025, 1, 0.9f}, Shape{600, 300, 0.0f}}) {
+    const int64_t rows = sh.rows, cols = sh.cols, nn = rows * cols;
+    const bool factored = rows > 1 && cols > 1;
+    const float beta1 = sh.beta1;
+    const auto zeros = [](int64_t k) { return std::vector<double>(size_t(k)); };
+    cases.push_back(make_case(
+        "adafactor_update " + sz(rows) + "x" + sz(cols) + (beta1 > 0 ? " beta1" : ""),
+        OpId::adafactor_update,
+        {output("p", nn, 100, {1e-6, 1e-5}), values("m", zeros(nn), beta1 > 0, {1e-7, 1e-5}),
+         values("vr", zeros(factored ? rows : nn), true, {1e-9, 1e-5}),
+         values("vc", zeros(cols), factored, {1e-9, 1e-5}), input("g1", nn, 102),
+         input("g2", nn, 103), input("g3", nn, 104)},
+        [=](auto& ops, auto& t) {
+          AdafactorParams ap;
+          ap.lr = 1e-2f;
+          ap.beta1 = beta1;
+          ap.weight_decay = 0.01f;
+          ap.clip_threshold = 0.5f;  // makes the clipping branch matter
+          for (int step = 1; step <= 3; ++step) {
+            ap.step = step;
+            ops.adafactor_update(t("p"), t("g" + std::to_string(step)), t("m"), t("vr"), t("vc"),
+                                 rows, cols, ap);
+          }
+        }));
+  }
+}
+
+std::vector<Case> dense_cases() {
+  std::vector<Case> cases;
+  add_elementwise(cases);
+  add_embedding(cases);
+  add_layernorm(cases);
+  add_matmul(cases);
+  add_activation(cases);
+  add_loss(cases);
+  add_optimizers(cases);
+  return cases;
+}
+
+REFORMER_CONFORMANCE_SUITE(DenseOps, dense_cases());
+
+}  // namespace
