@@ -25,7 +25,10 @@
 #include "framework/model.h"
 #include "framework/trainer.h"
 #include "kernels/cpu/cpu_ops.h"
-#include "tests/common/mpi_test_main.h"
+#include <omp.h>
+
+#include "framework/logging.h"
+#include "tests/common/mpi_gtest_main.h"
 
 namespace fs = std::filesystem;
 using namespace reformer;
@@ -109,22 +112,22 @@ std::vector<float> flat_params(const Trainer& t) {
   return out;
 }
 
-struct Run {
+struct RunResult {
   std::vector<double> losses;
   std::vector<float> params;
 };
 
-Run train(const Config& cfg, Communicator& comm) {
+RunResult train(const Config& cfg, Communicator& comm) {
   Trainer t(cfg, comm, "");
   t.resume();
   const TrainResult r = t.train();
-  return Run{r.losses, flat_params(t)};
+  return RunResult{r.losses, flat_params(t)};
 }
 
 // Compares a layout's run with the one-process run: losses to 1e-5 relative
 // (gradients summed over ranks in another order drift by fp32 ulps per step),
 // parameters to 1e-5 relative + 1e-6 absolute.
-void expect_same_run(const Run& got, const Run& ref, const std::string& what) {
+void expect_same_run(const RunResult& got, const RunResult& ref, const std::string& what) {
   EXPECT_EQ(got.losses.size(), ref.losses.size()) << what;
   for (size_t s = 0; s < std::min(got.losses.size(), ref.losses.size()); ++s)
     EXPECT_PRED4(within, got.losses[s], ref.losses[s], 1e-5, 0.0) << what << ", step " << s + 1;
@@ -159,7 +162,7 @@ TEST(SequenceParallel, ModelMatchesOneProcess) {
     part.init_params(7);
     const int64_t L = cfg.model.max_len, Ll = part.seq_len(), p0 = part.seq_offset();
     EXPECT_EQ(Ll * world().size(), L);
-    std::vector<int32_t> tokens(size_t(L)), targets(size_t(L));
+    std::vector<int32_t> tokens(static_cast<size_t>(L)), targets(static_cast<size_t>(L));
     for (int64_t i = 0; i < L; ++i) {
       tokens[size_t(i)] = int32_t((i * 7 + 3) % cfg.model.vocab_size);
       targets[size_t(i)] = i + 1 < L ? int32_t(((i + 1) * 7 + 3) % cfg.model.vocab_size) : -1;
@@ -208,7 +211,7 @@ TEST_F(Layouts, TrainingMatchesOneProcess) {
   for (const char* kinds : {"[lsh]", "[lsh, local]"}) {
     const std::string k = std::string("attention.kinds=") + kinds;
     auto local = make_communicator(CommBackend::local);
-    const Run ref = train(make_config({k, "checkpoint.dir=" + *dir_ + "/ref" +
+    const RunResult ref = train(make_config({k, "checkpoint.dir=" + *dir_ + "/ref" +
                                               std::to_string(world().rank())}),
                           *local);
     for (const Layout& l : layouts()) {
@@ -230,9 +233,9 @@ TEST_F(Layouts, CheckpointResumesUnderAnotherLayout) {
   train(make_config(a), world());
   std::vector<std::string> b = layout_sets(ls.front(), dir);
   b.insert(b.end(), {"training.steps=10", "checkpoint.resume=auto"});
-  const Run resumed = train(make_config(b), world());
+  const RunResult resumed = train(make_config(b), world());
   auto local = make_communicator(CommBackend::local);
-  Run ref = train(make_config({"training.steps=10", "checkpoint.dir=" + *dir_ + "/straight" +
+  RunResult ref = train(make_config({"training.steps=10", "checkpoint.dir=" + *dir_ + "/straight" +
                                                         std::to_string(world().rank())}),
                   *local);
   ref.losses.erase(ref.losses.begin(), ref.losses.begin() + 6);
@@ -242,7 +245,11 @@ TEST_F(Layouts, CheckpointResumesUnderAnotherLayout) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  return reformer_test::mpi_test_main(argc, argv, [] {
+  // One OpenMP thread per rank: the ranks share 2 cores in CI.
+  setenv("OMP_NUM_THREADS", "1", 1);
+  omp_set_num_threads(1);
+  set_log_sink([](const std::string&) {});
+  return reformer::test::mpi_gtest_main(argc, argv, [] {
     auto comm = make_communicator(CommBackend::mpi);
     g_world = comm.get();
     const int status = RUN_ALL_TESTS();
