@@ -167,7 +167,7 @@ LossStats Trainer::accumulate_step(const std::vector<int32_t>& tokens,
                                    const std::vector<int32_t>& targets, int n_seq,
                                    float grad_scale) {
   const int64_t L = model_->seq_len();
-  const bool reduce = world_.size() > 1;
+  const bool reduce = world_.size() > 1 && reduce_enabled_;
   LossStats st;
   for (int j = 0; j < n_seq; ++j) {
     // Gradients accumulate over this rank's sequences; the reduction starts
@@ -208,13 +208,55 @@ EvalResult Trainer::evaluate(Split split, int batches) {
   return r;
 }
 
+StepResult Trainer::train_step() {
+  const TrainingConfig& tc = cfg_.training;
+  const int64_t Ll = model_->seq_len();
+  const int per_group = tc.batch_size / grid_->dp();
+  step_tokens_.resize(size_t(per_group * Ll));
+  step_targets_.resize(size_t(per_group * Ll));
+  model_->zero_grads();
+  // This group's share of the global batch; indices are global so the batch
+  // is the same whatever the layout.
+  for (int j = 0; j < per_group; ++j) {
+    const int64_t index = samples_drawn_ + int64_t(grid_->dp_rank()) * per_group + j;
+    sample_shard(Split::train, index, step_tokens_.data() + j * Ll,
+                 step_targets_.data() + j * Ll);
+  }
+  int64_t local_count = 0;
+  for (const int32_t t : step_targets_) local_count += t >= 0;
+  double count = double(local_count);
+  host_.allreduce_sum(&count, 1);
+  const float grad_scale = count > 0 ? float(1.0 / count) : 0.0f;
+  const LossStats st = accumulate_step(step_tokens_, step_targets_, per_group, grad_scale);
+  double sums[3] = {st.loss_sum, double(st.count), double(st.correct)};
+  host_.allreduce_sum(sums, 3);
+  StepResult r;
+  r.loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
+  // Clips only a finite gradient; the norm is the same on every rank (the
+  // gradients were summed over all of them).
+  r.grad_norm = clip_grad_norm(*ops_, model_->grads(), model_->num_params(),
+                               cfg_.optimizer.grad_clip);
+  r.lr = learning_rate(cfg_.optimizer, step_ + 1, tc.steps);
+  if (!std::isfinite(r.loss) || !std::isfinite(r.grad_norm)) {
+    if (cfg_.training.on_nonfinite == OnNonFinite::stop)
+      throw NonFiniteError(strfmt(
+          "step %lld: loss %g, gradient norm %g: not finite; the run stops without a checkpoint "
+          "(the last checkpoint is intact; lower optimizer.lr or set training.on_nonfinite: skip)",
+          (long long)(step_ + 1), r.loss, r.grad_norm));
+    r.skipped = true;
+  } else {
+    opt_->step(model_->params(), model_->grads(), step_ + 1, r.lr);
+  }
+  ++step_;
+  samples_drawn_ += tc.batch_size;
+  tokens_seen_ += int64_t(tc.batch_size) * cfg_.model.max_len;
+  return r;
+}
+
 TrainResult Trainer::train() {
   const TrainingConfig& tc = cfg_.training;
   const int64_t L = cfg_.model.max_len;     // positions per sequence
-  const int64_t Ll = model_->seq_len();     // positions this rank holds
-  const int per_group = tc.batch_size / grid_->dp();
   MetricsWriter metrics(world_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
-  std::vector<int32_t> tokens(size_t(per_group * Ll)), targets(size_t(per_group * Ll));
   TrainResult result;
   const bool dup = cfg_.data.kind == DataKind::duplication;
 
@@ -242,32 +284,12 @@ TrainResult Trainer::train() {
   const double run_start = interval_start;
   const int64_t first_step = step_;
   while (step_ < tc.steps) {
-    model_->zero_grads();
-    // This rank's share of the global batch; indices are global so the
-    // batch is the same whatever the number of ranks.
-    // Global sequence indices: the batch is the same whatever the layout.
-    int64_t local_count = 0;
-    for (int j = 0; j < per_group; ++j) {
-      const int64_t index = samples_drawn_ + int64_t(grid_->dp_rank()) * per_group + j;
-      sample_shard(Split::train, index, tokens.data() + j * Ll, targets.data() + j * Ll);
-    }
-    for (int64_t i = 0; i < per_group * Ll; ++i) local_count += targets[size_t(i)] >= 0;
-    double count = double(local_count);
-    host_.allreduce_sum(&count, 1);
-    const float grad_scale = count > 0 ? float(1.0 / count) : 0.0f;
-    const LossStats st = accumulate_step(tokens, targets, per_group, grad_scale);
-    double sums[3] = {st.loss_sum, double(st.count), double(st.correct)};
-    host_.allreduce_sum(sums, 3);
-    const double grad_norm =
-        clip_grad_norm(*ops_, model_->grads(), model_->num_params(), cfg_.optimizer.grad_clip);
-    const double lr = learning_rate(cfg_.optimizer, step_ + 1, tc.steps);
-    opt_->step(model_->params(), model_->grads(), step_ + 1, lr);
-    ++step_;
-    samples_drawn_ += tc.batch_size;
-    tokens_seen_ += int64_t(tc.batch_size) * L;
+    const StepResult sr = train_step();
     ++interval_steps;
-
-    const double loss = sums[1] > 0 ? sums[0] / sums[1] : 0;
+    const double loss = sr.loss, grad_norm = sr.grad_norm, lr = sr.lr;
+    if (sr.skipped)
+      log_info(strfmt("step %lld: loss %g, gradient norm %g: not finite, update skipped "
+                      "(training.on_nonfinite: skip)", (long long)step_, loss, grad_norm));
     result.losses.push_back(loss);
     const bool last = step_ == tc.steps;
     if (step_ % tc.log_every == 0 || last || step_ == first_step + 1) {

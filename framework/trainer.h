@@ -40,6 +40,13 @@ struct TrainResult {
   std::vector<double> losses;  // mean training loss of each step this call ran
 };
 
+struct StepResult {
+  double loss = 0;       // mean training loss of the step's tokens (all ranks)
+  double grad_norm = 0;  // global gradient norm before clipping
+  double lr = 0;         // learning rate the update used
+  bool skipped = false;  // not finite: no update (training.on_nonfinite: skip)
+};
+
 class Trainer {
  public:
   // Builds the process grid (parallel.dp x parallel.sp over `world`), the
@@ -58,11 +65,19 @@ class Trainer {
   void load(const std::string& path, bool full);
 
   TrainResult train();
+  // One optimizer step over the next global batch: every rank calls it
+  // together. Throws NonFiniteError on a non-finite loss or gradient norm
+  // unless training.on_nonfinite is skip.
+  StepResult train_step();
+  // Measurement only: with `on` false, train_step computes without summing
+  // gradients over ranks (the ranks' models then drift apart).
+  void set_gradient_reduction(bool on) { reduce_enabled_ = on; }
   EvalResult evaluate(Split split, int batches);
 
   int64_t step() const { return step_; }
   const ProcessGrid& grid() const { return *grid_; }
   ReformerModel<float>& model() { return *model_; }
+  Ops<float>& ops() { return *ops_; }
   CheckpointState snapshot() const;
 
  private:
@@ -79,7 +94,8 @@ class Trainer {
   Communicator& host_;  // world_.host(): small host-side sums
   std::unique_ptr<ProcessGrid> grid_;
   std::unique_ptr<GradReducer> reducer_;
-  std::vector<int32_t> seq_tokens_, seq_targets_;  // one whole sequence
+  std::vector<int32_t> seq_tokens_, seq_targets_;    // one whole sequence
+  std::vector<int32_t> step_tokens_, step_targets_;  // this rank's share of a step
   std::string metrics_path_;
   std::unique_ptr<Ops<float>> ops_;  // the device the run computes on
   std::unique_ptr<ReformerModel<float>> model_;
@@ -89,6 +105,7 @@ class Trainer {
   int64_t samples_drawn_ = 0;
   int64_t tokens_seen_ = 0;
   bool resumed_ = false;
+  bool reduce_enabled_ = true;
 };
 
 }  // namespace reformer

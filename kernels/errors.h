@@ -43,6 +43,11 @@ struct DeviceError : Error {
   using Error::Error;
 };
 
+// Training produced a non-finite loss or gradient.
+struct NonFiniteError : Error {
+  using Error::Error;
+};
+
 // Builds "what (at file:line)" for the CHECK macros.
 std::string where(const char* what, const char* file, int line);
 

@@ -7,11 +7,14 @@
 
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <cstdio>
 #include <memory>
 #include <sstream>
 
 #include "framework/device.h"
+#include "framework/grad_reducer.h"
+#include "framework/trainer.h"
 #include "kernels/errors.h"
 #include "framework/logging.h"
 #include "framework/model.h"
@@ -106,6 +109,85 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
                     r.ms_per_step, r.tokens_per_s));
   }
   return rows;
+}
+
+ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int steps) {
+  Trainer t(cfg, world, "");
+  Ops<float>& ops = t.ops();
+  // Every rank idle and in step before a timer starts.
+  auto sync = [&]() {
+    ops.synchronize();
+    world.host().barrier();
+  };
+  auto time_steps = [&]() {
+    t.train_step();  // warm-up
+    sync();
+    const double t0 = seconds();
+    for (int s = 0; s < steps; ++s) t.train_step();
+    sync();
+    return 1e3 * (seconds() - t0) / steps;
+  };
+  ParallelBenchRow r;
+  r.layout = strfmt("dp %d x sp %d (%s)", t.grid().dp(), t.grid().sp(), world.backend());
+  r.length = cfg.model.max_len;
+  r.batch = cfg.training.batch_size;
+  r.ms_per_step = time_steps();
+  r.tokens_per_s = double(r.batch) * double(r.length) * 1e3 / r.ms_per_step;
+  ReformerModel<float>& model = t.model();
+  r.grad_mib = double(model.num_params()) * sizeof(float) / double(1 << 20);
+  if (world.size() > 1) {
+    t.set_gradient_reduction(false);
+    r.ms_compute = time_steps();
+    t.set_gradient_reduction(true);
+    // The reduction alone: the trainer's buckets in the order the backward
+    // pass reports them, then the same bytes as one call.
+    const ParamTable& table = model.table();
+    GradReducer reducer(world, model.grads(), model.num_params(),
+                        int64_t(cfg.parallel.bucket_mb * 1024 * 1024 / sizeof(float)));
+    auto bucketed = [&]() {
+      reducer.begin();
+      reducer.ready(head_range(table));
+      for (int l = cfg.model.n_layers - 1; l >= 0; --l) reducer.ready(layer_range(table, l));
+      reducer.ready(embedding_range(table));
+      reducer.finish();
+    };
+    auto one_call = [&]() { world.allreduce_sum(model.grads(), model.num_params()); };
+    auto time_it = [&](const std::function<void()>& run) {
+      run();
+      sync();
+      const double t0 = seconds();
+      for (int s = 0; s < steps; ++s) run();
+      sync();
+      return 1e3 * (seconds() - t0) / steps;
+    };
+    r.ms_reduce = time_it(bucketed);
+    r.ms_one_call = time_it(one_call);
+  }
+  r.device_peak_gib = ops.peak_bytes() < 0 ? -1.0 : double(ops.peak_bytes()) / double(1ull << 30);
+  return r;
+}
+
+std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
+  // Bus bandwidth of a ring all-reduce (nccl-tests): 2 (n - 1) / n bytes per
+  // byte reduced.
+  const double bytes = r.grad_mib * double(1 << 20) * 2.0 * (n - 1) / n;
+  auto busbw = [&](double ms) { return ms > 0 ? bytes / (ms * 1e-3) / 1e9 : 0.0; };
+  std::string out =
+      "| layout | length | batch | ms/step | tokens/s | ms compute only | ms reduce alone | "
+      "reduce GB/s (bus) | one-call GB/s (bus) | reduce hidden | peak GiB |\n"
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+  const bool many = r.ms_compute >= 0;
+  const double hidden =
+      many && r.ms_reduce > 0 ? 1.0 - (r.ms_per_step - r.ms_compute) / r.ms_reduce : 0.0;
+  out += strfmt("| %s | %lld | %d | %.1f | %.0f | %s | %s | %s | %s | %s | %.1f |\n",
+                r.layout.c_str(), (long long)r.length, r.batch, r.ms_per_step, r.tokens_per_s,
+                many ? strfmt("%.1f", r.ms_compute).c_str() : "-",
+                many ? strfmt("%.2f", r.ms_reduce).c_str() : "-",
+                many ? strfmt("%.0f", busbw(r.ms_reduce)).c_str() : "-",
+                many ? strfmt("%.0f", busbw(r.ms_one_call)).c_str() : "-",
+                many ? strfmt("%.0f%%", 100.0 * std::clamp(hidden, 0.0, 1.0)).c_str() : "-",
+                r.device_peak_gib);
+  return out;
 }
 
 std::string format_bench(const std::vector<BenchRow>& rows) {

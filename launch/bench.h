@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "distributed/communicator.h"
 #include "framework/config.h"
 #include "kernels/profiling_ops.h"
 
@@ -34,6 +35,27 @@ struct BenchRow {
 std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& lengths,
                                 int steps, const std::string& config_name,
                                 bool breakdown = false);
+
+// One layout's figures from `reformer bench` under mpirun (every rank runs
+// it; rank 0's timings are reported).
+struct ParallelBenchRow {
+  std::string layout;         // "dp 2 x sp 1 (nccl)"
+  int64_t length = 0;         // positions per sequence
+  int batch = 0;              // sequences per step, all ranks
+  double ms_per_step = 0;     // whole training step, gradients summed
+  double tokens_per_s = 0;    // batch * length / step time
+  double ms_compute = -1;     // the same step without the gradient sum; -1: one rank
+  double ms_reduce = -1;      // the trainer's bucketed all-reduce of the gradients alone
+  double ms_one_call = -1;    // one all-reduce call over the same bytes
+  double grad_mib = 0;        // gradient bytes reduced per step
+  double device_peak_gib = -1;
+};
+
+// Runs `steps` timed steps of `cfg` through the Trainer over `world`
+// (parallel.dp x parallel.sp, any backend), then times the gradient
+// reduction alone, bucketed as the trainer does it and as one call.
+ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int steps);
+std::string format_parallel_bench(const ParallelBenchRow& row, int world_size);
 
 // A Markdown table of the rows.
 std::string format_bench(const std::vector<BenchRow>& rows);

@@ -210,8 +210,28 @@ int cmd_eval(const Args& a, std::unique_ptr<Communicator>& comm) {
   return 0;
 }
 
-int cmd_bench(const Args& a) {
+// Under mpirun (parallel.backend mpi or nccl) every rank runs the layout's
+// training step and rank 0 prints the multi-rank table.
+int cmd_bench_parallel(const Args& a, Config cfg, std::unique_ptr<Communicator>& comm) {
+  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
+  set_log_rank(comm->rank());
+  resolve_world_size(cfg, comm->size());
+  cfg.checkpoint.resume = "none";
+  if (!a.lengths.empty()) {
+    if (a.lengths.size() > 1) throw UsageError("under mpirun, bench takes one --lengths value");
+    cfg.model.max_len = int(a.lengths[0]);
+    cfg.model.axial_shape.clear();  // re-derived for this length
+    cfg.attention.n_buckets = 0;
+    validate_config(cfg, a.config + " (bench length " + std::to_string(a.lengths[0]) + ")");
+  }
+  const ParallelBenchRow row = run_parallel_bench(cfg, *comm, a.steps);
+  if (comm->rank() == 0) std::fputs(format_parallel_bench(row, comm->size()).c_str(), stdout);
+  return 0;
+}
+
+int cmd_bench(const Args& a, std::unique_ptr<Communicator>& comm) {
   const Config cfg = load(a);
+  if (cfg.parallel.backend != CommBackend::local) return cmd_bench_parallel(a, cfg, comm);
   std::vector<int64_t> lengths = a.lengths;
   if (lengths.empty()) lengths.push_back(cfg.model.max_len);
   const auto rows = run_bench(cfg, lengths, a.steps,
@@ -263,7 +283,7 @@ int main(int argc, char** argv) {
     }
     if (cmd == "train") return cmd_train(a, comm);
     if (cmd == "eval") return cmd_eval(a, comm);
-    if (cmd == "bench") return cmd_bench(a);
+    if (cmd == "bench") return cmd_bench(a, comm);
     return cmd_inspect(a);
   } catch (const UsageError& e) {
     return fail(comm, 2, "", e.what());
