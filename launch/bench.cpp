@@ -216,7 +216,7 @@ std::string format_breakdown(const BenchRow& row) {
   o << "| op | calls | ms | % of step |\n";
   o << "| --- | --- | --- | --- |\n";
   for (const OpStats& s : ops)
-    o << strfmt("| %s | %.0f | %.3f | %.1f |\n", op_name(s.op), double(s.calls) / steps,
+    o << strfmt("| %s | %.4g | %.3f | %.1f |\n", op_name(s.op), double(s.calls) / steps,
                 s.ms / steps, row.ms_per_step > 0 ? 100.0 * (s.ms / steps) / row.ms_per_step : 0.0);
   return o.str();
 }

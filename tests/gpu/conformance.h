@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <functional>
 #include <map>
+#include <ostream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -320,6 +321,9 @@ inline void check_case(const Case& c) {
       expect_identical(c, got, run_on<float>(*b.ops, c, c.run_f), "two runs give the same bits");
   }
 }
+
+// gtest prints a case as its name.
+inline void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 inline std::string case_test_name(const ::testing::TestParamInfo<Case>& info) {
   std::string s = info.param.name;
