@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <sys/mount.h>
 
 #include <filesystem>
 #include <fstream>
@@ -58,6 +59,28 @@ std::string error_of(Fn&& fn) {
   ADD_FAILURE() << "expected a CheckpointError";
   return "";
 }
+
+// A tmpfs of `size` (e.g. "600k") mounted on the existing directory `path`
+// for the object's lifetime; ok() is false where mounting is not permitted
+// (not root, no CAP_SYS_ADMIN), and the test should skip.
+class TmpfsMount {
+ public:
+  TmpfsMount(const std::string& path, const std::string& size, bool read_only = false)
+      : path_(path) {
+    const std::string opts = "size=" + size;
+    ok_ = ::mount("tmpfs", path.c_str(), "tmpfs", read_only ? MS_RDONLY : 0, opts.c_str()) == 0;
+  }
+  ~TmpfsMount() {
+    if (ok_) ::umount2(path_.c_str(), MNT_DETACH);
+  }
+  TmpfsMount(const TmpfsMount&) = delete;
+  TmpfsMount& operator=(const TmpfsMount&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  std::string path_;
+  bool ok_ = false;
+};
 
 // A small valid AdamW state: three parameters, their m and v, values i * 0.25 + salt.
 inline CheckpointState small_state(int64_t step) {
