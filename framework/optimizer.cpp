@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "kernels/errors.h"
 
@@ -25,6 +26,81 @@ double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps
       return c.lr * warm;
   }
   throw ConfigError("optimizer.schedule: unknown value " + std::to_string(int(c.schedule)));
+}
+
+namespace {
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Element count, or -1 for a negative dim or an int64 overflow.
+int64_t count_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return -1;
+  return n;
+}
+
+}  // namespace
+
+std::vector<std::string> optimizer_state_shape_problems(
+    const std::vector<std::pair<std::string, std::vector<NamedShape>>>& states_in,
+    const std::vector<std::pair<std::string, std::vector<int64_t>>>& params) {
+  std::vector<std::string> problems;
+  std::map<std::string, const std::vector<int64_t>*> want;
+  for (const auto& [name, shape] : params) want[name] = &shape;
+  std::map<std::string, std::map<std::string, const NamedShape*>> states;
+  for (const auto& [sname, tensors] : states_in) {
+    auto& m = states[sname];
+    for (const auto& t : tensors) {
+      if (!m.emplace(t.name, &t).second)
+        problems.push_back("optimizer state " + sname + ": tensor " + t.name + " appears twice");
+      else if (!want.count(t.name))
+        problems.push_back("extra dataset /optimizer/" + sname + "/" + t.name + ": " + t.name +
+                           " is not a parameter of the model");
+    }
+  }
+  const auto* vc_state = states.count("vc") ? &states["vc"] : nullptr;
+  for (const auto& [sname, m] : states) {
+    if (sname == "vc") continue;  // checked together with vr
+    for (const auto& [name, shape] : params) {
+      auto it = m.find(name);
+      if (it == m.end()) {
+        problems.push_back("missing dataset /optimizer/" + sname + "/" + name +
+                           ": optimizer state " + sname + " has no tensor for parameter " + name);
+        continue;
+      }
+      const NamedShape& t = *it->second;
+      if (sname != "vr") {
+        if (t.shape != shape)
+          problems.push_back("optimizer state " + sname + ": parameter " + name + " has shape " +
+                             shape_text(t.shape) + " in the checkpoint but " + shape_text(shape) +
+                             " in the model");
+        continue;
+      }
+      // Adafactor second moment: vr [rows] x vc [cols] factored, else vr holds all of it.
+      const NamedShape* vc = nullptr;
+      if (vc_state) {
+        auto jt = vc_state->find(name);
+        if (jt != vc_state->end() && count_of(jt->second->shape) > 0) vc = jt->second;
+      }
+      const int64_t n = count_of(shape), r = count_of(t.shape);
+      const int64_t cols = vc ? count_of(vc->shape) : 1;
+      int64_t prod = 0;
+      if (r < 0 || cols < 0 || __builtin_mul_overflow(r, cols, &prod) || prod != n)
+        problems.push_back("optimizer state vr" + std::string(vc ? "/vc" : "") + ": parameter " +
+                           name + " has shape " + shape_text(t.shape) +
+                           (vc ? " x " + shape_text(vc->shape) : "") +
+                           " in the checkpoint, which does not factor its shape " +
+                           shape_text(shape) + " in the model");
+    }
+  }
+  if (vc_state && !states.count("vr"))
+    problems.push_back("optimizer state vc is present without vr");
+  return problems;
 }
 
 template <class T>

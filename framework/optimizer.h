@@ -19,6 +19,25 @@ namespace reformer {
 //  constant: linear warm-up, then lr
 double learning_rate(const OptimizerConfig& c, int64_t step, int64_t total_steps);
 
+// A tensor's name and shape, e.g. {"layers.0.attn.wqk", {64, 64}}.
+struct NamedShape {
+  std::string name;
+  std::vector<int64_t> shape;
+};
+
+// The shape rules for optimizer state read from a checkpoint, against the
+// model's parameters (name -> shape). One message per violation, empty when
+// the state fits:
+//  - every state tensor is named like a parameter, at most once per state;
+//  - "vr" and "vc" hold Adafactor's second moment viewed as [rows, cols]:
+//    factored, numel(vr) * numel(vc) == numel(param); unfactored, vc is absent
+//    (or empty) and numel(vr) == numel(param); every parameter has a vr;
+//  - any other state ("m", "v", ...) holds one tensor per parameter with the
+//    parameter's shape, and covers every parameter.
+std::vector<std::string> optimizer_state_shape_problems(
+    const std::vector<std::pair<std::string, std::vector<NamedShape>>>& states,
+    const std::vector<std::pair<std::string, std::vector<int64_t>>>& params);
+
 // One named optimizer state tensor per (state, parameter), e.g. ("v", wqk).
 template <class T>
 class Optimizer {

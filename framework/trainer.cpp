@@ -131,6 +131,12 @@ void Trainer::load(const std::string& path, bool full) {
 }
 
 std::string Trainer::resume() {
+  // Training writes checkpoints: prove the directory writable and hold it
+  // against a second run before anything else (rank 0 alone writes).
+  if (world_.rank() == 0) {
+    check_checkpoint_dir_writable(cfg_.checkpoint.dir);
+    dir_lock_ = std::make_unique<CheckpointDirLock>(cfg_.checkpoint.dir);
+  }
   const std::string& r = cfg_.checkpoint.resume;
   if (r == "none") return "";
   std::string path = r;
@@ -150,8 +156,9 @@ void Trainer::save() {
   // Parameters and optimizer state are the same on every rank (gradients
   // are summed over the world before the update): rank 0 writes.
   if (world_.rank() == 0) {
-    save_checkpoint(cfg_.checkpoint.dir, snapshot(), cfg_.checkpoint.keep);
+    const auto warnings = save_checkpoint(cfg_.checkpoint.dir, snapshot(), cfg_.checkpoint.keep);
     log_info("checkpoint: wrote " + checkpoint_path(cfg_.checkpoint.dir, step_));
+    for (const auto& w : warnings) log_info("checkpoint: warning: " + w);
   }
   host_.barrier();
 }

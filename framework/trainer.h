@@ -59,6 +59,8 @@ class Trainer {
   // Applies cfg.checkpoint.resume (auto | none | PATH); returns the path
   // resumed from, or "" for a fresh start. Throws CheckpointError for a
   // named checkpoint that is missing, invalid or does not match the model.
+  // On rank 0 it first checks that checkpoint.dir is writable and locks it
+  // for the trainer's lifetime (CheckpointError when another run holds it).
   std::string resume();
   // Loads a checkpoint's parameters (and optimizer state and counters when
   // `full`), after checking it matches the model.
@@ -106,6 +108,7 @@ class Trainer {
   int64_t tokens_seen_ = 0;
   bool resumed_ = false;
   bool reduce_enabled_ = true;
+  std::unique_ptr<CheckpointDirLock> dir_lock_;  // rank 0 of a training run
 };
 
 }  // namespace reformer

@@ -18,32 +18,15 @@
 #include <sstream>
 
 #include "framework/checkpoint.h"
+#include "framework/checkpoint_seal.h"
 #include "kernels/errors.h"
+#include "tests/common/checkpoint_testing.h"
 
 namespace fs = std::filesystem;
 using namespace reformer;
+using namespace reformer::testing_ckpt;
 
 namespace {
-
-// A fresh directory under /tmp, removed with everything in it at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    char tmpl[] = "/tmp/reformer-ckpt-test-XXXXXX";
-    const char* p = mkdtemp(tmpl);
-    if (!p) throw std::runtime_error("mkdtemp failed");
-    path_ = p;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
 
 int64_t numel(const std::vector<int64_t>& shape) {
   int64_t n = 1;
@@ -51,21 +34,19 @@ int64_t numel(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// Distinct values per tensor, including the bit patterns a lossy path would
-// disturb: -0, subnormals, infinities, NaN with a payload.
+// Distinct values per tensor, including the finite bit patterns a lossy path
+// would disturb: -0, subnormals, the largest and smallest floats. (NaN and
+// Inf are refused: test_checkpoint_reliability.cpp.)
 CheckpointTensor tensor(const std::string& name, std::vector<int64_t> shape, uint32_t salt) {
   CheckpointTensor t{name, std::move(shape), {}};
   const int64_t n = numel(t.shape);
   t.data.resize(n);
   for (int64_t i = 0; i < n; ++i) t.data[i] = static_cast<float>(salt) * 1000.0f + 0.5f * i - 7.25f;
   const float specials[] = {-0.0f, std::numeric_limits<float>::denorm_min(),
-                            -std::numeric_limits<float>::infinity(),
-                            std::numeric_limits<float>::infinity(), 1e-38f};
-  for (int64_t i = 0; i < n && i < 5; ++i) t.data[i] = specials[i];
-  if (n > 5) {
-    uint32_t nan_bits = 0x7fc01234u + salt;
-    std::memcpy(&t.data[5], &nan_bits, 4);
-  }
+                            std::numeric_limits<float>::lowest(),
+                            std::numeric_limits<float>::max(), 1e-38f,
+                            -std::numeric_limits<float>::denorm_min()};
+  for (int64_t i = 0; i < n && i < 6; ++i) t.data[i] = specials[i];
   return t;
 }
 
@@ -127,30 +108,10 @@ void expect_same_state(const CheckpointState& a, const CheckpointState& b) {
   }
 }
 
-// The CheckpointError message of `fn`, or "" (and a test failure) when it does not throw one.
-template <class Fn>
-std::string error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const CheckpointError& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a CheckpointError";
-  return "";
-}
-
-std::string read_bytes(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-}
-
 // A checkpoint with one large tensor "big" of known values; flips one byte in
-// the middle of that tensor's raw data, found by searching the file bytes.
+// the middle of that tensor's raw data, found by searching the file bytes, and
+// seals the file again, so that the damage passes the whole-file checksum and
+// reaches HDF5's per-chunk Fletcher-32 (the second line of defence).
 void write_and_flip(const std::string& path, CheckpointState* state_out = nullptr) {
   CheckpointState s = make_state(5);
   CheckpointTensor big{"big", {300, 1000}, std::vector<float>(300000)};
@@ -163,7 +124,8 @@ void write_and_flip(const std::string& path, CheckpointState* state_out = nullpt
   const size_t pos = bytes.find(needle);
   ASSERT_NE(pos, std::string::npos) << "raw tensor data not found in the file";
   bytes[pos + 6] = static_cast<char>(bytes[pos + 6] ^ 0x5a);
-  write_bytes(path, bytes);
+  write_bytes(path, bytes.substr(0, bytes.size() - ckpt::kFooterSize));
+  ckpt::seal_file(path);
   if (state_out) *state_out = s;
 }
 
@@ -243,7 +205,7 @@ TEST(Checkpoint, DatasetsAreChunkedLittleEndianFp32WithFletcher32) {
   ASSERT_GE(attr, 0);
   int64_t version = 0;
   H5Aread(attr, H5T_NATIVE_INT64, &version);
-  EXPECT_EQ(version, 1);
+  EXPECT_EQ(version, 2);
   H5Aclose(attr);
   H5Fclose(file);
 }
@@ -388,7 +350,7 @@ TEST(Checkpoint, HDF5PrintsNothingForDamagedFiles) {
   const std::string path = dir / "flipped.h5";
   write_and_flip(path);
   write_bytes(dir / "text.h5", "hello\n");
-  // HDF5's default: print every error stack to stderr. The library must silence it.
+  // HDF5's default: print every error stack to stderr. The library turns it off.
   H5E_auto2_t saved_func = nullptr;
   void* saved_data = nullptr;
   H5Eget_auto2(H5E_DEFAULT, &saved_func, &saved_data);
@@ -402,7 +364,7 @@ TEST(Checkpoint, HDF5PrintsNothingForDamagedFiles) {
   H5E_auto2_t func = nullptr;
   void* data = nullptr;
   H5Eget_auto2(H5E_DEFAULT, &func, &data);
-  EXPECT_EQ(func, reinterpret_cast<H5E_auto2_t>(H5Eprint2));  // restored afterwards
+  EXPECT_EQ(func, nullptr);  // and stays off, so nothing prints at exit either
   H5Eset_auto2(H5E_DEFAULT, saved_func, saved_data);
   EXPECT_EQ(err, "");
   EXPECT_EQ(out, "");
@@ -501,21 +463,26 @@ TEST(Checkpoint, ForeignOrNewerHdf5FilesAreRefused) {
   ASSERT_GE(f, 0);
   H5Fclose(f);
   std::string msg = error_of([&] { read_checkpoint(plain); });
+  EXPECT_NE(msg.find("plain.h5: no whole-file checksum footer"), std::string::npos) << msg;
+  ckpt::seal_file(plain);  // sealed, it reaches the HDF5 checks
+  msg = error_of([&] { read_checkpoint(plain); });
   EXPECT_NE(msg.find("plain.h5: missing attribute format"), std::string::npos) << msg;
 
-  // A checkpoint claiming a newer format version.
+  // A checkpoint claiming a newer format version (edited, then sealed again).
   const std::string newer = dir / "newer.h5";
   write_checkpoint(newer, make_state());
+  ckpt::unseal_file(newer);
   f = H5Fopen(newer.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
   ASSERT_GE(f, 0);
   hid_t a = H5Aopen(f, "format_version", H5P_DEFAULT);
-  const int64_t two = 2;
-  H5Awrite(a, H5T_NATIVE_INT64, &two);
+  const int64_t three = 3;
+  H5Awrite(a, H5T_NATIVE_INT64, &three);
   H5Aclose(a);
   H5Adelete(f, "step");
   H5Fclose(f);
+  ckpt::seal_file(newer);
   msg = error_of([&] { read_checkpoint(newer); });
-  EXPECT_NE(msg.find("format_version 2 is not supported"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("format_version 3 is not supported"), std::string::npos) << msg;
   std::ostringstream report;
   EXPECT_FALSE(inspect_checkpoint(newer, report));
   EXPECT_NE(report.str().find("missing attribute step"), std::string::npos) << report.str();
@@ -529,7 +496,7 @@ TEST(Checkpoint, InspectReportsAGoodFile) {
   EXPECT_TRUE(inspect_checkpoint(path, out));
   const std::string r = out.str();
   for (const char* want :
-       {"reformer-checkpoint version 1", "step           : 100", "tokens seen    : 123,456,789,112",
+       {"reformer-checkpoint version 2", "step           : 100", "tokens seen    : 123,456,789,112",
         "seed           : 18364758544493064720", "dp 2 x sp 4", "optimizer      : adamw",
         "d_model: 64", "parameters     : 137 in 3 tensors", "/model/layers.0.attn.wqk", "[3, 5, 7]",
         "float32", "/optimizer/v/ln.bias", "status         : valid"})
