@@ -357,6 +357,8 @@ TEST_F(Cli, DataPathThatIsADirectoryIsADataError) {
             std::string::npos)
       << r.output;
   EXPECT_EQ(r.output.find("bad_alloc"), std::string::npos) << r.output;
+}
+
 // One corrupt byte in a link record (a fractal heap, no checksum of its own)
 // used to crash libhdf5 in every command that opened the file.
 TEST_F(Cli, DamagedLinkRecordIsRefusedByEveryCommandAndAutoResumeTakesTheOlderFile) {
