@@ -12,14 +12,28 @@ namespace {
 int g_rank = 0;
 std::function<void(const std::string&)> g_sink;
 std::mutex g_mutex;
+std::FILE* g_rank_file = nullptr;
 }  // namespace
+
+void set_rank_log_file(const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "a");
+  if (!f) throw Error("cannot open the per-rank log " + path + " for appending");
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_rank_file) std::fclose(g_rank_file);
+  g_rank_file = f;
+}
 
 void set_log_rank(int rank) { g_rank = rank; }
 void set_log_sink(std::function<void(const std::string&)> sink) { g_sink = std::move(sink); }
 
 void log_info(const std::string& line) {
-  if (g_rank != 0) return;
   std::lock_guard<std::mutex> lock(g_mutex);
+  if (g_rank_file) {
+    std::fputs(line.c_str(), g_rank_file);
+    std::fputc('\n', g_rank_file);
+    std::fflush(g_rank_file);
+  }
+  if (g_rank != 0) return;
   if (g_sink) {
     g_sink(line);
   } else {

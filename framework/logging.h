@@ -15,6 +15,9 @@ namespace reformer {
 void log_info(const std::string& line);
 void set_log_rank(int rank);
 void set_log_sink(std::function<void(const std::string&)> sink);  // nullptr: stdout
+// Every rank also appends its own lines (rank 0's included) to `path`
+// (logging.per_rank). Throws Error when the file cannot be opened.
+void set_rank_log_file(const std::string& path);
 
 // printf-style formatting into a std::string.
 std::string strfmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));

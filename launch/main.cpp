@@ -11,6 +11,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <iostream>
 #include <sstream>
 #include <memory>
@@ -19,6 +20,9 @@
 #include <vector>
 
 #include "distributed/communicator.h"
+#if defined(REFORMER_HAVE_NCCL)
+#include "distributed/nccl_communicator.h"
+#endif
 #include "framework/checkpoint.h"
 #include "framework/config.h"
 #include "kernels/errors.h"
@@ -164,6 +168,25 @@ CommOptions comm_options(const Config& cfg) {
   return o;
 }
 
+// Starts the job's communicator into `comm`: every rank of a GPU job first
+// says which GPU it took; the log is rank 0's (and, with logging.per_rank,
+// every rank's own file rank-R.log beside the checkpoints); dp: auto is
+// filled in from the number of processes.
+void start_communicator(Config& cfg, std::unique_ptr<Communicator>& comm) {
+  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
+#if defined(REFORMER_HAVE_NCCL)
+  if (const auto* nccl = dynamic_cast<const NcclCommunicator*>(comm.get()))
+    std::printf("reformer: %s\n", nccl->description().c_str());
+  std::fflush(stdout);
+#endif
+  set_log_rank(comm->rank());
+  if (cfg.logging.per_rank) {
+    std::filesystem::create_directories(cfg.checkpoint.dir);
+    set_rank_log_file(cfg.checkpoint.dir + "/rank-" + std::to_string(comm->rank()) + ".log");
+  }
+  resolve_world_size(cfg, comm->size());
+}
+
 // The communicator of the run lives in main() (cmd_* create it into `comm`),
 // so that main's error handling can end every rank of a multi-process job.
 int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
@@ -172,9 +195,7 @@ int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
   Args b = a;
   b.sets = sets;
   Config cfg = load(b);
-  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
-  set_log_rank(comm->rank());
-  resolve_world_size(cfg, comm->size());
+  start_communicator(cfg, comm);
   log_info("config (resolved):\n" + to_yaml(cfg));
   Trainer trainer(cfg, *comm, a.metrics.empty() ? cfg.logging.metrics : a.metrics);
   trainer.resume();
@@ -196,9 +217,7 @@ int cmd_eval(const Args& a, std::unique_ptr<Communicator>& comm) {
   }
   if (a.split != "valid" && a.split != "test")
     throw UsageError("--split must be valid or test, not '" + a.split + "'");
-  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
-  set_log_rank(comm->rank());
-  resolve_world_size(cfg, comm->size());
+  start_communicator(cfg, comm);
   Trainer trainer(cfg, *comm, "");
   trainer.load(a.checkpoint, /*full*/ false);
   const int batches = a.batches > 0 ? a.batches : cfg.training.eval_batches;
@@ -213,9 +232,7 @@ int cmd_eval(const Args& a, std::unique_ptr<Communicator>& comm) {
 // Under mpirun (parallel.backend mpi or nccl) every rank runs the layout's
 // training step and rank 0 prints the multi-rank table.
 int cmd_bench_parallel(const Args& a, Config cfg, std::unique_ptr<Communicator>& comm) {
-  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
-  set_log_rank(comm->rank());
-  resolve_world_size(cfg, comm->size());
+  start_communicator(cfg, comm);
   cfg.checkpoint.resume = "none";
   if (!a.lengths.empty()) {
     if (a.lengths.size() > 1) throw UsageError("under mpirun, bench takes one --lengths value");
