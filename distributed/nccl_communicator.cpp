@@ -92,9 +92,12 @@ NcclCommunicator::NcclCommunicator(const CommOptions& options)
     : mpi_(std::make_unique<MpiCommunicator>(options)), options_(options) {
   const int local = node_local_rank(mpi_->comm());
   int count = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&count));
-  REFORMER_REQUIRE(count > 0, CommError,
-                   "nccl communicator: rank " + std::to_string(rank()) + " sees no CUDA device");
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0)
+    throw CommError("parallel.backend nccl needs a CUDA GPU on every rank; rank " +
+                    std::to_string(rank()) + " sees none (" +
+                    (e != cudaSuccess ? cudaGetErrorString(e) : "no device") +
+                    "): use parallel.backend mpi with training.device cpu on CPUs");
   device_ = local % count;
   CUDA_CHECK(cudaSetDevice(device_));
   cudaDeviceProp prop{};
