@@ -25,6 +25,6 @@ for sig in STOP KILL; do
   t1=$(date +%s.%N)
   kill -KILL "$victim" 2>/dev/null
   printf 'SIG%s to pid %s: job exit %s after %.1f s\n' "$sig" "$victim" "$status" \
-    "$(echo "$t1 - $t0" | bc)"
+    "$(awk "BEGIN { print $t1 - $t0 }")"
   grep -E 'did not complete|\[rank|exited on signal' "$log" | head -4
 done
