@@ -7,9 +7,11 @@
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
+#include <algorithm>
 #include <charconv>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <iostream>
@@ -27,6 +29,7 @@
 #include "framework/config.h"
 #include "kernels/errors.h"
 #include "framework/logging.h"
+#include "framework/same_config.h"
 #include "framework/trainer.h"
 #include "generated/default_config.h"
 #include "launch/bench.h"
@@ -168,11 +171,31 @@ CommOptions comm_options(const Config& cfg) {
   return o;
 }
 
+// The number of processes the MPI launcher started, read from the environment
+// it gives each one: OMPI_COMM_WORLD_SIZE (Open MPI) or PMI_SIZE (MPICH,
+// Intel MPI); 1 when neither is set.
+int launched_processes() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"})
+    if (const char* v = std::getenv(name)) return std::max(1, std::atoi(v));
+  return 1;
+}
+
+// parallel.backend local under mpirun -np N > 1 would train N independent
+// models racing on one checkpoint directory: refused with a ConfigError.
+void refuse_local_under_mpirun(const Config& cfg) {
+  const int n = launched_processes();
+  if (cfg.parallel.backend == CommBackend::local && n > 1)
+    throw ConfigError("parallel.backend is local but mpirun started " + std::to_string(n) +
+                      " processes: use parallel.backend: mpi (CPU) or nccl (GPU)");
+}
+
 // Starts the job's communicator into `comm`: every rank of a GPU job first
 // says which GPU it took; the log is rank 0's (and, with logging.per_rank,
-// every rank's own file rank-R.log beside the checkpoints); dp: auto is
-// filled in from the number of processes.
+// every rank's own file rank-R.log beside the checkpoints); every rank checks
+// that it runs rank 0's build and configuration; dp: auto is filled in from
+// the number of processes.
 void start_communicator(Config& cfg, std::unique_ptr<Communicator>& comm) {
+  refuse_local_under_mpirun(cfg);
   comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
 #if defined(REFORMER_HAVE_NCCL)
   if (const auto* nccl = dynamic_cast<const NcclCommunicator*>(comm.get()))
@@ -184,6 +207,7 @@ void start_communicator(Config& cfg, std::unique_ptr<Communicator>& comm) {
     std::filesystem::create_directories(cfg.checkpoint.dir);
     set_rank_log_file(cfg.checkpoint.dir + "/rank-" + std::to_string(comm->rank()) + ".log");
   }
+  require_same_config(cfg, *comm);
   resolve_world_size(cfg, comm->size());
 }
 
@@ -249,6 +273,7 @@ int cmd_bench_parallel(const Args& a, Config cfg, std::unique_ptr<Communicator>&
 int cmd_bench(const Args& a, std::unique_ptr<Communicator>& comm) {
   const Config cfg = load(a);
   if (cfg.parallel.backend != CommBackend::local) return cmd_bench_parallel(a, cfg, comm);
+  refuse_local_under_mpirun(cfg);
   std::vector<int64_t> lengths = a.lengths;
   if (lengths.empty()) lengths.push_back(cfg.model.max_len);
   const auto rows = run_bench(cfg, lengths, a.steps,
