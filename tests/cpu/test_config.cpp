@@ -67,8 +67,11 @@ TEST(Config, RecipeValues) {
   EXPECT_EQ(enwik8.data.kind, DataKind::bytes);
   EXPECT_EQ(enwik8.optimizer.name, OptimizerKind::adafactor);
   Config dp = load_config(dir + "multi-gpu-dp.yaml");
-  EXPECT_EQ(dp.parallel.dp, 2);
+  EXPECT_EQ(dp.parallel.dp, 0);  // auto: the number of processes
   EXPECT_EQ(dp.parallel.backend, CommBackend::nccl);
+  Config sp = load_config(dir + "long-2m-sp2.yaml");
+  EXPECT_EQ(sp.parallel.sp, 2);
+  EXPECT_EQ(sp.model.max_len, 2097152);
   // Only the peers' benchmark model factorizes its buckets (as HF does there).
   Config peer = load_config(dir + "bench-peer.yaml");
   EXPECT_TRUE(peer.attention.factorize_buckets);
