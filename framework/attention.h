@@ -39,6 +39,10 @@ struct AttentionScratch {
   IntBuffer<T> perm;       // sorted order of one head [n_hashes, L]
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)
   int rounds = 1;          // rounds out_r / lse hold per head
+
+  // Owned head h's slices for a shape's L and dh.
+  T* out_r_of(int h, const AttentionShape& s) { return out_r.data() + int64_t(h) * rounds * s.L * s.dh; }
+  T* lse_of(int h, const AttentionShape& s) { return lse.data() + int64_t(h) * rounds * s.L; }
 };
 
 template <class T>

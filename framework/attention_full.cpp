@@ -17,20 +17,18 @@ class FullAttention final : public AttentionKindImpl<T> {
   void forward(const T* qk, const T* v, T* ao, uint64_t, bool) override {
     for (int h = 0; h < shape_.heads; ++h) {
       const int64_t c = int64_t(h) * shape_.dh;
-      ops_.full_attention_forward(ao + c, lse(h), qk + c, v + c, ap_);
+      ops_.full_attention_forward(ao + c, s_.lse_of(h, shape_), qk + c, v + c, ap_);
     }
   }
 
   void backward(const T* qk, const T* v, const T* ao, const T* dao, T* dqk, T* dv) override {
     for (int h = 0; h < shape_.heads; ++h) {
       const int64_t c = int64_t(h) * shape_.dh;
-      ops_.full_attention_backward(dqk + c, dv + c, dao + c, ao + c, qk + c, v + c, lse(h), ap_);
+      ops_.full_attention_backward(dqk + c, dv + c, dao + c, ao + c, qk + c, v + c, s_.lse_of(h, shape_), ap_);
     }
   }
 
  private:
-  T* lse(int h) { return s_.lse.data() + int64_t(h) * s_.rounds * shape_.L; }
-
   AttentionShape shape_;
   Ops<T>& ops_;
   AttentionScratch<T>& s_;

@@ -21,7 +21,7 @@ class LocalAttention final : public AttentionKindImpl<T> {
   void forward(const T* qk, const T* v, T* ao, uint64_t, bool) override {
     for (int h = 0; h < shape_.heads; ++h) {
       const int64_t c = int64_t(h) * shape_.dh;
-      ops_.chunked_attention_forward(ao + c, out_r(h), lse(h), qk + c, v + c,
+      ops_.chunked_attention_forward(ao + c, s_.out_r_of(h, shape_), s_.lse_of(h, shape_), qk + c, v + c,
                                      s_.identity.data(), ap_);
     }
   }
@@ -30,14 +30,11 @@ class LocalAttention final : public AttentionKindImpl<T> {
     for (int h = 0; h < shape_.heads; ++h) {
       const int64_t c = int64_t(h) * shape_.dh;
       ops_.chunked_attention_backward(dqk + c, dv + c, dao + c, qk + c, v + c,
-                                      s_.identity.data(), out_r(h), lse(h), ap_);
+                                      s_.identity.data(), s_.out_r_of(h, shape_), s_.lse_of(h, shape_), ap_);
     }
   }
 
  private:
-  T* out_r(int h) { return s_.out_r.data() + int64_t(h) * s_.rounds * shape_.L * shape_.dh; }
-  T* lse(int h) { return s_.lse.data() + int64_t(h) * s_.rounds * shape_.L; }
-
   AttentionShape shape_;
   Ops<T>& ops_;
   AttentionScratch<T>& s_;

@@ -34,7 +34,7 @@ class LshAttention final : public AttentionKindImpl<T> {
         ops_.lsh_hash(buckets, qk + c, shape_.ld, s_.rot.data(), L, shape_.dh, nh_, nb_, f0_);
       }
       ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
-      ops_.chunked_attention_forward(ao + c, out_r(h), lse(h), qk + c, v + c, s_.perm.data(), ap_);
+      ops_.chunked_attention_forward(ao + c, s_.out_r_of(h, shape_), s_.lse_of(h, shape_), qk + c, v + c, s_.perm.data(), ap_);
     }
   }
 
@@ -44,14 +44,11 @@ class LshAttention final : public AttentionKindImpl<T> {
       const int64_t c = int64_t(h) * shape_.dh;
       ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
       ops_.chunked_attention_backward(dqk + c, dv + c, dao + c, qk + c, v + c, s_.perm.data(),
-                                      out_r(h), lse(h), ap_);
+                                      s_.out_r_of(h, shape_), s_.lse_of(h, shape_), ap_);
     }
   }
 
  private:
-  T* out_r(int h) { return s_.out_r.data() + int64_t(h) * s_.rounds * shape_.L * shape_.dh; }
-  T* lse(int h) { return s_.lse.data() + int64_t(h) * s_.rounds * shape_.L; }
-
   const Config& cfg_;
   AttentionShape shape_;
   Ops<T>& ops_;
