@@ -98,6 +98,13 @@ ByteCorpus::ByteCorpus(const std::string& path, ByteSplit split_kind, double val
 void ByteCorpus::sample(Split split, int64_t index, int32_t* tokens, int32_t* targets) const {
   const int s = int(split);
   const int64_t span = end_[s] - begin_[s] - L_;  // window starts in [begin, begin + span)
+  if (span < 1) {  // only the test split may be this short (data.test_fraction = 0)
+    const char* names[3] = {"train", "valid", "test"};
+    throw DataError("data file '" + path_ + "': the " + names[s] + " split has " +
+                    std::to_string(end_[s] - begin_[s]) +
+                    " bytes, too few for one sequence (data.test_fraction is 0?); evaluate "
+                    "--split valid, or set data.test_fraction");
+  }
   const RngKey key = make_key(seed_, kPurposeData, uint64_t(split), uint64_t(index));
   const Philox4 r = rng_block(key, 0);
   const uint64_t x = (uint64_t(r.v[0]) << 32) | r.v[1];

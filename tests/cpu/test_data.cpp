@@ -85,6 +85,24 @@ TEST(ByteCorpus, WindowsStayInsideTheirSplit) {
   std::remove(path.c_str());
 }
 
+// data.test_fraction = 0 leaves no test split: sampling it is a DataError
+// (it once read outside the file), the other splits still work.
+TEST(ByteCorpus, EmptyTestSplitIsRefusedWhenSampled) {
+  const std::string path = write_temp(std::string(1000, 'a'));
+  ByteCorpus c(path, ByteSplit::fractions, 0.1, 0.0, 16, 1);
+  EXPECT_EQ(c.split_size(Split::test), 0);
+  std::vector<int32_t> tok(16), tgt(16);
+  c.sample(Split::valid, 0, tok.data(), tgt.data());
+  try {
+    c.sample(Split::test, 0, tok.data(), tgt.data());
+    ADD_FAILURE() << "sampling an empty test split did not throw";
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("the test split has 0 bytes"), std::string::npos)
+        << e.what();
+  }
+  std::remove(path.c_str());
+}
+
 TEST(ByteCorpus, TargetsAreTheNextBytes) {
   std::string bytes;
   for (int i = 0; i < 1000; ++i) bytes += char(i % 251);
