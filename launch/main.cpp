@@ -67,7 +67,7 @@ const char* kTrainHelp =
     "  --resume SPEC     auto: newest valid checkpoint in checkpoint.dir (default);\n"
     "                    none: start fresh; PATH: exactly that checkpoint\n"
     "\n"
-    "Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits 0;\n"
+    "Ctrl-C (SIGINT), SIGTERM or SIGHUP finishes the current step, writes a checkpoint and exits 0;\n"
     "the same command then resumes where it stopped.\n";
 
 const char* kEvalHelp =
@@ -225,6 +225,7 @@ int cmd_train(const Args& a, std::unique_ptr<Communicator>& comm) {
   trainer.resume();
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
+  std::signal(SIGHUP, on_signal);
   const TrainResult r = trainer.train();
   if (r.interrupted) log_info("stopped at step " + std::to_string(r.step) + "; run the same command to resume");
   return 0;

@@ -54,6 +54,7 @@ class Cli : public ::testing::Test {
     dir_ = mkdtemp(tmpl);
   }
   void TearDown() override { fs::remove_all(dir_); }
+  void stop_signal_writes_a_checkpoint(int sig);
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
   std::string write(const std::string& name, const std::string& text) const {
     std::ofstream(path(name)) << text;
@@ -195,7 +196,10 @@ TEST_F(Cli, ResumeAfterSigkillGivesTheUninterruptedLosses) {
   EXPECT_EQ(full, cut);
 }
 
-TEST_F(Cli, SigtermWritesACheckpointAndResumesExactly) {
+// SIGTERM and SIGHUP (a closed terminal, a scheduler's notice) both finish
+// the step, write a checkpoint and exit 0; the resumed run equals an
+// uninterrupted one.
+void Cli::stop_signal_writes_a_checkpoint(int sig) {
   const std::string common =
       "--set training.steps=200 --set training.log_every=1 --set checkpoint.resume=auto ";
   pid_t pid;
@@ -206,10 +210,10 @@ TEST_F(Cli, SigtermWritesACheckpointAndResumesExactly) {
   // Wait until a few steps are logged, then ask it to stop.
   for (int i = 0; i < 20000 && losses(path("cut.jsonl")).size() < 5; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  kill(pid, SIGTERM);
+  kill(pid, sig);
   int st = 0;
   waitpid(pid, &st, 0);
-  ASSERT_TRUE(WIFEXITED(st));
+  ASSERT_TRUE(WIFEXITED(st)) << "signal " << sig;
   EXPECT_EQ(WEXITSTATUS(st), 0);
   const size_t done = losses(path("cut.jsonl")).size();
   ASSERT_LT(done, 200u) << "the run finished before SIGTERM";
@@ -225,6 +229,9 @@ TEST_F(Cli, SigtermWritesACheckpointAndResumesExactly) {
             0);
   EXPECT_EQ(losses(path("full.jsonl")), losses(path("cut.jsonl")));
 }
+
+TEST_F(Cli, SigtermWritesACheckpointAndResumesExactly) { stop_signal_writes_a_checkpoint(SIGTERM); }
+TEST_F(Cli, SighupWritesACheckpointAndResumesExactly) { stop_signal_writes_a_checkpoint(SIGHUP); }
 
 TEST_F(Cli, EvalAndInspectACheckpoint) {
   ASSERT_EQ(run(tiny("")).status, 0);
