@@ -1,6 +1,10 @@
 #include "framework/logging.h"
 
+#include <cerrno>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
 #include <cstdarg>
 #include <mutex>
 
@@ -87,10 +91,35 @@ JsonLine& JsonLine::add(const std::string& k, const std::string& v) {
   return *this;
 }
 
-MetricsWriter::MetricsWriter(const std::string& path, bool append) {
+MetricsWriter::MetricsWriter(const std::string& path, bool append) : path_(path) {
   if (path.empty()) return;
   f_ = std::fopen(path.c_str(), append ? "a" : "w");
   if (!f_) throw Error("cannot open metrics file '" + path + "' for writing");
+}
+
+int64_t drop_metrics_after(const std::string& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return 0;
+  std::string kept, line;
+  int64_t dropped = 0;
+  const std::string key = "{\"step\": ";
+  while (std::getline(in, line)) {
+    if (line.rfind(key, 0) == 0 && std::strtoll(line.c_str() + key.size(), nullptr, 10) > step) {
+      ++dropped;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  in.close();
+  if (dropped == 0) return 0;
+  const std::string tmp = path + ".tmp";
+  std::ofstream out(tmp, std::ios::trunc);
+  out << kept;
+  out.close();
+  if (!out || std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw Error("cannot rewrite metrics file '" + path + "' without the lines past step " +
+                std::to_string(step));
+  return dropped;
 }
 MetricsWriter::~MetricsWriter() {
   if (f_) std::fclose(f_);
@@ -98,8 +127,12 @@ MetricsWriter::~MetricsWriter() {
 void MetricsWriter::write(const JsonLine& line) {
   if (!f_) return;
   const std::string s = line.str() + "\n";
-  std::fputs(s.c_str(), f_);
-  std::fflush(f_);
+  const bool ok = std::fputs(s.c_str(), f_) >= 0 && std::fflush(f_) == 0;
+  if (!ok && !failed_) {
+    failed_ = true;
+    log_info("metrics: writing " + path_ + " failed (" + std::strerror(errno) +
+             "); training goes on, later lines may be missing");
+  }
 }
 
 }  // namespace reformer

@@ -37,7 +37,14 @@ class JsonLine {
   std::string body_;
 };
 
-// Appends JSON lines to a file, flushed after each line. An empty path is a
+// Removes from a metrics file the lines of steps after `step` (written by a
+// run that was killed after its last checkpoint), so a resumed run's curve
+// stays single-valued. Returns the lines removed (0 when the file does not
+// exist). Throws Error when the file cannot be rewritten.
+int64_t drop_metrics_after(const std::string& path, int64_t step);
+
+// Appends JSON lines to a file, flushed after each line. A failed write
+// (full disk) is reported once through log_info and training goes on. An empty path is a
 // writer that drops everything. Throws Error when the file cannot be opened.
 class MetricsWriter {
  public:
@@ -49,7 +56,9 @@ class MetricsWriter {
   void write(const JsonLine& line);
 
  private:
+  std::string path_;
   std::FILE* f_ = nullptr;
+  bool failed_ = false;
 };
 
 }  // namespace reformer

@@ -263,6 +263,13 @@ StepResult Trainer::train_step() {
 TrainResult Trainer::train() {
   const TrainingConfig& tc = cfg_.training;
   const int64_t L = cfg_.model.max_len;     // positions per sequence
+  if (resumed_ && world_.rank() == 0 && !metrics_path_.empty()) {
+    const int64_t dropped = drop_metrics_after(metrics_path_, step_);
+    if (dropped > 0)
+      log_info(strfmt("metrics: dropped %lld lines past step %lld from %s (logged after the "
+                      "checkpoint resumed from)", (long long)dropped, (long long)step_,
+                      metrics_path_.c_str()));
+  }
   MetricsWriter metrics(world_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
   TrainResult result;
   const bool dup = cfg_.data.kind == DataKind::duplication;

@@ -194,6 +194,11 @@ TEST_F(Cli, ResumeAfterSigkillGivesTheUninterruptedLosses) {
   const auto full = losses(path("full.jsonl")), cut = losses(path("cut.jsonl"));
   ASSERT_EQ(full.size(), 40u);
   EXPECT_EQ(full, cut);
+  // Each step once: the killed run's lines past step 20 were dropped on resume.
+  std::ifstream f(path("cut.jsonl"));
+  int step_lines = 0;
+  for (std::string line; std::getline(f, line);) step_lines += line.find("\"loss\"") != std::string::npos;
+  EXPECT_EQ(step_lines, 40) << r.output;
 }
 
 // SIGTERM and SIGHUP (a closed terminal, a scheduler's notice) both finish
