@@ -37,6 +37,10 @@ void request_stop() { g_stop = 1; }
 bool stop_requested() { return g_stop != 0; }
 
 Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_path)
+    : Trainer(cfg, world, std::move(metrics_path), nullptr) {}
+
+Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_path,
+                 const OpsDecorator& decorate)
     : cfg_(cfg), world_(world), host_(world.host()), metrics_path_(std::move(metrics_path)) {
   grid_ = std::make_unique<ProcessGrid>(world, cfg.parallel.dp, cfg.parallel.sp);
   cfg_.parallel.dp = grid_->dp();
@@ -44,7 +48,9 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
                    "training.batch_size = " + std::to_string(cfg.training.batch_size) +
                        " must be a multiple of parallel.dp = " + std::to_string(grid_->dp()) +
                        " (each data-parallel group takes an equal share of the batch)");
-  ops_ = make_ops(cfg_.training.device);
+  device_ops_ = make_ops(cfg_.training.device);
+  if (decorate) decorated_ = decorate(*device_ops_);
+  ops_ = decorated_ ? decorated_.get() : device_ops_.get();
   const bool on_device = std::string(ops_->name()) != "cpu";
   if (world.size() > 1 && on_device != world.device_buffers())
     throw ConfigError(std::string("training.device computes in ") +

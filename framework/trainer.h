@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -54,6 +55,12 @@ class Trainer {
   // ConfigError when the layout, the device and the backend do not fit
   // together. `metrics_path` may be empty.
   Trainer(const Config& cfg, Communicator& world, std::string metrics_path);
+  // The same, with every op the run makes going through `decorate(device
+  // ops)` (measurement: ProfilingOps). The decorator must report the device
+  // ops' stream().
+  using OpsDecorator = std::function<std::unique_ptr<Ops<float>>(Ops<float>&)>;
+  Trainer(const Config& cfg, Communicator& world, std::string metrics_path,
+          const OpsDecorator& decorate);
   ~Trainer();
 
   // Applies cfg.checkpoint.resume (auto | none | PATH); returns the path
@@ -99,7 +106,9 @@ class Trainer {
   std::vector<int32_t> seq_tokens_, seq_targets_;    // one whole sequence
   std::vector<int32_t> step_tokens_, step_targets_;  // this rank's share of a step
   std::string metrics_path_;
-  std::unique_ptr<Ops<float>> ops_;  // the device the run computes on
+  std::unique_ptr<Ops<float>> device_ops_;  // the device the run computes on
+  std::unique_ptr<Ops<float>> decorated_;   // wraps device_ops_ when decorated
+  Ops<float>* ops_ = nullptr;               // the ops every call goes through
   std::unique_ptr<ReformerModel<float>> model_;
   std::unique_ptr<Optimizer<float>> opt_;
   std::unique_ptr<Dataset> data_;

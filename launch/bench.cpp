@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <functional>
 #include <cstdio>
 #include <memory>
@@ -111,8 +112,43 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
   return rows;
 }
 
-ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int steps) {
-  Trainer t(cfg, world, "");
+namespace {
+
+// Every rank's per-op times (ms per step) of one profiled pass: [rank][op].
+std::vector<std::vector<OpStats>> gather_op_times(ProfilingOps& p, Communicator& world,
+                                                  int steps) {
+  const std::vector<OpStats> mine = p.stats();
+  const size_t n_ops = mine.size();
+  const int R = world.size();
+  std::vector<double> all(size_t(R) * n_ops * 2, 0.0);  // (ms, calls) by rank and op
+  for (size_t k = 0; k < n_ops; ++k) {
+    all[(size_t(world.rank()) * n_ops + k) * 2] = mine[k].ms / steps;
+    all[(size_t(world.rank()) * n_ops + k) * 2 + 1] = double(mine[k].calls) / steps;
+  }
+  world.host().allreduce_sum(all.data(), int64_t(all.size()));
+  std::vector<std::vector<OpStats>> out(size_t(R), mine);
+  for (int r = 0; r < R; ++r)
+    for (size_t k = 0; k < n_ops; ++k) {
+      out[size_t(r)][k].ms = all[(size_t(r) * n_ops + k) * 2];
+      out[size_t(r)][k].calls = int64_t(all[(size_t(r) * n_ops + k) * 2 + 1] + 0.5);
+    }
+  p.reset();
+  return out;
+}
+
+}  // namespace
+
+ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int steps,
+                                    bool breakdown) {
+  ProfilingOps* profiler = nullptr;
+  Trainer::OpsDecorator decorate;
+  if (breakdown)
+    decorate = [&profiler](Ops<float>& device) -> std::unique_ptr<Ops<float>> {
+      auto p = std::make_unique<ProfilingOps>(device, clock_for(device));
+      profiler = p.get();
+      return p;
+    };
+  Trainer t(cfg, world, "", decorate);
   Ops<float>& ops = t.ops();
   // Every rank idle and in step before a timer starts.
   auto sync = [&]() {
@@ -122,6 +158,7 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   auto time_steps = [&]() {
     t.train_step();  // warm-up
     sync();
+    if (profiler) profiler->reset();
     const double t0 = seconds();
     for (int s = 0; s < steps; ++s) t.train_step();
     sync();
@@ -137,8 +174,10 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   if (world.size() > 1) {
     // With and without the gradient sum, interleaved so that drift (clocks,
     // first-use costs) falls on both: on, off, on, off; each the mean of two.
+    if (profiler) r.ops_with = gather_op_times(*profiler, world, steps);
     t.set_gradient_reduction(false);
     r.ms_compute = time_steps();
+    if (profiler) r.ops_without = gather_op_times(*profiler, world, steps);
     t.set_gradient_reduction(true);
     const double on2 = time_steps();
     t.set_gradient_reduction(false);
@@ -172,6 +211,7 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
     r.ms_reduce = time_it(bucketed);
     r.ms_one_call = time_it(one_call);
   }
+  r.steps = steps;
   r.tokens_per_s = double(r.batch) * double(r.length) * 1e3 / r.ms_per_step;
   r.device_peak_gib = ops.peak_bytes() < 0 ? -1.0 : double(ops.peak_bytes()) / double(1ull << 30);
   return r;
@@ -198,6 +238,46 @@ std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
                 many ? strfmt("%.0f%%", 100.0 * std::clamp(hidden, 0.0, 1.0)).c_str() : "-",
                 r.device_peak_gib);
   return out;
+}
+
+std::string format_parallel_breakdown(const ParallelBenchRow& row) {
+  if (row.ops_with.empty() || row.ops_without.empty()) return "";
+  const size_t R = row.ops_with.size(), n_ops = row.ops_with[0].size();
+  // Ops by the largest difference over ranks, then by time.
+  std::vector<size_t> order;
+  auto diff = [&](size_t k) {
+    double d = 0.0;
+    for (size_t r = 0; r < R; ++r)
+      d = std::max(d, std::abs(row.ops_with[r][k].ms - row.ops_without[r][k].ms));
+    return d;
+  };
+  for (size_t k = 0; k < n_ops; ++k)
+    if (row.ops_with[0][k].calls > 0 || row.ops_without[0][k].calls > 0) order.push_back(k);
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return diff(a) > diff(b); });
+  std::ostringstream o;
+  o << strfmt("Per-op ms per step at length %lld, %s, by rank: with the gradient sum / without "
+              "(the first pass of each; the op after the last bucket's wait absorbs any wait):\n\n",
+              (long long)row.length, row.layout.c_str());
+  o << "| op | calls |";
+  for (size_t r = 0; r < R; ++r) o << strfmt(" rank %zu with | rank %zu without |", r, r);
+  o << "\n| --- | --- |";
+  for (size_t r = 0; r < R; ++r) o << " --- | --- |";
+  o << "\n";
+  std::vector<double> with_total(R, 0.0), without_total(R, 0.0);
+  for (const size_t k : order) {
+    o << strfmt("| %s | %lld |", op_name(row.ops_with[0][k].op),
+                (long long)row.ops_with[0][k].calls);
+    for (size_t r = 0; r < R; ++r) {
+      o << strfmt(" %.3f | %.3f |", row.ops_with[r][k].ms, row.ops_without[r][k].ms);
+      with_total[r] += row.ops_with[r][k].ms;
+      without_total[r] += row.ops_without[r][k].ms;
+    }
+    o << "\n";
+  }
+  o << "| all ops | |";
+  for (size_t r = 0; r < R; ++r) o << strfmt(" %.1f | %.1f |", with_total[r], without_total[r]);
+  o << "\n";
+  return o.str();
 }
 
 std::string format_bench(const std::vector<BenchRow>& rows) {

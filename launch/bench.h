@@ -49,13 +49,23 @@ struct ParallelBenchRow {
   double ms_one_call = -1;    // one all-reduce call over the same bytes
   double grad_mib = 0;        // gradient bytes reduced per step
   double device_peak_gib = -1;
+  // With a breakdown: per rank, per op, ms per step with and without the
+  // gradient sum; [rank][op] in op-list order (empty without a breakdown).
+  std::vector<std::vector<OpStats>> ops_with, ops_without;
+  int steps = 0;  // timed steps per pass
 };
 
 // Runs `steps` timed steps of `cfg` through the Trainer over `world`
 // (parallel.dp x parallel.sp, any backend), then times the gradient
-// reduction alone, bucketed as the trainer does it and as one call.
-ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int steps);
+// reduction alone, bucketed as the trainer does it and as one call. With
+// `breakdown`, every op is timed on every rank (ProfilingOps) in the passes
+// with and without the sum.
+ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int steps,
+                                    bool breakdown);
 std::string format_parallel_bench(const ParallelBenchRow& row, int world_size);
+// Per op and rank: ms per step with and without the gradient sum, the ops
+// whose time differs most first (where the sum's cost lands).
+std::string format_parallel_breakdown(const ParallelBenchRow& row);
 
 // A Markdown table of the rows.
 std::string format_bench(const std::vector<BenchRow>& rows);

@@ -266,8 +266,11 @@ int cmd_bench_parallel(const Args& a, Config cfg, std::unique_ptr<Communicator>&
     cfg.attention.n_buckets = 0;
     validate_config(cfg, a.config + " (bench length " + std::to_string(a.lengths[0]) + ")");
   }
-  const ParallelBenchRow row = run_parallel_bench(cfg, *comm, a.steps);
-  if (comm->rank() == 0) std::fputs(format_parallel_bench(row, comm->size()).c_str(), stdout);
+  const ParallelBenchRow row = run_parallel_bench(cfg, *comm, a.steps, a.breakdown);
+  if (comm->rank() == 0) {
+    std::fputs(format_parallel_bench(row, comm->size()).c_str(), stdout);
+    if (a.breakdown) std::fputs(("\n" + format_parallel_breakdown(row)).c_str(), stdout);
+  }
   return 0;
 }
 
