@@ -153,6 +153,7 @@ struct ParallelConfig {
   SpMode sp_mode = SpMode::heads;       // how a group splits attention over its sp ranks
   double timeout_s = 600;               // a collective that takes longer ends the job; > 0
   double bucket_mb = 25;                // gradient all-reduce bucket size in MiB; > 0
+  int bucket_lag = 0;                   // parts of the backward a full bucket waits before its sum starts
 
   bool operator==(const ParallelConfig&) const = default;
 };

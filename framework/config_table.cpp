@@ -99,6 +99,7 @@ const std::vector<Key>& keys() {
       any(KEY(parallel, sp_mode)),
       positive(KEY(parallel, timeout_s), 1e9),
       positive(KEY(parallel, bucket_mb), 1 << 20),
+      num(KEY(parallel, bucket_lag), 0, 1 << 20),
 
       any(KEY(checkpoint, dir)),
       num(KEY(checkpoint, every), 0, kMaxSteps),

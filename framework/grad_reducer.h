@@ -9,6 +9,11 @@
 // stream for device backends) while the backward pass goes on below it.
 // finish() starts what is left and waits for every bucket, so the clip and
 // the optimizer see the summed gradients.
+//
+// With a lag of k, a full bucket starts only after k more ranges have been
+// reported (its device event is recorded that much later in the backward),
+// so the ranks' kernels meet with slack for the skew between ranks instead
+// of one rank's all-reduce holding its SMs while it waits for the other.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +28,7 @@ namespace reformer {
 class GradReducer {
  public:
   // grads: the flat buffer [n] in the communicator's memory space.
-  GradReducer(Communicator& comm, float* grads, int64_t n, int64_t bucket_elems);
+  GradReducer(Communicator& comm, float* grads, int64_t n, int64_t bucket_elems, int lag = 0);
 
   // Starts a step: nothing pending.
   void begin();
@@ -36,13 +41,20 @@ class GradReducer {
   int64_t buckets_started() const { return buckets_; }  // this step
 
  private:
-  void launch();
+  void close();               // the pending span becomes a bucket waiting for its turn
+  void launch_due(bool all);  // starts the waiting buckets whose lag is over (or all)
 
   Communicator& comm_;
   float* grads_;
   int64_t n_;
   int64_t bucket_elems_;
+  int lag_;
   int64_t lo_ = 0, hi_ = 0;  // pending span [lo_, hi_)
+  int64_t reports_ = 0;      // ready() calls this step
+  struct Waiting {
+    int64_t lo, hi, due;  // starts at the ready() call numbered `due`
+  };
+  std::vector<Waiting> waiting_;
   int64_t buckets_ = 0;
   std::vector<std::unique_ptr<Work>> inflight_;
 };

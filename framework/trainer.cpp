@@ -67,7 +67,7 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
   opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), *ops_);
   const auto bucket_elems = int64_t(cfg_.parallel.bucket_mb * 1024 * 1024 / sizeof(float));
   reducer_ = std::make_unique<GradReducer>(world, model_->grads(), model_->num_params(),
-                                           bucket_elems);
+                                           bucket_elems, cfg_.parallel.bucket_lag);
   seq_tokens_.resize(size_t(cfg_.model.max_len));
   seq_targets_.resize(size_t(cfg_.model.max_len));
 }

@@ -191,7 +191,8 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
     // pass reports them, then the same bytes as one call.
     const ParamTable& table = model.table();
     GradReducer reducer(world, model.grads(), model.num_params(),
-                        int64_t(cfg.parallel.bucket_mb * 1024 * 1024 / sizeof(float)));
+                        int64_t(cfg.parallel.bucket_mb * 1024 * 1024 / sizeof(float)),
+                        cfg.parallel.bucket_lag);
     auto bucketed = [&]() {
       reducer.begin();
       reducer.ready(head_range(table));

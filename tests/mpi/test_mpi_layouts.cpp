@@ -222,6 +222,23 @@ TEST_F(Layouts, TrainingMatchesOneProcess) {
   }
 }
 
+// All data-parallel with buckets of a few hundred elements that start two
+// reported ranges late: every gradient is summed exactly once, in time for
+// the clip (the same run as one process).
+TEST_F(Layouts, SmallLaggedBucketsMatchOneProcess) {
+  auto local = make_communicator(CommBackend::local);
+  const RunResult ref = train(
+      make_config({"checkpoint.dir=" + *dir_ + "/lag-ref" + std::to_string(world().rank())}),
+      *local);
+  for (const char* lag : {"0", "2"}) {
+    std::vector<std::string> sets =
+        layout_sets(Layout{world().size(), 1}, *dir_ + "/lag" + lag);
+    sets.push_back("parallel.bucket_mb=0.001");
+    sets.push_back(std::string("parallel.bucket_lag=") + lag);
+    expect_same_run(train(make_config(sets), world()), ref, std::string("bucket_lag ") + lag);
+  }
+}
+
 // 6 steps under the last layout (all sequence-parallel), then on to 10 under
 // the first (all data-parallel): the same losses and parameters as 10 steps
 // of one process.
