@@ -170,6 +170,7 @@ struct CheckpointConfig {
 struct LoggingConfig {
   std::string metrics;   // JSON-lines metrics file; empty: none
   bool per_rank = false;  // a log file per rank
+  double peak_tflops = 0;  // MFU's ceiling; 0: a bf16 GEMM timed at start (CUDA), none on CPU
 
   bool operator==(const LoggingConfig&) const = default;
 };

@@ -107,6 +107,7 @@ const std::vector<Key>& keys() {
       any(KEY(checkpoint, resume)),
 
       any(KEY(logging, metrics)),
+      num(KEY(logging, peak_tflops), 0, 1e9),
       any(KEY(logging, per_rank)),
   };
   return table;

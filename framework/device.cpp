@@ -29,4 +29,12 @@ std::unique_ptr<Ops<float>> make_ops(DeviceKind device) {
   return std::make_unique<CpuOps<float>>();
 }
 
+double peak_tflops(Ops<float>& ops, double configured) {
+  if (configured > 0) return configured;
+#if defined(REFORMER_HAVE_CUDA)
+  if (ops.stream() != nullptr) return measure_bf16_gemm_tflops(ops.stream());
+#endif
+  return 0.0;
+}
+
 }  // namespace reformer

@@ -16,4 +16,9 @@ bool cuda_available();
 // CPU).
 std::unique_ptr<Ops<float>> make_ops(DeviceKind device);
 
+// The matrix-product ceiling MFU is measured against, in TFLOP/s:
+// `configured` when > 0 (logging.peak_tflops), else a bf16 GEMM timed on
+// `ops`' device when it is a CUDA device, else 0 (no MFU is reported).
+double peak_tflops(Ops<float>& ops, double configured);
+
 }  // namespace reformer

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <csignal>
 
+#include "framework/flops.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -299,6 +300,13 @@ TrainResult Trainer::train() {
                   (long long)model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model,
                   cfg_.model.n_heads, (long long)L));
   log_info("data: " + data_->describe());
+  // Model FLOP/s and MFU per GPU (framework/flops.h) on the progress line.
+  const double flops_per_token = train_flops(cfg_).per_token;
+  const double peak = peak_tflops(*ops_, cfg_.logging.peak_tflops);
+  if (peak > 0)
+    log_info(strfmt("mfu: %.3g GFLOP per token (products and attention), ceiling %.0f TFLOP/s "
+                    "per rank (%s)", flops_per_token / 1e9, peak,
+                    cfg_.logging.peak_tflops > 0 ? "logging.peak_tflops" : "bf16 GEMM timed now"));
   double interval_start = now_seconds();
   int64_t interval_steps = 0;
   const double run_start = interval_start;
@@ -317,13 +325,18 @@ TrainResult Trainer::train() {
       const double ms = 1e3 * (t1 - interval_start) / double(interval_steps);
       const double tok_s = double(tc.batch_size) * double(L) * 1e3 / ms;
       const double eta = (t1 - run_start) / double(step_ - first_step) * double(tc.steps - step_);
+      const double tflops = tok_s * flops_per_token / 1e12 / double(world_.size());
+      const std::string mfu =
+          peak > 0 ? strfmt(" | %.0f TFLOP/s %.1f%% MFU", tflops, 100.0 * tflops / peak) : "";
       log_info(strfmt("step %6lld/%lld | loss %.9g | bpc %.4f | lr %.3e | gnorm %.4f | "
-                      "%.1f ms | %s tok/s | ETA %s",
+                      "%.1f ms | %s tok/s%s | ETA %s",
                       (long long)step_, (long long)tc.steps, loss, loss / std::log(2.0), lr,
-                      grad_norm, ms, human_count(tok_s).c_str(), human_duration(eta).c_str()));
+                      grad_norm, ms, human_count(tok_s).c_str(), mfu.c_str(),
+                      human_duration(eta).c_str()));
       JsonLine j;
       j.add("step", step_).add("loss", loss).add("bpc", loss / std::log(2.0)).add("lr", lr)
           .add("grad_norm", grad_norm).add("ms_per_step", ms).add("tokens_per_s", tok_s)
+          .add("tflops_per_rank", tflops)
           .add("tokens_seen", tokens_seen_);
       metrics.write(j);
       interval_start = now_seconds();

@@ -2,6 +2,8 @@
 
 #include <chrono>
 
+#include "kernels/common/op_flops.h"
+
 namespace reformer {
 
 namespace {
@@ -32,9 +34,9 @@ void ProfilingOps::make_room() {
   if (pending_.size() >= kMaxPending) flush();
 }
 
-void ProfilingOps::record(OpId id, int64_t begin, int64_t end) noexcept {
+void ProfilingOps::record(OpId id, int64_t begin, int64_t end, double flops) noexcept {
   if (begin >= 0 && end >= 0 && pending_.size() < pending_.capacity())
-    pending_.push_back(Pending{id, begin, end});
+    pending_.push_back(Pending{id, begin, end, flops});
 }
 
 void ProfilingOps::flush() {
@@ -42,6 +44,7 @@ void ProfilingOps::flush() {
     OpStats& s = totals_[size_t(p.op)];
     ++s.calls;
     s.ms += clock_->ms_between(p.begin, p.end);
+    s.flops += p.flops;
   }
   pending_.clear();
   clock_->clear();
@@ -59,13 +62,64 @@ void ProfilingOps::reset() {
   for (int i = 0; i < kOpCount; ++i) totals_.push_back(OpStats{OpId(i), 0, 0.0});
 }
 
+namespace {
+using T = float;
+
+// FLOPs of one call, by op (0 unless specialised).
+template <OpId>
+struct Flops {
+  template <class... A>
+  static double of(const A&...) {
+    return 0.0;
+  }
+};
+template <>
+struct Flops<OpId::matmul_forward> {
+  static double of(T*, const T*, const T*, const T*, int64_t N, int C, int OC) {
+    return matmul_forward_flops(N, C, OC);
+  }
+};
+template <>
+struct Flops<OpId::matmul_backward> {
+  static double of(T* dinp, T* dw, T*, const T*, const T*, const T*, int64_t N, int C, int OC) {
+    return matmul_backward_flops(N, C, OC, dinp != nullptr, dw != nullptr);
+  }
+};
+template <>
+struct Flops<OpId::chunked_attention_forward> {
+  static double of(T*, T*, T*, const T*, const T*, const int32_t*, const AttentionParams& p) {
+    return attention_forward_flops(chunked_attention_pairs(p), p.dh);
+  }
+};
+template <>
+struct Flops<OpId::chunked_attention_backward> {
+  static double of(T*, T*, const T*, const T*, const T*, const int32_t*, const T*, const T*,
+                   const AttentionParams& p) {
+    return attention_backward_flops(chunked_attention_pairs(p), p.dh);
+  }
+};
+template <>
+struct Flops<OpId::full_attention_forward> {
+  static double of(T*, T*, const T*, const T*, const AttentionParams& p) {
+    return attention_forward_flops(full_attention_pairs(p), p.dh);
+  }
+};
+template <>
+struct Flops<OpId::full_attention_backward> {
+  static double of(T*, T*, const T*, const T*, const T*, const T*, const T*,
+                   const AttentionParams& p) {
+    return attention_backward_flops(full_attention_pairs(p), p.dh);
+  }
+};
+}  // namespace
+
 // Trailing return types: ret is written with T, which names a type only in
 // the class's scope.
-#define REFORMER_PROFILE_FORWARD(ret, name, params, args) \
-  auto ProfilingOps::name params -> ret {                 \
-    make_room();                                          \
-    const Span span(*this, OpId::name);                   \
-    return inner_.name args;                              \
+#define REFORMER_PROFILE_FORWARD(ret, name, params, args)       \
+  auto ProfilingOps::name params -> ret {                       \
+    make_room();                                                \
+    const Span span(*this, OpId::name, Flops<OpId::name>::of args); \
+    return inner_.name args;                                    \
   }
 REFORMER_OPS(REFORMER_PROFILE_FORWARD)
 #undef REFORMER_PROFILE_FORWARD

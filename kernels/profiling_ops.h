@@ -49,6 +49,7 @@ struct OpStats {
   OpId op;
   int64_t calls = 0;
   double ms = 0.0;
+  double flops = 0.0;  // matrix products and attention (kernels/common/op_flops.h); 0 for others
 };
 
 class ProfilingOps final : public Ops<float> {
@@ -74,8 +75,9 @@ class ProfilingOps final : public Ops<float> {
   // destruction (also when the op throws).
   class Span {
    public:
-    Span(ProfilingOps& p, OpId id) : p_(p), id_(id), begin_(p.clock_->mark()) {}
-    ~Span() { p_.record(id_, begin_, p_.clock_->mark()); }
+    Span(ProfilingOps& p, OpId id, double flops)
+        : p_(p), id_(id), begin_(p.clock_->mark()), flops_(flops) {}
+    ~Span() { p_.record(id_, begin_, p_.clock_->mark(), flops_); }
     Span(const Span&) = delete;
     Span& operator=(const Span&) = delete;
 
@@ -83,14 +85,16 @@ class ProfilingOps final : public Ops<float> {
     ProfilingOps& p_;
     OpId id_;
     int64_t begin_;
+    double flops_;
   };
   struct Pending {
     OpId op;
     int64_t begin, end;  // clock marks
+    double flops;
   };
   // Before each op: flushes when pending_ is full, so record() never grows it.
   void make_room();
-  void record(OpId id, int64_t begin, int64_t end) noexcept;
+  void record(OpId id, int64_t begin, int64_t end, double flops) noexcept;
   void flush();  // folds pending_ into totals_ and clears the clock
 
   Ops<float>& inner_;

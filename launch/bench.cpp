@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "framework/device.h"
+#include "framework/flops.h"
 #include "framework/grad_reducer.h"
 #include "framework/trainer.h"
 #include "kernels/errors.h"
@@ -67,6 +68,7 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
     configs.push_back(cfg);
   }
   std::vector<BenchRow> rows;
+  double peak = -1;  // measured once, on the first length's device
   for (const Config& cfg : configs) {
     const int64_t L = cfg.model.max_len;
     auto device_ops = make_ops(cfg.training.device);
@@ -104,6 +106,9 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
     r.device_peak_gib = ops->peak_bytes() < 0 ? -1.0 : double(ops->peak_bytes()) / double(1ull << 30);
     r.host_peak_gib = host_peak_gib();
     r.steps = steps;
+    if (peak < 0) peak = peak_tflops(*device_ops, cfg.logging.peak_tflops);
+    r.tflops = r.tokens_per_s * train_flops(cfg).per_token / 1e12;
+    r.mfu = peak > 0 ? r.tflops / peak : -1;
     if (profiler) r.ops = profiler->stats();
     rows.push_back(r);
     log_info(strfmt("bench: %s L=%lld %.1f ms/step %.0f tok/s", r.device.c_str(), (long long)L,
@@ -214,6 +219,9 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   }
   r.steps = steps;
   r.tokens_per_s = double(r.batch) * double(r.length) * 1e3 / r.ms_per_step;
+  r.tflops_per_gpu = r.tokens_per_s * train_flops(cfg).per_token / 1e12 / world.size();
+  const double peak = peak_tflops(ops, cfg.logging.peak_tflops);
+  r.mfu = peak > 0 ? r.tflops_per_gpu / peak : -1;
   r.device_peak_gib = ops.peak_bytes() < 0 ? -1.0 : double(ops.peak_bytes()) / double(1ull << 30);
   return r;
 }
@@ -225,18 +233,20 @@ std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
   auto busbw = [&](double ms) { return ms > 0 ? bytes / (ms * 1e-3) / 1e9 : 0.0; };
   std::string out =
       "| layout | length | batch | ms/step | tokens/s | ms compute only | ms reduce alone | "
-      "reduce GB/s (bus) | one-call GB/s (bus) | reduce hidden | peak GiB |\n"
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+      "reduce GB/s (bus) | one-call GB/s (bus) | reduce hidden | TFLOP/s per GPU | MFU | "
+      "peak GiB |\n"
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
   const bool many = r.ms_compute >= 0;
   const double hidden =
       many && r.ms_reduce > 0 ? 1.0 - (r.ms_per_step - r.ms_compute) / r.ms_reduce : 0.0;
-  out += strfmt("| %s | %lld | %d | %.1f | %.0f | %s | %s | %s | %s | %s | %.1f |\n",
+  out += strfmt("| %s | %lld | %d | %.1f | %.0f | %s | %s | %s | %s | %s | %.1f | %s | %.1f |\n",
                 r.layout.c_str(), (long long)r.length, r.batch, r.ms_per_step, r.tokens_per_s,
                 many ? strfmt("%.1f", r.ms_compute).c_str() : "-",
                 many ? strfmt("%.2f", r.ms_reduce).c_str() : "-",
                 many ? strfmt("%.0f", busbw(r.ms_reduce)).c_str() : "-",
                 many ? strfmt("%.0f", busbw(r.ms_one_call)).c_str() : "-",
                 many ? strfmt("%.0f%%", 100.0 * std::clamp(hidden, 0.0, 1.0)).c_str() : "-",
+                r.tflops_per_gpu, r.mfu >= 0 ? strfmt("%.1f%%", 100 * r.mfu).c_str() : "-",
                 r.device_peak_gib);
   return out;
 }
@@ -283,11 +293,12 @@ std::string format_parallel_breakdown(const ParallelBenchRow& row) {
 
 std::string format_bench(const std::vector<BenchRow>& rows) {
   std::ostringstream o;
-  o << "| device | length | ms/step | tokens/s | device peak GiB | host peak GiB |\n";
-  o << "| --- | --- | --- | --- | --- | --- |\n";
+  o << "| device | length | ms/step | tokens/s | model TFLOP/s | MFU | device peak GiB | host peak GiB |\n";
+  o << "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
   for (const BenchRow& r : rows)
-    o << strfmt("| %s | %lld | %.1f | %.0f | %s | %.2f |\n", r.device.c_str(), (long long)r.length,
-                r.ms_per_step, r.tokens_per_s,
+    o << strfmt("| %s | %lld | %.1f | %.0f | %.3g | %s | %s | %.2f |\n", r.device.c_str(),
+                (long long)r.length, r.ms_per_step, r.tokens_per_s, r.tflops,
+                r.mfu >= 0 ? strfmt("%.1f%%", 100 * r.mfu).c_str() : "-",
                 r.device_peak_gib >= 0 ? strfmt("%.2f", r.device_peak_gib).c_str() : "-",
                 r.host_peak_gib);
   return o.str();

@@ -18,6 +18,8 @@ struct BenchRow {
   double tokens_per_s = 0;
   double device_peak_gib = -1; // peak device memory held by the run's ops; -1: not tracked
   double host_peak_gib = 0;    // peak resident memory of the process
+  double tflops = 0;           // model FLOP/s (framework/flops.h) / 1e12
+  double mfu = -1;             // tflops / the device's ceiling; -1: no ceiling known
   // With breakdown: per-op totals over the timed steps (ProfilingOps), in
   // op-list order; empty otherwise.
   std::vector<OpStats> ops;
@@ -49,6 +51,8 @@ struct ParallelBenchRow {
   double ms_one_call = -1;    // one all-reduce call over the same bytes
   double grad_mib = 0;        // gradient bytes reduced per step
   double device_peak_gib = -1;
+  double tflops_per_gpu = 0;  // model FLOP/s per rank / 1e12
+  double mfu = -1;            // per rank, against its ceiling; -1: none known
   // With a breakdown: per rank, per op, ms per step with and without the
   // gradient sum; [rank][op] in op-list order (empty without a breakdown).
   std::vector<std::vector<OpStats>> ops_with, ops_without;

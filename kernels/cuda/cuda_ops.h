@@ -24,4 +24,10 @@ class StreamClock;  // kernels/profiling_ops.h
 // with CUDA events.
 std::unique_ptr<StreamClock> make_cuda_stream_clock(void* stream);
 
+// TFLOP/s of a dense 8192^3 bf16 product (fp32 accumulation) through cuBLAS
+// on `stream` (a cudaStream_t): the device's matrix-product ceiling, the
+// denominator of MFU. Takes about 20 ms and 384 MiB while it runs. Throws
+// DeviceError.
+double measure_bf16_gemm_tflops(void* stream);
+
 }  // namespace reformer

@@ -1,0 +1,25 @@
+// The model's floating-point work per trained token, the numerator of its
+// model FLOP/s and MFU (`reformer bench`, the training progress line).
+//
+// Counted: the matrix products (attention projections, feed-forward, output
+// head) and the attention products (kernels/common/op_flops.h). A training
+// step runs each layer's products four times (forward, the reversible
+// backward's recompute, and the backward's two products per matrix), the
+// attention forward twice and its backward once, and the head's product
+// three times. Not counted: elementwise passes, normalisation, hashing,
+// sorting, the optimizer.
+#pragma once
+
+#include "framework/config.h"
+
+namespace reformer {
+
+struct ModelFlops {
+  double per_token = 0;            // one training step's FLOPs / tokens
+  double attention_per_token = 0;  // the attention products' share of per_token
+};
+
+// For cfg.model.max_len (the whole sequence, whatever the layout).
+ModelFlops train_flops(const Config& cfg);
+
+}  // namespace reformer
