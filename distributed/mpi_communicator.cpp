@@ -1,5 +1,7 @@
 #include "distributed/mpi_communicator.h"
 
+#include "distributed/mpi_progress.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -73,8 +75,10 @@ void require_count(int64_t n, const char* op, const char* unit) {
 // other ranks would wait for this one for ever).
 class MpiWork final : public Work {
  public:
-  MpiWork(std::vector<MPI_Request> requests, const WatchedOp& op, double timeout_s)
-      : requests_(std::move(requests)), op_(op), timeout_s_(timeout_s) {}
+  // `op` is counted as started on `track` (may be null); wait() completes it.
+  MpiWork(std::vector<MPI_Request> requests, const WatchedOp& op, ProgressTrack* track,
+          double timeout_s)
+      : requests_(std::move(requests)), op_(op), track_(track), timeout_s_(timeout_s) {}
   ~MpiWork() override {
     try {
       wait();
@@ -88,11 +92,13 @@ class MpiWork final : public Work {
     std::vector<MPI_Request> r = std::move(requests_);
     requests_.clear();
     MPI_CHECK(MPI_Waitall(int(r.size()), r.data(), MPI_STATUSES_IGNORE));
+    if (track_) track_->complete(op_.op);
   }
 
  private:
   std::vector<MPI_Request> requests_;
   WatchedOp op_;
+  ProgressTrack* track_;
   double timeout_s_;
 };
 
@@ -118,7 +124,13 @@ MpiCommunicator::MpiCommunicator(const CommOptions& options)
     MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    if (options_.timeout_s > 0) {  // the board serves the watchdog alone
+      board_ = std::make_shared<ProgressBoard>();
+      track_ = ProgressBoard::track(board_, comm_);
+    }
   } catch (...) {
+    track_.reset();
+    board_.reset();
     if (comm_ != MPI_COMM_NULL) MPI_Comm_free(&comm_);
     if (owns_mpi_) MPI_Finalize();
     throw;
@@ -126,14 +138,19 @@ MpiCommunicator::MpiCommunicator(const CommOptions& options)
   watchdog::set_rank(rank_);
 }
 
-MpiCommunicator::MpiCommunicator(MPI_Comm comm, const CommOptions& options)
-    : comm_(comm), options_(options), max_chunk_(std::clamp<int64_t>(options.max_chunk, 1, INT_MAX)) {
+MpiCommunicator::MpiCommunicator(MPI_Comm comm, const CommOptions& options,
+                                 std::shared_ptr<ProgressBoard> board)
+    : comm_(comm), options_(options), max_chunk_(std::clamp<int64_t>(options.max_chunk, 1, INT_MAX)),
+      board_(std::move(board)) {
   MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
   MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
   MPI_CHECK(MPI_Comm_size(comm_, &size_));
+  if (board_) track_ = ProgressBoard::track(board_, comm_);
 }
 
 MpiCommunicator::~MpiCommunicator() {
+  track_.reset();
+  board_.reset();  // the last holder frees the window, before MPI_Finalize
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (finalized) return;
@@ -144,7 +161,7 @@ MpiCommunicator::~MpiCommunicator() {
 template <class T>
 void MpiCommunicator::allreduce(T* data, int64_t n, MPI_Datatype type) {
   require_count(n, "allreduce_sum", "element");
-  WatchScope watch(watched("allreduce_sum", n, "elements"), options_.timeout_s);
+  CollectiveScope watch(track(), watched("allreduce_sum", n, "elements"), options_.timeout_s);
   for (int64_t off = 0; off < n; off += max_chunk_) {
     const int count = int(std::min(max_chunk_, n - off));
     MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + off, count, type, MPI_SUM, comm_));
@@ -156,6 +173,8 @@ void MpiCommunicator::allreduce_sum(double* data, int64_t n) { allreduce(data, n
 
 std::unique_ptr<Work> MpiCommunicator::allreduce_sum_async(float* data, int64_t n) {
   require_count(n, "allreduce_sum_async", "element");
+  const WatchedOp op =
+      CollectiveScope::counted(track(), watched("allreduce_sum_async", n, "elements"));
   std::vector<MPI_Request> requests;
   for (int64_t off = 0; off < n; off += max_chunk_) {
     const int count = int(std::min(max_chunk_, n - off));
@@ -163,8 +182,7 @@ std::unique_ptr<Work> MpiCommunicator::allreduce_sum_async(float* data, int64_t 
     MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, data + off, count, MPI_FLOAT, MPI_SUM, comm_, &r));
     requests.push_back(r);
   }
-  return std::make_unique<MpiWork>(std::move(requests), watched("allreduce_sum_async", n, "elements"),
-                                   options_.timeout_s);
+  return std::make_unique<MpiWork>(std::move(requests), op, track(), options_.timeout_s);
 }
 
 void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
@@ -172,7 +190,7 @@ void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
   REFORMER_REQUIRE(root >= 0 && root < size_, CommError,
                    "broadcast: root " + std::to_string(root) + " is not a rank of " +
                        std::to_string(size_));
-  WatchScope watch(watched("broadcast", bytes, "bytes"), options_.timeout_s);
+  CollectiveScope watch(track(), watched("broadcast", bytes, "bytes"), options_.timeout_s);
   char* p = static_cast<char*>(data);
   for (int64_t off = 0; off < bytes; off += max_chunk_) {
     const int count = int(std::min(max_chunk_, bytes - off));
@@ -182,7 +200,7 @@ void MpiCommunicator::broadcast(void* data, int64_t bytes, int root) {
 
 void MpiCommunicator::allgather(const void* send, void* recv, int64_t bytes) {
   require_count(bytes, "allgather", "byte");
-  WatchScope watch(watched("allgather", bytes, "bytes"), options_.timeout_s);
+  CollectiveScope watch(track(), watched("allgather", bytes, "bytes"), options_.timeout_s);
   if (bytes <= max_chunk_) {
     MPI_CHECK(MPI_Allgather(send, int(bytes), MPI_BYTE, recv, int(bytes), MPI_BYTE, comm_));
     return;
@@ -198,7 +216,7 @@ void MpiCommunicator::allgather(const void* send, void* recv, int64_t bytes) {
 
 void MpiCommunicator::reduce_scatter_sum(const float* send, float* recv, int64_t n) {
   require_count(n, "reduce_scatter_sum", "element");
-  WatchScope watch(watched("reduce_scatter_sum", n, "elements"), options_.timeout_s);
+  CollectiveScope watch(track(), watched("reduce_scatter_sum", n, "elements"), options_.timeout_s);
   if (n <= max_chunk_) {
     MPI_CHECK(MPI_Reduce_scatter_block(send, recv, int(n), MPI_FLOAT, MPI_SUM, comm_));
     return;
@@ -214,7 +232,7 @@ void MpiCommunicator::reduce_scatter_sum(const float* send, float* recv, int64_t
 
 void MpiCommunicator::alltoall(const void* send, void* recv, int64_t bytes) {
   require_count(bytes, "alltoall", "byte");
-  WatchScope watch(watched("alltoall", bytes, "bytes"), options_.timeout_s);
+  CollectiveScope watch(track(), watched("alltoall", bytes, "bytes"), options_.timeout_s);
   if (bytes <= max_chunk_) {
     MPI_CHECK(MPI_Alltoall(send, int(bytes), MPI_BYTE, recv, int(bytes), MPI_BYTE, comm_));
     return;
@@ -241,7 +259,7 @@ void MpiCommunicator::alltoallv(const void* send, const int64_t* send_bytes, con
            send_off[r] <= INT_MAX && recv_off[r] <= INT_MAX;
     total += send_bytes[r];
   }
-  WatchScope watch(watched("alltoallv", total, "bytes sent"), options_.timeout_s);
+  CollectiveScope watch(track(), watched("alltoallv", total, "bytes sent"), options_.timeout_s);
   if (fits) {
     const size_t p = static_cast<size_t>(size_);
     std::vector<int> sc(p), so(p), rc(p), ro(p);
@@ -303,7 +321,7 @@ void MpiCommunicator::recv(void* data, int64_t bytes, int peer) {
 }
 
 void MpiCommunicator::barrier() {
-  WatchScope watch(watched("barrier", -1, ""), options_.timeout_s);
+  CollectiveScope watch(track(), watched("barrier", -1, ""), options_.timeout_s);
   MPI_CHECK(MPI_Barrier(comm_));
 }
 
@@ -311,11 +329,11 @@ std::unique_ptr<Communicator> MpiCommunicator::split(int color, int key) {
   REFORMER_REQUIRE(color >= 0, CommError, "split: negative color " + std::to_string(color));
   MPI_Comm sub = MPI_COMM_NULL;
   {
-    WatchScope watch(watched("split", -1, ""), options_.timeout_s);
+    CollectiveScope watch(track(), watched("split", -1, ""), options_.timeout_s);
     MPI_CHECK(MPI_Comm_split(comm_, color, key, &sub));
   }
   try {
-    return std::make_unique<MpiCommunicator>(sub, options_);
+    return std::make_unique<MpiCommunicator>(sub, options_, board_);
   } catch (...) {
     MPI_Comm_free(&sub);
     throw;

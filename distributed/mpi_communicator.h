@@ -14,6 +14,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <memory>
 
 #include "distributed/communicator.h"
 #include "distributed/watchdog.h"
@@ -39,6 +40,9 @@ namespace reformer {
 
 namespace reformer {
 
+class ProgressBoard;
+class ProgressTrack;
+
 // Host buffers; every call is watched (watchdog.h) with options.timeout_s and
 // split into calls of at most options.max_chunk elements or bytes (MPI
 // counts are int). Send and receive buffers must not overlap.
@@ -47,12 +51,15 @@ class MpiCommunicator final : public Communicator {
   // Initialises MPI unless the program already did (MPI_THREAD_MULTIPLE when
   // the library has it, else MPI_THREAD_FUNNELED: only the thread that made
   // the communicator calls MPI, the watchdog thread only MPI_Abort), then
-  // duplicates MPI_COMM_WORLD. Throws CommError when MPI was already
-  // finalized, lacks thread support, or a call fails.
+  // duplicates MPI_COMM_WORLD and maps the progress board the watchdog reads
+  // peers' progress from (mpi_progress.h). Throws CommError when MPI was
+  // already finalized, lacks thread support, or a call fails.
   explicit MpiCommunicator(const CommOptions& options = {});
   // Adopts `comm` (from MPI_Comm_split; freed on destruction) without owning
-  // MPI's initialisation.
-  MpiCommunicator(MPI_Comm comm, const CommOptions& options);
+  // MPI's initialisation; with a `board`, its collectives are counted there
+  // (collective over `comm`).
+  MpiCommunicator(MPI_Comm comm, const CommOptions& options,
+                  std::shared_ptr<ProgressBoard> board = nullptr);
   // Frees the communicator; calls MPI_Finalize only when the constructor
   // initialised MPI.
   ~MpiCommunicator() override;
@@ -88,6 +95,8 @@ class MpiCommunicator final : public Communicator {
 
   MPI_Comm comm() const { return comm_; }
   const CommOptions& options() const { return options_; }
+  // The process's progress board (null when this communicator has none).
+  const std::shared_ptr<ProgressBoard>& board() const { return board_; }
 
  private:
   template <class T>
@@ -95,6 +104,7 @@ class MpiCommunicator final : public Communicator {
   WatchedOp watched(const char* op, int64_t amount, const char* unit) const {
     return {"mpi", op, amount, unit, size_};
   }
+  ProgressTrack* track() const { return track_.get(); }
   void check_peer(int peer, const char* op) const;
 
   MPI_Comm comm_ = MPI_COMM_NULL;
@@ -103,6 +113,8 @@ class MpiCommunicator final : public Communicator {
   CommOptions options_;
   int64_t max_chunk_ = INT_MAX;  // options_.max_chunk clamped to 1 .. INT_MAX
   bool owns_mpi_ = false;  // MPI_Init_thread was called here: finalize on destruction
+  std::shared_ptr<ProgressBoard> board_;  // shared with the communicators split from this one
+  std::unique_ptr<ProgressTrack> track_;  // this communicator's counters on board_
 };
 
 }  // namespace reformer

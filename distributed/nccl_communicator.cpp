@@ -3,9 +3,11 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <utility>
 
+#include "distributed/mpi_progress.h"
 #include "kernels/cuda/check.h"
 #include "kernels/errors.h"
 
@@ -143,6 +145,9 @@ void NcclCommunicator::start_streams() {
   CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, greatest));
   CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  // Collective over the ranks: the NCCL operations get their own counters,
+  // apart from those of the MPI twin's host calls.
+  if (mpi_->board()) track_ = ProgressBoard::track(mpi_->board(), mpi_->comm());
   if (options_.timeout_s > 0) watchdog::add_source(this);
 }
 
@@ -168,6 +173,7 @@ void NcclCommunicator::begin_op() {
 
 void NcclCommunicator::reap_locked() {
   while (!in_flight_.empty() && cudaEventQuery(in_flight_.front().done) == cudaSuccess) {
+    if (track_ && in_flight_.front().op.seq > 0) track_->complete(in_flight_.front().op.op);
     pool_.push_back(in_flight_.front().done);
     in_flight_.pop_front();
   }
@@ -187,7 +193,11 @@ void NcclCommunicator::end_op(const char* op, int64_t amount, const char* unit) 
   const cudaError_t rc = cudaEventRecord(e, stream_);
   if (rc != cudaSuccess) pool_.push_back(e);
   CUDA_CHECK(rc);
-  in_flight_.push_back({{"nccl", op, amount, unit, size()}, std::chrono::steady_clock::now(), e});
+  // Point-to-point calls involve two ranks: only collectives are counted.
+  const WatchedOp w{"nccl", op, amount, unit, size()};
+  const bool collective = std::strcmp(op, "send") != 0 && std::strcmp(op, "recv") != 0;
+  in_flight_.push_back({collective ? CollectiveScope::counted(track_.get(), w) : w,
+                        std::chrono::steady_clock::now(), e});
 }
 
 template <class Enqueue>

@@ -103,7 +103,8 @@ class NcclCommunicator final : public Communicator, private WatchSource {
   // Orders the communication stream after the compute stream.
   void begin_op();
   // Tracks the operation enqueued since begin_op() for the watchdog (an
-  // event from the pool, recorded on the communication stream).
+  // event from the pool, recorded on the communication stream) and counts it
+  // as started on the progress board; reap_locked() counts it completed.
   void end_op(const char* op, int64_t amount, const char* unit);
   // begin_op, enqueue, end_op, and the compute stream waits for the result.
   template <class Enqueue>
@@ -121,6 +122,7 @@ class NcclCommunicator final : public Communicator, private WatchSource {
   };
 
   std::unique_ptr<MpiCommunicator> mpi_;  // the same ranks, for the bootstrap and host()
+  std::unique_ptr<ProgressTrack> track_;  // this communicator's counters (mpi_progress.h); may be null
   ncclComm_t comm_ = nullptr;
   int device_ = 0;
   std::string description_;

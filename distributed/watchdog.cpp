@@ -84,6 +84,19 @@ class State {
     sources_.erase(std::remove(sources_.begin(), sources_.end(), s), sources_.end());
   }
 
+  void add_heartbeat(std::atomic<int64_t>* alive) {
+    std::lock_guard<std::mutex> lock(mu_);
+    start_locked();
+    alive->store(heartbeat_now(), std::memory_order_relaxed);
+    heartbeats_.push_back(alive);
+  }
+
+  // The thread writes heartbeats under mu_: none is touched after this.
+  void remove_heartbeat(std::atomic<int64_t>* alive) {
+    std::lock_guard<std::mutex> lock(mu_);
+    heartbeats_.erase(std::remove(heartbeats_.begin(), heartbeats_.end(), alive), heartbeats_.end());
+  }
+
   std::vector<WatchSource*> sources() {
     std::lock_guard<std::mutex> lock(mu_);
     return sources_;
@@ -102,6 +115,8 @@ class State {
       cv_.wait_for(lock, kPeriod);
       if (stop_) break;
       const Clock::time_point now = Clock::now();
+      for (std::atomic<int64_t>* alive : heartbeats_)
+        alive->store(heartbeat_now(), std::memory_order_relaxed);
       for (const Entry& e : entries_)
         if (std::chrono::duration<double>(now - e.start).count() > e.timeout_s) {
           const std::string msg = timeout_message(e.op, e.timeout_s);
@@ -123,11 +138,12 @@ class State {
     }
   }
 
-  std::mutex mu_;       // entries_, sources_, stop_
+  std::mutex mu_;       // entries_, sources_, heartbeats_, stop_
   std::mutex poll_mu_;  // held while sources are polled
   std::condition_variable cv_;
   std::vector<Entry> entries_;
   std::vector<WatchSource*> sources_;
+  std::vector<std::atomic<int64_t>*> heartbeats_;
   uint64_t next_token_ = 0;
   bool stop_ = false;
   std::thread thread_;
@@ -152,13 +168,21 @@ void end(uint64_t token) {
 }
 
 void add_source(WatchSource* source) { state().add_source(source); }
+void add_heartbeat(std::atomic<int64_t>* alive) { state().add_heartbeat(alive); }
+void remove_heartbeat(std::atomic<int64_t>* alive) { state().remove_heartbeat(alive); }
+
+int64_t heartbeat_now() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch())
+      .count();
+}
 void remove_source(WatchSource* source) { state().remove_source(source); }
 
 std::string timeout_message(const WatchedOp& op, double timeout_s) {
   char t[32];
   std::snprintf(t, sizeof t, "%g", timeout_s);
-  return describe(op) + " did not complete within " + t +
-         " s (a rank is frozen, dead or out of step)";
+  const std::string head = describe(op) + " did not complete within " + t + " s";
+  const std::string missing = op.probe && op.seq > 0 ? op.probe->missing(op.seq) : "";
+  return missing.empty() ? head + " (a rank is frozen, dead or out of step)" : head + ": " + missing;
 }
 
 void end_job(const std::string& message) {

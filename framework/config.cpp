@@ -367,6 +367,15 @@ std::string first_difference(const Config& a, const Config& b) {
   return "";
 }
 
+std::vector<ConfigChange> config_changes(const Config& before, const Config& after) {
+  std::vector<ConfigChange> out;
+  for (const Key& k : keys()) {
+    std::string a = value_text(before, k), b = value_text(after, k);
+    if (a != b) out.push_back({k.name, std::move(a), std::move(b)});
+  }
+  return out;
+}
+
 uint64_t config_digest(const Config& c) {
   uint64_t h = 0xcbf29ce484222325ull;  // FNV-1a, 64 bits
   for (unsigned char ch : to_yaml(c)) h = (h ^ ch) * 0x100000001b3ull;

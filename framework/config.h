@@ -163,6 +163,9 @@ struct CheckpointConfig {
   int64_t every = 0;                // steps between checkpoints; 0: only at the end
   int keep = 3;                     // newest checkpoints kept
   std::string resume = "auto";      // auto | none | PATH
+  bool allow_changes = false;       // resume although keys that break continuation changed
+                                    // (training.seed, data.*, ...: framework/resume_check.h);
+                                    // keys that change parameter shapes are refused regardless
 
   bool operator==(const CheckpointConfig&) const = default;
 };
@@ -222,6 +225,16 @@ std::vector<std::string> config_keys();
 // The first dotted key (in config_keys() order) whose value, as to_yaml
 // prints it, differs between `a` and `b`; "" when they print the same.
 std::string first_difference(const Config& a, const Config& b);
+
+// One key whose value differs between two configurations, as to_yaml prints it.
+struct ConfigChange {
+  std::string key;     // dotted: "optimizer.lr"
+  std::string before;  // the value in the first configuration
+  std::string after;   // the value in the second
+};
+
+// Every key (in config_keys() order) whose value differs from `before` to `after`.
+std::vector<ConfigChange> config_changes(const Config& before, const Config& after);
 
 // A stable 64-bit hash (FNV-1a) of to_yaml(c): equal on every rank, build and
 // run for equal configurations.

@@ -105,6 +105,7 @@ const std::vector<Key>& keys() {
       num(KEY(checkpoint, every), 0, kMaxSteps),
       num(KEY(checkpoint, keep), 1, 1000),
       any(KEY(checkpoint, resume)),
+      any(KEY(checkpoint, allow_changes)),
 
       any(KEY(logging, metrics)),
       num(KEY(logging, peak_tflops), 0, 1e9),

@@ -6,6 +6,7 @@
 #include <csignal>
 
 #include "framework/flops.h"
+#include "framework/resume_check.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -106,8 +107,9 @@ CheckpointState Trainer::snapshot() const {
   return st;
 }
 
-void Trainer::load(const std::string& path, bool full) {
-  CheckpointState st = read_checkpoint(path);
+void Trainer::load(const std::string& path, bool full) { load_state(read_checkpoint(path), path, full); }
+
+void Trainer::load_state(const CheckpointState& st, const std::string& path, bool full) {
   std::vector<std::pair<std::string, std::vector<int64_t>>> expected;
   const auto& ps = model_->table().params();
   for (const ParamInfo& p : ps) expected.emplace_back(p.name, p.shape);
@@ -154,7 +156,18 @@ std::string Trainer::resume() {
     if (!found) return "";
     path = *found;
   }
-  load(path, /*full*/ true);
+  const CheckpointState st = read_checkpoint(path);
+  const ResumeReport report = check_resume_config(st.config_text, cfg_, path);
+  for (const std::string& line : report.lines) log_info(line);
+  try {
+    load_state(st, path, /*full*/ true);
+  } catch (const CheckpointError& e) {
+    if (report.shape_changes.empty()) throw;
+    std::string changes;
+    for (const std::string& c : report.shape_changes) changes += (changes.empty() ? "" : ", ") + c;
+    throw CheckpointError(std::string(e.what()) + " (changed in the configuration: " + changes +
+                          "; a checkpoint loads only into a model and optimizer of its shapes)");
+  }
   log_info(strfmt("checkpoint: resumed from %s at step %lld", path.c_str(), (long long)step_));
   return path;
 }

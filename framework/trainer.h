@@ -65,7 +65,11 @@ class Trainer {
 
   // Applies cfg.checkpoint.resume (auto | none | PATH); returns the path
   // resumed from, or "" for a fresh start. Throws CheckpointError for a
-  // named checkpoint that is missing, invalid or does not match the model.
+  // named checkpoint that is missing, invalid or does not match the model
+  // (naming the configuration keys that changed its shapes). Logs every key
+  // whose value differs from the checkpoint's stored configuration and
+  // throws ConfigError for changes that break continuation unless
+  // checkpoint.allow_changes (framework/resume_check.h).
   // On rank 0 it first checks that checkpoint.dir is writable and locks it
   // for the trainer's lifetime (CheckpointError when another run holds it).
   std::string resume();
@@ -91,6 +95,8 @@ class Trainer {
 
  private:
   void save();
+  // load() of a checkpoint already read from `path`.
+  void load_state(const CheckpointState& st, const std::string& path, bool full);
   // This rank's share of sequence `index`: the positions its model holds.
   void sample_shard(Split split, int64_t index, int32_t* tokens, int32_t* targets);
   // Forward and backward over this rank's sequences of one step; gradients

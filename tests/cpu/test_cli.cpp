@@ -295,14 +295,52 @@ TEST_F(Cli, DuplicationRecipeLearnsTheCopyWithLsh) {
 TEST_F(Cli, ResumeRefusesACheckpointOfAnotherModelNamingParameterAndShapes) {
   ASSERT_EQ(run(tiny("")).status, 0);
   const std::string ck = path("ckpt/ckpt-00000030.h5");
-  const Result r = run(tiny("--set model.d_ff=48 --resume " + ck));
+  const Result key = run(tiny("--set model.d_ff=48 --resume " + ck));
+  EXPECT_EQ(key.status, 2) << key.output;
+  EXPECT_NE(key.output.find("config error: resuming from " + ck +
+                            " with a changed configuration: model.d_ff 64 -> 48"),
+            std::string::npos) << key.output;
+  // allow_changes lets no shape change through: the load names the key too.
+  const Result r = run(tiny("--set model.d_ff=48 --set checkpoint.allow_changes=true --resume " + ck));
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("layers.0.ffn.w1"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("[32, 64]"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("[32, 48]"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("(changed in the configuration: model.d_ff 64 -> 48; "), std::string::npos)
+      << r.output;
   const Result missing = run(tiny("--resume " + path("ckpt/ckpt-00000999.h5")));
   EXPECT_EQ(missing.status, 1) << missing.output;
   EXPECT_NE(missing.output.find("does not exist"), std::string::npos) << missing.output;
+}
+
+// Resuming compares the run's configuration with the checkpoint's, key by key
+// (framework/resume_check.h): a learning-rate change is printed as a warning
+// and allowed; a seed or batch-size change is refused (status 2, naming each
+// key) unless checkpoint.allow_changes, which prints them as warnings.
+TEST_F(Cli, ResumeWithAChangedConfigurationPrintsEveryKeyAndRefusesBreakingOnes) {
+  ASSERT_EQ(run(tiny("--set training.steps=4")).status, 0);
+  const std::string ck = path("ckpt/ckpt-00000004.h5");
+  const Result lr = run(tiny("--set training.steps=5 --set optimizer.lr=0.001 --resume " + ck));
+  EXPECT_EQ(lr.status, 0) << lr.output;
+  EXPECT_NE(lr.output.find("resume: training.steps 4 -> 5\n"), std::string::npos) << lr.output;
+  EXPECT_NE(lr.output.find("resume: optimizer.lr 0.003 -> 0.001 (warning: "), std::string::npos)
+      << lr.output;
+  EXPECT_EQ(lr.output.find("checkpoint.resume"), std::string::npos) << lr.output;  // silent
+
+  const Result seed = run(tiny("--set training.steps=5 --set training.seed=7 "
+                               "--set training.batch_size=4 --resume " + ck));
+  EXPECT_EQ(seed.status, 2) << seed.output;
+  EXPECT_NE(seed.output.find("config error: resuming from " + ck + " with a changed "
+                             "configuration: training.batch_size 2 -> 4, training.seed 1 -> 7: "),
+            std::string::npos) << seed.output;
+  EXPECT_NE(seed.output.find("checkpoint.allow_changes=true"), std::string::npos) << seed.output;
+
+  const Result allowed = run(tiny("--set training.steps=5 --set training.seed=7 "
+                                  "--set checkpoint.allow_changes=true --resume " + ck));
+  EXPECT_EQ(allowed.status, 0) << allowed.output;
+  EXPECT_NE(allowed.output.find("resume: training.seed 1 -> 7 (warning: "), std::string::npos)
+      << allowed.output;
+  EXPECT_NE(allowed.output.find("resumed from " + ck), std::string::npos) << allowed.output;
 }
 
 TEST_F(Cli, MetricsPathFromTheConfigWhenNoFlag) {

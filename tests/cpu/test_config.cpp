@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "framework/config.h"
+#include "framework/resume_check.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -347,7 +348,7 @@ TEST(Config, ToYamlRoundTrip) {
 
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 64u);
+  EXPECT_EQ(keys.size(), 65u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }
@@ -519,3 +520,25 @@ TEST(Config, DuplicationNeedsFourPositions) {
 
 }  // namespace
 }  // namespace reformer
+
+// The class of a key changed between a checkpoint and the run resuming from it.
+TEST(Config, ResumeChangeClasses) {
+  using reformer::resume_change_class;
+  using reformer::ResumeChange;
+  EXPECT_EQ(resume_change_class("model.d_ff"), ResumeChange::shape);
+  EXPECT_EQ(resume_change_class("optimizer.name"), ResumeChange::shape);
+  EXPECT_EQ(resume_change_class("model.dropout"), ResumeChange::refuse);
+  EXPECT_EQ(resume_change_class("attention.n_hashes"), ResumeChange::refuse);
+  EXPECT_EQ(resume_change_class("training.seed"), ResumeChange::refuse);
+  EXPECT_EQ(resume_change_class("training.batch_size"), ResumeChange::refuse);
+  EXPECT_EQ(resume_change_class("data.dup_symbols"), ResumeChange::refuse);
+  EXPECT_EQ(resume_change_class("optimizer.lr"), ResumeChange::warn);
+  EXPECT_EQ(resume_change_class("optimizer.warmup_steps"), ResumeChange::warn);
+  EXPECT_EQ(resume_change_class("data.path"), ResumeChange::warn);
+  EXPECT_EQ(resume_change_class("training.steps"), ResumeChange::info);
+  EXPECT_EQ(resume_change_class("parallel.dp"), ResumeChange::info);
+  EXPECT_EQ(resume_change_class("checkpoint.keep"), ResumeChange::info);
+  EXPECT_EQ(resume_change_class("logging.metrics"), ResumeChange::info);
+  EXPECT_EQ(resume_change_class("checkpoint.resume"), ResumeChange::silent);
+  EXPECT_EQ(resume_change_class("checkpoint.allow_changes"), ResumeChange::silent);
+}

@@ -1,7 +1,7 @@
 // A job with a frozen rank: rank 1 sleeps 30 s before a collective that the
 // other ranks wait in with a 2 s timeout. The watchdog must end the whole job
-// (status 1) with a message naming the waiting rank and the operation, long
-// before rank 1 wakes. Run by CTest through tests/mpi/expect_job_failure.sh.
+// (status 1) with a message naming the waiting rank, the operation and rank 1
+// as the one that did not arrive, long before rank 1 wakes. Run by CTest through tests/mpi/expect_job_failure.sh.
 //
 // usage: comm_timeout_probe barrier|allreduce|async
 #include <unistd.h>

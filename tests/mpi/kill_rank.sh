@@ -6,7 +6,8 @@
 # training step, sends SIGNAL (KILL: a dead rank; STOP: a frozen one) to the
 # process of rank 1, and passes when the whole job then ends within SECONDS
 # with a non-zero status, its output matches the extended regular expression
-# REGEX, and no rank process is left. Whatever happens, nothing it started
+# REGEX, and no rank process is left. For STOP the watchdog's message must
+# also name rank 1 as the rank that did not arrive or no longer runs. Whatever happens, nothing it started
 # outlives it: the signalled rank is continued and killed, and a job still
 # running at the deadline is killed.
 sig=$1
@@ -94,4 +95,7 @@ for p in $ranks; do
 done
 [ "$rc" -ne 0 ] || finish "the job ended with status 0 after SIG$sig to rank 1" 1
 grep -Eq -- "$regex" "$out" || finish "the output does not match '$regex'" 1
+named='did not complete within [0-9.]+ s: (.*; )?rank 1 (did not arrive|entered it but is not running)'
+[ "$sig" != STOP ] || grep -Eq -- "$named" "$out" ||
+  finish "the watchdog's message does not name rank 1 ('$named')" 1
 finish "the job ended with status $rc within $took s of SIG$sig to rank 1" 0
