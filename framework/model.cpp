@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "framework/attention.h"
+#include "framework/memory_plan.h"
 #include "framework/sequence_parallel.h"
 #include "kernels/errors.h"
 #include "kernels/common/philox.h"
@@ -59,29 +60,32 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   NL_ = m.n_layers;
   d1_ = m.axial_dims[0];
   a2_ = m.axial_shape[1];
-  const int HD = H_ * dh_;
 
   table_ = model_param_table(cfg);
-  params_ = Buffer<T>(ops, table_.total());
-  grads_ = Buffer<T>(ops, table_.total());
+  // Every allocation below is sized by the memory plan (framework/memory_plan.h).
+  const MemoryPlan plan = plan_memory(cfg, shard.size, int(sizeof(T)));
+  auto buf = [&](const char* name) { return Buffer<T>(ops, plan.count(name)); };
+  auto ibuf = [&](const char* name) { return IntBuffer<T>(ops, plan.count(name)); };
+  params_ = buf("params");
+  grads_ = buf("grads");
   ops.fill(grads_.data(), T(0), table_.total());
   P_ = bind_tensors(table_, params_.data(), NL_);
   G_ = bind_tensors(table_, grads_.data(), NL_);
 
   s_ = new Scratch;
   Scratch& s = *s_;
-  const int64_t LD = L_ * D_, LHD = L_ * HD;
-  s.tokens = IntBuffer<T>(ops, L_);
-  s.targets = IntBuffer<T>(ops, L_);
-  for (Buffer<T>* b : {&s.x1, &s.x2, &s.dx1, &s.dx2, &s.ln, &s.dln, &s.branch, &s.dbranch})
-    *b = Buffer<T>(ops, LD);
-  s.ln_mean = Buffer<T>(ops, L_);
-  s.ln_rstd = Buffer<T>(ops, L_);
-  for (Buffer<T>* b : {&s.qk, &s.v, &s.ao, &s.dqk, &s.dv, &s.dao}) *b = Buffer<T>(ops, LHD);
+  s.tokens = ibuf("tokens");
+  s.targets = ibuf("targets");
+  s.x1 = buf("x1"); s.x2 = buf("x2"); s.dx1 = buf("dx1"); s.dx2 = buf("dx2");
+  s.ln = buf("ln"); s.dln = buf("dln"); s.branch = buf("branch"); s.dbranch = buf("dbranch");
+  s.ln_mean = buf("ln_mean");
+  s.ln_rstd = buf("ln_rstd");
+  s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
+  s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
   T** heads[] = {&s.hqk, &s.hv, &s.hao, &s.hdqk, &s.hdv, &s.hdao};
   if (shard.size > 1) {
     const int64_t n = Lfull_ * Hloc_ * dh_;
-    s.hbuf = Buffer<T>(ops, 6 * n);
+    s.hbuf = buf("head shards");
     for (int i = 0; i < 6; ++i) *heads[i] = s.hbuf.data() + i * n;
     s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, H_, dh_);
   } else {
@@ -94,14 +98,13 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
   const int nh = cfg.attention.n_hashes;
   s.attn.rounds = any_lsh ? nh : 1;
-  s.attn.out_r = Buffer<T>(ops, int64_t(Hloc_) * s.attn.rounds * Lfull_ * dh_);
-  s.attn.lse = Buffer<T>(ops, int64_t(Hloc_) * s.attn.rounds * Lfull_);
+  s.attn.out_r = buf("out_r");
+  s.attn.lse = buf("lse");
   if (any_lsh) {
-    s.attn.rot = Buffer<T>(ops, int64_t(nh) * dh_ *
-                                    rotation_cols(cfg.buckets(), cfg.bucket_factor0()));
-    s.attn.perm = IntBuffer<T>(ops, int64_t(nh) * Lfull_);
+    s.attn.rot = buf("rotations");
+    s.attn.perm = ibuf("perm");
   }
-  s.attn.identity = IntBuffer<T>(ops, Lfull_);
+  s.attn.identity = ibuf("identity");
   {
     std::vector<int32_t> id(static_cast<size_t>(Lfull_));
     std::iota(id.begin(), id.end(), 0);
@@ -113,18 +116,18 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   }
 
   s.fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L_) : L_;
-  for (Buffer<T>* b : {&s.fln, &s.fg, &s.dfln, &s.dfg}) *b = Buffer<T>(ops, s.fc * D_);
-  for (Buffer<T>* b : {&s.fh, &s.fa, &s.dfh, &s.dfa}) *b = Buffer<T>(ops, s.fc * F_);
-  s.fmean = Buffer<T>(ops, s.fc);
-  s.frstd = Buffer<T>(ops, s.fc);
+  s.fln = buf("fln"); s.fg = buf("fg"); s.dfln = buf("dfln"); s.dfg = buf("dfg");
+  s.fh = buf("fh"); s.fa = buf("fa"); s.dfh = buf("dfh"); s.dfa = buf("dfa");
+  s.fmean = buf("fmean");
+  s.frstd = buf("frstd");
 
   s.oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L_) : L_;
-  for (Buffer<T>* b : {&s.cat, &s.oln, &s.dcat, &s.doln}) *b = Buffer<T>(ops, s.oc * 2 * D_);
-  s.omean = Buffer<T>(ops, s.oc);
-  s.orstd = Buffer<T>(ops, s.oc);
-  s.logits = Buffer<T>(ops, s.oc * V_);
-  s.loss = Buffer<T>(ops, s.oc);
-  s.pred = IntBuffer<T>(ops, s.oc);
+  s.cat = buf("cat"); s.oln = buf("oln"); s.dcat = buf("dcat"); s.doln = buf("doln");
+  s.omean = buf("omean");
+  s.orstd = buf("orstd");
+  s.logits = buf("logits");
+  s.loss = buf("loss");
+  s.pred = ibuf("pred");
 }
 
 template <class T>

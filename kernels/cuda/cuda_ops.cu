@@ -24,6 +24,15 @@ int cuda_device_count() {
   return n;
 }
 
+int64_t cuda_device_memory_bytes() {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return int64_t(total_b);
+}
+
 std::unique_ptr<Ops<float>> make_cuda_ops() { return std::make_unique<CudaOps>(); }
 
 namespace {
