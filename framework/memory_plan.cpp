@@ -82,7 +82,12 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
     const int64_t n = int64_t(cfg.attention.n_hashes) * Lfull;
     sort = 3 * round256(8 * n);  // keys in and out, radix-sort scratch of about the same size
   }
-  const int64_t hash = lsh ? int64_t(256) << 20 : 0;  // lsh.cu: kHashScratchBytes
+  int64_t hash = 0;
+  if (lsh) {  // lsh.cu: the rotations and one chunk of products, at most kHashScratchBytes
+    const int64_t ldy = (int64_t(cfg.attention.n_hashes) *
+                             rotation_cols(cfg.buckets(), cfg.bucket_factor0()) + 3) / 4 * 4;
+    hash = round256(f * dh * ldy) + round256(std::min(f * Lfull * ldy, int64_t(256) << 20));
+  }
   const int64_t colsum = 8 * ((std::max(chunk, L) + 255) / 256) *
                          std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff,
                                             cfg.model.vocab_size});
@@ -126,22 +131,27 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
 
   b.add("tokens", G::activations, "[L]", {L}, true);
   b.add("targets", G::activations, "[L]", {L}, true);
-  for (const char* n : {"x1", "x2", "dx1", "dx2", "ln", "dln", "branch", "dbranch"})
-    b.add(n, G::activations, "[L, D]", {L, D});
-  b.add("ln_mean", G::activations, "[L]", {L});
-  b.add("ln_rstd", G::activations, "[L]", {L});
-  for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
-    b.add(n, G::activations, "[L, H*dh]", {L, HD});
-  if (sp > 1) {
-    b.add("head shards", G::activations, "6 x [Lfull, Hloc*dh]", {6, Lfull, Hloc * dh});
+  for (const char* n : {"x1", "x2", "dx1", "dx2"}) b.add(n, G::activations, "[L, D]", {L, D});
+  // Attention runs one head at a time (sp = 1) or, under sequence
+  // parallelism, this rank's heads over the whole sequence.
+  for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"}) {
+    if (sp == 1) b.add(n, G::activations, "[L, dh]", {L, dh});
+    else b.add(n, G::activations, "[Lfull, Hloc*dh]", {Lfull, Hloc * dh});
+  }
+  if (sp == 1) {
+    for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
+      b.add(n, G::activations, "[D, dh]", {D, dh});
+  } else {
+    b.add("lqk", G::activations, "[L, H*dh]", {L, HD});
+    b.add("lv", G::activations, "[L, H*dh]", {L, HD});
     b.add("exchange staging", G::activations, "[sp, L, Hloc*dh]", {sp, L, Hloc * dh});
   }
 
   int lsh_layers = 0;
   for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
   const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes : 1;
-  b.add("out_r", G::activations, "[Hloc, rounds, Lfull, dh]", {Hloc, rounds, Lfull, dh});
-  b.add("lse", G::activations, "[Hloc, rounds, Lfull]", {Hloc, rounds, Lfull});
+  b.add("out_r", G::activations, "[rounds, Lfull, dh]", {rounds, Lfull, dh});
+  b.add("lse", G::activations, "[rounds, Lfull]", {rounds, Lfull});
   if (lsh_layers > 0) {
     const int64_t nh = cfg.attention.n_hashes;
     b.add("rotations", G::activations, "[n_hashes, dh, cols]",
@@ -278,6 +288,11 @@ std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes) {
          (fits > 0 ? std::to_string(fits) : std::string("none (the model alone does not fit)"));
   }
   return s;
+}
+
+void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp) {
+  throw OutOfMemoryError(std::string(e.what()) + "\n" + plan_advice(cfg, sp, e.total_bytes),
+                         e.requested, e.free_bytes, e.total_bytes);
 }
 
 }  // namespace reformer

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "framework/config.h"
+#include "kernels/errors.h"
 
 namespace reformer {
 
@@ -87,5 +88,9 @@ int64_t parse_bytes(const std::string& text, const std::string& what);
 // `cfg` needs on one rank of `sp`, and the longest max_len that fits in
 // `device_bytes`.
 std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes);
+
+// Rethrows `e` with plan_advice(cfg, sp, e.total_bytes) appended, for the
+// places that know the configuration (trainer, bench).
+[[noreturn]] void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp);
 
 }  // namespace reformer

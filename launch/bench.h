@@ -17,6 +17,7 @@ struct BenchRow {
   double ms_per_step = 0;      // one sequence: forward, backward, optimizer
   double tokens_per_s = 0;
   double device_peak_gib = -1; // peak device memory held by the run's ops; -1: not tracked
+  double planned_gib = 0;      // the memory plan's peak for the step (framework/memory_plan.h)
   double host_peak_gib = 0;    // peak resident memory of the process
   // With breakdown: per-op totals over the timed steps (ProfilingOps), in
   // op-list order; empty otherwise.
@@ -49,6 +50,7 @@ struct ParallelBenchRow {
   double ms_one_call = -1;    // one all-reduce call over the same bytes
   double grad_mib = 0;        // gradient bytes reduced per step
   double device_peak_gib = -1;
+  double planned_gib = 0;     // the memory plan's peak for one rank
 };
 
 // Runs `steps` timed steps of `cfg` through the Trainer over `world`
