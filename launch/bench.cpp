@@ -37,6 +37,13 @@ double seconds() {
 
 double gib(int64_t bytes) { return double(bytes) / double(1ull << 30); }
 
+// The memory plan's peak for one rank of sp; on the CPU (no stream) without
+// the device workspaces.
+double planned_gib(Ops<float>& ops, const Config& cfg, int sp) {
+  const MemoryPlan plan = plan_memory(cfg, sp);
+  return gib(ops.stream() != nullptr ? plan.total_bytes() : plan.allocated_bytes());
+}
+
 double host_peak_gib() {
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
@@ -116,7 +123,7 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
     r.ms_per_step = 1e3 * dt;
     r.tokens_per_s = double(L) / dt;
     r.device_peak_gib = ops->peak_bytes() < 0 ? -1.0 : double(ops->peak_bytes()) / double(1ull << 30);
-    r.planned_gib = gib(plan_memory(cfg, 1).total_bytes());
+    r.planned_gib = planned_gib(*ops, cfg, 1);
     r.host_peak_gib = host_peak_gib();
     r.steps = steps;
     if (profiler) r.ops = profiler->stats();
@@ -190,7 +197,7 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   }
   r.tokens_per_s = double(r.batch) * double(r.length) * 1e3 / r.ms_per_step;
   r.device_peak_gib = ops.peak_bytes() < 0 ? -1.0 : double(ops.peak_bytes()) / double(1ull << 30);
-  r.planned_gib = gib(plan_memory(cfg, t.grid().sp()).total_bytes());
+  r.planned_gib = planned_gib(ops, cfg, t.grid().sp());
   return r;
 }
 
