@@ -1,7 +1,7 @@
 // Attention kinds as small strategies, chosen per layer at construction.
 //
-// A kind sees the heads it owns over the whole sequence: qk, v and ao are
-// [L, ld] with `heads` heads of width dh side by side (ld >= heads * dh).
+// A kind sees the heads it owns over the whole sequence, one head per call:
+// qk, v and ao point at that head's columns, [L, dh] with row stride ld.
 // Under sequence parallelism the model first exchanges its sequence shard for
 // a head shard, so the kinds never know about ranks; head0 is the global
 // index of the first owned head (it keys the LSH rotations, so every layout
@@ -28,21 +28,17 @@ struct AttentionShape {
   int64_t ld = 0;   // row stride of qk, v, ao and their gradients
 };
 
-// Transient buffers the kinds share across layers (a layer's forward and
-// backward run back to back in the recompute), sized by the model for the
-// largest kind it holds.
+// Transient buffers of one head that the kinds share across heads and
+// layers, sized by the model (framework/memory_plan.cpp) for the largest
+// kind it holds. They carry a head's state from forward() to backward(), so
+// the backward of a head must follow the forward of the same head.
 template <class T>
 struct AttentionScratch {
-  Buffer<T> out_r;         // per owned head [rounds, L, dh]: each round's output
-  Buffer<T> lse;           // per owned head [rounds, L]: each round's log-sum-exp
+  Buffer<T> out_r;         // [rounds, L, dh]: each round's output
+  Buffer<T> lse;           // [rounds, L]: each round's log-sum-exp
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // sorted order of one head [n_hashes, L]
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)
-  int rounds = 1;          // rounds out_r / lse hold per head
-
-  // Owned head h's slices for a shape's L and dh.
-  T* out_r_of(int h, const AttentionShape& s) { return out_r.data() + int64_t(h) * rounds * s.L * s.dh; }
-  T* lse_of(int h, const AttentionShape& s) { return lse.data() + int64_t(h) * rounds * s.L; }
 };
 
 template <class T>
@@ -50,13 +46,15 @@ class AttentionKindImpl {
  public:
   virtual ~AttentionKindImpl() = default;
   virtual const char* name() const = 0;
-  // ao = attention(qk, v) for every owned head. `rehash` (LSH): compute and
-  // save the bucket ids from this qk; otherwise reuse the saved ones (the
-  // backward recompute must see the forward's buckets). Saves what backward
-  // needs.
-  virtual void forward(const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
-  // dqk, dv += gradients for dao, right after forward() on the same inputs.
-  virtual void backward(const T* qk, const T* v, const T* ao, const T* dao, T* dqk, T* dv) = 0;
+  // ao = attention(qk, v) for owned head h (0 <= h < heads). `rehash` (LSH):
+  // compute and save the head's bucket ids from this qk; otherwise reuse the
+  // saved ones (the backward recompute must see the forward's buckets).
+  // Leaves in the scratch what backward needs.
+  virtual void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
+  // dqk, dv += gradients for dao of head h, right after forward() of the
+  // same head on the same inputs.
+  virtual void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+                        T* dv) = 0;
 };
 
 // The kind layer `shape.layer` runs: attention.kinds cycled over layers,

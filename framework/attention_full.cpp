@@ -11,25 +11,19 @@ class FullAttention final : public AttentionKindImpl<T> {
  public:
   FullAttention(const Config& cfg, const AttentionShape& shape, Ops<T>& ops,
                 AttentionScratch<T>& scratch)
-      : shape_(shape), ops_(ops), s_(scratch), ap_(attention_params(cfg, shape)) {}
+      : ops_(ops), s_(scratch), ap_(attention_params(cfg, shape)) {}
   const char* name() const override { return "full"; }
 
-  void forward(const T* qk, const T* v, T* ao, uint64_t, bool) override {
-    for (int h = 0; h < shape_.heads; ++h) {
-      const int64_t c = int64_t(h) * shape_.dh;
-      ops_.full_attention_forward(ao + c, s_.lse_of(h, shape_), qk + c, v + c, ap_);
-    }
+  void forward(int, const T* qk, const T* v, T* ao, uint64_t, bool) override {
+    ops_.full_attention_forward(ao, s_.lse.data(), qk, v, ap_);
   }
 
-  void backward(const T* qk, const T* v, const T* ao, const T* dao, T* dqk, T* dv) override {
-    for (int h = 0; h < shape_.heads; ++h) {
-      const int64_t c = int64_t(h) * shape_.dh;
-      ops_.full_attention_backward(dqk + c, dv + c, dao + c, ao + c, qk + c, v + c, s_.lse_of(h, shape_), ap_);
-    }
+  void backward(int, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+                T* dv) override {
+    ops_.full_attention_backward(dqk, dv, dao, ao, qk, v, s_.lse.data(), ap_);
   }
 
  private:
-  AttentionShape shape_;
   Ops<T>& ops_;
   AttentionScratch<T>& s_;
   AttentionParams ap_;

@@ -11,31 +11,24 @@ class LocalAttention final : public AttentionKindImpl<T> {
  public:
   LocalAttention(const Config& cfg, const AttentionShape& shape, Ops<T>& ops,
                  AttentionScratch<T>& scratch)
-      : shape_(shape), ops_(ops), s_(scratch) {
+      : ops_(ops), s_(scratch) {
     ap_ = attention_params(cfg, shape);
     ap_.n_rounds = 1;
     ap_.wrap = false;
   }
   const char* name() const override { return "local"; }
 
-  void forward(const T* qk, const T* v, T* ao, uint64_t, bool) override {
-    for (int h = 0; h < shape_.heads; ++h) {
-      const int64_t c = int64_t(h) * shape_.dh;
-      ops_.chunked_attention_forward(ao + c, s_.out_r_of(h, shape_), s_.lse_of(h, shape_), qk + c, v + c,
-                                     s_.identity.data(), ap_);
-    }
+  void forward(int, const T* qk, const T* v, T* ao, uint64_t, bool) override {
+    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse.data(), qk, v, s_.identity.data(),
+                                   ap_);
   }
 
-  void backward(const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
-    for (int h = 0; h < shape_.heads; ++h) {
-      const int64_t c = int64_t(h) * shape_.dh;
-      ops_.chunked_attention_backward(dqk + c, dv + c, dao + c, qk + c, v + c,
-                                      s_.identity.data(), s_.out_r_of(h, shape_), s_.lse_of(h, shape_), ap_);
-    }
+  void backward(int, const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
+    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), s_.out_r.data(),
+                                    s_.lse.data(), ap_);
   }
 
  private:
-  AttentionShape shape_;
   Ops<T>& ops_;
   AttentionScratch<T>& s_;
   AttentionParams ap_;

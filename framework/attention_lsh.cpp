@@ -23,29 +23,23 @@ class LshAttention final : public AttentionKindImpl<T> {
   }
   const char* name() const override { return "lsh"; }
 
-  void forward(const T* qk, const T* v, T* ao, uint64_t step, bool rehash) override {
+  void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) override {
     const int64_t L = shape_.L;
-    for (int h = 0; h < shape_.heads; ++h) {
-      int32_t* buckets = buckets_.data() + int64_t(h) * nh_ * L;
-      const int64_t c = int64_t(h) * shape_.dh;
-      if (rehash) {
-        ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer,
-                           shape_.head0 + h, nh_, shape_.dh, nb_, f0_);
-        ops_.lsh_hash(buckets, qk + c, shape_.ld, s_.rot.data(), L, shape_.dh, nh_, nb_, f0_);
-      }
-      ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
-      ops_.chunked_attention_forward(ao + c, s_.out_r_of(h, shape_), s_.lse_of(h, shape_), qk + c, v + c, s_.perm.data(), ap_);
+    int32_t* buckets = buckets_.data() + int64_t(h) * nh_ * L;
+    if (rehash) {
+      ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer, shape_.head0 + h,
+                         nh_, shape_.dh, nb_, f0_);
+      ops_.lsh_hash(buckets, qk, shape_.ld, s_.rot.data(), L, shape_.dh, nh_, nb_, f0_);
     }
+    ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
+    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse.data(), qk, v, s_.perm.data(), ap_);
   }
 
-  void backward(const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
+  void backward(int h, const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
     const int64_t L = shape_.L;
-    for (int h = 0; h < shape_.heads; ++h) {
-      const int64_t c = int64_t(h) * shape_.dh;
-      ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
-      ops_.chunked_attention_backward(dqk + c, dv + c, dao + c, qk + c, v + c, s_.perm.data(),
-                                      s_.out_r_of(h, shape_), s_.lse_of(h, shape_), ap_);
-    }
+    ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
+    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data(), s_.out_r.data(),
+                                    s_.lse.data(), ap_);
   }
 
  private:

@@ -16,6 +16,14 @@ bool cuda_available() {
 #endif
 }
 
+int64_t device_memory_bytes() {
+#if defined(REFORMER_HAVE_CUDA)
+  return cuda_available() ? cuda_device_memory_bytes() : 0;
+#else
+  return 0;
+#endif
+}
+
 std::unique_ptr<Ops<float>> make_ops(DeviceKind device) {
   if (device == DeviceKind::cuda || (device == DeviceKind::auto_ && cuda_available())) {
 #if defined(REFORMER_HAVE_CUDA)

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "framework/attention.h"
+#include "framework/memory_plan.h"
 #include "framework/sequence_parallel.h"
 #include "kernels/errors.h"
 #include "kernels/common/philox.h"
@@ -17,20 +18,21 @@ constexpr int kSiteAttention = 0;
 constexpr int kSiteFFN = 1;
 }  // namespace
 
-// Activation buffers for one rank's shard of a sequence; sizes in elements.
-// Under sequence parallelism attention runs over the whole sequence for the
-// heads this rank owns: the h* buffers hold those [Lfull, Hloc * dh] views
-// (they alias the [L, H * dh] ones when one rank holds everything).
+// Activation buffers for one rank's shard of a sequence, sized by the memory
+// plan (framework/memory_plan.h). Only the residual streams and their
+// gradients span [L, D]; the attention sublayer runs one head at a time
+// (sp = 1: qk .. dao are [L, dh]) or, under sequence parallelism, this
+// rank's heads over the whole sequence (qk .. dao are [Lfull, Hloc * dh],
+// exchanged with the sequence-shard lqk, lv [L, H * dh]). LayerNorm, the
+// projections and the output projection run in position chunks of fc rows
+// through the feed-forward chunk buffers (the two sublayers never overlap).
 template <class T>
 struct ReformerModel<T>::Scratch {
   IntBuffer<T> tokens, targets;          // [L]
   Buffer<T> x1, x2, dx1, dx2;            // residual streams and their gradients [L, D]
-  Buffer<T> ln, ln_mean, ln_rstd;        // LN_a output [L, D], stats [L]
-  Buffer<T> dln;                         // [L, D]
-  Buffer<T> branch, dbranch;             // attention branch output and its gradient [L, D]
-  Buffer<T> qk, v, ao, dqk, dv, dao;     // [L, H * dh]
-  Buffer<T> hbuf;                        // head-sharded twins, 6 x [Lfull, Hloc * dh] (sp > 1)
-  T *hqk, *hv, *hao, *hdqk, *hdv, *hdao;
+  Buffer<T> qk, v, ao, dqk, dv, dao;     // attention operands (see above)
+  Buffer<T> lqk, lv;                     // sp > 1: sequence-shard projections / gradients
+  Buffer<T> wq, wv, gwq, gwv;            // sp = 1: one head's columns of Wqk, Wv, grads [D, dh]
   std::unique_ptr<HeadExchange<T>> exchange;  // sp > 1
   AttentionScratch<T> attn;
   std::vector<std::unique_ptr<AttentionKindImpl<T>>> kinds;  // per layer
@@ -59,72 +61,67 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   NL_ = m.n_layers;
   d1_ = m.axial_dims[0];
   a2_ = m.axial_shape[1];
-  const int HD = H_ * dh_;
 
   table_ = model_param_table(cfg);
-  params_ = Buffer<T>(ops, table_.total());
-  grads_ = Buffer<T>(ops, table_.total());
+  // Every allocation below is sized by the memory plan (framework/memory_plan.h).
+  const MemoryPlan plan = plan_memory(cfg, shard.size, int(sizeof(T)));
+  auto buf = [&](const char* name) { return Buffer<T>(ops, plan.count(name)); };
+  auto ibuf = [&](const char* name) { return IntBuffer<T>(ops, plan.count(name)); };
+  params_ = buf("params");
+  grads_ = buf("grads");
   ops.fill(grads_.data(), T(0), table_.total());
   P_ = bind_tensors(table_, params_.data(), NL_);
   G_ = bind_tensors(table_, grads_.data(), NL_);
 
   s_ = new Scratch;
   Scratch& s = *s_;
-  const int64_t LD = L_ * D_, LHD = L_ * HD;
-  s.tokens = IntBuffer<T>(ops, L_);
-  s.targets = IntBuffer<T>(ops, L_);
-  for (Buffer<T>* b : {&s.x1, &s.x2, &s.dx1, &s.dx2, &s.ln, &s.dln, &s.branch, &s.dbranch})
-    *b = Buffer<T>(ops, LD);
-  s.ln_mean = Buffer<T>(ops, L_);
-  s.ln_rstd = Buffer<T>(ops, L_);
-  for (Buffer<T>* b : {&s.qk, &s.v, &s.ao, &s.dqk, &s.dv, &s.dao}) *b = Buffer<T>(ops, LHD);
-  T** heads[] = {&s.hqk, &s.hv, &s.hao, &s.hdqk, &s.hdv, &s.hdao};
+  s.tokens = ibuf("tokens");
+  s.targets = ibuf("targets");
+  s.x1 = buf("x1"); s.x2 = buf("x2"); s.dx1 = buf("dx1"); s.dx2 = buf("dx2");
+  s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
+  s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
   if (shard.size > 1) {
-    const int64_t n = Lfull_ * Hloc_ * dh_;
-    s.hbuf = Buffer<T>(ops, 6 * n);
-    for (int i = 0; i < 6; ++i) *heads[i] = s.hbuf.data() + i * n;
+    s.lqk = buf("lqk");
+    s.lv = buf("lv");
     s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, H_, dh_);
   } else {
-    Buffer<T>* local[] = {&s.qk, &s.v, &s.ao, &s.dqk, &s.dv, &s.dao};
-    for (int i = 0; i < 6; ++i) *heads[i] = local[i]->data();
+    s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
   }
 
   // Attention kinds and the scratch they share.
   bool any_lsh = false;
   for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
-  const int nh = cfg.attention.n_hashes;
-  s.attn.rounds = any_lsh ? nh : 1;
-  s.attn.out_r = Buffer<T>(ops, int64_t(Hloc_) * s.attn.rounds * Lfull_ * dh_);
-  s.attn.lse = Buffer<T>(ops, int64_t(Hloc_) * s.attn.rounds * Lfull_);
+  s.attn.out_r = buf("out_r");
+  s.attn.lse = buf("lse");
   if (any_lsh) {
-    s.attn.rot = Buffer<T>(ops, int64_t(nh) * dh_ *
-                                    rotation_cols(cfg.buckets(), cfg.bucket_factor0()));
-    s.attn.perm = IntBuffer<T>(ops, int64_t(nh) * Lfull_);
+    s.attn.rot = buf("rotations");
+    s.attn.perm = ibuf("perm");
   }
-  s.attn.identity = IntBuffer<T>(ops, Lfull_);
+  s.attn.identity = ibuf("identity");
   {
     std::vector<int32_t> id(static_cast<size_t>(Lfull_));
     std::iota(id.begin(), id.end(), 0);
     ops.from_host_i32(s.attn.identity.data(), id.data(), Lfull_);
   }
   for (int l = 0; l < NL_; ++l) {
-    const AttentionShape shape{l, Lfull_, Hloc_, shard.rank * Hloc_, dh_, int64_t(Hloc_) * dh_};
+    const int64_t ld = shard.size > 1 ? int64_t(Hloc_) * dh_ : dh_;
+    const AttentionShape shape{l, Lfull_, Hloc_, shard.rank * Hloc_, dh_, ld};
     s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
   }
 
   s.fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L_) : L_;
-  for (Buffer<T>* b : {&s.fln, &s.fg, &s.dfln, &s.dfg}) *b = Buffer<T>(ops, s.fc * D_);
-  for (Buffer<T>* b : {&s.fh, &s.fa, &s.dfh, &s.dfa}) *b = Buffer<T>(ops, s.fc * F_);
-  s.fmean = Buffer<T>(ops, s.fc);
-  s.frstd = Buffer<T>(ops, s.fc);
+  s.fln = buf("fln"); s.fg = buf("fg"); s.dfln = buf("dfln"); s.dfg = buf("dfg");
+  s.fh = buf("fh"); s.fa = buf("fa"); s.dfh = buf("dfh"); s.dfa = buf("dfa");
+  s.fmean = buf("fmean");
+  s.frstd = buf("frstd");
 
   s.oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L_) : L_;
-  for (Buffer<T>* b : {&s.cat, &s.oln, &s.dcat, &s.doln}) *b = Buffer<T>(ops, s.oc * 2 * D_);
-  s.omean = Buffer<T>(ops, s.oc);
-  s.orstd = Buffer<T>(ops, s.oc);
-  s.logits = Buffer<T>(ops, s.oc * V_);
-  s.loss = Buffer<T>(ops, s.oc);
-  s.pred = IntBuffer<T>(ops, s.oc);
+  s.cat = buf("cat"); s.oln = buf("oln"); s.dcat = buf("dcat"); s.doln = buf("doln");
+  s.omean = buf("omean");
+  s.orstd = buf("orstd");
+  s.logits = buf("logits");
+  s.loss = buf("loss");
+  s.pred = ibuf("pred");
 }
 
 template <class T>
@@ -165,58 +162,190 @@ void ReformerModel<T>::embed(const int32_t* tokens) {
   ops_.copy(s.x2.data(), s.x1.data(), L_ * D_);
 }
 
-// Residual-branch dropout of layer l's attention output [L, D], keyed by
-// global element offsets so every layout draws the same mask.
-template <class T>
-void ReformerModel<T>::branch_dropout(T* x, int l, uint64_t step, bool train) {
-  if (train && cfg_.model.dropout > 0)
-    ops_.dropout(x, L_ * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l,
-                 kSiteAttention, pos0_ * D_);
+// Calls f(r0, rows) for consecutive chunks of at most `chunk` rows covering [0, L).
+template <class F>
+void for_chunks(int64_t L, int64_t chunk, F&& f) {
+  for (int64_t r0 = 0; r0 < L; r0 += chunk) f(r0, std::min(chunk, L - r0));
 }
 
-// out[L, D] = Attn(x) for layer l; x is LN_a's output. When `rehash`, the
-// bucket ids of LSH layers are computed from this x and saved; otherwise the
-// saved ones are reused (the backward recompute). Leaves the projections and
-// the kind's saved state in scratch for attention_backward. Under sequence
-// parallelism the projections are exchanged for this rank's heads over the
-// whole sequence, attended, and exchanged back.
+// Owned head h's columns of layer l's Wqk and Wv into wq, wv [D, dh].
 template <class T>
-void ReformerModel<T>::attention_forward(int l, const T* x, T* out, uint64_t step, bool rehash) {
+void ReformerModel<T>::load_head_weights(int l, int h) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const int HD = H_ * dh_;
-  ops_.matmul_forward(s.qk.data(), x, P.wqk, nullptr, L_, D_, HD);
-  ops_.matmul_forward(s.v.data(), x, P.wv, nullptr, L_, D_, HD);
-  if (s.exchange) {
-    s.exchange->to_heads(s.qk.data(), s.hqk);
-    s.exchange->to_heads(s.v.data(), s.hv);
-  }
-  s.kinds[size_t(l)]->forward(s.hqk, s.hv, s.hao, step, rehash);
-  if (s.exchange) s.exchange->to_sequence(s.hao, s.ao.data());
-  ops_.matmul_forward(out, s.ao.data(), P.wo, nullptr, L_, HD, D_);
+  ops_.copy_2d(s.wq.data(), dh_, P.wqk + int64_t(h) * dh_, HD, D_, dh_);
+  ops_.copy_2d(s.wv.data(), dh_, P.wv + int64_t(h) * dh_, HD, D_, dh_);
 }
 
-// dx += d Attn(x) / dx applied to dout; parameter gradients accumulate.
-// Expects the scratch state of attention_forward(l, x, ...) just before.
+// qk[L, n] = LN_a(x2) wq, v[L, n] = LN_a(x2) wv (wq, wv [D, n]), chunk by chunk.
 template <class T>
-void ReformerModel<T>::attention_backward(int l, const T* x, const T* dout, T* dx) {
+void ReformerModel<T>::project(int l, const T* wq, const T* wv, int n, T* qk, T* v) {
+  Scratch& s = *s_;
+  const LayerTensors<T>& P = P_.layers[size_t(l)];
+  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+    ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), s.x2.data() + r0 * D_,
+                           P.ln_a_w, P.ln_a_b, rows, D_, float(cfg_.model.layernorm_eps));
+    ops_.matmul_forward(qk + r0 * n, s.fln.data(), wq, nullptr, rows, D_, n);
+    ops_.matmul_forward(v + r0 * n, s.fln.data(), wv, nullptr, rows, D_, n);
+  });
+}
+
+// The backward of project: dx2 += LN_a'(x2)^T (dqk wq^T + dv wv^T); gwq, gwv
+// and LN_a's parameter gradients accumulate. LayerNorm's backward is linear
+// in its incoming gradient, so heads may add their parts one at a time.
+template <class T>
+void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const T* wq,
+                                        const T* wv, T* gwq, T* gwv, int n) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
-  const int HD = H_ * dh_;
-  const int64_t LHD = L_ * HD, hn = Lfull_ * Hloc_ * dh_;
-  ops_.fill(s.dao.data(), T(0), LHD);
-  ops_.matmul_backward(s.dao.data(), G.wo, nullptr, dout, s.ao.data(), P.wo, L_, HD, D_);
-  if (s.exchange) s.exchange->to_heads(s.dao.data(), s.hdao);
-  ops_.fill(s.hdqk, T(0), hn);
-  ops_.fill(s.hdv, T(0), hn);
-  s.kinds[size_t(l)]->backward(s.hqk, s.hv, s.hao, s.hdao, s.hdqk, s.hdv);
-  if (s.exchange) {
-    s.exchange->to_sequence(s.hdqk, s.dqk.data());
-    s.exchange->to_sequence(s.hdv, s.dv.data());
+  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+    const T* x2 = s.x2.data() + r0 * D_;
+    ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), x2, P.ln_a_w, P.ln_a_b,
+                           rows, D_, float(cfg_.model.layernorm_eps));
+    ops_.fill(s.dfln.data(), T(0), rows * D_);
+    ops_.matmul_backward(s.dfln.data(), gwq, nullptr, dqk + r0 * n, s.fln.data(), wq, rows, D_, n);
+    ops_.matmul_backward(s.dfln.data(), gwv, nullptr, dv + r0 * n, s.fln.data(), wv, rows, D_, n);
+    ops_.layernorm_backward(s.dx2.data() + r0 * D_, G.ln_a_w, G.ln_a_b, s.dfln.data(), x2,
+                            P.ln_a_w, s.fmean.data(), s.frstd.data(), rows, D_);
+  });
+}
+
+// x1 += dropout(ao wo) (ao [L, n], wo [n, D]), or -= when `subtract`, chunk
+// by chunk. The residual-branch dropout mask is keyed by global element
+// offsets, so every head and every layout draws the same mask, and the sum
+// of the heads' dropped-out parts is the dropped-out sum.
+template <class T>
+void ReformerModel<T>::add_output(int l, const T* ao, const T* wo, int n, bool subtract,
+                                  uint64_t step, bool train) {
+  Scratch& s = *s_;
+  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+    ops_.matmul_forward(s.fg.data(), ao + r0 * n, wo, nullptr, rows, n, D_);
+    if (train && cfg_.model.dropout > 0)
+      ops_.dropout(s.fg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l,
+                   kSiteAttention, (pos0_ + r0) * D_);
+    T* x1 = s.x1.data() + r0 * D_;
+    if (subtract) ops_.sub(x1, x1, s.fg.data(), rows * D_);
+    else ops_.add(x1, x1, s.fg.data(), rows * D_);
+  });
+}
+
+// The backward of add_output for the gradient dx1 of y1: dao [L, n] +=
+// dropout(dx1) wo^T, gwo [n, D] += ao^T dropout(dx1).
+template <class T>
+void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao,
+                                       uint64_t step, bool train) {
+  Scratch& s = *s_;
+  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+    const T* d = s.dx1.data() + r0 * D_;
+    if (train && cfg_.model.dropout > 0) {
+      ops_.copy(s.dfg.data(), d, rows * D_);
+      ops_.dropout(s.dfg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step,
+                   l, kSiteAttention, (pos0_ + r0) * D_);
+      d = s.dfg.data();
+    }
+    ops_.matmul_backward(dao + r0 * n, gwo, nullptr, d, ao + r0 * n, wo, rows, n, D_);
+  });
+}
+
+// x1 += Attn(LN_a(x2)) for layer l, saving each LSH head's bucket ids. One
+// head at a time (sp = 1); under sequence parallelism every head's
+// projections of this rank's positions are exchanged for this rank's heads
+// over the whole sequence, attended head by head, and exchanged back.
+template <class T>
+void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
+  Scratch& s = *s_;
+  const LayerTensors<T>& P = P_.layers[size_t(l)];
+  AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
+  if (!s.exchange) {
+    for (int h = 0; h < H_; ++h) {
+      load_head_weights(l, h);
+      project(l, s.wq.data(), s.wv.data(), dh_, s.qk.data(), s.v.data());
+      kind.forward(h, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ true);
+      add_output(l, s.ao.data(), P.wo + int64_t(h) * dh_ * D_, dh_, false, step, train);
+    }
+    return;
   }
-  ops_.matmul_backward(dx, G.wqk, nullptr, s.dqk.data(), x, P.wqk, L_, D_, HD);
-  ops_.matmul_backward(dx, G.wv, nullptr, s.dv.data(), x, P.wv, L_, D_, HD);
+  attend_shards(l, step, /*rehash*/ true);
+  add_output(l, s.lqk.data(), P.wo, H_ * dh_, false, step, train);
+}
+
+// Sequence parallel: lqk [L, H * dh] <- the attention outputs (before Wo)
+// of this rank's positions, for every head. Projects this rank's positions
+// on every head, exchanges them for this rank's heads over the whole
+// sequence (qk, v), attends head by head (ao) and exchanges back.
+template <class T>
+void ReformerModel<T>::attend_shards(int l, uint64_t step, bool rehash) {
+  Scratch& s = *s_;
+  const LayerTensors<T>& P = P_.layers[size_t(l)];
+  project(l, P.wqk, P.wv, H_ * dh_, s.lqk.data(), s.lv.data());
+  s.exchange->to_heads(s.lqk.data(), s.qk.data());
+  s.exchange->to_heads(s.lv.data(), s.v.data());
+  for (int h = 0; h < Hloc_; ++h) {
+    const int64_t c = int64_t(h) * dh_;
+    s.kinds[size_t(l)]->forward(h, s.qk.data() + c, s.v.data() + c, s.ao.data() + c, step,
+                                rehash);
+  }
+  s.exchange->to_sequence(s.ao.data(), s.lqk.data());
+}
+
+// From y1 in x1, the rebuilt x2 and the gradients dx1 (of y1) and dx2 (of
+// y2, with the feed-forward part added): rebuilds x1 = y1 - Attn(LN_a(x2))
+// with the saved bucket ids and adds Attn's part to dx2; layer l's attention
+// and LN_a gradients accumulate.
+template <class T>
+void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train) {
+  Scratch& s = *s_;
+  const LayerTensors<T>& P = P_.layers[size_t(l)];
+  const LayerTensors<T>& G = G_.layers[size_t(l)];
+  AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
+  const int HD = H_ * dh_;
+  if (!s.exchange) {
+    const int64_t n = L_ * dh_, w = int64_t(D_) * dh_;
+    for (int h = 0; h < H_; ++h) {
+      const int64_t c = int64_t(h) * dh_;
+      load_head_weights(l, h);
+      project(l, s.wq.data(), s.wv.data(), dh_, s.qk.data(), s.v.data());
+      kind.forward(h, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ false);
+      add_output(l, s.ao.data(), P.wo + c * D_, dh_, true, step, train);
+      ops_.fill(s.dao.data(), T(0), n);
+      output_backward(l, s.ao.data(), P.wo + c * D_, G.wo + c * D_, dh_, s.dao.data(), step,
+                      train);
+      ops_.fill(s.dqk.data(), T(0), n);
+      ops_.fill(s.dv.data(), T(0), n);
+      kind.backward(h, s.qk.data(), s.v.data(), s.ao.data(), s.dao.data(), s.dqk.data(),
+                    s.dv.data());
+      ops_.fill(s.gwq.data(), T(0), w);
+      ops_.fill(s.gwv.data(), T(0), w);
+      project_backward(l, s.dqk.data(), s.dv.data(), s.wq.data(), s.wv.data(), s.gwq.data(),
+                       s.gwv.data(), dh_);
+      ops_.add_2d(G.wqk + c, HD, s.gwq.data(), dh_, D_, dh_);
+      ops_.add_2d(G.wv + c, HD, s.gwv.data(), dh_, D_, dh_);
+    }
+    return;
+  }
+  // Sequence parallel: the forward again (every head, for the exchange),
+  // then each head's forward once more right before its backward (the
+  // kinds keep one head's state).
+  const int64_t hn = Lfull_ * Hloc_ * dh_, ln = L_ * HD;
+  attend_shards(l, step, /*rehash*/ false);
+  add_output(l, s.lqk.data(), P.wo, HD, true, step, train);
+  ops_.fill(s.lv.data(), T(0), ln);
+  output_backward(l, s.lqk.data(), P.wo, G.wo, HD, s.lv.data(), step, train);
+  s.exchange->to_heads(s.lv.data(), s.dao.data());
+  ops_.fill(s.dqk.data(), T(0), hn);
+  ops_.fill(s.dv.data(), T(0), hn);
+  for (int h = 0; h < Hloc_; ++h) {
+    const int64_t c = int64_t(h) * dh_;
+    const T *qk = s.qk.data() + c, *v = s.v.data() + c;
+    kind.forward(h, qk, v, s.ao.data() + c, step, /*rehash*/ false);
+    kind.backward(h, qk, v, s.ao.data() + c, s.dao.data() + c, s.dqk.data() + c,
+                  s.dv.data() + c);
+  }
+  s.exchange->to_sequence(s.dqk.data(), s.lqk.data());
+  s.exchange->to_sequence(s.dv.data(), s.lv.data());
+  project_backward(l, s.lqk.data(), s.lv.data(), P.wqk, P.wv, G.wqk, G.wv, HD);
 }
 
 // g[rows, D] = FFN(LN_f(y1)) for the `rows` positions starting at local row
@@ -321,8 +450,6 @@ void ReformerModel<T>::stack_backward(uint64_t step, bool train) {
   Scratch& s = *s_;
   const int64_t LD = L_ * D_;
   for (int l = NL_ - 1; l >= 0; --l) {
-    const LayerTensors<T>& P = P_.layers[size_t(l)];
-    const LayerTensors<T>& G = G_.layers[size_t(l)];
     // y2 = x2 + FFN(LN_f(y1)): rebuild x2, then dy1 += FFN'(y1)^T dy2.
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {
       const int64_t rows = std::min<int64_t>(s.fc, L_ - r0);
@@ -332,23 +459,13 @@ void ReformerModel<T>::stack_backward(uint64_t step, bool train) {
                          rows, r0, step, train);
     }
     // y1 = x1 + Attn(LN_a(x2)): rebuild x1, then dx2 += Attn'(x2)^T dy1.
-    ops_.layernorm_forward(s.ln.data(), s.ln_mean.data(), s.ln_rstd.data(), s.x2.data(), P.ln_a_w,
-                           P.ln_a_b, L_, D_, float(cfg_.model.layernorm_eps));
-    attention_forward(l, s.ln.data(), s.branch.data(), step, /*rehash*/ false);
-    branch_dropout(s.branch.data(), l, step, train);
-    ops_.sub(s.x1.data(), s.x1.data(), s.branch.data(), LD);
+    attention_layer_backward(l, step, train);
     if (trace) {
       trace->rebuilt_x1[size_t(l)].resize(size_t(LD));
       trace->rebuilt_x2[size_t(l)].resize(size_t(LD));
       ops_.to_host(trace->rebuilt_x1[size_t(l)].data(), s.x1.data(), LD);
       ops_.to_host(trace->rebuilt_x2[size_t(l)].data(), s.x2.data(), LD);
     }
-    ops_.copy(s.dbranch.data(), s.dx1.data(), LD);
-    branch_dropout(s.dbranch.data(), l, step, train);
-    ops_.fill(s.dln.data(), T(0), LD);
-    attention_backward(l, s.ln.data(), s.dbranch.data(), s.dln.data());
-    ops_.layernorm_backward(s.dx2.data(), G.ln_a_w, G.ln_a_b, s.dln.data(), s.x2.data(), P.ln_a_w,
-                            s.ln_mean.data(), s.ln_rstd.data(), L_, D_);
     grads_ready(layer_range(table_, l));
   }
   // x1 = x2 = embed(tokens): its gradient is dx1 + dx2.
@@ -370,18 +487,13 @@ void ReformerModel<T>::stack_forward(const int32_t* tokens, uint64_t step, bool 
       v->assign(size_t(NL_), {});
   }
   for (int l = 0; l < NL_; ++l) {
-    const LayerTensors<T>& P = P_.layers[size_t(l)];
     if (trace) {
       trace->forward_x1[size_t(l)].resize(size_t(LD));
       trace->forward_x2[size_t(l)].resize(size_t(LD));
       ops_.to_host(trace->forward_x1[size_t(l)].data(), s.x1.data(), LD);
       ops_.to_host(trace->forward_x2[size_t(l)].data(), s.x2.data(), LD);
     }
-    ops_.layernorm_forward(s.ln.data(), s.ln_mean.data(), s.ln_rstd.data(), s.x2.data(), P.ln_a_w,
-                           P.ln_a_b, L_, D_, float(cfg_.model.layernorm_eps));
-    attention_forward(l, s.ln.data(), s.branch.data(), step, /*rehash*/ true);
-    branch_dropout(s.branch.data(), l, step, train);
-    ops_.add(s.x1.data(), s.x1.data(), s.branch.data(), LD);
+    attention_layer_forward(l, step, train);
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {
       const int64_t rows = std::min<int64_t>(s.fc, L_ - r0);
       ffn_chunk(l, s.x1.data() + r0 * D_, s.fg.data(), rows, r0, step, train);

@@ -96,12 +96,23 @@ class ReformerModel {
  private:
   struct Scratch;   // activation buffers
   void embed(const int32_t* tokens);
-  void attention_forward(int l, const T* x, T* out, uint64_t step, bool rehash);
-  void attention_backward(int l, const T* x, const T* dout, T* dx);
+  // The attention sublayer y1 = x1 + Attn(LN_a(x2)) in place on x1: the
+  // forward pass (sign +1) and, in the backward pass, the rebuild of x1
+  // (x1 = y1 - Attn) followed by the backward into dx2 and the gradients.
+  void attention_layer_forward(int l, uint64_t step, bool train);
+  void attention_layer_backward(int l, uint64_t step, bool train);
+  void attend_shards(int l, uint64_t step, bool rehash);
+  void load_head_weights(int l, int h);
+  void project(int l, const T* wq, const T* wv, int n, T* qk, T* v);
+  void project_backward(int l, const T* dqk, const T* dv, const T* wq, const T* wv, T* gwq,
+                        T* gwv, int n);
+  void add_output(int l, const T* ao, const T* wo, int n, bool subtract, uint64_t step,
+                  bool train);
+  void output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao, uint64_t step,
+                       bool train);
   void ffn_chunk(int l, const T* y1, T* g, int64_t rows, int64_t row0, uint64_t step, bool train);
   void ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy1, int64_t rows, int64_t row0,
                           uint64_t step, bool train);
-  void branch_dropout(T* x, int l, uint64_t step, bool train);
   LossStats head(const int32_t* targets, bool backward, T grad_scale, std::vector<T>* logits);
   void stack_forward(const int32_t* tokens, uint64_t step, bool train);
   void stack_backward(uint64_t step, bool train);

@@ -6,6 +6,7 @@
 #include <csignal>
 
 #include "framework/flops.h"
+#include "framework/memory_plan.h"
 #include "framework/resume_check.h"
 #include "kernels/errors.h"
 
@@ -64,9 +65,13 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
   if (grid_->sp() > 1) grid_->sp_group().set_compute_stream(ops_->stream());
   data_ = make_dataset(cfg_);
   const SequenceShard shard{grid_->sp(), grid_->sp_rank(), &grid_->sp_group()};
-  model_ = std::make_unique<ReformerModel<float>>(cfg_, *ops_, shard);
-  model_->init_params(cfg_.training.seed);
-  opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), *ops_);
+  try {  // out of device memory: say what the memory plan expects
+    model_ = std::make_unique<ReformerModel<float>>(cfg_, *ops_, shard);
+    model_->init_params(cfg_.training.seed);
+    opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), *ops_);
+  } catch (const OutOfMemoryError& e) {
+    rethrow_with_plan(e, cfg_, grid_->sp());
+  }
   const auto bucket_elems = int64_t(cfg_.parallel.bucket_mb * 1024 * 1024 / sizeof(float));
   reducer_ = std::make_unique<GradReducer>(world, model_->grads(), model_->num_params(),
                                            bucket_elems, cfg_.parallel.bucket_lag);
@@ -254,7 +259,12 @@ StepResult Trainer::train_step() {
   double count = double(local_count);
   host_.allreduce_sum(&count, 1);
   const float grad_scale = count > 0 ? float(1.0 / count) : 0.0f;
-  const LossStats st = accumulate_step(step_tokens_, step_targets_, per_group, grad_scale);
+  LossStats st;
+  try {  // the op workspaces grow during the first step
+    st = accumulate_step(step_tokens_, step_targets_, per_group, grad_scale);
+  } catch (const OutOfMemoryError& e) {
+    rethrow_with_plan(e, cfg_, grid_->sp());
+  }
   double sums[3] = {st.loss_sum, double(st.count), double(st.correct)};
   host_.allreduce_sum(sums, 3);
   StepResult r;

@@ -2,6 +2,7 @@
 // everything below it reports failure by throwing one of these.
 #pragma once
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -41,6 +42,15 @@ struct CommError : Error {
 // A device runtime call failed (CUDA, cuBLAS).
 struct DeviceError : Error {
   using Error::Error;
+};
+
+// A device allocation failed for want of memory: `requested` bytes were
+// asked for while the device had `free_bytes` of `total_bytes` free (as it
+// reported right after the failure; 0 where unknown).
+struct OutOfMemoryError : DeviceError {
+  OutOfMemoryError(const std::string& what, int64_t requested_bytes, int64_t free, int64_t total)
+      : DeviceError(what), requested(requested_bytes), free_bytes(free), total_bytes(total) {}
+  int64_t requested = 0, free_bytes = 0, total_bytes = 0;
 };
 
 // Training produced a non-finite loss or gradient.

@@ -19,6 +19,7 @@
 #include "framework/trainer.h"
 #include "kernels/errors.h"
 #include "framework/logging.h"
+#include "framework/memory_plan.h"
 #include "framework/model.h"
 #include "framework/optimizer.h"
 #include "kernels/common/philox.h"
@@ -34,6 +35,15 @@ namespace {
 double seconds() {
   using namespace std::chrono;
   return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+double gib(int64_t bytes) { return double(bytes) / double(1ull << 30); }
+
+// The memory plan's peak for one rank of sp; on the CPU (no stream) without
+// the device workspaces.
+double planned_gib(Ops<float>& ops, const Config& cfg, int sp) {
+  const MemoryPlan plan = plan_memory(cfg, sp);
+  return gib(ops.stream() != nullptr ? plan.total_bytes() : plan.allocated_bytes());
 }
 
 double host_peak_gib() {
@@ -76,9 +86,17 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
     if (breakdown)
       profiler = std::make_unique<ProfilingOps>(*device_ops, clock_for(*device_ops));
     Ops<float>* ops = profiler ? profiler.get() : device_ops.get();
-    ReformerModel<float> model(cfg, *ops);
+    std::unique_ptr<ReformerModel<float>> model_ptr;
+    std::unique_ptr<Optimizer<float>> opt_ptr;
+    try {
+      model_ptr = std::make_unique<ReformerModel<float>>(cfg, *ops);
+      opt_ptr = std::make_unique<Optimizer<float>>(cfg.optimizer, model_ptr->table(), *ops);
+    } catch (const OutOfMemoryError& e) {
+      rethrow_with_plan(e, cfg, 1);
+    }
+    ReformerModel<float>& model = *model_ptr;
+    Optimizer<float>& opt = *opt_ptr;
     model.init_params(cfg.training.seed);
-    Optimizer<float> opt(cfg.optimizer, model.table(), *ops);
     std::vector<int32_t> tokens(static_cast<size_t>(L)), targets(static_cast<size_t>(L));
     const RngKey key = make_key(cfg.training.seed, /*purpose: bench*/ 9);
     for (int64_t i = 0; i < L; ++i)
@@ -91,7 +109,11 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
       clip_grad_norm(*ops, model.grads(), model.num_params(), cfg.optimizer.grad_clip);
       opt.step(model.params(), model.grads(), s + 1, learning_rate(cfg.optimizer, s + 1, steps));
     };
-    step(0);  // warm-up: first-touch allocations, library initialisation
+    try {
+      step(0);  // warm-up: first-touch allocations, library initialisation
+    } catch (const OutOfMemoryError& e) {
+      rethrow_with_plan(e, cfg, 1);
+    }
     ops->synchronize();
     if (profiler) profiler->reset();
     const double t0 = seconds();
@@ -104,6 +126,7 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
     r.ms_per_step = 1e3 * dt;
     r.tokens_per_s = double(L) / dt;
     r.device_peak_gib = ops->peak_bytes() < 0 ? -1.0 : double(ops->peak_bytes()) / double(1ull << 30);
+    r.planned_gib = planned_gib(*ops, cfg, 1);
     r.host_peak_gib = host_peak_gib();
     r.steps = steps;
     if (peak < 0) peak = peak_tflops(*device_ops, cfg.logging.peak_tflops);
@@ -223,6 +246,7 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   const double peak = peak_tflops(ops, cfg.logging.peak_tflops);
   r.mfu = peak > 0 ? r.tflops_per_gpu / peak : -1;
   r.device_peak_gib = ops.peak_bytes() < 0 ? -1.0 : double(ops.peak_bytes()) / double(1ull << 30);
+  r.planned_gib = planned_gib(ops, cfg, t.grid().sp());
   return r;
 }
 
@@ -234,12 +258,12 @@ std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
   std::string out =
       "| layout | length | batch | ms/step | tokens/s | ms compute only | ms reduce alone | "
       "reduce GB/s (bus) | one-call GB/s (bus) | reduce hidden | TFLOP/s per GPU | MFU | "
-      "peak GiB |\n"
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
+      "peak GiB | planned GiB |\n"
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
   const bool many = r.ms_compute >= 0;
   const double hidden =
       many && r.ms_reduce > 0 ? 1.0 - (r.ms_per_step - r.ms_compute) / r.ms_reduce : 0.0;
-  out += strfmt("| %s | %lld | %d | %.1f | %.0f | %s | %s | %s | %s | %s | %.1f | %s | %.1f |\n",
+  out += strfmt("| %s | %lld | %d | %.1f | %.0f | %s | %s | %s | %s | %s | %.1f | %s | %.1f | %.1f |\n",
                 r.layout.c_str(), (long long)r.length, r.batch, r.ms_per_step, r.tokens_per_s,
                 many ? strfmt("%.1f", r.ms_compute).c_str() : "-",
                 many ? strfmt("%.2f", r.ms_reduce).c_str() : "-",
@@ -247,7 +271,7 @@ std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
                 many ? strfmt("%.0f", busbw(r.ms_one_call)).c_str() : "-",
                 many ? strfmt("%.0f%%", 100.0 * std::clamp(hidden, 0.0, 1.0)).c_str() : "-",
                 r.tflops_per_gpu, r.mfu >= 0 ? strfmt("%.1f%%", 100 * r.mfu).c_str() : "-",
-                r.device_peak_gib);
+                r.device_peak_gib, r.planned_gib);
   return out;
 }
 
@@ -293,14 +317,15 @@ std::string format_parallel_breakdown(const ParallelBenchRow& row) {
 
 std::string format_bench(const std::vector<BenchRow>& rows) {
   std::ostringstream o;
-  o << "| device | length | ms/step | tokens/s | model TFLOP/s | MFU | device peak GiB | host peak GiB |\n";
-  o << "| --- | --- | --- | --- | --- | --- | --- | --- |\n";
+  o << "| device | length | ms/step | tokens/s | model TFLOP/s | MFU | device peak GiB | "
+       "planned GiB | host peak GiB |\n";
+  o << "| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
   for (const BenchRow& r : rows)
-    o << strfmt("| %s | %lld | %.1f | %.0f | %.3g | %s | %s | %.2f |\n", r.device.c_str(),
+    o << strfmt("| %s | %lld | %.1f | %.0f | %.3g | %s | %s | %.2f | %.2f |\n", r.device.c_str(),
                 (long long)r.length, r.ms_per_step, r.tokens_per_s, r.tflops,
                 r.mfu >= 0 ? strfmt("%.1f%%", 100 * r.mfu).c_str() : "-",
                 r.device_peak_gib >= 0 ? strfmt("%.2f", r.device_peak_gib).c_str() : "-",
-                r.host_peak_gib);
+                r.planned_gib, r.host_peak_gib);
   return o.str();
 }
 

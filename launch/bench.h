@@ -17,6 +17,7 @@ struct BenchRow {
   double ms_per_step = 0;      // one sequence: forward, backward, optimizer
   double tokens_per_s = 0;
   double device_peak_gib = -1; // peak device memory held by the run's ops; -1: not tracked
+  double planned_gib = 0;      // the memory plan's peak for the step (framework/memory_plan.h)
   double host_peak_gib = 0;    // peak resident memory of the process
   double tflops = 0;           // model FLOP/s (framework/flops.h) / 1e12
   double mfu = -1;             // tflops / the device's ceiling; -1: no ceiling known
@@ -53,6 +54,7 @@ struct ParallelBenchRow {
   double device_peak_gib = -1;
   double tflops_per_gpu = 0;  // model FLOP/s per rank / 1e12
   double mfu = -1;            // per rank, against its ceiling; -1: none known
+  double planned_gib = 0;     // the memory plan's peak for one rank
   // With a breakdown: per rank, per op, ms per step with and without the
   // gradient sum; [rank][op] in op-list order (empty without a breakdown).
   std::vector<std::vector<OpStats>> ops_with, ops_without;

@@ -4,6 +4,7 @@
 //   reformer eval    --checkpoint PATH [--config FILE] [--set key=value]... [--split valid|test]
 //   reformer inspect PATH
 //   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
+//   reformer plan    [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
@@ -29,6 +30,8 @@
 #include "framework/config.h"
 #include "kernels/errors.h"
 #include "framework/logging.h"
+#include "framework/memory_plan.h"
+#include "framework/device.h"
 #include "framework/same_config.h"
 #include "framework/trainer.h"
 #include "generated/default_config.h"
@@ -52,6 +55,7 @@ const char* kMainHelp =
     "  eval      evaluate a checkpoint on the validation or test split\n"
     "  inspect   describe and verify a checkpoint file\n"
     "  bench     time training steps at several sequence lengths\n"
+    "  plan      print the memory plan of a configuration and the longest length that fits\n"
     "\n"
     "Run 'reformer <command> --help' for the options of a command.\n";
 
@@ -94,6 +98,14 @@ const char* kBenchHelp =
     "and prints a table of ms/step, tokens/s and peak memory. --breakdown also times every\n"
     "op of the real step and prints, per length, a table of op, calls, ms and % of step.\n";
 
+const char* kPlanHelp =
+    "usage: reformer plan [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]\n"
+    "\n"
+    "Prints, without running anything, the buffers one rank holds for a training step at\n"
+    "the config's model.max_len (fp32) and their total, and the longest max_len whose step\n"
+    "fits in SIZE (e.g. 141GiB, 80G; default: the memory of the visible GPU, required where\n"
+    "there is none). --sp N plans one rank of N sequence-parallel ranks (default parallel.sp).\n";
+
 struct Args {
   std::string config, metrics, resume, checkpoint, split = "valid", positional;
   std::vector<int64_t> lengths;  // bench; empty: the config's model.max_len
@@ -102,6 +114,8 @@ struct Args {
   int batches = 0;  // eval; 0: the config's training.eval_batches
   bool help = false;
   bool breakdown = false;
+  std::string memory;  // plan: --memory SIZE
+  int sp = 0;          // plan: --sp N; 0: the config's parallel.sp
 };
 
 // The whole number `text` given to `flag`, in [lo, hi]; else a UsageError
@@ -148,6 +162,8 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
     else if (s == "--steps" && cmd == "bench")
       a.steps = int(whole_number("--steps", value(i, "--steps"), 1, 1000000));
     else if (s == "--breakdown" && cmd == "bench") a.breakdown = true;
+    else if (s == "--memory" && cmd == "plan") a.memory = value(i, "--memory");
+    else if (s == "--sp" && cmd == "plan") a.sp = int(whole_number("--sp", value(i, "--sp"), 1, 1 << 20));
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
     else throw UsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
   }
@@ -288,6 +304,27 @@ int cmd_bench(const Args& a, std::unique_ptr<Communicator>& comm) {
   return 0;
 }
 
+int cmd_plan(const Args& a) {
+  const Config cfg = load(a);
+  const int sp = a.sp > 0 ? a.sp : cfg.parallel.sp;
+  int64_t budget = device_memory_bytes();
+  if (!a.memory.empty()) {
+    try {
+      budget = parse_bytes(a.memory, "--memory");
+    } catch (const ConfigError& e) {
+      throw UsageError(e.what());
+    }
+  }
+  if (budget <= 0) throw UsageError("reformer plan needs --memory SIZE where no GPU is visible");
+  const MemoryPlan plan = plan_memory(cfg, sp);
+  std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32:\n\n%s",
+              (long long)cfg.model.max_len, sp, format_plan(plan).c_str());
+  const int64_t fits = longest_length_that_fits(cfg, sp, budget);
+  std::printf("longest model.max_len that fits in %s: %s\n", format_bytes(budget).c_str(),
+              fits > 0 ? std::to_string(fits).c_str() : "none (the model alone does not fit)");
+  return 0;
+}
+
 int cmd_inspect(const Args& a) {
   if (a.positional.empty()) throw UsageError("reformer inspect needs a checkpoint PATH");
   return inspect_checkpoint(a.positional, std::cout) ? 0 : 1;
@@ -316,13 +353,14 @@ int main(int argc, char** argv) {
   }
   std::unique_ptr<Communicator> comm;
   try {
-    if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench")
+    if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench" && cmd != "plan")
       throw UsageError("unknown command '" + cmd + "' (try 'reformer --help')");
     const Args a = parse_args(cmd, argc, argv);
     if (a.help) {
       std::fputs(cmd == "train"  ? kTrainHelp
                  : cmd == "eval" ? kEvalHelp
                  : cmd == "bench" ? kBenchHelp
+                 : cmd == "plan"  ? kPlanHelp
                                  : kInspectHelp,
                  stdout);
       return 0;
@@ -330,6 +368,7 @@ int main(int argc, char** argv) {
     if (cmd == "train") return cmd_train(a, comm);
     if (cmd == "eval") return cmd_eval(a, comm);
     if (cmd == "bench") return cmd_bench(a, comm);
+    if (cmd == "plan") return cmd_plan(a);
     return cmd_inspect(a);
   } catch (const UsageError& e) {
     return fail(comm, 2, "", e.what());

@@ -9,6 +9,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <string>
 
 #include "kernels/errors.h"
@@ -32,6 +33,25 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
     throw_device_error(call, "cublas status " + std::to_string(int(s)), file, line);
 }
 
+// Like check_cuda for an allocation of `bytes` bytes; running out of device
+// memory throws OutOfMemoryError saying how much was asked for and what the
+// device has free of its total.
+inline void check_alloc(cudaError_t e, size_t bytes, const char* call, const char* file, int line) {
+  if (e != cudaErrorMemoryAllocation) return check_cuda(e, call, file, line);
+  cudaGetLastError();  // clear it: the device stays usable
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) cudaGetLastError();
+  const auto gib = [](size_t b) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f GiB", double(b) / double(size_t(1) << 30));
+    return std::string(buf);
+  };
+  throw OutOfMemoryError("out of device memory: " + std::string(call) + " asked for " + gib(bytes) +
+                             "; the device has " + gib(free_b) + " free of " + gib(total_b) +
+                             " (at " + file + ":" + std::to_string(line) + ")",
+                         int64_t(bytes), int64_t(free_b), int64_t(total_b));
+}
+
 // Codes device code writes to CudaOps' error word when an op finds invalid
 // input it cannot report at once (the host does not wait for ops); thrown as
 // ShapeError at the next host synchronisation point (kernels/ops.h).
@@ -53,6 +73,10 @@ inline const char* describe_device_error(int32_t code) {
 
 // CUDA_CHECK(cudaMemcpy(...)): throws DeviceError when the call fails.
 #define CUDA_CHECK(call) ::reformer::cuda::check_cuda((call), #call, __FILE__, __LINE__)
+// CUDA_CHECK_ALLOC(cudaMalloc(&p, bytes), bytes): CUDA_CHECK, with
+// OutOfMemoryError when the device has too little memory.
+#define CUDA_CHECK_ALLOC(call, bytes) \
+  ::reformer::cuda::check_alloc((call), (bytes), #call, __FILE__, __LINE__)
 // CUBLAS_CHECK(cublasLtMatmul(...)): throws DeviceError when the call fails.
 #define CUBLAS_CHECK(call) ::reformer::cuda::check_cublas((call), #call, __FILE__, __LINE__)
 // After every <<<...>>> launch: throws DeviceError on a launch (configuration) error.

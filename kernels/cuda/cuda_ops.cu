@@ -24,6 +24,15 @@ int cuda_device_count() {
   return n;
 }
 
+int64_t cuda_device_memory_bytes() {
+  size_t free_b = 0, total_b = 0;
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return int64_t(total_b);
+}
+
 std::unique_ptr<Ops<float>> make_cuda_ops() { return std::make_unique<CudaOps>(); }
 
 namespace {
@@ -37,7 +46,7 @@ CudaOps::CudaOps() {
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   ws_.bind(stream_);
   CUBLAS_CHECK(cublasLtCreate(&lt_));
-  CUDA_CHECK(cudaMalloc(&lt_ws_, kLtWorkspaceBytes));
+  CUDA_CHECK_ALLOC(cudaMalloc(&lt_ws_, kLtWorkspaceBytes), kLtWorkspaceBytes);
   lt_ws_bytes_ = kLtWorkspaceBytes;
   CUDA_CHECK(cudaMallocHost(&host_scalar_, sizeof(double)));
   CUDA_CHECK(cudaHostAlloc(&device_error_, sizeof(int32_t), cudaHostAllocMapped));
@@ -60,7 +69,7 @@ CudaOps::~CudaOps() {
 float* CudaOps::alloc(int64_t n) {
   if (n <= 0) return nullptr;
   void* p = nullptr;
-  CUDA_CHECK(cudaMalloc(&p, sizeof(float) * size_t(n)));
+  CUDA_CHECK_ALLOC(cudaMalloc(&p, sizeof(float) * size_t(n)), sizeof(float) * size_t(n));
   track_alloc(p, sizeof(float) * size_t(n));
   return static_cast<float*>(p);
 }
@@ -75,7 +84,7 @@ void CudaOps::release(float* p) {
 int32_t* CudaOps::alloc_i32(int64_t n) {
   if (n <= 0) return nullptr;
   void* p = nullptr;
-  CUDA_CHECK(cudaMalloc(&p, sizeof(int32_t) * size_t(n)));
+  CUDA_CHECK_ALLOC(cudaMalloc(&p, sizeof(int32_t) * size_t(n)), sizeof(int32_t) * size_t(n));
   track_alloc(p, sizeof(int32_t) * size_t(n));
   return static_cast<int32_t*>(p);
 }

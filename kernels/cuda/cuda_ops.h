@@ -4,6 +4,7 @@
 // is compiled by nvcc only.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "kernels/ops.h"
@@ -13,6 +14,10 @@ namespace reformer {
 // Number of visible CUDA devices; 0 when there is none or no usable driver.
 // Never throws.
 int cuda_device_count();
+
+// Total memory of the current CUDA device in bytes; 0 when it cannot be
+// queried. Never throws.
+int64_t cuda_device_memory_bytes();
 
 // Ops<float> on the current CUDA device (device 0 unless the caller selected
 // another), with its own cuBLASLt handle and workspace. Throws DeviceError

@@ -34,7 +34,7 @@ class Workspace {
       p_ = nullptr;
       cap_ = 0;
       const size_t grown = bytes + bytes / 4;
-      CUDA_CHECK(cudaMallocAsync(&p_, grown, stream_));
+      CUDA_CHECK_ALLOC(cudaMallocAsync(&p_, grown, stream_), grown);
       cap_ = grown;
     }
     return p_;

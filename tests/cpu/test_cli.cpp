@@ -391,6 +391,40 @@ TEST_F(Cli, BadNumbersOnTheCommandLineExitTwoNamingTheOption) {
   EXPECT_EQ(unfit.output.find("L=16"), std::string::npos) << unfit.output;
 }
 
+TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {
+  const std::string plan = kBin + " plan --config " + kSrc + "/configs/tiny.yaml ";
+  const Result r = run(plan + "--memory 1GiB");
+  EXPECT_EQ(r.status, 0) << r.output;
+  for (const char* want : {"| x1 | [L, D] = [32, 32] |", "| out_r |", "| adamw m |",
+                           "peak of a training step (one rank): ",
+                           "longest model.max_len that fits in 1.00 GiB: "})
+    EXPECT_NE(r.output.find(want), std::string::npos) << want << "\n" << r.output;
+  const std::smatch m = [&] {
+    std::smatch x;
+    std::regex_search(r.output, x, std::regex("fits in 1.00 GiB: (\\d+)"));
+    return x;
+  }();
+  ASSERT_EQ(m.size(), 2u) << r.output;
+  EXPECT_GT(std::stoll(m[1]), 32);
+  EXPECT_EQ(std::stoll(m[1]) % 8, 0);  // a multiple of attention.bucket_size
+  // Sequence parallel: one rank's share.
+  const Result sp = run(plan + "--memory 1GiB --sp 2");
+  EXPECT_EQ(sp.status, 0) << sp.output;
+  EXPECT_NE(sp.output.find("| lqk | [L, H*dh] = [16, 32] |"), std::string::npos) << sp.output;
+  // Bad arguments exit 2 naming the option; no GPU and no --memory too.
+  for (const char* bad : {"--memory 12X", "--memory", "--memory -1G", "--sp 0", "--sp x"}) {
+    const Result b = run(plan + bad);
+    EXPECT_EQ(b.status, 2) << bad << ": " << b.output;
+    EXPECT_NE(b.output.find(std::string(bad).substr(0, 4)), std::string::npos) << b.output;
+  }
+  const Result heads = run(plan + "--memory 1GiB --sp 4");  // 2 heads
+  EXPECT_EQ(heads.status, 2) << heads.output;
+  EXPECT_NE(heads.output.find("n_heads"), std::string::npos) << heads.output;
+  const Result none = run("CUDA_VISIBLE_DEVICES= " + plan);
+  EXPECT_EQ(none.status, 2) << none.output;
+  EXPECT_NE(none.output.find("--memory SIZE"), std::string::npos) << none.output;
+}
+
 TEST_F(Cli, ImpossibleDuplicationLengthIsAConfigError) {
   const Result r = run(tiny("--set model.max_len=2 --set attention.kinds=[full]"));
   EXPECT_EQ(r.status, 2) << r.output;

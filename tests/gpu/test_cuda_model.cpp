@@ -18,6 +18,7 @@
 #include "kernels/common/philox.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
+#include "kernels/errors.h"
 
 using namespace reformer;
 
@@ -139,3 +140,24 @@ TEST(CudaModel, LogitsMatchCpu) {
 }
 
 }  // namespace
+
+// An allocation larger than the device is an OutOfMemoryError that says how
+// much was asked for and what the device has, and the device stays usable.
+TEST(CudaModel, OutOfMemoryIsATypedError) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = reformer::make_cuda_ops();
+  const int64_t total = reformer::cuda_device_memory_bytes();
+  ASSERT_GT(total, 0);
+  try {
+    ops->alloc(total);  // total bytes in floats: four times the device
+    FAIL() << "allocation of 4x the device succeeded";
+  } catch (const reformer::OutOfMemoryError& e) {
+    EXPECT_EQ(e.requested, 4 * total);
+    EXPECT_EQ(e.total_bytes, total);
+    EXPECT_NE(std::string(e.what()).find("free of"), std::string::npos) << e.what();
+  }
+  float* p = ops->alloc(1024);
+  ops->fill(p, 1.0f, 1024);
+  ops->synchronize();
+  ops->release(p);
+}

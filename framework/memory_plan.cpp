@@ -1,0 +1,298 @@
+#include "framework/memory_plan.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <sstream>
+
+#include "framework/attention.h"
+#include "framework/model_tensors.h"
+#include "framework/sequence_parallel.h"
+#include "kernels/errors.h"
+
+namespace reformer {
+
+const char* to_string(PlanGroup g) {
+  switch (g) {
+    case PlanGroup::parameters: return "parameters";
+    case PlanGroup::optimizer: return "optimizer";
+    case PlanGroup::activations: return "activations";
+    case PlanGroup::chunks: return "chunks";
+    case PlanGroup::workspace: return "workspace";
+  }
+  return "?";
+}
+
+int64_t MemoryPlan::count(const std::string& name) const {
+  for (const PlannedBuffer& b : buffers)
+    if (b.name == name) return b.count;
+  throw ShapeError("memory plan: no buffer named '" + name + "'");
+}
+
+int64_t MemoryPlan::bytes(PlanGroup g) const {
+  int64_t n = 0;
+  for (const PlannedBuffer& b : buffers) n += b.group == g ? b.bytes() : 0;
+  return n;
+}
+
+int64_t MemoryPlan::allocated_bytes() const { return total_bytes() - bytes(PlanGroup::workspace); }
+
+int64_t MemoryPlan::total_bytes() const {
+  int64_t n = 0;
+  for (const PlannedBuffer& b : buffers) n += b.bytes();
+  return n;
+}
+
+namespace {
+
+// Builds the buffer list; `dims` name the shape, `sizes` give it.
+struct Builder {
+  MemoryPlan& plan;
+  int real_bytes;
+  void add(const std::string& name, PlanGroup g, const std::string& dims,
+           std::vector<int64_t> sizes, bool is_int = false, int copies = 1) {
+    if (copies <= 0) return;
+    int64_t n = 1;
+    std::string nums;
+    for (int64_t s : sizes) {
+      n *= s;
+      nums += (nums.empty() ? "" : ", ") + std::to_string(s);
+    }
+    plan.buffers.push_back(PlannedBuffer{name, dims + " = [" + nums + "]", g, n,
+                                         is_int ? 4 : real_bytes, copies});
+  }
+  // Device workspace: `bytes` bytes (on a CUDA device only).
+  void add_bytes(const std::string& name, int64_t bytes) {
+    plan.buffers.push_back(PlannedBuffer{name, "[bytes]", PlanGroup::workspace, bytes, 1, 1});
+  }
+};
+
+int64_t round256(int64_t b) { return (b + 255) / 256 * 256; }
+
+// The largest scratch request of one op of a step on a CUDA device
+// (kernels/cuda: attention backward, LSH sort and hash, column sums), and
+// the workspace's growth factor of 1.25 on top (kernels/cuda/workspace.h).
+int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t chunk, bool lsh) {
+  const int64_t f = 4, dh = cfg.head_dim(), R = lsh ? cfg.attention.n_hashes : 1;
+  const int64_t attention = round256(f * Lfull * dh) + 4 * round256(f * Lfull) +
+                            3 * round256(f * R * Lfull * dh);
+  int64_t sort = 0;
+  if (lsh) {
+    const int64_t n = int64_t(cfg.attention.n_hashes) * Lfull;
+    sort = 3 * round256(8 * n);  // keys in and out, radix-sort scratch of about the same size
+  }
+  int64_t hash = 0;
+  if (lsh) {  // lsh.cu: the rotations and one chunk of products, at most kHashScratchBytes
+    const int64_t ldy = (int64_t(cfg.attention.n_hashes) *
+                             rotation_cols(cfg.buckets(), cfg.bucket_factor0()) + 3) / 4 * 4;
+    hash = round256(f * dh * ldy) + round256(std::min(f * Lfull * ldy, int64_t(256) << 20));
+  }
+  const int64_t colsum = 8 * ((std::max(chunk, L) + 255) / 256) *
+                         std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff,
+                                            cfg.model.vocab_size});
+  const int64_t largest = std::max({attention, sort, hash, colsum});
+  return largest + largest / 4;
+}
+
+void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
+  const OptimizerConfig& o = cfg.optimizer;
+  const int64_t P = table.total();
+  if (o.name == OptimizerKind::adamw) {
+    b.add("adamw m", PlanGroup::optimizer, "[P]", {P});
+    b.add("adamw v", PlanGroup::optimizer, "[P]", {P});
+    return;
+  }
+  int64_t second = 0;
+  for (const ParamInfo& p : table.params())
+    second += p.rows() > 1 && p.cols() > 1 ? p.rows() + p.cols() : p.size;
+  b.add("adafactor second moment", PlanGroup::optimizer, "[rows + cols per matrix]", {second});
+  if (o.beta1 > 0) b.add("adafactor m", PlanGroup::optimizer, "[P]", {P});
+}
+
+}  // namespace
+
+MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
+  check_sequence_shard(cfg, sp, /*has_group*/ true);
+  const ModelConfig& m = cfg.model;
+  MemoryPlan plan;
+  plan.length = m.max_len;
+  plan.sp = sp;
+  Builder b{plan, real_bytes};
+  const int64_t Lfull = m.max_len, L = Lfull / sp, D = m.d_model, F = m.d_ff, V = m.vocab_size;
+  const int64_t H = m.n_heads, Hloc = H / sp, dh = cfg.head_dim(), HD = H * dh;
+  const ParamTable table = model_param_table(cfg);
+  const int64_t P = table.total();
+  using G = PlanGroup;
+
+  b.add("params", G::parameters, "[P]", {P});
+  b.add("grads", G::parameters, "[P]", {P});
+  add_optimizer(b, cfg, table);
+
+  b.add("tokens", G::activations, "[L]", {L}, true);
+  b.add("targets", G::activations, "[L]", {L}, true);
+  for (const char* n : {"x1", "x2", "dx1", "dx2"}) b.add(n, G::activations, "[L, D]", {L, D});
+  // Attention runs one head at a time (sp = 1) or, under sequence
+  // parallelism, this rank's heads over the whole sequence.
+  for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"}) {
+    if (sp == 1) b.add(n, G::activations, "[L, dh]", {L, dh});
+    else b.add(n, G::activations, "[Lfull, Hloc*dh]", {Lfull, Hloc * dh});
+  }
+  if (sp == 1) {
+    for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
+      b.add(n, G::activations, "[D, dh]", {D, dh});
+  } else {
+    b.add("lqk", G::activations, "[L, H*dh]", {L, HD});
+    b.add("lv", G::activations, "[L, H*dh]", {L, HD});
+    b.add("exchange staging", G::activations, "[sp, L, Hloc*dh]", {sp, L, Hloc * dh});
+  }
+
+  int lsh_layers = 0;
+  for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
+  const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes : 1;
+  b.add("out_r", G::activations, "[rounds, Lfull, dh]", {rounds, Lfull, dh});
+  b.add("lse", G::activations, "[rounds, Lfull]", {rounds, Lfull});
+  if (lsh_layers > 0) {
+    const int64_t nh = cfg.attention.n_hashes;
+    b.add("rotations", G::activations, "[n_hashes, dh, cols]",
+          {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
+    b.add("perm", G::activations, "[n_hashes, Lfull]", {nh, Lfull}, true);
+    b.add("buckets", G::activations, "[Hloc, n_hashes, Lfull] per LSH layer", {Hloc, nh, Lfull},
+          true, lsh_layers);
+  }
+  b.add("identity", G::activations, "[Lfull]", {Lfull}, true);
+
+  const int64_t fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L) : L;
+  for (const char* n : {"fln", "fg", "dfln", "dfg"}) b.add(n, G::chunks, "[fc, D]", {fc, D});
+  for (const char* n : {"fh", "fa", "dfh", "dfa"}) b.add(n, G::chunks, "[fc, d_ff]", {fc, F});
+  b.add("fmean", G::chunks, "[fc]", {fc});
+  b.add("frstd", G::chunks, "[fc]", {fc});
+  const int64_t oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L) : L;
+  for (const char* n : {"cat", "oln", "dcat", "doln"}) b.add(n, G::chunks, "[oc, 2D]", {oc, 2 * D});
+  for (const char* n : {"omean", "orstd", "loss"}) b.add(n, G::chunks, "[oc]", {oc});
+  b.add("logits", G::chunks, "[oc, V]", {oc, V});
+  b.add("pred", G::chunks, "[oc]", {oc}, true);
+
+  b.add_bytes("op workspace (estimate)",
+              op_workspace_bytes(cfg, Lfull, L, std::max(fc, oc), lsh_layers > 0));
+  b.add_bytes("cuBLASLt workspace", int64_t(32) << 20);  // kernels/cuda/cuda_ops.cu
+  return plan;
+}
+
+namespace {
+
+std::vector<int> derived_axial_shape(int64_t max_len) {
+  int64_t a2 = 1;
+  while (a2 * a2 < max_len) a2 *= 2;
+  return {int((max_len + a2 - 1) / a2), int(a2)};
+}
+
+}  // namespace
+
+Config with_length(const Config& cfg, int64_t length, const std::string& source) {
+  if (length < 1 || length > kMaxLength)
+    throw ConfigError(source + ": the length " + std::to_string(length) + " must be in [1, " +
+                      std::to_string(kMaxLength) + "]");
+  Config c = cfg;
+  if (c.model.axial_shape == derived_axial_shape(cfg.model.max_len)) c.model.axial_shape.clear();
+  c.model.max_len = int(length);
+  validate_config(c, source);
+  return c;
+}
+
+int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes) {
+  int64_t g = std::lcm<int64_t>(std::lcm<int64_t>(cfg.attention.bucket_size, sp), 2);
+  // The plan at k * g positions, or -1 when the configuration refuses it.
+  auto total = [&](int64_t k) -> int64_t {
+    try {
+      return plan_memory(with_length(cfg, k * g, "plan"), sp).total_bytes();
+    } catch (const ConfigError&) {
+      return -1;
+    }
+  };
+  // The shortest accepted length (short ones may leave a rank less than a chunk).
+  int64_t lo = 1;
+  while (lo * g <= kMaxLength && lo < 64 && total(lo) < 0) ++lo;
+  if (lo * g > kMaxLength || total(lo) < 0 || total(lo) > budget_bytes) return 0;
+  int64_t hi = kMaxLength / g;  // lo fits; find the last k that does
+  if (total(hi) >= 0 && total(hi) <= budget_bytes) return hi * g;
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    const int64_t t = total(mid);
+    (t >= 0 && t <= budget_bytes ? lo : hi) = mid;
+  }
+  return lo * g;
+}
+
+std::string format_bytes(int64_t bytes) {
+  char buf[64];
+  const double b = double(bytes);
+  if (b >= double(int64_t(1) << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", b / double(int64_t(1) << 30));
+  else std::snprintf(buf, sizeof buf, "%.1f MiB", b / double(1 << 20));
+  return buf;
+}
+
+std::string format_plan(const MemoryPlan& plan) {
+  std::ostringstream o;
+  o << "| buffer | shape | group | copies | MiB |\n| --- | --- | --- | --- | --- |\n";
+  char buf[64];
+  for (const PlannedBuffer& b : plan.buffers) {
+    std::snprintf(buf, sizeof buf, "%.1f", double(b.bytes()) / double(1 << 20));
+    o << "| " << b.name << " | " << b.shape << " | " << to_string(b.group) << " | " << b.copies
+      << " | " << buf << " |\n";
+  }
+  o << "\n";
+  for (PlanGroup g : {PlanGroup::parameters, PlanGroup::optimizer, PlanGroup::activations,
+                      PlanGroup::chunks, PlanGroup::workspace})
+    o << to_string(g) << ": " << format_bytes(plan.bytes(g)) << "\n";
+  o << "peak of a training step (one rank): " << format_bytes(plan.total_bytes()) << "\n";
+  return o.str();
+}
+
+int64_t parse_bytes(const std::string& text, const std::string& what) {
+  const auto bad = [&]() {
+    return ConfigError(what + ": '" + text + "' is not a size (e.g. 141GiB, 80G, 512MiB)");
+  };
+  size_t used = 0;
+  double v = 0;
+  try {
+    v = std::stod(text, &used);
+  } catch (const std::exception&) {
+    throw bad();
+  }
+  if (text.empty() || !std::isdigit(static_cast<unsigned char>(text[0]))) throw bad();
+  std::string unit = text.substr(used);
+  int shift = 0;
+  if (!unit.empty()) {
+    const std::string units = "KMGT";
+    const size_t at = units.find(char(std::toupper(static_cast<unsigned char>(unit[0]))));
+    if (at == std::string::npos) throw bad();
+    shift = 10 * int(at + 1);
+    const std::string rest = unit.substr(1);
+    if (!rest.empty() && rest != "iB" && rest != "B" && rest != "ib" && rest != "b") throw bad();
+  }
+  const double bytes = v * std::ldexp(1.0, shift);
+  if (!std::isfinite(bytes) || bytes < 1 || bytes > 9.0e18) throw bad();
+  return int64_t(bytes);
+}
+
+std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes) {
+  const MemoryPlan plan = plan_memory(cfg, sp);
+  std::string s = "the memory plan (reformer plan) says a step at model.max_len = " +
+                  std::to_string(cfg.model.max_len) +
+                  (sp > 1 ? " with parallel.sp = " + std::to_string(sp) : "") + " needs " +
+                  format_bytes(plan.total_bytes()) + " per GPU";
+  if (device_bytes > 0) {
+    const int64_t fits = longest_length_that_fits(cfg, sp, device_bytes);
+    s += "; the longest max_len that fits in " + format_bytes(device_bytes) + " is " +
+         (fits > 0 ? std::to_string(fits) : std::string("none (the model alone does not fit)"));
+  }
+  return s;
+}
+
+void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp) {
+  throw OutOfMemoryError(std::string(e.what()) + "\n" + plan_advice(cfg, sp, e.total_bytes),
+                         e.requested, e.free_bytes, e.total_bytes);
+}
+
+}  // namespace reformer

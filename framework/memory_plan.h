@@ -1,0 +1,96 @@
+// The memory plan of one training step: every buffer the model, the
+// optimizer and the device ops hold, by name, with its element count and
+// bytes. ReformerModel sizes its allocations from plan_memory() (so the plan
+// and the allocations cannot drift apart), `reformer plan` prints it, and an
+// out-of-memory error quotes it.
+//
+// Everything the model and the optimizer allocate is allocated once, at
+// construction, and held for the whole run; the op workspaces grow during
+// the first step to their largest request. So the step's peak is the plan's
+// total.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "framework/config.h"
+#include "kernels/errors.h"
+
+namespace reformer {
+
+// Who holds a buffer.
+enum class PlanGroup {
+  parameters,   // parameters and their gradients (flat buffers)
+  optimizer,    // optimizer state
+  activations,  // the model's buffers sized by the sequence (residual streams, attention)
+  chunks,       // the model's buffers sized by a position chunk (feed-forward, output, loss)
+  workspace,    // device op scratch (estimate; none on the CPU)
+};
+const char* to_string(PlanGroup g);
+
+struct PlannedBuffer {
+  std::string name;    // what the model looks it up by, e.g. "x1"
+  std::string shape;   // e.g. "[L, D] = [65536, 1024]"
+  PlanGroup group = PlanGroup::activations;
+  int64_t count = 0;   // elements of one copy
+  int elem_bytes = 4;  // bytes per element
+  int copies = 1;      // allocations of this size (e.g. one per LSH layer)
+  int64_t bytes() const { return count * elem_bytes * copies; }
+};
+
+struct MemoryPlan {
+  int64_t length = 0;  // model.max_len the plan is for
+  int sp = 1;          // sequence-parallel ranks sharing it (the plan is one rank's)
+  std::vector<PlannedBuffer> buffers;
+
+  // Elements of one copy of buffer `name`; throws ShapeError when the plan
+  // has no such buffer (a model/plan mismatch).
+  int64_t count(const std::string& name) const;
+  int64_t bytes(PlanGroup g) const;
+  // What the model and the optimizer allocate (every group but workspace).
+  int64_t allocated_bytes() const;
+  // The step's peak on a device: allocated_bytes() plus the workspaces.
+  int64_t total_bytes() const;
+};
+
+// One rank's plan for a validated `cfg` under sequence parallelism over `sp`
+// ranks (cfg.parallel.sp is not read), with floating-point elements of
+// `real_bytes` bytes (4: fp32 training; 8: the double-precision checks);
+// int32 buffers are 4 bytes either way. Throws ConfigError when sp cannot
+// shard the model.
+MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes = 4);
+
+// The longest model.max_len for which plan_memory(cfg at that length, sp)
+// totals at most `budget_bytes`, among the lengths the configuration accepts
+// (a multiple of the attention chunk and of sp, axial shape and buckets
+// re-derived when the config derived them); 0 when none does.
+int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes);
+
+// `cfg` with model.max_len = length (axial shape and n_buckets re-derived
+// where they follow the length), validated. Throws ConfigError when the
+// configuration does not accept the length.
+Config with_length(const Config& cfg, int64_t length, const std::string& source);
+
+// A Markdown table of the plan (buffer, shape, group, copies, MiB) and its
+// totals per group.
+std::string format_plan(const MemoryPlan& plan);
+
+// Bytes as "12.34 GiB" (or MiB below 1 GiB).
+std::string format_bytes(int64_t bytes);
+
+// Parses a size such as "141GiB", "80G", "512MiB", "1.5TiB" or "1000000"
+// (bytes); binary units (K, M, G, T with optional "iB" / "B"). Throws
+// ConfigError naming `what` for anything else.
+int64_t parse_bytes(const std::string& text, const std::string& what);
+
+// One paragraph for an out-of-memory report: what the plan says a step of
+// `cfg` needs on one rank of `sp`, and the longest max_len that fits in
+// `device_bytes`.
+std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes);
+
+// Rethrows `e` with plan_advice(cfg, sp, e.total_bytes) appended, for the
+// places that know the configuration (trainer, bench).
+[[noreturn]] void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp);
+
+}  // namespace reformer

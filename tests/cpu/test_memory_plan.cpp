@@ -1,0 +1,131 @@
+// The memory plan against what the model really allocates: for several
+// configurations (attention kinds, chunking, optimizers, sequence
+// parallelism) the bytes the model and the optimizer allocate through the
+// Ops equal the plan's allocated_bytes(), and a step allocates nothing more.
+// Also the plan's search for the longest length that fits, and size parsing.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <vector>
+
+#include "framework/config.h"
+#include "framework/memory_plan.h"
+#include "framework/model.h"
+#include "framework/optimizer.h"
+#include "kernels/errors.h"
+#include "tests/common/counting_ops.h"
+
+using namespace reformer;
+
+namespace {
+
+// A group of `n` ranks whose collectives are never called: constructing a
+// sequence-parallel model asks only for the group's size.
+class FakeGroup final : public Communicator {
+ public:
+  explicit FakeGroup(int n) : n_(n) {}
+  const char* backend() const override { return "fake"; }
+  int rank() const override { return 0; }
+  int size() const override { return n_; }
+  void allreduce_sum(float*, int64_t) override { no(); }
+  void allreduce_sum(double*, int64_t) override { no(); }
+  std::unique_ptr<Work> allreduce_sum_async(float*, int64_t) override { no(); }
+  void broadcast(void*, int64_t, int) override { no(); }
+  void allgather(const void*, void*, int64_t) override { no(); }
+  void reduce_scatter_sum(const float*, float*, int64_t) override { no(); }
+  void alltoall(const void*, void*, int64_t) override { no(); }
+  void alltoallv(const void*, const int64_t*, const int64_t*, void*, const int64_t*,
+                 const int64_t*) override { no(); }
+  void send(const void*, int64_t, int) override { no(); }
+  void recv(void*, int64_t, int) override { no(); }
+  void barrier() override { no(); }
+  std::unique_ptr<Communicator> split(int, int) override { no(); }
+  [[noreturn]] void abort(int) override { std::abort(); }
+
+ private:
+  [[noreturn]] static void no() { throw CommError("FakeGroup: no collectives"); }
+  int n_;
+};
+
+Config config(const std::vector<std::string>& sets) {
+  const char* yaml = R"(
+model:
+  vocab_size: 11
+  d_model: 12
+  n_heads: 4
+  d_ff: 10
+  n_layers: 3
+  max_len: 48
+attention:
+  kinds: [lsh, local, full]
+  bucket_size: 4
+  n_hashes: 3
+data:
+  kind: duplication
+)";
+  return parse_config(yaml, "plan test", sets);
+}
+
+// Bytes the model and optimizer of `cfg` allocate on one rank of `sp`,
+// after construction and at the peak of a step.
+template <class T>
+void expect_plan_matches(const Config& cfg, int sp) {
+  SCOPED_TRACE("sp " + std::to_string(sp));
+  test::CountingOps<T> ops;
+  FakeGroup group(sp);
+  const SequenceShard shard{sp, 0, sp > 1 ? &group : nullptr};
+  const MemoryPlan plan = plan_memory(cfg, sp, int(sizeof(T)));
+  ReformerModel<T> model(cfg, ops, shard);
+  Optimizer<T> opt(cfg.optimizer, model.table(), ops);
+  EXPECT_EQ(ops.live_bytes(), plan.allocated_bytes()) << format_plan(plan);
+  if (sp == 1) {  // a step (sp > 1 would exchange)
+    std::vector<int32_t> tokens(size_t(cfg.model.max_len), 1), targets(tokens);
+    model.init_params(1);
+    model.forward_backward(tokens.data(), targets.data(), 0, true, true, T(0.01));
+    opt.step(model.params(), model.grads(), 1, 1e-3);
+  }
+  EXPECT_EQ(ops.peak_bytes(), plan.allocated_bytes());
+}
+
+}  // namespace
+
+TEST(MemoryPlan, EqualsTheModelsAllocations) {
+  for (const auto& sets : std::vector<std::vector<std::string>>{
+           {},
+           {"model.ffn_chunk=20", "model.loss_chunk=16"},
+           {"attention.kinds=[full]", "optimizer.name=adafactor"},
+           {"attention.kinds=[local]", "optimizer.name=adafactor", "optimizer.beta1=0"},
+           {"attention.factorize_buckets=true", "model.d_head=5"}}) {
+    SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
+    const Config cfg = config(sets);
+    expect_plan_matches<float>(cfg, 1);
+    expect_plan_matches<double>(cfg, 1);
+    expect_plan_matches<float>(cfg, 2);
+    expect_plan_matches<float>(cfg, 4);
+  }
+}
+
+TEST(MemoryPlan, LongestLengthThatFits) {
+  const Config cfg = config({});
+  const MemoryPlan at48 = plan_memory(cfg, 1);
+  // A budget of exactly the plan at 48 fits 48, and nothing longer.
+  EXPECT_EQ(longest_length_that_fits(cfg, 1, at48.total_bytes()), 48);
+  const int64_t big = longest_length_that_fits(cfg, 1, int64_t(1) << 30);
+  EXPECT_GT(big, 48);
+  EXPECT_EQ(big % 4, 0);
+  EXPECT_LE(plan_memory(with_length(cfg, big, "t"), 1).total_bytes(), int64_t(1) << 30);
+  EXPECT_GT(plan_memory(with_length(cfg, big + 4, "t"), 1).total_bytes(), int64_t(1) << 30);
+  // Under sp 4 the length stays a multiple of 4 * bucket_size's lcm.
+  EXPECT_EQ(longest_length_that_fits(cfg, 4, int64_t(1) << 30) % 4, 0);
+  EXPECT_EQ(longest_length_that_fits(cfg, 1, 1000), 0);
+}
+
+TEST(MemoryPlan, ParsesSizes) {
+  EXPECT_EQ(parse_bytes("141GiB", "m"), int64_t(141) << 30);
+  EXPECT_EQ(parse_bytes("80G", "m"), int64_t(80) << 30);
+  EXPECT_EQ(parse_bytes("512MiB", "m"), int64_t(512) << 20);
+  EXPECT_EQ(parse_bytes("1.5TiB", "m"), int64_t(3) << 39);
+  EXPECT_EQ(parse_bytes("1000", "m"), 1000);
+  for (const char* bad : {"", "GiB", "-1G", "12X", "1GiBs", "nan", "0"})
+    EXPECT_THROW(parse_bytes(bad, "m"), ConfigError) << bad;
+}
