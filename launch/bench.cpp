@@ -340,11 +340,14 @@ std::string format_breakdown(const BenchRow& row) {
   std::ostringstream o;
   o << strfmt("Per-op time of one step at length %lld on %s (%.1f ms/step; ops sum to %.1f ms):\n\n",
               (long long)row.length, row.device.c_str(), row.ms_per_step, total_ms);
-  o << "| op | calls | ms | % of step |\n";
-  o << "| --- | --- | --- | --- |\n";
+  o << "| op | calls | ms | % of step | GFLOP | TFLOP/s |\n";
+  o << "| --- | --- | --- | --- | --- | --- |\n";
   for (const OpStats& s : ops)
-    o << strfmt("| %s | %.4g | %.3f | %.1f |\n", op_name(s.op), double(s.calls) / steps,
-                s.ms / steps, row.ms_per_step > 0 ? 100.0 * (s.ms / steps) / row.ms_per_step : 0.0);
+    o << strfmt("| %s | %.4g | %.3f | %.1f | %s | %s |\n", op_name(s.op), double(s.calls) / steps,
+                s.ms / steps, row.ms_per_step > 0 ? 100.0 * (s.ms / steps) / row.ms_per_step : 0.0,
+                s.flops > 0 ? strfmt("%.1f", s.flops / steps / 1e9).c_str() : "",
+                s.flops > 0 && s.ms > 0 ? strfmt("%.1f", s.flops / (s.ms * 1e-3) / 1e12).c_str()
+                                        : "");
   return o.str();
 }
 
