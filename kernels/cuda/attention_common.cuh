@@ -279,5 +279,20 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 }
 
 }  // namespace
+
+// Tensor-core (bf16) variants, AttentionParams::precision == bf16 (defined
+// in attention_mma_forward.cu / attention_mma_backward.cu, described there).
+// perm is null when full. Same outputs and contracts as the fp32 kernels:
+// forward writes out_r / lse (chunked) or out / lse (full); backward
+// overwrites dq_r, dkh_r, dv_r ([R, L, dh]; any may be null) from the row
+// statistics rm, riz, rD of row_stats_kernel.
+void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,
+                           const float* qk, const float* khat, const float* v, float* out,
+                           float* lse, cudaStream_t s);
+void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
+                            const float* qk, const float* khat, const float* v, const float* dout,
+                            const float* rm, const float* riz, const float* rD, float* dq_r,
+                            float* dkh_r, float* dv_r, cudaStream_t s);
+
 }  // namespace cuda
 }  // namespace reformer
