@@ -35,6 +35,11 @@
 //    the normalisation and ACCUMULATES into dqk and dv.
 // Every output element is written by one thread in a fixed order: the
 // forward and backward are bitwise reproducible (no atomics).
+// These kernels run with AttentionParams::precision == fp32. With bf16 the
+// forward, query-side and key-side kernels are replaced by their tensor-core
+// twins (attention_mma_forward.cu, attention_mma_backward.cu: 64-row tiles,
+// bf16 mma with fp32 accumulation, same window lists, masks and outputs);
+// normalise_keys, combine_rounds, row_stats and finish_backward are shared.
 // Limits: dh <= 128, chunks_before + chunks_after + 1 <= 32.
 #pragma once
 
