@@ -165,8 +165,29 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Decodes the block index of a 64-row tile grid: g.row_tiles counts
-// kMmaRows-row tiles (mma_geom).
+// Prologue of every mma kernel: this block's round r, chunk c and row tile t,
+// the round's permutation (returned; null when FULL), the tile's positions in
+// spos[kMmaRows] and (chunked) the chunk list of sign `sign` (chunk_list) in
+// swin / *s_n. Ends with __syncthreads().
+template <bool FULL>
+__device__ __forceinline__ const int32_t* mma_block_start(const AttnGeom& g, int sign, int* spos,
+                                                          int* swin, int* s_n, int64_t* r,
+                                                          int64_t* c, int64_t* t) {
+  *r = *c = *t = 0;
+  if (FULL)
+    *t = blockIdx.x;
+  else
+    decode_block(g, r, c, t);
+  const int32_t* pr = FULL ? nullptr : g.perm + *r * g.L;
+  const int tid = threadIdx.x;
+  if (tid < kMmaRows) spos[tid] = tile_position<FULL, kMmaRows>(g, pr, *c, *t, tid);
+  if (!FULL && tid == 0) *s_n = chunk_list(swin, *c, sign, g);
+  __syncthreads();
+  return pr;
+}
+
+// The geometry of a call with g.row_tiles counting kMmaRows-row tiles (so
+// decode_block and attn_blocks agree with the mma kernels).
 inline AttnGeom mma_geom(const AttentionParams& p, const int32_t* perm, bool full) {
   AttnGeom g = make_geom(p, perm, full);
   g.row_tiles = ((full ? p.L : int64_t(p.chunk)) + kMmaRows - 1) / kMmaRows;

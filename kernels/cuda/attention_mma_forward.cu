@@ -58,15 +58,8 @@ __global__ void __launch_bounds__(kMmaBlock)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
-  int64_t r = 0, c = 0, t = 0;
-  if (FULL)
-    t = blockIdx.x;
-  else
-    decode_block(g, &r, &c, &t);
-  const int32_t* pr = FULL ? nullptr : g.perm + r * g.L;
-  if (tid < kMmaRows) sqpos[tid] = tile_position<FULL, kMmaRows>(g, pr, c, t, tid);
-  if (!FULL && tid == 0) s_nwin = chunk_list(swin, c, +1, g);
-  __syncthreads();
+  int64_t r, c, t;
+  const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
   load_tile<kMmaRows, DH>(sQ, S, sqpos, qk, g.ld, g.dh, tid);
   const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
                               : int64_t(s_nwin) * g.chunk;
