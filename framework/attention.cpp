@@ -14,6 +14,7 @@ AttentionParams attention_params(const Config& cfg, const AttentionShape& shape)
   ap.chunks_before = ac.chunks_before;
   ap.chunks_after = ac.chunks_after;
   ap.causal = ac.causal;
+  ap.precision = ac.precision;
   return ap;
 }
 

@@ -49,6 +49,7 @@ template <> struct EnumNames<DeviceKind> { static constexpr std::array names{"cp
 template <> struct EnumNames<DataKind> { static constexpr std::array names{"duplication", "bytes"}; };
 template <> struct EnumNames<ByteSplit> { static constexpr std::array names{"fractions", "enwik8"}; };
 template <> struct EnumNames<SpMode> { static constexpr std::array names{"heads", "sort"}; };
+template <> struct EnumNames<AttentionPrecision> { static constexpr std::array names{"fp32", "bf16"}; };
 template <> struct EnumNames<OnNonFinite> { static constexpr std::array names{"stop", "skip"}; };
 template <> struct EnumNames<Activation> { static constexpr std::array names{"gelu", "relu"}; };
 template <> struct EnumNames<CommBackend> { static constexpr std::array names{"local", "mpi", "nccl"}; };
@@ -101,6 +102,7 @@ struct AttentionConfig {
   int chunks_before = 1;                  // previous chunks each chunk attends to
   int chunks_after = 0;                   // following chunks (must be 0 for causal models)
   bool causal = true;                     // language modelling mask
+  AttentionPrecision precision = AttentionPrecision::bf16;  // CUDA attention arithmetic (CPU: ignored)
 
   bool operator==(const AttentionConfig&) const = default;
 };

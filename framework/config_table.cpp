@@ -63,6 +63,8 @@ const std::vector<Key>& keys() {
       num(KEY(attention, chunks_before), 0, 64),
       num(KEY(attention, chunks_after), 0, 64),
       any(KEY(attention, causal)),
+      // bf16: tensor-core attention on CUDA (bf16 products, fp32 softmax and sums); fp32: CUDA cores.
+      any(KEY(attention, precision)),
 
       any(KEY(optimizer, name)),
       num(KEY(optimizer, lr), 0, 10),

@@ -23,7 +23,7 @@ using Accessor =
                  Field<std::string>, Field<std::vector<int>>, Field<Activation>,
                  Field<std::vector<AttentionKind>>, Field<OptimizerKind>, Field<Schedule>,
                  Field<DeviceKind>, Field<OnNonFinite>, Field<DataKind>, Field<ByteSplit>,
-                 Field<CommBackend>, Field<SpMode>>;
+                 Field<CommBackend>, Field<SpMode>, Field<AttentionPrecision>>;
 
 // Allowed values of a number (or of each element of a list of integers).
 struct Range {

@@ -30,6 +30,13 @@ REFORMER_HD int rotation_cols(int n_buckets, int factor0) {
   return factor0 == 0 ? n_buckets / 2 : factor0 / 2 + (n_buckets / factor0) / 2;
 }
 
+// Arithmetic of the CUDA attention kernels. fp32: scores, softmax and sums
+// in fp32 on CUDA cores. bf16: q, k_hat, v, dout and the probabilities are
+// rounded to bf16 for tensor-core products with fp32 accumulation; softmax,
+// lse and every saved or returned tensor stay fp32. The CPU ops ignore it
+// (they compute in their own type T and are the reference).
+enum class AttentionPrecision { fp32, bf16 };
+
 // One attention call over one head of one sequence.
 // Positions are first permuted by `perm` (one order per round), cut into
 // chunks of `chunk` sorted slots; each chunk attends to itself,
@@ -46,6 +53,7 @@ struct AttentionParams {
   int chunks_after = 0;   // following chunks each chunk also sees
   bool wrap = true;       // look-back of chunk 0 wraps to the round's last chunk(s)
   bool causal = true;     // mask keys whose position is after the query's
+  AttentionPrecision precision = AttentionPrecision::bf16;  // CUDA arithmetic (see above)
 };
 
 // Decoupled-weight-decay Adam (Loshchilov & Hutter).

@@ -362,16 +362,23 @@ void dispatch_backward(const AttnGeom& g, int rounds, const float* qk, const flo
 }
 
 // The shared backward: row statistics, query side, key side, finish.
+// The query and key sides run on tensor cores when p.precision is bf16.
 template <bool FULL>
-void run_backward(const AttnScratch& sc, const AttnGeom& g, int R, float* dqk, float* dv,
-                  const float* dout, const float* out, const float* qk, const float* v,
-                  const float* out_r, const float* lse, cudaStream_t s) {
+void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeom& g, int R,
+                  float* dqk, float* dv, const float* dout, const float* out, const float* qk,
+                  const float* v, const float* out_r, const float* lse, cudaStream_t s) {
   row_stats_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(sc.rm, sc.riz, sc.rD, dout, out,
                                                             out_r, lse, g.L, g.ld, g.dh, R, FULL);
   CUDA_CHECK_LAUNCH("row_stats_kernel");
-  dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD,
-                          dqk ? sc.dq_r : nullptr, dqk ? sc.dkh_r : nullptr,
-                          dv ? sc.dv_r : nullptr, s);
+  float* dq_r = dqk ? sc.dq_r : nullptr;
+  float* dkh_r = dqk ? sc.dkh_r : nullptr;
+  float* dv_r = dv ? sc.dv_r : nullptr;
+  if (p.precision == AttentionPrecision::bf16)
+    mma_attention_backward(p, g.perm, FULL, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r,
+                           dkh_r, dv_r, s);
+  else
+    dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r,
+                            s);
   finish_backward_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
       dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, sc.khat, sc.norm, g.L, g.ld, g.dh, R);
   CUDA_CHECK_LAUNCH("finish_backward_kernel");
@@ -391,7 +398,7 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, true);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
-  cuda::run_backward<false>(sc, g, p.n_rounds, dqk, dv, dout, nullptr, qk, v, out_r, lse,
+  cuda::run_backward<false>(sc, p, g, p.n_rounds, dqk, dv, dout, nullptr, qk, v, out_r, lse,
                             stream_);
 }
 
@@ -403,7 +410,7 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, true);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
-  cuda::run_backward<true>(sc, g, 1, dqk, dv, dout, out, qk, v, nullptr, lse, stream_);
+  cuda::run_backward<true>(sc, p, g, 1, dqk, dv, dout, out, qk, v, nullptr, lse, stream_);
 }
 
 }  // namespace reformer

@@ -35,6 +35,11 @@
 //    the normalisation and ACCUMULATES into dqk and dv.
 // Every output element is written by one thread in a fixed order: the
 // forward and backward are bitwise reproducible (no atomics).
+// These kernels run with AttentionParams::precision == fp32. With bf16 the
+// forward, query-side and key-side kernels are replaced by their tensor-core
+// twins (attention_mma_forward.cu, attention_mma_backward.cu: 64-row tiles,
+// bf16 mma with fp32 accumulation, same window lists, masks and outputs);
+// normalise_keys, combine_rounds, row_stats and finish_backward are shared.
 // Limits: dh <= 128, chunks_before + chunks_after + 1 <= 32.
 #pragma once
 
@@ -279,5 +284,20 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 }
 
 }  // namespace
+
+// Tensor-core (bf16) variants, AttentionParams::precision == bf16 (defined
+// in attention_mma_forward.cu / attention_mma_backward.cu, described there).
+// perm is null when full. Same outputs and contracts as the fp32 kernels:
+// forward writes out_r / lse (chunked) or out / lse (full); backward
+// overwrites dq_r, dkh_r, dv_r ([R, L, dh]; any may be null) from the row
+// statistics rm, riz, rD of row_stats_kernel.
+void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,
+                           const float* qk, const float* khat, const float* v, float* out,
+                           float* lse, cudaStream_t s);
+void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
+                            const float* qk, const float* khat, const float* v, const float* dout,
+                            const float* rm, const float* riz, const float* rD, float* dq_r,
+                            float* dkh_r, float* dv_r, cudaStream_t s);
+
 }  // namespace cuda
 }  // namespace reformer

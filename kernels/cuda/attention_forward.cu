@@ -224,7 +224,10 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
-  cuda::dispatch_forward<false>(g, p.n_rounds, qk, sc.khat, v, out_r, lse, stream_);
+  if (p.precision == AttentionPrecision::bf16)
+    cuda::mma_attention_forward(p, perm, false, qk, sc.khat, v, out_r, lse, stream_);
+  else
+    cuda::dispatch_forward<false>(g, p.n_rounds, qk, sc.khat, v, out_r, lse, stream_);
   cuda::combine_rounds_kernel<<<cuda::grid_for(p.L * p.dh), cuda::kThreads, 0, stream_>>>(
       out, p.ld, out_r, lse, p.L, p.dh, p.n_rounds);
   CUDA_CHECK_LAUNCH("combine_rounds_kernel");
@@ -237,7 +240,10 @@ void CudaOps::full_attention_forward(float* out, float* lse, const float* qk, co
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, false);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
-  cuda::dispatch_forward<true>(g, 1, qk, sc.khat, v, out, lse, stream_);
+  if (p.precision == AttentionPrecision::bf16)
+    cuda::mma_attention_forward(p, nullptr, true, qk, sc.khat, v, out, lse, stream_);
+  else
+    cuda::dispatch_forward<true>(g, 1, qk, sc.khat, v, out, lse, stream_);
 }
 
 }  // namespace reformer

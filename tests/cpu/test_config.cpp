@@ -348,7 +348,7 @@ TEST(Config, ToYamlRoundTrip) {
 
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 65u);
+  EXPECT_EQ(keys.size(), 66u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }
@@ -364,6 +364,7 @@ void expect_names_round_trip(std::initializer_list<E> values) {
 TEST(Config, EnumNames) {
   expect_names_round_trip({AttentionKind::lsh, AttentionKind::full, AttentionKind::local});
   expect_names_round_trip({OptimizerKind::adamw, OptimizerKind::adafactor});
+  expect_names_round_trip({AttentionPrecision::fp32, AttentionPrecision::bf16});
   expect_names_round_trip({Schedule::rsqrt, Schedule::cosine, Schedule::constant});
   expect_names_round_trip({DeviceKind::cpu, DeviceKind::cuda, DeviceKind::auto_});
   expect_names_round_trip({DataKind::duplication, DataKind::bytes});

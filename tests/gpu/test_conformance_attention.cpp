@@ -4,7 +4,9 @@
 // backward case runs its own forward first on every side (the backward's
 // inputs out_r / out and lse come from that side's forward), then
 // accumulates onto nonzero gradients; null gradients are skipped; every case
-// is bitwise reproducible (the harness runs it twice).
+// is bitwise reproducible (the harness runs it twice). Every case runs at both
+// AttentionPrecision values (fp32: CUDA-core kernels, bf16: tensor cores),
+// with the tolerances of its precision (see AttnTols).
 #include <string>
 #include <vector>
 
@@ -20,13 +22,19 @@ struct AttnShape {
   int64_t L;
   int dh, chunk, rounds, before, after;
   bool wrap, causal;
+  bool reversed = false;  // perm: every round descending (a query sees only later keys
+                          // in the chunks before it: all masked but itself at chunk starts)
 };
+
+const char* precision_name(AttentionPrecision pr) {
+  return pr == AttentionPrecision::bf16 ? " bf16" : " fp32";
+}
 
 std::string describe(const AttnShape& c) {
   return "L" + std::to_string(c.L) + " dh" + std::to_string(c.dh) + " chunk" +
          std::to_string(c.chunk) + " rounds" + std::to_string(c.rounds) + " before" +
          std::to_string(c.before) + " after" + std::to_string(c.after) + (c.wrap ? " wrap" : "") +
-         (c.causal ? " causal" : "");
+         (c.causal ? " causal" : "") + (c.reversed ? " reversed" : "");
 }
 
 // Random permutations per round from random buckets through the CPU sort.
@@ -38,7 +46,13 @@ std::vector<int32_t> random_perm(int64_t L, int rounds, uint64_t seed) {
   return perm;
 }
 
-AttentionParams params(const AttnShape& c, int64_t ld) {
+std::vector<int32_t> reversed_perm(int64_t L, int rounds) {
+  std::vector<int32_t> perm(static_cast<size_t>(L * rounds));
+  for (size_t k = 0; k < perm.size(); ++k) perm[k] = int32_t(L - 1 - int64_t(k) % L);
+  return perm;
+}
+
+AttentionParams params(const AttnShape& c, int64_t ld, AttentionPrecision pr) {
   AttentionParams p;
   p.L = c.L;
   p.dh = c.dh;
@@ -49,14 +63,46 @@ AttentionParams params(const AttnShape& c, int64_t ld) {
   p.chunks_after = c.after;
   p.wrap = c.wrap;
   p.causal = c.causal;
+  p.precision = pr;
   return p;
 }
 
-const Tol kLse{1e-4, 1e-5};  // log-sum-exp of O(1) scores: absolute 1e-4
-// dqk after two accumulated backward calls: twice the single-call error.
-const Tol kAttentionDqkTwice{4e-4, 1e-4};
+// Tolerances of one precision: out and out_r, lse, dqk (one call and two
+// accumulated calls), dv.
+struct AttnTols {
+  Tol out, lse, dqk, dqk_twice, dv;
+};
 
-void add_chunked(std::vector<Case>& cases) {
+// fp32: kernels in fp32, scores are sums of dh products of O(1) numbers, then
+// softmax: 1e-4 absolute and relative (kAttention; dqk sums the query and the
+// key side: kAttentionDqk, twice that after two accumulated calls); lse of
+// O(1) scores: absolute 1e-4.
+//
+// bf16: q, k_hat, v, dout, the probabilities P and dS are rounded to bf16
+// (8-bit significand: relative error u = 2^-9 ~ 2e-3 each), products
+// accumulate in fp32. Bounds used, with |v|, |dout| <= 1 and |qk| <= 1.5:
+//  - out (a convex combination of v rows): rounding v and P costs <= 2u
+//    max|v|; a score error ds moves the weights by ~ds relative, and ds is a
+//    random-walk sum of dh products each off by ~2u relative, ~ 2u |q| |k_hat|
+//    / sqrt(dh) ~ 2u; the rounds combination adds the lse error times
+//    |out_r|. Total ~ 6u ~ 1.2e-2 worst case; an fp64 emulation of these
+//    roundings on the full cases gives at most 2.9e-3: atol 1e-2 + 1e-2 rel.
+//  - lse: the max score error, ~ 2u (emulated at most 4e-3): atol 1e-2 (the
+//    rtol keeps lse = -1e5 of positions that see only themselves exact).
+//  - dqk, dv: GEMM-like sums of rounded products with fp32 accumulation,
+//    judged against the largest increment (they accumulate onto random
+//    initial values): emulated at most 0.5% (dqk) and 0.3% (dv) of it; 2e-2
+//    of it (kBf16Gemm's bound for bf16 GEMMs).
+AttnTols tols(AttentionPrecision pr) {
+  if (pr == AttentionPrecision::fp32)
+    return {kAttention, Tol{1e-4, 1e-5}, kAttentionDqk, Tol{4e-4, 1e-4}, kAttention};
+  const Tol grad{1e-4, 0, 0, 2e-2};
+  return {Tol{1e-2, 1e-2}, Tol{1e-2, 1e-5}, grad, grad, grad};
+}
+
+constexpr AttentionPrecision kPrecisions[] = {AttentionPrecision::fp32, AttentionPrecision::bf16};
+
+void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
   const AttnShape shapes[] = {
       {96, 64, 16, 2, 1, 0, true, true},     // LSH-like, two rounds
       {256, 128, 64, 4, 1, 1, true, false},  // widest head, look-ahead, not causal
@@ -64,32 +110,43 @@ void add_chunked(std::vector<Case>& cases) {
       {32, 32, 16, 3, 1, 1, true, true},     // two chunks: a repeated window chunk counts once
       {512, 128, 256, 2, 1, 0, true, true},  // largest chunk
       {97, 65, 97, 1, 1, 0, true, true},     // one chunk of odd size, dh > 64
+      // Tensor-core tiling (64-row tiles, 64-key passes, 16-wide k-steps;
+      // forward and backward only, the null-gradient variants above suffice):
+      {256, 64, 32, 4, 1, 0, true, true},     // chunk 32: half-empty row tiles, 4 rounds
+      {384, 128, 128, 1, 2, 0, false, true},  // chunk 128: two row tiles, 3-chunk clipped window
+      {320, 128, 64, 4, 0, 0, true, false},   // no look-back, not causal
+      {192, 64, 64, 2, 2, 0, true, true},     // 3 chunks, before 2 with wrap: every chunk once
+      {200, 40, 40, 2, 1, 0, false, true},    // odd dh, chunk not a multiple of 16
+      {256, 128, 64, 1, 1, 0, false, true, true},  // all keys masked but self at chunk starts
+      {192, 64, 32, 2, 2, 0, true, true, true},    // the same with wrap and before 2
   };
+  constexpr size_t kWithNullGradients = 6;  // the first shapes also run the null-gradient variants
+  const AttnTols tol = tols(pr);
   for (const AttnShape& c : shapes) {
-    const AttentionParams p = params(c, 2 * c.dh + 3);  // a head slice of a wider [L, ld] buffer
+    const AttentionParams p = params(c, 2 * c.dh + 3, pr);  // a head slice of a wider [L, ld] buffer
     const int64_t n = c.L * p.ld, nr = int64_t(c.rounds) * c.L;
-    const std::vector<TensorSpec> in = {input("qk", n, 60, -1.5, 1.5), input("v", n, 61),
-                                        input("dout", n, 62),
-                                        ints("perm", random_perm(c.L, c.rounds, 63))};
+    const std::vector<TensorSpec> in = {
+        input("qk", n, 60, -1.5, 1.5), input("v", n, 61), input("dout", n, 62),
+        ints("perm", c.reversed ? reversed_perm(c.L, c.rounds) : random_perm(c.L, c.rounds, 63))};
     auto with = [&](std::vector<TensorSpec> extra) {
       std::vector<TensorSpec> t = in;
       t.insert(t.end(), extra.begin(), extra.end());
       return t;
     };
-    const std::string s = " " + describe(c);
+    const std::string s = " " + describe(c) + precision_name(pr);
     const auto forward = [p](auto& ops, auto& t) {
       ops.chunked_attention_forward(t("out"), t("out_r"), t("lse"), t("qk"), t("v"),
                                     t.i("perm"), p);
     };
-    const std::vector<TensorSpec> saved = {output("out_r", nr * c.dh, 65, kAttention),
-                                           output("lse", nr, 66, kLse)};
+    const std::vector<TensorSpec> saved = {output("out_r", nr * c.dh, 65, tol.out),
+                                           output("lse", nr, 66, tol.lse)};
     std::vector<TensorSpec> fwd = saved;
-    fwd.push_back(output("out", n, 67, kAttention));
+    fwd.push_back(output("out", n, 67, tol.out));
     cases.push_back(make_case("chunked_attention_forward" + s, OpId::chunked_attention_forward,
                               with(fwd), forward));
     std::vector<TensorSpec> bwd = fwd;
-    bwd.push_back(output("dqk", n, 68, kAttentionDqk));
-    bwd.push_back(output("dv", n, 69, kAttention));
+    bwd.push_back(output("dqk", n, 68, tol.dqk));
+    bwd.push_back(output("dv", n, 69, tol.dv));
     cases.push_back(make_case("chunked_attention_backward" + s, OpId::chunked_attention_backward,
                               with(bwd), [=](auto& ops, auto& t) {
                                 forward(ops, t);
@@ -97,9 +154,10 @@ void add_chunked(std::vector<Case>& cases) {
                                                                t("qk"), t("v"), t.i("perm"),
                                                                t("out_r"), t("lse"), p);
                               }));
+    if (size_t(&c - shapes) >= kWithNullGradients) continue;
     // Null gradients are skipped; a second call accumulates the same increment.
     bwd = fwd;
-    bwd.push_back(output("dqk", n, 68, kAttentionDqkTwice));
+    bwd.push_back(output("dqk", n, 68, tol.dqk_twice));
     cases.push_back(make_case("chunked_attention_backward dqk only twice" + s,
                               OpId::chunked_attention_backward, with(bwd),
                               [=](auto& ops, auto& t) {
@@ -110,7 +168,7 @@ void add_chunked(std::vector<Case>& cases) {
                                                                  t("out_r"), t("lse"), p);
                               }));
     bwd = fwd;
-    bwd.push_back(output("dv", n, 69, kAttention));
+    bwd.push_back(output("dv", n, 69, tol.dv));
     cases.push_back(make_case("chunked_attention_backward dv only" + s,
                               OpId::chunked_attention_backward, with(bwd),
                               [=](auto& ops, auto& t) {
@@ -122,33 +180,37 @@ void add_chunked(std::vector<Case>& cases) {
   }
 }
 
-void add_full(std::vector<Case>& cases) {
+void add_full(std::vector<Case>& cases, AttentionPrecision pr) {
   struct Shape {
     int64_t L;
     int dh;
     bool causal;
   };
+  const AttnTols tol = tols(pr);
+  // The last four: L not a multiple of the 64-row tiles, one partial tile, odd dh.
   for (const Shape c : {Shape{97, 64, true}, Shape{97, 64, false}, Shape{300, 128, true},
-                        Shape{16, 7, true}, Shape{1, 32, true}}) {
+                        Shape{16, 7, true}, Shape{1, 32, true}, Shape{200, 128, true},
+                        Shape{130, 64, false}, Shape{65, 32, true}, Shape{150, 40, true}}) {
     AttentionParams p;
     p.L = c.L;
     p.dh = c.dh;
     p.ld = c.dh + 5;
     p.causal = c.causal;
+    p.precision = pr;
     const int64_t n = c.L * p.ld;
-    const std::string s =
-        " L" + std::to_string(c.L) + " dh" + std::to_string(c.dh) + (c.causal ? " causal" : "");
+    const std::string s = " L" + std::to_string(c.L) + " dh" + std::to_string(c.dh) +
+                          (c.causal ? " causal" : "") + precision_name(pr);
     const std::vector<TensorSpec> fwd = {input("qk", n, 70, -1.5, 1.5), input("v", n, 71),
-                                         input("dout", n, 72), output("out", n, 75, kAttention),
-                                         output("lse", c.L, 76, kLse)};
+                                         input("dout", n, 72), output("out", n, 75, tol.out),
+                                         output("lse", c.L, 76, tol.lse)};
     const auto forward = [p](auto& ops, auto& t) {
       ops.full_attention_forward(t("out"), t("lse"), t("qk"), t("v"), p);
     };
     cases.push_back(
         make_case("full_attention_forward" + s, OpId::full_attention_forward, fwd, forward));
     std::vector<TensorSpec> bwd = fwd;
-    bwd.push_back(output("dqk", n, 73, kAttentionDqk));
-    bwd.push_back(output("dv", n, 74, kAttention));
+    bwd.push_back(output("dqk", n, 73, tol.dqk));
+    bwd.push_back(output("dv", n, 74, tol.dv));
     cases.push_back(make_case("full_attention_backward" + s, OpId::full_attention_backward, bwd,
                               [=](auto& ops, auto& t) {
                                 forward(ops, t);
@@ -160,8 +222,10 @@ void add_full(std::vector<Case>& cases) {
 
 std::vector<Case> attention_cases() {
   std::vector<Case> cases;
-  add_chunked(cases);
-  add_full(cases);
+  for (AttentionPrecision pr : kPrecisions) {
+    add_chunked(cases, pr);
+    add_full(cases, pr);
+  }
   return cases;
 }
 

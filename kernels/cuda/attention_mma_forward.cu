@@ -1,0 +1,178 @@
+// Attention forward on tensor cores (AttentionParams::precision == bf16):
+// same semantics and outputs as attn_forward_kernel (attention_common.cuh),
+// FlashAttention-2 style.
+//
+// mma_forward_kernel: one block of 4 warps per (round, chunk, tile of 64
+// queries) (full: per tile of 64 positions); warp w owns queries
+// 16w .. 16w+15 of the tile. The queries are gathered through perm into
+// shared memory as bf16 once; then for each tile of 64 keys of the window
+// (chunk_list order, as the fp32 kernel) k_hat and v are gathered as bf16
+// (v transposed, [dh][key]), S = Q K_hat^T runs on mma.m16n8k16 with fp32
+// accumulators, the masks are applied to the fp32 scores by position, the
+// online max-shifted softmax runs in fp32 registers, P is rounded to bf16
+// in registers and O += P V runs on mma. out = O / l and lse = m + log l are
+// written in fp32. Head widths up to 128 are zero padded to 32, 64 or 128.
+//
+// Work per call: 4 * dh * (query, key) pairs flops, the pairs being
+// R * L * W (chunked, W = window keys = chunks in the window * chunk) or
+// L^2 / 2 (full causal); at L = 64K, R = 4, W = 128, dh = 128 that is
+// 17 GFLOP per head. Limits: the gathered loads (fp32 rows through perm,
+// converted to bf16, v transposed through shared memory) are not overlapped
+// with the mma (no cp.async pipeline), and chunks of 32 leave half of the
+// warps idle (64-query tiles).
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "kernels/cuda/attention_mma.cuh"
+
+namespace reformer {
+namespace cuda {
+namespace {
+
+constexpr int kFwdKeys = 64;  // keys per pass
+
+template <int DH>
+constexpr size_t mma_fwd_smem() {
+  return sizeof(bf16) * size_t(kMmaRows * mma_stride(DH) + kFwdKeys * mma_stride(DH) +
+                               DH * mma_stride(kFwdKeys));
+}
+
+// Chunked: out = out_r [R, L, dh], lse [R, L]. Full: out [L, ld], lse [L].
+template <int DH, bool FULL>
+__global__ void __launch_bounds__(kMmaBlock)
+    mma_forward_kernel(AttnGeom g, const float* qk, const float* khat, const float* v,
+                       float* out, float* lse) {
+  constexpr int S = mma_stride(DH);         // row stride of sQ, sK
+  constexpr int SV = mma_stride(kFwdKeys);  // row stride of sVt
+  constexpr int NT = kFwdKeys / 8;          // score tiles per warp strip
+  constexpr int OT = DH / 8;                // output tiles per warp strip
+  extern __shared__ float4 mma_fwd_smem4[];
+  bf16* sQ = reinterpret_cast<bf16*>(mma_fwd_smem4);  // [kMmaRows][S]
+  bf16* sK = sQ + kMmaRows * S;                        // [kFwdKeys][S]
+  bf16* sVt = sK + kFwdKeys * S;                       // [DH][SV]
+  __shared__ int sqpos[kMmaRows];
+  __shared__ int skpos[kFwdKeys];
+  __shared__ int swin[kMaxWindow];
+  __shared__ int s_nwin;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
+  int64_t r, c, t;
+  const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
+  load_tile<kMmaRows, DH>(sQ, S, sqpos, qk, g.ld, g.dh, tid);
+  const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
+                              : int64_t(s_nwin) * g.chunk;
+  // This thread's two rows (C rows gr and gr + 8 of its warp's strip).
+  const int qpos[2] = {sqpos[row0], sqpos[row0 + 8]};
+
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[OT][4];
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot) o[ot][0] = o[ot][1] = o[ot][2] = o[ot][3] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kFwdKeys) {
+    __syncthreads();  // the previous tile is consumed (and sqpos read)
+    if (tid < kFwdKeys) skpos[tid] = window_position<FULL>(g, pr, swin, 0, k0 + tid, n_keys);
+    __syncthreads();
+    load_tile<kFwdKeys, DH>(sK, S, skpos, khat, g.dh, g.dh, tid);
+    load_tile_t<kFwdKeys, DH>(sVt, SV, skpos, v, g.ld, g.dh, tid);
+    __syncthreads();
+
+    float sc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+    mma_strip_nt<DH, NT>(sc, sQ, S, 16 * warp, sK, S, lane);
+
+    // Masks by position on the fp32 scores; keys past the window get -inf.
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kp = skpos[nt * 8 + 2 * t4 + (e & 1)];
+        bool masked;
+        sc[nt][e] = kp < 0 ? -INFINITY : masked_score(sc[nt][e], qpos[e >> 1], kp, g.causal,
+                                                      &masked);
+        mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
+      }
+    }
+    float corr[2], shift[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float mn = fmaxf(m[h], quad_max(mx[h]));
+      shift[h] = mn == -INFINITY ? 0.0f : mn;  // no valid key yet: every p is 0
+      corr[h] = expf(m[h] - shift[h]);
+      m[h] = mn;
+    }
+    float ls[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        sc[nt][e] = expf(sc[nt][e] - shift[e >> 1]);
+        ls[e >> 1] += sc[nt][e];
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + ls[h];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot) {
+      o[ot][0] *= corr[0];
+      o[ot][1] *= corr[0];
+      o[ot][2] *= corr[1];
+      o[ot][3] *= corr[1];
+    }
+    mma_strip_pv<DH, kFwdKeys / 16>(o, sc, sVt, SV, lane);
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float lt = quad_sum(l[h]);  // each lane summed its own columns
+    if (qpos[h] < 0) continue;
+    const float inv = 1.0f / lt;
+    float* dst = FULL ? out + int64_t(qpos[h]) * g.ld : out + (r * g.L + qpos[h]) * g.dh;
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot) {
+      const int d = ot * 8 + 2 * t4;
+      if (d < g.dh) dst[d] = o[ot][2 * h] * inv;
+      if (d + 1 < g.dh) dst[d + 1] = o[ot][2 * h + 1] * inv;
+    }
+    if (t4 == 0) lse[(FULL ? 0 : r * g.L) + qpos[h]] = m[h] + logf(lt);
+  }
+}
+
+template <int DH, bool FULL>
+void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
+                        const float* v, float* out, float* lse, cudaStream_t s) {
+  constexpr size_t smem = mma_fwd_smem<DH>();
+  set_smem(mma_forward_kernel<DH, FULL>, smem);
+  mma_forward_kernel<DH, FULL><<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, qk, khat, v,
+                                                                               out, lse);
+  CUDA_CHECK_LAUNCH("mma_forward_kernel");
+}
+
+template <bool FULL>
+void dispatch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
+                          const float* v, float* out, float* lse, cudaStream_t s) {
+  switch (kernel_dhm(g.dh)) {
+    case 32: launch_mma_forward<32, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
+    case 64: launch_mma_forward<64, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
+    default: launch_mma_forward<128, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
+  }
+}
+
+}  // namespace
+
+void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,
+                           const float* qk, const float* khat, const float* v, float* out,
+                           float* lse, cudaStream_t s) {
+  const AttnGeom g = mma_geom(p, perm, full);
+  if (full)
+    dispatch_mma_forward<true>(g, 1, qk, khat, v, out, lse, s);
+  else
+    dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, lse, s);
+}
+
+}  // namespace cuda
+}  // namespace reformer
