@@ -28,14 +28,20 @@ struct AttentionShape {
   int64_t ld = 0;   // row stride of qk, v, ao and their gradients
 };
 
-// Transient buffers of one head that the kinds share across heads and
-// layers, sized by the model (framework/memory_plan.cpp) for the largest
-// kind it holds. They carry a head's state from forward() to backward(), so
-// the backward of a head must follow the forward of the same head.
+// Transient buffers the kinds share across heads and layers, sized by the
+// model (framework/memory_plan.cpp) for the largest kind it holds. out_r and
+// lse carry a head's state from forward() to backward() in one of `slots`
+// slots (head h uses slot h % slots), so the backward of a head must follow
+// its forward before `slots` other heads' forwards.
 template <class T>
 struct AttentionScratch {
-  Buffer<T> out_r;         // [rounds, L, dh]: each round's output
-  Buffer<T> lse;           // [rounds, L]: each round's log-sum-exp
+  Buffer<T> out_r;         // [slots, rounds, L, dh]: each round's output
+  Buffer<T> lse;           // [slots, rounds, L]: each round's log-sum-exp
+  int slots = 1;
+  int64_t out_r_slot = 0;  // elements of one slot of out_r (rounds * L * dh)
+  int64_t lse_slot = 0;    // elements of one slot of lse (rounds * L)
+  T* out_r_of(int h) { return out_r.data() + int64_t(h % slots) * out_r_slot; }
+  T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // sorted order of one head [n_hashes, L]
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)

@@ -14,13 +14,13 @@ class FullAttention final : public AttentionKindImpl<T> {
       : ops_(ops), s_(scratch), ap_(attention_params(cfg, shape)) {}
   const char* name() const override { return "full"; }
 
-  void forward(int, const T* qk, const T* v, T* ao, uint64_t, bool) override {
-    ops_.full_attention_forward(ao, s_.lse.data(), qk, v, ap_);
+  void forward(int h, const T* qk, const T* v, T* ao, uint64_t, bool) override {
+    ops_.full_attention_forward(ao, s_.lse_of(h), qk, v, ap_);
   }
 
-  void backward(int, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+  void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
                 T* dv) override {
-    ops_.full_attention_backward(dqk, dv, dao, ao, qk, v, s_.lse.data(), ap_);
+    ops_.full_attention_backward(dqk, dv, dao, ao, qk, v, s_.lse_of(h), ap_);
   }
 
  private:

@@ -18,14 +18,14 @@ class LocalAttention final : public AttentionKindImpl<T> {
   }
   const char* name() const override { return "local"; }
 
-  void forward(int, const T* qk, const T* v, T* ao, uint64_t, bool) override {
-    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse.data(), qk, v, s_.identity.data(),
+  void forward(int h, const T* qk, const T* v, T* ao, uint64_t, bool) override {
+    ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, s_.identity.data(),
                                    ap_);
   }
 
-  void backward(int, const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
-    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), s_.out_r.data(),
-                                    s_.lse.data(), ap_);
+  void backward(int h, const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
+    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), s_.out_r_of(h),
+                                    s_.lse_of(h), ap_);
   }
 
  private:

@@ -32,14 +32,14 @@ class LshAttention final : public AttentionKindImpl<T> {
       ops_.lsh_hash(buckets, qk, shape_.ld, s_.rot.data(), L, shape_.dh, nh_, nb_, f0_);
     }
     ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
-    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse.data(), qk, v, s_.perm.data(), ap_);
+    ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, s_.perm.data(), ap_);
   }
 
   void backward(int h, const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
     const int64_t L = shape_.L;
     ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
-    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data(), s_.out_r.data(),
-                                    s_.lse.data(), ap_);
+    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data(), s_.out_r_of(h),
+                                    s_.lse_of(h), ap_);
   }
 
  private:

@@ -112,6 +112,28 @@ void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
 
 }  // namespace
 
+int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
+  const ModelConfig& m = cfg.model;
+  if (sp > 1) return m.n_heads / sp;
+  if (m.attn_heads_per_pass > 0) {
+    if (m.n_heads % m.attn_heads_per_pass != 0)
+      throw ConfigError("model.attn_heads_per_pass = " + std::to_string(m.attn_heads_per_pass) +
+                        " must divide model.n_heads = " + std::to_string(m.n_heads));
+    return m.attn_heads_per_pass;
+  }
+  // A pass keeps six [L, dh] operands and the rounds' outputs and
+  // log-sum-exps of each of its heads.
+  int64_t rounds = 1;
+  for (int l = 0; l < m.n_layers; ++l)
+    if (uses_lsh(cfg, l, m.max_len)) rounds = cfg.attention.n_hashes;
+  const int64_t L = m.max_len, dh = cfg.head_dim();
+  const int64_t per_head = (6 * L * dh + rounds * L * (dh + 1)) * real_bytes;
+  int best = 1;
+  for (int g = 1; g <= m.n_heads; ++g)
+    if (m.n_heads % g == 0 && g * per_head <= kAttentionPassBudget) best = g;
+  return best;
+}
+
 MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   check_sequence_shard(cfg, sp, /*has_group*/ true);
   const ModelConfig& m = cfg.model;
@@ -132,16 +154,17 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("tokens", G::activations, "[L]", {L}, true);
   b.add("targets", G::activations, "[L]", {L}, true);
   for (const char* n : {"x1", "x2", "dx1", "dx2"}) b.add(n, G::activations, "[L, D]", {L, D});
-  // Attention runs one head at a time (sp = 1) or, under sequence
+  // Attention runs a group of heads at a time (sp = 1) or, under sequence
   // parallelism, this rank's heads over the whole sequence.
+  const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
   for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"}) {
-    if (sp == 1) b.add(n, G::activations, "[L, dh]", {L, dh});
+    if (sp == 1) b.add(n, G::activations, "[L, heads_per_pass*dh]", {L, Hp * dh});
     else b.add(n, G::activations, "[Lfull, Hloc*dh]", {Lfull, Hloc * dh});
   }
-  if (sp == 1) {
+  if (sp == 1 && Hp < H) {  // a pass's columns of Wqk, Wv and their gradients
     for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
-      b.add(n, G::activations, "[D, dh]", {D, dh});
-  } else {
+      b.add(n, G::activations, "[D, heads_per_pass*dh]", {D, Hp * dh});
+  } else if (sp > 1) {
     b.add("lqk", G::activations, "[L, H*dh]", {L, HD});
     b.add("lv", G::activations, "[L, H*dh]", {L, HD});
     b.add("exchange staging", G::activations, "[sp, L, Hloc*dh]", {sp, L, Hloc * dh});
@@ -150,8 +173,10 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   int lsh_layers = 0;
   for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
   const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes : 1;
-  b.add("out_r", G::activations, "[rounds, Lfull, dh]", {rounds, Lfull, dh});
-  b.add("lse", G::activations, "[rounds, Lfull]", {rounds, Lfull});
+  // One slot per head of a pass (sp 1); under sp one, reused head by head.
+  const int64_t slots = sp == 1 ? Hp : 1;
+  b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
+  b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
   if (lsh_layers > 0) {
     const int64_t nh = cfg.attention.n_hashes;
     b.add("rotations", G::activations, "[n_hashes, dh, cols]",

@@ -54,6 +54,16 @@ struct MemoryPlan {
   int64_t total_bytes() const;
 };
 
+// Heads the attention sublayer projects and attends in one pass when one
+// rank holds the whole sequence (sp 1): model.attn_heads_per_pass, or when
+// it is 0 the most heads (a divisor of n_heads) whose six [L, heads * dh]
+// operand buffers and per-head round outputs take at most
+// kAttentionPassBudget bytes (one head at least). Fewer heads per pass hold less memory; more make wider products
+// and recompute LayerNorm less often. Under sp > 1 every local head attends
+// in one pass. Throws ConfigError when the key does not divide n_heads.
+constexpr int64_t kAttentionPassBudget = int64_t(4) << 30;
+int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
+
 // One rank's plan for a validated `cfg` under sequence parallelism over `sp`
 // ranks (cfg.parallel.sp is not read), with floating-point elements of
 // `real_bytes` bytes (4: fp32 training; 8: the double-precision checks);

@@ -32,7 +32,8 @@ struct ReformerModel<T>::Scratch {
   Buffer<T> x1, x2, dx1, dx2;            // residual streams and their gradients [L, D]
   Buffer<T> qk, v, ao, dqk, dv, dao;     // attention operands (see above)
   Buffer<T> lqk, lv;                     // sp > 1: sequence-shard projections / gradients
-  Buffer<T> wq, wv, gwq, gwv;            // sp = 1: one head's columns of Wqk, Wv, grads [D, dh]
+  Buffer<T> wq, wv, gwq, gwv;            // sp = 1, a pass of fewer than all heads: its
+                                         // columns of Wqk, Wv and their gradients [D, Hp * dh]
   std::unique_ptr<HeadExchange<T>> exchange;  // sp > 1
   AttentionScratch<T> attn;
   std::vector<std::unique_ptr<AttentionKindImpl<T>>> kinds;  // per layer
@@ -62,6 +63,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   d1_ = m.axial_dims[0];
   a2_ = m.axial_shape[1];
 
+  Hp_ = attention_heads_per_pass(cfg, shard.size, int(sizeof(T)));
   table_ = model_param_table(cfg);
   // Every allocation below is sized by the memory plan (framework/memory_plan.h).
   const MemoryPlan plan = plan_memory(cfg, shard.size, int(sizeof(T)));
@@ -84,7 +86,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     s.lqk = buf("lqk");
     s.lv = buf("lv");
     s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, H_, dh_);
-  } else {
+  } else if (Hp_ < H_) {
     s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
   }
 
@@ -93,6 +95,9 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
   s.attn.out_r = buf("out_r");
   s.attn.lse = buf("lse");
+  s.attn.slots = shard.size == 1 ? Hp_ : 1;
+  s.attn.out_r_slot = plan.count("out_r") / s.attn.slots;
+  s.attn.lse_slot = plan.count("lse") / s.attn.slots;
   if (any_lsh) {
     s.attn.rot = buf("rotations");
     s.attn.perm = ibuf("perm");
@@ -104,7 +109,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     ops.from_host_i32(s.attn.identity.data(), id.data(), Lfull_);
   }
   for (int l = 0; l < NL_; ++l) {
-    const int64_t ld = shard.size > 1 ? int64_t(Hloc_) * dh_ : dh_;
+    const int64_t ld = shard.size > 1 ? int64_t(Hloc_) * dh_ : int64_t(Hp_) * dh_;
     const AttentionShape shape{l, Lfull_, Hloc_, shard.rank * Hloc_, dh_, ld};
     s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
   }
@@ -168,14 +173,16 @@ void for_chunks(int64_t L, int64_t chunk, F&& f) {
   for (int64_t r0 = 0; r0 < L; r0 += chunk) f(r0, std::min(chunk, L - r0));
 }
 
-// Owned head h's columns of layer l's Wqk and Wv into wq, wv [D, dh].
+// The columns of layer l's Wqk and Wv for attention pass `pass` (heads
+// pass * Hp .. + Hp) into wq, wv [D, Hp * dh] (only when a pass has fewer
+// than all heads; otherwise the weights are used in place).
 template <class T>
-void ReformerModel<T>::load_head_weights(int l, int h) {
+void ReformerModel<T>::load_pass_weights(int l, int pass) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  const int HD = H_ * dh_;
-  ops_.copy_2d(s.wq.data(), dh_, P.wqk + int64_t(h) * dh_, HD, D_, dh_);
-  ops_.copy_2d(s.wv.data(), dh_, P.wv + int64_t(h) * dh_, HD, D_, dh_);
+  const int HD = H_ * dh_, n = Hp_ * dh_;
+  ops_.copy_2d(s.wq.data(), n, P.wqk + int64_t(pass) * n, HD, D_, n);
+  ops_.copy_2d(s.wv.data(), n, P.wv + int64_t(pass) * n, HD, D_, n);
 }
 
 // qk[L, n] = LN_a(x2) wq, v[L, n] = LN_a(x2) wv (wq, wv [D, n]), chunk by chunk.
@@ -259,11 +266,17 @@ void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train)
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
   if (!s.exchange) {
-    for (int h = 0; h < H_; ++h) {
-      load_head_weights(l, h);
-      project(l, s.wq.data(), s.wv.data(), dh_, s.qk.data(), s.v.data());
-      kind.forward(h, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ true);
-      add_output(l, s.ao.data(), P.wo + int64_t(h) * dh_ * D_, dh_, false, step, train);
+    const int n = Hp_ * dh_;
+    const bool all = Hp_ == H_;
+    for (int pass = 0; pass < H_ / Hp_; ++pass) {
+      if (!all) load_pass_weights(l, pass);
+      project(l, all ? P.wqk : s.wq.data(), all ? P.wv : s.wv.data(), n, s.qk.data(), s.v.data());
+      for (int j = 0; j < Hp_; ++j) {
+        const int64_t c = int64_t(j) * dh_;
+        kind.forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c, step,
+                     /*rehash*/ true);
+      }
+      add_output(l, s.ao.data(), P.wo + int64_t(pass) * n * D_, n, false, step, train);
     }
     return;
   }
@@ -302,26 +315,41 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
   const int HD = H_ * dh_;
   if (!s.exchange) {
-    const int64_t n = L_ * dh_, w = int64_t(D_) * dh_;
-    for (int h = 0; h < H_; ++h) {
-      const int64_t c = int64_t(h) * dh_;
-      load_head_weights(l, h);
-      project(l, s.wq.data(), s.wv.data(), dh_, s.qk.data(), s.v.data());
-      kind.forward(h, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ false);
-      add_output(l, s.ao.data(), P.wo + c * D_, dh_, true, step, train);
-      ops_.fill(s.dao.data(), T(0), n);
-      output_backward(l, s.ao.data(), P.wo + c * D_, G.wo + c * D_, dh_, s.dao.data(), step,
+    const int n = Hp_ * dh_;
+    const int64_t ln = L_ * n, w = int64_t(D_) * n;
+    const bool all = Hp_ == H_;
+    const T* wq = all ? P.wqk : s.wq.data();
+    const T* wv = all ? P.wv : s.wv.data();
+    for (int pass = 0; pass < H_ / Hp_; ++pass) {
+      const int64_t c0 = int64_t(pass) * n;  // the pass's first column of Wqk, Wv
+      if (!all) load_pass_weights(l, pass);
+      project(l, wq, wv, n, s.qk.data(), s.v.data());
+      for (int j = 0; j < Hp_; ++j) {
+        const int64_t c = int64_t(j) * dh_;
+        kind.forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c, step,
+                     /*rehash*/ false);
+      }
+      add_output(l, s.ao.data(), P.wo + c0 * D_, n, true, step, train);
+      ops_.fill(s.dao.data(), T(0), ln);
+      output_backward(l, s.ao.data(), P.wo + c0 * D_, G.wo + c0 * D_, n, s.dao.data(), step,
                       train);
-      ops_.fill(s.dqk.data(), T(0), n);
-      ops_.fill(s.dv.data(), T(0), n);
-      kind.backward(h, s.qk.data(), s.v.data(), s.ao.data(), s.dao.data(), s.dqk.data(),
-                    s.dv.data());
+      ops_.fill(s.dqk.data(), T(0), ln);
+      ops_.fill(s.dv.data(), T(0), ln);
+      for (int j = 0; j < Hp_; ++j) {
+        const int64_t c = int64_t(j) * dh_;
+        // Each head of the pass kept its forward state in its own slot.
+        kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c,
+                      s.dao.data() + c, s.dqk.data() + c, s.dv.data() + c);
+      }
+      if (all) {  // the gradients accumulate in place
+        project_backward(l, s.dqk.data(), s.dv.data(), wq, wv, G.wqk, G.wv, n);
+        continue;
+      }
       ops_.fill(s.gwq.data(), T(0), w);
       ops_.fill(s.gwv.data(), T(0), w);
-      project_backward(l, s.dqk.data(), s.dv.data(), s.wq.data(), s.wv.data(), s.gwq.data(),
-                       s.gwv.data(), dh_);
-      ops_.add_2d(G.wqk + c, HD, s.gwq.data(), dh_, D_, dh_);
-      ops_.add_2d(G.wv + c, HD, s.gwv.data(), dh_, D_, dh_);
+      project_backward(l, s.dqk.data(), s.dv.data(), wq, wv, s.gwq.data(), s.gwv.data(), n);
+      ops_.add_2d(G.wqk + c0, HD, s.gwq.data(), n, D_, n);
+      ops_.add_2d(G.wv + c0, HD, s.gwv.data(), n, D_, n);
     }
     return;
   }

@@ -102,7 +102,7 @@ class ReformerModel {
   void attention_layer_forward(int l, uint64_t step, bool train);
   void attention_layer_backward(int l, uint64_t step, bool train);
   void attend_shards(int l, uint64_t step, bool rehash);
-  void load_head_weights(int l, int h);
+  void load_pass_weights(int l, int pass);
   void project(int l, const T* wq, const T* wv, int n, T* qk, T* v);
   void project_backward(int l, const T* dqk, const T* dv, const T* wq, const T* wv, T* gwq,
                         T* gwv, int n);
@@ -126,6 +126,7 @@ class ReformerModel {
   int64_t Lfull_;  // positions of the whole sequence
   int64_t pos0_;   // global position of this rank's first
   int D_, H_, Hloc_, dh_, F_, V_, NL_;
+  int Hp_;  // heads per attention pass (sp 1; attention_heads_per_pass)
   int d1_, a2_;
   Buffer<T> params_, grads_;
   ModelTensors<T> P_, G_;  // named views of params_ and grads_

@@ -93,6 +93,7 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
   for (const auto& sets : std::vector<std::vector<std::string>>{
            {},
            {"model.ffn_chunk=20", "model.loss_chunk=16"},
+           {"model.attn_heads_per_pass=1"},
            {"attention.kinds=[full]", "optimizer.name=adafactor"},
            {"attention.kinds=[local]", "optimizer.name=adafactor", "optimizer.beta1=0"},
            {"attention.factorize_buckets=true", "model.d_head=5"}}) {

@@ -106,6 +106,14 @@ TEST(ModelGrad, ThreeHashRoundsReluChunked) {
                                       "attention.kinds=[lsh]"}));
 }
 
+// Attention in passes of fewer than all heads (the pass's columns of Wqk,
+// Wv and Wo, their gradients added back), one head and two of four.
+TEST(ModelGrad, AttentionInPassesOfFewerHeads) {
+  check_model_gradients(small_config({"model.attn_heads_per_pass=1", "model.dropout=0.25"}));
+  check_model_gradients(small_config({"model.n_heads=4", "model.d_head=2",
+                                      "model.attn_heads_per_pass=2"}));
+}
+
 TEST(ModelGrad, FactorizedBuckets) {
   // 8 buckets hashed as 2 * 4 (one rotation block per factor, as HF).
   const Config cfg = small_config({"attention.factorize_buckets=true", "attention.n_buckets=8"});
