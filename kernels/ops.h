@@ -56,7 +56,8 @@ class Ops {
   //   semantics. copy_2d: dst[r, :cols] = src[r, :cols] for r < rows with row
   //   strides ld_dst, ld_src; add_2d the same with +=.
   //   dropout: x[i] = keep_i ? x[i] / (1 - p) : 0, keep_i drawn from the
-  //   counter RNG keyed by (seed, step, layer, site) at element offset + i;
+  //   counter RNG stream make_key(seed, RngPurpose::dropout, step, layer, site)
+  //   (kernels/common/philox.h) at element offset + i;
   //   applying it to a gradient with the same key is its backward.
   // embedding: out[L, D] = wte[tokens[i]] + concat(pos1[p / a2], pos2[p % a2]),
   //   p = pos_offset + i; wte [V, D], pos1 [a1, d1], pos2 [a2, D - d1].
@@ -69,8 +70,8 @@ class Ops {
   //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
   //   block per factor (kernels/common/params.h, rotation_cols); cols is
   //   rotation_cols(n_buckets, factor0).
-  //   lsh_rotations: R [n_hashes, dh, cols] ~ N(0, 1) from the stream keyed by
-  //   (seed, step, layer, head); round r uses R + r * dh * cols.
+  //   lsh_rotations: R [n_hashes, dh, cols] ~ N(0, 1) from the stream make_key(seed,
+  //   RngPurpose::rotations, step, layer, head); round r uses R + r * dh * cols.
   //   lsh_hash: y = x_i R_r, x_i = qk[i * ld .. + dh]. factor0 == 0:
   //   buckets[r, i] = argmax(concat(y, -y)); otherwise b0 + factor0 * b1 with
   //   b0 = argmax(concat(y0, -y0)), y0 = y[0, factor0/2), b1 likewise over the
