@@ -89,6 +89,13 @@ class Ops {
   //   their log-sum-exp. full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.
+  //   decode_attention: one query per head against sets of cached keys
+  //   (DecodeAttentionParams): q, out [heads * dh]; k, v [positions, ld]
+  //   caches; sets [heads * rounds, 2] (begin, count) into keys, keys the
+  //   positions of each set. Scoring and masks as above with q_pos as the
+  //   query's position; each set is one softmax (an empty set weighs 0),
+  //   sets of a head combine by their log-sum-exp; out = 0 for a head whose
+  //   sets are all empty.
   // loss: softmax_cross_entropy: loss[n] = logsumexp(logits[n, :]) -
   //   logits[n, targets[n]], 0 where targets[n] < 0. When dlogits is non-null
   //   it is OVERWRITTEN with (softmax(logits[n]) - onehot(targets[n])) *

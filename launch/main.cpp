@@ -4,6 +4,7 @@
 //   reformer eval    --checkpoint PATH [--config FILE] [--set key=value]... [--split valid|test]
 //   reformer inspect PATH
 //   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
+//   reformer generate --checkpoint PATH (--prompt TEXT | --prompt-file F) --tokens N [...]
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
@@ -33,6 +34,7 @@
 #include "framework/trainer.h"
 #include "generated/default_config.h"
 #include "launch/bench.h"
+#include "launch/generate.h"
 
 using namespace reformer;
 
@@ -52,6 +54,7 @@ const char* kMainHelp =
     "  eval      evaluate a checkpoint on the validation or test split\n"
     "  inspect   describe and verify a checkpoint file\n"
     "  bench     time training steps at several sequence lengths\n"
+    "  generate  continue a prompt byte by byte from a checkpoint\n"
     "\n"
     "Run 'reformer <command> --help' for the options of a command.\n";
 
@@ -313,6 +316,7 @@ int main(int argc, char** argv) {
   }
   std::unique_ptr<Communicator> comm;
   try {
+    if (cmd == "generate") return cmd_generate(argc, argv);
     if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench")
       throw UsageError("unknown command '" + cmd + "' (try 'reformer --help')");
     const Args a = parse_args(cmd, argc, argv);
@@ -329,6 +333,8 @@ int main(int argc, char** argv) {
     if (cmd == "bench") return cmd_bench(a, comm);
     return cmd_inspect(a);
   } catch (const UsageError& e) {
+    return fail(comm, 2, "", e.what());
+  } catch (const GenerateUsageError& e) {
     return fail(comm, 2, "", e.what());
   } catch (const ConfigError& e) {
     return fail(comm, 2, "config error: ", e.what());
