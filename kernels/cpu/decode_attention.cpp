@@ -1,7 +1,8 @@
 // Attention of one decoding step (CPU reference and test oracle).
 //
 // For head h and set r (u = h * rounds + r) with positions j in the set:
-//   s_j = q_h . k_hat_j,  k_hat_j = k_j / sqrt(|k_j|^2 + kKeyNormEps),
+//   s_j = q_h . k_hat_j,  k_hat_j = k_j / sqrt(|k_j|^2 + kKeyNormEps)
+// (computed as (q_h . k_j) / sqrt(...), equal up to rounding),
 // set (not added) to kCausalMaskValue when causal and j > q_pos, else to
 // kSelfMaskValue when j == q_pos, as the training-time attention scores;
 //   lse_u = log sum_j exp(s_j),  out_u = sum_j exp(s_j - lse_u) v_j,
@@ -54,9 +55,11 @@ void decode_attention(T* out, const T* q, const T* k, const T* v, const int32_t*
           const int64_t j = set[t];
           const T* kj = k + j * p.ld + int64_t(h) * dh;
           T kk = T(0), qkj = T(0);
-          for (int d = 0; d < dh; ++d) kk += kj[d] * kj[d];
-          const T norm = std::sqrt(kk + T(kKeyNormEps));
-          for (int d = 0; d < dh; ++d) qkj += qh[d] * (kj[d] / norm);
+          for (int d = 0; d < dh; ++d) {
+            kk += kj[d] * kj[d];
+            qkj += qh[d] * kj[d];
+          }
+          qkj /= std::sqrt(kk + T(kKeyNormEps));  // q . k_hat, one division per key
           if (p.causal && j > p.q_pos) qkj = T(kCausalMaskValue);
           else if (j == p.q_pos) qkj = T(kSelfMaskValue);
           s[size_t(t)] = qkj;

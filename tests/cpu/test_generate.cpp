@@ -230,6 +230,23 @@ TEST(DecodeAttentionOp, MatchesDirectSum) {
   }
 }
 
+// A decoding step multiplies one row; that path gives the bits of the
+// blocked kernel (row 0 of a two-row product), with and without bias.
+TEST(DecodeMatmul, OneRowIsBitwiseTheBlockedProduct) {
+  CpuOps<float> ops;
+  const int C = 300, OC = 515;  // several column blocks, partial last block
+  std::vector<float> inp(2 * C), w(size_t(C) * OC), bias(OC), one(OC), two(2 * OC);
+  const RngKey key = make_key(2, RngPurpose::test, 4);
+  for (size_t i = 0; i < inp.size(); ++i) inp[i] = rng_normal(key, i);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = rng_normal(key, 10000 + i);
+  for (size_t i = 0; i < bias.size(); ++i) bias[i] = rng_normal(key, 5000 + i);
+  for (const float* b : {static_cast<const float*>(bias.data()), static_cast<const float*>(nullptr)}) {
+    ops.matmul_forward(one.data(), inp.data(), w.data(), b, 1, C, OC);
+    ops.matmul_forward(two.data(), inp.data(), w.data(), b, 2, C, OC);
+    EXPECT_TRUE(std::equal(one.begin(), one.end(), two.begin()));
+  }
+}
+
 TEST(SampleToken, GreedyAndSeededDraws) {
   const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 2.0f, 1.5f};
   SamplingOptions greedy;
