@@ -10,10 +10,6 @@
 
 namespace reformer {
 
-namespace {
-constexpr uint64_t kPurposeData = 3;  // RNG key purpose of data sampling
-}
-
 DuplicationTask::DuplicationTask(int64_t L, int symbols, uint64_t seed)
     : L_(L), symbols_(symbols), seed_(seed) {
   REFORMER_REQUIRE(L >= 4 && L % 2 == 0, DataError, "duplication task needs an even length >= 4");
@@ -23,7 +19,7 @@ DuplicationTask::DuplicationTask(int64_t L, int symbols, uint64_t seed)
 void DuplicationTask::sample(Split split, int64_t index, int32_t* tokens,
                              int32_t* targets) const {
   const int64_t half = L_ / 2;
-  const RngKey key = make_key(seed_, kPurposeData, uint64_t(split), uint64_t(index));
+  const RngKey key = make_key(seed_, RngPurpose::data, uint64_t(split), uint64_t(index));
   // Sequence s[0 .. L] = 0 w 0 w with |w| = half - 1, plus s[L] = 0 so the
   // last target exists; tokens = s[0 .. L), targets = s[1 .. L].
   tokens[0] = 0;
@@ -105,7 +101,7 @@ void ByteCorpus::sample(Split split, int64_t index, int32_t* tokens, int32_t* ta
                     " bytes, too few for one sequence (data.test_fraction is 0?); evaluate "
                     "--split valid, or set data.test_fraction");
   }
-  const RngKey key = make_key(seed_, kPurposeData, uint64_t(split), uint64_t(index));
+  const RngKey key = make_key(seed_, RngPurpose::data, uint64_t(split), uint64_t(index));
   const Philox4 r = rng_block(key, 0);
   const uint64_t x = (uint64_t(r.v[0]) << 32) | r.v[1];
   const int64_t start = begin_[s] + int64_t(x % uint64_t(span));

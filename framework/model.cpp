@@ -141,7 +141,7 @@ void ReformerModel<T>::init_params(uint64_t seed) {
   for (size_t k = 0; k < ps.size(); ++k) {
     const ParamInfo& p = ps[k];
     T* dst = host.data() + p.offset;
-    const RngKey key = make_key(seed, /*purpose: init*/ 2, k);
+    const RngKey key = make_key(seed, RngPurpose::init, k);
     for (int64_t i = 0; i < p.size; ++i) {
       switch (p.init) {
         case InitKind::normal: dst[i] = T(p.init_std * rng_normal(key, uint64_t(i))); break;

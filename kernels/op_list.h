@@ -108,6 +108,10 @@
     (T* dqk, T* dv, const T* dout, const T* out, const T* qk, const T* v, const T* lse,     \
      const AttentionParams& p),                                                             \
     (dqk, dv, dout, out, qk, v, lse, p))                                                    \
+  X(void, decode_attention,                                                                 \
+    (T* out, const T* q, const T* k, const T* v, const int32_t* sets, const int32_t* keys,  \
+     const DecodeAttentionParams& p),                                                       \
+    (out, q, k, v, sets, keys, p))                                                          \
   /* loss */                                                                                \
   X(void, softmax_cross_entropy,                                                            \
     (T* loss, T* dlogits, const T* logits, const int32_t* targets, int64_t N, int V,        \

@@ -56,7 +56,8 @@ class Ops {
   //   semantics. copy_2d: dst[r, :cols] = src[r, :cols] for r < rows with row
   //   strides ld_dst, ld_src; add_2d the same with +=.
   //   dropout: x[i] = keep_i ? x[i] / (1 - p) : 0, keep_i drawn from the
-  //   counter RNG keyed by (seed, step, layer, site) at element offset + i;
+  //   counter RNG stream make_key(seed, RngPurpose::dropout, step, layer, site)
+  //   (kernels/common/philox.h) at element offset + i;
   //   applying it to a gradient with the same key is its backward.
   // embedding: out[L, D] = wte[tokens[i]] + concat(pos1[p / a2], pos2[p % a2]),
   //   p = pos_offset + i; wte [V, D], pos1 [a1, d1], pos2 [a2, D - d1].
@@ -69,8 +70,8 @@ class Ops {
   //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
   //   block per factor (kernels/common/params.h, rotation_cols); cols is
   //   rotation_cols(n_buckets, factor0).
-  //   lsh_rotations: R [n_hashes, dh, cols] ~ N(0, 1) from the stream keyed by
-  //   (seed, step, layer, head); round r uses R + r * dh * cols.
+  //   lsh_rotations: R [n_hashes, dh, cols] ~ N(0, 1) from the stream make_key(seed,
+  //   RngPurpose::rotations, step, layer, head); round r uses R + r * dh * cols.
   //   lsh_hash: y = x_i R_r, x_i = qk[i * ld .. + dh]. factor0 == 0:
   //   buckets[r, i] = argmax(concat(y, -y)); otherwise b0 + factor0 * b1 with
   //   b0 = argmax(concat(y0, -y0)), y0 = y[0, factor0/2), b1 likewise over the
@@ -88,6 +89,13 @@ class Ops {
   //   their log-sum-exp. full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.
+  //   decode_attention: one query per head against sets of cached keys
+  //   (DecodeAttentionParams): q, out [heads * dh]; k, v [positions, ld]
+  //   caches; sets [heads * rounds, 2] (begin, count) into keys, keys the
+  //   positions of each set. Scoring and masks as above with q_pos as the
+  //   query's position; each set is one softmax (an empty set weighs 0),
+  //   sets of a head combine by their log-sum-exp; out = 0 for a head whose
+  //   sets are all empty.
   // loss: softmax_cross_entropy: loss[n] = logsumexp(logits[n, :]) -
   //   logits[n, targets[n]], 0 where targets[n] < 0. When dlogits is non-null
   //   it is OVERWRITTEN with (softmax(logits[n]) - onehot(targets[n])) *

@@ -98,7 +98,7 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
     Optimizer<float>& opt = *opt_ptr;
     model.init_params(cfg.training.seed);
     std::vector<int32_t> tokens(static_cast<size_t>(L)), targets(static_cast<size_t>(L));
-    const RngKey key = make_key(cfg.training.seed, /*purpose: bench*/ 9);
+    const RngKey key = make_key(cfg.training.seed, RngPurpose::bench);
     for (int64_t i = 0; i < L; ++i)
       tokens[size_t(i)] = int32_t(rng_u32(key, uint64_t(i)) % uint32_t(cfg.model.vocab_size));
     for (int64_t i = 0; i < L; ++i) targets[size_t(i)] = i + 1 < L ? tokens[size_t(i + 1)] : -1;

@@ -5,6 +5,7 @@
 //   reformer inspect PATH
 //   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
 //   reformer plan    [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]
+//   reformer generate --checkpoint PATH (--prompt TEXT | --prompt-file F) --tokens N [...]
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
@@ -36,6 +37,7 @@
 #include "framework/trainer.h"
 #include "generated/default_config.h"
 #include "launch/bench.h"
+#include "launch/generate.h"
 
 using namespace reformer;
 
@@ -56,6 +58,7 @@ const char* kMainHelp =
     "  inspect   describe and verify a checkpoint file\n"
     "  bench     time training steps at several sequence lengths\n"
     "  plan      print the memory plan of a configuration and the longest length that fits\n"
+    "  generate  continue a prompt byte by byte from a checkpoint\n"
     "\n"
     "Run 'reformer <command> --help' for the options of a command.\n";
 
@@ -353,7 +356,9 @@ int main(int argc, char** argv) {
   }
   std::unique_ptr<Communicator> comm;
   try {
-    if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench" && cmd != "plan")
+    if (cmd == "generate") return cmd_generate(argc, argv);
+    if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench" &&
+        cmd != "plan")
       throw UsageError("unknown command '" + cmd + "' (try 'reformer --help')");
     const Args a = parse_args(cmd, argc, argv);
     if (a.help) {
@@ -371,6 +376,8 @@ int main(int argc, char** argv) {
     if (cmd == "plan") return cmd_plan(a);
     return cmd_inspect(a);
   } catch (const UsageError& e) {
+    return fail(comm, 2, "", e.what());
+  } catch (const GenerateUsageError& e) {
     return fail(comm, 2, "", e.what());
   } catch (const ConfigError& e) {
     return fail(comm, 2, "config error: ", e.what());

@@ -8,9 +8,6 @@
 
 namespace reformer {
 
-// Purpose index of the rotation stream in make_key(seed, step, layer, head, purpose).
-constexpr uint64_t kLshRotationPurpose = 1;
-
 // Throws ShapeError unless n_buckets is even and >= 2.
 inline void check_lsh_buckets(int n_buckets) {
   if (n_buckets < 2 || n_buckets % 2 != 0)

@@ -56,6 +56,21 @@ struct AttentionParams {
   AttentionPrecision precision = AttentionPrecision::bf16;  // CUDA arithmetic (see above)
 };
 
+// One decoding step of attention (kernels/ops.h, decode_attention): per head,
+// one query against `rounds` sets of earlier positions gathered from a
+// key/value cache, each set a softmax of its own, the sets combined by their
+// log-sum-exp. Set u = h * rounds + r of head h is
+// keys[sets[2u] .. sets[2u] + sets[2u + 1]), positions (cache rows).
+struct DecodeAttentionParams {
+  int heads = 0;       // heads of the query; q and out are [heads * dh]
+  int rounds = 1;      // key sets per head (hash rounds; 1 for full and local)
+  int dh = 0;          // head width
+  int64_t ld = 0;      // row stride (elements) of the k and v caches: head h
+                       // of position j at j * ld + h * dh; ld >= heads * dh
+  int64_t q_pos = 0;   // the query's position (self and causal masks)
+  bool causal = true;  // mask keys whose position is after q_pos
+};
+
 // Decoupled-weight-decay Adam (Loshchilov & Hutter).
 struct AdamWParams {
   float lr = 1e-3f;

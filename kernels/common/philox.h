@@ -1,9 +1,32 @@
 // Counter-based random numbers (Philox4x32-10, Salmon et al., SC'11).
 //
-// Every random quantity in the model (LSH rotations, dropout masks, parameter
-// initialisation, data sampling) is a pure function of a key built from
-// (seed, purpose, indices...) and an element counter, so any rank, any device
-// and any recompute draws exactly the same numbers with no state to carry.
+// Every random quantity (parameter initialisation, data sampling, LSH
+// rotations, dropout masks, benchmark inputs, generation sampling, test
+// inputs) is a pure function of a stream key and an element counter, so any
+// rank, any device and any recompute draws exactly the same numbers with no
+// state to carry.
+//
+// Key layout. A stream is named by make_key(seed, purpose, a, b, c, d): the
+// purpose is a required RngPurpose, the indices a..d mean what the purpose
+// says (unused ones are 0):
+//
+//   purpose     a          b          c        d
+//   init        param k    -          -        -     (framework/model.cpp)
+//   data        split      sequence   -        -     (framework/data.cpp)
+//   rotations   step       layer      head     -     (kernels/*/lsh.*)
+//   dropout     step       layer      site     -     (kernels/*/elementwise.*)
+//   bench       -          -          -        -     (launch/bench.cpp)
+//   sampling    token idx  -          -        -     (framework/generator.cpp)
+//   test        free       free       free     free  (tests only)
+//
+// The stream's Philox key (k0, k1) is a splitmix hash of (seed, purpose, a,
+// b, c, d); the purpose is moreover the third counter word of every block:
+// block i of a stream is philox4x32(i_lo, i_hi, purpose, 0; k0, k1). Philox
+// is a bijection of the counter for a fixed key, so two streams of different
+// purposes never produce the same block even if their hashed keys were
+// equal; streams of one purpose differ by their hashed key
+// (tests/cpu/test_rng.cpp enumerates the families and checks that every key
+// is distinct).
 #pragma once
 
 #include <cmath>
@@ -47,28 +70,42 @@ REFORMER_HD uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// A stream of random numbers named by a 64-bit key; element i of the stream
-// is a pure function of (key, i).
-struct RngKey {
-  uint64_t key;
+// What a stream is for: one fixed field of every key (see the layout above).
+// Values are part of the numbers drawn; never renumber them.
+enum class RngPurpose : uint32_t {
+  init = 1,       // parameter initialisation
+  data = 2,       // sampling training / evaluation sequences
+  rotations = 3,  // LSH random rotations
+  dropout = 4,    // dropout masks
+  bench = 5,      // benchmark inputs
+  sampling = 6,   // token sampling in generation
+  test = 7,       // random inputs of tests
 };
 
-// Builds a key from a seed and up to five indices (e.g. step, layer, head,
-// round, purpose). Different index tuples give unrelated streams.
-REFORMER_HD RngKey make_key(uint64_t seed, uint64_t a = 0, uint64_t b = 0,
-                            uint64_t c = 0, uint64_t d = 0, uint64_t e = 0) {
+// A stream of random numbers; element i of the stream is a pure function of
+// (key, purpose, i).
+struct RngKey {
+  uint64_t key;      // Philox key words k0 (low half) and k1 (high half)
+  uint32_t purpose;  // the RngPurpose, the third counter word of every block
+};
+
+// The stream of `purpose` named by the seed and up to four indices (their
+// meaning per purpose is in the layout above). Different tuples give
+// unrelated streams.
+REFORMER_HD RngKey make_key(uint64_t seed, RngPurpose purpose, uint64_t a = 0, uint64_t b = 0,
+                            uint64_t c = 0, uint64_t d = 0) {
   uint64_t k = mix64(seed);
-  k = mix64(k ^ a);
-  k = mix64(k ^ (b + 0x1000193ull));
-  k = mix64(k ^ (c + 0x2000329ull));
-  k = mix64(k ^ (d + 0x40006b3ull));
-  k = mix64(k ^ (e + 0x8000d67ull));
-  return RngKey{k};
+  k = mix64(k ^ uint64_t(purpose));
+  k = mix64(k ^ (a + 0x1000193ull));
+  k = mix64(k ^ (b + 0x2000329ull));
+  k = mix64(k ^ (c + 0x40006b3ull));
+  k = mix64(k ^ (d + 0x8000d67ull));
+  return RngKey{k, uint32_t(purpose)};
 }
 
 // Four uniform 32-bit words for block i of the stream.
 REFORMER_HD Philox4 rng_block(RngKey key, uint64_t i) {
-  return philox4x32(uint32_t(i), uint32_t(i >> 32), 0u, 0u, uint32_t(key.key),
+  return philox4x32(uint32_t(i), uint32_t(i >> 32), key.purpose, 0u, uint32_t(key.key),
                     uint32_t(key.key >> 32));
 }
 

@@ -100,7 +100,7 @@ template <class T>
 void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,
              int64_t offset) {
   if (p <= 0.0f) return;
-  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(site));
+  const RngKey key = make_key(seed, RngPurpose::dropout, step, uint64_t(layer), uint64_t(site));
   const T keep = T(1) - T(p);
 #pragma omp parallel for if (n >= kParallelMin / 8)
   for (int64_t i = 0; i < n; ++i) {

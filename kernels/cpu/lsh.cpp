@@ -3,7 +3,7 @@
 // Contracts (kernels/ops.h):
 //  - R [n_hashes, dh, cols], cols = rotation_cols(n_buckets, factor0)
 //    (kernels/common/params.h): element i is rng_normal(key, i) with
-//    key = make_key(seed, step, layer, head, 1); round r's block starts at
+//    key = make_key(seed, RngPurpose::rotations, step, layer, head); round r's block starts at
 //    r * dh * cols.
 //  - buckets [n_hashes, L]: with y = x_i R_r, x_i = qk[i * ld .. i * ld + dh),
 //    argmax over concat(y, -y) (factor0 == 0), or b0 + factor0 * b1 with b0,
@@ -47,7 +47,7 @@ template <class T>
 void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,
                    int n_buckets, int factor0) {
   check_lsh_factor(n_buckets, factor0);
-  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(head), kLshRotationPurpose);
+  const RngKey key = make_key(seed, RngPurpose::rotations, step, uint64_t(layer), uint64_t(head));
   const int64_t n = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
   const bool par = n * 64 >= kMinParallelWork;  // a normal costs ~64 multiply-adds
 #pragma omp parallel for schedule(static) if (par)

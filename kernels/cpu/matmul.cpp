@@ -119,8 +119,34 @@ void gemm(T* out, int64_t ldo, const T* A, int64_t a_rs, int64_t a_ks, const T* 
 
 }  // namespace
 
+namespace {
+
+// One row (a decoding step): out = bias + inp @ w without packing, streaming w
+// row by row. Each element is the same sum as gemm's (increasing k from zero,
+// then the bias), so the result is bitwise that of the blocked kernel.
+template <class T>
+void row_times_matrix(T* out, const T* inp, const T* w, const T* bias, int C, int OC) {
+  const int64_t blocks = (OC + kNB - 1) / kNB;
+#pragma omp parallel for if (blocks > 1 && int64_t(C) * OC >= 16 * kParallelMinFlops)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t j0 = b * kNB;
+    const int nb = int(std::min<int64_t>(kNB, OC - j0));
+    T s[kNB] = {};
+    for (int k = 0; k < C; ++k) {
+      const T a = inp[k];
+      const T* row = w + int64_t(k) * OC + j0;
+#pragma omp simd
+      for (int j = 0; j < nb; ++j) s[j] += a * row[j];
+    }
+    for (int j = 0; j < nb; ++j) out[j0 + j] = bias ? bias[j0 + j] + s[j] : s[j];
+  }
+}
+
+}  // namespace
+
 template <class T>
 void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC) {
+  if (N == 1) return row_times_matrix(out, inp, w, bias, C, OC);
   gemm(out, OC, inp, C, 1, w, OC, 1, N, C, OC, bias, /*accumulate=*/false);
 }
 

@@ -159,7 +159,7 @@ void CudaOps::add_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_sr
 void CudaOps::dropout(float* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,
                       int site, int64_t offset) {
   if (p <= 0.0f || n <= 0) return;
-  const RngKey key = make_key(seed, step, uint64_t(layer), uint64_t(site));
+  const RngKey key = make_key(seed, RngPurpose::dropout, step, uint64_t(layer), uint64_t(site));
   cuda::dropout_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(x, n, p, key, offset);
   CUDA_CHECK_LAUNCH("dropout_kernel");
 }

@@ -1,8 +1,8 @@
 // LSH hashing by random rotations and the per-round sort (CUDA twin of
 // kernels/cpu/lsh.cpp).
 //
-//  - Rotations: element i of R is rng_normal(make_key(seed, step, layer,
-//    head, 1), i), the CPU's stream; device logf/cosf may differ from the
+//  - Rotations: element i of R is rng_normal(make_key(seed,
+//    RngPurpose::rotations, step, layer, head), i), the CPU's stream; device logf/cosf may differ from the
 //    host's by an ulp, so hashes agree with the CPU except at near-ties.
 //  - Hash: y = x @ R for all rounds in one cuBLASLt GEMM per chunk of
 //    positions, x [rows, dh] (row stride ld) times Rcat [dh, n_hashes * cols]
@@ -202,7 +202,7 @@ void CudaOps::lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, i
                             int n_hashes, int dh, int n_buckets, int factor0) {
   check_lsh_factor(n_buckets, factor0);
   const RngKey key =
-      make_key(seed, step, uint64_t(layer), uint64_t(head), kLshRotationPurpose);
+      make_key(seed, RngPurpose::rotations, step, uint64_t(layer), uint64_t(head));
   const int64_t n = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
   if (n <= 0) return;
   cuda::rotations_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(R, key, n);

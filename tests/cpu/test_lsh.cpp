@@ -120,7 +120,7 @@ TEST(LshRotations, DifferForDifferentSeedStepLayerHead) {
 TEST(LshRotations, ElementIIsStreamElementI) {
   const int n_hashes = 3, dh = 7, n_buckets = 6;
   const auto R = rotations(11, 5, 1, 2, n_hashes, dh, n_buckets);
-  const RngKey key = make_key(11, 5, 1, 2, 1);
+  const RngKey key = make_key(11, RngPurpose::rotations, 5, 1, 2);
   for (size_t i = 0; i < R.size(); ++i) EXPECT_EQ(R[i], double(rng_normal(key, i))) << i;
   // Round 0 of a 3-round draw is the whole of a 1-round draw.
   const auto one = rotations(11, 5, 1, 2, 1, dh, n_buckets);

@@ -147,7 +147,7 @@ inline std::string case_test_name(const ::testing::TestParamInfo<Case>& info);
 // ---------------------------------------------------------------- implementation
 
 inline std::vector<double> random_values(int64_t n, uint64_t seed, double lo, double hi) {
-  const RngKey key = make_key(seed, 77);
+  const RngKey key = make_key(seed, RngPurpose::test, 77);
   std::vector<double> v(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i)
     v[size_t(i)] = double(float(lo) + float(hi - lo) * rng_uniform(key, uint64_t(i)));

@@ -40,7 +40,7 @@ std::string describe(const AttnShape& c) {
 // Random permutations per round from random buckets through the CPU sort.
 std::vector<int32_t> random_perm(int64_t L, int rounds, uint64_t seed) {
   std::vector<int32_t> b(static_cast<size_t>(L * rounds)), perm(b.size());
-  const RngKey key = make_key(seed, 5);
+  const RngKey key = make_key(seed, RngPurpose::test, 5);
   for (size_t k = 0; k < b.size(); ++k) b[k] = int32_t(rng_u32(key, k) % 8u);
   CpuOps<float>().lsh_sort(perm.data(), b.data(), L, rounds, 8);
   return perm;

@@ -62,7 +62,7 @@ void on_each(std::vector<Backend> backends, F f) {
 // Random bucket ids in [0, n_buckets), [rounds, L].
 std::vector<int32_t> random_buckets(int64_t L, int rounds, int n_buckets, uint64_t seed) {
   std::vector<int32_t> b(static_cast<size_t>(L * rounds));
-  const RngKey key = make_key(seed, 1);
+  const RngKey key = make_key(seed, RngPurpose::test, 1);
   for (size_t k = 0; k < b.size(); ++k) b[k] = int32_t(rng_u32(key, k) % uint32_t(n_buckets));
   return b;
 }

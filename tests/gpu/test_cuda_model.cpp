@@ -58,7 +58,7 @@ data:
 }
 
 void make_tokens(int64_t L, std::vector<int32_t>* tokens, std::vector<int32_t>* targets) {
-  const RngKey key = make_key(17, 3);
+  const RngKey key = make_key(17, RngPurpose::test, 3);
   tokens->resize(static_cast<size_t>(L));
   targets->resize(static_cast<size_t>(L));
   for (int64_t i = 0; i < L; ++i) (*tokens)[static_cast<size_t>(i)] = int32_t(rng_u32(key, uint64_t(i)) % 256u);
