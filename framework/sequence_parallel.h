@@ -4,7 +4,9 @@
 // [L, H * dh] activation. Attention needs whole sequences, so an all-to-all
 // turns the sequence shards into head shards: every rank gets [L, H / sp * dh],
 // the heads it owns over all positions, attends, and a second all-to-all turns
-// the result back. LSH shares QK, so qk and v are all that travel forward
+// the result back. The model does this in attention passes: a pass exchanges
+// the columns of the few heads every rank attends in it ([L / sp, sp * cols]
+// for [L, cols] per rank). LSH shares QK, so qk and v are all that travel forward
 // (and their gradients back).
 #pragma once
 
