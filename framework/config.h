@@ -86,7 +86,7 @@ struct ModelConfig {
   double layernorm_eps = 1e-6;        // added to the variance, > 0
   double dropout = 0.0;               // residual-branch dropout probability, [0, 1)
   int ffn_chunk = 0;                  // positions per feed-forward chunk; 0: whole sequence
-  int attn_heads_per_pass = 0;        // heads projected and attended together (sp 1); 0: auto
+  int attn_heads_per_pass = 0;        // heads a rank attends together (divides n_heads / sp); 0: auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings
   double axial_init_std = 0.02;       // normal init of the axial position tables

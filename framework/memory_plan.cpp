@@ -114,14 +114,17 @@ void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
 
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
   const ModelConfig& m = cfg.model;
-  if (sp > 1) return m.n_heads / sp;
+  const int heads = m.n_heads / sp;  // the heads one rank attends (all of them at sp 1)
   if (m.attn_heads_per_pass > 0) {
-    if (m.n_heads % m.attn_heads_per_pass != 0)
+    if (heads % m.attn_heads_per_pass != 0)
       throw ConfigError("model.attn_heads_per_pass = " + std::to_string(m.attn_heads_per_pass) +
-                        " must divide model.n_heads = " + std::to_string(m.n_heads));
+                        " must divide model.n_heads" +
+                        (sp > 1 ? " / parallel.sp = " : " = ") + std::to_string(heads) +
+                        (sp > 1 ? " (the heads each rank of the sequence-parallel group attends)"
+                                : ""));
     return m.attn_heads_per_pass;
   }
-  // A pass keeps six [L, dh] operands and the rounds' outputs and
+  // A pass keeps six [Lfull, dh] operands and the rounds' outputs and
   // log-sum-exps of each of its heads.
   int64_t rounds = 1;
   for (int l = 0; l < m.n_layers; ++l)
@@ -129,8 +132,8 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
   const int64_t L = m.max_len, dh = cfg.head_dim();
   const int64_t per_head = (6 * L * dh + rounds * L * (dh + 1)) * real_bytes;
   int best = 1;
-  for (int g = 1; g <= m.n_heads; ++g)
-    if (m.n_heads % g == 0 && g * per_head <= kAttentionPassBudget) best = g;
+  for (int g = 1; g <= heads; ++g)
+    if (heads % g == 0 && g * per_head <= kAttentionPassBudget) best = g;
   return best;
 }
 
@@ -142,7 +145,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   plan.sp = sp;
   Builder b{plan, real_bytes};
   const int64_t Lfull = m.max_len, L = Lfull / sp, D = m.d_model, F = m.d_ff, V = m.vocab_size;
-  const int64_t H = m.n_heads, Hloc = H / sp, dh = cfg.head_dim(), HD = H * dh;
+  const int64_t Hloc = m.n_heads / sp, dh = cfg.head_dim();
   const ParamTable table = model_param_table(cfg);
   const int64_t P = table.total();
   using G = PlanGroup;
@@ -154,27 +157,32 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("tokens", G::activations, "[L]", {L}, true);
   b.add("targets", G::activations, "[L]", {L}, true);
   for (const char* n : {"x1", "x2", "dx1", "dx2"}) b.add(n, G::activations, "[L, D]", {L, D});
-  // Attention runs a group of heads at a time (sp = 1) or, under sequence
-  // parallelism, this rank's heads over the whole sequence.
+  // Attention runs in passes of Hp heads. At sp 1 a pass projects and
+  // attends Hp heads over the rank's positions (all of them). Under sequence
+  // parallelism every rank attends Hp of its heads over the whole sequence,
+  // so a pass projects sp * Hp heads of the rank's positions (lqk, lv, the
+  // exchange's staging) and exchanges them for [Lfull, Hp * dh].
   const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
-  for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"}) {
-    if (sp == 1) b.add(n, G::activations, "[L, heads_per_pass*dh]", {L, Hp * dh});
-    else b.add(n, G::activations, "[Lfull, Hloc*dh]", {Lfull, Hloc * dh});
-  }
-  if (sp == 1 && Hp < H) {  // a pass's columns of Wqk, Wv and their gradients
+  for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
+    b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+  if (Hp < Hloc) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
     for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
-      b.add(n, G::activations, "[D, heads_per_pass*dh]", {D, Hp * dh});
-  } else if (sp > 1) {
-    b.add("lqk", G::activations, "[L, H*dh]", {L, HD});
-    b.add("lv", G::activations, "[L, H*dh]", {L, HD});
-    b.add("exchange staging", G::activations, "[sp, L, Hloc*dh]", {sp, L, Hloc * dh});
+      b.add(n, G::activations, "[D, sp*heads_per_pass*dh]", {D, sp * Hp * dh});
+    if (sp > 1)
+      for (const char* n : {"wo_h", "gwo_h"})
+        b.add(n, G::activations, "[sp*heads_per_pass*dh, D]", {sp * Hp * dh, D});
+  }
+  if (sp > 1) {
+    b.add("lqk", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
+    b.add("lv", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
+    b.add("exchange staging", G::activations, "[sp, L, heads_per_pass*dh]", {sp, L, Hp * dh});
   }
 
   int lsh_layers = 0;
   for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
   const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes : 1;
-  // One slot per head of a pass (sp 1); under sp one, reused head by head.
-  const int64_t slots = sp == 1 ? Hp : 1;
+  // One slot per head of a pass.
+  const int64_t slots = Hp;
   b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
   b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
   if (lsh_layers > 0) {

@@ -54,13 +54,14 @@ struct MemoryPlan {
   int64_t total_bytes() const;
 };
 
-// Heads the attention sublayer projects and attends in one pass when one
-// rank holds the whole sequence (sp 1): model.attn_heads_per_pass, or when
-// it is 0 the most heads (a divisor of n_heads) whose six [L, heads * dh]
-// operand buffers and per-head round outputs take at most
-// kAttentionPassBudget bytes (one head at least). Fewer heads per pass hold less memory; more make wider products
-// and recompute LayerNorm less often. Under sp > 1 every local head attends
-// in one pass. Throws ConfigError when the key does not divide n_heads.
+// Heads each rank attends in one attention pass: model.attn_heads_per_pass,
+// or when it is 0 the most heads (a divisor of n_heads / sp, the heads a rank
+// attends) whose six [Lfull, heads * dh] operand buffers and per-head round
+// outputs take at most kAttentionPassBudget bytes (one head at least). Fewer
+// heads per pass hold less memory; more make wider products and recompute
+// LayerNorm less often. Under sp > 1 a pass projects sp times as many heads
+// (every rank's pass heads) over the rank's L / sp positions. Throws
+// ConfigError when the key does not divide n_heads / sp.
 constexpr int64_t kAttentionPassBudget = int64_t(4) << 30;
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 

@@ -20,10 +20,11 @@ constexpr int kSiteFFN = 1;
 
 // Activation buffers for one rank's shard of a sequence, sized by the memory
 // plan (framework/memory_plan.h). Only the residual streams and their
-// gradients span [L, D]; the attention sublayer runs one head at a time
-// (sp = 1: qk .. dao are [L, dh]) or, under sequence parallelism, this
-// rank's heads over the whole sequence (qk .. dao are [Lfull, Hloc * dh],
-// exchanged with the sequence-shard lqk, lv [L, H * dh]). LayerNorm, the
+// gradients span [L, D]; the attention sublayer runs in passes of Hp heads
+// per rank: qk .. dao are [Lfull, Hp * dh], a pass's heads over the whole
+// sequence. Under sequence parallelism a pass projects every rank's pass
+// heads (sp * Hp of them) on this rank's positions into lqk, lv
+// [L, sp * Hp * dh] and exchanges them for this rank's. LayerNorm, the
 // projections and the output projection run in position chunks of fc rows
 // through the feed-forward chunk buffers (the two sublayers never overlap).
 template <class T>
@@ -32,8 +33,10 @@ struct ReformerModel<T>::Scratch {
   Buffer<T> x1, x2, dx1, dx2;            // residual streams and their gradients [L, D]
   Buffer<T> qk, v, ao, dqk, dv, dao;     // attention operands (see above)
   Buffer<T> lqk, lv;                     // sp > 1: sequence-shard projections / gradients
-  Buffer<T> wq, wv, gwq, gwv;            // sp = 1, a pass of fewer than all heads: its
-                                         // columns of Wqk, Wv and their gradients [D, Hp * dh]
+  Buffer<T> wq, wv, gwq, gwv;            // a pass of fewer than all local heads: its
+                                         // columns of Wqk, Wv and their gradients
+                                         // [D, sp * Hp * dh]
+  Buffer<T> wo, gwo;                     // and under sp > 1 its rows of Wo [sp * Hp * dh, D]
   std::unique_ptr<HeadExchange<T>> exchange;  // sp > 1
   AttentionScratch<T> attn;
   std::vector<std::unique_ptr<AttentionKindImpl<T>>> kinds;  // per layer
@@ -82,12 +85,14 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.x1 = buf("x1"); s.x2 = buf("x2"); s.dx1 = buf("dx1"); s.dx2 = buf("dx2");
   s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
   s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
+  if (Hp_ < Hloc_) {
+    s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
+    if (shard.size > 1) { s.wo = buf("wo_h"); s.gwo = buf("gwo_h"); }
+  }
   if (shard.size > 1) {
     s.lqk = buf("lqk");
     s.lv = buf("lv");
-    s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, H_, dh_);
-  } else if (Hp_ < H_) {
-    s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
+    s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, Hp_ * dh_);
   }
 
   // Attention kinds and the scratch they share.
@@ -95,7 +100,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
   s.attn.out_r = buf("out_r");
   s.attn.lse = buf("lse");
-  s.attn.slots = shard.size == 1 ? Hp_ : 1;
+  s.attn.slots = Hp_;
   s.attn.out_r_slot = plan.count("out_r") / s.attn.slots;
   s.attn.lse_slot = plan.count("lse") / s.attn.slots;
   if (any_lsh) {
@@ -109,8 +114,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     ops.from_host_i32(s.attn.identity.data(), id.data(), Lfull_);
   }
   for (int l = 0; l < NL_; ++l) {
-    const int64_t ld = shard.size > 1 ? int64_t(Hloc_) * dh_ : int64_t(Hp_) * dh_;
-    const AttentionShape shape{l, Lfull_, Hloc_, shard.rank * Hloc_, dh_, ld};
+    const AttentionShape shape{l, Lfull_, Hloc_, shard.rank * Hloc_, dh_, int64_t(Hp_) * dh_};
     s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
   }
 
@@ -173,16 +177,44 @@ void for_chunks(int64_t L, int64_t chunk, F&& f) {
   for (int64_t r0 = 0; r0 < L; r0 += chunk) f(r0, std::min(chunk, L - r0));
 }
 
-// The columns of layer l's Wqk and Wv for attention pass `pass` (heads
-// pass * Hp .. + Hp) into wq, wv [D, Hp * dh] (only when a pass has fewer
-// than all heads; otherwise the weights are used in place).
+// The first column of Wqk, Wv (row of Wo) of the heads rank `rank` of the
+// sequence-parallel group attends in pass `pass`: its local heads
+// pass * Hp .. + Hp.
+template <class T>
+int64_t ReformerModel<T>::pass_col(int rank, int pass) const {
+  return (int64_t(rank) * Hloc_ + int64_t(pass) * Hp_) * dh_;
+}
+
+// The columns of layer l's Wqk and Wv for attention pass `pass`, every
+// rank's block side by side, into wq, wv [D, sp * Hp * dh], and under sp > 1
+// the rows of Wo into wo [sp * Hp * dh, D] (only when a pass has fewer than
+// all local heads; otherwise the weights are used in place).
 template <class T>
 void ReformerModel<T>::load_pass_weights(int l, int pass) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  const int HD = H_ * dh_, n = Hp_ * dh_;
-  ops_.copy_2d(s.wq.data(), n, P.wqk + int64_t(pass) * n, HD, D_, n);
-  ops_.copy_2d(s.wv.data(), n, P.wv + int64_t(pass) * n, HD, D_, n);
+  const int HD = H_ * dh_, n = Hp_ * dh_, N = shard_.size * n;
+  for (int r = 0; r < shard_.size; ++r) {
+    const int64_t c = pass_col(r, pass);
+    ops_.copy_2d(s.wq.data() + int64_t(r) * n, N, P.wqk + c, HD, D_, n);
+    ops_.copy_2d(s.wv.data() + int64_t(r) * n, N, P.wv + c, HD, D_, n);
+    if (s.exchange) ops_.copy(s.wo.data() + int64_t(r) * n * D_, P.wo + c * D_, int64_t(n) * D_);
+  }
+}
+
+// G.wqk, G.wv (and under sp > 1 G.wo) += the pass gradients gwq, gwv (gwo),
+// block by block as load_pass_weights gathered them.
+template <class T>
+void ReformerModel<T>::add_pass_gradients(int l, int pass) {
+  Scratch& s = *s_;
+  const LayerTensors<T>& G = G_.layers[size_t(l)];
+  const int HD = H_ * dh_, n = Hp_ * dh_, N = shard_.size * n;
+  for (int r = 0; r < shard_.size; ++r) {
+    const int64_t c = pass_col(r, pass), nd = int64_t(n) * D_;
+    ops_.add_2d(G.wqk + c, HD, s.gwq.data() + int64_t(r) * n, N, D_, n);
+    ops_.add_2d(G.wv + c, HD, s.gwv.data() + int64_t(r) * n, N, D_, n);
+    if (s.exchange) ops_.add(G.wo + c * D_, G.wo + c * D_, s.gwo.data() + r * nd, nd);
+  }
 }
 
 // qk[L, n] = LN_a(x2) wq, v[L, n] = LN_a(x2) wv (wq, wv [D, n]), chunk by chunk.
@@ -256,124 +288,106 @@ void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, 
   });
 }
 
-// x1 += Attn(LN_a(x2)) for layer l, saving each LSH head's bucket ids. One
-// head at a time (sp = 1); under sequence parallelism every head's
-// projections of this rank's positions are exchanged for this rank's heads
-// over the whole sequence, attended head by head, and exchanged back.
+// The weights of attention pass `pass` of layer l: the layer's own when a
+// pass holds all local heads, else the ones load_pass_weights gathers (the
+// Wo rows of a pass at sp 1 are one contiguous block, used in place).
 template <class T>
-void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
+typename ReformerModel<T>::PassWeights ReformerModel<T>::pass_weights(int l, int pass) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
-  if (!s.exchange) {
-    const int n = Hp_ * dh_;
-    const bool all = Hp_ == H_;
-    for (int pass = 0; pass < H_ / Hp_; ++pass) {
-      if (!all) load_pass_weights(l, pass);
-      project(l, all ? P.wqk : s.wq.data(), all ? P.wv : s.wv.data(), n, s.qk.data(), s.v.data());
-      for (int j = 0; j < Hp_; ++j) {
-        const int64_t c = int64_t(j) * dh_;
-        kind.forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c, step,
-                     /*rehash*/ true);
-      }
-      add_output(l, s.ao.data(), P.wo + int64_t(pass) * n * D_, n, false, step, train);
-    }
-    return;
-  }
-  attend_shards(l, step, /*rehash*/ true);
-  add_output(l, s.lqk.data(), P.wo, H_ * dh_, false, step, train);
+  const LayerTensors<T>& G = G_.layers[size_t(l)];
+  const bool all = Hp_ == Hloc_, in_place_wo = all || !s.exchange;
+  const int64_t c0 = pass_col(0, pass);
+  return {all, all ? P.wqk : s.wq.data(), all ? P.wv : s.wv.data(),
+          in_place_wo ? P.wo + c0 * D_ : s.wo.data(),
+          in_place_wo ? G.wo + c0 * D_ : s.gwo.data()};
 }
 
-// Sequence parallel: lqk [L, H * dh] <- the attention outputs (before Wo)
-// of this rank's positions, for every head. Projects this rank's positions
-// on every head, exchanges them for this rank's heads over the whole
-// sequence (qk, v), attends head by head (ao) and exchanges back.
+// x1 += Attn(LN_a(x2)) for layer l, saving each LSH head's bucket ids, in
+// passes of Hp heads per rank.
 template <class T>
-void ReformerModel<T>::attend_shards(int l, uint64_t step, bool rehash) {
+void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
+  const int N = shard_.size * Hp_ * dh_;
+  for (int pass = 0; pass < Hloc_ / Hp_; ++pass)
+    add_output(l, attend_pass(l, pass, step, /*rehash*/ true), pass_weights(l, pass).wo, N,
+               false, step, train);
+}
+
+// Attention pass `pass` of layer l: loads its weights, projects LN_a(x2) on
+// the pass heads' columns, attends each of this rank's Hp pass heads over
+// the whole sequence (under sp > 1 exchanging the projections of every
+// rank's pass heads for this rank's and the outputs back) and returns the
+// outputs before Wo for this rank's positions, [L, sp * Hp * dh] (s.ao at
+// sp 1, s.lqk under sp). Each head's forward state stays in its scratch slot.
+template <class T>
+const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool rehash) {
   Scratch& s = *s_;
-  const LayerTensors<T>& P = P_.layers[size_t(l)];
-  project(l, P.wqk, P.wv, H_ * dh_, s.lqk.data(), s.lv.data());
-  s.exchange->to_heads(s.lqk.data(), s.qk.data());
-  s.exchange->to_heads(s.lv.data(), s.v.data());
-  for (int h = 0; h < Hloc_; ++h) {
-    const int64_t c = int64_t(h) * dh_;
-    s.kinds[size_t(l)]->forward(h, s.qk.data() + c, s.v.data() + c, s.ao.data() + c, step,
-                                rehash);
+  const PassWeights pw = pass_weights(l, pass);
+  if (!pw.all) load_pass_weights(l, pass);
+  const int N = shard_.size * Hp_ * dh_;
+  if (!s.exchange) {
+    project(l, pw.wq, pw.wv, N, s.qk.data(), s.v.data());
+  } else {
+    project(l, pw.wq, pw.wv, N, s.lqk.data(), s.lv.data());
+    s.exchange->to_heads(s.lqk.data(), s.qk.data());
+    s.exchange->to_heads(s.lv.data(), s.v.data());
   }
+  for (int j = 0; j < Hp_; ++j) {
+    const int64_t c = int64_t(j) * dh_;
+    s.kinds[size_t(l)]->forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c,
+                                s.ao.data() + c, step, rehash);
+  }
+  if (!s.exchange) return s.ao.data();
   s.exchange->to_sequence(s.ao.data(), s.lqk.data());
+  return s.lqk.data();
 }
 
 // From y1 in x1, the rebuilt x2 and the gradients dx1 (of y1) and dx2 (of
 // y2, with the feed-forward part added): rebuilds x1 = y1 - Attn(LN_a(x2))
-// with the saved bucket ids and adds Attn's part to dx2; layer l's attention
-// and LN_a gradients accumulate.
+// with the saved bucket ids and adds Attn's part to dx2, pass by pass
+// (LayerNorm's backward is linear in its incoming gradient); layer l's
+// attention and LN_a gradients accumulate.
 template <class T>
 void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train) {
   Scratch& s = *s_;
-  const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
-  const int HD = H_ * dh_;
-  if (!s.exchange) {
-    const int n = Hp_ * dh_;
-    const int64_t ln = L_ * n, w = int64_t(D_) * n;
-    const bool all = Hp_ == H_;
-    const T* wq = all ? P.wqk : s.wq.data();
-    const T* wv = all ? P.wv : s.wv.data();
-    for (int pass = 0; pass < H_ / Hp_; ++pass) {
-      const int64_t c0 = int64_t(pass) * n;  // the pass's first column of Wqk, Wv
-      if (!all) load_pass_weights(l, pass);
-      project(l, wq, wv, n, s.qk.data(), s.v.data());
-      for (int j = 0; j < Hp_; ++j) {
-        const int64_t c = int64_t(j) * dh_;
-        kind.forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c, step,
-                     /*rehash*/ false);
-      }
-      add_output(l, s.ao.data(), P.wo + c0 * D_, n, true, step, train);
-      ops_.fill(s.dao.data(), T(0), ln);
-      output_backward(l, s.ao.data(), P.wo + c0 * D_, G.wo + c0 * D_, n, s.dao.data(), step,
-                      train);
-      ops_.fill(s.dqk.data(), T(0), ln);
-      ops_.fill(s.dv.data(), T(0), ln);
-      for (int j = 0; j < Hp_; ++j) {
-        const int64_t c = int64_t(j) * dh_;
-        // Each head of the pass kept its forward state in its own slot.
-        kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c,
-                      s.dao.data() + c, s.dqk.data() + c, s.dv.data() + c);
-      }
-      if (all) {  // the gradients accumulate in place
-        project_backward(l, s.dqk.data(), s.dv.data(), wq, wv, G.wqk, G.wv, n);
-        continue;
-      }
-      ops_.fill(s.gwq.data(), T(0), w);
-      ops_.fill(s.gwv.data(), T(0), w);
-      project_backward(l, s.dqk.data(), s.dv.data(), wq, wv, s.gwq.data(), s.gwv.data(), n);
-      ops_.add_2d(G.wqk + c0, HD, s.gwq.data(), n, D_, n);
-      ops_.add_2d(G.wv + c0, HD, s.gwv.data(), n, D_, n);
+  const int n = Hp_ * dh_, N = shard_.size * n;
+  const int64_t hn = Lfull_ * n, ln = L_ * N, w = int64_t(D_) * N;
+  for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
+    const T* ao = attend_pass(l, pass, step, /*rehash*/ false);
+    const PassWeights pw = pass_weights(l, pass);
+    add_output(l, ao, pw.wo, N, true, step, train);
+    // dao of this rank's positions (lv under sp, exchanged into dao).
+    T* dao = s.exchange ? s.lv.data() : s.dao.data();
+    ops_.fill(dao, T(0), ln);
+    if (!pw.all && s.exchange) ops_.fill(pw.gwo, T(0), w);
+    output_backward(l, ao, pw.wo, pw.gwo, N, dao, step, train);
+    if (s.exchange) s.exchange->to_heads(s.lv.data(), s.dao.data());
+    ops_.fill(s.dqk.data(), T(0), hn);
+    ops_.fill(s.dv.data(), T(0), hn);
+    for (int j = 0; j < Hp_; ++j) {
+      const int64_t c = int64_t(j) * dh_;
+      // Each head of the pass kept its forward state in its own slot.
+      kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c,
+                    s.dao.data() + c, s.dqk.data() + c, s.dv.data() + c);
     }
-    return;
+    const T *dqk = s.dqk.data(), *dv = s.dv.data();
+    if (s.exchange) {
+      s.exchange->to_sequence(s.dqk.data(), s.lqk.data());
+      s.exchange->to_sequence(s.dv.data(), s.lv.data());
+      dqk = s.lqk.data();
+      dv = s.lv.data();
+    }
+    if (pw.all) {  // the gradients accumulate in place
+      project_backward(l, dqk, dv, pw.wq, pw.wv, G.wqk, G.wv, N);
+      continue;
+    }
+    ops_.fill(s.gwq.data(), T(0), w);
+    ops_.fill(s.gwv.data(), T(0), w);
+    project_backward(l, dqk, dv, pw.wq, pw.wv, s.gwq.data(), s.gwv.data(), N);
+    add_pass_gradients(l, pass);
   }
-  // Sequence parallel: the forward again (every head, for the exchange),
-  // then each head's forward once more right before its backward (the
-  // kinds keep one head's state).
-  const int64_t hn = Lfull_ * Hloc_ * dh_, ln = L_ * HD;
-  attend_shards(l, step, /*rehash*/ false);
-  add_output(l, s.lqk.data(), P.wo, HD, true, step, train);
-  ops_.fill(s.lv.data(), T(0), ln);
-  output_backward(l, s.lqk.data(), P.wo, G.wo, HD, s.lv.data(), step, train);
-  s.exchange->to_heads(s.lv.data(), s.dao.data());
-  ops_.fill(s.dqk.data(), T(0), hn);
-  ops_.fill(s.dv.data(), T(0), hn);
-  for (int h = 0; h < Hloc_; ++h) {
-    const int64_t c = int64_t(h) * dh_;
-    const T *qk = s.qk.data() + c, *v = s.v.data() + c;
-    kind.forward(h, qk, v, s.ao.data() + c, step, /*rehash*/ false);
-    kind.backward(h, qk, v, s.ao.data() + c, s.dao.data() + c, s.dqk.data() + c,
-                  s.dv.data() + c);
-  }
-  s.exchange->to_sequence(s.dqk.data(), s.lqk.data());
-  s.exchange->to_sequence(s.dv.data(), s.lv.data());
-  project_backward(l, s.lqk.data(), s.lv.data(), P.wqk, P.wv, G.wqk, G.wv, HD);
 }
 
 // g[rows, D] = FFN(LN_f(y1)) for the `rows` positions starting at local row

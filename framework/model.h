@@ -101,8 +101,18 @@ class ReformerModel {
   // (x1 = y1 - Attn) followed by the backward into dx2 and the gradients.
   void attention_layer_forward(int l, uint64_t step, bool train);
   void attention_layer_backward(int l, uint64_t step, bool train);
-  void attend_shards(int l, uint64_t step, bool rehash);
+  // The weights attention pass `pass` of a layer reads and the gradient it
+  // adds its Wo part to (see pass_weights in model.cpp).
+  struct PassWeights {
+    bool all;  // the pass holds every local head: the layer's weights in place
+    const T *wq, *wv, *wo;
+    T* gwo;
+  };
+  PassWeights pass_weights(int l, int pass);
+  const T* attend_pass(int l, int pass, uint64_t step, bool rehash);
+  int64_t pass_col(int rank, int pass) const;
   void load_pass_weights(int l, int pass);
+  void add_pass_gradients(int l, int pass);
   void project(int l, const T* wq, const T* wv, int n, T* qk, T* v);
   void project_backward(int l, const T* dqk, const T* dv, const T* wq, const T* wv, T* gwq,
                         T* gwv, int n);
@@ -126,7 +136,7 @@ class ReformerModel {
   int64_t Lfull_;  // positions of the whole sequence
   int64_t pos0_;   // global position of this rank's first
   int D_, H_, Hloc_, dh_, F_, V_, NL_;
-  int Hp_;  // heads per attention pass (sp 1; attention_heads_per_pass)
+  int Hp_;  // heads each rank attends per attention pass (attention_heads_per_pass)
   int d1_, a2_;
   Buffer<T> params_, grads_;
   ModelTensors<T> P_, G_;  // named views of params_ and grads_

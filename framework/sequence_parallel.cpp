@@ -26,11 +26,9 @@ void check_sequence_shard(const Config& cfg, int sp, bool has_group) {
 }
 
 template <class T>
-HeadExchange<T>::HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int heads,
-                              int dh)
-    : ops_(ops), comm_(comm), Ll_(local_len), HD_(heads * dh),
-      cols_(heads / comm.size() * dh),
-      buf_(ops, int64_t(comm.size()) * local_len * (heads / comm.size()) * dh) {}
+HeadExchange<T>::HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols)
+    : ops_(ops), comm_(comm), Ll_(local_len), HD_(comm.size() * cols), cols_(cols),
+      buf_(ops, int64_t(comm.size()) * local_len * cols) {}
 
 template <class T>
 void HeadExchange<T>::to_heads(const T* local, T* heads_out) {

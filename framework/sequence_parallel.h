@@ -4,7 +4,9 @@
 // [L, H * dh] activation. Attention needs whole sequences, so an all-to-all
 // turns the sequence shards into head shards: every rank gets [L, H / sp * dh],
 // the heads it owns over all positions, attends, and a second all-to-all turns
-// the result back. LSH shares QK, so qk and v are all that travel forward
+// the result back. The model does this in attention passes: a pass exchanges
+// the columns of the few heads every rank attends in it ([L / sp, sp * cols]
+// for [L, cols] per rank). LSH shares QK, so qk and v are all that travel forward
 // (and their gradients back).
 #pragma once
 
@@ -26,22 +28,24 @@ template <class T>
 class HeadExchange {
  public:
   // comm: the sequence-parallel group (its rank order is the position
-  // order); local_len = L / sp positions per rank; heads H of width dh.
-  HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int heads, int dh);
+  // order); local_len = L / sp positions per rank; cols columns per rank:
+  // a local row holds sp * cols columns, block r (columns r * cols ..) being
+  // the ones rank r attends (its heads of the current attention pass).
+  HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols);
 
-  // heads_out[L, H/sp * dh] (rows in global position order) <- every rank's
-  // local[L/sp, H * dh] restricted to this rank's heads.
+  // heads_out[L, cols] (rows in global position order) <- every rank's
+  // local[L/sp, sp * cols] restricted to this rank's column block.
   void to_heads(const T* local, T* heads_out);
-  // local_out[L/sp, H * dh] <- every rank's heads[L, H/sp * dh] restricted to
-  // this rank's positions.
+  // local_out[L/sp, sp * cols] <- every rank's heads[L, cols] restricted to
+  // this rank's positions (block r of the columns from rank r).
   void to_sequence(const T* heads, T* local_out);
 
  private:
   Ops<T>& ops_;
   Communicator& comm_;
   int64_t Ll_;     // positions per rank
-  int HD_;         // H * dh
-  int cols_;       // H / sp * dh: columns per rank
+  int HD_;         // sp * cols: columns of a local row
+  int cols_;       // columns per rank
   Buffer<T> buf_;  // [sp, Ll, cols] staging for the exchange
 };
 

@@ -106,6 +106,20 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
   }
 }
 
+// Under sequence parallelism a pass holds some of a rank's n_heads / sp
+// heads: the key must divide them, and the error names it.
+TEST(MemoryPlan, HeadsPerPassDivideTheRanksHeads) {
+  EXPECT_EQ(attention_heads_per_pass(config({"model.attn_heads_per_pass=1"}), 2), 1);
+  EXPECT_EQ(attention_heads_per_pass(config({}), 2), 2);  // auto: all local heads fit
+  try {
+    plan_memory(config({"model.attn_heads_per_pass=2"}), 4);
+    FAIL() << "2 heads per pass of 1 local head accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.attn_heads_per_pass"), std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(MemoryPlan, LongestLengthThatFits) {
   const Config cfg = config({});
   const MemoryPlan at48 = plan_memory(cfg, 1);

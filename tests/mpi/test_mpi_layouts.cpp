@@ -153,10 +153,22 @@ std::vector<std::string> layout_sets(const Layout& l, const std::string& dir) {
 // The whole world as one sequence-parallel group, in double: every rank's
 // logits equal its slice of the one-process logits, and the gradients summed
 // over the group equal the one-process gradients.
+// Attention in passes of every local head (auto at this size), of one and
+// (eight heads) of two.
 TEST(SequenceParallel, ModelMatchesOneProcess) {
-  for (const char* kinds : {"[lsh]", "[lsh, local]", "[full, lsh]"}) {
-    const Config cfg = make_config({std::string("attention.kinds=") + kinds,
-                                    "model.dropout=0.1"});
+  struct Case {
+    const char* kinds;
+    const char* heads_per_pass;
+    const char* heads;
+  };
+  for (const Case c : {Case{"[lsh]", "0", "4"}, Case{"[lsh, local]", "0", "4"},
+                       Case{"[full, lsh]", "0", "4"}, Case{"[lsh, full]", "1", "4"},
+                       Case{"[lsh]", "1", "8"}, Case{"[local, lsh]", "2", "8"}}) {
+    const std::string kinds = std::string(c.kinds) + " heads_per_pass " + c.heads_per_pass +
+                              " of " + c.heads;
+    const Config cfg = make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
+                                    std::string("model.attn_heads_per_pass=") + c.heads_per_pass,
+                                    std::string("model.n_heads=") + c.heads});
     CpuOps<double> ops;
     ReformerModel<double> whole(cfg, ops);
     ReformerModel<double> part(cfg, ops, SequenceShard{world().size(), world().rank(), &world()});
