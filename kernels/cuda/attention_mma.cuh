@@ -201,6 +201,32 @@ void launch_mma_stage(const AttnGeom& g, int rounds, bool full, void* stage, Mma
   CUDA_CHECK_LAUNCH("mma_stage_kernel");
 }
 
+// Staged rows of this block's own tile (64 rows of chunk c, full: of the
+// sequence), -1 past its end; and of element k of the window list `list`
+// (full: first + k), -1 from n on.
+struct MmaRows {
+  int64_t base;  // r * L: the round's first staged row
+  int64_t tile_first, tile_count;
+  int chunk;
+};
+template <bool FULL>
+__device__ __forceinline__ MmaRows mma_rows(const AttnGeom& g, int64_t r, int64_t c, int64_t t) {
+  MmaRows m;
+  m.base = FULL ? 0 : r * g.L;
+  m.tile_first = FULL ? t * kMmaRows : m.base + c * g.chunk + t * kMmaRows;
+  m.tile_count = (FULL ? g.L : int64_t(g.chunk)) - t * kMmaRows;
+  m.chunk = g.chunk;
+  return m;
+}
+template <bool FULL>
+__device__ __forceinline__ int64_t list_row(const MmaRows& m, const int* list, int64_t first,
+                                            int64_t k, int64_t n) {
+  if (k >= n) return -1;
+  if (FULL) return first + k;
+  const int kw = int(k);  // < kMaxWindow * chunk <= L
+  return m.base + int64_t(list[kw / m.chunk]) * m.chunk + kw % m.chunk;
+}
+
 // Every staged-tile kernel wants the most shared memory per SM.
 template <class Kernel>
 void set_mma_smem(Kernel k, size_t bytes) {

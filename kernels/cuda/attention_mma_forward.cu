@@ -68,19 +68,9 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
   const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
   const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
                               : int64_t(s_nwin) * g.chunk;
-  // Staged rows: this round's slots start at row r * L.
-  const int64_t base = FULL ? 0 : r * g.L;
-  const int64_t q_first = FULL ? t * kMmaRows : base + c * g.chunk + t * kMmaRows;
-  const int64_t q_count = (FULL ? g.L : int64_t(g.chunk)) - t * kMmaRows;
-  auto q_row = [&](int i) -> int64_t { return i < q_count ? q_first + i : -1; };
-  // Staged row of element k0 + i of the window (-1 past its end).
-  auto key_row = [&](int64_t k0, int i) -> int64_t {
-    const int64_t k = k0 + i;
-    if (k >= n_keys) return -1;
-    if (FULL) return k;
-    const int kw = int(k);  // < kMaxWindow * chunk <= L
-    return base + int64_t(swin[kw / g.chunk]) * g.chunk + kw % g.chunk;
-  };
+  const MmaRows mr = mma_rows<FULL>(g, r, c, t);
+  auto q_row = [&](int i) -> int64_t { return i < mr.tile_count ? mr.tile_first + i : -1; };
+  auto key_row = [&](int64_t k0, int i) { return list_row<FULL>(mr, swin, 0, k0 + i, n_keys); };
   // cp.async groups in commit order: {Q, K_0}, {V_0}, then {K_i+1}, {V_i+1}
   // per tile i (empty past the last tile), so wait<1> before S of tile i
   // leaves only V_i in flight and wait<1> before P V only K_i+1.
