@@ -375,7 +375,7 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
   float* dv_r = dv ? sc.dv_r : nullptr;
   if (p.precision == AttentionPrecision::bf16)
     mma_attention_backward(p, g.perm, FULL, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r,
-                           dkh_r, dv_r, s);
+                           dkh_r, dv_r, sc.stage, s);
   else
     dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r,
                             s);
@@ -395,7 +395,8 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
                                          const AttentionParams& p) {
   cuda::check_chunked(p, "chunked_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
-  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, true);
+  const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
+  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, true, staged);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
   cuda::run_backward<false>(sc, p, g, p.n_rounds, dqk, dv, dout, nullptr, qk, v, out_r, lse,
@@ -407,7 +408,8 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
                                       const AttentionParams& p) {
   cuda::check_common(p, "full_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
-  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, true);
+  const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
+  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, true, staged);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
   cuda::run_backward<true>(sc, p, g, 1, dqk, dv, dout, out, qk, v, nullptr, lse, stream_);

@@ -252,12 +252,17 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
 
 inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) / kWarps); }
 
-// Scratch of one call: k_hat, norms, row statistics and the per-round gradients.
+// Scratch of one call: k_hat, norms, row statistics, the per-round gradients
+// and `staged` bf16 arrays [R, L, kernel_dhm(dh)] for the tensor-core
+// kernels (stage, one after another; null when staged == 0):
+// 2 * staged * R * L * kernel_dhm(dh) bytes more.
 struct AttnScratch {
   float *khat, *norm, *rm, *riz, *rD, *dq_r, *dkh_r, *dv_r;
+  void* stage;
 };
 
-inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool backward) {
+inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool backward,
+                                 int staged = 0) {
   Carve carve;
   const size_t f = sizeof(float);
   const size_t per_round = f * size_t(R) * size_t(L) * size_t(dh);
@@ -269,11 +274,14 @@ inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool b
   const size_t o_dq = carve.reserve(backward ? per_round : 0);
   const size_t o_dkh = carve.reserve(backward ? per_round : 0);
   const size_t o_dv = carve.reserve(backward ? per_round : 0);
+  const size_t o_stage =
+      carve.reserve(2 * size_t(staged) * size_t(R) * size_t(L) * size_t(kernel_dhm(dh)));
   void* base = ws.get(carve.total());
   return AttnScratch{Carve::at<float>(base, o_khat), Carve::at<float>(base, o_norm),
                      Carve::at<float>(base, o_rm),   Carve::at<float>(base, o_riz),
                      Carve::at<float>(base, o_rD),   Carve::at<float>(base, o_dq),
-                     Carve::at<float>(base, o_dkh),  Carve::at<float>(base, o_dv)};
+                     Carve::at<float>(base, o_dkh),  Carve::at<float>(base, o_dv),
+                     staged > 0 ? Carve::at<void>(base, o_stage) : nullptr};
 }
 
 inline void launch_normalise(const AttnScratch& sc, const float* qk, const AttentionParams& p,
@@ -291,13 +299,17 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // forward writes out_r / lse (chunked) or out / lse (full); backward
 // overwrites dq_r, dkh_r, dv_r ([R, L, dh]; any may be null) from the row
 // statistics rm, riz, rD of row_stats_kernel.
+// The forward's / backward's `stage` holds kMmaFwdStaged / kMmaBwdStaged
+// arrays of carve_scratch's staged layout (q, k_hat, v; and dout).
+constexpr int kMmaFwdStaged = 3;
+constexpr int kMmaBwdStaged = 4;
 void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,
                            const float* qk, const float* khat, const float* v, float* out,
-                           float* lse, cudaStream_t s);
+                           float* lse, void* stage, cudaStream_t s);
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
                             const float* qk, const float* khat, const float* v, const float* dout,
                             const float* rm, const float* riz, const float* rD, float* dq_r,
-                            float* dkh_r, float* dv_r, cudaStream_t s);
+                            float* dkh_r, float* dv_r, void* stage, cudaStream_t s);
 
 }  // namespace cuda
 }  // namespace reformer

@@ -221,11 +221,13 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
                                         const AttentionParams& p) {
   cuda::check_chunked(p, "chunked_attention_forward");
   if (p.L == 0) return;
-  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false);
+  const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
+  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false, staged);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
   if (p.precision == AttentionPrecision::bf16)
-    cuda::mma_attention_forward(p, perm, false, qk, sc.khat, v, out_r, lse, stream_);
+    cuda::mma_attention_forward(p, perm, false, qk, sc.khat, v, out_r, lse, sc.stage,
+                                stream_);
   else
     cuda::dispatch_forward<false>(g, p.n_rounds, qk, sc.khat, v, out_r, lse, stream_);
   cuda::combine_rounds_kernel<<<cuda::grid_for(p.L * p.dh), cuda::kThreads, 0, stream_>>>(
@@ -237,11 +239,13 @@ void CudaOps::full_attention_forward(float* out, float* lse, const float* qk, co
                                      const AttentionParams& p) {
   cuda::check_common(p, "full_attention_forward");
   if (p.L == 0) return;
-  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, false);
+  const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
+  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, false, staged);
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
   if (p.precision == AttentionPrecision::bf16)
-    cuda::mma_attention_forward(p, nullptr, true, qk, sc.khat, v, out, lse, stream_);
+    cuda::mma_attention_forward(p, nullptr, true, qk, sc.khat, v, out, lse, sc.stage,
+                                stream_);
   else
     cuda::dispatch_forward<true>(g, 1, qk, sc.khat, v, out, lse, stream_);
 }

@@ -1,6 +1,7 @@
 // Tensor-core pieces of the bf16 attention kernels (attention_mma_forward.cu,
 // attention_mma_backward.cu): the m16n8k16 bf16 mma with fp32 accumulation,
-// fragment loads from shared memory and the gathered bf16 tile loads.
+// the staging pre-pass (operands as bf16 rows in slot order), cp.async tile
+// copies and ldmatrix fragment loads from shared memory.
 // Internal to those files (unnamed namespace, as attention_common.cuh).
 //
 // Fragment layout of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for
@@ -11,13 +12,13 @@
 //  - B (16 x 8, k x n): b0 = B[2t4, 2t4+1][gr], b1 = B[2t4+8, +9][gr];
 //  - C (16 x 8, fp32): c0, c1 = C[gr][2t4, 2t4+1], c2, c3 = C[gr+8][2t4, 2t4+1].
 // Every product here is C = A B with A stored row major [m][k] and B stored
-// as B^T row major [n][k] in shared memory, so both fragments are pairs of
-// adjacent bf16 (one 32-bit load each). An accumulator tile pair
+// either as B^T row major [n][k] (ldmatrix) or as B row major [k][n]
+// (ldmatrix.trans) in shared memory. An accumulator tile pair
 // (C tiles 2kk and 2kk+1 of one 16-row strip) is the A fragment of k-step kk
 // of the next product (pack_a).
 // Shared rows are padded by 8 bf16 (16 bytes): with row strides of
-// 36, 68 or 20 words the eight rows gr of a fragment load fall in distinct
-// banks.
+// 20, 36 or 68 words the eight 16-byte rows of an ldmatrix matrix fall in
+// distinct banks.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -52,30 +53,6 @@ __device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t ld32(const bf16* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
-// A fragment of the 16 x 16 block at (row0, col0) of a row-major tile s
-// (stride st).
-__device__ __forceinline__ void load_a(uint32_t* a, const bf16* s, int st, int row0, int col0,
-                                       int lane) {
-  const bf16* p = s + (row0 + (lane >> 2)) * st + col0 + 2 * (lane & 3);
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * st);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * st + 8);
-}
-
-// B fragment (k0 .. k0+15) x (n0 .. n0+7) of B where s holds B^T row major
-// (element (k, n) at s[n * st + k]).
-__device__ __forceinline__ void load_b(uint32_t* b, const bf16* s, int st, int n0, int k0,
-                                       int lane) {
-  const bf16* p = s + (n0 + (lane >> 2)) * st + k0 + 2 * (lane & 3);
-  b[0] = ld32(p);
-  b[1] = ld32(p + 8);
-}
-
 // The A fragment of k-step kk from fp32 accumulator tiles c[2kk], c[2kk+1]
 // (C layout, columns 16kk .. 16kk+15 of a 16-row strip), rounded to bf16.
 __device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float* c1) {
@@ -85,74 +62,177 @@ __device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float
   a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-// c[nt] (16 x 8*NT strip) += A(16 x DH, rows row0.. of sa) B, B^T = rows
-// n0.. of sb; both tiles row major with DH columns (k).
+// ---- staged tiles (contiguous bf16 rows, see mma_stage_kernel): cp.async
+// copies into shared memory and ldmatrix fragment loads.
+
+// 16 bytes global -> shared, asynchronous; zero filled (nothing read) when !ok.
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool ok) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+               "r"(ok ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+// Waits until at most N of this thread's committed groups are in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Issues the copies of ROWS rows of DH bf16 into dst (row stride st): row i
+// from src + row_of(i) * DH, zero where row_of(i) < 0.
+template <int ROWS, int DH, class RowOf>
+__device__ __forceinline__ void copy_rows(bf16* dst, int st, const bf16* src, RowOf row_of,
+                                          int tid) {
+  constexpr int kPieces = DH / 8;  // 16-byte pieces per row
+  for (int e = tid; e < ROWS * kPieces; e += kMmaBlock) {
+    const int i = e / kPieces, q = 8 * (e % kPieces);
+    const int64_t row = row_of(i);
+    cp_async16(dst + i * st + q, src + (row < 0 ? 0 : row * DH + q), row >= 0);
+  }
+}
+
+// Four 8 x 8 bf16 matrices; lane l gives the address of row l % 8 of matrix
+// l / 8 and receives r[m] = its pair of matrix m (row l / 4, columns 2 (l % 4)
+// and + 1; with _t of the transposed matrix).
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, const bf16* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const bf16* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a)
+               : "memory");
+}
+
+// c[nt] (16 x 8*NT strip, NT even) += A B with A = the 16 x DH rows row0..
+// of sa and B^T = the 8*NT x DH rows of sb (both row major, DH columns = k).
+// ldmatrix matrices: A rows 0-7 / 8-15 x k 0-7 / 8-15 in fragment order
+// a0..a3; B^T n 0-7 k 0-7, n 0-7 k 8-15, n 8-15 k 0-7, n 8-15 k 8-15 = the
+// b0, b1 of tiles nt and nt + 1.
 template <int DH, int NT>
-__device__ __forceinline__ void mma_strip_nt(float (*c)[4], const bf16* sa, int sta, int row0,
-                                             const bf16* sb, int stb, int lane) {
+__device__ __forceinline__ void ldsm_strip_nt(float (*c)[4], const bf16* sa, int sta, int row0,
+                                              const bf16* sb, int stb, int lane) {
+  const bf16* pa = sa + (row0 + (lane & 15)) * sta + (lane >> 4) * 8;
+  const bf16* pb = sb + ((lane >> 4) * 8 + (lane & 7)) * stb + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int kk = 0; kk < DH; kk += 16) {
     uint32_t a[4];
-    load_a(a, sa, sta, row0, kk, lane);
+    ldsm_x4(a, pa + kk);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      uint32_t b[2];
-      load_b(b, sb, stb, nt * 8, kk, lane);
+    for (int nt = 0; nt < NT; nt += 2) {
+      uint32_t b[4];
+      ldsm_x4(b, pb + nt * 8 * stb + kk);
       mma_bf16(c[nt], a, b[0], b[1]);
+      mma_bf16(c[nt + 1], a, b[2], b[3]);
     }
   }
 }
 
 // acc[ot] (16 x DH strip) += P B where P (16 x 16*KS) comes as fp32
-// accumulator tiles p[0 .. 2*KS) and B^T (DH x 16*KS) is row major in sbt.
+// accumulator tiles p[0 .. 2*KS) and B (16*KS x DH) is row major in sb
+// ([key][d], not transposed): ldmatrix.trans of the matrices keys 0-7 /
+// 8-15 x d 0-7, then d 8-15 gives b0, b1 of tiles ot and ot + 1.
 template <int DH, int KS>
-__device__ __forceinline__ void mma_strip_pv(float (*acc)[4], float (*p)[4],
-                                             const bf16* sbt, int stb, int lane) {
+__device__ __forceinline__ void ldsm_strip_pv(float (*acc)[4], float (*p)[4], const bf16* sb,
+                                              int stb, int lane) {
+  const bf16* pv = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t a[4];
     pack_a(a, p[2 * kk], p[2 * kk + 1]);
 #pragma unroll
-    for (int ot = 0; ot < DH / 8; ++ot) {
-      uint32_t b[2];
-      load_b(b, sbt, stb, ot * 8, kk * 16, lane);
+    for (int ot = 0; ot < DH / 8; ot += 2) {
+      uint32_t b[4];
+      ldsm_x4_t(b, pv + kk * 16 * stb + ot * 8);
       mma_bf16(acc[ot], a, b[0], b[1]);
+      mma_bf16(acc[ot + 1], a, b[2], b[3]);
     }
   }
 }
 
-// Gathers ROWS rows into a bf16 tile: dst[row * st + d] = src[pos[row] * lds + d]
-// for d < DH, zero where pos[row] < 0 or d >= dh.
-template <int ROWS, int DH>
-__device__ __forceinline__ void load_tile(bf16* dst, int st, const int* pos, const float* src,
-                                          int64_t lds, int dh, int tid) {
-  for (int e = tid; e < ROWS * DH / 2; e += kMmaBlock) {
-    const int row = e / (DH / 2), d = 2 * (e % (DH / 2));
-    const int p = pos[row];
-    float x = 0.0f, y = 0.0f;
-    if (p >= 0) {
-      const float* s = src + int64_t(p) * lds + d;
-      if (d < dh) x = s[0];
-      if (d + 1 < dh) y = s[1];
-    }
-    *reinterpret_cast<uint32_t*>(dst + row * st + d) = pack_bf16(x, y);
+// ---- staging pre-pass: operands gathered once per call, in slot order.
+
+constexpr int kMmaMaxStaged = 4;  // staged operands per call
+constexpr int kStageWarps = 8;    // rows (one per warp) per block of mma_stage_kernel
+
+// dst[a][(r * L + slot) * DH + d] = bf16(src[a][pos * lds[a] + d]) for a < n,
+// pos = perm[r, slot] (full: pos = slot, R = 1); zero for d >= dh. Every
+// dst[a] is [R, L, DH] bf16 (carve_scratch's staged layout).
+struct MmaStage {
+  const float* src[kMmaMaxStaged];
+  int64_t lds[kMmaMaxStaged];
+  bf16* dst[kMmaMaxStaged];
+  int n;
+};
+
+template <int DH>
+__global__ void __launch_bounds__(32 * kStageWarps)
+    mma_stage_kernel(AttnGeom g, int64_t rows, bool full, MmaStage st) {
+  const int64_t i = int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5);
+  if (i >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t pos = full ? i : int64_t(g.perm[i]);
+#pragma unroll
+  for (int a = 0; a < kMmaMaxStaged; ++a) {
+    if (a >= st.n) break;
+    const float* x = st.src[a] + pos * st.lds[a];
+    for (int d = 2 * lane; d < DH; d += 64)
+      *reinterpret_cast<uint32_t*>(st.dst[a] + i * DH + d) =
+          pack_bf16(d < g.dh ? x[d] : 0.0f, d + 1 < g.dh ? x[d + 1] : 0.0f);
   }
 }
 
-// The same rows transposed: dst[d * st + row] (DH rows of ROWS values).
-template <int ROWS, int DH>
-__device__ __forceinline__ void load_tile_t(bf16* dst, int st, const int* pos, const float* src,
-                                            int64_t lds, int dh, int tid) {
-  for (int e = tid; e < ROWS / 2 * DH; e += kMmaBlock) {
-    const int d = e % DH, row = 2 * (e / DH);
-    const int p0 = pos[row], p1 = pos[row + 1];
-    float x = 0.0f, y = 0.0f;
-    if (d < dh) {
-      if (p0 >= 0) x = src[int64_t(p0) * lds + d];
-      if (p1 >= 0) y = src[int64_t(p1) * lds + d];
-    }
-    *reinterpret_cast<uint32_t*>(dst + d * st + row) = pack_bf16(x, y);
-  }
+// Fills st.dst[a] (consecutive [R, L, DH] arrays from `stage`) from st.src / st.lds.
+template <int DH>
+void launch_mma_stage(const AttnGeom& g, int rounds, bool full, void* stage, MmaStage* st,
+                      cudaStream_t s) {
+  const int64_t rows = int64_t(rounds) * g.L;
+  for (int a = 0; a < st->n; ++a) st->dst[a] = static_cast<bf16*>(stage) + a * rows * DH;
+  mma_stage_kernel<DH><<<unsigned((rows + kStageWarps - 1) / kStageWarps), 32 * kStageWarps, 0,
+                         s>>>(g, rows, full, *st);
+  CUDA_CHECK_LAUNCH("mma_stage_kernel");
+}
+
+// Staged rows of this block's own tile (64 rows of chunk c, full: of the
+// sequence), -1 past its end; and of element k of the window list `list`
+// (full: first + k), -1 from n on.
+struct MmaRows {
+  int64_t base;  // r * L: the round's first staged row
+  int64_t tile_first, tile_count;
+  int chunk;
+};
+template <bool FULL>
+__device__ __forceinline__ MmaRows mma_rows(const AttnGeom& g, int64_t r, int64_t c, int64_t t) {
+  MmaRows m;
+  m.base = FULL ? 0 : r * g.L;
+  m.tile_first = FULL ? t * kMmaRows : m.base + c * g.chunk + t * kMmaRows;
+  m.tile_count = (FULL ? g.L : int64_t(g.chunk)) - t * kMmaRows;
+  m.chunk = g.chunk;
+  return m;
+}
+template <bool FULL>
+__device__ __forceinline__ int64_t list_row(const MmaRows& m, const int* list, int64_t first,
+                                            int64_t k, int64_t n) {
+  if (k >= n) return -1;
+  if (FULL) return first + k;
+  const int kw = int(k);  // < kMaxWindow * chunk <= L
+  return m.base + int64_t(list[kw / m.chunk]) * m.chunk + kw % m.chunk;
+}
+
+// Every staged-tile kernel wants the most shared memory per SM.
+template <class Kernel>
+void set_mma_smem(Kernel k, size_t bytes) {
+  set_smem(k, bytes);
+  CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                  int(cudaSharedmemCarveoutMaxShared)));
 }
 
 // Max and sum over the four lanes of a quad (the lanes sharing a C row).

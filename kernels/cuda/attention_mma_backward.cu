@@ -7,25 +7,31 @@
 // D_i of row_stats_kernel), as the fp32 kernels:
 //   P_ij = exp(s_ij - m_i) / z_i,  dS_ij = P_ij (dout_i . v_j - D_i)
 // (dS = 0 for masked pairs, whose scores are constants).
+// The operands are staged once per call by mma_stage_kernel
+// (attention_mma.cuh): q, k_hat, v and dout as bf16 [R, L, DH] in slot order
+// (carve_scratch, 4 * 2 * R * L * DH bytes), so every tile is contiguous
+// rows copied with cp.async, fragments come by ldmatrix (.trans for the
+// operands used as B = [rows][d]: no transposed copies), and the outputs go
+// by position in the epilogue.
 //  - mma_dq_kernel: one block of 4 warps per (round, chunk, tile of 64
-//    queries), as the forward; per pass of 64 window keys, S = Q K_hat^T and
-//    dP = dO V^T on mma, dS in fp32 registers, dq += dS K_hat on mma (dS
-//    rounded to bf16, K_hat transposed in shared memory).
+//    queries), as the forward; per pass of 64 window keys, dP = dO V^T and
+//    S = Q K_hat^T on mma, dS in fp32 registers, dq += dS K_hat on mma (dS
+//    rounded to bf16). V of pass i + 1 is in flight during S, dS and dq of
+//    pass i, K_hat of pass i + 1 during dP of pass i + 1.
 //  - mma_dkv_kernel: one block per (round, key chunk, tile of 64 keys); per
 //    pass of 32 queries of the chunks whose window holds the keys,
 //    S^T = K_hat Q^T and dP^T = V dO^T on mma, P^T and dS^T in fp32
-//    registers, dv += P^T dO and dk_hat += dS^T Q on mma (Q and dO
-//    transposed in shared memory).
+//    registers, dv += P^T dO and dk_hat += dS^T Q on mma; q and dout of pass
+//    i + 1 are copied (double buffer) during pass i.
 // Each writes every element of its outputs once, in a fixed order: the
 // backward is bitwise reproducible (no atomics).
 //
 // Work per call: 6 dh (query side: S, dP, dQ) + 8 dh (key side: S, dP, dV,
 // dK) = 14 dh flops per (query, key) pair (pairs as in the forward,
 // attention_mma_forward.cu: 60 GFLOP per head at L = 64K, R = 4, W = 128,
-// dh = 128). Limits: S and dP are computed twice (once per side), the
-// gathered loads (and the transposed copies) are not overlapped with the
-// mma, and the key side holds two 16 x dh fp32 accumulators per warp
-// (dh = 128: ~200 registers, one or two blocks per SM).
+// dh = 128). Limits: S and dP are computed twice (once per side), and the
+// key side holds two 16 x dh fp32 accumulators per warp (dh = 128: two
+// blocks per SM).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -41,25 +47,22 @@ constexpr int kDkvQueries = 32;  // queries per pass of the key side
 
 template <int DH>
 constexpr size_t mma_dq_smem() {
-  return sizeof(bf16) * size_t(2 * kMmaRows * mma_stride(DH) + 2 * kDqKeys * mma_stride(DH) +
-                               DH * mma_stride(kDqKeys));
+  return sizeof(bf16) * size_t(2 * kMmaRows * mma_stride(DH) + 2 * kDqKeys * mma_stride(DH));
 }
 
 template <int DH>
 constexpr size_t mma_dkv_smem() {
   return sizeof(bf16) * size_t(2 * kMmaRows * mma_stride(DH) +
-                               2 * kDkvQueries * mma_stride(DH) +
-                               2 * DH * mma_stride(kDkvQueries));
+                               4 * kDkvQueries * mma_stride(DH));
 }
 
 // Query side: dq_r[r, i, :] = sum_j dS_ij k_hat_j (overwritten).
+// st.dst: staged q, k_hat, v, dout.
 template <int DH, bool FULL>
-__global__ void __launch_bounds__(kMmaBlock)
-    mma_dq_kernel(AttnGeom g, const float* qk, const float* khat, const float* v,
-                  const float* dout, const float* rm, const float* riz, const float* rD,
+__global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
+    mma_dq_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz, const float* rD,
                   float* dq_r) {
-  constexpr int S = mma_stride(DH);         // row stride of sQ, sG, sK, sV
-  constexpr int SK = mma_stride(kDqKeys);   // row stride of sKt
+  constexpr int S = mma_stride(DH);  // row stride of sQ, sG, sK, sV
   constexpr int NT = kDqKeys / 8;
   constexpr int OT = DH / 8;
   extern __shared__ float4 mma_dq_smem4[];
@@ -67,9 +70,8 @@ __global__ void __launch_bounds__(kMmaBlock)
   bf16* sG = sQ + kMmaRows * S;                       // [kMmaRows][S] their dout
   bf16* sK = sG + kMmaRows * S;                       // [kDqKeys][S] k_hat
   bf16* sV = sK + kDqKeys * S;                        // [kDqKeys][S] v
-  bf16* sKt = sV + kDqKeys * S;                       // [DH][SK] k_hat transposed
   __shared__ int sqpos[kMmaRows];
-  __shared__ int skpos[kDqKeys];
+  __shared__ int skpos[2][kDqKeys];  // positions of the keys of pass i (i % 2)
   __shared__ int swin[kMaxWindow];
   __shared__ int s_nwin;
 
@@ -77,10 +79,22 @@ __global__ void __launch_bounds__(kMmaBlock)
   const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
   int64_t r, c, t;
   const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
-  load_tile<kMmaRows, DH>(sQ, S, sqpos, qk, g.ld, g.dh, tid);
-  load_tile<kMmaRows, DH>(sG, S, sqpos, dout, g.ld, g.dh, tid);
   const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
                               : int64_t(s_nwin) * g.chunk;
+  const MmaRows mr = mma_rows<FULL>(g, r, c, t);
+  auto q_row = [&](int i) -> int64_t { return i < mr.tile_count ? mr.tile_first + i : -1; };
+  // cp.async groups in commit order: {Q, dO, V_0}, {K_0}, then {V_i+1},
+  // {K_i+1} per pass i (empty past the last), so wait<1> before dP of pass
+  // i leaves only K_i in flight and wait<1> before S only V_i+1.
+  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], q_row, tid);
+  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], q_row, tid);
+  copy_rows<kDqKeys, DH>(sV, S, st.dst[2],
+                         [&](int i) { return list_row<FULL>(mr, swin, 0, i, n_keys); }, tid);
+  cp_async_commit();
+  copy_rows<kDqKeys, DH>(sK, S, st.dst[1],
+                         [&](int i) { return list_row<FULL>(mr, swin, 0, i, n_keys); }, tid);
+  cp_async_commit();
+  if (tid < kDqKeys) skpos[0][tid] = window_position<FULL>(g, pr, swin, 0, tid, n_keys);
   const int qpos[2] = {sqpos[row0], sqpos[row0 + 8]};
   float qm[2], qiz[2], qD[2];
 #pragma unroll
@@ -93,35 +107,52 @@ __global__ void __launch_bounds__(kMmaBlock)
 #pragma unroll
   for (int ot = 0; ot < OT; ++ot) dq[ot][0] = dq[ot][1] = dq[ot][2] = dq[ot][3] = 0.0f;
 
-  for (int64_t k0 = 0; k0 < n_keys; k0 += kDqKeys) {
-    __syncthreads();  // the previous tile is consumed
-    if (tid < kDqKeys) skpos[tid] = window_position<FULL>(g, pr, swin, 0, k0 + tid, n_keys);
-    __syncthreads();
-    load_tile<kDqKeys, DH>(sK, S, skpos, khat, g.dh, g.dh, tid);
-    load_tile<kDqKeys, DH>(sV, S, skpos, v, g.ld, g.dh, tid);
-    load_tile_t<kDqKeys, DH>(sKt, SK, skpos, khat, g.dh, g.dh, tid);
-    __syncthreads();
-
+  int buf = 0;
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kDqKeys, buf ^= 1) {
+    const int64_t k1 = k0 + kDqKeys;
+    cp_async_wait<1>();
+    __syncthreads();  // Q, dO and V_i landed for every thread (skpos[buf] written)
+    // Positions of pass i + 1, loaded during the mma, stored once skpos[buf ^ 1] is free.
+    const int next_kpos =
+        tid < kDqKeys ? window_position<FULL>(g, pr, swin, 0, k1 + tid, n_keys) : -1;
     float s[NT][4], dp[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-    mma_strip_nt<DH, NT>(s, sQ, S, 16 * warp, sK, S, lane);
-    mma_strip_nt<DH, NT>(dp, sG, S, 16 * warp, sV, S, lane);
+    ldsm_strip_nt<DH, NT>(dp, sG, S, 16 * warp, sV, S, lane);
+    __syncthreads();  // sV consumed: fetch V_i+1
+    if (k1 < n_keys)
+      copy_rows<kDqKeys, DH>(sV, S, st.dst[2],
+                             [&](int i) { return list_row<FULL>(mr, swin, 0, k1 + i, n_keys); },
+                             tid);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // K_i landed for every thread
+    ldsm_strip_nt<DH, NT>(s, sQ, S, 16 * warp, sK, S, lane);
     // s becomes dS (0 for masked pairs and padding).
+    const int* kpos = skpos[buf];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int kp = skpos[nt * 8 + 2 * t4 + (e & 1)], h = e >> 1;
+        const int kp = kpos[nt * 8 + 2 * t4 + (e & 1)], h = e >> 1;
         bool masked = true;
         if (kp >= 0 && qpos[h] >= 0) masked_score(s[nt][e], qpos[h], kp, g.causal, &masked);
         s[nt][e] = masked ? 0.0f : expf(s[nt][e] - qm[h]) * qiz[h] * (dp[nt][e] - qD[h]);
       }
     }
-    mma_strip_pv<DH, kDqKeys / 16>(dq, s, sKt, SK, lane);
+    ldsm_strip_pv<DH, kDqKeys / 16>(dq, s, sK, S, lane);
+    __syncthreads();  // sK and skpos[buf] consumed: fetch K_i+1
+    if (k1 < n_keys) {
+      if (tid < kDqKeys) skpos[buf ^ 1][tid] = next_kpos;
+      copy_rows<kDqKeys, DH>(sK, S, st.dst[1],
+                             [&](int i) { return list_row<FULL>(mr, swin, 0, k1 + i, n_keys); },
+                             tid);
+    }
+    cp_async_commit();
   }
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -138,25 +169,23 @@ __global__ void __launch_bounds__(kMmaBlock)
 
 // Key side: for the keys of this block's tile, dkh_r[r, j] = sum_i dS_ij q_i
 // and dv_r[r, j] = sum_i P_ij dout_i (overwritten; either may be null).
+// st.dst: staged q, k_hat, v, dout.
 template <int DH, bool FULL>
-__global__ void __launch_bounds__(kMmaBlock)
-    mma_dkv_kernel(AttnGeom g, const float* qk, const float* khat, const float* v,
-                   const float* dout, const float* rm, const float* riz, const float* rD,
+__global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
+    mma_dkv_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz, const float* rD,
                    float* dkh_r, float* dv_r) {
-  constexpr int S = mma_stride(DH);            // row stride of sK, sV, sQ, sG
-  constexpr int SQ = mma_stride(kDkvQueries);  // row stride of sQt, sGt
+  constexpr int S = mma_stride(DH);  // row stride of every tile
   constexpr int NT = kDkvQueries / 8;
   constexpr int OT = DH / 8;
+  constexpr int QT = kDkvQueries * S;  // one query tile
   extern __shared__ float4 mma_dkv_smem4[];
   bf16* sK = reinterpret_cast<bf16*>(mma_dkv_smem4);  // [kMmaRows][S] this tile's k_hat
   bf16* sV = sK + kMmaRows * S;                        // [kMmaRows][S] this tile's v
-  bf16* sQ = sV + kMmaRows * S;                        // [kDkvQueries][S] queries
-  bf16* sG = sQ + kDkvQueries * S;                     // [kDkvQueries][S] their dout
-  bf16* sQt = sG + kDkvQueries * S;                    // [DH][SQ] queries transposed
-  bf16* sGt = sQt + DH * SQ;                           // [DH][SQ] dout transposed
+  bf16* sQ = sV + kMmaRows * S;                        // [2][kDkvQueries][S] queries
+  bf16* sG = sQ + 2 * QT;                              // [2][kDkvQueries][S] their dout
   __shared__ int skpos[kMmaRows];
-  __shared__ int sqpos[kDkvQueries];
-  __shared__ float sm_m[kDkvQueries], sm_iz[kDkvQueries], sm_D[kDkvQueries];
+  __shared__ int sqpos[2][kDkvQueries];  // pass i in [i % 2], as the stats
+  __shared__ float sm_m[2][kDkvQueries], sm_iz[2][kDkvQueries], sm_D[2][kDkvQueries];
   __shared__ int sinv[kMaxWindow];
   __shared__ int s_ninv;
 
@@ -164,10 +193,39 @@ __global__ void __launch_bounds__(kMmaBlock)
   const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
   int64_t r, c, t;
   const int32_t* pr = mma_block_start<FULL>(g, -1, skpos, sinv, &s_ninv, &r, &c, &t);
-  load_tile<kMmaRows, DH>(sK, S, skpos, khat, g.dh, g.dh, tid);
-  load_tile<kMmaRows, DH>(sV, S, skpos, v, g.ld, g.dh, tid);
   const int64_t q_lo = FULL && g.causal ? t * kMmaRows : 0;
   const int64_t n_q = FULL ? g.L - q_lo : int64_t(s_ninv) * g.chunk;
+  const MmaRows mr = mma_rows<FULL>(g, r, c, t);
+  auto k_row = [&](int i) -> int64_t { return i < mr.tile_count ? mr.tile_first + i : -1; };
+  // Position and row statistics of query q (window element).
+  struct QStats {
+    int pos;
+    float m, iz, D;
+  };
+  auto load_stats = [&](int64_t q) {
+    const int pos = window_position<FULL>(g, pr, sinv, q_lo, q, n_q);
+    return pos >= 0 ? QStats{pos, rm[pos], riz[pos], rD[pos]} : QStats{-1, 0.0f, 0.0f, 0.0f};
+  };
+  // Into buffer b, by thread q - q0 < 32.
+  auto store_stats = [&](int b, const QStats& x) {
+    sqpos[b][tid] = x.pos;
+    sm_m[b][tid] = x.m;
+    sm_iz[b][tid] = x.iz;
+    sm_D[b][tid] = x.D;
+  };
+  // cp.async groups in commit order: {K, V, Q_0, dO_0}, then {Q_i+1, dO_i+1}
+  // at the start of pass i (empty past the last): wait<1> leaves only pass
+  // i + 1 in flight.
+  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], k_row, tid);
+  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], k_row, tid);
+  auto q_rows = [&](int b, int64_t q0) {
+    auto row = [&](int i) { return list_row<FULL>(mr, sinv, q_lo, q0 + i, n_q); };
+    copy_rows<kDkvQueries, DH>(sQ + b * QT, S, st.dst[0], row, tid);
+    copy_rows<kDkvQueries, DH>(sG + b * QT, S, st.dst[3], row, tid);
+  };
+  q_rows(0, 0);
+  cp_async_commit();
+  if (tid < kDkvQueries) store_stats(0, load_stats(tid));
   const int kpos[2] = {skpos[row0], skpos[row0 + 8]};
   float dk[OT][4], dvv[OT][4];
 #pragma unroll
@@ -175,50 +233,50 @@ __global__ void __launch_bounds__(kMmaBlock)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
 
-  for (int64_t q0 = 0; q0 < n_q; q0 += kDkvQueries) {
-    __syncthreads();  // the previous queries are consumed
-    if (tid < kDkvQueries) {
-      const int pos = window_position<FULL>(g, pr, sinv, q_lo, q0 + tid, n_q);
-      sqpos[tid] = pos;
-      sm_m[tid] = pos >= 0 ? rm[pos] : 0.0f;
-      sm_iz[tid] = pos >= 0 ? riz[pos] : 0.0f;
-      sm_D[tid] = pos >= 0 ? rD[pos] : 0.0f;
-    }
-    __syncthreads();
-    load_tile<kDkvQueries, DH>(sQ, S, sqpos, qk, g.ld, g.dh, tid);
-    load_tile<kDkvQueries, DH>(sG, S, sqpos, dout, g.ld, g.dh, tid);
-    load_tile_t<kDkvQueries, DH>(sQt, SQ, sqpos, qk, g.ld, g.dh, tid);
-    load_tile_t<kDkvQueries, DH>(sGt, SQ, sqpos, dout, g.ld, g.dh, tid);
-    __syncthreads();
+  int buf = 0;
+  for (int64_t q0 = 0; q0 < n_q; q0 += kDkvQueries, buf ^= 1) {
+    // Buffer buf ^ 1 was consumed by pass i - 1 (the barrier ending it).
+    const int64_t q1 = q0 + kDkvQueries;
+    if (q1 < n_q) q_rows(buf ^ 1, q1);
+    cp_async_commit();
+    // Statistics of pass i + 1, loaded during the mma, stored at its end.
+    const QStats next = tid < kDkvQueries ? load_stats(q1 + tid) : QStats{-1, 0.0f, 0.0f, 0.0f};
+    cp_async_wait<1>();
+    __syncthreads();  // pass i landed for every thread (stats of pass i written)
+    const bf16* q_tile = sQ + buf * QT;
+    const bf16* g_tile = sG + buf * QT;
 
-    float st[NT][4], dpt[NT][4];  // S^T and dP^T: rows = keys, columns = queries
+    float stt[NT][4], dpt[NT][4];  // S^T and dP^T: rows = keys, columns = queries
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.0f;
-    mma_strip_nt<DH, NT>(st, sK, S, 16 * warp, sQ, S, lane);
-    mma_strip_nt<DH, NT>(dpt, sV, S, 16 * warp, sG, S, lane);
-    // st becomes P^T, dpt becomes dS^T (both 0 for padding; dS^T 0 when masked).
+      for (int e = 0; e < 4; ++e) stt[nt][e] = dpt[nt][e] = 0.0f;
+    ldsm_strip_nt<DH, NT>(stt, sK, S, 16 * warp, q_tile, S, lane);
+    ldsm_strip_nt<DH, NT>(dpt, sV, S, 16 * warp, g_tile, S, lane);
+    // stt becomes P^T, dpt becomes dS^T (both 0 for padding; dS^T 0 when masked).
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * t4 + (e & 1);
-        const int qp = sqpos[col], kp = kpos[e >> 1];
+        const int qp = sqpos[buf][col], kp = kpos[e >> 1];
         if (qp < 0 || kp < 0) {
-          st[nt][e] = dpt[nt][e] = 0.0f;
+          stt[nt][e] = dpt[nt][e] = 0.0f;
         } else {
           bool masked;
-          const float sc = masked_score(st[nt][e], qp, kp, g.causal, &masked);
-          const float p = expf(sc - sm_m[col]) * sm_iz[col];
-          st[nt][e] = p;
-          dpt[nt][e] = masked ? 0.0f : p * (dpt[nt][e] - sm_D[col]);
+          const float sc = masked_score(stt[nt][e], qp, kp, g.causal, &masked);
+          const float p = expf(sc - sm_m[buf][col]) * sm_iz[buf][col];
+          stt[nt][e] = p;
+          dpt[nt][e] = masked ? 0.0f : p * (dpt[nt][e] - sm_D[buf][col]);
         }
       }
     }
-    mma_strip_pv<DH, kDkvQueries / 16>(dvv, st, sGt, SQ, lane);
-    mma_strip_pv<DH, kDkvQueries / 16>(dk, dpt, sQt, SQ, lane);
+    ldsm_strip_pv<DH, kDkvQueries / 16>(dvv, stt, g_tile, S, lane);
+    ldsm_strip_pv<DH, kDkvQueries / 16>(dk, dpt, q_tile, S, lane);
+    if (q1 < n_q && tid < kDkvQueries) store_stats(buf ^ 1, next);
+    __syncthreads();  // buffer buf consumed
   }
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -240,21 +298,21 @@ __global__ void __launch_bounds__(kMmaBlock)
 template <int DH, bool FULL>
 void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                          const float* v, const float* dout, const float* rm, const float* riz,
-                         const float* rD, float* dq_r, float* dkh_r, float* dv_r,
+                         const float* rD, float* dq_r, float* dkh_r, float* dv_r, void* stage,
                          cudaStream_t s) {
+  MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged};
+  launch_mma_stage<DH>(g, rounds, FULL, stage, &st, s);
   const unsigned blocks = attn_blocks(g, rounds);
   if (dq_r) {
     constexpr size_t smem = mma_dq_smem<DH>();
-    set_smem(mma_dq_kernel<DH, FULL>, smem);
-    mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, qk, khat, v, dout, rm, riz, rD,
-                                                            dq_r);
+    set_mma_smem(mma_dq_kernel<DH, FULL>, smem);
+    mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, dq_r);
     CUDA_CHECK_LAUNCH("mma_dq_kernel");
   }
   if (dkh_r || dv_r) {
     constexpr size_t smem = mma_dkv_smem<DH>();
-    set_smem(mma_dkv_kernel<DH, FULL>, smem);
-    mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, qk, khat, v, dout, rm, riz, rD,
-                                                             dkh_r, dv_r);
+    set_mma_smem(mma_dkv_kernel<DH, FULL>, smem);
+    mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, dkh_r, dv_r);
     CUDA_CHECK_LAUNCH("mma_dkv_kernel");
   }
 }
@@ -263,19 +321,19 @@ template <bool FULL>
 void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                            const float* v, const float* dout, const float* rm, const float* riz,
                            const float* rD, float* dq_r, float* dkh_r, float* dv_r,
-                           cudaStream_t s) {
+                           void* stage, cudaStream_t s) {
   switch (kernel_dhm(g.dh)) {
     case 32:
       launch_mma_backward<32, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                    dv_r, s);
+                                    dv_r, stage, s);
       break;
     case 64:
       launch_mma_backward<64, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                    dv_r, s);
+                                    dv_r, stage, s);
       break;
     default:
       launch_mma_backward<128, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                     dv_r, s);
+                                     dv_r, stage, s);
       break;
   }
 }
@@ -285,13 +343,14 @@ void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
                             const float* qk, const float* khat, const float* v, const float* dout,
                             const float* rm, const float* riz, const float* rD, float* dq_r,
-                            float* dkh_r, float* dv_r, cudaStream_t s) {
+                            float* dkh_r, float* dv_r, void* stage, cudaStream_t s) {
   const AttnGeom g = mma_geom(p, perm, full);
   if (full)
-    dispatch_mma_backward<true>(g, 1, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r, dv_r, s);
+    dispatch_mma_backward<true>(g, 1, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r, dv_r, stage,
+                                s);
   else
     dispatch_mma_backward<false>(g, p.n_rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                 dv_r, s);
+                                 dv_r, stage, s);
 }
 
 }  // namespace cuda

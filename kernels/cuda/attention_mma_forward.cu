@@ -2,24 +2,32 @@
 // same semantics and outputs as attn_forward_kernel (attention_common.cuh),
 // FlashAttention-2 style.
 //
+// mma_stage_kernel (attention_mma.cuh; pre-pass, once per call): for every
+// round r and sorted slot (full: every position) the query, k_hat and v rows as
+// bf16, zero padded to DH = 32, 64 or 128 columns: Qs[r, slot] =
+// bf16(qk[perm[r, slot]]), Ks (k_hat), Vs (v), each [R, L, DH] in the
+// op's workspace (carve_scratch, 3 * 2 * R * L * DH bytes).
+//
 // mma_forward_kernel: one block of 4 warps per (round, chunk, tile of 64
 // queries) (full: per tile of 64 positions); warp w owns queries
-// 16w .. 16w+15 of the tile. The queries are gathered through perm into
-// shared memory as bf16 once; then for each tile of 64 keys of the window
-// (chunk_list order, as the fp32 kernel) k_hat and v are gathered as bf16
-// (v transposed, [dh][key]), S = Q K_hat^T runs on mma.m16n8k16 with fp32
-// accumulators, the masks are applied to the fp32 scores by position, the
-// online max-shifted softmax runs in fp32 registers, P is rounded to bf16
-// in registers and O += P V runs on mma. out = O / l and lse = m + log l are
-// written in fp32. Head widths up to 128 are zero padded to 32, 64 or 128.
+// 16w .. 16w+15 of the tile. The staged query rows are contiguous; for each
+// tile of 64 keys of the window (chunk_list order, as the fp32 kernel) the
+// staged k_hat and v rows (contiguous per chunk) are copied with cp.async
+// into one K and one V buffer: K of tile i + 1 is in flight during the
+// softmax and P V of tile i, V of tile i + 1 during S of tile i + 1.
+// Fragments come by ldmatrix (.trans for V). S = Q K_hat^T runs on
+// mma.m16n8k16 with fp32 accumulators, the masks are applied to the fp32
+// scores by the original positions, the online max-shifted softmax runs in
+// fp32 registers, P is rounded to bf16 in registers and O += P V runs on
+// mma. out = O / l and lse = m + log l are written in fp32 by position.
+// The same bf16 operands meet in the same order as in a gathered load, so
+// staging changes no result.
 //
 // Work per call: 4 * dh * (query, key) pairs flops, the pairs being
 // R * L * W (chunked, W = window keys = chunks in the window * chunk) or
 // L^2 / 2 (full causal); at L = 64K, R = 4, W = 128, dh = 128 that is
-// 17 GFLOP per head. Limits: the gathered loads (fp32 rows through perm,
-// converted to bf16, v transposed through shared memory) are not overlapped
-// with the mma (no cp.async pipeline), and chunks of 32 leave half of the
-// warps idle (64-query tiles).
+// 17 GFLOP per head. Limits: chunks of 32 leave half of the warps idle
+// (64-query tiles).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -31,28 +39,26 @@ namespace cuda {
 namespace {
 
 constexpr int kFwdKeys = 64;  // keys per pass
+static_assert(kFwdKeys == kMmaRows, "the Q, K and V tiles share one shape");
 
 template <int DH>
 constexpr size_t mma_fwd_smem() {
-  return sizeof(bf16) * size_t(kMmaRows * mma_stride(DH) + kFwdKeys * mma_stride(DH) +
-                               DH * mma_stride(kFwdKeys));
+  return sizeof(bf16) * size_t(3 * kMmaRows * mma_stride(DH));
 }
 
 // Chunked: out = out_r [R, L, dh], lse [R, L]. Full: out [L, ld], lse [L].
 template <int DH, bool FULL>
-__global__ void __launch_bounds__(kMmaBlock)
-    mma_forward_kernel(AttnGeom g, const float* qk, const float* khat, const float* v,
-                       float* out, float* lse) {
-  constexpr int S = mma_stride(DH);         // row stride of sQ, sK
-  constexpr int SV = mma_stride(kFwdKeys);  // row stride of sVt
-  constexpr int NT = kFwdKeys / 8;          // score tiles per warp strip
-  constexpr int OT = DH / 8;                // output tiles per warp strip
+__global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
+    mma_forward_kernel(AttnGeom g, MmaStage st, float* out, float* lse) {
+  constexpr int S = mma_stride(DH);  // row stride of sQ, sK, sV
+  constexpr int NT = kFwdKeys / 8;   // score tiles per warp strip
+  constexpr int OT = DH / 8;         // output tiles per warp strip
   extern __shared__ float4 mma_fwd_smem4[];
   bf16* sQ = reinterpret_cast<bf16*>(mma_fwd_smem4);  // [kMmaRows][S]
   bf16* sK = sQ + kMmaRows * S;                        // [kFwdKeys][S]
-  bf16* sVt = sK + kFwdKeys * S;                       // [DH][SV]
+  bf16* sV = sK + kFwdKeys * S;                        // [kFwdKeys][S]
   __shared__ int sqpos[kMmaRows];
-  __shared__ int skpos[kFwdKeys];
+  __shared__ int skpos[2][kFwdKeys];  // positions of the keys of tiles i (i % 2)
   __shared__ int swin[kMaxWindow];
   __shared__ int s_nwin;
 
@@ -60,9 +66,20 @@ __global__ void __launch_bounds__(kMmaBlock)
   const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
   int64_t r, c, t;
   const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
-  load_tile<kMmaRows, DH>(sQ, S, sqpos, qk, g.ld, g.dh, tid);
   const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
                               : int64_t(s_nwin) * g.chunk;
+  const MmaRows mr = mma_rows<FULL>(g, r, c, t);
+  auto q_row = [&](int i) -> int64_t { return i < mr.tile_count ? mr.tile_first + i : -1; };
+  auto key_row = [&](int64_t k0, int i) { return list_row<FULL>(mr, swin, 0, k0 + i, n_keys); };
+  // cp.async groups in commit order: {Q, K_0}, {V_0}, then {K_i+1}, {V_i+1}
+  // per tile i (empty past the last tile), so wait<1> before S of tile i
+  // leaves only V_i in flight and wait<1> before P V only K_i+1.
+  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], q_row, tid);
+  if (tid < kFwdKeys) skpos[0][tid] = window_position<FULL>(g, pr, swin, 0, tid, n_keys);
+  copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], [&](int i) { return key_row(0, i); }, tid);
+  cp_async_commit();
+  copy_rows<kFwdKeys, DH>(sV, S, st.dst[2], [&](int i) { return key_row(0, i); }, tid);
+  cp_async_commit();
   // This thread's two rows (C rows gr and gr + 8 of its warp's strip).
   const int qpos[2] = {sqpos[row0], sqpos[row0 + 8]};
 
@@ -71,26 +88,33 @@ __global__ void __launch_bounds__(kMmaBlock)
 #pragma unroll
   for (int ot = 0; ot < OT; ++ot) o[ot][0] = o[ot][1] = o[ot][2] = o[ot][3] = 0.0f;
 
-  for (int64_t k0 = 0; k0 < n_keys; k0 += kFwdKeys) {
-    __syncthreads();  // the previous tile is consumed (and sqpos read)
-    if (tid < kFwdKeys) skpos[tid] = window_position<FULL>(g, pr, swin, 0, k0 + tid, n_keys);
-    __syncthreads();
-    load_tile<kFwdKeys, DH>(sK, S, skpos, khat, g.dh, g.dh, tid);
-    load_tile_t<kFwdKeys, DH>(sVt, SV, skpos, v, g.ld, g.dh, tid);
-    __syncthreads();
-
+  int buf = 0;
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kFwdKeys, buf ^= 1) {
+    cp_async_wait<1>();
+    __syncthreads();  // K_i (and Q) landed for every thread
     float sc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-    mma_strip_nt<DH, NT>(sc, sQ, S, 16 * warp, sK, S, lane);
+    const int64_t k1 = k0 + kFwdKeys;
+    // Positions of tile i + 1, loaded during the mma, stored once skpos[buf ^ 1] is free.
+    const int next_kpos =
+        tid < kFwdKeys ? window_position<FULL>(g, pr, swin, 0, k1 + tid, n_keys) : -1;
+    ldsm_strip_nt<DH, NT>(sc, sQ, S, 16 * warp, sK, S, lane);
+    __syncthreads();  // sK consumed: fetch K_i+1
+    if (k1 < n_keys) {
+      if (tid < kFwdKeys) skpos[buf ^ 1][tid] = next_kpos;
+      copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], [&](int i) { return key_row(k1, i); }, tid);
+    }
+    cp_async_commit();
 
     // Masks by position on the fp32 scores; keys past the window get -inf.
+    const int* kpos = skpos[buf];
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int kp = skpos[nt * 8 + 2 * t4 + (e & 1)];
+        const int kp = kpos[nt * 8 + 2 * t4 + (e & 1)];
         bool masked;
         sc[nt][e] = kp < 0 ? -INFINITY : masked_score(sc[nt][e], qpos[e >> 1], kp, g.causal,
                                                       &masked);
@@ -123,8 +147,15 @@ __global__ void __launch_bounds__(kMmaBlock)
       o[ot][2] *= corr[1];
       o[ot][3] *= corr[1];
     }
-    mma_strip_pv<DH, kFwdKeys / 16>(o, sc, sVt, SV, lane);
+    cp_async_wait<1>();
+    __syncthreads();  // V_i landed for every thread
+    ldsm_strip_pv<DH, kFwdKeys / 16>(o, sc, sV, S, lane);
+    __syncthreads();  // sV consumed: fetch V_i+1
+    if (k1 < n_keys)
+      copy_rows<kFwdKeys, DH>(sV, S, st.dst[2], [&](int i) { return key_row(k1, i); }, tid);
+    cp_async_commit();
   }
+  cp_async_wait<0>();
 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -144,21 +175,22 @@ __global__ void __launch_bounds__(kMmaBlock)
 
 template <int DH, bool FULL>
 void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
-                        const float* v, float* out, float* lse, cudaStream_t s) {
+                        const float* v, float* out, float* lse, void* stage, cudaStream_t s) {
+  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged};
+  launch_mma_stage<DH>(g, rounds, FULL, stage, &st, s);
   constexpr size_t smem = mma_fwd_smem<DH>();
-  set_smem(mma_forward_kernel<DH, FULL>, smem);
-  mma_forward_kernel<DH, FULL><<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, qk, khat, v,
-                                                                               out, lse);
+  set_mma_smem(mma_forward_kernel<DH, FULL>, smem);
+  mma_forward_kernel<DH, FULL><<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, st, out, lse);
   CUDA_CHECK_LAUNCH("mma_forward_kernel");
 }
 
 template <bool FULL>
 void dispatch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
-                          const float* v, float* out, float* lse, cudaStream_t s) {
+                          const float* v, float* out, float* lse, void* stage, cudaStream_t s) {
   switch (kernel_dhm(g.dh)) {
-    case 32: launch_mma_forward<32, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
-    case 64: launch_mma_forward<64, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
-    default: launch_mma_forward<128, FULL>(g, rounds, qk, khat, v, out, lse, s); break;
+    case 32: launch_mma_forward<32, FULL>(g, rounds, qk, khat, v, out, lse, stage, s); break;
+    case 64: launch_mma_forward<64, FULL>(g, rounds, qk, khat, v, out, lse, stage, s); break;
+    default: launch_mma_forward<128, FULL>(g, rounds, qk, khat, v, out, lse, stage, s); break;
   }
 }
 
@@ -166,12 +198,12 @@ void dispatch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const 
 
 void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,
                            const float* qk, const float* khat, const float* v, float* out,
-                           float* lse, cudaStream_t s) {
+                           float* lse, void* stage, cudaStream_t s) {
   const AttnGeom g = mma_geom(p, perm, full);
   if (full)
-    dispatch_mma_forward<true>(g, 1, qk, khat, v, out, lse, s);
+    dispatch_mma_forward<true>(g, 1, qk, khat, v, out, lse, stage, s);
   else
-    dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, lse, s);
+    dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, lse, stage, s);
 }
 
 }  // namespace cuda
