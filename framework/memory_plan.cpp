@@ -9,6 +9,7 @@
 #include "framework/attention.h"
 #include "framework/model_tensors.h"
 #include "framework/sequence_parallel.h"
+#include "kernels/common/workspace_growth.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -72,7 +73,7 @@ int64_t round256(int64_t b) { return (b + 255) / 256 * 256; }
 
 // The largest scratch request of one op of a step on a CUDA device
 // (kernels/cuda: attention backward, LSH sort and hash, column sums), and
-// the workspace's growth factor of 1.25 on top (kernels/cuda/workspace.h).
+// the workspace's growth on top (workspace_capacity, kernels/common/workspace_growth.h).
 int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t chunk, bool lsh) {
   const int64_t f = 4, dh = cfg.head_dim(), R = lsh ? cfg.attention.n_hashes : 1;
   // Backward: k_hat, norm and row statistics, per-round dq, dk_hat, dv.
@@ -101,7 +102,7 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
                          std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff,
                                             cfg.model.vocab_size});
   const int64_t largest = std::max({attention, sort, hash, colsum});
-  return largest + largest / 4;
+  return workspace_capacity(largest);
 }
 
 void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/common/workspace_growth.h"
 #include "kernels/cuda/check.h"
 
 namespace reformer::cuda {
@@ -33,7 +34,7 @@ class Workspace {
       if (p_) CUDA_CHECK(cudaFreeAsync(p_, stream_));
       p_ = nullptr;
       cap_ = 0;
-      const size_t grown = bytes + bytes / 4;
+      const size_t grown = size_t(workspace_capacity(int64_t(bytes)));
       CUDA_CHECK_ALLOC(cudaMallocAsync(&p_, grown, stream_), grown);
       cap_ = grown;
     }
