@@ -382,6 +382,10 @@ TrainResult Trainer::train() {
   run_eval();
   save();
   result.step = step_;
+  if (ops_->peak_bytes() >= 0)
+    log_info(strfmt("device memory: peak %s held by this rank's ops (the memory plan: %s)",
+                    format_bytes(ops_->peak_bytes()).c_str(),
+                    format_bytes(plan_memory(cfg_, grid_->sp()).total_bytes()).c_str()));
   return result;
 }
 

@@ -35,7 +35,22 @@ class Workspace {
       p_ = nullptr;
       cap_ = 0;
       const size_t grown = size_t(workspace_capacity(int64_t(bytes)));
-      CUDA_CHECK_ALLOC(cudaMallocAsync(&p_, grown, stream_), grown);
+      cudaError_t rc = cudaMallocAsync(&p_, grown, stream_);
+      if (rc == cudaErrorMemoryAllocation) {
+        // The stream-ordered pool still holds the blocks freed above (and
+        // by earlier growth) until the stream passes them: wait for it and
+        // hand them back to the device, then ask again. Only growth, in a
+        // run's first step, ever gets here.
+        (void)cudaGetLastError();
+        CUDA_CHECK(cudaStreamSynchronize(stream_));
+        int device = 0;
+        cudaMemPool_t pool = nullptr;
+        CUDA_CHECK(cudaGetDevice(&device));
+        CUDA_CHECK(cudaDeviceGetMemPool(&pool, device));
+        CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+        rc = cudaMallocAsync(&p_, grown, stream_);
+      }
+      check_alloc(rc, grown, "cudaMallocAsync (op workspace)", __FILE__, __LINE__);
       cap_ = grown;
     }
     return p_;
