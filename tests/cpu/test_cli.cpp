@@ -410,7 +410,8 @@ TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {
   // Sequence parallel: one rank's share.
   const Result sp = run(plan + "--memory 1GiB --sp 2");
   EXPECT_EQ(sp.status, 0) << sp.output;
-  EXPECT_NE(sp.output.find("| lqk | [L, H*dh] = [16, 32] |"), std::string::npos) << sp.output;
+  EXPECT_NE(sp.output.find("| lqk | [L, sp*heads_per_pass*dh] = [16, 32] |"), std::string::npos)
+      << sp.output;
   // Bad arguments exit 2 naming the option; no GPU and no --memory too.
   for (const char* bad : {"--memory 12X", "--memory", "--memory -1G", "--sp 0", "--sp x"}) {
     const Result b = run(plan + bad);
