@@ -40,7 +40,15 @@ std::unique_ptr<Ops<float>> make_ops(DeviceKind device) {
 double peak_tflops(Ops<float>& ops, double configured) {
   if (configured > 0) return configured;
 #if defined(REFORMER_HAVE_CUDA)
-  if (ops.stream() != nullptr) return measure_bf16_gemm_tflops(ops.stream());
+  // A measurement for the progress line must never end a run: a device
+  // that cannot spare the product's 384 MiB gives no MFU instead.
+  if (ops.stream() != nullptr) {
+    try {
+      return measure_bf16_gemm_tflops(ops.stream());
+    } catch (const DeviceError&) {
+      return 0.0;
+    }
+  }
 #endif
   return 0.0;
 }

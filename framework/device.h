@@ -22,7 +22,9 @@ std::unique_ptr<Ops<float>> make_ops(DeviceKind device);
 
 // The matrix-product ceiling MFU is measured against, in TFLOP/s:
 // `configured` when > 0 (logging.peak_tflops), else a bf16 GEMM timed on
-// `ops`' device when it is a CUDA device, else 0 (no MFU is reported).
+// `ops`' device when it is a CUDA device, else 0 (no MFU is reported). 0
+// also when the device cannot run the measurement (e.g. too little memory
+// left): never throws for that.
 double peak_tflops(Ops<float>& ops, double configured);
 
 }  // namespace reformer

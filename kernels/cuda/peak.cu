@@ -45,9 +45,9 @@ double measure_bf16_gemm_tflops(void* stream_handle) {
   auto stream = static_cast<cudaStream_t>(stream_handle);
   PeakScratch s;
   const size_t bytes = size_t(n) * n * sizeof(__nv_bfloat16);
-  CUDA_CHECK(cudaMalloc(&s.a, bytes));
-  CUDA_CHECK(cudaMalloc(&s.b, bytes));
-  CUDA_CHECK(cudaMalloc(&s.c, bytes));
+  CUDA_CHECK_ALLOC(cudaMalloc(&s.a, bytes), bytes);
+  CUDA_CHECK_ALLOC(cudaMalloc(&s.b, bytes), bytes);
+  CUDA_CHECK_ALLOC(cudaMalloc(&s.c, bytes), bytes);
   // Values do not change the time of a dense product; zeros are fine.
   CUDA_CHECK(cudaMemsetAsync(s.a, 0, bytes, stream));
   CUDA_CHECK(cudaMemsetAsync(s.b, 0, bytes, stream));
