@@ -350,7 +350,7 @@ TrainResult Trainer::train() {
       const double eta = (t1 - run_start) / double(step_ - first_step) * double(tc.steps - step_);
       const double tflops = tok_s * flops_per_token / 1e12 / double(world_.size());
       const std::string mfu =
-          peak > 0 ? strfmt(" | %.0f TFLOP/s %.1f%% MFU", tflops, 100.0 * tflops / peak) : "";
+          peak > 0 ? strfmt(" | %.3g TFLOP/s %.1f%% MFU", tflops, 100.0 * tflops / peak) : "";
       log_info(strfmt("step %6lld/%lld | loss %.9g | bpc %.4f | lr %.3e | gnorm %.4f | "
                       "%.1f ms | %s tok/s%s | ETA %s",
                       (long long)step_, (long long)tc.steps, loss, loss / std::log(2.0), lr,
