@@ -18,13 +18,7 @@ ModelFlops train_flops(const Config& cfg) {
                             matmul_forward_flops(L, D, F) + matmul_forward_flops(L, F, D);
     total += 4 * products;
     // The kind make_attention builds for this layer, with its rounds and wrap.
-    AttentionParams ap;
-    ap.L = L;
-    ap.dh = dh;
-    ap.chunk = ac.bucket_size;
-    ap.chunks_before = ac.chunks_before;
-    ap.chunks_after = ac.chunks_after;
-    ap.causal = ac.causal;
+    AttentionParams ap = attention_params(cfg, AttentionShape{l, L, m.n_heads, 0, dh, dh});
     const AttentionKind kind = cfg.attention_kind(l);
     double pairs = 0;
     if (L <= ac.bucket_size || kind == AttentionKind::full) {
