@@ -89,13 +89,14 @@ struct ModelConfig {
   int attn_heads_per_pass = 0;        // heads a rank attends together (divides n_heads / sp); 0: auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings
-  double axial_init_std = 0.02;       // normal init of the axial position tables
+  double axial_init_std = 1.0;        // normal init of the axial position tables (docs/defaults.md)
 
   bool operator==(const ModelConfig&) const = default;
 };
 
 struct AttentionConfig {
-  std::vector<AttentionKind> kinds{AttentionKind::lsh};  // per layer, repeated cyclically
+  // Per layer, repeated cyclically: local and LSH alternating (docs/defaults.md).
+  std::vector<AttentionKind> kinds{AttentionKind::local, AttentionKind::lsh};
   int bucket_size = 32;                   // positions per chunk after sorting (LSH), per local chunk
   int n_hashes = 2;                       // hash rounds
   int n_buckets = 0;                      // per round, even; 0: 2 * max_len / bucket_size rounded to a power of two

@@ -304,6 +304,7 @@ TrainResult Trainer::train() {
   TrainResult result;
   const bool dup = cfg_.data.kind == DataKind::duplication;
 
+  const double run_start = now_seconds();  // elapsed_s in the metrics counts from here
   auto run_eval = [&]() {
     const EvalResult e = evaluate(Split::valid, tc.eval_batches);
     std::string line = strfmt("eval step %lld | loss %.9g | bpc %.4f", (long long)step_, e.loss, e.bpc);
@@ -313,7 +314,7 @@ TrainResult Trainer::train() {
       line += strfmt(" | accuracy %.4f", e.accuracy);
       j.add("eval_accuracy", e.accuracy);
     }
-    j.add("eval_tokens", e.tokens);
+    j.add("eval_tokens", e.tokens).add("elapsed_s", now_seconds() - run_start);
     log_info(line);
     metrics.write(j);
     result.eval = e;
@@ -332,7 +333,6 @@ TrainResult Trainer::train() {
                     cfg_.logging.peak_tflops > 0 ? "logging.peak_tflops" : "bf16 GEMM timed now"));
   double interval_start = now_seconds();
   int64_t interval_steps = 0;
-  const double run_start = interval_start;
   const int64_t first_step = step_;
   while (step_ < tc.steps) {
     const StepResult sr = train_step();
@@ -360,7 +360,7 @@ TrainResult Trainer::train() {
       j.add("step", step_).add("loss", loss).add("bpc", loss / std::log(2.0)).add("lr", lr)
           .add("grad_norm", grad_norm).add("ms_per_step", ms).add("tokens_per_s", tok_s)
           .add("tflops_per_rank", tflops)
-          .add("tokens_seen", tokens_seen_);
+          .add("tokens_seen", tokens_seen_).add("elapsed_s", t1 - run_start);
       metrics.write(j);
       interval_start = now_seconds();
       interval_steps = 0;

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <charconv>
 #include <csignal>
+#include <ctime>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -178,9 +179,27 @@ Config load(const Args& a) {
   return parse_config(kDefaultConfigYaml, "<built-in default>", a.sets);
 }
 
+// The first stop signal asks for a checkpoint at the end of the step. A
+// second one ends the process at once, unless it comes within a second of the
+// first: `timeout`, Slurm and mpirun deliver one request to the process and
+// again to its process group, and that echo must not cost the checkpoint.
+double monotonic_seconds() {  // async-signal-safe
+  timespec ts{};
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+volatile std::sig_atomic_t g_signals = 0;
+double g_first_signal_s = 0;
+
 void on_signal(int sig) {
-  request_stop();
-  std::signal(sig, SIG_DFL);  // a second signal ends the process at once
+  if (g_signals++ == 0) {
+    g_first_signal_s = monotonic_seconds();
+    request_stop();
+    return;
+  }
+  if (monotonic_seconds() - g_first_signal_s < 1.0) return;
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
 }
 
 // The backend named by the (validated) configuration.
