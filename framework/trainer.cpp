@@ -7,6 +7,7 @@
 
 #include "framework/flops.h"
 #include "framework/memory_plan.h"
+#include "framework/plot.h"
 #include "framework/resume_check.h"
 #include "kernels/errors.h"
 
@@ -303,6 +304,18 @@ TrainResult Trainer::train() {
   MetricsWriter metrics(world_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
   TrainResult result;
   const bool dup = cfg_.data.kind == DataKind::duplication;
+  // logging.plot: the curves are redrawn from the whole file after each
+  // evaluation (not per step); a failure is reported once and training goes on.
+  const bool plot = cfg_.logging.plot && world_.rank() == 0 && !metrics_path_.empty();
+  bool plot_failed = false;
+  auto redraw_plot = [&]() {
+    try {
+      write_plot(metrics_path_, plot_path_for(metrics_path_));
+    } catch (const Error& e) {
+      if (!plot_failed) log_info(std::string("plot: not drawn (training goes on): ") + e.what());
+      plot_failed = true;
+    }
+  };
 
   auto run_eval = [&]() {
     const EvalResult e = evaluate(Split::valid, tc.eval_batches);
@@ -313,9 +326,10 @@ TrainResult Trainer::train() {
       line += strfmt(" | accuracy %.4f", e.accuracy);
       j.add("eval_accuracy", e.accuracy);
     }
-    j.add("eval_tokens", e.tokens);
+    j.add("eval_tokens", e.tokens).add("tokens_seen", tokens_seen_);
     log_info(line);
     metrics.write(j);
+    if (plot) redraw_plot();
     result.eval = e;
   };
 
