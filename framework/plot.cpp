@@ -81,6 +81,67 @@ PlotSeries series(std::string name, std::string label, const std::map<int64_t, E
   return s;
 }
 
+// The curves of metrics lines fed one by one.
+class CurveBuilder {
+ public:
+  // Adds line `number` of `source` (DataError naming both when it does not read).
+  void add(std::string line, int64_t number, const std::string& source);
+  RunCurves curves(const std::string& title) const;
+
+ private:
+  std::map<int64_t, Entry> train_, eval_;  // by step; a later line replaces an earlier one
+  bool has_bpc_ = false;
+  int64_t lines_ = 0, repeated_ = 0;
+};
+
+void CurveBuilder::add(std::string line, int64_t number_of_line, const std::string& source) {
+  if (!line.empty() && line.back() == '\r') line.pop_back();
+  const size_t first = line.find_first_not_of(" \t");
+  if (first == std::string::npos) return;
+  const std::string where = source + " line " + std::to_string(number_of_line);
+  const std::string shown = line.size() > 60 ? line.substr(0, 60) + "..." : line;
+  YAML::Node n;
+  try {
+    n = YAML::Load(line);
+  } catch (const YAML::Exception& e) {
+    throw DataError(where + ": not a JSON object (" + e.msg + "): " + shown);
+  }
+  if (line[first] != '{' || !n.IsMap()) throw DataError(where + ": not a JSON object: " + shown);
+  const auto step = number(n, "step", where);
+  if (!step || !std::isfinite(*step) || *step < 0 || *step != std::floor(*step) || *step > 1e15)
+    throw DataError(where + ": no \"step\" that is a whole number >= 0: " + shown);
+  ++lines_;
+  const bool is_eval = is_eval_line(n);
+  Entry e;
+  e.tokens = first_number(n, {"tokens_seen", "tokens"}, where);
+  e.loss = number_or_nan(n, is_eval ? "eval_loss" : "loss", where);
+  const auto bpc = number(n, is_eval ? "eval_bpc" : "bpc", where);
+  has_bpc_ = has_bpc_ || bpc.has_value();
+  e.bpc = bpc.value_or(kNaN);
+  if (!is_eval) e.tokens_per_s = number_or_nan(n, "tokens_per_s", where);
+  auto& kind = is_eval ? eval_ : train_;
+  repeated_ += int64_t(kind.count(int64_t(*step)));
+  kind[int64_t(*step)] = e;
+}
+
+RunCurves CurveBuilder::curves(const std::string& title) const {
+  RunCurves c;
+  c.title = title;
+  c.lines = lines_;
+  c.repeated = repeated_;
+  std::map<int64_t, Entry> eval = eval_;
+  for (auto& [step, e] : eval)
+    if (!std::isfinite(e.tokens)) e.tokens = estimate_tokens(train_, step);
+  c.quantity = has_bpc_ ? "bpc" : "loss";
+  double Entry::*q = has_bpc_ ? &Entry::bpc : &Entry::loss;
+  c.train = series("train-" + c.quantity, "train " + c.quantity, train_, q);
+  c.eval = series("eval-" + c.quantity, "eval " + c.quantity, eval, q);
+  c.throughput = series("tokens-per-s", "train tokens/s", train_, &Entry::tokens_per_s);
+  return c;
+}
+
+std::string file_name(const std::string& path) { return std::filesystem::path(path).filename().string(); }
+
 }  // namespace
 
 int64_t PlotSeries::finite_points(bool by_tokens) const {
@@ -90,60 +151,53 @@ int64_t PlotSeries::finite_points(bool by_tokens) const {
 }
 
 RunCurves parse_metrics(const std::string& text, const std::string& source) {
-  RunCurves c;
-  c.title = source;
-  std::map<int64_t, Entry> train, eval;
-  bool has_bpc = false;
+  CurveBuilder b;
   std::istringstream in(text);
   std::string line;
-  for (int64_t number_of_line = 1; std::getline(in, line); ++number_of_line) {
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    const size_t first = line.find_first_not_of(" \t");
-    if (first == std::string::npos) continue;
-    const std::string where = source + " line " + std::to_string(number_of_line);
-    const std::string shown = line.size() > 60 ? line.substr(0, 60) + "..." : line;
-    YAML::Node n;
-    try {
-      n = YAML::Load(line);
-    } catch (const YAML::Exception& e) {
-      throw DataError(where + ": not a JSON object (" + e.msg + "): " + shown);
-    }
-    if (line[first] != '{' || !n.IsMap()) throw DataError(where + ": not a JSON object: " + shown);
-    const auto step = number(n, "step", where);
-    if (!step || !std::isfinite(*step) || *step < 0 || *step != std::floor(*step) || *step > 1e15)
-      throw DataError(where + ": no \"step\" that is a whole number >= 0: " + shown);
-    ++c.lines;
-    const bool is_eval = is_eval_line(n);
-    Entry e;
-    e.tokens = first_number(n, {"tokens_seen", "tokens"}, where);
-    e.loss = number_or_nan(n, is_eval ? "eval_loss" : "loss", where);
-    const auto bpc = number(n, is_eval ? "eval_bpc" : "bpc", where);
-    has_bpc = has_bpc || bpc.has_value();
-    e.bpc = bpc.value_or(kNaN);
-    if (!is_eval) e.tokens_per_s = number_or_nan(n, "tokens_per_s", where);
-    auto& kind = is_eval ? eval : train;
-    c.repeated += kind.count(int64_t(*step));
-    kind[int64_t(*step)] = e;  // a later line for the step replaces an earlier one
-  }
-  for (auto& [step, e] : eval)
-    if (!std::isfinite(e.tokens)) e.tokens = estimate_tokens(train, step);
-  c.quantity = has_bpc ? "bpc" : "loss";
-  double Entry::*q = has_bpc ? &Entry::bpc : &Entry::loss;
-  c.train = series("train-" + c.quantity, "train " + c.quantity, train, q);
-  c.eval = series("eval-" + c.quantity, "eval " + c.quantity, eval, q);
-  c.throughput = series("tokens-per-s", "train tokens/s", train, &Entry::tokens_per_s);
-  return c;
+  for (int64_t number_of_line = 1; std::getline(in, line); ++number_of_line)
+    b.add(std::move(line), number_of_line, source);
+  return b.curves(source);
 }
 
-RunCurves read_metrics(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw DataError("cannot open metrics file '" + path + "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) throw DataError("cannot read metrics file '" + path + "'");
-  RunCurves c = parse_metrics(text.str(), path);
-  c.title = std::filesystem::path(path).filename().string();
-  return c;
+RunCurves read_metrics(const std::string& path) { return MetricsFollower(path).update(); }
+
+struct MetricsFollower::State {
+  CurveBuilder builder;
+  std::streamoff offset = 0;  // bytes of the file read (whole lines)
+  int64_t lines_read = 0;     // lines of the file read, blank ones included
+};
+
+MetricsFollower::MetricsFollower(std::string path)
+    : path_(std::move(path)), state_(std::make_unique<State>()) {}
+MetricsFollower::~MetricsFollower() = default;
+
+RunCurves MetricsFollower::update() {
+  std::ifstream in(path_, std::ios::binary);
+  if (!in) throw DataError("cannot open metrics file '" + path_ + "'");
+  in.seekg(0, std::ios::end);
+  if (in.tellg() < state_->offset) *state_ = State{};  // rewritten shorter: read it again
+  in.seekg(state_->offset);
+  std::ostringstream tail;
+  tail << in.rdbuf();
+  if (in.bad()) throw DataError("cannot read metrics file '" + path_ + "'");
+  const std::string text = tail.str();
+  size_t begin = 0;
+  for (size_t end; (end = text.find('\n', begin)) != std::string::npos; begin = end + 1) {
+    state_->builder.add(text.substr(begin, end - begin), state_->lines_read + 1, path_);
+    ++state_->lines_read;
+    state_->offset += std::streamoff(end + 1 - begin);
+  }
+  // A last line without its newline: a whole file may end so; in a file
+  // being written it may be half a line, left out until it reads.
+  State at_end = *state_;
+  if (begin < text.size()) {
+    try {
+      at_end.builder.add(text.substr(begin), state_->lines_read + 1, path_);
+    } catch (const DataError&) {
+      at_end = *state_;
+    }
+  }
+  return at_end.builder.curves(file_name(path_));
 }
 
 // ------------------------------------------------------------------ rendering
@@ -395,7 +449,10 @@ std::string plot_path_for(const std::string& metrics_path) {
 }
 
 void write_plot(const std::string& metrics_path, const std::string& svg_path) {
-  const std::string svg = render_svg(read_metrics(metrics_path));
+  write_svg(render_svg(read_metrics(metrics_path)), svg_path);
+}
+
+void write_svg(const std::string& svg, const std::string& svg_path) {
   const std::string tmp = svg_path + ".tmp";
   std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
   out << svg;

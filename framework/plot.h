@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -54,8 +55,30 @@ struct RunCurves {
 // that is not a JSON object or whose step or numbers do not read.
 RunCurves parse_metrics(const std::string& text, const std::string& source);
 
-// parse_metrics of the file at `path`; DataError when it cannot be read.
+// parse_metrics of the file at `path`, titled with its file name; DataError
+// when it cannot be read. A last line without its newline is read where it
+// reads, else left out (a line still being written by a running training).
 RunCurves read_metrics(const std::string& path);
+
+// Reads a metrics file as it grows (the trainer redraws its plot after every
+// evaluation): update() parses only the whole lines appended since the
+// previous call, so a long run's redraw costs its new lines rather than the
+// whole file. A file that shrank (rewritten) is read again from its start.
+class MetricsFollower {
+ public:
+  explicit MetricsFollower(std::string path);
+  ~MetricsFollower();
+  MetricsFollower(const MetricsFollower&) = delete;
+  MetricsFollower& operator=(const MetricsFollower&) = delete;
+  // The curves of the file so far, as read_metrics gives them; throws as it
+  // does (a bad line is met again by every later call).
+  RunCurves update();
+
+ private:
+  struct State;
+  std::string path_;
+  std::unique_ptr<State> state_;
+};
 
 // The SVG document of `curves`: a root <svg> with three panels, axes with
 // ticks at round values, a legend per panel, one <polyline> per non-empty
@@ -69,8 +92,11 @@ std::string render_svg(const RunCurves& curves);
 // ".jsonl" extension replaced by ".svg" (".svg" appended when it has another).
 std::string plot_path_for(const std::string& metrics_path);
 
-// Reads the metrics file and writes its SVG to `svg_path` atomically (a
-// temporary file renamed over it), so a viewer never sees half a plot.
+// Writes `svg` to `svg_path` atomically (a temporary file renamed over it),
+// so a viewer never sees half a plot. Throws Error when it cannot.
+void write_svg(const std::string& svg, const std::string& svg_path);
+
+// Reads the metrics file and writes its SVG to `svg_path` (write_svg).
 // Throws DataError for the metrics file, Error when the SVG cannot be written.
 void write_plot(const std::string& metrics_path, const std::string& svg_path);
 

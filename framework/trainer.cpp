@@ -304,13 +304,15 @@ TrainResult Trainer::train() {
   MetricsWriter metrics(world_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
   TrainResult result;
   const bool dup = cfg_.data.kind == DataKind::duplication;
-  // logging.plot: the curves are redrawn from the whole file after each
-  // evaluation (not per step); a failure is reported once and training goes on.
+  // logging.plot: the curves are redrawn after each evaluation (not per
+  // step), reading only the lines added since the last one; a failure is
+  // reported once and training goes on.
   const bool plot = cfg_.logging.plot && world_.rank() == 0 && !metrics_path_.empty();
+  MetricsFollower plotted(metrics_path_);
   bool plot_failed = false;
   auto redraw_plot = [&]() {
     try {
-      write_plot(metrics_path_, plot_path_for(metrics_path_));
+      write_svg(render_svg(plotted.update()), plot_path_for(metrics_path_));
     } catch (const Error& e) {
       if (!plot_failed) log_info(std::string("plot: not drawn (training goes on): ") + e.what());
       plot_failed = true;

@@ -222,6 +222,42 @@ TEST(Plot, BadLinesAreDataErrorsNamingTheLine) {
   EXPECT_THROW(read_metrics("/nonexistent/metrics.jsonl"), DataError);
 }
 
+// The trainer's reader: each update reads the lines added since the last, a
+// line without its newline yet is read but not consumed, and a file rewritten
+// shorter is read again from its start.
+TEST(Plot, FollowerReadsAGrowingFile) {
+  const std::string path = ::testing::TempDir() + "reformer_plot_follow.jsonl";
+  const std::string a = "{\"step\": 1, \"bpc\": 4, \"tokens_seen\": 8}\n";
+  const std::string b = "{\"step\": 2, \"bpc\": 3, \"tokens_seen\": 16}\n";
+  std::ofstream(path) << a;
+  MetricsFollower f(path);
+  EXPECT_EQ(f.update().train.points.size(), 1u);
+  std::ofstream(path, std::ios::app) << b.substr(0, 20);  // half a line: left out
+  EXPECT_EQ(f.update().train.points.size(), 1u);
+  std::ofstream(path, std::ios::app) << b.substr(20, b.size() - 21);  // no newline yet
+  EXPECT_EQ(f.update().train.points.size(), 2u);
+  std::ofstream(path, std::ios::app) << "\n{\"step\": 2, \"eval\": true, \"eval_bpc\": 3.5}\n";
+  RunCurves c = f.update();
+  EXPECT_EQ(c.train.points.size(), 2u);
+  EXPECT_EQ(c.repeated, 0);  // step 2's train line counted once
+  EXPECT_EQ(c.eval.points.size(), 1u);
+  EXPECT_EQ(c.title, "reformer_plot_follow.jsonl");
+  std::ofstream(path, std::ios::trunc) << b;  // rewritten shorter
+  c = f.update();
+  EXPECT_EQ(c.train.points.size(), 1u);
+  EXPECT_EQ(c.train.points[0].step, 2);
+  EXPECT_TRUE(c.eval.points.empty());
+  std::ofstream(path, std::ios::app) << "oops\n";
+  try {
+    f.update();
+    ADD_FAILURE() << "no DataError";
+  } catch (const DataError& e) {
+    EXPECT_NE(std::string(e.what()).find("reformer_plot_follow.jsonl line 2"), std::string::npos)
+        << e.what();
+  }
+  fs::remove(path);
+}
+
 TEST(Plot, PathBesideTheMetrics) {
   EXPECT_EQ(plot_path_for("runs/a.jsonl"), "runs/a.svg");
   EXPECT_EQ(plot_path_for("runs/a.json"), "runs/a.json.svg");
