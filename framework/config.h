@@ -176,6 +176,8 @@ struct CheckpointConfig {
 
 struct LoggingConfig {
   std::string metrics;   // JSON-lines metrics file; empty: none
+  bool plot = true;      // with a metrics file, rank 0 redraws its curves as an SVG beside it
+                         // (METRICS.svg, framework/plot.h) after every evaluation
   bool per_rank = false;  // a log file per rank
   double peak_tflops = 0;  // MFU's ceiling; 0: a bf16 GEMM timed at start (CUDA), none on CPU
 

@@ -111,6 +111,7 @@ const std::vector<Key>& keys() {
       any(KEY(checkpoint, allow_changes)),
 
       any(KEY(logging, metrics)),
+      any(KEY(logging, plot)),
       num(KEY(logging, peak_tflops), 0, 1e9),
       any(KEY(logging, per_rank)),
   };

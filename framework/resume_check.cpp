@@ -42,6 +42,7 @@ const std::vector<std::pair<std::string, ResumeChange>>& resume_classes() {
       {"parallel.", C::info},
       {"checkpoint.resume", C::silent}, {"checkpoint.allow_changes", C::silent},
       {"checkpoint.", C::info},
+      {"logging.plot", C::info},  // only whether the curves are drawn: the run is the same
       {"logging.", C::info},
   };
   return table;

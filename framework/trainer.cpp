@@ -7,6 +7,7 @@
 
 #include "framework/flops.h"
 #include "framework/memory_plan.h"
+#include "framework/plot.h"
 #include "framework/resume_check.h"
 #include "kernels/errors.h"
 
@@ -303,6 +304,20 @@ TrainResult Trainer::train() {
   MetricsWriter metrics(world_.rank() == 0 ? metrics_path_ : "", /*append*/ resumed_);
   TrainResult result;
   const bool dup = cfg_.data.kind == DataKind::duplication;
+  // logging.plot: the curves are redrawn after each evaluation (not per
+  // step), reading only the lines added since the last one; a failure is
+  // reported once and training goes on.
+  const bool plot = cfg_.logging.plot && world_.rank() == 0 && !metrics_path_.empty();
+  MetricsFollower plotted(metrics_path_);
+  bool plot_failed = false;
+  auto redraw_plot = [&]() {
+    try {
+      write_svg(render_svg(plotted.update()), plot_path_for(metrics_path_));
+    } catch (const Error& e) {
+      if (!plot_failed) log_info(std::string("plot: not drawn (training goes on): ") + e.what());
+      plot_failed = true;
+    }
+  };
 
   const double run_start = now_seconds();  // elapsed_s in the metrics counts from here
   auto run_eval = [&]() {
@@ -314,9 +329,11 @@ TrainResult Trainer::train() {
       line += strfmt(" | accuracy %.4f", e.accuracy);
       j.add("eval_accuracy", e.accuracy);
     }
-    j.add("eval_tokens", e.tokens).add("elapsed_s", now_seconds() - run_start);
+    j.add("eval_tokens", e.tokens).add("tokens_seen", tokens_seen_)
+        .add("elapsed_s", now_seconds() - run_start);
     log_info(line);
     metrics.write(j);
+    if (plot) redraw_plot();
     result.eval = e;
   };
 

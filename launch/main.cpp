@@ -6,6 +6,7 @@
 //   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
 //   reformer plan    [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]
 //   reformer generate --checkpoint PATH (--prompt TEXT | --prompt-file F) --tokens N [...]
+//   reformer plot    METRICS.jsonl [-o FILE.svg]
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
@@ -33,6 +34,7 @@
 #include "kernels/errors.h"
 #include "framework/logging.h"
 #include "framework/memory_plan.h"
+#include "framework/plot.h"
 #include "framework/device.h"
 #include "framework/same_config.h"
 #include "framework/trainer.h"
@@ -60,6 +62,7 @@ const char* kMainHelp =
     "  bench     time training steps at several sequence lengths\n"
     "  plan      print the memory plan of a configuration and the longest length that fits\n"
     "  generate  continue a prompt byte by byte from a checkpoint\n"
+    "  plot      draw a metrics file's curves as an SVG file\n"
     "\n"
     "Run 'reformer <command> --help' for the options of a command.\n";
 
@@ -110,6 +113,12 @@ const char* kPlanHelp =
     "fits in SIZE (e.g. 141GiB, 80G; default: the memory of the visible GPU, required where\n"
     "there is none). --sp N plans one rank of N sequence-parallel ranks (default parallel.sp).\n";
 
+const char* kPlotHelp =
+    "usage: reformer plot METRICS.jsonl [-o FILE.svg]\n"
+    "\n"
+    "Draws the metrics file of 'reformer train --metrics' as one SVG file (default: METRICS.svg):\n"
+    "train and eval bpc (or loss) against steps and against tokens seen, and tokens/s.\n";
+
 struct Args {
   std::string config, metrics, resume, checkpoint, split = "valid", positional;
   std::vector<int64_t> lengths;  // bench; empty: the config's model.max_len
@@ -119,6 +128,7 @@ struct Args {
   bool help = false;
   bool breakdown = false;
   std::string memory;  // plan: --memory SIZE
+  std::string output;  // plot: -o FILE.svg
   int sp = 0;          // plan: --sp N; 0: the config's parallel.sp
 };
 
@@ -166,6 +176,7 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
     else if (s == "--steps" && cmd == "bench")
       a.steps = int(whole_number("--steps", value(i, "--steps"), 1, 1000000));
     else if (s == "--breakdown" && cmd == "bench") a.breakdown = true;
+    else if ((s == "-o" || s == "--output") && cmd == "plot") a.output = value(i, "-o");
     else if (s == "--memory" && cmd == "plan") a.memory = value(i, "--memory");
     else if (s == "--sp" && cmd == "plan") a.sp = int(whole_number("--sp", value(i, "--sp"), 1, 1 << 20));
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
@@ -347,6 +358,14 @@ int cmd_plan(const Args& a) {
   return 0;
 }
 
+int cmd_plot(const Args& a) {
+  if (a.positional.empty()) throw UsageError("reformer plot needs a metrics file METRICS.jsonl");
+  const std::string out = a.output.empty() ? plot_path_for(a.positional) : a.output;
+  write_plot(a.positional, out);
+  std::printf("wrote %s\n", out.c_str());
+  return 0;
+}
+
 int cmd_inspect(const Args& a) {
   if (a.positional.empty()) throw UsageError("reformer inspect needs a checkpoint PATH");
   return inspect_checkpoint(a.positional, std::cout) ? 0 : 1;
@@ -377,7 +396,7 @@ int main(int argc, char** argv) {
   try {
     if (cmd == "generate") return cmd_generate(argc, argv);
     if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench" &&
-        cmd != "plan")
+        cmd != "plan" && cmd != "plot")
       throw UsageError("unknown command '" + cmd + "' (try 'reformer --help')");
     const Args a = parse_args(cmd, argc, argv);
     if (a.help) {
@@ -385,6 +404,7 @@ int main(int argc, char** argv) {
                  : cmd == "eval" ? kEvalHelp
                  : cmd == "bench" ? kBenchHelp
                  : cmd == "plan"  ? kPlanHelp
+                 : cmd == "plot"  ? kPlotHelp
                                  : kInspectHelp,
                  stdout);
       return 0;
@@ -393,6 +413,7 @@ int main(int argc, char** argv) {
     if (cmd == "eval") return cmd_eval(a, comm);
     if (cmd == "bench") return cmd_bench(a, comm);
     if (cmd == "plan") return cmd_plan(a);
+    if (cmd == "plot") return cmd_plot(a);
     return cmd_inspect(a);
   } catch (const UsageError& e) {
     return fail(comm, 2, "", e.what());

@@ -348,7 +348,7 @@ TEST(Config, ToYamlRoundTrip) {
 
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 67u);
+  EXPECT_EQ(keys.size(), 68u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }
@@ -540,6 +540,7 @@ TEST(Config, ResumeChangeClasses) {
   EXPECT_EQ(resume_change_class("parallel.dp"), ResumeChange::info);
   EXPECT_EQ(resume_change_class("checkpoint.keep"), ResumeChange::info);
   EXPECT_EQ(resume_change_class("logging.metrics"), ResumeChange::info);
+  EXPECT_EQ(resume_change_class("logging.plot"), ResumeChange::info);
   EXPECT_EQ(resume_change_class("checkpoint.resume"), ResumeChange::silent);
   EXPECT_EQ(resume_change_class("checkpoint.allow_changes"), ResumeChange::silent);
 }
