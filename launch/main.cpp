@@ -6,6 +6,8 @@
 //   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
 //   reformer plan    [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]
 //   reformer generate --checkpoint PATH (--prompt TEXT | --prompt-file F) --tokens N [...]
+//   reformer export  --checkpoint PATH --format hf --out DIR
+//   reformer import  --from DIR --out PATH [--set key=value]...
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
@@ -38,6 +40,7 @@
 #include "generated/default_config.h"
 #include "launch/bench.h"
 #include "launch/generate.h"
+#include "launch/interop_cmd.h"
 
 using namespace reformer;
 
@@ -59,6 +62,8 @@ const char* kMainHelp =
     "  bench     time training steps at several sequence lengths\n"
     "  plan      print the memory plan of a configuration and the longest length that fits\n"
     "  generate  continue a prompt byte by byte from a checkpoint\n"
+    "  export    write a checkpoint as a HuggingFace transformers folder (--format hf)\n"
+    "  import    read a HuggingFace transformers Reformer folder into a checkpoint\n"
     "\n"
     "Run 'reformer <command> --help' for the options of a command.\n";
 
@@ -357,6 +362,8 @@ int main(int argc, char** argv) {
   std::unique_ptr<Communicator> comm;
   try {
     if (cmd == "generate") return cmd_generate(argc, argv);
+    if (cmd == "export") return cmd_export(argc, argv);
+    if (cmd == "import") return cmd_import(argc, argv);
     if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench" &&
         cmd != "plan")
       throw UsageError("unknown command '" + cmd + "' (try 'reformer --help')");
@@ -378,6 +385,8 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     return fail(comm, 2, "", e.what());
   } catch (const GenerateUsageError& e) {
+    return fail(comm, 2, "", e.what());
+  } catch (const InteropUsageError& e) {
     return fail(comm, 2, "", e.what());
   } catch (const ConfigError& e) {
     return fail(comm, 2, "config error: ", e.what());
