@@ -7,6 +7,8 @@
 //   reformer plan    [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]
 //   reformer generate --checkpoint PATH (--prompt TEXT | --prompt-file F) --tokens N [...]
 //   reformer plot    METRICS.jsonl [-o FILE.svg]
+//   reformer export  --checkpoint PATH --format hf --out DIR
+//   reformer import  --from DIR --out PATH [--set key=value]...
 //
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
@@ -41,6 +43,7 @@
 #include "generated/default_config.h"
 #include "launch/bench.h"
 #include "launch/generate.h"
+#include "launch/interop_cmd.h"
 
 using namespace reformer;
 
@@ -63,6 +66,8 @@ const char* kMainHelp =
     "  plan      print the memory plan of a configuration and the longest length that fits\n"
     "  generate  continue a prompt byte by byte from a checkpoint\n"
     "  plot      draw a metrics file's curves as an SVG file\n"
+    "  export    write a checkpoint as a HuggingFace transformers folder (--format hf)\n"
+    "  import    read a HuggingFace transformers Reformer folder into a checkpoint\n"
     "\n"
     "Run 'reformer <command> --help' for the options of a command.\n";
 
@@ -395,6 +400,8 @@ int main(int argc, char** argv) {
   std::unique_ptr<Communicator> comm;
   try {
     if (cmd == "generate") return cmd_generate(argc, argv);
+    if (cmd == "export") return cmd_export(argc, argv);
+    if (cmd == "import") return cmd_import(argc, argv);
     if (cmd != "train" && cmd != "eval" && cmd != "inspect" && cmd != "bench" &&
         cmd != "plan" && cmd != "plot")
       throw UsageError("unknown command '" + cmd + "' (try 'reformer --help')");
@@ -418,6 +425,8 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     return fail(comm, 2, "", e.what());
   } catch (const GenerateUsageError& e) {
+    return fail(comm, 2, "", e.what());
+  } catch (const InteropUsageError& e) {
     return fail(comm, 2, "", e.what());
   } catch (const ConfigError& e) {
     return fail(comm, 2, "config error: ", e.what());
