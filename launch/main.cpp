@@ -208,7 +208,8 @@ volatile std::sig_atomic_t g_signals = 0;
 double g_first_signal_s = 0;
 
 void on_signal(int sig) {
-  if (g_signals++ == 0) {
+  if (g_signals == 0) {
+    g_signals = 1;
     g_first_signal_s = monotonic_seconds();
     request_stop();
     return;
