@@ -6,7 +6,7 @@
 //   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
 //   reformer plan    [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]
 //   reformer generate --checkpoint PATH (--prompt TEXT | --prompt-file F) --tokens N [...]
-//   reformer plot    METRICS.jsonl [-o FILE.svg]
+//   reformer plot    METRICS.jsonl... [-o FILE.svg] [--labels A,B,...]
 //   reformer export  --checkpoint PATH --format hf --out DIR
 //   reformer import  --from DIR --out PATH [--set key=value]...
 //
@@ -65,7 +65,7 @@ const char* kMainHelp =
     "  bench     time training steps at several sequence lengths\n"
     "  plan      print the memory plan of a configuration and the longest length that fits\n"
     "  generate  continue a prompt byte by byte from a checkpoint\n"
-    "  plot      draw a metrics file's curves as an SVG file\n"
+    "  plot      draw the curves of metrics files (one run, or several overlaid) as an SVG file\n"
     "  export    write a checkpoint as a HuggingFace transformers folder (--format hf)\n"
     "  import    read a HuggingFace transformers Reformer folder into a checkpoint\n"
     "\n"
@@ -120,9 +120,13 @@ const char* kPlanHelp =
 
 const char* kPlotHelp =
     "usage: reformer plot METRICS.jsonl [-o FILE.svg]\n"
+    "       reformer plot A.jsonl B.jsonl... -o FILE.svg [--labels a,b,...]\n"
     "\n"
     "Draws the metrics file of 'reformer train --metrics' as one SVG file (default: METRICS.svg):\n"
-    "train and eval bpc (or loss) against steps and against tokens seen, and tokens/s.\n";
+    "train and eval bpc (or loss) against steps, against tokens seen and against wall-clock\n"
+    "minutes (where the lines carry elapsed_s), and tokens/s. Several files are overlaid, one\n"
+    "colour per run, and need -o; --labels names the runs in the legends, one label per file\n"
+    "in order (default: each file's name without .jsonl).\n";
 
 struct Args {
   std::string config, metrics, resume, checkpoint, split = "valid", positional;
@@ -134,6 +138,8 @@ struct Args {
   bool breakdown = false;
   std::string memory;  // plan: --memory SIZE
   std::string output;  // plot: -o FILE.svg
+  std::vector<std::string> files;   // plot: the metrics files
+  std::optional<std::string> labels;  // plot: --labels a,b,...
   int sp = 0;          // plan: --sp N; 0: the config's parallel.sp
 };
 
@@ -182,6 +188,8 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
       a.steps = int(whole_number("--steps", value(i, "--steps"), 1, 1000000));
     else if (s == "--breakdown" && cmd == "bench") a.breakdown = true;
     else if ((s == "-o" || s == "--output") && cmd == "plot") a.output = value(i, "-o");
+    else if (s == "--labels" && cmd == "plot") a.labels = value(i, "--labels");
+    else if (s.rfind("--", 0) != 0 && cmd == "plot") a.files.push_back(s);
     else if (s == "--memory" && cmd == "plan") a.memory = value(i, "--memory");
     else if (s == "--sp" && cmd == "plan") a.sp = int(whole_number("--sp", value(i, "--sp"), 1, 1 << 20));
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
@@ -365,9 +373,22 @@ int cmd_plan(const Args& a) {
 }
 
 int cmd_plot(const Args& a) {
-  if (a.positional.empty()) throw UsageError("reformer plot needs a metrics file METRICS.jsonl");
-  const std::string out = a.output.empty() ? plot_path_for(a.positional) : a.output;
-  write_plot(a.positional, out);
+  if (a.files.empty()) throw UsageError("reformer plot needs a metrics file METRICS.jsonl");
+  if (a.files.size() > 1 && a.output.empty())
+    throw UsageError("reformer plot of several metrics files needs -o FILE.svg");
+  std::vector<std::string> labels;
+  if (a.labels) {
+    std::stringstream ss(*a.labels);
+    for (std::string label; std::getline(ss, label, ',');) labels.push_back(label);
+    if (!a.labels->empty() && a.labels->back() == ',') labels.emplace_back();
+    if (labels.size() != a.files.size())
+      throw UsageError("--labels: " + std::to_string(labels.size()) + " labels for " +
+                       std::to_string(a.files.size()) + " metrics files");
+    if (std::find(labels.begin(), labels.end(), "") != labels.end())
+      throw UsageError("--labels: a label is empty in '" + *a.labels + "'");
+  }
+  const std::string out = a.output.empty() ? plot_path_for(a.files[0]) : a.output;
+  write_plot(a.files, labels, out);
   std::printf("wrote %s\n", out.c_str());
   return 0;
 }

@@ -1,8 +1,9 @@
 // `reformer plot`: metrics lines parse into the expected curves (last line of
 // a repeated step kept, non-finite values skipped and described), the SVG is
 // well-formed with one polyline per curve holding exactly the curve's finite
-// points, bad lines are DataErrors naming the line, and the program draws a
-// real run's metrics file.
+// points, bad lines are DataErrors naming the line, several runs overlay with
+// ids per run and a wall-clock panel, and the program draws a real run's
+// metrics file.
 #include <gtest/gtest.h>
 
 #include <sys/wait.h>
@@ -95,17 +96,44 @@ std::map<std::string, int> polylines(const std::string& svg) {
   return out;
 }
 
-// The polylines `svg` must have for `c`: each non-empty curve in the steps
-// and tokens panels with its finite points.
-std::map<std::string, int> expected_polylines(const RunCurves& c) {
+// The polylines `svg` must have for `c`: each non-empty curve in the steps,
+// tokens and wall-clock panels with its finite points, ids prefixed with `prefix`.
+std::map<std::string, int> expected_polylines(const RunCurves& c, const std::string& prefix = "") {
   std::map<std::string, int> out;
   for (const PlotSeries* s : {&c.train, &c.eval}) {
-    if (const int64_t n = s->finite_points(false)) out[s->name] = int(n);
-    if (const int64_t n = s->finite_points(true)) out[s->name + "-tokens"] = int(n);
+    if (const int64_t n = s->finite_points(PlotX::steps)) out[prefix + s->name] = int(n);
+    if (const int64_t n = s->finite_points(PlotX::tokens)) out[prefix + s->name + "-tokens"] = int(n);
+    if (const int64_t n = s->finite_points(PlotX::elapsed)) out[prefix + s->name + "-elapsed"] = int(n);
   }
-  if (const int64_t n = c.throughput.finite_points(false)) out[c.throughput.name] = int(n);
+  if (const int64_t n = c.throughput.finite_points(PlotX::steps)) out[prefix + c.throughput.name] = int(n);
   return out;
 }
+
+// Runs the program with `args`, its output to `dir`/out.txt; its exit status.
+int run_reformer(const fs::path& dir, const std::string& args) {
+  const std::string cmd = std::string("env OMP_NUM_THREADS=1 ") + REFORMER_BINARY + " " + args +
+                          " > " + (dir / "out.txt").string() + " 2>&1";
+  const int st = std::system(cmd.c_str());
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// Our trainer's lines with elapsed_s: train at steps 2, 4, 6, eval at 4 and
+// 6, the eval at 6 without elapsed_s.
+const char* kTimed =
+    "{\"step\": 2, \"bpc\": 4.0, \"tokens_per_s\": 900, \"tokens_seen\": 64, \"elapsed_s\": 30}\n"
+    "{\"step\": 4, \"bpc\": 3.5, \"tokens_per_s\": 950, \"tokens_seen\": 128, \"elapsed_s\": 60}\n"
+    "{\"step\": 4, \"eval\": true, \"eval_bpc\": 3.4, \"tokens_seen\": 128, \"elapsed_s\": 66}\n"
+    "{\"step\": 6, \"bpc\": 3.0, \"tokens_per_s\": 960, \"tokens_seen\": 192, \"elapsed_s\": 90}\n"
+    "{\"step\": 6, \"eval\": true, \"eval_bpc\": 2.9, \"tokens_seen\": 192}\n";
+
+// Another system's run in the same keys, without tokens_seen or tokens_per_s:
+// train at steps 100, 200, 300, eval at 200 and 300.
+const char* kOther =
+    "{\"step\": 100, \"loss\": 2.1, \"bpc\": 3.1, \"elapsed_s\": 20.5}\n"
+    "{\"step\": 200, \"loss\": 1.9, \"bpc\": 2.8, \"elapsed_s\": 41}\n"
+    "{\"step\": 200, \"eval\": true, \"eval_bpc\": 2.85, \"elapsed_s\": 45}\n"
+    "{\"step\": 300, \"loss\": 1.7, \"bpc\": 2.5, \"elapsed_s\": 62}\n"
+    "{\"step\": 300, \"eval\": true, \"eval_bpc\": 2.6, \"elapsed_s\": 66}\n";
 
 std::string data_error(const std::string& text) {
   try {
@@ -172,6 +200,74 @@ TEST(Plot, SvgIsWellFormedWithOnePolylinePerCurve) {
   EXPECT_EQ(expected_polylines(c), expected);
   EXPECT_NE(svg.find("1 lines repeated a step"), std::string::npos);
   EXPECT_NE(svg.find("No point skipped"), std::string::npos);
+  EXPECT_EQ(svg.find("id=\"panel-3\""), std::string::npos);  // no elapsed_s: no wall-clock panel
+  EXPECT_NE(svg.find("no wall-clock panel"), std::string::npos);
+}
+
+TEST(Plot, WallClockPanelWhereLinesCarryElapsed) {
+  const RunCurves c = parse_metrics(kTimed, "timed.jsonl");
+  EXPECT_EQ(c.train.points[1].elapsed, 60);
+  const std::string svg = render_svg(c);
+  EXPECT_EQ(xml_problem(svg), "");
+  EXPECT_NE(svg.find("id=\"panel-3\""), std::string::npos);
+  EXPECT_NE(svg.find("minutes of training"), std::string::npos);
+  const std::map<std::string, int> expected = {
+      {"train-bpc", 3}, {"eval-bpc", 2}, {"train-bpc-tokens", 3}, {"eval-bpc-tokens", 2},
+      {"tokens-per-s", 3}, {"train-bpc-elapsed", 3}, {"eval-bpc-elapsed", 1}};
+  EXPECT_EQ(polylines(svg), expected);
+  EXPECT_EQ(expected_polylines(c), expected);
+  EXPECT_NE(svg.find("1 points without elapsed_s are left out of the wall-clock panel"),
+            std::string::npos);
+}
+
+// A resumed run counts elapsed_s from 0 again: the plot adds the seconds
+// reached before, so the wall clock runs on (train before eval at a step).
+TEST(Plot, ElapsedRunsOnAcrossARestart) {
+  const RunCurves c = parse_metrics(
+      "{\"step\": 1, \"bpc\": 4, \"elapsed_s\": 10}\n"
+      "{\"step\": 2, \"bpc\": 3, \"elapsed_s\": 20}\n"
+      "{\"step\": 2, \"eval\": true, \"eval_bpc\": 3, \"elapsed_s\": 25}\n"
+      "{\"step\": 3, \"bpc\": 2, \"elapsed_s\": 4}\n"
+      "{\"step\": 4, \"bpc\": 1, \"elapsed_s\": 9}\n"
+      "{\"step\": 5, \"bpc\": 1, \"elapsed_s\": 2}\n",
+      "resumed.jsonl");
+  ASSERT_EQ(c.train.points.size(), 5u);
+  EXPECT_EQ(c.train.points[1].elapsed, 20);
+  EXPECT_EQ(c.eval.points[0].elapsed, 25);
+  EXPECT_EQ(c.train.points[2].elapsed, 29);
+  EXPECT_EQ(c.train.points[3].elapsed, 34);
+  EXPECT_EQ(c.train.points[4].elapsed, 36);  // a second restart: 25 + 9 before it
+}
+
+// Two runs, ours and another system's without tokens: one polyline per run
+// and curve with the run's index in its id, the other run left out of the
+// tokens and throughput panels, legends named by the labels.
+TEST(Plot, TwoRunsOverlaid) {
+  const std::vector<RunCurves> runs = {parse_metrics(kTimed, "ours.jsonl"),
+                                       parse_metrics(kOther, "dir/theirs.jsonl")};
+  const std::string svg = render_svg(runs, {});
+  EXPECT_EQ(xml_problem(svg), "");
+  std::map<std::string, int> expected = expected_polylines(runs[0], "run1-");
+  const std::map<std::string, int> second = expected_polylines(runs[1], "run2-");
+  expected.insert(second.begin(), second.end());
+  EXPECT_EQ(polylines(svg), expected);
+  EXPECT_EQ(expected.size(), 7u + 4u);
+  EXPECT_EQ(expected.at("run1-eval-bpc"), 2);
+  EXPECT_EQ(expected.at("run2-train-bpc"), 3);
+  EXPECT_EQ(expected.at("run2-eval-bpc-elapsed"), 2);
+  EXPECT_EQ(expected.count("run2-train-bpc-tokens"), 0u);  // no tokens_seen
+  EXPECT_EQ(expected.count("run2-tokens-per-s"), 0u);
+  EXPECT_NE(svg.find("<title>ours vs theirs</title>"), std::string::npos);  // default labels: stems
+  EXPECT_NE(svg.find(">theirs eval</text>"), std::string::npos);
+  EXPECT_NE(svg.find("left out of the tokens panel"), std::string::npos);
+
+  const std::string named = render_svg(runs, {"reformer", "a & b"});
+  EXPECT_EQ(xml_problem(named), "");
+  EXPECT_EQ(polylines(named), expected);  // ids do not carry labels
+  EXPECT_NE(named.find(">reformer train</text>"), std::string::npos);
+  EXPECT_NE(named.find(">a &amp; b eval</text>"), std::string::npos);
+  EXPECT_THROW(render_svg(runs, {"one"}), ConfigError);
+  EXPECT_EQ(polylines(render_svg({runs[0]}, {"x"})), expected_polylines(runs[0]));  // one run: plain ids
 }
 
 TEST(Plot, NonFiniteValuesAreSkippedAndDescribed) {
@@ -270,12 +366,7 @@ TEST(PlotCli, TrainThenPlot) {
   const fs::path dir = fs::path(::testing::TempDir()) / "reformer_plot_cli";
   fs::remove_all(dir);
   fs::create_directories(dir);
-  auto run = [&](const std::string& args) {
-    const std::string cmd = std::string("env OMP_NUM_THREADS=1 ") + REFORMER_BINARY + " " + args +
-                            " > " + (dir / "out.txt").string() + " 2>&1";
-    const int st = std::system(cmd.c_str());
-    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  };
+  auto run = [&](const std::string& args) { return run_reformer(dir, args); };
   const std::string metrics = (dir / "run.jsonl").string();
   ASSERT_EQ(run("train --config " REFORMER_SOURCE_DIR "/configs/tiny.yaml --set training.steps=4 "
                 "--set training.log_every=1 --set training.eval_every=2 --set training.eval_batches=1 "
@@ -292,5 +383,29 @@ TEST(PlotCli, TrainThenPlot) {
   EXPECT_EQ(lines.at("train-bpc"), 4);  // steps 1..4
   EXPECT_EQ(lines.at("eval-bpc"), 2);   // steps 2 and 4
   EXPECT_EQ(run("plot " + (dir / "absent.jsonl").string()), 1);
+  fs::remove_all(dir);
+}
+
+// Several files: drawn where -o says, labels one per file; without -o or
+// with a label count that differs, a usage error (status 2).
+TEST(PlotCli, SeveralFiles) {
+  const fs::path dir = fs::path(::testing::TempDir()) / "reformer_plot_several";
+  fs::remove_all(dir);
+  fs::create_directories(dir / "other");
+  const std::string a = (dir / "m.jsonl").string(), b = (dir / "other" / "m.jsonl").string();
+  std::ofstream(a) << kTimed;
+  std::ofstream(b) << kOther;
+  const std::string out = (dir / "both.svg").string();
+  ASSERT_EQ(run_reformer(dir, "plot " + a + " " + b + " -o " + out), 0);
+  std::ifstream in(out);
+  const std::string svg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(xml_problem(svg), "");
+  EXPECT_EQ(polylines(svg).at("run2-eval-bpc-elapsed"), 2);
+  EXPECT_NE(svg.find(">" + (dir / "other" / "m").string() + " eval</text>"), std::string::npos);
+  EXPECT_EQ(run_reformer(dir, "plot " + a + " " + b + " -o " + out + " --labels x,y"), 0);
+  EXPECT_EQ(run_reformer(dir, "plot " + a + " " + b + " -o " + out + " --labels x"), 2);
+  EXPECT_EQ(run_reformer(dir, "plot " + a + " " + b + " -o " + out + " --labels x,y,z"), 2);
+  EXPECT_EQ(run_reformer(dir, "plot " + a + " " + b), 2);
+  EXPECT_FALSE(fs::exists(dir / "m.svg"));
   fs::remove_all(dir);
 }
