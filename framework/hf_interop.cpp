@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -12,6 +13,7 @@
 #include "framework/checkpoint.h"
 #include "framework/device.h"
 #include "framework/generator.h"
+#include "framework/logging.h"
 #include "framework/model_tensors.h"
 #include "framework/optimizer.h"
 #include "kernels/errors.h"
@@ -31,8 +33,9 @@ struct Link {
   bool transpose = false;
 };
 
-// HF's head bias is one Parameter under two module paths; a saved state
-// dict may hold it under either name or both.
+// The head bias: transformers 4.x held one Parameter under both names (a
+// saved state dict may hold either or both); 5.x has lm_head.bias only.
+// Export writes lm_head.bias alone.
 constexpr const char* kHeadBias = "lm_head.bias";
 constexpr const char* kHeadBiasAlias = "lm_head.decoder.bias";
 
@@ -74,6 +77,41 @@ std::vector<Link> links(const Config& cfg) {
 void transpose_into(const float* src, int64_t rows, int64_t cols, float* dst) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) dst[j * rows + i] = src[i * cols + j];
+}
+
+// Cholesky factor of the symmetric n x n matrix `a` (row-major, overwritten
+// by L in its lower triangle). False when a pivot is not above
+// n * 2^-52 * max_i a_ii: the matrix is singular to double precision.
+bool cholesky(std::vector<double>& a, int64_t n) {
+  double top = 0;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, a[size_t(i * n + i)]);
+  const double floor = double(n) * std::ldexp(1.0, -52) * top;
+  for (int64_t j = 0; j < n; ++j) {
+    double d = a[size_t(j * n + j)];
+    for (int64_t k = 0; k < j; ++k) d -= a[size_t(j * n + k)] * a[size_t(j * n + k)];
+    if (!(d > floor)) return false;
+    const double ljj = std::sqrt(d);
+    a[size_t(j * n + j)] = ljj;
+    for (int64_t i = j + 1; i < n; ++i) {
+      double s = a[size_t(i * n + j)];
+      for (int64_t k = 0; k < j; ++k) s -= a[size_t(i * n + k)] * a[size_t(j * n + k)];
+      a[size_t(i * n + j)] = s / ljj;
+    }
+  }
+  return true;
+}
+
+// x = (L L^T)^-1 r for the factor `l` of cholesky().
+std::vector<double> cholesky_solve(const std::vector<double>& l, int64_t n, std::vector<double> x) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t k = 0; k < i; ++k) x[size_t(i)] -= l[size_t(i * n + k)] * x[size_t(k)];
+    x[size_t(i)] /= l[size_t(i * n + i)];
+  }
+  for (int64_t i = n - 1; i >= 0; --i) {
+    for (int64_t k = i + 1; k < n; ++k) x[size_t(i)] -= l[size_t(k * n + i)] * x[size_t(k)];
+    x[size_t(i)] /= l[size_t(i * n + i)];
+  }
+  return x;
 }
 
 // HF's attn_layers for `cfg` and the LSH chunk length to write. Throws
@@ -235,7 +273,90 @@ std::string hf_config_json(const Config& cfg) {
   return out + "}\n";
 }
 
-std::vector<SafeTensor> hf_tensors(const Config& cfg, const std::vector<float>& params) {
+HeadBiasFold fold_head_bias(const std::vector<float>& head_weight, const std::vector<float>& head_bias,
+                            const std::vector<float>& ln_bias) {
+  const int64_t V = int64_t(head_bias.size()), N = int64_t(ln_bias.size());  // N = 2D
+  REFORMER_REQUIRE(int64_t(head_weight.size()) == N * V, ShapeError,
+                   "head weight is not [ln bias size, head bias size]");
+  HeadBiasFold f{ln_bias, head_bias, false, 0.0, 0.0, ""};
+  double b_max = 0;
+  for (const float v : head_bias) b_max = std::max(b_max, std::fabs(double(v)));
+  if (b_max == 0) return f;
+  auto w = [&](int64_t v, int64_t j) { return double(head_weight[size_t(j * V + v)]); };  // HF's W[v][j]
+  // W x, or W^T y, in double.
+  auto times = [&](const std::vector<double>& x) {
+    std::vector<double> y(size_t(V), 0.0);
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t v = 0; v < V; ++v) y[size_t(v)] += w(v, j) * x[size_t(j)];
+    return y;
+  };
+  auto times_t = [&](const std::vector<double>& y) {
+    std::vector<double> x(size_t(N), 0.0);
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t v = 0; v < V; ++v) x[size_t(j)] += w(v, j) * y[size_t(v)];
+    return x;
+  };
+  const std::string head = "head.weight [" + std::to_string(N) + ", " + std::to_string(V) + "]";
+  if (V > N) {
+    f.not_folded = head + ": vocab_size " + std::to_string(V) + " > 2 d_model " + std::to_string(N) +
+                   ", so W delta = b has no solution in general";
+    return f;
+  }
+  std::vector<double> gram(size_t(V * V), 0.0);
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t a = 0; a < V; ++a)
+      for (int64_t c = 0; c <= a; ++c) gram[size_t(a * V + c)] += w(a, j) * w(c, j);
+  for (int64_t a = 0; a < V; ++a)
+    for (int64_t c = 0; c < a; ++c) gram[size_t(c * V + a)] = gram[size_t(a * V + c)];
+  if (!cholesky(gram, V)) {
+    f.not_folded = head + ": W W^T is singular, its rows are linearly dependent";
+    return f;
+  }
+  const std::vector<double> b(head_bias.begin(), head_bias.end());
+  std::vector<double> delta = times_t(cholesky_solve(gram, V, b));
+  std::vector<double> r = times(delta);  // one refinement step: delta += W^T G^-1 (b - W delta)
+  for (int64_t v = 0; v < V; ++v) r[size_t(v)] = b[size_t(v)] - r[size_t(v)];
+  const std::vector<double> step = times_t(cholesky_solve(gram, V, r));
+  for (int64_t j = 0; j < N; ++j) delta[size_t(j)] += step[size_t(j)];
+
+  const size_t n = static_cast<size_t>(N);
+  std::vector<float> folded(n);
+  std::vector<double> moved(n), abs_folded(n), abs_delta(n);
+  for (int64_t j = 0; j < N; ++j) {
+    folded[size_t(j)] = float(double(ln_bias[size_t(j)]) + delta[size_t(j)]);
+    moved[size_t(j)] = double(folded[size_t(j)]) - double(ln_bias[size_t(j)]);  // what the fold adds
+    abs_folded[size_t(j)] = std::fabs(double(folded[size_t(j)]));
+    abs_delta[size_t(j)] = std::fabs(delta[size_t(j)]);
+  }
+  const std::vector<double> wm = times(moved);
+  double residual = 0, rounding = 0, amplification = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    double sf = 0, sd = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      sf += std::fabs(w(v, j)) * abs_folded[size_t(j)];
+      sd += std::fabs(w(v, j)) * abs_delta[size_t(j)];
+    }
+    residual = std::max(residual, std::fabs(wm[size_t(v)] - b[size_t(v)]));
+    rounding = std::max(rounding, sf);
+    amplification = std::max(amplification, sd);
+  }
+  const double u = std::ldexp(1.0, -24);
+  const double tolerance = std::ldexp(b_max, -12) + 2 * u * rounding;
+  if (!(amplification <= std::ldexp(b_max, 12)) || !(residual <= tolerance)) {
+    f.not_folded = head + strfmt(": W W^T is ill-conditioned (max_v sum_j |W_vj delta_j| = %.3g, residual "
+                                 "%.3g, for |b|_inf %.3g)", amplification, residual, b_max);
+    return f;
+  }
+  f.ln_bias = std::move(folded);
+  f.head_bias.assign(size_t(V), 0.0f);
+  f.folded = true;
+  f.residual = residual;
+  f.tolerance = tolerance;
+  return f;
+}
+
+std::vector<SafeTensor> hf_tensors(const Config& cfg, const std::vector<float>& params,
+                                   HeadBiasFold* fold) {
   int chunk = 0;
   hf_attn_layers(cfg, &chunk);
   const ParamTable table = model_param_table(cfg);
@@ -243,16 +364,23 @@ std::vector<SafeTensor> hf_tensors(const Config& cfg, const std::vector<float>& 
                    "parameter buffer does not match the configuration");
   std::map<std::string, const ParamInfo*> by_name;
   for (const ParamInfo& p : table.params()) by_name[p.name] = &p;
+  auto values = [&](const std::string& name) {
+    const ParamInfo& p = *by_name.at(name);
+    return std::vector<float>(params.begin() + p.offset, params.begin() + p.offset + p.size);
+  };
+  HeadBiasFold f = fold_head_bias(values("head.weight"), values("head.bias"), values("ln_out.bias"));
   std::vector<SafeTensor> out;
   for (const Link& k : links(cfg)) {
     const ParamInfo& p = *by_name.at(k.ours);
     SafeTensor t{k.hf, k.hf_shape, std::vector<float>(size_t(p.size))};
     const float* src = params.data() + p.offset;
-    if (k.transpose) transpose_into(src, p.shape[0], p.shape[1], t.data.data());
+    if (k.ours == "ln_out.bias") t.data = f.ln_bias;
+    else if (k.ours == "head.bias") t.data = f.head_bias;
+    else if (k.transpose) transpose_into(src, p.shape[0], p.shape[1], t.data.data());
     else std::copy(src, src + p.size, t.data.begin());
     out.push_back(std::move(t));
   }
-  out.push_back({kHeadBiasAlias, out.back().shape, out.back().data});
+  if (fold) *fold = std::move(f);
   return out;
 }
 
@@ -377,7 +505,12 @@ std::vector<float> params_from_hf(const Config& cfg, const std::vector<SafeTenso
 void export_hf(const std::string& checkpoint, const std::string& dir) {
   const GenerationModel g = read_generation_model(checkpoint, {});
   const std::string json = hf_config_json(g.cfg);
-  const std::vector<SafeTensor> tensors = hf_tensors(g.cfg, g.params);
+  HeadBiasFold fold;
+  const std::vector<SafeTensor> tensors = hf_tensors(g.cfg, g.params, &fold);
+  if (!fold.not_folded.empty())
+    log_info("reformer export: the head bias is written as lm_head.bias, not folded into "
+             "reformer.encoder.layer_norm.bias (" + fold.not_folded + "); transformers versions that do "
+             "not add lm_head.bias (5.x) give logits without it");
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw CheckpointError(dir + ": cannot create the directory: " + ec.message());

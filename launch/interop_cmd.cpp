@@ -16,7 +16,10 @@ const char* kExportHelp =
     "Writes DIR/config.json and DIR/model.safetensors (fp32), a folder that\n"
     "transformers' ReformerModelWithLMHead.from_pretrained(DIR) loads. Models with\n"
     "full or local layers over more than one chunk are refused: HF has no such\n"
-    "attention (docs/hf-interop.md).\n";
+    "attention. The head bias is folded into the final LayerNorm's bias and\n"
+    "lm_head.bias written as zeros, so transformers versions that add no head bias\n"
+    "(5.x) give the same logits; where it cannot be folded (vocab_size > 2 d_model)\n"
+    "it stays in lm_head.bias, with a note (docs/hf-interop.md).\n";
 
 const char* kImportHelp =
     "usage: reformer import --from DIR --out PATH [--set key=value]...\n"

@@ -1,7 +1,9 @@
 // HuggingFace interop: the safetensors format (round trip, F16/BF16, refusal
-// of damaged files), the mapping of parameters (export then import is bit
-// exact), config.json's fields, configurations either side cannot express,
-// and the `reformer export` / `reformer import` commands end to end.
+// of damaged files), the fold of the head bias into the final LayerNorm, the
+// mapping of parameters (export then import gives every other parameter bit
+// exact and the same logits), config.json's fields, configurations either
+// side cannot express, and the `reformer export` / `reformer import` commands
+// end to end (import then export gives the same bytes).
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <yaml-cpp/yaml.h>
@@ -15,8 +17,10 @@
 #include "framework/checkpoint.h"
 #include "framework/config.h"
 #include "framework/hf_interop.h"
+#include "framework/model.h"
 #include "framework/model_tensors.h"
 #include "framework/safetensors.h"
+#include "kernels/cpu/cpu_ops.h"
 #include "tests/common/checkpoint_testing.h"
 
 namespace reformer {
@@ -154,6 +158,71 @@ TEST(Safetensors, WriterRefusesBadTensorsAndLeavesNoFile) {
   EXPECT_FALSE(std::filesystem::exists(path + ".tmp"));
 }
 
+// ---------------------------------------------------------------- the head-bias fold
+
+// Normal values for a head weight [n, v] (ours: [2D, V]), its bias [v] and a
+// LayerNorm bias [n].
+struct Head {
+  std::vector<float> w, b, beta;
+};
+Head random_head(int64_t n, int64_t v, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> g(0.0f, 1.0f);
+  Head h{std::vector<float>(size_t(n * v)), std::vector<float>(size_t(v)), std::vector<float>(size_t(n))};
+  for (auto* x : {&h.w, &h.b, &h.beta})
+    for (float& e : *x) e = g(rng);
+  return h;
+}
+
+TEST(HfInterop, FoldsTheHeadBiasIntoTheFinalLayerNorm) {
+  const int64_t N = 64, V = 16;
+  const Head h = random_head(N, V, 5);
+  const HeadBiasFold f = fold_head_bias(h.w, h.b, h.beta);
+  ASSERT_TRUE(f.folded) << f.not_folded;
+  EXPECT_EQ(f.head_bias, std::vector<float>(size_t(V), 0.0f));
+  // Independently, in double: W (beta' - beta) = b within the documented
+  // tolerance, which here is dominated by fp32 rounding of beta' (~1e-6 of
+  // |b| ~ 2), far below the bias itself.
+  double worst = 0, b_max = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    double s = 0;
+    for (int64_t j = 0; j < N; ++j)
+      s += double(h.w[size_t(j * V + v)]) * (double(f.ln_bias[size_t(j)]) - double(h.beta[size_t(j)]));
+    worst = std::max(worst, std::fabs(s - h.b[size_t(v)]));
+    b_max = std::max(b_max, std::fabs(double(h.b[size_t(v)])));
+  }
+  EXPECT_EQ(worst, f.residual);
+  EXPECT_LE(f.residual, f.tolerance);
+  EXPECT_LE(f.tolerance, 1e-3 * b_max);
+
+  // Nothing to fold: values kept as they are (bits included).
+  std::vector<float> zero(size_t(V), 0.0f);
+  zero[3] = -0.0f;
+  const HeadBiasFold z = fold_head_bias(h.w, zero, h.beta);
+  EXPECT_FALSE(z.folded);
+  EXPECT_TRUE(z.not_folded.empty());
+  EXPECT_EQ(bits(z.head_bias[3]), bits(-0.0f));
+  EXPECT_EQ(z.ln_bias, h.beta);
+}
+
+TEST(HfInterop, KeepsAHeadBiasThatCannotBeFolded) {
+  // V > 2D: W delta = b has no solution in general; b stays in lm_head.bias.
+  const Head wide = random_head(8, 12, 6);
+  const HeadBiasFold f = fold_head_bias(wide.w, wide.b, wide.beta);
+  EXPECT_FALSE(f.folded);
+  EXPECT_EQ(f.head_bias, wide.b);
+  EXPECT_EQ(f.ln_bias, wide.beta);
+  EXPECT_NE(f.not_folded.find("head.weight [8, 12]: vocab_size 12 > 2 d_model 8"), std::string::npos);
+  // Two tokens with the same head row but different biases: W W^T singular.
+  Head same = random_head(64, 16, 7);
+  for (int64_t j = 0; j < 64; ++j) same.w[size_t(j * 16 + 9)] = same.w[size_t(j * 16 + 2)];
+  const HeadBiasFold s = fold_head_bias(same.w, same.b, same.beta);
+  EXPECT_FALSE(s.folded);
+  EXPECT_EQ(s.head_bias, same.b);
+  EXPECT_NE(s.not_folded.find("head.weight [64, 16]: W W^T is"), std::string::npos) << s.not_folded;
+  EXPECT_THROW(fold_head_bias(same.w, same.b, wide.beta), ShapeError);
+}
+
 // ---------------------------------------------------------------- the mapping
 
 Config tiny(std::vector<std::string> sets = {}) {
@@ -170,10 +239,19 @@ std::vector<float> random_params(const Config& cfg, uint32_t seed) {
   return p;
 }
 
-TEST(HfInterop, ExportThenImportIsBitExact) {
+// `name`'s entry (offset, size, shape) in model_param_table(cfg).
+ParamInfo param(const Config& cfg, const std::string& name) {
+  for (const ParamInfo& p : model_param_table(cfg).params())
+    if (p.name == name) return p;
+  throw ShapeError("no parameter " + name);
+}
+
+TEST(HfInterop, ExportThenImportKeepsEveryParameterButTheFoldedBias) {
   const Config cfg = tiny({"model.d_head=8", "model.n_layers=3", "attention.n_hashes=1"});
   const std::vector<float> p = random_params(cfg, 7);
-  const std::vector<SafeTensor> ts = hf_tensors(cfg, p);
+  HeadBiasFold fold;
+  const std::vector<SafeTensor> ts = hf_tensors(cfg, p, &fold);
+  ASSERT_TRUE(fold.folded) << fold.not_folded;
   // Shapes as transformers' modules hold them (torch Linear: [out, in]).
   auto shape_of = [&](const std::string& name) {
     for (const SafeTensor& t : ts)
@@ -192,8 +270,9 @@ TEST(HfInterop, ExportThenImportIsBitExact) {
   EXPECT_EQ(shape_of("reformer.encoder.layer_norm.weight"), (std::vector<int64_t>{64}));
   EXPECT_EQ(shape_of("lm_head.decoder.weight"), (std::vector<int64_t>{16, 64}));
   EXPECT_EQ(shape_of("lm_head.bias"), (std::vector<int64_t>{16}));
-  EXPECT_EQ(shape_of("lm_head.decoder.bias"), (std::vector<int64_t>{16}));
-  EXPECT_EQ(ts.size(), 3 + 3 * 11 + 2 + 3u);
+  EXPECT_EQ(ts.size(), 3 + 3 * 11 + 2 + 2u);  // no lm_head.decoder.bias (transformers 5.x has none)
+  EXPECT_EQ(ts.back().name, "lm_head.bias");
+  EXPECT_EQ(ts.back().data, std::vector<float>(16, 0.0f));  // folded
 
   // One value checks the transpose: ours wqk[i][j] (in i, out j) is HF's [j][i].
   const ParamTable table = model_param_table(cfg);
@@ -208,7 +287,73 @@ TEST(HfInterop, ExportThenImportIsBitExact) {
   EXPECT_EQ(back.head_dim(), 8);
   const std::vector<float> q = params_from_hf(back, ts, "model.safetensors");
   ASSERT_EQ(q.size(), p.size());
-  for (size_t i = 0; i < p.size(); ++i) ASSERT_EQ(bits(q[i]), bits(p[i])) << "element " << i;
+  const ParamInfo hb = param(cfg, "head.bias"), lb = param(cfg, "ln_out.bias");
+  for (int64_t i = 0; i < int64_t(p.size()); ++i) {
+    if (i >= hb.offset && i < hb.offset + hb.size) ASSERT_EQ(q[size_t(i)], 0.0f);
+    else if (i >= lb.offset && i < lb.offset + lb.size)
+      ASSERT_EQ(bits(q[size_t(i)]), bits(fold.ln_bias[size_t(i - lb.offset)]));
+    else ASSERT_EQ(bits(q[size_t(i)]), bits(p[size_t(i)])) << "element " << i;
+  }
+  // Exported again, the imported parameters give the same tensors (nothing
+  // left to fold): export is idempotent.
+  const std::vector<SafeTensor> again = hf_tensors(back, q);
+  ASSERT_EQ(again.size(), ts.size());
+  for (size_t k = 0; k < ts.size(); ++k) EXPECT_TRUE(again[k].data == ts[k].data) << ts[k].name;
+}
+
+std::vector<float> cpu_logits(const Config& cfg, const std::vector<float>& params) {
+  std::vector<int32_t> tokens(size_t(cfg.model.max_len));
+  for (size_t t = 0; t < tokens.size(); ++t) tokens[t] = int32_t((7 * t + 3) % size_t(cfg.model.vocab_size));
+  CpuOps<float> ops;
+  ReformerModel<float> model(cfg, ops);
+  ops.from_host(model.params(), params.data(), model.num_params());
+  std::vector<float> logits;
+  model.forward_logits(tokens.data(), 3, &logits);
+  return logits;
+}
+
+TEST(HfInterop, ExportThenImportGivesTheSameLogits) {
+  // LSH over 4 chunks and 2 rounds; both parameter sets see the same tokens and rotations.
+  const Config cfg = tiny({"attention.n_hashes=2"});
+  const std::vector<float> p = random_params(cfg, 9);
+  HeadBiasFold fold;
+  const std::vector<float> q = params_from_hf(cfg, hf_tensors(cfg, p, &fold), "m");
+  ASSERT_TRUE(fold.folded);
+  const std::vector<float> a = cpu_logits(cfg, p), b = cpu_logits(cfg, q);
+  // Everything below the final LayerNorm is bit-identical, so the LayerNorm
+  // output n (|n_j| <= sqrt(N), N = 2D) is too. Logits are sum_j h_j W_jv (+ b_v)
+  // with h = n g + beta (or beta'); in exact arithmetic they differ by at most
+  // fold.residual, and each fp32 evaluation (N + 1 products and sums, any
+  // order) errs by at most gamma sum_j |h_j W_jv| (+ |b_v|), gamma = (N + 1) u.
+  const int64_t N = 2 * cfg.model.d_model, V = cfg.model.vocab_size;
+  const ParamInfo w = param(cfg, "head.weight"), g = param(cfg, "ln_out.weight"),
+                  beta = param(cfg, "ln_out.bias"), hb = param(cfg, "head.bias");
+  const double gamma = double(N + 1) * std::ldexp(1.0, -24);
+  std::vector<double> tol(static_cast<size_t>(V));
+  for (int64_t v = 0; v < V; ++v) {
+    double bound = 0;  // sum_j |W_jv| max |h_j| over both parameter sets
+    for (int64_t j = 0; j < N; ++j) {
+      const double h = std::fabs(p[size_t(g.offset + j)]) * std::sqrt(double(N)) +
+                       std::max(std::fabs(p[size_t(beta.offset + j)]), std::fabs(fold.ln_bias[size_t(j)]));
+      bound += std::fabs(p[size_t(w.offset + j * V + v)]) * h;
+    }
+    tol[size_t(v)] = fold.residual + gamma * (2 * bound + std::fabs(p[size_t(hb.offset + v)]));
+  }
+  ASSERT_EQ(a.size(), b.size());
+  int bad = 0;
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    worst = std::max(worst, std::fabs(double(a[i]) - b[i]));
+    bad += std::fabs(double(a[i]) - b[i]) > tol[i % size_t(V)];
+  }
+  EXPECT_EQ(bad, 0) << "max |difference| " << worst;
+  // The bias is there to lose: without it the logits move by ~|b| (order 1).
+  std::vector<float> dropped = p;
+  std::fill_n(dropped.begin() + hb.offset, hb.size, 0.0f);
+  const std::vector<float> c = cpu_logits(cfg, dropped);
+  double moved = 0;
+  for (size_t i = 0; i < a.size(); ++i) moved = std::max(moved, std::fabs(double(a[i]) - c[i]));
+  EXPECT_GT(moved, 100 * worst);
 }
 
 TEST(HfInterop, ConfigJsonHasTheFieldsTransformersReads) {
@@ -349,15 +494,17 @@ TEST(HfInterop, ImportRefusesMissingExtraAndMisshapenTensors) {
   ts[0].shape = {32, 16};
   EXPECT_NE(refused(ts).find("word_embeddings.weight has shape [32, 16] but config.json asks for [16, 32]"),
             std::string::npos);
+  // transformers 4.x saves the head bias under two names, one parameter.
   ts = good;
-  ts.back().data[0] += 1;  // lm_head.decoder.bias
+  ASSERT_EQ(ts.back().name, "lm_head.bias");
+  ts.back().data[1] = 0.25f;
+  ts.push_back({"lm_head.decoder.bias", ts.back().shape, ts.back().data});
+  EXPECT_NO_THROW(params_from_hf(cfg, ts, "m"));
+  ts.back().data[0] += 1;
   EXPECT_NE(refused(ts).find("differ"), std::string::npos);
-  ts = good;  // either name of the head bias alone is enough
-  ts.pop_back();
-  EXPECT_NO_THROW(params_from_hf(cfg, ts, "m"));
-  ts = good;
-  ts.erase(ts.end() - 2);
-  EXPECT_NO_THROW(params_from_hf(cfg, ts, "m"));
+  ts.erase(ts.end() - 2);  // either name alone is enough
+  const ParamInfo hb = param(cfg, "head.bias");
+  EXPECT_EQ(params_from_hf(cfg, ts, "m")[size_t(hb.offset + 1)], 0.25f);
 }
 
 // ---------------------------------------------------------------- the commands
