@@ -190,7 +190,13 @@ def case_chunked(args):
     spread = max((q - q[:1]).abs().max().item() for q in qk_rows)
     print(f"B premise: qk spread over positions {spread:.3e} (one bucket per round)", flush=True)
     mine = ours(args, mod_ckpt, tokens, work, V)
-    ok = compare("B chunked LSH, 4 chunks x 2 rounds", mine, hf, TIGHT)
+    # Position 0 sees only itself (logit -1e5 in both rounds). HF combines the
+    # rounds with exp(lse_r - logsumexp(lse)) in fp32, where one ulp at 1e5 is
+    # 2^-7: its two weights may sum to 1 +- 1%, which moves that position's
+    # logits by up to 1% of the value path (2e-4 measured). Ours subtracts
+    # the max first and is exact there. So position 0 gets LOOSE.
+    ok = compare("B chunked LSH, 4 chunks x 2 rounds, positions 1..", mine[1:], hf[1:], TIGHT)
+    ok &= compare("B position 0 (sees only itself)", mine[:1], hf[:1], LOOSE)
     ok &= compare("B with HF's key norm", mine, hf_logits(model, tokens), LOOSE)
     return ok and spread <= 1e-6
 
