@@ -128,8 +128,10 @@ def compare(name, a, b, tol):
     atol, rtol = tol
     diff = (a - b).abs()
     bad = int((diff > atol + rtol * b.abs()).sum())
-    print(f"{name}: max |ours - hf| = {diff.max().item():.3e} (|hf| up to {b.abs().max().item():.3f}), "
-          f"{bad} of {b.numel()} beyond {atol:g} + {rtol:g} |hf|", flush=True)
+    worst = int(diff.argmax()) // b.shape[-1] if b.dim() > 1 else int(diff.argmax())
+    print(f"{name}: max |ours - hf| = {diff.max().item():.3e} (row {worst}; |hf| up to "
+          f"{b.abs().max().item():.3f}), {bad} of {b.numel()} beyond {atol:g} + {rtol:g} |hf|",
+          flush=True)
     return bad == 0
 
 
