@@ -26,6 +26,15 @@ struct AttentionShape {
   int head0 = 0;    // global index of head 0 of this call
   int dh = 0;       // head width
   int64_t ld = 0;   // row stride of qk, v, ao and their gradients
+  // Sequence-parallel pairs (framework/sequence_parallel.h): this kind computes
+  // one part of each head - LSH: hash rounds round0 .. round0 + rounds of
+  // attention.n_hashes; local and full: a replica - whose output the model
+  // combines with the other parts' by their log-sum-exps. backward() then
+  // takes the combined output as ao and the gradient already weighted by
+  // this part's share as dao. rounds = 0: every round, one part.
+  int round0 = 0;
+  int rounds = 0;
+  bool partial = false;
 };
 
 // Transient buffers the kinds share across heads and layers, sized by the
@@ -52,13 +61,17 @@ class AttentionKindImpl {
  public:
   virtual ~AttentionKindImpl() = default;
   virtual const char* name() const = 0;
+  // Log-sum-exps a head's forward saves per position in its lse slot
+  // ([lse_rows, L]): the hash rounds it attends (LSH) or 1.
+  virtual int lse_rows() const { return 1; }
   // ao = attention(qk, v) for owned head h (0 <= h < heads). `rehash` (LSH):
   // compute and save the head's bucket ids from this qk; otherwise reuse the
   // saved ones (the backward recompute must see the forward's buckets).
   // Leaves in the scratch what backward needs.
   virtual void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
   // dqk, dv += gradients for dao of head h, right after forward() of the
-  // same head on the same inputs.
+  // same head on the same inputs. ao: the head's output (under
+  // shape.partial the combined one; see AttentionShape).
   virtual void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
                         T* dv) = 0;
 };
@@ -72,6 +85,17 @@ std::unique_ptr<AttentionKindImpl<T>> make_attention(const Config& cfg, const At
                                                      Ops<T>& ops, AttentionScratch<T>& scratch);
 // True when layer `layer` runs LSH attention over a sequence of L positions.
 bool uses_lsh(const Config& cfg, int layer, int64_t L);
+
+// Under shape.partial, before a chunked backward: every one of the `rounds`
+// rounds of out_r [rounds, L, dh] <- the combined output ao [L, ld], so that
+// the op's D term uses it (kernels/ops.h, chunked_attention_backward).
+template <class T>
+void use_combined_output(Ops<T>& ops, T* out_r, const T* ao, int rounds,
+                         const AttentionShape& shape) {
+  for (int r = 0; r < rounds; ++r)
+    ops.copy_2d(out_r + int64_t(r) * shape.L * shape.dh, shape.dh, ao, shape.ld, shape.L,
+                shape.dh);
+}
 
 // Chunk geometry and masks shared by the kinds.
 AttentionParams attention_params(const Config& cfg, const AttentionShape& shape);

@@ -11,7 +11,7 @@ class LocalAttention final : public AttentionKindImpl<T> {
  public:
   LocalAttention(const Config& cfg, const AttentionShape& shape, Ops<T>& ops,
                  AttentionScratch<T>& scratch)
-      : ops_(ops), s_(scratch) {
+      : ops_(ops), s_(scratch), shape_(shape) {
     ap_ = attention_params(cfg, shape);
     ap_.n_rounds = 1;
     ap_.wrap = false;
@@ -23,7 +23,9 @@ class LocalAttention final : public AttentionKindImpl<T> {
                                    ap_);
   }
 
-  void backward(int h, const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
+  void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+                T* dv) override {
+    if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
     ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), s_.out_r_of(h),
                                     s_.lse_of(h), ap_);
   }
@@ -31,6 +33,7 @@ class LocalAttention final : public AttentionKindImpl<T> {
  private:
   Ops<T>& ops_;
   AttentionScratch<T>& s_;
+  AttentionShape shape_;
   AttentionParams ap_;
 };
 

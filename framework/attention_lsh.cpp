@@ -15,28 +15,34 @@ class LshAttention final : public AttentionKindImpl<T> {
   LshAttention(const Config& cfg, const AttentionShape& shape, Ops<T>& ops,
                AttentionScratch<T>& scratch)
       : cfg_(cfg), shape_(shape), ops_(ops), s_(scratch),
-        nh_(cfg.attention.n_hashes), nb_(cfg.buckets()), f0_(cfg.bucket_factor0()),
-        buckets_(ops, int64_t(shape.heads) * cfg.attention.n_hashes * shape.L) {
+        nh_(shape.rounds > 0 ? shape.rounds : cfg.attention.n_hashes), nb_(cfg.buckets()),
+        f0_(cfg.bucket_factor0()), buckets_(ops, int64_t(shape.heads) * nh_ * shape.L) {
     ap_ = attention_params(cfg, shape);
     ap_.n_rounds = nh_;
     ap_.wrap = true;
   }
   const char* name() const override { return "lsh"; }
+  int lse_rows() const override { return nh_; }
 
   void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) override {
     const int64_t L = shape_.L;
     int32_t* buckets = buckets_.data() + int64_t(h) * nh_ * L;
     if (rehash) {
+      // Every round's rotations, as one process draws them; this kind hashes
+      // with those of its rounds.
       ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer, shape_.head0 + h,
-                         nh_, shape_.dh, nb_, f0_);
-      ops_.lsh_hash(buckets, qk, shape_.ld, s_.rot.data(), L, shape_.dh, nh_, nb_, f0_);
+                         cfg_.attention.n_hashes, shape_.dh, nb_, f0_);
+      const T* rot = s_.rot.data() + int64_t(shape_.round0) * shape_.dh * rotation_cols(nb_, f0_);
+      ops_.lsh_hash(buckets, qk, shape_.ld, rot, L, shape_.dh, nh_, nb_, f0_);
     }
     ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
     ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, s_.perm.data(), ap_);
   }
 
-  void backward(int h, const T* qk, const T* v, const T*, const T* dao, T* dqk, T* dv) override {
+  void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+                T* dv) override {
     const int64_t L = shape_.L;
+    if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, nh_, shape_);
     ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
     ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data(), s_.out_r_of(h),
                                     s_.lse_of(h), ap_);

@@ -22,4 +22,12 @@ struct ModelFlops {
 // For cfg.model.max_len (the whole sequence, whatever the layout).
 ModelFlops train_flops(const Config& cfg);
 
+// The FLOPs per token a sequence-parallel group of sp ranks executes, at
+// least train_flops' per_token. In pairs mode (sp = n_heads * g, g > 1;
+// docs/sequence-parallel.md) each head's qk, v projection runs g times and
+// local and full attention layers run on each of a head's g ranks; heads
+// mode computes nothing twice. MFU counts train_flops, so the difference
+// shows as lower MFU.
+double sp_executed_flops_per_token(const Config& cfg, int sp);
+
 }  // namespace reformer

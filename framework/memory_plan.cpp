@@ -124,7 +124,8 @@ void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
 
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
   const ModelConfig& m = cfg.model;
-  const int heads = m.n_heads / sp;  // the heads one rank attends (all of them at sp 1)
+  // The heads one rank attends (all of them at sp 1; one in pairs mode).
+  const int heads = sp > m.n_heads ? 1 : m.n_heads / sp;
   if (m.attn_heads_per_pass > 0) {
     if (heads % m.attn_heads_per_pass != 0)
       throw ConfigError("model.attn_heads_per_pass = " + std::to_string(m.attn_heads_per_pass) +
@@ -155,7 +156,8 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   plan.sp = sp;
   Builder b{plan, real_bytes};
   const int64_t Lfull = m.max_len, L = Lfull / sp, D = m.d_model, F = m.d_ff, V = m.vocab_size;
-  const int64_t Hloc = m.n_heads / sp, dh = cfg.head_dim();
+  const int g = sp_ranks_per_head(cfg, sp);  // > 1: pairs mode
+  const int64_t Hloc = g > 1 ? 1 : m.n_heads / sp, dh = cfg.head_dim();
   const ParamTable table = model_param_table(cfg);
   const int64_t P = table.total();
   using G = PlanGroup;
@@ -175,22 +177,33 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
   for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
     b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
-  if (Hp < Hloc) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
+  // Pairs mode (g ranks per head) gathers every rank's head columns of Wqk,
+  // Wv (duplicates included) and uses Wo in place.
+  if (Hp < Hloc || g > 1) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
     for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
       b.add(n, G::activations, "[D, sp*heads_per_pass*dh]", {D, sp * Hp * dh});
-    if (sp > 1)
+    if (sp > 1 && g == 1)
       for (const char* n : {"wo_h", "gwo_h"})
         b.add(n, G::activations, "[sp*heads_per_pass*dh, D]", {sp * Hp * dh, D});
   }
+  int lsh_layers = 0;
+  for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
+  // Hash rounds a rank attends per head (a part's log-sum-exps in pairs mode).
+  const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes / g : 1;
   if (sp > 1) {
     b.add("lqk", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
     b.add("lv", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
-    b.add("exchange staging", G::activations, "[sp, L, heads_per_pass*dh]", {sp, L, Hp * dh});
+    const int64_t cols = g > 1 ? std::max(Hp * dh, rounds) : Hp * dh;
+    b.add("exchange staging", G::activations, "[sp, L, max(heads_per_pass*dh, part rounds)]",
+          {sp, L, cols});
+  }
+  if (g > 1) {  // the parts' log-sum-exps both sides and the combined heads
+    b.add("lse_h", G::activations, "[Lfull, part rounds]", {Lfull, rounds});
+    b.add("lse_seq", G::activations, "[L, sp*part rounds]", {L, sp * rounds});
+    b.add("comb", G::activations, "[L, n_heads*dh]", {L, m.n_heads * dh});
+    b.add("comb_w", G::activations, "[n_heads, L, sp/n_heads]", {m.n_heads, L, g});
   }
 
-  int lsh_layers = 0;
-  for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
-  const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes : 1;
   // One slot per head of a pass.
   const int64_t slots = Hp;
   b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
@@ -199,8 +212,8 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     const int64_t nh = cfg.attention.n_hashes;
     b.add("rotations", G::activations, "[n_hashes, dh, cols]",
           {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
-    b.add("perm", G::activations, "[n_hashes, Lfull]", {nh, Lfull}, true);
-    b.add("buckets", G::activations, "[Hloc, n_hashes, Lfull] per LSH layer", {Hloc, nh, Lfull},
+    b.add("perm", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);
+    b.add("buckets", G::activations, "[Hloc, rounds, Lfull] per LSH layer", {Hloc, rounds, Lfull},
           true, lsh_layers);
   }
   b.add("identity", G::activations, "[Lfull]", {Lfull}, true);

@@ -56,7 +56,7 @@ struct MemoryPlan {
 
 // Heads each rank attends in one attention pass: model.attn_heads_per_pass,
 // or when it is 0 the most heads (a divisor of n_heads / sp, the heads a rank
-// attends) whose six [Lfull, heads * dh] operand buffers and per-head round
+// attends; 1 when sp > n_heads, pairs mode) whose six [Lfull, heads * dh] operand buffers and per-head round
 // outputs take at most kAttentionPassBudget bytes (one head at least). Fewer
 // heads per pass hold less memory; more make wider products and recompute
 // LayerNorm less often. Under sp > 1 a pass projects sp times as many heads

@@ -24,7 +24,11 @@ constexpr int kSiteFFN = 1;
 // per rank: qk .. dao are [Lfull, Hp * dh], a pass's heads over the whole
 // sequence. Under sequence parallelism a pass projects every rank's pass
 // heads (sp * Hp of them) on this rank's positions into lqk, lv
-// [L, sp * Hp * dh] and exchanges them for this rank's. LayerNorm, the
+// [L, sp * Hp * dh] and exchanges them for this rank's. In pairs mode
+// (g > 1 ranks per head, Hloc = Hp = 1) block r of lqk, lv is head r / g, the
+// parts come back into lqk, their per-round log-sum-exps through lse_h into
+// lse_seq, and comb [L, H * dh] holds the heads combined with the weights
+// comb_w [H, L, g]. LayerNorm, the
 // projections and the output projection run in position chunks of fc rows
 // through the feed-forward chunk buffers (the two sublayers never overlap).
 template <class T>
@@ -33,6 +37,7 @@ struct ReformerModel<T>::Scratch {
   Buffer<T> x1, x2, dx1, dx2;            // residual streams and their gradients [L, D]
   Buffer<T> qk, v, ao, dqk, dv, dao;     // attention operands (see above)
   Buffer<T> lqk, lv;                     // sp > 1: sequence-shard projections / gradients
+  Buffer<T> lse_h, lse_seq, comb, comb_w;  // pairs mode (see above)
   Buffer<T> wq, wv, gwq, gwv;            // a pass of fewer than all local heads: its
                                          // columns of Wqk, Wv and their gradients
                                          // [D, sp * Hp * dh]
@@ -58,7 +63,8 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   pos0_ = int64_t(shard.rank) * L_;
   D_ = m.d_model;
   H_ = m.n_heads;
-  Hloc_ = H_ / shard.size;
+  g_ = sp_ranks_per_head(cfg, shard.size);
+  Hloc_ = g_ > 1 ? 1 : H_ / shard.size;
   dh_ = cfg.head_dim();
   F_ = m.d_ff;
   V_ = m.vocab_size;
@@ -85,19 +91,25 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.x1 = buf("x1"); s.x2 = buf("x2"); s.dx1 = buf("dx1"); s.dx2 = buf("dx2");
   s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
   s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
-  if (Hp_ < Hloc_) {
+  if (Hp_ < Hloc_ || g_ > 1) {
     s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
-    if (shard.size > 1) { s.wo = buf("wo_h"); s.gwo = buf("gwo_h"); }
+    if (shard.size > 1 && g_ == 1) { s.wo = buf("wo_h"); s.gwo = buf("gwo_h"); }
   }
+  bool any_lsh = false;
+  for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
+  const int part_rounds = any_lsh ? cfg.attention.n_hashes / g_ : 1;  // lse rows of a part
   if (shard.size > 1) {
     s.lqk = buf("lqk");
     s.lv = buf("lv");
-    s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, Hp_ * dh_);
+    s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, Hp_ * dh_,
+                                                   g_ > 1 ? part_rounds : 0);
+  }
+  if (g_ > 1) {
+    s.lse_h = buf("lse_h"); s.lse_seq = buf("lse_seq"); s.comb = buf("comb");
+    s.comb_w = buf("comb_w");
   }
 
   // Attention kinds and the scratch they share.
-  bool any_lsh = false;
-  for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
   s.attn.out_r = buf("out_r");
   s.attn.lse = buf("lse");
   s.attn.slots = Hp_;
@@ -114,7 +126,12 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     ops.from_host_i32(s.attn.identity.data(), id.data(), Lfull_);
   }
   for (int l = 0; l < NL_; ++l) {
-    const AttentionShape shape{l, Lfull_, Hloc_, shard.rank * Hloc_, dh_, int64_t(Hp_) * dh_};
+    AttentionShape shape{l, Lfull_, Hloc_, shard.rank / g_ * Hloc_, dh_, int64_t(Hp_) * dh_};
+    if (g_ > 1) {  // this rank's share of each head's hash rounds
+      shape.rounds = cfg.attention.n_hashes / g_;
+      shape.round0 = shard.rank % g_ * shape.rounds;
+      shape.partial = true;
+    }
     s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
   }
 
@@ -179,10 +196,69 @@ void for_chunks(int64_t L, int64_t chunk, F&& f) {
 
 // The first column of Wqk, Wv (row of Wo) of the heads rank `rank` of the
 // sequence-parallel group attends in pass `pass`: its local heads
-// pass * Hp .. + Hp.
+// pass * Hp .. + Hp (pairs mode: head rank / g).
 template <class T>
 int64_t ReformerModel<T>::pass_col(int rank, int pass) const {
-  return (int64_t(rank) * Hloc_ + int64_t(pass) * Hp_) * dh_;
+  return (int64_t(rank / g_) * Hloc_ + int64_t(pass) * Hp_) * dh_;
+}
+
+// Columns of the attention output a pass hands to Wo on this rank's
+// positions: every rank's pass heads, or in pairs mode the H combined heads.
+template <class T>
+int ReformerModel<T>::out_cols() const {
+  return g_ > 1 ? H_ * dh_ : shard_.size * Hp_ * dh_;
+}
+
+// Pairs mode: head h of this rank's positions combines parts h * g .. + g
+// of lqk (each with `rounds` log-sum-exps in lse_seq) into comb.
+template <class T>
+LseCombineParams ReformerModel<T>::combine_params(int rounds) const {
+  LseCombineParams p;
+  p.N = L_;
+  p.parts = g_;
+  p.rounds = rounds;
+  p.dh = dh_;
+  p.ld_parts = int64_t(shard_.size) * dh_;
+  p.ld_lse = int64_t(shard_.size) * rounds;
+  p.ld_out = int64_t(H_) * dh_;
+  return p;
+}
+
+// Pairs mode, after the parts came back into lqk: their per-round
+// log-sum-exps follow the same way (the head side's [rounds, L] transposed
+// into lse_h [L, rounds]) and every head is combined into comb. Returns comb.
+template <class T>
+const T* ReformerModel<T>::combine_parts(int l) {
+  Scratch& s = *s_;
+  const int R = s.kinds[size_t(l)]->lse_rows();
+  for (int r = 0; r < R; ++r)
+    ops_.copy_2d(s.lse_h.data() + r, R, s.attn.lse_of(0) + int64_t(r) * Lfull_, 1, Lfull_, 1);
+  s.exchange->to_sequence(s.lse_h.data(), s.lse_seq.data(), R);
+  const LseCombineParams p = combine_params(R);
+  for (int h = 0; h < H_; ++h)
+    ops_.lse_combine_forward(s.comb.data() + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_,
+                             s.lqk.data() + int64_t(h) * g_ * dh_,
+                             s.lse_seq.data() + int64_t(h) * g_ * R, p);
+  return s.comb.data();
+}
+
+// Pairs mode, from the gradient of comb in lqk: dao <- each part's share
+// (w_k times the head's gradient) and ao <- the combined output, both on the
+// head side, for the kind's backward (AttentionShape::partial).
+template <class T>
+void ReformerModel<T>::parts_backward() {
+  Scratch& s = *s_;
+  const int sp = shard_.size;
+  const LseCombineParams p = combine_params(1);
+  ops_.fill(s.lv.data(), T(0), L_ * sp * dh_);
+  for (int h = 0; h < H_; ++h)
+    ops_.lse_combine_backward(s.lv.data() + int64_t(h) * g_ * dh_,
+                              s.lqk.data() + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_, p);
+  s.exchange->to_heads(s.lv.data(), s.dao.data());
+  for (int r = 0; r < sp; ++r)
+    ops_.copy_2d(s.lv.data() + int64_t(r) * dh_, int64_t(sp) * dh_,
+                 s.comb.data() + int64_t(r / g_) * dh_, int64_t(H_) * dh_, L_, dh_);
+  s.exchange->to_heads(s.lv.data(), s.ao.data());
 }
 
 // The columns of layer l's Wqk and Wv for attention pass `pass`, every
@@ -198,7 +274,7 @@ void ReformerModel<T>::load_pass_weights(int l, int pass) {
     const int64_t c = pass_col(r, pass);
     ops_.copy_2d(s.wq.data() + int64_t(r) * n, N, P.wqk + c, HD, D_, n);
     ops_.copy_2d(s.wv.data() + int64_t(r) * n, N, P.wv + c, HD, D_, n);
-    if (s.exchange) ops_.copy(s.wo.data() + int64_t(r) * n * D_, P.wo + c * D_, int64_t(n) * D_);
+    if (s.wo.data()) ops_.copy(s.wo.data() + int64_t(r) * n * D_, P.wo + c * D_, int64_t(n) * D_);
   }
 }
 
@@ -213,7 +289,7 @@ void ReformerModel<T>::add_pass_gradients(int l, int pass) {
     const int64_t c = pass_col(r, pass), nd = int64_t(n) * D_;
     ops_.add_2d(G.wqk + c, HD, s.gwq.data() + int64_t(r) * n, N, D_, n);
     ops_.add_2d(G.wv + c, HD, s.gwv.data() + int64_t(r) * n, N, D_, n);
-    if (s.exchange) ops_.add(G.wo + c * D_, G.wo + c * D_, s.gwo.data() + r * nd, nd);
+    if (s.gwo.data()) ops_.add(G.wo + c * D_, G.wo + c * D_, s.gwo.data() + r * nd, nd);
   }
 }
 
@@ -296,9 +372,11 @@ typename ReformerModel<T>::PassWeights ReformerModel<T>::pass_weights(int l, int
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
-  const bool all = Hp_ == Hloc_, in_place_wo = all || !s.exchange;
+  // Pairs mode gathers each head's Wqk, Wv columns once per rank of the
+  // head and uses the whole Wo in place.
+  const bool all = Hp_ == Hloc_ && g_ == 1, in_place_wo = all || !s.exchange || g_ > 1;
   const int64_t c0 = pass_col(0, pass);
-  return {all, all ? P.wqk : s.wq.data(), all ? P.wv : s.wv.data(),
+  return {all, in_place_wo, all ? P.wqk : s.wq.data(), all ? P.wv : s.wv.data(),
           in_place_wo ? P.wo + c0 * D_ : s.wo.data(),
           in_place_wo ? G.wo + c0 * D_ : s.gwo.data()};
 }
@@ -307,18 +385,18 @@ typename ReformerModel<T>::PassWeights ReformerModel<T>::pass_weights(int l, int
 // passes of Hp heads per rank.
 template <class T>
 void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
-  const int N = shard_.size * Hp_ * dh_;
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass)
-    add_output(l, attend_pass(l, pass, step, /*rehash*/ true), pass_weights(l, pass).wo, N,
-               false, step, train);
+    add_output(l, attend_pass(l, pass, step, /*rehash*/ true), pass_weights(l, pass).wo,
+               out_cols(), false, step, train);
 }
 
 // Attention pass `pass` of layer l: loads its weights, projects LN_a(x2) on
 // the pass heads' columns, attends each of this rank's Hp pass heads over
 // the whole sequence (under sp > 1 exchanging the projections of every
 // rank's pass heads for this rank's and the outputs back) and returns the
-// outputs before Wo for this rank's positions, [L, sp * Hp * dh] (s.ao at
-// sp 1, s.lqk under sp). Each head's forward state stays in its scratch slot.
+// outputs before Wo for this rank's positions, [L, out_cols()] (s.ao at
+// sp 1, s.lqk under sp, s.comb in pairs mode). Each head's forward state
+// stays in its scratch slot.
 template <class T>
 const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool rehash) {
   Scratch& s = *s_;
@@ -339,7 +417,7 @@ const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool reha
   }
   if (!s.exchange) return s.ao.data();
   s.exchange->to_sequence(s.ao.data(), s.lqk.data());
-  return s.lqk.data();
+  return g_ > 1 ? combine_parts(l) : s.lqk.data();
 }
 
 // From y1 in x1, the rebuilt x2 and the gradients dx1 (of y1) and dx2 (of
@@ -352,18 +430,20 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
   Scratch& s = *s_;
   const LayerTensors<T>& G = G_.layers[size_t(l)];
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
-  const int n = Hp_ * dh_, N = shard_.size * n;
-  const int64_t hn = Lfull_ * n, ln = L_ * N, w = int64_t(D_) * N;
+  const int n = Hp_ * dh_, N = shard_.size * n, No = out_cols();
+  const int64_t hn = Lfull_ * n, w = int64_t(D_) * N;
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
     const T* ao = attend_pass(l, pass, step, /*rehash*/ false);
     const PassWeights pw = pass_weights(l, pass);
-    add_output(l, ao, pw.wo, N, true, step, train);
-    // dao of this rank's positions (lv under sp, exchanged into dao).
-    T* dao = s.exchange ? s.lv.data() : s.dao.data();
-    ops_.fill(dao, T(0), ln);
-    if (!pw.all && s.exchange) ops_.fill(pw.gwo, T(0), w);
-    output_backward(l, ao, pw.wo, pw.gwo, N, dao, step, train);
-    if (s.exchange) s.exchange->to_heads(s.lv.data(), s.dao.data());
+    add_output(l, ao, pw.wo, No, true, step, train);
+    // dao of this rank's positions (lv under sp, exchanged into dao; in
+    // pairs mode the combined heads' in lqk, split into parts).
+    T* dao = !s.exchange ? s.dao.data() : g_ > 1 ? s.lqk.data() : s.lv.data();
+    ops_.fill(dao, T(0), L_ * No);
+    if (!pw.wo_in_place) ops_.fill(pw.gwo, T(0), w);
+    output_backward(l, ao, pw.wo, pw.gwo, No, dao, step, train);
+    if (g_ > 1) parts_backward();
+    else if (s.exchange) s.exchange->to_heads(s.lv.data(), s.dao.data());
     ops_.fill(s.dqk.data(), T(0), hn);
     ops_.fill(s.dv.data(), T(0), hn);
     for (int j = 0; j < Hp_; ++j) {

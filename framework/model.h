@@ -105,6 +105,7 @@ class ReformerModel {
   // adds its Wo part to (see pass_weights in model.cpp).
   struct PassWeights {
     bool all;  // the pass holds every local head: the layer's weights in place
+    bool wo_in_place;  // wo, gwo are the layer's own rows of Wo and its gradient
     const T *wq, *wv, *wo;
     T* gwo;
   };
@@ -113,6 +114,10 @@ class ReformerModel {
   int64_t pass_col(int rank, int pass) const;
   void load_pass_weights(int l, int pass);
   void add_pass_gradients(int l, int pass);
+  int out_cols() const;
+  LseCombineParams combine_params(int rounds) const;
+  const T* combine_parts(int l);
+  void parts_backward();
   void project(int l, const T* wq, const T* wv, int n, T* qk, T* v);
   void project_backward(int l, const T* dqk, const T* dv, const T* wq, const T* wv, T* gwq,
                         T* gwv, int n);
@@ -137,6 +142,7 @@ class ReformerModel {
   int64_t pos0_;   // global position of this rank's first
   int D_, H_, Hloc_, dh_, F_, V_, NL_;
   int Hp_;  // heads each rank attends per attention pass (attention_heads_per_pass)
+  int g_;   // ranks per head: 1, or > 1 in pairs mode (sp_ranks_per_head)
   int d1_, a2_;
   Buffer<T> params_, grads_;
   ModelTensors<T> P_, G_;  // named views of params_ and grads_

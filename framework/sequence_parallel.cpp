@@ -1,5 +1,6 @@
 #include "framework/sequence_parallel.h"
 
+#include <algorithm>
 #include <string>
 
 #include "kernels/errors.h"
@@ -14,10 +15,13 @@ void check_sequence_shard(const Config& cfg, int sp, bool has_group) {
   if (m.max_len % sp != 0)
     throw ConfigError("parallel.sp = " + s(sp) + " does not divide model.max_len = " +
                       s(m.max_len) + ": each rank holds max_len / sp consecutive positions");
-  if (m.n_heads % sp != 0)
-    throw ConfigError("parallel.sp = " + s(sp) + " does not divide model.n_heads = " +
-                      s(m.n_heads) + ": sequence-parallel attention gives each rank n_heads / sp "
-                      "heads over the whole sequence; use an sp that divides " + s(m.n_heads));
+  const bool pairs = sp % m.n_heads == 0 && cfg.attention.n_hashes % (sp / m.n_heads) == 0;
+  if (m.n_heads % sp != 0 && !pairs)
+    throw ConfigError("parallel.sp = " + s(sp) + " does not fit model.n_heads = " +
+                      s(m.n_heads) + " and attention.n_hashes = " + s(cfg.attention.n_hashes) +
+                      ": sequence-parallel attention gives each rank n_heads / sp whole heads, "
+                      "or, beyond n_heads, one head's share of its hash rounds (sp = n_heads * g "
+                      "with g dividing n_hashes); use sp in {" + valid_sp_values(cfg) + "}");
   if (m.max_len / sp < cfg.attention.bucket_size)
     throw ConfigError("parallel.sp = " + s(sp) + " leaves " + s(m.max_len / sp) +
                       " positions per rank, fewer than attention.bucket_size = " +
@@ -25,31 +29,55 @@ void check_sequence_shard(const Config& cfg, int sp, bool has_group) {
                       s(m.max_len / cfg.attention.bucket_size));
 }
 
-template <class T>
-HeadExchange<T>::HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols)
-    : ops_(ops), comm_(comm), Ll_(local_len), HD_(comm.size() * cols), cols_(cols),
-      buf_(ops, int64_t(comm.size()) * local_len * cols) {}
+int sp_ranks_per_head(const Config& cfg, int sp) {
+  return sp > cfg.model.n_heads ? sp / cfg.model.n_heads : 1;
+}
+
+std::string valid_sp_values(const Config& cfg) {
+  const int H = cfg.model.n_heads, nh = cfg.attention.n_hashes;
+  std::string out;
+  auto add = [&](int v) { out += (out.empty() ? "" : ", ") + std::to_string(v); };
+  for (int d = 1; d <= H; ++d)
+    if (H % d == 0) add(d);
+  for (int g = 2; g <= nh; ++g)
+    if (nh % g == 0) add(H * g);
+  return out;
+}
 
 template <class T>
-void HeadExchange<T>::to_heads(const T* local, T* heads_out) {
+HeadExchange<T>::HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols,
+                              int max_cols)
+    : ops_(ops), comm_(comm), Ll_(local_len), cols_(cols),
+      buf_(ops, int64_t(comm.size()) * local_len * std::max(cols, max_cols)) {}
+
+template <class T>
+void HeadExchange<T>::to_heads(const T* local, T* heads_out) { to_heads(local, heads_out, cols_); }
+
+template <class T>
+void HeadExchange<T>::to_sequence(const T* heads, T* local_out) {
+  to_sequence(heads, local_out, cols_);
+}
+
+template <class T>
+void HeadExchange<T>::to_heads(const T* local, T* heads_out, int cols) {
   // Block r of the send buffer: this rank's positions, rank r's head columns.
-  const int sp = comm_.size();
-  const int64_t block = Ll_ * cols_;
+  const int sp = comm_.size(), HD = sp * cols;
+  const int64_t block = Ll_ * cols;
   for (int r = 0; r < sp; ++r)
-    ops_.copy_2d(buf_.data() + r * block, cols_, local + int64_t(r) * cols_, HD_, Ll_, cols_);
+    ops_.copy_2d(buf_.data() + r * block, cols, local + int64_t(r) * cols, HD, Ll_, cols);
   // Block s received holds rank s's positions: [L, cols] in position order.
   comm_.alltoall(buf_.data(), heads_out, block * int64_t(sizeof(T)));
 }
 
 template <class T>
-void HeadExchange<T>::to_sequence(const T* heads, T* local_out) {
+void HeadExchange<T>::to_sequence(const T* heads, T* local_out, int cols) {
   // Block r of `heads` (rank r's positions) goes to rank r; block s received
   // holds rank s's head columns for this rank's positions.
-  const int sp = comm_.size();
-  const int64_t block = Ll_ * cols_;
+  const int sp = comm_.size(), HD = sp * cols;
+  const int64_t block = Ll_ * cols;
   comm_.alltoall(heads, buf_.data(), block * int64_t(sizeof(T)));
   for (int s = 0; s < sp; ++s)
-    ops_.copy_2d(local_out + int64_t(s) * cols_, HD_, buf_.data() + s * block, cols_, Ll_, cols_);
+    ops_.copy_2d(local_out + int64_t(s) * cols, HD, buf_.data() + s * block, cols, Ll_, cols);
 }
 
 template class HeadExchange<float>;

@@ -8,9 +8,18 @@
 // the columns of the few heads every rank attends in it ([L / sp, sp * cols]
 // for [L, cols] per rank). LSH shares QK, so qk and v are all that travel forward
 // (and their gradients back).
+//
+// Pairs: when sp exceeds the heads, sp = n_heads * g with g dividing
+// attention.n_hashes, and the unit of work is a (head, hash rounds) pair:
+// rank r attends head r / g with rounds k * n_hashes / g .. + n_hashes / g,
+// k = r % g (local and full layers: a replica of the head). Its g ranks
+// receive the same qk, v; each returns its output and per-round log-sum-exps,
+// and the sequence side combines a head's g parts by their log-sum-exps
+// (ops lse_combine_*). docs/sequence-parallel.md has the whole scheme.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "distributed/communicator.h"
 #include "framework/config.h"
@@ -19,10 +28,21 @@
 namespace reformer {
 
 // Throws ConfigError when a sequence-parallel group of `sp` ranks cannot
-// shard this model (positions or heads do not divide, a shard shorter than
-// an attention chunk), saying what would work. `has_group` is false when
+// shard this model (positions do not divide; sp neither divides n_heads nor
+// is n_heads * g with g dividing n_hashes; a shard shorter than an attention
+// chunk), saying what would work. `has_group` is false when
 // sp > 1 but no communicator was given.
 void check_sequence_shard(const Config& cfg, int sp, bool has_group);
+
+// Ranks per head: 1 when sp divides model.n_heads (each rank attends
+// n_heads / sp whole heads), g = sp / n_heads in pairs mode. Assumes a layout
+// check_sequence_shard accepts.
+int sp_ranks_per_head(const Config& cfg, int sp);
+
+// The sp values whose attention layout works for these heads and hash
+// rounds ("1, 2, 4, 8"): the divisors of n_heads and n_heads * g for g > 1
+// dividing n_hashes.
+std::string valid_sp_values(const Config& cfg);
 
 template <class T>
 class HeadExchange {
@@ -31,7 +51,8 @@ class HeadExchange {
   // order); local_len = L / sp positions per rank; cols columns per rank:
   // a local row holds sp * cols columns, block r (columns r * cols ..) being
   // the ones rank r attends (its heads of the current attention pass).
-  HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols);
+  // max_cols: the most columns a call passes (defaults to cols).
+  HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols, int max_cols = 0);
 
   // heads_out[L, cols] (rows in global position order) <- every rank's
   // local[L/sp, sp * cols] restricted to this rank's column block.
@@ -39,14 +60,17 @@ class HeadExchange {
   // local_out[L/sp, sp * cols] <- every rank's heads[L, cols] restricted to
   // this rank's positions (block r of the columns from rank r).
   void to_sequence(const T* heads, T* local_out);
+  // The same with `cols` columns per rank in place of the constructor's
+  // (at most max_cols).
+  void to_heads(const T* local, T* heads_out, int cols);
+  void to_sequence(const T* heads, T* local_out, int cols);
 
  private:
   Ops<T>& ops_;
   Communicator& comm_;
   int64_t Ll_;     // positions per rank
-  int HD_;         // sp * cols: columns of a local row
   int cols_;       // columns per rank
-  Buffer<T> buf_;  // [sp, Ll, cols] staging for the exchange
+  Buffer<T> buf_;  // [sp, Ll, max_cols] staging for the exchange
 };
 
 extern template class HeadExchange<float>;

@@ -112,6 +112,12 @@
     (T* out, const T* q, const T* k, const T* v, const int32_t* sets, const int32_t* keys,  \
      const DecodeAttentionParams& p),                                                       \
     (out, q, k, v, sets, keys, p))                                                          \
+  X(void, lse_combine_forward,                                                              \
+    (T* out, T* w, const T* parts, const T* lse, const LseCombineParams& p),                \
+    (out, w, parts, lse, p))                                                                \
+  X(void, lse_combine_backward,                                                             \
+    (T* dparts, const T* dout, const T* w, const LseCombineParams& p),                      \
+    (dparts, dout, w, p))                                                                   \
   /* loss */                                                                                \
   X(void, softmax_cross_entropy,                                                            \
     (T* loss, T* dlogits, const T* logits, const int32_t* targets, int64_t N, int V,        \

@@ -86,7 +86,14 @@ class Ops {
   //   are qk rows normalised to unit length; logits q . k_hat, masked per
   //   AttentionParams. Writes out; saves out_r [n_rounds, L, dh] and
   //   lse [n_rounds, L] (by position) for the backward. Rounds combine by
-  //   their log-sum-exp. full_attention_*: exact attention with the same
+  //   their log-sum-exp. chunked_attention_backward reads out_r only through
+  //   the combined output o_i = sum_r w_r,i out_r,i, in the term
+  //   D_i = dout_i . o_i of the score gradient: when these rounds are one
+  //   part of a larger combination (lse_combine_forward) with weight w_i and
+  //   combined output out_i, writing out_i into every round of out_r and
+  //   passing w_i dout_i gives the gradients of the larger combination
+  //   (full_attention_backward takes its output explicitly, to the same
+  //   effect). full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.
   //   decode_attention: one query per head against sets of cached keys
@@ -96,6 +103,13 @@ class Ops {
   //   query's position; each set is one softmax (an empty set weighs 0),
   //   sets of a head combine by their log-sum-exp; out = 0 for a head whose
   //   sets are all empty.
+  //   lse_combine_forward: per row n (LseCombineParams), with m the largest
+  //   and z = sum exp(lse - m) over all parts' rounds, w[n, k] = sum over
+  //   part k's rounds of exp(lse - m) / z (w [N, parts], dense) and
+  //   out[n, :dh] = sum_k w[n, k] parts[n, k * dh ..]. lse_combine_backward:
+  //   dparts[n, k * dh ..] += w[n, k] dout[n, :dh], the gradient at fixed
+  //   weights; the weights' own part, w_k (out_k - out) . dout through lse,
+  //   is left to the attention backward (see above).
   // loss: softmax_cross_entropy: loss[n] = logsumexp(logits[n, :]) -
   //   logits[n, targets[n]], 0 where targets[n] < 0. When dlogits is non-null
   //   it is OVERWRITTEN with (softmax(logits[n]) - onehot(targets[n])) *

@@ -71,6 +71,22 @@ struct DecodeAttentionParams {
   bool causal = true;  // mask keys whose position is after q_pos
 };
 
+// Outputs of one head computed in parts (hash rounds on different ranks),
+// combined row by row by their log-sum-exps (kernels/ops.h, lse_combine_*).
+// Row n holds `parts` outputs of width dh side by side in `parts` and, per
+// part, `rounds` log-sum-exps side by side in `lse` (part k's at columns
+// k * rounds ..); a part's weight is the sum of exp(lse - logsumexp) over its
+// rounds.
+struct LseCombineParams {
+  int64_t N = 0;         // rows
+  int parts = 1;         // outputs combined per row
+  int rounds = 1;        // log-sum-exps per part
+  int dh = 0;            // width of a part and of the combined output
+  int64_t ld_parts = 0;  // row stride of parts and dparts (part k at column k * dh)
+  int64_t ld_lse = 0;    // row stride of lse; >= parts * rounds
+  int64_t ld_out = 0;    // row stride of out and dout; >= dh
+};
+
 // Decoupled-weight-decay Adam (Loshchilov & Hutter).
 struct AdamWParams {
   float lr = 1e-3f;

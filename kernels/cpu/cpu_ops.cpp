@@ -9,6 +9,7 @@
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/lse_combine.h"
 #include "kernels/cpu/lsh.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/optimizer.h"

@@ -427,9 +427,14 @@ TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {
     EXPECT_EQ(b.status, 2) << bad << ": " << b.output;
     EXPECT_NE(b.output.find(std::string(bad).substr(0, 4)), std::string::npos) << b.output;
   }
-  const Result heads = run(plan + "--memory 1GiB --sp 4");  // 2 heads
+  // 2 heads x 2 hash rounds: sp 4 attends (head, rounds) pairs, sp 8 is refused.
+  const Result pairs = run(plan + "--memory 1GiB --sp 4");
+  EXPECT_EQ(pairs.status, 0) << pairs.output;
+  EXPECT_NE(pairs.output.find("| comb | [L, n_heads*dh] = [8, 32] |"), std::string::npos)
+      << pairs.output;
+  const Result heads = run(plan + "--memory 1GiB --sp 8");
   EXPECT_EQ(heads.status, 2) << heads.output;
-  EXPECT_NE(heads.output.find("n_heads"), std::string::npos) << heads.output;
+  EXPECT_NE(heads.output.find("use sp in {1, 2, 4}"), std::string::npos) << heads.output;
   const Result none = run("CUDA_VISIBLE_DEVICES= " + plan);
   EXPECT_EQ(none.status, 2) << none.output;
   EXPECT_NE(none.output.find("--memory SIZE"), std::string::npos) << none.output;

@@ -112,3 +112,20 @@ attention: {kinds: [lsh], bucket_size: 64, n_hashes: 4}
   EXPECT_NEAR(f.per_token, 6 * (products + attention) + head, 1.0);
   EXPECT_NEAR(f.attention_per_token, 6 * attention, 1.0);
 }
+
+// Pairs mode (sp > n_heads) executes each head's qk, v projection and its
+// local and full attention g times; heads mode and LSH layers nothing twice.
+TEST(Flops, SequenceParallelPairsRedundancy) {
+  const Config cfg = parse_config(R"(
+model: {vocab_size: 64, d_model: 64, n_heads: 2, d_ff: 128, n_layers: 2, max_len: 256}
+attention: {kinds: [local, lsh], bucket_size: 16, n_hashes: 4}
+)", "pairs", {});
+  const double model = train_flops(cfg).per_token;
+  EXPECT_EQ(sp_executed_flops_per_token(cfg, 2), model);
+  // sp 8: g = 4. Local layer 0: 16 chunks, each itself and one look-back
+  // (15 pairs of chunks plus 16) x 16 x 16 keys, 2 heads, 32 dims.
+  const double local_pairs = 2.0 * (16 + 15) * 16 * 16;
+  const double local = local_pairs * 32 * (2 * 4 + 10);
+  const double qkv = 2 * 4 * 2.0 * 256 * 64 * 64;  // per layer, four times
+  EXPECT_NEAR(sp_executed_flops_per_token(cfg, 8), model + 3 * (2 * qkv + local) / 256, 1e-6);
+}

@@ -103,6 +103,20 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
     expect_plan_matches<double>(cfg, 1);
     expect_plan_matches<float>(cfg, 2);
     expect_plan_matches<float>(cfg, 4);
+    expect_plan_matches<float>(cfg, 12);  // pairs: 4 heads x 3 ranks, one hash round each
+  }
+}
+
+// Beyond n_heads, sp must be n_heads * g with g dividing n_hashes; the error
+// lists the sp values that work.
+TEST(MemoryPlan, RefusesSpThatNeitherHeadsNorPairsFit) {
+  const Config cfg = config({"model.n_heads=2", "attention.n_hashes=2"});
+  EXPECT_NO_THROW(plan_memory(cfg, 4));  // 2 heads x 2 rounds
+  try {
+    plan_memory(cfg, 8);
+    FAIL() << "sp 8 with 2 heads and 2 hash rounds accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("use sp in {1, 2, 4}"), std::string::npos) << e.what();
   }
 }
 

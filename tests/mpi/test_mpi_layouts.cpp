@@ -1,7 +1,8 @@
 // Every process layout computes the function of one process, run under
 // mpirun -np 2 and 4 on CPUs with the MPI backend:
 //  - sequence-parallel attention (the head exchange) gives the outputs and,
-//    summed over the group, the gradients of the one-process model (double);
+//    summed over the group, the gradients of the one-process model (double),
+//    also with more ranks than heads ((head, hash rounds) pairs);
 //  - training under every dp x sp layout of the world gives the per-step
 //    losses and the final parameters of the one-process run (within 1e-5),
 //    for an LSH-only model and for an LSH + local mix;
@@ -153,6 +154,45 @@ std::vector<std::string> layout_sets(const Layout& l, const std::string& dir) {
 // The whole world as one sequence-parallel group, in double: every rank's
 // logits equal its slice of the one-process logits, and the gradients summed
 // over the group equal the one-process gradients.
+void expect_model_matches_one_process(const Config& cfg, const std::string& kinds) {
+  CpuOps<double> ops;
+  ReformerModel<double> whole(cfg, ops);
+  ReformerModel<double> part(cfg, ops, SequenceShard{world().size(), world().rank(), &world()});
+  whole.init_params(7);
+  part.init_params(7);
+  const int64_t L = cfg.model.max_len, Ll = part.seq_len(), p0 = part.seq_offset();
+  EXPECT_EQ(Ll * world().size(), L);
+  std::vector<int32_t> tokens(static_cast<size_t>(L)), targets(static_cast<size_t>(L));
+  for (int64_t i = 0; i < L; ++i) {
+    tokens[size_t(i)] = int32_t((i * 7 + 3) % cfg.model.vocab_size);
+    targets[size_t(i)] = i + 1 < L ? int32_t(((i + 1) * 7 + 3) % cfg.model.vocab_size) : -1;
+  }
+  const double scale = 1.0 / double(L - 1);
+  whole.zero_grads();
+  part.zero_grads();
+  const LossStats a = whole.forward_backward(tokens.data(), targets.data(), 3, true, true, scale);
+  const LossStats b = part.forward_backward(tokens.data() + p0, targets.data() + p0, 3, true,
+                                            true, scale);
+  double sums[2] = {b.loss_sum, double(b.count)};
+  world().allreduce_sum(sums, 2);
+  EXPECT_PRED4(within, sums[0], a.loss_sum, 1e-12, 0.0) << kinds;
+  EXPECT_EQ(int64_t(sums[1]), a.count) << kinds;
+  std::vector<double> g(part.grads(), part.grads() + part.num_params());
+  world().allreduce_sum(g.data(), int64_t(g.size()));
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < whole.num_params(); ++i)
+    wrong += !within(g[size_t(i)], whole.grads()[i], 1e-9, 1e-12);
+  EXPECT_EQ(wrong, 0) << kinds << ": gradients of " << whole.num_params();
+  std::vector<double> la, lb;
+  whole.forward_logits(tokens.data(), 3, &la);
+  part.forward_logits(tokens.data() + p0, 3, &lb);
+  int64_t wrong_logits = 0;
+  const int64_t V = cfg.model.vocab_size;
+  for (int64_t i = 0; i < Ll * V; ++i)
+    wrong_logits += !within(lb[size_t(i)], la[size_t(p0 * V + i)], 1e-12, 1e-12);
+  EXPECT_EQ(wrong_logits, 0) << kinds;
+}
+
 // Attention in passes of every local head (auto at this size), of one and
 // (eight heads) of two.
 TEST(SequenceParallel, ModelMatchesOneProcess) {
@@ -166,45 +206,36 @@ TEST(SequenceParallel, ModelMatchesOneProcess) {
                        Case{"[lsh]", "1", "8"}, Case{"[local, lsh]", "2", "8"}}) {
     const std::string kinds = std::string(c.kinds) + " heads_per_pass " + c.heads_per_pass +
                               " of " + c.heads;
-    const Config cfg = make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
-                                    std::string("model.attn_heads_per_pass=") + c.heads_per_pass,
-                                    std::string("model.n_heads=") + c.heads});
-    CpuOps<double> ops;
-    ReformerModel<double> whole(cfg, ops);
-    ReformerModel<double> part(cfg, ops, SequenceShard{world().size(), world().rank(), &world()});
-    whole.init_params(7);
-    part.init_params(7);
-    const int64_t L = cfg.model.max_len, Ll = part.seq_len(), p0 = part.seq_offset();
-    EXPECT_EQ(Ll * world().size(), L);
-    std::vector<int32_t> tokens(static_cast<size_t>(L)), targets(static_cast<size_t>(L));
-    for (int64_t i = 0; i < L; ++i) {
-      tokens[size_t(i)] = int32_t((i * 7 + 3) % cfg.model.vocab_size);
-      targets[size_t(i)] = i + 1 < L ? int32_t(((i + 1) * 7 + 3) % cfg.model.vocab_size) : -1;
-    }
-    const double scale = 1.0 / double(L - 1);
-    whole.zero_grads();
-    part.zero_grads();
-    const LossStats a = whole.forward_backward(tokens.data(), targets.data(), 3, true, true, scale);
-    const LossStats b = part.forward_backward(tokens.data() + p0, targets.data() + p0, 3, true,
-                                              true, scale);
-    double sums[2] = {b.loss_sum, double(b.count)};
-    world().allreduce_sum(sums, 2);
-    EXPECT_PRED4(within, sums[0], a.loss_sum, 1e-12, 0.0) << kinds;
-    EXPECT_EQ(int64_t(sums[1]), a.count) << kinds;
-    std::vector<double> g(part.grads(), part.grads() + part.num_params());
-    world().allreduce_sum(g.data(), int64_t(g.size()));
-    int64_t wrong = 0;
-    for (int64_t i = 0; i < whole.num_params(); ++i)
-      wrong += !within(g[size_t(i)], whole.grads()[i], 1e-9, 1e-12);
-    EXPECT_EQ(wrong, 0) << kinds << ": gradients of " << whole.num_params();
-    std::vector<double> la, lb;
-    whole.forward_logits(tokens.data(), 3, &la);
-    part.forward_logits(tokens.data() + p0, 3, &lb);
-    int64_t wrong_logits = 0;
-    const int64_t V = cfg.model.vocab_size;
-    for (int64_t i = 0; i < Ll * V; ++i)
-      wrong_logits += !within(lb[size_t(i)], la[size_t(p0 * V + i)], 1e-12, 1e-12);
-    EXPECT_EQ(wrong_logits, 0) << kinds;
+    expect_model_matches_one_process(
+        make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
+                     std::string("model.attn_heads_per_pass=") + c.heads_per_pass,
+                     std::string("model.n_heads=") + c.heads}),
+        kinds);
+  }
+}
+
+// More ranks than heads: (head, hash rounds) pairs, g = sp / n_heads ranks
+// per head, combined by their log-sum-exps (local and full layers: g replicas
+// of the head). np 2: one head of 2 and of 4 rounds; np 4: 2 heads of 2
+// rounds (g 2) and one head of 4 rounds (g 4).
+TEST(SequenceParallel, PairsMatchOneProcess) {
+  struct Case {
+    const char* kinds;
+    int heads, hashes;
+  };
+  const int sp = world().size();
+  const std::vector<Case> cases =
+      sp == 4 ? std::vector<Case>{{"[local, lsh]", 2, 2}, {"[lsh, local]", 1, 4},
+                                  {"[full, lsh]", 2, 2}}
+              : std::vector<Case>{{"[local, lsh]", 1, 2}, {"[lsh, full]", 1, 4}};
+  for (const Case& c : cases) {
+    const std::string what = std::string(c.kinds) + " " + std::to_string(c.heads) + " heads x " +
+                             std::to_string(c.hashes) + " hashes at sp " + std::to_string(sp);
+    expect_model_matches_one_process(
+        make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
+                     "model.n_heads=" + std::to_string(c.heads),
+                     "attention.n_hashes=" + std::to_string(c.hashes)}),
+        what);
   }
 }
 
