@@ -1,7 +1,6 @@
 #include "launch/generate.h"
 
 #include <algorithm>
-#include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -47,29 +46,10 @@ struct GenerateArgs {
   std::vector<std::string> sets;
 };
 
-// The number `text` given to `flag`, in [lo, hi], read whole (std::from_chars:
-// no sign prefix '+', no spaces, no trailing characters); else a usage error.
-template <class N>
-N number(const char* flag, const std::string& text, N lo, N hi) {
-  N v{};
-  const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
-  const char* what = std::is_integral_v<N> ? "' is not a whole number" : "' is not a number";
-  if (text.empty() || r.ptr != text.data() + text.size() || r.ec == std::errc::invalid_argument)
-    throw GenerateUsageError(std::string(flag) + ": '" + text + what);
-  if (r.ec == std::errc::result_out_of_range || !(v >= lo && v <= hi)) {
-    std::ostringstream range;
-    range << " is out of range [" << lo << ", " << hi << "]";
-    throw GenerateUsageError(std::string(flag) + ": " + text + range.str());
-  }
-  return v;
-}
 
 GenerateArgs parse(int argc, char** argv, bool* help) {
   GenerateArgs a;
-  auto value = [&](int& i, const char* flag) -> std::string {
-    if (i + 1 >= argc) throw GenerateUsageError(std::string(flag) + " needs a value");
-    return argv[++i];
-  };
+  auto value = [&](int& i, const char* flag) { return option_value(argc, argv, i, flag); };
   for (int i = 2; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--help" || s == "-h") *help = true;
@@ -77,24 +57,24 @@ GenerateArgs parse(int argc, char** argv, bool* help) {
     else if (s == "--prompt") a.prompt = value(i, "--prompt"), a.has_prompt = true;
     else if (s == "--prompt-file") a.prompt_file = value(i, "--prompt-file");
     else if (s == "--tokens")
-      a.tokens = number<int64_t>("--tokens", value(i, "--tokens"), 0, kMaxLength), a.has_tokens = true;
+      a.tokens = parse_number<int64_t>("--tokens", value(i, "--tokens"), 0, kMaxLength), a.has_tokens = true;
     else if (s == "--temperature")
-      a.sampling.temperature = number<double>("--temperature", value(i, "--temperature"), 0, 1e6);
+      a.sampling.temperature = parse_number<double>("--temperature", value(i, "--temperature"), 0, 1e6);
     else if (s == "--top-k")
-      a.sampling.top_k = number<int>("--top-k", value(i, "--top-k"), 0, 1 << 30);
+      a.sampling.top_k = parse_number<int>("--top-k", value(i, "--top-k"), 0, 1 << 30);
     else if (s == "--top-p") {
-      a.sampling.top_p = number<double>("--top-p", value(i, "--top-p"), 0, 1);
-      if (a.sampling.top_p <= 0) throw GenerateUsageError("--top-p: must be in (0, 1]");
+      a.sampling.top_p = parse_number<double>("--top-p", value(i, "--top-p"), 0, 1);
+      if (a.sampling.top_p <= 0) throw UsageError("--top-p: must be in (0, 1]");
     } else if (s == "--seed")
-      a.sampling.seed = number<uint64_t>("--seed", value(i, "--seed"), 0, UINT64_MAX);
+      a.sampling.seed = parse_number<uint64_t>("--seed", value(i, "--seed"), 0, UINT64_MAX);
     else if (s == "--set") a.sets.push_back(value(i, "--set"));
-    else throw GenerateUsageError("unknown argument '" + s + "' for 'reformer generate'");
+    else throw UsageError("unknown argument '" + s + "' for 'reformer generate'");
   }
   if (*help) return a;
-  if (a.checkpoint.empty()) throw GenerateUsageError("reformer generate needs --checkpoint PATH");
+  if (a.checkpoint.empty()) throw UsageError("reformer generate needs --checkpoint PATH");
   if (a.has_prompt == !a.prompt_file.empty())
-    throw GenerateUsageError("reformer generate needs exactly one of --prompt TEXT, --prompt-file FILE");
-  if (!a.has_tokens) throw GenerateUsageError("reformer generate needs --tokens N");
+    throw UsageError("reformer generate needs exactly one of --prompt TEXT, --prompt-file FILE");
+  if (!a.has_tokens) throw UsageError("reformer generate needs --tokens N");
   return a;
 }
 
@@ -119,7 +99,7 @@ int cmd_generate(int argc, char** argv) {
     return 0;
   }
   const std::string prompt = a.has_prompt ? a.prompt : read_prompt_file(a.prompt_file);
-  if (prompt.empty()) throw GenerateUsageError("the prompt is empty: give at least one byte");
+  if (prompt.empty()) throw UsageError("the prompt is empty: give at least one byte");
   GenerationModel m = read_generation_model(a.checkpoint, a.sets);
   const Config& cfg = m.cfg;
   if (cfg.model.vocab_size > 256)
@@ -127,12 +107,12 @@ int cmd_generate(int argc, char** argv) {
                       std::to_string(cfg.model.vocab_size) + " tokens");
   const int64_t P = int64_t(prompt.size());
   if (P + a.tokens > cfg.model.max_len)
-    throw GenerateUsageError("the prompt (" + std::to_string(P) + " bytes) and --tokens " +
+    throw UsageError("the prompt (" + std::to_string(P) + " bytes) and --tokens " +
                              std::to_string(a.tokens) + " exceed the model's max_len " +
                              std::to_string(cfg.model.max_len));
   for (unsigned char c : prompt)
     if (int(c) >= cfg.model.vocab_size)
-      throw GenerateUsageError("prompt byte " + std::to_string(int(c)) +
+      throw UsageError("prompt byte " + std::to_string(int(c)) +
                                " is outside the model's vocabulary [0, " +
                                std::to_string(cfg.model.vocab_size) + ")");
   auto ops = make_ops(cfg.training.device);

@@ -37,10 +37,7 @@ struct InteropArgs {
 
 InteropArgs parse(const std::string& cmd, int argc, char** argv) {
   InteropArgs a;
-  auto value = [&](int& i, const char* flag) -> std::string {
-    if (i + 1 >= argc) throw InteropUsageError(std::string(flag) + " needs a value");
-    return argv[++i];
-  };
+  auto value = [&](int& i, const char* flag) { return option_value(argc, argv, i, flag); };
   for (int i = 2; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--help" || s == "-h") a.help = true;
@@ -49,7 +46,7 @@ InteropArgs parse(const std::string& cmd, int argc, char** argv) {
     else if (s == "--format" && cmd == "export") a.format = value(i, "--format");
     else if (s == "--from" && cmd == "import") a.from = value(i, "--from");
     else if (s == "--set" && cmd == "import") a.sets.push_back(value(i, "--set"));
-    else throw InteropUsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
+    else throw UsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
   }
   return a;
 }
@@ -59,10 +56,10 @@ InteropArgs parse(const std::string& cmd, int argc, char** argv) {
 int cmd_export(int argc, char** argv) {
   const InteropArgs a = parse("export", argc, argv);
   if (a.help) return std::fputs(kExportHelp, stdout), 0;
-  if (a.checkpoint.empty()) throw InteropUsageError("reformer export needs --checkpoint PATH");
-  if (a.out.empty()) throw InteropUsageError("reformer export needs --out DIR");
+  if (a.checkpoint.empty()) throw UsageError("reformer export needs --checkpoint PATH");
+  if (a.out.empty()) throw UsageError("reformer export needs --out DIR");
   if (a.format != "hf")
-    throw InteropUsageError("reformer export needs --format hf (the one format it writes)" +
+    throw UsageError("reformer export needs --format hf (the one format it writes)" +
                             (a.format.empty() ? std::string() : ", not '" + a.format + "'"));
   export_hf(a.checkpoint, a.out);
   std::printf("reformer: exported %s to %s/config.json and %s/model.safetensors\n",
@@ -73,8 +70,8 @@ int cmd_export(int argc, char** argv) {
 int cmd_import(int argc, char** argv) {
   const InteropArgs a = parse("import", argc, argv);
   if (a.help) return std::fputs(kImportHelp, stdout), 0;
-  if (a.from.empty()) throw InteropUsageError("reformer import needs --from DIR");
-  if (a.out.empty()) throw InteropUsageError("reformer import needs --out PATH");
+  if (a.from.empty()) throw UsageError("reformer import needs --from DIR");
+  if (a.out.empty()) throw UsageError("reformer import needs --out PATH");
   import_hf(a.from, a.out, a.sets);
   std::printf("reformer: imported %s into %s (step 0)\n", a.from.c_str(), a.out.c_str());
   return 0;

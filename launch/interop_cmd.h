@@ -2,18 +2,13 @@
 // (framework/hf_interop.h, docs/hf-interop.md).
 #pragma once
 
-#include "kernels/errors.h"
+#include "launch/cli.h"
 
 namespace reformer {
 
-// A bad `reformer export` / `reformer import` command line (exit status 2).
-struct InteropUsageError : Error {
-  using Error::Error;
-};
-
 // Parse argv[2..] and run the command: print the help and return 0 for
 // --help; otherwise write the output and print one line saying where.
-// Throw InteropUsageError for a bad command line, CheckpointError for an
+// Throw UsageError for a bad command line, CheckpointError for an
 // unreadable or damaged input or a failed write, ConfigError for a model the
 // other side cannot express.
 int cmd_export(int argc, char** argv);

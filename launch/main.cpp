@@ -13,7 +13,6 @@
 // Exit status: 0 success; 2 bad command line or configuration; 1 any other
 // failure (data, checkpoint, runtime). Only this file prints errors and exits.
 #include <algorithm>
-#include <charconv>
 #include <csignal>
 #include <ctime>
 #include <cstdio>
@@ -42,16 +41,13 @@
 #include "framework/trainer.h"
 #include "generated/default_config.h"
 #include "launch/bench.h"
+#include "launch/cli.h"
 #include "launch/generate.h"
 #include "launch/interop_cmd.h"
 
 using namespace reformer;
 
 namespace {
-
-struct UsageError : Error {
-  using Error::Error;
-};
 
 const char* kMainHelp =
     "reformer: train Reformer language models on long sequences\n"
@@ -143,35 +139,20 @@ struct Args {
   int sp = 0;          // plan: --sp N; 0: the config's parallel.sp
 };
 
-// The whole number `text` given to `flag`, in [lo, hi]; else a UsageError
-// naming the option.
-int64_t whole_number(const char* flag, const std::string& text, int64_t lo, int64_t hi) {
-  int64_t v = 0;
-  const auto r = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (text.empty() || r.ptr != text.data() + text.size() || r.ec == std::errc::invalid_argument)
-    throw UsageError(std::string(flag) + ": '" + text + "' is not a whole number");
-  if (r.ec == std::errc::result_out_of_range || v < lo || v > hi)
-    throw UsageError(std::string(flag) + ": " + text + " is out of range [" + std::to_string(lo) +
-                     ", " + std::to_string(hi) + "]");
-  return v;
-}
 
 // "L1,L2,...": sequence lengths, each in [1, kMaxLength].
 std::vector<int64_t> lengths_list(const std::string& text) {
   std::vector<int64_t> out;
   std::stringstream ss(text);
   for (std::string item; std::getline(ss, item, ',');)
-    out.push_back(whole_number("--lengths", item, 1, kMaxLength));
+    out.push_back(parse_number<int64_t>("--lengths", item, 1, kMaxLength));
   if (out.empty()) throw UsageError("--lengths: expected L1,L2,..., got '" + text + "'");
   return out;
 }
 
 Args parse_args(const std::string& cmd, int argc, char** argv) {
   Args a;
-  auto value = [&](int& i, const char* flag) -> std::string {
-    if (i + 1 >= argc) throw UsageError(std::string(flag) + " needs a value");
-    return argv[++i];
-  };
+  auto value = [&](int& i, const char* flag) { return option_value(argc, argv, i, flag); };
   for (int i = 2; i < argc; ++i) {
     const std::string s = argv[i];
     if (s == "--help" || s == "-h") a.help = true;
@@ -182,16 +163,17 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
     else if (s == "--checkpoint" && cmd == "eval") a.checkpoint = value(i, "--checkpoint");
     else if (s == "--split" && cmd == "eval") a.split = value(i, "--split");
     else if (s == "--batches" && cmd == "eval")
-      a.batches = int(whole_number("--batches", value(i, "--batches"), 1, 1000000));
+      a.batches = int(parse_number<int64_t>("--batches", value(i, "--batches"), 1, 1000000));
     else if (s == "--lengths" && cmd == "bench") a.lengths = lengths_list(value(i, "--lengths"));
     else if (s == "--steps" && cmd == "bench")
-      a.steps = int(whole_number("--steps", value(i, "--steps"), 1, 1000000));
+      a.steps = int(parse_number<int64_t>("--steps", value(i, "--steps"), 1, 1000000));
     else if (s == "--breakdown" && cmd == "bench") a.breakdown = true;
     else if ((s == "-o" || s == "--output") && cmd == "plot") a.output = value(i, "-o");
     else if (s == "--labels" && cmd == "plot") a.labels = value(i, "--labels");
     else if (s.rfind("--", 0) != 0 && cmd == "plot") a.files.push_back(s);
     else if (s == "--memory" && cmd == "plan") a.memory = value(i, "--memory");
-    else if (s == "--sp" && cmd == "plan") a.sp = int(whole_number("--sp", value(i, "--sp"), 1, 1 << 20));
+    else if (s == "--sp" && cmd == "plan")
+      a.sp = int(parse_number<int64_t>("--sp", value(i, "--sp"), 1, 1 << 20));
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
     else throw UsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
   }
@@ -445,10 +427,6 @@ int main(int argc, char** argv) {
     if (cmd == "plot") return cmd_plot(a);
     return cmd_inspect(a);
   } catch (const UsageError& e) {
-    return fail(comm, 2, "", e.what());
-  } catch (const GenerateUsageError& e) {
-    return fail(comm, 2, "", e.what());
-  } catch (const InteropUsageError& e) {
     return fail(comm, 2, "", e.what());
   } catch (const ConfigError& e) {
     return fail(comm, 2, "config error: ", e.what());
