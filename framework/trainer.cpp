@@ -319,7 +319,7 @@ TrainResult Trainer::train() {
     }
   };
 
-  const double run_start = now_seconds();  // elapsed_s in the metrics counts from here
+  double run_start = 0;  // set when the loop starts; elapsed_s in the metrics counts from there
   auto run_eval = [&]() {
     const EvalResult e = evaluate(Split::valid, tc.eval_batches);
     std::string line = strfmt("eval step %lld | loss %.9g | bpc %.4f", (long long)step_, e.loss, e.bpc);
@@ -349,6 +349,7 @@ TrainResult Trainer::train() {
                     "per rank (%s)", flops_per_token / 1e9, peak,
                     cfg_.logging.peak_tflops > 0 ? "logging.peak_tflops" : "bf16 GEMM timed now"));
   double interval_start = now_seconds();
+  run_start = interval_start;
   int64_t interval_steps = 0;
   const int64_t first_step = step_;
   while (step_ < tc.steps) {
