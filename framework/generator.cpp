@@ -25,13 +25,13 @@ struct Generator<T>::State {
   std::vector<Buffer<T>> k, v;         // per layer: the cache [cap, H * dh]
   std::vector<Buffer<T>> rot;          // per LSH layer: [H, n_hashes, dh, cols]; empty otherwise
   IntBuffer<T> iota;                   // [cap] 0, 1, ... (full and local key sets)
-  IntBuffer<T> sets;                   // [H * n_hashes, 2] (begin, count)
+  IntBuffer<T> step_in;                // [1 + 4 H]: the token, then the full and local sets
+  IntBuffer<T> sets;                   // [H * n_hashes, 2] (begin, count) of an LSH layer
   IntBuffer<T> keys;                   // [H * n_hashes * cap] gathered LSH key sets
   IntBuffer<T> bucket;                 // [H * n_hashes] the new position's buckets
-  // Per LSH layer: the positions in each (head, round, bucket), increasing;
-  // index (h * n_hashes + r) * n_buckets + b.
-  std::vector<std::vector<std::vector<int32_t>>> lists;
-  std::vector<int32_t> host_sets, host_keys, host_bucket;
+  // Per LSH layer: every fed position's bucket per (head, round), [H * n_hashes, cap].
+  std::vector<IntBuffer<T>> history;
+  std::vector<int32_t> host_in;        // staging of step_in
   int nh = 1, nb = 2, f0 = 0, cols = 1;
 };
 
@@ -56,7 +56,6 @@ Generator<T>::Generator(const Config& cfg, Ops<T>& ops, const T* params, int64_t
   State& s = *s_;
   const ParamTable table = model_param_table(cfg);
   s.P = bind_tensors(table, const_cast<T*>(params), NL_);
-  s.token = IntBuffer<T>(ops, 1);
   for (Buffer<T>* b : {&s.x1, &s.x2, &s.ln, &s.branch, &s.g}) *b = Buffer<T>(ops, D_);
   s.stat_mean = Buffer<T>(ops, 1);
   s.stat_rstd = Buffer<T>(ops, 1);
@@ -80,7 +79,7 @@ Generator<T>::Generator(const Config& cfg, Ops<T>& ops, const T* params, int64_t
     s.k.emplace_back(ops, cap_ * HD);
     s.v.emplace_back(ops, cap_ * HD);
     s.rot.emplace_back();
-    s.lists.emplace_back();
+    s.history.emplace_back();
     if (kinds_.back() != AttentionKind::lsh) continue;
     any_lsh = true;
     const int64_t per_head = int64_t(s.nh) * dh_ * s.cols;
@@ -88,19 +87,19 @@ Generator<T>::Generator(const Config& cfg, Ops<T>& ops, const T* params, int64_t
     for (int h = 0; h < H_; ++h)
       ops.lsh_rotations(s.rot.back().data() + h * per_head, cfg.training.seed, rotation_step, l,
                         h, s.nh, dh_, s.nb, s.f0);
-    s.lists.back().resize(size_t(H_) * s.nh * s.nb);
+    s.history.back() = IntBuffer<T>(ops, int64_t(H_) * s.nh * cap_);
   }
-  const int units = H_ * (any_lsh ? s.nh : 1);
   s.iota = IntBuffer<T>(ops, cap_);
   std::vector<int32_t> id(static_cast<size_t>(cap_));
   std::iota(id.begin(), id.end(), 0);
   ops.from_host_i32(s.iota.data(), id.data(), cap_);
-  s.sets = IntBuffer<T>(ops, 2 * int64_t(units));
-  s.host_sets.resize(size_t(2 * units));
+  s.step_in = IntBuffer<T>(ops, 1 + 4 * int64_t(H_));
+  s.host_in.resize(size_t(1 + 4 * H_));
   if (any_lsh) {
+    const int units = H_ * s.nh;
+    s.sets = IntBuffer<T>(ops, 2 * int64_t(units));
     s.keys = IntBuffer<T>(ops, int64_t(units) * cap_);
     s.bucket = IntBuffer<T>(ops, units);
-    s.host_bucket.resize(size_t(units));
   }
 }
 
@@ -108,6 +107,8 @@ template <class T>
 Generator<T>::~Generator() = default;
 
 // ao = attention of position pos_ over layer l's cache (its row pos_ filled).
+// Nothing here waits for the device: full and local layers read the key sets
+// feed() uploaded with the token, LSH layers build theirs on the device.
 template <class T>
 void Generator<T>::attend(int l) {
   State& s = *s_;
@@ -120,40 +121,23 @@ void Generator<T>::attend(int l) {
   p.q_pos = pos_;
   p.causal = true;
   const int32_t* keys = s.iota.data();
-  if (kinds_[size_t(l)] != AttentionKind::lsh) {
-    // Full: every cached position. Local: this chunk and chunks_before before it.
-    int64_t first = 0;
-    if (kinds_[size_t(l)] == AttentionKind::local) {
-      const int64_t chunk = cfg_.attention.bucket_size;
-      first = std::max<int64_t>(0, (pos_ / chunk - cfg_.attention.chunks_before) * chunk);
-    }
-    for (int h = 0; h < H_; ++h) {
-      s.host_sets[size_t(2 * h)] = int32_t(first);
-      s.host_sets[size_t(2 * h + 1)] = int32_t(pos_ + 1 - first);
-    }
-  } else {
-    // Hash the new key in every round, file it, and gather its buckets' lists.
+  const int32_t* sets = s.step_in.data() + 1;  // full: every cached position
+  if (kinds_[size_t(l)] == AttentionKind::local) {
+    sets += 2 * H_;  // this chunk and chunks_before before it
+  } else if (kinds_[size_t(l)] == AttentionKind::lsh) {
+    // Hash the new key in every round, file its buckets, gather the same-bucket positions.
     const int64_t per_head = int64_t(s.nh) * dh_ * s.cols;
     for (int h = 0; h < H_; ++h)
       ops_.lsh_hash(s.bucket.data() + h * s.nh, qk + h * dh_, HD,
                     s.rot[size_t(l)].data() + h * per_head, 1, dh_, s.nh, s.nb, s.f0);
-    ops_.to_host_i32(s.host_bucket.data(), s.bucket.data(), H_ * s.nh);
-    s.host_keys.clear();
-    for (int u = 0; u < H_ * s.nh; ++u) {
-      std::vector<int32_t>& list =
-          s.lists[size_t(l)][size_t(u) * s.nb + size_t(s.host_bucket[size_t(u)])];
-      list.push_back(int32_t(pos_));
-      s.host_sets[size_t(2 * u)] = int32_t(s.host_keys.size());
-      s.host_sets[size_t(2 * u + 1)] = int32_t(list.size());
-      s.host_keys.insert(s.host_keys.end(), list.begin(), list.end());
-    }
-    ops_.from_host_i32(s.keys.data(), s.host_keys.data(), int64_t(s.host_keys.size()));
+    ops_.lsh_decode_keys(s.keys.data(), s.sets.data(), s.history[size_t(l)].data(),
+                         s.bucket.data(), H_ * s.nh, cap_, pos_);
     keys = s.keys.data();
+    sets = s.sets.data();
     p.rounds = s.nh;
   }
-  ops_.from_host_i32(s.sets.data(), s.host_sets.data(), 2 * int64_t(H_) * p.rounds);
-  ops_.decode_attention(s.ao.data(), qk, s.k[size_t(l)].data(), s.v[size_t(l)].data(),
-                        s.sets.data(), keys, p);
+  ops_.decode_attention(s.ao.data(), qk, s.k[size_t(l)].data(), s.v[size_t(l)].data(), sets,
+                        keys, p);
 }
 
 // One reversible layer at position pos_: x1 += Attn(LN_a(x2)); x2 += FFN(LN_f(x1)).
@@ -197,8 +181,22 @@ const std::vector<T>& Generator<T>::feed(int32_t token) {
                        std::to_string(V_) + ")");
   REFORMER_REQUIRE(pos_ < cap_, ShapeError,
                    "generator is full: capacity " + std::to_string(cap_) + " positions");
-  ops_.from_host_i32(s.token.data(), &token, 1);
-  ops_.embedding_forward(s.x1.data(), s.token.data(), s.P.tokens, s.P.axial1, s.P.axial2, 1, D_,
+  // One upload per step: the token, then per head the key set (begin,
+  // count) of full layers (every position so far) and of local layers (this
+  // chunk and chunks_before before it).
+  const int64_t chunk = cfg_.attention.bucket_size;
+  const int64_t first = std::max<int64_t>(0, (pos_ / chunk - cfg_.attention.chunks_before) * chunk);
+  s.host_in[0] = token;
+  for (int h = 0; h < H_; ++h) {
+    int32_t* full = &s.host_in[size_t(1 + 2 * h)];
+    int32_t* local = &s.host_in[size_t(1 + 2 * H_ + 2 * h)];
+    full[0] = 0;
+    full[1] = int32_t(pos_ + 1);
+    local[0] = int32_t(first);
+    local[1] = int32_t(pos_ + 1 - first);
+  }
+  ops_.from_host_i32(s.step_in.data(), s.host_in.data(), int64_t(s.host_in.size()));
+  ops_.embedding_forward(s.x1.data(), s.step_in.data(), s.P.tokens, s.P.axial1, s.P.axial2, 1, D_,
                          cfg_.model.axial_dims[0], cfg_.model.axial_shape[1], pos_);
   ops_.copy(s.x2.data(), s.x1.data(), D_);
   for (int l = 0; l < NL_; ++l) layer(l);

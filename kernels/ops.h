@@ -81,6 +81,13 @@ class Ops {
   //   output always is); an id outside throws ShapeError - on the CPU at
   //   once, on a device at the next host synchronisation point (see
   //   stream()), perm being unspecified meanwhile.
+  //   lsh_decode_keys (one decoding step of an LSH layer): history [units,
+  //   capacity] holds each unit's (head, round's) bucket of every position
+  //   fed so far; sets history[u, pos] = buckets[u], then writes into
+  //   keys[u * capacity ..] the positions j <= pos with history[u, j] ==
+  //   buckets[u], increasing, and sets[u] = (u * capacity, their count), the
+  //   key sets decode_attention takes. keys past a set's count are left as
+  //   they were.
   // attention: chunked attention over permuted positions (LSH, and local with
   //   the identity permutation). qk, v, out: [L, ld] slices of one head. Keys
   //   are qk rows normalised to unit length; logits q . k_hat, masked per

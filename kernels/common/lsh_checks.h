@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <climits>
 #include <string>
 
 #include "kernels/errors.h"
@@ -24,6 +25,17 @@ inline void check_lsh_factor(int n_buckets, int factor0) {
     throw ShapeError("lsh: factor0 = " + std::to_string(factor0) +
                      " must be 0 or an even factor of n_buckets = " + std::to_string(n_buckets) +
                      " with an even cofactor");
+}
+
+// lsh_decode_keys: throws ShapeError unless 0 <= pos < capacity, units >= 0
+// and every unit's keys start at an int32 offset.
+inline void check_lsh_decode(int units, int64_t capacity, int64_t pos) {
+  if (pos < 0 || pos >= capacity)
+    throw ShapeError("lsh_decode_keys: position " + std::to_string(pos) + " outside [0, " +
+                     std::to_string(capacity) + ")");
+  if (units < 0 || int64_t(units) * capacity > INT32_MAX)
+    throw ShapeError("lsh_decode_keys: " + std::to_string(units) + " units of " +
+                     std::to_string(capacity) + " positions do not fit int32 offsets");
 }
 
 }  // namespace reformer

@@ -20,11 +20,15 @@
 //    does not wait for it: a bucket id outside [0, n_buckets) (never produced
 //    by lsh_hash) raises kBucketOutOfRange in CudaOps' device error word, and
 //    the next host synchronisation point throws ShapeError (kernels/ops.h).
-// All three are bitwise reproducible on one GPU model and toolkit.
+//  - Decode keys: one block per (head, round) scans the bucket history of
+//    the positions fed so far and compacts the matches in position order
+//    (a CUB block scan per tile), so decoding needs no host round trip.
+// All four are bitwise reproducible on one GPU model and toolkit.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <string>
 
@@ -195,6 +199,51 @@ void sort_rounds(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
   CUDA_CHECK_LAUNCH("keys_to_perm_kernel");
 }
 
+// lsh_decode_keys: one block per unit. Each thread takes kDecodeKeysPer
+// consecutive positions of a tile, counts its matches, and an exclusive block
+// scan of the counts gives its first slot, so keys stay in position order.
+constexpr int kDecodeKeysThreads = 512;
+constexpr int kDecodeKeysPer = 4;
+
+__global__ void __launch_bounds__(kDecodeKeysThreads)
+    decode_keys_kernel(int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,
+                       int64_t capacity, int64_t pos) {
+  using Scan = cub::BlockScan<int, kDecodeKeysThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int tile_total;
+  const int u = blockIdx.x;
+  int32_t* h = history + int64_t(u) * capacity;
+  int32_t* k = keys + int64_t(u) * capacity;
+  const int32_t b = buckets[u];
+  int32_t n = 0;  // keys written by the tiles before this one
+  constexpr int64_t kTile = int64_t(kDecodeKeysThreads) * kDecodeKeysPer;
+  for (int64_t t0 = 0; t0 <= pos; t0 += kTile) {
+    const int64_t j0 = t0 + int64_t(threadIdx.x) * kDecodeKeysPer;
+    bool hit[kDecodeKeysPer];
+    int count = 0;
+#pragma unroll
+    for (int e = 0; e < kDecodeKeysPer; ++e) {
+      const int64_t j = j0 + e;
+      hit[e] = j < pos ? h[j] == b : j == pos;
+      count += hit[e];
+    }
+    int slot = 0;
+    Scan(scan).ExclusiveSum(count, slot);
+    if (threadIdx.x == kDecodeKeysThreads - 1) tile_total = slot + count;
+#pragma unroll
+    for (int e = 0; e < kDecodeKeysPer; ++e)
+      if (hit[e]) k[n + slot++] = int32_t(j0 + e);
+    __syncthreads();  // tile_total written; the scan storage free again
+    n += tile_total;
+    __syncthreads();  // every thread has read tile_total
+  }
+  if (threadIdx.x == 0) {
+    h[pos] = b;
+    sets[2 * u] = int32_t(int64_t(u) * capacity);
+    sets[2 * u + 1] = n;
+  }
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -268,6 +317,15 @@ void CudaOps::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_h
   else
     cuda::sort_rounds<uint64_t>(perm, buckets, L, n_hashes, n_buckets, bits_l, bits_b, total, ws_,
                                 device_error_dev_, stream_);
+}
+
+void CudaOps::lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history,
+                              const int32_t* buckets, int units, int64_t capacity, int64_t pos) {
+  check_lsh_decode(units, capacity, pos);
+  if (units == 0) return;
+  cuda::decode_keys_kernel<<<units, cuda::kDecodeKeysThreads, 0, stream_>>>(keys, sets, history,
+                                                                           buckets, capacity, pos);
+  CUDA_CHECK_LAUNCH("decode_keys_kernel");
 }
 
 }  // namespace reformer

@@ -457,5 +457,34 @@ TEST(LshPipeline, HashThenSortGroupsBuckets) {
     }
 }
 
+// Decoding step by step: each call files the new position's bucket and
+// returns, per unit, exactly the positions so far in that bucket, in order.
+TEST(LshDecodeKeys, GathersSameBucketPositionsInOrder) {
+  const int units = 3;
+  const int64_t cap = 9;
+  std::vector<int32_t> history(size_t(units * cap), -1), keys(size_t(units * cap), -7),
+      sets(size_t(2 * units));
+  std::vector<std::vector<int32_t>> fed(units);
+  for (int64_t pos = 0; pos < cap; ++pos) {
+    std::vector<int32_t> b(units);
+    for (int u = 0; u < units; ++u) b[size_t(u)] = int32_t((pos * (u + 2) + u) % 3);
+    lsh_decode_keys(keys.data(), sets.data(), history.data(), b.data(), units, cap, pos);
+    for (int u = 0; u < units; ++u) {
+      fed[size_t(u)].push_back(b[size_t(u)]);
+      std::vector<int32_t> want;
+      for (int64_t j = 0; j <= pos; ++j)
+        if (fed[size_t(u)][size_t(j)] == b[size_t(u)]) want.push_back(int32_t(j));
+      EXPECT_EQ(sets[size_t(2 * u)], u * cap);
+      ASSERT_EQ(sets[size_t(2 * u + 1)], int32_t(want.size())) << "unit " << u << " pos " << pos;
+      const int32_t* got = keys.data() + u * cap;
+      EXPECT_EQ(std::vector<int32_t>(got, got + want.size()), want);
+      EXPECT_EQ(history[size_t(u * cap + pos)], b[size_t(u)]);
+    }
+  }
+  EXPECT_THROW(lsh_decode_keys(keys.data(), sets.data(), history.data(), history.data(), units,
+                               cap, cap),
+               ShapeError);
+}
+
 }  // namespace
 }  // namespace reformer::cpu

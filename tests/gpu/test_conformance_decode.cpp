@@ -65,7 +65,41 @@ std::vector<Case> decode_cases() {
   return cases;
 }
 
+// lsh_decode_keys: a bucket history with skewed buckets (one bucket holds
+// most positions), at the first position, inside the first tile, across
+// several of the kernel's 2,048-position tiles, and at the last slot.
+std::vector<Case> decode_keys_cases() {
+  struct KeysShape {
+    int units;
+    int64_t capacity, pos;
+  };
+  const KeysShape shapes[] = {{3, 10, 0}, {5, 700, 613}, {2, 5000, 4999}, {32, 4100, 4096}};
+  std::vector<Case> cases;
+  for (const KeysShape& c : shapes) {
+    std::vector<int32_t> history(size_t(c.units * c.capacity)), buckets(size_t(c.units));
+    uint64_t x = 0x9e3779b97f4a7c15ull * uint64_t(c.capacity + c.units);
+    for (int32_t& h : history) {
+      x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
+      const uint32_t r = uint32_t((x * 0x2545f4914f6cdd1dull) >> 40);
+      h = r % 4 == 0 ? int32_t(r % 7) : 3;  // bucket 3 holds about 3/4
+    }
+    for (int u = 0; u < c.units; ++u) buckets[size_t(u)] = u % 2 == 0 ? 3 : u % 7;
+    const std::string name = "lsh_decode_keys units" + std::to_string(c.units) + " cap" +
+                             std::to_string(c.capacity) + " pos" + std::to_string(c.pos);
+    cases.push_back(make_case(
+        name, OpId::lsh_decode_keys,
+        {ints("history", history, true), ints("buckets", buckets),
+         int_output("keys", int64_t(c.units) * c.capacity), int_output("sets", 2 * c.units)},
+        [c](auto& ops, auto& t) {
+          ops.lsh_decode_keys(t.i("keys"), t.i("sets"), t.i("history"), t.i("buckets"), c.units,
+                              c.capacity, c.pos);
+        }));
+  }
+  return cases;
+}
+
 REFORMER_CONFORMANCE_SUITE(DecodeOps, decode_cases());
+REFORMER_CONFORMANCE_SUITE(DecodeKeysOps, decode_keys_cases());
 
 // The CUDA kernel holds a head in registers up to dh = 128 and refuses wider
 // heads with ShapeError (the CPU has no such limit).
