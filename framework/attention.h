@@ -35,6 +35,9 @@ struct AttentionShape {
   int round0 = 0;
   int rounds = 0;
   bool partial = false;
+  // LSH: attend and differentiate the rounds one call at a time
+  // (attention_by_round, framework/memory_plan.h).
+  bool by_round = false;
 };
 
 // Transient buffers the kinds share across heads and layers, sized by the
@@ -51,6 +54,8 @@ struct AttentionScratch {
   int64_t lse_slot = 0;    // elements of one slot of lse (rounds * L)
   T* out_r_of(int h) { return out_r.data() + int64_t(h % slots) * out_r_slot; }
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
+  Buffer<T> lse_comb;      // [slots, L]: the rounds' joint log-sum-exp (by_round only)
+  T* lse_comb_of(int h) { return lse_comb.data() + int64_t(h % slots) * (lse_comb.size() / slots); }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // sorted order of one head [n_hashes, L]
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)

@@ -2,7 +2,9 @@
 // n_buckets in each of n_hashes rounds, sort each round by (bucket, position),
 // attend within chunks of the sorted order and their look-back, combine the
 // rounds by log-sum-exp. Bucket ids are kept from the forward pass so the
-// backward recompute attends over the same chunks.
+// backward recompute attends over the same chunks. With shape.by_round each
+// round is its own attention call, forward and backward, so an op's scratch
+// holds one round instead of all.
 #include "framework/attention.h"
 
 namespace reformer {
@@ -20,6 +22,8 @@ class LshAttention final : public AttentionKindImpl<T> {
     ap_ = attention_params(cfg, shape);
     ap_.n_rounds = nh_;
     ap_.wrap = true;
+    round_ = ap_;
+    round_.n_rounds = 1;
   }
   const char* name() const override { return "lsh"; }
   int lse_rows() const override { return nh_; }
@@ -36,16 +40,38 @@ class LshAttention final : public AttentionKindImpl<T> {
       ops_.lsh_hash(buckets, qk, shape_.ld, rot, L, shape_.dh, nh_, nb_, f0_);
     }
     ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
-    ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, s_.perm.data(), ap_);
+    if (!shape_.by_round) {
+      ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, s_.perm.data(),
+                                     ap_);
+      return;
+    }
+    // One call per round (each writes its own output into ao), then ao and
+    // the joint log-sum-exp from all of them.
+    const int64_t dh = shape_.dh;
+    for (int r = 0; r < nh_; ++r)
+      ops_.chunked_attention_forward(ao, s_.out_r_of(h) + r * L * dh, s_.lse_of(h) + r * L, qk,
+                                     v, s_.perm.data() + r * L, round_);
+    ops_.combine_rounds(ao, s_.lse_comb_of(h), s_.out_r_of(h), s_.lse_of(h), nh_, L, shape_.dh,
+                        shape_.ld);
   }
 
   void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
                 T* dv) override {
     const int64_t L = shape_.L;
-    if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, nh_, shape_);
     ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
-    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data(), s_.out_r_of(h),
-                                    s_.lse_of(h), ap_);
+    if (!shape_.by_round) {
+      if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, nh_, shape_);
+      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data(), s_.out_r_of(h),
+                                      s_.lse_of(h), ap_);
+      return;
+    }
+    // Round by round: a one-round call given the combined output (its D
+    // term) and the joint log-sum-exp (its probabilities become w_r p_r)
+    // adds round r's share of the gradients (kernels/ops.h, combine_rounds).
+    use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
+    for (int r = 0; r < nh_; ++r)
+      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data() + r * L,
+                                      s_.out_r_of(h), s_.lse_comb_of(h), round_);
   }
 
  private:
@@ -56,6 +82,7 @@ class LshAttention final : public AttentionKindImpl<T> {
   int nh_, nb_, f0_;
   IntBuffer<T> buckets_;  // [heads, n_hashes, L], kept from forward to backward
   AttentionParams ap_;
+  AttentionParams round_;  // one round (shape.by_round)
 };
 
 }  // namespace

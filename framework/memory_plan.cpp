@@ -74,8 +74,10 @@ int64_t round256(int64_t b) { return (b + 255) / 256 * 256; }
 // The largest scratch request of one op of a step on a CUDA device
 // (kernels/cuda: attention backward, LSH sort and hash, column sums), and
 // the workspace's growth on top (workspace_capacity, kernels/common/workspace_growth.h).
-int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t chunk, bool lsh) {
-  const int64_t f = 4, dh = cfg.head_dim(), R = lsh ? cfg.attention.n_hashes : 1;
+int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t chunk, bool lsh,
+                           bool by_round) {
+  // Rounds of one attention call (attention_by_round: one).
+  const int64_t f = 4, dh = cfg.head_dim(), R = lsh && !by_round ? cfg.attention.n_hashes : 1;
   // Backward: k_hat, norm and row statistics, per-round dq, dk_hat, dv.
   // Forward: k_hat, norm. With bf16 attention both add the staged bf16
   // operands [R, L, dh padded to 32, 64 or 128]: q, k_hat, v (and dout)
@@ -148,6 +150,13 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
   return best;
 }
 
+bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
+  bool any_lsh = false;
+  for (int l = 0; l < cfg.model.n_layers; ++l) any_lsh |= uses_lsh(cfg, l, cfg.model.max_len);
+  const int rounds = cfg.attention.n_hashes / sp_ranks_per_head(cfg, sp);
+  return any_lsh && rounds > 1 && attention_heads_per_pass(cfg, sp, real_bytes) == 1;
+}
+
 MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   check_sequence_shard(cfg, sp, /*has_group*/ true);
   const ModelConfig& m = cfg.model;
@@ -208,6 +217,9 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   const int64_t slots = Hp;
   b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
   b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
+  const bool by_round = attention_by_round(cfg, sp, real_bytes);
+  if (by_round)  // the rounds' joint log-sum-exp, saved for the round-by-round backward
+    b.add("lse_comb", G::activations, "[slots, Lfull]", {slots, Lfull});
   if (lsh_layers > 0) {
     const int64_t nh = cfg.attention.n_hashes;
     b.add("rotations", G::activations, "[n_hashes, dh, cols]",
@@ -230,7 +242,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("pred", G::chunks, "[oc]", {oc}, true);
 
   b.add_bytes("op workspace (estimate)",
-              op_workspace_bytes(cfg, Lfull, L, std::max(fc, oc), lsh_layers > 0));
+              op_workspace_bytes(cfg, Lfull, L, std::max(fc, oc), lsh_layers > 0, by_round));
   b.add_bytes("cuBLASLt workspace", int64_t(32) << 20);  // kernels/cuda/cuda_ops.cu
   return plan;
 }

@@ -115,6 +115,8 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.attn.slots = Hp_;
   s.attn.out_r_slot = plan.count("out_r") / s.attn.slots;
   s.attn.lse_slot = plan.count("lse") / s.attn.slots;
+  const bool by_round = attention_by_round(cfg, shard.size, int(sizeof(T)));
+  if (by_round) s.attn.lse_comb = buf("lse_comb");
   if (any_lsh) {
     s.attn.rot = buf("rotations");
     s.attn.perm = ibuf("perm");
@@ -132,6 +134,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
       shape.round0 = shard.rank % g_ * shape.rounds;
       shape.partial = true;
     }
+    shape.by_round = by_round;
     s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
   }
 

@@ -100,7 +100,16 @@ class Ops {
   //   combined output out_i, writing out_i into every round of out_r and
   //   passing w_i dout_i gives the gradients of the larger combination
   //   (full_attention_backward takes its output explicitly, to the same
-  //   effect). full_attention_*: exact attention with the same
+  //   effect). combine_rounds: the rounds' combination the chunked forward
+  //   makes, for rounds attended by separate calls: with m_i = max_r lse[r,
+  //   i] and z_i = sum_r exp(lse[r, i] - m_i), out[i * ld + d] = sum_r
+  //   exp(lse[r, i] - m_i) / z_i * out_r[r, i, d] (skipped when out is null)
+  //   and lse_out[i] = m_i + log z_i (skipped when null). Passed as the lse
+  //   of a one-round chunked_attention_backward whose out_r holds the
+  //   combined output, lse_out makes that call give round r's share of the
+  //   combination's gradients (its probabilities become exp(s - lse_out) =
+  //   w_r p_r), so rounds can be differentiated one at a time.
+  //   full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.
   //   decode_attention: one query per head against sets of cached keys

@@ -1,6 +1,7 @@
 // Argument checks shared by the CPU and CUDA attention ops.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "kernels/errors.h"
@@ -25,6 +26,14 @@ inline void check_chunked_attention_shape(const AttentionParams& p, const char* 
                      "chunks_before >= 0, chunks_after >= 0 (L=" + std::to_string(p.L) +
                      ", chunk=" + std::to_string(p.chunk) +
                      ", n_rounds=" + std::to_string(p.n_rounds) + ")");
+}
+
+// combine_rounds: throws ShapeError unless n_rounds >= 1, dh >= 1, ld >= dh, L >= 0.
+inline void check_combine_rounds(int n_rounds, int64_t L, int dh, int64_t ld) {
+  if (n_rounds < 1 || dh < 1 || ld < dh || L < 0)
+    throw ShapeError("combine_rounds: need n_rounds >= 1, dh >= 1, ld >= dh and L >= 0 (n_rounds=" +
+                     std::to_string(n_rounds) + ", L=" + std::to_string(L) +
+                     ", dh=" + std::to_string(dh) + ", ld=" + std::to_string(ld) + ")");
 }
 
 }  // namespace reformer

@@ -173,7 +173,7 @@ RoundShift<T> round_shift(const T* lse, int64_t i, int64_t L, int n_rounds) {
 
 // o[0..dh) = combined output of position i from out_r [n_rounds, L, dh].
 template <class T>
-void combine_rounds(T* o, const T* out_r, const T* lse, int64_t i, const AttentionParams& p) {
+void combine_position(T* o, const T* out_r, const T* lse, int64_t i, const AttentionParams& p) {
   const int dh = p.dh;
   const RoundShift<T> sh = round_shift(lse, i, p.L, p.n_rounds);
   for (int d = 0; d < dh; ++d) o[d] = T(0);
@@ -240,7 +240,26 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
   }
 
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t i = 0; i < L; ++i) combine_rounds(out + i * ld, out_r, lse, i, p);
+  for (int64_t i = 0; i < L; ++i) combine_position(out + i * ld, out_r, lse, i, p);
+}
+
+template <class T>
+void combine_rounds(T* out, T* lse_out, const T* out_r, const T* lse, int n_rounds, int64_t L,
+                    int dh, int64_t ld) {
+  check_combine_rounds(n_rounds, L, dh, ld);
+  AttentionParams p;
+  p.L = L;
+  p.dh = dh;
+  p.n_rounds = n_rounds;
+  const bool par = int64_t(n_rounds) * L * dh >= kMinParallelWork;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t i = 0; i < L; ++i) {
+    if (out) combine_position(out + i * ld, out_r, lse, i, p);
+    if (lse_out) {
+      const RoundShift<T> sh = round_shift(lse, i, L, n_rounds);
+      lse_out[i] = sh.m - std::log(sh.inv_z);
+    }
+  }
 }
 
 // The combined output is one softmax over all (round, key) pairs of query i,
@@ -277,7 +296,7 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < L; ++i) {
       shift[size_t(i)] = round_shift(lse, i, L, R);
-      combine_rounds(o.data(), out_r, lse, i, p);
+      combine_position(o.data(), out_r, lse, i, p);
       D[size_t(i)] = dot(dout + i * ld, o.data(), dh);
     }
   }
@@ -526,6 +545,10 @@ template void chunked_attention_backward<float>(float*, float*, const float*, co
 template void chunked_attention_backward<double>(double*, double*, const double*, const double*,
                                                  const double*, const int32_t*, const double*,
                                                  const double*, const AttentionParams&);
+template void combine_rounds<float>(float*, float*, const float*, const float*, int, int64_t, int,
+                                   int64_t);
+template void combine_rounds<double>(double*, double*, const double*, const double*, int, int64_t,
+                                    int, int64_t);
 template void full_attention_forward<float>(float*, float*, const float*, const float*,
                                             const AttentionParams&);
 template void full_attention_forward<double>(double*, double*, const double*, const double*,

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "framework/config.h"
+#include "framework/memory_plan.h"
 #include "framework/model.h"
 #include "framework/model_tensors.h"
 #include "kernels/errors.h"
@@ -112,6 +113,32 @@ TEST(ModelGrad, AttentionInPassesOfFewerHeads) {
   check_model_gradients(small_config({"model.attn_heads_per_pass=1", "model.dropout=0.25"}));
   check_model_gradients(small_config({"model.n_heads=4", "model.d_head=2",
                                       "model.attn_heads_per_pass=2"}));
+}
+
+// A pass of one head attends its hash rounds one call at a time (combined
+// and differentiated through their joint log-sum-exp): the same loss and
+// gradients as all rounds in one call, to double rounding.
+TEST(Model, RoundByRoundEqualsAllRoundsAtOnce) {
+  const Config by_round = small_config({"model.attn_heads_per_pass=1", "attention.n_hashes=3"});
+  const Config at_once = small_config({"model.attn_heads_per_pass=2", "attention.n_hashes=3"});
+  ASSERT_TRUE(attention_by_round(by_round, 1, 8));
+  ASSERT_FALSE(attention_by_round(at_once, 1, 8));
+  std::vector<std::vector<double>> grads;
+  std::vector<double> losses;
+  for (const Config* cfg : {&by_round, &at_once}) {
+    CpuOps<double> ops;
+    ReformerModel<double> model(*cfg, ops);
+    model.init_params(cfg->training.seed);
+    std::vector<int32_t> tokens, targets;
+    make_tokens(model.seq_len(), cfg->model.vocab_size, 11, &tokens, &targets);
+    model.zero_grads();
+    losses.push_back(
+        model.forward_backward(tokens.data(), targets.data(), 4, true, true, 0.1).loss_sum);
+    grads.emplace_back(model.grads(), model.grads() + model.num_params());
+  }
+  EXPECT_NEAR(losses[0], losses[1], 1e-12 * std::abs(losses[1]));
+  EXPECT_LE(test::max_rel_err(grads[0].data(), grads[1].data(), int64_t(grads[0].size()), 1e-3),
+            1e-10);
 }
 
 TEST(ModelGrad, FactorizedBuckets) {

@@ -154,6 +154,45 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                                                t("qk"), t("v"), t.i("perm"),
                                                                t("out_r"), t("lse"), p);
                               }));
+    if (c.rounds > 1) {
+      // Rounds attended one call at a time (framework/attention_lsh.cpp, by
+      // round): combine_rounds gives out and the joint lse, and one-round
+      // backward calls given the combined output and that lse add the
+      // gradients of all rounds.
+      AttentionParams p1 = p;
+      p1.n_rounds = 1;
+      std::vector<TensorSpec> rr = saved;
+      rr.push_back(output("out", n, 67, tol.out));
+      rr.push_back(output("lse_comb", c.L, 70, tol.lse));
+      rr.push_back(output("dqk", n, 68, tol.dqk));
+      rr.push_back(output("dv", n, 69, tol.dv));
+      cases.push_back(make_case(
+          "combine_rounds and backward round by round" + s, OpId::combine_rounds, with(rr),
+          [=](auto& ops, auto& t) {
+            for (int r = 0; r < c.rounds; ++r)
+              ops.chunked_attention_forward(t("out"), t("out_r") + r * c.L * c.dh,
+                                            t("lse") + r * c.L, t("qk"), t("v"),
+                                            t.i("perm") + r * c.L, p1);
+            ops.combine_rounds(t("out"), t("lse_comb"), t("out_r"), t("lse"), c.rounds, c.L,
+                               c.dh, p.ld);
+            ops.copy_2d(t("out_r"), c.dh, t("out"), p.ld, c.L, c.dh);
+            for (int r = 0; r < c.rounds; ++r)
+              ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"), t("qk"), t("v"),
+                                             t.i("perm") + r * c.L, t("out_r"), t("lse_comb"),
+                                             p1);
+          }));
+    }
+    if (c.rounds > 1)  // the joint lse alone (no output)
+      cases.push_back(make_case("combine_rounds lse only" + s, OpId::combine_rounds,
+                                with({output("out_r", nr * c.dh, 65, tol.out),
+                                      output("lse", nr, 66, tol.lse),
+                                      output("out", n, 67, tol.out),
+                                      output("lse_comb", c.L, 70, tol.lse)}),
+                                [=](auto& ops, auto& t) {
+                                  forward(ops, t);
+                                  ops.combine_rounds(nullptr, t("lse_comb"), t("out_r"), t("lse"),
+                                                     c.rounds, c.L, c.dh, c.dh);
+                                }));
     if (size_t(&c - shapes) >= kWithNullGradients) continue;
     // Null gradients are skipped; a second call accumulates the same increment.
     bwd = fwd;
