@@ -54,8 +54,11 @@ struct AttentionScratch {
   int64_t lse_slot = 0;    // elements of one slot of lse (rounds * L)
   T* out_r_of(int h) { return out_r.data() + int64_t(h % slots) * out_r_slot; }
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
-  Buffer<T> lse_comb;      // [slots, L]: the rounds' joint log-sum-exp (by_round only)
-  T* lse_comb_of(int h) { return lse_comb.data() + int64_t(h % slots) * (lse_comb.size() / slots); }
+  // by_round only: each round's weight in the combination [slots, rounds, L]
+  // (as lse), and a round's share of a head's output gradient, [L, ld] (the
+  // column block of head h at (h % slots) * dh).
+  Buffer<T> w_rounds, dao_round;
+  T* w_rounds_of(int h) { return w_rounds.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // sorted order of one head [n_hashes, L]
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)

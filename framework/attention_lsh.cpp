@@ -51,7 +51,7 @@ class LshAttention final : public AttentionKindImpl<T> {
     for (int r = 0; r < nh_; ++r)
       ops_.chunked_attention_forward(ao, s_.out_r_of(h) + r * L * dh, s_.lse_of(h) + r * L, qk,
                                      v, s_.perm.data() + r * L, round_);
-    ops_.combine_rounds(ao, s_.lse_comb_of(h), s_.out_r_of(h), s_.lse_of(h), nh_, L, shape_.dh,
+    ops_.combine_rounds(ao, s_.w_rounds_of(h), s_.out_r_of(h), s_.lse_of(h), nh_, L, shape_.dh,
                         shape_.ld);
   }
 
@@ -66,12 +66,24 @@ class LshAttention final : public AttentionKindImpl<T> {
       return;
     }
     // Round by round: a one-round call given the combined output (its D
-    // term) and the joint log-sum-exp (its probabilities become w_r p_r)
-    // adds round r's share of the gradients (kernels/ops.h, combine_rounds).
+    // term) and the round's weight times dao adds round r's share of the
+    // gradients (kernels/ops.h, combine_rounds). Slot round 0 of out_r
+    // holds the combined output from here on.
+    const int64_t ld = shape_.ld;
+    T* dao_r = s_.dao_round.data() + int64_t(h % s_.slots) * shape_.dh;
+    LseCombineParams share;
+    share.N = L;
+    share.dh = shape_.dh;
+    share.ld_parts = ld;
+    share.ld_lse = 1;
+    share.ld_out = ld;
     use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
-    for (int r = 0; r < nh_; ++r)
-      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data() + r * L,
-                                      s_.out_r_of(h), s_.lse_comb_of(h), round_);
+    for (int r = 0; r < nh_; ++r) {
+      ops_.fill(s_.dao_round.data(), T(0), s_.dao_round.size());
+      ops_.lse_combine_backward(dao_r, dao, s_.w_rounds_of(h) + r * L, share);
+      ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, s_.perm.data() + r * L,
+                                      s_.out_r_of(h), s_.lse_of(h) + r * L, round_);
+    }
   }
 
  private:

@@ -87,6 +87,7 @@ struct ModelConfig {
   double dropout = 0.0;               // residual-branch dropout probability, [0, 1)
   int ffn_chunk = 0;                  // positions per feed-forward chunk; 0: whole sequence
   int attn_heads_per_pass = 0;        // heads a rank attends together (divides n_heads / sp); 0: auto
+  int attn_rounds_per_pass = 0;       // LSH rounds per attention call: 1 or n_hashes; 0: auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings
   double axial_init_std = 1.0;        // normal init of the axial position tables (docs/defaults.md)

@@ -52,6 +52,7 @@ const std::vector<Key>& keys() {
       num_open(KEY(model, dropout), 0, 1),
       num(KEY(model, ffn_chunk), 0, kMaxLength),
       num(KEY(model, attn_heads_per_pass), 0, 1 << 16),
+      num_or_auto(KEY(model, attn_rounds_per_pass), 0, 64),
       num(KEY(model, loss_chunk), 0, kMaxLength),
       num(KEY(model, init_std), 0, 100),
       num(KEY(model, axial_init_std), 0, 100),

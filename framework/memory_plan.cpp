@@ -154,7 +154,15 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
   bool any_lsh = false;
   for (int l = 0; l < cfg.model.n_layers; ++l) any_lsh |= uses_lsh(cfg, l, cfg.model.max_len);
   const int rounds = cfg.attention.n_hashes / sp_ranks_per_head(cfg, sp);
-  return any_lsh && rounds > 1 && attention_heads_per_pass(cfg, sp, real_bytes) == 1;
+  const int set = cfg.model.attn_rounds_per_pass;
+  if (set != 0 && set != 1 && set != cfg.attention.n_hashes)
+    throw ConfigError("model.attn_rounds_per_pass = " + std::to_string(set) +
+                      " must be auto (0), 1 (one hash round per attention call) or "
+                      "attention.n_hashes = " + std::to_string(cfg.attention.n_hashes) +
+                      " (all in one call)");
+  if (!any_lsh || rounds < 2) return false;
+  if (set != 0) return set == 1;
+  return attention_heads_per_pass(cfg, sp, real_bytes) == 1;
 }
 
 MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
@@ -218,8 +226,10 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
   b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
   const bool by_round = attention_by_round(cfg, sp, real_bytes);
-  if (by_round)  // the rounds' joint log-sum-exp, saved for the round-by-round backward
-    b.add("lse_comb", G::activations, "[slots, Lfull]", {slots, Lfull});
+  if (by_round) {  // the rounds' weights, and one round's share of the output gradient
+    b.add("w_rounds", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
+    b.add("dao_round", G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+  }
   if (lsh_layers > 0) {
     const int64_t nh = cfg.attention.n_hashes;
     b.add("rotations", G::activations, "[n_hashes, dh, cols]",

@@ -65,12 +65,14 @@ struct MemoryPlan {
 constexpr int64_t kAttentionPassBudget = int64_t(4) << 30;
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 
-// Whether LSH layers attend a head's hash rounds one at a time (a pass of
-// one head, and more than one round per rank): each round's attention call
-// then needs a quarter (at 4 rounds) of the op workspace - the staged
-// operands and the backward's per-round gradients - and the rounds are
-// combined (combine_rounds) and differentiated one by one through their
-// joint log-sum-exp (kernels/ops.h). The same function either way.
+// Whether LSH layers attend a head's hash rounds one at a time:
+// model.attn_rounds_per_pass 1, or when it is 0 (auto) a pass of one head
+// with more than one round per rank. Each round's attention call then needs
+// a quarter (at 4 rounds) of the op workspace - the staged operands and the
+// backward's per-round gradients - and the rounds are combined
+// (combine_rounds) and differentiated one by one through their joint
+// log-sum-exp (kernels/ops.h). The same function either way. Throws
+// ConfigError for a value other than 0, 1 and attention.n_hashes.
 bool attention_by_round(const Config& cfg, int sp, int real_bytes = 4);
 
 // One rank's plan for a validated `cfg` under sequence parallelism over `sp`

@@ -106,9 +106,9 @@
      const T* out_r, const T* lse, const AttentionParams& p),                               \
     (dqk, dv, dout, qk, v, perm, out_r, lse, p))                                            \
   X(void, combine_rounds,                                                                   \
-    (T* out, T* lse_out, const T* out_r, const T* lse, int n_rounds, int64_t L, int dh,     \
+    (T* out, T* w, const T* out_r, const T* lse, int n_rounds, int64_t L, int dh,           \
      int64_t ld),                                                                           \
-    (out, lse_out, out_r, lse, n_rounds, L, dh, ld))                                        \
+    (out, w, out_r, lse, n_rounds, L, dh, ld))                                              \
   X(void, full_attention_forward,                                                           \
     (T* out, T* lse, const T* qk, const T* v, const AttentionParams& p),                    \
     (out, lse, qk, v, p))                                                                   \

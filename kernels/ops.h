@@ -102,13 +102,12 @@ class Ops {
   //   (full_attention_backward takes its output explicitly, to the same
   //   effect). combine_rounds: the rounds' combination the chunked forward
   //   makes, for rounds attended by separate calls: with m_i = max_r lse[r,
-  //   i] and z_i = sum_r exp(lse[r, i] - m_i), out[i * ld + d] = sum_r
-  //   exp(lse[r, i] - m_i) / z_i * out_r[r, i, d] (skipped when out is null)
-  //   and lse_out[i] = m_i + log z_i (skipped when null). Passed as the lse
-  //   of a one-round chunked_attention_backward whose out_r holds the
-  //   combined output, lse_out makes that call give round r's share of the
-  //   combination's gradients (its probabilities become exp(s - lse_out) =
-  //   w_r p_r), so rounds can be differentiated one at a time.
+  //   i], z_i = sum_r exp(lse[r, i] - m_i) and the weights w[r, i] =
+  //   exp(lse[r, i] - m_i) / z_i (written when w is non-null), out[i * ld +
+  //   d] = sum_r w[r, i] out_r[r, i, d] (written when out is non-null). By
+  //   the rule above, a one-round backward given the combined output and
+  //   w[r, i] dout_i adds round r's share of the gradients, so rounds can be
+  //   differentiated one at a time.
   //   full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.

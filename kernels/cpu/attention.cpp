@@ -244,7 +244,7 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
 }
 
 template <class T>
-void combine_rounds(T* out, T* lse_out, const T* out_r, const T* lse, int n_rounds, int64_t L,
+void combine_rounds(T* out, T* w, const T* out_r, const T* lse, int n_rounds, int64_t L,
                     int dh, int64_t ld) {
   check_combine_rounds(n_rounds, L, dh, ld);
   AttentionParams p;
@@ -255,9 +255,10 @@ void combine_rounds(T* out, T* lse_out, const T* out_r, const T* lse, int n_roun
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t i = 0; i < L; ++i) {
     if (out) combine_position(out + i * ld, out_r, lse, i, p);
-    if (lse_out) {
+    if (w) {
       const RoundShift<T> sh = round_shift(lse, i, L, n_rounds);
-      lse_out[i] = sh.m - std::log(sh.inv_z);
+      for (int r = 0; r < n_rounds; ++r)
+        w[int64_t(r) * L + i] = std::exp(lse[int64_t(r) * L + i] - sh.m) * sh.inv_z;
     }
   }
 }

@@ -17,7 +17,7 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
                                 const int32_t* perm, const T* out_r, const T* lse,
                                 const AttentionParams& p);
 template <class T>
-void combine_rounds(T* out, T* lse_out, const T* out_r, const T* lse, int n_rounds, int64_t L,
+void combine_rounds(T* out, T* w, const T* out_r, const T* lse, int n_rounds, int64_t L,
                     int dh, int64_t ld);
 template <class T>
 void full_attention_forward(T* out, T* lse, const T* qk, const T* v, const AttentionParams& p);

@@ -11,10 +11,10 @@ namespace reformer {
 namespace cuda {
 namespace {
 
-// out[i, d] = sum_r w_r,i out_r[r, i, d] (when out is non-null) and
-// lse_out[i] = logsumexp_r lse[r, i] (when non-null); one thread per (i, d),
-// or per i when out is null (dh_threads 1).
-__global__ void combine_rounds_kernel(float* out, float* lse_out, int64_t ld, const float* out_r,
+// out[i, d] = sum_r w[r, i] out_r[r, i, d] (when out is non-null) and the
+// weights w[r, i] = exp(lse[r, i] - m_i) / z_i (when w is non-null); one
+// thread per (i, d), or per i when out is null (dh_threads 1).
+__global__ void combine_rounds_kernel(float* out, float* w, int64_t ld, const float* out_r,
                                       const float* lse, int64_t L, int dh, int dh_threads,
                                       int R) {
   const int64_t n = L * dh_threads;
@@ -26,9 +26,10 @@ __global__ void combine_rounds_kernel(float* out, float* lse_out, int64_t ld, co
     for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
     float z = 0.0f;
     for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
-    if (lse_out && d == 0) lse_out[i] = m + logf(z);
-    if (!out) continue;
     const float inv_z = 1.0f / z;
+    if (w && d == 0)
+      for (int r = 0; r < R; ++r) w[int64_t(r) * L + i] = expf(lse[int64_t(r) * L + i] - m) * inv_z;
+    if (!out) continue;
     float o = 0.0f;
     for (int r = 0; r < R; ++r)
       o += expf(lse[int64_t(r) * L + i] - m) * inv_z * out_r[(int64_t(r) * L + i) * dh + d];
@@ -36,11 +37,11 @@ __global__ void combine_rounds_kernel(float* out, float* lse_out, int64_t ld, co
   }
 }
 
-void launch_combine(float* out, float* lse_out, int64_t ld, const float* out_r, const float* lse,
+void launch_combine(float* out, float* w, int64_t ld, const float* out_r, const float* lse,
                     int64_t L, int dh, int R, cudaStream_t s) {
   const int dh_threads = out ? dh : 1;
-  combine_rounds_kernel<<<grid_for(L * dh_threads), kThreads, 0, s>>>(out, lse_out, ld, out_r,
-                                                                      lse, L, dh, dh_threads, R);
+  combine_rounds_kernel<<<grid_for(L * dh_threads), kThreads, 0, s>>>(out, w, ld, out_r, lse, L,
+                                                                      dh, dh_threads, R);
   CUDA_CHECK_LAUNCH("combine_rounds_kernel");
 }
 
@@ -246,11 +247,11 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
   cuda::launch_combine(out, nullptr, p.ld, out_r, lse, p.L, p.dh, p.n_rounds, stream_);
 }
 
-void CudaOps::combine_rounds(float* out, float* lse_out, const float* out_r, const float* lse,
+void CudaOps::combine_rounds(float* out, float* w, const float* out_r, const float* lse,
                              int n_rounds, int64_t L, int dh, int64_t ld) {
   check_combine_rounds(n_rounds, L, dh, ld);
-  if (L == 0 || (!out && !lse_out)) return;
-  cuda::launch_combine(out, lse_out, ld, out_r, lse, L, dh, n_rounds, stream_);
+  if (L == 0 || (!out && !w)) return;
+  cuda::launch_combine(out, w, ld, out_r, lse, L, dh, n_rounds, stream_);
 }
 
 void CudaOps::full_attention_forward(float* out, float* lse, const float* qk, const float* v,

@@ -94,6 +94,8 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {},
            {"model.ffn_chunk=20", "model.loss_chunk=16"},
            {"model.attn_heads_per_pass=1"},
+           {"model.attn_rounds_per_pass=1"},
+           {"model.attn_heads_per_pass=1", "model.attn_rounds_per_pass=3"},
            {"attention.kinds=[full]", "optimizer.name=adafactor"},
            {"attention.kinds=[local]", "optimizer.name=adafactor", "optimizer.beta1=0"},
            {"attention.factorize_buckets=true", "model.d_head=5"}}) {
@@ -130,6 +132,29 @@ TEST(MemoryPlan, HeadsPerPassDivideTheRanksHeads) {
     FAIL() << "2 heads per pass of 1 local head accepted";
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("model.attn_heads_per_pass"), std::string::npos)
+        << e.what();
+  }
+}
+
+// Rounds one at a time: by default exactly when a pass holds one head; the
+// key forces either way; a one-round call needs less op workspace; values
+// other than auto, 1 and n_hashes are refused, naming the key.
+TEST(MemoryPlan, RoundsPerPass) {
+  EXPECT_FALSE(attention_by_round(config({}), 1));
+  EXPECT_TRUE(attention_by_round(config({"model.attn_heads_per_pass=1"}), 1));
+  EXPECT_TRUE(attention_by_round(config({"model.attn_rounds_per_pass=1"}), 1));
+  EXPECT_FALSE(attention_by_round(
+      config({"model.attn_heads_per_pass=1", "model.attn_rounds_per_pass=3"}), 1));
+  EXPECT_FALSE(attention_by_round(config({"model.attn_rounds_per_pass=1"}), 12));  // 1 round/rank
+  const MemoryPlan all = plan_memory(config({"model.max_len=65536", "model.d_head=128"}), 1);
+  const MemoryPlan one = plan_memory(
+      config({"model.max_len=65536", "model.d_head=128", "model.attn_rounds_per_pass=1"}), 1);
+  EXPECT_LT(one.bytes(PlanGroup::workspace), all.bytes(PlanGroup::workspace));
+  try {
+    plan_memory(config({"model.attn_rounds_per_pass=2"}), 1);
+    FAIL() << "2 rounds per call of 3 accepted";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("model.attn_rounds_per_pass"), std::string::npos)
         << e.what();
   }
 }

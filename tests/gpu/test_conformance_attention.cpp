@@ -156,16 +156,23 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                               }));
     if (c.rounds > 1) {
       // Rounds attended one call at a time (framework/attention_lsh.cpp, by
-      // round): combine_rounds gives out and the joint lse, and one-round
-      // backward calls given the combined output and that lse add the
-      // gradients of all rounds.
+      // round): combine_rounds gives out and the rounds' weights, and
+      // one-round backward calls given the combined output and the round's
+      // weight times dout add the gradients of all rounds.
       AttentionParams p1 = p;
       p1.n_rounds = 1;
       std::vector<TensorSpec> rr = saved;
       rr.push_back(output("out", n, 67, tol.out));
-      rr.push_back(output("lse_comb", c.L, 70, tol.lse));
+      rr.push_back(output("w", nr, 70, tol.lse));
       rr.push_back(output("dqk", n, 68, tol.dqk));
       rr.push_back(output("dv", n, 69, tol.dv));
+      rr.push_back(output("dout_r", n, 71, tol.out));
+      LseCombineParams share;
+      share.N = c.L;
+      share.dh = c.dh;
+      share.ld_parts = p.ld;
+      share.ld_lse = 1;
+      share.ld_out = p.ld;
       cases.push_back(make_case(
           "combine_rounds and backward round by round" + s, OpId::combine_rounds, with(rr),
           [=](auto& ops, auto& t) {
@@ -173,26 +180,28 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
               ops.chunked_attention_forward(t("out"), t("out_r") + r * c.L * c.dh,
                                             t("lse") + r * c.L, t("qk"), t("v"),
                                             t.i("perm") + r * c.L, p1);
-            ops.combine_rounds(t("out"), t("lse_comb"), t("out_r"), t("lse"), c.rounds, c.L,
-                               c.dh, p.ld);
+            ops.combine_rounds(t("out"), t("w"), t("out_r"), t("lse"), c.rounds, c.L, c.dh,
+                               p.ld);
             ops.copy_2d(t("out_r"), c.dh, t("out"), p.ld, c.L, c.dh);
-            for (int r = 0; r < c.rounds; ++r)
-              ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"), t("qk"), t("v"),
-                                             t.i("perm") + r * c.L, t("out_r"), t("lse_comb"),
-                                             p1);
+            for (int r = 0; r < c.rounds; ++r) {
+              ops.fill(t("dout_r"), 0, n);
+              ops.lse_combine_backward(t("dout_r"), t("dout"), t("w") + r * c.L, share);
+              ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout_r"), t("qk"), t("v"),
+                                             t.i("perm") + r * c.L, t("out_r"),
+                                             t("lse") + r * c.L, p1);
+            }
           }));
-    }
-    if (c.rounds > 1)  // the joint lse alone (no output)
-      cases.push_back(make_case("combine_rounds lse only" + s, OpId::combine_rounds,
+      cases.push_back(make_case("combine_rounds weights only" + s, OpId::combine_rounds,
                                 with({output("out_r", nr * c.dh, 65, tol.out),
                                       output("lse", nr, 66, tol.lse),
                                       output("out", n, 67, tol.out),
-                                      output("lse_comb", c.L, 70, tol.lse)}),
+                                      output("w", nr, 70, tol.lse)}),
                                 [=](auto& ops, auto& t) {
                                   forward(ops, t);
-                                  ops.combine_rounds(nullptr, t("lse_comb"), t("out_r"), t("lse"),
+                                  ops.combine_rounds(nullptr, t("w"), t("out_r"), t("lse"),
                                                      c.rounds, c.L, c.dh, c.dh);
                                 }));
+    }
     if (size_t(&c - shapes) >= kWithNullGradients) continue;
     // Null gradients are skipped; a second call accumulates the same increment.
     bwd = fwd;
