@@ -162,7 +162,9 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
                       " (all in one call)");
   if (!any_lsh || rounds < 2) return false;
   if (set != 0) return set == 1;
-  return attention_heads_per_pass(cfg, sp, real_bytes) == 1;
+  if (attention_heads_per_pass(cfg, sp, real_bytes) != 1) return false;
+  const int64_t Lfull = cfg.model.max_len;
+  return op_workspace_bytes(cfg, Lfull, Lfull / sp, 0, true, false) > kRoundScratchBudget;
 }
 
 MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {

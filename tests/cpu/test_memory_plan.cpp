@@ -136,16 +136,23 @@ TEST(MemoryPlan, HeadsPerPassDivideTheRanksHeads) {
   }
 }
 
-// Rounds one at a time: by default exactly when a pass holds one head; the
-// key forces either way; a one-round call needs less op workspace; values
-// other than auto, 1 and n_hashes are refused, naming the key.
+// Rounds one at a time: by default when a pass holds one head and all
+// rounds' scratch would pass kRoundScratchBudget; the key forces either way;
+// a one-round call needs less op workspace; values other than auto, 1 and
+// n_hashes are refused, naming the key.
 TEST(MemoryPlan, RoundsPerPass) {
   EXPECT_FALSE(attention_by_round(config({}), 1));
-  EXPECT_TRUE(attention_by_round(config({"model.attn_heads_per_pass=1"}), 1));
+  EXPECT_FALSE(attention_by_round(config({"model.attn_heads_per_pass=1"}), 1));
   EXPECT_TRUE(attention_by_round(config({"model.attn_rounds_per_pass=1"}), 1));
   EXPECT_FALSE(attention_by_round(
       config({"model.attn_heads_per_pass=1", "model.attn_rounds_per_pass=3"}), 1));
   EXPECT_FALSE(attention_by_round(config({"model.attn_rounds_per_pass=1"}), 12));  // 1 round/rank
+  // 3 rounds of dh 128 over 8M positions: about 46 GiB of scratch at once.
+  const std::vector<std::string> long_seq = {"model.max_len=8388608", "model.d_head=128",
+                                             "model.attn_heads_per_pass=1"};
+  EXPECT_TRUE(attention_by_round(config(long_seq), 1));
+  EXPECT_FALSE(attention_by_round(config({"model.max_len=1048576", "model.d_head=128",
+                                          "model.attn_heads_per_pass=1"}), 1));
   const MemoryPlan all = plan_memory(config({"model.max_len=65536", "model.d_head=128"}), 1);
   const MemoryPlan one = plan_memory(
       config({"model.max_len=65536", "model.d_head=128", "model.attn_rounds_per_pass=1"}), 1);

@@ -111,6 +111,9 @@ TEST(ModelGrad, ThreeHashRoundsReluChunked) {
 // Wv and Wo, their gradients added back), one head and two of four.
 TEST(ModelGrad, AttentionInPassesOfFewerHeads) {
   check_model_gradients(small_config({"model.attn_heads_per_pass=1", "model.dropout=0.25"}));
+  // One head per pass, its hash rounds one call at a time.
+  check_model_gradients(small_config({"model.attn_heads_per_pass=1",
+                                      "model.attn_rounds_per_pass=1"}));
   check_model_gradients(small_config({"model.n_heads=4", "model.d_head=2",
                                       "model.attn_heads_per_pass=2"}));
 }
@@ -119,7 +122,7 @@ TEST(ModelGrad, AttentionInPassesOfFewerHeads) {
 // and differentiated through their joint log-sum-exp): the same loss and
 // gradients as all rounds in one call, to double rounding.
 TEST(Model, RoundByRoundEqualsAllRoundsAtOnce) {
-  const Config by_round = small_config({"model.attn_heads_per_pass=1", "attention.n_hashes=3"});
+  const Config by_round = small_config({"model.attn_rounds_per_pass=1", "attention.n_hashes=3"});
   const Config at_once = small_config({"model.attn_heads_per_pass=2", "attention.n_hashes=3"});
   ASSERT_TRUE(attention_by_round(by_round, 1, 8));
   ASSERT_FALSE(attention_by_round(at_once, 1, 8));

@@ -200,16 +200,19 @@ TEST(SequenceParallel, ModelMatchesOneProcess) {
     const char* kinds;
     const char* heads_per_pass;
     const char* heads;
+    const char* rounds_per_pass = "0";
   };
   for (const Case c : {Case{"[lsh]", "0", "4"}, Case{"[lsh, local]", "0", "4"},
                        Case{"[full, lsh]", "0", "4"}, Case{"[lsh, full]", "1", "4"},
-                       Case{"[lsh]", "1", "8"}, Case{"[local, lsh]", "2", "8"}}) {
+                       Case{"[lsh]", "1", "8"}, Case{"[local, lsh]", "2", "8"},
+                       Case{"[lsh, local]", "1", "4", "1"}}) {
     const std::string kinds = std::string(c.kinds) + " heads_per_pass " + c.heads_per_pass +
-                              " of " + c.heads;
+                              " of " + c.heads + " rounds_per_pass " + c.rounds_per_pass;
     expect_model_matches_one_process(
         make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
                      std::string("model.attn_heads_per_pass=") + c.heads_per_pass,
-                     std::string("model.n_heads=") + c.heads}),
+                     std::string("model.n_heads=") + c.heads,
+                     std::string("model.attn_rounds_per_pass=") + c.rounds_per_pass}),
         kinds);
   }
 }
@@ -222,19 +225,23 @@ TEST(SequenceParallel, PairsMatchOneProcess) {
   struct Case {
     const char* kinds;
     int heads, hashes;
+    int rounds_per_pass = 0;  // 1: each rank's rounds one call at a time
   };
   const int sp = world().size();
   const std::vector<Case> cases =
       sp == 4 ? std::vector<Case>{{"[local, lsh]", 2, 2}, {"[lsh, local]", 1, 4},
-                                  {"[full, lsh]", 2, 2}}
-              : std::vector<Case>{{"[local, lsh]", 1, 2}, {"[lsh, full]", 1, 4}};
+                                  {"[full, lsh]", 2, 2}, {"[lsh, local]", 1, 8, 1}}
+              : std::vector<Case>{{"[local, lsh]", 1, 2}, {"[lsh, full]", 1, 4},
+                                  {"[lsh, full]", 1, 4, 1}};
   for (const Case& c : cases) {
     const std::string what = std::string(c.kinds) + " " + std::to_string(c.heads) + " heads x " +
-                             std::to_string(c.hashes) + " hashes at sp " + std::to_string(sp);
+                             std::to_string(c.hashes) + " hashes at sp " + std::to_string(sp) +
+                             (c.rounds_per_pass == 1 ? ", rounds one at a time" : "");
     expect_model_matches_one_process(
         make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
                      "model.n_heads=" + std::to_string(c.heads),
-                     "attention.n_hashes=" + std::to_string(c.hashes)}),
+                     "attention.n_hashes=" + std::to_string(c.hashes),
+                     "model.attn_rounds_per_pass=" + std::to_string(c.rounds_per_pass)}),
         what);
   }
 }
