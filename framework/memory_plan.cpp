@@ -150,6 +150,49 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
   return best;
 }
 
+namespace {
+
+// Sort mode (framework/sorted_attention.h): every head's projections of the
+// rank's positions, the routing and exchange rows of one (head, round), the
+// slots it attends with their halo, and the per-head round states. Returns
+// the rows of one attention call.
+int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_layers) {
+  using G = PlanGroup;
+  const ModelConfig& m = cfg.model;
+  const int64_t L = m.max_len / sp, H = m.n_heads, dh = cfg.head_dim(), HD = H * dh;
+  const int64_t R = lsh_layers > 0 ? cfg.attention.n_hashes : 1;
+  const int64_t halo = int64_t(cfg.attention.chunks_before + cfg.attention.chunks_after) *
+                       cfg.attention.bucket_size;
+  const int64_t Nx = L + sp * halo, Nl = L + halo;
+  for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
+    b.add(n, G::activations, "[L, n_heads*dh]", {L, HD});
+  if (lsh_layers > 0) {
+    b.add("rotations", G::activations, "[n_hashes, dh, cols]",
+          {R, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
+    b.add("sort buckets", G::activations, "[n_heads, n_hashes, L] per LSH layer", {H, R, L}, true,
+          lsh_layers);
+  }
+  for (const char* n : {"sort parts", "sort dparts"})
+    b.add(n, G::activations, "[L, rounds*dh]", {L, R * dh});
+  for (const char* n : {"sort lse", "sort weights"})
+    b.add(n, G::activations, "[n_heads, L, rounds]", {H, L, R});
+  for (const char* n : {"sort send", "sort recv"})
+    b.add(n, G::activations, "[L + sp*halo, 2*dh + 1]", {Nx, 2 * dh + 1});
+  for (const char* n : {"sort slots send", "sort slots recv"})
+    b.add(n, G::activations, "[L + sp*halo]", {Nx}, true);
+  b.add("sort routing", G::activations, "[4, L + sp*halo]", {4, Nx}, true);
+  b.add("sort histograms", G::activations, "[sp + 1, rounds, n_buckets]",
+        {sp + 1, R, lsh_layers > 0 ? cfg.buckets() : 1}, true);
+  b.add("sort counts", G::activations, "[2, sp]", {2, sp}, true);
+  for (const char* n : {"sort qk", "sort v", "sort dout", "sort out", "sort dqk", "sort dv"})
+    b.add(n, G::activations, "[L + halo, dh]", {Nl, dh});
+  b.add("sort slot lse", G::activations, "[L + halo]", {Nl});
+  b.add("sort perm", G::activations, "[L + halo]", {Nl}, true);
+  return Nl;
+}
+
+}  // namespace
+
 bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
   bool any_lsh = false;
   for (int l = 0; l < cfg.model.n_layers; ++l) any_lsh |= uses_lsh(cfg, l, cfg.model.max_len);
@@ -188,59 +231,67 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("tokens", G::activations, "[L]", {L}, true);
   b.add("targets", G::activations, "[L]", {L}, true);
   for (const char* n : {"x1", "x2", "dx1", "dx2"}) b.add(n, G::activations, "[L, D]", {L, D});
-  // Attention runs in passes of Hp heads. At sp 1 a pass projects and
-  // attends Hp heads over the rank's positions (all of them). Under sequence
-  // parallelism every rank attends Hp of its heads over the whole sequence,
-  // so a pass projects sp * Hp heads of the rank's positions (lqk, lv, the
-  // exchange's staging) and exchanges them for [Lfull, Hp * dh].
-  const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
-  for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
-    b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
-  // Pairs mode (g ranks per head) gathers every rank's head columns of Wqk,
-  // Wv (duplicates included) and uses Wo in place.
-  if (Hp < Hloc || g > 1) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
-    for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
-      b.add(n, G::activations, "[D, sp*heads_per_pass*dh]", {D, sp * Hp * dh});
-    if (sp > 1 && g == 1)
-      for (const char* n : {"wo_h", "gwo_h"})
-        b.add(n, G::activations, "[sp*heads_per_pass*dh, D]", {sp * Hp * dh, D});
-  }
+  const bool sort = sp > 1 && cfg.parallel.sp_mode == SpMode::sort;
   int lsh_layers = 0;
   for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
-  // Hash rounds a rank attends per head (a part's log-sum-exps in pairs mode).
-  const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes / g : 1;
-  if (sp > 1) {
-    b.add("lqk", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
-    b.add("lv", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
-    const int64_t cols = g > 1 ? std::max(Hp * dh, rounds) : Hp * dh;
-    b.add("exchange staging", G::activations, "[sp, L, max(heads_per_pass*dh, part rounds)]",
-          {sp, L, cols});
-  }
-  if (g > 1) {  // the parts' log-sum-exps both sides and the combined heads
-    b.add("lse_h", G::activations, "[Lfull, part rounds]", {Lfull, rounds});
-    b.add("lse_seq", G::activations, "[L, sp*part rounds]", {L, sp * rounds});
-    b.add("comb", G::activations, "[L, n_heads*dh]", {L, m.n_heads * dh});
-    b.add("comb_w", G::activations, "[n_heads, L, sp/n_heads]", {m.n_heads, L, g});
-  }
+  bool by_round = false;
+  int64_t attn_rows = Lfull;  // rows of one attention call
+  if (sort) {
+    attn_rows = add_sorted_attention(b, cfg, sp, lsh_layers);
+    by_round = true;
+  } else {
+    // Attention runs in passes of Hp heads. At sp 1 a pass projects and
+    // attends Hp heads over the rank's positions (all of them). Under sequence
+    // parallelism every rank attends Hp of its heads over the whole sequence,
+    // so a pass projects sp * Hp heads of the rank's positions (lqk, lv, the
+    // exchange's staging) and exchanges them for [Lfull, Hp * dh].
+    const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
+    for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
+      b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    // Pairs mode (g ranks per head) gathers every rank's head columns of Wqk,
+    // Wv (duplicates included) and uses Wo in place.
+    if (Hp < Hloc || g > 1) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
+      for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
+        b.add(n, G::activations, "[D, sp*heads_per_pass*dh]", {D, sp * Hp * dh});
+      if (sp > 1 && g == 1)
+        for (const char* n : {"wo_h", "gwo_h"})
+          b.add(n, G::activations, "[sp*heads_per_pass*dh, D]", {sp * Hp * dh, D});
+    }
+    // Hash rounds a rank attends per head (a part's log-sum-exps in pairs mode).
+    const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes / g : 1;
+    if (sp > 1) {
+      b.add("lqk", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
+      b.add("lv", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
+      const int64_t cols = g > 1 ? std::max(Hp * dh, rounds) : Hp * dh;
+      b.add("exchange staging", G::activations, "[sp, L, max(heads_per_pass*dh, part rounds)]",
+            {sp, L, cols});
+    }
+    if (g > 1) {  // the parts' log-sum-exps both sides and the combined heads
+      b.add("lse_h", G::activations, "[Lfull, part rounds]", {Lfull, rounds});
+      b.add("lse_seq", G::activations, "[L, sp*part rounds]", {L, sp * rounds});
+      b.add("comb", G::activations, "[L, n_heads*dh]", {L, m.n_heads * dh});
+      b.add("comb_w", G::activations, "[n_heads, L, sp/n_heads]", {m.n_heads, L, g});
+    }
 
-  // One slot per head of a pass.
-  const int64_t slots = Hp;
-  b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
-  b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
-  const bool by_round = attention_by_round(cfg, sp, real_bytes);
-  if (by_round) {  // the rounds' weights, and one round's share of the output gradient
-    b.add("w_rounds", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
-    b.add("dao_round", G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    // One slot per head of a pass.
+    const int64_t slots = Hp;
+    b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
+    b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
+    by_round = attention_by_round(cfg, sp, real_bytes);
+    if (by_round) {  // the rounds' weights, and one round's share of the output gradient
+      b.add("w_rounds", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
+      b.add("dao_round", G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    }
+    if (lsh_layers > 0) {
+      const int64_t nh = cfg.attention.n_hashes;
+      b.add("rotations", G::activations, "[n_hashes, dh, cols]",
+            {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
+      b.add("perm", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);
+      b.add("buckets", G::activations, "[Hloc, rounds, Lfull] per LSH layer", {Hloc, rounds, Lfull},
+            true, lsh_layers);
+    }
+    b.add("identity", G::activations, "[Lfull]", {Lfull}, true);
   }
-  if (lsh_layers > 0) {
-    const int64_t nh = cfg.attention.n_hashes;
-    b.add("rotations", G::activations, "[n_hashes, dh, cols]",
-          {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
-    b.add("perm", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);
-    b.add("buckets", G::activations, "[Hloc, rounds, Lfull] per LSH layer", {Hloc, rounds, Lfull},
-          true, lsh_layers);
-  }
-  b.add("identity", G::activations, "[Lfull]", {Lfull}, true);
 
   const int64_t fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L) : L;
   for (const char* n : {"fln", "fg", "dfln", "dfg"}) b.add(n, G::chunks, "[fc, D]", {fc, D});
@@ -254,7 +305,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("pred", G::chunks, "[oc]", {oc}, true);
 
   b.add_bytes("op workspace (estimate)",
-              op_workspace_bytes(cfg, Lfull, L, std::max(fc, oc), lsh_layers > 0, by_round));
+              op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc), lsh_layers > 0, by_round));
   b.add_bytes("cuBLASLt workspace", int64_t(32) << 20);  // kernels/cuda/cuda_ops.cu
   return plan;
 }

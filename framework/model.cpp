@@ -7,6 +7,7 @@
 #include "framework/attention.h"
 #include "framework/memory_plan.h"
 #include "framework/sequence_parallel.h"
+#include "framework/sorted_attention.h"
 #include "kernels/errors.h"
 #include "kernels/common/philox.h"
 
@@ -42,7 +43,8 @@ struct ReformerModel<T>::Scratch {
                                          // columns of Wqk, Wv and their gradients
                                          // [D, sp * Hp * dh]
   Buffer<T> wo, gwo;                     // and under sp > 1 its rows of Wo [sp * Hp * dh, D]
-  std::unique_ptr<HeadExchange<T>> exchange;  // sp > 1
+  std::unique_ptr<HeadExchange<T>> exchange;  // sp > 1 (heads mode)
+  std::unique_ptr<SortedAttention<T>> sorted;  // sp > 1, parallel.sp_mode: sort
   AttentionScratch<T> attn;
   std::vector<std::unique_ptr<AttentionKindImpl<T>>> kinds;  // per layer
   Buffer<T> fln, fmean, frstd, fh, fa, fg, dfln, dfh, dfa, dfg;  // feed-forward chunk
@@ -91,54 +93,58 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.x1 = buf("x1"); s.x2 = buf("x2"); s.dx1 = buf("dx1"); s.dx2 = buf("dx2");
   s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
   s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
-  if (Hp_ < Hloc_ || g_ > 1) {
-    s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
-    if (shard.size > 1 && g_ == 1) { s.wo = buf("wo_h"); s.gwo = buf("gwo_h"); }
-  }
-  bool any_lsh = false;
-  for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
-  const int part_rounds = any_lsh ? cfg.attention.n_hashes / g_ : 1;  // lse rows of a part
-  if (shard.size > 1) {
-    s.lqk = buf("lqk");
-    s.lv = buf("lv");
-    s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, Hp_ * dh_,
-                                                   g_ > 1 ? part_rounds : 0);
-  }
-  if (g_ > 1) {
-    s.lse_h = buf("lse_h"); s.lse_seq = buf("lse_seq"); s.comb = buf("comb");
-    s.comb_w = buf("comb_w");
-  }
-
-  // Attention kinds and the scratch they share.
-  s.attn.out_r = buf("out_r");
-  s.attn.lse = buf("lse");
-  s.attn.slots = Hp_;
-  s.attn.out_r_slot = plan.count("out_r") / s.attn.slots;
-  s.attn.lse_slot = plan.count("lse") / s.attn.slots;
-  const bool by_round = attention_by_round(cfg, shard.size, int(sizeof(T)));
-  if (by_round) {
-    s.attn.w_rounds = buf("w_rounds");
-    s.attn.dao_round = buf("dao_round");
-  }
-  if (any_lsh) {
-    s.attn.rot = buf("rotations");
-    s.attn.perm = ibuf("perm");
-  }
-  s.attn.identity = ibuf("identity");
-  {
-    std::vector<int32_t> id(static_cast<size_t>(Lfull_));
-    std::iota(id.begin(), id.end(), 0);
-    ops.from_host_i32(s.attn.identity.data(), id.data(), Lfull_);
-  }
-  for (int l = 0; l < NL_; ++l) {
-    AttentionShape shape{l, Lfull_, Hloc_, shard.rank / g_ * Hloc_, dh_, int64_t(Hp_) * dh_};
-    if (g_ > 1) {  // this rank's share of each head's hash rounds
-      shape.rounds = cfg.attention.n_hashes / g_;
-      shape.round0 = shard.rank % g_ * shape.rounds;
-      shape.partial = true;
+  if (shard.size > 1 && cfg.parallel.sp_mode == SpMode::sort) {
+    s.sorted = std::make_unique<SortedAttention<T>>(cfg, ops, *shard.comm, plan);
+  } else {
+    if (Hp_ < Hloc_ || g_ > 1) {
+      s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
+      if (shard.size > 1 && g_ == 1) { s.wo = buf("wo_h"); s.gwo = buf("gwo_h"); }
     }
-    shape.by_round = by_round;
-    s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
+    bool any_lsh = false;
+    for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
+    const int part_rounds = any_lsh ? cfg.attention.n_hashes / g_ : 1;  // lse rows of a part
+    if (shard.size > 1) {
+      s.lqk = buf("lqk");
+      s.lv = buf("lv");
+      s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, Hp_ * dh_,
+                                                     g_ > 1 ? part_rounds : 0);
+    }
+    if (g_ > 1) {
+      s.lse_h = buf("lse_h"); s.lse_seq = buf("lse_seq"); s.comb = buf("comb");
+      s.comb_w = buf("comb_w");
+    }
+
+    // Attention kinds and the scratch they share.
+    s.attn.out_r = buf("out_r");
+    s.attn.lse = buf("lse");
+    s.attn.slots = Hp_;
+    s.attn.out_r_slot = plan.count("out_r") / s.attn.slots;
+    s.attn.lse_slot = plan.count("lse") / s.attn.slots;
+    const bool by_round = attention_by_round(cfg, shard.size, int(sizeof(T)));
+    if (by_round) {
+      s.attn.w_rounds = buf("w_rounds");
+      s.attn.dao_round = buf("dao_round");
+    }
+    if (any_lsh) {
+      s.attn.rot = buf("rotations");
+      s.attn.perm = ibuf("perm");
+    }
+    s.attn.identity = ibuf("identity");
+    {
+      std::vector<int32_t> id(static_cast<size_t>(Lfull_));
+      std::iota(id.begin(), id.end(), 0);
+      ops.from_host_i32(s.attn.identity.data(), id.data(), Lfull_);
+    }
+    for (int l = 0; l < NL_; ++l) {
+      AttentionShape shape{l, Lfull_, Hloc_, shard.rank / g_ * Hloc_, dh_, int64_t(Hp_) * dh_};
+      if (g_ > 1) {  // this rank's share of each head's hash rounds
+        shape.rounds = cfg.attention.n_hashes / g_;
+        shape.round0 = shard.rank % g_ * shape.rounds;
+        shape.partial = true;
+      }
+      shape.by_round = by_round;
+      s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
+    }
   }
 
   s.fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L_) : L_;
@@ -391,6 +397,14 @@ typename ReformerModel<T>::PassWeights ReformerModel<T>::pass_weights(int l, int
 // passes of Hp heads per rank.
 template <class T>
 void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
+  Scratch& s = *s_;
+  if (s.sorted) {  // sort mode: every head of this rank's positions at once
+    const int HD = H_ * dh_;
+    project(l, P_.layers[size_t(l)].wqk, P_.layers[size_t(l)].wv, HD, s.qk.data(), s.v.data());
+    s.sorted->forward(l, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ true);
+    add_output(l, s.ao.data(), P_.layers[size_t(l)].wo, HD, false, step, train);
+    return;
+  }
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass)
     add_output(l, attend_pass(l, pass, step, /*rehash*/ true), pass_weights(l, pass).wo,
                out_cols(), false, step, train);
@@ -435,6 +449,19 @@ template <class T>
 void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train) {
   Scratch& s = *s_;
   const LayerTensors<T>& G = G_.layers[size_t(l)];
+  if (s.sorted) {  // sort mode: rebuild x1, then the backward of every head at once
+    const LayerTensors<T>& P = P_.layers[size_t(l)];
+    const int HD = H_ * dh_;
+    project(l, P.wqk, P.wv, HD, s.qk.data(), s.v.data());
+    s.sorted->forward(l, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ false);
+    add_output(l, s.ao.data(), P.wo, HD, true, step, train);
+    ops_.fill(s.dao.data(), T(0), L_ * HD);
+    output_backward(l, s.ao.data(), P.wo, G.wo, HD, s.dao.data(), step, train);
+    s.sorted->backward(l, s.qk.data(), s.v.data(), s.ao.data(), s.dao.data(), s.dqk.data(),
+                       s.dv.data());
+    project_backward(l, s.dqk.data(), s.dv.data(), P.wqk, P.wv, G.wqk, G.wv, HD);
+    return;
+  }
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
   const int n = Hp_ * dh_, N = shard_.size * n, No = out_cols();
   const int64_t hn = Lfull_ * n, w = int64_t(D_) * N;

@@ -15,21 +15,38 @@ void check_sequence_shard(const Config& cfg, int sp, bool has_group) {
   if (m.max_len % sp != 0)
     throw ConfigError("parallel.sp = " + s(sp) + " does not divide model.max_len = " +
                       s(m.max_len) + ": each rank holds max_len / sp consecutive positions");
+  if (m.max_len / sp < cfg.attention.bucket_size)
+    throw ConfigError("parallel.sp = " + s(sp) + " leaves " + s(m.max_len / sp) +
+                      " positions per rank, fewer than attention.bucket_size = " +
+                      s(cfg.attention.bucket_size) + "; use at most sp = " +
+                      s(m.max_len / cfg.attention.bucket_size));
+  if (cfg.parallel.sp_mode == SpMode::sort) {
+    // Whole chunks of slots per rank, and halos from the next rank only.
+    const int64_t chunk = cfg.attention.bucket_size, per_rank = m.max_len / sp;
+    const int64_t halo = cfg.attention.chunks_before + cfg.attention.chunks_after;
+    if (per_rank % chunk != 0 || per_rank / chunk < std::max<int64_t>(1, halo))
+      throw ConfigError("parallel.sp_mode: sort needs max_len / sp = " + s(per_rank) +
+                        " to be a multiple of attention.bucket_size = " + s(chunk) +
+                        " holding at least chunks_before + chunks_after = " + s(halo) +
+                        " chunks");
+    for (int l = 0; l < m.n_layers; ++l)
+      if (cfg.attention_kind(l) == AttentionKind::full)
+        throw ConfigError("parallel.sp_mode: sort runs lsh and local layers; layer " + s(l) +
+                          " is full attention (use parallel.sp_mode: heads)");
+    return;
+  }
   const bool pairs = sp % m.n_heads == 0 && cfg.attention.n_hashes % (sp / m.n_heads) == 0;
   if (m.n_heads % sp != 0 && !pairs)
     throw ConfigError("parallel.sp = " + s(sp) + " does not fit model.n_heads = " +
                       s(m.n_heads) + " and attention.n_hashes = " + s(cfg.attention.n_hashes) +
                       ": sequence-parallel attention gives each rank n_heads / sp whole heads, "
                       "or, beyond n_heads, one head's share of its hash rounds (sp = n_heads * g "
-                      "with g dividing n_hashes); use sp in {" + valid_sp_values(cfg) + "}");
-  if (m.max_len / sp < cfg.attention.bucket_size)
-    throw ConfigError("parallel.sp = " + s(sp) + " leaves " + s(m.max_len / sp) +
-                      " positions per rank, fewer than attention.bucket_size = " +
-                      s(cfg.attention.bucket_size) + "; use at most sp = " +
-                      s(m.max_len / cfg.attention.bucket_size));
+                      "with g dividing n_hashes); use sp in {" + valid_sp_values(cfg) +
+                      "}, or parallel.sp_mode: sort");
 }
 
 int sp_ranks_per_head(const Config& cfg, int sp) {
+  if (cfg.parallel.sp_mode == SpMode::sort) return 1;
   return sp > cfg.model.n_heads ? sp / cfg.model.n_heads : 1;
 }
 

@@ -44,6 +44,10 @@
   X(void, add_2d,                                                                           \
     (T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols),     \
     (dst, ld_dst, src, ld_src, rows, cols))                                                 \
+  X(void, gather_rows,                                                                      \
+    (T* dst, int64_t ld_dst, const T* src, int64_t ld_src, const int32_t* idx, int64_t rows,\
+     int64_t cols, bool accumulate),                                                        \
+    (dst, ld_dst, src, ld_src, idx, rows, cols, accumulate))                                \
   X(void, dropout,                                                                          \
     (T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,           \
      int64_t offset),                                                                       \

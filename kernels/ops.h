@@ -59,6 +59,9 @@ class Ops {
   //   counter RNG stream make_key(seed, RngPurpose::dropout, step, layer, site)
   //   (kernels/common/philox.h) at element offset + i;
   //   applying it to a gradient with the same key is its backward.
+  // gather_rows: for r < rows, dst[r * ld_dst + c] (+= when accumulate) =
+  //   src[idx[r] * ld_src + c], c < cols; a row with idx[r] < 0 is set to 0
+  //   (left as it is when accumulate).
   // embedding: out[L, D] = wte[tokens[i]] + concat(pos1[p / a2], pos2[p % a2]),
   //   p = pos_offset + i; wte [V, D], pos1 [a1, d1], pos2 [a2, D - d1].
   // layernorm: out[N, C] = (inp - mean) * rstd * w + b, rstd = 1 / sqrt(var +

@@ -93,6 +93,22 @@ void add_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, 
   }
 }
 
+template <class T>
+void gather_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, const int32_t* idx,
+                 int64_t rows, int64_t cols, bool accumulate) {
+#pragma omp parallel for if (rows * cols >= kParallelMin)
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = dst + r * ld_dst;
+    if (idx[r] < 0) {
+      if (!accumulate)
+        for (int64_t c = 0; c < cols; ++c) d[c] = T(0);
+      continue;
+    }
+    const T* s = src + int64_t(idx[r]) * ld_src;
+    for (int64_t c = 0; c < cols; ++c) d[c] = accumulate ? d[c] + s[c] : s[c];
+  }
+}
+
 // Element i is kept iff rng_uniform(key, offset + i) >= p, so the mask of an
 // element depends only on the key and its global index: the recompute and
 // the backward (same key, same offset) reproduce it exactly.
@@ -118,6 +134,8 @@ void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, 
   template double sum_squares<T>(const T*, int64_t);                                         \
   template void copy_2d<T>(T*, int64_t, const T*, int64_t, int64_t, int64_t);                \
   template void add_2d<T>(T*, int64_t, const T*, int64_t, int64_t, int64_t);                 \
+  template void gather_rows<T>(T*, int64_t, const T*, int64_t, const int32_t*, int64_t,      \
+                               int64_t, bool);                                               \
   template void dropout<T>(T*, int64_t, float, uint64_t, uint64_t, int, int, int64_t);
 REFORMER_INSTANTIATE(float)
 REFORMER_INSTANTIATE(double)

@@ -15,6 +15,9 @@ template <class T> double sum_squares(const T* x, int64_t n);
 template <class T>
 void copy_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
 template <class T>
+void gather_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, const int32_t* idx,
+                 int64_t rows, int64_t cols, bool accumulate);
+template <class T>
 void add_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
 template <class T>
 void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,

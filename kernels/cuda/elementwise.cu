@@ -57,6 +57,26 @@ __global__ void copy_2d_kernel(float* dst, int64_t ld_dst, const float* src, int
   }
 }
 
+// dst[r, c] (+)= src[idx[r], c], a row with idx[r] < 0 zeroed (kept when
+// accumulating); one thread per element.
+__global__ void gather_rows_kernel(float* dst, int64_t ld_dst, const float* src, int64_t ld_src,
+                                   const int32_t* idx, int64_t rows, int64_t cols,
+                                   bool accumulate) {
+  const int64_t n = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    const int32_t k = idx[r];
+    float* d = dst + r * ld_dst + c;
+    if (k < 0) {
+      if (!accumulate) *d = 0.0f;
+    } else {
+      const float v = src[int64_t(k) * ld_src + c];
+      *d = accumulate ? *d + v : v;
+    }
+  }
+}
+
 __global__ void dropout_kernel(float* x, int64_t n, float p, RngKey key, int64_t offset) {
   const float keep = 1.0f - p;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -110,6 +130,14 @@ void CudaOps::copy(float* dst, const float* src, int64_t n) {
     return;
   }
   CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+}
+
+void CudaOps::gather_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src,
+                          const int32_t* idx, int64_t rows, int64_t cols, bool accumulate) {
+  if (rows <= 0 || cols <= 0) return;
+  cuda::gather_rows_kernel<<<cuda::grid_for(rows * cols), cuda::kThreads, 0, stream_>>>(
+      dst, ld_dst, src, ld_src, idx, rows, cols, accumulate);
+  CUDA_CHECK_LAUNCH("gather_rows_kernel");
 }
 
 void CudaOps::add(float* out, const float* a, const float* b, int64_t n) {

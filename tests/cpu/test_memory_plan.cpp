@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "framework/config.h"
@@ -98,7 +100,9 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {"model.attn_heads_per_pass=1", "model.attn_rounds_per_pass=3"},
            {"attention.kinds=[full]", "optimizer.name=adafactor"},
            {"attention.kinds=[local]", "optimizer.name=adafactor", "optimizer.beta1=0"},
-           {"attention.factorize_buckets=true", "model.d_head=5"}}) {
+           {"attention.factorize_buckets=true", "model.d_head=5"},
+           {"parallel.sp_mode=sort", "attention.kinds=[lsh, local]"},
+           {"parallel.sp_mode=sort", "attention.kinds=[local]", "model.n_heads=3"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     const Config cfg = config(sets);
     expect_plan_matches<float>(cfg, 1);
@@ -163,6 +167,26 @@ TEST(MemoryPlan, RoundsPerPass) {
   } catch (const ConfigError& e) {
     EXPECT_NE(std::string(e.what()).find("model.attn_rounds_per_pass"), std::string::npos)
         << e.what();
+  }
+}
+
+// Sort mode takes any sp whose shards hold whole chunks and the halo, and
+// refuses full-attention layers, saying what to use instead.
+TEST(MemoryPlan, SortModeLayouts) {
+  const Config lsh = config({"parallel.sp_mode=sort", "attention.kinds=[lsh, local]"});
+  EXPECT_NO_THROW(plan_memory(lsh, 3));  // 4 heads over 3 ranks: no head count limits it
+  EXPECT_NO_THROW(plan_memory(lsh, 12));
+  for (const auto& [sets, sp, says] :
+       std::vector<std::tuple<std::vector<std::string>, int, std::string>>{
+           {{"parallel.sp_mode=sort"}, 2, "layer 2 is full attention"},
+           {{"parallel.sp_mode=sort", "attention.kinds=[lsh]", "model.max_len=40"}, 4,
+            "multiple of attention.bucket_size"}}) {
+    try {
+      plan_memory(config(sets), sp);
+      FAIL() << "sort mode accepted at sp " << sp;
+    } catch (const ConfigError& e) {
+      EXPECT_NE(std::string(e.what()).find(says), std::string::npos) << e.what();
+    }
   }
 }
 

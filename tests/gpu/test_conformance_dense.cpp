@@ -92,6 +92,20 @@ void add_elementwise(std::vector<Case>& cases) {
                 });
   c.bitwise = true;
   cases.push_back(c);
+  // Rows picked out of order, repeated and skipped (idx < 0), set and added.
+  std::vector<int32_t> idx(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) idx[size_t(r)] = r % 9 == 4 ? -1 : int32_t((r * 37) % 60);
+  for (bool accumulate : {false, true}) {
+    c = make_case(accumulate ? "gather_rows accumulate" : "gather_rows", OpId::gather_rows,
+                  {input("src", rows * ld_src, 4), ints("idx", idx),
+                   output("dst", rows * ld_dst, 5, kFp32Elementwise)},
+                  [=](auto& ops, auto& t) {
+                    ops.gather_rows(t("dst"), ld_dst, t("src") + 2, ld_src, t.i("idx"), rows,
+                                    cols, accumulate);
+                  });
+    c.bitwise = true;
+    cases.push_back(c);
+  }
 }
 
 void add_embedding(std::vector<Case>& cases) {

@@ -246,6 +246,32 @@ TEST(SequenceParallel, PairsMatchOneProcess) {
   }
 }
 
+// Sort mode (distributed bucket sort): every rank attends its share of the
+// sorted slots of every head and round, with halos from its neighbours; no
+// head cap (one head over 4 ranks), any round count (3), look-ahead halos
+// too (not causal), local layers as a one-bucket sort.
+TEST(SequenceParallel, SortModeMatchesOneProcess) {
+  struct Case {
+    const char* kinds;
+    int heads, hashes, after;
+  };
+  for (const Case& c : {Case{"[lsh]", 4, 2, 0}, Case{"[lsh, local]", 1, 3, 0},
+                        Case{"[local, lsh]", 2, 2, 1}}) {
+    const std::string what = std::string("sort ") + c.kinds + " " + std::to_string(c.heads) +
+                             " heads x " + std::to_string(c.hashes) + " hashes, chunks_after " +
+                             std::to_string(c.after) + " at sp " +
+                             std::to_string(world().size());
+    expect_model_matches_one_process(
+        make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
+                     "model.n_heads=" + std::to_string(c.heads),
+                     "attention.n_hashes=" + std::to_string(c.hashes),
+                     "attention.chunks_after=" + std::to_string(c.after),
+                     c.after > 0 ? "attention.causal=false" : "attention.causal=true",
+                     "parallel.sp_mode=sort"}),
+        what);
+  }
+}
+
 // ------------------------------------------------------------------ training
 
 class Layouts : public ::testing::Test {

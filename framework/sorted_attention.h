@@ -1,0 +1,77 @@
+// Sequence-parallel attention by a distributed bucket sort
+// (parallel.sp_mode: sort; docs/sequence-parallel.md, "Sort mode").
+//
+// Each rank of the group keeps its L = max_len / sp positions. For every
+// head and hash round, the sorted order of the whole sequence (by bucket,
+// then position) is cut into sp equal ranges of slots, one per rank: every
+// rank hashes its own positions, the ranks' bucket histograms are gathered,
+// and prefix sums give each position its global slot. One all-to-all-v per
+// (head, round) sends each position's qk and v rows to the rank owning its
+// slot, and also to the neighbour whose look-back (chunks_before chunks) or
+// look-ahead (chunks_after) window reaches it. Rows arrive in position order
+// (ranks hold consecutive positions and send in position order), so the
+// receiving rank attends over [left halo | own slots | right halo] with the
+// ordinary chunked attention op, whose masks compare row indices. Outputs
+// and log-sum-exps go back by the inverse exchange, and each head's rounds
+// are combined by their log-sum-exps on the sequence side (lse_combine).
+// Local layers are the same with one bucket (slots = positions): only the
+// halo rows travel. The backward mirrors it: each round's share of the
+// output gradient (w_r dout; zero for halo rows) with the combined output
+// and the rounds' log-sum-exps travel to the slot owners, the one-round
+// chunked backward runs there, and dqk, dv come back and add up at their
+// positions (a halo row's key gradient included).
+//
+// Work per rank is L positions of every head and round whatever the bucket
+// skew, and sp is not bounded by the head count; the price is R times the
+// traffic of the heads mode (every round of every head travels). The index
+// bookkeeping runs on the host (one download of a head's bucket ids and one
+// upload of the routing per round).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "distributed/communicator.h"
+#include "framework/config.h"
+#include "framework/memory_plan.h"
+#include "kernels/ops.h"
+
+namespace reformer {
+
+template <class T>
+class SortedAttention {
+ public:
+  // comm: the sequence-parallel group (rank order = position order). The
+  // buffers come from `plan` (plan_memory under sp_mode sort).
+  SortedAttention(const Config& cfg, Ops<T>& ops, Communicator& comm, const MemoryPlan& plan);
+  ~SortedAttention();
+  SortedAttention(const SortedAttention&) = delete;
+  SortedAttention& operator=(const SortedAttention&) = delete;
+
+  // ao [L, H dh] <- attention of layer l for this rank's positions, from
+  // qk, v [L, H dh] (this rank's projections of every head). An LSH layer
+  // hashes with the rotations keyed by `step` and saves the bucket ids when
+  // `rehash`, else reuses the saved ones.
+  void forward(int l, const T* qk, const T* v, T* ao, uint64_t step, bool rehash);
+  // dqk, dv [L, H dh] <- (overwritten) the gradients for dao [L, H dh], right
+  // after forward() of layer l on the same qk, v; ao is its output.
+  void backward(int l, const T* qk, const T* v, const T* ao, const T* dao, T* dqk, T* dv);
+
+ private:
+  struct Route;  // where each position's rows go in one (head, round)
+  void hash_head(int l, int h, const T* qk, uint64_t step, bool rehash);
+  void route(int r, Route& rt);
+  void send_rows(Route& rt, const T* qk, const T* v);
+
+  const Config& cfg_;
+  Ops<T>& ops_;
+  Communicator& comm_;
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+extern template class SortedAttention<float>;
+extern template class SortedAttention<double>;
+
+}  // namespace reformer
