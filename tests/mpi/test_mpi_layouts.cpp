@@ -364,6 +364,32 @@ TEST_F(Layouts, PairsCheckpointResumesUnderDataParallel) {
                                     std::to_string(n) + " x sp 1");
 }
 
+// Sort mode: 6 steps with the world as one sequence-parallel group of one
+// head (no head cap) and three hash rounds, then on to 10 steps all
+// data-parallel: the same as 10 steps of one process.
+TEST_F(Layouts, SortModeTrainsAndResumesUnderDataParallel) {
+  const int n = world().size();
+  const std::vector<std::string> model = {"model.n_heads=1", "attention.n_hashes=3",
+                                          "attention.kinds=[lsh, local]"};
+  const std::string dir = *dir_ + "/sort";
+  std::vector<std::string> a = layout_sets(Layout{1, n}, dir);
+  a.insert(a.end(), model.begin(), model.end());
+  a.insert(a.end(), {"training.steps=6", "parallel.sp_mode=sort"});
+  train(make_config(a), world());
+  std::vector<std::string> b = layout_sets(Layout{n, 1}, dir);
+  b.insert(b.end(), model.begin(), model.end());
+  b.insert(b.end(), {"training.steps=10", "checkpoint.resume=auto"});
+  const RunResult resumed = train(make_config(b), world());
+  auto local = make_communicator(CommBackend::local);
+  std::vector<std::string> c = model;
+  c.insert(c.end(), {"training.steps=10", "checkpoint.dir=" + *dir_ + "/sort_straight" +
+                                              std::to_string(world().rank())});
+  RunResult ref = train(make_config(c), *local);
+  ref.losses.erase(ref.losses.begin(), ref.losses.begin() + 6);
+  expect_same_run(resumed, ref, "sort dp 1 x sp " + std::to_string(n) + " -> dp " +
+                                    std::to_string(n) + " x sp 1");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
