@@ -211,6 +211,33 @@ void row_bytes(const std::vector<int64_t>& rows, int64_t width, int64_t size,
   }
 }
 
+// A head's R rounds at each of L positions: parts [L, R dh], their
+// log-sum-exps [L, R], the combined output with row stride ld.
+LseCombineParams round_combine(int64_t L, int R, int dh, int64_t ld) {
+  LseCombineParams cp;
+  cp.N = L;
+  cp.parts = R;
+  cp.rounds = 1;
+  cp.dh = dh;
+  cp.ld_parts = int64_t(R) * dh;
+  cp.ld_lse = R;
+  cp.ld_out = ld;
+  return cp;
+}
+
+// One round's chunked attention over n slot rows in position order (the
+// halos stand for the wrapped chunks, so no wrap).
+AttentionParams slot_params(const Config& cfg, int64_t n, int dh) {
+  AttentionShape shape;
+  shape.L = n;
+  shape.dh = dh;
+  shape.ld = dh;
+  AttentionParams p = attention_params(cfg, shape);
+  p.n_rounds = 1;
+  p.wrap = false;
+  return p;
+}
+
 }  // namespace
 
 // Sends the round's qk and v rows of head h (qk, v: the head's columns,
@@ -270,9 +297,6 @@ void SortedAttention<T>::forward(int l, const T* qk, const T* v, T* ao, uint64_t
   State& s = *s_;
   const int dh = s.dh;
   const int64_t L = s.L, ld = int64_t(s.H) * dh, W = dh + 1;
-  AttentionShape shape;
-  shape.dh = dh;
-  shape.ld = dh;
   for (int h = 0; h < s.H; ++h) {
     hash_head(l, h, qk, step, rehash);
     const int R = s.rounds;
@@ -281,10 +305,7 @@ void SortedAttention<T>::forward(int l, const T* qk, const T* v, T* ao, uint64_t
       Route rt;
       route(r, rt);
       send_rows(rt, qk + int64_t(h) * dh, v + int64_t(h) * dh);
-      shape.L = rt.n_local;
-      AttentionParams p = attention_params(cfg_, shape);
-      p.n_rounds = 1;
-      p.wrap = false;  // the halo rows stand for the wrapped chunks
+      const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
       ops_.chunked_attention_forward(s.ldout.data(), s.lout.data(), s.llse.data(), s.lqk.data(),
                                      s.lv.data(), s.lperm.data(), p);
       // Outputs and log-sum-exps back to the positions' ranks, in the order they came.
@@ -299,14 +320,7 @@ void SortedAttention<T>::forward(int l, const T* qk, const T* v, T* ao, uint64_t
                        dh, false);
       ops_.gather_rows(lse_h + r, R, s.xs.data() + dh, W, own, L, 1, false);
     }
-    LseCombineParams cp;
-    cp.N = L;
-    cp.parts = R;
-    cp.rounds = 1;
-    cp.dh = dh;
-    cp.ld_parts = int64_t(R) * dh;
-    cp.ld_lse = R;
-    cp.ld_out = ld;
+    const LseCombineParams cp = round_combine(L, R, dh, ld);
     ops_.lse_combine_forward(ao + int64_t(h) * dh, s.w.data() + int64_t(h) * L * s.R,
                              s.parts.data(), lse_h, cp);
   }
@@ -320,22 +334,12 @@ void SortedAttention<T>::backward(int l, const T* qk, const T* v, const T* ao, c
   const int64_t L = s.L, ld = int64_t(s.H) * dh, W = 2 * dh + 1;
   ops_.fill(dqk, T(0), L * ld);
   ops_.fill(dv, T(0), L * ld);
-  AttentionShape shape;
-  shape.dh = dh;
-  shape.ld = dh;
   for (int h = 0; h < s.H; ++h) {
     hash_head(l, h, qk, 0, /*rehash*/ false);
     const int R = s.rounds;
     const T* lse_h = s.lse.data() + int64_t(h) * L * s.R;
     // Each round's share of the head's output gradient: dparts[:, r] = w_r dao.
-    LseCombineParams cp;
-    cp.N = L;
-    cp.parts = R;
-    cp.rounds = 1;
-    cp.dh = dh;
-    cp.ld_parts = int64_t(R) * dh;
-    cp.ld_lse = R;
-    cp.ld_out = ld;
+    const LseCombineParams cp = round_combine(L, R, dh, ld);
     ops_.fill(s.dparts.data(), T(0), L * R * dh);
     ops_.lse_combine_backward(s.dparts.data(), dao + int64_t(h) * dh,
                               s.w.data() + int64_t(h) * L * s.R, cp);
@@ -358,10 +362,7 @@ void SortedAttention<T>::backward(int l, const T* qk, const T* v, const T* ao, c
       ops_.copy_2d(s.ldout.data(), dh, s.xr.data(), W, rt.n_local, dh);
       ops_.copy_2d(s.lout.data(), dh, s.xr.data() + dh, W, rt.n_local, dh);
       ops_.copy_2d(s.llse.data(), 1, s.xr.data() + 2 * dh, W, rt.n_local, 1);
-      shape.L = rt.n_local;
-      AttentionParams p = attention_params(cfg_, shape);
-      p.n_rounds = 1;
-      p.wrap = false;
+      const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
       ops_.fill(s.ldqk.data(), T(0), rt.n_local * dh);
       ops_.fill(s.ldv.data(), T(0), rt.n_local * dh);
       ops_.chunked_attention_backward(s.ldqk.data(), s.ldv.data(), s.ldout.data(), s.lqk.data(),

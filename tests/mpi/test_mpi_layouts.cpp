@@ -337,17 +337,17 @@ TEST_F(Layouts, CheckpointResumesUnderAnotherLayout) {
   expect_same_run(resumed, ref, text(ls.back()) + " -> " + text(ls.front()));
 }
 
-// Pairs mode: 6 steps with the world as one sequence-parallel group and
-// fewer heads than ranks (each rank one head's share of the hash rounds),
-// then on to 10 steps all data-parallel: the same as 10 steps of one
-// process with that model.
-TEST_F(Layouts, PairsCheckpointResumesUnderDataParallel) {
+// 6 steps with the world as one sequence-parallel group (`first` added to
+// the config), then on to 10 steps all data-parallel: the same losses and
+// parameters as 10 steps of one process with `model`.
+void expect_resumes_under_data_parallel(const std::string& dir,
+                                        const std::vector<std::string>& model,
+                                        const std::vector<std::string>& first,
+                                        const std::string& what) {
   const int n = world().size();
-  const std::vector<std::string> model = {"model.n_heads=" + std::to_string(n / 2),
-                                          "attention.n_hashes=2", "attention.kinds=[lsh, local]"};
-  const std::string dir = *dir_ + "/pairs";
   std::vector<std::string> a = layout_sets(Layout{1, n}, dir);
   a.insert(a.end(), model.begin(), model.end());
+  a.insert(a.end(), first.begin(), first.end());
   a.push_back("training.steps=6");
   train(make_config(a), world());
   std::vector<std::string> b = layout_sets(Layout{n, 1}, dir);
@@ -356,38 +356,28 @@ TEST_F(Layouts, PairsCheckpointResumesUnderDataParallel) {
   const RunResult resumed = train(make_config(b), world());
   auto local = make_communicator(CommBackend::local);
   std::vector<std::string> c = model;
-  c.insert(c.end(), {"training.steps=10", "checkpoint.dir=" + *dir_ + "/pairs_straight" +
+  c.insert(c.end(), {"training.steps=10", "checkpoint.dir=" + dir + "_straight" +
                                               std::to_string(world().rank())});
   RunResult ref = train(make_config(c), *local);
   ref.losses.erase(ref.losses.begin(), ref.losses.begin() + 6);
-  expect_same_run(resumed, ref, "pairs dp 1 x sp " + std::to_string(n) + " -> dp " +
+  expect_same_run(resumed, ref, what + " dp 1 x sp " + std::to_string(n) + " -> dp " +
                                     std::to_string(n) + " x sp 1");
 }
 
-// Sort mode: 6 steps with the world as one sequence-parallel group of one
-// head (no head cap) and three hash rounds, then on to 10 steps all
-// data-parallel: the same as 10 steps of one process.
+// Pairs mode: fewer heads than ranks, each rank one head's share of the hash rounds.
+TEST_F(Layouts, PairsCheckpointResumesUnderDataParallel) {
+  expect_resumes_under_data_parallel(
+      *dir_ + "/pairs",
+      {"model.n_heads=" + std::to_string(world().size() / 2), "attention.n_hashes=2",
+       "attention.kinds=[lsh, local]"},
+      {}, "pairs");
+}
+
+// Sort mode: one head (no head cap) and three hash rounds over the whole world.
 TEST_F(Layouts, SortModeTrainsAndResumesUnderDataParallel) {
-  const int n = world().size();
-  const std::vector<std::string> model = {"model.n_heads=1", "attention.n_hashes=3",
-                                          "attention.kinds=[lsh, local]"};
-  const std::string dir = *dir_ + "/sort";
-  std::vector<std::string> a = layout_sets(Layout{1, n}, dir);
-  a.insert(a.end(), model.begin(), model.end());
-  a.insert(a.end(), {"training.steps=6", "parallel.sp_mode=sort"});
-  train(make_config(a), world());
-  std::vector<std::string> b = layout_sets(Layout{n, 1}, dir);
-  b.insert(b.end(), model.begin(), model.end());
-  b.insert(b.end(), {"training.steps=10", "checkpoint.resume=auto"});
-  const RunResult resumed = train(make_config(b), world());
-  auto local = make_communicator(CommBackend::local);
-  std::vector<std::string> c = model;
-  c.insert(c.end(), {"training.steps=10", "checkpoint.dir=" + *dir_ + "/sort_straight" +
-                                              std::to_string(world().rank())});
-  RunResult ref = train(make_config(c), *local);
-  ref.losses.erase(ref.losses.begin(), ref.losses.begin() + 6);
-  expect_same_run(resumed, ref, "sort dp 1 x sp " + std::to_string(n) + " -> dp " +
-                                    std::to_string(n) + " x sp 1");
+  expect_resumes_under_data_parallel(
+      *dir_ + "/sort", {"model.n_heads=1", "attention.n_hashes=3", "attention.kinds=[lsh, local]"},
+      {"parallel.sp_mode=sort"}, "sort");
 }
 
 }  // namespace
