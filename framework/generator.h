@@ -52,14 +52,16 @@ int32_t sample_token(const T* logits, int V, const SamplingOptions& o, int64_t p
 template <class T>
 class Generator {
  public:
+  static constexpr int64_t kPrefillRows = 512;
   // Decodes with the parameters at `params` (Ops memory, laid out by
   // model_param_table(cfg); borrowed, must outlive the generator), for at
   // most `capacity` positions (<= model.max_len). `rotation_step` keys the
   // LSH rotations (the checkpoint's step). Throws ConfigError for a model
   // that cannot decode left to right (attention.causal false) or a capacity
   // outside [1, max_len].
+  // prefill() runs up to `prefill_rows` positions per step.
   Generator(const Config& cfg, Ops<T>& ops, const T* params, int64_t capacity,
-            uint64_t rotation_step);
+            uint64_t rotation_step, int64_t prefill_rows = kPrefillRows);
   ~Generator();
   Generator(const Generator&) = delete;
   Generator& operator=(const Generator&) = delete;
@@ -68,14 +70,20 @@ class Generator {
   // the logits [vocab_size] of the token after it (host). Throws DataError
   // for a token outside the vocabulary and ShapeError past the capacity.
   const std::vector<T>& feed(int32_t token);
+  // Feeds tokens[0 .. n) as n feed() calls would and returns the logits
+  // after the last: the same function, with the projections, feed-forward
+  // and hashing as products of up to prefill_rows rows at a time (the
+  // attention still runs query by query). Throws as feed() does.
+  const std::vector<T>& prefill(const int32_t* tokens, int64_t n);
   int64_t position() const { return pos_; }
   int64_t capacity() const { return cap_; }
   // The attention kind layer l decodes with (full when the model's sequence
   // fits one chunk, as in the model).
   AttentionKind layer_kind(int l) const { return kinds_[size_t(l)]; }
 
-  // Test hook: when set, feed() copies each layer's key (qk), value and
-  // attention output before the output projection ([H * dh] each, host).
+  // Test hook: when set, feed() (prefill(): its last position) copies each
+  // layer's key (qk), value and attention output before the output
+  // projection ([H * dh] each, host).
   struct Trace {
     std::vector<std::vector<T>> qk, v, ao;  // [n_layers][H * dh]
   };
@@ -83,8 +91,9 @@ class Generator {
 
  private:
   struct State;  // device buffers and the LSH bucket lists
-  void layer(int l);
-  void attend(int l);
+  void step(const int32_t* tokens, int64_t rows);
+  void layer(int l, int64_t rows);
+  void attend(int l, int64_t rows);
 
   Config cfg_;
   Ops<T>& ops_;

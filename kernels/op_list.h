@@ -97,9 +97,9 @@
     (int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets),        \
     (perm, buckets, L, n_hashes, n_buckets))                                                \
   X(void, lsh_decode_keys,                                                                  \
-    (int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets, int units,     \
-     int64_t capacity, int64_t pos),                                                        \
-    (keys, sets, history, buckets, units, capacity, pos))                                   \
+    (int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,                \
+     int64_t bucket_stride, int units, int64_t capacity, int64_t pos),                      \
+    (keys, sets, history, buckets, bucket_stride, units, capacity, pos))                    \
   /* attention */                                                                           \
   X(void, chunked_attention_forward,                                                        \
     (T* out, T* out_r, T* lse, const T* qk, const T* v, const int32_t* perm,                \

@@ -86,9 +86,10 @@ class Ops {
   //   stream()), perm being unspecified meanwhile.
   //   lsh_decode_keys (one decoding step of an LSH layer): history [units,
   //   capacity] holds each unit's (head, round's) bucket of every position
-  //   fed so far; sets history[u, pos] = buckets[u], then writes into
+  //   fed so far; with b_u = buckets[u * bucket_stride] the new position's
+  //   bucket in unit u, sets history[u, pos] = b_u, then writes into
   //   keys[u * capacity ..] the positions j <= pos with history[u, j] ==
-  //   buckets[u], increasing, and sets[u] = (u * capacity, their count), the
+  //   b_u, increasing, and sets[u] = (u * capacity, their count), the
   //   key sets decode_attention takes. keys past a set's count are left as
   //   they were.
   // attention: chunked attention over permuted positions (LSH, and local with

@@ -122,8 +122,9 @@ int cmd_generate(int argc, char** argv) {
   Generator<float> gen(cfg, *ops, params.data(), std::max<int64_t>(P, P + a.tokens - 1),
                        uint64_t(m.step));
   const double t0 = now_seconds();
-  const std::vector<float>* logits = nullptr;
-  for (unsigned char c : prompt) logits = &gen.feed(int32_t(c));
+  std::vector<int32_t> ids;
+  for (unsigned char c : prompt) ids.push_back(int32_t(c));
+  const std::vector<float>* logits = &gen.prefill(ids.data(), P);
   const double t1 = now_seconds();
   for (int64_t n = 0; n < a.tokens; ++n) {
     const int32_t next = sample_token(logits->data(), cfg.model.vocab_size, a.sampling, P + n);

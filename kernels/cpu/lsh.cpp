@@ -104,15 +104,16 @@ void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, in
 }
 
 void lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,
-                     int units, int64_t capacity, int64_t pos) {
+                     int64_t bucket_stride, int units, int64_t capacity, int64_t pos) {
   check_lsh_decode(units, capacity, pos);
   for (int u = 0; u < units; ++u) {
     int32_t* h = history + int64_t(u) * capacity;
     int32_t* k = keys + int64_t(u) * capacity;
-    h[pos] = buckets[u];
+    const int32_t b = buckets[u * bucket_stride];
+    h[pos] = b;
     int32_t n = 0;
     for (int64_t j = 0; j <= pos; ++j)
-      if (h[j] == buckets[u]) k[n++] = int32_t(j);
+      if (h[j] == b) k[n++] = int32_t(j);
     sets[2 * u] = int32_t(int64_t(u) * capacity);
     sets[2 * u + 1] = n;
   }

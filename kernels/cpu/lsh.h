@@ -14,6 +14,6 @@ void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, 
               int n_hashes, int n_buckets, int factor0);
 void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets);
 void lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,
-                     int units, int64_t capacity, int64_t pos);
+                     int64_t bucket_stride, int units, int64_t capacity, int64_t pos);
 
 }  // namespace reformer::cpu

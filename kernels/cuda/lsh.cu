@@ -207,14 +207,14 @@ constexpr int kDecodeKeysPer = 4;
 
 __global__ void __launch_bounds__(kDecodeKeysThreads)
     decode_keys_kernel(int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,
-                       int64_t capacity, int64_t pos) {
+                       int64_t bucket_stride, int64_t capacity, int64_t pos) {
   using Scan = cub::BlockScan<int, kDecodeKeysThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int tile_total;
   const int u = blockIdx.x;
   int32_t* h = history + int64_t(u) * capacity;
   int32_t* k = keys + int64_t(u) * capacity;
-  const int32_t b = buckets[u];
+  const int32_t b = buckets[u * bucket_stride];
   int32_t n = 0;  // keys written by the tiles before this one
   constexpr int64_t kTile = int64_t(kDecodeKeysThreads) * kDecodeKeysPer;
   for (int64_t t0 = 0; t0 <= pos; t0 += kTile) {
@@ -320,11 +320,12 @@ void CudaOps::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_h
 }
 
 void CudaOps::lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history,
-                              const int32_t* buckets, int units, int64_t capacity, int64_t pos) {
+                              const int32_t* buckets, int64_t bucket_stride, int units,
+                              int64_t capacity, int64_t pos) {
   check_lsh_decode(units, capacity, pos);
   if (units == 0) return;
-  cuda::decode_keys_kernel<<<units, cuda::kDecodeKeysThreads, 0, stream_>>>(keys, sets, history,
-                                                                           buckets, capacity, pos);
+  cuda::decode_keys_kernel<<<units, cuda::kDecodeKeysThreads, 0, stream_>>>(
+      keys, sets, history, buckets, bucket_stride, capacity, pos);
   CUDA_CHECK_LAUNCH("decode_keys_kernel");
 }
 

@@ -93,6 +93,44 @@ TEST(DecodeEqualsForward, FloatWithinFloatRounding) {
   }
 }
 
+// A prompt fed at once (in steps of 5 positions, so steps end mid-chunk and
+// mid-prompt) gives the same logits as feeding it token by token, before
+// and after more tokens follow, for every kind (LSH over several chunks).
+class PrefillEqualsFeed : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(PrefillEqualsFeed, ThenDecodesAlike) {
+  const Config cfg = small_config(GetParam());
+  CpuOps<double> ops;
+  ReformerModel<double> model(cfg, ops);
+  model.init_params(11);
+  sharpen(ops, model, 8.0);
+  const int64_t L = cfg.model.max_len, P = 23;
+  const int V = cfg.model.vocab_size;
+  const std::vector<int32_t> tokens = random_tokens(L, V, 5);
+  Generator<double> one(cfg, ops, model.params(), L, 3);
+  Generator<double> batched(cfg, ops, model.params(), L, 3, /*prefill_rows*/ 5);
+  std::vector<double> want;
+  for (int64_t t = 0; t < P; ++t) want = one.feed(tokens[size_t(t)]);
+  std::vector<double> got = batched.prefill(tokens.data(), P);
+  EXPECT_EQ(batched.position(), P);
+  auto worst = [&](const std::vector<double>& a, const std::vector<double>& b) {
+    double w = 0;
+    for (int v = 0; v < V; ++v) w = std::max(w, std::abs(a[size_t(v)] - b[size_t(v)]));
+    return w;
+  };
+  EXPECT_LE(worst(got, want), 1e-12) << "after the prompt";
+  for (int64_t t = P; t < L; ++t)
+    EXPECT_LE(worst(batched.feed(tokens[size_t(t)]), one.feed(tokens[size_t(t)])), 1e-12)
+        << "position " << t;
+  EXPECT_THROW(batched.prefill(tokens.data(), 1), ShapeError);  // full
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Kinds, PrefillEqualsFeed,
+    ::testing::Values("{kinds: [full, local], bucket_size: 8}",
+                      "{kinds: [local], bucket_size: 4, chunks_before: 2}",
+                      "{kinds: [lsh, local], bucket_size: 4, n_hashes: 3}"));
+
 // Brute force of the LSH decode semantics for one head at position t: per
 // round, the positions j <= t whose bucket equals t's, scored and masked as
 // in the model, one softmax per round, rounds combined by log-sum-exp.

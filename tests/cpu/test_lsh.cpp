@@ -468,7 +468,7 @@ TEST(LshDecodeKeys, GathersSameBucketPositionsInOrder) {
   for (int64_t pos = 0; pos < cap; ++pos) {
     std::vector<int32_t> b(units);
     for (int u = 0; u < units; ++u) b[size_t(u)] = int32_t((pos * (u + 2) + u) % 3);
-    lsh_decode_keys(keys.data(), sets.data(), history.data(), b.data(), units, cap, pos);
+    lsh_decode_keys(keys.data(), sets.data(), history.data(), b.data(), 1, units, cap, pos);
     for (int u = 0; u < units; ++u) {
       fed[size_t(u)].push_back(b[size_t(u)]);
       std::vector<int32_t> want;
@@ -481,8 +481,8 @@ TEST(LshDecodeKeys, GathersSameBucketPositionsInOrder) {
       EXPECT_EQ(history[size_t(u * cap + pos)], b[size_t(u)]);
     }
   }
-  EXPECT_THROW(lsh_decode_keys(keys.data(), sets.data(), history.data(), history.data(), units,
-                               cap, cap),
+  EXPECT_THROW(lsh_decode_keys(keys.data(), sets.data(), history.data(), history.data(), 1,
+                               units, cap, cap),
                ShapeError);
 }
 

@@ -83,7 +83,10 @@ std::vector<Case> decode_keys_cases() {
       const uint32_t r = uint32_t((x * 0x2545f4914f6cdd1dull) >> 40);
       h = r % 4 == 0 ? int32_t(r % 7) : 3;  // bucket 3 holds about 3/4
     }
-    for (int u = 0; u < c.units; ++u) buckets[size_t(u)] = u % 2 == 0 ? 3 : u % 7;
+    // The new position's buckets 3 apart (stride 3), as a prefill reads
+    // one row of a [units, rows] table.
+    buckets.assign(size_t(3 * c.units), -1);
+    for (int u = 0; u < c.units; ++u) buckets[size_t(3 * u)] = u % 2 == 0 ? 3 : u % 7;
     const std::string name = "lsh_decode_keys units" + std::to_string(c.units) + " cap" +
                              std::to_string(c.capacity) + " pos" + std::to_string(c.pos);
     cases.push_back(make_case(
@@ -91,8 +94,8 @@ std::vector<Case> decode_keys_cases() {
         {ints("history", history, true), ints("buckets", buckets),
          int_output("keys", int64_t(c.units) * c.capacity), int_output("sets", 2 * c.units)},
         [c](auto& ops, auto& t) {
-          ops.lsh_decode_keys(t.i("keys"), t.i("sets"), t.i("history"), t.i("buckets"), c.units,
-                              c.capacity, c.pos);
+          ops.lsh_decode_keys(t.i("keys"), t.i("sets"), t.i("history"), t.i("buckets"), 3,
+                              c.units, c.capacity, c.pos);
         }));
   }
   return cases;
