@@ -332,7 +332,11 @@ Config with_length(const Config& cfg, int64_t length, const std::string& source)
 }
 
 int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes) {
-  int64_t g = std::lcm<int64_t>(std::lcm<int64_t>(cfg.attention.bucket_size, sp), 2);
+  // Lengths in steps every rank shares alike (sort mode: whole chunks per rank).
+  const int64_t unit = cfg.parallel.sp_mode == SpMode::sort && sp > 1
+                           ? int64_t(cfg.attention.bucket_size) * sp
+                           : std::lcm<int64_t>(cfg.attention.bucket_size, sp);
+  const int64_t g = std::lcm<int64_t>(unit, 2);
   // The plan at k * g positions, or -1 when the configuration refuses it.
   auto total = [&](int64_t k) -> int64_t {
     try {

@@ -203,6 +203,14 @@ TEST(MemoryPlan, LongestLengthThatFits) {
   // Under sp 4 the length stays a multiple of 4 * bucket_size's lcm.
   EXPECT_EQ(longest_length_that_fits(cfg, 4, int64_t(1) << 30) % 4, 0);
   EXPECT_EQ(longest_length_that_fits(cfg, 1, 1000), 0);
+  // Sort mode: whole chunks per rank, so steps of sp * bucket_size; the
+  // search finds the same kind of boundary.
+  const Config sort = config({"parallel.sp_mode=sort", "attention.kinds=[lsh, local]"});
+  const int64_t s4 = longest_length_that_fits(sort, 4, int64_t(1) << 30);
+  EXPECT_GT(s4, 48);
+  EXPECT_EQ(s4 % 16, 0);
+  EXPECT_LE(plan_memory(with_length(sort, s4, "t"), 4).total_bytes(), int64_t(1) << 30);
+  EXPECT_GT(plan_memory(with_length(sort, s4 + 16, "t"), 4).total_bytes(), int64_t(1) << 30);
 }
 
 TEST(MemoryPlan, ParsesSizes) {
