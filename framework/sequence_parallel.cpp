@@ -15,12 +15,15 @@ void check_sequence_shard(const Config& cfg, int sp, bool has_group) {
   if (m.max_len % sp != 0)
     throw ConfigError("parallel.sp = " + s(sp) + " does not divide model.max_len = " +
                       s(m.max_len) + ": each rank holds max_len / sp consecutive positions");
-  if (m.max_len / sp < cfg.attention.bucket_size)
-    throw ConfigError("parallel.sp = " + s(sp) + " leaves " + s(m.max_len / sp) +
-                      " positions per rank, fewer than attention.bucket_size = " +
-                      s(cfg.attention.bucket_size) + "; use at most sp = " +
-                      s(m.max_len / cfg.attention.bucket_size));
+  const auto check_chunk = [&] {
+    if (m.max_len / sp < cfg.attention.bucket_size)
+      throw ConfigError("parallel.sp = " + s(sp) + " leaves " + s(m.max_len / sp) +
+                        " positions per rank, fewer than attention.bucket_size = " +
+                        s(cfg.attention.bucket_size) + "; use at most sp = " +
+                        s(m.max_len / cfg.attention.bucket_size));
+  };
   if (cfg.parallel.sp_mode == SpMode::sort) {
+    check_chunk();
     // Whole chunks of slots per rank, and halos from the next rank only.
     const int64_t chunk = cfg.attention.bucket_size, per_rank = m.max_len / sp;
     const int64_t halo = cfg.attention.chunks_before + cfg.attention.chunks_after;
@@ -43,6 +46,7 @@ void check_sequence_shard(const Config& cfg, int sp, bool has_group) {
                       "or, beyond n_heads, one head's share of its hash rounds (sp = n_heads * g "
                       "with g dividing n_hashes); use sp in {" + valid_sp_values(cfg) +
                       "}, or parallel.sp_mode: sort");
+  check_chunk();
 }
 
 int sp_ranks_per_head(const Config& cfg, int sp) {

@@ -28,9 +28,11 @@
 namespace reformer {
 
 // Throws ConfigError when a sequence-parallel group of `sp` ranks cannot
-// shard this model (positions do not divide; sp neither divides n_heads nor
-// is n_heads * g with g dividing n_hashes; a shard shorter than an attention
-// chunk), saying what would work. `has_group` is false when
+// shard this model (positions do not divide; a shard shorter than an
+// attention chunk; heads mode: sp neither divides n_heads nor is n_heads * g
+// with g dividing n_hashes; sort mode: a shard of partial chunks or fewer
+// than chunks_before + chunks_after of them, or a full-attention layer),
+// saying what would work. `has_group` is false when
 // sp > 1 but no communicator was given.
 void check_sequence_shard(const Config& cfg, int sp, bool has_group);
 
