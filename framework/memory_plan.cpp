@@ -152,20 +152,23 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
 
 namespace {
 
-// Sort mode (framework/sorted_attention.h): every head's projections of the
-// rank's positions, the routing and exchange rows of one (head, round), the
-// slots it attends with their halo, and the per-head round states. Returns
-// the rows of one attention call.
+// Sort mode (framework/sorted_attention.h), one head at a time: the head's
+// columns of Wqk, Wv and their gradients, its projections of the rank's
+// positions and their gradients, the routing and exchange rows of one
+// round, the slots it attends with their halo, and its rounds' states.
+// Returns the rows of one attention call.
 int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_layers) {
   using G = PlanGroup;
   const ModelConfig& m = cfg.model;
-  const int64_t L = m.max_len / sp, H = m.n_heads, dh = cfg.head_dim(), HD = H * dh;
+  const int64_t L = m.max_len / sp, H = m.n_heads, dh = cfg.head_dim(), D = m.d_model;
   const int64_t R = lsh_layers > 0 ? cfg.attention.n_hashes : 1;
   const int64_t halo = int64_t(cfg.attention.chunks_before + cfg.attention.chunks_after) *
                        cfg.attention.bucket_size;
   const int64_t Nx = L + sp * halo, Nl = L + halo;
   for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
-    b.add(n, G::activations, "[L, n_heads*dh]", {L, HD});
+    b.add(n, G::activations, "[L, dh]", {L, dh});
+  for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
+    b.add(n, G::activations, "[D, dh]", {D, dh});
   if (lsh_layers > 0) {
     b.add("rotations", G::activations, "[n_hashes, dh, cols]",
           {R, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
@@ -175,7 +178,7 @@ int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_laye
   for (const char* n : {"sort parts", "sort dparts"})
     b.add(n, G::activations, "[L, rounds*dh]", {L, R * dh});
   for (const char* n : {"sort lse", "sort weights"})
-    b.add(n, G::activations, "[n_heads, L, rounds]", {H, L, R});
+    b.add(n, G::activations, "[L, rounds]", {L, R});
   for (const char* n : {"sort send", "sort recv"})
     b.add(n, G::activations, "[L + sp*halo, 2*dh + 1]", {Nx, 2 * dh + 1});
   for (const char* n : {"sort slots send", "sort slots recv"})

@@ -94,6 +94,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
   s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
   if (shard.size > 1 && cfg.parallel.sp_mode == SpMode::sort) {
+    s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
     s.sorted = std::make_unique<SortedAttention<T>>(cfg, ops, *shard.comm, plan);
   } else {
     if (Hp_ < Hloc_ || g_ > 1) {
@@ -393,16 +394,31 @@ typename ReformerModel<T>::PassWeights ReformerModel<T>::pass_weights(int l, int
           in_place_wo ? G.wo + c0 * D_ : s.gwo.data()};
 }
 
+// Sort mode, head h of layer l: qk, v [L, dh] <- LN_a(x2) projected on the
+// head's columns of Wqk, Wv (gathered into wq, wv), and ao [L, dh] <- its
+// attention (framework/sorted_attention.h).
+template <class T>
+void ReformerModel<T>::attend_sorted(int l, int h, uint64_t step, bool rehash) {
+  Scratch& s = *s_;
+  const LayerTensors<T>& P = P_.layers[size_t(l)];
+  const int HD = H_ * dh_;
+  ops_.copy_2d(s.wq.data(), dh_, P.wqk + int64_t(h) * dh_, HD, D_, dh_);
+  ops_.copy_2d(s.wv.data(), dh_, P.wv + int64_t(h) * dh_, HD, D_, dh_);
+  project(l, s.wq.data(), s.wv.data(), dh_, s.qk.data(), s.v.data());
+  s.sorted->forward_head(l, h, s.qk.data(), s.v.data(), s.ao.data(), step, rehash);
+}
+
 // x1 += Attn(LN_a(x2)) for layer l, saving each LSH head's bucket ids, in
 // passes of Hp heads per rank.
 template <class T>
 void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
   Scratch& s = *s_;
-  if (s.sorted) {  // sort mode: every head of this rank's positions at once
-    const int HD = H_ * dh_;
-    project(l, P_.layers[size_t(l)].wqk, P_.layers[size_t(l)].wv, HD, s.qk.data(), s.v.data());
-    s.sorted->forward(l, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ true);
-    add_output(l, s.ao.data(), P_.layers[size_t(l)].wo, HD, false, step, train);
+  if (s.sorted) {  // sort mode, head by head
+    for (int h = 0; h < H_; ++h) {
+      attend_sorted(l, h, step, /*rehash*/ true);
+      add_output(l, s.ao.data(), P_.layers[size_t(l)].wo + int64_t(h) * dh_ * D_, dh_, false,
+                 step, train);
+    }
     return;
   }
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass)
@@ -449,17 +465,25 @@ template <class T>
 void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train) {
   Scratch& s = *s_;
   const LayerTensors<T>& G = G_.layers[size_t(l)];
-  if (s.sorted) {  // sort mode: rebuild x1, then the backward of every head at once
+  if (s.sorted) {  // sort mode, head by head: rebuild its part of x1, then its backward
     const LayerTensors<T>& P = P_.layers[size_t(l)];
     const int HD = H_ * dh_;
-    project(l, P.wqk, P.wv, HD, s.qk.data(), s.v.data());
-    s.sorted->forward(l, s.qk.data(), s.v.data(), s.ao.data(), step, /*rehash*/ false);
-    add_output(l, s.ao.data(), P.wo, HD, true, step, train);
-    ops_.fill(s.dao.data(), T(0), L_ * HD);
-    output_backward(l, s.ao.data(), P.wo, G.wo, HD, s.dao.data(), step, train);
-    s.sorted->backward(l, s.qk.data(), s.v.data(), s.ao.data(), s.dao.data(), s.dqk.data(),
-                       s.dv.data());
-    project_backward(l, s.dqk.data(), s.dv.data(), P.wqk, P.wv, G.wqk, G.wv, HD);
+    const int64_t w = int64_t(D_) * dh_;
+    for (int h = 0; h < H_; ++h) {
+      const int64_t rows = int64_t(h) * dh_ * D_;  // the head's rows of Wo
+      attend_sorted(l, h, step, /*rehash*/ false);
+      add_output(l, s.ao.data(), P.wo + rows, dh_, true, step, train);
+      ops_.fill(s.dao.data(), T(0), L_ * dh_);
+      output_backward(l, s.ao.data(), P.wo + rows, G.wo + rows, dh_, s.dao.data(), step, train);
+      s.sorted->backward_head(l, h, s.qk.data(), s.v.data(), s.ao.data(), s.dao.data(),
+                              s.dqk.data(), s.dv.data());
+      ops_.fill(s.gwq.data(), T(0), w);
+      ops_.fill(s.gwv.data(), T(0), w);
+      project_backward(l, s.dqk.data(), s.dv.data(), s.wq.data(), s.wv.data(), s.gwq.data(),
+                       s.gwv.data(), dh_);
+      ops_.add_2d(G.wqk + int64_t(h) * dh_, HD, s.gwq.data(), dh_, D_, dh_);
+      ops_.add_2d(G.wv + int64_t(h) * dh_, HD, s.gwv.data(), dh_, D_, dh_);
+    }
     return;
   }
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];

@@ -17,7 +17,7 @@ struct SortedAttention<T>::State {
   std::vector<IntBuffer<T>> buckets;   // per LSH layer [H, R, L]
   Buffer<T> rot;                       // one head's rotations [R, dh, cols]
   Buffer<T> parts, dparts;             // a head's rounds side by side [L, R dh]
-  Buffer<T> lse, w;                    // per head [H, L, R]: rounds' log-sum-exps, weights
+  Buffer<T> lse, w;                    // the head's rounds' log-sum-exps and weights [L, R]
   Buffer<T> xs, xr;                    // exchange rows [Nx, 2 dh + 1]
   IntBuffer<T> slots_send, slots_recv; // [Nx] each row's slot at its destination
   IntBuffer<T> idx;                    // [4, Nx]: rows to send, dout rows, own entry, halo entry
@@ -114,8 +114,7 @@ void SortedAttention<T>::hash_head(int l, int h, const T* qk, uint64_t step, boo
     int32_t* b = s.buckets[size_t(li)].data() + int64_t(h) * s.R * s.L;
     if (rehash) {
       ops_.lsh_rotations(s.rot.data(), cfg_.training.seed, step, l, h, s.R, s.dh, s.nb, s.f0);
-      ops_.lsh_hash(b, qk + int64_t(h) * s.dh, int64_t(s.H) * s.dh, s.rot.data(), s.L, s.dh,
-                    s.R, s.nb, s.f0);
+      ops_.lsh_hash(b, qk, s.dh, s.rot.data(), s.L, s.dh, s.R, s.nb, s.f0);
     }
     ops_.to_host_i32(s.hb.data(), b, s.rounds * s.L);
   }
@@ -240,15 +239,14 @@ AttentionParams slot_params(const Config& cfg, int64_t n, int dh) {
 
 }  // namespace
 
-// Sends the round's qk and v rows of head h (qk, v: the head's columns,
-// row stride H dh) to their slots' ranks; the receiving side gets them in
+// Sends the round's qk and v rows of the head ([L, dh] each) to their slots' ranks; the receiving side gets them in
 // position order into lqk, lv and builds the slot -> row order lperm. Fills
 // rt.recv_n and rt.n_local.
 template <class T>
 void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v) {
   State& s = *s_;
   const int sp = s.sp, dh = s.dh;
-  const int64_t ld = int64_t(s.H) * dh, W = 2 * dh;
+  const int64_t ld = dh, W = 2 * dh;
   int32_t* idx = s.idx.data();
   ops_.from_host_i32(idx, rt.send_idx.data(), rt.n_send);
   ops_.from_host_i32(idx + s.Nx, rt.dout_idx.data(), rt.n_send);
@@ -292,95 +290,84 @@ void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v) {
 }
 
 template <class T>
-void SortedAttention<T>::forward(int l, const T* qk, const T* v, T* ao, uint64_t step,
-                                 bool rehash) {
+void SortedAttention<T>::forward_head(int l, int h, const T* qk, const T* v, T* ao,
+                                      uint64_t step, bool rehash) {
   State& s = *s_;
   const int dh = s.dh;
-  const int64_t L = s.L, ld = int64_t(s.H) * dh, W = dh + 1;
-  for (int h = 0; h < s.H; ++h) {
-    hash_head(l, h, qk, step, rehash);
-    const int R = s.rounds;
-    T* lse_h = s.lse.data() + int64_t(h) * L * s.R;
-    for (int r = 0; r < R; ++r) {
-      Route rt;
-      route(r, rt);
-      send_rows(rt, qk + int64_t(h) * dh, v + int64_t(h) * dh);
-      const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
-      ops_.chunked_attention_forward(s.ldout.data(), s.lout.data(), s.llse.data(), s.lqk.data(),
-                                     s.lv.data(), s.lperm.data(), p);
-      // Outputs and log-sum-exps back to the positions' ranks, in the order they came.
-      ops_.copy_2d(s.xr.data(), W, s.lout.data(), dh, rt.n_local, dh);
-      ops_.copy_2d(s.xr.data() + dh, W, s.llse.data(), 1, rt.n_local, 1);
-      std::vector<int64_t> sb, so, rb, ro;
-      row_bytes(rt.recv_n, W, int64_t(sizeof(T)), &sb, &so);
-      row_bytes(rt.send_n, W, int64_t(sizeof(T)), &rb, &ro);
-      comm_.alltoallv(s.xr.data(), sb.data(), so.data(), s.xs.data(), rb.data(), ro.data());
-      const int32_t* own = s.idx.data() + 2 * s.Nx;
-      ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, s.xs.data(), W, own, L,
-                       dh, false);
-      ops_.gather_rows(lse_h + r, R, s.xs.data() + dh, W, own, L, 1, false);
-    }
-    const LseCombineParams cp = round_combine(L, R, dh, ld);
-    ops_.lse_combine_forward(ao + int64_t(h) * dh, s.w.data() + int64_t(h) * L * s.R,
-                             s.parts.data(), lse_h, cp);
+  const int64_t L = s.L, W = dh + 1;
+  hash_head(l, h, qk, step, rehash);
+  const int R = s.rounds;
+  for (int r = 0; r < R; ++r) {
+    Route rt;
+    route(r, rt);
+    send_rows(rt, qk, v);
+    const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
+    ops_.chunked_attention_forward(s.ldout.data(), s.lout.data(), s.llse.data(), s.lqk.data(),
+                                   s.lv.data(), s.lperm.data(), p);
+    // Outputs and log-sum-exps back to the positions' ranks, in the order they came.
+    ops_.copy_2d(s.xr.data(), W, s.lout.data(), dh, rt.n_local, dh);
+    ops_.copy_2d(s.xr.data() + dh, W, s.llse.data(), 1, rt.n_local, 1);
+    std::vector<int64_t> sb, so, rb, ro;
+    row_bytes(rt.recv_n, W, int64_t(sizeof(T)), &sb, &so);
+    row_bytes(rt.send_n, W, int64_t(sizeof(T)), &rb, &ro);
+    comm_.alltoallv(s.xr.data(), sb.data(), so.data(), s.xs.data(), rb.data(), ro.data());
+    const int32_t* own = s.idx.data() + 2 * s.Nx;
+    ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, s.xs.data(), W, own, L,
+                     dh, false);
+    ops_.gather_rows(s.lse.data() + r, R, s.xs.data() + dh, W, own, L, 1, false);
   }
+  ops_.lse_combine_forward(ao, s.w.data(), s.parts.data(), s.lse.data(),
+                           round_combine(L, R, dh, dh));
 }
 
 template <class T>
-void SortedAttention<T>::backward(int l, const T* qk, const T* v, const T* ao, const T* dao,
-                                  T* dqk, T* dv) {
+void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, const T* ao,
+                                       const T* dao, T* dqk, T* dv) {
   State& s = *s_;
   const int dh = s.dh;
-  const int64_t L = s.L, ld = int64_t(s.H) * dh, W = 2 * dh + 1;
-  ops_.fill(dqk, T(0), L * ld);
-  ops_.fill(dv, T(0), L * ld);
-  for (int h = 0; h < s.H; ++h) {
-    hash_head(l, h, qk, 0, /*rehash*/ false);
-    const int R = s.rounds;
-    const T* lse_h = s.lse.data() + int64_t(h) * L * s.R;
-    // Each round's share of the head's output gradient: dparts[:, r] = w_r dao.
-    const LseCombineParams cp = round_combine(L, R, dh, ld);
-    ops_.fill(s.dparts.data(), T(0), L * R * dh);
-    ops_.lse_combine_backward(s.dparts.data(), dao + int64_t(h) * dh,
-                              s.w.data() + int64_t(h) * L * s.R, cp);
-    for (int r = 0; r < R; ++r) {
-      Route rt;
-      route(r, rt);
-      send_rows(rt, qk + int64_t(h) * dh, v + int64_t(h) * dh);
-      // To the same rows: w_r dout (zero for halo copies, which only serve
-      // as keys), the combined output (the D term) and the round's lse.
-      const int32_t* rows = s.idx.data();
-      const int32_t* dout_rows = s.idx.data() + s.Nx;
-      ops_.gather_rows(s.xs.data(), W, s.dparts.data() + int64_t(r) * dh, int64_t(R) * dh,
-                       dout_rows, rt.n_send, dh, false);
-      ops_.gather_rows(s.xs.data() + dh, W, ao + int64_t(h) * dh, ld, rows, rt.n_send, dh, false);
-      ops_.gather_rows(s.xs.data() + 2 * dh, W, lse_h + r, R, rows, rt.n_send, 1, false);
-      std::vector<int64_t> sb, so, rb, ro;
-      row_bytes(rt.send_n, W, int64_t(sizeof(T)), &sb, &so);
-      row_bytes(rt.recv_n, W, int64_t(sizeof(T)), &rb, &ro);
-      comm_.alltoallv(s.xs.data(), sb.data(), so.data(), s.xr.data(), rb.data(), ro.data());
-      ops_.copy_2d(s.ldout.data(), dh, s.xr.data(), W, rt.n_local, dh);
-      ops_.copy_2d(s.lout.data(), dh, s.xr.data() + dh, W, rt.n_local, dh);
-      ops_.copy_2d(s.llse.data(), 1, s.xr.data() + 2 * dh, W, rt.n_local, 1);
-      const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
-      ops_.fill(s.ldqk.data(), T(0), rt.n_local * dh);
-      ops_.fill(s.ldv.data(), T(0), rt.n_local * dh);
-      ops_.chunked_attention_backward(s.ldqk.data(), s.ldv.data(), s.ldout.data(), s.lqk.data(),
-                                      s.lv.data(), s.lperm.data(), s.lout.data(), s.llse.data(),
-                                      p);
-      // dqk, dv back in the order the rows came; a position adds its own
-      // row's and its halo copy's.
-      const int64_t Wg = 2 * dh;
-      ops_.copy_2d(s.xr.data(), Wg, s.ldqk.data(), dh, rt.n_local, dh);
-      ops_.copy_2d(s.xr.data() + dh, Wg, s.ldv.data(), dh, rt.n_local, dh);
-      row_bytes(rt.recv_n, Wg, int64_t(sizeof(T)), &sb, &so);
-      row_bytes(rt.send_n, Wg, int64_t(sizeof(T)), &rb, &ro);
-      comm_.alltoallv(s.xr.data(), sb.data(), so.data(), s.xs.data(), rb.data(), ro.data());
-      for (int part = 2; part <= 3; ++part) {
-        const int32_t* e = s.idx.data() + part * s.Nx;
-        ops_.gather_rows(dqk + int64_t(h) * dh, ld, s.xs.data(), Wg, e, L, dh, true);
-        ops_.gather_rows(dv + int64_t(h) * dh, ld, s.xs.data() + dh, Wg, e, L, dh, true);
-      }
+  const int64_t L = s.L, W = 2 * dh + 1, Wg = 2 * dh;
+  ops_.fill(dqk, T(0), L * dh);
+  ops_.fill(dv, T(0), L * dh);
+  hash_head(l, h, qk, 0, /*rehash*/ false);
+  const int R = s.rounds;
+  // Each round's share of the head's output gradient: dparts[:, r] = w_r dao.
+  ops_.fill(s.dparts.data(), T(0), L * R * dh);
+  ops_.lse_combine_backward(s.dparts.data(), dao, s.w.data(), round_combine(L, R, dh, dh));
+  for (int r = 0; r < R; ++r) {
+    Route rt;
+    route(r, rt);
+    send_rows(rt, qk, v);
+    // To the same rows: w_r dout (zero for halo copies, which only serve
+    // as keys), the combined output (the D term) and the round's lse.
+    const int32_t* rows = s.idx.data();
+    const int32_t* dout_rows = s.idx.data() + s.Nx;
+    ops_.gather_rows(s.xs.data(), W, s.dparts.data() + int64_t(r) * dh, int64_t(R) * dh,
+                     dout_rows, rt.n_send, dh, false);
+    ops_.gather_rows(s.xs.data() + dh, W, ao, dh, rows, rt.n_send, dh, false);
+    ops_.gather_rows(s.xs.data() + 2 * dh, W, s.lse.data() + r, R, rows, rt.n_send, 1, false);
+    std::vector<int64_t> sb, so, rb, ro;
+    row_bytes(rt.send_n, W, int64_t(sizeof(T)), &sb, &so);
+    row_bytes(rt.recv_n, W, int64_t(sizeof(T)), &rb, &ro);
+    comm_.alltoallv(s.xs.data(), sb.data(), so.data(), s.xr.data(), rb.data(), ro.data());
+    ops_.copy_2d(s.ldout.data(), dh, s.xr.data(), W, rt.n_local, dh);
+    ops_.copy_2d(s.lout.data(), dh, s.xr.data() + dh, W, rt.n_local, dh);
+    ops_.copy_2d(s.llse.data(), 1, s.xr.data() + 2 * dh, W, rt.n_local, 1);
+    const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
+    ops_.fill(s.ldqk.data(), T(0), rt.n_local * dh);
+    ops_.fill(s.ldv.data(), T(0), rt.n_local * dh);
+    ops_.chunked_attention_backward(s.ldqk.data(), s.ldv.data(), s.ldout.data(), s.lqk.data(),
+                                    s.lv.data(), s.lperm.data(), s.lout.data(), s.llse.data(), p);
+    // dqk, dv back in the order the rows came; a position adds its own
+    // row's and its halo copy's.
+    ops_.copy_2d(s.xr.data(), Wg, s.ldqk.data(), dh, rt.n_local, dh);
+    ops_.copy_2d(s.xr.data() + dh, Wg, s.ldv.data(), dh, rt.n_local, dh);
+    row_bytes(rt.recv_n, Wg, int64_t(sizeof(T)), &sb, &so);
+    row_bytes(rt.send_n, Wg, int64_t(sizeof(T)), &rb, &ro);
+    comm_.alltoallv(s.xr.data(), sb.data(), so.data(), s.xs.data(), rb.data(), ro.data());
+    for (int part = 2; part <= 3; ++part) {
+      const int32_t* e = s.idx.data() + part * s.Nx;
+      ops_.gather_rows(dqk, dh, s.xs.data(), Wg, e, L, dh, true);
+      ops_.gather_rows(dv, dh, s.xs.data() + dh, Wg, e, L, dh, true);
     }
   }
 }

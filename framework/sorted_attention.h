@@ -49,14 +49,17 @@ class SortedAttention {
   SortedAttention(const SortedAttention&) = delete;
   SortedAttention& operator=(const SortedAttention&) = delete;
 
-  // ao [L, H dh] <- attention of layer l for this rank's positions, from
-  // qk, v [L, H dh] (this rank's projections of every head). An LSH layer
+  // Head h of layer l for this rank's positions: ao [L, dh] <- its attention
+  // from qk, v [L, dh] (the rank's projections on the head). An LSH layer
   // hashes with the rotations keyed by `step` and saves the bucket ids when
-  // `rehash`, else reuses the saved ones.
-  void forward(int l, const T* qk, const T* v, T* ao, uint64_t step, bool rehash);
-  // dqk, dv [L, H dh] <- (overwritten) the gradients for dao [L, H dh], right
-  // after forward() of layer l on the same qk, v; ao is its output.
-  void backward(int l, const T* qk, const T* v, const T* ao, const T* dao, T* dqk, T* dv);
+  // `rehash`, else reuses the saved ones. Every rank of the group calls it
+  // for the same heads in the same order.
+  void forward_head(int l, int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash);
+  // dqk, dv [L, dh] <- (overwritten) the head's gradients for dao [L, dh],
+  // right after forward_head() of the same head on the same qk, v; ao is
+  // its output.
+  void backward_head(int l, int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+                     T* dv);
 
  private:
   struct Route;  // where each position's rows go in one (head, round)
