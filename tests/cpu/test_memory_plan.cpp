@@ -190,6 +190,16 @@ TEST(MemoryPlan, SortModeLayouts) {
   }
 }
 
+// The 16M-token recipe for 4 GPUs (sort mode) fits a 141 GiB H200 by the plan.
+TEST(MemoryPlan, SortRecipeFitsFourH200s) {
+  const Config cfg =
+      load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/long-16m-sort-sp4.yaml");
+  ASSERT_EQ(cfg.parallel.sp_mode, SpMode::sort);
+  const MemoryPlan plan = plan_memory(cfg, cfg.parallel.sp);
+  EXPECT_LE(plan.total_bytes(), int64_t(141) << 30);
+  EXPECT_GT(plan.total_bytes(), int64_t(100) << 30);  // it is the big one
+}
+
 TEST(MemoryPlan, LongestLengthThatFits) {
   const Config cfg = config({});
   const MemoryPlan at48 = plan_memory(cfg, 1);
