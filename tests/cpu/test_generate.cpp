@@ -41,6 +41,16 @@ void sharpen(CpuOps<double>& ops, ReformerModel<double>& model, double factor) {
   ops.scale(model.params(), factor, model.num_params());
 }
 
+// A double-precision model of `cfg` (seed 11), sharpened by 8.
+struct SharpModel {
+  explicit SharpModel(const Config& cfg) : model(cfg, ops) {
+    model.init_params(11);
+    sharpen(ops, model, 8.0);
+  }
+  CpuOps<double> ops;
+  ReformerModel<double> model;
+};
+
 // Full and local layers: decode logits at every position equal the forward
 // pass's. Double precision; the two compute the same sums in different
 // orders, so they agree to rounding (1e-9 relative to the logits' scale).
@@ -48,10 +58,9 @@ class DecodeEqualsForward : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(DecodeEqualsForward, AtEveryPosition) {
   const Config cfg = small_config(GetParam());
-  CpuOps<double> ops;
-  ReformerModel<double> model(cfg, ops);
-  model.init_params(11);
-  sharpen(ops, model, 8.0);
+  SharpModel m(cfg);
+  CpuOps<double>& ops = m.ops;
+  ReformerModel<double>& model = m.model;
   const int64_t L = cfg.model.max_len;
   const int V = cfg.model.vocab_size;
   const std::vector<int32_t> tokens = random_tokens(L, V, 3);
@@ -100,10 +109,9 @@ class PrefillEqualsFeed : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(PrefillEqualsFeed, ThenDecodesAlike) {
   const Config cfg = small_config(GetParam());
-  CpuOps<double> ops;
-  ReformerModel<double> model(cfg, ops);
-  model.init_params(11);
-  sharpen(ops, model, 8.0);
+  SharpModel m(cfg);
+  CpuOps<double>& ops = m.ops;
+  ReformerModel<double>& model = m.model;
   const int64_t L = cfg.model.max_len, P = 23;
   const int V = cfg.model.vocab_size;
   const std::vector<int32_t> tokens = random_tokens(L, V, 5);
