@@ -33,6 +33,7 @@ struct SortedAttention<T>::State {
   int rounds = 1, nbk = 1;
   std::vector<int32_t> hb;             // this head's bucket ids [rounds, L] (host)
   std::vector<int32_t> hh;             // gathered histograms [sp, rounds, nbk] (host)
+  int hashed_l = -1, hashed_h = -1;    // the (layer, head) hb and hh belong to
 
   int64_t left(int k) const { return wrap || k > 0 ? cb_rows : 0; }
   int64_t right(int k) const { return wrap || k < sp - 1 ? ca_rows : 0; }
@@ -127,6 +128,8 @@ void SortedAttention<T>::hash_head(int l, int h, const T* qk, uint64_t step, boo
   comm_.allgather(send, s.hist.data(), per_rank * int64_t(sizeof(int32_t)));
   s.hh.resize(size_t(s.sp * per_rank));
   ops_.to_host_i32(s.hh.data(), s.hist.data(), s.sp * per_rank);
+  s.hashed_l = l;
+  s.hashed_h = h;
 }
 
 // Round r of the current head: each position's global slot (bucket, then
@@ -328,7 +331,10 @@ void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, co
   const int64_t L = s.L, W = 2 * dh + 1, Wg = 2 * dh;
   ops_.fill(dqk, T(0), L * dh);
   ops_.fill(dv, T(0), L * dh);
-  hash_head(l, h, qk, 0, /*rehash*/ false);
+  // The bucket ids and histograms of the forward_head() just before.
+  REFORMER_REQUIRE(s.hashed_l == l && s.hashed_h == h, ShapeError,
+                   "sort mode: backward_head(" + std::to_string(l) + ", " + std::to_string(h) +
+                       ") must follow forward_head() of the same head");
   const int R = s.rounds;
   // Each round's share of the head's output gradient: dparts[:, r] = w_r dao.
   ops_.fill(s.dparts.data(), T(0), L * R * dh);
