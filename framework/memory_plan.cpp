@@ -75,7 +75,7 @@ int64_t round256(int64_t b) { return (b + 255) / 256 * 256; }
 // (kernels/cuda: attention backward, LSH sort and hash, column sums), and
 // the workspace's growth on top (workspace_capacity, kernels/common/workspace_growth.h).
 int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t chunk, bool lsh,
-                           bool by_round) {
+                           bool by_round, int64_t other = 0) {
   // Rounds of one attention call (attention_by_round: one).
   const int64_t f = 4, dh = cfg.head_dim(), R = lsh && !by_round ? cfg.attention.n_hashes : 1;
   // Backward: k_hat, norm and row statistics, per-round dq, dk_hat, dv.
@@ -103,7 +103,7 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   const int64_t colsum = 8 * ((std::max(chunk, L) + 255) / 256) *
                          std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff,
                                             cfg.model.vocab_size});
-  const int64_t largest = std::max({attention, sort, hash, colsum});
+  const int64_t largest = std::max({attention, sort, hash, colsum, other});
   return workspace_capacity(largest);
 }
 
@@ -181,12 +181,12 @@ int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_laye
     b.add(n, G::activations, "[L, rounds]", {L, R});
   for (const char* n : {"sort send", "sort recv"})
     b.add(n, G::activations, "[L + sp*halo, 2*dh + 1]", {Nx, 2 * dh + 1});
-  for (const char* n : {"sort slots send", "sort slots recv"})
-    b.add(n, G::activations, "[L + sp*halo]", {Nx}, true);
-  b.add("sort routing", G::activations, "[4, L + sp*halo]", {4, Nx}, true);
-  b.add("sort histograms", G::activations, "[sp + 1, rounds, n_buckets]",
-        {sp + 1, R, lsh_layers > 0 ? cfg.buckets() : 1}, true);
-  b.add("sort counts", G::activations, "[2, sp]", {2, sp}, true);
+  const int64_t nb = lsh_layers > 0 ? cfg.buckets() : 1;
+  if (lsh_layers > 0) b.add("sort order", G::activations, "[n_hashes, L]", {R, L}, true);
+  b.add("sort deltas", G::activations, "[rounds, n_buckets]", {R, nb}, true);
+  b.add("sort routing", G::activations, "[3 (L + sp*halo) + 2 L]", {3 * Nx + 2 * L}, true);
+  b.add("sort slots recv", G::activations, "[L + sp*halo]", {Nx}, true);
+  b.add("sort histograms", G::activations, "[sp + 1, rounds, n_buckets]", {sp + 1, R, nb}, true);
   for (const char* n : {"sort qk", "sort v", "sort dout", "sort out", "sort dqk", "sort dv"})
     b.add(n, G::activations, "[L + halo, dh]", {Nl, dh});
   b.add("sort slot lse", G::activations, "[L + halo]", {Nl});
@@ -307,8 +307,11 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("logits", G::chunks, "[oc, V]", {oc, V});
   b.add("pred", G::chunks, "[oc]", {oc}, true);
 
-  b.add_bytes("op workspace (estimate)",
-              op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc), lsh_layers > 0, by_round));
+  // Sort mode's sort_route (kernels/cuda/routing.cu): destinations [L] int4,
+  // flags and entry indices [sp, L] int32, and the scan's scratch.
+  const int64_t route = sort ? round256(16 * L) + 2 * round256(4 * sp * L) + (int64_t(1) << 20) : 0;
+  b.add_bytes("op workspace (estimate)", op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc),
+                                                            lsh_layers > 0, by_round, route));
   b.add_bytes("cuBLASLt workspace", int64_t(32) << 20);  // kernels/cuda/cuda_ops.cu
   return plan;
 }

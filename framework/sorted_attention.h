@@ -23,9 +23,10 @@
 //
 // Work per rank is L positions of every head and round whatever the bucket
 // skew, and sp is not bounded by the head count; the price is R times the
-// traffic of the heads mode (every round of every head travels). The index
-// bookkeeping runs on the host (one download of a head's bucket ids and one
-// upload of the routing per round).
+// traffic of the heads mode (every round of every head travels). The
+// routing runs on the device (lsh_sort, bucket_histogram, sort_route,
+// invert_index); the host computes each round's row counts from the
+// gathered histograms (framework/sort_routing.h): one host wait per head.
 #pragma once
 
 #include <cstdint>

@@ -100,6 +100,15 @@
     (int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,                \
      int64_t bucket_stride, int units, int64_t capacity, int64_t pos),                      \
     (keys, sets, history, buckets, bucket_stride, units, capacity, pos))                    \
+  /* sequence-parallel routing */                                                           \
+  X(void, bucket_histogram,                                                                 \
+    (int32_t* hist, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets),        \
+    (hist, buckets, L, n_hashes, n_buckets))                                                \
+  X(void, sort_route,                                                                       \
+    (int32_t* send, int32_t* back, const int32_t* order, const int32_t* buckets,            \
+     const int32_t* delta, const SortRouteParams& p),                                       \
+    (send, back, order, buckets, delta, p))                                                 \
+  X(void, invert_index, (int32_t* dst, const int32_t* src, int64_t n), (dst, src, n))       \
   /* attention */                                                                           \
   X(void, chunked_attention_forward,                                                        \
     (T* out, T* out_r, T* lse, const T* qk, const T* v, const int32_t* perm,                \

@@ -92,6 +92,28 @@ class Ops {
   //   b_u, increasing, and sets[u] = (u * capacity, their count), the
   //   key sets decode_attention takes. keys past a set's count are left as
   //   they were.
+  // sequence-parallel routing (the distributed bucket sort,
+  //   framework/sorted_attention.h; one hash round, SortRouteParams):
+  //   bucket_histogram: hist[r, b] = the number of i < L with buckets[r, i]
+  //   == b (buckets [n_hashes, L], hist [n_hashes, n_buckets]).
+  //   sort_route: order[j] is the position at this rank's sorted slot j (by
+  //   bucket, then position: lsh_sort's output for the round; the identity
+  //   when null) and buckets[i] position i's bucket (0 when null). Position
+  //   i = order[j] takes the global slot g = delta[buckets[i]] + j, owned by
+  //   rank o = g / L at its local slot left(o) + q, q = g % L. It also goes
+  //   to one neighbour: to o - 1 (mod sp) at local slot left(o - 1) + L + q
+  //   when q < right_rows and (wrap or o > 0); otherwise to o + 1 (mod sp) at
+  //   local slot q - (L - left_rows) when q >= L - left_rows and (wrap or o <
+  //   sp - 1). These entries, ordered by destination rank and within one by
+  //   position, fill send [3, capacity]: send[e] the position,
+  //   send[capacity + e] the local slot at the destination, send[2 capacity
+  //   + e] the position for an owner entry and -1 for a halo copy; back
+  //   [2, L]: back[i] is position i's owner entry, back[L + i] its halo
+  //   entry or -1. invert_index: dst[src[k]] = k for k < n.
+  //   Bucket ids outside [0, n_buckets), global slots outside [0, sp L),
+  //   more entries than capacity and an src that is not a permutation of
+  //   [0, n) throw ShapeError - on the CPU at once, on a device at the next
+  //   host synchronisation point, the outputs being unspecified meanwhile.
   // attention: chunked attention over permuted positions (LSH, and local with
   //   the identity permutation). qk, v, out: [L, ld] slices of one head. Keys
   //   are qk rows normalised to unit length; logits q . k_hat, masked per

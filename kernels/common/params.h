@@ -87,6 +87,26 @@ struct LseCombineParams {
   int64_t ld_out = 0;    // row stride of out and dout; >= dh
 };
 
+// One hash round of the distributed bucket sort (framework/sorted_attention.h,
+// kernels/ops.h sort_route): a sequence of sp * L positions is split over sp
+// ranks of L consecutive positions each; in the sorted order (by bucket,
+// then position) rank k owns global slots [k L, k L + L) and also sees
+// `left_rows` slots before them and `right_rows` after them (its halos; none
+// past the ends when !wrap). A rank's local slot order is [left halo | own
+// slots | right halo].
+struct SortRouteParams {
+  int64_t L = 0;           // positions per rank
+  int sp = 2;              // ranks; >= 2
+  int me = 0;              // this rank
+  int64_t left_rows = 0;   // look-back halo (chunks_before * chunk)
+  int64_t right_rows = 0;  // look-ahead halo (chunks_after * chunk)
+  bool wrap = true;        // the halos of the first and last rank wrap around
+  int64_t capacity = 0;    // entries the send arrays hold
+  // Halo rows rank k holds on each side.
+  REFORMER_HD int64_t left(int k) const { return wrap || k > 0 ? left_rows : 0; }
+  REFORMER_HD int64_t right(int k) const { return wrap || k < sp - 1 ? right_rows : 0; }
+};
+
 // Decoupled-weight-decay Adam (Loshchilov & Hutter).
 struct AdamWParams {
   float lr = 1e-3f;

@@ -13,6 +13,7 @@
 #include "kernels/cpu/lsh.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/optimizer.h"
+#include "kernels/cpu/routing.h"
 
 namespace reformer {
 
