@@ -179,8 +179,7 @@ int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_laye
     b.add(n, G::activations, "[L, rounds*dh]", {L, R * dh});
   for (const char* n : {"sort lse", "sort weights"})
     b.add(n, G::activations, "[L, rounds]", {L, R});
-  for (const char* n : {"sort send", "sort recv"})
-    b.add(n, G::activations, "[L + sp*halo, 2*dh + 1]", {Nx, 2 * dh + 1});
+  b.add("sort send", G::activations, "[2 (L + sp*halo), dh] + [L + sp*halo]", {Nx, 2 * dh + 1});
   const int64_t nb = lsh_layers > 0 ? cfg.buckets() : 1;
   if (lsh_layers > 0) b.add("sort order", G::activations, "[n_hashes, L]", {R, L}, true);
   b.add("sort deltas", G::activations, "[rounds, n_buckets]", {R, nb}, true);

@@ -19,7 +19,7 @@ struct SortedAttention<T>::State {
   Buffer<T> rot;                       // one head's rotations [R, dh, cols]
   Buffer<T> parts, dparts;             // a head's rounds side by side [L, R dh]
   Buffer<T> lse, w;                    // the head's rounds' log-sum-exps and weights [L, R]
-  Buffer<T> xs, xr;                    // exchange rows [Nx, 2 dh + 1]
+  Buffer<T> xs;                        // exchange rows: [Nx, dh] twice, then [Nx]
   IntBuffer<T> order;                  // [R, L] the head's positions sorted per round (LSH)
   IntBuffer<T> delta;                  // [R, nb] sort_route's slot offsets per round
   IntBuffer<T> route;                  // sort_route's send [3, Nx] and back [2, L]
@@ -94,7 +94,6 @@ SortedAttention<T>::SortedAttention(const Config& cfg, Ops<T>& ops, Communicator
   s.lse = buf("sort lse");
   s.w = buf("sort weights");
   s.xs = buf("sort send");
-  s.xr = buf("sort recv");
   s.delta = ibuf("sort deltas");
   s.route = ibuf("sort routing");
   s.slots_recv = ibuf("sort slots recv");
@@ -183,20 +182,6 @@ void SortedAttention<T>::route(int r, Route& rt) {
 
 namespace {
 
-// Bytes of `rows[k]` rows of `width` elements of `size` bytes per rank and
-// their offsets, ranks in order.
-void row_bytes(const std::vector<int64_t>& rows, int64_t width, int64_t size,
-               std::vector<int64_t>* bytes, std::vector<int64_t>* off) {
-  bytes->assign(rows.size(), 0);
-  off->assign(rows.size(), 0);
-  int64_t a = 0;
-  for (size_t k = 0; k < rows.size(); ++k) {
-    (*bytes)[k] = rows[k] * width * size;
-    (*off)[k] = a;
-    a += (*bytes)[k];
-  }
-}
-
 // A head's R rounds at each of L positions: parts [L, R dh], their
 // log-sum-exps [L, R], the combined output with row stride ld.
 LseCombineParams round_combine(int64_t L, int R, int dh, int64_t ld) {
@@ -226,27 +211,43 @@ AttentionParams slot_params(const Config& cfg, int64_t n, int dh) {
 
 }  // namespace
 
+// Rows of `row_bytes` bytes, contiguous on both sides: to the slots' ranks
+// (out: send_n rows to each rank, recv_n from each) or back (the reverse).
+template <class T>
+void SortedAttention<T>::exchange(const Route& rt, bool out, const void* send, void* recv,
+                                  int64_t row_bytes) {
+  const std::vector<int64_t>& ns = out ? rt.send_n : rt.recv_n;
+  const std::vector<int64_t>& nr = out ? rt.recv_n : rt.send_n;
+  const size_t sp = ns.size();
+  std::vector<int64_t> sb(sp), so(sp), rb(sp), ro(sp);
+  int64_t as = 0, ar = 0;
+  for (size_t k = 0; k < sp; ++k) {
+    sb[k] = ns[k] * row_bytes;
+    so[k] = as;
+    as += sb[k];
+    rb[k] = nr[k] * row_bytes;
+    ro[k] = ar;
+    ar += rb[k];
+  }
+  comm_.alltoallv(send, sb.data(), so.data(), recv, rb.data(), ro.data());
+}
+
 // Sends the round's qk and v rows of the head ([L, dh] each) to their
-// slots' ranks; the receiving side gets them in position order into lqk, lv
-// and builds the slot -> row order lperm.
+// slots' ranks; the receiving side gets them in position order straight into
+// lqk, lv and builds the slot -> row order lperm.
 template <class T>
 void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v) {
   State& s = *s_;
   const int dh = s.dh;
-  const int64_t ld = dh, W = 2 * dh;
-  ops_.gather_rows(s.xs.data(), W, qk, ld, s.send_rows(), rt.n_send, dh, false);
-  ops_.gather_rows(s.xs.data() + dh, W, v, ld, s.send_rows(), rt.n_send, dh, false);
-  std::vector<int64_t> sb, so, rb, ro;
-  row_bytes(rt.send_n, W, int64_t(sizeof(T)), &sb, &so);
-  row_bytes(rt.recv_n, W, int64_t(sizeof(T)), &rb, &ro);
-  comm_.alltoallv(s.xs.data(), sb.data(), so.data(), s.xr.data(), rb.data(), ro.data());
-  row_bytes(rt.send_n, 1, int64_t(sizeof(int32_t)), &sb, &so);
-  row_bytes(rt.recv_n, 1, int64_t(sizeof(int32_t)), &rb, &ro);
-  comm_.alltoallv(s.send_slots(), sb.data(), so.data(), s.slots_recv.data(), rb.data(),
-                  ro.data());
+  const int64_t row = int64_t(sizeof(T)) * dh;
+  T* a = s.xs.data();
+  T* b = a + s.Nx * dh;
+  ops_.gather_rows(a, dh, qk, dh, s.send_rows(), rt.n_send, dh, false);
+  ops_.gather_rows(b, dh, v, dh, s.send_rows(), rt.n_send, dh, false);
+  exchange(rt, true, a, s.lqk.data(), row);
+  exchange(rt, true, b, s.lv.data(), row);
+  exchange(rt, true, s.send_slots(), s.slots_recv.data(), int64_t(sizeof(int32_t)));
   ops_.invert_index(s.lperm.data(), s.slots_recv.data(), rt.n_local);
-  ops_.copy_2d(s.lqk.data(), dh, s.xr.data(), W, rt.n_local, dh);
-  ops_.copy_2d(s.lv.data(), dh, s.xr.data() + dh, W, rt.n_local, dh);
 }
 
 template <class T>
@@ -254,7 +255,9 @@ void SortedAttention<T>::forward_head(int l, int h, const T* qk, const T* v, T* 
                                       uint64_t step, bool rehash) {
   State& s = *s_;
   const int dh = s.dh;
-  const int64_t L = s.L, W = dh + 1;
+  const int64_t L = s.L;
+  T* a = s.xs.data();
+  T* c = a + 2 * s.Nx * dh;
   hash_head(l, h, qk, step, rehash);
   const int R = s.rounds;
   for (int r = 0; r < R; ++r) {
@@ -265,16 +268,11 @@ void SortedAttention<T>::forward_head(int l, int h, const T* qk, const T* v, T* 
     ops_.chunked_attention_forward(s.ldout.data(), s.lout.data(), s.llse.data(), s.lqk.data(),
                                    s.lv.data(), s.lperm.data(), p);
     // Outputs and log-sum-exps back to the positions' ranks, in the order they came.
-    ops_.copy_2d(s.xr.data(), W, s.lout.data(), dh, rt.n_local, dh);
-    ops_.copy_2d(s.xr.data() + dh, W, s.llse.data(), 1, rt.n_local, 1);
-    std::vector<int64_t> sb, so, rb, ro;
-    row_bytes(rt.recv_n, W, int64_t(sizeof(T)), &sb, &so);
-    row_bytes(rt.send_n, W, int64_t(sizeof(T)), &rb, &ro);
-    comm_.alltoallv(s.xr.data(), sb.data(), so.data(), s.xs.data(), rb.data(), ro.data());
+    exchange(rt, false, s.lout.data(), a, int64_t(sizeof(T)) * dh);
+    exchange(rt, false, s.llse.data(), c, int64_t(sizeof(T)));
     const int32_t* own = s.back(0);
-    ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, s.xs.data(), W, own, L,
-                     dh, false);
-    ops_.gather_rows(s.lse.data() + r, R, s.xs.data() + dh, W, own, L, 1, false);
+    ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, a, dh, own, L, dh, false);
+    ops_.gather_rows(s.lse.data() + r, R, c, 1, own, L, 1, false);
   }
   ops_.lse_combine_forward(ao, s.w.data(), s.parts.data(), s.lse.data(),
                            round_combine(L, R, dh, dh));
@@ -285,7 +283,10 @@ void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, co
                                        const T* dao, T* dqk, T* dv) {
   State& s = *s_;
   const int dh = s.dh;
-  const int64_t L = s.L, W = 2 * dh + 1, Wg = 2 * dh;
+  const int64_t L = s.L, row = int64_t(sizeof(T)) * dh;
+  T* a = s.xs.data();
+  T* b = a + s.Nx * dh;
+  T* c = b + s.Nx * dh;
   ops_.fill(dqk, T(0), L * dh);
   ops_.fill(dv, T(0), L * dh);
   // The bucket ids and histograms of the forward_head() just before.
@@ -302,19 +303,13 @@ void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, co
     send_rows(rt, qk, v);
     // To the same rows: w_r dout (zero for halo copies, which only serve
     // as keys), the combined output (the D term) and the round's lse.
-    const int32_t* rows = s.send_rows();
-    const int32_t* dout_rows = s.dout_rows();
-    ops_.gather_rows(s.xs.data(), W, s.dparts.data() + int64_t(r) * dh, int64_t(R) * dh,
-                     dout_rows, rt.n_send, dh, false);
-    ops_.gather_rows(s.xs.data() + dh, W, ao, dh, rows, rt.n_send, dh, false);
-    ops_.gather_rows(s.xs.data() + 2 * dh, W, s.lse.data() + r, R, rows, rt.n_send, 1, false);
-    std::vector<int64_t> sb, so, rb, ro;
-    row_bytes(rt.send_n, W, int64_t(sizeof(T)), &sb, &so);
-    row_bytes(rt.recv_n, W, int64_t(sizeof(T)), &rb, &ro);
-    comm_.alltoallv(s.xs.data(), sb.data(), so.data(), s.xr.data(), rb.data(), ro.data());
-    ops_.copy_2d(s.ldout.data(), dh, s.xr.data(), W, rt.n_local, dh);
-    ops_.copy_2d(s.lout.data(), dh, s.xr.data() + dh, W, rt.n_local, dh);
-    ops_.copy_2d(s.llse.data(), 1, s.xr.data() + 2 * dh, W, rt.n_local, 1);
+    ops_.gather_rows(a, dh, s.dparts.data() + int64_t(r) * dh, int64_t(R) * dh, s.dout_rows(),
+                     rt.n_send, dh, false);
+    ops_.gather_rows(b, dh, ao, dh, s.send_rows(), rt.n_send, dh, false);
+    ops_.gather_rows(c, 1, s.lse.data() + r, R, s.send_rows(), rt.n_send, 1, false);
+    exchange(rt, true, a, s.ldout.data(), row);
+    exchange(rt, true, b, s.lout.data(), row);
+    exchange(rt, true, c, s.llse.data(), int64_t(sizeof(T)));
     const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
     ops_.fill(s.ldqk.data(), T(0), rt.n_local * dh);
     ops_.fill(s.ldv.data(), T(0), rt.n_local * dh);
@@ -322,15 +317,11 @@ void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, co
                                     s.lv.data(), s.lperm.data(), s.lout.data(), s.llse.data(), p);
     // dqk, dv back in the order the rows came; a position adds its own
     // row's and its halo copy's.
-    ops_.copy_2d(s.xr.data(), Wg, s.ldqk.data(), dh, rt.n_local, dh);
-    ops_.copy_2d(s.xr.data() + dh, Wg, s.ldv.data(), dh, rt.n_local, dh);
-    row_bytes(rt.recv_n, Wg, int64_t(sizeof(T)), &sb, &so);
-    row_bytes(rt.send_n, Wg, int64_t(sizeof(T)), &rb, &ro);
-    comm_.alltoallv(s.xr.data(), sb.data(), so.data(), s.xs.data(), rb.data(), ro.data());
+    exchange(rt, false, s.ldqk.data(), a, row);
+    exchange(rt, false, s.ldv.data(), b, row);
     for (int part = 0; part < 2; ++part) {
-      const int32_t* e = s.back(part);
-      ops_.gather_rows(dqk, dh, s.xs.data(), Wg, e, L, dh, true);
-      ops_.gather_rows(dv, dh, s.xs.data() + dh, Wg, e, L, dh, true);
+      ops_.gather_rows(dqk, dh, a, dh, s.back(part), L, dh, true);
+      ops_.gather_rows(dv, dh, b, dh, s.back(part), L, dh, true);
     }
   }
 }

@@ -67,6 +67,7 @@ class SortedAttention {
   void hash_head(int l, int h, const T* qk, uint64_t step, bool rehash);
   void route(int r, Route& rt);
   void send_rows(Route& rt, const T* qk, const T* v);
+  void exchange(const Route& rt, bool out, const void* send, void* recv, int64_t row_bytes);
 
   const Config& cfg_;
   Ops<T>& ops_;

@@ -5,6 +5,8 @@
 // (same key, same element index), so masks are identical.
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "kernels/common/philox.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
@@ -77,6 +79,31 @@ __global__ void gather_rows_kernel(float* dst, int64_t ld_dst, const float* src,
   }
 }
 
+// The same, four columns per thread (cols, ld_dst, ld_src multiples of 4 and
+// 16-byte aligned rows): 128-bit loads and stores, a quarter of the index math.
+__global__ void gather_rows4_kernel(float4* dst, int64_t ld_dst4, const float4* src,
+                                    int64_t ld_src4, const int32_t* idx, int64_t rows,
+                                    int64_t cols4, bool accumulate) {
+  const int64_t n = rows * cols4;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols4, c = i % cols4;
+    const int32_t k = idx[r];
+    float4* d = dst + r * ld_dst4 + c;
+    if (k < 0) {
+      if (!accumulate) *d = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    } else {
+      const float4 v = src[int64_t(k) * ld_src4 + c];
+      if (accumulate) {
+        const float4 o = *d;
+        *d = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
+      } else {
+        *d = v;
+      }
+    }
+  }
+}
+
 __global__ void dropout_kernel(float* x, int64_t n, float p, RngKey key, int64_t offset) {
   const float keep = 1.0f - p;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
@@ -135,6 +162,14 @@ void CudaOps::copy(float* dst, const float* src, int64_t n) {
 void CudaOps::gather_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src,
                           const int32_t* idx, int64_t rows, int64_t cols, bool accumulate) {
   if (rows <= 0 || cols <= 0) return;
+  const auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (cols % 4 == 0 && ld_dst % 4 == 0 && ld_src % 4 == 0 && aligned(dst) && aligned(src)) {
+    cuda::gather_rows4_kernel<<<cuda::grid_for(rows * cols / 4), cuda::kThreads, 0, stream_>>>(
+        reinterpret_cast<float4*>(dst), ld_dst / 4, reinterpret_cast<const float4*>(src),
+        ld_src / 4, idx, rows, cols / 4, accumulate);
+    CUDA_CHECK_LAUNCH("gather_rows4_kernel");
+    return;
+  }
   cuda::gather_rows_kernel<<<cuda::grid_for(rows * cols), cuda::kThreads, 0, stream_>>>(
       dst, ld_dst, src, ld_src, idx, rows, cols, accumulate);
   CUDA_CHECK_LAUNCH("gather_rows_kernel");

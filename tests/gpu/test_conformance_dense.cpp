@@ -105,6 +105,18 @@ void add_elementwise(std::vector<Case>& cases) {
                   });
     c.bitwise = true;
     cases.push_back(c);
+    // Four columns per thread where the shapes and addresses allow it.
+    const int64_t cols4 = 64, ld_src4 = 132, ld_dst4 = 68;
+    c = make_case(accumulate ? "gather_rows vec4 accumulate" : "gather_rows vec4",
+                  OpId::gather_rows,
+                  {input("src", rows * ld_src4, 4), ints("idx", idx),
+                   output("dst", rows * ld_dst4, 5, kFp32Elementwise)},
+                  [=](auto& ops, auto& t) {
+                    ops.gather_rows(t("dst") + 4, ld_dst4, t("src") + 8, ld_src4, t.i("idx"),
+                                    rows - 1, cols4, accumulate);
+                  });
+    c.bitwise = true;
+    cases.push_back(c);
   }
 }
 
