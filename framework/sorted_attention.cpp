@@ -287,8 +287,6 @@ void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, co
   T* a = s.xs.data();
   T* b = a + s.Nx * dh;
   T* c = b + s.Nx * dh;
-  ops_.fill(dqk, T(0), L * dh);
-  ops_.fill(dv, T(0), L * dh);
   // The bucket ids and histograms of the forward_head() just before.
   REFORMER_REQUIRE(s.hashed_l == l && s.hashed_h == h, ShapeError,
                    "sort mode: backward_head(" + std::to_string(l) + ", " + std::to_string(h) +
@@ -319,9 +317,11 @@ void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, co
     // row's and its halo copy's.
     exchange(rt, false, s.ldqk.data(), a, row);
     exchange(rt, false, s.ldv.data(), b, row);
+    // (Every position has an owner entry: round 0's sets dqk and dv.)
     for (int part = 0; part < 2; ++part) {
-      ops_.gather_rows(dqk, dh, a, dh, s.back(part), L, dh, true);
-      ops_.gather_rows(dv, dh, b, dh, s.back(part), L, dh, true);
+      const bool add = r > 0 || part > 0;
+      ops_.gather_rows(dqk, dh, a, dh, s.back(part), L, dh, add);
+      ops_.gather_rows(dv, dh, b, dh, s.back(part), L, dh, add);
     }
   }
 }
