@@ -126,24 +126,29 @@ void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
 
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
   const ModelConfig& m = cfg.model;
+  // Sort mode: every rank attends every head over its own positions.
+  const bool sort = sp > 1 && cfg.parallel.sp_mode == SpMode::sort;
   // The heads one rank attends (all of them at sp 1; one in pairs mode).
-  const int heads = sp > m.n_heads ? 1 : m.n_heads / sp;
+  const int heads = sort ? m.n_heads : sp > m.n_heads ? 1 : m.n_heads / sp;
   if (m.attn_heads_per_pass > 0) {
     if (heads % m.attn_heads_per_pass != 0)
       throw ConfigError("model.attn_heads_per_pass = " + std::to_string(m.attn_heads_per_pass) +
                         " must divide model.n_heads" +
-                        (sp > 1 ? " / parallel.sp = " : " = ") + std::to_string(heads) +
-                        (sp > 1 ? " (the heads each rank of the sequence-parallel group attends)"
-                                : ""));
+                        (sp > 1 && !sort ? " / parallel.sp = " : " = ") + std::to_string(heads) +
+                        (sp > 1 && !sort
+                             ? " (the heads each rank of the sequence-parallel group attends)"
+                             : ""));
     return m.attn_heads_per_pass;
   }
   // A pass keeps six [Lfull, dh] operands and the rounds' outputs and
-  // log-sum-exps of each of its heads.
+  // log-sum-exps of each of its heads (sort mode: six [L / sp, dh] operands
+  // and the rounds' log-sum-exps and weights).
   int64_t rounds = 1;
   for (int l = 0; l < m.n_layers; ++l)
     if (uses_lsh(cfg, l, m.max_len)) rounds = cfg.attention.n_hashes;
-  const int64_t L = m.max_len, dh = cfg.head_dim();
-  const int64_t per_head = (6 * L * dh + rounds * L * (dh + 1)) * real_bytes;
+  const int64_t L = sort ? m.max_len / sp : m.max_len, dh = cfg.head_dim();
+  const int64_t per_head = (sort ? 6 * L * dh + 2 * rounds * L
+                                 : 6 * L * dh + rounds * L * (dh + 1)) * real_bytes;
   int best = 1;
   for (int g = 1; g <= heads; ++g)
     if (heads % g == 0 && g * per_head <= kAttentionPassBudget) best = g;
@@ -165,10 +170,12 @@ int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_laye
   const int64_t halo = int64_t(cfg.attention.chunks_before + cfg.attention.chunks_after) *
                        cfg.attention.bucket_size;
   const int64_t Nx = L + sp * halo, Nl = L + halo;
+  const int64_t Hp = attention_heads_per_pass(cfg, sp, b.real_bytes);
   for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
-    b.add(n, G::activations, "[L, dh]", {L, dh});
-  for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
-    b.add(n, G::activations, "[D, dh]", {D, dh});
+    b.add(n, G::activations, "[L, heads_per_pass*dh]", {L, Hp * dh});
+  if (Hp < H)
+    for (const char* n : {"wq_h", "wv_h", "gwq_h", "gwv_h"})
+      b.add(n, G::activations, "[D, heads_per_pass*dh]", {D, Hp * dh});
   if (lsh_layers > 0) {
     b.add("rotations", G::activations, "[n_hashes, dh, cols]",
           {R, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
@@ -177,8 +184,8 @@ int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_laye
   }
   for (const char* n : {"sort parts", "sort dparts"})
     b.add(n, G::activations, "[L, rounds*dh]", {L, R * dh});
-  for (const char* n : {"sort lse", "sort weights"})
-    b.add(n, G::activations, "[L, rounds]", {L, R});
+  for (const char* n : {"sort lse", "sort weights"})  // per head of a pass
+    b.add(n, G::activations, "[heads_per_pass, L, rounds]", {Hp, L, R});
   b.add("sort send", G::activations, "[2 (L + sp*halo), dh] + [L + sp*halo]", {Nx, 2 * dh + 1});
   const int64_t nb = lsh_layers > 0 ? cfg.buckets() : 1;
   if (lsh_layers > 0) b.add("sort order", G::activations, "[n_hashes, L]", {R, L}, true);

@@ -94,7 +94,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
   s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
   if (shard.size > 1 && cfg.parallel.sp_mode == SpMode::sort) {
-    s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h");
+    if (Hp_ < H_) { s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h"); }
     s.sorted = std::make_unique<SortedAttention<T>>(cfg, ops, *shard.comm, plan);
   } else {
     if (Hp_ < Hloc_ || g_ > 1) {
@@ -394,18 +394,32 @@ typename ReformerModel<T>::PassWeights ReformerModel<T>::pass_weights(int l, int
           in_place_wo ? G.wo + c0 * D_ : s.gwo.data()};
 }
 
-// Sort mode, head h of layer l: qk, v [L, dh] <- LN_a(x2) projected on the
-// head's columns of Wqk, Wv (gathered into wq, wv), and ao [L, dh] <- its
-// attention (framework/sorted_attention.h).
+// Sort mode, attention pass `pass` of layer l (heads pass * Hp .. + Hp): qk,
+// v [L, Hp dh] <- LN_a(x2) projected on the pass heads' columns of Wqk, Wv
+// (gathered into wq, wv unless a pass holds every head), and ao [L, Hp dh]
+// <- their attention (framework/sorted_attention.h), head j's state in
+// slot j. Returns the pass heads' rows of Wo.
 template <class T>
-void ReformerModel<T>::attend_sorted(int l, int h, uint64_t step, bool rehash) {
+const T* ReformerModel<T>::attend_sorted(int l, int pass, uint64_t step, bool rehash) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  const int HD = H_ * dh_;
-  ops_.copy_2d(s.wq.data(), dh_, P.wqk + int64_t(h) * dh_, HD, D_, dh_);
-  ops_.copy_2d(s.wv.data(), dh_, P.wv + int64_t(h) * dh_, HD, D_, dh_);
-  project(l, s.wq.data(), s.wv.data(), dh_, s.qk.data(), s.v.data());
-  s.sorted->forward_head(l, h, s.qk.data(), s.v.data(), s.ao.data(), step, rehash);
+  const int HD = H_ * dh_, n = Hp_ * dh_;
+  const int64_t c0 = int64_t(pass) * n;
+  const T* wq = P.wqk;
+  const T* wv = P.wv;
+  if (Hp_ < H_) {
+    ops_.copy_2d(s.wq.data(), n, P.wqk + c0, HD, D_, n);
+    ops_.copy_2d(s.wv.data(), n, P.wv + c0, HD, D_, n);
+    wq = s.wq.data();
+    wv = s.wv.data();
+  }
+  project(l, wq, wv, n, s.qk.data(), s.v.data());
+  for (int j = 0; j < Hp_; ++j) {
+    const int64_t c = int64_t(j) * dh_;
+    s.sorted->forward_head(l, pass * Hp_ + j, j, s.qk.data() + c, s.v.data() + c, n,
+                           s.ao.data() + c, step, rehash);
+  }
+  return P.wo + c0 * D_;
 }
 
 // x1 += Attn(LN_a(x2)) for layer l, saving each LSH head's bucket ids, in
@@ -413,11 +427,10 @@ void ReformerModel<T>::attend_sorted(int l, int h, uint64_t step, bool rehash) {
 template <class T>
 void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
   Scratch& s = *s_;
-  if (s.sorted) {  // sort mode, head by head
-    for (int h = 0; h < H_; ++h) {
-      attend_sorted(l, h, step, /*rehash*/ true);
-      add_output(l, s.ao.data(), P_.layers[size_t(l)].wo + int64_t(h) * dh_ * D_, dh_, false,
-                 step, train);
+  if (s.sorted) {  // sort mode, in passes of Hp heads
+    for (int pass = 0; pass < H_ / Hp_; ++pass) {
+      const T* wo = attend_sorted(l, pass, step, /*rehash*/ true);
+      add_output(l, s.ao.data(), wo, Hp_ * dh_, false, step, train);
     }
     return;
   }
@@ -465,24 +478,32 @@ template <class T>
 void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train) {
   Scratch& s = *s_;
   const LayerTensors<T>& G = G_.layers[size_t(l)];
-  if (s.sorted) {  // sort mode, head by head: rebuild its part of x1, then its backward
-    const LayerTensors<T>& P = P_.layers[size_t(l)];
-    const int HD = H_ * dh_;
-    const int64_t w = int64_t(D_) * dh_;
-    for (int h = 0; h < H_; ++h) {
-      const int64_t rows = int64_t(h) * dh_ * D_;  // the head's rows of Wo
-      attend_sorted(l, h, step, /*rehash*/ false);
-      add_output(l, s.ao.data(), P.wo + rows, dh_, true, step, train);
-      ops_.fill(s.dao.data(), T(0), L_ * dh_);
-      output_backward(l, s.ao.data(), P.wo + rows, G.wo + rows, dh_, s.dao.data(), step, train);
-      s.sorted->backward_head(l, h, s.qk.data(), s.v.data(), s.ao.data(), s.dao.data(),
-                              s.dqk.data(), s.dv.data());
+  if (s.sorted) {  // sort mode, pass by pass: rebuild its part of x1, then its backward
+    const int HD = H_ * dh_, n = Hp_ * dh_;
+    const int64_t w = int64_t(D_) * n;
+    for (int pass = 0; pass < H_ / Hp_; ++pass) {
+      const int64_t c0 = int64_t(pass) * n;
+      const T* wo = attend_sorted(l, pass, step, /*rehash*/ false);
+      add_output(l, s.ao.data(), wo, n, true, step, train);
+      ops_.fill(s.dao.data(), T(0), L_ * n);
+      output_backward(l, s.ao.data(), wo, G.wo + c0 * D_, n, s.dao.data(), step, train);
+      for (int j = 0; j < Hp_; ++j) {
+        const int64_t c = int64_t(j) * dh_;
+        s.sorted->backward_head(l, pass * Hp_ + j, j, s.qk.data() + c, s.v.data() + c, n,
+                                s.ao.data() + c, s.dao.data() + c, s.dqk.data() + c,
+                                s.dv.data() + c);
+      }
+      const T* wq = Hp_ < H_ ? s.wq.data() : P_.layers[size_t(l)].wqk;
+      const T* wv = Hp_ < H_ ? s.wv.data() : P_.layers[size_t(l)].wv;
+      if (Hp_ == H_) {  // the gradients accumulate in place
+        project_backward(l, s.dqk.data(), s.dv.data(), wq, wv, G.wqk, G.wv, n);
+        continue;
+      }
       ops_.fill(s.gwq.data(), T(0), w);
       ops_.fill(s.gwv.data(), T(0), w);
-      project_backward(l, s.dqk.data(), s.dv.data(), s.wq.data(), s.wv.data(), s.gwq.data(),
-                       s.gwv.data(), dh_);
-      ops_.add_2d(G.wqk + int64_t(h) * dh_, HD, s.gwq.data(), dh_, D_, dh_);
-      ops_.add_2d(G.wv + int64_t(h) * dh_, HD, s.gwv.data(), dh_, D_, dh_);
+      project_backward(l, s.dqk.data(), s.dv.data(), wq, wv, s.gwq.data(), s.gwv.data(), n);
+      ops_.add_2d(G.wqk + c0, HD, s.gwq.data(), n, D_, n);
+      ops_.add_2d(G.wv + c0, HD, s.gwv.data(), n, D_, n);
     }
     return;
   }

@@ -111,7 +111,7 @@ class ReformerModel {
   };
   PassWeights pass_weights(int l, int pass);
   const T* attend_pass(int l, int pass, uint64_t step, bool rehash);
-  void attend_sorted(int l, int h, uint64_t step, bool rehash);
+  const T* attend_sorted(int l, int pass, uint64_t step, bool rehash);
   int64_t pass_col(int rank, int pass) const;
   void load_pass_weights(int l, int pass);
   void add_pass_gradients(int l, int pass);

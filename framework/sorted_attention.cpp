@@ -18,7 +18,8 @@ struct SortedAttention<T>::State {
   std::vector<IntBuffer<T>> buckets;   // per LSH layer [H, R, L]
   Buffer<T> rot;                       // one head's rotations [R, dh, cols]
   Buffer<T> parts, dparts;             // a head's rounds side by side [L, R dh]
-  Buffer<T> lse, w;                    // the head's rounds' log-sum-exps and weights [L, R]
+  Buffer<T> lse, w;                    // per slot, the head's rounds' log-sum-exps and weights [L, R]
+  int64_t slot_stride = 0;             // elements of one slot of lse, w
   Buffer<T> xs;                        // exchange rows: [Nx, dh] twice, then [Nx]
   IntBuffer<T> order;                  // [R, L] the head's positions sorted per round (LSH)
   IntBuffer<T> delta;                  // [R, nb] sort_route's slot offsets per round
@@ -106,6 +107,7 @@ SortedAttention<T>::SortedAttention(const Config& cfg, Ops<T>& ops, Communicator
   s.ldv = buf("sort dv");
   s.llse = buf("sort slot lse");
   s.lperm = ibuf("sort perm");
+  s.slot_stride = s.lse.size() / attention_heads_per_pass(cfg, s.sp, int(sizeof(T)));
   s.Nx = s.slots_recv.size();
   s.Nl = s.lperm.size();
 }
@@ -118,7 +120,8 @@ SortedAttention<T>::~SortedAttention() = default;
 // reuses the saved ids), local layers have one bucket. One host wait per
 // head (the gathered histograms).
 template <class T>
-void SortedAttention<T>::hash_head(int l, int h, const T* qk, uint64_t step, bool rehash) {
+void SortedAttention<T>::hash_head(int l, int h, const T* qk, int64_t ld, uint64_t step,
+                                   bool rehash) {
   State& s = *s_;
   const int li = s.lsh_index[size_t(l)];
   s.wrap = li >= 0;
@@ -131,7 +134,7 @@ void SortedAttention<T>::hash_head(int l, int h, const T* qk, uint64_t step, boo
     int32_t* b = s.buckets[size_t(li)].data() + int64_t(h) * s.R * s.L;
     if (rehash) {
       ops_.lsh_rotations(s.rot.data(), cfg_.training.seed, step, l, h, s.R, s.dh, s.nb, s.f0);
-      ops_.lsh_hash(b, qk, s.dh, s.rot.data(), s.L, s.dh, s.R, s.nb, s.f0);
+      ops_.lsh_hash(b, qk, ld, s.rot.data(), s.L, s.dh, s.R, s.nb, s.f0);
     }
     ops_.lsh_sort(s.order.data(), b, s.L, s.R, s.nb);
     ops_.bucket_histogram(mine, b, s.L, s.R, s.nb);
@@ -236,14 +239,14 @@ void SortedAttention<T>::exchange(const Route& rt, bool out, const void* send, v
 // slots' ranks; the receiving side gets them in position order straight into
 // lqk, lv and builds the slot -> row order lperm.
 template <class T>
-void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v) {
+void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v, int64_t ld) {
   State& s = *s_;
   const int dh = s.dh;
   const int64_t row = int64_t(sizeof(T)) * dh;
   T* a = s.xs.data();
   T* b = a + s.Nx * dh;
-  ops_.gather_rows(a, dh, qk, dh, s.send_rows(), rt.n_send, dh, false);
-  ops_.gather_rows(b, dh, v, dh, s.send_rows(), rt.n_send, dh, false);
+  ops_.gather_rows(a, dh, qk, ld, s.send_rows(), rt.n_send, dh, false);
+  ops_.gather_rows(b, dh, v, ld, s.send_rows(), rt.n_send, dh, false);
   exchange(rt, true, a, s.lqk.data(), row);
   exchange(rt, true, b, s.lv.data(), row);
   exchange(rt, true, s.send_slots(), s.slots_recv.data(), int64_t(sizeof(int32_t)));
@@ -251,19 +254,21 @@ void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v) {
 }
 
 template <class T>
-void SortedAttention<T>::forward_head(int l, int h, const T* qk, const T* v, T* ao,
-                                      uint64_t step, bool rehash) {
+void SortedAttention<T>::forward_head(int l, int h, int slot, const T* qk, const T* v,
+                                      int64_t ld, T* ao, uint64_t step, bool rehash) {
   State& s = *s_;
   const int dh = s.dh;
   const int64_t L = s.L;
   T* a = s.xs.data();
   T* c = a + 2 * s.Nx * dh;
-  hash_head(l, h, qk, step, rehash);
+  T* lse = s.lse.data() + slot * s.slot_stride;
+  T* w = s.w.data() + slot * s.slot_stride;
+  hash_head(l, h, qk, ld, step, rehash);
   const int R = s.rounds;
   for (int r = 0; r < R; ++r) {
     Route rt;
     route(r, rt);
-    send_rows(rt, qk, v);
+    send_rows(rt, qk, v, ld);
     const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
     ops_.chunked_attention_forward(s.ldout.data(), s.lout.data(), s.llse.data(), s.lqk.data(),
                                    s.lv.data(), s.lperm.data(), p);
@@ -272,39 +277,39 @@ void SortedAttention<T>::forward_head(int l, int h, const T* qk, const T* v, T* 
     exchange(rt, false, s.llse.data(), c, int64_t(sizeof(T)));
     const int32_t* own = s.back(0);
     ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, a, dh, own, L, dh, false);
-    ops_.gather_rows(s.lse.data() + r, R, c, 1, own, L, 1, false);
+    ops_.gather_rows(lse + r, R, c, 1, own, L, 1, false);
   }
-  ops_.lse_combine_forward(ao, s.w.data(), s.parts.data(), s.lse.data(),
-                           round_combine(L, R, dh, dh));
+  ops_.lse_combine_forward(ao, w, s.parts.data(), lse, round_combine(L, R, dh, ld));
 }
 
 template <class T>
-void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, const T* ao,
-                                       const T* dao, T* dqk, T* dv) {
+void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, const T* v,
+                                       int64_t ld, const T* ao, const T* dao, T* dqk, T* dv) {
   State& s = *s_;
   const int dh = s.dh;
   const int64_t L = s.L, row = int64_t(sizeof(T)) * dh;
   T* a = s.xs.data();
   T* b = a + s.Nx * dh;
   T* c = b + s.Nx * dh;
-  // The bucket ids and histograms of the forward_head() just before.
-  REFORMER_REQUIRE(s.hashed_l == l && s.hashed_h == h, ShapeError,
-                   "sort mode: backward_head(" + std::to_string(l) + ", " + std::to_string(h) +
-                       ") must follow forward_head() of the same head");
+  const T* lse = s.lse.data() + slot * s.slot_stride;
+  const T* w = s.w.data() + slot * s.slot_stride;
+  // The sorted order and the plan of this head: those of the forward_head()
+  // just before when it was this head, else made again from the saved ids.
+  if (s.hashed_l != l || s.hashed_h != h) hash_head(l, h, qk, ld, 0, /*rehash*/ false);
   const int R = s.rounds;
   // Each round's share of the head's output gradient: dparts[:, r] = w_r dao.
   ops_.fill(s.dparts.data(), T(0), L * R * dh);
-  ops_.lse_combine_backward(s.dparts.data(), dao, s.w.data(), round_combine(L, R, dh, dh));
+  ops_.lse_combine_backward(s.dparts.data(), dao, w, round_combine(L, R, dh, ld));
   for (int r = 0; r < R; ++r) {
     Route rt;
     route(r, rt);
-    send_rows(rt, qk, v);
+    send_rows(rt, qk, v, ld);
     // To the same rows: w_r dout (zero for halo copies, which only serve
     // as keys), the combined output (the D term) and the round's lse.
     ops_.gather_rows(a, dh, s.dparts.data() + int64_t(r) * dh, int64_t(R) * dh, s.dout_rows(),
                      rt.n_send, dh, false);
-    ops_.gather_rows(b, dh, ao, dh, s.send_rows(), rt.n_send, dh, false);
-    ops_.gather_rows(c, 1, s.lse.data() + r, R, s.send_rows(), rt.n_send, 1, false);
+    ops_.gather_rows(b, dh, ao, ld, s.send_rows(), rt.n_send, dh, false);
+    ops_.gather_rows(c, 1, lse + r, R, s.send_rows(), rt.n_send, 1, false);
     exchange(rt, true, a, s.ldout.data(), row);
     exchange(rt, true, b, s.lout.data(), row);
     exchange(rt, true, c, s.llse.data(), int64_t(sizeof(T)));
@@ -320,8 +325,8 @@ void SortedAttention<T>::backward_head(int l, int h, const T* qk, const T* v, co
     // (Every position has an owner entry: round 0's sets dqk and dv.)
     for (int part = 0; part < 2; ++part) {
       const bool add = r > 0 || part > 0;
-      ops_.gather_rows(dqk, dh, a, dh, s.back(part), L, dh, add);
-      ops_.gather_rows(dv, dh, b, dh, s.back(part), L, dh, add);
+      ops_.gather_rows(dqk, ld, a, dh, s.back(part), L, dh, add);
+      ops_.gather_rows(dv, ld, b, dh, s.back(part), L, dh, add);
     }
   }
 }

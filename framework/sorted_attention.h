@@ -50,23 +50,26 @@ class SortedAttention {
   SortedAttention(const SortedAttention&) = delete;
   SortedAttention& operator=(const SortedAttention&) = delete;
 
-  // Head h of layer l for this rank's positions: ao [L, dh] <- its attention
-  // from qk, v [L, dh] (the rank's projections on the head). An LSH layer
-  // hashes with the rotations keyed by `step` and saves the bucket ids when
-  // `rehash`, else reuses the saved ones. Every rank of the group calls it
-  // for the same heads in the same order.
-  void forward_head(int l, int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash);
-  // dqk, dv [L, dh] <- (overwritten) the head's gradients for dao [L, dh],
-  // right after forward_head() of the same head on the same qk, v; ao is
-  // its output.
-  void backward_head(int l, int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
-                     T* dv);
+  // Head h of layer l for this rank's positions: ao [L, dh] (row stride ld)
+  // <- its attention from qk, v [L, dh] (row stride ld; the rank's
+  // projections on the head). An LSH layer hashes with the rotations keyed
+  // by `step` and saves the bucket ids when `rehash`, else reuses the saved
+  // ones. The rounds' weights are kept in `slot` (< the heads of a pass,
+  // attention_heads_per_pass) for backward_head. Every rank of the group
+  // calls it for the same heads in the same order.
+  void forward_head(int l, int h, int slot, const T* qk, const T* v, int64_t ld, T* ao,
+                    uint64_t step, bool rehash);
+  // dqk, dv [L, dh] (row stride ld) <- (overwritten) the head's gradients for
+  // dao [L, dh], after forward_head() of the same head into the same slot on
+  // the same qk, v (other heads may come between); ao is its output.
+  void backward_head(int l, int h, int slot, const T* qk, const T* v, int64_t ld, const T* ao,
+                     const T* dao, T* dqk, T* dv);
 
  private:
   struct Route;  // where each position's rows go in one (head, round)
-  void hash_head(int l, int h, const T* qk, uint64_t step, bool rehash);
+  void hash_head(int l, int h, const T* qk, int64_t ld, uint64_t step, bool rehash);
   void route(int r, Route& rt);
-  void send_rows(Route& rt, const T* qk, const T* v);
+  void send_rows(Route& rt, const T* qk, const T* v, int64_t ld);
   void exchange(const Route& rt, bool out, const void* send, void* recv, int64_t row_bytes);
 
   const Config& cfg_;
