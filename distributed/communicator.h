@@ -16,6 +16,8 @@
 // block. Host backends complete blocking calls before returning.
 //
 // Counts are elements for typed reductions and bytes for data movement.
+// Send and receive buffers of one call must not overlap (except in-place
+// calls, which take one buffer).
 // Collective calls must be made by every rank of the communicator in the
 // same order; a call that does not complete within the timeout ends the whole
 // job with a message naming the rank and the operation.
@@ -79,9 +81,12 @@ class Communicator {
   // Point to point; each send must meet the matching recv on the peer.
   virtual void send(const void* data, int64_t bytes, int peer) = 0;
   virtual void recv(void* data, int64_t bytes, int peer) = 0;
+  // Returns once every rank has reached it (a host-side barrier: device
+  // backends do not wait for device work).
   virtual void barrier() = 0;
-  // The ranks with the same `color` form a new communicator, ordered by
-  // (key, rank). Collective over this communicator.
+  // The ranks with the same `color` (>= 0) form a new communicator, ordered
+  // by (key, rank). Collective over this communicator. The new communicator
+  // has this one's options, device and compute stream.
   virtual std::unique_ptr<Communicator> split(int color, int key) = 0;
   // Ends every rank of the job with a non-zero status (a failing rank must not
   // leave the others hanging in a collective).
