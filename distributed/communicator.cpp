@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "kernels/errors.h"
 
@@ -42,6 +43,28 @@ void LocalCommunicator::allgather(const void* send, void* recv, int64_t bytes) {
 void LocalCommunicator::reduce_scatter_sum(const float* send, float* recv, int64_t n) {
   REFORMER_REQUIRE(n >= 0, CommError, "reduce_scatter_sum: negative element count " + std::to_string(n));
   copy_bytes(send, recv, n * int64_t(sizeof(float)), "reduce_scatter_sum");
+}
+
+void Communicator::alltoallv_rows(const RowArray* arrays, int n, const int64_t* send_rows,
+                                  const int64_t* recv_rows) {
+  const size_t p = size_t(size());
+  std::vector<int64_t> sb(p), so(p), rb(p), ro(p);
+  for (int a = 0; a < n; ++a) {
+    REFORMER_REQUIRE(arrays[a].row_bytes >= 0, CommError,
+                     "alltoallv_rows: negative row size " + std::to_string(arrays[a].row_bytes));
+    int64_t as = 0, ar = 0;
+    for (size_t k = 0; k < p; ++k) {
+      REFORMER_REQUIRE(send_rows[k] >= 0 && recv_rows[k] >= 0, CommError,
+                       "alltoallv_rows: negative row count for rank " + std::to_string(k));
+      sb[k] = send_rows[k] * arrays[a].row_bytes;
+      so[k] = as;
+      as += sb[k];
+      rb[k] = recv_rows[k] * arrays[a].row_bytes;
+      ro[k] = ar;
+      ar += rb[k];
+    }
+    alltoallv(arrays[a].send, sb.data(), so.data(), arrays[a].recv, rb.data(), ro.data());
+  }
 }
 
 void LocalCommunicator::alltoall(const void* send, void* recv, int64_t bytes) {

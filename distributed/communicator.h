@@ -78,6 +78,18 @@ class Communicator {
   // have size() entries (host memory); counts must agree pairwise.
   virtual void alltoallv(const void* send, const int64_t* send_bytes, const int64_t* send_off,
                          void* recv, const int64_t* recv_bytes, const int64_t* recv_off) = 0;
+  // Several alltoallv with the same row counts as one operation: for each
+  // of the n arrays, send_rows[r] rows of arrays[a].row_bytes bytes (blocks
+  // packed from the front in rank order) go to rank r, and recv_rows[s] rows
+  // from rank s land packed in rank order. The default makes one alltoallv
+  // per array; NCCL issues every array's sends and receives as one group.
+  struct RowArray {
+    const void* send;
+    void* recv;
+    int64_t row_bytes;
+  };
+  virtual void alltoallv_rows(const RowArray* arrays, int n, const int64_t* send_rows,
+                              const int64_t* recv_rows);
   // Point to point; each send must meet the matching recv on the peer.
   virtual void send(const void* data, int64_t bytes, int peer) = 0;
   virtual void recv(void* data, int64_t bytes, int peer) = 0;

@@ -345,6 +345,39 @@ void NcclCommunicator::alltoallv(const void* send, const int64_t* send_bytes, co
   });
 }
 
+void NcclCommunicator::alltoallv_rows(const RowArray* arrays, int n, const int64_t* send_rows,
+                                      const int64_t* recv_rows) {
+  int64_t total = 0;
+  for (int a = 0; a < n; ++a) {
+    REFORMER_REQUIRE(arrays[a].row_bytes >= 0, CommError,
+                     "alltoallv_rows: negative row size " + std::to_string(arrays[a].row_bytes));
+    for (int r = 0; r < size(); ++r) {
+      REFORMER_REQUIRE(send_rows[r] >= 0 && recv_rows[r] >= 0, CommError,
+                       "alltoallv_rows: negative row count for rank " + std::to_string(r));
+      total += send_rows[r] * arrays[a].row_bytes;
+    }
+  }
+  // Zero counts are left out on both sides of a pair (counts agree pairwise);
+  // sends to one peer meet its receives in issue order.
+  blocking("alltoallv", total, "bytes sent", [&] {
+    nccl_group([&] {
+      for (int a = 0; a < n; ++a) {
+        const char* s = static_cast<const char*>(arrays[a].send);
+        char* d = static_cast<char*>(arrays[a].recv);
+        const int64_t w = arrays[a].row_bytes;
+        int64_t so = 0, ro = 0;
+        for (int peer = 0; peer < size(); ++peer) {
+          const int64_t sb = send_rows[peer] * w, rb = recv_rows[peer] * w;
+          if (sb > 0) NCCL_CHECK(ncclSend(s + so, size_t(sb), ncclChar, peer, comm_, stream_));
+          if (rb > 0) NCCL_CHECK(ncclRecv(d + ro, size_t(rb), ncclChar, peer, comm_, stream_));
+          so += sb;
+          ro += rb;
+        }
+      }
+    });
+  });
+}
+
 void NcclCommunicator::send(const void* data, int64_t bytes, int peer) {
   REFORMER_REQUIRE(bytes >= 0 && peer >= 0 && peer < size() && peer != rank(), CommError,
                    "send: " + std::to_string(bytes) + " bytes to peer " + std::to_string(peer) +

@@ -82,6 +82,8 @@ class NcclCommunicator final : public Communicator, private WatchSource {
   void alltoall(const void* send, void* recv, int64_t bytes) override;
   void alltoallv(const void* send, const int64_t* send_bytes, const int64_t* send_off, void* recv,
                  const int64_t* recv_bytes, const int64_t* recv_off) override;
+  void alltoallv_rows(const RowArray* arrays, int n, const int64_t* send_rows,
+                      const int64_t* recv_rows) override;
   // Ordered on the communication stream like the collectives; a rank may not
   // send to itself.
   void send(const void* data, int64_t bytes, int peer) override;

@@ -1,6 +1,7 @@
 #include "framework/sorted_attention.h"
 
 #include <algorithm>
+#include <initializer_list>
 #include <string>
 
 #include "framework/attention.h"
@@ -214,25 +215,15 @@ AttentionParams slot_params(const Config& cfg, int64_t n, int dh) {
 
 }  // namespace
 
-// Rows of `row_bytes` bytes, contiguous on both sides: to the slots' ranks
-// (out: send_n rows to each rank, recv_n from each) or back (the reverse).
+// Arrays of rows, each contiguous on both sides, in one exchange: to the
+// slots' ranks (out: send_n rows to each rank, recv_n from each) or back
+// (the reverse).
 template <class T>
-void SortedAttention<T>::exchange(const Route& rt, bool out, const void* send, void* recv,
-                                  int64_t row_bytes) {
-  const std::vector<int64_t>& ns = out ? rt.send_n : rt.recv_n;
-  const std::vector<int64_t>& nr = out ? rt.recv_n : rt.send_n;
-  const size_t sp = ns.size();
-  std::vector<int64_t> sb(sp), so(sp), rb(sp), ro(sp);
-  int64_t as = 0, ar = 0;
-  for (size_t k = 0; k < sp; ++k) {
-    sb[k] = ns[k] * row_bytes;
-    so[k] = as;
-    as += sb[k];
-    rb[k] = nr[k] * row_bytes;
-    ro[k] = ar;
-    ar += rb[k];
-  }
-  comm_.alltoallv(send, sb.data(), so.data(), recv, rb.data(), ro.data());
+void SortedAttention<T>::exchange(const Route& rt, bool out,
+                                  std::initializer_list<Communicator::RowArray> arrays) {
+  comm_.alltoallv_rows(arrays.begin(), int(arrays.size()),
+                       out ? rt.send_n.data() : rt.recv_n.data(),
+                       out ? rt.recv_n.data() : rt.send_n.data());
 }
 
 // Sends the round's qk and v rows of the head ([L, dh] each) to their
@@ -247,9 +238,10 @@ void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v, int64_t l
   T* b = a + s.Nx * dh;
   ops_.gather_rows(a, dh, qk, ld, s.send_rows(), rt.n_send, dh, false);
   ops_.gather_rows(b, dh, v, ld, s.send_rows(), rt.n_send, dh, false);
-  exchange(rt, true, a, s.lqk.data(), row);
-  exchange(rt, true, b, s.lv.data(), row);
-  exchange(rt, true, s.send_slots(), s.slots_recv.data(), int64_t(sizeof(int32_t)));
+  exchange(rt, true,
+           {{a, s.lqk.data(), row},
+            {b, s.lv.data(), row},
+            {s.send_slots(), s.slots_recv.data(), int64_t(sizeof(int32_t))}});
   ops_.invert_index(s.lperm.data(), s.slots_recv.data(), rt.n_local);
 }
 
@@ -273,8 +265,8 @@ void SortedAttention<T>::forward_head(int l, int h, int slot, const T* qk, const
     ops_.chunked_attention_forward(s.ldout.data(), s.lout.data(), s.llse.data(), s.lqk.data(),
                                    s.lv.data(), s.lperm.data(), p);
     // Outputs and log-sum-exps back to the positions' ranks, in the order they came.
-    exchange(rt, false, s.lout.data(), a, int64_t(sizeof(T)) * dh);
-    exchange(rt, false, s.llse.data(), c, int64_t(sizeof(T)));
+    exchange(rt, false,
+             {{s.lout.data(), a, int64_t(sizeof(T)) * dh}, {s.llse.data(), c, int64_t(sizeof(T))}});
     const int32_t* own = s.back(0);
     ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, a, dh, own, L, dh, false);
     ops_.gather_rows(lse + r, R, c, 1, own, L, 1, false);
@@ -310,9 +302,9 @@ void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, cons
                      rt.n_send, dh, false);
     ops_.gather_rows(b, dh, ao, ld, s.send_rows(), rt.n_send, dh, false);
     ops_.gather_rows(c, 1, lse + r, R, s.send_rows(), rt.n_send, 1, false);
-    exchange(rt, true, a, s.ldout.data(), row);
-    exchange(rt, true, b, s.lout.data(), row);
-    exchange(rt, true, c, s.llse.data(), int64_t(sizeof(T)));
+    exchange(rt, true,
+             {{a, s.ldout.data(), row}, {b, s.lout.data(), row},
+              {c, s.llse.data(), int64_t(sizeof(T))}});
     const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
     ops_.fill(s.ldqk.data(), T(0), rt.n_local * dh);
     ops_.fill(s.ldv.data(), T(0), rt.n_local * dh);
@@ -320,8 +312,7 @@ void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, cons
                                     s.lv.data(), s.lperm.data(), s.lout.data(), s.llse.data(), p);
     // dqk, dv back in the order the rows came; a position adds its own
     // row's and its halo copy's.
-    exchange(rt, false, s.ldqk.data(), a, row);
-    exchange(rt, false, s.ldv.data(), b, row);
+    exchange(rt, false, {{s.ldqk.data(), a, row}, {s.ldv.data(), b, row}});
     // (Every position has an owner entry: round 0's sets dqk and dv.)
     for (int part = 0; part < 2; ++part) {
       const bool add = r > 0 || part > 0;

@@ -30,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <vector>
 
@@ -70,7 +71,7 @@ class SortedAttention {
   void hash_head(int l, int h, const T* qk, int64_t ld, uint64_t step, bool rehash);
   void route(int r, Route& rt);
   void send_rows(Route& rt, const T* qk, const T* v, int64_t ld);
-  void exchange(const Route& rt, bool out, const void* send, void* recv, int64_t row_bytes);
+  void exchange(const Route& rt, bool out, std::initializer_list<Communicator::RowArray> arrays);
 
   const Config& cfg_;
   Ops<T>& ops_;

@@ -183,6 +183,47 @@ inline int64_t alltoallv_wrong(Communicator& c, const Memory& mem, int64_t unit)
   return wrong;
 }
 
+// alltoallv_rows of two arrays (3- and 8-byte rows): rank s sends count(s,
+// d) rows to rank d, about a quarter of the pairs none, scaled by `rows`.
+// Bytes past the received rows must stay untouched.
+inline int64_t alltoallv_rows_wrong(Communicator& c, const Memory& mem, int64_t rows) {
+  const int p = c.size(), me = c.rank();
+  auto count = [rows](int s, int d) { return int64_t((s * 3 + d * 5 + 1) % 4) * rows; };
+  constexpr Byte kUntouched = 0xEE;
+  const int64_t widths[2] = {3, 8};
+  std::vector<int64_t> sr(static_cast<size_t>(p)), rr(static_cast<size_t>(p));
+  int64_t ns = 0, nr = 0;
+  for (int r = 0; r < p; ++r) {
+    ns += sr[size_t(r)] = count(me, r);
+    nr += rr[size_t(r)] = count(r, me);
+  }
+  std::vector<std::unique_ptr<Buffer<Byte>>> sends, recvs;
+  std::vector<Communicator::RowArray> arrays;
+  for (int a = 0; a < 2; ++a) {
+    const int64_t w = widths[a];
+    std::vector<Byte> v(static_cast<size_t>(ns * w));
+    int64_t at = 0;
+    for (int to = 0; to < p; ++to)
+      for (int64_t i = 0; i < sr[size_t(to)] * w; ++i) v[size_t(at++)] = pattern(me, to, i + a);
+    sends.push_back(std::make_unique<Buffer<Byte>>(mem, v));
+    recvs.push_back(std::make_unique<Buffer<Byte>>(
+        mem, std::vector<Byte>(size_t(nr * w + 5), kUntouched)));
+    arrays.push_back({sends.back()->get(), recvs.back()->get(), w});
+  }
+  c.alltoallv_rows(arrays.data(), 2, sr.data(), rr.data());
+  int64_t wrong = 0;
+  for (int a = 0; a < 2; ++a) {
+    const int64_t w = widths[a];
+    const std::vector<Byte> got = recvs[size_t(a)]->read();
+    int64_t at = 0;
+    for (int from = 0; from < p; ++from)
+      for (int64_t i = 0; i < rr[size_t(from)] * w; ++i)
+        wrong += got[size_t(at++)] != pattern(from, me, i + a);
+    for (int64_t i = 0; i < 5; ++i) wrong += got[size_t(at + i)] != kUntouched;
+  }
+  return wrong;
+}
+
 // Each rank sends to its right neighbour and receives from its left one
 // (even ranks send first, odd ranks receive first, so blocking sends meet).
 inline int64_t ring_wrong(Communicator& c, const Memory& mem, int64_t bytes) {

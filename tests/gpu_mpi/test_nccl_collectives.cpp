@@ -79,6 +79,7 @@ TEST_F(Nccl, ExactResults) {
     EXPECT_EQ(reduce_scatter_wrong(comm(), mem_, n), 0);
     EXPECT_EQ(alltoall_wrong(comm(), mem_, n), 0);
     EXPECT_EQ(alltoallv_wrong(comm(), mem_, n), 0);
+    EXPECT_EQ(alltoallv_rows_wrong(comm(), mem_, n), 0);
     EXPECT_EQ(ring_wrong(comm(), mem_, n), 0);
   }
   comm().barrier();

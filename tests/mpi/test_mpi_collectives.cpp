@@ -49,6 +49,7 @@ void check_all(Communicator& c, const std::string& what, int64_t max_n = kSizes[
     EXPECT_EQ(reduce_scatter_wrong(c, kHost, n), 0);
     EXPECT_EQ(alltoall_wrong(c, kHost, n), 0);
     EXPECT_EQ(alltoallv_wrong(c, kHost, n), 0);
+    EXPECT_EQ(alltoallv_rows_wrong(c, kHost, n), 0);
     if (c.size() > 1) EXPECT_EQ(ring_wrong(c, kHost, n), 0);
   }
   EXPECT_EQ(split_wrong(c, kHost), 0) << what;
@@ -117,6 +118,7 @@ TEST(LocalCommunicator, CopiesAndIdentities) {
     EXPECT_EQ(reduce_scatter_wrong(local, kHost, n), 0);
     EXPECT_EQ(alltoall_wrong(local, kHost, n), 0);
     EXPECT_EQ(alltoallv_wrong(local, kHost, n), 0);
+    EXPECT_EQ(alltoallv_rows_wrong(local, kHost, n), 0);
   }
   EXPECT_EQ(split_wrong(local, kHost), 0);
   float x = 0;
