@@ -188,8 +188,10 @@ int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_laye
     b.add(n, G::activations, "[heads_per_pass, L, rounds]", {Hp, L, R});
   b.add("sort send", G::activations, "[2 (L + sp*halo), dh] + [L + sp*halo]", {Nx, 2 * dh + 1});
   const int64_t nb = lsh_layers > 0 ? cfg.buckets() : 1;
-  if (lsh_layers > 0) b.add("sort order", G::activations, "[n_hashes, L]", {R, L}, true);
-  b.add("sort deltas", G::activations, "[rounds, n_buckets]", {R, nb}, true);
+  // Per head of a pass: its sorted order and slot offsets, for its backward.
+  if (lsh_layers > 0)
+    b.add("sort order", G::activations, "[heads_per_pass, n_hashes, L]", {Hp, R, L}, true);
+  b.add("sort deltas", G::activations, "[heads_per_pass, rounds, n_buckets]", {Hp, R, nb}, true);
   b.add("sort routing", G::activations, "[3 (L + sp*halo) + 2 L]", {3 * Nx + 2 * L}, true);
   b.add("sort slots recv", G::activations, "[L + sp*halo]", {Nx}, true);
   b.add("sort histograms", G::activations, "[sp + 1, rounds, n_buckets]", {sp + 1, R, nb}, true);

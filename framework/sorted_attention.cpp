@@ -21,9 +21,10 @@ struct SortedAttention<T>::State {
   Buffer<T> parts, dparts;             // a head's rounds side by side [L, R dh]
   Buffer<T> lse, w;                    // per slot, the head's rounds' log-sum-exps and weights [L, R]
   int64_t slot_stride = 0;             // elements of one slot of lse, w
+  int Hp = 1;                          // slots: the heads of a pass
   Buffer<T> xs;                        // exchange rows: [Nx, dh] twice, then [Nx]
-  IntBuffer<T> order;                  // [R, L] the head's positions sorted per round (LSH)
-  IntBuffer<T> delta;                  // [R, nb] sort_route's slot offsets per round
+  IntBuffer<T> order;                  // per slot [R, L]: the head's positions sorted per round (LSH)
+  IntBuffer<T> delta;                  // per slot [R, nb]: sort_route's slot offsets per round
   IntBuffer<T> route;                  // sort_route's send [3, Nx] and back [2, L]
   IntBuffer<T> slots_recv;             // [Nx] each received row's local slot
   IntBuffer<T> hist;                   // [sp + 1, R, nb]: every rank's histogram, then this rank's
@@ -32,15 +33,27 @@ struct SortedAttention<T>::State {
   IntBuffer<T> lperm;                  // [Nl] slot -> row
   int64_t Nx = 0, Nl = 0;
 
-  // The head being run.
+  // The layer being run, and per slot the head it holds.
+  int layer = -1;
   bool wrap = true;
   int rounds = 1, nbk = 1;
-  const int32_t* head_buckets = nullptr;  // [rounds, L] (LSH), null for local layers
-  std::vector<SortRound> plan;            // per round: deltas and row counts
-  int hashed_l = -1, hashed_h = -1;       // the (layer, head) plan belongs to
+  struct Slot {
+    int l = -1, h = -1;                // the (layer, head) hashed into it
+    const int32_t* buckets = nullptr;  // its bucket ids [rounds, L] (LSH), null for local layers
+    std::vector<SortRound> plan;       // per round: deltas and row counts
+  };
+  std::vector<Slot> slots;
+  int cur = 0;                         // the slot being run
 
-  int64_t left(int k) const { return wrap || k > 0 ? cb_rows : 0; }
-  int64_t right(int k) const { return wrap || k < sp - 1 ? ca_rows : 0; }
+  // Layer l's kind: LSH (R rounds, nb buckets, wrapping) or local (one bucket).
+  void set_layer(int l) {
+    layer = l;
+    wrap = lsh_index[size_t(l)] >= 0;
+    rounds = wrap ? R : 1;
+    nbk = wrap ? nb : 1;
+  }
+  int32_t* slot_order() { return order.data() + int64_t(cur) * R * L; }
+  int32_t* slot_delta() { return delta.data() + int64_t(cur) * (delta.size() / Hp); }
   SortRouteParams route_params() const {
     SortRouteParams p;
     p.L = L;
@@ -108,7 +121,9 @@ SortedAttention<T>::SortedAttention(const Config& cfg, Ops<T>& ops, Communicator
   s.ldv = buf("sort dv");
   s.llse = buf("sort slot lse");
   s.lperm = ibuf("sort perm");
-  s.slot_stride = s.lse.size() / attention_heads_per_pass(cfg, s.sp, int(sizeof(T)));
+  s.Hp = attention_heads_per_pass(cfg, s.sp, int(sizeof(T)));
+  s.slot_stride = s.lse.size() / s.Hp;
+  s.slots.resize(size_t(s.Hp));
   s.Nx = s.slots_recv.size();
   s.Nl = s.lperm.size();
 }
@@ -116,30 +131,29 @@ SortedAttention<T>::SortedAttention(const Config& cfg, Ops<T>& ops, Communicator
 template <class T>
 SortedAttention<T>::~SortedAttention() = default;
 
-// The layer's kind, and for head h its sorted order per round (LSH), every
-// rank's bucket histograms and from them each round's plan: LSH hashes (or
-// reuses the saved ids), local layers have one bucket. One host wait per
-// head (the gathered histograms).
+// For head h of layer l, into the current slot: its sorted order per round
+// (LSH), every rank's bucket histograms and from them each round's plan.
+// LSH hashes (or reuses the saved ids), local layers have one bucket. One
+// host wait per head (the gathered histograms).
 template <class T>
 void SortedAttention<T>::hash_head(int l, int h, const T* qk, int64_t ld, uint64_t step,
                                    bool rehash) {
   State& s = *s_;
+  s.set_layer(l);
+  typename State::Slot& slot = s.slots[size_t(s.cur)];
   const int li = s.lsh_index[size_t(l)];
-  s.wrap = li >= 0;
-  s.rounds = li >= 0 ? s.R : 1;
-  s.nbk = li >= 0 ? s.nb : 1;
   const int64_t per_rank = int64_t(s.rounds) * s.nbk;
   int32_t* mine = s.hist.data() + int64_t(s.sp) * per_rank;
-  s.head_buckets = nullptr;
+  slot.buckets = nullptr;
   if (li >= 0) {
     int32_t* b = s.buckets[size_t(li)].data() + int64_t(h) * s.R * s.L;
     if (rehash) {
       ops_.lsh_rotations(s.rot.data(), cfg_.training.seed, step, l, h, s.R, s.dh, s.nb, s.f0);
       ops_.lsh_hash(b, qk, ld, s.rot.data(), s.L, s.dh, s.R, s.nb, s.f0);
     }
-    ops_.lsh_sort(s.order.data(), b, s.L, s.R, s.nb);
+    ops_.lsh_sort(s.slot_order(), b, s.L, s.R, s.nb);
     ops_.bucket_histogram(mine, b, s.L, s.R, s.nb);
-    s.head_buckets = b;
+    slot.buckets = b;
   } else {
     const int32_t all = int32_t(s.L);
     ops_.from_host_i32(mine, &all, 1);
@@ -147,17 +161,17 @@ void SortedAttention<T>::hash_head(int l, int h, const T* qk, int64_t ld, uint64
   comm_.allgather(mine, s.hist.data(), per_rank * int64_t(sizeof(int32_t)));
   std::vector<int32_t> hh(static_cast<size_t>(s.sp * per_rank));
   ops_.to_host_i32(hh.data(), s.hist.data(), s.sp * per_rank);
-  s.plan.clear();
+  slot.plan.clear();
   std::vector<int32_t> delta(static_cast<size_t>(per_rank));
   for (int r = 0; r < s.rounds; ++r) {
-    s.plan.push_back(
+    slot.plan.push_back(
         plan_sort_round(hh.data() + int64_t(r) * s.nbk, per_rank, s.nbk, s.route_params()));
-    std::copy(s.plan.back().delta.begin(), s.plan.back().delta.end(),
+    std::copy(slot.plan.back().delta.begin(), slot.plan.back().delta.end(),
               delta.begin() + int64_t(r) * s.nbk);
   }
-  ops_.from_host_i32(s.delta.data(), delta.data(), per_rank);
-  s.hashed_l = l;
-  s.hashed_h = h;
+  ops_.from_host_i32(s.slot_delta(), delta.data(), per_rank);
+  slot.l = l;
+  slot.h = h;
 }
 
 // Round r of the current head: the row counts from the plan, and on the
@@ -165,7 +179,8 @@ void SortedAttention<T>::hash_head(int l, int h, const T* qk, int64_t ld, uint64
 template <class T>
 void SortedAttention<T>::route(int r, Route& rt) {
   State& s = *s_;
-  const SortRound& pr = s.plan[size_t(r)];
+  const typename State::Slot& slot = s.slots[size_t(s.cur)];
+  const SortRound& pr = slot.plan[size_t(r)];
   rt.send_n = pr.send_n;
   rt.recv_n = pr.recv_n;
   rt.n_send = rt.n_local = 0;
@@ -174,14 +189,15 @@ void SortedAttention<T>::route(int r, Route& rt) {
     rt.n_local += rt.recv_n[size_t(k)];
   }
   REFORMER_REQUIRE(rt.n_send <= s.Nx, ShapeError, "sort mode: more rows to send than planned");
-  REFORMER_REQUIRE(rt.n_local == s.left(s.me) + s.L + s.right(s.me) && rt.n_local <= s.Nl,
+  const SortRouteParams p = s.route_params();
+  REFORMER_REQUIRE(rt.n_local == p.left(s.me) + s.L + p.right(s.me) && rt.n_local <= s.Nl,
                    ShapeError,
                    "sort mode: rank " + std::to_string(s.me) + " receives " +
                        std::to_string(rt.n_local) + " rows for its slots and halo");
-  const int32_t* order = s.head_buckets ? s.order.data() + int64_t(r) * s.L : nullptr;
-  const int32_t* buckets = s.head_buckets ? s.head_buckets + int64_t(r) * s.L : nullptr;
+  const int32_t* order = slot.buckets ? s.slot_order() + int64_t(r) * s.L : nullptr;
+  const int32_t* buckets = slot.buckets ? slot.buckets + int64_t(r) * s.L : nullptr;
   ops_.sort_route(s.route.data(), s.route.data() + 3 * s.Nx, order, buckets,
-                  s.delta.data() + int64_t(r) * s.nbk, s.route_params());
+                  s.slot_delta() + int64_t(r) * s.nbk, p);
 }
 
 namespace {
@@ -255,6 +271,9 @@ void SortedAttention<T>::forward_head(int l, int h, int slot, const T* qk, const
   T* c = a + 2 * s.Nx * dh;
   T* lse = s.lse.data() + slot * s.slot_stride;
   T* w = s.w.data() + slot * s.slot_stride;
+  REFORMER_REQUIRE(slot >= 0 && slot < s.Hp, ShapeError,
+                   "sort mode: slot " + std::to_string(slot) + " of " + std::to_string(s.Hp));
+  s.cur = slot;
   hash_head(l, h, qk, ld, step, rehash);
   const int R = s.rounds;
   for (int r = 0; r < R; ++r) {
@@ -285,9 +304,15 @@ void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, cons
   T* c = b + s.Nx * dh;
   const T* lse = s.lse.data() + slot * s.slot_stride;
   const T* w = s.w.data() + slot * s.slot_stride;
-  // The sorted order and the plan of this head: those of the forward_head()
-  // just before when it was this head, else made again from the saved ids.
-  if (s.hashed_l != l || s.hashed_h != h) hash_head(l, h, qk, ld, 0, /*rehash*/ false);
+  // The sorted order and the plan its forward_head() left in the slot.
+  REFORMER_REQUIRE(slot >= 0 && slot < s.Hp && s.slots[size_t(slot)].l == l &&
+                       s.slots[size_t(slot)].h == h,
+                   ShapeError,
+                   "sort mode: backward_head(" + std::to_string(l) + ", " + std::to_string(h) +
+                       ") must follow forward_head() of that head into slot " +
+                       std::to_string(slot));
+  s.cur = slot;
+  s.set_layer(l);
   const int R = s.rounds;
   // Each round's share of the head's output gradient: dparts[:, r] = w_r dao.
   ops_.fill(s.dparts.data(), T(0), L * R * dh);

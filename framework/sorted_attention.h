@@ -55,14 +55,16 @@ class SortedAttention {
   // <- its attention from qk, v [L, dh] (row stride ld; the rank's
   // projections on the head). An LSH layer hashes with the rotations keyed
   // by `step` and saves the bucket ids when `rehash`, else reuses the saved
-  // ones. The rounds' weights are kept in `slot` (< the heads of a pass,
-  // attention_heads_per_pass) for backward_head. Every rank of the group
+  // ones. The head's sorted order, routing plan and round weights are kept
+  // in `slot` (< the heads of a pass, attention_heads_per_pass) for
+  // backward_head. Every rank of the group
   // calls it for the same heads in the same order.
   void forward_head(int l, int h, int slot, const T* qk, const T* v, int64_t ld, T* ao,
                     uint64_t step, bool rehash);
   // dqk, dv [L, dh] (row stride ld) <- (overwritten) the head's gradients for
   // dao [L, dh], after forward_head() of the same head into the same slot on
-  // the same qk, v (other heads may come between); ao is its output.
+  // the same qk, v (heads in other slots may come between); ao is its
+  // output. Throws ShapeError when the slot holds another head.
   void backward_head(int l, int h, int slot, const T* qk, const T* v, int64_t ld, const T* ao,
                      const T* dao, T* dqk, T* dv);
 
