@@ -60,9 +60,23 @@ __global__ void copy_2d_kernel(float* dst, int64_t ld_dst, const float* src, int
   }
 }
 
+// Sums and zeros of the element types gather_rows moves (V: float, or
+// float4 for four columns at once).
+__device__ __forceinline__ float vec_add(float a, float b) { return a + b; }
+__device__ __forceinline__ float4 vec_add(float4 a, float4 b) {
+  return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+template <class V>
+__device__ __forceinline__ V vec_zero() {
+  if constexpr (sizeof(V) == sizeof(float)) return 0.0f;
+  else return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+
 // dst[r, c] (+)= src[idx[r], c], a row with idx[r] < 0 zeroed (kept when
-// accumulating); one thread per element.
-__global__ void gather_rows_kernel(float* dst, int64_t ld_dst, const float* src, int64_t ld_src,
+// accumulating); one V per thread (columns and strides in V units; float4
+// where cols and strides are multiples of 4 and rows 16-byte aligned).
+template <class V>
+__global__ void gather_rows_kernel(V* dst, int64_t ld_dst, const V* src, int64_t ld_src,
                                    const int32_t* idx, int64_t rows, int64_t cols,
                                    bool accumulate) {
   const int64_t n = rows * cols;
@@ -70,37 +84,12 @@ __global__ void gather_rows_kernel(float* dst, int64_t ld_dst, const float* src,
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / cols, c = i % cols;
     const int32_t k = idx[r];
-    float* d = dst + r * ld_dst + c;
+    V* d = dst + r * ld_dst + c;
     if (k < 0) {
-      if (!accumulate) *d = 0.0f;
+      if (!accumulate) *d = vec_zero<V>();
     } else {
-      const float v = src[int64_t(k) * ld_src + c];
-      *d = accumulate ? *d + v : v;
-    }
-  }
-}
-
-// The same, four columns per thread (cols, ld_dst, ld_src multiples of 4 and
-// 16-byte aligned rows): 128-bit loads and stores, a quarter of the index math.
-__global__ void gather_rows4_kernel(float4* dst, int64_t ld_dst4, const float4* src,
-                                    int64_t ld_src4, const int32_t* idx, int64_t rows,
-                                    int64_t cols4, bool accumulate) {
-  const int64_t n = rows * cols4;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols4, c = i % cols4;
-    const int32_t k = idx[r];
-    float4* d = dst + r * ld_dst4 + c;
-    if (k < 0) {
-      if (!accumulate) *d = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    } else {
-      const float4 v = src[int64_t(k) * ld_src4 + c];
-      if (accumulate) {
-        const float4 o = *d;
-        *d = make_float4(o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w);
-      } else {
-        *d = v;
-      }
+      const V v = src[int64_t(k) * ld_src + c];
+      *d = accumulate ? vec_add(*d, v) : v;
     }
   }
 }
@@ -172,14 +161,14 @@ void CudaOps::gather_rows(float* dst, int64_t ld_dst, const float* src, int64_t 
   if (rows <= 0 || cols <= 0) return;
   const auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   if (cols % 4 == 0 && ld_dst % 4 == 0 && ld_src % 4 == 0 && aligned(dst) && aligned(src)) {
-    cuda::gather_rows4_kernel<<<cuda::grid_for(rows * cols / 4), cuda::kThreads, 0, stream_>>>(
+    cuda::gather_rows_kernel<float4><<<cuda::grid_for(rows * cols / 4), cuda::kThreads, 0,
+                                       stream_>>>(
         reinterpret_cast<float4*>(dst), ld_dst / 4, reinterpret_cast<const float4*>(src),
         ld_src / 4, idx, rows, cols / 4, accumulate);
-    CUDA_CHECK_LAUNCH("gather_rows4_kernel");
-    return;
+  } else {
+    cuda::gather_rows_kernel<float><<<cuda::grid_for(rows * cols), cuda::kThreads, 0, stream_>>>(
+        dst, ld_dst, src, ld_src, idx, rows, cols, accumulate);
   }
-  cuda::gather_rows_kernel<<<cuda::grid_for(rows * cols), cuda::kThreads, 0, stream_>>>(
-      dst, ld_dst, src, ld_src, idx, rows, cols, accumulate);
   CUDA_CHECK_LAUNCH("gather_rows_kernel");
 }
 
