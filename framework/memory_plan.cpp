@@ -9,6 +9,7 @@
 #include "framework/attention.h"
 #include "framework/model_tensors.h"
 #include "framework/sequence_parallel.h"
+#include "kernels/common/gemm_staging.h"
 #include "kernels/common/workspace_growth.h"
 #include "kernels/errors.h"
 
@@ -247,9 +248,11 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
   bool by_round = false;
   int64_t attn_rows = Lfull;  // rows of one attention call
+  int64_t proj_cols = 0;      // columns of one pass's qk and v projections
   if (sort) {
     attn_rows = add_sorted_attention(b, cfg, sp, lsh_layers);
     by_round = true;
+    proj_cols = attention_heads_per_pass(cfg, sp, real_bytes) * dh;
   } else {
     // Attention runs in passes of Hp heads. At sp 1 a pass projects and
     // attends Hp heads over the rank's positions (all of them). Under sequence
@@ -257,6 +260,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     // so a pass projects sp * Hp heads of the rank's positions (lqk, lv, the
     // exchange's staging) and exchanges them for [Lfull, Hp * dh].
     const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
+    proj_cols = sp * Hp * dh;
     for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
       b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
     // Pairs mode (g ranks per head) gathers every rank's head columns of Wqk,
@@ -318,8 +322,14 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   // Sort mode's sort_route (kernels/cuda/routing.cu): destinations [L] int4,
   // flags and entry indices [sp, L] int32, and the scan's scratch.
   const int64_t route = sort ? round256(16 * L) + 2 * round256(4 * sp * L) + (int64_t(1) << 20) : 0;
-  b.add_bytes("op workspace (estimate)", op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc),
-                                                            lsh_layers > 0, by_round, route));
+  // The linear layers' bf16 operands (kernels/common/gemm_staging.h): the
+  // projections and the feed-forward over blocks of fc rows, the output
+  // head over oc rows.
+  const int64_t gemm = std::max({gemm_stage_bytes(fc, D, F), gemm_stage_bytes(fc, D, proj_cols),
+                                 gemm_stage_bytes(oc, 2 * D, V)});
+  b.add_bytes("op workspace (estimate)",
+              op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc), lsh_layers > 0, by_round,
+                                 std::max(route, gemm)));
   b.add_bytes("cuBLASLt workspace", int64_t(32) << 20);  // kernels/cuda/cuda_ops.cu
   return plan;
 }

@@ -12,9 +12,10 @@
 // file of that family (elementwise.cu, matmul.cu, attention_*.cu, ...), next
 // to their kernels.
 //
-// Numerics: fp32 storage everywhere; GEMMs use bf16 tensor-core math with
-// fp32 accumulation (CUBLAS_COMPUTE_32F_FAST_16BF), except lsh_hash's TF32
-// products (CUBLAS_COMPUTE_32F_FAST_TF32); everything else computes
+// Numerics: fp32 storage everywhere; the linear layers' products round
+// their operands to bf16 (staged in the workspace) and accumulate in fp32,
+// lsh_hash's products use TF32 math (CUBLAS_COMPUTE_32F_FAST_TF32);
+// everything else computes
 // in fp32 (reductions of losses, norms and optimizer statistics in double).
 // Determinism: every op gives the same bits on every run except
 // embedding_backward's dwte (atomicAdd over tokens) - see embedding.cu.
@@ -47,13 +48,17 @@ class CudaOps final : public Ops<float> {
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
  private:
-  // C[m, n] (column-major, ldc) = op(A) op(B) + beta C through cuBLASLt, fp32
-  // in memory and accumulation, with the tensor-core math `fast`
-  // (CUBLAS_COMPUTE_32F_FAST_16BF or _FAST_TF32), or plain fp32 where cuBLASLt
-  // offers no such kernel for the shape (matmul.cu).
-  void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A,
-            int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
-            cublasComputeType_t fast = CUBLAS_COMPUTE_32F_FAST_16BF);
+  // The operands of a product (matmul.cu): bf16 in memory (fp32
+  // accumulation), or fp32 in memory with TF32 or bf16 tensor-core math.
+  enum class GemmOperands { bf16, fp32_bf16_math, fp32_tf32 };
+  // C[m, n] (column-major, ldc, fp32) = op(A) op(B) + beta C through
+  // cuBLASLt, accumulating in fp32. fp32 operands fall back to plain fp32
+  // math where cuBLASLt offers no tensor-core kernel for the shape; bf16
+  // operands return false instead (nothing is computed) so the caller can
+  // multiply its fp32 operands.
+  bool gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
+            int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
+            GemmOperands operands = GemmOperands::fp32_bf16_math);
 
   // Waits for stream_; then throws the device error raised since the last
   // check, if any (device_error_, cleared). Every host synchronisation point
@@ -77,12 +82,13 @@ class CudaOps final : public Ops<float> {
   int32_t* device_error_ = nullptr;
   int32_t* device_error_dev_ = nullptr;  // device_error_ as device code addresses it
   // Heuristic choices by (transa, transb, m, n, k, lda, ldb, ldc, beta != 0,
-  // alignments, fast compute type).
+  // alignments, operands).
   using GemmKey =
       std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int>;
   struct GemmChoice {
+    bool found;  // false: no kernel for bf16 operands (the caller uses fp32 ones)
     cublasLtMatmulAlgo_t algo;
-    cublasComputeType_t compute;  // the key's fast type unless none fits, then CUBLAS_COMPUTE_32F
+    cublasComputeType_t compute;  // the tensor-core type unless none fits, then CUBLAS_COMPUTE_32F
   };
   std::map<GemmKey, GemmChoice> algo_cache_;
 };

@@ -288,7 +288,7 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
     // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ld),
     // in TF32 tensor-core math.
     gemm(false, false, m, rows, int64_t(dh), Rcat, ldy, qk + c0 * ld, ld, 0.0f, Y, ldy,
-         CUBLAS_COMPUTE_32F_FAST_TF32);
+         GemmOperands::fp32_tf32);
 
     const unsigned blocks = unsigned((rows * n_hashes + cuda::kArgmaxThreads / 32 - 1) /
                                      (cuda::kArgmaxThreads / 32));

@@ -1,19 +1,28 @@
 // Dense linear layer out = inp @ w + bias (CUDA twin of kernels/cpu/matmul.cpp).
 //
-// Products go through cuBLASLt with fp32 matrices in memory and bf16
-// tensor-core math accumulating in fp32 (CUBLAS_COMPUTE_32F_FAST_16BF), so
-// results carry bf16 input rounding (~3 significant digits relative to the
-// output scale). Row-major [N, C] @ [C, OC] is computed as the column-major
-// product out^T = w^T inp^T by swapping the operands. The bias is added by a
-// separate broadcast kernel; dbias is a deterministic two-pass column sum.
-// cuBLASLt's heuristic is queried once per (shape, strides, alignment) and
-// cached; if it offers no bf16 kernel the product falls back to plain fp32.
+// Products go through cuBLASLt on the tensor cores with bf16 operands and
+// fp32 accumulation and results. The ops keep fp32 activations and weights
+// in memory and round them to bf16 into the op workspace first, the weight
+// whole and the activations (and dout) a block of rows at a time
+// (kernels/common/gemm_staging.h): the same rounding bf16 tensor-core math
+// applies to fp32 operands (CUBLAS_COMPUTE_32F_FAST_16BF), at about twice
+// its speed, so results carry bf16 input rounding (~3 significant digits
+// relative to the output scale). Row-major [N, C] @ [C, OC] is computed as
+// the column-major product out^T = w^T inp^T by swapping the operands. The
+// bias is added by a separate broadcast kernel; dbias is a deterministic
+// two-pass column sum. cuBLASLt's heuristic is queried once per (shape,
+// strides, alignment, operand type) and cached; where it offers no kernel
+// for bf16 operands the product runs on the fp32 operands instead.
 // Bitwise reproducible on one GPU model and toolkit (cuBLAS's guarantee).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <string>
+#include <vector>
 
+#include "kernels/common/gemm_staging.h"
 #include "kernels/errors.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
@@ -41,11 +50,47 @@ struct AddTo {
   __device__ void operator()(int64_t c, double s) const { dst[c] += float(s); }
 };
 
+// dst[i] = bf16(src[i]) (round to nearest even) for a [rows, cols] block
+// with row strides ld_src and cols (dst is dense).
+__global__ void round_bf16_kernel(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
+                                  int64_t ld_src) {
+  const int64_t n = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    dst[i] = __float2bfloat16_rn(src[r * ld_src + c]);
+  }
+}
+
+// Four values per thread where rows are dense and 16-byte aligned.
+__global__ void round_bf16_vec4_kernel(__nv_bfloat16* dst, const float* src, int64_t n4) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float4 v = reinterpret_cast<const float4*>(src)[i];
+    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst) + 2 * i;
+    d[0] = __floats2bfloat162_rn(v.x, v.y);
+    d[1] = __floats2bfloat162_rn(v.z, v.w);
+  }
+}
+
+void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
+                cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  if (n <= 0) return;
+  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    round_bf16_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(dst, src, n / 4);
+    CUDA_CHECK_LAUNCH("round_bf16_vec4_kernel");
+  } else {
+    round_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, rows, cols, cols);
+    CUDA_CHECK_LAUNCH("round_bf16_kernel");
+  }
+}
+
 // Largest power of two (<= 16) dividing both the address and the row stride in bytes.
-int alignment(const void* p, int64_t ld) {
-  const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(p)) | uint64_t(ld * 4);
+int alignment(const void* p, int64_t ld, int elem_bytes) {
+  const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(p)) | uint64_t(ld * elem_bytes);
   int al = 16;
-  while (al > 4 && (a % uint64_t(al)) != 0) al >>= 1;
+  while (al > elem_bytes && (a % uint64_t(al)) != 0) al >>= 1;
   return al;
 }
 
@@ -66,42 +111,51 @@ struct LtDescs {
 }  // namespace
 }  // namespace cuda
 
-void CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A,
-                   int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                   cublasComputeType_t fast) {
-  const int al_a = cuda::alignment(A, lda), al_b = cuda::alignment(B, ldb),
-            al_c = cuda::alignment(C, ldc);
+bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
+                   int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
+                   GemmOperands operands) {
+  const bool bf16 = operands == GemmOperands::bf16;
+  const cudaDataType_t ab = bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const int eb = bf16 ? 2 : 4;
+  const int al_a = cuda::alignment(A, lda, eb), al_b = cuda::alignment(B, ldb, eb),
+            al_c = cuda::alignment(C, ldc, 4);
   const GemmKey key{int(trans_a), int(trans_b), m, n, k, lda, ldb, ldc, beta != 0.0f ? 1 : 0,
-                    al_a * 10000 + al_b * 100 + al_c, int(fast)};
+                    al_a * 10000 + al_b * 100 + al_c, int(operands)};
   auto make = [&](cuda::LtDescs& d, cublasComputeType_t compute) {
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
     const cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, CUDA_R_32F, uint64_t(trans_a ? k : m),
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, ab, uint64_t(trans_a ? k : m),
                                             uint64_t(trans_a ? m : k), lda));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, CUDA_R_32F, uint64_t(trans_b ? n : k),
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, ab, uint64_t(trans_b ? n : k),
                                             uint64_t(trans_b ? k : n), ldb));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, CUDA_R_32F, uint64_t(m), uint64_t(n), ldc));
   };
 
-  // The algorithm and compute type chosen for this key: tensor-core math
-  // first; plain fp32 only if cuBLASLt offers no such kernel for the shape.
+  // The algorithm and compute type chosen for this key. bf16 operands:
+  // fp32 accumulation, or no product (false: the caller multiplies the fp32
+  // operands instead). fp32 operands: tensor-core math first (TF32 or bf16
+  // as asked), plain fp32 only if cuBLASLt offers no such kernel.
   auto it = algo_cache_.find(key);
   if (it == algo_cache_.end()) {
-    for (cublasComputeType_t compute : {fast, CUBLAS_COMPUTE_32F}) {
+    std::vector<cublasComputeType_t> computes;
+    if (bf16) computes = {CUBLAS_COMPUTE_32F};
+    else if (operands == GemmOperands::fp32_tf32) computes = {CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_32F};
+    else computes = {CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_COMPUTE_32F};
+    for (cublasComputeType_t compute : computes) {
       cuda::LtDescs q;
       make(q, compute);
       CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&q.pref));
       const uint64_t ws = lt_ws_bytes_;
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           q.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-      const uint32_t aa = uint32_t(al_a), ab = uint32_t(al_b), ac = uint32_t(al_c);
+      const uint32_t aa = uint32_t(al_a), ab_al = uint32_t(al_b), ac = uint32_t(al_c);
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof(aa)));
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
-          q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab)));
+          q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab_al, sizeof(ab_al)));
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof(ac)));
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
@@ -111,20 +165,27 @@ void CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
       const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, q.op, q.a, q.b, q.c, q.c,
                                                                q.pref, 1, &result, &found);
       if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-        it = algo_cache_.emplace(key, GemmChoice{result.algo, compute}).first;
+        it = algo_cache_.emplace(key, GemmChoice{true, result.algo, compute}).first;
         break;
       }
     }
-    if (it == algo_cache_.end())
+    if (it == algo_cache_.end()) {
+      if (bf16) {
+        algo_cache_.emplace(key, GemmChoice{false, {}, CUBLAS_COMPUTE_32F});
+        return false;
+      }
       throw DeviceError("cublasLtMatmulAlgoGetHeuristic: no algorithm for m=" + std::to_string(m) +
                         " n=" + std::to_string(n) + " k=" + std::to_string(k) +
                         " (at " __FILE__ ")");
+    }
   }
+  if (!it->second.found) return false;
   cuda::LtDescs d;
   make(d, it->second.compute);
   const float alpha = 1.0f;
   CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, A, d.a, B, d.b, &beta, C, d.c, C, d.c,
                               &it->second.algo, lt_ws_, lt_ws_bytes_, stream_));
+  return true;
 }
 
 void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const float* bias,
@@ -133,8 +194,24 @@ void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const
   if (C <= 0) {
     fill(out, 0.0f, N * OC);
   } else {
-    // out^T [OC, N] = w^T [OC, C] inp^T [C, N], all column-major views of row-major data.
-    gemm(false, false, OC, N, C, w, OC, inp, C, 0.0f, out, OC);
+    // out^T [OC, N] = w^T [OC, C] inp^T [C, N], all column-major views of
+    // row-major data, over blocks of rows with bf16 operands.
+    const int64_t rows = gemm_block_rows(N, C, OC);
+    cuda::Carve carve;
+    const size_t o_w = carve.reserve(2 * size_t(C) * size_t(OC));
+    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+    carve.reserve(2 * size_t(rows) * size_t(OC));  // dout rows: the backward's layout
+    void* base = ws_.get(carve.total());
+    auto* w16 = cuda::Carve::at<__nv_bfloat16>(base, o_w);
+    auto* x16 = cuda::Carve::at<__nv_bfloat16>(base, o_x);
+    cuda::round_bf16(w16, w, C, OC, stream_);
+    for (int64_t r0 = 0; r0 < N; r0 += rows) {
+      const int64_t nr = std::min(rows, N - r0);
+      cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+      if (!gemm(false, false, OC, nr, C, w16, OC, x16, C, 0.0f, out + r0 * OC, OC,
+                GemmOperands::bf16))
+        gemm(false, false, OC, nr, C, w, OC, inp + r0 * C, C, 0.0f, out + r0 * OC, OC);
+    }
   }
   if (bias) {
     cuda::add_bias_kernel<<<cuda::grid_for(N * OC), cuda::kThreads, 0, stream_>>>(out, bias, N,
@@ -146,13 +223,33 @@ void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const
 void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float* dout,
                               const float* inp, const float* w, int64_t N, int C, int OC) {
   if (N <= 0 || OC <= 0) return;
-  if (dinp && C > 0) {
-    // dinp^T [C, N] += w [C, OC] dout^T [OC, N].
-    gemm(true, false, C, N, OC, w, OC, dout, OC, 1.0f, dinp, C);
-  }
-  if (dw && C > 0) {
-    // dw^T [OC, C] += dout^T [OC, N] inp [N, C].
-    gemm(false, true, OC, C, N, dout, OC, inp, C, 1.0f, dw, OC);
+  if ((dinp || dw) && C > 0) {
+    const int64_t rows = gemm_block_rows(N, C, OC);
+    cuda::Carve carve;
+    const size_t o_w = carve.reserve(2 * size_t(C) * size_t(OC));
+    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+    const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(OC));
+    void* base = ws_.get(carve.total());
+    auto* w16 = cuda::Carve::at<__nv_bfloat16>(base, o_w);
+    auto* x16 = cuda::Carve::at<__nv_bfloat16>(base, o_x);
+    auto* d16 = cuda::Carve::at<__nv_bfloat16>(base, o_d);
+    if (dinp) cuda::round_bf16(w16, w, C, OC, stream_);
+    for (int64_t r0 = 0; r0 < N; r0 += rows) {
+      const int64_t nr = std::min(rows, N - r0);
+      cuda::round_bf16(d16, dout + r0 * OC, nr, OC, stream_);
+      if (dinp) {
+        // dinp^T [C, nr] += w [C, OC] dout^T [OC, nr].
+        if (!gemm(true, false, C, nr, OC, w16, OC, d16, OC, 1.0f, dinp + r0 * C, C,
+                  GemmOperands::bf16))
+          gemm(true, false, C, nr, OC, w, OC, dout + r0 * OC, OC, 1.0f, dinp + r0 * C, C);
+      }
+      if (dw) {
+        // dw^T [OC, C] += dout^T [OC, nr] inp [nr, C].
+        cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+        if (!gemm(false, true, OC, C, nr, d16, OC, x16, C, 1.0f, dw, OC, GemmOperands::bf16))
+          gemm(false, true, OC, C, nr, dout + r0 * OC, OC, inp + r0 * C, C, 1.0f, dw, OC);
+      }
+    }
   }
   if (dbias) {
     double* scratch =

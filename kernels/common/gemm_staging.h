@@ -1,0 +1,39 @@
+// How the CUDA linear-layer ops stage their operands as bf16 (kernels/cuda/
+// matmul.cu), shared with the memory plan (framework/memory_plan.cpp) so the
+// plan's workspace estimate and the allocation agree.
+//
+// matmul_forward / matmul_backward round the weight and, block of rows by
+// block of rows, the activations (and dout) to bf16 in the op workspace and
+// multiply bf16 operands on the tensor cores with fp32 accumulation and fp32
+// results. The rounding is the one bf16 tensor-core math applies to fp32
+// operands anyway; bf16 operands in memory run the products at about twice
+// the speed (bench/RESULTS.md, gemm_probe).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace reformer {
+
+// The staged activation rows of one block hold at most this many bytes.
+constexpr int64_t kGemmStageBytes = int64_t(256) << 20;
+
+// Rows per block for a product with C input and OC output features: every
+// row of a block stages C + OC bf16 values; a multiple of 256 rows unless
+// the whole of N fits.
+inline int64_t gemm_block_rows(int64_t N, int64_t C, int64_t OC) {
+  const int64_t per_row = 2 * (C + OC);
+  const int64_t rows = std::max<int64_t>(256, kGemmStageBytes / per_row / 256 * 256);
+  return std::min(N, rows);
+}
+
+// Workspace bytes one matmul_forward / matmul_backward call asks for: the
+// bf16 weight, then a block's bf16 activation rows and bf16 dout rows, each
+// region rounded up to 256 bytes (kernels/cuda/workspace.h, Carve).
+inline int64_t gemm_stage_bytes(int64_t N, int64_t C, int64_t OC) {
+  auto r256 = [](int64_t b) { return (b + 255) / 256 * 256; };
+  const int64_t rows = gemm_block_rows(N, C, OC);
+  return r256(2 * C * OC) + r256(2 * rows * C) + r256(2 * rows * OC);
+}
+
+}  // namespace reformer
