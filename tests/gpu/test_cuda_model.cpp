@@ -5,10 +5,15 @@
 //  - mean loss within 2e-2 relative,
 //  - global gradient norm within 5e-2 relative,
 //  - per-parameter cosine similarity of the gradients > 0.99,
-//  - logits of a forward pass within 2e-2 of their largest magnitude, against
-//    the CPU ops with the GEMM operands rounded to bf16 as the CUDA ones are
-//    (Bf16ProductsCpu): with fp32 operands on the CPU, flipped hashes move
-//    LSH logits by up to 25% of the largest.
+//  - logits of a forward pass through full and local attention layers,
+//    against the CPU ops with the GEMM operands rounded to bf16 as the CUDA
+//    ones are (Bf16ProductsCpu), within 5e-3 of their largest magnitude
+//    (2e-2 with bf16 attention). LSH layers are left out of this one: a
+//    hash decided by a near-tie moves a position to another chunk and every
+//    later position of its bucket run with it, so any change of rounding
+//    (fp32 against bf16 operands, or TF32 hashing against fp32 on the CPU)
+//    moves most LSH logits by more than 2% at this size; the statistics
+//    above and the op conformance suites cover them.
 // Both attention precisions are checked with these tolerances: bf16
 // attention rounds q, k_hat, v, dout and the probabilities like the GEMMs
 // round their inputs (relative 2^-9 each, ~3e-3 on an attention output; see
@@ -98,7 +103,7 @@ REFORMER_OPS(BF16_PRODUCTS_FORWARD)
 
 // d_model 64, 4 heads, 3 layers (LSH, full, local), max_len 128, bucket 16,
 // 2 hash rounds; dropout on, so the CUDA masks must match the CPU's.
-Config model_config(const std::string& precision) {
+Config model_config(const std::string& precision, const std::string& kinds = "[lsh, full, local]") {
   const char* yaml = R"(
 model:
   vocab_size: 256
@@ -121,7 +126,8 @@ training:
 data:
   kind: duplication
 )";
-  return parse_config(yaml, "test_cuda_model", {"attention.precision=" + precision});
+  return parse_config(yaml, "test_cuda_model",
+                      {"attention.precision=" + precision, "attention.kinds=" + kinds});
 }
 
 void make_tokens(int64_t L, std::vector<int32_t>* tokens, std::vector<int32_t>* targets) {
@@ -193,7 +199,7 @@ TEST_P(CudaModelAt, LossAndGradientsMatchCpu) {
 
 TEST_P(CudaModelAt, LogitsMatchCpu) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const Config cfg = model_config(GetParam());
+  const Config cfg = model_config(GetParam(), "[full, local]");
   std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
   Bf16ProductsCpu cpu;
   ReformerModel<float> mg(cfg, *gpu), mc(cfg, cpu);
@@ -210,7 +216,8 @@ TEST_P(CudaModelAt, LogitsMatchCpu) {
     scale = std::max(scale, std::fabs(double(lc[i])));
     worst = std::max(worst, std::fabs(double(lg[i]) - double(lc[i])));
   }
-  EXPECT_LE(worst, 2e-2 * scale) << "largest logit difference (scale " << scale << ")";
+  const double tol = GetParam() == "fp32" ? 5e-3 : 2e-2;
+  EXPECT_LE(worst, tol * scale) << "largest logit difference (scale " << scale << ")";
 }
 
 INSTANTIATE_TEST_SUITE_P(Attention, CudaModelAt, ::testing::Values("fp32", "bf16"));
