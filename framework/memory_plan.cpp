@@ -325,10 +325,8 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   // The linear layers' bf16 operands (kernels/common/gemm_staging.h): the
   // projections and the feed-forward over blocks of fc rows, the output
   // head over oc rows.
-  // LayerNorm backward's partial sums (workspace_growth.h) likewise.
   const int64_t gemm = std::max({gemm_stage_bytes(fc, D, F), gemm_stage_bytes(fc, D, proj_cols),
-                                 gemm_stage_bytes(oc, 2 * D, V), layernorm_partial_bytes(fc, D),
-                                 layernorm_partial_bytes(oc, 2 * D)});
+                                 gemm_stage_bytes(oc, 2 * D, V)});
   b.add_bytes("op workspace (estimate)",
               op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc), lsh_layers > 0, by_round,
                                  std::max(route, gemm)));

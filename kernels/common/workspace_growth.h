@@ -15,18 +15,4 @@ inline int64_t workspace_capacity(int64_t bytes) {
   return bytes + std::min<int64_t>(bytes / 4, int64_t(256) << 20);
 }
 
-// The CUDA LayerNorm backward (kernels/cuda/layernorm.cu) for rows of up to
-// kLayerNormRegisterCols columns: blocks of layernorm_partial_rows(N) rows,
-// at most kLayerNormBlocks of them, each leaving 2 * C double partial sums
-// (weight and bias gradients) in the workspace.
-constexpr int kLayerNormRegisterCols = 4096;
-constexpr int64_t kLayerNormBlocks = 512;
-inline int64_t layernorm_partial_rows(int64_t N) {
-  return std::max<int64_t>(1, (N + kLayerNormBlocks - 1) / kLayerNormBlocks);
-}
-inline int64_t layernorm_partial_bytes(int64_t N, int64_t C) {
-  const int64_t rows = layernorm_partial_rows(N), blocks = (N + rows - 1) / rows;
-  return 16 * blocks * C;
-}
-
 }  // namespace reformer
