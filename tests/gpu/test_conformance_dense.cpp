@@ -221,9 +221,10 @@ void add_matmul(std::vector<Case>& cases) {
 }
 
 void add_activation(std::vector<Case>& cases) {
-  const int64_t n = 1025;
+  // 1025: one element per thread; 4096: four (float4).
+  for (int64_t n : {int64_t(1025), int64_t(4096)})
   for (Activation act : {Activation::gelu, Activation::relu}) {
-    const std::string s = act == Activation::gelu ? " gelu" : " relu";
+    const std::string s = (act == Activation::gelu ? " gelu" : " relu") + std::string(" n=") + sz(n);
     cases.push_back(make_case("activation_forward" + s, OpId::activation_forward,
                               {input("x", n, 40, -4.0, 4.0), output("out", n, 41, kFp32Elementwise)},
                               [=](auto& ops, auto& t) {
