@@ -33,7 +33,8 @@ std::pair<std::vector<double>, std::vector<double>> row_stats(const std::vector<
 }
 
 void add_elementwise(std::vector<Case>& cases) {
-  for (int64_t n : {int64_t(1), int64_t(97), int64_t(1025), int64_t(65536 + 3)}) {
+  // 65536: the float4 kernels; the others one element per thread.
+  for (int64_t n : {int64_t(1), int64_t(97), int64_t(1025), int64_t(65536), int64_t(65536 + 3)}) {
     const std::string s = " n=" + sz(n);
     Case c = make_case("fill" + s, OpId::fill, {output("x", n, 1, kFp32Elementwise)},
                        [n](auto& ops, auto& t) { ops.fill(t("x"), 2.5f, n); });
