@@ -349,11 +349,14 @@ void ReformerModel<T>::add_output(int l, const T* ao, const T* wo, int n, bool s
                                   uint64_t step, bool train) {
   Scratch& s = *s_;
   for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
-    ops_.matmul_forward(s.fg.data(), ao + r0 * n, wo, nullptr, rows, n, D_);
-    if (train && cfg_.model.dropout > 0)
-      ops_.dropout(s.fg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l,
-                   kSiteAttention, (pos0_ + r0) * D_);
     T* x1 = s.x1.data() + r0 * D_;
+    if (!(train && cfg_.model.dropout > 0)) {
+      ops_.matmul_accumulate(x1, ao + r0 * n, wo, nullptr, rows, n, D_, subtract ? -1.0f : 1.0f);
+      return;
+    }
+    ops_.matmul_forward(s.fg.data(), ao + r0 * n, wo, nullptr, rows, n, D_);
+    ops_.dropout(s.fg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l,
+                 kSiteAttention, (pos0_ + r0) * D_);
     if (subtract) ops_.sub(x1, x1, s.fg.data(), rows * D_);
     else ops_.add(x1, x1, s.fg.data(), rows * D_);
   });
@@ -548,21 +551,28 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
   }
 }
 
-// g[rows, D] = FFN(LN_f(y1)) for the `rows` positions starting at local row
-// row0 (y1 points at row0). Leaves fln, fh, fa for ffn_chunk_backward.
+// x2 += FFN(LN_f(y1)), or -= when `subtract`, for the `rows` positions
+// starting at local row row0 (y1 and x2 point at row0). Leaves fln, fh, fa
+// for ffn_chunk_backward.
 template <class T>
-void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* g, int64_t rows, int64_t row0,
-                                 uint64_t step, bool train) {
+void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64_t rows,
+                                 int64_t row0, uint64_t step, bool train) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), y1, P.ln_f_w, P.ln_f_b,
                          rows, D_, float(cfg_.model.layernorm_eps));
   ops_.matmul_forward(s.fh.data(), s.fln.data(), P.w1, P.b1, rows, D_, F_);
   ops_.activation_forward(s.fa.data(), s.fh.data(), rows * F_, cfg_.model.activation);
+  if (!(train && cfg_.model.dropout > 0)) {
+    ops_.matmul_accumulate(x2, s.fa.data(), P.w2, P.b2, rows, F_, D_, subtract ? -1.0f : 1.0f);
+    return;
+  }
+  T* g = s.fg.data();
   ops_.matmul_forward(g, s.fa.data(), P.w2, P.b2, rows, F_, D_);
-  if (train && cfg_.model.dropout > 0)
-    ops_.dropout(g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
-                 (pos0_ + row0) * D_);
+  ops_.dropout(g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
+               (pos0_ + row0) * D_);
+  if (subtract) ops_.sub(x2, x2, g, rows * D_);
+  else ops_.add(x2, x2, g, rows * D_);
 }
 
 // dy1 += d FFN(LN_f(y1)) / dy1 applied to dg (the gradient of the chunk's
@@ -653,8 +663,8 @@ void ReformerModel<T>::stack_backward(uint64_t step, bool train) {
     // y2 = x2 + FFN(LN_f(y1)): rebuild x2, then dy1 += FFN'(y1)^T dy2.
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {
       const int64_t rows = std::min<int64_t>(s.fc, L_ - r0);
-      ffn_chunk(l, s.x1.data() + r0 * D_, s.fg.data(), rows, r0, step, train);
-      ops_.sub(s.x2.data() + r0 * D_, s.x2.data() + r0 * D_, s.fg.data(), rows * D_);
+      ffn_chunk(l, s.x1.data() + r0 * D_, s.x2.data() + r0 * D_, /*subtract*/ true, rows, r0,
+                step, train);
       ffn_chunk_backward(l, s.x1.data() + r0 * D_, s.dx2.data() + r0 * D_, s.dx1.data() + r0 * D_,
                          rows, r0, step, train);
     }
@@ -696,8 +706,8 @@ void ReformerModel<T>::stack_forward(const int32_t* tokens, uint64_t step, bool 
     attention_layer_forward(l, step, train);
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {
       const int64_t rows = std::min<int64_t>(s.fc, L_ - r0);
-      ffn_chunk(l, s.x1.data() + r0 * D_, s.fg.data(), rows, r0, step, train);
-      ops_.add(s.x2.data() + r0 * D_, s.x2.data() + r0 * D_, s.fg.data(), rows * D_);
+      ffn_chunk(l, s.x1.data() + r0 * D_, s.x2.data() + r0 * D_, /*subtract*/ false, rows, r0,
+                step, train);
     }
   }
 }

@@ -126,7 +126,8 @@ class ReformerModel {
                   bool train);
   void output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao, uint64_t step,
                        bool train);
-  void ffn_chunk(int l, const T* y1, T* g, int64_t rows, int64_t row0, uint64_t step, bool train);
+  void ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64_t rows, int64_t row0,
+                 uint64_t step, bool train);
   void ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy1, int64_t rows, int64_t row0,
                           uint64_t step, bool train);
   LossStats head(const int32_t* targets, bool backward, T grad_scale, std::vector<T>* logits);

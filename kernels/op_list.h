@@ -78,6 +78,10 @@
     (T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N, int C,   \
      int OC),                                                                               \
     (dinp, dw, dbias, dout, inp, w, N, C, OC))                                              \
+  X(void, matmul_accumulate,                                                                \
+    (T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC,             \
+     float alpha),                                                                          \
+    (out, inp, w, bias, N, C, OC, alpha))                                                   \
   /* activation */                                                                          \
   X(void, activation_forward, (T* out, const T* inp, int64_t n, Activation act),            \
     (out, inp, n, act))                                                                     \

@@ -80,6 +80,12 @@ struct Flops<OpId::matmul_forward> {
   }
 };
 template <>
+struct Flops<OpId::matmul_accumulate> {
+  static double of(T*, const T*, const T*, const T*, int64_t N, int C, int OC, float) {
+    return matmul_forward_flops(N, C, OC);
+  }
+};
+template <>
 struct Flops<OpId::matmul_backward> {
   static double of(T* dinp, T* dw, T*, const T*, const T*, const T*, int64_t N, int C, int OC) {
     return matmul_backward_flops(N, C, OC, dinp != nullptr, dw != nullptr);

@@ -151,6 +151,15 @@ void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, 
 }
 
 template <class T>
+void matmul_accumulate(T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC,
+                       float alpha) {
+  std::vector<T> branch(static_cast<size_t>(N * OC));
+  matmul_forward(branch.data(), inp, w, bias, N, C, OC);
+  const T a = T(alpha);
+  for (int64_t i = 0; i < N * OC; ++i) out[i] = out[i] + a * branch[size_t(i)];
+}
+
+template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N,
                      int C, int OC) {
   const T* no_bias = nullptr;
@@ -181,7 +190,8 @@ void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, cons
 
 #define REFORMER_INSTANTIATE(T)                                                                 \
   template void matmul_forward<T>(T*, const T*, const T*, const T*, int64_t, int, int);         \
-  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int, int);
+  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int, int); \
+  template void matmul_accumulate<T>(T*, const T*, const T*, const T*, int64_t, int, int, float);
 REFORMER_INSTANTIATE(float)
 REFORMER_INSTANTIATE(double)
 #undef REFORMER_INSTANTIATE

@@ -58,7 +58,11 @@ class CudaOps final : public Ops<float> {
   // multiply its fp32 operands.
   bool gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
             int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
-            GemmOperands operands = GemmOperands::fp32_bf16_math);
+            GemmOperands operands = GemmOperands::fp32_bf16_math, float alpha = 1.0f);
+  // out = alpha (inp @ w + bias) + beta out for row-major out [N, OC], inp
+  // [N, C], w [C, OC]: matmul_forward (1, 0) and matmul_accumulate (alpha, 1).
+  void product(float* out, const float* inp, const float* w, const float* bias, int64_t N, int C,
+               int OC, float alpha, float beta);
 
   // Waits for stream_; then throws the device error raised since the last
   // check, if any (device_error_, cleared). Every host synchronisation point

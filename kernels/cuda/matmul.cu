@@ -32,12 +32,13 @@ namespace reformer {
 namespace cuda {
 namespace {
 
-// out[r, c] += bias[c] for a row-major [rows, cols] matrix.
-__global__ void add_bias_kernel(float* out, const float* bias, int64_t rows, int64_t cols) {
+// out[r, c] += alpha * bias[c] for a row-major [rows, cols] matrix.
+__global__ void add_bias_kernel(float* out, const float* bias, int64_t rows, int64_t cols,
+                                float alpha) {
   const int64_t n = rows * cols;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    out[i] += bias[i % cols];
+    out[i] += alpha * bias[i % cols];
 }
 
 struct DoutValue {
@@ -113,7 +114,7 @@ struct LtDescs {
 
 bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
                    int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                   GemmOperands operands) {
+                   GemmOperands operands, float alpha) {
   const bool bf16 = operands == GemmOperands::bf16;
   const cudaDataType_t ab = bf16 ? CUDA_R_16BF : CUDA_R_32F;
   const int eb = bf16 ? 2 : 4;
@@ -182,7 +183,6 @@ bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   if (!it->second.found) return false;
   cuda::LtDescs d;
   make(d, it->second.compute);
-  const float alpha = 1.0f;
   CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, A, d.a, B, d.b, &beta, C, d.c, C, d.c,
                               &it->second.algo, lt_ws_, lt_ws_bytes_, stream_));
   return true;
@@ -190,9 +190,23 @@ bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
 
 void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const float* bias,
                              int64_t N, int C, int OC) {
+  product(out, inp, w, bias, N, C, OC, 1.0f, 0.0f);
+}
+
+// out += alpha (inp @ w): the product's epilogue reads out (beta 1), so the
+// branch never goes through memory; the bias follows in its own pass
+// (alpha bias), which rounds once more than the CPU's out + alpha (inp @ w +
+// bias).
+void CudaOps::matmul_accumulate(float* out, const float* inp, const float* w, const float* bias,
+                                int64_t N, int C, int OC, float alpha) {
+  product(out, inp, w, bias, N, C, OC, alpha, 1.0f);
+}
+
+void CudaOps::product(float* out, const float* inp, const float* w, const float* bias, int64_t N,
+                      int C, int OC, float alpha, float beta) {
   if (N <= 0 || OC <= 0) return;
   if (C <= 0) {
-    fill(out, 0.0f, N * OC);
+    if (beta == 0.0f) fill(out, 0.0f, N * OC);
   } else {
     // out^T [OC, N] = w^T [OC, C] inp^T [C, N], all column-major views of
     // row-major data, over blocks of rows with bf16 operands.
@@ -208,14 +222,15 @@ void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);
       cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
-      if (!gemm(false, false, OC, nr, C, w16, OC, x16, C, 0.0f, out + r0 * OC, OC,
-                GemmOperands::bf16))
-        gemm(false, false, OC, nr, C, w, OC, inp + r0 * C, C, 0.0f, out + r0 * OC, OC);
+      if (!gemm(false, false, OC, nr, C, w16, OC, x16, C, beta, out + r0 * OC, OC,
+                GemmOperands::bf16, alpha))
+        gemm(false, false, OC, nr, C, w, OC, inp + r0 * C, C, beta, out + r0 * OC, OC,
+             GemmOperands::fp32_bf16_math, alpha);
     }
   }
   if (bias) {
     cuda::add_bias_kernel<<<cuda::grid_for(N * OC), cuda::kThreads, 0, stream_>>>(out, bias, N,
-                                                                                  OC);
+                                                                                  OC, alpha);
     CUDA_CHECK_LAUNCH("add_bias_kernel");
   }
 }

@@ -198,6 +198,20 @@ void add_matmul(std::vector<Case>& cases) {
           [=](auto& ops, auto& t) {
             ops.matmul_forward(t("out"), t("x"), t("w"), bias ? t("bias") : nullptr, N, C, OC);
           }));
+    // A residual branch added or taken away: out starts nonzero; 2e-2 of the
+    // increment's scale (atol_inc), as for accumulated gradients.
+    for (float alpha : {1.0f, -1.0f})
+      for (bool bias : {true, false})
+        cases.push_back(make_case(
+            std::string("matmul_accumulate alpha=") + (alpha > 0 ? "1" : "-1") +
+                (bias ? " bias" : "") + s,
+            OpId::matmul_accumulate,
+            {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("bias", OC, 32),
+             output("out", N * OC, 37, Tol{0, 0, 0, 2e-2})},
+            [=](auto& ops, auto& t) {
+              ops.matmul_accumulate(t("out"), t("x"), t("w"), bias ? t("bias") : nullptr, N, C,
+                                    OC, alpha);
+            }));
     // Accumulated GEMM gradients: 2e-2 of the increment's scale; dbias sums
     // columns in double on every backend.
     const Tol gemm_inc{0, 0, 0, 2e-2};

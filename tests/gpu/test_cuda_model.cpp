@@ -93,6 +93,16 @@ struct Bf16ProductsCpu::Before<OpId::matmul_backward> {
   }
 };
 
+template <>
+struct Bf16ProductsCpu::Before<OpId::matmul_accumulate> {
+  Bf16ProductsCpu& o;
+  void apply(float*&, const float*& inp, const float*& w, const float*&, int64_t& N, int& C,
+             int& OC, float&) {
+    inp = o.rounded(o.a_, inp, N * C);
+    w = o.rounded(o.b_, w, int64_t(C) * OC);
+  }
+};
+
 #define BF16_PRODUCTS_FORWARD(ret, name, params, args) \
   auto Bf16ProductsCpu::name params -> ret {           \
     Before<OpId::name>{*this}.apply args;              \
