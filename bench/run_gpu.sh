@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine: build, run the GPU test suite, train the built-in default
 # run, break a training step down by op (reformer bench --breakdown), time `reformer bench` on
-# the peers' model, then the peers themselves in the same call.
-#   bench/run_gpu.sh OUT_DIR LENGTHS [PEERS_SCRIPT [PEER_LENGTHS]]
-# e.g. bench/run_gpu.sh /tmp/out 16384,65536,262144 .peers/peer_bench.py 16384,65536
+# the peers' model and the 12-layer enwik8 recipe, then the peers themselves
+# in the same call, and print the one-GPU target table (bench/target_table.py).
+#   bench/run_gpu.sh OUT_DIR [LENGTHS [PEERS_SCRIPT [PEER_LENGTHS]]]
+# e.g. bench/run_gpu.sh /tmp/out 16384,65536,1048576 .peers/peer_bench.py 65536
 set -uo pipefail
 out=${1:?output folder}
-lengths=${2:-16384,65536}
+lengths=${2:-16384,65536,1048576}
 peers=${3:-}
 peer_lengths=${4:-$lengths}
 mkdir -p "$out"
@@ -34,3 +35,8 @@ if [ -n "$peers" ]; then
     grep '^{' "$out/peer-$p.log"
   done
 fi
+build-gpu/reformer bench --config configs/enwik8.yaml --set data.kind=duplication \
+  --set training.batch_size=1 --lengths 65536 --steps 2 > "$out/enwik8.log" 2>&1
+grep -E '^\| cuda' "$out/enwik8.log" || tail -5 "$out/enwik8.log"
+build-gpu/reformer plan --config configs/bench-peer.yaml > "$out/plan.txt" 2>&1
+python3 bench/target_table.py "$out"

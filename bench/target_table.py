@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Prints the one-GPU target table (speed and memory) from the logs of
+bench/run_gpu.sh, every figure from this run's logs:
+
+  bench.log       reformer bench --config configs/bench-peer.yaml --lengths 16384,65536,1048576
+  breakdown.txt   reformer bench ... --lengths 65536 --breakdown (attention TFLOP/s)
+  enwik8.log      reformer bench --config configs/enwik8.yaml --lengths 65536
+  plan.txt        reformer plan --config configs/bench-peer.yaml (longest that fits this GPU)
+  peer-hf.log, peer-flash.log   the peers' JSON lines (shared/peers/peer_bench.py)
+
+Usage: bench/target_table.py OUT_DIR
+"""
+import json
+import os
+import re
+import sys
+
+
+def cuda_rows(path):
+    """{length: (tokens/s, peak GiB)} from the `| cuda | L | ms | tok/s | ... |` rows."""
+    rows = {}
+    if not os.path.exists(path):
+        return rows
+    for line in open(path):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 7 and cells[0] == "cuda" and cells[1].isdigit():
+            rows[int(cells[1])] = (float(cells[3]), float(cells[6]))
+    return rows
+
+
+def attention_tflops(path):
+    """Forward and backward attention together: GFLOP / ms of both ops."""
+    gflop = ms = 0.0
+    if not os.path.exists(path):
+        return None
+    for line in open(path):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 6 and cells[0] in ("chunked_attention_forward", "chunked_attention_backward"):
+            ms += float(cells[2])
+            gflop += float(cells[4])
+    return gflop / ms if ms > 0 else None
+
+
+def peers(out, length):
+    found = {}
+    for p in ("hf", "flash"):
+        path = os.path.join(out, f"peer-{p}.log")
+        if not os.path.exists(path):
+            continue
+        for line in open(path):
+            # The first line of each peer at this length: HF in fp32, flash
+            # without activation checkpointing.
+            if line.startswith("{"):
+                j = json.loads(line)
+                if j.get("L") == length and "ckpt" not in j["name"]:
+                    found.setdefault(p, j)
+    return found
+
+
+def longest(path):
+    if not os.path.exists(path):
+        return None
+    m = re.search(r"longest model.max_len that fits in ([\d.]+ \w+): (\d+)", open(path).read())
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def main():
+    out = sys.argv[1]
+    ours = cuda_rows(os.path.join(out, "bench.log"))
+    enw = cuda_rows(os.path.join(out, "enwik8.log"))
+    att = attention_tflops(os.path.join(out, "breakdown.txt"))
+    pe = peers(out, 65536)
+    lo = longest(os.path.join(out, "plan.txt"))
+
+    def k(x):
+        return f"{x / 1000:.1f}K"
+
+    rows = []
+    if 65536 in ours:
+        tok = ours[65536][0]
+        vs = []
+        if "hf" in pe:
+            vs.append(f"{tok / pe['hf']['tok_s']:.2f}x HF ({k(pe['hf']['tok_s'])})")
+        if "flash" in pe:
+            vs.append(f"{tok / pe['flash']['tok_s']:.2f}x flash ({k(pe['flash']['tok_s'])})")
+        rows.append(("tokens/s at 64K", f"{k(tok)}" + (", " + ", ".join(vs) if vs else ""),
+                     ">= 650K", tok >= 650e3))
+    if 16384 in ours and 1048576 in ours:
+        r = ours[1048576][0] / ours[16384][0]
+        rows.append(("tokens/s at 1M over 16K", f"{r:.2f} ({k(ours[1048576][0])} / {k(ours[16384][0])})",
+                     ">= 0.9", r >= 0.9))
+    if 1048576 in ours:
+        g = ours[1048576][1]
+        rows.append(("peak memory at 1M", f"{g:.2f} GiB", "<= 24 GiB", g <= 24))
+    if lo:
+        rows.append(("longest sequence on this GPU (plan)", f"{lo[1]:,} tokens in {lo[0]}",
+                     ">= 4M", lo[1] >= 4 * 1024 * 1024))
+    if 65536 in enw:
+        rows.append(("12-layer enwik8 recipe at 64K", k(enw[65536][0]), ">= 330K", enw[65536][0] >= 330e3))
+    if att is not None:
+        rows.append(("attention kernels at 64K", f"{att:.1f} TFLOP/s", ">= 250 TFLOP/s", att >= 250))
+    print("| figure | measured | target | met |")
+    print("| --- | --- | --- | --- |")
+    for name, got, want, met in rows:
+        print(f"| {name} | {got} | {want} | {'yes' if met else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
