@@ -18,8 +18,8 @@ cd "$(dirname "$0")/.."
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DREFORMER_BENCH=ON > "$out/build.log" 2>&1 && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
-ctest --test-dir build-gpu -L gpu --output-on-failure > "$out/gpu-tests.log" 2>&1
-echo "gpu tests: $(tail -n 8 "$out/gpu-tests.log" | grep -E 'tests passed|FAILED' | head -1)"
+ctest --test-dir build-gpu -L gpu -j8 --output-on-failure > "$out/gpu-tests.log" 2>&1
+echo "gpu tests: $(grep -E 'tests passed|tests failed' "$out/gpu-tests.log" | tail -1)"
 build-gpu/reformer train --set checkpoint.dir=/tmp/reformer-default-ckpt --set checkpoint.resume=none \
   > "$out/default.log" 2>&1
 echo "default run: $(grep -E '^eval' "$out/default.log" | tail -1)"
