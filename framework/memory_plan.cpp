@@ -125,12 +125,23 @@ void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
 
 }  // namespace
 
+namespace {
+
+// The heads one rank attends: all of them at sp 1 and in sort mode (every
+// rank attends every head over its own positions), n_heads / sp in the heads
+// mode, one in pairs mode.
+int rank_heads(const Config& cfg, int sp) {
+  const ModelConfig& m = cfg.model;
+  const bool sort = sp > 1 && cfg.parallel.sp_mode == SpMode::sort;
+  return sort ? m.n_heads : sp > m.n_heads ? 1 : m.n_heads / sp;
+}
+
+}  // namespace
+
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes) {
   const ModelConfig& m = cfg.model;
-  // Sort mode: every rank attends every head over its own positions.
   const bool sort = sp > 1 && cfg.parallel.sp_mode == SpMode::sort;
-  // The heads one rank attends (all of them at sp 1; one in pairs mode).
-  const int heads = sort ? m.n_heads : sp > m.n_heads ? 1 : m.n_heads / sp;
+  const int heads = rank_heads(cfg, sp);
   if (m.attn_heads_per_pass > 0) {
     if (heads % m.attn_heads_per_pass != 0)
       throw ConfigError("model.attn_heads_per_pass = " + std::to_string(m.attn_heads_per_pass) +
@@ -355,6 +366,20 @@ Config with_length(const Config& cfg, int64_t length, const std::string& source)
   return c;
 }
 
+Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
+  if (cfg.model.attn_heads_per_pass > 0 || device_bytes <= 0) return cfg;
+  const int most = attention_heads_per_pass(cfg, sp), heads = rank_heads(cfg, sp);
+  Config c = cfg;
+  for (int g = most; g > 1; --g) {
+    if (heads % g != 0) continue;
+    c.model.attn_heads_per_pass = g;
+    if (double(plan_memory(c, sp).total_bytes()) <= kAutoPassFraction * double(device_bytes))
+      return c;
+  }
+  c.model.attn_heads_per_pass = 1;
+  return c;
+}
+
 int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes) {
   // Lengths in steps every rank shares alike (sort mode: whole chunks per rank).
   const int64_t unit = cfg.parallel.sp_mode == SpMode::sort && sp > 1
@@ -364,7 +389,8 @@ int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes
   // The plan at k * g positions, or -1 when the configuration refuses it.
   auto total = [&](int64_t k) -> int64_t {
     try {
-      return plan_memory(with_length(cfg, k * g, "plan"), sp).total_bytes();
+      return plan_memory(fit_heads_per_pass(with_length(cfg, k * g, "plan"), sp, budget_bytes), sp)
+          .total_bytes();
     } catch (const ConfigError&) {
       return -1;
     }

@@ -91,9 +91,18 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes = 4);
 
 // The longest model.max_len for which plan_memory(cfg at that length, sp)
 // totals at most `budget_bytes`, among the lengths the configuration accepts
+// (heads per pass, when auto, fitted to budget_bytes: fit_heads_per_pass)
 // (a multiple of the attention chunk and of sp, axial shape and buckets
 // re-derived when the config derived them); 0 when none does.
 int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes);
+
+// `cfg` with model.attn_heads_per_pass chosen for a device of `device_bytes`
+// when it is 0 (auto) and device_bytes > 0: the most heads per pass the pass
+// budget allows (attention_heads_per_pass) whose whole plan takes at most
+// kAutoPassFraction of the device, else the fewest (1); unchanged otherwise.
+// Every rank of a run must see the same device_bytes.
+constexpr double kAutoPassFraction = 0.9;
+Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes);
 
 // `cfg` with model.max_len = length (axial shape and n_buckets re-derived
 // where they follow the length), validated. Throws ConfigError when the

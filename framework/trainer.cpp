@@ -66,12 +66,21 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
   if (grid_->sp() > 1) grid_->sp_group().set_compute_stream(ops_->stream());
   data_ = make_dataset(cfg_);
   const SequenceShard shard{grid_->sp(), grid_->sp_rank(), &grid_->sp_group()};
+  model_cfg_ = on_device ? fit_heads_per_pass(cfg_, grid_->sp(), device_memory_bytes()) : cfg_;
+  {  // every rank must attend the same heads per pass (GPUs of one size)
+    const double h = model_cfg_.model.attn_heads_per_pass;
+    double sums[2] = {h, h * h};
+    host_.allreduce_sum(sums, 2);
+    if (sums[1] * world.size() != sums[0] * sums[0])
+      throw ConfigError("the ranks' GPUs differ in memory, so they would attend different "
+                        "numbers of heads per attention pass: set model.attn_heads_per_pass");
+  }
   try {  // out of device memory: say what the memory plan expects
-    model_ = std::make_unique<ReformerModel<float>>(cfg_, *ops_, shard);
+    model_ = std::make_unique<ReformerModel<float>>(model_cfg_, *ops_, shard);
     model_->init_params(cfg_.training.seed);
     opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), *ops_);
   } catch (const OutOfMemoryError& e) {
-    rethrow_with_plan(e, cfg_, grid_->sp());
+    rethrow_with_plan(e, model_cfg_, grid_->sp());
   }
   const auto bucket_elems = int64_t(cfg_.parallel.bucket_mb * 1024 * 1024 / sizeof(float));
   reducer_ = std::make_unique<GradReducer>(world, model_->grads(), model_->num_params(),
@@ -264,7 +273,7 @@ StepResult Trainer::train_step() {
   try {  // the op workspaces grow during the first step
     st = accumulate_step(step_tokens_, step_targets_, per_group, grad_scale);
   } catch (const OutOfMemoryError& e) {
-    rethrow_with_plan(e, cfg_, grid_->sp());
+    rethrow_with_plan(e, model_cfg_, grid_->sp());
   }
   double sums[3] = {st.loss_sum, double(st.count), double(st.correct)};
   host_.allreduce_sum(sums, 3);
@@ -403,7 +412,7 @@ TrainResult Trainer::train() {
   if (ops_->peak_bytes() >= 0)
     log_info(strfmt("device memory: peak %s held by this rank's ops (the memory plan: %s)",
                     format_bytes(ops_->peak_bytes()).c_str(),
-                    format_bytes(plan_memory(cfg_, grid_->sp()).total_bytes()).c_str()));
+                    format_bytes(plan_memory(model_cfg_, grid_->sp()).total_bytes()).c_str()));
   return result;
 }
 

@@ -91,6 +91,9 @@ class Trainer {
   const ProcessGrid& grid() const { return *grid_; }
   ReformerModel<float>& model() { return *model_; }
   Ops<float>& ops() { return *ops_; }
+  // The configuration the model runs: the run's, with the heads per
+  // attention pass fitted to this rank's device.
+  const Config& model_config() const { return model_cfg_; }
   CheckpointState snapshot() const;
 
  private:
@@ -105,6 +108,10 @@ class Trainer {
                             const std::vector<int32_t>& targets, int n_seq, float grad_scale);
 
   Config cfg_;
+  // cfg_ with the heads per attention pass fitted to this rank's device
+  // (fit_heads_per_pass): what the model runs and the memory plan prints;
+  // checkpoints keep cfg_.
+  Config model_cfg_;
   Communicator& world_;
   Communicator& host_;  // world_.host(): small host-side sums
   std::unique_ptr<ProcessGrid> grid_;

@@ -79,9 +79,11 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
   }
   std::vector<BenchRow> rows;
   double peak = -1;  // measured once, on the first length's device
-  for (const Config& cfg : configs) {
+  for (Config cfg : configs) {
     const int64_t L = cfg.model.max_len;
     auto device_ops = make_ops(cfg.training.device);
+    if (device_ops->stream() != nullptr)  // heads per pass fitted to the device (memory_plan.h)
+      cfg = fit_heads_per_pass(cfg, 1, device_memory_bytes());
     std::unique_ptr<ProfilingOps> profiler;
     if (breakdown)
       profiler = std::make_unique<ProfilingOps>(*device_ops, clock_for(*device_ops));
@@ -246,7 +248,7 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   const double peak = peak_tflops(ops, cfg.logging.peak_tflops);
   r.mfu = peak > 0 ? r.tflops_per_gpu / peak : -1;
   r.device_peak_gib = ops.peak_bytes() < 0 ? -1.0 : double(ops.peak_bytes()) / double(1ull << 30);
-  r.planned_gib = planned_gib(ops, cfg, t.grid().sp());
+  r.planned_gib = planned_gib(ops, t.model_config(), t.grid().sp());
   return r;
 }
 

@@ -345,7 +345,7 @@ int cmd_plan(const Args& a) {
     }
   }
   if (budget <= 0) throw UsageError("reformer plan needs --memory SIZE where no GPU is visible");
-  const MemoryPlan plan = plan_memory(cfg, sp);
+  const MemoryPlan plan = plan_memory(fit_heads_per_pass(cfg, sp, budget), sp);
   std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32:\n\n%s",
               (long long)cfg.model.max_len, sp, format_plan(plan).c_str());
   const int64_t fits = longest_length_that_fits(cfg, sp, budget);

@@ -202,14 +202,20 @@ TEST(MemoryPlan, SortRecipeFitsFourH200s) {
 
 TEST(MemoryPlan, LongestLengthThatFits) {
   const Config cfg = config({});
-  const MemoryPlan at48 = plan_memory(cfg, 1);
-  // A budget of exactly the plan at 48 fits 48, and nothing longer.
-  EXPECT_EQ(longest_length_that_fits(cfg, 1, at48.total_bytes()), 48);
-  const int64_t big = longest_length_that_fits(cfg, 1, int64_t(1) << 30);
+  // With the heads per pass set, a budget of exactly the plan at 48 fits 48,
+  // and nothing longer.
+  const Config one = config({"model.attn_heads_per_pass=1"});
+  EXPECT_EQ(longest_length_that_fits(one, 1, plan_memory(one, 1).total_bytes()), 48);
+  // Auto heads per pass are fitted to the budget at every length.
+  const int64_t GiB = int64_t(1) << 30;
+  auto fitted = [&](const Config& c, int64_t len, int sp) {
+    return plan_memory(fit_heads_per_pass(with_length(c, len, "t"), sp, GiB), sp).total_bytes();
+  };
+  const int64_t big = longest_length_that_fits(cfg, 1, GiB);
   EXPECT_GT(big, 48);
   EXPECT_EQ(big % 4, 0);
-  EXPECT_LE(plan_memory(with_length(cfg, big, "t"), 1).total_bytes(), int64_t(1) << 30);
-  EXPECT_GT(plan_memory(with_length(cfg, big + 4, "t"), 1).total_bytes(), int64_t(1) << 30);
+  EXPECT_LE(fitted(cfg, big, 1), GiB);
+  EXPECT_GT(fitted(cfg, big + 4, 1), GiB);
   // Under sp 4 the length stays a multiple of 4 * bucket_size's lcm.
   EXPECT_EQ(longest_length_that_fits(cfg, 4, int64_t(1) << 30) % 4, 0);
   EXPECT_EQ(longest_length_that_fits(cfg, 1, 1000), 0);
@@ -219,8 +225,8 @@ TEST(MemoryPlan, LongestLengthThatFits) {
   const int64_t s4 = longest_length_that_fits(sort, 4, int64_t(1) << 30);
   EXPECT_GT(s4, 48);
   EXPECT_EQ(s4 % 16, 0);
-  EXPECT_LE(plan_memory(with_length(sort, s4, "t"), 4).total_bytes(), int64_t(1) << 30);
-  EXPECT_GT(plan_memory(with_length(sort, s4 + 16, "t"), 4).total_bytes(), int64_t(1) << 30);
+  EXPECT_LE(fitted(sort, s4, 4), GiB);
+  EXPECT_GT(fitted(sort, s4 + 16, 4), GiB);
 }
 
 TEST(MemoryPlan, ParsesSizes) {
@@ -231,4 +237,45 @@ TEST(MemoryPlan, ParsesSizes) {
   EXPECT_EQ(parse_bytes("1000", "m"), 1000);
   for (const char* bad : {"", "GiB", "-1G", "12X", "1GiBs", "nan", "0"})
     EXPECT_THROW(parse_bytes(bad, "m"), ConfigError) << bad;
+}
+
+// Auto heads per pass on a device of a given size: the most the pass budget
+// allows whose whole plan takes at most 90% of the device, else one; a set
+// key and an unknown device leave the config alone. The peers' model at 1M:
+// 4 heads plan 50.47 GiB, 2 heads 40.44, 1 head 35.42 (bench/RESULTS.md).
+TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
+  const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
+                                 {"model.max_len=1048576"});
+  const int64_t GiB = int64_t(1) << 30;
+  auto fitted = [&](const Config& c, int64_t bytes) {
+    return fit_heads_per_pass(c, 1, bytes).model.attn_heads_per_pass;
+  };
+  EXPECT_EQ(attention_heads_per_pass(cfg, 1), 4);  // the 24 GiB pass budget
+  EXPECT_EQ(fitted(cfg, 139 * GiB), 4);
+  EXPECT_EQ(fitted(cfg, 50 * GiB), 2);  // 4 heads: 50.47 > 45 GiB
+  EXPECT_EQ(fitted(cfg, 40 * GiB), 1);  // 2 heads: 40.44 > 36 GiB
+  EXPECT_EQ(fitted(cfg, 0), 0);         // no device: the budget rule decides
+  Config set = cfg;
+  set.model.attn_heads_per_pass = 8;
+  EXPECT_EQ(fitted(set, 40 * GiB), 8);
+  for (int64_t gib : {139, 50, 40}) {
+    const Config f = fit_heads_per_pass(cfg, 1, gib * GiB);
+    const int64_t total = plan_memory(f, 1).total_bytes();
+    if (f.model.attn_heads_per_pass > 1) EXPECT_LE(double(total), 0.9 * double(gib * GiB));
+  }
+}
+
+// With heads per pass fitted at every length, the longest length that fits
+// is a length whose fitted plan fits, and one unit more does not.
+TEST(MemoryPlan, LongestFitUsesTheFittedPlan) {
+  const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml");
+  const int64_t budget = int64_t(80) << 30;
+  const int64_t L = longest_length_that_fits(cfg, 1, budget);
+  ASSERT_GT(L, 1048576);
+  auto total = [&](int64_t len) {
+    return plan_memory(fit_heads_per_pass(with_length(cfg, len, "test"), 1, budget), 1)
+        .total_bytes();
+  };
+  EXPECT_LE(total(L), budget);
+  EXPECT_GT(total(L + 128), budget);  // bench-peer.yaml: lengths in steps of 128
 }
