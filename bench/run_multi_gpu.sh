@@ -23,7 +23,7 @@ peer=configs/bench-peer.yaml
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   > "$out/build.log" 2>&1 && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
-timeout 300 ctest --test-dir build-gpu -L gpu --output-on-failure > "$out/gpu-tests.log" 2>&1
+timeout 300 ctest --test-dir build-gpu -L gpu -j8 --output-on-failure > "$out/gpu-tests.log" 2>&1
 echo "gpu tests ($n GPUs): $(grep -E 'tests passed|tests failed' "$out/gpu-tests.log" | tail -1)"
 grep -E '^\s*[0-9]+ - .*(Failed|Timeout)' "$out/gpu-tests.log" | head
 
@@ -62,8 +62,12 @@ run() {  # tag, extra arguments
   echo "bench $tag (exit $?):"; grep -E '^\|' "$out/bench-$tag.log" | tail -1 || tail -5 "$out/bench-$tag.log"
 }
 run dp --lengths "$dp_len" --set parallel.dp=$n --set training.batch_size=$n
+# The gradient sum with larger buckets (default 25 MB): bandwidth against overlap.
+run dpb100 --lengths "$dp_len" --set parallel.dp=$n --set training.batch_size=$n \
+  --set parallel.bucket_mb=100
 run sp --lengths "$sp_len" --set parallel.sp=$n --set parallel.dp=1
 for L in "${longest[@]}"; do
   run "long$L" --lengths "$L" --set parallel.sp=$n --set parallel.dp=1
 done
 grep -h -E '^\| layout' "$out"/bench-dp.log | head -1
+python3 bench/target_table_multi.py "$out" "$n"
