@@ -2,9 +2,9 @@
 // matmul.cu), shared with the memory plan (framework/memory_plan.cpp) so the
 // plan's workspace estimate and the allocation agree.
 //
-// matmul_forward / matmul_backward round the weight and, block of rows by
-// block of rows, the activations (and dout) to bf16 in the op workspace and
-// multiply bf16 operands on the tensor cores with fp32 accumulation and fp32
+// matmul_forward, matmul_accumulate and matmul_backward round the weight
+// and, block of rows by block of rows, the activations (and dout) to bf16 in
+// the op workspace and multiply bf16 operands on the tensor cores with fp32 accumulation and fp32
 // results. The rounding is the one bf16 tensor-core math applies to fp32
 // operands anyway; bf16 operands in memory run the products at about twice
 // the speed (bench/RESULTS.md, gemm_probe).
@@ -27,8 +27,8 @@ inline int64_t gemm_block_rows(int64_t N, int64_t C, int64_t OC) {
   return std::min(N, rows);
 }
 
-// Workspace bytes one matmul_forward / matmul_backward call asks for: the
-// bf16 weight, then a block's bf16 activation rows and bf16 dout rows, each
+// Workspace bytes one matmul_forward / _accumulate / _backward call asks
+// for: the bf16 weight, then a block's bf16 activation rows and bf16 dout rows, each
 // region rounded up to 256 bytes (kernels/cuda/workspace.h, Carve).
 inline int64_t gemm_stage_bytes(int64_t N, int64_t C, int64_t OC) {
   auto r256 = [](int64_t b) { return (b + 255) / 256 * 256; };
