@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <tuple>
 #include <functional>
 #include <vector>
 
@@ -106,6 +108,34 @@ TEST(MatmulForward, MatchesNaiveAcrossBlockEdges) {
   // Sizes that leave remainders in every blocking dimension (rows, columns, k).
   check_matmul_forward<float>(97, 131, 263, true, 1e-6);
   check_matmul_forward<double>(37, 301, 11, true, 1e-14);
+}
+
+// A residual branch added (alpha 1) or taken away (alpha -1): the same bits
+// as matmul_forward into a buffer and then add / sub, with and without bias,
+// at sizes that leave remainders in every blocking dimension and at N = 1.
+TEST(MatmulAccumulate, EqualsForwardThenAddOrSub) {
+  for (const auto& [N, C, OC] : {std::tuple<int, int, int>{97, 131, 263}, {1, 64, 3}}) {
+    std::vector<float> inp(size_t(N) * C), w(size_t(C) * OC), bias(static_cast<size_t>(OC)),
+        x(size_t(N) * OC);
+    uint32_t seed = 1;
+    for (auto* v : {&inp, &w, &bias, &x})
+      for (float& e : *v) {
+        seed = seed * 1664525u + 1013904223u;
+        e = float(int32_t(seed >> 9) % 1999 - 999) / 1000.0f;
+      }
+    for (bool with_bias : {true, false})
+      for (float alpha : {1.0f, -1.0f}) {
+        const float* b = with_bias ? bias.data() : nullptr;
+        std::vector<float> want = x, branch(size_t(N) * OC), got = x;
+        cpu::matmul_forward(branch.data(), inp.data(), w.data(), b, N, C, OC);
+        for (size_t i = 0; i < want.size(); ++i)
+          want[i] = alpha > 0 ? want[i] + branch[i] : want[i] - branch[i];
+        cpu::matmul_accumulate(got.data(), inp.data(), w.data(), b, N, C, OC, alpha);
+        EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
+            << "N=" << N << " bias=" << with_bias << " alpha=" << alpha;
+        EXPECT_NE(got, x);  // the branch did something
+      }
+  }
 }
 
 struct MatmulCase {
