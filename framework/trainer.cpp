@@ -9,6 +9,7 @@
 #include "framework/memory_plan.h"
 #include "framework/plot.h"
 #include "framework/resume_check.h"
+#include "framework/same_config.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -67,14 +68,9 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
   data_ = make_dataset(cfg_);
   const SequenceShard shard{grid_->sp(), grid_->sp_rank(), &grid_->sp_group()};
   model_cfg_ = on_device ? fit_heads_per_pass(cfg_, grid_->sp(), device_memory_bytes()) : cfg_;
-  {  // every rank must attend the same heads per pass (GPUs of one size)
-    const double h = model_cfg_.model.attn_heads_per_pass;
-    double sums[2] = {h, h * h};
-    host_.allreduce_sum(sums, 2);
-    if (sums[1] * world.size() != sums[0] * sums[0])
-      throw ConfigError("the ranks' GPUs differ in memory, so they would attend different "
-                        "numbers of heads per attention pass: set model.attn_heads_per_pass");
-  }
+  // Ranks whose GPUs differ in memory could fit different heads per pass:
+  // refused by name (model.attn_heads_per_pass) before any collective of the model.
+  require_same_config(model_cfg_, world);
   try {  // out of device memory: say what the memory plan expects
     model_ = std::make_unique<ReformerModel<float>>(model_cfg_, *ops_, shard);
     model_->init_params(cfg_.training.seed);
