@@ -123,10 +123,6 @@ void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
   if (o.beta1 > 0) b.add("adafactor m", PlanGroup::optimizer, "[P]", {P});
 }
 
-}  // namespace
-
-namespace {
-
 // The heads one rank attends: all of them at sp 1 and in sort mode (every
 // rank attends every head over its own positions), n_heads / sp in the heads
 // mode, one in pairs mode.
