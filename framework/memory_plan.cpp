@@ -81,11 +81,11 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   const int64_t f = 4, dh = cfg.head_dim(), R = lsh && !by_round ? cfg.attention.n_hashes : 1;
   // Backward: k_hat, norm and row statistics, per-round dq, dk_hat, dv.
   // Forward: k_hat, norm. With bf16 attention both add the staged bf16
-  // operands [R, L, dh padded to 32, 64 or 128]: q, k_hat, v (and dout)
-  // (kernels/cuda/attention_common.cuh, carve_scratch).
+  // operands [L, dh padded to 32, 64 or 128], shared by the rounds: q, k_hat,
+  // v (and dout) (kernels/cuda/attention_common.cuh, carve_scratch).
   const int64_t dh_pad = dh <= 32 ? 32 : dh <= 64 ? 64 : 128;
   const int64_t staged =
-      cfg.attention.precision == AttentionPrecision::bf16 ? 2 * R * Lfull * dh_pad : 0;
+      cfg.attention.precision == AttentionPrecision::bf16 ? 2 * Lfull * dh_pad : 0;
   const int64_t backward = round256(f * Lfull * dh) + 4 * round256(f * Lfull) +
                            3 * round256(f * R * Lfull * dh) + round256(4 * staged);
   const int64_t forward = round256(f * Lfull * dh) + round256(f * Lfull) + round256(3 * staged);

@@ -253,9 +253,9 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
 inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) / kWarps); }
 
 // Scratch of one call: k_hat, norms, row statistics, the per-round gradients
-// and `staged` bf16 arrays [R, L, kernel_dhm(dh)] for the tensor-core
-// kernels (stage, one after another; null when staged == 0):
-// 2 * staged * R * L * kernel_dhm(dh) bytes more.
+// and `staged` bf16 arrays [L, kernel_dhm(dh)] (by position, shared by the
+// rounds) for the tensor-core kernels (stage, one after another; null when
+// staged == 0): 2 * staged * L * kernel_dhm(dh) bytes more.
 struct AttnScratch {
   float *khat, *norm, *rm, *riz, *rD, *dq_r, *dkh_r, *dv_r;
   void* stage;
@@ -275,7 +275,7 @@ inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool b
   const size_t o_dkh = carve.reserve(backward ? per_round : 0);
   const size_t o_dv = carve.reserve(backward ? per_round : 0);
   const size_t o_stage =
-      carve.reserve(2 * size_t(staged) * size_t(R) * size_t(L) * size_t(kernel_dhm(dh)));
+      carve.reserve(2 * size_t(staged) * size_t(L) * size_t(kernel_dhm(dh)));
   void* base = ws.get(carve.total());
   return AttnScratch{Carve::at<float>(base, o_khat), Carve::at<float>(base, o_norm),
                      Carve::at<float>(base, o_rm),   Carve::at<float>(base, o_riz),

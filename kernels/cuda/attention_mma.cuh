@@ -1,7 +1,8 @@
 // Tensor-core pieces of the bf16 attention kernels (attention_mma_forward.cu,
 // attention_mma_backward.cu): the m16n8k16 bf16 mma with fp32 accumulation,
-// the staging pre-pass (operands as bf16 rows in slot order), cp.async tile
-// copies and ldmatrix fragment loads from shared memory.
+// the staging pre-pass (operands as bf16 rows by position, once per call),
+// cp.async tile copies gathered by position and ldmatrix fragment loads from
+// shared memory.
 // Internal to those files (unnamed namespace, as attention_common.cuh).
 //
 // Fragment layout of mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for
@@ -62,8 +63,8 @@ __device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float
   a[3] = pack_bf16(c1[2], c1[3]);
 }
 
-// ---- staged tiles (contiguous bf16 rows, see mma_stage_kernel): cp.async
-// copies into shared memory and ldmatrix fragment loads.
+// ---- staged tiles (bf16 rows by position, see mma_stage_kernel): cp.async
+// copies of gathered rows into shared memory and ldmatrix fragment loads.
 
 // 16 bytes global -> shared, asynchronous; zero filled (nothing read) when !ok.
 __device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool ok) {
@@ -158,14 +159,16 @@ __device__ __forceinline__ void ldsm_strip_pv(float (*acc)[4], float (*p)[4], co
   }
 }
 
-// ---- staging pre-pass: operands gathered once per call, in slot order.
+// ---- staging pre-pass: operands rounded once per call, by position.
+// The kernels gather their tiles through the rounds' permutations, so every
+// round of a call reads the same staged rows (R times fewer bytes staged
+// than a copy per round in slot order).
 
 constexpr int kMmaMaxStaged = 4;  // staged operands per call
 constexpr int kStageWarps = 8;    // rows (one per warp) per block of mma_stage_kernel
 
-// dst[a][(r * L + slot) * DH + d] = bf16(src[a][pos * lds[a] + d]) for a < n,
-// pos = perm[r, slot] (full: pos = slot, R = 1); zero for d >= dh. Every
-// dst[a] is [R, L, DH] bf16 (carve_scratch's staged layout).
+// dst[a][pos * DH + d] = bf16(src[a][pos * lds[a] + d]) for a < n; zero for
+// d >= dh. Every dst[a] is [L, DH] bf16 (carve_scratch's staged layout).
 struct MmaStage {
   const float* src[kMmaMaxStaged];
   int64_t lds[kMmaMaxStaged];
@@ -174,57 +177,27 @@ struct MmaStage {
 };
 
 template <int DH>
-__global__ void __launch_bounds__(32 * kStageWarps)
-    mma_stage_kernel(AttnGeom g, int64_t rows, bool full, MmaStage st) {
-  const int64_t i = int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5);
-  if (i >= rows) return;
+__global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g, MmaStage st) {
+  const int64_t pos = int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5);
+  if (pos >= g.L) return;
   const int lane = threadIdx.x & 31;
-  const int64_t pos = full ? i : int64_t(g.perm[i]);
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {
     if (a >= st.n) break;
     const float* x = st.src[a] + pos * st.lds[a];
     for (int d = 2 * lane; d < DH; d += 64)
-      *reinterpret_cast<uint32_t*>(st.dst[a] + i * DH + d) =
+      *reinterpret_cast<uint32_t*>(st.dst[a] + pos * DH + d) =
           pack_bf16(d < g.dh ? x[d] : 0.0f, d + 1 < g.dh ? x[d + 1] : 0.0f);
   }
 }
 
-// Fills st.dst[a] (consecutive [R, L, DH] arrays from `stage`) from st.src / st.lds.
+// Fills st.dst[a] (consecutive [L, DH] arrays from `stage`) from st.src / st.lds.
 template <int DH>
-void launch_mma_stage(const AttnGeom& g, int rounds, bool full, void* stage, MmaStage* st,
-                      cudaStream_t s) {
-  const int64_t rows = int64_t(rounds) * g.L;
-  for (int a = 0; a < st->n; ++a) st->dst[a] = static_cast<bf16*>(stage) + a * rows * DH;
-  mma_stage_kernel<DH><<<unsigned((rows + kStageWarps - 1) / kStageWarps), 32 * kStageWarps, 0,
-                         s>>>(g, rows, full, *st);
+void launch_mma_stage(const AttnGeom& g, void* stage, MmaStage* st, cudaStream_t s) {
+  for (int a = 0; a < st->n; ++a) st->dst[a] = static_cast<bf16*>(stage) + a * g.L * DH;
+  mma_stage_kernel<DH><<<unsigned((g.L + kStageWarps - 1) / kStageWarps), 32 * kStageWarps, 0,
+                         s>>>(g, *st);
   CUDA_CHECK_LAUNCH("mma_stage_kernel");
-}
-
-// Staged rows of this block's own tile (64 rows of chunk c, full: of the
-// sequence), -1 past its end; and of element k of the window list `list`
-// (full: first + k), -1 from n on.
-struct MmaRows {
-  int64_t base;  // r * L: the round's first staged row
-  int64_t tile_first, tile_count;
-  int chunk;
-};
-template <bool FULL>
-__device__ __forceinline__ MmaRows mma_rows(const AttnGeom& g, int64_t r, int64_t c, int64_t t) {
-  MmaRows m;
-  m.base = FULL ? 0 : r * g.L;
-  m.tile_first = FULL ? t * kMmaRows : m.base + c * g.chunk + t * kMmaRows;
-  m.tile_count = (FULL ? g.L : int64_t(g.chunk)) - t * kMmaRows;
-  m.chunk = g.chunk;
-  return m;
-}
-template <bool FULL>
-__device__ __forceinline__ int64_t list_row(const MmaRows& m, const int* list, int64_t first,
-                                            int64_t k, int64_t n) {
-  if (k >= n) return -1;
-  if (FULL) return first + k;
-  const int kw = int(k);  // < kMaxWindow * chunk <= L
-  return m.base + int64_t(list[kw / m.chunk]) * m.chunk + kw % m.chunk;
 }
 
 // Every staged-tile kernel wants the most shared memory per SM.

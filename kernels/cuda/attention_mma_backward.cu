@@ -8,11 +8,11 @@
 //   P_ij = exp(s_ij - m_i) / z_i,  dS_ij = P_ij (dout_i . v_j - D_i)
 // (dS = 0 for masked pairs, whose scores are constants).
 // The operands are staged once per call by mma_stage_kernel
-// (attention_mma.cuh): q, k_hat, v and dout as bf16 [R, L, DH] in slot order
-// (carve_scratch, 4 * 2 * R * L * DH bytes), so every tile is contiguous
-// rows copied with cp.async, fragments come by ldmatrix (.trans for the
-// operands used as B = [rows][d]: no transposed copies), and the outputs go
-// by position in the epilogue.
+// (attention_mma.cuh): q, k_hat, v and dout as bf16 [L, DH] by position
+// (carve_scratch, 4 * 2 * L * DH bytes, read by every round), so every tile
+// is rows gathered by position with cp.async, fragments come by ldmatrix
+// (.trans for the operands used as B = [rows][d]: no transposed copies), and
+// the outputs go by position in the epilogue.
 //  - mma_dq_kernel: one block of 4 warps per (round, chunk, tile of 64
 //    queries), as the forward; per pass of 64 window keys, dP = dO V^T and
 //    S = Q K_hat^T on mma, dS in fp32 registers, dq += dS K_hat on mma (dS
@@ -81,18 +81,21 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
   const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
   const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
                               : int64_t(s_nwin) * g.chunk;
-  const MmaRows mr = mma_rows<FULL>(g, r, c, t);
-  auto q_row = [&](int i) -> int64_t { return i < mr.tile_count ? mr.tile_first + i : -1; };
+  // Staged rows are positions: the tile's (sqpos), the first key pass's
+  // (from the permutation), then those of pass i + 1 (skpos[buf ^ 1],
+  // written before the barrier that precedes its copies).
+  auto q_row = [&](int i) -> int64_t { return sqpos[i]; };
+  auto first_key_row = [&](int i) -> int64_t {
+    return window_position<FULL>(g, pr, swin, 0, i, n_keys);
+  };
   // cp.async groups in commit order: {Q, dO, V_0}, {K_0}, then {V_i+1},
   // {K_i+1} per pass i (empty past the last), so wait<1> before dP of pass
   // i leaves only K_i in flight and wait<1> before S only V_i+1.
   copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], q_row, tid);
   copy_rows<kMmaRows, DH>(sG, S, st.dst[3], q_row, tid);
-  copy_rows<kDqKeys, DH>(sV, S, st.dst[2],
-                         [&](int i) { return list_row<FULL>(mr, swin, 0, i, n_keys); }, tid);
+  copy_rows<kDqKeys, DH>(sV, S, st.dst[2], first_key_row, tid);
   cp_async_commit();
-  copy_rows<kDqKeys, DH>(sK, S, st.dst[1],
-                         [&](int i) { return list_row<FULL>(mr, swin, 0, i, n_keys); }, tid);
+  copy_rows<kDqKeys, DH>(sK, S, st.dst[1], first_key_row, tid);
   cp_async_commit();
   if (tid < kDqKeys) skpos[0][tid] = window_position<FULL>(g, pr, swin, 0, tid, n_keys);
   const int qpos[2] = {sqpos[row0], sqpos[row0 + 8]};
@@ -112,7 +115,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     const int64_t k1 = k0 + kDqKeys;
     cp_async_wait<1>();
     __syncthreads();  // Q, dO and V_i landed for every thread (skpos[buf] written)
-    // Positions of pass i + 1, loaded during the mma, stored once skpos[buf ^ 1] is free.
+    // Positions of pass i + 1, loaded during the mma, stored before the
+    // barrier (skpos[buf ^ 1] was last read by the masks of pass i - 1).
     const int next_kpos =
         tid < kDqKeys ? window_position<FULL>(g, pr, swin, 0, k1 + tid, n_keys) : -1;
     float s[NT][4], dp[NT][4];
@@ -121,11 +125,11 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
     ldsm_strip_nt<DH, NT>(dp, sG, S, 16 * warp, sV, S, lane);
-    __syncthreads();  // sV consumed: fetch V_i+1
-    if (k1 < n_keys)
-      copy_rows<kDqKeys, DH>(sV, S, st.dst[2],
-                             [&](int i) { return list_row<FULL>(mr, swin, 0, k1 + i, n_keys); },
-                             tid);
+    if (tid < kDqKeys) skpos[buf ^ 1][tid] = next_kpos;
+    __syncthreads();  // sV consumed, positions of pass i + 1 written: fetch V_i+1
+    const int* next_pos = skpos[buf ^ 1];
+    auto next_row = [&](int i) -> int64_t { return next_pos[i]; };
+    if (k1 < n_keys) copy_rows<kDqKeys, DH>(sV, S, st.dst[2], next_row, tid);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();  // K_i landed for every thread
@@ -143,13 +147,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
       }
     }
     ldsm_strip_pv<DH, kDqKeys / 16>(dq, s, sK, S, lane);
-    __syncthreads();  // sK and skpos[buf] consumed: fetch K_i+1
-    if (k1 < n_keys) {
-      if (tid < kDqKeys) skpos[buf ^ 1][tid] = next_kpos;
-      copy_rows<kDqKeys, DH>(sK, S, st.dst[1],
-                             [&](int i) { return list_row<FULL>(mr, swin, 0, k1 + i, n_keys); },
-                             tid);
-    }
+    __syncthreads();  // sK consumed: fetch K_i+1
+    if (k1 < n_keys) copy_rows<kDqKeys, DH>(sK, S, st.dst[1], next_row, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -195,8 +194,9 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   const int32_t* pr = mma_block_start<FULL>(g, -1, skpos, sinv, &s_ninv, &r, &c, &t);
   const int64_t q_lo = FULL && g.causal ? t * kMmaRows : 0;
   const int64_t n_q = FULL ? g.L - q_lo : int64_t(s_ninv) * g.chunk;
-  const MmaRows mr = mma_rows<FULL>(g, r, c, t);
-  auto k_row = [&](int i) -> int64_t { return i < mr.tile_count ? mr.tile_first + i : -1; };
+  // Staged rows are positions: the tile's keys (skpos), the queries of each
+  // pass from the permutation.
+  auto k_row = [&](int i) -> int64_t { return skpos[i]; };
   // Position and row statistics of query q (window element).
   struct QStats {
     int pos;
@@ -219,7 +219,9 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   copy_rows<kMmaRows, DH>(sK, S, st.dst[1], k_row, tid);
   copy_rows<kMmaRows, DH>(sV, S, st.dst[2], k_row, tid);
   auto q_rows = [&](int b, int64_t q0) {
-    auto row = [&](int i) { return list_row<FULL>(mr, sinv, q_lo, q0 + i, n_q); };
+    auto row = [&](int i) -> int64_t {
+      return window_position<FULL>(g, pr, sinv, q_lo, q0 + i, n_q);
+    };
     copy_rows<kDkvQueries, DH>(sQ + b * QT, S, st.dst[0], row, tid);
     copy_rows<kDkvQueries, DH>(sG + b * QT, S, st.dst[3], row, tid);
   };
@@ -301,7 +303,7 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
                          const float* rD, float* dq_r, float* dkh_r, float* dv_r, void* stage,
                          cudaStream_t s) {
   MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged};
-  launch_mma_stage<DH>(g, rounds, FULL, stage, &st, s);
+  launch_mma_stage<DH>(g, stage, &st, s);
   const unsigned blocks = attn_blocks(g, rounds);
   if (dq_r) {
     constexpr size_t smem = mma_dq_smem<DH>();

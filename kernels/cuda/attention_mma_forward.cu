@@ -3,18 +3,19 @@
 // FlashAttention-2 style.
 //
 // mma_stage_kernel (attention_mma.cuh; pre-pass, once per call): for every
-// round r and sorted slot (full: every position) the query, k_hat and v rows as
-// bf16, zero padded to DH = 32, 64 or 128 columns: Qs[r, slot] =
-// bf16(qk[perm[r, slot]]), Ks (k_hat), Vs (v), each [R, L, DH] in the
-// op's workspace (carve_scratch, 3 * 2 * R * L * DH bytes).
+// position the query, k_hat and v rows as bf16, zero padded to DH = 32, 64
+// or 128 columns: Qs[pos] = bf16(qk[pos]), Ks (k_hat), Vs (v), each [L, DH]
+// in the op's workspace (carve_scratch, 3 * 2 * L * DH bytes), read by every
+// round.
 //
 // mma_forward_kernel: one block of 4 warps per (round, chunk, tile of 64
 // queries) (full: per tile of 64 positions); warp w owns queries
-// 16w .. 16w+15 of the tile. The staged query rows are contiguous; for each
-// tile of 64 keys of the window (chunk_list order, as the fp32 kernel) the
-// staged k_hat and v rows (contiguous per chunk) are copied with cp.async
-// into one K and one V buffer: K of tile i + 1 is in flight during the
-// softmax and P V of tile i, V of tile i + 1 during S of tile i + 1.
+// 16w .. 16w+15 of the tile. The tile's query rows are gathered by position
+// (the round's permutation); for each tile of 64 keys of the window
+// (chunk_list order, as the fp32 kernel) the staged k_hat and v rows of its
+// positions are copied with cp.async into one K and one V buffer: K of tile
+// i + 1 is in flight during the softmax and P V of tile i, V of tile i + 1
+// during S of tile i + 1.
 // Fragments come by ldmatrix (.trans for V). S = Q K_hat^T runs on
 // mma.m16n8k16 with fp32 accumulators, the masks are applied to the fp32
 // scores by the original positions, the online max-shifted softmax runs in
@@ -68,17 +69,21 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
   const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
   const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
                               : int64_t(s_nwin) * g.chunk;
-  const MmaRows mr = mma_rows<FULL>(g, r, c, t);
-  auto q_row = [&](int i) -> int64_t { return i < mr.tile_count ? mr.tile_first + i : -1; };
-  auto key_row = [&](int64_t k0, int i) { return list_row<FULL>(mr, swin, 0, k0 + i, n_keys); };
+  // Staged rows are positions: the tile's (sqpos), the first key tile's
+  // (from the permutation), then those of key tile i + 1 (skpos[buf ^ 1],
+  // written before the barrier that precedes its copies).
+  auto q_row = [&](int i) -> int64_t { return sqpos[i]; };
+  auto first_key_row = [&](int i) -> int64_t {
+    return window_position<FULL>(g, pr, swin, 0, i, n_keys);
+  };
   // cp.async groups in commit order: {Q, K_0}, {V_0}, then {K_i+1}, {V_i+1}
   // per tile i (empty past the last tile), so wait<1> before S of tile i
   // leaves only V_i in flight and wait<1> before P V only K_i+1.
   copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], q_row, tid);
   if (tid < kFwdKeys) skpos[0][tid] = window_position<FULL>(g, pr, swin, 0, tid, n_keys);
-  copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], [&](int i) { return key_row(0, i); }, tid);
+  copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], first_key_row, tid);
   cp_async_commit();
-  copy_rows<kFwdKeys, DH>(sV, S, st.dst[2], [&](int i) { return key_row(0, i); }, tid);
+  copy_rows<kFwdKeys, DH>(sV, S, st.dst[2], first_key_row, tid);
   cp_async_commit();
   // This thread's two rows (C rows gr and gr + 8 of its warp's strip).
   const int qpos[2] = {sqpos[row0], sqpos[row0 + 8]};
@@ -96,15 +101,16 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
     const int64_t k1 = k0 + kFwdKeys;
-    // Positions of tile i + 1, loaded during the mma, stored once skpos[buf ^ 1] is free.
+    // Positions of tile i + 1, loaded during the mma, stored before the
+    // barrier (skpos[buf ^ 1] was last read by the masks of tile i - 1).
     const int next_kpos =
         tid < kFwdKeys ? window_position<FULL>(g, pr, swin, 0, k1 + tid, n_keys) : -1;
     ldsm_strip_nt<DH, NT>(sc, sQ, S, 16 * warp, sK, S, lane);
-    __syncthreads();  // sK consumed: fetch K_i+1
-    if (k1 < n_keys) {
-      if (tid < kFwdKeys) skpos[buf ^ 1][tid] = next_kpos;
-      copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], [&](int i) { return key_row(k1, i); }, tid);
-    }
+    if (tid < kFwdKeys) skpos[buf ^ 1][tid] = next_kpos;
+    __syncthreads();  // sK consumed, positions of tile i + 1 written: fetch K_i+1
+    const int* next_pos = skpos[buf ^ 1];
+    auto next_row = [&](int i) -> int64_t { return next_pos[i]; };
+    if (k1 < n_keys) copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], next_row, tid);
     cp_async_commit();
 
     // Masks by position on the fp32 scores; keys past the window get -inf.
@@ -151,8 +157,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     __syncthreads();  // V_i landed for every thread
     ldsm_strip_pv<DH, kFwdKeys / 16>(o, sc, sV, S, lane);
     __syncthreads();  // sV consumed: fetch V_i+1
-    if (k1 < n_keys)
-      copy_rows<kFwdKeys, DH>(sV, S, st.dst[2], [&](int i) { return key_row(k1, i); }, tid);
+    if (k1 < n_keys) copy_rows<kFwdKeys, DH>(sV, S, st.dst[2], next_row, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -177,7 +182,7 @@ template <int DH, bool FULL>
 void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                         const float* v, float* out, float* lse, void* stage, cudaStream_t s) {
   MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged};
-  launch_mma_stage<DH>(g, rounds, FULL, stage, &st, s);
+  launch_mma_stage<DH>(g, stage, &st, s);
   constexpr size_t smem = mma_fwd_smem<DH>();
   set_mma_smem(mma_forward_kernel<DH, FULL>, smem);
   mma_forward_kernel<DH, FULL><<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, st, out, lse);
