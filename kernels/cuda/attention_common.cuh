@@ -80,6 +80,7 @@ struct AttnGeom {
   int64_t ld;           // row stride of qk, v, dout, out, dqk, dv
   int dh;               // head width, <= the kernel's DHM
   int chunk;            // sorted slots per chunk (chunked)
+  int chunk_shift;      // log2(chunk) when chunk is a power of two, else -1
   int64_t n_chunks;     // L / chunk (chunked); 1 when full
   int before, after;    // window offsets (chunked)
   bool wrap;            // window wraps around the round (chunked)
@@ -149,15 +150,18 @@ __device__ __forceinline__ int tile_position(const AttnGeom& g, const int32_t* p
 // Position of element k of a window of n elements: for full attention the
 // positions first, first + 1, ...; otherwise slot k of the window's chunks
 // (chunk ids in `chunks`, in order) under the round's permutation pr.
-// -1 past the window's end.
+// -1 past the window's end. A window holds each chunk once, so k < L fits
+// an int; a power-of-two chunk (the usual case) divides by a shift.
 template <bool FULL>
 __device__ __forceinline__ int window_position(const AttnGeom& g, const int32_t* pr,
                                                const int* chunks, int64_t first, int64_t k,
                                                int64_t n) {
   if (k >= n) return -1;
   if (FULL) return int(first + k);
-  const int64_t kc = chunks[k / g.chunk];
-  return pr[kc * g.chunk + k % g.chunk];
+  const int kw = int(k);
+  const int kc = chunks[g.chunk_shift >= 0 ? kw >> g.chunk_shift : kw / g.chunk];
+  const int in = g.chunk_shift >= 0 ? kw & (g.chunk - 1) : kw % g.chunk;
+  return pr[int64_t(kc) * g.chunk + in];
 }
 
 // Loads kCols rows, a[pos] (row stride lda) into sa and b[pos] (row stride
@@ -235,12 +239,16 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
   g.causal = p.causal;
   if (full) {
     g.chunk = 0;
+    g.chunk_shift = -1;
     g.n_chunks = 1;
     g.before = g.after = 0;
     g.wrap = false;
     g.row_tiles = (p.L + kTile - 1) / kTile;
   } else {
     g.chunk = p.chunk;
+    g.chunk_shift = -1;
+    for (int s = 0; s < 31; ++s)
+      if (p.chunk == (1 << s)) g.chunk_shift = s;
     g.n_chunks = p.L / p.chunk;
     g.before = p.chunks_before;
     g.after = p.chunks_after;

@@ -83,16 +83,31 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Issues the copies of ROWS rows of DH bf16 into dst (row stride st): row i
-// from src + row_of(i) * DH, zero where row_of(i) < 0.
+// from src + row_of(i) * DH, zero where row_of(i) < 0. Thread tid copies
+// piece tid % (DH / 8) of rows tid / (DH / 8) + k * (rows per sweep): one
+// row lookup and one wide multiply per 16 bytes.
 template <int ROWS, int DH, class RowOf>
 __device__ __forceinline__ void copy_rows(bf16* dst, int st, const bf16* src, RowOf row_of,
                                           int tid) {
-  constexpr int kPieces = DH / 8;  // 16-byte pieces per row
-  for (int e = tid; e < ROWS * kPieces; e += kMmaBlock) {
-    const int i = e / kPieces, q = 8 * (e % kPieces);
-    const int64_t row = row_of(i);
-    cp_async16(dst + i * st + q, src + (row < 0 ? 0 : row * DH + q), row >= 0);
+  constexpr int kPieces = DH / 8;                 // 16-byte pieces per row
+  constexpr int kSweep = kMmaBlock / kPieces;     // rows per sweep of the block
+  static_assert(kMmaBlock % kPieces == 0 && ROWS % kSweep == 0, "whole sweeps");
+  const int i0 = tid / kPieces, q = 8 * (tid % kPieces);
+  bf16* d = dst + i0 * st + q;
+  const bf16* s = src + q;
+#pragma unroll
+  for (int k = 0; k < ROWS / kSweep; ++k) {
+    const int row = row_of(i0 + k * kSweep);
+    cp_async16(d + k * kSweep * st, row < 0 ? s : s + uint64_t(uint32_t(row)) * DH, row >= 0);
   }
+}
+
+// exp(x) for the softmax weights: one multiply and the hardware ex2
+// (relative error about 2^-22; 0 for x = -inf and below about -87).
+__device__ __forceinline__ float fast_exp(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
 }
 
 // Four 8 x 8 bf16 matrices; lane l gives the address of row l % 8 of matrix

@@ -4,7 +4,8 @@
 // finish_backward_kernel after them are shared with the fp32 path.
 //
 // Both recompute the probabilities from the row statistics (m_i, 1 / z_i,
-// D_i of row_stats_kernel), as the fp32 kernels:
+// D_i of row_stats_kernel), as the fp32 kernels (the exponential by the
+// hardware ex2, fast_exp in attention_mma.cuh):
 //   P_ij = exp(s_ij - m_i) / z_i,  dS_ij = P_ij (dout_i . v_j - D_i)
 // (dS = 0 for masked pairs, whose scores are constants).
 // The operands are staged once per call by mma_stage_kernel
@@ -71,7 +72,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
   bf16* sK = sG + kMmaRows * S;                       // [kDqKeys][S] k_hat
   bf16* sV = sK + kDqKeys * S;                        // [kDqKeys][S] v
   __shared__ int sqpos[kMmaRows];
-  __shared__ int skpos[2][kDqKeys];  // positions of the keys of pass i (i % 2)
+  __shared__ __align__(8) int skpos[2][kDqKeys];  // positions of the keys of pass i (i % 2)
   __shared__ int swin[kMaxWindow];
   __shared__ int s_nwin;
 
@@ -138,12 +139,13 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     const int* kpos = skpos[buf];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
+      const int2 kp2 = *reinterpret_cast<const int2*>(kpos + nt * 8 + 2 * t4);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int kp = kpos[nt * 8 + 2 * t4 + (e & 1)], h = e >> 1;
+        const int kp = e & 1 ? kp2.y : kp2.x, h = e >> 1;
         bool masked = true;
         if (kp >= 0 && qpos[h] >= 0) masked_score(s[nt][e], qpos[h], kp, g.causal, &masked);
-        s[nt][e] = masked ? 0.0f : expf(s[nt][e] - qm[h]) * qiz[h] * (dp[nt][e] - qD[h]);
+        s[nt][e] = masked ? 0.0f : fast_exp(s[nt][e] - qm[h]) * qiz[h] * (dp[nt][e] - qD[h]);
       }
     }
     ldsm_strip_pv<DH, kDqKeys / 16>(dq, s, sK, S, lane);
@@ -183,8 +185,9 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   bf16* sQ = sV + kMmaRows * S;                        // [2][kDkvQueries][S] queries
   bf16* sG = sQ + 2 * QT;                              // [2][kDkvQueries][S] their dout
   __shared__ int skpos[kMmaRows];
-  __shared__ int sqpos[2][kDkvQueries];  // pass i in [i % 2], as the stats
-  __shared__ float sm_m[2][kDkvQueries], sm_iz[2][kDkvQueries], sm_D[2][kDkvQueries];
+  __shared__ __align__(8) int sqpos[2][kDkvQueries];  // pass i in [i % 2], as the stats
+  __shared__ __align__(8) float sm_m[2][kDkvQueries], sm_iz[2][kDkvQueries],
+      sm_D[2][kDkvQueries];
   __shared__ int sinv[kMaxWindow];
   __shared__ int s_ninv;
 
@@ -258,19 +261,22 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
     // stt becomes P^T, dpt becomes dS^T (both 0 for padding; dS^T 0 when masked).
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
+      // Columns nt * 8 + 2 t4 and + 1: positions and statistics in pairs.
+      const int col = nt * 8 + 2 * t4;
+      const int2 qp2 = *reinterpret_cast<const int2*>(&sqpos[buf][col]);
+      const float2 m2 = *reinterpret_cast<const float2*>(&sm_m[buf][col]);
+      const float2 iz2 = *reinterpret_cast<const float2*>(&sm_iz[buf][col]);
+      const float2 D2 = *reinterpret_cast<const float2*>(&sm_D[buf][col]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * t4 + (e & 1);
-        const int qp = sqpos[buf][col], kp = kpos[e >> 1];
-        if (qp < 0 || kp < 0) {
-          stt[nt][e] = dpt[nt][e] = 0.0f;
-        } else {
-          bool masked;
-          const float sc = masked_score(stt[nt][e], qp, kp, g.causal, &masked);
-          const float p = expf(sc - sm_m[buf][col]) * sm_iz[buf][col];
-          stt[nt][e] = p;
-          dpt[nt][e] = masked ? 0.0f : p * (dpt[nt][e] - sm_D[buf][col]);
-        }
+        const bool hi = e & 1;
+        const int qp = hi ? qp2.y : qp2.x, kp = kpos[e >> 1];
+        bool masked;
+        const float sc = masked_score(stt[nt][e], qp, kp, g.causal, &masked);
+        const float p = fast_exp(sc - (hi ? m2.y : m2.x)) * (hi ? iz2.y : iz2.x);
+        const bool valid = qp >= 0 && kp >= 0;
+        stt[nt][e] = valid ? p : 0.0f;
+        dpt[nt][e] = valid && !masked ? p * (dpt[nt][e] - (hi ? D2.y : D2.x)) : 0.0f;
       }
     }
     ldsm_strip_pv<DH, kDkvQueries / 16>(dvv, stt, g_tile, S, lane);

@@ -20,7 +20,8 @@
 // mma.m16n8k16 with fp32 accumulators, the masks are applied to the fp32
 // scores by the original positions, the online max-shifted softmax runs in
 // fp32 registers, P is rounded to bf16 in registers and O += P V runs on
-// mma. out = O / l and lse = m + log l are written in fp32 by position.
+// mma. out = O / l and lse = m + log l are written in fp32 by position. The
+// weights use the hardware ex2 (fast_exp), the fp32 kernels expf.
 // The same bf16 operands meet in the same order as in a gathered load, so
 // staging changes no result.
 //
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
   bf16* sK = sQ + kMmaRows * S;                        // [kFwdKeys][S]
   bf16* sV = sK + kFwdKeys * S;                        // [kFwdKeys][S]
   __shared__ int sqpos[kMmaRows];
-  __shared__ int skpos[2][kFwdKeys];  // positions of the keys of tiles i (i % 2)
+  __shared__ __align__(8) int skpos[2][kFwdKeys];  // positions of the keys of tiles i (i % 2)
   __shared__ int swin[kMaxWindow];
   __shared__ int s_nwin;
 
@@ -118,9 +119,10 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
+      const int2 kp2 = *reinterpret_cast<const int2*>(kpos + nt * 8 + 2 * t4);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int kp = kpos[nt * 8 + 2 * t4 + (e & 1)];
+        const int kp = e & 1 ? kp2.y : kp2.x;
         bool masked;
         sc[nt][e] = kp < 0 ? -INFINITY : masked_score(sc[nt][e], qpos[e >> 1], kp, g.causal,
                                                       &masked);
@@ -132,7 +134,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     for (int h = 0; h < 2; ++h) {
       const float mn = fmaxf(m[h], quad_max(mx[h]));
       shift[h] = mn == -INFINITY ? 0.0f : mn;  // no valid key yet: every p is 0
-      corr[h] = expf(m[h] - shift[h]);
+      corr[h] = fast_exp(m[h] - shift[h]);
       m[h] = mn;
     }
     float ls[2] = {0.0f, 0.0f};
@@ -140,7 +142,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        sc[nt][e] = expf(sc[nt][e] - shift[e >> 1]);
+        sc[nt][e] = fast_exp(sc[nt][e] - shift[e >> 1]);
         ls[e >> 1] += sc[nt][e];
       }
     }
