@@ -11,10 +11,12 @@
 //    TF32 kernel for the alignment). TF32 keeps 10 mantissa bits, so y differs
 //    from the CPU's fp32 sums by ~1e-3 relative and buckets agree except at
 //    near-ties. The fp32 products of one chunk (at most kHashScratchBytes, in
-//    the op workspace) feed a warp-per-(position, round) argmax over
+//    the op workspace) feed an argmax per (position, round) over
 //    concat(y, -y) with the lowest index on ties, as on the CPU; with
-//    factorized buckets the warp takes one such argmax per factor's block
-//    and combines them as b0 + factor0 * b1.
+//    factorized buckets one such argmax per factor's block, combined as
+//    b0 + factor0 * b1. Blocks of at most kThreadArgmaxCols columns (every
+//    factorized case up to 65536 buckets) take one thread per (position,
+//    round) visiting the columns in order; wider ones one warp.
 //  - Sort: one CUB radix sort of the keys (round, bucket, position) packed in
 //    32 or 64 bits; the position bits make it stable by position. The host
 //    does not wait for it: a bucket id outside [0, n_buckets) (never produced
@@ -45,6 +47,7 @@ namespace cuda {
 namespace {
 
 constexpr int kArgmaxThreads = 256;       // 8 warps: 8 (position, round) pairs per block
+constexpr int kThreadArgmaxCols = 128;    // widest block argmaxed by one thread
 // Bound on the fp32 products x @ Rcat held at once: positions are hashed in
 // chunks of at most this many bytes of [chunk, n_hashes * cols].
 constexpr int64_t kHashScratchBytes = int64_t(256) << 20;
@@ -127,6 +130,44 @@ __device__ __forceinline__ int warp_signed_argmax(const float* y, int n, int lan
     }
   }
   return -e.lo > e.hi ? n + e.klo : e.khi;  // lane 0 saw k = 0, so both are set
+}
+
+// One thread's argmax over concat(y[0, n), -y[0, n)), the same as
+// warp_signed_argmax: the columns visited in increasing k with strict
+// comparisons keep the lowest index on ties. kVec4: y is 16-byte aligned and
+// n % 4 == 0.
+template <bool kVec4>
+__device__ __forceinline__ int thread_signed_argmax(const float* y, int n) {
+  Extremes e{0.0f, 0.0f, -1, -1};
+  if constexpr (kVec4) {
+    const float4* y4 = reinterpret_cast<const float4*>(y);
+#pragma unroll 4
+    for (int q = 0; q < n / 4; ++q) {
+      const float4 v = __ldcs(y4 + q);
+      e.see(v.x, 4 * q);
+      e.see(v.y, 4 * q + 1);
+      e.see(v.z, 4 * q + 2);
+      e.see(v.w, 4 * q + 3);
+    }
+  } else {
+    for (int k = 0; k < n; ++k) e.see(__ldcs(y + k), k);
+  }
+  return -e.lo > e.hi ? n + e.klo : e.khi;
+}
+
+// As argmax_kernel below with one thread per (position, round), the rounds
+// of a position in adjacent threads (adjacent column blocks of one row).
+template <bool kVec4>
+__global__ void argmax_thread_kernel(int32_t* buckets, const float* Y, int64_t ldy, int64_t rows,
+                                     int64_t c0, int64_t L, int n_hashes, int cols, int h0) {
+  const int64_t seg = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (seg >= rows * n_hashes) return;
+  const int64_t i = seg / n_hashes;
+  const int r = int(seg - i * n_hashes);
+  const float* y = Y + i * ldy + int64_t(r) * cols;
+  int b = thread_signed_argmax<kVec4>(y, h0);
+  if (h0 < cols) b += 2 * h0 * thread_signed_argmax<kVec4>(y + h0, cols - h0);
+  buckets[int64_t(r) * L + c0 + i] = b;
 }
 
 // buckets[r, c0 + i] for y = Y[i, r * cols .. + cols): the argmax over
@@ -290,10 +331,23 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
     gemm(false, false, m, rows, int64_t(dh), Rcat, ldy, qk + c0 * ld, ld, 0.0f, Y, ldy,
          GemmOperands::fp32_tf32);
 
+    // float4 loads need each block's start (rounds cols apart) 16-byte aligned.
+    const bool vec4 = cols % 4 == 0 && h0 % 4 == 0;
+    if (h0 <= cuda::kThreadArgmaxCols && cols - h0 <= cuda::kThreadArgmaxCols) {
+      const unsigned tblocks =
+          unsigned((rows * n_hashes + cuda::kArgmaxThreads - 1) / cuda::kArgmaxThreads);
+      if (vec4)
+        cuda::argmax_thread_kernel<true><<<tblocks, cuda::kArgmaxThreads, 0, stream_>>>(
+            buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
+      else
+        cuda::argmax_thread_kernel<false><<<tblocks, cuda::kArgmaxThreads, 0, stream_>>>(
+            buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
+      CUDA_CHECK_LAUNCH("argmax_thread_kernel");
+      continue;
+    }
     const unsigned blocks = unsigned((rows * n_hashes + cuda::kArgmaxThreads / 32 - 1) /
                                      (cuda::kArgmaxThreads / 32));
-    // float4 loads need each block's start (rounds cols apart) 16-byte aligned.
-    if (cols % 4 == 0 && h0 % 4 == 0)
+    if (vec4)
       cuda::argmax_kernel<true><<<blocks, cuda::kArgmaxThreads, 0, stream_>>>(
           buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
     else
