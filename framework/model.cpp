@@ -332,9 +332,10 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
     const T* x2 = s.x2.data() + r0 * D_;
     ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), x2, P.ln_a_w, P.ln_a_b,
                            rows, D_, float(cfg_.model.layernorm_eps));
-    ops_.fill(s.dfln.data(), T(0), rows * D_);
-    ops_.matmul_backward(s.dfln.data(), gwq, nullptr, dqk + r0 * n, s.fln.data(), wq, rows, D_, n);
-    ops_.matmul_backward(s.dfln.data(), gwv, nullptr, dv + r0 * n, s.fln.data(), wv, rows, D_, n);
+    ops_.matmul_backward(s.dfln.data(), gwq, nullptr, dqk + r0 * n, s.fln.data(), wq, rows, D_, n,
+                         /*add_dinp=*/false);
+    ops_.matmul_backward(s.dfln.data(), gwv, nullptr, dv + r0 * n, s.fln.data(), wv, rows, D_, n,
+                         /*add_dinp=*/true);
     ops_.layernorm_backward(s.dx2.data() + r0 * D_, G.ln_a_w, G.ln_a_b, s.dfln.data(), x2,
                             P.ln_a_w, s.fmean.data(), s.frstd.data(), rows, D_);
   });
@@ -362,8 +363,8 @@ void ReformerModel<T>::add_output(int l, const T* ao, const T* wo, int n, bool s
   });
 }
 
-// The backward of add_output for the gradient dx1 of y1: dao [L, n] +=
-// dropout(dx1) wo^T, gwo [n, D] += ao^T dropout(dx1).
+// The backward of add_output for the gradient dx1 of y1: dao [L, n] =
+// dropout(dx1) wo^T (written), gwo [n, D] += ao^T dropout(dx1).
 template <class T>
 void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao,
                                        uint64_t step, bool train) {
@@ -376,7 +377,8 @@ void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, 
                    l, kSiteAttention, (pos0_ + r0) * D_);
       d = s.dfg.data();
     }
-    ops_.matmul_backward(dao + r0 * n, gwo, nullptr, d, ao + r0 * n, wo, rows, n, D_);
+    ops_.matmul_backward(dao + r0 * n, gwo, nullptr, d, ao + r0 * n, wo, rows, n, D_,
+                         /*add_dinp=*/false);
   });
 }
 
@@ -488,7 +490,6 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
       const int64_t c0 = int64_t(pass) * n;
       const T* wo = attend_sorted(l, pass, step, /*rehash*/ false);
       add_output(l, s.ao.data(), wo, n, true, step, train);
-      ops_.fill(s.dao.data(), T(0), L_ * n);
       output_backward(l, s.ao.data(), wo, G.wo + c0 * D_, n, s.dao.data(), step, train);
       for (int j = 0; j < Hp_; ++j) {
         const int64_t c = int64_t(j) * dh_;
@@ -520,7 +521,6 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     // dao of this rank's positions (lv under sp, exchanged into dao; in
     // pairs mode the combined heads' in lqk, split into parts).
     T* dao = !s.exchange ? s.dao.data() : g_ > 1 ? s.lqk.data() : s.lv.data();
-    ops_.fill(dao, T(0), L_ * No);
     if (!pw.wo_in_place) ops_.fill(pw.gwo, T(0), w);
     output_backward(l, ao, pw.wo, pw.gwo, No, dao, step, train);
     if (g_ > 1) parts_backward();
@@ -589,12 +589,12 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   if (train && cfg_.model.dropout > 0)
     ops_.dropout(dgd, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
                  (pos0_ + row0) * D_);
-  ops_.fill(s.dfa.data(), T(0), rows * F_);
-  ops_.matmul_backward(s.dfa.data(), G.w2, G.b2, dgd, s.fa.data(), P.w2, rows, F_, D_);
-  ops_.fill(s.dfh.data(), T(0), rows * F_);
+  // dfa, dfh and dfln are written, not added to: no zeroing first.
+  ops_.matmul_backward(s.dfa.data(), G.w2, G.b2, dgd, s.fa.data(), P.w2, rows, F_, D_,
+                       /*add_dinp=*/false);
   ops_.activation_backward(s.dfh.data(), s.dfa.data(), s.fh.data(), rows * F_, cfg_.model.activation);
-  ops_.fill(s.dfln.data(), T(0), rows * D_);
-  ops_.matmul_backward(s.dfln.data(), G.w1, G.b1, s.dfh.data(), s.fln.data(), P.w1, rows, D_, F_);
+  ops_.matmul_backward(s.dfln.data(), G.w1, G.b1, s.dfh.data(), s.fln.data(), P.w1, rows, D_, F_,
+                       /*add_dinp=*/false);
   ops_.layernorm_backward(dy1, G.ln_f_w, G.ln_f_b, s.dfln.data(), y1, P.ln_f_w, s.fmean.data(),
                           s.frstd.data(), rows, D_);
 }
@@ -639,9 +639,8 @@ LossStats ReformerModel<T>::head(const int32_t* targets, bool backward, T grad_s
       st.correct += pred[size_t(i)] == t ? 1 : 0;
     }
     if (backward) {
-      ops_.fill(s.doln.data(), T(0), rows * D2);
       ops_.matmul_backward(s.doln.data(), ghw, ghb, s.logits.data(), s.oln.data(), hw, rows, D2,
-                           V_);
+                           V_, /*add_dinp=*/false);
       ops_.fill(s.dcat.data(), T(0), rows * D2);
       ops_.layernorm_backward(s.dcat.data(), glnw, glnb, s.doln.data(), s.cat.data(), lnw,
                               s.omean.data(), s.orstd.data(), rows, D2);

@@ -76,8 +76,8 @@
     (out, inp, w, bias, N, C, OC))                                                          \
   X(void, matmul_backward,                                                                  \
     (T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N, int C,   \
-     int OC),                                                                               \
-    (dinp, dw, dbias, dout, inp, w, N, C, OC))                                              \
+     int OC, bool add_dinp),                                                                \
+    (dinp, dw, dbias, dout, inp, w, N, C, OC, add_dinp))                                    \
   X(void, matmul_accumulate,                                                                \
     (T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC,             \
      float alpha),                                                                          \

@@ -67,11 +67,14 @@ class Ops {
   // layernorm: out[N, C] = (inp - mean) * rstd * w + b, rstd = 1 / sqrt(var +
   //   eps); mean[N], rstd[N] are saved for the backward.
   // linear: out[N, OC] = inp[N, C] @ w[C, OC] (+ bias[OC] when non-null);
-  //   backward: dinp += dout @ w^T; dw += inp^T @ dout; dbias += column sums.
+  //   backward: dinp += dout @ w^T (dinp = when !add_dinp: a buffer the
+  //   product fills needs no zeroing first); dw += inp^T @ dout; dbias +=
+  //   column sums.
   //   matmul_accumulate: out[N, OC] += alpha * (inp @ w (+ bias)), a residual
   //   branch added (alpha 1) or taken away (alpha -1) without a buffer for
   //   it; on the CPU exactly matmul_forward into a buffer, then add / sub.
-  // activation: out = act(inp); dinp += dout * act'(inp).
+  // activation: out = act(inp); backward: dinp = dout * act'(inp) (written,
+  //   not added).
   // LSH: factor0 == 0 hashes into n_buckets with one rotation block per
   //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
   //   block per factor (kernels/common/params.h, rotation_cols); cols is

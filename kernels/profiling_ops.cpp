@@ -87,7 +87,8 @@ struct Flops<OpId::matmul_accumulate> {
 };
 template <>
 struct Flops<OpId::matmul_backward> {
-  static double of(T* dinp, T* dw, T*, const T*, const T*, const T*, int64_t N, int C, int OC) {
+  static double of(T* dinp, T* dw, T*, const T*, const T*, const T*, int64_t N, int C, int OC,
+                   bool) {
     return matmul_backward_flops(N, C, OC, dinp != nullptr, dw != nullptr);
   }
 };

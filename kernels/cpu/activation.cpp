@@ -34,7 +34,7 @@ void activation_backward(T* dinp, const T* dout, const T* inp, int64_t n, Activa
   if (!dinp) return;
   if (act == Activation::relu) {
 #pragma omp parallel for if (n >= kParallelMin)
-    for (int64_t i = 0; i < n; ++i) dinp[i] += inp[i] > T(0) ? dout[i] : T(0);
+    for (int64_t i = 0; i < n; ++i) dinp[i] = inp[i] > T(0) ? dout[i] : T(0);
     return;
   }
   const T s = T(kSqrt2OverPi), c = T(kGeluCubic);
@@ -44,7 +44,7 @@ void activation_backward(T* dinp, const T* dout, const T* inp, int64_t n, Activa
     const T th = std::tanh(s * (x + c * x * x * x));
     const T dudx = s * (T(1) + T(3) * c * x * x);
     const T grad = T(0.5) * (T(1) + th) + T(0.5) * x * (T(1) - th * th) * dudx;
-    dinp[i] += grad * dout[i];
+    dinp[i] = grad * dout[i];
   }
 }
 

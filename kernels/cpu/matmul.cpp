@@ -161,11 +161,11 @@ void matmul_accumulate(T* out, const T* inp, const T* w, const T* bias, int64_t 
 
 template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N,
-                     int C, int OC) {
+                     int C, int OC, bool add_dinp) {
   const T* no_bias = nullptr;
   if (dinp) {
-    // dinp[N, C] += dout[N, OC] @ w^T: B(k = o, j = c) = w[c, o].
-    gemm(dinp, C, dout, OC, 1, w, 1, OC, N, OC, C, no_bias, /*accumulate=*/true);
+    // dinp[N, C] (+)= dout[N, OC] @ w^T: B(k = o, j = c) = w[c, o].
+    gemm(dinp, C, dout, OC, 1, w, 1, OC, N, OC, C, no_bias, /*accumulate=*/add_dinp);
   }
   if (dw) {
     // dw[C, OC] += inp^T @ dout: A(i = c, k = n) = inp[n, c].
@@ -190,7 +190,8 @@ void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, cons
 
 #define REFORMER_INSTANTIATE(T)                                                                 \
   template void matmul_forward<T>(T*, const T*, const T*, const T*, int64_t, int, int);         \
-  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int, int); \
+  template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int, int, \
+                                   bool);                                                     \
   template void matmul_accumulate<T>(T*, const T*, const T*, const T*, int64_t, int, int, float);
 REFORMER_INSTANTIATE(float)
 REFORMER_INSTANTIATE(double)

@@ -17,6 +17,6 @@ void matmul_accumulate(T* out, const T* inp, const T* w, const T* bias, int64_t 
                        float alpha);
 template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N,
-                     int C, int OC);
+                     int C, int OC, bool add_dinp = true);
 
 }  // namespace reformer::cpu

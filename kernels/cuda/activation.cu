@@ -47,13 +47,13 @@ __global__ void activation_forward_vec4_kernel(float4* out, const float4* inp, i
   }
 }
 
-// ReLU's backward adds dout where x > 0 (not dout * 1, which is the same).
+// dinp = dout * act'(x); ReLU's passes dout where x > 0.
 __global__ void activation_backward_kernel(float* dinp, const float* dout, const float* inp,
                                            int64_t n, bool relu) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
     const float x = inp[i];
-    dinp[i] += relu ? (x > 0.0f ? dout[i] : 0.0f) : act_slope(x, false) * dout[i];
+    dinp[i] = relu ? (x > 0.0f ? dout[i] : 0.0f) : act_slope(x, false) * dout[i];
   }
 }
 
@@ -62,15 +62,10 @@ __global__ void activation_backward_vec4_kernel(float4* dinp, const float4* dout
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
        i += int64_t(gridDim.x) * blockDim.x) {
     const float4 x = inp[i], g = dout[i];
-    float4 d = dinp[i];
     auto term = [relu](float xv, float gv) {
       return relu ? (xv > 0.0f ? gv : 0.0f) : act_slope(xv, false) * gv;
     };
-    d.x += term(x.x, g.x);
-    d.y += term(x.y, g.y);
-    d.z += term(x.z, g.z);
-    d.w += term(x.w, g.w);
-    dinp[i] = d;
+    dinp[i] = make_float4(term(x.x, g.x), term(x.y, g.y), term(x.z, g.z), term(x.w, g.w));
   }
 }
 

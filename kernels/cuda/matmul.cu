@@ -236,7 +236,8 @@ void CudaOps::product(float* out, const float* inp, const float* w, const float*
 }
 
 void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float* dout,
-                              const float* inp, const float* w, int64_t N, int C, int OC) {
+                              const float* inp, const float* w, int64_t N, int C, int OC,
+                              bool add_dinp) {
   if (N <= 0 || OC <= 0) return;
   if ((dinp || dw) && C > 0) {
     const int64_t rows = gemm_block_rows(N, C, OC);
@@ -253,10 +254,11 @@ void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float*
       const int64_t nr = std::min(rows, N - r0);
       cuda::round_bf16(d16, dout + r0 * OC, nr, OC, stream_);
       if (dinp) {
-        // dinp^T [C, nr] += w [C, OC] dout^T [OC, nr].
-        if (!gemm(true, false, C, nr, OC, w16, OC, d16, OC, 1.0f, dinp + r0 * C, C,
+        // dinp^T [C, nr] (+)= w [C, OC] dout^T [OC, nr].
+        const float beta = add_dinp ? 1.0f : 0.0f;
+        if (!gemm(true, false, C, nr, OC, w16, OC, d16, OC, beta, dinp + r0 * C, C,
                   GemmOperands::bf16))
-          gemm(true, false, C, nr, OC, w, OC, dout + r0 * OC, OC, 1.0f, dinp + r0 * C, C);
+          gemm(true, false, C, nr, OC, w, OC, dout + r0 * OC, OC, beta, dinp + r0 * C, C);
       }
       if (dw) {
         // dw^T [OC, C] += dout^T [OC, nr] inp [nr, C].

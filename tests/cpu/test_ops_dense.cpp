@@ -150,8 +150,8 @@ struct MatmulCase {
     cpu::matmul_forward(out.data(), inp.data(), w.data(), bias.data(), N, C, OC);
     return dot(out, r);
   }
-  void backward(double* dinp, double* dw, double* dbias) {
-    cpu::matmul_backward(dinp, dw, dbias, r.data(), inp.data(), w.data(), N, C, OC);
+  void backward(double* dinp, double* dw, double* dbias, bool add_dinp = true) {
+    cpu::matmul_backward(dinp, dw, dbias, r.data(), inp.data(), w.data(), N, C, OC, add_dinp);
   }
 };
 
@@ -173,6 +173,20 @@ TEST(MatmulBackward, Accumulates) {
   m.backward(dinp2.data(), dw2.data(), db2.data());
   m.backward(dinp2.data(), dw2.data(), db2.data());
   expect_twice(dinp1, dinp2, "dinp");
+  expect_twice(dw1, dw2, "dw");
+  expect_twice(db1, db2, "dbias");
+}
+
+// add_dinp = false writes dinp (whatever it held) and still adds dw, dbias.
+TEST(MatmulBackward, WritesDinpWhenNotAdding) {
+  MatmulCase m;
+  Vec dinp1(m.inp.size()), dw1(m.w.size()), db1(m.bias.size());
+  m.backward(dinp1.data(), dw1.data(), db1.data());
+  Vec dinp2(m.inp.size(), 123.0), dw2(m.w.size()), db2(m.bias.size());
+  m.backward(dinp2.data(), dw2.data(), db2.data(), /*add_dinp=*/false);
+  EXPECT_EQ(dinp2, dinp1);
+  m.backward(dinp2.data(), dw2.data(), db2.data(), /*add_dinp=*/false);
+  EXPECT_EQ(dinp2, dinp1);
   expect_twice(dw1, dw2, "dw");
   expect_twice(db1, db2, "dbias");
 }
@@ -345,14 +359,16 @@ TEST(Activation, GeluBackwardFiniteDifference) { check_activation_fd(Activation:
 
 TEST(Activation, ReluBackwardFiniteDifference) { check_activation_fd(Activation::relu); }
 
-TEST(Activation, BackwardAccumulates) {
+// The backward writes dinp: what it held before does not matter.
+TEST(Activation, BackwardWrites) {
   const Vec x = random_vec(7, 44, 2.0), r = random_vec(7, 45);
   for (Activation act : {Activation::gelu, Activation::relu}) {
-    Vec once(x.size()), twice(x.size());
+    Vec once(x.size()), twice(x.size(), -5.0);
     cpu::activation_backward(once.data(), r.data(), x.data(), 7, act);
     cpu::activation_backward(twice.data(), r.data(), x.data(), 7, act);
+    EXPECT_EQ(once, twice);
     cpu::activation_backward(twice.data(), r.data(), x.data(), 7, act);
-    expect_twice(once, twice, "dinp");
+    EXPECT_EQ(once, twice);
   }
   cpu::activation_backward<double>(nullptr, r.data(), x.data(), 7, Activation::gelu);  // skipped
 }

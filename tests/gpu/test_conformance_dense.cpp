@@ -222,7 +222,16 @@ void add_matmul(std::vector<Case>& cases) {
          output("dbias", OC, 36, {1e-5, 1e-5})},
         [=](auto& ops, auto& t) {
           ops.matmul_backward(t("dinp"), t("dw"), t("dbias"), t("dout"), t("x"), t("w"), N, C,
-                              OC);
+                              OC, /*add_dinp=*/true);
+        }));
+    // dinp written over what it held (add_dinp = false).
+    cases.push_back(make_case(
+        "matmul_backward dinp written" + s, OpId::matmul_backward,
+        {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("dout", N * OC, 33),
+         output("dinp", N * C, 34, gemm_inc), output("dw", int64_t(C) * OC, 35, gemm_inc)},
+        [=](auto& ops, auto& t) {
+          ops.matmul_backward(t("dinp"), t("dw"), nullptr, t("dout"), t("x"), t("w"), N, C, OC,
+                              /*add_dinp=*/false);
         }));
     // Null gradients are skipped.
     cases.push_back(make_case(
@@ -230,7 +239,8 @@ void add_matmul(std::vector<Case>& cases) {
         {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("dout", N * OC, 33),
          output("dbias", OC, 36, {1e-5, 1e-5})},
         [=](auto& ops, auto& t) {
-          ops.matmul_backward(nullptr, nullptr, t("dbias"), t("dout"), t("x"), t("w"), N, C, OC);
+          ops.matmul_backward(nullptr, nullptr, t("dbias"), t("dout"), t("x"), t("w"), N, C, OC,
+                              /*add_dinp=*/true);
         }));
   }
 }

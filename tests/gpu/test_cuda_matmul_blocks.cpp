@@ -55,13 +55,13 @@ TEST(CudaMatmulBlocks, ManyBlocksEqualTheOpsCalledBlockByBlock) {
     if (whole) {
       ops->matmul_forward(o.data(), x.data(), w.data(), nullptr, N, C, OC);
       ops->matmul_backward(di.data(), g.data(), nullptr, dout.data(), x.data(), w.data(), N, C,
-                           OC);
+                           OC, /*add_dinp=*/true);
     } else {
       for (int64_t r0 = 0; r0 < N; r0 += rows) {
         const int64_t nr = std::min(rows, N - r0);
         ops->matmul_forward(o.data() + r0 * OC, x.data() + r0 * C, w.data(), nullptr, nr, C, OC);
         ops->matmul_backward(di.data() + r0 * C, g.data(), nullptr, dout.data() + r0 * OC,
-                             x.data() + r0 * C, w.data(), nr, C, OC);
+                             x.data() + r0 * C, w.data(), nr, C, OC, /*add_dinp=*/true);
       }
     }
     out->resize(size_t(N * OC));

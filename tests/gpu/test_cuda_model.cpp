@@ -86,7 +86,7 @@ template <>
 struct Bf16ProductsCpu::Before<OpId::matmul_backward> {
   Bf16ProductsCpu& o;
   void apply(float*&, float*&, float*&, const float*& dout, const float*& inp, const float*& w,
-             int64_t& N, int& C, int& OC) {
+             int64_t& N, int& C, int& OC, bool&) {
     dout = o.rounded(o.c_, dout, N * OC);
     inp = o.rounded(o.a_, inp, N * C);
     w = o.rounded(o.b_, w, int64_t(C) * OC);
