@@ -60,7 +60,7 @@ struct AttentionScratch {
   Buffer<T> w_rounds, dao_round;
   T* w_rounds_of(int h) { return w_rounds.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
-  IntBuffer<T> perm;       // sorted order of one head [n_hashes, L]
+  IntBuffer<T> perm;       // [n_hashes, L]: one head's LSH bucket ids until sorted
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)
 };
 

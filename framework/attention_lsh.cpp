@@ -1,8 +1,9 @@
 // LSH attention (shared QK): per owned head, hash every position into
 // n_buckets in each of n_hashes rounds, sort each round by (bucket, position),
 // attend within chunks of the sorted order and their look-back, combine the
-// rounds by log-sum-exp. Bucket ids are kept from the forward pass so the
-// backward recompute attends over the same chunks. With shape.by_round each
+// rounds by log-sum-exp. The sorted orders are kept from the hashing forward
+// pass, so the rebuild and the backward attend over the same chunks without
+// sorting again (a sort is about 4% of a 64K step). With shape.by_round each
 // round is its own attention call, forward and backward, so an op's scratch
 // holds one round instead of all.
 #include "framework/attention.h"
@@ -18,7 +19,7 @@ class LshAttention final : public AttentionKindImpl<T> {
                AttentionScratch<T>& scratch)
       : cfg_(cfg), shape_(shape), ops_(ops), s_(scratch),
         nh_(shape.rounds > 0 ? shape.rounds : cfg.attention.n_hashes), nb_(cfg.buckets()),
-        f0_(cfg.bucket_factor0()), buckets_(ops, int64_t(shape.heads) * nh_ * shape.L) {
+        f0_(cfg.bucket_factor0()), perms_(ops, int64_t(shape.heads) * nh_ * shape.L) {
     ap_ = attention_params(cfg, shape);
     ap_.n_rounds = nh_;
     ap_.wrap = true;
@@ -30,19 +31,20 @@ class LshAttention final : public AttentionKindImpl<T> {
 
   void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) override {
     const int64_t L = shape_.L;
-    int32_t* buckets = buckets_.data() + int64_t(h) * nh_ * L;
+    int32_t* perm = perms_.data() + int64_t(h) * nh_ * L;
     if (rehash) {
       // Every round's rotations, as one process draws them; this kind hashes
       // with those of its rounds.
       ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer, shape_.head0 + h,
                          cfg_.attention.n_hashes, shape_.dh, nb_, f0_);
       const T* rot = s_.rot.data() + int64_t(shape_.round0) * shape_.dh * rotation_cols(nb_, f0_);
+      // The bucket ids are needed only until sorted: they go in the scratch.
+      int32_t* buckets = s_.perm.data();
       ops_.lsh_hash(buckets, qk, shape_.ld, rot, L, shape_.dh, nh_, nb_, f0_);
+      ops_.lsh_sort(perm, buckets, L, nh_, nb_);
     }
-    ops_.lsh_sort(s_.perm.data(), buckets, L, nh_, nb_);
     if (!shape_.by_round) {
-      ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, s_.perm.data(),
-                                     ap_);
+      ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, perm, ap_);
       return;
     }
     // One call per round (each writes its own output into ao), then ao and
@@ -50,7 +52,7 @@ class LshAttention final : public AttentionKindImpl<T> {
     const int64_t dh = shape_.dh;
     for (int r = 0; r < nh_; ++r)
       ops_.chunked_attention_forward(ao, s_.out_r_of(h) + r * L * dh, s_.lse_of(h) + r * L, qk,
-                                     v, s_.perm.data() + r * L, round_);
+                                     v, perm + r * L, round_);
     ops_.combine_rounds(ao, s_.w_rounds_of(h), s_.out_r_of(h), s_.lse_of(h), nh_, L, shape_.dh,
                         shape_.ld);
   }
@@ -58,11 +60,11 @@ class LshAttention final : public AttentionKindImpl<T> {
   void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
                 T* dv) override {
     const int64_t L = shape_.L;
-    ops_.lsh_sort(s_.perm.data(), buckets_.data() + int64_t(h) * nh_ * L, L, nh_, nb_);
+    const int32_t* perm = perms_.data() + int64_t(h) * nh_ * L;
     if (!shape_.by_round) {
       if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, nh_, shape_);
-      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.perm.data(), s_.out_r_of(h),
-                                      s_.lse_of(h), ap_);
+      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, perm, s_.out_r_of(h), s_.lse_of(h),
+                                      ap_);
       return;
     }
     // Round by round: a one-round call given the combined output (its D
@@ -81,7 +83,7 @@ class LshAttention final : public AttentionKindImpl<T> {
     for (int r = 0; r < nh_; ++r) {
       ops_.fill(s_.dao_round.data(), T(0), s_.dao_round.size());
       ops_.lse_combine_backward(dao_r, dao, s_.w_rounds_of(h) + r * L, share);
-      ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, s_.perm.data() + r * L,
+      ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, perm + r * L,
                                       s_.out_r_of(h), s_.lse_of(h) + r * L, round_);
     }
   }
@@ -92,7 +94,7 @@ class LshAttention final : public AttentionKindImpl<T> {
   Ops<T>& ops_;
   AttentionScratch<T>& s_;
   int nh_, nb_, f0_;
-  IntBuffer<T> buckets_;  // [heads, n_hashes, L], kept from forward to backward
+  IntBuffer<T> perms_;  // [heads, rounds, L] sorted orders, kept from forward to backward
   AttentionParams ap_;
   AttentionParams round_;  // one round (shape.by_round)
 };

@@ -308,9 +308,9 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       const int64_t nh = cfg.attention.n_hashes;
       b.add("rotations", G::activations, "[n_hashes, dh, cols]",
             {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
-      b.add("perm", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);
-      b.add("buckets", G::activations, "[Hloc, rounds, Lfull] per LSH layer", {Hloc, rounds, Lfull},
-            true, lsh_layers);
+      b.add("perm", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);  // bucket ids
+      b.add("lsh perms", G::activations, "[Hloc, rounds, Lfull] per LSH layer",
+            {Hloc, rounds, Lfull}, true, lsh_layers);
     }
     b.add("identity", G::activations, "[Lfull]", {Lfull}, true);
   }
