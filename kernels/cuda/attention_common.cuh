@@ -308,7 +308,8 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // overwrites dq_r, dkh_r, dv_r ([R, L, dh]; any may be null) from the row
 // statistics rm, riz, rD of row_stats_kernel.
 // The forward's / backward's `stage` holds kMmaFwdStaged / kMmaBwdStaged
-// arrays of carve_scratch's staged layout (q, k_hat, v; and dout).
+// arrays of carve_scratch's staged layout (q, k_hat, v; and dout). A null
+// khat in the forward: k_hat is staged from qk (no fp32 k_hat pass).
 constexpr int kMmaFwdStaged = 3;
 constexpr int kMmaBwdStaged = 4;
 void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,

@@ -237,13 +237,13 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
   if (p.L == 0) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false, staged);
-  cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
-  if (p.precision == AttentionPrecision::bf16)
-    cuda::mma_attention_forward(p, perm, false, qk, sc.khat, v, out_r, lse, sc.stage,
-                                stream_);
-  else
+  if (p.precision == AttentionPrecision::bf16) {  // k_hat staged from qk directly
+    cuda::mma_attention_forward(p, perm, false, qk, nullptr, v, out_r, lse, sc.stage, stream_);
+  } else {
+    cuda::launch_normalise(sc, qk, p, stream_);
     cuda::dispatch_forward<false>(g, p.n_rounds, qk, sc.khat, v, out_r, lse, stream_);
+  }
   cuda::launch_combine(out, nullptr, p.ld, out_r, lse, p.L, p.dh, p.n_rounds, stream_);
 }
 
@@ -260,13 +260,13 @@ void CudaOps::full_attention_forward(float* out, float* lse, const float* qk, co
   if (p.L == 0) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, false, staged);
-  cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
-  if (p.precision == AttentionPrecision::bf16)
-    cuda::mma_attention_forward(p, nullptr, true, qk, sc.khat, v, out, lse, sc.stage,
-                                stream_);
-  else
+  if (p.precision == AttentionPrecision::bf16) {  // k_hat staged from qk directly
+    cuda::mma_attention_forward(p, nullptr, true, qk, nullptr, v, out, lse, sc.stage, stream_);
+  } else {
+    cuda::launch_normalise(sc, qk, p, stream_);
     cuda::dispatch_forward<true>(g, 1, qk, sc.khat, v, out, lse, stream_);
+  }
 }
 
 }  // namespace reformer

@@ -184,11 +184,15 @@ constexpr int kStageWarps = 8;    // rows (one per warp) per block of mma_stage_
 
 // dst[a][pos * DH + d] = bf16(src[a][pos * lds[a] + d]) for a < n; zero for
 // d >= dh. Every dst[a] is [L, DH] bf16 (carve_scratch's staged layout).
+// With khat_from_q, operand 1 (src[1] unused) is k_hat computed from src[0]
+// as normalise_keys_kernel does (same sum order, same division: the same
+// bits), so the forward needs no fp32 k_hat.
 struct MmaStage {
   const float* src[kMmaMaxStaged];
   int64_t lds[kMmaMaxStaged];
   bf16* dst[kMmaMaxStaged];
   int n;
+  bool khat_from_q;
 };
 
 template <int DH>
@@ -196,13 +200,26 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
   const int64_t pos = int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5);
   if (pos >= g.L) return;
   const int lane = threadIdx.x & 31;
+  float norm = 1.0f;  // |q| + eps under khat_from_q
+  if (st.khat_from_q) {
+    const float* q = st.src[0] + pos * st.lds[0];
+    float s = 0.0f;
+    for (int d = lane; d < g.dh; d += 32) s += q[d] * q[d];
+    norm = sqrtf(warp_sum(s) + kNormEps);
+  }
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {
     if (a >= st.n) break;
-    const float* x = st.src[a] + pos * st.lds[a];
-    for (int d = 2 * lane; d < DH; d += 64)
-      *reinterpret_cast<uint32_t*>(st.dst[a] + pos * DH + d) =
-          pack_bf16(d < g.dh ? x[d] : 0.0f, d + 1 < g.dh ? x[d + 1] : 0.0f);
+    const bool khat = a == 1 && st.khat_from_q;
+    const float* x = khat ? st.src[0] + pos * st.lds[0] : st.src[a] + pos * st.lds[a];
+    for (int d = 2 * lane; d < DH; d += 64) {
+      float lo = d < g.dh ? x[d] : 0.0f, hi = d + 1 < g.dh ? x[d + 1] : 0.0f;
+      if (khat) {
+        lo /= norm;
+        hi /= norm;
+      }
+      *reinterpret_cast<uint32_t*>(st.dst[a] + pos * DH + d) = pack_bf16(lo, hi);
+    }
   }
 }
 

@@ -308,7 +308,7 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
                          const float* v, const float* dout, const float* rm, const float* riz,
                          const float* rD, float* dq_r, float* dkh_r, float* dv_r, void* stage,
                          cudaStream_t s) {
-  MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged};
+  MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, false};
   launch_mma_stage<DH>(g, stage, &st, s);
   const unsigned blocks = attn_blocks(g, rounds);
   if (dq_r) {

@@ -4,7 +4,8 @@
 //
 // mma_stage_kernel (attention_mma.cuh; pre-pass, once per call): for every
 // position the query, k_hat and v rows as bf16, zero padded to DH = 32, 64
-// or 128 columns: Qs[pos] = bf16(qk[pos]), Ks (k_hat), Vs (v), each [L, DH]
+// or 128 columns: Qs[pos] = bf16(qk[pos]), Ks (k_hat, normalised there from
+// qk when the caller passes no fp32 k_hat), Vs (v), each [L, DH]
 // in the op's workspace (carve_scratch, 3 * 2 * L * DH bytes), read by every
 // round.
 //
@@ -183,7 +184,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
 template <int DH, bool FULL>
 void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                         const float* v, float* out, float* lse, void* stage, cudaStream_t s) {
-  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged};
+  // k_hat staged from qk (khat null: the forward skips the fp32 k_hat).
+  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr};
   launch_mma_stage<DH>(g, stage, &st, s);
   constexpr size_t smem = mma_fwd_smem<DH>();
   set_mma_smem(mma_forward_kernel<DH, FULL>, smem);
