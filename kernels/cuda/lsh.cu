@@ -331,28 +331,17 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
     gemm(false, false, m, rows, int64_t(dh), Rcat, ldy, qk + c0 * ld, ld, 0.0f, Y, ldy,
          GemmOperands::fp32_tf32);
 
-    // float4 loads need each block's start (rounds cols apart) 16-byte aligned.
+    // float4 loads need each block's start (rounds cols apart) 16-byte aligned;
+    // one thread per (position, round) for short blocks, else one warp.
     const bool vec4 = cols % 4 == 0 && h0 % 4 == 0;
-    if (h0 <= cuda::kThreadArgmaxCols && cols - h0 <= cuda::kThreadArgmaxCols) {
-      const unsigned tblocks =
-          unsigned((rows * n_hashes + cuda::kArgmaxThreads - 1) / cuda::kArgmaxThreads);
-      if (vec4)
-        cuda::argmax_thread_kernel<true><<<tblocks, cuda::kArgmaxThreads, 0, stream_>>>(
-            buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
-      else
-        cuda::argmax_thread_kernel<false><<<tblocks, cuda::kArgmaxThreads, 0, stream_>>>(
-            buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
-      CUDA_CHECK_LAUNCH("argmax_thread_kernel");
-      continue;
-    }
-    const unsigned blocks = unsigned((rows * n_hashes + cuda::kArgmaxThreads / 32 - 1) /
-                                     (cuda::kArgmaxThreads / 32));
-    if (vec4)
-      cuda::argmax_kernel<true><<<blocks, cuda::kArgmaxThreads, 0, stream_>>>(
-          buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
-    else
-      cuda::argmax_kernel<false><<<blocks, cuda::kArgmaxThreads, 0, stream_>>>(
-          buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
+    const bool per_thread =
+        h0 <= cuda::kThreadArgmaxCols && cols - h0 <= cuda::kThreadArgmaxCols;
+    const int per_block = per_thread ? cuda::kArgmaxThreads : cuda::kArgmaxThreads / 32;
+    auto* kernel = per_thread ? (vec4 ? cuda::argmax_thread_kernel<true>
+                                      : cuda::argmax_thread_kernel<false>)
+                              : (vec4 ? cuda::argmax_kernel<true> : cuda::argmax_kernel<false>);
+    kernel<<<unsigned((rows * n_hashes + per_block - 1) / per_block), cuda::kArgmaxThreads, 0,
+             stream_>>>(buckets, Y, ldy, rows, c0, L, n_hashes, cols, h0);
     CUDA_CHECK_LAUNCH("argmax_kernel");
   }
 }
