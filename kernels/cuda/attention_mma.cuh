@@ -83,7 +83,8 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // Issues the copies of ROWS rows of DH bf16 into dst (row stride st): row i
-// from src + row_of(i) * DH, zero where row_of(i) < 0. Thread tid copies
+// from src + row_of(i) * DH (row_of returns an int position), zero where
+// row_of(i) < 0. Thread tid copies
 // piece tid % (DH / 8) of rows tid / (DH / 8) + k * (rows per sweep): one
 // row lookup and one wide multiply per 16 bytes.
 template <int ROWS, int DH, class RowOf>

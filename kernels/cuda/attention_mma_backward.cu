@@ -85,8 +85,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
   // Staged rows are positions: the tile's (sqpos), the first key pass's
   // (from the permutation), then those of pass i + 1 (skpos[buf ^ 1],
   // written before the barrier that precedes its copies).
-  auto q_row = [&](int i) -> int64_t { return sqpos[i]; };
-  auto first_key_row = [&](int i) -> int64_t {
+  auto q_row = [&](int i) -> int { return sqpos[i]; };
+  auto first_key_row = [&](int i) -> int {
     return window_position<FULL>(g, pr, swin, 0, i, n_keys);
   };
   // cp.async groups in commit order: {Q, dO, V_0}, {K_0}, then {V_i+1},
@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     if (tid < kDqKeys) skpos[buf ^ 1][tid] = next_kpos;
     __syncthreads();  // sV consumed, positions of pass i + 1 written: fetch V_i+1
     const int* next_pos = skpos[buf ^ 1];
-    auto next_row = [&](int i) -> int64_t { return next_pos[i]; };
+    auto next_row = [&](int i) -> int { return next_pos[i]; };
     if (k1 < n_keys) copy_rows<kDqKeys, DH>(sV, S, st.dst[2], next_row, tid);
     cp_async_commit();
     cp_async_wait<1>();
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   const int64_t n_q = FULL ? g.L - q_lo : int64_t(s_ninv) * g.chunk;
   // Staged rows are positions: the tile's keys (skpos), the queries of each
   // pass from the permutation.
-  auto k_row = [&](int i) -> int64_t { return skpos[i]; };
+  auto k_row = [&](int i) -> int { return skpos[i]; };
   // Position and row statistics of query q (window element).
   struct QStats {
     int pos;
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   copy_rows<kMmaRows, DH>(sK, S, st.dst[1], k_row, tid);
   copy_rows<kMmaRows, DH>(sV, S, st.dst[2], k_row, tid);
   auto q_rows = [&](int b, int64_t q0) {
-    auto row = [&](int i) -> int64_t {
+    auto row = [&](int i) -> int {
       return window_position<FULL>(g, pr, sinv, q_lo, q0 + i, n_q);
     };
     copy_rows<kDkvQueries, DH>(sQ + b * QT, S, st.dst[0], row, tid);

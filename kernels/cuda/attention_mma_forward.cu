@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
   // Staged rows are positions: the tile's (sqpos), the first key tile's
   // (from the permutation), then those of key tile i + 1 (skpos[buf ^ 1],
   // written before the barrier that precedes its copies).
-  auto q_row = [&](int i) -> int64_t { return sqpos[i]; };
-  auto first_key_row = [&](int i) -> int64_t {
+  auto q_row = [&](int i) -> int { return sqpos[i]; };
+  auto first_key_row = [&](int i) -> int {
     return window_position<FULL>(g, pr, swin, 0, i, n_keys);
   };
   // cp.async groups in commit order: {Q, K_0}, {V_0}, then {K_i+1}, {V_i+1}
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     if (tid < kFwdKeys) skpos[buf ^ 1][tid] = next_kpos;
     __syncthreads();  // sK consumed, positions of tile i + 1 written: fetch K_i+1
     const int* next_pos = skpos[buf ^ 1];
-    auto next_row = [&](int i) -> int64_t { return next_pos[i]; };
+    auto next_row = [&](int i) -> int { return next_pos[i]; };
     if (k1 < n_keys) copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], next_row, tid);
     cp_async_commit();
 
