@@ -2,7 +2,8 @@
 # On a GPU machine: build, run the GPU test suite, train the built-in default
 # run, break a training step down by op (reformer bench --breakdown), time `reformer bench` on
 # the peers' model and the 12-layer enwik8 recipe, then the peers themselves
-# in the same call, and print the one-GPU target table (bench/target_table.py).
+# in the same call, 1M tokens in the leanest memory layout, and print the
+# one-GPU target table (bench/target_table.py).
 #   bench/run_gpu.sh OUT_DIR [LENGTHS [PEERS_SCRIPT [PEER_LENGTHS]]]
 # e.g. bench/run_gpu.sh /tmp/out 16384,65536,1048576 .peers/peer_bench.py 65536
 set -uo pipefail
@@ -38,5 +39,11 @@ fi
 build-gpu/reformer bench --config configs/enwik8.yaml --set data.kind=duplication \
   --set training.batch_size=1 --lengths 65536 --steps 2 > "$out/enwik8.log" 2>&1
 grep -E '^\| cuda' "$out/enwik8.log" || tail -5 "$out/enwik8.log"
+# 1M in the leanest layout: one head and one hash round per attention call,
+# 4K feed-forward and loss chunks (memory against speed; docs/memory.md).
+build-gpu/reformer bench --config configs/bench-peer.yaml --lengths 1048576 --steps 2 \
+  --set model.attn_heads_per_pass=1 --set model.attn_rounds_per_pass=1 \
+  --set model.ffn_chunk=4096 --set model.loss_chunk=4096 > "$out/lean-1m.log" 2>&1
+grep -E '^\| cuda' "$out/lean-1m.log" || tail -5 "$out/lean-1m.log"
 build-gpu/reformer plan --config configs/bench-peer.yaml > "$out/plan.txt" 2>&1
 python3 bench/target_table.py "$out"

@@ -5,6 +5,8 @@ bench/run_gpu.sh, every figure from this run's logs:
   bench.log       reformer bench --config configs/bench-peer.yaml --lengths 16384,65536,1048576
   breakdown.txt   reformer bench ... --lengths 65536 --breakdown (attention TFLOP/s)
   enwik8.log      reformer bench --config configs/enwik8.yaml --lengths 65536
+  lean-1m.log     reformer bench ... --lengths 1048576 in the leanest layout (one
+                  head and one hash round per call, 4K feed-forward and loss chunks)
   plan.txt        reformer plan --config configs/bench-peer.yaml (longest that fits this GPU)
   peer-hf.log, peer-flash.log   the peers' JSON lines (shared/peers/peer_bench.py)
 
@@ -68,6 +70,7 @@ def main():
     out = sys.argv[1]
     ours = cuda_rows(os.path.join(out, "bench.log"))
     enw = cuda_rows(os.path.join(out, "enwik8.log"))
+    lean = cuda_rows(os.path.join(out, "lean-1m.log"))
     att = attention_tflops(os.path.join(out, "breakdown.txt"))
     pe = peers(out, 65536)
     lo = longest(os.path.join(out, "plan.txt"))
@@ -92,6 +95,10 @@ def main():
     if 1048576 in ours:
         g = ours[1048576][1]
         rows.append(("peak memory at 1M", f"{g:.2f} GiB", "<= 24 GiB", g <= 24))
+    if 1048576 in lean:
+        t, g = lean[1048576]
+        rows.append(("peak memory at 1M, leanest layout", f"{g:.2f} GiB at {k(t)} tokens/s",
+                     "<= 24 GiB", g <= 24))
     if lo:
         rows.append(("longest sequence on this GPU (plan)", f"{lo[1]:,} tokens in {lo[0]}",
                      ">= 4M", lo[1] >= 4 * 1024 * 1024))
