@@ -16,21 +16,22 @@
 #include <string>
 #include <vector>
 
-#define CK(x)                                                                       \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                 \
-    }                                                                               \
+// The probe is its own program: a failed call prints where and exits 1.
+static void die_unless(bool ok, const char* file, int line, const std::string& what) {
+  if (ok) return;
+  std::fprintf(stderr, "%s:%d %s\n", file, line, what.c_str());
+  std::exit(1);
+}
+#define CK(x)                                                                          \
+  do {                                                                                 \
+    const cudaError_t e_ = (x);                                                        \
+    die_unless(e_ == cudaSuccess, __FILE__, __LINE__, cudaGetErrorString(e_));         \
   } while (0)
-#define CB(x)                                                                  \
-  do {                                                                         \
-    cublasStatus_t s_ = (x);                                                   \
-    if (s_ != CUBLAS_STATUS_SUCCESS) {                                         \
-      std::fprintf(stderr, "%s:%d cublas status %d\n", __FILE__, __LINE__, int(s_)); \
-      std::exit(1);                                                            \
-    }                                                                          \
+#define CB(x)                                                                          \
+  do {                                                                                 \
+    const cublasStatus_t s_ = (x);                                                     \
+    die_unless(s_ == CUBLAS_STATUS_SUCCESS, __FILE__, __LINE__,                        \
+               "cublas status " + std::to_string(int(s_)));                            \
   } while (0)
 
 __global__ void to_bf16(__nv_bfloat16* dst, const float* src, int64_t n) {
