@@ -47,7 +47,7 @@ struct AttentionShape {
 // its forward before `slots` other heads' forwards.
 template <class T>
 struct AttentionScratch {
-  Buffer<T> out_r;         // [slots, rounds, L, dh]: each round's output
+  Buffer<T> out_r;         // [slots, rounds, L, dh]: each round's output (by round: one)
   Buffer<T> lse;           // [slots, rounds, L]: each round's log-sum-exp
   int slots = 1;
   int64_t out_r_slot = 0;  // elements of one slot of out_r (rounds * L * dh)
@@ -55,9 +55,8 @@ struct AttentionScratch {
   T* out_r_of(int h) { return out_r.data() + int64_t(h % slots) * out_r_slot; }
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
   // by_round only: each round's weight in the combination [slots, rounds, L]
-  // (as lse), and a round's share of a head's output gradient, [L, ld] (the
-  // column block of head h at (h % slots) * dh).
-  Buffer<T> w_rounds, dao_round;
+  // (as lse).
+  Buffer<T> w_rounds;
   T* w_rounds_of(int h) { return w_rounds.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // [n_hashes, L]: one head's LSH bucket ids until sorted
@@ -79,8 +78,9 @@ class AttentionKindImpl {
   virtual void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
   // dqk, dv += gradients for dao of head h, right after forward() of the
   // same head on the same inputs. ao: the head's output (under
-  // shape.partial the combined one; see AttentionShape).
-  virtual void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+  // shape.partial the combined one; see AttentionShape); the kind may use
+  // it as scratch (LSH by round does), so it is unspecified afterwards.
+  virtual void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
                         T* dv) = 0;
 };
 

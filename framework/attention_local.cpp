@@ -23,7 +23,7 @@ class LocalAttention final : public AttentionKindImpl<T> {
                                    ap_);
   }
 
-  void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
                 T* dv) override {
     if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
     ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), s_.out_r_of(h),

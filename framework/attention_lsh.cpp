@@ -5,7 +5,7 @@
 // pass, so the rebuild and the backward attend over the same chunks without
 // sorting again (a sort is about 4% of a 64K step). With shape.by_round each
 // round is its own attention call, forward and backward, so an op's scratch
-// holds one round instead of all.
+// and the saved round outputs hold one round instead of all.
 #include "framework/attention.h"
 
 namespace reformer {
@@ -47,17 +47,19 @@ class LshAttention final : public AttentionKindImpl<T> {
       ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, perm, ap_);
       return;
     }
-    // One call per round (each writes its own output into ao), then ao and
-    // the joint log-sum-exp from all of them.
-    const int64_t dh = shape_.dh;
-    for (int r = 0; r < nh_; ++r)
-      ops_.chunked_attention_forward(ao, s_.out_r_of(h) + r * L * dh, s_.lse_of(h) + r * L, qk,
-                                     v, perm + r * L, round_);
-    ops_.combine_rounds(ao, s_.w_rounds_of(h), s_.out_r_of(h), s_.lse_of(h), nh_, L, shape_.dh,
-                        shape_.ld);
+    // One call per round into the head's one-round out_r slot, folded into
+    // ao as it comes (so one round's output is held at once), then the
+    // rounds' weights for the backward.
+    T* out_1 = s_.out_r_of(h);
+    T* lse = s_.lse_of(h);
+    for (int r = 0; r < nh_; ++r) {
+      ops_.chunked_attention_forward(nullptr, out_1, lse + r * L, qk, v, perm + r * L, round_);
+      ops_.fold_round(ao, out_1, lse, r, L, shape_.dh, shape_.ld);
+    }
+    ops_.combine_rounds(nullptr, s_.w_rounds_of(h), out_1, lse, nh_, L, shape_.dh, shape_.ld);
   }
 
-  void backward(int h, const T* qk, const T* v, const T* ao, const T* dao, T* dqk,
+  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
                 T* dv) override {
     const int64_t L = shape_.L;
     const int32_t* perm = perms_.data() + int64_t(h) * nh_ * L;
@@ -69,19 +71,20 @@ class LshAttention final : public AttentionKindImpl<T> {
     }
     // Round by round: a one-round call given the combined output (its D
     // term) and the round's weight times dao adds round r's share of the
-    // gradients (kernels/ops.h, combine_rounds). Slot round 0 of out_r
-    // holds the combined output from here on.
+    // gradients (kernels/ops.h, combine_rounds). The out_r slot holds the
+    // combined output from here on, and ao, copied there, holds the round's
+    // share of dao (written, not added).
     const int64_t ld = shape_.ld;
-    T* dao_r = s_.dao_round.data() + int64_t(h % s_.slots) * shape_.dh;
     LseCombineParams share;
     share.N = L;
     share.dh = shape_.dh;
     share.ld_parts = ld;
     share.ld_lse = 1;
     share.ld_out = ld;
+    share.accumulate = false;
     use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
+    T* dao_r = ao;
     for (int r = 0; r < nh_; ++r) {
-      ops_.fill(s_.dao_round.data(), T(0), s_.dao_round.size());
       ops_.lse_combine_backward(dao_r, dao, s_.w_rounds_of(h) + r * L, share);
       ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, perm + r * L,
                                       s_.out_r_of(h), s_.lse_of(h) + r * L, round_);

@@ -86,8 +86,12 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   const int64_t dh_pad = dh <= 32 ? 32 : dh <= 64 ? 64 : 128;
   const int64_t staged =
       cfg.attention.precision == AttentionPrecision::bf16 ? 2 * Lfull * dh_pad : 0;
+  // With bf16 and one round per call the tensor-core backward adds into dqk
+  // and dv itself, without the per-round gradients (mma_backward_direct).
+  const bool direct = cfg.attention.precision == AttentionPrecision::bf16 && R == 1;
   const int64_t backward = round256(f * Lfull * dh) + 4 * round256(f * Lfull) +
-                           3 * round256(f * R * Lfull * dh) + round256(4 * staged);
+                           (direct ? 0 : 3 * round256(f * R * Lfull * dh)) +
+                           round256(4 * staged);
   const int64_t forward = round256(f * Lfull * dh) + round256(f * Lfull) + round256(3 * staged);
   const int64_t attention = std::max(backward, forward);
   int64_t sort = 0;
@@ -295,15 +299,18 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       b.add("comb_w", G::activations, "[n_heads, L, sp/n_heads]", {m.n_heads, L, g});
     }
 
-    // One slot per head of a pass.
+    // One slot per head of a pass. Attended by round, a head's rounds are
+    // folded into its output as they come (one round's output at a time),
+    // and the backward keeps the rounds' weights.
     const int64_t slots = Hp;
-    b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
-    b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
     by_round = attention_by_round(cfg, sp, real_bytes);
-    if (by_round) {  // the rounds' weights, and one round's share of the output gradient
+    if (by_round)
+      b.add("out_r", G::activations, "[slots, 1, Lfull, dh]", {slots, 1, Lfull, dh});
+    else
+      b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
+    b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
+    if (by_round)
       b.add("w_rounds", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
-      b.add("dao_round", G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
-    }
     if (lsh_layers > 0) {
       const int64_t nh = cfg.attention.n_hashes;
       b.add("rotations", G::activations, "[n_hashes, dh, cols]",

@@ -122,10 +122,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     s.attn.out_r_slot = plan.count("out_r") / s.attn.slots;
     s.attn.lse_slot = plan.count("lse") / s.attn.slots;
     const bool by_round = attention_by_round(cfg, shard.size, int(sizeof(T)));
-    if (by_round) {
-      s.attn.w_rounds = buf("w_rounds");
-      s.attn.dao_round = buf("dao_round");
-    }
+    if (by_round) s.attn.w_rounds = buf("w_rounds");
     if (any_lsh) {
       s.attn.rot = buf("rotations");
       s.attn.perm = ibuf("perm");

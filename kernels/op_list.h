@@ -126,6 +126,9 @@
     (T* out, T* w, const T* out_r, const T* lse, int n_rounds, int64_t L, int dh,           \
      int64_t ld),                                                                           \
     (out, w, out_r, lse, n_rounds, L, dh, ld))                                              \
+  X(void, fold_round,                                                                       \
+    (T* out, const T* out_r, const T* lse, int r, int64_t L, int dh, int64_t ld),           \
+    (out, out_r, lse, r, L, dh, ld))                                                        \
   X(void, full_attention_forward,                                                           \
     (T* out, T* lse, const T* qk, const T* v, const AttentionParams& p),                    \
     (out, lse, qk, v, p))                                                                   \

@@ -139,7 +139,15 @@ class Ops {
   //   d] = sum_r w[r, i] out_r[r, i, d] (written when out is non-null). By
   //   the rule above, a one-round backward given the combined output and
   //   w[r, i] dout_i adds round r's share of the gradients, so rounds can be
-  //   differentiated one at a time.
+  //   differentiated one at a time. fold_round: the same combination built
+  //   one round at a time, so that one round's output is held at once: with
+  //   lse [r + 1, L] (rounds 0..r), out [L, ld] holding the combination of
+  //   rounds 0..r-1 (not read when r = 0) and out_r [L, dh] round r's output,
+  //   m_i = max_{k<=r} lse[k, i], a_i = sum_{k<r} exp(lse[k, i] - m_i) and
+  //   b_i = exp(lse[r, i] - m_i): out_i = (a_i out_i + b_i out_r_i) / (a_i +
+  //   b_i), the combination of rounds 0..r (equal to combine_rounds' after the
+  //   last round up to rounding). chunked_attention_forward's out may be null
+  //   (the rounds' outputs only in out_r).
   //   full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.
@@ -154,7 +162,8 @@ class Ops {
   //   and z = sum exp(lse - m) over all parts' rounds, w[n, k] = sum over
   //   part k's rounds of exp(lse - m) / z (w [N, parts], dense) and
   //   out[n, :dh] = sum_k w[n, k] parts[n, k * dh ..]. lse_combine_backward:
-  //   dparts[n, k * dh ..] += w[n, k] dout[n, :dh], the gradient at fixed
+  //   dparts[n, k * dh ..] += w[n, k] dout[n, :dh] (= when !p.accumulate; the
+  //   other columns of dparts' rows are not touched), the gradient at fixed
   //   weights; the weights' own part, w_k (out_k - out) . dout through lse,
   //   is left to the attention backward (see above).
   // loss: softmax_cross_entropy: loss[n] = logsumexp(logits[n, :]) -

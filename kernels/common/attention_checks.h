@@ -36,4 +36,12 @@ inline void check_combine_rounds(int n_rounds, int64_t L, int dh, int64_t ld) {
                      ", dh=" + std::to_string(dh) + ", ld=" + std::to_string(ld) + ")");
 }
 
+// fold_round: throws ShapeError unless r >= 0, dh >= 1, ld >= dh, L >= 0.
+inline void check_fold_round(int r, int64_t L, int dh, int64_t ld) {
+  if (r < 0 || dh < 1 || ld < dh || L < 0)
+    throw ShapeError("fold_round: need r >= 0, dh >= 1, ld >= dh and L >= 0 (r=" +
+                     std::to_string(r) + ", L=" + std::to_string(L) +
+                     ", dh=" + std::to_string(dh) + ", ld=" + std::to_string(ld) + ")");
+}
+
 }  // namespace reformer

@@ -85,6 +85,7 @@ struct LseCombineParams {
   int64_t ld_parts = 0;  // row stride of parts and dparts (part k at column k * dh)
   int64_t ld_lse = 0;    // row stride of lse; >= parts * rounds
   int64_t ld_out = 0;    // row stride of out and dout; >= dh
+  bool accumulate = true;  // lse_combine_backward: dparts += (true) or = (false)
 };
 
 // One hash round of the distributed bucket sort (framework/sorted_attention.h,

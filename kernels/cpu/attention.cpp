@@ -239,6 +239,7 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
     }
   }
 
+  if (!out) return;
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t i = 0; i < L; ++i) combine_position(out + i * ld, out_r, lse, i, p);
 }
@@ -260,6 +261,28 @@ void combine_rounds(T* out, T* w, const T* out_r, const T* lse, int n_rounds, in
       for (int r = 0; r < n_rounds; ++r)
         w[int64_t(r) * L + i] = std::exp(lse[int64_t(r) * L + i] - sh.m) * sh.inv_z;
     }
+  }
+}
+
+template <class T>
+void fold_round(T* out, const T* out_r, const T* lse, int r, int64_t L, int dh, int64_t ld) {
+  check_fold_round(r, L, dh, ld);
+  const bool par = L * dh >= kMinParallelWork;
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t i = 0; i < L; ++i) {
+    T* o = out + i * ld;
+    const T* src = out_r + i * dh;
+    if (r == 0) {
+      for (int d = 0; d < dh; ++d) o[d] = src[d];
+      continue;
+    }
+    T m = lse[i];
+    for (int k = 1; k <= r; ++k) m = std::max(m, lse[int64_t(k) * L + i]);
+    T a = T(0);
+    for (int k = 0; k < r; ++k) a += std::exp(lse[int64_t(k) * L + i] - m);
+    const T b = std::exp(lse[int64_t(r) * L + i] - m);
+    const T inv = T(1) / (a + b);
+    for (int d = 0; d < dh; ++d) o[d] = (a * o[d] + b * src[d]) * inv;
   }
 }
 
@@ -546,6 +569,10 @@ template void chunked_attention_backward<float>(float*, float*, const float*, co
 template void chunked_attention_backward<double>(double*, double*, const double*, const double*,
                                                  const double*, const int32_t*, const double*,
                                                  const double*, const AttentionParams&);
+template void fold_round<float>(float*, const float*, const float*, int, int64_t, int,
+                                int64_t);
+template void fold_round<double>(double*, const double*, const double*, int, int64_t, int,
+                                 int64_t);
 template void combine_rounds<float>(float*, float*, const float*, const float*, int, int64_t, int,
                                    int64_t);
 template void combine_rounds<double>(double*, double*, const double*, const double*, int, int64_t,

@@ -20,6 +20,8 @@ template <class T>
 void combine_rounds(T* out, T* w, const T* out_r, const T* lse, int n_rounds, int64_t L,
                     int dh, int64_t ld);
 template <class T>
+void fold_round(T* out, const T* out_r, const T* lse, int r, int64_t L, int dh, int64_t ld);
+template <class T>
 void full_attention_forward(T* out, T* lse, const T* qk, const T* v, const AttentionParams& p);
 template <class T>
 void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T* qk, const T* v,

@@ -49,7 +49,10 @@ void lse_combine_backward(T* dparts, const T* dout, const T* w, const LseCombine
     for (int k = 0; k < K; ++k) {
       const T wk = w[n * K + k];
       T* dst = dparts + n * p.ld_parts + int64_t(k) * dh;
-      for (int d = 0; d < dh; ++d) dst[d] += wk * g[d];
+      if (p.accumulate)
+        for (int d = 0; d < dh; ++d) dst[d] += wk * g[d];
+      else
+        for (int d = 0; d < dh; ++d) dst[d] = wk * g[d];
     }
   }
 }

@@ -269,11 +269,14 @@ struct AttnScratch {
   void* stage;
 };
 
+// per_round: the backward's per-round gradients dq_r, dkh_r, dv_r [R, L, dh]
+// (false for a direct backward, mma_backward_direct: null).
 inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool backward,
-                                 int staged = 0) {
+                                 int staged = 0, bool per_round_grads = true) {
   Carve carve;
   const size_t f = sizeof(float);
-  const size_t per_round = f * size_t(R) * size_t(L) * size_t(dh);
+  const size_t per_round =
+      per_round_grads ? f * size_t(R) * size_t(L) * size_t(dh) : size_t(0);
   const size_t o_khat = carve.reserve(f * size_t(L) * size_t(dh));
   const size_t o_norm = carve.reserve(f * size_t(L));
   const size_t o_rm = carve.reserve(backward ? f * size_t(L) : 0);
@@ -287,8 +290,10 @@ inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool b
   void* base = ws.get(carve.total());
   return AttnScratch{Carve::at<float>(base, o_khat), Carve::at<float>(base, o_norm),
                      Carve::at<float>(base, o_rm),   Carve::at<float>(base, o_riz),
-                     Carve::at<float>(base, o_rD),   Carve::at<float>(base, o_dq),
-                     Carve::at<float>(base, o_dkh),  Carve::at<float>(base, o_dv),
+                     Carve::at<float>(base, o_rD),
+                     per_round ? Carve::at<float>(base, o_dq) : nullptr,
+                     per_round ? Carve::at<float>(base, o_dkh) : nullptr,
+                     per_round ? Carve::at<float>(base, o_dv) : nullptr,
                      staged > 0 ? Carve::at<void>(base, o_stage) : nullptr};
 }
 
@@ -306,7 +311,24 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // perm is null when full. Same outputs and contracts as the fp32 kernels:
 // forward writes out_r / lse (chunked) or out / lse (full); backward
 // overwrites dq_r, dkh_r, dv_r ([R, L, dh]; any may be null) from the row
-// statistics rm, riz, rD of row_stats_kernel.
+// statistics rm, riz, rD of row_stats_kernel, or, direct, adds into the op's
+// dqk and dv ([L, ld]; either may be null) itself.
+//
+// Direct: when a call attends one round (or full attention), every position
+// is one query row of one block of the query side and one key row of one
+// block of the key side, so those blocks can add their rows into dqk and dv
+// without a race (the query side runs before the key side): no per-round
+// scratch ([R, L, dh] x 3, 1.5 GiB at 1M tokens and dh 128) and no
+// finish_backward_kernel. The key side applies the normalisation's backward
+// to its dk_hat rows (khat, norm) as finish_backward_kernel does.
+struct MmaBwdOut {
+  float *dq, *dkh, *dv;      // per-round scratch, or (direct) dqk, dqk, dv
+  bool direct;               // add into [L, ld] rows instead of writing [R, L, dh]
+  const float *khat, *norm;  // direct: k_hat [L, dh] and |k| [L]
+};
+inline bool mma_backward_direct(const AttentionParams& p, bool full) {
+  return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);
+}
 // The forward's / backward's `stage` holds kMmaFwdStaged / kMmaBwdStaged
 // arrays of carve_scratch's staged layout (q, k_hat, v; and dout). A null
 // khat in the forward: k_hat is staged from qk (no fp32 k_hat pass).
@@ -317,8 +339,8 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
                            float* lse, void* stage, cudaStream_t s);
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
                             const float* qk, const float* khat, const float* v, const float* dout,
-                            const float* rm, const float* riz, const float* rD, float* dq_r,
-                            float* dkh_r, float* dv_r, void* stage, cudaStream_t s);
+                            const float* rm, const float* riz, const float* rD,
+                            const MmaBwdOut& o, void* stage, cudaStream_t s);
 
 }  // namespace cuda
 }  // namespace reformer

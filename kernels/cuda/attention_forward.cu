@@ -45,6 +45,30 @@ void launch_combine(float* out, float* w, int64_t ld, const float* out_r, const 
   CUDA_CHECK_LAUNCH("combine_rounds_kernel");
 }
 
+// fold_round (kernels/ops.h): out = (a out + b out_r) / (a + b), a and b the
+// weights of rounds 0..r-1 and of round r against their largest lse; one
+// thread per (i, d).
+__global__ void fold_round_kernel(float* out, const float* out_r, const float* lse, int r,
+                                  int64_t L, int dh, int64_t ld) {
+  const int64_t n = L * dh;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / dh;
+    const int d = int(e % dh);
+    const float src = out_r[i * dh + d];
+    if (r == 0) {
+      out[i * ld + d] = src;
+      continue;
+    }
+    float m = lse[i];
+    for (int k = 1; k <= r; ++k) m = fmaxf(m, lse[int64_t(k) * L + i]);
+    float a = 0.0f;
+    for (int k = 0; k < r; ++k) a += expf(lse[int64_t(k) * L + i] - m);
+    const float b = expf(lse[int64_t(r) * L + i] - m);
+    out[i * ld + d] = (a * out[i * ld + d] + b * src) * (1.0f / (a + b));
+  }
+}
+
 // ---------------------------------------------------------------- forward
 
 // Chunked: out = out_r [R, L, dh], lse [R, L]. Full: out [L, ld], lse [L].
@@ -244,7 +268,16 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
     cuda::launch_normalise(sc, qk, p, stream_);
     cuda::dispatch_forward<false>(g, p.n_rounds, qk, sc.khat, v, out_r, lse, stream_);
   }
-  cuda::launch_combine(out, nullptr, p.ld, out_r, lse, p.L, p.dh, p.n_rounds, stream_);
+  if (out) cuda::launch_combine(out, nullptr, p.ld, out_r, lse, p.L, p.dh, p.n_rounds, stream_);
+}
+
+void CudaOps::fold_round(float* out, const float* out_r, const float* lse, int r, int64_t L,
+                         int dh, int64_t ld) {
+  check_fold_round(r, L, dh, ld);
+  if (L == 0) return;
+  cuda::fold_round_kernel<<<cuda::grid_for(L * dh), cuda::kThreads, 0, stream_>>>(out, out_r, lse,
+                                                                                 r, L, dh, ld);
+  CUDA_CHECK_LAUNCH("fold_round_kernel");
 }
 
 void CudaOps::combine_rounds(float* out, float* w, const float* out_r, const float* lse,

@@ -1,7 +1,8 @@
 // Attention backward on tensor cores (AttentionParams::precision == bf16):
 // the query side and the key side of attention_backward.cu on mma.m16n8k16
 // (bf16 operands, fp32 accumulators); row_stats_kernel before them and
-// finish_backward_kernel after them are shared with the fp32 path.
+// finish_backward_kernel after them (not with one round per call) are shared
+// with the fp32 path.
 //
 // Both recompute the probabilities from the row statistics (m_i, 1 / z_i,
 // D_i of row_stats_kernel), as the fp32 kernels (the exponential by the
@@ -25,7 +26,9 @@
 //    registers, dv += P^T dO and dk_hat += dS^T Q on mma; q and dout of pass
 //    i + 1 are copied (double buffer) during pass i.
 // Each writes every element of its outputs once, in a fixed order: the
-// backward is bitwise reproducible (no atomics).
+// backward is bitwise reproducible (no atomics). With one round per call
+// (or full attention) both add into the op's dqk and dv directly instead
+// (MmaBwdOut, attention_common.cuh): no per-round scratch, no finish pass.
 //
 // Work per call: 6 dh (query side: S, dP, dQ) + 8 dh (key side: S, dP, dV,
 // dK) = 14 dh flops per (query, key) pair (pairs as in the forward,
@@ -57,12 +60,13 @@ constexpr size_t mma_dkv_smem() {
                                4 * kDkvQueries * mma_stride(DH));
 }
 
-// Query side: dq_r[r, i, :] = sum_j dS_ij k_hat_j (overwritten).
+// Query side: dq_r[r, i, :] = sum_j dS_ij k_hat_j (overwritten), or, direct,
+// dqk[i, :] += the same (MmaBwdOut, attention_common.cuh).
 // st.dst: staged q, k_hat, v, dout.
 template <int DH, bool FULL>
 __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     mma_dq_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz, const float* rD,
-                  float* dq_r) {
+                  MmaBwdOut o) {
   constexpr int S = mma_stride(DH);  // row stride of sQ, sG, sK, sV
   constexpr int NT = kDqKeys / 8;
   constexpr int OT = DH / 8;
@@ -158,23 +162,27 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     if (qpos[h] < 0) continue;
-    float* dst = dq_r + (r * g.L + qpos[h]) * g.dh;
+    float* dst = o.direct ? o.dq + int64_t(qpos[h]) * g.ld : o.dq + (r * g.L + qpos[h]) * g.dh;
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
-      const int d = ot * 8 + 2 * t4;
-      if (d < g.dh) dst[d] = dq[ot][2 * h];
-      if (d + 1 < g.dh) dst[d + 1] = dq[ot][2 * h + 1];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int d = ot * 8 + 2 * t4 + u;
+        if (d < g.dh) dst[d] = o.direct ? dst[d] + dq[ot][2 * h + u] : dq[ot][2 * h + u];
+      }
     }
   }
 }
 
 // Key side: for the keys of this block's tile, dkh_r[r, j] = sum_i dS_ij q_i
-// and dv_r[r, j] = sum_i P_ij dout_i (overwritten; either may be null).
-// st.dst: staged q, k_hat, v, dout.
+// and dv_r[r, j] = sum_i P_ij dout_i (overwritten; either may be null), or,
+// direct, dqk[j] += (dk_hat_j - k_hat_j (k_hat_j . dk_hat_j)) / |k_j| and
+// dv[j] += dv_j (MmaBwdOut, attention_common.cuh). st.dst: staged q, k_hat,
+// v, dout.
 template <int DH, bool FULL>
 __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
     mma_dkv_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz, const float* rD,
-                   float* dkh_r, float* dv_r) {
+                   MmaBwdOut o) {
   constexpr int S = mma_stride(DH);  // row stride of every tile
   constexpr int NT = kDkvQueries / 8;
   constexpr int OT = DH / 8;
@@ -286,6 +294,42 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   }
   cp_async_wait<0>();
 
+  if (o.direct) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
+      // (t4) that share the row. Every lane shuffles; padding rows add 0.
+      const int pos = kpos[h];
+      const float* kh = o.khat + int64_t(pos < 0 ? 0 : pos) * g.dh;
+      float proj = 0.0f;
+      if (o.dkh && pos >= 0) {
+#pragma unroll
+        for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int d = ot * 8 + 2 * t4 + u;
+            if (d < g.dh) proj += kh[d] * dk[ot][2 * h + u];
+          }
+      }
+      proj += __shfl_xor_sync(0xffffffffu, proj, 1);
+      proj += __shfl_xor_sync(0xffffffffu, proj, 2);
+      if (pos < 0) continue;
+      const float inv_norm = o.dkh ? 1.0f / o.norm[pos] : 0.0f;
+      float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
+      float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
+#pragma unroll
+      for (int ot = 0; ot < OT; ++ot) {
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+          const int d = ot * 8 + 2 * t4 + u;
+          if (d >= g.dh) continue;
+          if (dqk) dqk[d] += (dk[ot][2 * h + u] - kh[d] * proj) * inv_norm;
+          if (dv) dv[d] += dvv[ot][2 * h + u];
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     if (kpos[h] < 0) continue;
@@ -296,8 +340,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
       for (int u = 0; u < 2; ++u) {
         const int d = ot * 8 + 2 * t4 + u;
         if (d >= g.dh) continue;
-        if (dkh_r) dkh_r[base + d] = dk[ot][2 * h + u];
-        if (dv_r) dv_r[base + d] = dvv[ot][2 * h + u];
+        if (o.dkh) o.dkh[base + d] = dk[ot][2 * h + u];
+        if (o.dv) o.dv[base + d] = dvv[ot][2 * h + u];
       }
     }
   }
@@ -306,21 +350,20 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
 template <int DH, bool FULL>
 void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                          const float* v, const float* dout, const float* rm, const float* riz,
-                         const float* rD, float* dq_r, float* dkh_r, float* dv_r, void* stage,
-                         cudaStream_t s) {
+                         const float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
   MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, false};
   launch_mma_stage<DH>(g, stage, &st, s);
   const unsigned blocks = attn_blocks(g, rounds);
-  if (dq_r) {
+  if (o.dq) {
     constexpr size_t smem = mma_dq_smem<DH>();
     set_mma_smem(mma_dq_kernel<DH, FULL>, smem);
-    mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, dq_r);
+    mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
     CUDA_CHECK_LAUNCH("mma_dq_kernel");
   }
-  if (dkh_r || dv_r) {
+  if (o.dkh || o.dv) {
     constexpr size_t smem = mma_dkv_smem<DH>();
     set_mma_smem(mma_dkv_kernel<DH, FULL>, smem);
-    mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, dkh_r, dv_r);
+    mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
     CUDA_CHECK_LAUNCH("mma_dkv_kernel");
   }
 }
@@ -328,20 +371,16 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
 template <bool FULL>
 void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                            const float* v, const float* dout, const float* rm, const float* riz,
-                           const float* rD, float* dq_r, float* dkh_r, float* dv_r,
-                           void* stage, cudaStream_t s) {
+                           const float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
   switch (kernel_dhm(g.dh)) {
     case 32:
-      launch_mma_backward<32, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                    dv_r, stage, s);
+      launch_mma_backward<32, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
       break;
     case 64:
-      launch_mma_backward<64, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                    dv_r, stage, s);
+      launch_mma_backward<64, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
       break;
     default:
-      launch_mma_backward<128, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                     dv_r, stage, s);
+      launch_mma_backward<128, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
       break;
   }
 }
@@ -350,15 +389,13 @@ void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const
 
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
                             const float* qk, const float* khat, const float* v, const float* dout,
-                            const float* rm, const float* riz, const float* rD, float* dq_r,
-                            float* dkh_r, float* dv_r, void* stage, cudaStream_t s) {
+                            const float* rm, const float* riz, const float* rD,
+                            const MmaBwdOut& o, void* stage, cudaStream_t s) {
   const AttnGeom g = mma_geom(p, perm, full);
   if (full)
-    dispatch_mma_backward<true>(g, 1, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r, dv_r, stage,
-                                s);
+    dispatch_mma_backward<true>(g, 1, qk, khat, v, dout, rm, riz, rD, o, stage, s);
   else
-    dispatch_mma_backward<false>(g, p.n_rounds, qk, khat, v, dout, rm, riz, rD, dq_r, dkh_r,
-                                 dv_r, stage, s);
+    dispatch_mma_backward<false>(g, p.n_rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
 }
 
 }  // namespace cuda

@@ -5,7 +5,7 @@
 //    and weights itself (parts * rounds values, a few), lane 0 writes w, and
 //    the lanes split the head's dh columns for the weighted sum.
 //  - backward_kernel: a grid-stride loop over the N * parts * dh elements of
-//    dparts, each += its part's weight times dout.
+//    dparts, each += (or =, !p.accumulate) its part's weight times dout.
 // Exponentials are fp32 (expf), so results differ from the CPU by rounding
 // only; each element is summed in a fixed order (deterministic).
 #include <cuda_runtime.h>
@@ -54,7 +54,9 @@ __global__ void lse_combine_backward_kernel(float* dparts, const float* dout, co
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = e / per_row, c = e % per_row, k = c / p.dh, d = c % p.dh;
-    dparts[n * p.ld_parts + c] += w[n * p.parts + k] * dout[n * p.ld_out + d];
+    const float g = w[n * p.parts + k] * dout[n * p.ld_out + d];
+    float* dst = dparts + n * p.ld_parts + c;
+    *dst = p.accumulate ? *dst + g : g;
   }
 }
 

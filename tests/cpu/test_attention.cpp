@@ -13,6 +13,7 @@
 
 #include "kernels/errors.h"
 #include "kernels/cpu/attention.h"
+#include "kernels/cpu/lse_combine.h"
 #include "tests/common/gradcheck.h"
 
 namespace reformer::cpu {
@@ -350,6 +351,69 @@ TEST(ChunkedAttention, RoundsAreSavedIndependentlyByPosition) {
         EXPECT_EQ(one.out[size_t(i * p.ld + d)], one.out_r[size_t(i * p.dh + d)]);
       }
     }
+  }
+}
+
+// Rounds attended one call at a time with a null out (framework/
+// attention_lsh.cpp, by round) and folded into out as they come give the
+// combination all rounds in one call give, padding columns untouched.
+TEST(ChunkedAttention, RoundsFoldedOneAtATimeEqualAllAtOnce) {
+  const auto p = params(24, 5, 7, 3, 6, 1, 0, true, true);
+  auto p1 = p;
+  p1.n_rounds = 1;
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 71, 3.0);
+  const auto perm = random_perms(3, p.L, 17);
+  const auto all = run_chunked(in.qk, in.v, perm, p);
+  std::vector<double> out(size_t(p.L * p.ld), kSentinel), out_1(size_t(p.L * p.dh));
+  std::vector<double> lse(size_t(3 * p.L));
+  for (int r = 0; r < 3; ++r) {
+    chunked_attention_forward<double>(nullptr, out_1.data(), lse.data() + r * p.L, in.qk.data(),
+                                      in.v.data(), perm.data() + r * p.L, p1);
+    fold_round(out.data(), out_1.data(), lse.data(), r, p.L, p.dh, p.ld);
+    if (r == 0)  // the first round is copied as it is
+      for (int64_t i = 0; i < p.L; ++i)
+        for (int d = 0; d < p.dh; ++d)
+          ASSERT_EQ(out[size_t(i * p.ld + d)], out_1[size_t(i * p.dh + d)]);
+  }
+  EXPECT_EQ(lse, all.lse);
+  EXPECT_LE(max_abs_diff(out, all.out, p), 1e-14);
+  double moved = 0.0;  // the rounds differ, so folding changed the first round's output
+  for (int64_t i = 0; i < p.L; ++i)
+    for (int d = 0; d < p.dh; ++d)
+      moved = std::max(moved, std::abs(out[size_t(i * p.ld + d)] - all.out_r[size_t(i * p.dh + d)]));
+  EXPECT_GT(moved, 1e-3);
+  for (int64_t i = 0; i < p.L; ++i)
+    for (int64_t d = p.dh; d < p.ld; ++d) EXPECT_EQ(out[size_t(i * p.ld + d)], kSentinel);
+  EXPECT_THROW(fold_round(out.data(), out_1.data(), lse.data(), -1, p.L, p.dh, p.ld), ShapeError);
+  EXPECT_THROW(fold_round(out.data(), out_1.data(), lse.data(), 0, p.L, p.dh, p.dh - 1),
+               ShapeError);
+}
+
+// lse_combine_backward adds w dout into its part's columns, or writes it
+// (accumulate false), leaving the row's other columns alone.
+TEST(LseCombineBackward, AddsOrWritesThePartsColumns) {
+  LseCombineParams p;
+  p.N = 3;
+  p.parts = 2;
+  p.dh = 2;
+  p.ld_parts = 5;
+  p.ld_lse = 2;
+  p.ld_out = 3;
+  const std::vector<double> dout = {1, 2, 9, 3, 4, 9, 5, 6, 9};
+  const std::vector<double> w = {0.5, 0.25, 1, 2, -1, 0};
+  std::vector<double> added(15, 1.0), written(15, 1.0);
+  lse_combine_backward(added.data(), dout.data(), w.data(), p);
+  p.accumulate = false;
+  lse_combine_backward(written.data(), dout.data(), w.data(), p);
+  for (int n = 0; n < 3; ++n) {
+    for (int k = 0; k < 2; ++k)
+      for (int d = 0; d < 2; ++d) {
+        const double g = w[size_t(n * 2 + k)] * dout[size_t(n * 3 + d)];
+        EXPECT_EQ(added[size_t(n * 5 + k * 2 + d)], 1.0 + g);
+        EXPECT_EQ(written[size_t(n * 5 + k * 2 + d)], g);
+      }
+    EXPECT_EQ(added[size_t(n * 5 + 4)], 1.0);
+    EXPECT_EQ(written[size_t(n * 5 + 4)], 1.0);
   }
 }
 

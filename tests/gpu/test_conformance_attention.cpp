@@ -191,6 +191,33 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                              t("lse") + r * c.L, p1);
             }
           }));
+      // As framework/attention_lsh.cpp does it by round: each round's
+      // forward into one out_r slot (out null), folded into out as it comes;
+      // the backward's share of dout written into out (the head's output
+      // is no longer needed once copied into the slot).
+      std::vector<TensorSpec> fr = {output("out_1", c.L * c.dh, 72, tol.out),
+                                    output("lse", nr, 66, tol.lse), output("out", n, 67, tol.out),
+                                    output("w", nr, 70, tol.lse), output("dqk", n, 68, tol.dqk),
+                                    output("dv", n, 69, tol.dv)};
+      LseCombineParams written = share;
+      written.accumulate = false;
+      cases.push_back(make_case(
+          "fold_round and backward round by round" + s, OpId::fold_round, with(fr),
+          [=](auto& ops, auto& t) {
+            for (int r = 0; r < c.rounds; ++r) {
+              ops.chunked_attention_forward(nullptr, t("out_1"), t("lse") + r * c.L, t("qk"),
+                                            t("v"), t.i("perm") + r * c.L, p1);
+              ops.fold_round(t("out"), t("out_1"), t("lse"), r, c.L, c.dh, p.ld);
+            }
+            ops.combine_rounds(nullptr, t("w"), t("out_1"), t("lse"), c.rounds, c.L, c.dh, p.ld);
+            ops.copy_2d(t("out_1"), c.dh, t("out"), p.ld, c.L, c.dh);
+            for (int r = 0; r < c.rounds; ++r) {
+              ops.lse_combine_backward(t("out"), t("dout"), t("w") + r * c.L, written);
+              ops.chunked_attention_backward(t("dqk"), t("dv"), t("out"), t("qk"), t("v"),
+                                             t.i("perm") + r * c.L, t("out_1"),
+                                             t("lse") + r * c.L, p1);
+            }
+          }));
       cases.push_back(make_case("combine_rounds weights only" + s, OpId::combine_rounds,
                                 with({output("out_r", nr * c.dh, 65, tol.out),
                                       output("lse", nr, 66, tol.lse),

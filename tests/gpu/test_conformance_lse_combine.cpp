@@ -47,6 +47,13 @@ std::vector<Case> lse_combine_cases() {
         {input("dout", c.N * p.ld_out, 94), input("w", c.N * c.parts, 95, 0.0, 1.0),
          output("dparts", c.N * p.ld_parts, 96, kFp32Elementwise)},
         [p](auto& ops, auto& t) { ops.lse_combine_backward(t("dparts"), t("dout"), t("w"), p); }));
+    LseCombineParams pw = p;  // written, not added
+    pw.accumulate = false;
+    cases.push_back(make_case(
+        "lse_combine_backward written" + name, OpId::lse_combine_backward,
+        {input("dout", c.N * p.ld_out, 94), input("w", c.N * c.parts, 95, 0.0, 1.0),
+         output("dparts", c.N * p.ld_parts, 96, kFp32Elementwise)},
+        [pw](auto& ops, auto& t) { ops.lse_combine_backward(t("dparts"), t("dout"), t("w"), pw); }));
   }
   return cases;
 }
