@@ -79,16 +79,16 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
                            bool by_round, int64_t other = 0) {
   // Rounds of one attention call (attention_by_round: one).
   const int64_t f = 4, dh = cfg.head_dim(), R = lsh && !by_round ? cfg.attention.n_hashes : 1;
-  // Backward: k_hat, norm and row statistics, per-round dq, dk_hat, dv.
+  // Backward: k_hat, norm and row statistics, per-round dq, dk_hat, dv (fp32).
   // Forward: k_hat, norm. With bf16 attention both add the staged bf16
   // operands [L, dh padded to 32, 64 or 128], shared by the rounds: q, k_hat,
   // v (and dout) (kernels/cuda/attention_common.cuh, carve_scratch).
   const int64_t dh_pad = dh <= 32 ? 32 : dh <= 64 ? 64 : 128;
   const int64_t staged =
       cfg.attention.precision == AttentionPrecision::bf16 ? 2 * Lfull * dh_pad : 0;
-  // With bf16 and one round per call the tensor-core backward adds into dqk
-  // and dv itself, without the per-round gradients (mma_backward_direct).
-  const bool direct = cfg.attention.precision == AttentionPrecision::bf16 && R == 1;
+  // With bf16 the tensor-core backward adds into dqk and dv itself, round
+  // by round, without the per-round gradients (mma_backward_direct).
+  const bool direct = cfg.attention.precision == AttentionPrecision::bf16;
   const int64_t backward = round256(f * Lfull * dh) + 4 * round256(f * Lfull) +
                            (direct ? 0 : 3 * round256(f * R * Lfull * dh)) +
                            round256(4 * staged);
@@ -229,8 +229,13 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
   if (!any_lsh || rounds < 2) return false;
   if (set != 0) return set == 1;
   if (attention_heads_per_pass(cfg, sp, real_bytes) != 1) return false;
-  const int64_t Lfull = cfg.model.max_len;
-  return op_workspace_bytes(cfg, Lfull, Lfull / sp, 0, true, false) > kRoundScratchBudget;
+  // What attending by round saves: R - 1 rounds of out_r, and the op
+  // workspace's per-round part (fp32 attention; bf16 has none).
+  const int64_t Lfull = cfg.model.max_len, L = Lfull / sp;
+  const int64_t saved = int64_t(rounds - 1) * Lfull * cfg.head_dim() * real_bytes +
+                        op_workspace_bytes(cfg, Lfull, L, 0, true, false) -
+                        op_workspace_bytes(cfg, Lfull, L, 0, true, true);
+  return saved > kRoundSavingThreshold;
 }
 
 MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {

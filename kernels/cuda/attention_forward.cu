@@ -47,26 +47,26 @@ void launch_combine(float* out, float* w, int64_t ld, const float* out_r, const 
 
 // fold_round (kernels/ops.h): out = (a out + b out_r) / (a + b), a and b the
 // weights of rounds 0..r-1 and of round r against their largest lse; one
-// thread per (i, d).
+// warp per position (every lane computes the two weights, the lanes split
+// the dh columns).
 __global__ void fold_round_kernel(float* out, const float* out_r, const float* lse, int r,
                                   int64_t L, int dh, int64_t ld) {
-  const int64_t n = L * dh;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t i = e / dh;
-    const int d = int(e % dh);
-    const float src = out_r[i * dh + d];
-    if (r == 0) {
-      out[i * ld + d] = src;
-      continue;
-    }
-    float m = lse[i];
-    for (int k = 1; k <= r; ++k) m = fmaxf(m, lse[int64_t(k) * L + i]);
-    float a = 0.0f;
-    for (int k = 0; k < r; ++k) a += expf(lse[int64_t(k) * L + i] - m);
-    const float b = expf(lse[int64_t(r) * L + i] - m);
-    out[i * ld + d] = (a * out[i * ld + d] + b * src) * (1.0f / (a + b));
+  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (i >= L) return;
+  float* o = out + i * ld;
+  const float* src = out_r + i * dh;
+  if (r == 0) {
+    for (int d = lane; d < dh; d += 32) o[d] = src[d];
+    return;
   }
+  float m = lse[i];
+  for (int k = 1; k <= r; ++k) m = fmaxf(m, lse[int64_t(k) * L + i]);
+  float a = 0.0f;
+  for (int k = 0; k < r; ++k) a += expf(lse[int64_t(k) * L + i] - m);
+  const float b = expf(lse[int64_t(r) * L + i] - m);
+  const float inv = 1.0f / (a + b);
+  for (int d = lane; d < dh; d += 32) o[d] = (a * o[d] + b * src[d]) * inv;
 }
 
 // ---------------------------------------------------------------- forward
@@ -275,8 +275,8 @@ void CudaOps::fold_round(float* out, const float* out_r, const float* lse, int r
                          int dh, int64_t ld) {
   check_fold_round(r, L, dh, ld);
   if (L == 0) return;
-  cuda::fold_round_kernel<<<cuda::grid_for(L * dh), cuda::kThreads, 0, stream_>>>(out, out_r, lse,
-                                                                                 r, L, dh, ld);
+  cuda::fold_round_kernel<<<cuda::warp_rows_blocks(L), cuda::kBlock, 0, stream_>>>(
+      out, out_r, lse, r, L, dh, ld);
   CUDA_CHECK_LAUNCH("fold_round_kernel");
 }
 

@@ -4,8 +4,8 @@
 //  - forward_kernel: one warp per row. Every lane computes the row's shift
 //    and weights itself (parts * rounds values, a few), lane 0 writes w, and
 //    the lanes split the head's dh columns for the weighted sum.
-//  - backward_kernel: a grid-stride loop over the N * parts * dh elements of
-//    dparts, each += (or =, !p.accumulate) its part's weight times dout.
+//  - backward_kernel: one warp per row, the lanes over each part's dh
+//    columns: += (or =, !p.accumulate) the part's weight times dout.
 // Exponentials are fp32 (expf), so results differ from the CPU by rounding
 // only; each element is summed in a fixed order (deterministic).
 #include <cuda_runtime.h>
@@ -50,13 +50,14 @@ __global__ void lse_combine_forward_kernel(float* out, float* w, const float* pa
 
 __global__ void lse_combine_backward_kernel(float* dparts, const float* dout, const float* w,
                                             LseCombineParams p) {
-  const int64_t per_row = int64_t(p.parts) * p.dh, total = p.N * per_row;
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = e / per_row, c = e % per_row, k = c / p.dh, d = c % p.dh;
-    const float g = w[n * p.parts + k] * dout[n * p.ld_out + d];
-    float* dst = dparts + n * p.ld_parts + c;
-    *dst = p.accumulate ? *dst + g : g;
+  const int64_t n = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (n >= p.N) return;
+  const float* g = dout + n * p.ld_out;
+  for (int k = 0; k < p.parts; ++k) {
+    const float wk = w[n * p.parts + k];
+    float* dst = dparts + n * p.ld_parts + int64_t(k) * p.dh;
+    for (int d = lane; d < p.dh; d += 32) dst[d] = p.accumulate ? dst[d] + wk * g[d] : wk * g[d];
   }
 }
 
@@ -77,8 +78,9 @@ void CudaOps::lse_combine_backward(float* dparts, const float* dout, const float
                                    const LseCombineParams& p) {
   check_lse_combine(p, "lse_combine_backward");
   if (p.N == 0) return;
-  cuda::lse_combine_backward_kernel<<<cuda::grid_for(p.N * p.parts * p.dh), cuda::kThreads, 0,
-                                      stream_>>>(dparts, dout, w, p);
+  const unsigned blocks = unsigned((p.N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock);
+  cuda::lse_combine_backward_kernel<<<blocks, 32 * cuda::kRowsPerBlock, 0, stream_>>>(dparts, dout,
+                                                                                      w, p);
   CUDA_CHECK_LAUNCH("lse_combine_backward_kernel");
 }
 
