@@ -163,23 +163,14 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
   for (int h = 0; h < 2; ++h) {
     if (qpos[h] < 0) continue;
     float* dst = o.direct ? o.dq + int64_t(qpos[h]) * g.ld : o.dq + (r * g.L + qpos[h]) * g.dh;
-    // Direct: every old value is loaded before the first store (otherwise
-    // each load waits for the store before it, which may alias it).
-    float prev[OT][2];
 #pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
+    for (int ot = 0; ot < OT; ++ot) {
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int d = ot * 8 + 2 * t4 + u;
-        prev[ot][u] = o.direct && d < g.dh ? dst[d] : 0.0f;
+        if (d < g.dh) dst[d] = o.direct ? dst[d] + dq[ot][2 * h + u] : dq[ot][2 * h + u];
       }
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int d = ot * 8 + 2 * t4 + u;
-        if (d < g.dh) dst[d] = prev[ot][u] + dq[ot][2 * h + u];
-      }
+    }
   }
 }
 
@@ -304,61 +295,37 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   cp_async_wait<0>();
 
   if (o.direct) {
-    // As the query side: each array's old values are all loaded before the
-    // first store to it.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
       // (t4) that share the row. Every lane shuffles; padding rows add 0.
       const int pos = kpos[h];
-      float kh[OT][2], prev[OT][2];
+      const float* kh = o.khat + int64_t(pos < 0 ? 0 : pos) * g.dh;
       float proj = 0.0f;
+      if (o.dkh && pos >= 0) {
 #pragma unroll
-      for (int ot = 0; ot < OT; ++ot)
+        for (int ot = 0; ot < OT; ++ot)
 #pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int d = ot * 8 + 2 * t4 + u;
-          kh[ot][u] = o.dkh && pos >= 0 && d < g.dh ? o.khat[int64_t(pos) * g.dh + d] : 0.0f;
-          proj += kh[ot][u] * dk[ot][2 * h + u];
-        }
+          for (int u = 0; u < 2; ++u) {
+            const int d = ot * 8 + 2 * t4 + u;
+            if (d < g.dh) proj += kh[d] * dk[ot][2 * h + u];
+          }
+      }
       proj += __shfl_xor_sync(0xffffffffu, proj, 1);
       proj += __shfl_xor_sync(0xffffffffu, proj, 2);
       if (pos < 0) continue;
-      if (o.dkh) {
-        const float inv_norm = 1.0f / o.norm[pos];
-        float* dqk = o.dkh + int64_t(pos) * g.ld;
+      const float inv_norm = o.dkh ? 1.0f / o.norm[pos] : 0.0f;
+      float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
+      float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
 #pragma unroll
-        for (int ot = 0; ot < OT; ++ot)
+      for (int ot = 0; ot < OT; ++ot) {
 #pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int d = ot * 8 + 2 * t4 + u;
-            prev[ot][u] = d < g.dh ? dqk[d] : 0.0f;
-          }
-#pragma unroll
-        for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int d = ot * 8 + 2 * t4 + u;
-            if (d < g.dh)
-              dqk[d] = prev[ot][u] + (dk[ot][2 * h + u] - kh[ot][u] * proj) * inv_norm;
-          }
-      }
-      if (o.dv) {
-        float* dv = o.dv + int64_t(pos) * g.ld;
-#pragma unroll
-        for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int d = ot * 8 + 2 * t4 + u;
-            prev[ot][u] = d < g.dh ? dv[d] : 0.0f;
-          }
-#pragma unroll
-        for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int d = ot * 8 + 2 * t4 + u;
-            if (d < g.dh) dv[d] = prev[ot][u] + dvv[ot][2 * h + u];
-          }
+        for (int u = 0; u < 2; ++u) {
+          const int d = ot * 8 + 2 * t4 + u;
+          if (d >= g.dh) continue;
+          if (dqk) dqk[d] += (dk[ot][2 * h + u] - kh[d] * proj) * inv_norm;
+          if (dv) dv[d] += dvv[ot][2 * h + u];
+        }
       }
     }
     return;
