@@ -86,9 +86,9 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   const int64_t dh_pad = dh <= 32 ? 32 : dh <= 64 ? 64 : 128;
   const int64_t staged =
       cfg.attention.precision == AttentionPrecision::bf16 ? 2 * Lfull * dh_pad : 0;
-  // With bf16 the tensor-core backward adds into dqk and dv itself, round
-  // by round, without the per-round gradients (mma_backward_direct).
-  const bool direct = cfg.attention.precision == AttentionPrecision::bf16;
+  // With bf16 and one round per call the tensor-core backward adds into dqk
+  // and dv itself, without the per-round gradients (mma_backward_direct).
+  const bool direct = cfg.attention.precision == AttentionPrecision::bf16 && R == 1;
   const int64_t backward = round256(f * Lfull * dh) + 4 * round256(f * Lfull) +
                            (direct ? 0 : 3 * round256(f * R * Lfull * dh)) +
                            round256(4 * staged);
@@ -230,7 +230,7 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
   if (set != 0) return set == 1;
   if (attention_heads_per_pass(cfg, sp, real_bytes) != 1) return false;
   // What attending by round saves: R - 1 rounds of out_r, and the op
-  // workspace's per-round part (fp32 attention; bf16 has none).
+  // workspace's per-round gradients.
   const int64_t Lfull = cfg.model.max_len, L = Lfull / sp;
   const int64_t saved = int64_t(rounds - 1) * Lfull * cfg.head_dim() * real_bytes +
                         op_workspace_bytes(cfg, Lfull, L, 0, true, false) -

@@ -363,7 +363,7 @@ void dispatch_backward(const AttnGeom& g, int rounds, const float* qk, const flo
 
 // The shared backward: row statistics, query side, key side, finish.
 // The query and key sides run on tensor cores when p.precision is bf16, and
-// then add into dqk, dv themselves (mma_backward_direct).
+// then add into dqk, dv themselves for one round (mma_backward_direct).
 template <bool FULL>
 void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeom& g, int R,
                   float* dqk, float* dv, const float* dout, const float* out, const float* qk,
@@ -371,7 +371,7 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
   row_stats_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(sc.rm, sc.riz, sc.rD, dout, out,
                                                             out_r, lse, g.L, g.ld, g.dh, R, FULL);
   CUDA_CHECK_LAUNCH("row_stats_kernel");
-  if (mma_backward_direct(p)) {  // no per-round scratch, no finish pass
+  if (mma_backward_direct(p, FULL)) {  // no per-round scratch, no finish pass
     const MmaBwdOut o{dqk, dqk, dv, true, sc.khat, sc.norm};
     mma_attention_backward(p, g.perm, FULL, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, o,
                            sc.stage, s);
@@ -404,7 +404,7 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, true, staged,
-                                                   !cuda::mma_backward_direct(p));
+                                                   !cuda::mma_backward_direct(p, false));
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
   cuda::run_backward<false>(sc, p, g, p.n_rounds, dqk, dv, dout, nullptr, qk, v, out_r, lse,
@@ -418,7 +418,7 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, true, staged,
-                                                   !cuda::mma_backward_direct(p));
+                                                   !cuda::mma_backward_direct(p, true));
   cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
   cuda::run_backward<true>(sc, p, g, 1, dqk, dv, dout, out, qk, v, nullptr, lse, stream_);

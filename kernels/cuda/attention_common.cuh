@@ -314,22 +314,22 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // statistics rm, riz, rD of row_stats_kernel, or, direct, adds into the op's
 // dqk and dv ([L, ld]; either may be null) itself.
 //
-// Direct (every bf16 call): within one round (or full attention) every
-// position is one query row of one block of the query side and one key row
-// of one block of the key side, so with one launch of each side per round,
-// in order, the blocks add their rows into dqk and dv without a race: no
-// per-round scratch ([R, L, dh] x 3, 6 GiB at 1M tokens, 4 rounds and dh
-// 128) and no finish_backward_kernel. The key side applies the
-// normalisation's backward to its dk_hat rows (khat, norm) as
-// finish_backward_kernel does. The order of the additions is fixed, so the
-// result is still bitwise reproducible.
+// Direct (a bf16 call of one round, or full attention): every position is
+// one query row of one block of the query side and one key row of one block
+// of the key side, so those blocks add their rows into dqk and dv without a
+// race (the query side runs before the key side): no per-round scratch
+// ([L, dh] x 3, 1.5 GiB at 1M tokens and dh 128) and no
+// finish_backward_kernel. The key side applies the normalisation's backward
+// to its dk_hat rows (khat, norm) as finish_backward_kernel does. Calls of
+// several rounds keep the scratch: one launch of each side per round, adding
+// directly, measured 1.65x slower at 64K tokens (bench/RESULTS.md).
 struct MmaBwdOut {
   float *dq, *dkh, *dv;      // per-round scratch, or (direct) dqk, dqk, dv
   bool direct;               // add into [L, ld] rows instead of writing [R, L, dh]
   const float *khat, *norm;  // direct: k_hat [L, dh] and |k| [L]
 };
-inline bool mma_backward_direct(const AttentionParams& p) {
-  return p.precision == AttentionPrecision::bf16;
+inline bool mma_backward_direct(const AttentionParams& p, bool full) {
+  return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);
 }
 // The forward's / backward's `stage` holds kMmaFwdStaged / kMmaBwdStaged
 // arrays of carve_scratch's staged layout (q, k_hat, v; and dout). A null

@@ -1,8 +1,8 @@
 // Attention backward on tensor cores (AttentionParams::precision == bf16):
 // the query side and the key side of attention_backward.cu on mma.m16n8k16
 // (bf16 operands, fp32 accumulators); row_stats_kernel before them and
-// finish_backward_kernel after them (not when direct) are shared with the
-// fp32 path.
+// finish_backward_kernel after them (not with one round per call) are shared
+// with the fp32 path.
 //
 // Both recompute the probabilities from the row statistics (m_i, 1 / z_i,
 // D_i of row_stats_kernel), as the fp32 kernels (the exponential by the
@@ -26,9 +26,9 @@
 //    registers, dv += P^T dO and dk_hat += dS^T Q on mma; q and dout of pass
 //    i + 1 are copied (double buffer) during pass i.
 // Each writes every element of its outputs once, in a fixed order: the
-// backward is bitwise reproducible (no atomics). Direct (MmaBwdOut,
-// attention_common.cuh), both add into the op's dqk and dv instead, one
-// launch of each per round: no per-round scratch, no finish pass.
+// backward is bitwise reproducible (no atomics). With one round per call
+// (or full attention) both add into the op's dqk and dv directly instead
+// (MmaBwdOut, attention_common.cuh): no per-round scratch, no finish pass.
 //
 // Work per call: 6 dh (query side: S, dP, dQ) + 8 dh (key side: S, dP, dV,
 // dK) = 14 dh flops per (query, key) pair (pairs as in the forward,
@@ -353,26 +353,18 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
                          const float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
   MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, false};
   launch_mma_stage<DH>(g, stage, &st, s);
-  // Direct: one launch of each side per round (perm of round r), in order,
-  // so that no two blocks in flight add into the same row; otherwise one
-  // launch of each over all rounds into the per-round scratch.
-  const int launches = o.direct ? rounds : 1;
-  for (int r = 0; r < launches; ++r) {
-    AttnGeom gr = g;
-    if (!FULL) gr.perm = g.perm + int64_t(r) * g.L;
-    const unsigned blocks = attn_blocks(gr, o.direct ? 1 : rounds);
-    if (o.dq) {
-      constexpr size_t smem = mma_dq_smem<DH>();
-      set_mma_smem(mma_dq_kernel<DH, FULL>, smem);
-      mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(gr, st, rm, riz, rD, o);
-      CUDA_CHECK_LAUNCH("mma_dq_kernel");
-    }
-    if (o.dkh || o.dv) {
-      constexpr size_t smem = mma_dkv_smem<DH>();
-      set_mma_smem(mma_dkv_kernel<DH, FULL>, smem);
-      mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(gr, st, rm, riz, rD, o);
-      CUDA_CHECK_LAUNCH("mma_dkv_kernel");
-    }
+  const unsigned blocks = attn_blocks(g, rounds);
+  if (o.dq) {
+    constexpr size_t smem = mma_dq_smem<DH>();
+    set_mma_smem(mma_dq_kernel<DH, FULL>, smem);
+    mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+    CUDA_CHECK_LAUNCH("mma_dq_kernel");
+  }
+  if (o.dkh || o.dv) {
+    constexpr size_t smem = mma_dkv_smem<DH>();
+    set_mma_smem(mma_dkv_kernel<DH, FULL>, smem);
+    mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+    CUDA_CHECK_LAUNCH("mma_dkv_kernel");
   }
 }
 

@@ -152,8 +152,8 @@ TEST(MemoryPlan, RoundsPerPass) {
   EXPECT_FALSE(attention_by_round(
       config({"model.attn_heads_per_pass=1", "model.attn_rounds_per_pass=3"}), 1));
   EXPECT_FALSE(attention_by_round(config({"model.attn_rounds_per_pass=1"}), 12));  // 1 round/rank
-  // 3 rounds of dh 128 over 8M positions: two rounds' outputs are 8 GiB;
-  // over 1M, 1 GiB.
+  // 3 rounds of dh 128 over 8M positions: two rounds' outputs and three
+  // rounds' gradient scratch are 44 GiB; over 1M, 5.5 GiB.
   const std::vector<std::string> long_seq = {"model.max_len=8388608", "model.d_head=128",
                                              "model.attn_heads_per_pass=1"};
   EXPECT_TRUE(attention_by_round(config(long_seq), 1));
@@ -163,7 +163,7 @@ TEST(MemoryPlan, RoundsPerPass) {
   const MemoryPlan one = plan_memory(
       config({"model.max_len=65536", "model.d_head=128", "model.attn_rounds_per_pass=1"}), 1);
   EXPECT_LT(one.bytes(PlanGroup::activations), all.bytes(PlanGroup::activations));
-  EXPECT_EQ(one.bytes(PlanGroup::workspace), all.bytes(PlanGroup::workspace));  // bf16: no per-round part
+  EXPECT_LT(one.bytes(PlanGroup::workspace), all.bytes(PlanGroup::workspace));
   const MemoryPlan all32 = plan_memory(
       config({"model.max_len=65536", "model.d_head=128", "attention.precision=fp32"}), 1);
   const MemoryPlan one32 =
@@ -261,13 +261,13 @@ TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   };
   EXPECT_EQ(attention_heads_per_pass(cfg, 1), 4);  // the 24 GiB pass budget
   EXPECT_EQ(fitted(cfg, 139 * GiB), 4);
-  EXPECT_EQ(fitted(cfg, 45 * GiB), 2);  // 4 heads: 41.47 > 40.5 GiB
-  EXPECT_EQ(fitted(cfg, 34 * GiB), 1);  // 2 heads: 31.44 > 30.6 GiB
+  EXPECT_EQ(fitted(cfg, 50 * GiB), 2);  // 4 heads: 47.47 > 45 GiB
+  EXPECT_EQ(fitted(cfg, 40 * GiB), 1);  // 2 heads: 37.44 > 36 GiB
   EXPECT_EQ(fitted(cfg, 0), 0);         // no device: the budget rule decides
   Config set = cfg;
   set.model.attn_heads_per_pass = 8;
-  EXPECT_EQ(fitted(set, 34 * GiB), 8);
-  for (int64_t gib : {139, 45, 34}) {
+  EXPECT_EQ(fitted(set, 40 * GiB), 8);
+  for (int64_t gib : {139, 50, 40}) {
     const Config f = fit_heads_per_pass(cfg, 1, gib * GiB);
     const int64_t total = plan_memory(f, 1).total_bytes();
     if (f.model.attn_heads_per_pass > 1) EXPECT_LE(double(total), 0.9 * double(gib * GiB));
