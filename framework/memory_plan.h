@@ -77,9 +77,9 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 // round's), and the rounds are folded into the output and differentiated
 // one by one (fold_round, combine_rounds, kernels/ops.h). The same function
 // either way, but a slower step (the per-call passes over [L, dh] add up;
-// bench/RESULTS.md), hence only where the memory matters: from about 2.2M
-// tokens per rank with bench-peer.yaml. Throws ConfigError for a value other
-// than 0, 1 and attention.n_hashes.
+// bench/RESULTS.md), hence only where the memory matters: from about 2.5M
+// tokens per rank with bench-peer.yaml (where the pass drops to one head).
+// Throws ConfigError for a value other than 0, 1 and attention.n_hashes.
 constexpr int64_t kRoundSavingThreshold = int64_t(16) << 30;
 bool attention_by_round(const Config& cfg, int sp, int real_bytes = 4);
 
