@@ -64,7 +64,7 @@ struct MemoryPlan {
 // ConfigError when the key does not divide n_heads / sp. The budget buys
 // speed with memory: on one H200 at 1M tokens (bench-peer.yaml) it gives 4
 // heads per pass, 218K tokens/s in 50.5 GiB, where one head per pass runs
-// 151K tokens/s in 35.4 GiB (bench/RESULTS.md, 2026-11-30, session 8).
+// 151K tokens/s in 35.4 GiB (bench/RESULTS.md, 2026-11-30, bf16 operands).
 constexpr int64_t kAttentionPassBudget = int64_t(24) << 30;
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 
