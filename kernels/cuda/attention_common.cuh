@@ -269,15 +269,17 @@ struct AttnScratch {
   void* stage;
 };
 
-// per_round: the backward's per-round gradients dq_r, dkh_r, dv_r [R, L, dh]
-// (false for a direct backward, mma_backward_direct: null).
+// khat_and_grads: the fp32 k_hat [L, dh] and the backward's per-round
+// gradients dq_r, dkh_r, dv_r [R, L, dh]; false (null) where the tensor-core
+// kernels take k_hat from qk: the bf16 forward and a direct backward
+// (mma_backward_direct), whose |k| still goes in norm.
 inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool backward,
-                                 int staged = 0, bool per_round_grads = true) {
+                                 int staged = 0, bool khat_and_grads = true) {
   Carve carve;
   const size_t f = sizeof(float);
   const size_t per_round =
-      per_round_grads ? f * size_t(R) * size_t(L) * size_t(dh) : size_t(0);
-  const size_t o_khat = carve.reserve(f * size_t(L) * size_t(dh));
+      khat_and_grads ? f * size_t(R) * size_t(L) * size_t(dh) : size_t(0);
+  const size_t o_khat = carve.reserve(khat_and_grads ? f * size_t(L) * size_t(dh) : 0);
   const size_t o_norm = carve.reserve(f * size_t(L));
   const size_t o_rm = carve.reserve(backward ? f * size_t(L) : 0);
   const size_t o_riz = carve.reserve(backward ? f * size_t(L) : 0);
@@ -288,7 +290,8 @@ inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool b
   const size_t o_stage =
       carve.reserve(2 * size_t(staged) * size_t(L) * size_t(kernel_dhm(dh)));
   void* base = ws.get(carve.total());
-  return AttnScratch{Carve::at<float>(base, o_khat), Carve::at<float>(base, o_norm),
+  return AttnScratch{khat_and_grads ? Carve::at<float>(base, o_khat) : nullptr,
+                     Carve::at<float>(base, o_norm),
                      Carve::at<float>(base, o_rm),   Carve::at<float>(base, o_riz),
                      Carve::at<float>(base, o_rD),
                      per_round ? Carve::at<float>(base, o_dq) : nullptr,
@@ -319,14 +322,16 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // of the key side, so those blocks add their rows into dqk and dv without a
 // race (the query side runs before the key side): no per-round scratch
 // ([L, dh] x 3, 1.5 GiB at 1M tokens and dh 128) and no
-// finish_backward_kernel. The key side applies the normalisation's backward
-// to its dk_hat rows (khat, norm) as finish_backward_kernel does. Calls of
+// finish_backward_kernel. The staging computes k_hat from qk and writes |k|
+// into norm (no fp32 k_hat), and the key side applies the normalisation's
+// backward to its dk_hat rows as finish_backward_kernel does, with k_hat_j =
+// qk_j / |k_j| (the same division: the same bits). Calls of
 // several rounds keep the scratch: one launch of each side per round, adding
 // directly, measured 1.65x slower at 64K tokens (bench/RESULTS.md).
 struct MmaBwdOut {
-  float *dq, *dkh, *dv;      // per-round scratch, or (direct) dqk, dqk, dv
-  bool direct;               // add into [L, ld] rows instead of writing [R, L, dh]
-  const float *khat, *norm;  // direct: k_hat [L, dh] and |k| [L]
+  float *dq, *dkh, *dv;  // per-round scratch, or (direct) dqk, dqk, dv
+  bool direct;           // add into [L, ld] rows instead of writing [R, L, dh]
+  float* norm;           // direct: |k| [L], written by the staging
 };
 inline bool mma_backward_direct(const AttentionParams& p, bool full) {
   return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);

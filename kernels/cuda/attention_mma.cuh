@@ -187,13 +187,15 @@ constexpr int kStageWarps = 8;    // rows (one per warp) per block of mma_stage_
 // d >= dh. Every dst[a] is [L, DH] bf16 (carve_scratch's staged layout).
 // With khat_from_q, operand 1 (src[1] unused) is k_hat computed from src[0]
 // as normalise_keys_kernel does (same sum order, same division: the same
-// bits), so the forward needs no fp32 k_hat.
+// bits), so the forward needs no fp32 k_hat; |k| goes into norm when it is
+// non-null (a direct backward's key side divides by it).
 struct MmaStage {
   const float* src[kMmaMaxStaged];
   int64_t lds[kMmaMaxStaged];
   bf16* dst[kMmaMaxStaged];
   int n;
   bool khat_from_q;
+  float* norm;
 };
 
 template <int DH>
@@ -207,6 +209,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
     float s = 0.0f;
     for (int d = lane; d < g.dh; d += 32) s += q[d] * q[d];
     norm = sqrtf(warp_sum(s) + kNormEps);
+    if (st.norm && lane == 0) st.norm[pos] = norm;
   }
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {

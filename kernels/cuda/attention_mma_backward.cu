@@ -299,8 +299,10 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
     for (int h = 0; h < 2; ++h) {
       // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
       // (t4) that share the row. Every lane shuffles; padding rows add 0.
+      // k_hat_j = qk_j / |k_j| as the staging computed it.
       const int pos = kpos[h];
-      const float* kh = o.khat + int64_t(pos < 0 ? 0 : pos) * g.dh;
+      const float* q = st.src[0] + int64_t(pos < 0 ? 0 : pos) * st.lds[0];
+      const float n = o.dkh && pos >= 0 ? o.norm[pos] : 1.0f;
       float proj = 0.0f;
       if (o.dkh && pos >= 0) {
 #pragma unroll
@@ -308,13 +310,13 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
             const int d = ot * 8 + 2 * t4 + u;
-            if (d < g.dh) proj += kh[d] * dk[ot][2 * h + u];
+            if (d < g.dh) proj += (q[d] / n) * dk[ot][2 * h + u];
           }
       }
       proj += __shfl_xor_sync(0xffffffffu, proj, 1);
       proj += __shfl_xor_sync(0xffffffffu, proj, 2);
       if (pos < 0) continue;
-      const float inv_norm = o.dkh ? 1.0f / o.norm[pos] : 0.0f;
+      const float inv_norm = 1.0f / n;
       float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
       float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
 #pragma unroll
@@ -323,7 +325,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
         for (int u = 0; u < 2; ++u) {
           const int d = ot * 8 + 2 * t4 + u;
           if (d >= g.dh) continue;
-          if (dqk) dqk[d] += (dk[ot][2 * h + u] - kh[d] * proj) * inv_norm;
+          if (dqk) dqk[d] += (dk[ot][2 * h + u] - (q[d] / n) * proj) * inv_norm;
           if (dv) dv[d] += dvv[ot][2 * h + u];
         }
       }
@@ -351,7 +353,9 @@ template <int DH, bool FULL>
 void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                          const float* v, const float* dout, const float* rm, const float* riz,
                          const float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
-  MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, false};
+  // Direct: k_hat staged from qk, |k| into o.norm; otherwise from khat.
+  MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, o.direct,
+              o.direct ? o.norm : nullptr};
   launch_mma_stage<DH>(g, stage, &st, s);
   const unsigned blocks = attn_blocks(g, rounds);
   if (o.dq) {

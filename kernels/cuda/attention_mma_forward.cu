@@ -185,7 +185,7 @@ template <int DH, bool FULL>
 void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                         const float* v, float* out, float* lse, void* stage, cudaStream_t s) {
   // k_hat staged from qk (khat null: the forward skips the fp32 k_hat).
-  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr};
+  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, nullptr};
   launch_mma_stage<DH>(g, stage, &st, s);
   constexpr size_t smem = mma_fwd_smem<DH>();
   set_mma_smem(mma_forward_kernel<DH, FULL>, smem);
