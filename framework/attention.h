@@ -55,7 +55,7 @@ struct AttentionScratch {
   T* out_r_of(int h) { return out_r.data() + int64_t(h % slots) * out_r_slot; }
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
   // by_round only: each round's weight in the combination [slots, rounds, L]
-  // (as lse).
+  // (as lse), computed by the backward.
   Buffer<T> w_rounds;
   T* w_rounds_of(int h) { return w_rounds.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]

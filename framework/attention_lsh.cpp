@@ -48,15 +48,13 @@ class LshAttention final : public AttentionKindImpl<T> {
       return;
     }
     // One call per round into the head's one-round out_r slot, folded into
-    // ao as it comes (so one round's output is held at once), then the
-    // rounds' weights for the backward.
+    // ao as it comes (so one round's output is held at once).
     T* out_1 = s_.out_r_of(h);
     T* lse = s_.lse_of(h);
     for (int r = 0; r < nh_; ++r) {
       ops_.chunked_attention_forward(nullptr, out_1, lse + r * L, qk, v, perm + r * L, round_);
       ops_.fold_round(ao, out_1, lse, r, L, shape_.dh, shape_.ld);
     }
-    ops_.combine_rounds(nullptr, s_.w_rounds_of(h), out_1, lse, nh_, L, shape_.dh, shape_.ld);
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
@@ -82,6 +80,8 @@ class LshAttention final : public AttentionKindImpl<T> {
     share.ld_lse = 1;
     share.ld_out = ld;
     share.accumulate = false;
+    ops_.combine_rounds(nullptr, s_.w_rounds_of(h), s_.out_r_of(h), s_.lse_of(h), nh_, L,
+                        shape_.dh, ld);  // the rounds' weights only
     use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
     T* dao_r = ao;
     for (int r = 0; r < nh_; ++r) {

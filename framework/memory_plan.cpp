@@ -90,8 +90,9 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   // and dv itself, without the per-round gradients (mma_backward_direct).
   const bool direct = cfg.attention.precision == AttentionPrecision::bf16 && R == 1;
   // Nor does it keep an fp32 k_hat, nor the bf16 forward.
-  const int64_t backward = (direct ? 0 : round256(f * Lfull * dh) + 3 * round256(f * R * Lfull * dh)) +
-                           4 * round256(f * Lfull) + round256(4 * staged);
+  const int64_t khat_and_grads = round256(f * Lfull * dh) + 3 * round256(f * R * Lfull * dh);
+  const int64_t backward =
+      (direct ? 0 : khat_and_grads) + 4 * round256(f * Lfull) + round256(4 * staged);
   const int64_t forward = (staged > 0 ? 0 : round256(f * Lfull * dh)) + round256(f * Lfull) +
                           round256(3 * staged);
   const int64_t attention = std::max(backward, forward);

@@ -380,7 +380,8 @@ TEST(ChunkedAttention, RoundsFoldedOneAtATimeEqualAllAtOnce) {
   double moved = 0.0;  // the rounds differ, so folding changed the first round's output
   for (int64_t i = 0; i < p.L; ++i)
     for (int d = 0; d < p.dh; ++d)
-      moved = std::max(moved, std::abs(out[size_t(i * p.ld + d)] - all.out_r[size_t(i * p.dh + d)]));
+      moved = std::max(moved,
+                       std::abs(out[size_t(i * p.ld + d)] - all.out_r[size_t(i * p.dh + d)]));
   EXPECT_GT(moved, 1e-3);
   for (int64_t i = 0; i < p.L; ++i)
     for (int64_t d = p.dh; d < p.ld; ++d) EXPECT_EQ(out[size_t(i * p.ld + d)], kSentinel);
