@@ -331,7 +331,9 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
 
   const int64_t fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L) : L;
   for (const char* n : {"fln", "fg", "dfln", "dfg"}) b.add(n, G::chunks, "[fc, D]", {fc, D});
-  for (const char* n : {"fh", "fa", "dfh", "dfa"}) b.add(n, G::chunks, "[fc, d_ff]", {fc, F});
+  // The feed-forward block's hidden layer (ffn_forward / ffn_backward keep
+  // their state and its gradient in these two).
+  for (const char* n : {"fh", "fa"}) b.add(n, G::chunks, "[fc, d_ff]", {fc, F});
   b.add("fmean", G::chunks, "[fc]", {fc});
   b.add("frstd", G::chunks, "[fc]", {fc});
   const int64_t oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L) : L;
@@ -346,8 +348,9 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   // The linear layers' bf16 operands (kernels/common/gemm_staging.h): the
   // projections and the feed-forward over blocks of fc rows, the output
   // head over oc rows.
-  const int64_t gemm = std::max({gemm_stage_bytes(fc, D, F), gemm_stage_bytes(fc, D, proj_cols),
-                                 gemm_stage_bytes(oc, 2 * D, V)});
+  const int64_t gemm =
+      std::max({ffn_workspace_bytes(fc, D, F), gemm_stage_bytes(fc, D, proj_cols),
+                gemm_stage_bytes(oc, 2 * D, V)});
   b.add_bytes("op workspace (estimate)",
               op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc), lsh_layers > 0, by_round,
                                  std::max(route, gemm)));

@@ -47,7 +47,7 @@ struct ReformerModel<T>::Scratch {
   std::unique_ptr<SortedAttention<T>> sorted;  // sp > 1, parallel.sp_mode: sort
   AttentionScratch<T> attn;
   std::vector<std::unique_ptr<AttentionKindImpl<T>>> kinds;  // per layer
-  Buffer<T> fln, fmean, frstd, fh, fa, fg, dfln, dfh, dfa, dfg;  // feed-forward chunk
+  Buffer<T> fln, fmean, frstd, fh, fa, fg, dfln, dfg;  // feed-forward chunk
   Buffer<T> cat, oln, omean, orstd, logits, loss, dcat, doln;    // output chunk
   IntBuffer<T> pred;                     // output chunk argmax [oc]
   int64_t fc = 0, oc = 0;
@@ -147,7 +147,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
 
   s.fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L_) : L_;
   s.fln = buf("fln"); s.fg = buf("fg"); s.dfln = buf("dfln"); s.dfg = buf("dfg");
-  s.fh = buf("fh"); s.fa = buf("fa"); s.dfh = buf("dfh"); s.dfa = buf("dfa");
+  s.fh = buf("fh"); s.fa = buf("fa");
   s.fmean = buf("fmean");
   s.frstd = buf("frstd");
 
@@ -558,14 +558,15 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), y1, P.ln_f_w, P.ln_f_b,
                          rows, D_, float(cfg_.model.layernorm_eps));
-  ops_.matmul_forward(s.fh.data(), s.fln.data(), P.w1, P.b1, rows, D_, F_);
-  ops_.activation_forward(s.fa.data(), s.fh.data(), rows * F_, cfg_.model.activation);
+  const Activation act = cfg_.model.activation;
   if (!(train && cfg_.model.dropout > 0)) {
-    ops_.matmul_accumulate(x2, s.fa.data(), P.w2, P.b2, rows, F_, D_, subtract ? -1.0f : 1.0f);
+    ops_.ffn_forward(x2, s.fh.data(), s.fa.data(), s.fln.data(), P.w1, P.b1, P.w2, P.b2, rows, D_,
+                     F_, act, subtract ? -1.0f : 1.0f, /*accumulate=*/true);
     return;
   }
   T* g = s.fg.data();
-  ops_.matmul_forward(g, s.fa.data(), P.w2, P.b2, rows, F_, D_);
+  ops_.ffn_forward(g, s.fh.data(), s.fa.data(), s.fln.data(), P.w1, P.b1, P.w2, P.b2, rows, D_,
+                   F_, act, 1.0f, /*accumulate=*/false);
   ops_.dropout(g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
                (pos0_ + row0) * D_);
   if (subtract) ops_.sub(x2, x2, g, rows * D_);
@@ -586,12 +587,9 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   if (train && cfg_.model.dropout > 0)
     ops_.dropout(dgd, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
                  (pos0_ + row0) * D_);
-  // dfa, dfh and dfln are written, not added to: no zeroing first.
-  ops_.matmul_backward(s.dfa.data(), G.w2, G.b2, dgd, s.fa.data(), P.w2, rows, F_, D_,
-                       /*add_dinp=*/false);
-  ops_.activation_backward(s.dfh.data(), s.dfa.data(), s.fh.data(), rows * F_, cfg_.model.activation);
-  ops_.matmul_backward(s.dfln.data(), G.w1, G.b1, s.dfh.data(), s.fln.data(), P.w1, rows, D_, F_,
-                       /*add_dinp=*/false);
+  // dfln is written, not added to: no zeroing first. fh and fa are consumed.
+  ops_.ffn_backward(s.dfln.data(), G.w1, G.b1, G.w2, G.b2, dgd, s.fln.data(), s.fh.data(),
+                    s.fa.data(), P.w1, P.w2, rows, D_, F_, cfg_.model.activation);
   ops_.layernorm_backward(dy1, G.ln_f_w, G.ln_f_b, s.dfln.data(), y1, P.ln_f_w, s.fmean.data(),
                           s.frstd.data(), rows, D_);
 }

@@ -88,6 +88,15 @@
   X(void, activation_backward,                                                              \
     (T* dinp, const T* dout, const T* inp, int64_t n, Activation act),                      \
     (dinp, dout, inp, n, act))                                                              \
+  /* feed-forward block */                                                                   \
+  X(void, ffn_forward,                                                                      \
+    (T* out, T* h, T* a, const T* inp, const T* w1, const T* b1, const T* w2, const T* b2,  \
+     int64_t N, int C, int F, Activation act, float alpha, bool accumulate),                \
+    (out, h, a, inp, w1, b1, w2, b2, N, C, F, act, alpha, accumulate))                      \
+  X(void, ffn_backward,                                                                     \
+    (T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const T* inp, T* h, T* a,      \
+     const T* w1, const T* w2, int64_t N, int C, int F, Activation act),                    \
+    (dinp, dw1, db1, dw2, db2, dout, inp, h, a, w1, w2, N, C, F, act))                      \
   /* LSH */                                                                                 \
   X(void, lsh_rotations,                                                                    \
     (T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,         \

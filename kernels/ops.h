@@ -75,6 +75,17 @@ class Ops {
   //   it; on the CPU exactly matmul_forward into a buffer, then add / sub.
   // activation: out = act(inp); backward: dinp = dout * act'(inp) (written,
   //   not added).
+  // feed-forward block: ffn_forward computes g = act(inp [N, C] @ w1 [C, F] +
+  //   b1) @ w2 [F, C] + b2 and writes out = alpha g (accumulate false) or
+  //   adds out += alpha g (true). h and a, [N, F] each, receive what
+  //   ffn_backward needs, in a layout of the backend's own (the CPU: the
+  //   pre-activation and the activation; CUDA: both in bf16 inside a, h
+  //   left as scratch); only ffn_backward reads them. ffn_backward, given
+  //   the h and a of ffn_forward on the same inp and weights, and dout = dL/dg:
+  //   dinp = dL/dinp (written, not added), dw1, db1, dw2, db2 += their
+  //   gradients; it consumes h and a (they hold scratch afterwards). Both
+  //   equal matmul_forward, activation_forward, matmul_accumulate and their
+  //   backwards in sequence, up to the backend's rounding.
   // LSH: factor0 == 0 hashes into n_buckets with one rotation block per
   //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
   //   block per factor (kernels/common/params.h, rotation_cols); cols is

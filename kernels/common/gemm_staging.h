@@ -36,4 +36,17 @@ inline int64_t gemm_stage_bytes(int64_t N, int64_t C, int64_t OC) {
   return r256(2 * C * OC) + r256(2 * rows * C) + r256(2 * rows * OC);
 }
 
+// The feed-forward block's ops (kernels/cuda/ffn.cu) over N rows of C
+// features and F hidden ones: both weights in bf16, then a block of
+// gemm_block_rows(N, C, F) input rows and, in the backward, as many dout
+// rows; the bias gradients' column sums reuse the space afterwards (one
+// double per column per slab of 256 rows).
+inline int64_t ffn_workspace_bytes(int64_t N, int64_t C, int64_t F) {
+  auto r256 = [](int64_t b) { return (b + 255) / 256 * 256; };
+  const int64_t rows = gemm_block_rows(N, C, F);
+  const int64_t stage = 2 * r256(2 * C * F) + 2 * r256(2 * rows * C);
+  const int64_t sums = 8 * ((N + 255) / 256) * std::max(C, F);
+  return std::max(stage, sums);
+}
+
 }  // namespace reformer

@@ -50,4 +50,13 @@ inline double matmul_backward_flops(int64_t N, int C, int OC, bool dinp, bool dw
   return (double(dinp) + double(dw)) * matmul_forward_flops(N, C, OC);
 }
 
+// The feed-forward block's two products; the backward's four (the
+// activation's gradient always, dinp, dw1 and dw2 where asked).
+inline double ffn_forward_flops(int64_t N, int C, int F) {
+  return 2.0 * matmul_forward_flops(N, C, F);
+}
+inline double ffn_backward_flops(int64_t N, int C, int F, bool dinp, bool dw1, bool dw2) {
+  return matmul_backward_flops(N, F, C, true, dw2) + matmul_backward_flops(N, C, F, dinp, dw1);
+}
+
 }  // namespace reformer

@@ -8,6 +8,7 @@
 #include "kernels/cpu/decode_attention.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/embedding.h"
+#include "kernels/cpu/ffn.h"
 #include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/lse_combine.h"
 #include "kernels/cpu/lsh.h"

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/activation.cuh"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
 #include "kernels/cuda/device_utils.cuh"
@@ -13,22 +14,6 @@
 namespace reformer {
 namespace cuda {
 namespace {
-
-constexpr float kSqrt2OverPi = 0.79788456080286535588f;
-constexpr float kGeluCubic = 0.044715f;
-
-__device__ __forceinline__ float act_value(float x, bool relu) {
-  return relu ? (x > 0.0f ? x : 0.0f)
-              : 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluCubic * x * x * x)));
-}
-
-// d act / dx at x.
-__device__ __forceinline__ float act_slope(float x, bool relu) {
-  if (relu) return x > 0.0f ? 1.0f : 0.0f;
-  const float th = tanhf(kSqrt2OverPi * (x + kGeluCubic * x * x * x));
-  const float dudx = kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * x * x);
-  return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * dudx;
-}
 
 __global__ void activation_forward_kernel(float* out, const float* inp, int64_t n, bool relu) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;

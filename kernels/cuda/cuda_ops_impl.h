@@ -59,6 +59,26 @@ class CudaOps final : public Ops<float> {
   bool gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
             int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
             GemmOperands operands = GemmOperands::fp32_bf16_math, float alpha = 1.0f);
+  // Where a product's result goes (column-major [m, n] with leading
+  // dimension ld, fp32 or bf16) and what cuBLASLt's epilogue does on the
+  // way: `bias` (fp32, length m) added, an activation applied, its input
+  // kept in `aux` (bf16, leading dimension aux_ld) or read back from it.
+  struct GemmOut {
+    void* d = nullptr;
+    int64_t ld = 0;
+    bool bf16 = false;
+    cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
+    const float* bias = nullptr;
+    void* aux = nullptr;
+    int64_t aux_ld = 0;
+  };
+  // gemm() into `out`; bf16 operands only where out is bf16 or has an
+  // epilogue. False (nothing computed) where cuBLASLt offers no kernel.
+  bool gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
+               int64_t lda, const void* B, int64_t ldb, float beta, const GemmOut& out,
+               GemmOperands operands, float alpha = 1.0f);
+  // out[r, c] += alpha * bias[c] for row-major out [rows, cols].
+  void add_bias(float* out, const float* bias, int64_t rows, int64_t cols, float alpha);
   // out = alpha (inp @ w + bias) + beta out for row-major out [N, OC], inp
   // [N, C], w [C, OC]: matmul_forward (1, 0) and matmul_accumulate (alpha, 1).
   void product(float* out, const float* inp, const float* w, const float* bias, int64_t N, int C,
@@ -86,9 +106,10 @@ class CudaOps final : public Ops<float> {
   int32_t* device_error_ = nullptr;
   int32_t* device_error_dev_ = nullptr;  // device_error_ as device code addresses it
   // Heuristic choices by (transa, transb, m, n, k, lda, ldb, ldc, beta != 0,
-  // alignments, operands).
-  using GemmKey =
-      std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int>;
+  // alignments of A, B, D, operands, D in bf16, epilogue, alignments of the
+  // bias and aux, aux_ld).
+  using GemmKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
+                             int, int, int, int, int, int64_t>;
   struct GemmChoice {
     bool found;  // false: no kernel for bf16 operands (the caller uses fp32 ones)
     cublasLtMatmulAlgo_t algo;

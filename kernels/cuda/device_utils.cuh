@@ -2,6 +2,7 @@
 // reductions, launch geometry, and a deterministic two-pass sum.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -145,6 +146,30 @@ __global__ void colsum_final_kernel(const Acc* partial, int64_t slabs, int64_t c
 }
 
 inline int64_t colsum_slabs(int64_t rows) { return std::max<int64_t>(1, (rows + kColSlab - 1) / kColSlab); }
+
+// dst = bf16(src) (round to nearest even) for a dense [rows, cols] block
+// (matmul.cu); issued on `stream`.
+void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
+                cudaStream_t stream);
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// The element (r, c) of a dense row-major matrix with `cols` columns, fp32
+// or bf16, as a double (the terms of a bias gradient).
+template <class E>
+struct MatrixValue {
+  const E* p;
+  int64_t cols;
+  __device__ double operator()(int64_t r, int64_t c) const {
+    return double(to_float(p[r * cols + c]));
+  }
+};
+// dst[c] += sum (a colsum's post step).
+struct AddTo {
+  float* dst;
+  __device__ void operator()(int64_t c, double s) const { dst[c] += float(s); }
+};
 
 // scratch holds colsum_slabs(rows) * cols Acc values.
 template <class Acc, class F, class Post>

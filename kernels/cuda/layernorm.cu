@@ -112,15 +112,6 @@ struct DwTerm {  // dout * xhat
     return double(dout[r * C + c]) * ((double(inp[r * C + c]) - double(mean[r])) * double(rstd[r]));
   }
 };
-struct DbTerm {
-  const float* dout;
-  int64_t C;
-  __device__ double operator()(int64_t r, int64_t c) const { return double(dout[r * C + c]); }
-};
-struct AddTo {  // dst[c] += sum
-  float* dst;
-  __device__ void operator()(int64_t c, double s) const { dst[c] += float(s); }
-};
 
 }  // namespace
 }  // namespace cuda
@@ -162,7 +153,9 @@ void CudaOps::layernorm_backward(float* dinp, float* dw, float* db, const float*
     if (dw)
       cuda::colsum<double>(scratch, cuda::DwTerm{dout, inp, mean, rstd, C}, cuda::AddTo{dw}, N, C,
                            stream_);
-    if (db) cuda::colsum<double>(scratch, cuda::DbTerm{dout, C}, cuda::AddTo{db}, N, C, stream_);
+    if (db)
+      cuda::colsum<double>(scratch, cuda::MatrixValue<float>{dout, C}, cuda::AddTo{db}, N, C,
+                           stream_);
   }
 }
 

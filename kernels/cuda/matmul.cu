@@ -41,15 +41,6 @@ __global__ void add_bias_kernel(float* out, const float* bias, int64_t rows, int
     out[i] += alpha * bias[i % cols];
 }
 
-struct DoutValue {
-  const float* dout;
-  int64_t cols;
-  __device__ double operator()(int64_t r, int64_t c) const { return double(dout[r * cols + c]); }
-};
-struct AddTo {
-  float* dst;
-  __device__ void operator()(int64_t c, double s) const { dst[c] += float(s); }
-};
 
 // dst[i] = bf16(src[i]) (round to nearest even) for a [rows, cols] block
 // with row strides ld_src and cols (dst is dense).
@@ -71,19 +62,6 @@ __global__ void round_bf16_vec4_kernel(__nv_bfloat16* dst, const float* src, int
     __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst) + 2 * i;
     d[0] = __floats2bfloat162_rn(v.x, v.y);
     d[1] = __floats2bfloat162_rn(v.z, v.w);
-  }
-}
-
-void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
-                cudaStream_t stream) {
-  const int64_t n = rows * cols;
-  if (n <= 0) return;
-  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-    round_bf16_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(dst, src, n / 4);
-    CUDA_CHECK_LAUNCH("round_bf16_vec4_kernel");
-  } else {
-    round_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, rows, cols, cols);
-    CUDA_CHECK_LAUNCH("round_bf16_kernel");
   }
 }
 
@@ -110,29 +88,77 @@ struct LtDescs {
 };
 
 }  // namespace
+
+void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
+                cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  if (n <= 0) return;
+  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    round_bf16_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(dst, src, n / 4);
+    CUDA_CHECK_LAUNCH("round_bf16_vec4_kernel");
+  } else {
+    round_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, rows, cols, cols);
+    CUDA_CHECK_LAUNCH("round_bf16_kernel");
+  }
+}
+
 }  // namespace cuda
 
 bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
                    int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
                    GemmOperands operands, float alpha) {
+  GemmOut out;
+  out.d = C;
+  out.ld = ldc;
+  return gemm_to(trans_a, trans_b, m, n, k, A, lda, B, ldb, beta, out, operands, alpha);
+}
+
+bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
+                      int64_t lda, const void* B, int64_t ldb, float beta, const GemmOut& out,
+                      GemmOperands operands, float alpha) {
   const bool bf16 = operands == GemmOperands::bf16;
   const cudaDataType_t ab = bf16 ? CUDA_R_16BF : CUDA_R_32F;
-  const int eb = bf16 ? 2 : 4;
+  const cudaDataType_t cd = out.bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const int eb = bf16 ? 2 : 4, ec = out.bf16 ? 2 : 4;
   const int al_a = cuda::alignment(A, lda, eb), al_b = cuda::alignment(B, ldb, eb),
-            al_c = cuda::alignment(C, ldc, 4);
-  const GemmKey key{int(trans_a), int(trans_b), m, n, k, lda, ldb, ldc, beta != 0.0f ? 1 : 0,
-                    al_a * 10000 + al_b * 100 + al_c, int(operands)};
+            al_c = cuda::alignment(out.d, out.ld, ec);
+  const int al_ext = (out.bias ? cuda::alignment(out.bias, 0, 4) : 0) * 100 +
+                     (out.aux ? cuda::alignment(out.aux, out.aux_ld, 2) : 0);
+  const GemmKey key{int(trans_a), int(trans_b), m, n, k, lda, ldb, out.ld, beta != 0.0f ? 1 : 0,
+                    al_a * 10000 + al_b * 100 + al_c, int(operands), int(out.bf16),
+                    int(out.epilogue), al_ext, out.aux_ld};
   auto make = [&](cuda::LtDescs& d, cublasComputeType_t compute) {
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&d.op, compute, CUDA_R_32F));
     const cublasOperation_t ta = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
     const cublasOperation_t tb = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
     CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    if (out.epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
+      const uint32_t ep = uint32_t(out.epilogue);
+      CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof(ep)));
+      if (out.bias) {
+        const int32_t bt = CUDA_R_32F;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                                                    &out.bias, sizeof(out.bias)));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt,
+                                                    sizeof(bt)));
+      }
+      if (out.aux) {
+        const int32_t at = CUDA_R_16BF;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                                    &out.aux, sizeof(out.aux)));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                                                    &out.aux_ld, sizeof(out.aux_ld)));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
+            d.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE, &at, sizeof(at)));
+      }
+    }
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.a, ab, uint64_t(trans_a ? k : m),
                                             uint64_t(trans_a ? m : k), lda));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.b, ab, uint64_t(trans_b ? n : k),
                                             uint64_t(trans_b ? k : n), ldb));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, CUDA_R_32F, uint64_t(m), uint64_t(n), ldc));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&d.c, cd, uint64_t(m), uint64_t(n), out.ld));
   };
 
   // The algorithm and compute type chosen for this key. bf16 operands:
@@ -171,7 +197,7 @@ bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
       }
     }
     if (it == algo_cache_.end()) {
-      if (bf16) {
+      if (bf16 || out.bf16 || out.epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
         algo_cache_.emplace(key, GemmChoice{false, {}, CUBLAS_COMPUTE_32F});
         return false;
       }
@@ -183,9 +209,16 @@ bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   if (!it->second.found) return false;
   cuda::LtDescs d;
   make(d, it->second.compute);
-  CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, A, d.a, B, d.b, &beta, C, d.c, C, d.c,
+  CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, A, d.a, B, d.b, &beta, out.d, d.c, out.d, d.c,
                               &it->second.algo, lt_ws_, lt_ws_bytes_, stream_));
   return true;
+}
+
+void CudaOps::add_bias(float* out, const float* bias, int64_t rows, int64_t cols, float alpha) {
+  if (rows <= 0 || cols <= 0) return;
+  cuda::add_bias_kernel<<<cuda::grid_for(rows * cols), cuda::kThreads, 0, stream_>>>(
+      out, bias, rows, cols, alpha);
+  CUDA_CHECK_LAUNCH("add_bias_kernel");
 }
 
 void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const float* bias,
@@ -228,11 +261,7 @@ void CudaOps::product(float* out, const float* inp, const float* w, const float*
              GemmOperands::fp32_bf16_math, alpha);
     }
   }
-  if (bias) {
-    cuda::add_bias_kernel<<<cuda::grid_for(N * OC), cuda::kThreads, 0, stream_>>>(out, bias, N,
-                                                                                  OC, alpha);
-    CUDA_CHECK_LAUNCH("add_bias_kernel");
-  }
+  if (bias) add_bias(out, bias, N, OC, alpha);
 }
 
 void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float* dout,
@@ -271,7 +300,8 @@ void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float*
   if (dbias) {
     double* scratch =
         static_cast<double*>(ws_.get(sizeof(double) * size_t(cuda::colsum_slabs(N) * OC)));
-    cuda::colsum<double>(scratch, cuda::DoutValue{dout, OC}, cuda::AddTo{dbias}, N, OC, stream_);
+    cuda::colsum<double>(scratch, cuda::MatrixValue<float>{dout, OC}, cuda::AddTo{dbias}, N, OC,
+                         stream_);
   }
 }
 

@@ -14,6 +14,7 @@
 
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/embedding.h"
+#include "kernels/cpu/ffn.h"
 #include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/matmul.h"
 #include "tests/common/gradcheck.h"
@@ -371,6 +372,93 @@ TEST(Activation, BackwardWrites) {
     EXPECT_EQ(once, twice);
   }
   cpu::activation_backward<double>(nullptr, r.data(), x.data(), 7, Activation::gelu);  // skipped
+}
+
+// ---------------------------------------------------------------- feed-forward block
+
+// g = act(x @ w1 + b1) @ w2 + b2 over N rows; loss sum(out * r) after
+// out = alpha g or out += alpha g.
+struct FfnCase {
+  int64_t N = 5;
+  int C = 4, F = 6;
+  Activation act = Activation::gelu;
+  Vec x = random_vec(N * C, 61), w1 = random_vec(int64_t(C) * F, 62), b1 = random_vec(F, 63);
+  Vec w2 = random_vec(int64_t(F) * C, 64), b2 = random_vec(C, 65), r = random_vec(N * C, 66);
+  Vec h = Vec(size_t(N * F)), a = Vec(size_t(N * F));
+
+  Vec forward(float alpha, bool accumulate) {
+    Vec out = random_vec(N * C, 67);
+    cpu::ffn_forward(out.data(), h.data(), a.data(), x.data(), w1.data(), b1.data(), w2.data(),
+                     b2.data(), N, C, F, act, alpha, accumulate);
+    return out;
+  }
+  double loss() { return dot(forward(1.0f, false), r); }
+};
+
+TEST(FeedForward, BackwardFiniteDifference) {
+  for (Activation act : {Activation::gelu, Activation::relu}) {
+    FfnCase f;
+    f.act = act;
+    f.forward(1.0f, false);
+    Vec dx(f.x.size(), 7.0), dw1(f.w1.size()), db1(f.b1.size()), dw2(f.w2.size()),
+        db2(f.b2.size());
+    cpu::ffn_backward(dx.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), f.r.data(),
+                      f.x.data(), f.h.data(), f.a.data(), f.w1.data(), f.w2.data(), f.N, f.C, f.F,
+                      act);
+    // ReLU: random inputs of this size put no pre-activation within the
+    // stencil's 1e-6 of its kink.
+    auto loss = [&] { return f.loss(); };
+    expect_fd_match(loss, f.x, dx, "dx (written over 7)");
+    expect_fd_match(loss, f.w1, dw1, "dw1");
+    expect_fd_match(loss, f.b1, db1, "db1");
+    expect_fd_match(loss, f.w2, dw2, "dw2");
+    expect_fd_match(loss, f.b2, db2, "db2");
+  }
+}
+
+// Bitwise the separate ops it stands for, forward (written, added, taken
+// away) and backward, in float.
+TEST(FeedForward, EqualsTheSeparateOps) {
+  const int64_t N = 9;
+  const int C = 8, F = 12;
+  auto v = [](int64_t n, uint64_t seed) { return cast<float>(random_vec(n, seed)); };
+  const auto x = v(N * C, 1), w1 = v(int64_t(C) * F, 2), b1 = v(F, 3), w2 = v(int64_t(F) * C, 4),
+             b2 = v(C, 5), dout = v(N * C, 6), out0 = v(N * C, 7);
+  for (Activation act : {Activation::gelu, Activation::relu})
+  for (int mode = 0; mode < 3; ++mode) {
+    const float alpha = mode == 1 ? -1.0f : mode == 2 ? 0.5f : 1.0f;
+    const bool accumulate = mode < 2;
+    std::vector<float> out = out0, h(size_t(N * F)), a(size_t(N * F));
+    cpu::ffn_forward(out.data(), h.data(), a.data(), x.data(), w1.data(), b1.data(), w2.data(),
+                     b2.data(), N, C, F, act, alpha, accumulate);
+    std::vector<float> want = out0, h2(size_t(N * F)), a2(size_t(N * F)), g(size_t(N * C));
+    cpu::matmul_forward(h2.data(), x.data(), w1.data(), b1.data(), N, C, F);
+    cpu::activation_forward(a2.data(), h2.data(), N * F, act);
+    if (accumulate) {
+      cpu::matmul_accumulate(want.data(), a2.data(), w2.data(), b2.data(), N, F, C, alpha);
+    } else {
+      cpu::matmul_forward(g.data(), a2.data(), w2.data(), b2.data(), N, F, C);
+      for (size_t i = 0; i < g.size(); ++i) want[i] = alpha * g[i];
+    }
+    EXPECT_EQ(out, want) << "mode " << mode;
+
+    std::vector<float> dx(size_t(N * C), 3.0f), dw1(size_t(C) * F, 1.0f), db1(size_t(F), 1.0f),
+        dw2(size_t(F) * C, 1.0f), db2(size_t(C), 1.0f);
+    auto ex = dx, ew1 = dw1, eb1 = db1, ew2 = dw2, eb2 = db2;
+    cpu::ffn_backward(dx.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), dout.data(),
+                      x.data(), h.data(), a.data(), w1.data(), w2.data(), N, C, F, act);
+    std::vector<float> da(size_t(N * F)), dh(size_t(N * F));
+    cpu::matmul_backward(da.data(), ew2.data(), eb2.data(), dout.data(), a2.data(), w2.data(), N,
+                         F, C, /*add_dinp=*/false);
+    cpu::activation_backward(dh.data(), da.data(), h2.data(), N * F, act);
+    cpu::matmul_backward(ex.data(), ew1.data(), eb1.data(), dh.data(), x.data(), w1.data(), N, C,
+                         F, /*add_dinp=*/false);
+    EXPECT_EQ(dx, ex);
+    EXPECT_EQ(dw1, ew1);
+    EXPECT_EQ(db1, eb1);
+    EXPECT_EQ(dw2, ew2);
+    EXPECT_EQ(db2, eb2);
+  }
 }
 
 // ---------------------------------------------------------------- embedding

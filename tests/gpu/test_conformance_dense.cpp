@@ -262,6 +262,43 @@ void add_activation(std::vector<Case>& cases) {
   }
 }
 
+// The feed-forward block, forward then backward in one call (h and a hold
+// the backend's own state between them and are not compared). C and F
+// multiples of 8 take CUDA's fused path, 20 x 36 the separate ops'.
+void add_ffn(std::vector<Case>& cases) {
+  struct Shape {
+    int64_t N;
+    int C, F;
+  };
+  for (const Shape sh : {Shape{300, 64, 128}, Shape{70, 24, 40}, Shape{33, 20, 36}})
+  for (Activation act : {Activation::gelu, Activation::relu})
+  for (int mode = 0; mode < 3; ++mode) {  // out += g, out -= g, out = g (no biases)
+    const int64_t N = sh.N;
+    const int C = sh.C, F = sh.F;
+    const bool accumulate = mode < 2, biases = mode < 2;
+    const float alpha = mode == 1 ? -1.0f : 1.0f;
+    const std::string s = std::string(act == Activation::gelu ? " gelu" : " relu") +
+                          (mode == 0 ? " add" : mode == 1 ? " subtract" : " write nobias") +
+                          " N=" + sz(N) + " C=" + sz(C) + " F=" + sz(F);
+    const Tol inc{0, 0, 0, 2e-2};
+    std::vector<TensorSpec> tensors = {
+        input("x", N * C, 90), input("w1", int64_t(C) * F, 91), input("b1", F, 92),
+        input("w2", int64_t(F) * C, 93), input("b2", C, 94), input("dout", N * C, 95),
+        input("h", N * F, 96), input("a", N * F, 97),
+        output("out", N * C, 98, accumulate ? inc : kBf16Gemm),
+        output("dinp", N * C, 99, kBf16Gemm), output("dw1", int64_t(C) * F, 100, inc),
+        output("dw2", int64_t(F) * C, 101, inc), output("db2", C, 103, {1e-5, 1e-5})};
+    if (biases) tensors.push_back(output("db1", F, 102, inc));
+    cases.push_back(make_case(
+        "ffn_forward and backward" + s, OpId::ffn_forward, tensors, [=](auto& ops, auto& t) {
+          ops.ffn_forward(t("out"), t("h"), t("a"), t("x"), t("w1"), biases ? t("b1") : nullptr,
+                          t("w2"), biases ? t("b2") : nullptr, N, C, F, act, alpha, accumulate);
+          ops.ffn_backward(t("dinp"), t("dw1"), biases ? t("db1") : nullptr, t("dw2"), t("db2"),
+                           t("dout"), t("x"), t("h"), t("a"), t("w1"), t("w2"), N, C, F, act);
+        }));
+  }
+}
+
 void add_loss(std::vector<Case>& cases) {
   for (auto [N, V] : {std::pair<int64_t, int>{97, 256}, {33, 1025}, {4, 7}}) {
     const std::string s = " N=" + sz(N) + " V=" + sz(V);
@@ -354,6 +391,7 @@ std::vector<Case> dense_cases() {
   add_layernorm(cases);
   add_matmul(cases);
   add_activation(cases);
+  add_ffn(cases);
   add_loss(cases);
   add_optimizers(cases);
   return cases;

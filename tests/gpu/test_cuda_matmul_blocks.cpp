@@ -3,9 +3,12 @@
 // must give the same bits as the ops called block by block on the same rows
 // (forward and dinp: rows are independent; dw: the blocks' products add up
 // in order). The single-block results are checked against the CPU in
-// test_conformance_dense.
+// test_conformance_dense. The feed-forward block's ops over many blocks are
+// compared with the separate ops.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -80,6 +83,78 @@ TEST(CudaMatmulBlocks, ManyBlocksEqualTheOpsCalledBlockByBlock) {
   // And the products did something: the gradients moved from their start.
   EXPECT_FALSE(same_bits(di1, dinp0));
   EXPECT_FALSE(same_bits(g1, dw0));
+}
+
+// Largest |got - want| over the largest |want|.
+double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
+  double err = 0, scale = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, double(std::fabs(got[i] - want[i])));
+    scale = std::max(scale, double(std::fabs(want[i])));
+  }
+  return scale > 0 ? err / scale : err;
+}
+
+// The feed-forward block over more rows than one block (its state in a
+// holds every row's activation and pre-activation, each block at its own
+// offset) against the separate ops on the same rows: the same bf16
+// operands, so the results agree to the rounding of the hidden layer.
+TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = make_cuda_ops();
+  const int C = 1024, F = 4096;
+  const int64_t rows = gemm_block_rows(int64_t(1) << 40, C, F);
+  const int64_t N = 2 * rows + 1000;
+  ASSERT_LT(gemm_block_rows(N, C, F), N);
+  auto upload = [&](int64_t n, uint32_t seed, float scale) {
+    std::vector<float> v = pattern(n, seed);
+    for (float& x : v) x *= scale;
+    Buffer<float> b(*ops, n);
+    ops->from_host(b.data(), v.data(), n);
+    return b;
+  };
+  auto download = [&](const Buffer<float>& b, int64_t n) {
+    std::vector<float> v(static_cast<size_t>(n));
+    ops->to_host(v.data(), b.data(), n);
+    return v;
+  };
+  Buffer<float> x = upload(N * C, 11, 1.0f), w1 = upload(int64_t(C) * F, 12, 0.05f),
+                b1 = upload(F, 13, 0.5f), w2 = upload(int64_t(F) * C, 14, 0.02f),
+                b2 = upload(C, 15, 0.5f), dout = upload(N * C, 16, 1.0f);
+  for (Activation act : {Activation::gelu, Activation::relu}) {
+    SCOPED_TRACE(act == Activation::gelu ? "gelu" : "relu");
+    // The block: out -= g (a rebuild), then the backward.
+    Buffer<float> out = upload(N * C, 17, 1.0f), h(*ops, N * F), a(*ops, N * F);
+    Buffer<float> dx(*ops, N * C), dw1 = upload(int64_t(C) * F, 18, 0.0f),
+                  db1 = upload(F, 18, 0.0f), dw2 = upload(int64_t(F) * C, 18, 0.0f),
+                  db2 = upload(C, 18, 0.0f);
+    ops->ffn_forward(out.data(), h.data(), a.data(), x.data(), w1.data(), b1.data(), w2.data(),
+                     b2.data(), N, C, F, act, -1.0f, /*accumulate=*/true);
+    ops->ffn_backward(dx.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), dout.data(),
+                      x.data(), h.data(), a.data(), w1.data(), w2.data(), N, C, F, act);
+    // The separate ops.
+    Buffer<float> out_s = upload(N * C, 17, 1.0f), h_s(*ops, N * F), a_s(*ops, N * F),
+                  da_s(*ops, N * F);
+    Buffer<float> dx_s(*ops, N * C), dw1_s = upload(int64_t(C) * F, 18, 0.0f),
+                  db1_s = upload(F, 18, 0.0f), dw2_s = upload(int64_t(F) * C, 18, 0.0f),
+                  db2_s = upload(C, 18, 0.0f);
+    ops->matmul_forward(h_s.data(), x.data(), w1.data(), b1.data(), N, C, F);
+    ops->activation_forward(a_s.data(), h_s.data(), N * F, act);
+    ops->matmul_accumulate(out_s.data(), a_s.data(), w2.data(), b2.data(), N, F, C, -1.0f);
+    ops->matmul_backward(da_s.data(), dw2_s.data(), db2_s.data(), dout.data(), a_s.data(),
+                         w2.data(), N, F, C, /*add_dinp=*/false);
+    ops->activation_backward(da_s.data(), da_s.data(), h_s.data(), N * F, act);
+    ops->matmul_backward(dx_s.data(), dw1_s.data(), db1_s.data(), da_s.data(), x.data(),
+                         w1.data(), N, C, F, /*add_dinp=*/false);
+    EXPECT_LT(rel_err(download(out, N * C), download(out_s, N * C)), 5e-3) << "out";
+    EXPECT_LT(rel_err(download(dx, N * C), download(dx_s, N * C)), 2e-2) << "dinp";
+    EXPECT_LT(rel_err(download(dw1, int64_t(C) * F), download(dw1_s, int64_t(C) * F)), 2e-2)
+        << "dw1";
+    EXPECT_LT(rel_err(download(db1, F), download(db1_s, F)), 2e-2) << "db1";
+    EXPECT_LT(rel_err(download(dw2, int64_t(F) * C), download(dw2_s, int64_t(F) * C)), 2e-2)
+        << "dw2";
+    EXPECT_LT(rel_err(download(db2, C), download(db2_s, C)), 1e-6) << "db2";
+  }
 }
 
 }  // namespace

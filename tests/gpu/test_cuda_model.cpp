@@ -70,7 +70,7 @@ class Bf16ProductsCpu final : public Ops<float> {
     return keep.data();
   }
   CpuOps<float> inner_;
-  std::vector<float> a_, b_, c_;
+  std::vector<float> a_, b_, c_, d_;
 };
 
 template <>
@@ -100,6 +100,33 @@ struct Bf16ProductsCpu::Before<OpId::matmul_accumulate> {
              int& OC, float&) {
     inp = o.rounded(o.a_, inp, N * C);
     w = o.rounded(o.b_, w, int64_t(C) * OC);
+  }
+};
+
+// The feed-forward block: its operands as above (the CUDA block also keeps
+// the activation in bf16, which this leaves in fp32: a difference of the
+// order of the rounding of its operands).
+template <>
+struct Bf16ProductsCpu::Before<OpId::ffn_forward> {
+  Bf16ProductsCpu& o;
+  void apply(float*&, float*&, float*&, const float*& inp, const float*& w1, const float*&,
+             const float*& w2, const float*&, int64_t& N, int& C, int& F, Activation&, float&,
+             bool&) {
+    inp = o.rounded(o.a_, inp, N * C);
+    w1 = o.rounded(o.b_, w1, int64_t(C) * F);
+    w2 = o.rounded(o.c_, w2, int64_t(F) * C);
+  }
+};
+template <>
+struct Bf16ProductsCpu::Before<OpId::ffn_backward> {
+  Bf16ProductsCpu& o;
+  void apply(float*&, float*&, float*&, float*&, float*&, const float*& dout, const float*& inp,
+             float*&, float*&, const float*& w1, const float*& w2, int64_t& N, int& C, int& F,
+             Activation&) {
+    dout = o.rounded(o.c_, dout, N * C);
+    inp = o.rounded(o.a_, inp, N * C);
+    w1 = o.rounded(o.b_, w1, int64_t(C) * F);
+    w2 = o.rounded(o.d_, w2, int64_t(F) * C);
   }
 };
 

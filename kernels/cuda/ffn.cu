@@ -1,0 +1,228 @@
+// The feed-forward block g = act(inp @ w1 + b1) @ w2 + b2 (CUDA twin of
+// kernels/cpu/ffn.cpp).
+//
+// Where C and F are multiples of 8 (every bf16 row 16-byte aligned) the
+// hidden layer is never written in fp32. The first product's cuBLASLt
+// epilogue adds b1, applies the activation and writes it in bf16 into the
+// first half of `a`; for GELU it also keeps its input, the pre-activation,
+// in bf16 in the second half. The second product reads that bf16
+// activation as it is, and adds b2 in its epilogue where alpha is 1. In the
+// backward, the product dout @ w2^T applies the GELU slope from the saved
+// pre-activation in its epilogue and writes d(pre-activation) in bf16 over
+// the spent activation; the products for dinp and dw1 read it from there.
+// ReLU's slope comes from the activation itself (positive exactly where
+// its input was): that product is written in fp32 into h and a kernel
+// applies the slope, as for GELU where cuBLASLt offers no epilogue kernel.
+// Against the separate ops this drops the bias, activation and bf16
+// staging passes over [N, F] and the fp32 [N, F] buffers of the backward;
+// the rounding is theirs (their products round the activation and the
+// gradients to bf16 anyway) plus GELU's slope taken at the pre-activation
+// rounded to bf16.
+//
+// Otherwise the block runs as the separate ops (h and a in fp32, as on the
+// CPU).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "kernels/common/gemm_staging.h"
+#include "kernels/cuda/activation.cuh"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/cuda_ops_impl.h"
+#include "kernels/cuda/device_utils.cuh"
+#include "kernels/errors.h"
+
+namespace reformer {
+namespace cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+bool ffn_fused(int C, int F) { return C % 8 == 0 && F % 8 == 0; }
+
+// a16 = bf16(act(h)); pre16 = bf16(h) unless null (ReLU keeps no input).
+__global__ void ffn_state_kernel(bf16* a16, bf16* pre16, const float* h, int64_t n, bool relu) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float x = h[i];
+    a16[i] = __float2bfloat16_rn(act_value(x, relu));
+    if (pre16) pre16[i] = __float2bfloat16_rn(x);
+  }
+}
+
+// dst = bf16(g * act'(x)), x = state: the pre-activation (GELU) or the
+// activation (ReLU). dst may be state.
+__global__ void ffn_slope_kernel(bf16* dst, const float* g, const bf16* state, int64_t n,
+                                 bool relu) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = __float2bfloat16_rn(g[i] * act_slope(__bfloat162float(state[i]), relu));
+}
+
+}  // namespace
+}  // namespace cuda
+
+void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, const float* w1,
+                          const float* b1, const float* w2, const float* b2, int64_t N, int C,
+                          int F, Activation act, float alpha, bool accumulate) {
+  if (N <= 0 || C <= 0) return;
+  if (!cuda::ffn_fused(C, F)) {
+    product(h, inp, w1, b1, N, C, F, 1.0f, 0.0f);
+    activation_forward(a, h, N * F, act);
+    if (accumulate) {
+      product(out, a, w2, b2, N, F, C, alpha, 1.0f);
+      return;
+    }
+    product(out, a, w2, b2, N, F, C, 1.0f, 0.0f);
+    if (alpha != 1.0f) scale(out, alpha, N * C);
+    return;
+  }
+  using cuda::bf16;
+  const bool relu = act == Activation::relu;
+  bf16* a16 = reinterpret_cast<bf16*>(a);
+  bf16* pre16 = relu ? nullptr : a16 + N * F;
+  const int64_t rows = gemm_block_rows(N, C, F);
+  cuda::Carve carve;
+  const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(F));
+  const size_t o_w2 = carve.reserve(2 * size_t(F) * size_t(C));
+  const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+  void* base = ws_.get(carve.total());
+  bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
+  bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
+  bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
+  cuda::round_bf16(w1_16, w1, C, F, stream_);
+  cuda::round_bf16(w2_16, w2, F, C, stream_);
+  const float beta = accumulate ? 1.0f : 0.0f;
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    bf16* a_r = a16 + r0 * F;
+    cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+    // a^T [F, nr] = act(w1^T [F, C] x^T [C, nr] + b1), in bf16.
+    GemmOut hid;
+    hid.d = a_r;
+    hid.ld = F;
+    hid.bf16 = true;
+    hid.bias = b1;
+    if (relu) {
+      hid.epilogue = b1 ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_RELU;
+    } else {
+      hid.epilogue = b1 ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+      hid.aux = pre16 + r0 * F;
+      hid.aux_ld = F;
+    }
+    if (!gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16)) {
+      float* h_r = h + r0 * F;
+      if (!gemm(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, h_r, F, GemmOperands::bf16))
+        throw DeviceError("ffn_forward: no bf16 product for F=" + std::to_string(F) +
+                          " C=" + std::to_string(C));
+      if (b1) add_bias(h_r, b1, nr, F, 1.0f);
+      cuda::ffn_state_kernel<<<cuda::grid_for(nr * F), cuda::kThreads, 0, stream_>>>(
+          a_r, relu ? nullptr : pre16 + r0 * F, h_r, nr * F, relu);
+      CUDA_CHECK_LAUNCH("ffn_state_kernel");
+    }
+    // out^T [C, nr] = beta out^T + alpha w2^T [C, F] a^T [F, nr] (+ b2).
+    GemmOut o;
+    o.d = out + r0 * C;
+    o.ld = C;
+    bool biased = false;
+    if (b2 && alpha == 1.0f) {
+      o.epilogue = CUBLASLT_EPILOGUE_BIAS;
+      o.bias = b2;
+      biased = gemm_to(false, false, C, nr, F, w2_16, C, a_r, F, beta, o, GemmOperands::bf16);
+    }
+    if (!biased) {
+      if (!gemm(false, false, C, nr, F, w2_16, C, a_r, F, beta, out + r0 * C, C,
+                GemmOperands::bf16, alpha))
+        throw DeviceError("ffn_forward: no bf16 product for C=" + std::to_string(C) +
+                          " F=" + std::to_string(F));
+      if (b2) add_bias(out + r0 * C, b2, nr, C, alpha);
+    }
+  }
+}
+
+void CudaOps::ffn_backward(float* dinp, float* dw1, float* db1, float* dw2, float* db2,
+                           const float* dout, const float* inp, float* h, float* a,
+                           const float* w1, const float* w2, int64_t N, int C, int F,
+                           Activation act) {
+  if (N <= 0 || C <= 0) return;
+  if (!cuda::ffn_fused(C, F)) {  // as kernels/cpu/ffn.cpp
+    matmul_backward(nullptr, dw2, db2, dout, a, w2, N, F, C, true);
+    matmul_backward(a, nullptr, nullptr, dout, a, w2, N, F, C, false);
+    activation_backward(a, a, h, N * F, act);
+    matmul_backward(dinp, dw1, db1, a, inp, w1, N, C, F, false);
+    return;
+  }
+  using cuda::bf16;
+  const bool relu = act == Activation::relu;
+  bf16* a16 = reinterpret_cast<bf16*>(a);
+  const bf16* pre16 = relu ? nullptr : a16 + N * F;
+  const int64_t rows = gemm_block_rows(N, C, F);
+  cuda::Carve carve;
+  const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(F));
+  const size_t o_w2 = carve.reserve(2 * size_t(F) * size_t(C));
+  const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+  const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(C));
+  void* base = ws_.get(carve.total());
+  bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
+  bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
+  bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
+  bf16* d16 = cuda::Carve::at<bf16>(base, o_d);
+  cuda::round_bf16(w2_16, w2, F, C, stream_);
+  if (dinp) cuda::round_bf16(w1_16, w1, C, F, stream_);
+  auto must = [&](bool ok) {
+    if (!ok)
+      throw DeviceError("ffn_backward: no bf16 product for C=" + std::to_string(C) +
+                        " F=" + std::to_string(F));
+  };
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    bf16* a_r = a16 + r0 * F;  // the activation, then d(pre-activation)
+    cuda::round_bf16(d16, dout + r0 * C, nr, C, stream_);
+    // dw2^T [C, F] += dout^T [C, nr] a [nr, F], before a_r is overwritten.
+    if (dw2)
+      must(gemm(false, true, C, F, nr, d16, C, a_r, F, 1.0f, dw2, C, GemmOperands::bf16));
+    // d(pre)^T [F, nr] = act' (.) (w2 [F, C] dout^T [C, nr]), in bf16 over a_r.
+    bool done = false;
+    if (!relu) {
+      GemmOut g;
+      g.d = a_r;
+      g.ld = F;
+      g.bf16 = true;
+      g.epilogue = CUBLASLT_EPILOGUE_DGELU;
+      g.aux = const_cast<bf16*>(pre16 + r0 * F);
+      g.aux_ld = F;
+      done = gemm_to(true, false, F, nr, C, w2_16, C, d16, C, 0.0f, g, GemmOperands::bf16);
+    }
+    if (!done) {
+      float* h_r = h + r0 * F;
+      must(gemm(true, false, F, nr, C, w2_16, C, d16, C, 0.0f, h_r, F, GemmOperands::bf16));
+      cuda::ffn_slope_kernel<<<cuda::grid_for(nr * F), cuda::kThreads, 0, stream_>>>(
+          a_r, h_r, relu ? a_r : pre16 + r0 * F, nr * F, relu);
+      CUDA_CHECK_LAUNCH("ffn_slope_kernel");
+    }
+    // dinp^T [C, nr] = w1 [C, F] d(pre)^T [F, nr].
+    if (dinp)
+      must(gemm(true, false, C, nr, F, w1_16, F, a_r, F, 0.0f, dinp + r0 * C, C,
+                GemmOperands::bf16));
+    // dw1^T [F, C] += d(pre)^T [F, nr] inp [nr, C].
+    if (dw1) {
+      cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+      must(gemm(false, true, F, C, nr, a_r, F, x16, C, 1.0f, dw1, F, GemmOperands::bf16));
+    }
+  }
+  if (db1 || db2) {
+    double* scratch = static_cast<double*>(
+        ws_.get(sizeof(double) * size_t(cuda::colsum_slabs(N) * std::max(C, F))));
+    if (db2)
+      cuda::colsum<double>(scratch, cuda::MatrixValue<float>{dout, C}, cuda::AddTo{db2}, N, C,
+                           stream_);
+    if (db1)
+      cuda::colsum<double>(scratch, cuda::MatrixValue<bf16>{a16, F}, cuda::AddTo{db1}, N, F,
+                           stream_);
+  }
+}
+
+}  // namespace reformer
