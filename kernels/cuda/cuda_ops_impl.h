@@ -61,14 +61,16 @@ class CudaOps final : public Ops<float> {
             GemmOperands operands = GemmOperands::fp32_bf16_math, float alpha = 1.0f);
   // Where a product's result goes (column-major [m, n] with leading
   // dimension ld, fp32 or bf16) and what cuBLASLt's epilogue does on the
-  // way: `bias` (fp32, length m) added, an activation applied, its input
+  // way: `bias` (length m) added, an activation applied, its input
   // kept in `aux` (bf16, leading dimension aux_ld) or read back from it.
+  // The bias is fp32, or bf16 where bias_bf16.
   struct GemmOut {
     void* d = nullptr;
     int64_t ld = 0;
     bool bf16 = false;
     cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
-    const float* bias = nullptr;
+    const void* bias = nullptr;
+    bool bias_bf16 = false;
     void* aux = nullptr;
     int64_t aux_ld = 0;
   };

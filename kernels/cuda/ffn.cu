@@ -43,23 +43,40 @@ using bf16 = __nv_bfloat16;
 
 bool ffn_fused(int C, int F) { return C % 8 == 0 && F % 8 == 0; }
 
+// Four elements per thread: the fused path's rows are multiples of 8
+// elements at 16-byte aligned offsets.
+struct Bf16x4 {
+  __nv_bfloat162 lo, hi;
+};
+__device__ __forceinline__ Bf16x4 pack4(float a, float b, float c, float d) {
+  return Bf16x4{__floats2bfloat162_rn(a, b), __floats2bfloat162_rn(c, d)};
+}
+
 // a16 = bf16(act(h)); pre16 = bf16(h) unless null (ReLU keeps no input).
-__global__ void ffn_state_kernel(bf16* a16, bf16* pre16, const float* h, int64_t n, bool relu) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+// n4 groups of four.
+__global__ void ffn_state_kernel(Bf16x4* a16, Bf16x4* pre16, const float4* h, int64_t n4,
+                                 bool relu) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
        i += int64_t(gridDim.x) * blockDim.x) {
-    const float x = h[i];
-    a16[i] = __float2bfloat16_rn(act_value(x, relu));
-    if (pre16) pre16[i] = __float2bfloat16_rn(x);
+    const float4 x = h[i];
+    a16[i] = pack4(act_value(x.x, relu), act_value(x.y, relu), act_value(x.z, relu),
+                   act_value(x.w, relu));
+    if (pre16) pre16[i] = pack4(x.x, x.y, x.z, x.w);
   }
 }
 
 // dst = bf16(g * act'(x)), x = state: the pre-activation (GELU) or the
-// activation (ReLU). dst may be state.
-__global__ void ffn_slope_kernel(bf16* dst, const float* g, const bf16* state, int64_t n,
+// activation (ReLU). dst may be state. n4 groups of four.
+__global__ void ffn_slope_kernel(Bf16x4* dst, const float4* g, const Bf16x4* state, int64_t n4,
                                  bool relu) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = __float2bfloat16_rn(g[i] * act_slope(__bfloat162float(state[i]), relu));
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float4 d = g[i];
+    const Bf16x4 x = state[i];
+    const float2 lo = __bfloat1622float2(x.lo), hi = __bfloat1622float2(x.hi);
+    dst[i] = pack4(d.x * act_slope(lo.x, relu), d.y * act_slope(lo.y, relu),
+                   d.z * act_slope(hi.x, relu), d.w * act_slope(hi.y, relu));
+  }
 }
 
 }  // namespace
@@ -89,13 +106,34 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
   const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(F));
   const size_t o_w2 = carve.reserve(2 * size_t(F) * size_t(C));
   const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+  const size_t o_b = carve.reserve(4 * size_t(F));   // b1, 256-byte aligned
+  const size_t o_b16 = carve.reserve(2 * size_t(F)); // b1 in bf16
   void* base = ws_.get(carve.total());
   bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
   bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
   bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
+  float* b1_copy = cuda::Carve::at<float>(base, o_b);
+  bf16* b1_16 = cuda::Carve::at<bf16>(base, o_b16);
   cuda::round_bf16(w1_16, w1, C, F, stream_);
   cuda::round_bf16(w2_16, w2, F, C, stream_);
   const float beta = accumulate ? 1.0f : 0.0f;
+  // The hidden layer's product with its epilogue, b1 as given, else (where
+  // cuBLASLt has no kernel for that) from an aligned copy, else in bf16;
+  // false where no epilogue kernel takes it at all.
+  auto hidden = [&](GemmOut hid, int64_t nr) {
+    if (gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16))
+      return true;
+    if (!b1) return false;
+    CUDA_CHECK(cudaMemcpyAsync(b1_copy, b1, sizeof(float) * size_t(F), cudaMemcpyDeviceToDevice,
+                               stream_));
+    hid.bias = b1_copy;
+    if (gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16))
+      return true;
+    cuda::round_bf16(b1_16, b1, 1, F, stream_);
+    hid.bias = b1_16;
+    hid.bias_bf16 = true;
+    return gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16);
+  };
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     bf16* a_r = a16 + r0 * F;
@@ -113,14 +151,16 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
       hid.aux = pre16 + r0 * F;
       hid.aux_ld = F;
     }
-    if (!gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16)) {
+    if (!hidden(hid, nr)) {
       float* h_r = h + r0 * F;
       if (!gemm(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, h_r, F, GemmOperands::bf16))
         throw DeviceError("ffn_forward: no bf16 product for F=" + std::to_string(F) +
                           " C=" + std::to_string(C));
       if (b1) add_bias(h_r, b1, nr, F, 1.0f);
-      cuda::ffn_state_kernel<<<cuda::grid_for(nr * F), cuda::kThreads, 0, stream_>>>(
-          a_r, relu ? nullptr : pre16 + r0 * F, h_r, nr * F, relu);
+      cuda::ffn_state_kernel<<<cuda::grid_for(nr * F / 4), cuda::kThreads, 0, stream_>>>(
+          reinterpret_cast<cuda::Bf16x4*>(a_r),
+          relu ? nullptr : reinterpret_cast<cuda::Bf16x4*>(pre16 + r0 * F),
+          reinterpret_cast<const float4*>(h_r), nr * F / 4, relu);
       CUDA_CHECK_LAUNCH("ffn_state_kernel");
     }
     // out^T [C, nr] = beta out^T + alpha w2^T [C, F] a^T [F, nr] (+ b2).
@@ -199,8 +239,9 @@ void CudaOps::ffn_backward(float* dinp, float* dw1, float* db1, float* dw2, floa
     if (!done) {
       float* h_r = h + r0 * F;
       must(gemm(true, false, F, nr, C, w2_16, C, d16, C, 0.0f, h_r, F, GemmOperands::bf16));
-      cuda::ffn_slope_kernel<<<cuda::grid_for(nr * F), cuda::kThreads, 0, stream_>>>(
-          a_r, h_r, relu ? a_r : pre16 + r0 * F, nr * F, relu);
+      cuda::ffn_slope_kernel<<<cuda::grid_for(nr * F / 4), cuda::kThreads, 0, stream_>>>(
+          reinterpret_cast<cuda::Bf16x4*>(a_r), reinterpret_cast<const float4*>(h_r),
+          reinterpret_cast<const cuda::Bf16x4*>(relu ? a_r : pre16 + r0 * F), nr * F / 4, relu);
       CUDA_CHECK_LAUNCH("ffn_slope_kernel");
     }
     // dinp^T [C, nr] = w1 [C, F] d(pre)^T [F, nr].
