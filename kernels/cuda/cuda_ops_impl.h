@@ -12,7 +12,8 @@
 // file of that family (elementwise.cu, matmul.cu, attention_*.cu, ...), next
 // to their kernels.
 //
-// Numerics: fp32 storage everywhere; the linear layers' products round
+// Numerics: fp32 storage everywhere except the feed-forward block's hidden
+// layer (bf16, ffn.cu); the linear layers' products round
 // their operands to bf16 (staged in the workspace) and accumulate in fp32,
 // lsh_hash's products use TF32 math (CUBLAS_COMPUTE_32F_FAST_TF32);
 // everything else computes

@@ -5,7 +5,9 @@
 // hidden layer is never written in fp32. The first product's cuBLASLt
 // epilogue adds b1, applies the activation and writes it in bf16 into the
 // first half of `a`; for GELU it also keeps its input, the pre-activation,
-// in bf16 in the second half. The second product reads that bf16
+// in bf16 in the second half. cuBLASLt (13.0, H200) takes the bias of an
+// epilogue with bf16 output only in bf16, so b1 is rounded to bf16 there
+// (2^-9 of b1, below the rounding of the activation it feeds). The second product reads that bf16
 // activation as it is, and adds b2 in its epilogue where alpha is 1. In the
 // backward, the product dout @ w2^T applies the GELU slope from the saved
 // pre-activation in its epilogue and writes d(pre-activation) in bf16 over
@@ -16,8 +18,8 @@
 // Against the separate ops this drops the bias, activation and bf16
 // staging passes over [N, F] and the fp32 [N, F] buffers of the backward;
 // the rounding is theirs (their products round the activation and the
-// gradients to bf16 anyway) plus GELU's slope taken at the pre-activation
-// rounded to bf16.
+// gradients to bf16 anyway) plus b1 in bf16 and GELU's slope taken at the
+// pre-activation rounded to bf16.
 //
 // Otherwise the block runs as the separate ops (h and a in fp32, as on the
 // CPU).

@@ -275,10 +275,10 @@ TensorSpec bf16_input(const std::string& name, int64_t n, uint64_t seed) {
 
 // The feed-forward block, forward then backward in one call (h and a hold
 // the backend's own state between them and are not compared). C and F
-// multiples of 8 take CUDA's fused path, 20 x 36 the separate ops'. x and
-// w1 are bf16 numbers, so that the products' bf16 operands are exact and
-// no pre-activation changes sign against the reference (ReLU's slope would
-// jump there).
+// multiples of 8 take CUDA's fused path, 20 x 36 the separate ops'. x, w1
+// and b1 are bf16 numbers, so that the product's bf16 operands and the
+// epilogue's bf16 bias are exact and no pre-activation changes sign against
+// the reference (ReLU's slope would jump there).
 void add_ffn(std::vector<Case>& cases) {
   struct Shape {
     int64_t N;
@@ -296,7 +296,7 @@ void add_ffn(std::vector<Case>& cases) {
                           " N=" + sz(N) + " C=" + sz(C) + " F=" + sz(F);
     const Tol inc{0, 0, 0, 2e-2};
     std::vector<TensorSpec> tensors = {
-        bf16_input("x", N * C, 90), bf16_input("w1", int64_t(C) * F, 91), input("b1", F, 92),
+        bf16_input("x", N * C, 90), bf16_input("w1", int64_t(C) * F, 91), bf16_input("b1", F, 92),
         input("w2", int64_t(F) * C, 93), input("b2", C, 94), input("dout", N * C, 95),
         input("h", N * F, 96), input("a", N * F, 97),
         output("out", N * C, 98, accumulate ? inc : kBf16Gemm),
