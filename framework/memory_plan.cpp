@@ -107,9 +107,14 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
                              rotation_cols(cfg.buckets(), cfg.bucket_factor0()) + 3) / 4 * 4;
     hash = round256(f * dh * ldy) + round256(std::min(f * Lfull * ldy, int64_t(256) << 20));
   }
-  const int64_t colsum = 8 * ((std::max(chunk, L) + 255) / 256) *
-                         std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff,
-                                            cfg.model.vocab_size});
+  // Column sums: slabs of 256 rows, one double per column; LayerNorm's
+  // backward over rows of at most 1024 keeps two per column for each of at
+  // most 1024 slabs (kernels/cuda/layernorm.cu).
+  const int64_t rows = std::max(chunk, L);
+  const int64_t colsum = std::max(
+      8 * ((rows + 255) / 256) *
+          std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff, cfg.model.vocab_size}),
+      16 * std::min<int64_t>((rows + 63) / 64, 1024) * std::min<int64_t>(cfg.model.d_model, 1024));
   const int64_t largest = std::max({attention, sort, hash, colsum, other});
   return workspace_capacity(largest);
 }
@@ -349,7 +354,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   // projections and the feed-forward over blocks of fc rows, the output
   // head over oc rows.
   const int64_t gemm =
-      std::max({ffn_workspace_bytes(fc, D, F), gemm_stage_bytes(fc, D, proj_cols),
+      std::max({ffn_workspace_bytes(fc, D, F), layernorm_project_bytes(fc, D, proj_cols),
                 gemm_stage_bytes(oc, 2 * D, V)});
   b.add_bytes("op workspace (estimate)",
               op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc), lsh_layers > 0, by_round,

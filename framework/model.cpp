@@ -309,10 +309,9 @@ void ReformerModel<T>::project(int l, const T* wq, const T* wv, int n, T* qk, T*
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
-    ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), s.x2.data() + r0 * D_,
-                           P.ln_a_w, P.ln_a_b, rows, D_, float(cfg_.model.layernorm_eps));
-    ops_.matmul_forward(qk + r0 * n, s.fln.data(), wq, nullptr, rows, D_, n);
-    ops_.matmul_forward(v + r0 * n, s.fln.data(), wv, nullptr, rows, D_, n);
+    ops_.layernorm_project_forward(qk + r0 * n, v + r0 * n, s.fln.data(), s.fmean.data(),
+                                   s.frstd.data(), s.x2.data() + r0 * D_, P.ln_a_w, P.ln_a_b, wq,
+                                   wv, rows, D_, n, float(cfg_.model.layernorm_eps));
   });
 }
 
@@ -326,15 +325,11 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
   for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
-    const T* x2 = s.x2.data() + r0 * D_;
-    ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), x2, P.ln_a_w, P.ln_a_b,
-                           rows, D_, float(cfg_.model.layernorm_eps));
-    ops_.matmul_backward(s.dfln.data(), gwq, nullptr, dqk + r0 * n, s.fln.data(), wq, rows, D_, n,
-                         /*add_dinp=*/false);
-    ops_.matmul_backward(s.dfln.data(), gwv, nullptr, dv + r0 * n, s.fln.data(), wv, rows, D_, n,
-                         /*add_dinp=*/true);
-    ops_.layernorm_backward(s.dx2.data() + r0 * D_, G.ln_a_w, G.ln_a_b, s.dfln.data(), x2,
-                            P.ln_a_w, s.fmean.data(), s.frstd.data(), rows, D_);
+    ops_.layernorm_project_backward(s.dx2.data() + r0 * D_, G.ln_a_w, G.ln_a_b, gwq, gwv,
+                                    dqk + r0 * n, dv + r0 * n, s.fln.data(), s.dfln.data(),
+                                    s.fmean.data(), s.frstd.data(), s.x2.data() + r0 * D_,
+                                    P.ln_a_w, P.ln_a_b, wq, wv, rows, D_, n,
+                                    float(cfg_.model.layernorm_eps));
   });
 }
 

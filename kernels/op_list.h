@@ -88,6 +88,17 @@
   X(void, activation_backward,                                                              \
     (T* dinp, const T* dout, const T* inp, int64_t n, Activation act),                      \
     (dinp, dout, inp, n, act))                                                              \
+  /* LayerNorm and the projections that read it */                                          \
+  X(void, layernorm_project_forward,                                                        \
+    (T* out1, T* out2, T* ln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b, \
+     const T* w1, const T* w2, int64_t N, int C, int OC, float eps),                        \
+    (out1, out2, ln, mean, rstd, inp, ln_w, ln_b, w1, w2, N, C, OC, eps))                   \
+  X(void, layernorm_project_backward,                                                       \
+    (T* dinp, T* dln_w, T* dln_b, T* dw1, T* dw2, const T* dout1, const T* dout2, T* ln,    \
+     T* dln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b, const T* w1,     \
+     const T* w2, int64_t N, int C, int OC, float eps),                                     \
+    (dinp, dln_w, dln_b, dw1, dw2, dout1, dout2, ln, dln, mean, rstd, inp, ln_w, ln_b, w1,  \
+     w2, N, C, OC, eps))                                                                    \
   /* feed-forward block */                                                                   \
   X(void, ffn_forward,                                                                      \
     (T* out, T* h, T* a, const T* inp, const T* w1, const T* b1, const T* w2, const T* b2,  \

@@ -75,6 +75,15 @@ class Ops {
   //   it; on the CPU exactly matmul_forward into a buffer, then add / sub.
   // activation: out = act(inp); backward: dinp = dout * act'(inp) (written,
   //   not added).
+  // LayerNorm and projections: layernorm_project_forward writes mean, rstd
+  //   (as layernorm_forward) and out1 [N, OC] = LN(inp) @ w1, out2 = LN(inp)
+  //   @ w2 (skipped when w2 is null); ln [N, C] is scratch (the CPU leaves
+  //   LN(inp) there). layernorm_project_backward recomputes LN(inp) (mean,
+  //   rstd, ln rewritten), then: dw1 += LN^T dout1, dw2 += LN^T dout2 (w2,
+  //   dout2, dw2 may be null together), and with dln = dout1 w1^T + dout2
+  //   w2^T (dln [N, C] is scratch, left holding it) layernorm_backward's
+  //   dinp, dln_w, dln_b +=. Both equal layernorm_forward and the linear ops
+  //   in sequence, up to the backend's rounding.
   // feed-forward block: ffn_forward computes g = act(inp [N, C] @ w1 [C, F] +
   //   b1) @ w2 [F, C] + b2 and writes out = alpha g (accumulate false) or
   //   adds out += alpha g (true). h and a, [N, F] each, receive what

@@ -93,6 +93,21 @@ struct Flops<OpId::matmul_backward> {
   }
 };
 template <>
+struct Flops<OpId::layernorm_project_forward> {
+  static double of(T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*, const T* w2,
+                   int64_t N, int C, int OC, float) {
+    return (w2 ? 2.0 : 1.0) * matmul_forward_flops(N, C, OC);
+  }
+};
+template <>
+struct Flops<OpId::layernorm_project_backward> {
+  static double of(T*, T*, T*, T* dw1, T* dw2, const T*, const T*, T*, T*, T*, T*, const T*,
+                   const T*, const T*, const T*, const T* w2, int64_t N, int C, int OC, float) {
+    return matmul_backward_flops(N, C, OC, true, dw1 != nullptr) +
+           (w2 ? matmul_backward_flops(N, C, OC, true, dw2 != nullptr) : 0.0);
+  }
+};
+template <>
 struct Flops<OpId::ffn_forward> {
   static double of(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, int64_t N, int C,
                    int F, Activation, float, bool) {

@@ -36,6 +36,15 @@ inline int64_t gemm_stage_bytes(int64_t N, int64_t C, int64_t OC) {
   return r256(2 * C * OC) + r256(2 * rows * C) + r256(2 * rows * OC);
 }
 
+// layernorm_project_backward (kernels/cuda/layernorm_project.cu) with two
+// projections [C, OC]: both weights in bf16, a block of normalised rows and
+// of dout rows (the forward asks for less).
+inline int64_t layernorm_project_bytes(int64_t N, int64_t C, int64_t OC) {
+  auto r256 = [](int64_t b) { return (b + 255) / 256 * 256; };
+  const int64_t rows = gemm_block_rows(N, C, OC);
+  return 2 * r256(2 * C * OC) + r256(2 * rows * C) + r256(2 * rows * OC);
+}
+
 // The feed-forward block's ops (kernels/cuda/ffn.cu) over N rows of C
 // features and F hidden ones: both weights in bf16, then a block of
 // gemm_block_rows(N, C, F) input rows and, in the backward, as many dout

@@ -10,6 +10,7 @@
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/ffn.h"
 #include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/layernorm_project.h"
 #include "kernels/cpu/lse_combine.h"
 #include "kernels/cpu/lsh.h"
 #include "kernels/cpu/matmul.h"

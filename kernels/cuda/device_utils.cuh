@@ -152,6 +152,12 @@ inline int64_t colsum_slabs(int64_t rows) { return std::max<int64_t>(1, (rows + 
 void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
                 cudaStream_t stream);
 
+// out = bf16(LayerNorm(inp)) with mean and rstd, as layernorm_forward
+// (layernorm.cu); false (nothing done) for rows wider than 2048.
+bool layernorm_forward_bf16(__nv_bfloat16* out, float* mean, float* rstd, const float* inp,
+                            const float* w, const float* b, int64_t N, int C, float eps,
+                            cudaStream_t stream);
+
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 

@@ -16,6 +16,7 @@
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/ffn.h"
 #include "kernels/cpu/layernorm.h"
+#include "kernels/cpu/layernorm_project.h"
 #include "kernels/cpu/matmul.h"
 #include "tests/common/gradcheck.h"
 
@@ -458,6 +459,61 @@ TEST(FeedForward, EqualsTheSeparateOps) {
     EXPECT_EQ(db1, eb1);
     EXPECT_EQ(dw2, ew2);
     EXPECT_EQ(db2, eb2);
+  }
+}
+
+// ---------------------------------------------------------------- LayerNorm + projections
+
+// Bitwise the separate ops it stands for, with one projection and with two.
+TEST(LayernormProject, EqualsTheSeparateOps) {
+  const int64_t N = 7;
+  const int C = 10, OC = 6;
+  const float eps = 1e-5f;
+  auto v = [](int64_t n, uint64_t seed) { return cast<float>(random_vec(n, seed)); };
+  const auto x = v(N * C, 1), lw = v(C, 2), lb = v(C, 3), w1 = v(int64_t(C) * OC, 4),
+             w2 = v(int64_t(C) * OC, 5), d1 = v(N * OC, 6), d2 = v(N * OC, 7);
+  for (bool two : {true, false}) {
+    const float* pw2 = two ? w2.data() : nullptr;
+    std::vector<float> o1(size_t(N * OC)), o2(size_t(N * OC)), ln(size_t(N * C)), mean(static_cast<size_t>(N)),
+        rstd(static_cast<size_t>(N));
+    cpu::layernorm_project_forward(o1.data(), o2.data(), ln.data(), mean.data(), rstd.data(),
+                                   x.data(), lw.data(), lb.data(), w1.data(), pw2, N, C, OC, eps);
+    std::vector<float> e1(o1.size()), e2(o2.size()), eln(ln.size()), em(mean.size()),
+        er(rstd.size());
+    cpu::layernorm_forward(eln.data(), em.data(), er.data(), x.data(), lw.data(), lb.data(), N, C,
+                           eps);
+    cpu::matmul_forward(e1.data(), eln.data(), w1.data(), static_cast<const float*>(nullptr), N,
+                        C, OC);
+    if (two)
+      cpu::matmul_forward(e2.data(), eln.data(), w2.data(), static_cast<const float*>(nullptr), N,
+                          C, OC);
+    EXPECT_EQ(o1, e1);
+    if (two) EXPECT_EQ(o2, e2);
+    EXPECT_EQ(mean, em);
+    EXPECT_EQ(rstd, er);
+
+    std::vector<float> dx(size_t(N * C), 0.5f), dlw(size_t(C), 1.0f), dlb(size_t(C), 1.0f),
+        dw1(size_t(C) * OC, 1.0f), dw2(size_t(C) * OC, 1.0f), dln(size_t(N * C));
+    auto ex = dx, elw = dlw, elb = dlb, ew1 = dw1, ew2 = dw2;
+    cpu::layernorm_project_backward(dx.data(), dlw.data(), dlb.data(), dw1.data(),
+                                    two ? dw2.data() : nullptr, d1.data(),
+                                    two ? d2.data() : nullptr, ln.data(), dln.data(), mean.data(),
+                                    rstd.data(), x.data(), lw.data(), lb.data(), w1.data(), pw2, N,
+                                    C, OC, eps);
+    std::vector<float> edln(size_t(N * C));
+    cpu::matmul_backward(edln.data(), ew1.data(), static_cast<float*>(nullptr), d1.data(),
+                         eln.data(), w1.data(), N, C, OC, /*add_dinp=*/false);
+    if (two)
+      cpu::matmul_backward(edln.data(), ew2.data(), static_cast<float*>(nullptr), d2.data(),
+                           eln.data(), w2.data(), N, C, OC, /*add_dinp=*/true);
+    cpu::layernorm_backward(ex.data(), elw.data(), elb.data(), edln.data(), x.data(), lw.data(),
+                            em.data(), er.data(), N, C);
+    EXPECT_EQ(dx, ex);
+    EXPECT_EQ(dlw, elw);
+    EXPECT_EQ(dlb, elb);
+    EXPECT_EQ(dw1, ew1);
+    EXPECT_EQ(dw2, ew2);
+    EXPECT_EQ(dln, edln);
   }
 }
 

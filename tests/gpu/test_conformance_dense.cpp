@@ -153,9 +153,10 @@ void add_embedding(std::vector<Case>& cases) {
 void add_layernorm(std::vector<Case>& cases) {
   // Widths for every register kernel of the CUDA LayerNorm (<= 256, 1024,
   // 2048, 4096 columns) and one beyond them; more rows than the backward's
-  // 512 blocks, so blocks hold several rows.
+  // 512 blocks, so blocks hold several rows; and more rows than 1024 slabs
+  // of 64 (the backward's slabs grow to 128 rows).
   for (auto [N, C] : {std::pair<int64_t, int>{97, 65}, {128, 1024}, {3, 1025}, {1500, 2048},
-                      {600, 4096}, {40, 4100}}) {
+                      {600, 4096}, {40, 4100}, {70000, 64}}) {
     const std::string s = " " + sz(N) + "x" + sz(C);
     // fp32 row statistics vs double: a few ulp of the row scale.
     cases.push_back(make_case(
@@ -313,6 +314,44 @@ void add_ffn(std::vector<Case>& cases) {
   }
 }
 
+// LayerNorm and the projections that read it, forward then backward in one
+// call (ln and dln are scratch, not compared). C and OC multiples of 8 take
+// CUDA's path with bf16 normalised rows, 20 x 36 the separate ops'.
+void add_layernorm_project(std::vector<Case>& cases) {
+  struct Shape {
+    int64_t N;
+    int C, OC;
+  };
+  for (const Shape sh : {Shape{300, 64, 128}, Shape{70, 24, 40}, Shape{33, 20, 36}})
+  for (bool two : {true, false}) {
+    const int64_t N = sh.N;
+    const int C = sh.C, OC = sh.OC;
+    const std::string s = std::string(two ? " two" : " one") + " N=" + sz(N) + " C=" + sz(C) +
+                          " OC=" + sz(OC);
+    const Tol inc{0, 0, 0, 2e-2};
+    std::vector<TensorSpec> tensors = {
+        input("x", N * C, 110, -2.0, 3.0), input("lw", C, 111, 0.5, 1.5), input("lb", C, 112),
+        input("w1", int64_t(C) * OC, 113), input("w2", int64_t(C) * OC, 114),
+        input("d1", N * OC, 115), input("d2", N * OC, 116), input("ln", N * C, 117),
+        input("dln", N * C, 118), output("mean", N, 119, {1e-6, 1e-5}),
+        output("rstd", N, 120, {0, 1e-5}), output("o1", N * OC, 121, kBf16Gemm),
+        output("o2", N * OC, 122, kBf16Gemm), output("dinp", N * C, 123, inc),
+        output("dlw", C, 124, inc), output("dlb", C, 125, inc),
+        output("dw1", int64_t(C) * OC, 126, inc), output("dw2", int64_t(C) * OC, 127, inc)};
+    cases.push_back(make_case(
+        "layernorm_project forward and backward" + s, OpId::layernorm_project_forward, tensors,
+        [=](auto& ops, auto& t) {
+          auto* w2 = two ? t("w2") : nullptr;
+          ops.layernorm_project_forward(t("o1"), t("o2"), t("ln"), t("mean"), t("rstd"), t("x"),
+                                        t("lw"), t("lb"), t("w1"), w2, N, C, OC, 1e-6f);
+          ops.layernorm_project_backward(t("dinp"), t("dlw"), t("dlb"), t("dw1"),
+                                         two ? t("dw2") : nullptr, t("d1"), two ? t("d2") : nullptr,
+                                         t("ln"), t("dln"), t("mean"), t("rstd"), t("x"), t("lw"),
+                                         t("lb"), t("w1"), w2, N, C, OC, 1e-6f);
+        }));
+  }
+}
+
 void add_loss(std::vector<Case>& cases) {
   for (auto [N, V] : {std::pair<int64_t, int>{97, 256}, {33, 1025}, {4, 7}}) {
     const std::string s = " N=" + sz(N) + " V=" + sz(V);
@@ -406,6 +445,7 @@ std::vector<Case> dense_cases() {
   add_matmul(cases);
   add_activation(cases);
   add_ffn(cases);
+  add_layernorm_project(cases);
   add_loss(cases);
   add_optimizers(cases);
   return cases;

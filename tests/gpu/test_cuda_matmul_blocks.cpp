@@ -3,8 +3,8 @@
 // must give the same bits as the ops called block by block on the same rows
 // (forward and dinp: rows are independent; dw: the blocks' products add up
 // in order). The single-block results are checked against the CPU in
-// test_conformance_dense. The feed-forward block's ops over many blocks are
-// compared with the separate ops.
+// test_conformance_dense. The feed-forward block's and the LayerNorm
+// projections' ops over many blocks are compared with the separate ops.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -155,6 +155,69 @@ TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
         << "dw2";
     EXPECT_LT(rel_err(download(db2, C), download(db2_s, C)), 1e-6) << "db2";
   }
+}
+
+// LayerNorm and two projections over more rows than one block, against
+// layernorm_forward and the linear ops on the same rows: the same bf16
+// operands (the normalised rows rounded once), fp32 accumulation.
+TEST(CudaMatmulBlocks, LayernormProjectOverManyBlocksMatchesTheSeparateOps) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = make_cuda_ops();
+  const int C = 1024, OC = 1024;
+  const int64_t rows = gemm_block_rows(int64_t(1) << 40, C, OC);
+  const int64_t N = 2 * rows + 1000;
+  ASSERT_LT(gemm_block_rows(N, C, OC), N);
+  auto upload = [&](int64_t n, uint32_t seed, float scale) {
+    std::vector<float> v = pattern(n, seed);
+    for (float& x : v) x *= scale;
+    Buffer<float> b(*ops, n);
+    ops->from_host(b.data(), v.data(), n);
+    return b;
+  };
+  auto download = [&](const Buffer<float>& b, int64_t n) {
+    std::vector<float> v(static_cast<size_t>(n));
+    ops->to_host(v.data(), b.data(), n);
+    return v;
+  };
+  Buffer<float> x = upload(N * C, 21, 2.0f), lw = upload(C, 22, 1.0f), lb = upload(C, 23, 0.5f),
+                w1 = upload(int64_t(C) * OC, 24, 0.05f), w2 = upload(int64_t(C) * OC, 25, 0.05f),
+                d1 = upload(N * OC, 26, 1.0f), d2 = upload(N * OC, 27, 1.0f);
+  const int64_t W = int64_t(C) * OC;
+  struct Out {
+    Buffer<float> o1, o2, mean, rstd, ln, dln, dx, dlw, dlb, dw1, dw2;
+  };
+  auto fresh = [&]() {
+    return Out{Buffer<float>(*ops, N * OC), Buffer<float>(*ops, N * OC), Buffer<float>(*ops, N),
+               Buffer<float>(*ops, N),      Buffer<float>(*ops, N * C),  Buffer<float>(*ops, N * C),
+               upload(N * C, 28, 0.0f),     upload(C, 28, 0.0f),         upload(C, 28, 0.0f),
+               upload(W, 28, 0.0f),         upload(W, 28, 0.0f)};
+  };
+  Out f = fresh(), e = fresh();
+  ops->layernorm_project_forward(f.o1.data(), f.o2.data(), f.ln.data(), f.mean.data(),
+                                 f.rstd.data(), x.data(), lw.data(), lb.data(), w1.data(),
+                                 w2.data(), N, C, OC, 1e-5f);
+  ops->layernorm_project_backward(f.dx.data(), f.dlw.data(), f.dlb.data(), f.dw1.data(),
+                                  f.dw2.data(), d1.data(), d2.data(), f.ln.data(), f.dln.data(),
+                                  f.mean.data(), f.rstd.data(), x.data(), lw.data(), lb.data(),
+                                  w1.data(), w2.data(), N, C, OC, 1e-5f);
+  ops->layernorm_forward(e.ln.data(), e.mean.data(), e.rstd.data(), x.data(), lw.data(),
+                         lb.data(), N, C, 1e-5f);
+  ops->matmul_forward(e.o1.data(), e.ln.data(), w1.data(), nullptr, N, C, OC);
+  ops->matmul_forward(e.o2.data(), e.ln.data(), w2.data(), nullptr, N, C, OC);
+  ops->matmul_backward(e.dln.data(), e.dw1.data(), nullptr, d1.data(), e.ln.data(), w1.data(), N,
+                       C, OC, /*add_dinp=*/false);
+  ops->matmul_backward(e.dln.data(), e.dw2.data(), nullptr, d2.data(), e.ln.data(), w2.data(), N,
+                       C, OC, /*add_dinp=*/true);
+  ops->layernorm_backward(e.dx.data(), e.dlw.data(), e.dlb.data(), e.dln.data(), x.data(),
+                          lw.data(), e.mean.data(), e.rstd.data(), N, C);
+  EXPECT_LT(rel_err(download(f.o1, N * OC), download(e.o1, N * OC)), 1e-3) << "out1";
+  EXPECT_LT(rel_err(download(f.o2, N * OC), download(e.o2, N * OC)), 1e-3) << "out2";
+  EXPECT_LT(rel_err(download(f.mean, N), download(e.mean, N)), 1e-6) << "mean";
+  EXPECT_LT(rel_err(download(f.dx, N * C), download(e.dx, N * C)), 1e-3) << "dinp";
+  EXPECT_LT(rel_err(download(f.dlw, C), download(e.dlw, C)), 1e-3) << "dln_w";
+  EXPECT_LT(rel_err(download(f.dlb, C), download(e.dlb, C)), 1e-3) << "dln_b";
+  EXPECT_LT(rel_err(download(f.dw1, W), download(e.dw1, W)), 1e-3) << "dw1";
+  EXPECT_LT(rel_err(download(f.dw2, W), download(e.dw2, W)), 1e-3) << "dw2";
 }
 
 }  // namespace

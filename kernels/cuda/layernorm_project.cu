@@ -1,0 +1,123 @@
+// LayerNorm and the projections that read it (CUDA twin of
+// kernels/cpu/layernorm_project.cpp).
+//
+// The normalised rows exist only in bf16: the LayerNorm kernel writes them,
+// a block of rows at a time, straight into the op workspace as the
+// products' operand (the separate ops write them in fp32 and each product
+// rounds them to bf16 again), and the backward recomputes them the same way
+// for the weight gradients. Where C or OC is not a multiple of 8, or rows
+// are wider than the bf16 LayerNorm takes, the separate ops run instead.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "kernels/common/gemm_staging.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/cuda_ops_impl.h"
+#include "kernels/cuda/device_utils.cuh"
+#include "kernels/errors.h"
+
+namespace reformer {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+bool fused_ok(int C, int OC) { return C % 8 == 0 && OC % 8 == 0 && C <= 2048; }
+
+[[noreturn]] void no_product(const char* op, int C, int OC) {
+  throw DeviceError(std::string(op) + ": no bf16 product for C=" + std::to_string(C) +
+                    " OC=" + std::to_string(OC));
+}
+
+}  // namespace
+
+void CudaOps::layernorm_project_forward(float* out1, float* out2, float* ln, float* mean,
+                                        float* rstd, const float* inp, const float* ln_w,
+                                        const float* ln_b, const float* w1, const float* w2,
+                                        int64_t N, int C, int OC, float eps) {
+  if (N <= 0 || C <= 0) return;
+  if (!fused_ok(C, OC)) {
+    layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+    matmul_forward(out1, ln, w1, nullptr, N, C, OC);
+    if (w2) matmul_forward(out2, ln, w2, nullptr, N, C, OC);
+    return;
+  }
+  const int64_t rows = gemm_block_rows(N, C, OC);
+  cuda::Carve carve;
+  const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(OC));
+  const size_t o_w2 = carve.reserve(w2 ? 2 * size_t(C) * size_t(OC) : 0);
+  const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+  void* base = ws_.get(carve.total());
+  bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
+  bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
+  bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
+  cuda::round_bf16(w1_16, w1, C, OC, stream_);
+  if (w2) cuda::round_bf16(w2_16, w2, C, OC, stream_);
+  for (int64_t r0 = 0; r0 < N; r0 += rows) {
+    const int64_t nr = std::min(rows, N - r0);
+    cuda::layernorm_forward_bf16(x16, mean + r0, rstd + r0, inp + r0 * C, ln_w, ln_b, nr, C, eps,
+                                 stream_);
+    // out^T [OC, nr] = w^T [OC, C] LN^T [C, nr].
+    if (!gemm(false, false, OC, nr, C, w1_16, OC, x16, C, 0.0f, out1 + r0 * OC, OC,
+              GemmOperands::bf16))
+      no_product("layernorm_project_forward", C, OC);
+    if (w2 && !gemm(false, false, OC, nr, C, w2_16, OC, x16, C, 0.0f, out2 + r0 * OC, OC,
+                    GemmOperands::bf16))
+      no_product("layernorm_project_forward", C, OC);
+  }
+}
+
+void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b, float* dw1,
+                                         float* dw2, const float* dout1, const float* dout2,
+                                         float* ln, float* dln, float* mean, float* rstd,
+                                         const float* inp, const float* ln_w, const float* ln_b,
+                                         const float* w1, const float* w2, int64_t N, int C,
+                                         int OC, float eps) {
+  if (N <= 0 || C <= 0) return;
+  if (!fused_ok(C, OC)) {
+    layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+    matmul_backward(dln, dw1, nullptr, dout1, ln, w1, N, C, OC, /*add_dinp=*/false);
+    if (w2) matmul_backward(dln, dw2, nullptr, dout2, ln, w2, N, C, OC, /*add_dinp=*/true);
+    layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
+    return;
+  }
+  const int64_t rows = gemm_block_rows(N, C, OC);
+  {
+    cuda::Carve carve;
+    const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(OC));
+    const size_t o_w2 = carve.reserve(w2 ? 2 * size_t(C) * size_t(OC) : 0);
+    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+    const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(OC));
+    void* base = ws_.get(carve.total());
+    bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
+    bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
+    bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
+    bf16* d16 = cuda::Carve::at<bf16>(base, o_d);
+    cuda::round_bf16(w1_16, w1, C, OC, stream_);
+    if (w2) cuda::round_bf16(w2_16, w2, C, OC, stream_);
+    // One projection's share: dln^T [C, nr] (+)= w [C, OC] dout^T [OC, nr],
+    // dw^T [OC, C] += dout^T [OC, nr] LN [nr, C].
+    auto side = [&](const bf16* w16, const float* dout, float* dw, int64_t r0, int64_t nr,
+                    float beta) {
+      cuda::round_bf16(d16, dout + r0 * OC, nr, OC, stream_);
+      if (!gemm(true, false, C, nr, OC, w16, OC, d16, OC, beta, dln + r0 * C, C,
+                GemmOperands::bf16))
+        no_product("layernorm_project_backward", C, OC);
+      if (dw && !gemm(false, true, OC, C, nr, d16, OC, x16, C, 1.0f, dw, OC, GemmOperands::bf16))
+        no_product("layernorm_project_backward", C, OC);
+    };
+    for (int64_t r0 = 0; r0 < N; r0 += rows) {
+      const int64_t nr = std::min(rows, N - r0);
+      cuda::layernorm_forward_bf16(x16, mean + r0, rstd + r0, inp + r0 * C, ln_w, ln_b, nr, C,
+                                   eps, stream_);
+      side(w1_16, dout1, dw1, r0, nr, 0.0f);
+      if (w2) side(w2_16, dout2, dw2, r0, nr, 1.0f);
+    }
+  }
+  layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
+}
+
+}  // namespace reformer
