@@ -1,10 +1,8 @@
 // LayerNorm over the last dimension (CUDA twin of kernels/cpu/layernorm.cpp).
 // One warp per row, two-pass statistics in fp32 (biased variance); the
 // forward holds a row of up to 2048 values in registers (one read of the
-// input). The weight and bias gradients are deterministic column sums in
-// double: for rows of up to 1024 the backward sums them in the pass that
-// computes dinp (fp32 within a slab of rows, double across slabs),
-// wider rows in two passes of their own. Bitwise reproducible.
+// input). The weight and bias gradients are deterministic two-pass column
+// sums in double. Bitwise reproducible.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -115,95 +113,6 @@ __global__ void layernorm_dinp_kernel(float* dinp, const float* dout, const floa
   }
 }
 
-// The whole backward in one pass over the rows, for C <= 32 kPer: dinp as
-// layernorm_dinp_kernel (when non-null), and each slab of `slab` rows' sums
-// of dout * xhat (dw) and dout (db) per column. Block = slab; warp w takes
-// rows w, w + 8, ... and its lanes the columns lane + 32 k, summing in fp32
-// registers; the 8 warps' sums are added in warp order (shared memory,
-// 2 C floats per warp) into partial [2][slabs][C] doubles, which
-// colsum_final_kernel adds slab by slab. Deterministic. Slabs of 64 rows,
-// longer where that keeps them to at most kLnMaxSlabs (the partials' size).
-constexpr int64_t kLnMaxSlabs = 1024;
-inline int64_t ln_slab_rows(int64_t N) {
-  const int64_t per = (N + kLnMaxSlabs - 1) / kLnMaxSlabs;
-  return std::max<int64_t>(64, (per + 63) / 64 * 64);
-}
-
-template <int kPer>
-__global__ void __launch_bounds__(32 * kRowsPerBlock)
-    layernorm_backward_fused_kernel(float* dinp, double* partial, const float* dout,
-                                    const float* inp, const float* w, const float* mean,
-                                    const float* rstd, int64_t N, int C, int64_t slab) {
-  extern __shared__ float ln_sums[];  // [kRowsPerBlock][2][C]
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t slabs = gridDim.x;
-  const int64_t r0 = int64_t(blockIdx.x) * slab, r1 = min(N, r0 + slab);
-  float dws[kPer], dbs[kPer];
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) dws[k] = dbs[k] = 0.0f;
-  for (int64_t n = r0 + warp; n < r1; n += kRowsPerBlock) {
-    const float* x = inp + n * C;
-    const float* g = dout + n * C;
-    const float m = mean[n], r = rstd[n];
-    float xh[kPer], gv[kPer];
-    float sg = 0.0f, sgx = 0.0f;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int c = lane + 32 * k;
-      xh[k] = c < C ? (x[c] - m) * r : 0.0f;
-      gv[k] = c < C ? g[c] : 0.0f;
-      const float gw = c < C ? gv[k] * w[c] : 0.0f;
-      sg += gw;
-      sgx += gw * xh[k];
-      dws[k] += gv[k] * xh[k];
-      dbs[k] += gv[k];
-    }
-    if (dinp) {
-      const float g_mean = warp_sum(sg) / float(C);
-      const float gx_mean = warp_sum(sgx) / float(C);
-      float* d = dinp + n * C;
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) {
-        const int c = lane + 32 * k;
-        if (c < C) d[c] += r * (gv[k] * w[c] - g_mean - xh[k] * gx_mean);
-      }
-    }
-  }
-  float* mine = ln_sums + int64_t(warp) * 2 * C;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    if (c < C) {
-      mine[c] = dws[k];
-      mine[C + c] = dbs[k];
-    }
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    double tw = 0.0, tb = 0.0;
-    for (int j = 0; j < kRowsPerBlock; ++j) {
-      tw += double(ln_sums[int64_t(j) * 2 * C + c]);
-      tb += double(ln_sums[int64_t(j) * 2 * C + C + c]);
-    }
-    partial[int64_t(blockIdx.x) * C + c] = tw;
-    partial[(slabs + blockIdx.x) * C + c] = tb;
-  }
-}
-
-template <int kPer>
-void launch_layernorm_backward_fused(float* dinp, double* partial, const float* dout,
-                                     const float* inp, const float* w, const float* mean,
-                                     const float* rstd, int64_t N, int C, cudaStream_t s) {
-  const size_t smem = sizeof(float) * 2 * size_t(C) * kRowsPerBlock;
-  CUDA_CHECK(cudaFuncSetAttribute(layernorm_backward_fused_kernel<kPer>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const int64_t slab = ln_slab_rows(N);
-  const unsigned blocks = unsigned((N + slab - 1) / slab);
-  layernorm_backward_fused_kernel<kPer><<<blocks, 32 * kRowsPerBlock, smem, s>>>(
-      dinp, partial, dout, inp, w, mean, rstd, N, C, slab);
-  CUDA_CHECK_LAUNCH("layernorm_backward_fused_kernel");
-}
-
 struct DwTerm {  // dout * xhat
   const float *dout, *inp, *mean, *rstd;
   int64_t C;
@@ -261,31 +170,6 @@ void CudaOps::layernorm_backward(float* dinp, float* dw, float* db, const float*
                                  const float* inp, const float* w, const float* mean,
                                  const float* rstd, int64_t N, int C) {
   if (N <= 0 || C <= 0) return;
-  if ((dw || db) && C <= 1024) {
-    const int64_t slab = cuda::ln_slab_rows(N), slabs = (N + slab - 1) / slab;
-    double* partial = static_cast<double*>(ws_.get(sizeof(double) * 2 * size_t(slabs * C)));
-    if (C <= 256)
-      cuda::launch_layernorm_backward_fused<8>(dinp, partial, dout, inp, w, mean, rstd, N, C,
-                                               stream_);
-    else if (C <= 512)
-      cuda::launch_layernorm_backward_fused<16>(dinp, partial, dout, inp, w, mean, rstd, N, C,
-                                                stream_);
-    else
-      cuda::launch_layernorm_backward_fused<32>(dinp, partial, dout, inp, w, mean, rstd, N, C,
-                                                stream_);
-    const unsigned cb = unsigned((C + 255) / 256);
-    if (dw) {
-      cuda::colsum_final_kernel<double><<<cb, 256, 0, stream_>>>(partial, slabs, C,
-                                                                 cuda::AddTo{dw});
-      CUDA_CHECK_LAUNCH("colsum_final_kernel");
-    }
-    if (db) {
-      cuda::colsum_final_kernel<double><<<cb, 256, 0, stream_>>>(partial + slabs * C, slabs, C,
-                                                                 cuda::AddTo{db});
-      CUDA_CHECK_LAUNCH("colsum_final_kernel");
-    }
-    return;
-  }
   if (dinp) {
     const unsigned blocks = unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock);
     cuda::layernorm_dinp_kernel<<<blocks, 32 * cuda::kRowsPerBlock, 0, stream_>>>(

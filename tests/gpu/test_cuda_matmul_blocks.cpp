@@ -85,6 +85,30 @@ TEST(CudaMatmulBlocks, ManyBlocksEqualTheOpsCalledBlockByBlock) {
   EXPECT_FALSE(same_bits(g1, dw0));
 }
 
+// pattern(n, seed) * scale on the device, rounded to bf16 numbers (nearest
+// even at 8 significant bits) where asked.
+Buffer<float> upload_pattern(Ops<float>& ops, int64_t n, uint32_t seed, float scale, bool bf16) {
+  std::vector<float> v = pattern(n, seed);
+  for (float& x : v) {
+    x *= scale;
+    if (bf16) {
+      uint32_t u;
+      std::memcpy(&u, &x, 4);
+      u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+      std::memcpy(&x, &u, 4);
+    }
+  }
+  Buffer<float> b(ops, n);
+  ops.from_host(b.data(), v.data(), n);
+  return b;
+}
+
+std::vector<float> download_all(Ops<float>& ops, const Buffer<float>& b, int64_t n) {
+  std::vector<float> v(static_cast<size_t>(n));
+  ops.to_host(v.data(), b.data(), n);
+  return v;
+}
+
 // Largest |got - want| over the largest |want|.
 double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
   double err = 0, scale = 0;
@@ -106,20 +130,14 @@ TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
   const int64_t rows = gemm_block_rows(int64_t(1) << 40, C, F);
   const int64_t N = 2 * rows + 1000;
   ASSERT_LT(gemm_block_rows(N, C, F), N);
-  auto upload = [&](int64_t n, uint32_t seed, float scale) {
-    std::vector<float> v = pattern(n, seed);
-    for (float& x : v) x *= scale;
-    Buffer<float> b(*ops, n);
-    ops->from_host(b.data(), v.data(), n);
-    return b;
+  auto upload = [&](int64_t n, uint32_t seed, float scale, bool bf16 = false) {
+    return upload_pattern(*ops, n, seed, scale, bf16);
   };
-  auto download = [&](const Buffer<float>& b, int64_t n) {
-    std::vector<float> v(static_cast<size_t>(n));
-    ops->to_host(v.data(), b.data(), n);
-    return v;
-  };
+  auto download = [&](const Buffer<float>& b, int64_t n) { return download_all(*ops, b, n); };
+  // b1 in bf16 numbers: the block's epilogue takes it in bf16, and ReLU's
+  // slope would jump where that moved a pre-activation across zero.
   Buffer<float> x = upload(N * C, 11, 1.0f), w1 = upload(int64_t(C) * F, 12, 0.05f),
-                b1 = upload(F, 13, 0.5f), w2 = upload(int64_t(F) * C, 14, 0.02f),
+                b1 = upload(F, 13, 0.5f, true), w2 = upload(int64_t(F) * C, 14, 0.02f),
                 b2 = upload(C, 15, 0.5f), dout = upload(N * C, 16, 1.0f);
   for (Activation act : {Activation::gelu, Activation::relu}) {
     SCOPED_TRACE(act == Activation::gelu ? "gelu" : "relu");
@@ -167,18 +185,10 @@ TEST(CudaMatmulBlocks, LayernormProjectOverManyBlocksMatchesTheSeparateOps) {
   const int64_t rows = gemm_block_rows(int64_t(1) << 40, C, OC);
   const int64_t N = 2 * rows + 1000;
   ASSERT_LT(gemm_block_rows(N, C, OC), N);
-  auto upload = [&](int64_t n, uint32_t seed, float scale) {
-    std::vector<float> v = pattern(n, seed);
-    for (float& x : v) x *= scale;
-    Buffer<float> b(*ops, n);
-    ops->from_host(b.data(), v.data(), n);
-    return b;
+  auto upload = [&](int64_t n, uint32_t seed, float scale, bool bf16 = false) {
+    return upload_pattern(*ops, n, seed, scale, bf16);
   };
-  auto download = [&](const Buffer<float>& b, int64_t n) {
-    std::vector<float> v(static_cast<size_t>(n));
-    ops->to_host(v.data(), b.data(), n);
-    return v;
-  };
+  auto download = [&](const Buffer<float>& b, int64_t n) { return download_all(*ops, b, n); };
   Buffer<float> x = upload(N * C, 21, 2.0f), lw = upload(C, 22, 1.0f), lb = upload(C, 23, 0.5f),
                 w1 = upload(int64_t(C) * OC, 24, 0.05f), w2 = upload(int64_t(C) * OC, 25, 0.05f),
                 d1 = upload(N * OC, 26, 1.0f), d2 = upload(N * OC, 27, 1.0f);
