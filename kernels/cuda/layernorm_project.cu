@@ -18,6 +18,7 @@
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
 #include "kernels/cuda/device_utils.cuh"
+#include "kernels/cuda/workspace.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -26,6 +27,26 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 bool fused_ok(int C, int OC) { return C % 8 == 0 && OC % 8 == 0 && C <= 2048; }
+
+// The products' bf16 operands in the op workspace: both weights (rounded
+// here), a block of normalised rows and, for the backward, of dout rows.
+struct Operands {
+  bf16 *w1, *w2, *x, *d;
+};
+Operands stage_operands(cuda::Workspace& ws, const float* w1, const float* w2, int64_t rows,
+                        int C, int OC, bool dout, cudaStream_t s) {
+  cuda::Carve carve;
+  const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(OC));
+  const size_t o_w2 = carve.reserve(w2 ? 2 * size_t(C) * size_t(OC) : 0);
+  const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+  const size_t o_d = carve.reserve(dout ? 2 * size_t(rows) * size_t(OC) : 0);
+  void* base = ws.get(carve.total());
+  Operands o{cuda::Carve::at<bf16>(base, o_w1), cuda::Carve::at<bf16>(base, o_w2),
+             cuda::Carve::at<bf16>(base, o_x), cuda::Carve::at<bf16>(base, o_d)};
+  cuda::round_bf16(o.w1, w1, C, OC, s);
+  if (w2) cuda::round_bf16(o.w2, w2, C, OC, s);
+  return o;
+}
 
 [[noreturn]] void no_product(const char* op, int C, int OC) {
   throw DeviceError(std::string(op) + ": no bf16 product for C=" + std::to_string(C) +
@@ -46,16 +67,8 @@ void CudaOps::layernorm_project_forward(float* out1, float* out2, float* ln, flo
     return;
   }
   const int64_t rows = gemm_block_rows(N, C, OC);
-  cuda::Carve carve;
-  const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(OC));
-  const size_t o_w2 = carve.reserve(w2 ? 2 * size_t(C) * size_t(OC) : 0);
-  const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
-  void* base = ws_.get(carve.total());
-  bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
-  bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
-  bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
-  cuda::round_bf16(w1_16, w1, C, OC, stream_);
-  if (w2) cuda::round_bf16(w2_16, w2, C, OC, stream_);
+  const Operands op = stage_operands(ws_, w1, w2, rows, C, OC, false, stream_);
+  bf16 *w1_16 = op.w1, *w2_16 = op.w2, *x16 = op.x;
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     cuda::layernorm_forward_bf16(x16, mean + r0, rstd + r0, inp + r0 * C, ln_w, ln_b, nr, C, eps,
@@ -86,18 +99,8 @@ void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b
   }
   const int64_t rows = gemm_block_rows(N, C, OC);
   {
-    cuda::Carve carve;
-    const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(OC));
-    const size_t o_w2 = carve.reserve(w2 ? 2 * size_t(C) * size_t(OC) : 0);
-    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
-    const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(OC));
-    void* base = ws_.get(carve.total());
-    bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
-    bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
-    bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
-    bf16* d16 = cuda::Carve::at<bf16>(base, o_d);
-    cuda::round_bf16(w1_16, w1, C, OC, stream_);
-    if (w2) cuda::round_bf16(w2_16, w2, C, OC, stream_);
+    const Operands op = stage_operands(ws_, w1, w2, rows, C, OC, true, stream_);
+    bf16 *w1_16 = op.w1, *w2_16 = op.w2, *x16 = op.x, *d16 = op.d;
     // One projection's share: dln^T [C, nr] (+)= w [C, OC] dout^T [OC, nr],
     // dw^T [OC, C] += dout^T [OC, nr] LN [nr, C].
     auto side = [&](const bf16* w16, const float* dout, float* dw, int64_t r0, int64_t nr,

@@ -109,6 +109,18 @@ std::vector<float> download_all(Ops<float>& ops, const Buffer<float>& b, int64_t
   return v;
 }
 
+// A device, and a row count that runs C x OC products over two whole
+// blocks of rows and a short one (kernels/common/gemm_staging.h).
+struct ManyBlocks {
+  ManyBlocks(int C, int OC) : N(2 * gemm_block_rows(int64_t(1) << 40, C, OC) + 1000) {}
+  Buffer<float> up(int64_t n, uint32_t seed, float scale, bool bf16 = false) {
+    return upload_pattern(*ops, n, seed, scale, bf16);
+  }
+  std::vector<float> down(const Buffer<float>& b, int64_t n) { return download_all(*ops, b, n); }
+  std::unique_ptr<Ops<float>> ops = make_cuda_ops();
+  int64_t N;
+};
+
 // Largest |got - want| over the largest |want|.
 double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
   double err = 0, scale = 0;
@@ -125,15 +137,15 @@ double rel_err(const std::vector<float>& got, const std::vector<float>& want) {
 // operands, so the results agree to the rounding of the hidden layer.
 TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  auto ops = make_cuda_ops();
   const int C = 1024, F = 4096;
-  const int64_t rows = gemm_block_rows(int64_t(1) << 40, C, F);
-  const int64_t N = 2 * rows + 1000;
+  ManyBlocks m(C, F);
+  auto& ops = m.ops;
+  const int64_t N = m.N;
   ASSERT_LT(gemm_block_rows(N, C, F), N);
   auto upload = [&](int64_t n, uint32_t seed, float scale, bool bf16 = false) {
-    return upload_pattern(*ops, n, seed, scale, bf16);
+    return m.up(n, seed, scale, bf16);
   };
-  auto download = [&](const Buffer<float>& b, int64_t n) { return download_all(*ops, b, n); };
+  auto download = [&](const Buffer<float>& b, int64_t n) { return m.down(b, n); };
   // b1 in bf16 numbers: the block's epilogue takes it in bf16, and ReLU's
   // slope would jump where that moved a pre-activation across zero.
   Buffer<float> x = upload(N * C, 11, 1.0f), w1 = upload(int64_t(C) * F, 12, 0.05f),
@@ -180,15 +192,13 @@ TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
 // operands (the normalised rows rounded once), fp32 accumulation.
 TEST(CudaMatmulBlocks, LayernormProjectOverManyBlocksMatchesTheSeparateOps) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  auto ops = make_cuda_ops();
   const int C = 1024, OC = 1024;
-  const int64_t rows = gemm_block_rows(int64_t(1) << 40, C, OC);
-  const int64_t N = 2 * rows + 1000;
+  ManyBlocks m(C, OC);
+  auto& ops = m.ops;
+  const int64_t N = m.N;
   ASSERT_LT(gemm_block_rows(N, C, OC), N);
-  auto upload = [&](int64_t n, uint32_t seed, float scale, bool bf16 = false) {
-    return upload_pattern(*ops, n, seed, scale, bf16);
-  };
-  auto download = [&](const Buffer<float>& b, int64_t n) { return download_all(*ops, b, n); };
+  auto upload = [&](int64_t n, uint32_t seed, float scale) { return m.up(n, seed, scale); };
+  auto download = [&](const Buffer<float>& b, int64_t n) { return m.down(b, n); };
   Buffer<float> x = upload(N * C, 21, 2.0f), lw = upload(C, 22, 1.0f), lb = upload(C, 23, 0.5f),
                 w1 = upload(int64_t(C) * OC, 24, 0.05f), w2 = upload(int64_t(C) * OC, 25, 0.05f),
                 d1 = upload(N * OC, 26, 1.0f), d2 = upload(N * OC, 27, 1.0f);
