@@ -107,14 +107,9 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
                              rotation_cols(cfg.buckets(), cfg.bucket_factor0()) + 3) / 4 * 4;
     hash = round256(f * dh * ldy) + round256(std::min(f * Lfull * ldy, int64_t(256) << 20));
   }
-  // Column sums: one double per column per slab of 256 rows; LayerNorm's
-  // one-pass backward two per column for each of at most 1024 slabs
-  // (kernels/cuda/layernorm.cu).
-  const int64_t rows = std::max(chunk, L);
-  const int64_t colsum = std::max(
-      8 * ((rows + 255) / 256) *
-          std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff, cfg.model.vocab_size}),
-      16 * std::min<int64_t>((rows + 31) / 32, 1024) * std::min<int64_t>(cfg.model.d_model, 1024));
+  const int64_t colsum = 8 * ((std::max(chunk, L) + 255) / 256) *
+                         std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff,
+                                            cfg.model.vocab_size});
   const int64_t largest = std::max({attention, sort, hash, colsum, other});
   return workspace_capacity(largest);
 }
