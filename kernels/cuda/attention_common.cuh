@@ -85,6 +85,7 @@ struct AttnGeom {
   int before, after;    // window offsets (chunked)
   bool wrap;            // window wraps around the round (chunked)
   bool causal;          // mask keys after the query
+  bool pairs;           // (mma kernels) outputs written two columns per 8-byte access
   int64_t row_tiles;    // kTile-row tiles per chunk (chunked) or per sequence (full)
 };
 
@@ -237,6 +238,7 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
   g.ld = p.ld;
   g.dh = p.dh;
   g.causal = p.causal;
+  g.pairs = false;
   if (full) {
     g.chunk = 0;
     g.chunk_shift = -1;

@@ -24,6 +24,9 @@
 
 #include <cuda_bf16.h>
 
+#include <cstdint>
+#include <initializer_list>
+
 #include "kernels/cuda/attention_common.cuh"
 
 namespace reformer {
@@ -84,23 +87,20 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Issues the copies of ROWS rows of DH bf16 into dst (row stride st): row i
 // from src + row_of(i) * DH (row_of returns an int position), zero where
-// row_of(i) < 0. Thread tid of THREADS copies
+// row_of(i) < 0. Thread tid copies
 // piece tid % (DH / 8) of rows tid / (DH / 8) + k * (rows per sweep): one
-// row lookup and one wide multiply per 16 bytes. Where a sweep covers more
-// rows than ROWS, the threads past them copy nothing.
-template <int ROWS, int DH, int THREADS = kMmaBlock, class RowOf>
+// row lookup and one wide multiply per 16 bytes.
+template <int ROWS, int DH, class RowOf>
 __device__ __forceinline__ void copy_rows(bf16* dst, int st, const bf16* src, RowOf row_of,
                                           int tid) {
-  constexpr int kPieces = DH / 8;              // 16-byte pieces per row
-  constexpr int kSweep = THREADS / kPieces;    // rows per sweep of the block
-  static_assert(THREADS % kPieces == 0 && (ROWS % kSweep == 0 || kSweep % ROWS == 0),
-                "whole sweeps");
+  constexpr int kPieces = DH / 8;                 // 16-byte pieces per row
+  constexpr int kSweep = kMmaBlock / kPieces;     // rows per sweep of the block
+  static_assert(kMmaBlock % kPieces == 0 && ROWS % kSweep == 0, "whole sweeps");
   const int i0 = tid / kPieces, q = 8 * (tid % kPieces);
-  if (kSweep > ROWS && i0 >= ROWS) return;
   bf16* d = dst + i0 * st + q;
   const bf16* s = src + q;
 #pragma unroll
-  for (int k = 0; k < (ROWS + kSweep - 1) / kSweep; ++k) {
+  for (int k = 0; k < ROWS / kSweep; ++k) {
     const int row = row_of(i0 + k * kSweep);
     cp_async16(d + k * kSweep * st, row < 0 ? s : s + uint64_t(uint32_t(row)) * DH, row >= 0);
   }
@@ -178,34 +178,6 @@ __device__ __forceinline__ void ldsm_strip_pv(float (*acc)[4], float (*p)[4], co
   }
 }
 
-// acc[ot] (16 x 8*OT strip, OT even) += A B with A = the 16 x 16*KS rows
-// row0.. of sa (row major, k = columns) and B = the 16*KS x 8*OT rows of sb
-// (row major [k][n], as ldsm_strip_pv's; sb may point into a row).
-template <int OT, int KS>
-__device__ __forceinline__ void ldsm_strip_ab(float (*acc)[4], const bf16* sa, int sta, int row0,
-                                              const bf16* sb, int stb, int lane) {
-  const bf16* pa = sa + (row0 + (lane & 15)) * sta + (lane >> 4) * 8;
-  const bf16* pb = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
-#pragma unroll
-  for (int kk = 0; kk < KS; ++kk) {
-    uint32_t a[4];
-    ldsm_x4(a, pa + 16 * kk);
-#pragma unroll
-    for (int ot = 0; ot < OT; ot += 2) {
-      uint32_t b[4];
-      ldsm_x4_t(b, pb + kk * 16 * stb + ot * 8);
-      mma_bf16(acc[ot], a, b[0], b[1]);
-      mma_bf16(acc[ot + 1], a, b[2], b[3]);
-    }
-  }
-}
-
-// Waits for the `threads` threads (whole warps) that use barrier `id`
-// (1 .. 15; 0 is __syncthreads') and orders their shared memory accesses.
-__device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
 // ---- staging pre-pass: operands rounded once per call, by position.
 // The kernels gather their tiles through the rounds' permutations, so every
 // round of a call reads the same staged rows (R times fewer bytes staged
@@ -273,6 +245,35 @@ void set_mma_smem(Kernel k, size_t bytes) {
   set_smem(k, bytes);
   CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
                                   int(cudaSharedmemCarveoutMaxShared)));
+}
+
+// Writes (ADD: adds) a C fragment's two columns x, y to row[d], row[d + 1]
+// (d even, columns past dh skipped): one 8-byte access when `pairs` (dh even,
+// rows 8-byte aligned; mma_pairs), else one per column.
+template <bool ADD = false>
+__device__ __forceinline__ void store_pair(float* row, int d, int dh, bool pairs, float x,
+                                           float y) {
+  if (pairs) {
+    if (d >= dh) return;
+    float2* p = reinterpret_cast<float2*>(row + d);
+    if (ADD) {
+      const float2 o = *p;
+      x += o.x;
+      y += o.y;
+    }
+    *p = make_float2(x, y);
+    return;
+  }
+  if (d < dh) row[d] = ADD ? row[d] + x : x;
+  if (d + 1 < dh) row[d + 1] = ADD ? row[d + 1] + y : y;
+}
+
+// Whether outputs with row stride `ld` (elements) from these pointers can be
+// written in column pairs (store_pair).
+inline bool mma_pairs(int dh, int64_t ld, std::initializer_list<const float*> outs) {
+  bool ok = dh % 2 == 0 && ld % 2 == 0;
+  for (const float* p : outs) ok = ok && reinterpret_cast<uintptr_t>(p) % 8 == 0;
+  return ok;
 }
 
 // Max and sum over the four lanes of a quad (the lanes sharing a C row).

@@ -49,48 +49,39 @@ namespace {
 constexpr int kDqKeys = 64;      // keys per pass of the query side
 constexpr int kDkvQueries = 32;  // queries per pass of the key side
 
+template <int DH>
+constexpr size_t mma_dq_smem() {
+  return sizeof(bf16) * size_t(2 * kMmaRows * mma_stride(DH) + 2 * kDqKeys * mma_stride(DH));
+}
+
+template <int DH>
+constexpr size_t mma_dkv_smem() {
+  return sizeof(bf16) * size_t(2 * kMmaRows * mma_stride(DH) +
+                               4 * kDkvQueries * mma_stride(DH));
+}
+
 // Query side: dq_r[r, i, :] = sum_j dS_ij k_hat_j (overwritten), or, direct,
 // dqk[i, :] += the same (MmaBwdOut, attention_common.cuh).
 // st.dst: staged q, k_hat, v, dout.
-// Eight warps: warp w = 4 half + qw pairs with warp w ^ 4 over query strip
-// qw (queries 16 qw .. 16 qw + 15). Per pass it computes S and dP for its
-// strip and keys 32 half .. + 31 of the pass, rounds dS to bf16 into sDS,
-// and after the pair's barrier accumulates dq for the strip's columns
-// half * DH / 2 .. + DH / 2 - 1 over all 64 keys (the same order as a warp
-// that owns whole rows: the same bits).
-constexpr int kDqWarps = 8;
-constexpr int kDqBlock = 32 * kDqWarps;
-constexpr int kDqPS = mma_stride(kDqKeys);  // row stride of sDS
-
-template <int DH>
-constexpr size_t mma_dq_smem() {
-  return sizeof(bf16) * size_t(2 * kMmaRows * mma_stride(DH) + 2 * kDqKeys * mma_stride(DH) +
-                               kMmaRows * kDqPS);
-}
-
 template <int DH, bool FULL>
-__global__ void __launch_bounds__(kDqBlock, DH == 32 ? 3 : 2)
+__global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     mma_dq_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz, const float* rD,
                   MmaBwdOut o) {
   constexpr int S = mma_stride(DH);  // row stride of sQ, sG, sK, sV
-  constexpr int NT = kDqKeys / 16;   // score tiles per warp: 32 keys
-  constexpr int OT = DH / 16;        // output tiles per warp: DH / 2 columns
+  constexpr int NT = kDqKeys / 8;
+  constexpr int OT = DH / 8;
   extern __shared__ float4 mma_dq_smem4[];
   bf16* sQ = reinterpret_cast<bf16*>(mma_dq_smem4);  // [kMmaRows][S] queries
   bf16* sG = sQ + kMmaRows * S;                       // [kMmaRows][S] their dout
   bf16* sK = sG + kMmaRows * S;                       // [kDqKeys][S] k_hat
   bf16* sV = sK + kDqKeys * S;                        // [kDqKeys][S] v
-  bf16* sDS = sV + kDqKeys * S;                       // [kMmaRows][kDqPS] dS of the pass
   __shared__ int sqpos[kMmaRows];
   __shared__ __align__(8) int skpos[2][kDqKeys];  // positions of the keys of pass i (i % 2)
   __shared__ int swin[kMaxWindow];
   __shared__ int s_nwin;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int qw = warp & 3, half = warp >> 2;
-  const int t4 = lane & 3, row0 = 16 * qw + (lane >> 2);
-  const int kc = 32 * half;      // this warp's keys in the pass
-  const int dc = half * DH / 2;  // this warp's output columns
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
   int64_t r, c, t;
   const int32_t* pr = mma_block_start<FULL>(g, +1, sqpos, swin, &s_nwin, &r, &c, &t);
   const int64_t n_keys = FULL ? (g.causal ? min(g.L, (t + 1) * kMmaRows) : g.L)
@@ -105,11 +96,11 @@ __global__ void __launch_bounds__(kDqBlock, DH == 32 ? 3 : 2)
   // cp.async groups in commit order: {Q, dO, V_0}, {K_0}, then {V_i+1},
   // {K_i+1} per pass i (empty past the last), so wait<1> before dP of pass
   // i leaves only K_i in flight and wait<1> before S only V_i+1.
-  copy_rows<kMmaRows, DH, kDqBlock>(sQ, S, st.dst[0], q_row, tid);
-  copy_rows<kMmaRows, DH, kDqBlock>(sG, S, st.dst[3], q_row, tid);
-  copy_rows<kDqKeys, DH, kDqBlock>(sV, S, st.dst[2], first_key_row, tid);
+  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], q_row, tid);
+  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], q_row, tid);
+  copy_rows<kDqKeys, DH>(sV, S, st.dst[2], first_key_row, tid);
   cp_async_commit();
-  copy_rows<kDqKeys, DH, kDqBlock>(sK, S, st.dst[1], first_key_row, tid);
+  copy_rows<kDqKeys, DH>(sK, S, st.dst[1], first_key_row, tid);
   cp_async_commit();
   if (tid < kDqKeys) skpos[0][tid] = window_position<FULL>(g, pr, swin, 0, tid, n_keys);
   const int qpos[2] = {sqpos[row0], sqpos[row0 + 8]};
@@ -138,22 +129,21 @@ __global__ void __launch_bounds__(kDqBlock, DH == 32 ? 3 : 2)
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-    ldsm_strip_nt<DH, NT>(dp, sG, S, 16 * qw, sV + kc * S, S, lane);
+    ldsm_strip_nt<DH, NT>(dp, sG, S, 16 * warp, sV, S, lane);
     if (tid < kDqKeys) skpos[buf ^ 1][tid] = next_kpos;
     __syncthreads();  // sV consumed, positions of pass i + 1 written: fetch V_i+1
     const int* next_pos = skpos[buf ^ 1];
     auto next_row = [&](int i) -> int { return next_pos[i]; };
-    if (k1 < n_keys) copy_rows<kDqKeys, DH, kDqBlock>(sV, S, st.dst[2], next_row, tid);
+    if (k1 < n_keys) copy_rows<kDqKeys, DH>(sV, S, st.dst[2], next_row, tid);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();  // K_i landed for every thread
-    ldsm_strip_nt<DH, NT>(s, sQ, S, 16 * qw, sK + kc * S, S, lane);
-    // s becomes dS (0 for masked pairs and padding), in bf16 to sDS.
+    ldsm_strip_nt<DH, NT>(s, sQ, S, 16 * warp, sK, S, lane);
+    // s becomes dS (0 for masked pairs and padding).
     const int* kpos = skpos[buf];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int col = kc + nt * 8 + 2 * t4;
-      const int2 kp2 = *reinterpret_cast<const int2*>(kpos + col);
+      const int2 kp2 = *reinterpret_cast<const int2*>(kpos + nt * 8 + 2 * t4);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int kp = e & 1 ? kp2.y : kp2.x, h = e >> 1;
@@ -161,15 +151,10 @@ __global__ void __launch_bounds__(kDqBlock, DH == 32 ? 3 : 2)
         if (kp >= 0 && qpos[h] >= 0) masked_score(s[nt][e], qpos[h], kp, g.causal, &masked);
         s[nt][e] = masked ? 0.0f : fast_exp(s[nt][e] - qm[h]) * qiz[h] * (dp[nt][e] - qD[h]);
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<uint32_t*>(sDS + (row0 + 8 * h) * kDqPS + col) =
-            pack_bf16(s[nt][2 * h], s[nt][2 * h + 1]);
     }
-    named_barrier(1 + qw, 64);  // the pair's halves of dS written
-    ldsm_strip_ab<OT, kDqKeys / 16>(dq, sDS, kDqPS, 16 * qw, sK + dc, S, lane);
-    __syncthreads();  // sK and sDS consumed: fetch K_i+1
-    if (k1 < n_keys) copy_rows<kDqKeys, DH, kDqBlock>(sK, S, st.dst[1], next_row, tid);
+    ldsm_strip_pv<DH, kDqKeys / 16>(dq, s, sK, S, lane);
+    __syncthreads();  // sK consumed: fetch K_i+1
+    if (k1 < n_keys) copy_rows<kDqKeys, DH>(sK, S, st.dst[1], next_row, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();
@@ -180,11 +165,11 @@ __global__ void __launch_bounds__(kDqBlock, DH == 32 ? 3 : 2)
     float* dst = o.direct ? o.dq + int64_t(qpos[h]) * g.ld : o.dq + (r * g.L + qpos[h]) * g.dh;
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int d = dc + ot * 8 + 2 * t4 + u;
-        if (d < g.dh) dst[d] = o.direct ? dst[d] + dq[ot][2 * h + u] : dq[ot][2 * h + u];
-      }
+      const int d = ot * 8 + 2 * t4;
+      if (o.direct)
+        store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+      else
+        store_pair(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
     }
   }
 }
@@ -194,52 +179,28 @@ __global__ void __launch_bounds__(kDqBlock, DH == 32 ? 3 : 2)
 // direct, dqk[j] += (dk_hat_j - k_hat_j (k_hat_j . dk_hat_j)) / |k_j| and
 // dv[j] += dv_j (MmaBwdOut, attention_common.cuh). st.dst: staged q, k_hat,
 // v, dout.
-// Eight warps: warp w = 4 half + kw pairs with warp w ^ 4 over key strip kw
-// (keys 16 kw .. 16 kw + 15). Per pass it computes S^T and dP^T for its
-// strip and queries 16 half .. + 15 of the pass, rounds P^T and dS^T to
-// bf16 into sP / sDS, and after the pair's barrier accumulates dv and dk for
-// the strip's columns half * DH / 2 .. + DH / 2 - 1 over all 32 queries:
-// one 16 x DH / 2 accumulator pair per warp, half the registers of a warp
-// that owns whole rows. The products meet in the same order as with whole
-// rows (queries 0-15, then 16-31), so dk and dv do not depend on the split.
-constexpr int kDkvWarps = 8;
-constexpr int kDkvBlock = 32 * kDkvWarps;
-constexpr int kDkvPS = mma_stride(kDkvQueries);  // row stride of sP, sDS
-
-template <int DH>
-constexpr size_t mma_dkv_smem() {
-  return sizeof(bf16) * size_t(2 * kMmaRows * mma_stride(DH) +
-                               4 * kDkvQueries * mma_stride(DH) + 2 * kMmaRows * kDkvPS);
-}
-
 template <int DH, bool FULL>
-__global__ void __launch_bounds__(kDkvBlock, DH == 32 ? 3 : 2)
+__global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
     mma_dkv_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz, const float* rD,
                    MmaBwdOut o) {
-  constexpr int S = mma_stride(DH);  // row stride of every operand tile
-  constexpr int NT = kDkvQueries / 16;  // score tiles per warp: 16 queries
-  constexpr int OT = DH / 16;           // output tiles per warp: DH / 2 columns
-  constexpr int QT = kDkvQueries * S;   // one query tile
+  constexpr int S = mma_stride(DH);  // row stride of every tile
+  constexpr int NT = kDkvQueries / 8;
+  constexpr int OT = DH / 8;
+  constexpr int QT = kDkvQueries * S;  // one query tile
   extern __shared__ float4 mma_dkv_smem4[];
   bf16* sK = reinterpret_cast<bf16*>(mma_dkv_smem4);  // [kMmaRows][S] this tile's k_hat
   bf16* sV = sK + kMmaRows * S;                        // [kMmaRows][S] this tile's v
   bf16* sQ = sV + kMmaRows * S;                        // [2][kDkvQueries][S] queries
   bf16* sG = sQ + 2 * QT;                              // [2][kDkvQueries][S] their dout
-  bf16* sP = sG + 2 * QT;                              // [kMmaRows][kDkvPS] P^T of the pass
-  bf16* sDS = sP + kMmaRows * kDkvPS;                  // [kMmaRows][kDkvPS] dS^T
   __shared__ int skpos[kMmaRows];
   __shared__ __align__(8) int sqpos[2][kDkvQueries];  // pass i in [i % 2], as the stats
   __shared__ __align__(8) float sm_m[2][kDkvQueries], sm_iz[2][kDkvQueries],
       sm_D[2][kDkvQueries];
-  __shared__ float sproj[2][kMmaRows];  // direct: k_hat . dk_hat over each half's columns
   __shared__ int sinv[kMaxWindow];
   __shared__ int s_ninv;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int kw = warp & 3, half = warp >> 2;
-  const int t4 = lane & 3, gr = lane >> 2, row0 = 16 * kw + gr;
-  const int qc = 16 * half;      // this warp's queries in the pass
-  const int dc = half * DH / 2;  // this warp's output columns
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
   int64_t r, c, t;
   const int32_t* pr = mma_block_start<FULL>(g, -1, skpos, sinv, &s_ninv, &r, &c, &t);
   const int64_t q_lo = FULL && g.causal ? t * kMmaRows : 0;
@@ -266,14 +227,14 @@ __global__ void __launch_bounds__(kDkvBlock, DH == 32 ? 3 : 2)
   // cp.async groups in commit order: {K, V, Q_0, dO_0}, then {Q_i+1, dO_i+1}
   // at the start of pass i (empty past the last): wait<1> leaves only pass
   // i + 1 in flight.
-  copy_rows<kMmaRows, DH, kDkvBlock>(sK, S, st.dst[1], k_row, tid);
-  copy_rows<kMmaRows, DH, kDkvBlock>(sV, S, st.dst[2], k_row, tid);
+  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], k_row, tid);
+  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], k_row, tid);
   auto q_rows = [&](int b, int64_t q0) {
     auto row = [&](int i) -> int {
       return window_position<FULL>(g, pr, sinv, q_lo, q0 + i, n_q);
     };
-    copy_rows<kDkvQueries, DH, kDkvBlock>(sQ + b * QT, S, st.dst[0], row, tid);
-    copy_rows<kDkvQueries, DH, kDkvBlock>(sG + b * QT, S, st.dst[3], row, tid);
+    copy_rows<kDkvQueries, DH>(sQ + b * QT, S, st.dst[0], row, tid);
+    copy_rows<kDkvQueries, DH>(sG + b * QT, S, st.dst[3], row, tid);
   };
   q_rows(0, 0);
   cp_async_commit();
@@ -303,13 +264,13 @@ __global__ void __launch_bounds__(kDkvBlock, DH == 32 ? 3 : 2)
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) stt[nt][e] = dpt[nt][e] = 0.0f;
-    ldsm_strip_nt<DH, NT>(stt, sK, S, 16 * kw, q_tile + qc * S, S, lane);
-    ldsm_strip_nt<DH, NT>(dpt, sV, S, 16 * kw, g_tile + qc * S, S, lane);
-    // P^T and dS^T (both 0 for padding; dS^T 0 when masked), in bf16 to sP, sDS.
+    ldsm_strip_nt<DH, NT>(stt, sK, S, 16 * warp, q_tile, S, lane);
+    ldsm_strip_nt<DH, NT>(dpt, sV, S, 16 * warp, g_tile, S, lane);
+    // stt becomes P^T, dpt becomes dS^T (both 0 for padding; dS^T 0 when masked).
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      // Columns qc + nt * 8 + 2 t4 and + 1: positions and statistics in pairs.
-      const int col = qc + nt * 8 + 2 * t4;
+      // Columns nt * 8 + 2 t4 and + 1: positions and statistics in pairs.
+      const int col = nt * 8 + 2 * t4;
       const int2 qp2 = *reinterpret_cast<const int2*>(&sqpos[buf][col]);
       const float2 m2 = *reinterpret_cast<const float2*>(&sm_m[buf][col]);
       const float2 iz2 = *reinterpret_cast<const float2*>(&sm_iz[buf][col]);
@@ -325,65 +286,48 @@ __global__ void __launch_bounds__(kDkvBlock, DH == 32 ? 3 : 2)
         stt[nt][e] = valid ? p : 0.0f;
         dpt[nt][e] = valid && !masked ? p * (dpt[nt][e] - (hi ? D2.y : D2.x)) : 0.0f;
       }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int at = (row0 + 8 * h) * kDkvPS + col;
-        *reinterpret_cast<uint32_t*>(sP + at) = pack_bf16(stt[nt][2 * h], stt[nt][2 * h + 1]);
-        *reinterpret_cast<uint32_t*>(sDS + at) = pack_bf16(dpt[nt][2 * h], dpt[nt][2 * h + 1]);
-      }
     }
-    named_barrier(1 + kw, 64);  // the pair's halves of P^T and dS^T written
-    ldsm_strip_ab<OT, kDkvQueries / 16>(dvv, sP, kDkvPS, 16 * kw, g_tile + dc, S, lane);
-    ldsm_strip_ab<OT, kDkvQueries / 16>(dk, sDS, kDkvPS, 16 * kw, q_tile + dc, S, lane);
+    ldsm_strip_pv<DH, kDkvQueries / 16>(dvv, stt, g_tile, S, lane);
+    ldsm_strip_pv<DH, kDkvQueries / 16>(dk, dpt, q_tile, S, lane);
     if (q1 < n_q && tid < kDkvQueries) store_stats(buf ^ 1, next);
-    __syncthreads();  // buffer buf, sP and sDS consumed
+    __syncthreads();  // buffer buf consumed
   }
   cp_async_wait<0>();
 
   if (o.direct) {
-    // k_hat . dk_hat over the row: this lane's columns, the 4 lanes (t4)
-    // that share the row, then the pair's two halves. Every lane shuffles;
-    // padding rows add 0. k_hat_j = qk_j / |k_j| as the staging computed it.
-    float proj[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
+      // (t4) that share the row. Every lane shuffles; padding rows add 0.
+      // k_hat_j = qk_j / |k_j| as the staging computed it.
       const int pos = kpos[h];
       const float* q = st.src[0] + int64_t(pos < 0 ? 0 : pos) * st.lds[0];
       const float n = o.dkh && pos >= 0 ? o.norm[pos] : 1.0f;
-      float x = 0.0f;
+      float proj = 0.0f;
       if (o.dkh && pos >= 0) {
 #pragma unroll
         for (int ot = 0; ot < OT; ++ot)
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const int d = dc + ot * 8 + 2 * t4 + u;
-            if (d < g.dh) x += (q[d] / n) * dk[ot][2 * h + u];
+            const int d = ot * 8 + 2 * t4 + u;
+            if (d < g.dh) proj += (q[d] / n) * dk[ot][2 * h + u];
           }
       }
-      x = quad_sum(x);
-      if (t4 == 0) sproj[half][row0 + 8 * h] = x;
-    }
-    named_barrier(1 + kw, 64);  // both halves' sums written
-#pragma unroll
-    for (int h = 0; h < 2; ++h) proj[h] = sproj[0][row0 + 8 * h] + sproj[1][row0 + 8 * h];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int pos = kpos[h];
+      proj += __shfl_xor_sync(0xffffffffu, proj, 1);
+      proj += __shfl_xor_sync(0xffffffffu, proj, 2);
       if (pos < 0) continue;
-      const float* q = st.src[0] + int64_t(pos) * st.lds[0];
-      const float n = o.dkh ? o.norm[pos] : 1.0f;
       const float inv_norm = 1.0f / n;
       float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
       float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
 #pragma unroll
       for (int ot = 0; ot < OT; ++ot) {
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int d = dc + ot * 8 + 2 * t4 + u;
-          if (d >= g.dh) continue;
-          if (dqk) dqk[d] += (dk[ot][2 * h + u] - (q[d] / n) * proj[h]) * inv_norm;
-          if (dv) dv[d] += dvv[ot][2 * h + u];
-        }
+        const int d = ot * 8 + 2 * t4;
+        // q[d + 1] only where it exists (odd dh: the pair's second column is past it).
+        const float q0 = d < g.dh ? q[d] : 0.0f, q1 = d + 1 < g.dh ? q[d + 1] : 0.0f;
+        if (dqk)
+          store_pair<true>(dqk, d, g.dh, g.pairs, (dk[ot][2 * h] - (q0 / n) * proj) * inv_norm,
+                           (dk[ot][2 * h + 1] - (q1 / n) * proj) * inv_norm);
+        if (dv) store_pair<true>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
       }
     }
     return;
@@ -394,13 +338,9 @@ __global__ void __launch_bounds__(kDkvBlock, DH == 32 ? 3 : 2)
     const int64_t base = (r * g.L + kpos[h]) * g.dh;
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int d = dc + ot * 8 + 2 * t4 + u;
-        if (d >= g.dh) continue;
-        if (o.dkh) o.dkh[base + d] = dk[ot][2 * h + u];
-        if (o.dv) o.dv[base + d] = dvv[ot][2 * h + u];
-      }
+      const int d = ot * 8 + 2 * t4;
+      if (o.dkh) store_pair(o.dkh + base, d, g.dh, g.pairs, dk[ot][2 * h], dk[ot][2 * h + 1]);
+      if (o.dv) store_pair(o.dv + base, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
     }
   }
 }
@@ -417,13 +357,13 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
   if (o.dq) {
     constexpr size_t smem = mma_dq_smem<DH>();
     set_mma_smem(mma_dq_kernel<DH, FULL>, smem);
-    mma_dq_kernel<DH, FULL><<<blocks, kDqBlock, smem, s>>>(g, st, rm, riz, rD, o);
+    mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
     CUDA_CHECK_LAUNCH("mma_dq_kernel");
   }
   if (o.dkh || o.dv) {
     constexpr size_t smem = mma_dkv_smem<DH>();
     set_mma_smem(mma_dkv_kernel<DH, FULL>, smem);
-    mma_dkv_kernel<DH, FULL><<<blocks, kDkvBlock, smem, s>>>(g, st, rm, riz, rD, o);
+    mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
     CUDA_CHECK_LAUNCH("mma_dkv_kernel");
   }
 }
@@ -451,7 +391,8 @@ void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool 
                             const float* qk, const float* khat, const float* v, const float* dout,
                             const float* rm, const float* riz, const float* rD,
                             const MmaBwdOut& o, void* stage, cudaStream_t s) {
-  const AttnGeom g = mma_geom(p, perm, full);
+  AttnGeom g = mma_geom(p, perm, full);
+  g.pairs = mma_pairs(g.dh, o.direct ? g.ld : g.dh, {o.dq, o.dkh, o.dv});
   if (full)
     dispatch_mma_backward<true>(g, 1, qk, khat, v, dout, rm, riz, rD, o, stage, s);
   else

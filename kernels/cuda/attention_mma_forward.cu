@@ -172,11 +172,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     const float inv = 1.0f / lt;
     float* dst = FULL ? out + int64_t(qpos[h]) * g.ld : out + (r * g.L + qpos[h]) * g.dh;
 #pragma unroll
-    for (int ot = 0; ot < OT; ++ot) {
-      const int d = ot * 8 + 2 * t4;
-      if (d < g.dh) dst[d] = o[ot][2 * h] * inv;
-      if (d + 1 < g.dh) dst[d + 1] = o[ot][2 * h + 1] * inv;
-    }
+    for (int ot = 0; ot < OT; ++ot)
+      store_pair(dst, ot * 8 + 2 * t4, g.dh, g.pairs, o[ot][2 * h] * inv, o[ot][2 * h + 1] * inv);
     if (t4 == 0) lse[(FULL ? 0 : r * g.L) + qpos[h]] = m[h] + logf(lt);
   }
 }
@@ -208,7 +205,8 @@ void dispatch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const 
 void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,
                            const float* qk, const float* khat, const float* v, float* out,
                            float* lse, void* stage, cudaStream_t s) {
-  const AttnGeom g = mma_geom(p, perm, full);
+  AttnGeom g = mma_geom(p, perm, full);
+  g.pairs = mma_pairs(g.dh, full ? g.ld : g.dh, {out});
   if (full)
     dispatch_mma_forward<true>(g, 1, qk, khat, v, out, lse, stage, s);
   else
