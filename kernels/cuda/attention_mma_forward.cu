@@ -49,6 +49,74 @@ constexpr size_t mma_fwd_smem() {
   return sizeof(bf16) * size_t(3 * kMmaRows * mma_stride(DH));
 }
 
+// One key tile of the online softmax for this thread's two rows (C rows gr
+// and gr + 8 of its warp's strip): sc holds the tile's fp32 scores S (8 NT
+// keys, positions kpos; -1 = none) and leaves as the unnormalised weights P;
+// the masks apply by position, m, l and the output o (8 OT columns) are
+// rescaled to the new row maxima.
+template <int NT, int OT>
+__device__ __forceinline__ void softmax_tile(float (*sc)[4], float (*o)[4], float* m, float* l,
+                                             const int* kpos, const int* qpos, bool causal,
+                                             int t4) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int2 kp2 = *reinterpret_cast<const int2*>(kpos + nt * 8 + 2 * t4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int kp = e & 1 ? kp2.y : kp2.x;
+      bool masked;
+      sc[nt][e] = kp < 0 ? -INFINITY : masked_score(sc[nt][e], qpos[e >> 1], kp, causal, &masked);
+      mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
+    }
+  }
+  float corr[2], shift[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float mn = fmaxf(m[h], quad_max(mx[h]));
+    shift[h] = mn == -INFINITY ? 0.0f : mn;  // no valid key yet: every p is 0
+    corr[h] = fast_exp(m[h] - shift[h]);
+    m[h] = mn;
+  }
+  float ls[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      sc[nt][e] = fast_exp(sc[nt][e] - shift[e >> 1]);
+      ls[e >> 1] += sc[nt][e];
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + ls[h];
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot) {
+    o[ot][0] *= corr[0];
+    o[ot][1] *= corr[0];
+    o[ot][2] *= corr[1];
+    o[ot][3] *= corr[1];
+  }
+}
+
+// out[qpos] (row stride ld) = o / l and lse[qpos] = m + log l for this
+// thread's two rows (skipped where qpos < 0).
+template <int OT>
+__device__ __forceinline__ void write_rows(const AttnGeom& g, float* out, int64_t ld, float* lse,
+                                           float (*o)[4], const float* m, const float* l,
+                                           const int* qpos, int t4) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float lt = quad_sum(l[h]);  // each lane summed its own columns
+    if (qpos[h] < 0) continue;
+    const float inv = 1.0f / lt;
+    float* dst = out + int64_t(qpos[h]) * ld;
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot)
+      store_pair(dst, ot * 8 + 2 * t4, g.dh, g.pairs, o[ot][2 * h] * inv, o[ot][2 * h + 1] * inv);
+    if (t4 == 0) lse[qpos[h]] = m[h] + logf(lt);
+  }
+}
+
 // Chunked: out = out_r [R, L, dh], lse [R, L]. Full: out [L, ld], lse [L].
 template <int DH, bool FULL>
 __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
@@ -115,47 +183,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     if (k1 < n_keys) copy_rows<kFwdKeys, DH>(sK, S, st.dst[1], next_row, tid);
     cp_async_commit();
 
-    // Masks by position on the fp32 scores; keys past the window get -inf.
-    const int* kpos = skpos[buf];
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int2 kp2 = *reinterpret_cast<const int2*>(kpos + nt * 8 + 2 * t4);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kp = e & 1 ? kp2.y : kp2.x;
-        bool masked;
-        sc[nt][e] = kp < 0 ? -INFINITY : masked_score(sc[nt][e], qpos[e >> 1], kp, g.causal,
-                                                      &masked);
-        mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
-      }
-    }
-    float corr[2], shift[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float mn = fmaxf(m[h], quad_max(mx[h]));
-      shift[h] = mn == -INFINITY ? 0.0f : mn;  // no valid key yet: every p is 0
-      corr[h] = fast_exp(m[h] - shift[h]);
-      m[h] = mn;
-    }
-    float ls[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[nt][e] = fast_exp(sc[nt][e] - shift[e >> 1]);
-        ls[e >> 1] += sc[nt][e];
-      }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + ls[h];
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot) {
-      o[ot][0] *= corr[0];
-      o[ot][1] *= corr[0];
-      o[ot][2] *= corr[1];
-      o[ot][3] *= corr[1];
-    }
+    softmax_tile<NT, OT>(sc, o, m, l, skpos[buf], qpos, g.causal, t4);
     cp_async_wait<1>();
     __syncthreads();  // V_i landed for every thread
     ldsm_strip_pv<DH, kFwdKeys / 16>(o, sc, sV, S, lane);
@@ -164,18 +192,108 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     cp_async_commit();
   }
   cp_async_wait<0>();
+  write_rows<OT>(g, FULL ? out : out + r * g.L * g.dh, FULL ? g.ld : g.dh,
+                 FULL ? lse : lse + r * g.L, o, m, l, qpos, t4);
+}
 
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float lt = quad_sum(l[h]);  // each lane summed its own columns
-    if (qpos[h] < 0) continue;
-    const float inv = 1.0f / lt;
-    float* dst = FULL ? out + int64_t(qpos[h]) * g.ld : out + (r * g.L + qpos[h]) * g.dh;
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
-      store_pair(dst, ot * 8 + 2 * t4, g.dh, g.pairs, o[ot][2 * h] * inv, o[ot][2 * h + 1] * inv);
-    if (t4 == 0) lse[(FULL ? 0 : r * g.L) + qpos[h]] = m[h] + logf(lt);
+// Walking forward: chunks of kMmaRows slots whose window is the previous
+// chunk and the chunk itself (chunks_before 1, chunks_after 0: the Reformer's
+// look-one-back), at least two chunks. One block per (round, run of kWalk
+// consecutive chunks) walks its chunks in order. The keys of chunk c serve
+// as the second tile of c's window and the first of c + 1's, so each chunk's
+// K and V are gathered once per run instead of twice: two K / V slots
+// alternate (the previous chunk's, this chunk's), and the slot of c - 1 is
+// refilled with c + 1 as soon as c's first tile has used it (K after S, V
+// after P V). Q is double buffered: Q of c + 1 is fetched at the start of c.
+// Every copy of chunk c + 1 has a whole tile or more to land before the wait
+// at the start of c + 1, the block's one wait per chunk. Per chunk the
+// tiles, masks and softmax steps are the mma_forward_kernel's in the same
+// order (chunk_list's: c - 1, then c), so the results are the same bits.
+constexpr int kWalk = 4;  // chunks per block
+
+template <int DH>
+constexpr size_t mma_walk_smem() {
+  return sizeof(bf16) * size_t(6 * kMmaRows * mma_stride(DH));
+}
+
+template <int DH>
+__global__ void __launch_bounds__(kMmaBlock, 2)
+    mma_forward_walk_kernel(AttnGeom g, MmaStage st, float* out, float* lse) {
+  constexpr int S = mma_stride(DH);
+  constexpr int NT = kMmaRows / 8;
+  constexpr int OT = DH / 8;
+  constexpr int T = kMmaRows * S;  // one tile
+  extern __shared__ float4 mma_walk_smem4[];
+  bf16* sQ = reinterpret_cast<bf16*>(mma_walk_smem4);  // [2][kMmaRows][S]
+  bf16* sK = sQ + 2 * T;                                // [2][kMmaRows][S] slots
+  bf16* sV = sK + 2 * T;                                // [2][kMmaRows][S] slots
+  // Positions of the walk's chunks: chunk index i (-1: the one before the
+  // run's first) in spos[(i + 1) % 3].
+  __shared__ __align__(8) int spos[3][kMmaRows];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
+  const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
+  const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * kWalk;
+  const int n = int(min(int64_t(kWalk), g.n_chunks - c0));  // chunks of this run
+  const int32_t* pr = g.perm + r * g.L;
+  const int64_t first_prev = c0 > 0 ? c0 - 1 : g.wrap ? g.n_chunks - 1 : -1;
+  if (tid < kMmaRows) {
+    spos[0][tid] = first_prev < 0 ? -1 : pr[first_prev * kMmaRows + tid];
+    spos[1][tid] = pr[c0 * kMmaRows + tid];
   }
+  __syncthreads();
+  auto rows_of = [&](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
+  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(spos[0]), tid);
+  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(spos[0]), tid);
+  copy_rows<kMmaRows, DH>(sQ + T, S, st.dst[0], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sK + T, S, st.dst[1], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sV + T, S, st.dst[2], rows_of(spos[1]), tid);
+  cp_async_commit();
+
+  for (int i = 0; i < n; ++i) {
+    const int P = i & 1, N = P ^ 1;  // slots of chunks c - 1 (and c + 1), c
+    const bool more = i + 1 < n;
+    const int* prev_pos = spos[i % 3];
+    const int* cur_pos = spos[(i + 1) % 3];
+    int* next_pos = spos[(i + 2) % 3];  // last read as chunk c - 2's keys
+    if (tid < kMmaRows) next_pos[tid] = more ? pr[(c0 + i + 1) * kMmaRows + tid] : -1;
+    cp_async_wait<0>();
+    __syncthreads();  // Q of c, both slots and the positions of c + 1 in place
+    if (more) copy_rows<kMmaRows, DH>(sQ + P * T, S, st.dst[0], rows_of(next_pos), tid);
+    cp_async_commit();
+    const int qpos[2] = {cur_pos[row0], cur_pos[row0 + 8]};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float o[OT][4];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot) o[ot][0] = o[ot][1] = o[ot][2] = o[ot][3] = 0.0f;
+    float sc[NT][4];
+    // Tile 0: the keys of chunk c - 1 (slot P).
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+    ldsm_strip_nt<DH, NT>(sc, sQ + N * T, S, 16 * warp, sK + P * T, S, lane);
+    __syncthreads();  // K of c - 1 consumed: fetch K of c + 1
+    if (more) copy_rows<kMmaRows, DH>(sK + P * T, S, st.dst[1], rows_of(next_pos), tid);
+    cp_async_commit();
+    softmax_tile<NT, OT>(sc, o, m, l, prev_pos, qpos, g.causal, t4);
+    ldsm_strip_pv<DH, kMmaRows / 16>(o, sc, sV + P * T, S, lane);
+    __syncthreads();  // V of c - 1 consumed: fetch V of c + 1
+    if (more) copy_rows<kMmaRows, DH>(sV + P * T, S, st.dst[2], rows_of(next_pos), tid);
+    cp_async_commit();
+    // Tile 1: the keys of chunk c (slot N).
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+    ldsm_strip_nt<DH, NT>(sc, sQ + N * T, S, 16 * warp, sK + N * T, S, lane);
+    softmax_tile<NT, OT>(sc, o, m, l, cur_pos, qpos, g.causal, t4);
+    ldsm_strip_pv<DH, kMmaRows / 16>(o, sc, sV + N * T, S, lane);
+    write_rows<OT>(g, out + r * g.L * g.dh, g.dh, lse + r * g.L, o, m, l, qpos, t4);
+  }
+  cp_async_wait<0>();
+}
+
+// Whether mma_forward_walk_kernel computes this chunked call.
+inline bool mma_walks(const AttnGeom& g) {
+  return g.chunk == kMmaRows && g.before == 1 && g.after == 0 && g.n_chunks >= 2;
 }
 
 template <int DH, bool FULL>
@@ -184,6 +302,14 @@ void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const fl
   // k_hat staged from qk (khat null: the forward skips the fp32 k_hat).
   MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, nullptr};
   launch_mma_stage<DH>(g, stage, &st, s);
+  if (!FULL && mma_walks(g)) {
+    constexpr size_t smem = mma_walk_smem<DH>();
+    set_mma_smem(mma_forward_walk_kernel<DH>, smem);
+    const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
+    mma_forward_walk_kernel<DH><<<unsigned(rounds * runs), kMmaBlock, smem, s>>>(g, st, out, lse);
+    CUDA_CHECK_LAUNCH("mma_forward_walk_kernel");
+    return;
+  }
   constexpr size_t smem = mma_fwd_smem<DH>();
   set_mma_smem(mma_forward_kernel<DH, FULL>, smem);
   mma_forward_kernel<DH, FULL><<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, st, out, lse);

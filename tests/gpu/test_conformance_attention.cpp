@@ -119,6 +119,11 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
       {200, 40, 40, 2, 1, 0, false, true},    // odd dh, chunk not a multiple of 16
       {256, 128, 64, 1, 1, 0, false, true, true},  // all keys masked but self at chunk starts
       {192, 64, 32, 2, 2, 0, true, true, true},    // the same with wrap and before 2
+      // The walking forward (chunk 64, look-one-back; runs of 4 chunks):
+      {576, 128, 64, 3, 1, 0, true, true},   // 9 chunks: runs of 4, 4 and 1, wrap
+      {448, 64, 64, 2, 1, 0, false, false},  // 7 chunks, no wrap (chunk 0 sees itself only)
+      {128, 32, 64, 2, 1, 0, true, true},    // 2 chunks with wrap: each the other's previous
+      {320, 33, 64, 2, 1, 0, true, true},    // odd dh: outputs one column per store
   };
   constexpr size_t kWithNullGradients = 6;  // the first shapes also run the null-gradient variants
   const AttnTols tol = tols(pr);
