@@ -307,6 +307,15 @@ __device__ __forceinline__ const int32_t* mma_block_start(const AttnGeom& g, int
   return pr;
 }
 
+// The walking kernels (attention_mma_forward.cu, attention_mma_backward.cu)
+// take a chunked call whose chunks are one row tile and whose window is the
+// previous chunk and the chunk itself (the Reformer's look-one-back), at
+// least two chunks; each block walks kWalk consecutive chunks of a round.
+constexpr int kWalk = 4;
+inline bool mma_walks(const AttnGeom& g) {
+  return g.chunk == kMmaRows && g.before == 1 && g.after == 0 && g.n_chunks >= 2;
+}
+
 // The geometry of a call with g.row_tiles counting kMmaRows-row tiles (so
 // decode_block and attn_blocks agree with the mma kernels).
 inline AttnGeom mma_geom(const AttentionParams& p, const int32_t* perm, bool full) {

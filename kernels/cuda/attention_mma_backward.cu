@@ -60,6 +60,46 @@ constexpr size_t mma_dkv_smem() {
                                4 * kDkvQueries * mma_stride(DH));
 }
 
+// Query side, one pass: s (S of this thread's two rows against 8 NT keys,
+// positions kpos; -1 = none) becomes dS from dp (dP) and the rows' statistics
+// (0 for masked pairs and padding).
+template <int NT>
+__device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const int* kpos,
+                                          const int* qpos, const float* qm, const float* qiz,
+                                          const float* qD, bool causal, int t4) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int2 kp2 = *reinterpret_cast<const int2*>(kpos + nt * 8 + 2 * t4);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int kp = e & 1 ? kp2.y : kp2.x, h = e >> 1;
+      bool masked = true;
+      if (kp >= 0 && qpos[h] >= 0) masked_score(s[nt][e], qpos[h], kp, causal, &masked);
+      s[nt][e] = masked ? 0.0f : fast_exp(s[nt][e] - qm[h]) * qiz[h] * (dp[nt][e] - qD[h]);
+    }
+  }
+}
+
+// dq of this thread's two rows to the op's output: dq_r [R, L, dh] row r * L
+// + qpos (overwritten) or, direct, dqk [L, ld] row qpos (added).
+template <int OT>
+__device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, int64_t r,
+                                         const int* qpos, float (*dq)[4], int t4) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (qpos[h] < 0) continue;
+    float* dst = o.direct ? o.dq + int64_t(qpos[h]) * g.ld : o.dq + (r * g.L + qpos[h]) * g.dh;
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot) {
+      const int d = ot * 8 + 2 * t4;
+      if (o.direct)
+        store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+      else
+        store_pair(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+    }
+  }
+}
+
 // Query side: dq_r[r, i, :] = sum_j dS_ij k_hat_j (overwritten), or, direct,
 // dqk[i, :] += the same (MmaBwdOut, attention_common.cuh).
 // st.dst: staged q, k_hat, v, dout.
@@ -139,37 +179,116 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     cp_async_wait<1>();
     __syncthreads();  // K_i landed for every thread
     ldsm_strip_nt<DH, NT>(s, sQ, S, 16 * warp, sK, S, lane);
-    // s becomes dS (0 for masked pairs and padding).
-    const int* kpos = skpos[buf];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int2 kp2 = *reinterpret_cast<const int2*>(kpos + nt * 8 + 2 * t4);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int kp = e & 1 ? kp2.y : kp2.x, h = e >> 1;
-        bool masked = true;
-        if (kp >= 0 && qpos[h] >= 0) masked_score(s[nt][e], qpos[h], kp, g.causal, &masked);
-        s[nt][e] = masked ? 0.0f : fast_exp(s[nt][e] - qm[h]) * qiz[h] * (dp[nt][e] - qD[h]);
-      }
-    }
+    dq_scores<NT>(s, dp, skpos[buf], qpos, qm, qiz, qD, g.causal, t4);
     ldsm_strip_pv<DH, kDqKeys / 16>(dq, s, sK, S, lane);
     __syncthreads();  // sK consumed: fetch K_i+1
     if (k1 < n_keys) copy_rows<kDqKeys, DH>(sK, S, st.dst[1], next_row, tid);
     cp_async_commit();
   }
   cp_async_wait<0>();
+  dq_write<OT>(g, o, r, qpos, dq, t4);
+}
 
+// Key side, one pass of kDkvQueries queries (q_tile / g_tile: their staged q
+// and dout rows; positions and statistics qp, qm, qiz, qD by column): S^T
+// and dP^T of this warp's 16 keys (positions kpos of its two rows), P^T and
+// dS^T in fp32 registers (both 0 for padding; dS^T 0 when masked), then
+// dv += P^T dO and dk_hat += dS^T Q.
+template <int DH>
+__device__ __forceinline__ void dkv_pass(float (*dk)[4], float (*dvv)[4], const bf16* sK,
+                                         const bf16* sV, const bf16* q_tile, const bf16* g_tile,
+                                         const int* qp_, const float* qm_, const float* qiz_,
+                                         const float* qD_, const int* kpos, bool causal,
+                                         int warp, int lane) {
+  constexpr int S = mma_stride(DH);
+  constexpr int NT = kDkvQueries / 8;
+  const int t4 = lane & 3;
+  float stt[NT][4], dpt[NT][4];  // S^T and dP^T: rows = keys, columns = queries
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) stt[nt][e] = dpt[nt][e] = 0.0f;
+  ldsm_strip_nt<DH, NT>(stt, sK, S, 16 * warp, q_tile, S, lane);
+  ldsm_strip_nt<DH, NT>(dpt, sV, S, 16 * warp, g_tile, S, lane);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    // Columns nt * 8 + 2 t4 and + 1: positions and statistics in pairs.
+    const int col = nt * 8 + 2 * t4;
+    const int2 qp2 = *reinterpret_cast<const int2*>(&qp_[col]);
+    const float2 m2 = *reinterpret_cast<const float2*>(&qm_[col]);
+    const float2 iz2 = *reinterpret_cast<const float2*>(&qiz_[col]);
+    const float2 D2 = *reinterpret_cast<const float2*>(&qD_[col]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool hi = e & 1;
+      const int qp = hi ? qp2.y : qp2.x, kp = kpos[e >> 1];
+      bool masked;
+      const float sc = masked_score(stt[nt][e], qp, kp, causal, &masked);
+      const float p = fast_exp(sc - (hi ? m2.y : m2.x)) * (hi ? iz2.y : iz2.x);
+      const bool valid = qp >= 0 && kp >= 0;
+      stt[nt][e] = valid ? p : 0.0f;
+      dpt[nt][e] = valid && !masked ? p * (dpt[nt][e] - (hi ? D2.y : D2.x)) : 0.0f;
+    }
+  }
+  ldsm_strip_pv<DH, kDkvQueries / 16>(dvv, stt, g_tile, S, lane);
+  ldsm_strip_pv<DH, kDkvQueries / 16>(dk, dpt, q_tile, S, lane);
+}
+
+// dk_hat and dv of this thread's two key rows (positions kpos) to the op's
+// outputs: dkh_r, dv_r [R, L, dh] row r * L + kpos (overwritten), or, direct,
+// dqk [L, ld] += (dk_hat - k_hat (k_hat . dk_hat)) / |k| and dv += dv.
+template <int DH>
+__device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
+                                          const MmaBwdOut& o, int64_t r, const int* kpos,
+                                          float (*dk)[4], float (*dvv)[4], int t4) {
+  constexpr int OT = DH / 8;
+  if (o.direct) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
+      // (t4) that share the row. Every lane shuffles; padding rows add 0.
+      // k_hat_j = qk_j / |k_j| as the staging computed it.
+      const int pos = kpos[h];
+      const float* q = st.src[0] + int64_t(pos < 0 ? 0 : pos) * st.lds[0];
+      const float n = o.dkh && pos >= 0 ? o.norm[pos] : 1.0f;
+      float proj = 0.0f;
+      if (o.dkh && pos >= 0) {
+#pragma unroll
+        for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int d = ot * 8 + 2 * t4 + u;
+            if (d < g.dh) proj += (q[d] / n) * dk[ot][2 * h + u];
+          }
+      }
+      proj += __shfl_xor_sync(0xffffffffu, proj, 1);
+      proj += __shfl_xor_sync(0xffffffffu, proj, 2);
+      if (pos < 0) continue;
+      const float inv_norm = 1.0f / n;
+      float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
+      float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
+#pragma unroll
+      for (int ot = 0; ot < OT; ++ot) {
+        const int d = ot * 8 + 2 * t4;
+        // q[d + 1] only where it exists (odd dh: the pair's second column is past it).
+        const float q0 = d < g.dh ? q[d] : 0.0f, q1 = d + 1 < g.dh ? q[d + 1] : 0.0f;
+        if (dqk)
+          store_pair<true>(dqk, d, g.dh, g.pairs, (dk[ot][2 * h] - (q0 / n) * proj) * inv_norm,
+                           (dk[ot][2 * h + 1] - (q1 / n) * proj) * inv_norm);
+        if (dv) store_pair<true>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    if (qpos[h] < 0) continue;
-    float* dst = o.direct ? o.dq + int64_t(qpos[h]) * g.ld : o.dq + (r * g.L + qpos[h]) * g.dh;
+    if (kpos[h] < 0) continue;
+    const int64_t base = (r * g.L + kpos[h]) * g.dh;
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
       const int d = ot * 8 + 2 * t4;
-      if (o.direct)
-        store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
-      else
-        store_pair(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+      if (o.dkh) store_pair(o.dkh + base, d, g.dh, g.pairs, dk[ot][2 * h], dk[ot][2 * h + 1]);
+      if (o.dv) store_pair(o.dv + base, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
     }
   }
 }
@@ -184,7 +303,6 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
     mma_dkv_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz, const float* rD,
                    MmaBwdOut o) {
   constexpr int S = mma_stride(DH);  // row stride of every tile
-  constexpr int NT = kDkvQueries / 8;
   constexpr int OT = DH / 8;
   constexpr int QT = kDkvQueries * S;  // one query tile
   extern __shared__ float4 mma_dkv_smem4[];
@@ -256,93 +374,215 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
     const QStats next = tid < kDkvQueries ? load_stats(q1 + tid) : QStats{-1, 0.0f, 0.0f, 0.0f};
     cp_async_wait<1>();
     __syncthreads();  // pass i landed for every thread (stats of pass i written)
-    const bf16* q_tile = sQ + buf * QT;
-    const bf16* g_tile = sG + buf * QT;
-
-    float stt[NT][4], dpt[NT][4];  // S^T and dP^T: rows = keys, columns = queries
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) stt[nt][e] = dpt[nt][e] = 0.0f;
-    ldsm_strip_nt<DH, NT>(stt, sK, S, 16 * warp, q_tile, S, lane);
-    ldsm_strip_nt<DH, NT>(dpt, sV, S, 16 * warp, g_tile, S, lane);
-    // stt becomes P^T, dpt becomes dS^T (both 0 for padding; dS^T 0 when masked).
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      // Columns nt * 8 + 2 t4 and + 1: positions and statistics in pairs.
-      const int col = nt * 8 + 2 * t4;
-      const int2 qp2 = *reinterpret_cast<const int2*>(&sqpos[buf][col]);
-      const float2 m2 = *reinterpret_cast<const float2*>(&sm_m[buf][col]);
-      const float2 iz2 = *reinterpret_cast<const float2*>(&sm_iz[buf][col]);
-      const float2 D2 = *reinterpret_cast<const float2*>(&sm_D[buf][col]);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool hi = e & 1;
-        const int qp = hi ? qp2.y : qp2.x, kp = kpos[e >> 1];
-        bool masked;
-        const float sc = masked_score(stt[nt][e], qp, kp, g.causal, &masked);
-        const float p = fast_exp(sc - (hi ? m2.y : m2.x)) * (hi ? iz2.y : iz2.x);
-        const bool valid = qp >= 0 && kp >= 0;
-        stt[nt][e] = valid ? p : 0.0f;
-        dpt[nt][e] = valid && !masked ? p * (dpt[nt][e] - (hi ? D2.y : D2.x)) : 0.0f;
-      }
-    }
-    ldsm_strip_pv<DH, kDkvQueries / 16>(dvv, stt, g_tile, S, lane);
-    ldsm_strip_pv<DH, kDkvQueries / 16>(dk, dpt, q_tile, S, lane);
+    dkv_pass<DH>(dk, dvv, sK, sV, sQ + buf * QT, sG + buf * QT, sqpos[buf], sm_m[buf],
+                 sm_iz[buf], sm_D[buf], kpos, g.causal, warp, lane);
     if (q1 < n_q && tid < kDkvQueries) store_stats(buf ^ 1, next);
     __syncthreads();  // buffer buf consumed
   }
   cp_async_wait<0>();
+  dkv_write<DH>(g, st, o, r, kpos, dk, dvv, t4);
+}
 
-  if (o.direct) {
+// ---- walking kernels: chunks of kMmaRows slots under the look-one-back
+// window (chunks_before 1, chunks_after 0, at least two chunks; mma_walks in
+// attention_mma.cuh), one block per (round, run of kWalk consecutive
+// chunks), as the walking forward (attention_mma_forward.cu). Each chunk's
+// staged rows are gathered once per run instead of twice; the tiles, masks
+// and sums are the general kernels' in the same order: the same bits.
+
+template <int DH>
+constexpr size_t mma_walk_bwd_smem() {
+  return sizeof(bf16) * size_t(6 * kMmaRows * mma_stride(DH));
+}
+
+// Query side, walking up the run: for chunk c the key tiles of c - 1 (slot
+// P, kept from the previous chunk) and c (slot N). K and V of c + 1 go into
+// slot P once c's first tile has used it; Q and dout of c + 1 into their one
+// buffer once c's second tile has computed S and dP from them.
+template <int DH>
+__global__ void __launch_bounds__(kMmaBlock, 2)
+    mma_dq_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
+                       const float* rD, MmaBwdOut o) {
+  constexpr int S = mma_stride(DH);
+  constexpr int NT = kMmaRows / 8;
+  constexpr int OT = DH / 8;
+  constexpr int T = kMmaRows * S;  // one tile
+  extern __shared__ float4 mma_dq_walk_smem4[];
+  bf16* sQ = reinterpret_cast<bf16*>(mma_dq_walk_smem4);  // [kMmaRows][S] queries of c
+  bf16* sG = sQ + T;                                       // [kMmaRows][S] their dout
+  bf16* sK = sG + T;                                       // [2][kMmaRows][S] slots
+  bf16* sV = sK + 2 * T;                                   // [2][kMmaRows][S] slots
+  // Positions of the walk's chunks: chunk index i (-1: the one before the
+  // run's first) in spos[(i + 1) % 3].
+  __shared__ __align__(8) int spos[3][kMmaRows];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
+  const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
+  const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * kWalk;
+  const int n = int(min(int64_t(kWalk), g.n_chunks - c0));
+  const int32_t* pr = g.perm + r * g.L;
+  const int64_t first_prev = c0 > 0 ? c0 - 1 : g.wrap ? g.n_chunks - 1 : -1;
+  if (tid < kMmaRows) {
+    spos[0][tid] = first_prev < 0 ? -1 : pr[first_prev * kMmaRows + tid];
+    spos[1][tid] = pr[c0 * kMmaRows + tid];
+  }
+  __syncthreads();
+  auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
+  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(spos[0]), tid);
+  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(spos[0]), tid);
+  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sK + T, S, st.dst[1], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sV + T, S, st.dst[2], rows_of(spos[1]), tid);
+  cp_async_commit();
+
+  for (int i = 0; i < n; ++i) {
+    const int P = i & 1, N = P ^ 1;  // slots of chunks c - 1 (and c + 1), c
+    const bool more = i + 1 < n;
+    const int* prev_pos = spos[i % 3];
+    const int* cur_pos = spos[(i + 1) % 3];
+    int* next_pos = spos[(i + 2) % 3];  // last read as chunk c - 2's keys
+    if (tid < kMmaRows) next_pos[tid] = more ? pr[(c0 + i + 1) * kMmaRows + tid] : -1;
+    // This thread's rows and their statistics, loaded while the copies land.
+    const int qpos[2] = {cur_pos[row0], cur_pos[row0 + 8]};
+    float qm[2], qiz[2], qD[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
-      // (t4) that share the row. Every lane shuffles; padding rows add 0.
-      // k_hat_j = qk_j / |k_j| as the staging computed it.
-      const int pos = kpos[h];
-      const float* q = st.src[0] + int64_t(pos < 0 ? 0 : pos) * st.lds[0];
-      const float n = o.dkh && pos >= 0 ? o.norm[pos] : 1.0f;
-      float proj = 0.0f;
-      if (o.dkh && pos >= 0) {
+      qm[h] = qpos[h] >= 0 ? rm[qpos[h]] : 0.0f;
+      qiz[h] = qpos[h] >= 0 ? riz[qpos[h]] : 0.0f;
+      qD[h] = qpos[h] >= 0 ? rD[qpos[h]] : 0.0f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // Q, dout of c, both slots and the positions of c + 1 in place
+    float dq[OT][4];
 #pragma unroll
-        for (int ot = 0; ot < OT; ++ot)
+    for (int ot = 0; ot < OT; ++ot) dq[ot][0] = dq[ot][1] = dq[ot][2] = dq[ot][3] = 0.0f;
 #pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            const int d = ot * 8 + 2 * t4 + u;
-            if (d < g.dh) proj += (q[d] / n) * dk[ot][2 * h + u];
-          }
+    for (int tile = 0; tile < 2; ++tile) {
+      const int slot = tile == 0 ? P : N;
+      float s[NT][4], dp[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+      ldsm_strip_nt<DH, NT>(dp, sG, S, 16 * warp, sV + slot * T, S, lane);
+      ldsm_strip_nt<DH, NT>(s, sQ, S, 16 * warp, sK + slot * T, S, lane);
+      if (tile == 1) {
+        __syncthreads();  // Q and dout of c consumed: fetch those of c + 1
+        if (more) {
+          copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(next_pos), tid);
+          copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(next_pos), tid);
+        }
+        cp_async_commit();
       }
-      proj += __shfl_xor_sync(0xffffffffu, proj, 1);
-      proj += __shfl_xor_sync(0xffffffffu, proj, 2);
-      if (pos < 0) continue;
-      const float inv_norm = 1.0f / n;
-      float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
-      float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
-#pragma unroll
-      for (int ot = 0; ot < OT; ++ot) {
-        const int d = ot * 8 + 2 * t4;
-        // q[d + 1] only where it exists (odd dh: the pair's second column is past it).
-        const float q0 = d < g.dh ? q[d] : 0.0f, q1 = d + 1 < g.dh ? q[d + 1] : 0.0f;
-        if (dqk)
-          store_pair<true>(dqk, d, g.dh, g.pairs, (dk[ot][2 * h] - (q0 / n) * proj) * inv_norm,
-                           (dk[ot][2 * h + 1] - (q1 / n) * proj) * inv_norm);
-        if (dv) store_pair<true>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
+      dq_scores<NT>(s, dp, tile == 0 ? prev_pos : cur_pos, qpos, qm, qiz, qD, g.causal, t4);
+      ldsm_strip_pv<DH, kMmaRows / 16>(dq, s, sK + slot * T, S, lane);
+      if (tile == 0) {
+        __syncthreads();  // K and V of c - 1 consumed: fetch those of c + 1
+        if (more) {
+          copy_rows<kMmaRows, DH>(sK + P * T, S, st.dst[1], rows_of(next_pos), tid);
+          copy_rows<kMmaRows, DH>(sV + P * T, S, st.dst[2], rows_of(next_pos), tid);
+        }
+        cp_async_commit();
       }
     }
-    return;
+    dq_write<OT>(g, o, r, qpos, dq, t4);
   }
+  cp_async_wait<0>();
+}
+
+// Key side, walking down the run: for key chunk c the queries of c + 1 (the
+// chunk whose window also holds c; none at the last chunk without wrap),
+// then those of c, as chunk_list (sign -1) orders them. Q and dout of c + 1
+// are kept from the step before (they were that step's own chunk), those of
+// c - 1 go into the freed query slot once c + 1's passes are done; K and V
+// of c - 1 once c's dk and dv are written. Statistics by query slot.
+template <int DH>
+__global__ void __launch_bounds__(kMmaBlock, 2)
+    mma_dkv_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
+                        const float* rD, MmaBwdOut o) {
+  constexpr int S = mma_stride(DH);
+  constexpr int OT = DH / 8;
+  constexpr int T = kMmaRows * S;  // one tile
+  extern __shared__ float4 mma_dkv_walk_smem4[];
+  bf16* sK = reinterpret_cast<bf16*>(mma_dkv_walk_smem4);  // [kMmaRows][S] keys of c
+  bf16* sV = sK + T;                                        // [kMmaRows][S] their v
+  bf16* sQ = sV + T;                                        // [2][kMmaRows][S] query slots
+  bf16* sG = sQ + 2 * T;                                    // [2][kMmaRows][S] their dout
+  __shared__ __align__(8) int sqpos[2][kMmaRows];  // by query slot
+  __shared__ __align__(8) float sm_m[2][kMmaRows], sm_iz[2][kMmaRows], sm_D[2][kMmaRows];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
+  const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
+  const int64_t r = blockIdx.x / runs, c_lo = (blockIdx.x % runs) * kWalk;
+  const int n = int(min(int64_t(kWalk), g.n_chunks - c_lo));
+  const int64_t c_hi = c_lo + n - 1;
+  const int32_t* pr = g.perm + r * g.L;
+  // Chunk x's queries: slot (c_hi + 1 - x) & 1 (c_hi + 1: the chunk after
+  // the run, wrapped or none).
+  const int64_t after_hi = c_hi + 1 < g.n_chunks ? c_hi + 1 : g.wrap ? 0 : -1;
+  // Position and statistics of slot x of chunk kc (-1: none), into query slot b.
+  auto load_query = [&](int b, int64_t kc) {
+    const int pos = kc < 0 ? -1 : pr[kc * kMmaRows + tid];
+    sqpos[b][tid] = pos;
+    sm_m[b][tid] = pos >= 0 ? rm[pos] : 0.0f;
+    sm_iz[b][tid] = pos >= 0 ? riz[pos] : 0.0f;
+    sm_D[b][tid] = pos >= 0 ? rD[pos] : 0.0f;
+  };
+  if (tid < kMmaRows) {
+    load_query(0, after_hi);
+    load_query(1, c_hi);
+  }
+  __syncthreads();
+  auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
+  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[1]), tid);
+  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[1]), tid);
+  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(sqpos[0]), tid);
+  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(sqpos[0]), tid);
+  copy_rows<kMmaRows, DH>(sQ + T, S, st.dst[0], rows_of(sqpos[1]), tid);
+  copy_rows<kMmaRows, DH>(sG + T, S, st.dst[3], rows_of(sqpos[1]), tid);
+  cp_async_commit();
+
+  for (int j = 0; j < n; ++j) {
+    const int64_t c = c_hi - j;
+    const int A = j & 1, B = A ^ 1;  // query slots of chunks c + 1 (then c - 1), c
+    const bool more = j + 1 < n;
+    const bool has_after = j > 0 || after_hi >= 0;
+    cp_async_wait<0>();
+    __syncthreads();  // K, V of c, both query slots and their statistics in place
+    const int kpos[2] = {sqpos[B][row0], sqpos[B][row0 + 8]};
+    float dk[OT][4], dvv[OT][4];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (kpos[h] < 0) continue;
-    const int64_t base = (r * g.L + kpos[h]) * g.dh;
+    for (int ot = 0; ot < OT; ++ot)
 #pragma unroll
-    for (int ot = 0; ot < OT; ++ot) {
-      const int d = ot * 8 + 2 * t4;
-      if (o.dkh) store_pair(o.dkh + base, d, g.dh, g.pairs, dk[ot][2 * h], dk[ot][2 * h + 1]);
-      if (o.dv) store_pair(o.dv + base, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
+      for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
+    if (has_after) {
+      for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
+        dkv_pass<DH>(dk, dvv, sK, sV, sQ + A * T + q0 * S, sG + A * T + q0 * S, sqpos[A] + q0,
+                     sm_m[A] + q0, sm_iz[A] + q0, sm_D[A] + q0, kpos, g.causal, warp, lane);
     }
+    __syncthreads();  // slot A consumed: chunk c - 1's queries go there
+    if (more && tid < kMmaRows) load_query(A, c - 1);
+    __syncthreads();  // its positions written
+    if (more) {
+      copy_rows<kMmaRows, DH>(sQ + A * T, S, st.dst[0], rows_of(sqpos[A]), tid);
+      copy_rows<kMmaRows, DH>(sG + A * T, S, st.dst[3], rows_of(sqpos[A]), tid);
+    }
+    cp_async_commit();
+    for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
+      dkv_pass<DH>(dk, dvv, sK, sV, sQ + B * T + q0 * S, sG + B * T + q0 * S, sqpos[B] + q0,
+                   sm_m[B] + q0, sm_iz[B] + q0, sm_D[B] + q0, kpos, g.causal, warp, lane);
+    dkv_write<DH>(g, st, o, r, kpos, dk, dvv, t4);
+    __syncthreads();  // K and V of c consumed: fetch those of c - 1
+    if (more) {
+      copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[A]), tid);
+      copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[A]), tid);
+    }
+    cp_async_commit();
   }
+  cp_async_wait<0>();
 }
 
 template <int DH, bool FULL>
@@ -353,6 +593,21 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
   MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, o.direct,
               o.direct ? o.norm : nullptr};
   launch_mma_stage<DH>(g, stage, &st, s);
+  if (!FULL && mma_walks(g)) {
+    constexpr size_t smem = mma_walk_bwd_smem<DH>();
+    const unsigned runs = unsigned(rounds * ((g.n_chunks + kWalk - 1) / kWalk));
+    if (o.dq) {
+      set_mma_smem(mma_dq_walk_kernel<DH>, smem);
+      mma_dq_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+      CUDA_CHECK_LAUNCH("mma_dq_walk_kernel");
+    }
+    if (o.dkh || o.dv) {
+      set_mma_smem(mma_dkv_walk_kernel<DH>, smem);
+      mma_dkv_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+      CUDA_CHECK_LAUNCH("mma_dkv_walk_kernel");
+    }
+    return;
+  }
   const unsigned blocks = attn_blocks(g, rounds);
   if (o.dq) {
     constexpr size_t smem = mma_dq_smem<DH>();

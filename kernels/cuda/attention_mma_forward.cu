@@ -209,8 +209,6 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
 // at the start of c + 1, the block's one wait per chunk. Per chunk the
 // tiles, masks and softmax steps are the mma_forward_kernel's in the same
 // order (chunk_list's: c - 1, then c), so the results are the same bits.
-constexpr int kWalk = 4;  // chunks per block
-
 template <int DH>
 constexpr size_t mma_walk_smem() {
   return sizeof(bf16) * size_t(6 * kMmaRows * mma_stride(DH));
@@ -289,11 +287,6 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
     write_rows<OT>(g, out + r * g.L * g.dh, g.dh, lse + r * g.L, o, m, l, qpos, t4);
   }
   cp_async_wait<0>();
-}
-
-// Whether mma_forward_walk_kernel computes this chunked call.
-inline bool mma_walks(const AttnGeom& g) {
-  return g.chunk == kMmaRows && g.before == 1 && g.after == 0 && g.n_chunks >= 2;
 }
 
 template <int DH, bool FULL>
