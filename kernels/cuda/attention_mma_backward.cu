@@ -25,8 +25,15 @@
 //    S^T = K_hat Q^T and dP^T = V dO^T on mma, P^T and dS^T in fp32
 //    registers, dv += P^T dO and dk_hat += dS^T Q on mma; q and dout of pass
 //    i + 1 are copied (double buffer) during pass i.
+//  - mma_dq_walk_kernel, mma_dkv_walk_kernel: the same two sides for the
+//    Reformer's look-one-back window (chunks of 64, mma_walks), one block per
+//    run of kWalk consecutive chunks that keeps the tiles two neighbouring
+//    chunks share in shared memory (below): each chunk's rows are gathered
+//    once per run instead of twice, the same products in the same order.
 // Each writes every element of its outputs once, in a fixed order: the
-// backward is bitwise reproducible (no atomics). With one round per call
+// backward is bitwise reproducible (no atomics). The fp32 outputs are
+// written two columns per 8-byte store (store_pair): the gathers and these
+// stores through L2 bound the kernels more than their arithmetic does. With one round per call
 // (or full attention) both add into the op's dqk and dv directly instead
 // (MmaBwdOut, attention_common.cuh): no per-round scratch, no finish pass.
 //

@@ -26,6 +26,10 @@
 // The same bf16 operands meet in the same order as in a gathered load, so
 // staging changes no result.
 //
+// mma_forward_walk_kernel: the same for the Reformer's look-one-back window
+// (chunks of 64, mma_walks in attention_mma.cuh): one block walks a run of
+// kWalk chunks and gathers each chunk's K and V once, not twice.
+//
 // Work per call: 4 * dh * (query, key) pairs flops, the pairs being
 // R * L * W (chunked, W = window keys = chunks in the window * chunk) or
 // L^2 / 2 (full causal); at L = 64K, R = 4, W = 128, dh = 128 that is
