@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
 // attention_mma.cuh), one block per (round, run of kWalk consecutive
 // chunks), as the walking forward (attention_mma_forward.cu). Each chunk's
 // staged rows are gathered once per run instead of twice; the tiles, masks
-// and sums are the general kernels' in the same order: the same bits.
+// and sums are the general kernels' in the same order.
 
 template <int DH>
 constexpr size_t mma_walk_bwd_smem() {

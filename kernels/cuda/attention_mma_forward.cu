@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
 // Every copy of chunk c + 1 has a whole tile or more to land before the wait
 // at the start of c + 1, the block's one wait per chunk. Per chunk the
 // tiles, masks and softmax steps are the mma_forward_kernel's in the same
-// order (chunk_list's: c - 1, then c), so the results are the same bits.
+// order (chunk_list's: c - 1, then c).
 template <int DH>
 constexpr size_t mma_walk_smem() {
   return sizeof(bf16) * size_t(6 * kMmaRows * mma_stride(DH));
