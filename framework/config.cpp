@@ -223,6 +223,11 @@ void validate(Config& c, const std::string& source, const Origins& origins) {
                                     s(m.axial_dims[0] + m.axial_dims[1]) +
                                     ", not model.d_model = " + s(m.d_model));
 
+  if (m.kept_layers > m.n_layers)
+    fail_at("model.kept_layers", "model.kept_layers = " + s(m.kept_layers) +
+                                     " exceeds model.n_layers = " + s(m.n_layers) +
+                                     " (0 .. n_layers, or auto)");
+
   // Attention.
   if (a.kinds.empty()) fail_at("attention.kinds", "attention.kinds must name at least one kind");
   for (int layer = 0; layer < m.n_layers; ++layer) {

@@ -72,6 +72,9 @@ std::optional<E> parse_enum(std::string_view s) {
   return std::nullopt;
 }
 
+// model.kept_layers: `auto`.
+constexpr int kKeptLayersAuto = -1;
+
 struct ModelConfig {
   int vocab_size = 256;               // token ids are in [0, vocab_size)
   int d_model = 128;                  // D: width of each residual stream
@@ -88,6 +91,11 @@ struct ModelConfig {
   int ffn_chunk = 0;                  // positions per feed-forward chunk; 0: whole sequence
   int attn_heads_per_pass = 0;        // heads a rank attends together (divides n_heads / sp); 0: auto
   int attn_rounds_per_pass = 0;       // LSH rounds per attention call: 1 or n_hashes; 0: auto
+  // Layers (the top ones) whose forward activations are kept for the
+  // backward instead of rebuilt from their outputs (framework/memory_plan.h,
+  // fit_kept_layers): 0 .. n_layers, or kKeptLayersAuto (`auto`): as many
+  // as fit the device (none on the CPU).
+  int kept_layers = kKeptLayersAuto;
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings
   double axial_init_std = 1.0;        // normal init of the axial position tables (docs/defaults.md)

@@ -28,8 +28,9 @@ Key positive(std::string name, Accessor f, double hi) {
   return {std::move(name), f, Range{0, hi, true, false}};
 }
 Key any(std::string name, Accessor f) { return {std::move(name), f, std::nullopt}; }
-Key num_or_auto(std::string name, Accessor f, double lo, double hi) {
-  return {std::move(name), f, Range{lo, hi, false, false}, /*auto_is_zero*/ true};
+// `auto` reads as auto_value (outside [lo, hi] or 0).
+Key num_or_auto(std::string name, Accessor f, double lo, double hi, int auto_value = 0) {
+  return {std::move(name), f, Range{lo, hi, false, false}, auto_value};
 }
 
 constexpr double kMaxSteps = 1e12;
@@ -53,6 +54,7 @@ const std::vector<Key>& keys() {
       num(KEY(model, ffn_chunk), 0, kMaxLength),
       num(KEY(model, attn_heads_per_pass), 0, 1 << 16),
       num_or_auto(KEY(model, attn_rounds_per_pass), 0, 64),
+      num_or_auto(KEY(model, kept_layers), 0, 1024, kKeptLayersAuto),
       num(KEY(model, loss_chunk), 0, kMaxLength),
       num(KEY(model, init_std), 0, 100),
       num(KEY(model, axial_init_std), 0, 100),
@@ -181,7 +183,7 @@ std::string format_bound(const Key& k, double v) {
 std::string range_text(const Key& k) {
   const Range& r = *k.range;
   return (r.lo_open ? "(" : "[") + format_bound(k, r.lo) + ", " + format_bound(k, r.hi) +
-         (r.hi_open ? ")" : "]") + (k.auto_is_zero ? " (or auto)" : "");
+         (r.hi_open ? ")" : "]") + (k.auto_value ? " (or auto)" : "");
 }
 
 // A string as a YAML scalar: plain where that reads back as the same
@@ -253,7 +255,7 @@ std::string value_text(const Config& c, const Key& key) {
       [&](auto field) {
         const auto& v = field(copy);
         if constexpr (std::is_same_v<std::decay_t<decltype(v)>, int>)
-          if (key.auto_is_zero && v == 0) return std::string("auto");
+          if (key.auto_value && v == *key.auto_value) return std::string("auto");
         return Printer{}(v);
       },
       key.field);
@@ -341,9 +343,9 @@ class ValueReader {
 
   template <class Int>
   Int integer(const std::string& name, const YAML::Node& n, const Where& at) const {
-    const std::string what = key_.auto_is_zero ? "an integer or auto" : "an integer";
+    const std::string what = key_.auto_value ? "an integer or auto" : "an integer";
     if (!n.IsScalar()) expect(name, what, n, at);
-    if (key_.auto_is_zero && n.Scalar() == "auto") return 0;
+    if (key_.auto_value && n.Scalar() == "auto") return Int(*key_.auto_value);
     int64_t v = 0;
     Parsed p = parse_int(n.Scalar(), v);
     if (p == Parsed::bad) expect(name, what, n, at);

@@ -36,7 +36,7 @@ struct Key {
   std::string name;            // dotted: "section.member"
   Accessor field;              // where the value lives
   std::optional<Range> range;  // numbers, list<int> elements; none: any value of the type
-  bool auto_is_zero = false;   // integers: the word `auto` stands for 0 and prints back so
+  std::optional<int> auto_value = std::nullopt;  // integers: the word `auto` stands for this value and prints back so
 };
 
 constexpr int kMaxWidth = 1 << 16;  // largest model.d_model, d_head * n_heads

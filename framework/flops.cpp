@@ -1,14 +1,16 @@
 #include "framework/flops.h"
 
 #include "framework/attention.h"
+#include "framework/memory_plan.h"
 #include "kernels/common/op_flops.h"
 
 namespace reformer {
 
 namespace {
 
-// A training step's attention FLOPs of layer l over the whole sequence.
-double layer_attention_flops(const Config& cfg, int l) {
+// A training step's attention FLOPs of layer l over the whole sequence, the
+// forward run `forwards` times.
+double layer_attention_flops(const Config& cfg, int l, int forwards = 2) {
   const ModelConfig& m = cfg.model;
   const AttentionConfig& ac = cfg.attention;
   const int64_t L = m.max_len;
@@ -25,23 +27,27 @@ double layer_attention_flops(const Config& cfg, int l) {
     pairs = chunked_attention_pairs(ap);
   }
   pairs *= m.n_heads;
-  return 2 * attention_forward_flops(pairs, dh) + attention_backward_flops(pairs, dh);
+  return forwards * attention_forward_flops(pairs, dh) + attention_backward_flops(pairs, dh);
 }
 
 }  // namespace
 
-ModelFlops train_flops(const Config& cfg) {
+ModelFlops train_flops(const Config& cfg, int sp) {
   const ModelConfig& m = cfg.model;
   const int64_t L = m.max_len;
   const int D = m.d_model, F = m.d_ff, V = m.vocab_size, dh = cfg.head_dim();
   const int HD = m.n_heads * dh;
+  const int first_kept = m.n_layers - kept_layer_count(cfg);
+  const bool attention_kept = keeps_attention(cfg, sp);
   double total = 0, attention = 0;
   for (int l = 0; l < m.n_layers; ++l) {
-    const double products = 2 * matmul_forward_flops(L, D, HD) +  // qk, v
-                            matmul_forward_flops(L, HD, D) +      // output projection
-                            matmul_forward_flops(L, D, F) + matmul_forward_flops(L, F, D);
-    total += 4 * products;
-    const double a = layer_attention_flops(cfg, l);
+    // A kept layer's backward reruns no product but, where its attention
+    // state is not kept, the qk, v projections and the attention forward.
+    const bool kept = l >= first_kept, reattend = !kept || !attention_kept;
+    total += (reattend ? 4 : 3) * 2 * matmul_forward_flops(L, D, HD);  // qk, v
+    total += (kept ? 3 : 4) * (matmul_forward_flops(L, HD, D) +        // output projection
+                               matmul_forward_flops(L, D, F) + matmul_forward_flops(L, F, D));
+    const double a = layer_attention_flops(cfg, l, reattend ? 2 : 1);
     attention += a;
     total += a;
   }
@@ -51,7 +57,7 @@ ModelFlops train_flops(const Config& cfg) {
 
 double sp_executed_flops_per_token(const Config& cfg, int sp) {
   const ModelConfig& m = cfg.model;
-  const double model = train_flops(cfg).per_token;
+  const double model = train_flops(cfg, sp).per_token;
   if (sp <= m.n_heads) return model;
   const int g = sp / m.n_heads;  // pairs mode: ranks per head
   const int64_t L = m.max_len;

@@ -6,8 +6,10 @@
 // step runs each layer's products four times (forward, the reversible
 // backward's recompute, and the backward's two products per matrix), the
 // attention forward twice and its backward once, and the head's product
-// three times. Not counted: elementwise passes, normalisation, hashing,
-// sorting, the optimizer.
+// three times. A kept layer (model.kept_layers, framework/memory_plan.h)
+// runs its products three times, and where its attention state is kept
+// (keeps_attention) its attention forward once. Not counted: elementwise
+// passes, normalisation, hashing, sorting, the optimizer.
 #pragma once
 
 #include "framework/config.h"
@@ -19,8 +21,10 @@ struct ModelFlops {
   double attention_per_token = 0;  // the attention products' share of per_token
 };
 
-// For cfg.model.max_len (the whole sequence, whatever the layout).
-ModelFlops train_flops(const Config& cfg);
+// For cfg.model.max_len (the whole sequence, whatever the layout), on
+// sequence-parallel groups of `sp` ranks (which decides whether kept
+// layers keep their attention state; model.kept_layers as resolved).
+ModelFlops train_flops(const Config& cfg, int sp = 1);
 
 // The FLOPs per token a sequence-parallel group of sp ranks executes, at
 // least train_flops' per_token. In pairs mode (sp = n_heads * g, g > 1;

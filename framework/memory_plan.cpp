@@ -336,6 +336,25 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   for (const char* n : {"fh", "fa"}) b.add(n, G::chunks, "[fc, d_ff]", {fc, F});
   b.add("fmean", G::chunks, "[fc]", {fc});
   b.add("frstd", G::chunks, "[fc]", {fc});
+  // The kept layers' state, one copy per kept layer (model.kept_layers).
+  const int kept = kept_layer_count(cfg);
+  b.add("kept x1", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
+  b.add("kept x2", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
+  b.add("kept fln", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
+  b.add("kept fmean", G::activations, "[L] per kept layer", {L}, false, kept);
+  b.add("kept frstd", G::activations, "[L] per kept layer", {L}, false, kept);
+  b.add("kept fa", G::activations, "[L, d_ff] per kept layer", {L, F}, false, kept);
+  if (keeps_ffn_hidden(cfg, real_bytes))
+    b.add("kept fh", G::activations, "[L, d_ff] per kept layer", {L, F}, false, kept);
+  if (keeps_attention(cfg, sp, real_bytes)) {
+    const int64_t HD = Hloc * dh;
+    for (const char* n : {"kept qk", "kept v", "kept ao"})
+      b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
+    b.add("kept out_r", G::activations, "out_r per kept layer", {plan.count("out_r")}, false,
+          kept);
+    b.add("kept lse", G::activations, "lse per kept layer", {plan.count("lse")}, false, kept);
+  }
+
   const int64_t oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L) : L;
   for (const char* n : {"cat", "oln", "dcat", "doln"}) b.add(n, G::chunks, "[oc, 2D]", {oc, 2 * D});
   for (const char* n : {"omean", "orstd", "loss"}) b.add(n, G::chunks, "[oc]", {oc});
@@ -391,6 +410,34 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
   }
   c.model.attn_heads_per_pass = 1;
   return c;
+}
+
+int kept_layer_count(const Config& cfg) { return std::max(cfg.model.kept_layers, 0); }
+
+bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
+  return sp == 1 && attention_heads_per_pass(cfg, 1, real_bytes) == cfg.model.n_heads &&
+         !attention_by_round(cfg, 1, real_bytes);
+}
+
+bool keeps_ffn_hidden(const Config& cfg, int real_bytes) {
+  return real_bytes != 4 || cfg.training.device != DeviceKind::cuda ||
+         !ffn_state_in_a(cfg.model.d_model, cfg.model.d_ff);
+}
+
+Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
+  if (cfg.model.kept_layers != kKeptLayersAuto) return cfg;
+  Config c = cfg;
+  for (int k = device_bytes > 0 ? cfg.model.n_layers : 0; k > 0; --k) {
+    c.model.kept_layers = k;
+    if (double(plan_memory(c, sp).total_bytes()) <= kAutoPassFraction * double(device_bytes))
+      return c;
+  }
+  c.model.kept_layers = 0;
+  return c;
+}
+
+Config fit_to_device(const Config& cfg, int sp, int64_t device_bytes) {
+  return fit_kept_layers(fit_heads_per_pass(cfg, sp, device_bytes), sp, device_bytes);
 }
 
 int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes) {

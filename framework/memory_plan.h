@@ -105,6 +105,36 @@ int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes
 constexpr double kAutoPassFraction = 0.9;
 Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes);
 
+// Kept layers (model.kept_layers). The backward of a reversible layer
+// normally rebuilds its inputs from its outputs, which reruns its forward:
+// about a quarter of a step's arithmetic. A kept layer instead holds, from
+// its forward to its backward, its inputs x1, x2 [L, D] and its feed-forward
+// state over all L positions (LayerNorm output and statistics, hidden layer:
+// [L, D] + 2 [L] + 1 or 2 [L, d_ff]), and where keeps_attention() its
+// attention state too (the pass's qk, v, outputs [Lfull, H dh] and each
+// head's round outputs and log-sum-exps). The top kept_layer_count() layers
+// are kept. The same function (exact inputs instead of rebuilt ones), faster
+// where the memory allows it.
+//
+// model.kept_layers as given; 0 while it is auto (fit_kept_layers resolves it).
+int kept_layer_count(const Config& cfg);
+// Whether kept layers keep their attention state too: at sp 1 with every
+// head in one pass and the hash rounds attended together (the other layouts
+// rerun a kept layer's attention forward, but not its residual update).
+bool keeps_attention(const Config& cfg, int sp, int real_bytes = 4);
+// Whether a kept layer's feed-forward state includes the pre-activation h:
+// unless training.device is cuda (resolved, not auto), real_bytes 4 and the
+// feed-forward block fused (kernels/common/gemm_staging.h, ffn_state_in_a),
+// where h is scratch.
+bool keeps_ffn_hidden(const Config& cfg, int real_bytes = 4);
+// `cfg` with model.kept_layers chosen for a device of `device_bytes` when it
+// is auto: the most layers whose whole plan takes at most kAutoPassFraction
+// of the device; 0 when device_bytes <= 0 (the CPU). Unchanged otherwise.
+Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
+// fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
+// a device.
+Config fit_to_device(const Config& cfg, int sp, int64_t device_bytes);
+
 // `cfg` with model.max_len = length (axial shape and n_buckets re-derived
 // where they follow the length), validated. Throws ConfigError when the
 // configuration does not accept the length.

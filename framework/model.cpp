@@ -51,6 +51,37 @@ struct ReformerModel<T>::Scratch {
   Buffer<T> cat, oln, omean, orstd, logits, loss, dcat, doln;    // output chunk
   IntBuffer<T> pred;                     // output chunk argmax [oc]
   int64_t fc = 0, oc = 0;
+  // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
+  // + i keeps in kept[i] its inputs, its feed-forward state over all L rows
+  // (fh only where h holds state) and, where attn_kept, its attention pass's
+  // qk, v, ao, out_r and lse (swapped with the shared ones around its
+  // attention forward and backward, so those run as for any layer).
+  struct Kept {
+    Buffer<T> x1, x2, fln, fmean, frstd, fa, fh;
+    Buffer<T> qk, v, ao, out_r, lse;
+  };
+  std::vector<Kept> kept;
+  bool attn_kept = false;
+  bool keeping = false;  // this forward keeps (a backward follows)
+  // Layer l's kept state when this forward keeps it, else null.
+  Kept* kept_of(int l, int n_layers) {
+    const int i = l - (n_layers - int(kept.size()));
+    return keeping && i >= 0 ? &kept[size_t(i)] : nullptr;
+  }
+  // Where a feed-forward chunk at row r0 keeps its state for the backward:
+  // the shared chunk buffers, or layer k's rows from r0.
+  struct FfnState {
+    T *ln, *mean, *rstd, *h, *a;
+  };
+  FfnState ffn_state(Kept* k, int64_t r0, int64_t D, int64_t F) {
+    if (!k) return {fln.data(), fmean.data(), frstd.data(), fh.data(), fa.data()};
+    return {k->fln.data() + r0 * D, k->fmean.data() + r0, k->frstd.data() + r0,
+            k->fh.data() ? k->fh.data() + r0 * F : fh.data(), k->fa.data() + r0 * F};
+  }
+  void swap_attention(Kept& k) {
+    std::swap(qk, k.qk); std::swap(v, k.v); std::swap(ao, k.ao);
+    std::swap(attn.out_r, k.out_r); std::swap(attn.lse, k.lse);
+  }
 };
 
 template <class T>
@@ -150,6 +181,24 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.fh = buf("fh"); s.fa = buf("fa");
   s.fmean = buf("fmean");
   s.frstd = buf("frstd");
+  const int kept = kept_layer_count(cfg);
+  s.attn_kept = kept > 0 && keeps_attention(cfg, shard.size, int(sizeof(T)));
+  const bool kept_h = keeps_ffn_hidden(cfg, int(sizeof(T)));
+  if (kept > 0 && !kept_h && !ops.ffn_hidden_is_scratch(D_, F_))
+    throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
+                      " feed-forward keeps state in h, which the plan for training.device " +
+                      to_string(cfg.training.device) + " leaves out (use training.device: cpu)");
+  for (int k = 0; k < kept; ++k) {
+    typename Scratch::Kept K;
+    K.x1 = buf("kept x1"); K.x2 = buf("kept x2"); K.fln = buf("kept fln");
+    K.fmean = buf("kept fmean"); K.frstd = buf("kept frstd"); K.fa = buf("kept fa");
+    if (kept_h) K.fh = buf("kept fh");
+    if (s.attn_kept) {
+      K.qk = buf("kept qk"); K.v = buf("kept v"); K.ao = buf("kept ao");
+      K.out_r = buf("kept out_r"); K.lse = buf("kept lse");
+    }
+    s.kept.push_back(std::move(K));
+  }
 
   s.oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L_) : L_;
   s.cat = buf("cat"); s.oln = buf("oln"); s.dcat = buf("dcat"); s.doln = buf("doln");
@@ -472,7 +521,8 @@ const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool reha
 // (LayerNorm's backward is linear in its incoming gradient); layer l's
 // attention and LN_a gradients accumulate.
 template <class T>
-void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train) {
+void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train, bool attend,
+                                                bool rebuild_x1) {
   Scratch& s = *s_;
   const LayerTensors<T>& G = G_.layers[size_t(l)];
   if (s.sorted) {  // sort mode, pass by pass: rebuild its part of x1, then its backward
@@ -481,7 +531,7 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     for (int pass = 0; pass < H_ / Hp_; ++pass) {
       const int64_t c0 = int64_t(pass) * n;
       const T* wo = attend_sorted(l, pass, step, /*rehash*/ false);
-      add_output(l, s.ao.data(), wo, n, true, step, train);
+      if (rebuild_x1) add_output(l, s.ao.data(), wo, n, true, step, train);
       output_backward(l, s.ao.data(), wo, G.wo + c0 * D_, n, s.dao.data(), step, train);
       for (int j = 0; j < Hp_; ++j) {
         const int64_t c = int64_t(j) * dh_;
@@ -507,9 +557,10 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
   const int n = Hp_ * dh_, N = shard_.size * n, No = out_cols();
   const int64_t hn = Lfull_ * n, w = int64_t(D_) * N;
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
-    const T* ao = attend_pass(l, pass, step, /*rehash*/ false);
+    // Kept attention state: one pass at sp 1, its outputs in ao.
+    const T* ao = attend ? attend_pass(l, pass, step, /*rehash*/ false) : s.ao.data();
     const PassWeights pw = pass_weights(l, pass);
-    add_output(l, ao, pw.wo, No, true, step, train);
+    if (rebuild_x1) add_output(l, ao, pw.wo, No, true, step, train);
     // dao of this rank's positions (lv under sp, exchanged into dao; in
     // pairs mode the combined heads' in lqk, split into parts).
     T* dao = !s.exchange ? s.dao.data() : g_ > 1 ? s.lqk.data() : s.lv.data();
@@ -551,17 +602,18 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
                                  int64_t row0, uint64_t step, bool train) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  ops_.layernorm_forward(s.fln.data(), s.fmean.data(), s.frstd.data(), y1, P.ln_f_w, P.ln_f_b,
-                         rows, D_, float(cfg_.model.layernorm_eps));
+  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
+  ops_.layernorm_forward(st.ln, st.mean, st.rstd, y1, P.ln_f_w, P.ln_f_b, rows, D_,
+                         float(cfg_.model.layernorm_eps));
   const Activation act = cfg_.model.activation;
   if (!(train && cfg_.model.dropout > 0)) {
-    ops_.ffn_forward(x2, s.fh.data(), s.fa.data(), s.fln.data(), P.w1, P.b1, P.w2, P.b2, rows, D_,
-                     F_, act, subtract ? -1.0f : 1.0f, /*accumulate=*/true);
+    ops_.ffn_forward(x2, st.h, st.a, st.ln, P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act,
+                     subtract ? -1.0f : 1.0f, /*accumulate=*/true);
     return;
   }
   T* g = s.fg.data();
-  ops_.ffn_forward(g, s.fh.data(), s.fa.data(), s.fln.data(), P.w1, P.b1, P.w2, P.b2, rows, D_,
-                   F_, act, 1.0f, /*accumulate=*/false);
+  ops_.ffn_forward(g, st.h, st.a, st.ln, P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act, 1.0f,
+                   /*accumulate=*/false);
   ops_.dropout(g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
                (pos0_ + row0) * D_);
   if (subtract) ops_.sub(x2, x2, g, rows * D_);
@@ -569,8 +621,9 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
 }
 
 // dy1 += d FFN(LN_f(y1)) / dy1 applied to dg (the gradient of the chunk's
-// output after dropout); parameter gradients accumulate. Expects the scratch
-// state of ffn_chunk on the same chunk just before. dg is consumed.
+// output after dropout); parameter gradients accumulate. Expects the state
+// ffn_chunk left for the same chunk: just before, or kept since the forward
+// (a kept layer). dg is consumed.
 template <class T>
 void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy1, int64_t rows,
                                           int64_t row0, uint64_t step, bool train) {
@@ -583,10 +636,11 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
     ops_.dropout(dgd, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
                  (pos0_ + row0) * D_);
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
-  ops_.ffn_backward(s.dfln.data(), G.w1, G.b1, G.w2, G.b2, dgd, s.fln.data(), s.fh.data(),
-                    s.fa.data(), P.w1, P.w2, rows, D_, F_, cfg_.model.activation);
-  ops_.layernorm_backward(dy1, G.ln_f_w, G.ln_f_b, s.dfln.data(), y1, P.ln_f_w, s.fmean.data(),
-                          s.frstd.data(), rows, D_);
+  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
+  ops_.ffn_backward(s.dfln.data(), G.w1, G.b1, G.w2, G.b2, dgd, st.ln, st.h, st.a, P.w1, P.w2,
+                    rows, D_, F_, cfg_.model.activation);
+  ops_.layernorm_backward(dy1, G.ln_f_w, G.ln_f_b, s.dfln.data(), y1, P.ln_f_w, st.mean, st.rstd,
+                          rows, D_);
 }
 
 // Output LayerNorm over concat(y1, y2), head and loss, in position chunks.
@@ -649,16 +703,23 @@ void ReformerModel<T>::stack_backward(uint64_t step, bool train) {
   Scratch& s = *s_;
   const int64_t LD = L_ * D_;
   for (int l = NL_ - 1; l >= 0; --l) {
-    // y2 = x2 + FFN(LN_f(y1)): rebuild x2, then dy1 += FFN'(y1)^T dy2.
+    // y2 = x2 + FFN(LN_f(y1)): rebuild x2, then dy1 += FFN'(y1)^T dy2. A
+    // kept layer has the feed-forward state and its inputs: x2, x1 swapped in.
+    typename Scratch::Kept* k = s.kept_of(l, NL_);
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {
       const int64_t rows = std::min<int64_t>(s.fc, L_ - r0);
-      ffn_chunk(l, s.x1.data() + r0 * D_, s.x2.data() + r0 * D_, /*subtract*/ true, rows, r0,
-                step, train);
+      if (!k)
+        ffn_chunk(l, s.x1.data() + r0 * D_, s.x2.data() + r0 * D_, /*subtract*/ true, rows, r0,
+                  step, train);
       ffn_chunk_backward(l, s.x1.data() + r0 * D_, s.dx2.data() + r0 * D_, s.dx1.data() + r0 * D_,
                          rows, r0, step, train);
     }
+    if (k) std::swap(s.x2, k->x2);
     // y1 = x1 + Attn(LN_a(x2)): rebuild x1, then dx2 += Attn'(x2)^T dy1.
-    attention_layer_backward(l, step, train);
+    if (k && s.attn_kept) s.swap_attention(*k);
+    attention_layer_backward(l, step, train, /*attend*/ !(k && s.attn_kept), /*rebuild_x1*/ !k);
+    if (k && s.attn_kept) s.swap_attention(*k);
+    if (k) std::swap(s.x1, k->x1);
     if (trace) {
       trace->rebuilt_x1[size_t(l)].resize(size_t(LD));
       trace->rebuilt_x2[size_t(l)].resize(size_t(LD));
@@ -692,7 +753,14 @@ void ReformerModel<T>::stack_forward(const int32_t* tokens, uint64_t step, bool 
       ops_.to_host(trace->forward_x1[size_t(l)].data(), s.x1.data(), LD);
       ops_.to_host(trace->forward_x2[size_t(l)].data(), s.x2.data(), LD);
     }
+    typename Scratch::Kept* k = s.kept_of(l, NL_);
+    if (k) {
+      ops_.copy(k->x1.data(), s.x1.data(), LD);
+      ops_.copy(k->x2.data(), s.x2.data(), LD);
+    }
+    if (k && s.attn_kept) s.swap_attention(*k);
     attention_layer_forward(l, step, train);
+    if (k && s.attn_kept) s.swap_attention(*k);
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {
       const int64_t rows = std::min<int64_t>(s.fc, L_ - r0);
       ffn_chunk(l, s.x1.data() + r0 * D_, s.x2.data() + r0 * D_, /*subtract*/ false, rows, r0,
@@ -705,6 +773,7 @@ template <class T>
 LossStats ReformerModel<T>::forward_backward(const int32_t* tokens, const int32_t* targets,
                                              uint64_t step, bool backward, bool train,
                                              T grad_scale) {
+  s_->keeping = backward;
   stack_forward(tokens, step, train);
   const LossStats st = head(targets, backward, grad_scale, nullptr);
   if (backward) {
@@ -718,6 +787,7 @@ template <class T>
 void ReformerModel<T>::forward_logits(const int32_t* tokens, uint64_t step,
                                       std::vector<T>* logits) {
   std::vector<int32_t> no_targets(size_t(L_), -1);
+  s_->keeping = false;
   stack_forward(tokens, step, /*train*/ false);
   head(no_targets.data(), false, T(0), logits);
 }

@@ -5,6 +5,8 @@
 // The backward pass keeps only the top activations (y1, y2) and each layer's
 // bucket ids; it rebuilds every layer's inputs from its outputs
 // (x2 = y2 - FFN(LN_f(y1)), x1 = y1 - Attn(LN_a(x2))) on the way down.
+// Layers kept by model.kept_layers (framework/memory_plan.h) instead keep
+// their inputs and sublayer state from the forward, where memory allows.
 //
 // All arithmetic goes through an Ops<T>; T is float for training, double for
 // finite-difference checks.
@@ -99,8 +101,12 @@ class ReformerModel {
   // The attention sublayer y1 = x1 + Attn(LN_a(x2)) in place on x1: the
   // forward pass (sign +1) and, in the backward pass, the rebuild of x1
   // (x1 = y1 - Attn) followed by the backward into dx2 and the gradients.
+  // A kept layer's backward skips the rebuild of x1 (`rebuild_x1` false:
+  // its input comes from the kept copy) and, where its attention state was
+  // kept, the attention forward (`attend` false: its state is in place).
   void attention_layer_forward(int l, uint64_t step, bool train);
-  void attention_layer_backward(int l, uint64_t step, bool train);
+  void attention_layer_backward(int l, uint64_t step, bool train, bool attend = true,
+                                bool rebuild_x1 = true);
   // The weights attention pass `pass` of a layer reads and the gradient it
   // adds its Wo part to (see pass_weights in model.cpp).
   struct PassWeights {

@@ -24,6 +24,7 @@ const std::vector<std::pair<std::string, ResumeChange>>& resume_classes() {
       // Memory knobs: the same function, possibly rounded otherwise.
       {"model.ffn_chunk", C::warn}, {"model.loss_chunk", C::warn},
       {"model.attn_heads_per_pass", C::warn}, {"model.attn_rounds_per_pass", C::warn},
+      {"model.kept_layers", C::warn},
       // The same function to bf16 rounding of the attention products.
       {"attention.precision", C::warn},
       // The rest of the model (max_len, dropout, activation, ...) and attention

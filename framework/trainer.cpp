@@ -67,9 +67,14 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
   if (grid_->sp() > 1) grid_->sp_group().set_compute_stream(ops_->stream());
   data_ = make_dataset(cfg_);
   const SequenceShard shard{grid_->sp(), grid_->sp_rank(), &grid_->sp_group()};
-  model_cfg_ = on_device ? fit_heads_per_pass(cfg_, grid_->sp(), device_memory_bytes()) : cfg_;
-  // Ranks whose GPUs differ in memory could fit different heads per pass:
-  // refused by name (model.attn_heads_per_pass) before any collective of the model.
+  // The device as resolved (the plan's layout of kept state follows it) and
+  // every auto memory knob fitted to it (memory_plan.h).
+  model_cfg_ = cfg_;
+  model_cfg_.training.device = on_device ? DeviceKind::cuda : DeviceKind::cpu;
+  model_cfg_ = fit_to_device(model_cfg_, grid_->sp(), on_device ? device_memory_bytes() : 0);
+  // Ranks whose GPUs differ in memory could fit different heads per pass or
+  // kept layers: refused by name (model.attn_heads_per_pass,
+  // model.kept_layers) before any collective of the model.
   require_same_config(model_cfg_, world);
   try {  // out of device memory: say what the memory plan expects
     model_ = std::make_unique<ReformerModel<float>>(model_cfg_, *ops_, shard);
@@ -347,7 +352,7 @@ TrainResult Trainer::train() {
                   cfg_.model.n_heads, (long long)L));
   log_info("data: " + data_->describe());
   // Model FLOP/s and MFU per GPU (framework/flops.h) on the progress line.
-  const double flops_per_token = train_flops(cfg_).per_token;
+  const double flops_per_token = train_flops(model_cfg_, grid_->sp()).per_token;
   const double peak = peak_tflops(*ops_, cfg_.logging.peak_tflops);
   if (peak > 0)
     log_info(strfmt("mfu: %.3g GFLOP per token (products and attention), ceiling %.0f TFLOP/s "

@@ -34,6 +34,11 @@ class Ops {
   // False when this backend lacks the op: calling it then throws DeviceError,
   // and the conformance suite skips it on this backend.
   virtual bool supports(OpId) const { return true; }
+  // True when ffn_forward leaves its whole state for ffn_backward in `a` for
+  // C inputs and F hidden features, so that `h` is scratch to both (CUDA:
+  // kernels/common/gemm_staging.h, ffn_state_in_a); false where h holds
+  // state too (the CPU: the pre-activation).
+  virtual bool ffn_hidden_is_scratch(int /*C*/, int /*F*/) const { return false; }
   // The backend's stream (a cudaStream_t for CUDA; nullptr where every op has
   // completed when it returns, as on the CPU). Every op is issued on it in
   // call order. Other streams (collectives) order themselves after the

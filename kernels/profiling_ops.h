@@ -62,6 +62,9 @@ class ProfilingOps final : public Ops<float> {
   int64_t peak_bytes() const override { return inner_.peak_bytes(); }
   bool supports(OpId id) const override { return inner_.supports(id); }
   void* stream() override { return inner_.stream(); }
+  bool ffn_hidden_is_scratch(int C, int F) const override {
+    return inner_.ffn_hidden_is_scratch(C, F);
+  }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
   // Per-op totals since the last reset(), in op-list order (every op, called

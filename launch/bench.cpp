@@ -82,8 +82,10 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
   for (Config cfg : configs) {
     const int64_t L = cfg.model.max_len;
     auto device_ops = make_ops(cfg.training.device);
-    if (device_ops->stream() != nullptr)  // heads per pass fitted to the device (memory_plan.h)
-      cfg = fit_heads_per_pass(cfg, 1, device_memory_bytes());
+    // Heads per pass and kept layers fitted to the device (memory_plan.h).
+    const bool on_device = device_ops->stream() != nullptr;
+    cfg.training.device = on_device ? DeviceKind::cuda : DeviceKind::cpu;
+    cfg = fit_to_device(cfg, 1, on_device ? device_memory_bytes() : 0);
     std::unique_ptr<ProfilingOps> profiler;
     if (breakdown)
       profiler = std::make_unique<ProfilingOps>(*device_ops, clock_for(*device_ops));
@@ -244,7 +246,8 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   }
   r.steps = steps;
   r.tokens_per_s = double(r.batch) * double(r.length) * 1e3 / r.ms_per_step;
-  r.tflops_per_gpu = r.tokens_per_s * train_flops(cfg).per_token / 1e12 / world.size();
+  r.tflops_per_gpu = r.tokens_per_s *
+                     train_flops(t.model_config(), t.grid().sp()).per_token / 1e12 / world.size();
   const double peak = peak_tflops(ops, cfg.logging.peak_tflops);
   r.mfu = peak > 0 ? r.tflops_per_gpu / peak : -1;
   r.device_peak_gib = ops.peak_bytes() < 0 ? -1.0 : double(ops.peak_bytes()) / double(1ull << 30);

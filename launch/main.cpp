@@ -345,9 +345,14 @@ int cmd_plan(const Args& a) {
     }
   }
   if (budget <= 0) throw UsageError("reformer plan needs --memory SIZE where no GPU is visible");
-  const MemoryPlan plan = plan_memory(fit_heads_per_pass(cfg, sp, budget), sp);
-  std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32:\n\n%s",
-              (long long)cfg.model.max_len, sp, format_plan(plan).c_str());
+  Config fitted = cfg;  // planned for a device (memory_plan.h, keeps_ffn_hidden)
+  if (fitted.training.device == DeviceKind::auto_) fitted.training.device = DeviceKind::cuda;
+  fitted = fit_to_device(fitted, sp, budget);
+  const MemoryPlan plan = plan_memory(fitted, sp);
+  std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32, %d of %d layers kept"
+              " (model.kept_layers%s):\n\n%s",
+              (long long)cfg.model.max_len, sp, kept_layer_count(fitted), cfg.model.n_layers,
+              cfg.model.kept_layers == kKeptLayersAuto ? ": auto" : "", format_plan(plan).c_str());
   const int64_t fits = longest_length_that_fits(cfg, sp, budget);
   std::printf("longest model.max_len that fits in %s: %s\n", format_bytes(budget).c_str(),
               fits > 0 ? std::to_string(fits).c_str() : "none (the model alone does not fit)");

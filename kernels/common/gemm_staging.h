@@ -45,6 +45,11 @@ inline int64_t layernorm_project_bytes(int64_t N, int64_t C, int64_t OC) {
   return 2 * r256(2 * C * OC) + r256(2 * rows * C) + r256(2 * rows * OC);
 }
 
+// Whether the CUDA feed-forward block (kernels/cuda/ffn.cu) keeps its whole
+// forward state in bf16 inside `a`, leaving `h` as scratch: where C and F
+// are multiples of 8 (every bf16 row 16-byte aligned).
+inline bool ffn_state_in_a(int64_t C, int64_t F) { return C % 8 == 0 && F % 8 == 0; }
+
 // The feed-forward block's ops (kernels/cuda/ffn.cu) over N rows of C
 // features and F hidden ones: both weights in bf16, then a block of
 // gemm_block_rows(N, C, F) input rows and, in the backward, as many dout

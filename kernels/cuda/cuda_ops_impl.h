@@ -30,6 +30,7 @@
 #include <unordered_map>
 #include <tuple>
 
+#include "kernels/common/gemm_staging.h"
 #include "kernels/ops.h"
 #include "kernels/cuda/workspace.h"
 
@@ -46,6 +47,7 @@ class CudaOps final : public Ops<float> {
   const char* name() const override { return "cuda"; }
   int64_t peak_bytes() const override;
   void* stream() override { return stream_; }
+  bool ffn_hidden_is_scratch(int C, int F) const override { return ffn_state_in_a(C, F); }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
  private:

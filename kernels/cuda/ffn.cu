@@ -43,7 +43,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-bool ffn_fused(int C, int F) { return C % 8 == 0 && F % 8 == 0; }
+bool ffn_fused(int C, int F) { return ffn_state_in_a(C, F); }
 
 // Four elements per thread: the fused path's rows are multiples of 8
 // elements at 16-byte aligned offsets.

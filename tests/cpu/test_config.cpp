@@ -346,9 +346,31 @@ TEST(Config, ToYamlRoundTrip) {
   }
 }
 
+// model.kept_layers: `auto` (the default) reads as kKeptLayersAuto and prints
+// back as auto; a count reads as itself; more than n_layers is refused by
+// key, file and line.
+TEST(Config, KeptLayers) {
+  const Config dflt = parse_config("model:\n  n_layers: 3\n", "k.yaml");
+  EXPECT_EQ(dflt.model.kept_layers, kKeptLayersAuto);
+  EXPECT_NE(to_yaml(dflt).find("\n  kept_layers: auto\n"), std::string::npos);
+  EXPECT_EQ(parse_config("model:\n  kept_layers: auto\n", "k.yaml").model.kept_layers,
+            kKeptLayersAuto);
+  const Config two = parse_config("model:\n  n_layers: 3\n  kept_layers: 2\n", "k.yaml");
+  EXPECT_EQ(two.model.kept_layers, 2);
+  EXPECT_EQ(parse_config(to_yaml(two), "again").model.kept_layers, 2);
+  const std::string msg = config_error(
+      [] { parse_config("model:\n  n_layers: 3\n  kept_layers: 4\n", "k.yaml"); });
+  EXPECT_NE(msg.find("k.yaml:3"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("model.kept_layers = 4 exceeds model.n_layers = 3"), std::string::npos)
+      << msg;
+  EXPECT_NE(config_error([] { parse_config("model:\n  kept_layers: -2\n", "k.yaml"); }).find(
+                "model.kept_layers"),
+            std::string::npos);
+}
+
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 69u);
+  EXPECT_EQ(keys.size(), 70u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

@@ -65,6 +65,8 @@ TEST(Flops, FormulaEqualsWhatTheModelRuns) {
       {"attention.kinds=[full]", "attention.causal=false"},
       {"model.max_len=4"},  // every layer short enough for full attention
       {"model.ffn_chunk=16", "model.loss_chunk=8", "model.d_head=3"},
+      {"model.kept_layers=2"},  // kept layers rerun nothing
+      {"model.kept_layers=1", "model.attn_heads_per_pass=1"},  // nor their residual update
   };
   for (const auto& sets : cases) {
     const Config cfg = flops_config(sets);

@@ -102,7 +102,10 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {"attention.kinds=[local]", "optimizer.name=adafactor", "optimizer.beta1=0"},
            {"attention.factorize_buckets=true", "model.d_head=5"},
            {"parallel.sp_mode=sort", "attention.kinds=[lsh, local]"},
-           {"parallel.sp_mode=sort", "attention.kinds=[local]", "model.n_heads=3"}}) {
+           {"parallel.sp_mode=sort", "attention.kinds=[local]", "model.n_heads=3"},
+           {"model.kept_layers=3"},
+           {"model.kept_layers=1", "model.ffn_chunk=20", "model.attn_heads_per_pass=1"},
+           {"model.kept_layers=2", "parallel.sp_mode=sort", "attention.kinds=[lsh, local]"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     const Config cfg = config(sets);
     expect_plan_matches<float>(cfg, 1);
@@ -287,4 +290,46 @@ TEST(MemoryPlan, LongestFitUsesTheFittedPlan) {
   };
   EXPECT_LE(total(L), budget);
   EXPECT_GT(total(L + 128), budget);  // bench-peer.yaml: lengths in steps of 128
+}
+
+// Auto kept layers on a device of a given size: the most whose whole plan
+// takes at most 90% of it; none without a device; a set value stays. On
+// CUDA (fused feed-forward) a kept layer holds no fp32 pre-activation; with
+// every head in one pass its attention state is kept too, else not.
+TEST(MemoryPlan, KeptLayersFitTheDevice) {
+  Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
+                           {"model.max_len=65536", "training.device=cuda"});
+  const int64_t GiB = int64_t(1) << 30;
+  ASSERT_EQ(cfg.model.kept_layers, kKeptLayersAuto);
+  EXPECT_EQ(kept_layer_count(cfg), 0);
+  EXPECT_TRUE(keeps_attention(cfg, 1));
+  EXPECT_FALSE(keeps_attention(cfg, 2));
+  EXPECT_FALSE(keeps_ffn_hidden(cfg));
+  Config on_cpu = cfg;
+  on_cpu.training.device = DeviceKind::cpu;
+  EXPECT_TRUE(keeps_ffn_hidden(on_cpu));
+  EXPECT_EQ(fit_to_device(cfg, 1, 139 * GiB).model.kept_layers, 6);
+  EXPECT_EQ(fit_kept_layers(cfg, 1, 0).model.kept_layers, 0);
+  for (int64_t gib : {139, 24, 12, 6}) {
+    const Config f = fit_kept_layers(cfg, 1, gib * GiB);
+    const int k = f.model.kept_layers;
+    SCOPED_TRACE(std::to_string(gib) + " GiB: " + std::to_string(k) + " kept");
+    if (k > 0) EXPECT_LE(double(plan_memory(f, 1).total_bytes()), 0.9 * double(gib * GiB));
+    if (k < 6) {
+      Config more = f;
+      more.model.kept_layers = k + 1;
+      EXPECT_GT(double(plan_memory(more, 1).total_bytes()), 0.9 * double(gib * GiB));
+    }
+  }
+  // Each kept layer adds the same bytes; at 1M (4 heads per pass) without attention state.
+  Config k1 = cfg, k2 = cfg;
+  k1.model.kept_layers = 1;
+  k2.model.kept_layers = 2;
+  const int64_t per_layer = plan_memory(k2, 1).total_bytes() - plan_memory(k1, 1).total_bytes();
+  EXPECT_EQ(per_layer, plan_memory(k1, 1).total_bytes() - plan_memory(cfg, 1).total_bytes());
+  const Config long1 = with_length(k1, 1048576, "test");
+  EXPECT_FALSE(keeps_attention(long1, 1));
+  Config set = cfg;
+  set.model.kept_layers = 2;
+  EXPECT_EQ(fit_kept_layers(set, 1, 6 * GiB).model.kept_layers, 2);
 }

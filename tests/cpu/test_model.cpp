@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
+#include <utility>
 #include <vector>
 
 #include "framework/config.h"
@@ -11,6 +13,7 @@
 #include "framework/model.h"
 #include "framework/model_tensors.h"
 #include "kernels/errors.h"
+#include "kernels/profiling_ops.h"
 #include "kernels/cpu/cpu_ops.h"
 #include "tests/common/gradcheck.h"
 
@@ -170,6 +173,74 @@ TEST(ModelGrad, AccumulatesAcrossSequences) {
   model.forward_backward(tokens.data(), targets.data(), 0, true, true, 1.0);
   for (int64_t i = 0; i < model.num_params(); ++i)
     ASSERT_NEAR(model.grads()[i], 2 * once[size_t(i)], 1e-12 * (1 + std::fabs(once[size_t(i)])));
+}
+
+// Kept layers (model.kept_layers) hold their inputs and sublayer state from
+// the forward instead of rebuilding them: the gradients are exact, with
+// every layer kept, one (chunked feed-forward, dropout), and attention in
+// passes of one head (whose forward the backward reruns; only the residual
+// update and the feed-forward are kept).
+TEST(ModelGrad, KeptLayers) {
+  check_model_gradients(small_config({"model.kept_layers=2"}));
+  check_model_gradients(small_config({"model.kept_layers=1", "model.dropout=0.25",
+                                      "model.ffn_chunk=5", "model.activation=relu"}));
+  check_model_gradients(small_config({"model.kept_layers=2", "model.attn_heads_per_pass=1"}));
+}
+
+namespace {
+
+// Loss sums and gradients of two steps (different tokens and LSH draws,
+// gradients accumulated) of a fresh model of `cfg` on `ops`.
+template <class T>
+std::pair<std::vector<double>, std::vector<T>> two_steps(const Config& cfg, Ops<T>& ops) {
+  ReformerModel<T> model(cfg, ops);
+  model.init_params(cfg.training.seed);
+  model.zero_grads();
+  std::vector<double> losses;
+  for (uint64_t step : {3, 4}) {
+    std::vector<int32_t> tokens, targets;
+    make_tokens(model.seq_len(), cfg.model.vocab_size, 20 + step, &tokens, &targets);
+    losses.push_back(
+        model.forward_backward(tokens.data(), targets.data(), step, true, true, T(0.1)).loss_sum);
+  }
+  std::vector<T> grads(size_t(model.num_params()));
+  ops.to_host(grads.data(), model.grads(), model.num_params());
+  return {losses, grads};
+}
+
+}  // namespace
+
+// The same function as the rebuilding model: in double to rounding, in fp32
+// to the rebuild's rounding of the layer inputs. And the backward really
+// skips the rebuild: with every layer kept it runs no feed-forward and no
+// attention forward (in passes of one head it reruns the attention only).
+TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
+  for (const auto& sets : std::vector<std::vector<std::string>>{
+           {}, {"model.dropout=0.25", "model.ffn_chunk=5"}, {"model.attn_heads_per_pass=1"}}) {
+    SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
+    std::vector<std::string> kept_sets = sets;
+    kept_sets.push_back("model.kept_layers=2");
+    const Config rebuilt = small_config(sets), kept = small_config(kept_sets);
+    CpuOps<double> dops;
+    const auto [dl0, dg0] = two_steps<double>(rebuilt, dops);
+    const auto [dl1, dg1] = two_steps<double>(kept, dops);
+    for (size_t i = 0; i < dl0.size(); ++i) EXPECT_NEAR(dl1[i], dl0[i], 1e-12 * dl0[i]);
+    EXPECT_LE(test::max_rel_err(dg1.data(), dg0.data(), int64_t(dg0.size()), 1e-3), 1e-10);
+
+    CpuOps<float> cpu;
+    std::map<OpId, int64_t> calls[2];
+    std::vector<double> fg[2];
+    for (int k = 0; k < 2; ++k) {
+      ProfilingOps ops(cpu, std::make_unique<WallClock>());
+      const auto [losses, grads] = two_steps<float>(k ? kept : rebuilt, ops);
+      fg[k].assign(grads.begin(), grads.end());
+      for (const OpStats& st : ops.stats()) calls[k][st.op] = st.calls;
+    }
+    EXPECT_LE(test::max_rel_err(fg[1].data(), fg[0].data(), int64_t(fg[0].size()), 1e-2), 1e-4);
+    EXPECT_EQ(calls[1][OpId::ffn_forward] * 2, calls[0][OpId::ffn_forward]);
+    const int64_t attn = calls[1][OpId::chunked_attention_forward];
+    EXPECT_EQ(sets.size() == 1 ? attn : attn * 2, calls[0][OpId::chunked_attention_forward]);
+  }
 }
 
 template <class T>
