@@ -18,10 +18,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "distributed/communicator.h"
 #include "framework/model_tensors.h"
+#include "kernels/profiling_ops.h"
 
 namespace reformer {
 
@@ -40,6 +42,16 @@ class GradReducer {
 
   int64_t buckets_started() const { return buckets_; }  // this step
 
+  // Measuring the communication the backward does not hide: with a clock on
+  // the compute stream (nullptr: off), finish() marks it before and after
+  // waiting for the buckets, and take_exposed_ms() returns the time between
+  // those marks summed over the finish() calls since the last take (waiting
+  // for them; on a device stream the second mark passes once the last
+  // bucket is done and the backward's work is, so the time is the wait the
+  // step sees after its backward). The clock must outlive its use here.
+  void set_clock(StreamClock* clock) { clock_ = clock; marks_.clear(); }
+  double take_exposed_ms();
+
  private:
   void close();               // the pending span becomes a bucket waiting for its turn
   void launch_due(bool all);  // starts the waiting buckets whose lag is over (or all)
@@ -57,6 +69,8 @@ class GradReducer {
   std::vector<Waiting> waiting_;
   int64_t buckets_ = 0;
   std::vector<std::unique_ptr<Work>> inflight_;
+  StreamClock* clock_ = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> marks_;  // finish()'s (before, after)
 };
 
 }  // namespace reformer

@@ -85,6 +85,9 @@ class Trainer {
   // Measurement only: with `on` false, train_step computes without summing
   // gradients over ranks (the ranks' models then drift apart).
   void set_gradient_reduction(bool on) { reduce_enabled_ = on; }
+  // Measurement only: the gradient reducer's clock for the wait it leaves
+  // after the backward (GradReducer::set_clock, take_exposed_ms).
+  GradReducer& reducer() { return *reducer_; }
   EvalResult evaluate(Split split, int batches);
 
   int64_t step() const { return step_; }

@@ -50,6 +50,8 @@ struct ParallelBenchRow {
   double ms_compute = -1;     // the same step without the gradient sum; -1: one rank
   double ms_reduce = -1;      // the trainer's bucketed all-reduce of the gradients alone
   double ms_one_call = -1;    // one all-reduce call over the same bytes
+  double ms_exposed = -1;     // per step, the wait for the gradient sum after the backward
+                              // (GradReducer::take_exposed_ms)
   double grad_mib = 0;        // gradient bytes reduced per step
   double device_peak_gib = -1;
   double tflops_per_gpu = 0;  // model FLOP/s per rank / 1e12
