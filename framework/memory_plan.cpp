@@ -83,16 +83,17 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   // Forward: k_hat, norm. With bf16 attention both add the staged bf16
   // operands [L, dh padded to 32, 64 or 128], shared by the rounds: q, k_hat,
   // v (and dout) (kernels/cuda/attention_common.cuh, carve_scratch).
+  const bool bf16 = cfg.attention.precision == AttentionPrecision::bf16;
   const int64_t dh_pad = dh <= 32 ? 32 : dh <= 64 ? 64 : 128;
-  const int64_t staged =
-      cfg.attention.precision == AttentionPrecision::bf16 ? 2 * Lfull * dh_pad : 0;
-  // With bf16 and one round per call the tensor-core backward adds into dqk
-  // and dv itself, without the per-round gradients (mma_backward_direct).
-  const bool direct = cfg.attention.precision == AttentionPrecision::bf16 && R == 1;
-  // Nor does it keep an fp32 k_hat, nor the bf16 forward.
-  const int64_t khat_and_grads = round256(f * Lfull * dh) + 3 * round256(f * R * Lfull * dh);
+  const int64_t staged = bf16 ? 2 * Lfull * dh_pad : 0;
+  // With bf16 the tensor-core backward keeps no fp32 k_hat, and its
+  // per-round gradients are bf16 [R, L, dh padded]; with one round per call
+  // it adds into dqk and dv itself, without them (mma_backward_direct).
+  const bool direct = bf16 && R == 1;
+  const int64_t grads = bf16 ? 3 * round256(2 * R * Lfull * dh_pad)
+                             : round256(f * Lfull * dh) + 3 * round256(f * R * Lfull * dh);
   const int64_t backward =
-      (direct ? 0 : khat_and_grads) + 4 * round256(f * Lfull) + round256(4 * staged);
+      (direct ? 0 : grads) + 4 * round256(f * Lfull) + round256(4 * staged);
   const int64_t forward = (staged > 0 ? 0 : round256(f * Lfull * dh)) + round256(f * Lfull) +
                           round256(3 * staged);
   const int64_t attention = std::max(backward, forward);

@@ -371,21 +371,23 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
   row_stats_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(sc.rm, sc.riz, sc.rD, dout, out,
                                                             out_r, lse, g.L, g.ld, g.dh, R, FULL);
   CUDA_CHECK_LAUNCH("row_stats_kernel");
-  if (mma_backward_direct(p, FULL)) {  // no per-round scratch, no finish pass
-    const MmaBwdOut o{dqk, dqk, dv, true, sc.norm};
-    mma_attention_backward(p, g.perm, FULL, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, o,
-                           sc.stage, s);
+  if (p.precision == AttentionPrecision::bf16) {  // direct, or bf16 rounds and their sum
+    const bool direct = mma_backward_direct(p, FULL);
+    const MmaBwdOut o{dqk,
+                      dqk,
+                      dv,
+                      direct,
+                      sc.norm,
+                      direct || !dqk ? nullptr : sc.dq_b,
+                      direct || !dqk ? nullptr : sc.dkh_b,
+                      direct || !dv ? nullptr : sc.dv_b};
+    mma_attention_backward(p, g.perm, FULL, qk, v, dout, sc.rm, sc.riz, sc.rD, o, sc.stage, s);
     return;
   }
   float* dq_r = dqk ? sc.dq_r : nullptr;
   float* dkh_r = dqk ? sc.dkh_r : nullptr;
   float* dv_r = dv ? sc.dv_r : nullptr;
-  if (p.precision == AttentionPrecision::bf16)
-    mma_attention_backward(p, g.perm, FULL, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD,
-                           MmaBwdOut{dq_r, dkh_r, dv_r, false, nullptr}, sc.stage, s);
-  else
-    dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r,
-                            s);
+  dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r, s);
   finish_backward_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
       dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, sc.khat, sc.norm, g.L, g.ld, g.dh, R);
   CUDA_CHECK_LAUNCH("finish_backward_kernel");
@@ -403,10 +405,9 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
   cuda::check_chunked(p, "chunked_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
-  const bool direct = cuda::mma_backward_direct(p, false);
-  const cuda::AttnScratch sc =
-      cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, true, staged, !direct);
-  if (!direct) cuda::launch_normalise(sc, qk, p, stream_);
+  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, true, staged,
+                                                   cuda::backward_grads(p, false));
+  if (staged == 0) cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
   cuda::run_backward<false>(sc, p, g, p.n_rounds, dqk, dv, dout, nullptr, qk, v, out_r, lse,
                             stream_);
@@ -418,9 +419,9 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
   cuda::check_common(p, "full_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
-  const bool direct = cuda::mma_backward_direct(p, true);
-  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, true, staged, !direct);
-  if (!direct) cuda::launch_normalise(sc, qk, p, stream_);
+  const cuda::AttnScratch sc =
+      cuda::carve_scratch(ws_, p.L, p.dh, 1, true, staged, cuda::backward_grads(p, true));
+  if (staged == 0) cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
   cuda::run_backward<true>(sc, p, g, 1, dqk, dv, dout, out, qk, v, nullptr, lse, stream_);
 }

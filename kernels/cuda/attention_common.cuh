@@ -43,6 +43,7 @@
 // Limits: dh <= 128, chunks_before + chunks_after + 1 <= 32.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -269,37 +270,49 @@ inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) /
 struct AttnScratch {
   float *khat, *norm, *rm, *riz, *rD, *dq_r, *dkh_r, *dv_r;
   void* stage;
+  __nv_bfloat16 *dq_b, *dkh_b, *dv_b;  // ScratchGrads::bf16: [R, L, kernel_dhm(dh)]
 };
 
-// khat_and_grads: the fp32 k_hat [L, dh] and the backward's per-round
-// gradients dq_r, dkh_r, dv_r [R, L, dh]; false (null) where the tensor-core
-// kernels take k_hat from qk: the bf16 forward and a direct backward
-// (mma_backward_direct), whose |k| still goes in norm.
+// What a call keeps besides norms, statistics and staged rows:
+//  - fp32: the fp32 k_hat [L, dh] and (backward) the per-round gradients
+//    dq_r, dkh_r, dv_r [R, L, dh] in fp32 (the fp32 kernels);
+//  - bf16: the per-round gradients dq_b, dkh_b, dv_b [R, L, kernel_dhm(dh)]
+//    in bf16 and no k_hat (a tensor-core backward of several rounds: its
+//    staging takes k_hat from qk, the round sum divides qk by |k|);
+//  - none: neither (the bf16 forward, a direct backward: mma_backward_direct).
+enum class ScratchGrads { none, fp32, bf16 };
+
 inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool backward,
-                                 int staged = 0, bool khat_and_grads = true) {
+                                 int staged = 0, ScratchGrads grads = ScratchGrads::fp32) {
   Carve carve;
   const size_t f = sizeof(float);
-  const size_t per_round =
-      khat_and_grads ? f * size_t(R) * size_t(L) * size_t(dh) : size_t(0);
-  const size_t o_khat = carve.reserve(khat_and_grads ? f * size_t(L) * size_t(dh) : 0);
+  const bool fp32 = grads == ScratchGrads::fp32, half = grads == ScratchGrads::bf16 && backward;
+  const size_t per_round = fp32 && backward ? f * size_t(R) * size_t(L) * size_t(dh) : 0;
+  const size_t per_round_b =
+      half ? sizeof(__nv_bfloat16) * size_t(R) * size_t(L) * size_t(kernel_dhm(dh)) : 0;
+  const size_t o_khat = carve.reserve(fp32 ? f * size_t(L) * size_t(dh) : 0);
   const size_t o_norm = carve.reserve(f * size_t(L));
   const size_t o_rm = carve.reserve(backward ? f * size_t(L) : 0);
   const size_t o_riz = carve.reserve(backward ? f * size_t(L) : 0);
   const size_t o_rD = carve.reserve(backward ? f * size_t(L) : 0);
-  const size_t o_dq = carve.reserve(backward ? per_round : 0);
-  const size_t o_dkh = carve.reserve(backward ? per_round : 0);
-  const size_t o_dv = carve.reserve(backward ? per_round : 0);
+  const size_t o_dq = carve.reserve(per_round + per_round_b);
+  const size_t o_dkh = carve.reserve(per_round + per_round_b);
+  const size_t o_dv = carve.reserve(per_round + per_round_b);
   const size_t o_stage =
       carve.reserve(2 * size_t(staged) * size_t(L) * size_t(kernel_dhm(dh)));
   void* base = ws.get(carve.total());
-  return AttnScratch{khat_and_grads ? Carve::at<float>(base, o_khat) : nullptr,
+  using bf16 = __nv_bfloat16;
+  return AttnScratch{fp32 ? Carve::at<float>(base, o_khat) : nullptr,
                      Carve::at<float>(base, o_norm),
                      Carve::at<float>(base, o_rm),   Carve::at<float>(base, o_riz),
                      Carve::at<float>(base, o_rD),
                      per_round ? Carve::at<float>(base, o_dq) : nullptr,
                      per_round ? Carve::at<float>(base, o_dkh) : nullptr,
                      per_round ? Carve::at<float>(base, o_dv) : nullptr,
-                     staged > 0 ? Carve::at<void>(base, o_stage) : nullptr};
+                     staged > 0 ? Carve::at<void>(base, o_stage) : nullptr,
+                     per_round_b ? Carve::at<bf16>(base, o_dq) : nullptr,
+                     per_round_b ? Carve::at<bf16>(base, o_dkh) : nullptr,
+                     per_round_b ? Carve::at<bf16>(base, o_dv) : nullptr};
 }
 
 inline void launch_normalise(const AttnScratch& sc, const float* qk, const AttentionParams& p,
@@ -314,10 +327,18 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // Tensor-core (bf16) variants, AttentionParams::precision == bf16 (defined
 // in attention_mma_forward.cu / attention_mma_backward.cu, described there).
 // perm is null when full. Same outputs and contracts as the fp32 kernels:
-// forward writes out_r / lse (chunked) or out / lse (full); backward
-// overwrites dq_r, dkh_r, dv_r ([R, L, dh]; any may be null) from the row
-// statistics rm, riz, rD of row_stats_kernel, or, direct, adds into the op's
-// dqk and dv ([L, ld]; either may be null) itself.
+// forward writes out_r / lse (chunked) or out / lse (full); backward adds
+// into the op's dqk and dv ([L, ld]; either may be null) from the row
+// statistics rm, riz, rD of row_stats_kernel: through bf16 per-round
+// gradients ([R, L, DH], MmaBwdOut) and a round sum of its own, or, direct,
+// from the query and key sides themselves.
+//
+// Several rounds: the query and key sides write each round's dq, dk_hat and
+// dv rows in bf16 (half the bytes of fp32 through L2 and memory, written and
+// read once each; the rounding, 2^-9 relative, is that of the operands the
+// products already take), and finish_mma_kernel sums the rounds in fp32,
+// applies the normalisation's backward with k_hat_j = qk_j / |k_j| and adds
+// into dqk and dv (as finish_backward_kernel; no fp32 k_hat is kept).
 //
 // Direct (a bf16 call of one round, or full attention): every position is
 // one query row of one block of the query side and one key row of one block
@@ -331,12 +352,21 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // several rounds keep the scratch: one launch of each side per round, adding
 // directly, measured 1.65x slower at 64K tokens (bench/RESULTS.md).
 struct MmaBwdOut {
-  float *dq, *dkh, *dv;  // per-round scratch, or (direct) dqk, dqk, dv
-  bool direct;           // add into [L, ld] rows instead of writing [R, L, dh]
-  float* norm;           // direct: |k| [L], written by the staging
+  float *dq, *dkh, *dv;  // direct: dqk, dqk, dv (either pair may be null)
+  bool direct;           // add into [L, ld] rows instead of writing [R, L, DH]
+  float* norm;           // |k| [L], written by the staging
+  // Not direct: the per-round gradients in bf16, [R, L, DH] rows (DH =
+  // kernel_dhm(dh), the padding columns written 0), overwritten, then summed
+  // over the rounds into dqk and dv (any may be null).
+  __nv_bfloat16 *dq_r, *dkh_r, *dv_r;
 };
 inline bool mma_backward_direct(const AttentionParams& p, bool full) {
   return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);
+}
+// The per-round scratch of a backward call (carve_scratch).
+inline ScratchGrads backward_grads(const AttentionParams& p, bool full) {
+  if (p.precision != AttentionPrecision::bf16) return ScratchGrads::fp32;
+  return mma_backward_direct(p, full) ? ScratchGrads::none : ScratchGrads::bf16;
 }
 // The forward's / backward's `stage` holds kMmaFwdStaged / kMmaBwdStaged
 // arrays of carve_scratch's staged layout (q, k_hat, v; and dout). A null
@@ -347,9 +377,9 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
                            const float* qk, const float* khat, const float* v, float* out,
                            float* lse, void* stage, cudaStream_t s);
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
-                            const float* qk, const float* khat, const float* v, const float* dout,
-                            const float* rm, const float* riz, const float* rD,
-                            const MmaBwdOut& o, void* stage, cudaStream_t s);
+                            const float* qk, const float* v, const float* dout, const float* rm,
+                            const float* riz, const float* rD, const MmaBwdOut& o, void* stage,
+                            cudaStream_t s);
 
 }  // namespace cuda
 }  // namespace reformer

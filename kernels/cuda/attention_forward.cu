@@ -261,7 +261,8 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
   if (p.L == 0) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
   const cuda::AttnScratch sc =
-      cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false, staged, staged == 0);
+      cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false, staged,
+                          staged == 0 ? cuda::ScratchGrads::fp32 : cuda::ScratchGrads::none);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
   if (p.precision == AttentionPrecision::bf16) {  // k_hat staged from qk directly
     cuda::mma_attention_forward(p, perm, false, qk, nullptr, v, out_r, lse, sc.stage, stream_);
@@ -293,7 +294,9 @@ void CudaOps::full_attention_forward(float* out, float* lse, const float* qk, co
   cuda::check_common(p, "full_attention_forward");
   if (p.L == 0) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
-  const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, false, staged, staged == 0);
+  const cuda::AttnScratch sc = cuda::carve_scratch(
+      ws_, p.L, p.dh, 1, false, staged,
+      staged == 0 ? cuda::ScratchGrads::fp32 : cuda::ScratchGrads::none);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
   if (p.precision == AttentionPrecision::bf16) {  // k_hat staged from qk directly
     cuda::mma_attention_forward(p, nullptr, true, qk, nullptr, v, out, lse, sc.stage, stream_);

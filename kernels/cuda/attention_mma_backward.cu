@@ -1,8 +1,8 @@
 // Attention backward on tensor cores (AttentionParams::precision == bf16):
 // the query side and the key side of attention_backward.cu on mma.m16n8k16
-// (bf16 operands, fp32 accumulators); row_stats_kernel before them and
-// finish_backward_kernel after them (not with one round per call) are shared
-// with the fp32 path.
+// (bf16 operands, fp32 accumulators); row_stats_kernel before them is
+// shared with the fp32 path, and finish_mma_kernel after them (not with one
+// round per call) sums their bf16 per-round rows.
 //
 // Both recompute the probabilities from the row statistics (m_i, 1 / z_i,
 // D_i of row_stats_kernel), as the fp32 kernels (the exponential by the
@@ -31,11 +31,13 @@
 //    chunks share in shared memory (below): each chunk's rows are gathered
 //    once per run instead of twice, the same products in the same order.
 // Each writes every element of its outputs once, in a fixed order: the
-// backward is bitwise reproducible (no atomics). The fp32 outputs are
-// written two columns per 8-byte store (store_pair): the gathers and these
-// stores through L2 bound the kernels more than their arithmetic does. With one round per call
-// (or full attention) both add into the op's dqk and dv directly instead
-// (MmaBwdOut, attention_common.cuh): no per-round scratch, no finish pass.
+// backward is bitwise reproducible (no atomics). The per-round outputs are
+// bf16 rows, a quad's four lanes filling one 32-byte sector per store
+// (store_rows_bf16): the gathers and these stores through L2 bound the
+// kernels more than their arithmetic does. With one round per call (or full
+// attention) both add into the op's dqk and dv directly instead (fp32, two
+// columns per 8-byte store: store_pair; MmaBwdOut, attention_common.cuh): no
+// per-round scratch, no finish pass.
 //
 // Work per call: 6 dh (query side: S, dP, dQ) + 8 dh (key side: S, dP, dV,
 // dK) = 14 dh flops per (query, key) pair (pairs as in the forward,
@@ -87,22 +89,56 @@ __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const i
   }
 }
 
-// dq of this thread's two rows to the op's output: dq_r [R, L, dh] row r * L
-// + qpos (overwritten) or, direct, dqk [L, ld] row qpos (added).
+// A 16 x 8 OT accumulator strip's two rows of this thread (h = 0: row
+// lane / 4, h = 1: that + 8) as bf16 into rows[h] (8 OT values, 8-byte
+// aligned; null: not stored). The quad's lanes trade their column pairs so
+// that lane t4 stores columns 4 t4 .. 4 t4 + 3 of each 16: a quad's four
+// 8-byte stores fill one 32-byte sector (the fragment's own pairs would fill
+// half sectors). Every lane of the warp must call it.
+template <int OT>
+__device__ __forceinline__ void store_rows_bf16(bf16* const* rows, float (*acc)[4], int lane) {
+  static_assert(OT % 2 == 0, "tile pairs");
+  const int t4 = lane & 3;
+  const int src0 = (lane & ~3) | ((2 * t4) & 3), src1 = (lane & ~3) | ((2 * t4 + 1) & 3);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int ot = 0; ot < OT; ot += 2) {
+      const uint32_t x = pack_bf16(acc[ot][2 * h], acc[ot][2 * h + 1]);
+      const uint32_t y = pack_bf16(acc[ot + 1][2 * h], acc[ot + 1][2 * h + 1]);
+      const uint32_t ax = __shfl_sync(0xffffffffu, x, src0);
+      const uint32_t ay = __shfl_sync(0xffffffffu, y, src0);
+      const uint32_t bx = __shfl_sync(0xffffffffu, x, src1);
+      const uint32_t by = __shfl_sync(0xffffffffu, y, src1);
+      if (rows[h])
+        *reinterpret_cast<uint2*>(rows[h] + ot * 8 + 4 * t4) =
+            t4 < 2 ? make_uint2(ax, bx) : make_uint2(ay, by);
+    }
+  }
+}
+
+// dq of this thread's two rows to the op's output: dq_r [R, L, DH] row r * L
+// + qpos in bf16 (overwritten) or, direct, dqk [L, ld] row qpos (added).
 template <int OT>
 __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, int64_t r,
-                                         const int* qpos, float (*dq)[4], int t4) {
+                                         const int* qpos, float (*dq)[4], int lane) {
+  if (!o.direct) {
+    bf16* rows[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      rows[h] = qpos[h] < 0 ? nullptr : o.dq_r + (r * g.L + qpos[h]) * (8 * OT);
+    store_rows_bf16<OT>(rows, dq, lane);
+    return;
+  }
+  const int t4 = lane & 3;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     if (qpos[h] < 0) continue;
-    float* dst = o.direct ? o.dq + int64_t(qpos[h]) * g.ld : o.dq + (r * g.L + qpos[h]) * g.dh;
+    float* dst = o.dq + int64_t(qpos[h]) * g.ld;
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
       const int d = ot * 8 + 2 * t4;
-      if (o.direct)
-        store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
-      else
-        store_pair(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+      store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
     }
   }
 }
@@ -193,7 +229,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     cp_async_commit();
   }
   cp_async_wait<0>();
-  dq_write<OT>(g, o, r, qpos, dq, t4);
+  dq_write<OT>(g, o, r, qpos, dq, lane);
 }
 
 // Key side, one pass of kDkvQueries queries (q_tile / g_tile: their staged q
@@ -242,7 +278,7 @@ __device__ __forceinline__ void dkv_pass(float (*dk)[4], float (*dvv)[4], const 
 }
 
 // dk_hat and dv of this thread's two key rows (positions kpos) to the op's
-// outputs: dkh_r, dv_r [R, L, dh] row r * L + kpos (overwritten), or, direct,
+// outputs: dkh_r, dv_r [R, L, DH] row r * L + kpos in bf16 (overwritten), or, direct,
 // dqk [L, ld] += (dk_hat - k_hat (k_hat . dk_hat)) / |k| and dv += dv.
 template <int DH>
 __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
@@ -287,17 +323,17 @@ __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
     }
     return;
   }
+  const int lane = threadIdx.x & 31;
+  bf16* krows[2];
+  bf16* vrows[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    if (kpos[h] < 0) continue;
-    const int64_t base = (r * g.L + kpos[h]) * g.dh;
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot) {
-      const int d = ot * 8 + 2 * t4;
-      if (o.dkh) store_pair(o.dkh + base, d, g.dh, g.pairs, dk[ot][2 * h], dk[ot][2 * h + 1]);
-      if (o.dv) store_pair(o.dv + base, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
-    }
+    const int64_t base = (r * g.L + kpos[h]) * DH;
+    krows[h] = kpos[h] >= 0 && o.dkh_r ? o.dkh_r + base : nullptr;
+    vrows[h] = kpos[h] >= 0 && o.dv_r ? o.dv_r + base : nullptr;
   }
+  if (o.dkh_r) store_rows_bf16<OT>(krows, dk, lane);
+  if (o.dv_r) store_rows_bf16<OT>(vrows, dvv, lane);
 }
 
 // Key side: for the keys of this block's tile, dkh_r[r, j] = sum_i dS_ij q_i
@@ -494,7 +530,7 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
         cp_async_commit();
       }
     }
-    dq_write<OT>(g, o, r, qpos, dq, t4);
+    dq_write<OT>(g, o, r, qpos, dq, lane);
   }
   cp_async_wait<0>();
 }
@@ -592,57 +628,112 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
   cp_async_wait<0>();
 }
 
+// The round sum of a backward of several rounds, one warp per position j:
+// dv[j] += sum_r dv_r[r, j]; dqk[j] += P_j(sum_r dkh_r[r, j]) / |k_j| +
+// sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = qk_j /
+// |k_j| (the staging's division), per-round rows bf16 [R, L, DH], sums in
+// fp32 in round order (finish_backward_kernel's arithmetic on the fp32 rows).
+template <int DH>
+__global__ void finish_mma_kernel(float* dqk, float* dv, const bf16* dq_r, const bf16* dkh_r,
+                                  const bf16* dv_r, const float* qk, const float* norm,
+                                  int64_t L, int64_t ld, int dh, int R) {
+  constexpr int E = DH / 32;  // columns per lane: lane + 32 t
+  const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (j >= L) return;
+  auto round_sum = [&](const bf16* x, int d) {
+    float acc = 0.0f;
+    for (int r = 0; r < R; ++r) acc += __bfloat162float(x[(int64_t(r) * L + j) * DH + d]);
+    return acc;
+  };
+  if (dv) {
+#pragma unroll
+    for (int t = 0; t < E; ++t) {
+      const int d = lane + 32 * t;
+      if (d < dh) dv[j * ld + d] += round_sum(dv_r, d);
+    }
+  }
+  if (!dqk) return;
+  const float n = norm[j];
+  const float* q = qk + j * ld;
+  float acc[E], kh[E];
+  float proj = 0.0f;
+#pragma unroll
+  for (int t = 0; t < E; ++t) {
+    const int d = lane + 32 * t;
+    acc[t] = kh[t] = 0.0f;
+    if (d < dh) {
+      acc[t] = round_sum(dkh_r, d);
+      kh[t] = q[d] / n;
+      proj += kh[t] * acc[t];
+    }
+  }
+  proj = warp_sum(proj);
+  const float inv_norm = 1.0f / n;
+#pragma unroll
+  for (int t = 0; t < E; ++t) {
+    const int d = lane + 32 * t;
+    if (d < dh) dqk[j * ld + d] += (acc[t] - kh[t] * proj) * inv_norm + round_sum(dq_r, d);
+  }
+}
+
 template <int DH, bool FULL>
-void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
-                         const float* v, const float* dout, const float* rm, const float* riz,
-                         const float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
-  // Direct: k_hat staged from qk, |k| into o.norm; otherwise from khat.
-  MmaStage st{{qk, khat, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, o.direct,
-              o.direct ? o.norm : nullptr};
+void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
+                         const float* dout, const float* rm, const float* riz, const float* rD,
+                         const MmaBwdOut& o, void* stage, cudaStream_t s) {
+  // k_hat staged from qk, |k| into o.norm (for the key side's direct
+  // writes, or the round sum).
+  MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, true, o.norm};
   launch_mma_stage<DH>(g, stage, &st, s);
+  const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
+  const bool want_kv = o.direct ? o.dkh || o.dv : o.dkh_r || o.dv_r;
   if (!FULL && mma_walks(g)) {
     constexpr size_t smem = mma_walk_bwd_smem<DH>();
     const unsigned runs = unsigned(rounds * ((g.n_chunks + kWalk - 1) / kWalk));
-    if (o.dq) {
+    if (want_q) {
       set_mma_smem(mma_dq_walk_kernel<DH>, smem);
       mma_dq_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
       CUDA_CHECK_LAUNCH("mma_dq_walk_kernel");
     }
-    if (o.dkh || o.dv) {
+    if (want_kv) {
       set_mma_smem(mma_dkv_walk_kernel<DH>, smem);
       mma_dkv_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
       CUDA_CHECK_LAUNCH("mma_dkv_walk_kernel");
     }
-    return;
+  } else {
+    const unsigned blocks = attn_blocks(g, rounds);
+    if (want_q) {
+      constexpr size_t smem = mma_dq_smem<DH>();
+      set_mma_smem(mma_dq_kernel<DH, FULL>, smem);
+      mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+      CUDA_CHECK_LAUNCH("mma_dq_kernel");
+    }
+    if (want_kv) {
+      constexpr size_t smem = mma_dkv_smem<DH>();
+      set_mma_smem(mma_dkv_kernel<DH, FULL>, smem);
+      mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+      CUDA_CHECK_LAUNCH("mma_dkv_kernel");
+    }
   }
-  const unsigned blocks = attn_blocks(g, rounds);
-  if (o.dq) {
-    constexpr size_t smem = mma_dq_smem<DH>();
-    set_mma_smem(mma_dq_kernel<DH, FULL>, smem);
-    mma_dq_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
-    CUDA_CHECK_LAUNCH("mma_dq_kernel");
-  }
-  if (o.dkh || o.dv) {
-    constexpr size_t smem = mma_dkv_smem<DH>();
-    set_mma_smem(mma_dkv_kernel<DH, FULL>, smem);
-    mma_dkv_kernel<DH, FULL><<<blocks, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
-    CUDA_CHECK_LAUNCH("mma_dkv_kernel");
-  }
+  if (o.direct) return;
+  finish_mma_kernel<DH><<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
+      o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, qk, o.norm, g.L, g.ld, g.dh, rounds);
+  CUDA_CHECK_LAUNCH("finish_mma_kernel");
 }
 
 template <bool FULL>
-void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
-                           const float* v, const float* dout, const float* rm, const float* riz,
-                           const float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
+void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
+                           const float* dout, const float* rm, const float* riz, const float* rD,
+                           const MmaBwdOut& o, void* stage, cudaStream_t s) {
   switch (kernel_dhm(g.dh)) {
     case 32:
-      launch_mma_backward<32, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
+      launch_mma_backward<32, FULL>(g, rounds, qk, v, dout, rm, riz, rD, o, stage, s);
       break;
     case 64:
-      launch_mma_backward<64, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
+      launch_mma_backward<64, FULL>(g, rounds, qk, v, dout, rm, riz, rD, o, stage, s);
       break;
     default:
-      launch_mma_backward<128, FULL>(g, rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
+      launch_mma_backward<128, FULL>(g, rounds, qk, v, dout, rm, riz, rD, o, stage, s);
       break;
   }
 }
@@ -650,15 +741,15 @@ void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const
 }  // namespace
 
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
-                            const float* qk, const float* khat, const float* v, const float* dout,
-                            const float* rm, const float* riz, const float* rD,
-                            const MmaBwdOut& o, void* stage, cudaStream_t s) {
+                            const float* qk, const float* v, const float* dout, const float* rm,
+                            const float* riz, const float* rD, const MmaBwdOut& o, void* stage,
+                            cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, full);
-  g.pairs = mma_pairs(g.dh, o.direct ? g.ld : g.dh, {o.dq, o.dkh, o.dv});
+  g.pairs = o.direct && mma_pairs(g.dh, g.ld, {o.dq, o.dkh, o.dv});
   if (full)
-    dispatch_mma_backward<true>(g, 1, qk, khat, v, dout, rm, riz, rD, o, stage, s);
+    dispatch_mma_backward<true>(g, 1, qk, v, dout, rm, riz, rD, o, stage, s);
   else
-    dispatch_mma_backward<false>(g, p.n_rounds, qk, khat, v, dout, rm, riz, rD, o, stage, s);
+    dispatch_mma_backward<false>(g, p.n_rounds, qk, v, dout, rm, riz, rD, o, stage, s);
 }
 
 }  // namespace cuda

@@ -146,7 +146,7 @@ TEST(MemoryPlan, HeadsPerPassDivideTheRanksHeads) {
 // Rounds one at a time: by default when a pass holds one head and that
 // would save more than kRoundSavingThreshold; the key forces either way;
 // one round at a time holds less round output (and with fp32 attention less
-// op workspace); values other than auto, 1 and n_hashes are refused, naming
+// op workspace, with bf16 no more); values other than auto, 1 and n_hashes are refused, naming
 // the key.
 TEST(MemoryPlan, RoundsPerPass) {
   EXPECT_FALSE(attention_by_round(config({}), 1));
@@ -166,7 +166,9 @@ TEST(MemoryPlan, RoundsPerPass) {
   const MemoryPlan one = plan_memory(
       config({"model.max_len=65536", "model.d_head=128", "model.attn_rounds_per_pass=1"}), 1);
   EXPECT_LT(one.bytes(PlanGroup::activations), all.bytes(PlanGroup::activations));
-  EXPECT_LT(one.bytes(PlanGroup::workspace), all.bytes(PlanGroup::workspace));
+  // bf16: the rounds' gradient scratch (bf16) is below the feed-forward's
+  // workspace at 64K, so the op workspace does not grow with the rounds.
+  EXPECT_LE(one.bytes(PlanGroup::workspace), all.bytes(PlanGroup::workspace));
   const MemoryPlan all32 = plan_memory(
       config({"model.max_len=65536", "model.d_head=128", "attention.precision=fp32"}), 1);
   const MemoryPlan one32 =
@@ -254,7 +256,7 @@ TEST(MemoryPlan, ParsesSizes) {
 // Auto heads per pass on a device of a given size: the most the pass budget
 // allows whose whole plan takes at most 90% of the device, else one; a set
 // key and an unknown device leave the config alone. The peers' model at 1M:
-// 4 heads plan 50.47 GiB, 2 heads 40.44, 1 head 35.42 (bench/RESULTS.md).
+// 4 heads plan 43.47 GiB, 2 heads 33.44, 1 head 28.42 (`reformer plan`).
 TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"model.max_len=1048576"});
@@ -264,13 +266,13 @@ TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   };
   EXPECT_EQ(attention_heads_per_pass(cfg, 1), 4);  // the 24 GiB pass budget
   EXPECT_EQ(fitted(cfg, 139 * GiB), 4);
-  EXPECT_EQ(fitted(cfg, 50 * GiB), 2);  // 4 heads: 47.47 > 45 GiB
-  EXPECT_EQ(fitted(cfg, 40 * GiB), 1);  // 2 heads: 37.44 > 36 GiB
+  EXPECT_EQ(fitted(cfg, 45 * GiB), 2);  // 4 heads: 43.47 > 40.5 GiB
+  EXPECT_EQ(fitted(cfg, 35 * GiB), 1);  // 2 heads: 33.44 > 31.5 GiB
   EXPECT_EQ(fitted(cfg, 0), 0);         // no device: the budget rule decides
   Config set = cfg;
   set.model.attn_heads_per_pass = 8;
   EXPECT_EQ(fitted(set, 40 * GiB), 8);
-  for (int64_t gib : {139, 50, 40}) {
+  for (int64_t gib : {139, 45, 35}) {
     const Config f = fit_heads_per_pass(cfg, 1, gib * GiB);
     const int64_t total = plan_memory(f, 1).total_bytes();
     if (f.model.attn_heads_per_pass > 1) EXPECT_LE(double(total), 0.9 * double(gib * GiB));
