@@ -111,7 +111,10 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   const int64_t colsum = 8 * ((std::max(chunk, L) + 255) / 256) *
                          std::max<int64_t>({2 * cfg.model.d_model, cfg.model.d_ff,
                                             cfg.model.vocab_size});
-  const int64_t largest = std::max({attention, sort, hash, colsum, other});
+  // The one-pass LayerNorm backward's partial sums (kernels/cuda/layernorm.cu:
+  // two [512, d_model] double arrays at most).
+  const int64_t ln_sums = round256(2 * 8 * 512 * int64_t(cfg.model.d_model));
+  const int64_t largest = std::max({attention, sort, hash, colsum, ln_sums, other});
   return workspace_capacity(largest);
 }
 

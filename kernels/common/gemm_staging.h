@@ -37,12 +37,13 @@ inline int64_t gemm_stage_bytes(int64_t N, int64_t C, int64_t OC) {
 }
 
 // layernorm_project_backward (kernels/cuda/layernorm_project.cu) with two
-// projections [C, OC]: both weights in bf16, a block of normalised rows and
-// of dout rows (the forward asks for less).
+// projections [C, OC]: both weights side by side in bf16 [C, 2 OC], a block
+// of gemm_block_rows(N, C, 2 OC) normalised rows and of as many dout rows
+// side by side (the forward asks for less).
 inline int64_t layernorm_project_bytes(int64_t N, int64_t C, int64_t OC) {
   auto r256 = [](int64_t b) { return (b + 255) / 256 * 256; };
-  const int64_t rows = gemm_block_rows(N, C, OC);
-  return 2 * r256(2 * C * OC) + r256(2 * rows * C) + r256(2 * rows * OC);
+  const int64_t rows = gemm_block_rows(N, C, 2 * OC);
+  return r256(2 * C * 2 * OC) + r256(2 * rows * C) + r256(2 * rows * 2 * OC);
 }
 
 // Whether the CUDA feed-forward block (kernels/cuda/ffn.cu) keeps its whole

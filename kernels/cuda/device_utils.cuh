@@ -151,6 +151,9 @@ inline int64_t colsum_slabs(int64_t rows) { return std::max<int64_t>(1, (rows + 
 // (matmul.cu); issued on `stream`.
 void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
                 cudaStream_t stream);
+// The same for a [rows, cols] block with row strides ld_dst and ld_src.
+void round_bf16_2d(__nv_bfloat16* dst, int64_t ld_dst, const float* src, int64_t ld_src,
+                   int64_t rows, int64_t cols, cudaStream_t stream);
 
 // out = bf16(LayerNorm(inp)) with mean and rstd, as layernorm_forward
 // (layernorm.cu); false (nothing done) for rows wider than 2048.

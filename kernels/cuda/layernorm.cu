@@ -2,7 +2,9 @@
 // One warp per row, two-pass statistics in fp32 (biased variance); the
 // forward holds a row of up to 2048 values in registers (one read of the
 // input). The weight and bias gradients are deterministic two-pass column
-// sums in double. Bitwise reproducible.
+// sums in double; for rows of up to 1024 the backward makes one pass over
+// its inputs for the input gradient and the column sums together
+// (layernorm_backward_fused_kernel). Bitwise reproducible.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -113,6 +115,112 @@ __global__ void layernorm_dinp_kernel(float* dinp, const float* dout, const floa
   }
 }
 
+// The whole backward of rows of up to 32 kPer values in one pass over dout
+// and inp: layernorm_dinp_kernel's rows (the same arithmetic, the row held
+// in registers), and the column sums of dout * xhat and dout (the weight and
+// bias gradients' terms) of this block's rows, each warp's in fp32 in shared
+// memory (its own row of sums: no atomics), then the warps' in order into
+// partial[2][gridDim.x][C] (double), summed over blocks by
+// colsum_final_kernel. Block b takes rows [b * rows_per, (b + 1) *
+// rows_per). The grid is one full wave of the device (at most kLnBlocks,
+// at most one block per 8 rows): the partials stay small at any N, no
+// second wave runs a few blocks on a nearly idle device, and on one device
+// the sums' order is fixed. Dynamic shared memory: 2 * kRowsPerBlock * C
+// floats.
+constexpr int kLnBlocks = 512;
+constexpr int kLnFusedMaxC = 1024;
+template <int kPer>
+__global__ void __launch_bounds__(32 * kRowsPerBlock)
+    layernorm_backward_fused_kernel(float* dinp, double* partial, const float* dout,
+                                    const float* inp, const float* w, const float* mean,
+                                    const float* rstd, int64_t N, int C, int64_t rows_per) {
+  extern __shared__ float ln_sums[];  // [2][kRowsPerBlock][C]: dout * xhat, dout
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float* sdw = ln_sums + warp * C;
+  float* sdb = ln_sums + (kRowsPerBlock + warp) * C;
+  for (int c = lane; c < C; c += 32) sdw[c] = sdb[c] = 0.0f;
+  const int64_t r0 = int64_t(blockIdx.x) * rows_per, r1 = min(N, r0 + rows_per);
+  for (int64_t n = r0 + warp; n < r1; n += kRowsPerBlock) {
+    const float* x = inp + n * C;
+    const float* g = dout + n * C;
+    const float m = mean[n], r = rstd[n];
+    float gv[kPer], xh[kPer];
+    float sg = 0.0f, sgx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int c = lane + 32 * k;
+      gv[k] = c < C ? g[c] : 0.0f;
+      xh[k] = c < C ? x[c] : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int c = lane + 32 * k;
+      if (c < C) {
+        const float gw = gv[k] * w[c];
+        xh[k] = (xh[k] - m) * r;
+        sg += gw;
+        sgx += gw * xh[k];
+      }
+    }
+    const float g_mean = warp_sum(sg) / float(C);
+    const float gx_mean = warp_sum(sgx) / float(C);
+    float* d = dinp + n * C;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int c = lane + 32 * k;
+      if (c < C) {
+        d[c] += r * (gv[k] * w[c] - g_mean - xh[k] * gx_mean);
+        sdw[c] += gv[k] * xh[k];
+        sdb[c] += gv[k];
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t blocks = gridDim.x;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    double tw = 0.0, tb = 0.0;
+    for (int k = 0; k < kRowsPerBlock; ++k) {
+      tw += double(ln_sums[k * C + c]);
+      tb += double(ln_sums[(kRowsPerBlock + k) * C + c]);
+    }
+    partial[int64_t(blockIdx.x) * C + c] = tw;
+    partial[(blocks + blockIdx.x) * C + c] = tb;
+  }
+}
+
+// Blocks of layernorm_backward_fused_kernel<kPer> at C columns: the most
+// the device runs at once, at most kLnBlocks and one per 8 rows.
+template <int kPer>
+int64_t layernorm_backward_blocks(int64_t N, int C) {
+  static const bool smem_set = [] {
+    CUDA_CHECK(cudaFuncSetAttribute(layernorm_backward_fused_kernel<kPer>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    int(sizeof(float) * 2 * kRowsPerBlock * 32 * kPer)));
+    return true;
+  }();
+  (void)smem_set;
+  int device = 0, sms = 0, per_sm = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, layernorm_backward_fused_kernel<kPer>, 32 * kRowsPerBlock,
+      sizeof(float) * size_t(2 * kRowsPerBlock * C)));
+  const int64_t wave = std::max<int64_t>(1, int64_t(sms) * per_sm);
+  return std::min({wave, int64_t(kLnBlocks), (N + kRowsPerBlock - 1) / kRowsPerBlock});
+}
+
+template <int kPer>
+void launch_layernorm_backward_fused(float* dinp, double* partial, const float* dout,
+                                     const float* inp, const float* w, const float* mean,
+                                     const float* rstd, int64_t N, int C, int64_t blocks,
+                                     cudaStream_t s) {
+  const size_t smem = sizeof(float) * size_t(2 * kRowsPerBlock * C);
+  const int64_t rows_per = (N + blocks - 1) / blocks;
+  layernorm_backward_fused_kernel<kPer><<<unsigned(blocks), 32 * kRowsPerBlock, smem, s>>>(
+      dinp, partial, dout, inp, w, mean, rstd, N, C, rows_per);
+  CUDA_CHECK_LAUNCH("layernorm_backward_fused_kernel");
+}
+
 struct DwTerm {  // dout * xhat
   const float *dout, *inp, *mean, *rstd;
   int64_t C;
@@ -170,6 +278,25 @@ void CudaOps::layernorm_backward(float* dinp, float* dw, float* db, const float*
                                  const float* inp, const float* w, const float* mean,
                                  const float* rstd, int64_t N, int C) {
   if (N <= 0 || C <= 0) return;
+  if (dinp && dw && db && C <= cuda::kLnFusedMaxC) {  // one pass (layernorm_backward_fused_kernel)
+    const int64_t blocks = C <= 256 ? cuda::layernorm_backward_blocks<8>(N, C)
+                                    : cuda::layernorm_backward_blocks<32>(N, C);
+    double* partial = static_cast<double*>(ws_.get(sizeof(double) * size_t(2 * blocks * C)));
+    if (C <= 256)
+      cuda::launch_layernorm_backward_fused<8>(dinp, partial, dout, inp, w, mean, rstd, N, C,
+                                               blocks, stream_);
+    else
+      cuda::launch_layernorm_backward_fused<32>(dinp, partial, dout, inp, w, mean, rstd, N, C,
+                                                blocks, stream_);
+    const unsigned fin = unsigned((C + 255) / 256);
+    cuda::colsum_final_kernel<double>
+        <<<fin, 256, 0, stream_>>>(partial, blocks, C, cuda::AddTo{dw});
+    CUDA_CHECK_LAUNCH("colsum_final_kernel");
+    cuda::colsum_final_kernel<double>
+        <<<fin, 256, 0, stream_>>>(partial + blocks * C, blocks, C, cuda::AddTo{db});
+    CUDA_CHECK_LAUNCH("colsum_final_kernel");
+    return;
+  }
   if (dinp) {
     const unsigned blocks = unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock);
     cuda::layernorm_dinp_kernel<<<blocks, 32 * cuda::kRowsPerBlock, 0, stream_>>>(

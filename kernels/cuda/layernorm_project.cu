@@ -28,21 +28,20 @@ using bf16 = __nv_bfloat16;
 
 bool fused_ok(int C, int OC) { return C % 8 == 0 && OC % 8 == 0 && C <= 2048; }
 
-// The products' bf16 operands in the op workspace: both weights (rounded
-// here), a block of normalised rows and, for the backward, of dout rows.
+// The forward products' bf16 operands in the op workspace: both weights
+// (rounded here) and a block of normalised rows.
 struct Operands {
-  bf16 *w1, *w2, *x, *d;
+  bf16 *w1, *w2, *x;
 };
 Operands stage_operands(cuda::Workspace& ws, const float* w1, const float* w2, int64_t rows,
-                        int C, int OC, bool dout, cudaStream_t s) {
+                        int C, int OC, cudaStream_t s) {
   cuda::Carve carve;
   const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(OC));
   const size_t o_w2 = carve.reserve(w2 ? 2 * size_t(C) * size_t(OC) : 0);
   const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
-  const size_t o_d = carve.reserve(dout ? 2 * size_t(rows) * size_t(OC) : 0);
   void* base = ws.get(carve.total());
   Operands o{cuda::Carve::at<bf16>(base, o_w1), cuda::Carve::at<bf16>(base, o_w2),
-             cuda::Carve::at<bf16>(base, o_x), cuda::Carve::at<bf16>(base, o_d)};
+             cuda::Carve::at<bf16>(base, o_x)};
   cuda::round_bf16(o.w1, w1, C, OC, s);
   if (w2) cuda::round_bf16(o.w2, w2, C, OC, s);
   return o;
@@ -67,7 +66,7 @@ void CudaOps::layernorm_project_forward(float* out1, float* out2, float* ln, flo
     return;
   }
   const int64_t rows = gemm_block_rows(N, C, OC);
-  const Operands op = stage_operands(ws_, w1, w2, rows, C, OC, false, stream_);
+  const Operands op = stage_operands(ws_, w1, w2, rows, C, OC, stream_);
   bf16 *w1_16 = op.w1, *w2_16 = op.w2, *x16 = op.x;
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
@@ -97,27 +96,37 @@ void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b
     layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
     return;
   }
-  const int64_t rows = gemm_block_rows(N, C, OC);
+  // Both projections as one product for dln: the weights side by side
+  // [C, K] and the dout rows side by side [nr, K], K = OC or 2 OC:
+  // dln^T [C, nr] = w [C, K] dout^T [K, nr] (one write of dln, no second
+  // pass adding into it); each weight gradient from its half of the rows,
+  // dw^T [OC, C] += dout^T [OC, nr] LN [nr, C].
+  const int64_t K = w2 ? 2 * int64_t(OC) : OC;
+  const int64_t rows = gemm_block_rows(N, C, K);
   {
-    const Operands op = stage_operands(ws_, w1, w2, rows, C, OC, true, stream_);
-    bf16 *w1_16 = op.w1, *w2_16 = op.w2, *x16 = op.x, *d16 = op.d;
-    // One projection's share: dln^T [C, nr] (+)= w [C, OC] dout^T [OC, nr],
-    // dw^T [OC, C] += dout^T [OC, nr] LN [nr, C].
-    auto side = [&](const bf16* w16, const float* dout, float* dw, int64_t r0, int64_t nr,
-                    float beta) {
-      cuda::round_bf16(d16, dout + r0 * OC, nr, OC, stream_);
-      if (!gemm(true, false, C, nr, OC, w16, OC, d16, OC, beta, dln + r0 * C, C,
-                GemmOperands::bf16))
-        no_product("layernorm_project_backward", C, OC);
-      if (dw && !gemm(false, true, OC, C, nr, d16, OC, x16, C, 1.0f, dw, OC, GemmOperands::bf16))
-        no_product("layernorm_project_backward", C, OC);
-    };
+    cuda::Carve carve;
+    const size_t o_w = carve.reserve(2 * size_t(C) * size_t(K));
+    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+    const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(K));
+    void* base = ws_.get(carve.total());
+    bf16* w16 = cuda::Carve::at<bf16>(base, o_w);
+    bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
+    bf16* d16 = cuda::Carve::at<bf16>(base, o_d);
+    cuda::round_bf16_2d(w16, K, w1, OC, C, OC, stream_);
+    if (w2) cuda::round_bf16_2d(w16 + OC, K, w2, OC, C, OC, stream_);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);
       cuda::layernorm_forward_bf16(x16, mean + r0, rstd + r0, inp + r0 * C, ln_w, ln_b, nr, C,
                                    eps, stream_);
-      side(w1_16, dout1, dw1, r0, nr, 0.0f);
-      if (w2) side(w2_16, dout2, dw2, r0, nr, 1.0f);
+      cuda::round_bf16_2d(d16, K, dout1 + r0 * OC, OC, nr, OC, stream_);
+      if (w2) cuda::round_bf16_2d(d16 + OC, K, dout2 + r0 * OC, OC, nr, OC, stream_);
+      if (!gemm(true, false, C, nr, K, w16, K, d16, K, 0.0f, dln + r0 * C, C, GemmOperands::bf16))
+        no_product("layernorm_project_backward", C, OC);
+      if (dw1 && !gemm(false, true, OC, C, nr, d16, K, x16, C, 1.0f, dw1, OC, GemmOperands::bf16))
+        no_product("layernorm_project_backward", C, OC);
+      if (w2 && dw2 &&
+          !gemm(false, true, OC, C, nr, d16 + OC, K, x16, C, 1.0f, dw2, OC, GemmOperands::bf16))
+        no_product("layernorm_project_backward", C, OC);
     }
   }
   layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);

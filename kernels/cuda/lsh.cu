@@ -17,8 +17,9 @@
 //    b0 + factor0 * b1. Blocks of at most kThreadArgmaxCols columns (every
 //    factorized case up to 65536 buckets) take one thread per (position,
 //    round) visiting the columns in order; wider ones one warp.
-//  - Sort: one CUB radix sort of the keys (round, bucket, position) packed in
-//    32 or 64 bits; the position bits make it stable by position. The host
+//  - Sort: one stable CUB radix sort of the (round, bucket) keys, 16 or 32
+//    bits, carrying the positions (in increasing order, so ties stay by
+//    position) straight into the permutation. The host
 //    does not wait for it: a bucket id outside [0, n_buckets) (never produced
 //    by lsh_hash) raises kBucketOutOfRange in CudaOps' device error word, and
 //    the next host synchronisation point throws ShapeError (kernels/ops.h).
@@ -190,10 +191,11 @@ __global__ void __launch_bounds__(kArgmaxThreads)
 }
 
 // bad: CudaOps' device error word; an out-of-range bucket raises
-// kBucketOutOfRange there and is sorted as bucket 0.
+// kBucketOutOfRange there and is sorted as bucket 0. keys[idx] = (round,
+// bucket) of element idx = r L + i, pos[idx] = i.
 template <class Key>
-__global__ void make_keys_kernel(Key* keys, int32_t* bad, const int32_t* buckets, int64_t L,
-                                 int64_t n, int n_buckets, int bits_l, int bits_b) {
+__global__ void make_keys_kernel(Key* keys, int32_t* pos, int32_t* bad, const int32_t* buckets,
+                                 int64_t L, int64_t n, int n_buckets, int bits_b) {
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = idx / L, i = idx % L;
@@ -202,42 +204,43 @@ __global__ void make_keys_kernel(Key* keys, int32_t* bad, const int32_t* buckets
       *bad = kBucketOutOfRange;
       b = 0;
     }
-    keys[idx] = (Key(r) << (bits_b + bits_l)) | (Key(b) << bits_l) | Key(i);
+    keys[idx] = Key((uint32_t(r) << bits_b) | uint32_t(b));
+    pos[idx] = int32_t(i);
   }
 }
 
-template <class Key>
-__global__ void keys_to_perm_kernel(int32_t* perm, const Key* keys, int64_t n, Key mask) {
-  for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-       idx += int64_t(gridDim.x) * blockDim.x)
-    perm[idx] = int32_t(keys[idx] & mask);
-}
-
+// Every round's positions by (bucket, position): a stable radix sort of the
+// (round, bucket) keys (round major: each round stays in its own L slots)
+// carrying the positions, which come in increasing order, so ties keep it.
+// bits_r + bits_b bits instead of the position's too: half the passes of a
+// (round, bucket, position) key sort at 64K tokens, and the sort writes the
+// permutation itself.
 template <class Key>
 void sort_rounds(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets,
-                 int bits_l, int bits_b, int total_bits, Workspace& ws, int32_t* error_word,
+                 int bits_b, int key_bits, Workspace& ws, int32_t* error_word,
                  cudaStream_t stream) {
   const int64_t n = int64_t(n_hashes) * L;
   size_t temp_bytes = 0;
-  CUDA_CHECK(cub::DeviceRadixSort::SortKeys(nullptr, temp_bytes, static_cast<const Key*>(nullptr),
-                                            static_cast<Key*>(nullptr), n, 0, total_bits, stream));
+  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+      nullptr, temp_bytes, static_cast<const Key*>(nullptr), static_cast<Key*>(nullptr),
+      static_cast<const int32_t*>(nullptr), static_cast<int32_t*>(nullptr), n, 0, key_bits,
+      stream));
   Carve carve;
   const size_t off_in = carve.reserve(sizeof(Key) * size_t(n));
   const size_t off_out = carve.reserve(sizeof(Key) * size_t(n));
+  const size_t off_pos = carve.reserve(sizeof(int32_t) * size_t(n));
   const size_t off_temp = carve.reserve(temp_bytes);
   void* base = ws.get(carve.total());
   Key* keys_in = Carve::at<Key>(base, off_in);
   Key* keys_out = Carve::at<Key>(base, off_out);
+  int32_t* pos = Carve::at<int32_t>(base, off_pos);
   void* temp = Carve::at<char>(base, off_temp);
 
-  make_keys_kernel<Key><<<grid_for(n), kThreads, 0, stream>>>(keys_in, error_word, buckets, L, n,
-                                                              n_buckets, bits_l, bits_b);
+  make_keys_kernel<Key><<<grid_for(n), kThreads, 0, stream>>>(keys_in, pos, error_word, buckets,
+                                                              L, n, n_buckets, bits_b);
   CUDA_CHECK_LAUNCH("make_keys_kernel");
-  CUDA_CHECK(cub::DeviceRadixSort::SortKeys(temp, temp_bytes, keys_in, keys_out, n, 0, total_bits,
-                                            stream));
-  keys_to_perm_kernel<Key><<<grid_for(n), kThreads, 0, stream>>>(
-      perm, keys_out, n, Key((Key(1) << bits_l) - 1));
-  CUDA_CHECK_LAUNCH("keys_to_perm_kernel");
+  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, pos, perm, n, 0,
+                                             key_bits, stream));
 }
 
 // lsh_decode_keys: one block per unit. Each thread takes kDecodeKeysPer
@@ -350,15 +353,15 @@ void CudaOps::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_h
                        int n_buckets) {
   check_lsh_buckets(n_buckets);
   if (L <= 0 || n_hashes <= 0) return;
-  const int bits_l = cuda::bits_for(L), bits_b = cuda::bits_for(n_buckets),
-            bits_r = cuda::bits_for(n_hashes);
-  const int total = bits_l + bits_b + bits_r;
-  if (total > 64) throw ShapeError("lsh_sort: (round, bucket, position) does not fit 64 bits");
-  if (total <= 32)
-    cuda::sort_rounds<uint32_t>(perm, buckets, L, n_hashes, n_buckets, bits_l, bits_b, total, ws_,
+  if (L > INT32_MAX) throw ShapeError("lsh_sort: positions do not fit 32 bits");
+  const int bits_b = cuda::bits_for(n_buckets), bits_r = cuda::bits_for(n_hashes);
+  const int key_bits = bits_r + bits_b;
+  if (key_bits > 32) throw ShapeError("lsh_sort: (round, bucket) does not fit 32 bits");
+  if (key_bits <= 16)
+    cuda::sort_rounds<uint16_t>(perm, buckets, L, n_hashes, n_buckets, bits_b, key_bits, ws_,
                                 device_error_dev_, stream_);
   else
-    cuda::sort_rounds<uint64_t>(perm, buckets, L, n_hashes, n_buckets, bits_l, bits_b, total, ws_,
+    cuda::sort_rounds<uint32_t>(perm, buckets, L, n_hashes, n_buckets, bits_b, key_bits, ws_,
                                 device_error_dev_, stream_);
 }
 

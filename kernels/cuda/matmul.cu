@@ -82,6 +82,31 @@ __global__ void round_bf16_vec4_kernel(__nv_bfloat16* dst, const float* src, int
   }
 }
 
+// dst[r * ld_dst + c] = bf16(src[r * ld_src + c]), four columns per thread
+// (cols, both strides and both addresses multiples of 4 elements / 16 and 8 bytes).
+__global__ void round_bf16_2d_vec4_kernel(__nv_bfloat16* dst, int64_t ld_dst, const float* src,
+                                          int64_t ld_src, int64_t rows, int64_t cols4) {
+  const int64_t n = rows * cols4;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols4, c = 4 * (i - r * cols4);
+    const float4 v = *reinterpret_cast<const float4*>(src + r * ld_src + c);
+    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst + r * ld_dst + c);
+    d[0] = __floats2bfloat162_rn(v.x, v.y);
+    d[1] = __floats2bfloat162_rn(v.z, v.w);
+  }
+}
+
+__global__ void round_bf16_2d_kernel(__nv_bfloat16* dst, int64_t ld_dst, const float* src,
+                                     int64_t ld_src, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    dst[r * ld_dst + c] = __float2bfloat16_rn(src[r * ld_src + c]);
+  }
+}
+
 // Largest power of two (<= 16) dividing both the address and the row stride in bytes.
 int alignment(const void* p, int64_t ld, int elem_bytes) {
   const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(p)) | uint64_t(ld * elem_bytes);
@@ -116,6 +141,24 @@ void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols
   } else {
     round_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, rows, cols, cols);
     CUDA_CHECK_LAUNCH("round_bf16_kernel");
+  }
+}
+
+void round_bf16_2d(__nv_bfloat16* dst, int64_t ld_dst, const float* src, int64_t ld_src,
+                   int64_t rows, int64_t cols, cudaStream_t stream) {
+  const int64_t n = rows * cols;
+  if (n <= 0) return;
+  const bool vec = cols % 4 == 0 && ld_src % 4 == 0 && ld_dst % 4 == 0 &&
+                   reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(dst) % 8 == 0;
+  if (vec) {
+    round_bf16_2d_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(dst, ld_dst, src, ld_src,
+                                                                       rows, cols / 4);
+    CUDA_CHECK_LAUNCH("round_bf16_2d_vec4_kernel");
+  } else {
+    round_bf16_2d_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, ld_dst, src, ld_src, rows,
+                                                                cols);
+    CUDA_CHECK_LAUNCH("round_bf16_2d_kernel");
   }
 }
 
