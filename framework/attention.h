@@ -41,18 +41,19 @@ struct AttentionShape {
 };
 
 // Transient buffers the kinds share across heads and layers, sized by the
-// model (framework/memory_plan.cpp) for the largest kind it holds. out_r and
-// lse carry a head's state from forward() to backward() in one of `slots`
+// model (framework/memory_plan.cpp) for the largest kind it holds. lse
+// carries a head's state from forward() to backward() in one of `slots`
 // slots (head h uses slot h % slots), so the backward of a head must follow
-// its forward before `slots` other heads' forwards.
+// its forward before `slots` other heads' forwards. out_r is one head's
+// scratch within a call: the rounds' outputs in forward(), the combined
+// output in a backward by round (the backward itself takes the combined
+// output, ao).
 template <class T>
 struct AttentionScratch {
-  Buffer<T> out_r;         // [slots, rounds, L, dh]: each round's output (by round: one)
+  Buffer<T> out_r;         // [rounds, L, dh]: each round's output (by round: one)
   Buffer<T> lse;           // [slots, rounds, L]: each round's log-sum-exp
   int slots = 1;
-  int64_t out_r_slot = 0;  // elements of one slot of out_r (rounds * L * dh)
   int64_t lse_slot = 0;    // elements of one slot of lse (rounds * L)
-  T* out_r_of(int h) { return out_r.data() + int64_t(h % slots) * out_r_slot; }
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
   // by_round only: each round's weight in the combination [slots, rounds, L]
   // (as lse), computed by the backward.
@@ -93,17 +94,6 @@ std::unique_ptr<AttentionKindImpl<T>> make_attention(const Config& cfg, const At
                                                      Ops<T>& ops, AttentionScratch<T>& scratch);
 // True when layer `layer` runs LSH attention over a sequence of L positions.
 bool uses_lsh(const Config& cfg, int layer, int64_t L);
-
-// Under shape.partial, before a chunked backward: every one of the `rounds`
-// rounds of out_r [rounds, L, dh] <- the combined output ao [L, ld], so that
-// the op's D term uses it (kernels/ops.h, chunked_attention_backward).
-template <class T>
-void use_combined_output(Ops<T>& ops, T* out_r, const T* ao, int rounds,
-                         const AttentionShape& shape) {
-  for (int r = 0; r < rounds; ++r)
-    ops.copy_2d(out_r + int64_t(r) * shape.L * shape.dh, shape.dh, ao, shape.ld, shape.L,
-                shape.dh);
-}
 
 // Chunk geometry and masks shared by the kinds.
 AttentionParams attention_params(const Config& cfg, const AttentionShape& shape);

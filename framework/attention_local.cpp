@@ -19,14 +19,13 @@ class LocalAttention final : public AttentionKindImpl<T> {
   const char* name() const override { return "local"; }
 
   void forward(int h, const T* qk, const T* v, T* ao, uint64_t, bool) override {
-    ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, s_.identity.data(),
+    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse_of(h), qk, v, s_.identity.data(),
                                    ap_);
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
                 T* dv) override {
-    if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
-    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), s_.out_r_of(h),
+    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), ao, shape_.ld,
                                     s_.lse_of(h), ap_);
   }
 

@@ -44,12 +44,12 @@ class LshAttention final : public AttentionKindImpl<T> {
       ops_.lsh_sort(perm, buckets, L, nh_, nb_);
     }
     if (!shape_.by_round) {
-      ops_.chunked_attention_forward(ao, s_.out_r_of(h), s_.lse_of(h), qk, v, perm, ap_);
+      ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse_of(h), qk, v, perm, ap_);
       return;
     }
     // One call per round into the head's one-round out_r slot, folded into
     // ao as it comes (so one round's output is held at once).
-    T* out_1 = s_.out_r_of(h);
+    T* out_1 = s_.out_r.data();
     T* lse = s_.lse_of(h);
     for (int r = 0; r < nh_; ++r) {
       ops_.chunked_attention_forward(nullptr, out_1, lse + r * L, qk, v, perm + r * L, round_);
@@ -62,16 +62,15 @@ class LshAttention final : public AttentionKindImpl<T> {
     const int64_t L = shape_.L;
     const int32_t* perm = perms_.data() + int64_t(h) * nh_ * L;
     if (!shape_.by_round) {
-      if (shape_.partial) use_combined_output(ops_, s_.out_r_of(h), ao, nh_, shape_);
-      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, perm, s_.out_r_of(h), s_.lse_of(h),
+      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, perm, ao, shape_.ld, s_.lse_of(h),
                                       ap_);
       return;
     }
     // Round by round: a one-round call given the combined output (its D
     // term) and the round's weight times dao adds round r's share of the
     // gradients (kernels/ops.h, combine_rounds). The out_r slot holds the
-    // combined output from here on, and ao, copied there, holds the round's
-    // share of dao (written, not added).
+    // combined output from here on ([L, dh]), and ao, copied there, holds
+    // the round's share of dao (written, not added).
     const int64_t ld = shape_.ld;
     LseCombineParams share;
     share.N = L;
@@ -80,14 +79,14 @@ class LshAttention final : public AttentionKindImpl<T> {
     share.ld_lse = 1;
     share.ld_out = ld;
     share.accumulate = false;
-    ops_.combine_rounds(nullptr, s_.w_rounds_of(h), s_.out_r_of(h), s_.lse_of(h), nh_, L,
+    ops_.combine_rounds(nullptr, s_.w_rounds_of(h), s_.out_r.data(), s_.lse_of(h), nh_, L,
                         shape_.dh, ld);  // the rounds' weights only
-    use_combined_output(ops_, s_.out_r_of(h), ao, 1, shape_);
+    ops_.copy_2d(s_.out_r.data(), shape_.dh, ao, ld, L, shape_.dh);
     T* dao_r = ao;
     for (int r = 0; r < nh_; ++r) {
       ops_.lse_combine_backward(dao_r, dao, s_.w_rounds_of(h) + r * L, share);
-      ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, perm + r * L,
-                                      s_.out_r_of(h), s_.lse_of(h) + r * L, round_);
+      ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, perm + r * L, s_.out_r.data(),
+                                      shape_.dh, s_.lse_of(h) + r * L, round_);
     }
   }
 

@@ -310,15 +310,16 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       b.add("comb_w", G::activations, "[n_heads, L, sp/n_heads]", {m.n_heads, L, g});
     }
 
-    // One slot per head of a pass. Attended by round, a head's rounds are
+    // One lse slot per head of a pass (the rounds' outputs are a head's
+    // scratch within a call: one). Attended by round, a head's rounds are
     // folded into its output as they come (one round's output at a time),
     // and the backward keeps the rounds' weights.
     const int64_t slots = Hp;
     by_round = attention_by_round(cfg, sp, real_bytes);
     if (by_round)
-      b.add("out_r", G::activations, "[slots, 1, Lfull, dh]", {slots, 1, Lfull, dh});
+      b.add("out_r", G::activations, "[1, Lfull, dh]", {1, Lfull, dh});
     else
-      b.add("out_r", G::activations, "[slots, rounds, Lfull, dh]", {slots, rounds, Lfull, dh});
+      b.add("out_r", G::activations, "[rounds, Lfull, dh]", {rounds, Lfull, dh});
     b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
     if (by_round)
       b.add("w_rounds", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
@@ -354,8 +355,6 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     const int64_t HD = Hloc * dh;
     for (const char* n : {"kept qk", "kept v", "kept ao"})
       b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
-    b.add("kept out_r", G::activations, "out_r per kept layer", {plan.count("out_r")}, false,
-          kept);
     b.add("kept lse", G::activations, "lse per kept layer", {plan.count("lse")}, false, kept);
   }
 

@@ -54,11 +54,11 @@ struct ReformerModel<T>::Scratch {
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
   // + i keeps in kept[i] its inputs, its feed-forward state over all L rows
   // (fh only where h holds state) and, where attn_kept, its attention pass's
-  // qk, v, ao, out_r and lse (swapped with the shared ones around its
-  // attention forward and backward, so those run as for any layer).
+  // qk, v, ao and lse (swapped with the shared ones around its attention
+  // forward and backward, so those run as for any layer).
   struct Kept {
     Buffer<T> x1, x2, fln, fmean, frstd, fa, fh;
-    Buffer<T> qk, v, ao, out_r, lse;
+    Buffer<T> qk, v, ao, lse;
   };
   std::vector<Kept> kept;
   bool attn_kept = false;
@@ -80,7 +80,7 @@ struct ReformerModel<T>::Scratch {
   }
   void swap_attention(Kept& k) {
     std::swap(qk, k.qk); std::swap(v, k.v); std::swap(ao, k.ao);
-    std::swap(attn.out_r, k.out_r); std::swap(attn.lse, k.lse);
+    std::swap(attn.lse, k.lse);
   }
 };
 
@@ -150,7 +150,6 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     s.attn.out_r = buf("out_r");
     s.attn.lse = buf("lse");
     s.attn.slots = Hp_;
-    s.attn.out_r_slot = plan.count("out_r") / s.attn.slots;
     s.attn.lse_slot = plan.count("lse") / s.attn.slots;
     const bool by_round = attention_by_round(cfg, shard.size, int(sizeof(T)));
     if (by_round) s.attn.w_rounds = buf("w_rounds");
@@ -195,7 +194,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     if (kept_h) K.fh = buf("kept fh");
     if (s.attn_kept) {
       K.qk = buf("kept qk"); K.v = buf("kept v"); K.ao = buf("kept ao");
-      K.out_r = buf("kept out_r"); K.lse = buf("kept lse");
+      K.lse = buf("kept lse");
     }
     s.kept.push_back(std::move(K));
   }

@@ -334,7 +334,8 @@ void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, cons
     ops_.fill(s.ldqk.data(), T(0), rt.n_local * dh);
     ops_.fill(s.ldv.data(), T(0), rt.n_local * dh);
     ops_.chunked_attention_backward(s.ldqk.data(), s.ldv.data(), s.ldout.data(), s.lqk.data(),
-                                    s.lv.data(), s.lperm.data(), s.lout.data(), s.llse.data(), p);
+                                    s.lv.data(), s.lperm.data(), s.lout.data(), dh, s.llse.data(),
+                                    p);
     // dqk, dv back in the order the rows came; a position adds its own
     // row's and its halo copy's.
     exchange(rt, false, {{s.ldqk.data(), a, row}, {s.ldv.data(), b, row}});

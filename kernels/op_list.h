@@ -140,8 +140,8 @@
     (out, out_r, lse, qk, v, perm, p))                                                      \
   X(void, chunked_attention_backward,                                                       \
     (T* dqk, T* dv, const T* dout, const T* qk, const T* v, const int32_t* perm,            \
-     const T* out_r, const T* lse, const AttentionParams& p),                               \
-    (dqk, dv, dout, qk, v, perm, out_r, lse, p))                                            \
+     const T* out, int64_t ld_out, const T* lse, const AttentionParams& p),                 \
+    (dqk, dv, dout, qk, v, perm, out, ld_out, lse, p))                                      \
   X(void, combine_rounds,                                                                   \
     (T* out, T* w, const T* out_r, const T* lse, int n_rounds, int64_t L, int dh,           \
      int64_t ld),                                                                           \

@@ -149,15 +149,14 @@ class Ops {
   //   the identity permutation). qk, v, out: [L, ld] slices of one head. Keys
   //   are qk rows normalised to unit length; logits q . k_hat, masked per
   //   AttentionParams. Writes out; saves out_r [n_rounds, L, dh] and
-  //   lse [n_rounds, L] (by position) for the backward. Rounds combine by
-  //   their log-sum-exp. chunked_attention_backward reads out_r only through
-  //   the combined output o_i = sum_r w_r,i out_r,i, in the term
-  //   D_i = dout_i . o_i of the score gradient: when these rounds are one
-  //   part of a larger combination (lse_combine_forward) with weight w_i and
-  //   combined output out_i, writing out_i into every round of out_r and
-  //   passing w_i dout_i gives the gradients of the larger combination
-  //   (full_attention_backward takes its output explicitly, to the same
-  //   effect). combine_rounds: the rounds' combination the chunked forward
+  //   lse [n_rounds, L] (by position). Rounds combine by their log-sum-exp.
+  //   chunked_attention_backward takes lse and the combined output out [L,
+  //   ld_out] (the forward's out, o_i = sum_r w_r,i out_r,i), read only in
+  //   the term D_i = dout_i . o_i of the score gradient: when these rounds are
+  //   one part of a larger combination (lse_combine_forward) with weight w_i
+  //   and combined output out_i, passing out_i and w_i dout_i gives the
+  //   gradients of the larger combination (full_attention_backward takes its
+  //   output the same way). combine_rounds: the rounds' combination the chunked forward
   //   makes, for rounds attended by separate calls: with m_i = max_r lse[r,
   //   i], z_i = sum_r exp(lse[r, i] - m_i) and the weights w[r, i] =
   //   exp(lse[r, i] - m_i) / z_i (written when w is non-null), out[i * ld +

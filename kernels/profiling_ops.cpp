@@ -129,8 +129,8 @@ struct Flops<OpId::chunked_attention_forward> {
 };
 template <>
 struct Flops<OpId::chunked_attention_backward> {
-  static double of(T*, T*, const T*, const T*, const T*, const int32_t*, const T*, const T*,
-                   const AttentionParams& p) {
+  static double of(T*, T*, const T*, const T*, const T*, const int32_t*, const T*, int64_t,
+                   const T*, const AttentionParams& p) {
     return attention_backward_flops(chunked_attention_pairs(p), p.dh);
   }
 };

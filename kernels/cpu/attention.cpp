@@ -299,7 +299,7 @@ void fold_round(T* out, const T* out_r, const T* lse, int r, int64_t L, int dh, 
 // per-round buffers that are summed in round order.
 template <class T>
 void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const T* v,
-                                const int32_t* perm, const T* out_r, const T* lse,
+                                const int32_t* perm, const T* out, int64_t ld_out, const T* lse,
                                 const AttentionParams& p) {
   check_chunked(p, "chunked_attention_backward");
   const int64_t L = p.L, ld = p.ld, chunk = p.chunk;
@@ -314,15 +314,10 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
   // Per position: the round shift and D_i = dout_i . out_i.
   std::vector<RoundShift<T>> shift(static_cast<size_t>(L));
   std::vector<T> D(static_cast<size_t>(L));
-#pragma omp parallel if (par)
-  {
-    std::vector<T> o(static_cast<size_t>(dh));
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < L; ++i) {
-      shift[size_t(i)] = round_shift(lse, i, L, R);
-      combine_position(o.data(), out_r, lse, i, p);
-      D[size_t(i)] = dot(dout + i * ld, o.data(), dh);
-    }
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t i = 0; i < L; ++i) {
+    shift[size_t(i)] = round_shift(lse, i, L, R);
+    D[size_t(i)] = dot(dout + i * ld, out + i * ld_out, dh);
   }
   auto pair_weight = [&](T score, int64_t i) {
     return std::exp(score - shift[size_t(i)].m) * shift[size_t(i)].inv_z;
@@ -565,10 +560,10 @@ template void chunked_attention_forward<double>(double*, double*, double*, const
                                                 const AttentionParams&);
 template void chunked_attention_backward<float>(float*, float*, const float*, const float*,
                                                 const float*, const int32_t*, const float*,
-                                                const float*, const AttentionParams&);
+                                                int64_t, const float*, const AttentionParams&);
 template void chunked_attention_backward<double>(double*, double*, const double*, const double*,
                                                  const double*, const int32_t*, const double*,
-                                                 const double*, const AttentionParams&);
+                                                 int64_t, const double*, const AttentionParams&);
 template void fold_round<float>(float*, const float*, const float*, int, int64_t, int,
                                 int64_t);
 template void fold_round<double>(double*, const double*, const double*, int, int64_t, int,

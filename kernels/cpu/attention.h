@@ -14,7 +14,7 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
                                const int32_t* perm, const AttentionParams& p);
 template <class T>
 void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const T* v,
-                                const int32_t* perm, const T* out_r, const T* lse,
+                                const int32_t* perm, const T* out, int64_t ld_out, const T* lse,
                                 const AttentionParams& p);
 template <class T>
 void combine_rounds(T* out, T* w, const T* out_r, const T* lse, int n_rounds, int64_t L,

@@ -12,34 +12,23 @@ namespace reformer {
 namespace cuda {
 namespace {
 
-// Per position i: m_i, 1 / z_i (chunked: over rounds; full: lse_i and 1) and
-// D_i = dout_i . out_i (chunked: out_i recombined from out_r).
+// Per position i: m_i, 1 / z_i (over the R rounds' lse; full: lse_i and 1)
+// and D_i = dout_i . out_i (out: the combined output, row stride ld_out).
 __global__ void row_stats_kernel(float* rm, float* riz, float* rD, const float* dout,
-                                 const float* out, const float* out_r, const float* lse,
-                                 int64_t L, int64_t ld, int dh, int R, bool full) {
+                                 const float* out, int64_t ld_out, const float* lse, int64_t L,
+                                 int64_t ld, int dh, int R) {
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (i >= L) return;
   const float* g = dout + i * ld;
+  const float* o = out + i * ld_out;
   float dsum = 0.0f;
-  float m, inv_z;
-  if (full) {
-    m = lse[i];
-    inv_z = 1.0f;
-    for (int d = lane; d < dh; d += 32) dsum += g[d] * out[i * ld + d];
-  } else {
-    m = lse[i];
-    for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
-    float z = 0.0f;
-    for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
-    inv_z = 1.0f / z;
-    for (int d = lane; d < dh; d += 32) {
-      float o = 0.0f;
-      for (int r = 0; r < R; ++r)
-        o += expf(lse[int64_t(r) * L + i] - m) * inv_z * out_r[(int64_t(r) * L + i) * dh + d];
-      dsum += g[d] * o;
-    }
-  }
+  for (int d = lane; d < dh; d += 32) dsum += g[d] * o[d];
+  float m = lse[i];
+  for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
+  float z = 0.0f;
+  for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
+  const float inv_z = 1.0f / z;
   dsum = warp_sum(dsum);
   if (lane == 0) {
     rm[i] = m;
@@ -366,10 +355,10 @@ void dispatch_backward(const AttnGeom& g, int rounds, const float* qk, const flo
 // then add into dqk, dv themselves for one round (mma_backward_direct).
 template <bool FULL>
 void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeom& g, int R,
-                  float* dqk, float* dv, const float* dout, const float* out, const float* qk,
-                  const float* v, const float* out_r, const float* lse, cudaStream_t s) {
+                  float* dqk, float* dv, const float* dout, const float* out, int64_t ld_out,
+                  const float* qk, const float* v, const float* lse, cudaStream_t s) {
   row_stats_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(sc.rm, sc.riz, sc.rD, dout, out,
-                                                            out_r, lse, g.L, g.ld, g.dh, R, FULL);
+                                                            ld_out, lse, g.L, g.ld, g.dh, R);
   CUDA_CHECK_LAUNCH("row_stats_kernel");
   if (p.precision == AttentionPrecision::bf16) {  // direct, or bf16 rounds and their sum
     const bool direct = mma_backward_direct(p, FULL);
@@ -400,7 +389,7 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
 
 void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dout,
                                          const float* qk, const float* v, const int32_t* perm,
-                                         const float* out_r, const float* lse,
+                                         const float* out, int64_t ld_out, const float* lse,
                                          const AttentionParams& p) {
   cuda::check_chunked(p, "chunked_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
@@ -409,7 +398,7 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
                                                    cuda::backward_grads(p, false));
   if (staged == 0) cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
-  cuda::run_backward<false>(sc, p, g, p.n_rounds, dqk, dv, dout, nullptr, qk, v, out_r, lse,
+  cuda::run_backward<false>(sc, p, g, p.n_rounds, dqk, dv, dout, out, ld_out, qk, v, lse,
                             stream_);
 }
 
@@ -423,7 +412,7 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
       cuda::carve_scratch(ws_, p.L, p.dh, 1, true, staged, cuda::backward_grads(p, true));
   if (staged == 0) cuda::launch_normalise(sc, qk, p, stream_);
   const cuda::AttnGeom g = cuda::make_geom(p, nullptr, true);
-  cuda::run_backward<true>(sc, p, g, 1, dqk, dv, dout, out, qk, v, nullptr, lse, stream_);
+  cuda::run_backward<true>(sc, p, g, 1, dqk, dv, dout, out, p.ld, qk, v, lse, stream_);
 }
 
 }  // namespace reformer

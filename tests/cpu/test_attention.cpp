@@ -119,7 +119,7 @@ Grads chunked_grads(const Inputs& in, const std::vector<int32_t>& perm, const At
   const auto o = run_chunked(in.qk, in.v, perm, p);
   Grads gr{std::vector<double>(in.qk.size(), init), std::vector<double>(in.v.size(), init)};
   chunked_attention_backward(gr.dqk.data(), gr.dv.data(), in.g.data(), in.qk.data(), in.v.data(),
-                             perm.data(), o.out_r.data(), o.lse.data(), p);
+                             perm.data(), o.out.data(), p.ld, o.lse.data(), p);
   return gr;
 }
 
@@ -507,7 +507,7 @@ TEST(ChunkedAttention, FloatAgreesWithDouble) {
   const auto f = run_chunked(qkf, vf, perm, p);
   std::vector<float> dqk(qkf.size(), 0.f), dv(vf.size(), 0.f);
   chunked_attention_backward(dqk.data(), dv.data(), gf.data(), qkf.data(), vf.data(), perm.data(),
-                             f.out_r.data(), f.lse.data(), p);
+                             f.out.data(), p.ld, f.lse.data(), p);
   const Grads gd = chunked_grads(in, perm, p);
   // fp32 rounding (6e-8) grown by sums over ~16 keys and exp: 1e-5 relative to O(1) values.
   for (size_t k = 0; k < d.out.size(); ++k) {
@@ -602,9 +602,9 @@ TEST(ChunkedAttentionBackward, NullGradientIsSkipped) {
   const Grads both = chunked_grads(in, perm, p);
   std::vector<double> dqk(in.qk.size(), 0.0), dv(in.v.size(), 0.0);
   chunked_attention_backward(dqk.data(), static_cast<double*>(nullptr), in.g.data(), in.qk.data(),
-                             in.v.data(), perm.data(), o.out_r.data(), o.lse.data(), p);
+                             in.v.data(), perm.data(), o.out.data(), p.ld, o.lse.data(), p);
   chunked_attention_backward(static_cast<double*>(nullptr), dv.data(), in.g.data(), in.qk.data(),
-                             in.v.data(), perm.data(), o.out_r.data(), o.lse.data(), p);
+                             in.v.data(), perm.data(), o.out.data(), p.ld, o.lse.data(), p);
   EXPECT_EQ(dqk, both.dqk);
   EXPECT_EQ(dv, both.dv);
 }

@@ -157,13 +157,14 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                 forward(ops, t);
                                 ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"),
                                                                t("qk"), t("v"), t.i("perm"),
-                                                               t("out_r"), t("lse"), p);
+                                                               t("out"), p.ld, t("lse"), p);
                               }));
     if (c.rounds > 1) {
       // Rounds attended one call at a time (framework/attention_lsh.cpp, by
       // round): combine_rounds gives out and the rounds' weights, and
-      // one-round backward calls given the combined output and the round's
-      // weight times dout add the gradients of all rounds.
+      // one-round backward calls given the combined output (copied into
+      // round 0's out_r rows, [L, dh]) and the round's weight times dout add
+      // the gradients of all rounds.
       AttentionParams p1 = p;
       p1.n_rounds = 1;
       std::vector<TensorSpec> rr = saved;
@@ -192,7 +193,7 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
               ops.fill(t("dout_r"), 0, n);
               ops.lse_combine_backward(t("dout_r"), t("dout"), t("w") + r * c.L, share);
               ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout_r"), t("qk"), t("v"),
-                                             t.i("perm") + r * c.L, t("out_r"),
+                                             t.i("perm") + r * c.L, t("out_r"), c.dh,
                                              t("lse") + r * c.L, p1);
             }
           }));
@@ -219,7 +220,7 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
             for (int r = 0; r < c.rounds; ++r) {
               ops.lse_combine_backward(t("out"), t("dout"), t("w") + r * c.L, written);
               ops.chunked_attention_backward(t("dqk"), t("dv"), t("out"), t("qk"), t("v"),
-                                             t.i("perm") + r * c.L, t("out_1"),
+                                             t.i("perm") + r * c.L, t("out_1"), c.dh,
                                              t("lse") + r * c.L, p1);
             }
           }));
@@ -245,7 +246,7 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                 for (int k = 0; k < 2; ++k)
                                   ops.chunked_attention_backward(t("dqk"), nullptr, t("dout"),
                                                                  t("qk"), t("v"), t.i("perm"),
-                                                                 t("out_r"), t("lse"), p);
+                                                                 t("out"), p.ld, t("lse"), p);
                               }));
     bwd = fwd;
     bwd.push_back(output("dv", n, 69, tol.dv));
@@ -255,7 +256,7 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                 forward(ops, t);
                                 ops.chunked_attention_backward(nullptr, t("dv"), t("dout"),
                                                                t("qk"), t("v"), t.i("perm"),
-                                                               t("out_r"), t("lse"), p);
+                                                               t("out"), p.ld, t("lse"), p);
                               }));
   }
 }
