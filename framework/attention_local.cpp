@@ -19,8 +19,7 @@ class LocalAttention final : public AttentionKindImpl<T> {
   const char* name() const override { return "local"; }
 
   void forward(int h, const T* qk, const T* v, T* ao, uint64_t, bool) override {
-    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse_of(h), qk, v, s_.identity.data(),
-                                   ap_);
+    ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, s_.identity.data(), ap_);
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,

@@ -44,7 +44,7 @@ class LshAttention final : public AttentionKindImpl<T> {
       ops_.lsh_sort(perm, buckets, L, nh_, nb_);
     }
     if (!shape_.by_round) {
-      ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse_of(h), qk, v, perm, ap_);
+      ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap_);
       return;
     }
     // One call per round into the head's one-round out_r slot, folded into

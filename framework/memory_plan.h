@@ -72,15 +72,15 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 // model.attn_rounds_per_pass 1, or when it is 0 (auto) a pass of one head
 // with more than one round per rank where that saves more than
 // kRoundSavingThreshold. Each round's attention call then holds one round's
-// output instead of all (out_r), and the op workspace no per-round
-// gradients (bf16: the backward adds into dqk, dv directly; fp32: one
-// round's), and the rounds are folded into the output and differentiated
-// one by one (fold_round, combine_rounds, kernels/ops.h). The same function
-// either way, but a slower step (the per-call passes over [L, dh] add up;
-// bench/RESULTS.md), hence only where the memory matters: from about 2.5M
-// tokens per rank with bench-peer.yaml (where the pass drops to one head).
+// output (out_r, in the model) instead of all (in the op workspace), and
+// the op workspace no per-round gradients (bf16: the backward adds into
+// dqk, dv directly; fp32: one round's), and the rounds are folded into the
+// output and differentiated one by one (fold_round, combine_rounds,
+// kernels/ops.h). The same function either way, but a slower step (the
+// per-call passes over [L, dh] add up; bench/RESULTS.md), hence only where
+// the memory matters: from about 3.4M tokens per rank with bench-peer.yaml.
 // Throws ConfigError for a value other than 0, 1 and attention.n_hashes.
-constexpr int64_t kRoundSavingThreshold = int64_t(16) << 30;
+constexpr int64_t kRoundSavingThreshold = int64_t(8) << 30;
 bool attention_by_round(const Config& cfg, int sp, int real_bytes = 4);
 
 // One rank's plan for a validated `cfg` under sequence parallelism over `sp`

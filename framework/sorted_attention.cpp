@@ -281,7 +281,7 @@ void SortedAttention<T>::forward_head(int l, int h, int slot, const T* qk, const
     route(r, rt);
     send_rows(rt, qk, v, ld);
     const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
-    ops_.chunked_attention_forward(s.ldout.data(), s.lout.data(), s.llse.data(), s.lqk.data(),
+    ops_.chunked_attention_forward(s.lout.data(), nullptr, s.llse.data(), s.lqk.data(),
                                    s.lv.data(), s.lperm.data(), p);
     // Outputs and log-sum-exps back to the positions' ranks, in the order they came.
     exchange(rt, false,

@@ -148,8 +148,11 @@ class Ops {
   // attention: chunked attention over permuted positions (LSH, and local with
   //   the identity permutation). qk, v, out: [L, ld] slices of one head. Keys
   //   are qk rows normalised to unit length; logits q . k_hat, masked per
-  //   AttentionParams. Writes out; saves out_r [n_rounds, L, dh] and
-  //   lse [n_rounds, L] (by position). Rounds combine by their log-sum-exp.
+  //   AttentionParams. Writes out (when non-null), lse [n_rounds, L] (by
+  //   position) and, when non-null, the rounds' outputs out_r [n_rounds, L,
+  //   dh] (at least one of out and out_r; without out_r a device keeps them
+  //   in its workspace, in its own precision). Rounds combine by their
+  //   log-sum-exp.
   //   chunked_attention_backward takes lse and the combined output out [L,
   //   ld_out] (the forward's out, o_i = sum_r w_r,i out_r,i), read only in
   //   the term D_i = dout_i . o_i of the score gradient: when these rounds are

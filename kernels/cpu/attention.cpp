@@ -195,10 +195,17 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
   const int64_t L = p.L, ld = p.ld, chunk = p.chunk;
   const int dh = p.dh;
   if (L == 0) return;
+  if (!out && !out_r)
+    throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
   const ChunkWindows cw = make_windows(p);
   const bool par = p.n_rounds * L * cw.max_window * chunk * dh >= kMinParallelWork;
   std::vector<T> khat, norm;
   normalise_keys(khat, norm, qk, p, par);
+  std::vector<T> own_r;  // the rounds' outputs when the caller keeps none
+  if (!out_r) {
+    own_r.resize(size_t(p.n_rounds) * size_t(L) * size_t(dh));
+    out_r = own_r.data();
+  }
 
   const int64_t n_units = int64_t(p.n_rounds) * cw.n_chunks;
   const size_t W = size_t(cw.max_window * chunk);

@@ -271,6 +271,7 @@ struct AttnScratch {
   float *khat, *norm, *rm, *riz, *rD, *dq_r, *dkh_r, *dv_r;
   void* stage;
   __nv_bfloat16 *dq_b, *dkh_b, *dv_b;  // ScratchGrads::bf16: [R, L, kernel_dhm(dh)]
+  void* extra;                         // extra_bytes more (a forward's own round outputs)
 };
 
 // What a call keeps besides norms, statistics and staged rows:
@@ -283,7 +284,8 @@ struct AttnScratch {
 enum class ScratchGrads { none, fp32, bf16 };
 
 inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool backward,
-                                 int staged = 0, ScratchGrads grads = ScratchGrads::fp32) {
+                                 int staged = 0, ScratchGrads grads = ScratchGrads::fp32,
+                                 size_t extra_bytes = 0) {
   Carve carve;
   const size_t f = sizeof(float);
   const bool fp32 = grads == ScratchGrads::fp32, half = grads == ScratchGrads::bf16 && backward;
@@ -300,6 +302,7 @@ inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool b
   const size_t o_dv = carve.reserve(per_round + per_round_b);
   const size_t o_stage =
       carve.reserve(2 * size_t(staged) * size_t(L) * size_t(kernel_dhm(dh)));
+  const size_t o_extra = carve.reserve(extra_bytes);
   void* base = ws.get(carve.total());
   using bf16 = __nv_bfloat16;
   return AttnScratch{fp32 ? Carve::at<float>(base, o_khat) : nullptr,
@@ -312,7 +315,8 @@ inline AttnScratch carve_scratch(Workspace& ws, int64_t L, int dh, int R, bool b
                      staged > 0 ? Carve::at<void>(base, o_stage) : nullptr,
                      per_round_b ? Carve::at<bf16>(base, o_dq) : nullptr,
                      per_round_b ? Carve::at<bf16>(base, o_dkh) : nullptr,
-                     per_round_b ? Carve::at<bf16>(base, o_dv) : nullptr};
+                     per_round_b ? Carve::at<bf16>(base, o_dv) : nullptr,
+                     extra_bytes ? Carve::at<void>(base, o_extra) : nullptr};
 }
 
 inline void launch_normalise(const AttnScratch& sc, const float* qk, const AttentionParams& p,
@@ -376,6 +380,13 @@ constexpr int kMmaBwdStaged = 4;
 void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool full,
                            const float* qk, const float* khat, const float* v, float* out,
                            float* lse, void* stage, cudaStream_t s);
+// A chunked call whose rounds' outputs the caller does not keep: they go in
+// bf16 into out_b [R, L, DH] (the op's workspace) and are combined into out
+// (when non-null) from there: half the bytes of the fp32 out_r, written and
+// read once each.
+void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, const float* qk,
+                              const float* v, float* out, __nv_bfloat16* out_b, float* lse,
+                              void* stage, cudaStream_t s);
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
                             const float* qk, const float* v, const float* dout, const float* rm,
                             const float* riz, const float* rD, const MmaBwdOut& o, void* stage,

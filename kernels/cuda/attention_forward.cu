@@ -259,12 +259,27 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
                                         const AttentionParams& p) {
   cuda::check_chunked(p, "chunked_attention_forward");
   if (p.L == 0) return;
-  const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
-  const cuda::AttnScratch sc =
-      cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, false, staged,
-                          staged == 0 ? cuda::ScratchGrads::fp32 : cuda::ScratchGrads::none);
+  if (!out && !out_r) throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
+  const bool bf16 = p.precision == AttentionPrecision::bf16;
+  const int staged = bf16 ? cuda::kMmaFwdStaged : 0;
+  // Round outputs the caller does not keep live in the workspace: bf16
+  // [R, L, DH] on tensor cores (mma_chunked_forward_bf16), else fp32.
+  const size_t rounds = size_t(p.n_rounds) * size_t(p.L);
+  const size_t own =
+      out_r ? 0
+            : bf16 ? sizeof(__nv_bfloat16) * rounds * size_t(cuda::kernel_dhm(p.dh))
+                   : sizeof(float) * rounds * size_t(p.dh);
+  const cuda::AttnScratch sc = cuda::carve_scratch(
+      ws_, p.L, p.dh, p.n_rounds, false, staged,
+      staged == 0 ? cuda::ScratchGrads::fp32 : cuda::ScratchGrads::none, own);
   const cuda::AttnGeom g = cuda::make_geom(p, perm, false);
-  if (p.precision == AttentionPrecision::bf16) {  // k_hat staged from qk directly
+  if (bf16 && !out_r) {
+    cuda::mma_chunked_forward_bf16(p, perm, qk, v, out, static_cast<__nv_bfloat16*>(sc.extra),
+                                   lse, sc.stage, stream_);
+    return;
+  }
+  if (!out_r) out_r = static_cast<float*>(sc.extra);
+  if (bf16) {  // k_hat staged from qk directly
     cuda::mma_attention_forward(p, perm, false, qk, nullptr, v, out_r, lse, sc.stage, stream_);
   } else {
     cuda::launch_normalise(sc, qk, p, stream_);

@@ -89,34 +89,6 @@ __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const i
   }
 }
 
-// A 16 x 8 OT accumulator strip's two rows of this thread (h = 0: row
-// lane / 4, h = 1: that + 8) as bf16 into rows[h] (8 OT values, 8-byte
-// aligned; null: not stored). The quad's lanes trade their column pairs so
-// that lane t4 stores columns 4 t4 .. 4 t4 + 3 of each 16: a quad's four
-// 8-byte stores fill one 32-byte sector (the fragment's own pairs would fill
-// half sectors). Every lane of the warp must call it.
-template <int OT>
-__device__ __forceinline__ void store_rows_bf16(bf16* const* rows, float (*acc)[4], int lane) {
-  static_assert(OT % 2 == 0, "tile pairs");
-  const int t4 = lane & 3;
-  const int src0 = (lane & ~3) | ((2 * t4) & 3), src1 = (lane & ~3) | ((2 * t4 + 1) & 3);
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int ot = 0; ot < OT; ot += 2) {
-      const uint32_t x = pack_bf16(acc[ot][2 * h], acc[ot][2 * h + 1]);
-      const uint32_t y = pack_bf16(acc[ot + 1][2 * h], acc[ot + 1][2 * h + 1]);
-      const uint32_t ax = __shfl_sync(0xffffffffu, x, src0);
-      const uint32_t ay = __shfl_sync(0xffffffffu, y, src0);
-      const uint32_t bx = __shfl_sync(0xffffffffu, x, src1);
-      const uint32_t by = __shfl_sync(0xffffffffu, y, src1);
-      if (rows[h])
-        *reinterpret_cast<uint2*>(rows[h] + ot * 8 + 4 * t4) =
-            t4 < 2 ? make_uint2(ax, bx) : make_uint2(ay, by);
-    }
-  }
-}
-
 // dq of this thread's two rows to the op's output: dq_r [R, L, DH] row r * L
 // + qpos in bf16 (overwritten) or, direct, dqk [L, ld] row qpos (added).
 template <int OT>

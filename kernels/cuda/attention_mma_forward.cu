@@ -121,10 +121,34 @@ __device__ __forceinline__ void write_rows(const AttnGeom& g, float* out, int64_
   }
 }
 
-// Chunked: out = out_r [R, L, dh], lse [R, L]. Full: out [L, ld], lse [L].
+// The same in bf16 into out [., DH] rows (the padding columns 0), a quad
+// filling one 32-byte sector per store (store_rows_bf16). Every lane of the
+// warp must call it.
+template <int OT>
+__device__ __forceinline__ void write_rows_bf16(bf16* out, float* lse, float (*o)[4],
+                                                const float* m, const float* l, const int* qpos,
+                                                int lane) {
+  bf16* rows[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float lt = quad_sum(l[h]);
+    const float inv = 1.0f / lt;
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot) {
+      o[ot][2 * h] *= inv;
+      o[ot][2 * h + 1] *= inv;
+    }
+    rows[h] = qpos[h] < 0 ? nullptr : out + int64_t(qpos[h]) * (8 * OT);
+    if (qpos[h] >= 0 && (lane & 3) == 0) lse[qpos[h]] = m[h] + logf(lt);
+  }
+  store_rows_bf16<OT>(rows, o, lane);
+}
+
+// Chunked: out = out_r [R, L, dh] (or, out_b non-null, the rounds' outputs
+// in bf16 [R, L, DH] there), lse [R, L]. Full: out [L, ld], lse [L].
 template <int DH, bool FULL>
 __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
-    mma_forward_kernel(AttnGeom g, MmaStage st, float* out, float* lse) {
+    mma_forward_kernel(AttnGeom g, MmaStage st, float* out, bf16* out_b, float* lse) {
   constexpr int S = mma_stride(DH);  // row stride of sQ, sK, sV
   constexpr int NT = kFwdKeys / 8;   // score tiles per warp strip
   constexpr int OT = DH / 8;         // output tiles per warp strip
@@ -196,8 +220,11 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
     cp_async_commit();
   }
   cp_async_wait<0>();
-  write_rows<OT>(g, FULL ? out : out + r * g.L * g.dh, FULL ? g.ld : g.dh,
-                 FULL ? lse : lse + r * g.L, o, m, l, qpos, t4);
+  if (!FULL && out_b)
+    write_rows_bf16<OT>(out_b + r * g.L * DH, lse + r * g.L, o, m, l, qpos, lane);
+  else
+    write_rows<OT>(g, FULL ? out : out + r * g.L * g.dh, FULL ? g.ld : g.dh,
+                   FULL ? lse : lse + r * g.L, o, m, l, qpos, t4);
 }
 
 // Walking forward: chunks of kMmaRows slots whose window is the previous
@@ -220,7 +247,7 @@ constexpr size_t mma_walk_smem() {
 
 template <int DH>
 __global__ void __launch_bounds__(kMmaBlock, 2)
-    mma_forward_walk_kernel(AttnGeom g, MmaStage st, float* out, float* lse) {
+    mma_forward_walk_kernel(AttnGeom g, MmaStage st, float* out, bf16* out_b, float* lse) {
   constexpr int S = mma_stride(DH);
   constexpr int NT = kMmaRows / 8;
   constexpr int OT = DH / 8;
@@ -288,14 +315,18 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
     ldsm_strip_nt<DH, NT>(sc, sQ + N * T, S, 16 * warp, sK + N * T, S, lane);
     softmax_tile<NT, OT>(sc, o, m, l, cur_pos, qpos, g.causal, t4);
     ldsm_strip_pv<DH, kMmaRows / 16>(o, sc, sV + N * T, S, lane);
-    write_rows<OT>(g, out + r * g.L * g.dh, g.dh, lse + r * g.L, o, m, l, qpos, t4);
+    if (out_b)
+      write_rows_bf16<OT>(out_b + r * g.L * DH, lse + r * g.L, o, m, l, qpos, lane);
+    else
+      write_rows<OT>(g, out + r * g.L * g.dh, g.dh, lse + r * g.L, o, m, l, qpos, t4);
   }
   cp_async_wait<0>();
 }
 
 template <int DH, bool FULL>
 void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
-                        const float* v, float* out, float* lse, void* stage, cudaStream_t s) {
+                        const float* v, float* out, bf16* out_b, float* lse, void* stage,
+                        cudaStream_t s) {
   // k_hat staged from qk (khat null: the forward skips the fp32 k_hat).
   MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, nullptr};
   launch_mma_stage<DH>(g, stage, &st, s);
@@ -303,23 +334,54 @@ void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const fl
     constexpr size_t smem = mma_walk_smem<DH>();
     set_mma_smem(mma_forward_walk_kernel<DH>, smem);
     const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
-    mma_forward_walk_kernel<DH><<<unsigned(rounds * runs), kMmaBlock, smem, s>>>(g, st, out, lse);
+    mma_forward_walk_kernel<DH>
+        <<<unsigned(rounds * runs), kMmaBlock, smem, s>>>(g, st, out, out_b, lse);
     CUDA_CHECK_LAUNCH("mma_forward_walk_kernel");
     return;
   }
   constexpr size_t smem = mma_fwd_smem<DH>();
   set_mma_smem(mma_forward_kernel<DH, FULL>, smem);
-  mma_forward_kernel<DH, FULL><<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, st, out, lse);
+  mma_forward_kernel<DH, FULL>
+      <<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, st, out, out_b, lse);
   CUDA_CHECK_LAUNCH("mma_forward_kernel");
+}
+
+// out = sum_r w[r, i] out_b[r, i] for the bf16 round outputs [R, L, DH] of
+// a call, the weights as combine_rounds_kernel's (attention_forward.cu), one
+// warp per position, sums in fp32 in round order.
+template <int DH>
+__global__ void combine_bf16_kernel(float* out, int64_t ld, const bf16* out_b, const float* lse,
+                                    int64_t L, int dh, int R) {
+  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (i >= L) return;
+  float m = lse[i];
+  for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
+  float z = 0.0f;
+  for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
+  const float inv_z = 1.0f / z;
+  float acc[DH / 32] = {};
+  for (int r = 0; r < R; ++r) {
+    const float w = expf(lse[int64_t(r) * L + i] - m) * inv_z;
+    const bf16* row = out_b + (int64_t(r) * L + i) * DH;
+#pragma unroll
+    for (int t = 0; t < DH / 32; ++t) acc[t] += w * __bfloat162float(row[lane + 32 * t]);
+  }
+#pragma unroll
+  for (int t = 0; t < DH / 32; ++t)
+    if (lane + 32 * t < dh) out[i * ld + lane + 32 * t] = acc[t];
 }
 
 template <bool FULL>
 void dispatch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
-                          const float* v, float* out, float* lse, void* stage, cudaStream_t s) {
+                          const float* v, float* out, bf16* out_b, float* lse, void* stage,
+                          cudaStream_t s) {
   switch (kernel_dhm(g.dh)) {
-    case 32: launch_mma_forward<32, FULL>(g, rounds, qk, khat, v, out, lse, stage, s); break;
-    case 64: launch_mma_forward<64, FULL>(g, rounds, qk, khat, v, out, lse, stage, s); break;
-    default: launch_mma_forward<128, FULL>(g, rounds, qk, khat, v, out, lse, stage, s); break;
+    case 32: launch_mma_forward<32, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s); break;
+    case 64: launch_mma_forward<64, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s); break;
+    default:
+      launch_mma_forward<128, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s);
+      break;
   }
 }
 
@@ -331,9 +393,27 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
   AttnGeom g = mma_geom(p, perm, full);
   g.pairs = mma_pairs(g.dh, full ? g.ld : g.dh, {out});
   if (full)
-    dispatch_mma_forward<true>(g, 1, qk, khat, v, out, lse, stage, s);
+    dispatch_mma_forward<true>(g, 1, qk, khat, v, out, nullptr, lse, stage, s);
   else
-    dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, lse, stage, s);
+    dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, nullptr, lse, stage, s);
+}
+
+void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, const float* qk,
+                              const float* v, float* out, __nv_bfloat16* out_b, float* lse,
+                              void* stage, cudaStream_t s) {
+  AttnGeom g = mma_geom(p, perm, false);
+  dispatch_mma_forward<false>(g, p.n_rounds, qk, nullptr, v, nullptr, out_b, lse, stage, s);
+  if (!out) return;
+  auto combine = [&](auto kernel) {
+    kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L, p.dh,
+                                                     p.n_rounds);
+    CUDA_CHECK_LAUNCH("combine_bf16_kernel");
+  };
+  switch (kernel_dhm(p.dh)) {
+    case 32: combine(combine_bf16_kernel<32>); break;
+    case 64: combine(combine_bf16_kernel<64>); break;
+    default: combine(combine_bf16_kernel<128>); break;
+  }
 }
 
 }  // namespace cuda

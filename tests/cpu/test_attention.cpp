@@ -497,6 +497,24 @@ TEST(ChunkedAttention, ZeroKeyStaysFinite) {
   for (double x : g.dv) EXPECT_TRUE(std::isfinite(x));
 }
 
+// Without out_r the forward writes the same out and lse (the rounds'
+// outputs then live in the op); with neither out nor out_r it refuses.
+TEST(ChunkedAttention, OutWithoutRoundOutputs) {
+  const auto p = params(48, 6, 9, 3, 8, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 131);
+  const auto perm = random_perms(3, p.L, 41);
+  const auto both = run_chunked(in.qk, in.v, perm, p);
+  std::vector<double> out(size_t(p.L * p.ld), kSentinel), lse(size_t(p.n_rounds * p.L), 0.0);
+  chunked_attention_forward(out.data(), static_cast<double*>(nullptr), lse.data(), in.qk.data(),
+                            in.v.data(), perm.data(), p);
+  EXPECT_EQ(out, both.out);
+  EXPECT_EQ(lse, both.lse);
+  EXPECT_THROW(chunked_attention_forward(static_cast<double*>(nullptr),
+                                         static_cast<double*>(nullptr), lse.data(), in.qk.data(),
+                                         in.v.data(), perm.data(), p),
+               ShapeError);
+}
+
 TEST(ChunkedAttention, FloatAgreesWithDouble) {
   const auto p = params(40, 7, 9, 2, 8, 1, 0, true, true);
   const Inputs in = make_inputs(p.L, p.dh, p.ld, 121);

@@ -404,7 +404,7 @@ TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {
   const std::string plan = kBin + " plan --config " + kSrc + "/configs/tiny.yaml ";
   const Result r = run(plan + "--memory 1GiB");
   EXPECT_EQ(r.status, 0) << r.output;
-  for (const char* want : {"| x1 | [L, D] = [32, 32] |", "| out_r |", "| adamw m |",
+  for (const char* want : {"| x1 | [L, D] = [32, 32] |", "| lse |", "| adamw m |",
                            "peak of a training step (one rank): ",
                            "longest model.max_len that fits in 1.00 GiB: "})
     EXPECT_NE(r.output.find(want), std::string::npos) << want << "\n" << r.output;

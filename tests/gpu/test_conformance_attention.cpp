@@ -149,6 +149,21 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
     fwd.push_back(output("out", n, 67, tol.out));
     cases.push_back(make_case("chunked_attention_forward" + s, OpId::chunked_attention_forward,
                               with(fwd), forward));
+    // Without out_r the op keeps the rounds' outputs itself (bf16 on tensor
+    // cores) and combines them from there; then the backward from that out.
+    const auto forward_out = [p](auto& ops, auto& t) {
+      ops.chunked_attention_forward(t("out"), nullptr, t("lse"), t("qk"), t("v"), t.i("perm"), p);
+    };
+    cases.push_back(make_case("chunked_attention_forward without out_r" + s,
+                              OpId::chunked_attention_forward,
+                              with({output("lse", nr, 66, tol.lse), output("out", n, 67, tol.out),
+                                    output("dqk", n, 68, tol.dqk), output("dv", n, 69, tol.dv)}),
+                              [=](auto& ops, auto& t) {
+                                forward_out(ops, t);
+                                ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"),
+                                                               t("qk"), t("v"), t.i("perm"),
+                                                               t("out"), p.ld, t("lse"), p);
+                              }));
     std::vector<TensorSpec> bwd = fwd;
     bwd.push_back(output("dqk", n, 68, tol.dqk));
     bwd.push_back(output("dv", n, 69, tol.dv));
