@@ -104,14 +104,8 @@ void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b
   const int64_t K = w2 ? 2 * int64_t(OC) : OC;
   const int64_t rows = gemm_block_rows(N, C, K);
   {
-    cuda::Carve carve;
-    const size_t o_w = carve.reserve(2 * size_t(C) * size_t(K));
-    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
-    const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(K));
-    void* base = ws_.get(carve.total());
-    bf16* w16 = cuda::Carve::at<bf16>(base, o_w);
-    bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
-    bf16* d16 = cuda::Carve::at<bf16>(base, o_d);
+    const cuda::GemmStage st = cuda::carve_gemm_stage(ws_, C, K, rows);
+    bf16 *w16 = st.w, *x16 = st.x, *d16 = st.d;
     cuda::round_bf16_2d(w16, K, w1, OC, C, OC, stream_);
     if (w2) cuda::round_bf16_2d(w16 + OC, K, w2, OC, C, OC, stream_);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {

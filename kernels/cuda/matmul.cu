@@ -59,29 +59,6 @@ __global__ void add_bias_vec4_kernel(float4* out, const float* bias, int64_t row
   }
 }
 
-// dst[i] = bf16(src[i]) (round to nearest even) for a [rows, cols] block
-// with row strides ld_src and cols (dst is dense).
-__global__ void round_bf16_kernel(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
-                                  int64_t ld_src) {
-  const int64_t n = rows * cols;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / cols, c = i - r * cols;
-    dst[i] = __float2bfloat16_rn(src[r * ld_src + c]);
-  }
-}
-
-// Four values per thread where rows are dense and 16-byte aligned.
-__global__ void round_bf16_vec4_kernel(__nv_bfloat16* dst, const float* src, int64_t n4) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const float4 v = reinterpret_cast<const float4*>(src)[i];
-    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst) + 2 * i;
-    d[0] = __floats2bfloat162_rn(v.x, v.y);
-    d[1] = __floats2bfloat162_rn(v.z, v.w);
-  }
-}
-
 // dst[r * ld_dst + c] = bf16(src[r * ld_src + c]), four columns per thread
 // (cols, both strides and both addresses multiples of 4 elements / 16 and 8 bytes).
 __global__ void round_bf16_2d_vec4_kernel(__nv_bfloat16* dst, int64_t ld_dst, const float* src,
@@ -97,6 +74,8 @@ __global__ void round_bf16_2d_vec4_kernel(__nv_bfloat16* dst, int64_t ld_dst, co
   }
 }
 
+// dst[r * ld_dst + c] = bf16(src[r * ld_src + c]) (round to nearest even),
+// one element per thread.
 __global__ void round_bf16_2d_kernel(__nv_bfloat16* dst, int64_t ld_dst, const float* src,
                                      int64_t ld_src, int64_t rows, int64_t cols) {
   const int64_t n = rows * cols;
@@ -131,19 +110,6 @@ struct LtDescs {
 
 }  // namespace
 
-void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
-                cudaStream_t stream) {
-  const int64_t n = rows * cols;
-  if (n <= 0) return;
-  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-    round_bf16_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(dst, src, n / 4);
-    CUDA_CHECK_LAUNCH("round_bf16_vec4_kernel");
-  } else {
-    round_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(dst, src, rows, cols, cols);
-    CUDA_CHECK_LAUNCH("round_bf16_kernel");
-  }
-}
-
 void round_bf16_2d(__nv_bfloat16* dst, int64_t ld_dst, const float* src, int64_t ld_src,
                    int64_t rows, int64_t cols, cudaStream_t stream) {
   const int64_t n = rows * cols;
@@ -160,6 +126,11 @@ void round_bf16_2d(__nv_bfloat16* dst, int64_t ld_dst, const float* src, int64_t
                                                                 cols);
     CUDA_CHECK_LAUNCH("round_bf16_2d_kernel");
   }
+}
+
+void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols,
+                cudaStream_t stream) {
+  round_bf16_2d(dst, cols, src, cols, rows, cols, stream);
 }
 
 }  // namespace cuda
@@ -313,13 +284,8 @@ void CudaOps::product(float* out, const float* inp, const float* w, const float*
     // out^T [OC, N] = w^T [OC, C] inp^T [C, N], all column-major views of
     // row-major data, over blocks of rows with bf16 operands.
     const int64_t rows = gemm_block_rows(N, C, OC);
-    cuda::Carve carve;
-    const size_t o_w = carve.reserve(2 * size_t(C) * size_t(OC));
-    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
-    carve.reserve(2 * size_t(rows) * size_t(OC));  // dout rows: the backward's layout
-    void* base = ws_.get(carve.total());
-    auto* w16 = cuda::Carve::at<__nv_bfloat16>(base, o_w);
-    auto* x16 = cuda::Carve::at<__nv_bfloat16>(base, o_x);
+    const cuda::GemmStage st = cuda::carve_gemm_stage(ws_, C, OC, rows);
+    __nv_bfloat16 *w16 = st.w, *x16 = st.x;
     cuda::round_bf16(w16, w, C, OC, stream_);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);
@@ -339,14 +305,8 @@ void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float*
   if (N <= 0 || OC <= 0) return;
   if ((dinp || dw) && C > 0) {
     const int64_t rows = gemm_block_rows(N, C, OC);
-    cuda::Carve carve;
-    const size_t o_w = carve.reserve(2 * size_t(C) * size_t(OC));
-    const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
-    const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(OC));
-    void* base = ws_.get(carve.total());
-    auto* w16 = cuda::Carve::at<__nv_bfloat16>(base, o_w);
-    auto* x16 = cuda::Carve::at<__nv_bfloat16>(base, o_x);
-    auto* d16 = cuda::Carve::at<__nv_bfloat16>(base, o_d);
+    const cuda::GemmStage st = cuda::carve_gemm_stage(ws_, C, OC, rows);
+    __nv_bfloat16 *w16 = st.w, *x16 = st.x, *d16 = st.d;
     if (dinp) cuda::round_bf16(w16, w, C, OC, stream_);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);

@@ -9,6 +9,7 @@
 // and later steps allocate nothing.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -89,5 +90,23 @@ class Carve {
  private:
   size_t total_ = 0;
 };
+
+// The bf16 operands of a product over blocks of rows, carved from one
+// workspace request in gemm_stage_bytes' layout (kernels/common/
+// gemm_staging.h): a weight [C, K], a block of `rows` input rows [rows, C]
+// and as many dout rows [rows, K] (reserved whether or not the caller uses
+// them, so every product of a step asks for the same bytes).
+struct GemmStage {
+  __nv_bfloat16 *w, *x, *d;
+};
+inline GemmStage carve_gemm_stage(Workspace& ws, int64_t C, int64_t K, int64_t rows) {
+  Carve carve;
+  const size_t o_w = carve.reserve(2 * size_t(C) * size_t(K));
+  const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+  const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(K));
+  void* base = ws.get(carve.total());
+  return {Carve::at<__nv_bfloat16>(base, o_w), Carve::at<__nv_bfloat16>(base, o_x),
+          Carve::at<__nv_bfloat16>(base, o_d)};
+}
 
 }  // namespace reformer::cuda
