@@ -2,7 +2,8 @@
 // mpirun -np 2 and 4 on CPUs with the MPI backend:
 //  - sequence-parallel attention (the head exchange) gives the outputs and,
 //    summed over the group, the gradients of the one-process model (double),
-//    also with more ranks than heads ((head, hash rounds) pairs);
+//    also with more ranks than heads ((head, hash rounds) pairs), and with
+//    kept layers (model.kept_layers) in every mode;
 //  - training under every dp x sp layout of the world gives the per-step
 //    losses and the final parameters of the one-process run (within 1e-5),
 //    for an LSH-only model and for an LSH + local mix;
@@ -153,10 +154,12 @@ std::vector<std::string> layout_sets(const Layout& l, const std::string& dir) {
 
 // The whole world as one sequence-parallel group, in double: every rank's
 // logits equal its slice of the one-process logits, and the gradients summed
-// over the group equal the one-process gradients.
-void expect_model_matches_one_process(const Config& cfg, const std::string& kinds) {
+// over the group equal the one-process gradients (of `whole_cfg` when given:
+// the same function in another form).
+void expect_model_matches_one_process(const Config& cfg, const std::string& kinds,
+                                      const Config* whole_cfg = nullptr) {
   CpuOps<double> ops;
-  ReformerModel<double> whole(cfg, ops);
+  ReformerModel<double> whole(whole_cfg ? *whole_cfg : cfg, ops);
   ReformerModel<double> part(cfg, ops, SequenceShard{world().size(), world().rank(), &world()});
   whole.init_params(7);
   part.init_params(7);
@@ -273,6 +276,39 @@ TEST(SequenceParallel, SortModeMatchesOneProcess) {
                      "model.attn_heads_per_pass=" + std::to_string(c.per_pass),
                      "parallel.sp_mode=sort"}),
         what);
+  }
+}
+
+// Kept layers under sequence parallelism: each rank keeps its shard's
+// inputs and feed-forward state from the forward to the backward (the
+// attention state only at sp 1), in the head exchange, pairs and sort modes,
+// every layer or the top one; the gradients equal those of one process that
+// keeps nothing and rebuilds every layer.
+TEST(SequenceParallel, KeptLayersMatchOneProcess) {
+  struct Case {
+    const char* kinds;
+    int heads, hashes, kept;
+    const char* mode;
+  };
+  const int sp = world().size();
+  for (const Case& c : {Case{"[lsh, local]", 4, 2, 2, "heads"}, Case{"[lsh]", 4, 2, 1, "heads"},
+                        Case{"[lsh, local]", sp / 2, 2, 2, "heads"},
+                        Case{"[lsh]", 4, 2, 2, "sort"}}) {
+    const std::vector<std::string> sets = {
+        std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
+        "model.n_heads=" + std::to_string(c.heads),
+        "attention.n_hashes=" + std::to_string(c.hashes),
+        std::string("parallel.sp_mode=") + c.mode};
+    std::vector<std::string> kept = sets;
+    kept.push_back("model.kept_layers=" + std::to_string(c.kept));
+    std::vector<std::string> none = sets;
+    none.push_back("model.kept_layers=0");
+    const Config ref = make_config(none);
+    const std::string what = std::string(c.kinds) + " " + std::to_string(c.heads) +
+                             " heads (" + c.mode + " mode" +
+                             (c.heads < sp ? ", pairs" : "") + "), " + std::to_string(c.kept) +
+                             " of 2 layers kept at sp " + std::to_string(sp);
+    expect_model_matches_one_process(make_config(kept), what, &ref);
   }
 }
 
