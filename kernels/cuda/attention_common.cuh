@@ -39,7 +39,11 @@
 // forward, query-side and key-side kernels are replaced by their tensor-core
 // twins (attention_mma_forward.cu, attention_mma_backward.cu: 64-row tiles,
 // bf16 mma with fp32 accumulation, same window lists, masks and outputs);
-// normalise_keys, combine_rounds, row_stats and finish_backward are shared.
+// row_stats is shared, and combine_rounds where the caller keeps the rounds'
+// outputs (out_r). The tensor-core kernels take k_hat from qk (no
+// normalise_keys pass), and keep a call's round outputs and per-round
+// gradients in bf16 with their own combine and round sum
+// (combine_bf16_kernel, finish_mma_kernel).
 // Limits: dh <= 128, chunks_before + chunks_after + 1 <= 32.
 #pragma once
 
