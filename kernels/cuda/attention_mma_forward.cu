@@ -21,7 +21,9 @@
 // mma.m16n8k16 with fp32 accumulators, the masks are applied to the fp32
 // scores by the original positions, the online max-shifted softmax runs in
 // fp32 registers, P is rounded to bf16 in registers and O += P V runs on
-// mma. out = O / l and lse = m + log l are written in fp32 by position. The
+// mma. out = O / l and lse = m + log l are written in fp32 by position (or,
+// where the caller keeps no round outputs, out in bf16 rows into the op's
+// workspace, combined from there by combine_bf16_kernel). The
 // weights use the hardware ex2 (fast_exp), the fp32 kernels expf.
 // The same bf16 operands meet in the same order as in a gathered load, so
 // staging changes no result.
