@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -201,10 +202,11 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
   const bool par = p.n_rounds * L * cw.max_window * chunk * dh >= kMinParallelWork;
   std::vector<T> khat, norm;
   normalise_keys(khat, norm, qk, p, par);
-  std::vector<T> own_r;  // the rounds' outputs when the caller keeps none
+  std::unique_ptr<T[]> own_r;  // the rounds' outputs when the caller keeps none (every
+                               // element written below before it is read)
   if (!out_r) {
-    own_r.resize(size_t(p.n_rounds) * size_t(L) * size_t(dh));
-    out_r = own_r.data();
+    own_r.reset(new T[size_t(p.n_rounds) * size_t(L) * size_t(dh)]);
+    out_r = own_r.get();
   }
 
   const int64_t n_units = int64_t(p.n_rounds) * cw.n_chunks;
