@@ -396,10 +396,9 @@ void ReformerModel<T>::add_output(int l, const T* ao, const T* wo, int n, bool s
       return;
     }
     ops_.matmul_forward(s.fg.data(), ao + r0 * n, wo, nullptr, rows, n, D_);
-    ops_.dropout(s.fg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l,
-                 kSiteAttention, (pos0_ + r0) * D_);
-    if (subtract) ops_.sub(x1, x1, s.fg.data(), rows * D_);
-    else ops_.add(x1, x1, s.fg.data(), rows * D_);
+    ops_.dropout(x1, s.fg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step,
+                 l, kSiteAttention, (pos0_ + r0) * D_, subtract ? -1.0f : 1.0f,
+                 /*accumulate=*/true);
   });
 }
 
@@ -412,9 +411,8 @@ void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, 
   for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
     const T* d = s.dx1.data() + r0 * D_;
     if (train && cfg_.model.dropout > 0) {
-      ops_.copy(s.dfg.data(), d, rows * D_);
-      ops_.dropout(s.dfg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step,
-                   l, kSiteAttention, (pos0_ + r0) * D_);
+      ops_.dropout(s.dfg.data(), d, rows * D_, float(cfg_.model.dropout), cfg_.training.seed,
+                   step, l, kSiteAttention, (pos0_ + r0) * D_, 1.0f, /*accumulate=*/false);
       d = s.dfg.data();
     }
     ops_.matmul_backward(dao + r0 * n, gwo, nullptr, d, ao + r0 * n, wo, rows, n, D_,
@@ -613,10 +611,8 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
   T* g = s.fg.data();
   ops_.ffn_forward(g, st.h, st.a, st.ln, P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act, 1.0f,
                    /*accumulate=*/false);
-  ops_.dropout(g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
-               (pos0_ + row0) * D_);
-  if (subtract) ops_.sub(x2, x2, g, rows * D_);
-  else ops_.add(x2, x2, g, rows * D_);
+  ops_.dropout(x2, g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
+               (pos0_ + row0) * D_, subtract ? -1.0f : 1.0f, /*accumulate=*/true);
 }
 
 // dy1 += d FFN(LN_f(y1)) / dy1 applied to dg (the gradient of the chunk's
@@ -630,10 +626,11 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
   T* dgd = s.dfg.data();
-  ops_.copy(dgd, dg, rows * D_);
   if (train && cfg_.model.dropout > 0)
-    ops_.dropout(dgd, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
-                 (pos0_ + row0) * D_);
+    ops_.dropout(dgd, dg, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l,
+                 kSiteFFN, (pos0_ + row0) * D_, 1.0f, /*accumulate=*/false);
+  else
+    ops_.copy(dgd, dg, rows * D_);
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
   const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
   ops_.ffn_backward(s.dfln.data(), G.w1, G.b1, G.w2, G.b2, dgd, st.ln, st.h, st.a, P.w1, P.w2,

@@ -49,9 +49,9 @@
      int64_t cols, bool accumulate),                                                        \
     (dst, ld_dst, src, ld_src, idx, rows, cols, accumulate))                                \
   X(void, dropout,                                                                          \
-    (T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,           \
-     int64_t offset),                                                                       \
-    (x, n, p, seed, step, layer, site, offset))                                             \
+    (T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,       \
+     int site, int64_t offset, float alpha, bool accumulate),                               \
+    (out, x, n, p, seed, step, layer, site, offset, alpha, accumulate))                     \
   /* embedding */                                                                           \
   X(void, embedding_forward,                                                                \
     (T* out, const int32_t* tokens, const T* wte, const T* pos1, const T* pos2, int64_t L,  \

@@ -60,10 +60,12 @@ class Ops {
   //   scale x *= s; sum_squares sums x^2 in double; copy has memmove
   //   semantics. copy_2d: dst[r, :cols] = src[r, :cols] for r < rows with row
   //   strides ld_dst, ld_src; add_2d the same with +=.
-  //   dropout: x[i] = keep_i ? x[i] / (1 - p) : 0, keep_i drawn from the
-  //   counter RNG stream make_key(seed, RngPurpose::dropout, step, layer, site)
-  //   (kernels/common/philox.h) at element offset + i;
-  //   applying it to a gradient with the same key is its backward.
+  //   dropout: out[i] (+= when accumulate) = alpha * (keep_i ? x[i] / (1 - p)
+  //   : 0), keep_i = dropout_uniform(key, offset + i) >= p for the counter RNG
+  //   stream key = make_key(seed, RngPurpose::dropout, step, layer, site)
+  //   (kernels/common/philox.h); out may be x when !accumulate. Applying it
+  //   to a gradient with the same key is its backward; with accumulate it is
+  //   the residual update x += +-dropout(g) in one pass.
   // gather_rows: for r < rows, dst[r * ld_dst + c] (+= when accumulate) =
   //   src[idx[r] * ld_src + c], c < cols; a row with idx[r] < 0 is set to 0
   //   (left as it is when accumulate).

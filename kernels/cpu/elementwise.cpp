@@ -109,18 +109,26 @@ void gather_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, const int
   }
 }
 
-// Element i is kept iff rng_uniform(key, offset + i) >= p, so the mask of an
-// element depends only on the key and its global index: the recompute and
-// the backward (same key, same offset) reproduce it exactly.
+// Element i is kept iff dropout_uniform(key, offset + i) >= p, so the mask of
+// an element depends only on the key and its global index: the recompute and
+// the backward (same key, same offset) reproduce it exactly. The loop runs
+// over the stream's Philox blocks, four global elements each.
 template <class T>
-void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, int site,
-             int64_t offset) {
-  if (p <= 0.0f) return;
+void dropout(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,
+             int site, int64_t offset, float alpha, bool accumulate) {
+  if (n <= 0) return;
   const RngKey key = make_key(seed, RngPurpose::dropout, step, uint64_t(layer), uint64_t(site));
-  const T keep = T(1) - T(p);
+  const T keep = T(1) - T(p), a = T(alpha);
+  const int64_t b0 = offset >> 2, b1 = (offset + n + 3) >> 2;  // blocks covering the elements
 #pragma omp parallel for if (n >= kParallelMin / 8)
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = rng_uniform(key, uint64_t(offset + i)) >= p ? x[i] / keep : T(0);
+  for (int64_t b = b0; b < b1; ++b) {
+    const Philox4 r = rng_block(key, uint64_t(b));  // p <= 0 keeps every element
+    for (int w = 0; w < 4; ++w) {
+      const int64_t i = 4 * b + w - offset;
+      if (i < 0 || i >= n) continue;
+      const T v = u32_to_unit(r.v[w]) >= p ? a * (x[i] / keep) : T(0);
+      out[i] = accumulate ? out[i] + v : v;
+    }
   }
 }
 
@@ -136,7 +144,8 @@ void dropout(T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer, 
   template void add_2d<T>(T*, int64_t, const T*, int64_t, int64_t, int64_t);                 \
   template void gather_rows<T>(T*, int64_t, const T*, int64_t, const int32_t*, int64_t,      \
                                int64_t, bool);                                               \
-  template void dropout<T>(T*, int64_t, float, uint64_t, uint64_t, int, int, int64_t);
+  template void dropout<T>(T*, const T*, int64_t, float, uint64_t, uint64_t, int, int, int64_t,  \
+                           float, bool);
 REFORMER_INSTANTIATE(float)
 REFORMER_INSTANTIATE(double)
 #undef REFORMER_INSTANTIATE

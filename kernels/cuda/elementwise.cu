@@ -105,11 +105,43 @@ __global__ void gather_rows_kernel(V* dst, int64_t ld_dst, const V* src, int64_t
   }
 }
 
-__global__ void dropout_kernel(float* x, int64_t n, float p, RngKey key, int64_t offset) {
+// out[i] (+)= alpha * dropout(x)[i], one thread per Philox block of the
+// stream: block b serves global elements 4b .. 4b + 3, i = 4b + w - offset
+// (kernels/common/philox.h, dropout_uniform). Rounded multiply and add, as
+// on the host. kVec4: offset % 4 == 0, n % 4 == 0 and 16-byte aligned
+// buffers, so a block's four elements are one float4.
+template <bool kVec4>
+__global__ void dropout_kernel(float* out, const float* x, int64_t n, float p, RngKey key,
+                               int64_t offset, float alpha, bool accumulate) {
   const float keep = 1.0f - p;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
-    x[i] = rng_uniform(key, uint64_t(offset + i)) >= p ? x[i] / keep : 0.0f;
+  const int64_t b0 = offset >> 2, nb = ((offset + n + 3) >> 2) - b0;
+  auto drop = [&](float v, uint32_t r) {
+    return u32_to_unit(r) >= p ? __fmul_rn(alpha, v / keep) : 0.0f;
+  };
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < nb;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const Philox4 r = rng_block(key, uint64_t(b0 + t));
+    const int64_t i0 = 4 * (b0 + t) - offset;
+    if constexpr (kVec4) {
+      const float4 v = *reinterpret_cast<const float4*>(x + i0);
+      float4 d = make_float4(drop(v.x, r.v[0]), drop(v.y, r.v[1]), drop(v.z, r.v[2]),
+                             drop(v.w, r.v[3]));
+      float4* o = reinterpret_cast<float4*>(out + i0);
+      if (accumulate) {
+        const float4 a = *o;
+        d = make_float4(__fadd_rn(a.x, d.x), __fadd_rn(a.y, d.y), __fadd_rn(a.z, d.z),
+                        __fadd_rn(a.w, d.w));
+      }
+      *o = d;
+    } else {
+      for (int w = 0; w < 4; ++w) {
+        const int64_t i = i0 + w;
+        if (i < 0 || i >= n) continue;
+        const float d = drop(x[i], r.v[w]);
+        out[i] = accumulate ? __fadd_rn(out[i], d) : d;
+      }
+    }
+  }
 }
 
 struct SquareOf {
@@ -234,11 +266,18 @@ void CudaOps::add_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_sr
   cuda::launch_copy_2d(dst, ld_dst, src, ld_src, rows, cols, true, stream_);
 }
 
-void CudaOps::dropout(float* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,
-                      int site, int64_t offset) {
-  if (p <= 0.0f || n <= 0) return;
+void CudaOps::dropout(float* out, const float* x, int64_t n, float p, uint64_t seed,
+                      uint64_t step, int layer, int site, int64_t offset, float alpha,
+                      bool accumulate) {
+  if (n <= 0) return;
   const RngKey key = make_key(seed, RngPurpose::dropout, step, uint64_t(layer), uint64_t(site));
-  cuda::dropout_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(x, n, p, key, offset);
+  const int64_t blocks = ((offset + n + 3) >> 2) - (offset >> 2);
+  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+  auto* kernel = offset % 4 == 0 && n % 4 == 0 && aligned(out) && aligned(x)
+                     ? cuda::dropout_kernel<true>
+                     : cuda::dropout_kernel<false>;
+  kernel<<<cuda::grid_for(blocks), cuda::kThreads, 0, stream_>>>(out, x, n, p, key, offset, alpha,
+                                                                 accumulate);
   CUDA_CHECK_LAUNCH("dropout_kernel");
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/common/philox.h"
 #include "kernels/cpu/elementwise.h"
 #include "tests/common/gradcheck.h"
 
@@ -80,10 +81,18 @@ TEST(Elementwise, Copy2dAndAdd2dRespectStrides) {
 
 // ---------------------------------------------------------------- dropout
 
+// In-place dropout of x with the (seed, step, layer, site) key at `offset`.
+template <class T>
+void drop(std::vector<T>& x, float p, uint64_t seed, uint64_t step, int layer, int site,
+          int64_t offset) {
+  cpu::dropout(x.data(), x.data(), int64_t(x.size()), p, seed, step, layer, site, offset, 1.0f,
+               false);
+}
+
 TEST(Dropout, ZeroProbabilityIsIdentity) {
   const Vec x = random_vec(13, 5);
   Vec y = x;
-  cpu::dropout(y.data(), 13, 0.0f, 1, 2, 3, 4, 0);
+  drop(y, 0.0f, 1, 2, 3, 4, 0);
   EXPECT_EQ(y, x);
 }
 
@@ -91,7 +100,7 @@ TEST(Dropout, KeepsAboutOneMinusPAndRescales) {
   const int64_t n = 200001;
   const float p = 0.3f;
   std::vector<float> x(size_t(n), 1.0f);
-  cpu::dropout(x.data(), n, p, 42, 7, 1, 0, 0);
+  drop(x, p, 42, 7, 1, 0, 0);
   int64_t kept = 0;
   for (float v : x) {
     if (v != 0.0f) {
@@ -104,11 +113,30 @@ TEST(Dropout, KeepsAboutOneMinusPAndRescales) {
   EXPECT_NEAR(double(kept) / double(n), 1.0 - p, 0.005);
 }
 
+TEST(Dropout, MaskIsTheStreamsDropoutUniform) {
+  // Element i is kept iff dropout_uniform(key, offset + i) >= p: word
+  // (offset + i) % 4 of Philox block (offset + i) / 4.
+  const int64_t n = 37, offset = 6;
+  const float p = 0.5f;
+  std::vector<float> x(size_t(n), 1.0f);
+  drop(x, p, 3, 4, 5, 1, offset);
+  const RngKey key = make_key(3, RngPurpose::dropout, 4, 5, 1);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t g = uint64_t(offset + i);
+    const bool keep = u32_to_unit(rng_block(key, g / 4).v[g % 4]) >= p;
+    EXPECT_EQ(x[size_t(i)] != 0.0f, keep) << i;
+    kept += keep;
+  }
+  EXPECT_GT(kept, 0);
+  EXPECT_LT(kept, n);
+}
+
 TEST(Dropout, SameKeySameMask) {
   const Vec x = random_vec(101, 6);
   Vec a = x, b = x;
-  cpu::dropout(a.data(), 101, 0.5f, 9, 3, 2, 1, 17);
-  cpu::dropout(b.data(), 101, 0.5f, 9, 3, 2, 1, 17);
+  drop(a, 0.5f, 9, 3, 2, 1, 17);
+  drop(b, 0.5f, 9, 3, 2, 1, 17);
   EXPECT_EQ(a, b);
 }
 
@@ -116,8 +144,8 @@ TEST(Dropout, GradientGetsTheSameMask) {
   // Backward of y = dropout(x) is dropout applied to dy with the same key.
   const Vec x = random_vec(101, 7), dy = random_vec(101, 8);
   Vec y = x, dx = dy;
-  cpu::dropout(y.data(), 101, 0.25f, 9, 3, 2, 1, 0);
-  cpu::dropout(dx.data(), 101, 0.25f, 9, 3, 2, 1, 0);
+  drop(y, 0.25f, 9, 3, 2, 1, 0);
+  drop(dx, 0.25f, 9, 3, 2, 1, 0);
   for (size_t i = 0; i < x.size(); ++i) {
     EXPECT_EQ(y[i] == 0.0, dx[i] == 0.0) << i;
     if (y[i] != 0.0) {
@@ -130,7 +158,7 @@ TEST(Dropout, DifferentSiteOrStepGivesDifferentMask) {
   const int64_t n = 257;
   auto mask = [&](uint64_t step, int site) {
     std::vector<float> x(size_t(n), 1.0f);
-    cpu::dropout(x.data(), n, 0.5f, 9, step, 2, site, 0);
+    drop(x, 0.5f, 9, step, 2, site, 0);
     return x;
   };
   EXPECT_NE(mask(3, 0), mask(3, 1));
@@ -138,14 +166,42 @@ TEST(Dropout, DifferentSiteOrStepGivesDifferentMask) {
 }
 
 TEST(Dropout, OffsetIsAGlobalElementIndex) {
-  // Dropping a shard [offset, offset + m) equals the same slice of one call on the whole.
-  const int64_t n = 64, offset = 23, m = 19;
+  // Dropping a shard [offset, offset + m) equals the same slice of one call on
+  // the whole, for shards that start and end inside a Philox block.
+  const int64_t n = 64;
   const Vec x = random_vec(n, 9);
   Vec whole = x;
-  cpu::dropout(whole.data(), n, 0.4f, 5, 1, 0, 2, 0);
-  Vec shard(x.begin() + offset, x.begin() + offset + m);
-  cpu::dropout(shard.data(), m, 0.4f, 5, 1, 0, 2, offset);
-  for (int64_t i = 0; i < m; ++i) EXPECT_EQ(shard[size_t(i)], whole[size_t(offset + i)]);
+  drop(whole, 0.4f, 5, 1, 0, 2, 0);
+  for (int64_t offset : {0, 1, 3, 4, 23}) {
+    for (int64_t m : {1, 2, 19, 40}) {
+      Vec shard(x.begin() + offset, x.begin() + offset + m);
+      drop(shard, 0.4f, 5, 1, 0, 2, offset);
+      for (int64_t i = 0; i < m; ++i)
+        EXPECT_EQ(shard[size_t(i)], whole[size_t(offset + i)]) << offset << " " << m << " " << i;
+    }
+  }
+}
+
+TEST(Dropout, IntoAnotherBufferAndAddedWithASign) {
+  // out = dropout(x) leaves x alone; out += alpha dropout(x) adds the same
+  // dropped-out values times alpha.
+  const int64_t n = 53, offset = 10;
+  const Vec x = random_vec(n, 10), base = random_vec(n, 11);
+  Vec dropped = x;
+  drop(dropped, 0.3f, 8, 2, 1, 0, offset);
+  Vec out(size_t(n), 7.0);
+  cpu::dropout(out.data(), x.data(), n, 0.3f, 8, 2, 1, 0, offset, 1.0f, false);
+  EXPECT_EQ(out, dropped);
+  for (float alpha : {1.0f, -1.0f, 0.5f}) {
+    Vec acc = base;
+    cpu::dropout(acc.data(), x.data(), n, 0.3f, 8, 2, 1, 0, offset, alpha, true);
+    for (int64_t i = 0; i < n; ++i)
+      EXPECT_EQ(acc[size_t(i)], base[size_t(i)] + double(alpha) * dropped[size_t(i)]) << i;
+  }
+  // p = 0 still writes or adds.
+  Vec acc = base;
+  cpu::dropout(acc.data(), x.data(), n, 0.0f, 8, 2, 1, 0, offset, -1.0f, true);
+  for (int64_t i = 0; i < n; ++i) EXPECT_EQ(acc[size_t(i)], base[size_t(i)] - x[size_t(i)]) << i;
 }
 
 }  // namespace

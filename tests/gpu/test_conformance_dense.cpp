@@ -67,9 +67,27 @@ void add_elementwise(std::vector<Case>& cases) {
                   [n](auto& ops, auto& t) { t.scalar = ops.sum_squares(t("x"), n); });
     c.scalar_rtol = 1e-12;
     cases.push_back(c);
-    // Dropout masks are the same counter-RNG draws on every backend.
-    c = make_case("dropout" + s, OpId::dropout, {output("x", n, 1, kFp32Elementwise)},
-                  [n](auto& ops, auto& t) { ops.dropout(t("x"), n, 0.3f, 11, 5, 2, 1, 1000); });
+    // Dropout masks are the same counter-RNG draws on every backend: in
+    // place, into another buffer, and added with a sign at an offset that is
+    // not a multiple of 4 (a Philox block split across the call's edges).
+    c = make_case("dropout in place" + s, OpId::dropout, {output("x", n, 1, kFp32Elementwise)},
+                  [n](auto& ops, auto& t) {
+                    ops.dropout(t("x"), t("x"), n, 0.3f, 11, 5, 2, 1, 1000, 1.0f, false);
+                  });
+    c.bitwise = true;
+    cases.push_back(c);
+    c = make_case("dropout into out" + s, OpId::dropout,
+                  {input("x", n, 1), output("out", n, 2, kFp32Elementwise)},
+                  [n](auto& ops, auto& t) {
+                    ops.dropout(t("out"), t("x"), n, 0.2f, 11, 5, 2, 1, 4096, 1.0f, false);
+                  });
+    c.bitwise = true;
+    cases.push_back(c);
+    c = make_case("dropout subtracted" + s, OpId::dropout,
+                  {input("x", n, 1), output("out", n, 2, kFp32Elementwise)},
+                  [n](auto& ops, auto& t) {
+                    ops.dropout(t("out"), t("x"), n, 0.2f, 11, 5, 2, 1, 1001, -1.0f, true);
+                  });
     c.bitwise = true;
     cases.push_back(c);
   }
