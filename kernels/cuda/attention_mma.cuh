@@ -67,23 +67,8 @@ __device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float
 }
 
 // ---- staged tiles (bf16 rows by position, see mma_stage_kernel): cp.async
-// copies of gathered rows into shared memory and ldmatrix fragment loads.
-
-// 16 bytes global -> shared, asynchronous; zero filled (nothing read) when !ok.
-__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool ok) {
-  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-               "r"(ok ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-// Waits until at most N of this thread's committed groups are in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
+// copies (device_utils.cuh) of gathered rows into shared memory and ldmatrix
+// fragment loads.
 
 // Issues the copies of ROWS rows of DH bf16 into dst (row stride st): row i
 // from src + row_of(i) * DH (row_of returns an int position), zero where

@@ -4,7 +4,11 @@
 //  - Rotations: element i of R is rng_normal(make_key(seed,
 //    RngPurpose::rotations, step, layer, head), i), the CPU's stream; device logf/cosf may differ from the
 //    host's by an ulp, so hashes agree with the CPU except at near-ties.
-//  - Hash: y = x @ R for all rounds in one cuBLASLt GEMM per chunk of
+//  - Hash, head widths 32, 64 and 128 (cols % 4 == 0): one kernel computes
+//    y = x @ R on TF32 tensor cores (mma.sync m16n8k8, fp32 accumulation)
+//    and takes the argmax below from the accumulators, so the products
+//    never reach memory (hash_mma_kernel). Other widths:
+//    y = x @ R for all rounds in one cuBLASLt GEMM per chunk of
 //    positions, x [rows, dh] (row stride ld) times Rcat [dh, n_hashes * cols]
 //    (R's rounds side by side; cols = rotation_cols(n_buckets, factor0)), with TF32 tensor-core math accumulating in
 //    fp32 (CUBLAS_COMPUTE_32F_FAST_TF32; plain fp32 if cuBLASLt offers no
@@ -92,6 +96,28 @@ struct Extremes {
       klo = k;
     }
   }
+  // Butterfly over the lanes l ^ off, off = lanes / 2 .. 1: every lane of
+  // each group of `lanes` ends with the group's extremes, ties to the lowest k.
+  __device__ void reduce(int lanes) {
+    for (int off = lanes / 2; off > 0; off >>= 1) {
+      const float h = __shfl_xor_sync(0xffffffffu, hi, off);
+      const float l = __shfl_xor_sync(0xffffffffu, lo, off);
+      const int kh = __shfl_xor_sync(0xffffffffu, khi, off);
+      const int kl = __shfl_xor_sync(0xffffffffu, klo, off);
+      if (kh >= 0 && (khi < 0 || h > hi || (h == hi && kh < khi))) {
+        hi = h;
+        khi = kh;
+      }
+      if (kl >= 0 && (klo < 0 || l < lo || (l == lo && kl < klo))) {
+        lo = l;
+        klo = kl;
+      }
+    }
+  }
+  // The argmax over concat(y, -y) of a block of n columns: the first
+  // position of max y if max y >= -min y, else n + the first position of
+  // min y (both set: some column was seen).
+  __device__ int signed_argmax(int n) const { return -lo > hi ? n + klo : khi; }
 };
 
 // One warp's argmax over concat(y[0, n), -y[0, n)), lowest index on ties as
@@ -114,23 +140,8 @@ __device__ __forceinline__ int warp_signed_argmax(const float* y, int n, int lan
   } else {
     for (int k = lane; k < n; k += 32) e.see(__ldcs(y + k), k);
   }
-  // Butterfly: every lane ends with the warp's extremes, ties to the lowest k.
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float hi = __shfl_xor_sync(0xffffffffu, e.hi, off);
-    const float lo = __shfl_xor_sync(0xffffffffu, e.lo, off);
-    const int khi = __shfl_xor_sync(0xffffffffu, e.khi, off);
-    const int klo = __shfl_xor_sync(0xffffffffu, e.klo, off);
-    if (khi >= 0 && (e.khi < 0 || hi > e.hi || (hi == e.hi && khi < e.khi))) {
-      e.hi = hi;
-      e.khi = khi;
-    }
-    if (klo >= 0 && (e.klo < 0 || lo < e.lo || (lo == e.lo && klo < e.klo))) {
-      e.lo = lo;
-      e.klo = klo;
-    }
-  }
-  return -e.lo > e.hi ? n + e.klo : e.khi;  // lane 0 saw k = 0, so both are set
+  e.reduce(32);
+  return e.signed_argmax(n);  // lane 0 saw k = 0, so both are set
 }
 
 // One thread's argmax over concat(y[0, n), -y[0, n)), the same as
@@ -153,7 +164,7 @@ __device__ __forceinline__ int thread_signed_argmax(const float* y, int n) {
   } else {
     for (int k = 0; k < n; ++k) e.see(__ldcs(y + k), k);
   }
-  return -e.lo > e.hi ? n + e.klo : e.khi;
+  return e.signed_argmax(n);
 }
 
 // As argmax_kernel below with one thread per (position, round), the rounds
@@ -188,6 +199,173 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   int b = warp_signed_argmax<kVec4>(y, h0, lane);
   if (h0 < cols) b += 2 * h0 * warp_signed_argmax<kVec4>(y + h0, cols - h0, lane);
   if (lane == 0) buckets[int64_t(r) * L + c0 + i] = b;
+}
+
+// ---- the hash product and its argmax in one kernel (TF32 tensor cores)
+
+constexpr int kHashWarps = 8;
+constexpr int kHashRows = 16 * kHashWarps;  // positions per block: 16 per warp
+constexpr int kHashTile = 64;               // rotation columns staged at once
+constexpr int kHashStride = kHashTile + 8;  // shared row stride (floats): B fragments conflict-free
+constexpr int kHashGroup = 4;               // n8 tiles accumulated side by side
+
+// Shared bytes of hash_mma_kernel: two staged tiles of kDh rows.
+constexpr size_t hash_smem_bytes(int dh) { return sizeof(float) * 2 * size_t(dh) * kHashStride; }
+
+// fp32 -> TF32 (round to nearest, ties away), the bit pattern mma reads.
+__device__ __forceinline__ uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// c += a b (one m16n8k8 TF32 tile, fp32 accumulation). Fragments (PTX ISA,
+// g = lane / 4, t = lane % 4): a = A[g][t], A[g+8][t], A[g][t+4],
+// A[g+8][t+4]; b = B[t][g], B[t+4][g]; c = C[g][2t], C[g][2t+1], C[g+8][2t],
+// C[g+8][2t+1].
+__device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// buckets[r, i] for every round r and the kHashRows positions of this block,
+// as argmax_kernel computes them from Y = x R, without writing Y: each warp
+// holds its 16 rows of x [L, kDh] (row stride ld) as TF32 A fragments, the
+// block stages R [n_hashes, kDh, cols] kHashTile columns at a time (cp.async,
+// double buffered) and every thread keeps the running extremes of its two
+// rows' columns, visited in increasing order; the four lanes of a quad share
+// rows and are merged at the end of a round, ties to the lowest column.
+// kFactorized: columns [0, h0) and [h0, cols) are two blocks, bucket = b0 +
+// 2 h0 b1; else h0 == cols. Needs cols % 4 == 0 and R 16-byte aligned.
+template <int kDh, bool kFactorized>
+__global__ void __launch_bounds__(kHashWarps * 32, 2)
+    hash_mma_kernel(int32_t* buckets, const float* x, int64_t ld, const float* R, int64_t L,
+                    int n_hashes, int cols, int h0) {
+  extern __shared__ float4 hash_smem[];
+  float* tiles_smem = reinterpret_cast<float*>(hash_smem);  // [2][kDh][kHashStride]
+  constexpr int kBlocks = kFactorized ? 2 : 1;
+  const int warp = int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
+  const int g = lane / 4, t = lane % 4;
+  const int64_t ra = int64_t(blockIdx.x) * kHashRows + warp * 16 + g, rb = ra + 8;
+
+  uint32_t a[kDh / 8][4];
+  {
+    const float* xa = x + ra * ld;
+    const float* xb = x + rb * ld;
+#pragma unroll
+    for (int ks = 0; ks < kDh / 8; ++ks) {
+      a[ks][0] = ra < L ? to_tf32(xa[ks * 8 + t]) : 0u;
+      a[ks][1] = rb < L ? to_tf32(xb[ks * 8 + t]) : 0u;
+      a[ks][2] = ra < L ? to_tf32(xa[ks * 8 + t + 4]) : 0u;
+      a[ks][3] = rb < L ? to_tf32(xb[ks * 8 + t + 4]) : 0u;
+    }
+  }
+
+  const int tiles = (cols + kHashTile - 1) / kHashTile;  // per round
+  const int total = n_hashes * tiles;
+  // Copies tile i (round i / tiles, columns from (i % tiles) * kHashTile)
+  // into buffer i % 2; columns past cols are zero.
+  auto stage = [&](int i) {
+    const int c0 = (i % tiles) * kHashTile;
+    const float* src = R + int64_t(i / tiles) * kDh * cols + c0;
+    float* dst = tiles_smem + (i % 2) * kDh * kHashStride;
+    for (int e = int(threadIdx.x); e < kDh * (kHashTile / 4); e += kHashWarps * 32) {
+      const int d = e / (kHashTile / 4), q = 4 * (e % (kHashTile / 4));
+      const bool ok = c0 + q < cols;
+      cp_async16(dst + d * kHashStride + q, ok ? src + int64_t(d) * cols + q : src, ok);
+    }
+    cp_async_commit();
+  };
+
+  Extremes e[2][kBlocks];  // [row g / g + 8][column block]
+  auto reset = [&] {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int k = 0; k < kBlocks; ++k) e[h][k] = Extremes{0.0f, 0.0f, -1, -1};
+  };
+  reset();
+  stage(0);
+  for (int i = 0; i < total; ++i) {
+    if (i + 1 < total) {
+      stage(i + 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const float* B = tiles_smem + (i % 2) * kDh * kHashStride;
+    const int c0 = (i % tiles) * kHashTile;
+#pragma unroll
+    for (int n0 = 0; n0 < kHashTile / 8; n0 += kHashGroup) {
+      float acc[kHashGroup][4] = {};
+#pragma unroll
+      for (int ks = 0; ks < kDh / 8; ++ks) {
+#pragma unroll
+        for (int j = 0; j < kHashGroup; ++j) {
+          const float* b = B + (ks * 8 + t) * kHashStride + (n0 + j) * 8 + g;
+          mma_tf32(acc[j], a[ks], to_tf32(b[0]), to_tf32(b[4 * kHashStride]));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kHashGroup; ++j) {
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const int c = c0 + (n0 + j) * 8 + 2 * t + w;
+          if (c >= cols) continue;
+          if (kFactorized && c >= h0) {  // constant register indices, no local memory
+            e[0][kBlocks - 1].see(acc[j][w], c - h0);
+            e[1][kBlocks - 1].see(acc[j][2 + w], c - h0);
+          } else {
+            e[0][0].see(acc[j][w], c);
+            e[1][0].see(acc[j][2 + w], c);
+          }
+        }
+      }
+    }
+    if (i % tiles == tiles - 1) {  // round i / tiles complete: merge the quad, write
+      const int64_t r = i / tiles;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        int b = 0;
+#pragma unroll
+        for (int k = 0; k < kBlocks; ++k) {
+          e[h][k].reduce(4);
+          b += (k == 0 ? 1 : 2 * h0) * e[h][k].signed_argmax(k == 0 ? h0 : cols - h0);
+        }
+        const int64_t row = h == 0 ? ra : rb;
+        if (t == 0 && row < L) buckets[r * L + row] = b;
+      }
+      reset();
+    }
+    __syncthreads();  // buffer i % 2 read by every warp before stage(i + 2) refills it
+  }
+}
+
+template <int kDh, bool kFactorized>
+void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const float* R, int64_t L,
+                     int n_hashes, int cols, int h0, cudaStream_t stream) {
+  auto* kernel = hash_mma_kernel<kDh, kFactorized>;
+  const size_t smem = hash_smem_bytes(kDh);
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  kernel<<<unsigned((L + kHashRows - 1) / kHashRows), kHashWarps * 32, smem, stream>>>(
+      buckets, x, ld, R, L, n_hashes, cols, h0);
+  CUDA_CHECK_LAUNCH("hash_mma_kernel");
+}
+
+// The fused path for head width dh, or nullptr where it does not apply.
+using HashMmaLauncher = void (*)(int32_t*, const float*, int64_t, const float*, int64_t, int, int,
+                                 int, cudaStream_t);
+HashMmaLauncher hash_mma_launcher(int dh, bool factorized) {
+  switch (dh) {
+    case 32: return factorized ? launch_hash_mma<32, true> : launch_hash_mma<32, false>;
+    case 64: return factorized ? launch_hash_mma<64, true> : launch_hash_mma<64, false>;
+    case 128: return factorized ? launch_hash_mma<128, true> : launch_hash_mma<128, false>;
+    default: return nullptr;
+  }
 }
 
 // bad: CudaOps' device error word; an out-of-range bucket raises
@@ -309,6 +487,11 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
   if (dh <= 0 || ld < dh) throw ShapeError("lsh_hash: need dh > 0 and ld >= dh");
   const int cols = rotation_cols(n_buckets, factor0);
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
+  if (auto launch = cuda::hash_mma_launcher(dh, h0 < cols);
+      launch && cols % 4 == 0 && reinterpret_cast<uintptr_t>(R) % 16 == 0) {
+    launch(buckets, qk, ld, R, L, n_hashes, cols, h0, stream_);
+    return;
+  }
   const int64_t m = int64_t(n_hashes) * cols;         // columns of Rcat and of the products
   const int64_t ldy = (m + 3) / 4 * 4;         // rows 16-byte aligned
   int64_t chunk = std::max<int64_t>(1, cuda::kHashScratchBytes / (ldy * int64_t(sizeof(float))));

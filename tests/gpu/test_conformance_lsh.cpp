@@ -264,8 +264,9 @@ void hash_factorized(Dev& g) {
                ShapeError);
 }
 
-// Products of 1 GiB: positions are hashed in several chunks; sampled positions
-// (chunk edges among them) are checked against the CPU.
+// Products of 1 GiB: positions are hashed in several chunks on CUDA (a head
+// width without the fused kernel, so the products are written); sampled
+// positions (chunk edges among them) are checked against the CPU.
 void hash_chunked(Dev& g) {
   const int64_t L = 65536;
   const int n_hashes = 4;
@@ -274,8 +275,40 @@ void hash_chunked(Dev& g) {
   for (int64_t e = 1024; e < L; e *= 2)
     for (int64_t i : {e - 1, e, e + 1}) check.push_back(i);
   for (int64_t i : {3 * L / 4 - 1, 3 * L / 4, L - 1}) check.push_back(i);
-  const int64_t m = hash_mismatches(g, L, 64, n_hashes, 2048, 2 * 64, 0, check, 13);
+  const int64_t m = hash_mismatches(g, L, 48, n_hashes, 2048, 2 * 48, 0, check, 13);
   const int64_t n = n_hashes * int64_t(check.size());
+  EXPECT_LE(m, std::max<int64_t>(2, n / 200)) << m << " hash mismatches of " << n;
+}
+
+// The models' shapes, which CUDA hashes with the product and the argmax in
+// one kernel (head widths 32, 64, 128): one head's rows inside a row of all
+// heads, several rotation tiles per round, a partial last tile, lengths that
+// are not a multiple of the kernel's 128 positions, factorized buckets with
+// the block edge inside a tile, and the enwik8 recipe's 2048 buckets at 64K
+// (sampled positions).
+void hash_fused_shapes(Dev& g) {
+  struct Case {
+    int64_t L;
+    int dh, n_hashes, n_buckets, factor0;
+    int64_t ld, off;
+  };
+  for (const Case& c :
+       {Case{5000, 128, 4, 1024, 32, 1024, 256}, Case{300, 32, 2, 256, 0, 32, 0},
+        Case{777, 64, 3, 96, 0, 64, 0}, Case{1000, 64, 2, 192, 8, 3 * 64 + 1, 7},
+        Case{129, 128, 1, 2048, 0, 128, 0}}) {
+    const int64_t n = c.n_hashes * c.L;
+    const int64_t m =
+        hash_mismatches(g, c.L, c.dh, c.n_hashes, c.n_buckets, c.ld, c.off, {}, 15, c.factor0);
+    EXPECT_LE(m, std::max<int64_t>(2, n / 200))
+        << m << " hash mismatches at L=" << c.L << " dh=" << c.dh << " n_buckets=" << c.n_buckets
+        << " factor0=" << c.factor0;
+  }
+  const int64_t L = 65536;
+  std::vector<int64_t> check;
+  for (int64_t i = 0; i < L; i += 97) check.push_back(i);
+  for (int64_t i : {int64_t(127), int64_t(128), L - 129, L - 1}) check.push_back(i);
+  const int64_t m = hash_mismatches(g, L, 128, 4, 2048, 1024, 128, check, 16);
+  const int64_t n = 4 * int64_t(check.size());
   EXPECT_LE(m, std::max<int64_t>(2, n / 200)) << m << " hash mismatches of " << n;
 }
 
@@ -358,6 +391,7 @@ TEST(LshHash, OddSizes) { on_each(all_backends(), hash_odd_sizes); }
 TEST(LshHash, Factorized) { on_each(all_backends(), hash_factorized); }
 // The products of 1 GiB are hashed in chunks on CUDA: device backends only.
 TEST(LshHash, Chunked) { on_each(device_backends(), hash_chunked); }
+TEST(LshHash, FusedShapes) { on_each(all_backends(), hash_fused_shapes); }
 TEST(LshSort, RejectsOutOfRangeBuckets) { on_each(all_backends(), sort_rejects_out_of_range); }
 // Timing of lsh_hash (and lsh_sort) at long lengths; prints, asserts nothing.
 // Run with --gtest_also_run_disabled_tests.
