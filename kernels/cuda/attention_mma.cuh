@@ -99,16 +99,8 @@ __device__ __forceinline__ float fast_exp(float x) {
   return y;
 }
 
-// Four 8 x 8 bf16 matrices; lane l gives the address of row l % 8 of matrix
-// l / 8 and receives r[m] = its pair of matrix m (row l / 4, columns 2 (l % 4)
-// and + 1; with _t of the transposed matrix).
-__device__ __forceinline__ void ldsm_x4(uint32_t* r, const bf16* p) {
-  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a)
-               : "memory");
-}
+// ldsm_x4 (device_utils.cuh) of the transposed matrices: r[m] holds matrix
+// m's column l / 4, rows 2 (l % 4) and + 1.
 __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const bf16* p) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"

@@ -4,10 +4,11 @@
 //  - Rotations: element i of R is rng_normal(make_key(seed,
 //    RngPurpose::rotations, step, layer, head), i), the CPU's stream; device logf/cosf may differ from the
 //    host's by an ulp, so hashes agree with the CPU except at near-ties.
-//  - Hash, head widths 32, 64 and 128 (cols % 4 == 0): one kernel computes
-//    y = x @ R on TF32 tensor cores (mma.sync m16n8k8, fp32 accumulation)
-//    and takes the argmax below from the accumulators, so the products
-//    never reach memory (hash_mma_kernel). Other widths:
+//  - Hash, head widths 32, 64 and 128: one kernel computes y = x @ R on
+//    TF32 tensor cores (mma.sync m16n8k8, fp32 accumulation, R transposed
+//    and rounded to TF32 once per call) and takes the argmax below from the
+//    accumulators, so the products never reach memory (hash_mma_kernel).
+//    Other widths:
 //    y = x @ R for all rounds in one cuBLASLt GEMM per chunk of
 //    positions, x [rows, dh] (row stride ld) times Rcat [dh, n_hashes * cols]
 //    (R's rounds side by side; cols = rotation_cols(n_buckets, factor0)), with TF32 tensor-core math accumulating in
@@ -34,6 +35,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
@@ -81,17 +84,19 @@ __global__ void concat_rounds_kernel(float* Rcat, int64_t ldy, const float* R, i
   }
 }
 
-// Running argmax / argmin of one lane's values, visited in increasing k; the
-// indices are -1 until the first value. Strict comparisons keep the lowest k.
+// Running argmax / argmin of one lane's values, visited in increasing k,
+// from none(). Strict comparisons keep the lowest k.
 struct Extremes {
   float hi, lo;
   int khi, klo;
+  // Nothing seen: every value (but NaN and -+inf) replaces these.
+  __device__ static Extremes none() { return {-INFINITY, INFINITY, INT_MAX, INT_MAX}; }
   __device__ void see(float v, int k) {
-    if (khi < 0 || v > hi) {
+    if (v > hi) {
       hi = v;
       khi = k;
     }
-    if (klo < 0 || v < lo) {
+    if (v < lo) {
       lo = v;
       klo = k;
     }
@@ -104,11 +109,11 @@ struct Extremes {
       const float l = __shfl_xor_sync(0xffffffffu, lo, off);
       const int kh = __shfl_xor_sync(0xffffffffu, khi, off);
       const int kl = __shfl_xor_sync(0xffffffffu, klo, off);
-      if (kh >= 0 && (khi < 0 || h > hi || (h == hi && kh < khi))) {
+      if (h > hi || (h == hi && kh < khi)) {
         hi = h;
         khi = kh;
       }
-      if (kl >= 0 && (klo < 0 || l < lo || (l == lo && kl < klo))) {
+      if (l < lo || (l == lo && kl < klo)) {
         lo = l;
         klo = kl;
       }
@@ -116,8 +121,11 @@ struct Extremes {
   }
   // The argmax over concat(y, -y) of a block of n columns: the first
   // position of max y if max y >= -min y, else n + the first position of
-  // min y (both set: some column was seen).
-  __device__ int signed_argmax(int n) const { return -lo > hi ? n + klo : khi; }
+  // min y; 0 where no value could be ordered (all NaN or infinite).
+  __device__ int signed_argmax(int n) const {
+    if (-lo > hi) return klo == INT_MAX ? 0 : n + klo;
+    return khi == INT_MAX ? 0 : khi;
+  }
 };
 
 // One warp's argmax over concat(y[0, n), -y[0, n)), lowest index on ties as
@@ -126,7 +134,7 @@ struct Extremes {
 // aligned and n % 4 == 0.
 template <bool kVec4>
 __device__ __forceinline__ int warp_signed_argmax(const float* y, int n, int lane) {
-  Extremes e{0.0f, 0.0f, -1, -1};
+  Extremes e = Extremes::none();
   if constexpr (kVec4) {
     const float4* y4 = reinterpret_cast<const float4*>(y);
 #pragma unroll 4
@@ -141,7 +149,7 @@ __device__ __forceinline__ int warp_signed_argmax(const float* y, int n, int lan
     for (int k = lane; k < n; k += 32) e.see(__ldcs(y + k), k);
   }
   e.reduce(32);
-  return e.signed_argmax(n);  // lane 0 saw k = 0, so both are set
+  return e.signed_argmax(n);
 }
 
 // One thread's argmax over concat(y[0, n), -y[0, n)), the same as
@@ -150,7 +158,7 @@ __device__ __forceinline__ int warp_signed_argmax(const float* y, int n, int lan
 // n % 4 == 0.
 template <bool kVec4>
 __device__ __forceinline__ int thread_signed_argmax(const float* y, int n) {
-  Extremes e{0.0f, 0.0f, -1, -1};
+  Extremes e = Extremes::none();
   if constexpr (kVec4) {
     const float4* y4 = reinterpret_cast<const float4*>(y);
 #pragma unroll 4
@@ -206,11 +214,15 @@ __global__ void __launch_bounds__(kArgmaxThreads)
 constexpr int kHashWarps = 8;
 constexpr int kHashRows = 16 * kHashWarps;  // positions per block: 16 per warp
 constexpr int kHashTile = 64;               // rotation columns staged at once
-constexpr int kHashStride = kHashTile + 8;  // shared row stride (floats): B fragments conflict-free
 constexpr int kHashGroup = 4;               // n8 tiles accumulated side by side
 
-// Shared bytes of hash_mma_kernel: two staged tiles of kDh rows.
-constexpr size_t hash_smem_bytes(int dh) { return sizeof(float) * 2 * size_t(dh) * kHashStride; }
+// Shared row stride (floats) of a staged tile whose rows hold dh values: 16
+// bytes of padding put the 8 rows an ldmatrix reads in distinct banks.
+constexpr int hash_stride(int dh) { return dh + 4; }
+// Shared bytes of hash_mma_kernel: two staged tiles.
+constexpr size_t hash_smem_bytes(int dh) {
+  return sizeof(float) * 2 * size_t(kHashTile) * size_t(hash_stride(dh));
+}
 
 // fp32 -> TF32 (round to nearest, ties away), the bit pattern mma reads.
 __device__ __forceinline__ uint32_t to_tf32(float x) {
@@ -231,22 +243,34 @@ __device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, uint32_t b
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Rt[r, c, d] = tf32(R[r, d, c]): each rotation column's dh entries
+// contiguous and rounded once, as hash_mma_kernel stages them.
+__global__ void rotations_tf32_kernel(uint32_t* Rt, const float* R, int dh, int cols, int64_t n) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t c = e % cols, rd = e / cols;  // e = (r dh + d) cols + c: reads coalesce
+    const int64_t d = rd % dh, r = rd / dh;
+    Rt[(r * cols + c) * dh + d] = to_tf32(R[e]);
+  }
+}
+
 // buckets[r, i] for every round r and the kHashRows positions of this block,
 // as argmax_kernel computes them from Y = x R, without writing Y: each warp
-// holds its 16 rows of x [L, kDh] (row stride ld) as TF32 A fragments, the
-// block stages R [n_hashes, kDh, cols] kHashTile columns at a time (cp.async,
-// double buffered) and every thread keeps the running extremes of its two
-// rows' columns, visited in increasing order; the four lanes of a quad share
-// rows and are merged at the end of a round, ties to the lowest column.
-// kFactorized: columns [0, h0) and [h0, cols) are two blocks, bucket = b0 +
-// 2 h0 b1; else h0 == cols. Needs cols % 4 == 0 and R 16-byte aligned.
+// holds its 16 rows of x [L, kDh] (row stride ld) as TF32 A fragments; the
+// block stages Rt [n_hashes, cols, kDh] (rotations_tf32_kernel) kHashTile
+// columns at a time (cp.async, double buffered), whose B fragments ldmatrix
+// reads two k-steps at a time; every thread keeps the running extremes of
+// its two rows' columns, visited in increasing order, and the four lanes of
+// a quad, which share rows, are merged at the end of a round, ties to the
+// lowest column. kFactorized: columns [0, h0) and [h0, cols) are two blocks,
+// bucket = b0 + 2 h0 b1; else h0 == cols.
 template <int kDh, bool kFactorized>
 __global__ void __launch_bounds__(kHashWarps * 32, 2)
-    hash_mma_kernel(int32_t* buckets, const float* x, int64_t ld, const float* R, int64_t L,
+    hash_mma_kernel(int32_t* buckets, const float* x, int64_t ld, const uint32_t* Rt, int64_t L,
                     int n_hashes, int cols, int h0) {
   extern __shared__ float4 hash_smem[];
-  float* tiles_smem = reinterpret_cast<float*>(hash_smem);  // [2][kDh][kHashStride]
-  constexpr int kBlocks = kFactorized ? 2 : 1;
+  uint32_t* tiles_smem = reinterpret_cast<uint32_t*>(hash_smem);  // [2][kHashTile][stride]
+  constexpr int kStride = hash_stride(kDh), kBlocks = kFactorized ? 2 : 1;
   const int warp = int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
   const int64_t ra = int64_t(blockIdx.x) * kHashRows + warp * 16 + g, rb = ra + 8;
@@ -270,12 +294,12 @@ __global__ void __launch_bounds__(kHashWarps * 32, 2)
   // into buffer i % 2; columns past cols are zero.
   auto stage = [&](int i) {
     const int c0 = (i % tiles) * kHashTile;
-    const float* src = R + int64_t(i / tiles) * kDh * cols + c0;
-    float* dst = tiles_smem + (i % 2) * kDh * kHashStride;
-    for (int e = int(threadIdx.x); e < kDh * (kHashTile / 4); e += kHashWarps * 32) {
-      const int d = e / (kHashTile / 4), q = 4 * (e % (kHashTile / 4));
-      const bool ok = c0 + q < cols;
-      cp_async16(dst + d * kHashStride + q, ok ? src + int64_t(d) * cols + q : src, ok);
+    const uint32_t* src = Rt + (int64_t(i / tiles) * cols + c0) * kDh;
+    uint32_t* dst = tiles_smem + (i % 2) * kHashTile * kStride;
+    for (int e = int(threadIdx.x); e < kHashTile * (kDh / 4); e += kHashWarps * 32) {
+      const int c = e / (kDh / 4), q = 4 * (e % (kDh / 4));
+      const bool ok = c0 + c < cols;
+      cp_async16(dst + c * kStride + q, ok ? src + int64_t(c) * kDh + q : src, ok);
     }
     cp_async_commit();
   };
@@ -285,7 +309,7 @@ __global__ void __launch_bounds__(kHashWarps * 32, 2)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int k = 0; k < kBlocks; ++k) e[h][k] = Extremes{0.0f, 0.0f, -1, -1};
+      for (int k = 0; k < kBlocks; ++k) e[h][k] = Extremes::none();
   };
   reset();
   stage(0);
@@ -297,17 +321,22 @@ __global__ void __launch_bounds__(kHashWarps * 32, 2)
       cp_async_wait<0>();
     }
     __syncthreads();
-    const float* B = tiles_smem + (i % 2) * kDh * kHashStride;
+    // Lane l addresses row l % 8 of its n8 tile, words 4 (l / 8) on: the
+    // matrices b0, b1 of k-step 2 kk and of 2 kk + 1.
+    const uint32_t* B = tiles_smem + (i % 2) * kHashTile * kStride + (lane % 8) * kStride +
+                        (lane / 8) * 4;
     const int c0 = (i % tiles) * kHashTile;
 #pragma unroll
     for (int n0 = 0; n0 < kHashTile / 8; n0 += kHashGroup) {
       float acc[kHashGroup][4] = {};
 #pragma unroll
-      for (int ks = 0; ks < kDh / 8; ++ks) {
+      for (int kk = 0; kk < kDh / 16; ++kk) {
 #pragma unroll
         for (int j = 0; j < kHashGroup; ++j) {
-          const float* b = B + (ks * 8 + t) * kHashStride + (n0 + j) * 8 + g;
-          mma_tf32(acc[j], a[ks], to_tf32(b[0]), to_tf32(b[4 * kHashStride]));
+          uint32_t b[4];
+          ldsm_x4(b, B + (n0 + j) * 8 * kStride + kk * 16);
+          mma_tf32(acc[j], a[2 * kk], b[0], b[1]);
+          mma_tf32(acc[j], a[2 * kk + 1], b[2], b[3]);
         }
       }
 #pragma unroll
@@ -346,19 +375,19 @@ __global__ void __launch_bounds__(kHashWarps * 32, 2)
 }
 
 template <int kDh, bool kFactorized>
-void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const float* R, int64_t L,
+void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const uint32_t* Rt, int64_t L,
                      int n_hashes, int cols, int h0, cudaStream_t stream) {
   auto* kernel = hash_mma_kernel<kDh, kFactorized>;
   const size_t smem = hash_smem_bytes(kDh);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   kernel<<<unsigned((L + kHashRows - 1) / kHashRows), kHashWarps * 32, smem, stream>>>(
-      buckets, x, ld, R, L, n_hashes, cols, h0);
+      buckets, x, ld, Rt, L, n_hashes, cols, h0);
   CUDA_CHECK_LAUNCH("hash_mma_kernel");
 }
 
 // The fused path for head width dh, or nullptr where it does not apply.
-using HashMmaLauncher = void (*)(int32_t*, const float*, int64_t, const float*, int64_t, int, int,
-                                 int, cudaStream_t);
+using HashMmaLauncher = void (*)(int32_t*, const float*, int64_t, const uint32_t*, int64_t, int,
+                                 int, int, cudaStream_t);
 HashMmaLauncher hash_mma_launcher(int dh, bool factorized) {
   switch (dh) {
     case 32: return factorized ? launch_hash_mma<32, true> : launch_hash_mma<32, false>;
@@ -487,9 +516,13 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
   if (dh <= 0 || ld < dh) throw ShapeError("lsh_hash: need dh > 0 and ld >= dh");
   const int cols = rotation_cols(n_buckets, factor0);
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
-  if (auto launch = cuda::hash_mma_launcher(dh, h0 < cols);
-      launch && cols % 4 == 0 && reinterpret_cast<uintptr_t>(R) % 16 == 0) {
-    launch(buckets, qk, ld, R, L, n_hashes, cols, h0, stream_);
+  if (auto launch = cuda::hash_mma_launcher(dh, h0 < cols)) {
+    const int64_t nR = int64_t(n_hashes) * dh * cols;
+    auto* Rt = static_cast<uint32_t*>(ws_.get(sizeof(uint32_t) * size_t(nR)));
+    cuda::rotations_tf32_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rt, R, dh,
+                                                                                   cols, nR);
+    CUDA_CHECK_LAUNCH("rotations_tf32_kernel");
+    launch(buckets, qk, ld, Rt, L, n_hashes, cols, h0, stream_);
     return;
   }
   const int64_t m = int64_t(n_hashes) * cols;         // columns of Rcat and of the products
