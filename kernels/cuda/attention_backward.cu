@@ -24,57 +24,12 @@ __global__ void row_stats_kernel(float* rm, float* riz, float* rD, const float* 
   const float* o = out + i * ld_out;
   float dsum = 0.0f;
   for (int d = lane; d < dh; d += 32) dsum += g[d] * o[d];
-  float m = lse[i];
-  for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
-  float z = 0.0f;
-  for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
-  const float inv_z = 1.0f / z;
+  const RoundWeights w = round_weights(lse, L, i, R);
   dsum = warp_sum(dsum);
   if (lane == 0) {
-    rm[i] = m;
-    riz[i] = inv_z;
+    rm[i] = w.m;
+    riz[i] = w.inv_z;
     rD[i] = dsum;
-  }
-}
-
-// dv[j] += sum_r dv_r[r, j]; dqk[j] += P_j(sum_r dkhat_r[r, j]) / |k_j| + sum_r dq_r[r, j]
-// with P_j = I - k_hat_j k_hat_j^T. One warp per position; dh <= 128.
-__global__ void finish_backward_kernel(float* dqk, float* dv, const float* dq_r,
-                                       const float* dkh_r, const float* dv_r, const float* khat,
-                                       const float* norm, int64_t L, int64_t ld, int dh, int R) {
-  const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (j >= L) return;
-  if (dv) {
-    for (int d = lane; d < dh; d += 32) {
-      float acc = 0.0f;
-      for (int r = 0; r < R; ++r) acc += dv_r[(int64_t(r) * L + j) * dh + d];
-      dv[j * ld + d] += acc;
-    }
-  }
-  if (dqk) {
-    float acc[4];
-    float proj = 0.0f;
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int d = lane + 32 * t;
-      acc[t] = 0.0f;
-      if (d < dh) {
-        for (int r = 0; r < R; ++r) acc[t] += dkh_r[(int64_t(r) * L + j) * dh + d];
-        proj += khat[j * dh + d] * acc[t];
-      }
-    }
-    proj = warp_sum(proj);
-    const float inv_norm = 1.0f / norm[j];
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const int d = lane + 32 * t;
-      if (d < dh) {
-        float g = (acc[t] - khat[j * dh + d] * proj) * inv_norm;
-        for (int r = 0; r < R; ++r) g += dq_r[(int64_t(r) * L + j) * dh + d];
-        dqk[j * ld + d] += g;
-      }
-    }
   }
 }
 
@@ -377,9 +332,9 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
   float* dkh_r = dqk ? sc.dkh_r : nullptr;
   float* dv_r = dv ? sc.dv_r : nullptr;
   dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r, s);
-  finish_backward_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
-      dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, sc.khat, sc.norm, g.L, g.ld, g.dh, R);
-  CUDA_CHECK_LAUNCH("finish_backward_kernel");
+  finish_rounds_kernel<4, float><<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
+      dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, sc.norm, g.L, g.ld, g.dh, R);
+  CUDA_CHECK_LAUNCH("finish_rounds_kernel");
 }
 
 }  // namespace

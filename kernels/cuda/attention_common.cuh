@@ -31,7 +31,7 @@
 //  - attn_dkv_kernel: key side, one block per (round, key chunk, tile of 16
 //    keys) over the query chunks whose window holds it:
 //    dkhat_r[r, j] = sum_i ds_rij q_i, dv_r[r, j] = sum_i P_rij dout_i.
-//  - finish_backward_kernel: sums the rounds in order, projects dkhat through
+//  - finish_rounds_kernel: sums the rounds in order, projects dkhat through
 //    the normalisation and ACCUMULATES into dqk and dv.
 // Every output element is written by one thread in a fixed order: the
 // forward and backward are bitwise reproducible (no atomics).
@@ -43,7 +43,7 @@
 // outputs (out_r). The tensor-core kernels take k_hat from qk (no
 // normalise_keys pass), and keep a call's round outputs and per-round
 // gradients in bf16 with their own combine and round sum
-// (combine_bf16_kernel, finish_mma_kernel).
+// (combine_bf16_kernel; finish_rounds_kernel on bf16 rows).
 // Limits: dh <= 128, chunks_before + chunks_after + 1 <= 32.
 #pragma once
 
@@ -187,6 +187,76 @@ __device__ __forceinline__ void load_rows(float* sa, int sa_stride, float* sb, i
 }
 
 // ---------------------------------------------------------------- small kernels
+
+// The weights that combine position i's rounds from their log-sum-exps lse
+// [R, L]: m = max_r lse[r, i], 1 / z = 1 / sum_r exp(lse[r, i] - m), and
+// round r's weight exp(lse[r, i] - m) / z.
+struct RoundWeights {
+  const float* lse;
+  int64_t L, i;
+  float m, inv_z;
+  __device__ float operator()(int r) const { return expf(lse[int64_t(r) * L + i] - m) * inv_z; }
+};
+__device__ __forceinline__ RoundWeights round_weights(const float* lse, int64_t L, int64_t i,
+                                                      int R) {
+  float m = lse[i];
+  for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
+  float z = 0.0f;
+  for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
+  return {lse, L, i, m, 1.0f / z};
+}
+
+__device__ __forceinline__ float row_value(float x) { return x; }
+__device__ __forceinline__ float row_value(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// The round sum of a backward of several rounds, one warp per position j,
+// from per-round rows [R, L, ld_r] (fp32, or bf16 on tensor cores):
+// dv[j] += sum_r dv_r[r, j]; dqk[j] += P_j(sum_r dkh_r[r, j]) / |k_j| +
+// sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = qk_j /
+// |k_j| (normalise_keys_kernel's division); sums in fp32 in round order.
+// E columns per lane (lane + 32 t): dh <= 32 E.
+template <int E, class Row>
+__global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
+                                     const Row* dv_r, int64_t ld_r, const float* qk,
+                                     const float* norm, int64_t L, int64_t ld, int dh, int R) {
+  const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (j >= L) return;
+  auto round_sum = [&](const Row* x, int d) {
+    float acc = 0.0f;
+    for (int r = 0; r < R; ++r) acc += row_value(x[(int64_t(r) * L + j) * ld_r + d]);
+    return acc;
+  };
+  if (dv) {
+#pragma unroll
+    for (int t = 0; t < E; ++t) {
+      const int d = lane + 32 * t;
+      if (d < dh) dv[j * ld + d] += round_sum(dv_r, d);
+    }
+  }
+  if (!dqk) return;
+  const float n = norm[j];
+  const float* q = qk + j * ld;
+  float acc[E], kh[E];
+  float proj = 0.0f;
+#pragma unroll
+  for (int t = 0; t < E; ++t) {
+    const int d = lane + 32 * t;
+    acc[t] = kh[t] = 0.0f;
+    if (d < dh) {
+      acc[t] = round_sum(dkh_r, d);
+      kh[t] = q[d] / n;
+      proj += kh[t] * acc[t];
+    }
+  }
+  proj = warp_sum(proj);
+  const float inv_norm = 1.0f / n;
+#pragma unroll
+  for (int t = 0; t < E; ++t) {
+    const int d = lane + 32 * t;
+    if (d < dh) dqk[j * ld + d] += (acc[t] - kh[t] * proj) * inv_norm + round_sum(dq_r, d);
+  }
+}
 
 __global__ void normalise_keys_kernel(float* khat, float* norm, const float* qk, int64_t L,
                                       int64_t ld, int dh) {
@@ -344,18 +414,18 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 // Several rounds: the query and key sides write each round's dq, dk_hat and
 // dv rows in bf16 (half the bytes of fp32 through L2 and memory, written and
 // read once each; the rounding, 2^-9 relative, is that of the operands the
-// products already take), and finish_mma_kernel sums the rounds in fp32,
+// products already take), and finish_rounds_kernel sums the rounds in fp32,
 // applies the normalisation's backward with k_hat_j = qk_j / |k_j| and adds
-// into dqk and dv (as finish_backward_kernel; no fp32 k_hat is kept).
+// into dqk and dv (as on the fp32 rows; no fp32 k_hat is kept).
 //
 // Direct (a bf16 call of one round, or full attention): every position is
 // one query row of one block of the query side and one key row of one block
 // of the key side, so those blocks add their rows into dqk and dv without a
 // race (the query side runs before the key side): no per-round scratch
 // ([L, dh] x 3, 1.5 GiB at 1M tokens and dh 128) and no
-// finish_backward_kernel. The staging computes k_hat from qk and writes |k|
+// finish_rounds_kernel. The staging computes k_hat from qk and writes |k|
 // into norm (no fp32 k_hat), and the key side applies the normalisation's
-// backward to its dk_hat rows as finish_backward_kernel does, with k_hat_j =
+// backward to its dk_hat rows as finish_rounds_kernel does, with k_hat_j =
 // qk_j / |k_j| (the same division: the same bits). Calls of
 // several rounds keep the scratch: one launch of each side per round, adding
 // directly, measured 1.65x slower at 64K tokens (bench/RESULTS.md).
@@ -386,8 +456,7 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
                            float* lse, void* stage, cudaStream_t s);
 // A chunked call whose rounds' outputs the caller does not keep: they go in
 // bf16 into out_b [R, L, DH] (the op's workspace) and are combined into out
-// (when non-null) from there: half the bytes of the fp32 out_r, written and
-// read once each.
+// from there: half the bytes of the fp32 out_r, written and read once each.
 void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, const float* qk,
                               const float* v, float* out, __nv_bfloat16* out_b, float* lse,
                               void* stage, cudaStream_t s);

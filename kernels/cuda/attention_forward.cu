@@ -22,17 +22,12 @@ __global__ void combine_rounds_kernel(float* out, float* w, int64_t ld, const fl
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / dh_threads;
     const int d = int(e % dh_threads);
-    float m = lse[i];
-    for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
-    float z = 0.0f;
-    for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
-    const float inv_z = 1.0f / z;
+    const RoundWeights weight = round_weights(lse, L, i, R);
     if (w && d == 0)
-      for (int r = 0; r < R; ++r) w[int64_t(r) * L + i] = expf(lse[int64_t(r) * L + i] - m) * inv_z;
+      for (int r = 0; r < R; ++r) w[int64_t(r) * L + i] = weight(r);
     if (!out) continue;
     float o = 0.0f;
-    for (int r = 0; r < R; ++r)
-      o += expf(lse[int64_t(r) * L + i] - m) * inv_z * out_r[(int64_t(r) * L + i) * dh + d];
+    for (int r = 0; r < R; ++r) o += weight(r) * out_r[(int64_t(r) * L + i) * dh + d];
     out[i * ld + d] = o;
   }
 }

@@ -1,7 +1,7 @@
 // Attention backward on tensor cores (AttentionParams::precision == bf16):
 // the query side and the key side of attention_backward.cu on mma.m16n8k16
 // (bf16 operands, fp32 accumulators); row_stats_kernel before them is
-// shared with the fp32 path, and finish_mma_kernel after them (not with one
+// shared with the fp32 path, and finish_rounds_kernel after them (not with one
 // round per call) sums their bf16 per-round rows.
 //
 // Both recompute the probabilities from the row statistics (m_i, 1 / z_i,
@@ -600,55 +600,6 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
   cp_async_wait<0>();
 }
 
-// The round sum of a backward of several rounds, one warp per position j:
-// dv[j] += sum_r dv_r[r, j]; dqk[j] += P_j(sum_r dkh_r[r, j]) / |k_j| +
-// sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = qk_j /
-// |k_j| (the staging's division), per-round rows bf16 [R, L, DH], sums in
-// fp32 in round order (finish_backward_kernel's arithmetic on the fp32 rows).
-template <int DH>
-__global__ void finish_mma_kernel(float* dqk, float* dv, const bf16* dq_r, const bf16* dkh_r,
-                                  const bf16* dv_r, const float* qk, const float* norm,
-                                  int64_t L, int64_t ld, int dh, int R) {
-  constexpr int E = DH / 32;  // columns per lane: lane + 32 t
-  const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (j >= L) return;
-  auto round_sum = [&](const bf16* x, int d) {
-    float acc = 0.0f;
-    for (int r = 0; r < R; ++r) acc += __bfloat162float(x[(int64_t(r) * L + j) * DH + d]);
-    return acc;
-  };
-  if (dv) {
-#pragma unroll
-    for (int t = 0; t < E; ++t) {
-      const int d = lane + 32 * t;
-      if (d < dh) dv[j * ld + d] += round_sum(dv_r, d);
-    }
-  }
-  if (!dqk) return;
-  const float n = norm[j];
-  const float* q = qk + j * ld;
-  float acc[E], kh[E];
-  float proj = 0.0f;
-#pragma unroll
-  for (int t = 0; t < E; ++t) {
-    const int d = lane + 32 * t;
-    acc[t] = kh[t] = 0.0f;
-    if (d < dh) {
-      acc[t] = round_sum(dkh_r, d);
-      kh[t] = q[d] / n;
-      proj += kh[t] * acc[t];
-    }
-  }
-  proj = warp_sum(proj);
-  const float inv_norm = 1.0f / n;
-#pragma unroll
-  for (int t = 0; t < E; ++t) {
-    const int d = lane + 32 * t;
-    if (d < dh) dqk[j * ld + d] += (acc[t] - kh[t] * proj) * inv_norm + round_sum(dq_r, d);
-  }
-}
-
 template <int DH, bool FULL>
 void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
                          const float* dout, const float* rm, const float* riz, const float* rD,
@@ -688,9 +639,9 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
     }
   }
   if (o.direct) return;
-  finish_mma_kernel<DH><<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
-      o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, qk, o.norm, g.L, g.ld, g.dh, rounds);
-  CUDA_CHECK_LAUNCH("finish_mma_kernel");
+  finish_rounds_kernel<DH / 32, bf16><<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
+      o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, qk, o.norm, g.L, g.ld, g.dh, rounds);
+  CUDA_CHECK_LAUNCH("finish_rounds_kernel");
 }
 
 template <bool FULL>

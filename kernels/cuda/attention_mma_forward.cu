@@ -357,14 +357,10 @@ __global__ void combine_bf16_kernel(float* out, int64_t ld, const bf16* out_b, c
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (i >= L) return;
-  float m = lse[i];
-  for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
-  float z = 0.0f;
-  for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
-  const float inv_z = 1.0f / z;
+  const RoundWeights weight = round_weights(lse, L, i, R);
   float acc[DH / 32] = {};
   for (int r = 0; r < R; ++r) {
-    const float w = expf(lse[int64_t(r) * L + i] - m) * inv_z;
+    const float w = weight(r);
     const bf16* row = out_b + (int64_t(r) * L + i) * DH;
 #pragma unroll
     for (int t = 0; t < DH / 32; ++t) acc[t] += w * __bfloat162float(row[lane + 32 * t]);
@@ -405,7 +401,6 @@ void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, con
                               void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, false);
   dispatch_mma_forward<false>(g, p.n_rounds, qk, nullptr, v, nullptr, out_b, lse, stage, s);
-  if (!out) return;
   auto combine = [&](auto kernel) {
     kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L, p.dh,
                                                      p.n_rounds);

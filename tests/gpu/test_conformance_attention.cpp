@@ -345,4 +345,29 @@ TEST(AttentionLimits, DeviceRejectsWideHeads) {
   }
 }
 
+// The chunked forward writes the combined output, the rounds' outputs, or
+// both; with neither it refuses (as the CPU, tests/cpu/test_attention.cpp),
+// in either precision.
+TEST(AttentionLimits, DeviceRejectsNoOutput) {
+  std::vector<Backend> backends = device_backends();
+  if (backends.empty()) GTEST_SKIP() << "no device backend";
+  for (Backend& b : backends) {
+    SCOPED_TRACE("backend " + b.name);
+    for (AttentionPrecision pr : kPrecisions) {
+      AttentionParams p;
+      p.L = 16;
+      p.dh = 8;
+      p.ld = 8;
+      p.chunk = 4;
+      p.n_rounds = 2;
+      p.precision = pr;
+      Buffer<float> x(*b.ops, 16 * 8), lse(*b.ops, 2 * 16);
+      IntBuffer<float> perm(*b.ops, 2 * 16);
+      EXPECT_THROW(b.ops->chunked_attention_forward(nullptr, nullptr, lse.data(), x.data(),
+                                                    x.data(), perm.data(), p),
+                   ShapeError);
+    }
+  }
+}
+
 }  // namespace
