@@ -618,19 +618,19 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
 // dy1 += d FFN(LN_f(y1)) / dy1 applied to dg (the gradient of the chunk's
 // output after dropout); parameter gradients accumulate. Expects the state
 // ffn_chunk left for the same chunk: just before, or kept since the forward
-// (a kept layer). dg is consumed.
+// (a kept layer). dg is only read (dropped out into scratch under dropout).
 template <class T>
 void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy1, int64_t rows,
                                           int64_t row0, uint64_t step, bool train) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
-  T* dgd = s.dfg.data();
-  if (train && cfg_.model.dropout > 0)
-    ops_.dropout(dgd, dg, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l,
-                 kSiteFFN, (pos0_ + row0) * D_, 1.0f, /*accumulate=*/false);
-  else
-    ops_.copy(dgd, dg, rows * D_);
+  const T* dgd = dg;
+  if (train && cfg_.model.dropout > 0) {
+    ops_.dropout(s.dfg.data(), dg, rows * D_, float(cfg_.model.dropout), cfg_.training.seed,
+                 step, l, kSiteFFN, (pos0_ + row0) * D_, 1.0f, /*accumulate=*/false);
+    dgd = s.dfg.data();
+  }
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
   const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
   ops_.ffn_backward(s.dfln.data(), G.w1, G.b1, G.w2, G.b2, dgd, st.ln, st.h, st.a, P.w1, P.w2,
