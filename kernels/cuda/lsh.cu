@@ -215,6 +215,7 @@ constexpr int kHashWarps = 8;
 constexpr int kHashRows = 16 * kHashWarps;  // positions per block: 16 per warp
 constexpr int kHashTile = 64;               // rotation columns staged at once
 constexpr int kHashGroup = 4;               // n8 tiles accumulated side by side
+constexpr int kHashBlocksPerSm = 2;         // register budget: 128 a thread
 
 // Shared row stride (floats) of a staged tile whose rows hold dh values: 16
 // bytes of padding put the 8 rows an ldmatrix reads in distinct banks.
@@ -265,7 +266,7 @@ __global__ void rotations_tf32_kernel(uint32_t* Rt, const float* R, int dh, int 
 // lowest column. kFactorized: columns [0, h0) and [h0, cols) are two blocks,
 // bucket = b0 + 2 h0 b1; else h0 == cols.
 template <int kDh, bool kFactorized>
-__global__ void __launch_bounds__(kHashWarps * 32, 2)
+__global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
     hash_mma_kernel(int32_t* buckets, const float* x, int64_t ld, const uint32_t* Rt, int64_t L,
                     int n_hashes, int cols, int h0) {
   extern __shared__ float4 hash_smem[];
