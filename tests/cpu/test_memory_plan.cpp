@@ -257,11 +257,13 @@ TEST(MemoryPlan, ParsesSizes) {
 
 // Auto heads per pass on a device of a given size: the most the pass budget
 // allows whose whole plan takes at most 90% of the device, else one; a set
-// key and an unknown device leave the config alone. The peers' model at 1M:
-// 4 heads plan 35.47 GiB, 2 heads 29.44, 1 head 26.42 (`reformer plan`).
+// key and an unknown device leave the config alone. The peers' model at 1M
+// with 16K chunks: 4 heads plan 35.47 GiB, 2 heads 29.44, 1 head 26.42
+// (`reformer plan`).
 TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
-                                 {"model.max_len=1048576"});
+                                 {"model.max_len=1048576", "model.ffn_chunk=16384",
+                                  "model.loss_chunk=16384"});
   const int64_t GiB = int64_t(1) << 30;
   auto fitted = [&](const Config& c, int64_t bytes) {
     return fit_heads_per_pass(c, 1, bytes).model.attn_heads_per_pass;
