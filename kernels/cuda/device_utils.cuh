@@ -163,14 +163,30 @@ __global__ void colsum_partial_kernel(Acc* partial, F f, int64_t rows, int64_t c
   }
 }
 
-// dst[c] = post(c, sum_s partial[s, c]).
+// post(c, sum_s partial[s, c]). Block (32, kColFinalLanes): 32 columns;
+// lane y adds the slabs s = y mod kColFinalLanes in order, then lane 0 adds
+// the lanes' sums in order (deterministic; short chains of dependent loads).
+constexpr int kColFinalLanes = 16;
 template <class Acc, class Post>
 __global__ void colsum_final_kernel(const Acc* partial, int64_t slabs, int64_t cols, Post post) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+  __shared__ Acc sh[kColFinalLanes][33];
+  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
   Acc t = Acc(0);
-  for (int64_t s = 0; s < slabs; ++s) t += partial[s * cols + c];
-  post(c, t);
+  if (c < cols)
+    for (int64_t s = threadIdx.y; s < slabs; s += kColFinalLanes) t += partial[s * cols + c];
+  sh[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= cols) return;
+  Acc u = Acc(0);
+  for (int k = 0; k < kColFinalLanes; ++k) u += sh[k][threadIdx.x];
+  post(c, u);
+}
+template <class Acc, class Post>
+void launch_colsum_final(const Acc* partial, int64_t slabs, int64_t cols, Post post,
+                         cudaStream_t stream) {
+  colsum_final_kernel<Acc><<<unsigned((cols + 31) / 32), dim3(32, kColFinalLanes), 0, stream>>>(
+      partial, slabs, cols, post);
+  CUDA_CHECK_LAUNCH("colsum_final_kernel");
 }
 
 inline int64_t colsum_slabs(int64_t rows) { return std::max<int64_t>(1, (rows + kColSlab - 1) / kColSlab); }
@@ -216,9 +232,7 @@ void colsum(Acc* scratch, F f, Post post, int64_t rows, int64_t cols, cudaStream
   dim3 grid(unsigned((cols + 31) / 32), unsigned(slabs));
   colsum_partial_kernel<Acc><<<grid, dim3(32, 8), 0, stream>>>(scratch, f, rows, cols);
   CUDA_CHECK_LAUNCH("colsum_partial_kernel");
-  colsum_final_kernel<Acc><<<unsigned((cols + 255) / 256), 256, 0, stream>>>(scratch, slabs, cols,
-                                                                             post);
-  CUDA_CHECK_LAUNCH("colsum_final_kernel");
+  launch_colsum_final(scratch, slabs, cols, post, stream);
 }
 
 }  // namespace reformer::cuda

@@ -288,13 +288,10 @@ void CudaOps::layernorm_backward(float* dinp, float* dw, float* db, const float*
     else
       cuda::launch_layernorm_backward_fused<32>(dinp, partial, dout, inp, w, mean, rstd, N, C,
                                                 blocks, stream_);
-    const unsigned fin = unsigned((C + 255) / 256);
-    cuda::colsum_final_kernel<double>
-        <<<fin, 256, 0, stream_>>>(partial, blocks, C, cuda::AddTo{dw});
-    CUDA_CHECK_LAUNCH("colsum_final_kernel");
-    cuda::colsum_final_kernel<double>
-        <<<fin, 256, 0, stream_>>>(partial + blocks * C, blocks, C, cuda::AddTo{db});
-    CUDA_CHECK_LAUNCH("colsum_final_kernel");
+    cuda::launch_colsum_final(static_cast<const double*>(partial), blocks, int64_t(C),
+                              cuda::AddTo{dw}, stream_);
+    cuda::launch_colsum_final(static_cast<const double*>(partial + blocks * C), blocks,
+                              int64_t(C), cuda::AddTo{db}, stream_);
     return;
   }
   if (dinp) {
