@@ -306,15 +306,13 @@ void dispatch_backward(const AttnGeom& g, int rounds, const float* qk, const flo
 }
 
 // The shared backward: row statistics, query side, key side, finish.
-// The query and key sides run on tensor cores when p.precision is bf16, and
-// then add into dqk, dv themselves for one round (mma_backward_direct).
+// The query and key sides run on tensor cores when p.precision is bf16 (the
+// row statistics then come with their staging), and add into dqk, dv
+// themselves for one round (mma_backward_direct).
 template <bool FULL>
 void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeom& g, int R,
                   float* dqk, float* dv, const float* dout, const float* out, int64_t ld_out,
                   const float* qk, const float* v, const float* lse, cudaStream_t s) {
-  row_stats_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(sc.rm, sc.riz, sc.rD, dout, out,
-                                                            ld_out, lse, g.L, g.ld, g.dh, R);
-  CUDA_CHECK_LAUNCH("row_stats_kernel");
   if (p.precision == AttentionPrecision::bf16) {  // direct, or bf16 rounds and their sum
     const bool direct = mma_backward_direct(p, FULL);
     const MmaBwdOut o{dqk,
@@ -325,16 +323,19 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                       direct || !dqk ? nullptr : sc.dq_b,
                       direct || !dqk ? nullptr : sc.dkh_b,
                       direct || !dv ? nullptr : sc.dv_b};
-    mma_attention_backward(p, g.perm, FULL, qk, v, dout, sc.rm, sc.riz, sc.rD, o, sc.stage, s);
+    mma_attention_backward(p, g.perm, FULL, qk, v, dout, out, ld_out, lse, sc.rm, sc.riz, sc.rD,
+                           o, sc.stage, s);
     return;
   }
+  row_stats_kernel<<<warp_rows_blocks(g.L), kBlock, 0, s>>>(sc.rm, sc.riz, sc.rD, dout, out,
+                                                            ld_out, lse, g.L, g.ld, g.dh, R);
+  CUDA_CHECK_LAUNCH("row_stats_kernel");
   float* dq_r = dqk ? sc.dq_r : nullptr;
   float* dkh_r = dqk ? sc.dkh_r : nullptr;
   float* dv_r = dv ? sc.dv_r : nullptr;
   dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r, s);
-  finish_rounds_kernel<4, float><<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
-      dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, sc.norm, g.L, g.ld, g.dh, R);
-  CUDA_CHECK_LAUNCH("finish_rounds_kernel");
+  launch_finish_rounds<4, float>(dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, sc.norm, g.L,
+                                 g.ld, g.dh, R, s);
 }
 
 }  // namespace

@@ -39,8 +39,9 @@
 // forward, query-side and key-side kernels are replaced by their tensor-core
 // twins (attention_mma_forward.cu, attention_mma_backward.cu: 64-row tiles,
 // bf16 mma with fp32 accumulation, same window lists, masks and outputs);
-// row_stats is shared, and combine_rounds where the caller keeps the rounds'
-// outputs (out_r). The tensor-core kernels take k_hat from qk (no
+// row_stats' arithmetic is shared (the tensor-core staging does it as it
+// reads dout), and combine_rounds where the caller keeps the rounds' outputs
+// (out_r). The tensor-core kernels take k_hat from qk (no
 // normalise_keys pass), and keep a call's round outputs and per-round
 // gradients in bf16 with their own combine and round sum
 // (combine_bf16_kernel; finish_rounds_kernel on bf16 rows).
@@ -209,53 +210,113 @@ __device__ __forceinline__ RoundWeights round_weights(const float* lse, int64_t 
 __device__ __forceinline__ float row_value(float x) { return x; }
 __device__ __forceinline__ float row_value(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// E consecutive row values from p (aligned to E elements) as floats, and
+// back: one 4E- or 2E-byte access instead of E.
+template <int E>
+__device__ __forceinline__ void load_cols(const float* p, float* v) {
+  if constexpr (E == 4) {
+    const float4 x = *reinterpret_cast<const float4*>(p);
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+  } else if constexpr (E == 2) {
+    const float2 x = *reinterpret_cast<const float2*>(p);
+    v[0] = x.x, v[1] = x.y;
+  } else {
+    v[0] = *p;
+  }
+}
+template <int E>
+__device__ __forceinline__ void load_cols(const __nv_bfloat16* p, float* v) {
+  if constexpr (E == 4) {
+    const uint2 x = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
+    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+  } else if constexpr (E == 2) {
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    v[0] = a.x, v[1] = a.y;
+  } else {
+    v[0] = __bfloat162float(*p);
+  }
+}
+template <int E>
+__device__ __forceinline__ void store_cols(float* p, const float* v) {
+  if constexpr (E == 4)
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  else if constexpr (E == 2)
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  else
+    *p = v[0];
+}
+
 // The round sum of a backward of several rounds, one warp per position j,
 // from per-round rows [R, L, ld_r] (fp32, or bf16 on tensor cores):
 // dv[j] += sum_r dv_r[r, j]; dqk[j] += P_j(sum_r dkh_r[r, j]) / |k_j| +
 // sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = qk_j /
 // |k_j| (normalise_keys_kernel's division); sums in fp32 in round order.
-// E columns per lane (lane + 32 t): dh <= 32 E.
-template <int E, class Row>
+// E columns per lane, dh <= 32 E: with kVec (dh == 32 E, every row aligned
+// to E elements: finish_vec) lane l takes columns E l .. E l + E - 1, one
+// vector access per row; else columns l + 32 t.
+template <int E, class Row, bool kVec>
 __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
                                      const Row* dv_r, int64_t ld_r, const float* qk,
                                      const float* norm, int64_t L, int64_t ld, int dh, int R) {
   const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (j >= L) return;
-  auto round_sum = [&](const Row* x, int d) {
-    float acc = 0.0f;
-    for (int r = 0; r < R; ++r) acc += row_value(x[(int64_t(r) * L + j) * ld_r + d]);
-    return acc;
-  };
-  if (dv) {
+  // E values of this lane's columns of a row (0 past dh), and back.
+  auto load = [&](const auto* row, float* v) {
+    if constexpr (kVec) {
+      load_cols<E>(row + lane * E, v);
+    } else {
 #pragma unroll
-    for (int t = 0; t < E; ++t) {
-      const int d = lane + 32 * t;
-      if (d < dh) dv[j * ld + d] += round_sum(dv_r, d);
+      for (int t = 0; t < E; ++t) v[t] = lane + 32 * t < dh ? row_value(row[lane + 32 * t]) : 0.0f;
     }
+  };
+  auto store = [&](float* row, const float* v) {
+    if constexpr (kVec) {
+      store_cols<E>(row + lane * E, v);
+    } else {
+#pragma unroll
+      for (int t = 0; t < E; ++t)
+        if (lane + 32 * t < dh) row[lane + 32 * t] = v[t];
+    }
+  };
+  auto round_sum = [&](const Row* x, float* acc) {
+#pragma unroll
+    for (int t = 0; t < E; ++t) acc[t] = 0.0f;
+    for (int r = 0; r < R; ++r) {
+      float v[E];
+      load(x + (int64_t(r) * L + j) * ld_r, v);
+#pragma unroll
+      for (int t = 0; t < E; ++t) acc[t] += v[t];
+    }
+  };
+  float acc[E], cur[E];
+  if (dv) {
+    round_sum(dv_r, acc);
+    load(dv + j * ld, cur);
+#pragma unroll
+    for (int t = 0; t < E; ++t) cur[t] += acc[t];
+    store(dv + j * ld, cur);
   }
   if (!dqk) return;
   const float n = norm[j];
-  const float* q = qk + j * ld;
-  float acc[E], kh[E];
+  float kh[E], dq[E];
+  round_sum(dkh_r, acc);
+  round_sum(dq_r, dq);
+  load(qk + j * ld, kh);
   float proj = 0.0f;
 #pragma unroll
   for (int t = 0; t < E; ++t) {
-    const int d = lane + 32 * t;
-    acc[t] = kh[t] = 0.0f;
-    if (d < dh) {
-      acc[t] = round_sum(dkh_r, d);
-      kh[t] = q[d] / n;
-      proj += kh[t] * acc[t];
-    }
+    kh[t] /= n;
+    proj += kh[t] * acc[t];
   }
   proj = warp_sum(proj);
   const float inv_norm = 1.0f / n;
+  load(dqk + j * ld, cur);
 #pragma unroll
-  for (int t = 0; t < E; ++t) {
-    const int d = lane + 32 * t;
-    if (d < dh) dqk[j * ld + d] += (acc[t] - kh[t] * proj) * inv_norm + round_sum(dq_r, d);
-  }
+  for (int t = 0; t < E; ++t) cur[t] += (acc[t] - kh[t] * proj) * inv_norm + dq[t];
+  store(dqk + j * ld, cur);
 }
 
 __global__ void normalise_keys_kernel(float* khat, float* norm, const float* qk, int64_t L,
@@ -336,6 +397,28 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
 }
 
 inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) / kWarps); }
+
+// finish_rounds_kernel over L positions, by vector accesses where the rows
+// allow (dh == 32 E, strides and pointers aligned to E elements).
+template <int E, class Row>
+void launch_finish_rounds(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
+                          const Row* dv_r, int64_t ld_r, const float* qk, const float* norm,
+                          int64_t L, int64_t ld, int dh, int R, cudaStream_t s) {
+  auto aligned = [](const void* p, size_t bytes) {
+    return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+  };
+  const bool vec = dh == 32 * E && ld % E == 0 && ld_r % E == 0 &&
+                   aligned(dqk, 4 * E) && aligned(dv, 4 * E) && aligned(qk, 4 * E) &&
+                   aligned(dq_r, sizeof(Row) * E) && aligned(dkh_r, sizeof(Row) * E) &&
+                   aligned(dv_r, sizeof(Row) * E);
+  if (vec)
+    finish_rounds_kernel<E, Row, true><<<warp_rows_blocks(L), kBlock, 0, s>>>(
+        dqk, dv, dq_r, dkh_r, dv_r, ld_r, qk, norm, L, ld, dh, R);
+  else
+    finish_rounds_kernel<E, Row, false><<<warp_rows_blocks(L), kBlock, 0, s>>>(
+        dqk, dv, dq_r, dkh_r, dv_r, ld_r, qk, norm, L, ld, dh, R);
+  CUDA_CHECK_LAUNCH("finish_rounds_kernel");
+}
 
 // Scratch of one call: k_hat, norms, row statistics, the per-round gradients
 // and `staged` bf16 arrays [L, kernel_dhm(dh)] (by position, shared by the
@@ -460,10 +543,12 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
 void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, const float* qk,
                               const float* v, float* out, __nv_bfloat16* out_b, float* lse,
                               void* stage, cudaStream_t s);
+// Writes the row statistics rm, riz, rD (row_stats_kernel's, from dout, out
+// and lse) as it stages its operands.
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
-                            const float* qk, const float* v, const float* dout, const float* rm,
-                            const float* riz, const float* rD, const MmaBwdOut& o, void* stage,
-                            cudaStream_t s);
+                            const float* qk, const float* v, const float* dout, const float* out,
+                            int64_t ld_out, const float* lse, float* rm, float* riz, float* rD,
+                            const MmaBwdOut& o, void* stage, cudaStream_t s);
 
 }  // namespace cuda
 }  // namespace reformer

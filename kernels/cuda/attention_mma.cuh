@@ -169,6 +169,10 @@ constexpr int kStageWarps = 8;    // rows (one per warp) per block of mma_stage_
 // as normalise_keys_kernel does (same sum order, same division: the same
 // bits), so the forward needs no fp32 k_hat; |k| goes into norm when it is
 // non-null (a direct backward's key side divides by it).
+// A backward's staging also writes the row statistics of row_stats_kernel
+// (attention_backward.cu) when rm is non-null: D_i = dout_i . out_i from
+// operand 3 (dout) as it is staged and `out` (row stride ld_out), and m_i,
+// 1 / z_i from the R rounds' lse: one pass over dout instead of two.
 struct MmaStage {
   const float* src[kMmaMaxStaged];
   int64_t lds[kMmaMaxStaged];
@@ -176,6 +180,13 @@ struct MmaStage {
   int n;
   bool khat_from_q;
   float* norm;
+  float* rm = nullptr;
+  float* riz = nullptr;
+  float* rD = nullptr;
+  const float* out = nullptr;
+  int64_t ld_out = 0;
+  const float* lse = nullptr;
+  int R = 0;
 };
 
 template <int DH>
@@ -191,18 +202,34 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
     norm = sqrtf(warp_sum(s) + kNormEps);
     if (st.norm && lane == 0) st.norm[pos] = norm;
   }
+  float dsum = 0.0f;  // dout . out (row statistics)
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {
     if (a >= st.n) break;
     const bool khat = a == 1 && st.khat_from_q;
+    const bool stats = a == 3 && st.rm;
     const float* x = khat ? st.src[0] + pos * st.lds[0] : st.src[a] + pos * st.lds[a];
+    const float* o = stats ? st.out + pos * st.ld_out : nullptr;
     for (int d = 2 * lane; d < DH; d += 64) {
       float lo = d < g.dh ? x[d] : 0.0f, hi = d + 1 < g.dh ? x[d + 1] : 0.0f;
+      if (stats) {
+        if (d < g.dh) dsum += lo * o[d];
+        if (d + 1 < g.dh) dsum += hi * o[d + 1];
+      }
       if (khat) {
         lo /= norm;
         hi /= norm;
       }
       *reinterpret_cast<uint32_t*>(st.dst[a] + pos * DH + d) = pack_bf16(lo, hi);
+    }
+  }
+  if (st.rm) {
+    const RoundWeights w = round_weights(st.lse, g.L, pos, st.R);
+    dsum = warp_sum(dsum);
+    if (lane == 0) {
+      st.rm[pos] = w.m;
+      st.riz[pos] = w.inv_z;
+      st.rD[pos] = dsum;
     }
   }
 }

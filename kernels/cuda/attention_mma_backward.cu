@@ -1,8 +1,8 @@
 // Attention backward on tensor cores (AttentionParams::precision == bf16):
 // the query side and the key side of attention_backward.cu on mma.m16n8k16
-// (bf16 operands, fp32 accumulators); row_stats_kernel before them is
-// shared with the fp32 path, and finish_rounds_kernel after them (not with one
-// round per call) sums their bf16 per-round rows.
+// (bf16 operands, fp32 accumulators); the staging before them also writes
+// row_stats_kernel's statistics (mma_stage_kernel), and finish_rounds_kernel
+// after them (not with one round per call) sums their bf16 per-round rows.
 //
 // Both recompute the probabilities from the row statistics (m_i, 1 / z_i,
 // D_i of row_stats_kernel), as the fp32 kernels (the exponential by the
@@ -602,11 +602,13 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 
 template <int DH, bool FULL>
 void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
-                         const float* dout, const float* rm, const float* riz, const float* rD,
-                         const MmaBwdOut& o, void* stage, cudaStream_t s) {
+                         const float* dout, const float* out, int64_t ld_out, const float* lse,
+                         float* rm, float* riz, float* rD, const MmaBwdOut& o, void* stage,
+                         cudaStream_t s) {
   // k_hat staged from qk, |k| into o.norm (for the key side's direct
-  // writes, or the round sum).
-  MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, true, o.norm};
+  // writes, or the round sum), the row statistics from dout and out.
+  MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, true, o.norm,
+              rm, riz, rD, out, ld_out, lse, rounds};
   launch_mma_stage<DH>(g, stage, &st, s);
   const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
   const bool want_kv = o.direct ? o.dkh || o.dv : o.dkh_r || o.dv_r;
@@ -639,24 +641,27 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
     }
   }
   if (o.direct) return;
-  finish_rounds_kernel<DH / 32, bf16><<<warp_rows_blocks(g.L), kBlock, 0, s>>>(
-      o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, qk, o.norm, g.L, g.ld, g.dh, rounds);
-  CUDA_CHECK_LAUNCH("finish_rounds_kernel");
+  launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, qk, o.norm, g.L,
+                                      g.ld, g.dh, rounds, s);
 }
 
 template <bool FULL>
 void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
-                           const float* dout, const float* rm, const float* riz, const float* rD,
-                           const MmaBwdOut& o, void* stage, cudaStream_t s) {
+                           const float* dout, const float* out, int64_t ld_out, const float* lse,
+                           float* rm, float* riz, float* rD, const MmaBwdOut& o, void* stage,
+                           cudaStream_t s) {
   switch (kernel_dhm(g.dh)) {
     case 32:
-      launch_mma_backward<32, FULL>(g, rounds, qk, v, dout, rm, riz, rD, o, stage, s);
+      launch_mma_backward<32, FULL>(g, rounds, qk, v, dout, out, ld_out, lse, rm, riz, rD, o,
+                                      stage, s);
       break;
     case 64:
-      launch_mma_backward<64, FULL>(g, rounds, qk, v, dout, rm, riz, rD, o, stage, s);
+      launch_mma_backward<64, FULL>(g, rounds, qk, v, dout, out, ld_out, lse, rm, riz, rD, o,
+                                      stage, s);
       break;
     default:
-      launch_mma_backward<128, FULL>(g, rounds, qk, v, dout, rm, riz, rD, o, stage, s);
+      launch_mma_backward<128, FULL>(g, rounds, qk, v, dout, out, ld_out, lse, rm, riz, rD, o,
+                                      stage, s);
       break;
   }
 }
@@ -664,15 +669,16 @@ void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const
 }  // namespace
 
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
-                            const float* qk, const float* v, const float* dout, const float* rm,
-                            const float* riz, const float* rD, const MmaBwdOut& o, void* stage,
-                            cudaStream_t s) {
+                            const float* qk, const float* v, const float* dout, const float* out,
+                            int64_t ld_out, const float* lse, float* rm, float* riz, float* rD,
+                            const MmaBwdOut& o, void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, full);
   g.pairs = o.direct && mma_pairs(g.dh, g.ld, {o.dq, o.dkh, o.dv});
   if (full)
-    dispatch_mma_backward<true>(g, 1, qk, v, dout, rm, riz, rD, o, stage, s);
+    dispatch_mma_backward<true>(g, 1, qk, v, dout, out, ld_out, lse, rm, riz, rD, o, stage, s);
   else
-    dispatch_mma_backward<false>(g, p.n_rounds, qk, v, dout, rm, riz, rD, o, stage, s);
+    dispatch_mma_backward<false>(g, p.n_rounds, qk, v, dout, out, ld_out, lse, rm, riz, rD, o,
+                                 stage, s);
 }
 
 }  // namespace cuda

@@ -350,24 +350,39 @@ void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const fl
 
 // out = sum_r w[r, i] out_b[r, i] for the bf16 round outputs [R, L, DH] of
 // a call, the weights as combine_rounds_kernel's (attention_forward.cu), one
-// warp per position, sums in fp32 in round order.
-template <int DH>
+// warp per position, sums in fp32 in round order. E = DH / 32 columns per
+// lane: with kVec (dh == DH, out's rows aligned to E floats) lane l takes
+// columns E l .. E l + E - 1 by vector accesses (load_cols, store_cols), else
+// columns l + 32 t.
+template <int DH, bool kVec>
 __global__ void combine_bf16_kernel(float* out, int64_t ld, const bf16* out_b, const float* lse,
                                     int64_t L, int dh, int R) {
+  constexpr int E = DH / 32;
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (i >= L) return;
   const RoundWeights weight = round_weights(lse, L, i, R);
-  float acc[DH / 32] = {};
+  float acc[E] = {};
   for (int r = 0; r < R; ++r) {
     const float w = weight(r);
     const bf16* row = out_b + (int64_t(r) * L + i) * DH;
+    float x[E];
+    if constexpr (kVec) {
+      load_cols<E>(row + lane * E, x);
+    } else {
 #pragma unroll
-    for (int t = 0; t < DH / 32; ++t) acc[t] += w * __bfloat162float(row[lane + 32 * t]);
+      for (int t = 0; t < E; ++t) x[t] = __bfloat162float(row[lane + 32 * t]);
+    }
+#pragma unroll
+    for (int t = 0; t < E; ++t) acc[t] += w * x[t];
   }
+  if constexpr (kVec) {
+    store_cols<E>(out + i * ld + lane * E, acc);
+  } else {
 #pragma unroll
-  for (int t = 0; t < DH / 32; ++t)
-    if (lane + 32 * t < dh) out[i * ld + lane + 32 * t] = acc[t];
+    for (int t = 0; t < E; ++t)
+      if (lane + 32 * t < dh) out[i * ld + lane + 32 * t] = acc[t];
+  }
 }
 
 template <bool FULL>
@@ -401,15 +416,22 @@ void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, con
                               void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, false);
   dispatch_mma_forward<false>(g, p.n_rounds, qk, nullptr, v, nullptr, out_b, lse, stage, s);
+  const int dhm = kernel_dhm(p.dh);
+  const int E = dhm / 32;
+  const bool vec = p.dh == dhm && p.ld % E == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % (sizeof(float) * E) == 0;
   auto combine = [&](auto kernel) {
     kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L, p.dh,
                                                      p.n_rounds);
     CUDA_CHECK_LAUNCH("combine_bf16_kernel");
   };
-  switch (kernel_dhm(p.dh)) {
-    case 32: combine(combine_bf16_kernel<32>); break;
-    case 64: combine(combine_bf16_kernel<64>); break;
-    default: combine(combine_bf16_kernel<128>); break;
+  switch (dhm * 2 + vec) {
+    case 64: combine(combine_bf16_kernel<32, false>); break;
+    case 65: combine(combine_bf16_kernel<32, true>); break;
+    case 128: combine(combine_bf16_kernel<64, false>); break;
+    case 129: combine(combine_bf16_kernel<64, true>); break;
+    case 257: combine(combine_bf16_kernel<128, true>); break;
+    default: combine(combine_bf16_kernel<128, false>); break;
   }
 }
 

@@ -9,6 +9,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <initializer_list>
+#include <utility>
 
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/cuda_ops_impl.h"
@@ -129,7 +131,9 @@ __global__ void layernorm_dinp_kernel(float* dinp, const float* dout, const floa
 // floats.
 constexpr int kLnBlocks = 512;
 constexpr int kLnFusedMaxC = 1024;
-template <int kPer>
+// kVec (C % 4 == 0, the rows 16-byte aligned: ln_vec): lane l takes the
+// column quads 4 (l + 32 j) .. + 3 by float4 accesses; else columns l + 32 k.
+template <int kPer, bool kVec>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
     layernorm_backward_fused_kernel(float* dinp, double* partial, const float* dout,
                                     const float* inp, const float* w, const float* mean,
@@ -139,39 +143,93 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   float* sdw = ln_sums + warp * C;
   float* sdb = ln_sums + (kRowsPerBlock + warp) * C;
   for (int c = lane; c < C; c += 32) sdw[c] = sdb[c] = 0.0f;
+  // Column of this lane's value k.
+  auto col = [&](int k) { return kVec ? 4 * (lane + 32 * (k / 4)) + k % 4 : lane + 32 * k; };
+  // The weights of this lane's values k .. k + 3 (kVec: one quad).
+  auto w_quad = [&](int k, float* q) {
+    if constexpr (kVec) {
+      const float4 w4 = *reinterpret_cast<const float4*>(w + col(k));
+      q[0] = w4.x, q[1] = w4.y, q[2] = w4.z, q[3] = w4.w;
+    } else {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) q[u] = col(k + u) < C ? w[col(k + u)] : 0.0f;
+    }
+  };
+  static_assert(kPer % 4 == 0, "values in fours");
   const int64_t r0 = int64_t(blockIdx.x) * rows_per, r1 = min(N, r0 + rows_per);
   for (int64_t n = r0 + warp; n < r1; n += kRowsPerBlock) {
     const float* x = inp + n * C;
     const float* g = dout + n * C;
     const float m = mean[n], r = rstd[n];
     float gv[kPer], xh[kPer];
+    if constexpr (kVec) {
+#pragma unroll
+      for (int k = 0; k < kPer; k += 4) {
+        const int c = col(k);
+        const float4 g4 = c < C ? *reinterpret_cast<const float4*>(g + c) : float4{};
+        const float4 x4 = c < C ? *reinterpret_cast<const float4*>(x + c) : float4{};
+        gv[k] = g4.x, gv[k + 1] = g4.y, gv[k + 2] = g4.z, gv[k + 3] = g4.w;
+        xh[k] = x4.x, xh[k + 1] = x4.y, xh[k + 2] = x4.z, xh[k + 3] = x4.w;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int c = col(k);
+        gv[k] = c < C ? g[c] : 0.0f;
+        xh[k] = c < C ? x[c] : 0.0f;
+      }
+    }
     float sg = 0.0f, sgx = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int c = lane + 32 * k;
-      gv[k] = c < C ? g[c] : 0.0f;
-      xh[k] = c < C ? x[c] : 0.0f;
-    }
+    for (int k = 0; k < kPer; k += 4) {
+      if (col(k) >= C) continue;  // (kVec: the quad; else a later value is past C too)
+      float wq[4];
+      w_quad(k, wq);
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int c = lane + 32 * k;
-      if (c < C) {
-        const float gw = gv[k] * w[c];
-        xh[k] = (xh[k] - m) * r;
-        sg += gw;
-        sgx += gw * xh[k];
+      for (int u = 0; u < 4; ++u) {
+        if (col(k + u) < C) {
+          const float gw = gv[k + u] * wq[u];
+          xh[k + u] = (xh[k + u] - m) * r;
+          sg += gw;
+          sgx += gw * xh[k + u];
+        }
       }
     }
     const float g_mean = warp_sum(sg) / float(C);
     const float gx_mean = warp_sum(sgx) / float(C);
     float* d = dinp + n * C;
+    if constexpr (kVec) {
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int c = lane + 32 * k;
-      if (c < C) {
-        d[c] += r * (gv[k] * w[c] - g_mean - xh[k] * gx_mean);
-        sdw[c] += gv[k] * xh[k];
-        sdb[c] += gv[k];
+      for (int k = 0; k < kPer; k += 4) {
+        const int c = col(k);
+        if (c >= C) continue;
+        float4 d4 = *reinterpret_cast<float4*>(d + c);
+        float4 w4 = *reinterpret_cast<float4*>(sdw + c);
+        float4 b4 = *reinterpret_cast<float4*>(sdb + c);
+        float* dd = &d4.x;
+        float* ww = &w4.x;
+        float* bb = &b4.x;
+        float wq[4];
+        w_quad(k, wq);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          dd[u] += r * (gv[k + u] * wq[u] - g_mean - xh[k + u] * gx_mean);
+          ww[u] += gv[k + u] * xh[k + u];
+          bb[u] += gv[k + u];
+        }
+        *reinterpret_cast<float4*>(d + c) = d4;
+        *reinterpret_cast<float4*>(sdw + c) = w4;
+        *reinterpret_cast<float4*>(sdb + c) = b4;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const int c = col(k);
+        if (c < C) {
+          d[c] += r * (gv[k] * w[c] - g_mean - xh[k] * gx_mean);
+          sdw[c] += gv[k] * xh[k];
+          sdb[c] += gv[k];
+        }
       }
     }
   }
@@ -188,12 +246,12 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   }
 }
 
-// Blocks of layernorm_backward_fused_kernel<kPer> at C columns: the most
-// the device runs at once, at most kLnBlocks and one per 8 rows.
-template <int kPer>
+// Blocks of layernorm_backward_fused_kernel<kPer, kVec> at C columns: the
+// most the device runs at once, at most kLnBlocks and one per 8 rows.
+template <int kPer, bool kVec>
 int64_t layernorm_backward_blocks(int64_t N, int C) {
   static const bool smem_set = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(layernorm_backward_fused_kernel<kPer>,
+    CUDA_CHECK(cudaFuncSetAttribute(layernorm_backward_fused_kernel<kPer, kVec>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     int(sizeof(float) * 2 * kRowsPerBlock * 32 * kPer)));
     return true;
@@ -203,22 +261,33 @@ int64_t layernorm_backward_blocks(int64_t N, int C) {
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, layernorm_backward_fused_kernel<kPer>, 32 * kRowsPerBlock,
+      &per_sm, layernorm_backward_fused_kernel<kPer, kVec>, 32 * kRowsPerBlock,
       sizeof(float) * size_t(2 * kRowsPerBlock * C)));
   const int64_t wave = std::max<int64_t>(1, int64_t(sms) * per_sm);
   return std::min({wave, int64_t(kLnBlocks), (N + kRowsPerBlock - 1) / kRowsPerBlock});
 }
 
-template <int kPer>
-void launch_layernorm_backward_fused(float* dinp, double* partial, const float* dout,
-                                     const float* inp, const float* w, const float* mean,
-                                     const float* rstd, int64_t N, int C, int64_t blocks,
-                                     cudaStream_t s) {
+// The one-pass backward (blocks from layernorm_backward_blocks, partial
+// [2][blocks][C] doubles); returns the blocks it ran.
+template <int kPer, bool kVec>
+int64_t launch_layernorm_backward_fused(float* dinp, double* partial, const float* dout,
+                                        const float* inp, const float* w, const float* mean,
+                                        const float* rstd, int64_t N, int C, int64_t blocks,
+                                        cudaStream_t s) {
   const size_t smem = sizeof(float) * size_t(2 * kRowsPerBlock * C);
   const int64_t rows_per = (N + blocks - 1) / blocks;
-  layernorm_backward_fused_kernel<kPer><<<unsigned(blocks), 32 * kRowsPerBlock, smem, s>>>(
+  layernorm_backward_fused_kernel<kPer, kVec><<<unsigned(blocks), 32 * kRowsPerBlock, smem, s>>>(
       dinp, partial, dout, inp, w, mean, rstd, N, C, rows_per);
   CUDA_CHECK_LAUNCH("layernorm_backward_fused_kernel");
+  return blocks;
+}
+
+// Rows of C floats from every pointer 16-byte aligned.
+inline bool ln_vec(int C, std::initializer_list<const void*> ptrs) {
+  if (C % 4 != 0) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 struct DwTerm {  // dout * xhat
@@ -279,15 +348,22 @@ void CudaOps::layernorm_backward(float* dinp, float* dw, float* db, const float*
                                  const float* rstd, int64_t N, int C) {
   if (N <= 0 || C <= 0) return;
   if (dinp && dw && db && C <= cuda::kLnFusedMaxC) {  // one pass (layernorm_backward_fused_kernel)
-    const int64_t blocks = C <= 256 ? cuda::layernorm_backward_blocks<8>(N, C)
-                                    : cuda::layernorm_backward_blocks<32>(N, C);
-    double* partial = static_cast<double*>(ws_.get(sizeof(double) * size_t(2 * blocks * C)));
-    if (C <= 256)
-      cuda::launch_layernorm_backward_fused<8>(dinp, partial, dout, inp, w, mean, rstd, N, C,
-                                               blocks, stream_);
-    else
-      cuda::launch_layernorm_backward_fused<32>(dinp, partial, dout, inp, w, mean, rstd, N, C,
-                                                blocks, stream_);
+    const bool vec = cuda::ln_vec(C, {dinp, dout, inp, w});
+    auto run = [&](auto blocks_of, auto launch) {
+      const int64_t blocks = blocks_of(N, C);
+      double* partial = static_cast<double*>(ws_.get(sizeof(double) * size_t(2 * blocks * C)));
+      launch(dinp, partial, dout, inp, w, mean, rstd, N, C, blocks, stream_);
+      return std::pair<double*, int64_t>(partial, blocks);
+    };
+    const auto [partial, blocks] =
+        C <= 256 ? (vec ? run(cuda::layernorm_backward_blocks<8, true>,
+                              cuda::launch_layernorm_backward_fused<8, true>)
+                        : run(cuda::layernorm_backward_blocks<8, false>,
+                              cuda::launch_layernorm_backward_fused<8, false>))
+                 : (vec ? run(cuda::layernorm_backward_blocks<32, true>,
+                              cuda::launch_layernorm_backward_fused<32, true>)
+                        : run(cuda::layernorm_backward_blocks<32, false>,
+                              cuda::launch_layernorm_backward_fused<32, false>));
     cuda::launch_colsum_final(static_cast<const double*>(partial), blocks, int64_t(C),
                               cuda::AddTo{dw}, stream_);
     cuda::launch_colsum_final(static_cast<const double*>(partial + blocks * C), blocks,
