@@ -650,10 +650,6 @@ LossStats ReformerModel<T>::head(const int32_t* targets, bool backward, T grad_s
   T *glnw = G_.ln_out_w, *glnb = G_.ln_out_b, *ghw = G_.head_w, *ghb = G_.head_b;
   const int D2 = 2 * D_;
   ops_.from_host_i32(s.targets.data(), targets, L_);
-  if (backward) {
-    ops_.fill(s.dx1.data(), T(0), L_ * D_);
-    ops_.fill(s.dx2.data(), T(0), L_ * D_);
-  }
   if (logits_out) logits_out->assign(size_t(L_ * V_), T(0));
   LossStats st;
   std::vector<T> loss(size_t(s.oc));
@@ -684,8 +680,9 @@ LossStats ReformerModel<T>::head(const int32_t* targets, bool backward, T grad_s
       ops_.fill(s.dcat.data(), T(0), rows * D2);
       ops_.layernorm_backward(s.dcat.data(), glnw, glnb, s.doln.data(), s.cat.data(), lnw,
                               s.omean.data(), s.orstd.data(), rows, D2);
-      ops_.add_2d(s.dx1.data() + r0 * D_, D_, s.dcat.data(), D2, rows, D_);
-      ops_.add_2d(s.dx2.data() + r0 * D_, D_, s.dcat.data() + D_, D2, rows, D_);
+      // The chunks' rows cover [0, L) once: dx1 and dx2 are written, not added to.
+      ops_.copy_2d(s.dx1.data() + r0 * D_, D_, s.dcat.data(), D2, rows, D_);
+      ops_.copy_2d(s.dx2.data() + r0 * D_, D_, s.dcat.data() + D_, D2, rows, D_);
     }
   }
   return st;

@@ -93,6 +93,7 @@ struct AttnGeom {
   bool causal;          // mask keys after the query
   bool pairs;           // (mma kernels) outputs written two columns per 8-byte access
   int64_t row_tiles;    // kTile-row tiles per chunk (chunked) or per sequence (full)
+  int walk;             // (mma walking kernels) chunks per block
 };
 
 __device__ __forceinline__ int64_t wrap_chunk(int64_t kc, const AttnGeom& g, bool* ok) {
@@ -375,6 +376,7 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
   g.dh = p.dh;
   g.causal = p.causal;
   g.pairs = false;
+  g.walk = 1;
   if (full) {
     g.chunk = 0;
     g.chunk_shift = -1;

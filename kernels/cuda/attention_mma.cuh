@@ -342,17 +342,34 @@ __device__ __forceinline__ const int32_t* mma_block_start(const AttnGeom& g, int
 // The walking kernels (attention_mma_forward.cu, attention_mma_backward.cu)
 // take a chunked call whose chunks are one row tile and whose window is the
 // previous chunk and the chunk itself (the Reformer's look-one-back), at
-// least two chunks; each block walks kWalk consecutive chunks of a round.
-constexpr int kWalk = 4;
+// least two chunks; each block walks g.walk consecutive chunks of a round
+// (mma_walk). The results do not depend on g.walk (each chunk's products
+// and sums are the same, in the same order).
 inline bool mma_walks(const AttnGeom& g) {
   return g.chunk == kMmaRows && g.before == 1 && g.after == 0 && g.n_chunks >= 2;
 }
 
+// Chunks per walking block: 8 where runs of 8 still give every SM two
+// blocks (fewer chunks gathered twice: at 64K the backward takes 24.4
+// instead of 25.1 ms per step, bench/RESULTS.md), else 4.
+constexpr int kWalkLong = 8, kWalkShort = 4;
+inline int mma_walk(int64_t n_chunks, int rounds) {
+  static const int sms = [] {
+    int device = 0, n = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  const int64_t runs = rounds * ((n_chunks + kWalkLong - 1) / kWalkLong);
+  return runs >= 2 * int64_t(sms) ? kWalkLong : kWalkShort;
+}
+
 // The geometry of a call with g.row_tiles counting kMmaRows-row tiles (so
-// decode_block and attn_blocks agree with the mma kernels).
+// decode_block and attn_blocks agree with the mma kernels) and g.walk.
 inline AttnGeom mma_geom(const AttentionParams& p, const int32_t* perm, bool full) {
   AttnGeom g = make_geom(p, perm, full);
   g.row_tiles = ((full ? p.L : int64_t(p.chunk)) + kMmaRows - 1) / kMmaRows;
+  g.walk = full ? 1 : mma_walk(g.n_chunks, p.n_rounds);
   return g;
 }
 

@@ -27,7 +27,7 @@
 //    i + 1 are copied (double buffer) during pass i.
 //  - mma_dq_walk_kernel, mma_dkv_walk_kernel: the same two sides for the
 //    Reformer's look-one-back window (chunks of 64, mma_walks), one block per
-//    run of kWalk consecutive chunks that keeps the tiles two neighbouring
+//    run of g.walk consecutive chunks that keeps the tiles two neighbouring
 //    chunks share in shared memory (below): each chunk's rows are gathered
 //    once per run instead of twice, the same products in the same order.
 // Each writes every element of its outputs once, in a fixed order: the
@@ -400,7 +400,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
 
 // ---- walking kernels: chunks of kMmaRows slots under the look-one-back
 // window (chunks_before 1, chunks_after 0, at least two chunks; mma_walks in
-// attention_mma.cuh), one block per (round, run of kWalk consecutive
+// attention_mma.cuh), one block per (round, run of g.walk consecutive
 // chunks), as the walking forward (attention_mma_forward.cu). Each chunk's
 // staged rows are gathered once per run instead of twice; the tiles, masks
 // and sums are the general kernels' in the same order.
@@ -433,9 +433,9 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
-  const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
-  const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * kWalk;
-  const int n = int(min(int64_t(kWalk), g.n_chunks - c0));
+  const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
+  const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * g.walk;
+  const int n = int(min(int64_t(g.walk), g.n_chunks - c0));
   const int32_t* pr = g.perm + r * g.L;
   const int64_t first_prev = c0 > 0 ? c0 - 1 : g.wrap ? g.n_chunks - 1 : -1;
   if (tid < kMmaRows) {
@@ -530,9 +530,9 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
-  const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
-  const int64_t r = blockIdx.x / runs, c_lo = (blockIdx.x % runs) * kWalk;
-  const int n = int(min(int64_t(kWalk), g.n_chunks - c_lo));
+  const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
+  const int64_t r = blockIdx.x / runs, c_lo = (blockIdx.x % runs) * g.walk;
+  const int n = int(min(int64_t(g.walk), g.n_chunks - c_lo));
   const int64_t c_hi = c_lo + n - 1;
   const int32_t* pr = g.perm + r * g.L;
   // Chunk x's queries: slot (c_hi + 1 - x) & 1 (c_hi + 1: the chunk after
@@ -614,7 +614,7 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
   const bool want_kv = o.direct ? o.dkh || o.dv : o.dkh_r || o.dv_r;
   if (!FULL && mma_walks(g)) {
     constexpr size_t smem = mma_walk_bwd_smem<DH>();
-    const unsigned runs = unsigned(rounds * ((g.n_chunks + kWalk - 1) / kWalk));
+    const unsigned runs = unsigned(rounds * ((g.n_chunks + g.walk - 1) / g.walk));
     if (want_q) {
       set_mma_smem(mma_dq_walk_kernel<DH>, smem);
       mma_dq_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);

@@ -30,7 +30,7 @@
 //
 // mma_forward_walk_kernel: the same for the Reformer's look-one-back window
 // (chunks of 64, mma_walks in attention_mma.cuh): one block walks a run of
-// kWalk chunks and gathers each chunk's K and V once, not twice.
+// g.walk chunks and gathers each chunk's K and V once, not twice.
 //
 // Work per call: 4 * dh * (query, key) pairs flops, the pairs being
 // R * L * W (chunked, W = window keys = chunks in the window * chunk) or
@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
 
 // Walking forward: chunks of kMmaRows slots whose window is the previous
 // chunk and the chunk itself (chunks_before 1, chunks_after 0: the Reformer's
-// look-one-back), at least two chunks. One block per (round, run of kWalk
+// look-one-back), at least two chunks. One block per (round, run of g.walk
 // consecutive chunks) walks its chunks in order. The keys of chunk c serve
 // as the second tile of c's window and the first of c + 1's, so each chunk's
 // K and V are gathered once per run instead of twice: two K / V slots
@@ -264,9 +264,9 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
-  const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
-  const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * kWalk;
-  const int n = int(min(int64_t(kWalk), g.n_chunks - c0));  // chunks of this run
+  const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
+  const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * g.walk;
+  const int n = int(min(int64_t(g.walk), g.n_chunks - c0));  // chunks of this run
   const int32_t* pr = g.perm + r * g.L;
   const int64_t first_prev = c0 > 0 ? c0 - 1 : g.wrap ? g.n_chunks - 1 : -1;
   if (tid < kMmaRows) {
@@ -335,7 +335,7 @@ void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const fl
   if (!FULL && mma_walks(g)) {
     constexpr size_t smem = mma_walk_smem<DH>();
     set_mma_smem(mma_forward_walk_kernel<DH>, smem);
-    const int64_t runs = (g.n_chunks + kWalk - 1) / kWalk;
+    const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
     mma_forward_walk_kernel<DH>
         <<<unsigned(rounds * runs), kMmaBlock, smem, s>>>(g, st, out, out_b, lse);
     CUDA_CHECK_LAUNCH("mma_forward_walk_kernel");

@@ -124,6 +124,9 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
       {448, 64, 64, 2, 1, 0, false, false},  // 7 chunks, no wrap (chunk 0 sees itself only)
       {128, 32, 64, 2, 1, 0, true, true},    // 2 chunks with wrap: each the other's previous
       {320, 33, 64, 2, 1, 0, true, true},    // odd dh: outputs one column per store
+      // Enough chunks for runs of 8 on a device of up to 134 SMs (mma_walk):
+      // 532 chunks, runs of 8 and a last one of 4.
+      {34048, 32, 64, 4, 1, 0, true, true},
   };
   constexpr size_t kWithNullGradients = 6;  // the first shapes also run the null-gradient variants
   const AttnTols tol = tols(pr);
