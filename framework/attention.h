@@ -78,12 +78,13 @@ class AttentionKindImpl {
   // saved ones (the backward recompute must see the forward's buckets).
   // Leaves in the scratch what backward needs.
   virtual void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
-  // dqk, dv += gradients for dao of head h, right after forward() of the
-  // same head on the same inputs. ao: the head's output (under
-  // shape.partial the combined one; see AttentionShape); the kind may use
-  // it as scratch (LSH by round does), so it is unspecified afterwards.
-  virtual void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
-                        T* dv) = 0;
+  // dqk, dv += gradients for dao of head h (= when !accumulate), right
+  // after forward() of the same head on the same inputs. ao: the head's
+  // output (under shape.partial the combined one; see AttentionShape); the
+  // kind may use it as scratch (LSH by round does), so it is unspecified
+  // afterwards.
+  virtual void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
+                        bool accumulate) = 0;
 };
 
 // The kind layer `shape.layer` runs: attention.kinds cycled over layers,

@@ -18,9 +18,11 @@ class FullAttention final : public AttentionKindImpl<T> {
     ops_.full_attention_forward(ao, s_.lse_of(h), qk, v, ap_);
   }
 
-  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
-                T* dv) override {
-    ops_.full_attention_backward(dqk, dv, dao, ao, qk, v, s_.lse_of(h), ap_);
+  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
+                bool accumulate) override {
+    AttentionParams ap = ap_;
+    ap.accumulate = accumulate;
+    ops_.full_attention_backward(dqk, dv, dao, ao, qk, v, s_.lse_of(h), ap);
   }
 
  private:

@@ -22,10 +22,12 @@ class LocalAttention final : public AttentionKindImpl<T> {
     ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, s_.identity.data(), ap_);
   }
 
-  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
-                T* dv) override {
+  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
+                bool accumulate) override {
+    AttentionParams ap = ap_;
+    ap.accumulate = accumulate;
     ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), ao, shape_.ld,
-                                    s_.lse_of(h), ap_);
+                                    s_.lse_of(h), ap);
   }
 
  private:

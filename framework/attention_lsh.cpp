@@ -57,13 +57,14 @@ class LshAttention final : public AttentionKindImpl<T> {
     }
   }
 
-  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk,
-                T* dv) override {
+  void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
+                bool accumulate) override {
     const int64_t L = shape_.L;
     const int32_t* perm = perms_.data() + int64_t(h) * nh_ * L;
     if (!shape_.by_round) {
-      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, perm, ao, shape_.ld, s_.lse_of(h),
-                                      ap_);
+      AttentionParams ap = ap_;
+      ap.accumulate = accumulate;
+      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, perm, ao, shape_.ld, s_.lse_of(h), ap);
       return;
     }
     // Round by round: a one-round call given the combined output (its D
@@ -83,10 +84,12 @@ class LshAttention final : public AttentionKindImpl<T> {
                         shape_.dh, ld);  // the rounds' weights only
     ops_.copy_2d(s_.out_r.data(), shape_.dh, ao, ld, L, shape_.dh);
     T* dao_r = ao;
+    AttentionParams rp = round_;
     for (int r = 0; r < nh_; ++r) {
+      rp.accumulate = accumulate || r > 0;  // round 0 writes when not accumulating
       ops_.lse_combine_backward(dao_r, dao, s_.w_rounds_of(h) + r * L, share);
       ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, perm + r * L, s_.out_r.data(),
-                                      shape_.dh, s_.lse_of(h) + r * L, round_);
+                                      shape_.dh, s_.lse_of(h) + r * L, rp);
     }
   }
 

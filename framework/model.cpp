@@ -552,7 +552,7 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
   }
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
   const int n = Hp_ * dh_, N = shard_.size * n, No = out_cols();
-  const int64_t hn = Lfull_ * n, w = int64_t(D_) * N;
+  const int64_t w = int64_t(D_) * N;
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
     // Kept attention state: one pass at sp 1, its outputs in ao.
     const T* ao = attend ? attend_pass(l, pass, step, /*rehash*/ false) : s.ao.data();
@@ -565,13 +565,12 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     output_backward(l, ao, pw.wo, pw.gwo, No, dao, step, train);
     if (g_ > 1) parts_backward();
     else if (s.exchange) s.exchange->to_heads(s.lv.data(), s.dao.data());
-    ops_.fill(s.dqk.data(), T(0), hn);
-    ops_.fill(s.dv.data(), T(0), hn);
+    // Each head of the pass kept its forward state in its own slot; the
+    // heads' column slices cover dqk and dv, so they write them (no zeroing).
     for (int j = 0; j < Hp_; ++j) {
       const int64_t c = int64_t(j) * dh_;
-      // Each head of the pass kept its forward state in its own slot.
       kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c,
-                    s.dao.data() + c, s.dqk.data() + c, s.dv.data() + c);
+                    s.dao.data() + c, s.dqk.data() + c, s.dv.data() + c, /*accumulate*/ false);
     }
     const T *dqk = s.dqk.data(), *dv = s.dv.data();
     if (s.exchange) {

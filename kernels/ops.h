@@ -155,6 +155,8 @@ class Ops {
   //   dh] (at least one of out and out_r; without out_r a device keeps them
   //   in its workspace, in its own precision). Rounds combine by their
   //   log-sum-exp.
+  //   The backwards add into dqk and dv, or write them when
+  //   AttentionParams::accumulate is false (no zeroing pass before them).
   //   chunked_attention_backward takes lse and the combined output out [L,
   //   ld_out] (the forward's out, o_i = sum_r w_r,i out_r,i), read only in
   //   the term D_i = dout_i . o_i of the score gradient: when these rounds are

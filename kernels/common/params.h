@@ -54,6 +54,9 @@ struct AttentionParams {
   bool wrap = true;       // look-back of chunk 0 wraps to the round's last chunk(s)
   bool causal = true;     // mask keys whose position is after the query's
   AttentionPrecision precision = AttentionPrecision::bf16;  // CUDA arithmetic (see above)
+  // Backward: add the gradients into dqk, dv (the ops' contract), or, when
+  // false, write them (the [L, dh] slices' old values are not read).
+  bool accumulate = true;
 };
 
 // One decoding step of attention (kernels/ops.h, decode_attention): per head,

@@ -306,6 +306,17 @@ void fold_round(T* out, const T* out_r, const T* lse, int r, int64_t L, int dh, 
 // d lse_r = w_r (dout . out_r - dout . out)). Query-side terms are computed by
 // query chunk, key-side terms by key chunk (recomputing the scores), each into
 // per-round buffers that are summed in round order.
+// The [L, dh] slices (row stride ld) of dqk and dv that are non-null set to
+// 0: a backward with AttentionParams::accumulate false then adds into them.
+namespace {
+template <class T>
+void zero_slices(T* dqk, T* dv, int64_t L, int64_t ld, int dh) {
+  for (T* x : {dqk, dv})
+    if (x)
+      for (int64_t i = 0; i < L; ++i) std::fill(x + i * ld, x + i * ld + dh, T(0));
+}
+}  // namespace
+
 template <class T>
 void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const T* v,
                                 const int32_t* perm, const T* out, int64_t ld_out, const T* lse,
@@ -315,6 +326,7 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
   const int dh = p.dh;
   const int R = p.n_rounds;
   if (L == 0 || (!dqk && !dv)) return;
+  if (!p.accumulate) zero_slices(dqk, dv, L, ld, dh);
   const ChunkWindows cw = make_windows(p);
   const bool par = p.n_rounds * L * cw.max_window * chunk * dh >= kMinParallelWork;
   std::vector<T> khat, norm;
@@ -502,6 +514,7 @@ void full_attention_backward(T* dqk, T* dv, const T* dout, const T* out, const T
   const int64_t L = p.L, ld = p.ld;
   const int dh = p.dh;
   if (!dqk && !dv) return;
+  if (!p.accumulate) zero_slices(dqk, dv, L, ld, dh);
   const bool par = L * L * dh >= kMinParallelWork;
   std::vector<T> kn(static_cast<size_t>(L)), kh(size_t(L) * size_t(dh)), D(static_cast<size_t>(L));
   for (int64_t j = 0; j < L; ++j) {

@@ -315,6 +315,13 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                   const float* qk, const float* v, const float* lse, cudaStream_t s) {
   if (p.precision == AttentionPrecision::bf16) {  // direct, or bf16 rounds and their sum
     const bool direct = mma_backward_direct(p, FULL);
+    // The direct kernels add into dqk and dv: without accumulate, zeros first.
+    if (direct && !p.accumulate) {
+      for (float* x : {dqk, dv})
+        if (x)
+          CUDA_CHECK(cudaMemset2DAsync(x, sizeof(float) * size_t(g.ld), 0,
+                                       sizeof(float) * size_t(g.dh), size_t(g.L), s));
+    }
     const MmaBwdOut o{dqk,
                       dqk,
                       dv,
@@ -322,7 +329,8 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                       sc.norm,
                       direct || !dqk ? nullptr : sc.dq_b,
                       direct || !dqk ? nullptr : sc.dkh_b,
-                      direct || !dv ? nullptr : sc.dv_b};
+                      direct || !dv ? nullptr : sc.dv_b,
+                      p.accumulate};
     mma_attention_backward(p, g.perm, FULL, qk, v, dout, out, ld_out, lse, sc.rm, sc.riz, sc.rD,
                            o, sc.stage, s);
     return;
@@ -335,7 +343,7 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
   float* dv_r = dv ? sc.dv_r : nullptr;
   dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r, s);
   launch_finish_rounds<4, float>(dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, sc.norm, g.L,
-                                 g.ld, g.dh, R, s);
+                                 g.ld, g.dh, R, p.accumulate, s);
 }
 
 }  // namespace

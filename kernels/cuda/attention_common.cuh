@@ -255,9 +255,10 @@ __device__ __forceinline__ void store_cols(float* p, const float* v) {
 // sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = qk_j /
 // |k_j| (normalise_keys_kernel's division); sums in fp32 in round order.
 // E columns per lane, dh <= 32 E: with kVec (dh == 32 E, every row aligned
-// to E elements: finish_vec) lane l takes columns E l .. E l + E - 1, one
-// vector access per row; else columns l + 32 t.
-template <int E, class Row, bool kVec>
+// to E elements: launch_finish_rounds) lane l takes columns E l .. E l + E -
+// 1, one vector access per row; else columns l + 32 t. Without kAdd, dqk
+// and dv are written (=) instead (AttentionParams::accumulate false).
+template <int E, class Row, bool kVec, bool kAdd>
 __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
                                      const Row* dv_r, int64_t ld_r, const float* qk,
                                      const float* norm, int64_t L, int64_t ld, int dh, int R) {
@@ -292,10 +293,10 @@ __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, con
       for (int t = 0; t < E; ++t) acc[t] += v[t];
     }
   };
-  float acc[E], cur[E];
+  float acc[E], cur[E] = {};
   if (dv) {
     round_sum(dv_r, acc);
-    load(dv + j * ld, cur);
+    if (kAdd) load(dv + j * ld, cur);
 #pragma unroll
     for (int t = 0; t < E; ++t) cur[t] += acc[t];
     store(dv + j * ld, cur);
@@ -314,7 +315,9 @@ __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, con
   }
   proj = warp_sum(proj);
   const float inv_norm = 1.0f / n;
-  load(dqk + j * ld, cur);
+#pragma unroll
+  for (int t = 0; t < E; ++t) cur[t] = 0.0f;
+  if (kAdd) load(dqk + j * ld, cur);
 #pragma unroll
   for (int t = 0; t < E; ++t) cur[t] += (acc[t] - kh[t] * proj) * inv_norm + dq[t];
   store(dqk + j * ld, cur);
@@ -400,12 +403,13 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
 
 inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) / kWarps); }
 
-// finish_rounds_kernel over L positions, by vector accesses where the rows
-// allow (dh == 32 E, strides and pointers aligned to E elements).
+// finish_rounds_kernel over L positions, adding into dqk, dv (add) or
+// writing them, by vector accesses where the rows allow (dh == 32 E, strides
+// and pointers aligned to E elements).
 template <int E, class Row>
 void launch_finish_rounds(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
                           const Row* dv_r, int64_t ld_r, const float* qk, const float* norm,
-                          int64_t L, int64_t ld, int dh, int R, cudaStream_t s) {
+                          int64_t L, int64_t ld, int dh, int R, bool add, cudaStream_t s) {
   auto aligned = [](const void* p, size_t bytes) {
     return reinterpret_cast<uintptr_t>(p) % bytes == 0;
   };
@@ -413,13 +417,17 @@ void launch_finish_rounds(float* dqk, float* dv, const Row* dq_r, const Row* dkh
                    aligned(dqk, 4 * E) && aligned(dv, 4 * E) && aligned(qk, 4 * E) &&
                    aligned(dq_r, sizeof(Row) * E) && aligned(dkh_r, sizeof(Row) * E) &&
                    aligned(dv_r, sizeof(Row) * E);
+  auto run = [&](auto kernel) {
+    kernel<<<warp_rows_blocks(L), kBlock, 0, s>>>(dqk, dv, dq_r, dkh_r, dv_r, ld_r, qk, norm, L,
+                                                 ld, dh, R);
+    CUDA_CHECK_LAUNCH("finish_rounds_kernel");
+  };
   if (vec)
-    finish_rounds_kernel<E, Row, true><<<warp_rows_blocks(L), kBlock, 0, s>>>(
-        dqk, dv, dq_r, dkh_r, dv_r, ld_r, qk, norm, L, ld, dh, R);
+    add ? run(finish_rounds_kernel<E, Row, true, true>)
+        : run(finish_rounds_kernel<E, Row, true, false>);
   else
-    finish_rounds_kernel<E, Row, false><<<warp_rows_blocks(L), kBlock, 0, s>>>(
-        dqk, dv, dq_r, dkh_r, dv_r, ld_r, qk, norm, L, ld, dh, R);
-  CUDA_CHECK_LAUNCH("finish_rounds_kernel");
+    add ? run(finish_rounds_kernel<E, Row, false, true>)
+        : run(finish_rounds_kernel<E, Row, false, false>);
 }
 
 // Scratch of one call: k_hat, norms, row statistics, the per-round gradients
@@ -522,6 +530,7 @@ struct MmaBwdOut {
   // kernel_dhm(dh), the padding columns written 0), overwritten, then summed
   // over the rounds into dqk and dv (any may be null).
   __nv_bfloat16 *dq_r, *dkh_r, *dv_r;
+  bool add;  // not direct: the round sum adds into dqk, dv (else writes them)
 };
 inline bool mma_backward_direct(const AttentionParams& p, bool full) {
   return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);

@@ -642,7 +642,7 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
   }
   if (o.direct) return;
   launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, qk, o.norm, g.L,
-                                      g.ld, g.dh, rounds, s);
+                                      g.ld, g.dh, rounds, o.add, s);
 }
 
 template <bool FULL>

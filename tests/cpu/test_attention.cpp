@@ -612,6 +612,26 @@ TEST(ChunkedAttentionBackward, Accumulates) {
   }
 }
 
+// accumulate false: the [L, dh] slices are written (the same bits as adding
+// into zeros), the columns past dh (ld = 6 > dh = 5) left as they were.
+void expect_written(const Grads& zero_added, const Grads& written, int64_t ld, int dh,
+                    double init) {
+  for (size_t k = 0; k < written.dqk.size(); ++k) {
+    const bool in_slice = int64_t(k) % ld < dh;
+    EXPECT_EQ(written.dqk[k], in_slice ? zero_added.dqk[k] : init) << k;
+    EXPECT_EQ(written.dv[k], in_slice ? zero_added.dv[k] : init) << k;
+  }
+}
+
+TEST(ChunkedAttentionBackward, WritesWithoutAccumulate) {
+  auto p = params(24, 5, 6, 2, 6, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 203);
+  const auto perm = random_perms(2, p.L, 69);
+  const Grads g0 = chunked_grads(in, perm, p, 0.0);
+  p.accumulate = false;
+  expect_written(g0, chunked_grads(in, perm, p, 0.75), p.ld, p.dh, 0.75);
+}
+
 TEST(ChunkedAttentionBackward, NullGradientIsSkipped) {
   const auto p = params(24, 5, 7, 2, 6, 1, 0, true, true);
   const Inputs in = make_inputs(p.L, p.dh, p.ld, 211);
@@ -697,6 +717,14 @@ TEST(FullAttentionBackward, FiniteDifferencesCausal) {
 
 TEST(FullAttentionBackward, FiniteDifferencesNonCausal) {
   check_full_grads(params(12, 7, 8, 1, 0, 0, 0, true, false), 261);
+}
+
+TEST(FullAttentionBackward, WritesWithoutAccumulate) {
+  auto p = params(12, 5, 6, 1, 0, 0, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 273);
+  const Grads g0 = full_grads(in, p, 0.0);
+  p.accumulate = false;
+  expect_written(g0, full_grads(in, p, -0.5), p.ld, p.dh, -0.5);
 }
 
 TEST(FullAttentionBackward, AccumulatesAndSkipsNull) {

@@ -177,6 +177,18 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                                                t("qk"), t("v"), t.i("perm"),
                                                                t("out"), p.ld, t("lse"), p);
                               }));
+    // accumulate false: dqk and dv start random and are written, their
+    // columns past dh (ld > dh) left as they are.
+    AttentionParams pw = p;
+    pw.accumulate = false;
+    cases.push_back(make_case("chunked_attention_backward written" + s,
+                              OpId::chunked_attention_backward, with(bwd),
+                              [=](auto& ops, auto& t) {
+                                forward(ops, t);
+                                ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"),
+                                                               t("qk"), t("v"), t.i("perm"),
+                                                               t("out"), p.ld, t("lse"), pw);
+                              }));
     if (c.rounds > 1) {
       // Rounds attended one call at a time (framework/attention_lsh.cpp, by
       // round): combine_rounds gives out and the rounds' weights, and
@@ -315,6 +327,14 @@ void add_full(std::vector<Case>& cases, AttentionPrecision pr) {
                                 forward(ops, t);
                                 ops.full_attention_backward(t("dqk"), t("dv"), t("dout"), t("out"),
                                                             t("qk"), t("v"), t("lse"), p);
+                              }));
+    AttentionParams pw = p;  // dqk, dv written (their random start discarded)
+    pw.accumulate = false;
+    cases.push_back(make_case("full_attention_backward written" + s,
+                              OpId::full_attention_backward, bwd, [=](auto& ops, auto& t) {
+                                forward(ops, t);
+                                ops.full_attention_backward(t("dqk"), t("dv"), t("dout"), t("out"),
+                                                            t("qk"), t("v"), t("lse"), pw);
                               }));
   }
 }
