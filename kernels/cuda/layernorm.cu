@@ -143,6 +143,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   float* sdw = ln_sums + warp * C;
   float* sdb = ln_sums + (kRowsPerBlock + warp) * C;
   for (int c = lane; c < C; c += 32) sdw[c] = sdb[c] = 0.0f;
+  __syncwarp();  // kVec: a lane's quads were zeroed by other lanes of the warp
   // Column of this lane's value k.
   auto col = [&](int k) { return kVec ? 4 * (lane + 32 * (k / 4)) + k % 4 : lane + 32 * k; };
   // The weights of this lane's values k .. k + 3 (kVec: one quad).
