@@ -124,13 +124,19 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
       {448, 64, 64, 2, 1, 0, false, false},  // 7 chunks, no wrap (chunk 0 sees itself only)
       {128, 32, 64, 2, 1, 0, true, true},    // 2 chunks with wrap: each the other's previous
       {320, 33, 64, 2, 1, 0, true, true},    // odd dh: outputs one column per store
-      // Enough chunks for runs of 8 on a device of up to 134 SMs (mma_walk):
-      // 532 chunks, runs of 8 and a last one of 4.
-      {34048, 32, 64, 4, 1, 0, true, true},
   };
+  // Enough chunks for the walking kernels' runs of 8 on a device of up to
+  // 134 SMs (mma_walk): 532 chunks, runs of 8 and a last one of 4. Its
+  // tensors are large, so only the model's path runs on it (tensor cores,
+  // forward without out_r, then the backward), and it is listed only where
+  // a GPU is (every test process builds every case's inputs).
+  const AttnShape long_walk = {34048, 32, 64, 4, 1, 0, true, true};
   constexpr size_t kWithNullGradients = 6;  // the first shapes also run the null-gradient variants
   const AttnTols tol = tols(pr);
-  for (const AttnShape& c : shapes) {
+  std::vector<AttnShape> all(std::begin(shapes), std::end(shapes));
+  if (pr == AttentionPrecision::bf16 && cuda_device_count() > 0) all.push_back(long_walk);
+  for (const AttnShape& c : all) {
+    const bool only_model_path = c.L == long_walk.L;
     const AttentionParams p = params(c, 2 * c.dh + 3, pr);  // a head slice of a wider [L, ld] buffer
     const int64_t n = c.L * p.ld, nr = int64_t(c.rounds) * c.L;
     const std::vector<TensorSpec> in = {
@@ -146,12 +152,6 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
       ops.chunked_attention_forward(t("out"), t("out_r"), t("lse"), t("qk"), t("v"),
                                     t.i("perm"), p);
     };
-    const std::vector<TensorSpec> saved = {output("out_r", nr * c.dh, 65, tol.out),
-                                           output("lse", nr, 66, tol.lse)};
-    std::vector<TensorSpec> fwd = saved;
-    fwd.push_back(output("out", n, 67, tol.out));
-    cases.push_back(make_case("chunked_attention_forward" + s, OpId::chunked_attention_forward,
-                              with(fwd), forward));
     // Without out_r the op keeps the rounds' outputs itself (bf16 on tensor
     // cores) and combines them from there; then the backward from that out.
     const auto forward_out = [p](auto& ops, auto& t) {
@@ -167,6 +167,13 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                                                t("qk"), t("v"), t.i("perm"),
                                                                t("out"), p.ld, t("lse"), p);
                               }));
+    if (only_model_path) continue;
+    const std::vector<TensorSpec> saved = {output("out_r", nr * c.dh, 65, tol.out),
+                                           output("lse", nr, 66, tol.lse)};
+    std::vector<TensorSpec> fwd = saved;
+    fwd.push_back(output("out", n, 67, tol.out));
+    cases.push_back(make_case("chunked_attention_forward" + s, OpId::chunked_attention_forward,
+                              with(fwd), forward));
     std::vector<TensorSpec> bwd = fwd;
     bwd.push_back(output("dqk", n, 68, tol.dqk));
     bwd.push_back(output("dv", n, 69, tol.dv));
@@ -265,7 +272,7 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                                      c.rounds, c.L, c.dh, c.dh);
                                 }));
     }
-    if (size_t(&c - shapes) >= kWithNullGradients) continue;
+    if (size_t(&c - all.data()) >= kWithNullGradients) continue;
     // Null gradients are skipped; a second call accumulates the same increment.
     bwd = fwd;
     bwd.push_back(output("dqk", n, 68, tol.dqk_twice));
