@@ -72,15 +72,15 @@ __device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float
 
 // Issues the copies of ROWS rows of DH bf16 into dst (row stride st): row i
 // from src + row_of(i) * DH (row_of returns an int position), zero where
-// row_of(i) < 0. Thread tid copies
+// row_of(i) < 0. Thread tid of THREADS copies
 // piece tid % (DH / 8) of rows tid / (DH / 8) + k * (rows per sweep): one
 // row lookup and one wide multiply per 16 bytes.
-template <int ROWS, int DH, class RowOf>
+template <int ROWS, int DH, int THREADS = kMmaBlock, class RowOf>
 __device__ __forceinline__ void copy_rows(bf16* dst, int st, const bf16* src, RowOf row_of,
                                           int tid) {
-  constexpr int kPieces = DH / 8;                 // 16-byte pieces per row
-  constexpr int kSweep = kMmaBlock / kPieces;     // rows per sweep of the block
-  static_assert(kMmaBlock % kPieces == 0 && ROWS % kSweep == 0, "whole sweeps");
+  constexpr int kPieces = DH / 8;               // 16-byte pieces per row
+  constexpr int kSweep = THREADS / kPieces;     // rows per sweep of the block
+  static_assert(THREADS % kPieces == 0 && ROWS % kSweep == 0, "whole sweeps");
   const int i0 = tid / kPieces, q = 8 * (tid % kPieces);
   bf16* d = dst + i0 * st + q;
   const bf16* s = src + q;
@@ -149,6 +149,52 @@ __device__ __forceinline__ void ldsm_strip_pv(float (*acc)[4], float (*p)[4], co
     for (int ot = 0; ot < DH / 8; ot += 2) {
       uint32_t b[4];
       ldsm_x4_t(b, pv + kk * 16 * stb + ot * 8);
+      mma_bf16(acc[ot], a, b[0], b[1]);
+      mma_bf16(acc[ot + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[ot] (16 x 8 OT strip) += A B with both operands in shared memory:
+// A (16 x 16 KS) the rows row0.. of sa (row major [m][k]), B (16 KS x 8 OT)
+// row major [k][n] in sb (ldmatrix.trans, as ldsm_strip_pv).
+template <int KS, int OT>
+__device__ __forceinline__ void ldsm_strip_nn(float (*acc)[4], const bf16* sa, int sta, int row0,
+                                              const bf16* sb, int stb, int lane) {
+  static_assert(OT % 2 == 0, "tile pairs");
+  const bf16* pa = sa + (row0 + (lane & 15)) * sta + (lane >> 4) * 8;
+  const bf16* pb = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t a[4];
+    ldsm_x4(a, pa + kk * 16);
+#pragma unroll
+    for (int ot = 0; ot < OT; ot += 2) {
+      uint32_t b[4];
+      ldsm_x4_t(b, pb + kk * 16 * stb + ot * 8);
+      mma_bf16(acc[ot], a, b[0], b[1]);
+      mma_bf16(acc[ot + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// The same with A transposed in shared memory: A (16 x 16 KS) = columns
+// col0 .. col0 + 15 of sa read down its rows (sa row major [k][m]; ldmatrix
+// .trans of the matrices k 0-7 / 8-15 x m 0-7 / 8-15 in fragment order).
+template <int KS, int OT>
+__device__ __forceinline__ void ldsm_strip_tn(float (*acc)[4], const bf16* sa, int sta, int col0,
+                                              const bf16* sb, int stb, int lane) {
+  static_assert(OT % 2 == 0, "tile pairs");
+  const bf16* pa = sa + ((lane >> 4) * 8 + (lane & 7)) * sta + col0 + ((lane >> 3) & 1) * 8;
+  const bf16* pb = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    uint32_t a[4];
+    ldsm_x4_t(a, pa + kk * 16 * sta);
+#pragma unroll
+    for (int ot = 0; ot < OT; ot += 2) {
+      uint32_t b[4];
+      ldsm_x4_t(b, pb + kk * 16 * stb + ot * 8);
       mma_bf16(acc[ot], a, b[0], b[1]);
       mma_bf16(acc[ot + 1], a, b[2], b[3]);
     }
@@ -352,16 +398,37 @@ inline bool mma_walks(const AttnGeom& g) {
 // Chunks per walking block: 8 where runs of 8 still give every SM two
 // blocks (fewer chunks gathered twice: at 64K the backward takes 24.4
 // instead of 25.1 ms per step, bench/RESULTS.md), else 4.
-constexpr int kWalkLong = 8, kWalkShort = 4;
-inline int mma_walk(int64_t n_chunks, int rounds) {
+inline int mma_sm_count() {
   static const int sms = [] {
     int device = 0, n = 0;
     CUDA_CHECK(cudaGetDevice(&device));
     CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
     return n;
   }();
+  return sms;
+}
+
+constexpr int kWalkLong = 8, kWalkShort = 4;
+inline int mma_walk(int64_t n_chunks, int rounds) {
   const int64_t runs = rounds * ((n_chunks + kWalkLong - 1) / kWalkLong);
-  return runs >= 2 * int64_t(sms) ? kWalkLong : kWalkShort;
+  return runs >= 2 * int64_t(mma_sm_count()) ? kWalkLong : kWalkShort;
+}
+
+// Chunks per block of the walking backward (mma_bwd_walk_kernel, one block
+// per SM): the run length of 4 to 32 with the fewest chunk steps on the
+// busiest SM, waves x (walk + 1/2) (each run takes half a step more than its
+// chunks: the post step); the shorter on a tie. At 64K, 4 rounds: 32 (128
+// blocks); runs of 8, 16 and 32 measured within 1.5% (bench/RESULTS.md).
+inline int mma_bwd_walk(int64_t n_chunks, int rounds) {
+  const int64_t sms = mma_sm_count();
+  int best = 4;
+  int64_t best_cost = -1;
+  for (int w = 4; w <= 32; w *= 2) {
+    const int64_t runs = rounds * ((n_chunks + w - 1) / w);
+    const int64_t cost = (runs + sms - 1) / sms * (2 * w + 1);
+    if (best_cost < 0 || cost < best_cost) best = w, best_cost = cost;
+  }
+  return best;
 }
 
 // The geometry of a call with g.row_tiles counting kMmaRows-row tiles (so

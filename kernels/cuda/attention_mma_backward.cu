@@ -25,26 +25,27 @@
 //    S^T = K_hat Q^T and dP^T = V dO^T on mma, P^T and dS^T in fp32
 //    registers, dv += P^T dO and dk_hat += dS^T Q on mma; q and dout of pass
 //    i + 1 are copied (double buffer) during pass i.
-//  - mma_dq_walk_kernel, mma_dkv_walk_kernel: the same two sides for the
-//    Reformer's look-one-back window (chunks of 64, mma_walks), one block per
-//    run of g.walk consecutive chunks that keeps the tiles two neighbouring
-//    chunks share in shared memory (below): each chunk's rows are gathered
-//    once per run instead of twice, the same products in the same order.
+//  - mma_bwd_walk_kernel: both sides in one pass for the Reformer's
+//    look-one-back window (chunks of 64, mma_walks), one block of 8 warps
+//    per run of g.walk consecutive chunks (mma_bwd_walk): S and dP once per
+//    window, dS and P through shared memory, dq of each chunk and dk, dv of
+//    the chunk before completed in the same block (below).
 // Each writes every element of its outputs once, in a fixed order: the
 // backward is bitwise reproducible (no atomics). The per-round outputs are
 // bf16 rows, a quad's four lanes filling one 32-byte sector per store
-// (store_rows_bf16): the gathers and these stores through L2 bound the
-// kernels more than their arithmetic does. With one round per call (or full
-// attention) both add into the op's dqk and dv directly instead (fp32, two
+// (store_rows_bf16). With one round per call (or full attention) the
+// kernels add into the op's dqk and dv directly instead (fp32, two
 // columns per 8-byte store: store_pair; MmaBwdOut, attention_common.cuh): no
 // per-round scratch, no finish pass.
 //
-// Work per call: 6 dh (query side: S, dP, dQ) + 8 dh (key side: S, dP, dV,
-// dK) = 14 dh flops per (query, key) pair (pairs as in the forward,
-// attention_mma_forward.cu: 60 GFLOP per head at L = 64K, R = 4, W = 128,
-// dh = 128). Limits: S and dP are computed twice (once per side), and the
-// key side holds two 16 x dh fp32 accumulators per warp (dh = 128: two
-// blocks per SM).
+// Work per call: the two-sided kernels 6 dh (query side: S, dP, dQ) + 8 dh
+// (key side: S, dP, dV, dK) = 14 dh flops per (query, key) pair, the
+// one-pass walk 10 dh (S, dP, dQ, dV, dK: the model's count, op_flops.h;
+// 43 GFLOP per head at L = 64K, R = 4, W = 128, dh = 128). Limits of the
+// walk at 64K (Nsight Compute): 26% tensor-pipe activity, 23% of DRAM
+// bandwidth; its 8 warps wait mostly on shared-memory fragment loads
+// (ldmatrix) and fixed-latency dependencies, one block per SM (the dk and
+// dv accumulators of two chunks take 128 registers a thread at dh = 128).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -89,16 +90,17 @@ __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const i
   }
 }
 
-// dq of this thread's two rows to the op's output: dq_r [R, L, DH] row r * L
-// + qpos in bf16 (overwritten) or, direct, dqk [L, ld] row qpos (added).
-template <int OT>
+// dq of this thread's two rows, columns d0 .. d0 + 8 OT - 1, to the op's
+// output: dq_r [R, L, DH] row r * L + qpos in bf16 (overwritten) or, direct,
+// dqk [L, ld] row qpos (added).
+template <int DH, int OT>
 __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, int64_t r,
-                                         const int* qpos, float (*dq)[4], int lane) {
+                                         const int* qpos, float (*dq)[4], int lane, int d0) {
   if (!o.direct) {
     bf16* rows[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      rows[h] = qpos[h] < 0 ? nullptr : o.dq_r + (r * g.L + qpos[h]) * (8 * OT);
+      rows[h] = qpos[h] < 0 ? nullptr : o.dq_r + (r * g.L + qpos[h]) * DH + d0;
     store_rows_bf16<OT>(rows, dq, lane);
     return;
   }
@@ -109,7 +111,7 @@ __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, 
     float* dst = o.dq + int64_t(qpos[h]) * g.ld;
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
-      const int d = ot * 8 + 2 * t4;
+      const int d = d0 + ot * 8 + 2 * t4;
       store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
     }
   }
@@ -201,7 +203,7 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
     cp_async_commit();
   }
   cp_async_wait<0>();
-  dq_write<OT>(g, o, r, qpos, dq, lane);
+  dq_write<DH, OT>(g, o, r, qpos, dq, lane, 0);
 }
 
 // Key side, one pass of kDkvQueries queries (q_tile / g_tile: their staged q
@@ -398,69 +400,120 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   dkv_write<DH>(g, st, o, r, kpos, dk, dvv, t4);
 }
 
-// ---- walking kernels: chunks of kMmaRows slots under the look-one-back
+// ---- the walking backward: chunks of kMmaRows slots under the look-one-back
 // window (chunks_before 1, chunks_after 0, at least two chunks; mma_walks in
-// attention_mma.cuh), one block per (round, run of g.walk consecutive
-// chunks), as the walking forward (attention_mma_forward.cu). Each chunk's
-// staged rows are gathered once per run instead of twice; the tiles, masks
-// and sums are the general kernels' in the same order.
+// attention_mma.cuh), dq, dk_hat and dv in one pass per window. One block of
+// kBwdWarps warps per (round, run of g.walk consecutive chunks) walks its
+// chunks up; at query chunk c (window: the keys of c - 1, then of c):
+//  1. S and dP of the window (64 queries x 128 keys): warp w takes query
+//     strip w % 4 and the key half of its group w / 4, computes P and dS in
+//     fp32 registers and leaves them in shared memory as bf16 (sP, sdS:
+//     [query][key], the keys of c - 1 in columns 0-63, those of c in 64-127);
+//  2. dq of c = dS K over the 128 keys (warp w: strip w % 4, columns half
+//     w / 4), written; dk_hat += dS^T Q and dv += P^T dO for the keys of the
+//     warp's group: one group holds chunk c - 1's (their second and last
+//     contribution: written now), the other starts chunk c's (its own
+//     queries). The groups trade roles at every chunk.
+// Each key chunk x is thus summed as the queries of x, then of x + 1. The
+// last chunk of a run takes its second contribution from the next run's
+// first queries in one more, half step (the post step: S, dP and dk, dv of
+// the keys of c only), and a run's first step leaves the keys of c0 - 1 to
+// the run before: every row's dq and dk, dv come from one block (a direct
+// backward adds both into the same dqk rows), each sum in the same order
+// whatever g.walk is. Against the two-sided kernels above this computes S
+// and dP once instead of twice (10 dh instead of 14 dh flops per pair) and
+// gathers each chunk's q, dout, k_hat and v once per run.
+// Shared memory per block: q and dout of two chunks (this one's, the next's),
+// k_hat and v of three (c - 1, c, c + 1), sP and sdS: 208 KB at dh = 128,
+// one block of 8 warps per SM (its dk and dv accumulators: 128 registers a
+// thread).
+
+constexpr int kBwdWarps = 8;
+constexpr int kBwdBlock = 32 * kBwdWarps;
+constexpr int kWindowKeys = 2 * kMmaRows;     // keys of a look-one-back window
+constexpr int kPStride = mma_stride(kWindowKeys);  // row stride of sP and sdS
 
 template <int DH>
-constexpr size_t mma_walk_bwd_smem() {
-  return sizeof(bf16) * size_t(6 * kMmaRows * mma_stride(DH));
+constexpr size_t mma_bwd_walk_smem() {
+  return sizeof(bf16) *
+         size_t(10 * kMmaRows * mma_stride(DH) + 2 * kMmaRows * kPStride);
 }
 
-// Query side, walking up the run: for chunk c the key tiles of c - 1 (slot
-// P, kept from the previous chunk) and c (slot N). K and V of c + 1 go into
-// slot P once c's first tile has used it; Q and dout of c + 1 into their one
-// buffer once c's second tile has computed S and dP from them.
 template <int DH>
-__global__ void __launch_bounds__(kMmaBlock, 2)
-    mma_dq_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
-                       const float* rD, MmaBwdOut o) {
+__global__ void __launch_bounds__(kBwdBlock, 1)
+    mma_bwd_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
+                        const float* rD, MmaBwdOut o) {
   constexpr int S = mma_stride(DH);
   constexpr int NT = kMmaRows / 8;
   constexpr int OT = DH / 8;
   constexpr int T = kMmaRows * S;  // one tile
-  extern __shared__ float4 mma_dq_walk_smem4[];
-  bf16* sQ = reinterpret_cast<bf16*>(mma_dq_walk_smem4);  // [kMmaRows][S] queries of c
-  bf16* sG = sQ + T;                                       // [kMmaRows][S] their dout
-  bf16* sK = sG + T;                                       // [2][kMmaRows][S] slots
-  bf16* sV = sK + 2 * T;                                   // [2][kMmaRows][S] slots
-  // Positions of the walk's chunks: chunk index i (-1: the one before the
-  // run's first) in spos[(i + 1) % 3].
+  extern __shared__ float4 mma_bwd_walk_smem4[];
+  bf16* sQ = reinterpret_cast<bf16*>(mma_bwd_walk_smem4);  // [2][kMmaRows][S] by chunk parity
+  bf16* sG = sQ + 2 * T;                                    // [2][kMmaRows][S] their dout
+  bf16* sK = sG + 2 * T;                                    // [3][kMmaRows][S] slots
+  bf16* sV = sK + 3 * T;                                    // [3][kMmaRows][S] slots
+  bf16* sP = sV + 3 * T;                                    // [kMmaRows][kPStride]
+  bf16* sdS = sP + kMmaRows * kPStride;                     // [kMmaRows][kPStride]
+  // Positions of chunk c0 - 1 + j (step j's keys before its queries) in spos[j % 3].
   __shared__ __align__(8) int spos[3][kMmaRows];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
+  const int t4 = lane & 3, strip = warp & 3, group = warp >> 2;
+  const int row0 = 16 * strip + (lane >> 2);
   const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
   const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * g.walk;
-  const int n = int(min(int64_t(g.walk), g.n_chunks - c0));
+  const int n = int(min(int64_t(g.walk), g.n_chunks - c0));  // chunks of this run
   const int32_t* pr = g.perm + r * g.L;
-  const int64_t first_prev = c0 > 0 ? c0 - 1 : g.wrap ? g.n_chunks - 1 : -1;
+  // Chunk c0 - 1 + j by step index (-1: none), the post step's chunk wrapped.
+  auto chunk_at = [&](int j) -> int64_t {
+    const int64_t c = c0 - 1 + j;
+    if (c < 0) return g.wrap ? g.n_chunks - 1 : -1;
+    if (c >= g.n_chunks) return g.wrap ? c - g.n_chunks : -1;
+    return c;
+  };
+  const bool post_step = chunk_at(n + 1) >= 0;  // the queries after the run exist
+  const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
+  auto load_pos = [&](int j) {
+    const int64_t c = chunk_at(j);
+    spos[j % 3][tid] = c < 0 ? -1 : pr[c * kMmaRows + tid];
+  };
   if (tid < kMmaRows) {
-    spos[0][tid] = first_prev < 0 ? -1 : pr[first_prev * kMmaRows + tid];
-    spos[1][tid] = pr[c0 * kMmaRows + tid];
+    load_pos(0);
+    load_pos(1);
   }
   __syncthreads();
   auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
-  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(spos[0]), tid);
-  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(spos[0]), tid);
-  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sK + T, S, st.dst[1], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sV + T, S, st.dst[2], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH, kBwdBlock>(sK, S, st.dst[1], rows_of(spos[0]), tid);
+  copy_rows<kMmaRows, DH, kBwdBlock>(sV, S, st.dst[2], rows_of(spos[0]), tid);
+  auto fetch_chunk = [&](int j, bool keys) {  // step j's queries (and keys) into their buffers
+    const auto row = rows_of(spos[(j + 1) % 3]);
+    copy_rows<kMmaRows, DH, kBwdBlock>(sQ + (j & 1) * T, S, st.dst[0], row, tid);
+    copy_rows<kMmaRows, DH, kBwdBlock>(sG + (j & 1) * T, S, st.dst[3], row, tid);
+    if (!keys) return;
+    copy_rows<kMmaRows, DH, kBwdBlock>(sK + ((j + 1) % 3) * T, S, st.dst[1], row, tid);
+    copy_rows<kMmaRows, DH, kBwdBlock>(sV + ((j + 1) % 3) * T, S, st.dst[2], row, tid);
+  };
+  fetch_chunk(0, true);
   cp_async_commit();
 
-  for (int i = 0; i < n; ++i) {
-    const int P = i & 1, N = P ^ 1;  // slots of chunks c - 1 (and c + 1), c
-    const bool more = i + 1 < n;
-    const int* prev_pos = spos[i % 3];
-    const int* cur_pos = spos[(i + 1) % 3];
-    int* next_pos = spos[(i + 2) % 3];  // last read as chunk c - 2's keys
-    if (tid < kMmaRows) next_pos[tid] = more ? pr[(c0 + i + 1) * kMmaRows + tid] : -1;
-    // This thread's rows and their statistics, loaded while the copies land.
-    const int qpos[2] = {cur_pos[row0], cur_pos[row0 + 8]};
+  float dk[OT][4], dvv[OT][4];  // this warp's 16 keys of its group's chunk
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
+
+  for (int j = 0; j <= n; ++j) {
+    const bool post = j == n;  // queries of the next run's first chunk, keys of c only
+    if (post && !post_step) break;
+    const int prev_slot = j % 3, own_slot = (j + 1) % 3, qb = j & 1;
+    const bool prev_half = group == (j & 1);  // this warp's keys: chunk c - 1 (else c)
+    const int slot = prev_half ? prev_slot : own_slot;
+    // Positions of chunk c + 1 (its slot was last read before the barrier
+    // that ended step j - 1's first phase); this thread's query rows and
+    // their statistics, loaded while the copies land.
+    if (tid < kMmaRows && j + 1 <= n) load_pos(j + 2);
+    const int qpos[2] = {spos[own_slot][row0], spos[own_slot][row0 + 8]};
+    const int kw[2] = {spos[slot][row0], spos[slot][row0 + 8]};  // this warp's key rows
     float qm[2], qiz[2], qD[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -469,133 +522,84 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
       qD[h] = qpos[h] >= 0 ? rD[qpos[h]] : 0.0f;
     }
     cp_async_wait<0>();
-    __syncthreads();  // Q, dout of c, both slots and the positions of c + 1 in place
-    float dq[OT][4];
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot) dq[ot][0] = dq[ot][1] = dq[ot][2] = dq[ot][3] = 0.0f;
-#pragma unroll
-    for (int tile = 0; tile < 2; ++tile) {
-      const int slot = tile == 0 ? P : N;
+    __syncthreads();  // step j's rows landed, chunk c + 1's positions written
+    // The buffers of chunk c + 1 were last read by step j - 1's second phase.
+    if (j + 1 < n)
+      fetch_chunk(j + 1, true);
+    else if (j + 1 == n && post_step)
+      fetch_chunk(j + 1, false);
+    cp_async_commit();
+
+    // Phase 1: S and dP of query strip `strip` x this warp's 64 keys, then
+    // P and dS into sP, sdS (0 for padding; dS 0 where masked).
+    if (!post || prev_half) {
       float s[NT][4], dp[NT][4];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-      ldsm_strip_nt<DH, NT>(dp, sG, S, 16 * warp, sV + slot * T, S, lane);
-      ldsm_strip_nt<DH, NT>(s, sQ, S, 16 * warp, sK + slot * T, S, lane);
-      if (tile == 1) {
-        __syncthreads();  // Q and dout of c consumed: fetch those of c + 1
-        if (more) {
-          copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(next_pos), tid);
-          copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(next_pos), tid);
-        }
-        cp_async_commit();
-      }
-      dq_scores<NT>(s, dp, tile == 0 ? prev_pos : cur_pos, qpos, qm, qiz, qD, g.causal, t4);
-      ldsm_strip_pv<DH, kMmaRows / 16>(dq, s, sK + slot * T, S, lane);
-      if (tile == 0) {
-        __syncthreads();  // K and V of c - 1 consumed: fetch those of c + 1
-        if (more) {
-          copy_rows<kMmaRows, DH>(sK + P * T, S, st.dst[1], rows_of(next_pos), tid);
-          copy_rows<kMmaRows, DH>(sV + P * T, S, st.dst[2], rows_of(next_pos), tid);
-        }
-        cp_async_commit();
-      }
-    }
-    dq_write<OT>(g, o, r, qpos, dq, lane);
-  }
-  cp_async_wait<0>();
-}
-
-// Key side, walking down the run: for key chunk c the queries of c + 1 (the
-// chunk whose window also holds c; none at the last chunk without wrap),
-// then those of c, as chunk_list (sign -1) orders them. Q and dout of c + 1
-// are kept from the step before (they were that step's own chunk), those of
-// c - 1 go into the freed query slot once c + 1's passes are done; K and V
-// of c - 1 once c's dk and dv are written. Statistics by query slot.
-template <int DH>
-__global__ void __launch_bounds__(kMmaBlock, 2)
-    mma_dkv_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
-                        const float* rD, MmaBwdOut o) {
-  constexpr int S = mma_stride(DH);
-  constexpr int OT = DH / 8;
-  constexpr int T = kMmaRows * S;  // one tile
-  extern __shared__ float4 mma_dkv_walk_smem4[];
-  bf16* sK = reinterpret_cast<bf16*>(mma_dkv_walk_smem4);  // [kMmaRows][S] keys of c
-  bf16* sV = sK + T;                                        // [kMmaRows][S] their v
-  bf16* sQ = sV + T;                                        // [2][kMmaRows][S] query slots
-  bf16* sG = sQ + 2 * T;                                    // [2][kMmaRows][S] their dout
-  __shared__ __align__(8) int sqpos[2][kMmaRows];  // by query slot
-  __shared__ __align__(8) float sm_m[2][kMmaRows], sm_iz[2][kMmaRows], sm_D[2][kMmaRows];
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
-  const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
-  const int64_t r = blockIdx.x / runs, c_lo = (blockIdx.x % runs) * g.walk;
-  const int n = int(min(int64_t(g.walk), g.n_chunks - c_lo));
-  const int64_t c_hi = c_lo + n - 1;
-  const int32_t* pr = g.perm + r * g.L;
-  // Chunk x's queries: slot (c_hi + 1 - x) & 1 (c_hi + 1: the chunk after
-  // the run, wrapped or none).
-  const int64_t after_hi = c_hi + 1 < g.n_chunks ? c_hi + 1 : g.wrap ? 0 : -1;
-  // Position and statistics of slot x of chunk kc (-1: none), into query slot b.
-  auto load_query = [&](int b, int64_t kc) {
-    const int pos = kc < 0 ? -1 : pr[kc * kMmaRows + tid];
-    sqpos[b][tid] = pos;
-    sm_m[b][tid] = pos >= 0 ? rm[pos] : 0.0f;
-    sm_iz[b][tid] = pos >= 0 ? riz[pos] : 0.0f;
-    sm_D[b][tid] = pos >= 0 ? rD[pos] : 0.0f;
-  };
-  if (tid < kMmaRows) {
-    load_query(0, after_hi);
-    load_query(1, c_hi);
-  }
-  __syncthreads();
-  auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
-  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[1]), tid);
-  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[1]), tid);
-  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(sqpos[0]), tid);
-  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(sqpos[0]), tid);
-  copy_rows<kMmaRows, DH>(sQ + T, S, st.dst[0], rows_of(sqpos[1]), tid);
-  copy_rows<kMmaRows, DH>(sG + T, S, st.dst[3], rows_of(sqpos[1]), tid);
-  cp_async_commit();
-
-  for (int j = 0; j < n; ++j) {
-    const int64_t c = c_hi - j;
-    const int A = j & 1, B = A ^ 1;  // query slots of chunks c + 1 (then c - 1), c
-    const bool more = j + 1 < n;
-    const bool has_after = j > 0 || after_hi >= 0;
-    cp_async_wait<0>();
-    __syncthreads();  // K, V of c, both query slots and their statistics in place
-    const int kpos[2] = {sqpos[B][row0], sqpos[B][row0 + 8]};
-    float dk[OT][4], dvv[OT][4];
+      ldsm_strip_nt<DH, NT>(s, sQ + qb * T, S, 16 * strip, sK + slot * T, S, lane);
+      ldsm_strip_nt<DH, NT>(dp, sG + qb * T, S, 16 * strip, sV + slot * T, S, lane);
+      const int* kpos = spos[slot];
+      const int col0 = prev_half ? 0 : kMmaRows;
 #pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
+      for (int nt = 0; nt < NT; ++nt) {
+        const int col = nt * 8 + 2 * t4;
+        const int2 kp2 = *reinterpret_cast<const int2*>(kpos + col);
+        float pv[4], dsv[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
-    if (has_after) {
-      for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
-        dkv_pass<DH>(dk, dvv, sK, sV, sQ + A * T + q0 * S, sG + A * T + q0 * S, sqpos[A] + q0,
-                     sm_m[A] + q0, sm_iz[A] + q0, sm_D[A] + q0, kpos, g.causal, warp, lane);
+        for (int e = 0; e < 4; ++e) {
+          const int kp = e & 1 ? kp2.y : kp2.x, h = e >> 1;
+          bool masked;
+          const float sc = masked_score(s[nt][e], qpos[h], kp, g.causal, &masked);
+          const float p = fast_exp(sc - qm[h]) * qiz[h];
+          const bool valid = qpos[h] >= 0 && kp >= 0;
+          pv[e] = valid ? p : 0.0f;
+          dsv[e] = valid && !masked ? p * (dp[nt][e] - qD[h]) : 0.0f;
+        }
+        const int r0 = 16 * strip + (lane >> 2);
+        *reinterpret_cast<uint32_t*>(sP + r0 * kPStride + col0 + col) = pack_bf16(pv[0], pv[1]);
+        *reinterpret_cast<uint32_t*>(sP + (r0 + 8) * kPStride + col0 + col) =
+            pack_bf16(pv[2], pv[3]);
+        *reinterpret_cast<uint32_t*>(sdS + r0 * kPStride + col0 + col) =
+            pack_bf16(dsv[0], dsv[1]);
+        *reinterpret_cast<uint32_t*>(sdS + (r0 + 8) * kPStride + col0 + col) =
+            pack_bf16(dsv[2], dsv[3]);
+      }
     }
-    __syncthreads();  // slot A consumed: chunk c - 1's queries go there
-    if (more && tid < kMmaRows) load_query(A, c - 1);
-    __syncthreads();  // its positions written
-    if (more) {
-      copy_rows<kMmaRows, DH>(sQ + A * T, S, st.dst[0], rows_of(sqpos[A]), tid);
-      copy_rows<kMmaRows, DH>(sG + A * T, S, st.dst[3], rows_of(sqpos[A]), tid);
+    __syncthreads();  // sP, sdS of the window complete
+
+    // Phase 2: dq of chunk c (strip, columns half `group`) over the keys of
+    // c - 1, then of c.
+    if (!post && want_q) {
+      constexpr int H = DH / 2;
+      float dq[OT / 2][4];
+#pragma unroll
+      for (int ot = 0; ot < OT / 2; ++ot) dq[ot][0] = dq[ot][1] = dq[ot][2] = dq[ot][3] = 0.0f;
+      ldsm_strip_nn<kMmaRows / 16, OT / 2>(dq, sdS, kPStride, 16 * strip,
+                                           sK + prev_slot * T + group * H, S, lane);
+      ldsm_strip_nn<kMmaRows / 16, OT / 2>(dq, sdS + kMmaRows, kPStride, 16 * strip,
+                                           sK + own_slot * T + group * H, S, lane);
+      dq_write<DH, OT / 2>(g, o, r, qpos, dq, lane, group * H);
     }
-    cp_async_commit();
-    for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
-      dkv_pass<DH>(dk, dvv, sK, sV, sQ + B * T + q0 * S, sG + B * T + q0 * S, sqpos[B] + q0,
-                   sm_m[B] + q0, sm_iz[B] + q0, sm_D[B] + q0, kpos, g.causal, warp, lane);
-    dkv_write<DH>(g, st, o, r, kpos, dk, dvv, t4);
-    __syncthreads();  // K and V of c consumed: fetch those of c - 1
-    if (more) {
-      copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[A]), tid);
-      copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[A]), tid);
+    // dv += P^T dO and dk_hat += dS^T Q for this warp's keys: chunk c's
+    // start from zero; chunk c - 1's (not at the run's first step: the run
+    // before completes them) end here.
+    if (!prev_half && !post) {
+#pragma unroll
+      for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
     }
-    cp_async_commit();
+    if (prev_half ? j > 0 : !post) {
+      const int col0 = (prev_half ? 0 : kMmaRows) + 16 * strip;
+      ldsm_strip_tn<kMmaRows / 16, OT>(dvv, sP, kPStride, col0, sG + qb * T, S, lane);
+      ldsm_strip_tn<kMmaRows / 16, OT>(dk, sdS, kPStride, col0, sQ + qb * T, S, lane);
+    }
+    // Chunk c - 1's keys are complete; so are chunk c's at the run's last
+    // step when no queries follow (the last chunk without wrap).
+    if (prev_half ? j > 0 : j == n - 1 && !post_step)
+      dkv_write<DH>(g, st, o, r, kw, dk, dvv, t4);
   }
   cp_async_wait<0>();
 }
@@ -613,18 +617,11 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
   const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
   const bool want_kv = o.direct ? o.dkh || o.dv : o.dkh_r || o.dv_r;
   if (!FULL && mma_walks(g)) {
-    constexpr size_t smem = mma_walk_bwd_smem<DH>();
+    constexpr size_t smem = mma_bwd_walk_smem<DH>();
     const unsigned runs = unsigned(rounds * ((g.n_chunks + g.walk - 1) / g.walk));
-    if (want_q) {
-      set_mma_smem(mma_dq_walk_kernel<DH>, smem);
-      mma_dq_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
-      CUDA_CHECK_LAUNCH("mma_dq_walk_kernel");
-    }
-    if (want_kv) {
-      set_mma_smem(mma_dkv_walk_kernel<DH>, smem);
-      mma_dkv_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
-      CUDA_CHECK_LAUNCH("mma_dkv_walk_kernel");
-    }
+    set_mma_smem(mma_bwd_walk_kernel<DH>, smem);
+    mma_bwd_walk_kernel<DH><<<runs, kBwdBlock, smem, s>>>(g, st, rm, riz, rD, o);
+    CUDA_CHECK_LAUNCH("mma_bwd_walk_kernel");
   } else {
     const unsigned blocks = attn_blocks(g, rounds);
     if (want_q) {
@@ -673,6 +670,7 @@ void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool 
                             int64_t ld_out, const float* lse, float* rm, float* riz, float* rD,
                             const MmaBwdOut& o, void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, full);
+  if (!full) g.walk = mma_bwd_walk(g.n_chunks, p.n_rounds);
   g.pairs = o.direct && mma_pairs(g.dh, g.ld, {o.dq, o.dkh, o.dv});
   if (full)
     dispatch_mma_backward<true>(g, 1, qk, v, dout, out, ld_out, lse, rm, riz, rD, o, stage, s);
