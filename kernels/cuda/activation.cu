@@ -55,8 +55,7 @@ __global__ void activation_backward_vec4_kernel(float4* dinp, const float4* dout
 }
 
 bool vec4_ok(int64_t n, const void* a, const void* b, const void* c = nullptr) {
-  auto al = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return n % 4 == 0 && al(a) && al(b) && (c == nullptr || al(c));
+  return n % 4 == 0 && aligned(a, 16) && aligned(b, 16) && (c == nullptr || aligned(c, 16));
 }
 
 }  // namespace

@@ -410,9 +410,6 @@ template <int E, class Row>
 void launch_finish_rounds(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
                           const Row* dv_r, int64_t ld_r, const float* qk, const float* norm,
                           int64_t L, int64_t ld, int dh, int R, bool add, cudaStream_t s) {
-  auto aligned = [](const void* p, size_t bytes) {
-    return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-  };
   const bool vec = dh == 32 * E && ld % E == 0 && ld_r % E == 0 &&
                    aligned(dqk, 4 * E) && aligned(dv, 4 * E) && aligned(qk, 4 * E) &&
                    aligned(dq_r, sizeof(Row) * E) && aligned(dkh_r, sizeof(Row) * E) &&

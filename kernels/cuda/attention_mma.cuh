@@ -350,7 +350,7 @@ __device__ __forceinline__ void store_rows_bf16(bf16* const* rows, float (*acc)[
 // written in column pairs (store_pair).
 inline bool mma_pairs(int dh, int64_t ld, std::initializer_list<const float*> outs) {
   bool ok = dh % 2 == 0 && ld % 2 == 0;
-  for (const float* p : outs) ok = ok && reinterpret_cast<uintptr_t>(p) % 8 == 0;
+  for (const float* p : outs) ok = ok && aligned(p, 8);
   return ok;
 }
 

@@ -418,20 +418,18 @@ void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, con
   dispatch_mma_forward<false>(g, p.n_rounds, qk, nullptr, v, nullptr, out_b, lse, stage, s);
   const int dhm = kernel_dhm(p.dh);
   const int E = dhm / 32;
-  const bool vec = p.dh == dhm && p.ld % E == 0 &&
-                   reinterpret_cast<uintptr_t>(out) % (sizeof(float) * E) == 0;
+  const bool vec = p.dh == dhm && p.ld % E == 0 && aligned(out, sizeof(float) * E);
   auto combine = [&](auto kernel) {
     kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L, p.dh,
                                                      p.n_rounds);
     CUDA_CHECK_LAUNCH("combine_bf16_kernel");
   };
-  switch (dhm * 2 + vec) {
-    case 64: combine(combine_bf16_kernel<32, false>); break;
-    case 65: combine(combine_bf16_kernel<32, true>); break;
-    case 128: combine(combine_bf16_kernel<64, false>); break;
-    case 129: combine(combine_bf16_kernel<64, true>); break;
-    case 257: combine(combine_bf16_kernel<128, true>); break;
-    default: combine(combine_bf16_kernel<128, false>); break;
+  switch (dhm) {
+    case 32: combine(vec ? combine_bf16_kernel<32, true> : combine_bf16_kernel<32, false>); break;
+    case 64: combine(vec ? combine_bf16_kernel<64, true> : combine_bf16_kernel<64, false>); break;
+    default:
+      combine(vec ? combine_bf16_kernel<128, true> : combine_bf16_kernel<128, false>);
+      break;
   }
 }
 

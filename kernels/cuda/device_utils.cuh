@@ -15,6 +15,12 @@ namespace reformer::cuda {
 
 constexpr int kThreads = 256;  // threads per block of the elementwise kernels
 
+// Whether p is a multiple of `bytes` (a power of two): the test every vector
+// path makes of its pointers before taking them as float2 / float4 / uint2.
+inline bool aligned(const void* p, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
+
 // Blocks for a grid-stride loop over n elements (at least 1, at most 65535 * 16).
 inline unsigned grid_for(int64_t n, int threads = kThreads) {
   const int64_t b = (n + threads - 1) / threads;

@@ -160,8 +160,7 @@ void launch_fill(float* x, float v, int64_t n, cudaStream_t s) {
 void launch_add(float* out, const float* a, const float* b, float sign, int64_t n,
                 cudaStream_t s) {
   if (n <= 0) return;
-  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (n % 4 == 0 && aligned(out) && aligned(a) && aligned(b)) {
+  if (n % 4 == 0 && aligned(out, 16) && aligned(a, 16) && aligned(b, 16)) {
     add_vec4_kernel<<<grid_for(n / 4), kThreads, 0, s>>>(
         reinterpret_cast<float4*>(out), reinterpret_cast<const float4*>(a),
         reinterpret_cast<const float4*>(b), sign, n / 4);
@@ -209,8 +208,8 @@ void CudaOps::copy(float* dst, const float* src, int64_t n) {
 void CudaOps::gather_rows(float* dst, int64_t ld_dst, const float* src, int64_t ld_src,
                           const int32_t* idx, int64_t rows, int64_t cols, bool accumulate) {
   if (rows <= 0 || cols <= 0) return;
-  const auto aligned = [](const float* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  if (cols % 4 == 0 && ld_dst % 4 == 0 && ld_src % 4 == 0 && aligned(dst) && aligned(src)) {
+  if (cols % 4 == 0 && ld_dst % 4 == 0 && ld_src % 4 == 0 && cuda::aligned(dst, 16) &&
+      cuda::aligned(src, 16)) {
     cuda::gather_rows_kernel<float4><<<cuda::grid_for(rows * cols / 4), cuda::kThreads, 0,
                                        stream_>>>(
         reinterpret_cast<float4*>(dst), ld_dst / 4, reinterpret_cast<const float4*>(src),
@@ -272,8 +271,7 @@ void CudaOps::dropout(float* out, const float* x, int64_t n, float p, uint64_t s
   if (n <= 0) return;
   const RngKey key = make_key(seed, RngPurpose::dropout, step, uint64_t(layer), uint64_t(site));
   const int64_t blocks = ((offset + n + 3) >> 2) - (offset >> 2);
-  auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  auto* kernel = offset % 4 == 0 && n % 4 == 0 && aligned(out) && aligned(x)
+  auto* kernel = offset % 4 == 0 && n % 4 == 0 && cuda::aligned(out, 16) && cuda::aligned(x, 16)
                      ? cuda::dropout_kernel<true>
                      : cuda::dropout_kernel<false>;
   kernel<<<cuda::grid_for(blocks), cuda::kThreads, 0, stream_>>>(out, x, n, p, key, offset, alpha,

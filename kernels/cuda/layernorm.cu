@@ -287,7 +287,7 @@ int64_t launch_layernorm_backward_fused(float* dinp, double* partial, const floa
 inline bool ln_vec(int C, std::initializer_list<const void*> ptrs) {
   if (C % 4 != 0) return false;
   for (const void* p : ptrs)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+    if (!aligned(p, 16)) return false;
   return true;
 }
 

@@ -115,8 +115,7 @@ void round_bf16_2d(__nv_bfloat16* dst, int64_t ld_dst, const float* src, int64_t
   const int64_t n = rows * cols;
   if (n <= 0) return;
   const bool vec = cols % 4 == 0 && ld_src % 4 == 0 && ld_dst % 4 == 0 &&
-                   reinterpret_cast<uintptr_t>(src) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(dst) % 8 == 0;
+                   aligned(src, 16) && aligned(dst, 8);
   if (vec) {
     round_bf16_2d_vec4_kernel<<<grid_for(n / 4), kThreads, 0, stream>>>(dst, ld_dst, src, ld_src,
                                                                        rows, cols / 4);
@@ -249,7 +248,7 @@ bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
 void CudaOps::add_bias(float* out, const float* bias, int64_t rows, int64_t cols, float alpha) {
   if (rows <= 0 || cols <= 0) return;
   const unsigned blocks = unsigned(std::min<int64_t>(rows, int64_t(65535) * 16));
-  if (cols % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+  if (cols % 4 == 0 && cuda::aligned(out, 16)) {
     const int threads = int(std::min<int64_t>(cuda::kThreads, (cols / 4 + 31) / 32 * 32));
     cuda::add_bias_vec4_kernel<<<blocks, threads, 0, stream_>>>(reinterpret_cast<float4*>(out),
                                                                 bias, rows, cols / 4, alpha);

@@ -125,12 +125,13 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
       {128, 32, 64, 2, 1, 0, true, true},    // 2 chunks with wrap: each the other's previous
       {320, 33, 64, 2, 1, 0, true, true},    // odd dh: outputs one column per store
   };
-  // Enough chunks for the walking kernels' runs of 8 on a device of up to
-  // 134 SMs (mma_walk): 532 chunks, runs of 8 and a last one of 4. Its
-  // tensors are large, so only the model's path runs on it (tensor cores,
-  // forward without out_r, then the backward), and it is listed only where
-  // a GPU is (every test process builds every case's inputs).
-  const AttnShape long_walk = {34048, 32, 64, 4, 1, 0, true, true};
+  // Enough chunks for the walking kernels' longer runs on a 132-SM device
+  // (an H200): 528 chunks, 4 rounds, runs of 8 in the forward (mma_walk)
+  // and of 16 in the backward (mma_bwd_walk). Its tensors are large, so
+  // only the model's path runs on it (tensor cores, forward without out_r,
+  // then the backward), and it is listed only where a GPU is (every test
+  // process builds every case's inputs).
+  const AttnShape long_walk = {33792, 32, 64, 4, 1, 0, true, true};
   constexpr size_t kWithNullGradients = 6;  // the first shapes also run the null-gradient variants
   const AttnTols tol = tols(pr);
   std::vector<AttnShape> all(std::begin(shapes), std::end(shapes));
