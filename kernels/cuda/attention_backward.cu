@@ -315,13 +315,9 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                   const float* qk, const float* v, const float* lse, cudaStream_t s) {
   if (p.precision == AttentionPrecision::bf16) {  // direct, or bf16 rounds and their sum
     const bool direct = mma_backward_direct(p, FULL);
-    // The direct kernels add into dqk and dv: without accumulate, zeros first.
-    if (direct && !p.accumulate) {
-      for (float* x : {dqk, dv})
-        if (x)
-          CUDA_CHECK(cudaMemset2DAsync(x, sizeof(float) * size_t(g.ld), 0,
-                                       sizeof(float) * size_t(g.dh), size_t(g.L), s));
-    }
+    // Without accumulate the direct kernels write: the query side its dq
+    // rows, the key side dv and its dk_hat rows added onto them (no zeroing
+    // pass over the [L, dh] slices of dqk and dv).
     const MmaBwdOut o{dqk,
                       dqk,
                       dv,

@@ -510,8 +510,9 @@ inline void launch_normalise(const AttnScratch& sc, const float* qk, const Atten
 //
 // Direct (a bf16 call of one round, or full attention): every position is
 // one query row of one block of the query side and one key row of one block
-// of the key side, so those blocks add their rows into dqk and dv without a
-// race (the query side runs before the key side): no per-round scratch
+// of the key side, so those blocks write or add their rows into dqk and dv
+// without a race (the query side runs before the key side; MmaBwdOut::add
+// says which): no per-round scratch
 // ([L, dh] x 3, 1.5 GiB at 1M tokens and dh 128) and no
 // finish_rounds_kernel. The staging computes k_hat from qk and writes |k|
 // into norm (no fp32 k_hat), and the key side applies the normalisation's
@@ -527,7 +528,11 @@ struct MmaBwdOut {
   // kernel_dhm(dh), the padding columns written 0), overwritten, then summed
   // over the rounds into dqk and dv (any may be null).
   __nv_bfloat16 *dq_r, *dkh_r, *dv_r;
-  bool add;  // not direct: the round sum adds into dqk, dv (else writes them)
+  // The op's accumulate. Not direct: the round sum adds into dqk, dv (else
+  // writes them). Direct: the query side adds its dq rows (else writes
+  // them), the key side adds dk_hat (also onto the query side's rows when
+  // dq is wanted) and dv (else writes them).
+  bool add;
 };
 inline bool mma_backward_direct(const AttentionParams& p, bool full) {
   return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);

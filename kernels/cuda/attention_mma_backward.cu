@@ -25,8 +25,13 @@
 //    S^T = K_hat Q^T and dP^T = V dO^T on mma, P^T and dS^T in fp32
 //    registers, dv += P^T dO and dk_hat += dS^T Q on mma; q and dout of pass
 //    i + 1 are copied (double buffer) during pass i.
-//  - mma_bwd_walk_kernel: both sides in one pass for the Reformer's
-//    look-one-back window (chunks of 64, mma_walks), one block of 8 warps
+//  - mma_dq_walk_kernel, mma_dkv_walk_kernel: the same two sides for the
+//    Reformer's look-one-back window (chunks of 64, mma_walks), one block per
+//    run of g.walk consecutive chunks that keeps the tiles two neighbouring
+//    chunks share in shared memory: each chunk's rows are gathered once per
+//    run instead of twice. A direct backward's walk (below).
+//  - mma_bwd_walk_kernel: both sides in one pass for the look-one-back
+//    window of several rounds (per-round bf16 outputs), one block of 8 warps
 //    per run of g.walk consecutive chunks (mma_bwd_walk): S and dP once per
 //    window, dS and P through shared memory, dq of each chunk and dk, dv of
 //    the chunk before completed in the same block (below).
@@ -112,7 +117,10 @@ __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, 
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
       const int d = d0 + ot * 8 + 2 * t4;
-      store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+      if (o.add)
+        store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+      else
+        store_pair<false>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
     }
   }
 }
@@ -284,15 +292,19 @@ __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
       const float inv_norm = 1.0f / n;
       float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
       float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
+      const bool add_k = o.add || o.dq;  // onto the query side's rows
 #pragma unroll
       for (int ot = 0; ot < OT; ++ot) {
         const int d = ot * 8 + 2 * t4;
         // q[d + 1] only where it exists (odd dh: the pair's second column is past it).
         const float q0 = d < g.dh ? q[d] : 0.0f, q1 = d + 1 < g.dh ? q[d + 1] : 0.0f;
-        if (dqk)
-          store_pair<true>(dqk, d, g.dh, g.pairs, (dk[ot][2 * h] - (q0 / n) * proj) * inv_norm,
-                           (dk[ot][2 * h + 1] - (q1 / n) * proj) * inv_norm);
-        if (dv) store_pair<true>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
+        const float k0 = (dk[ot][2 * h] - (q0 / n) * proj) * inv_norm;
+        const float k1 = (dk[ot][2 * h + 1] - (q1 / n) * proj) * inv_norm;
+        if (dqk && add_k) store_pair<true>(dqk, d, g.dh, g.pairs, k0, k1);
+        if (dqk && !add_k) store_pair<false>(dqk, d, g.dh, g.pairs, k0, k1);
+        if (dv && o.add) store_pair<true>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
+        if (dv && !o.add)
+          store_pair<false>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
       }
     }
     return;
@@ -400,6 +412,214 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
   dkv_write<DH>(g, st, o, r, kpos, dk, dvv, t4);
 }
 
+// ---- two-sided walking kernels: chunks of kMmaRows slots under the
+// look-one-back window (chunks_before 1, chunks_after 0, at least two
+// chunks; mma_walks in attention_mma.cuh), one block per (round, run of
+// g.walk consecutive chunks), as the walking forward
+// (attention_mma_forward.cu). Each chunk's staged rows are gathered once per
+// run instead of twice; the tiles, masks and sums are the general kernels'
+// in the same order. A direct backward (one round: fp32 adds into dqk and
+// dv) runs these rather than the one-pass walk below: their two 4-warp
+// blocks per SM hide the adds' read-modify-write latency, which stalls the
+// one-pass walk's single block (the leanest 1M layout trained at 160.0K
+// tokens/s with it against 171.9K with these, bench/RESULTS.md).
+
+template <int DH>
+constexpr size_t mma_walk_bwd_smem() {
+  return sizeof(bf16) * size_t(6 * kMmaRows * mma_stride(DH));
+}
+
+// Query side, walking up the run: for chunk c the key tiles of c - 1 (slot
+// P, kept from the previous chunk) and c (slot N). K and V of c + 1 go into
+// slot P once c's first tile has used it; Q and dout of c + 1 into their one
+// buffer once c's second tile has computed S and dP from them.
+template <int DH>
+__global__ void __launch_bounds__(kMmaBlock, 2)
+    mma_dq_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
+                       const float* rD, MmaBwdOut o) {
+  constexpr int S = mma_stride(DH);
+  constexpr int NT = kMmaRows / 8;
+  constexpr int OT = DH / 8;
+  constexpr int T = kMmaRows * S;  // one tile
+  extern __shared__ float4 mma_dq_walk_smem4[];
+  bf16* sQ = reinterpret_cast<bf16*>(mma_dq_walk_smem4);  // [kMmaRows][S] queries of c
+  bf16* sG = sQ + T;                                       // [kMmaRows][S] their dout
+  bf16* sK = sG + T;                                       // [2][kMmaRows][S] slots
+  bf16* sV = sK + 2 * T;                                   // [2][kMmaRows][S] slots
+  // Positions of the walk's chunks: chunk index i (-1: the one before the
+  // run's first) in spos[(i + 1) % 3].
+  __shared__ __align__(8) int spos[3][kMmaRows];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
+  const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
+  const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * g.walk;
+  const int n = int(min(int64_t(g.walk), g.n_chunks - c0));
+  const int32_t* pr = g.perm + r * g.L;
+  const int64_t first_prev = c0 > 0 ? c0 - 1 : g.wrap ? g.n_chunks - 1 : -1;
+  if (tid < kMmaRows) {
+    spos[0][tid] = first_prev < 0 ? -1 : pr[first_prev * kMmaRows + tid];
+    spos[1][tid] = pr[c0 * kMmaRows + tid];
+  }
+  __syncthreads();
+  auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
+  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(spos[0]), tid);
+  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(spos[0]), tid);
+  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sK + T, S, st.dst[1], rows_of(spos[1]), tid);
+  copy_rows<kMmaRows, DH>(sV + T, S, st.dst[2], rows_of(spos[1]), tid);
+  cp_async_commit();
+
+  for (int i = 0; i < n; ++i) {
+    const int P = i & 1, N = P ^ 1;  // slots of chunks c - 1 (and c + 1), c
+    const bool more = i + 1 < n;
+    const int* prev_pos = spos[i % 3];
+    const int* cur_pos = spos[(i + 1) % 3];
+    int* next_pos = spos[(i + 2) % 3];  // last read as chunk c - 2's keys
+    if (tid < kMmaRows) next_pos[tid] = more ? pr[(c0 + i + 1) * kMmaRows + tid] : -1;
+    // This thread's rows and their statistics, loaded while the copies land.
+    const int qpos[2] = {cur_pos[row0], cur_pos[row0 + 8]};
+    float qm[2], qiz[2], qD[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      qm[h] = qpos[h] >= 0 ? rm[qpos[h]] : 0.0f;
+      qiz[h] = qpos[h] >= 0 ? riz[qpos[h]] : 0.0f;
+      qD[h] = qpos[h] >= 0 ? rD[qpos[h]] : 0.0f;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // Q, dout of c, both slots and the positions of c + 1 in place
+    float dq[OT][4];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot) dq[ot][0] = dq[ot][1] = dq[ot][2] = dq[ot][3] = 0.0f;
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      const int slot = tile == 0 ? P : N;
+      float s[NT][4], dp[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
+      ldsm_strip_nt<DH, NT>(dp, sG, S, 16 * warp, sV + slot * T, S, lane);
+      ldsm_strip_nt<DH, NT>(s, sQ, S, 16 * warp, sK + slot * T, S, lane);
+      if (tile == 1) {
+        __syncthreads();  // Q and dout of c consumed: fetch those of c + 1
+        if (more) {
+          copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(next_pos), tid);
+          copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(next_pos), tid);
+        }
+        cp_async_commit();
+      }
+      dq_scores<NT>(s, dp, tile == 0 ? prev_pos : cur_pos, qpos, qm, qiz, qD, g.causal, t4);
+      ldsm_strip_pv<DH, kMmaRows / 16>(dq, s, sK + slot * T, S, lane);
+      if (tile == 0) {
+        __syncthreads();  // K and V of c - 1 consumed: fetch those of c + 1
+        if (more) {
+          copy_rows<kMmaRows, DH>(sK + P * T, S, st.dst[1], rows_of(next_pos), tid);
+          copy_rows<kMmaRows, DH>(sV + P * T, S, st.dst[2], rows_of(next_pos), tid);
+        }
+        cp_async_commit();
+      }
+    }
+    dq_write<DH, OT>(g, o, r, qpos, dq, lane, 0);
+  }
+  cp_async_wait<0>();
+}
+
+// Key side, walking down the run: for key chunk c the queries of c + 1 (the
+// chunk whose window also holds c; none at the last chunk without wrap),
+// then those of c, as chunk_list (sign -1) orders them. Q and dout of c + 1
+// are kept from the step before (they were that step's own chunk), those of
+// c - 1 go into the freed query slot once c + 1's passes are done; K and V
+// of c - 1 once c's dk and dv are written. Statistics by query slot.
+template <int DH>
+__global__ void __launch_bounds__(kMmaBlock, 2)
+    mma_dkv_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
+                        const float* rD, MmaBwdOut o) {
+  constexpr int S = mma_stride(DH);
+  constexpr int OT = DH / 8;
+  constexpr int T = kMmaRows * S;  // one tile
+  extern __shared__ float4 mma_dkv_walk_smem4[];
+  bf16* sK = reinterpret_cast<bf16*>(mma_dkv_walk_smem4);  // [kMmaRows][S] keys of c
+  bf16* sV = sK + T;                                        // [kMmaRows][S] their v
+  bf16* sQ = sV + T;                                        // [2][kMmaRows][S] query slots
+  bf16* sG = sQ + 2 * T;                                    // [2][kMmaRows][S] their dout
+  __shared__ __align__(8) int sqpos[2][kMmaRows];  // by query slot
+  __shared__ __align__(8) float sm_m[2][kMmaRows], sm_iz[2][kMmaRows], sm_D[2][kMmaRows];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t4 = lane & 3, row0 = 16 * warp + (lane >> 2);
+  const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
+  const int64_t r = blockIdx.x / runs, c_lo = (blockIdx.x % runs) * g.walk;
+  const int n = int(min(int64_t(g.walk), g.n_chunks - c_lo));
+  const int64_t c_hi = c_lo + n - 1;
+  const int32_t* pr = g.perm + r * g.L;
+  // Chunk x's queries: slot (c_hi + 1 - x) & 1 (c_hi + 1: the chunk after
+  // the run, wrapped or none).
+  const int64_t after_hi = c_hi + 1 < g.n_chunks ? c_hi + 1 : g.wrap ? 0 : -1;
+  // Position and statistics of slot x of chunk kc (-1: none), into query slot b.
+  auto load_query = [&](int b, int64_t kc) {
+    const int pos = kc < 0 ? -1 : pr[kc * kMmaRows + tid];
+    sqpos[b][tid] = pos;
+    sm_m[b][tid] = pos >= 0 ? rm[pos] : 0.0f;
+    sm_iz[b][tid] = pos >= 0 ? riz[pos] : 0.0f;
+    sm_D[b][tid] = pos >= 0 ? rD[pos] : 0.0f;
+  };
+  if (tid < kMmaRows) {
+    load_query(0, after_hi);
+    load_query(1, c_hi);
+  }
+  __syncthreads();
+  auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
+  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[1]), tid);
+  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[1]), tid);
+  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(sqpos[0]), tid);
+  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(sqpos[0]), tid);
+  copy_rows<kMmaRows, DH>(sQ + T, S, st.dst[0], rows_of(sqpos[1]), tid);
+  copy_rows<kMmaRows, DH>(sG + T, S, st.dst[3], rows_of(sqpos[1]), tid);
+  cp_async_commit();
+
+  for (int j = 0; j < n; ++j) {
+    const int64_t c = c_hi - j;
+    const int A = j & 1, B = A ^ 1;  // query slots of chunks c + 1 (then c - 1), c
+    const bool more = j + 1 < n;
+    const bool has_after = j > 0 || after_hi >= 0;
+    cp_async_wait<0>();
+    __syncthreads();  // K, V of c, both query slots and their statistics in place
+    const int kpos[2] = {sqpos[B][row0], sqpos[B][row0 + 8]};
+    float dk[OT][4], dvv[OT][4];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
+    if (has_after) {
+      for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
+        dkv_pass<DH>(dk, dvv, sK, sV, sQ + A * T + q0 * S, sG + A * T + q0 * S, sqpos[A] + q0,
+                     sm_m[A] + q0, sm_iz[A] + q0, sm_D[A] + q0, kpos, g.causal, warp, lane);
+    }
+    __syncthreads();  // slot A consumed: chunk c - 1's queries go there
+    if (more && tid < kMmaRows) load_query(A, c - 1);
+    __syncthreads();  // its positions written
+    if (more) {
+      copy_rows<kMmaRows, DH>(sQ + A * T, S, st.dst[0], rows_of(sqpos[A]), tid);
+      copy_rows<kMmaRows, DH>(sG + A * T, S, st.dst[3], rows_of(sqpos[A]), tid);
+    }
+    cp_async_commit();
+    for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
+      dkv_pass<DH>(dk, dvv, sK, sV, sQ + B * T + q0 * S, sG + B * T + q0 * S, sqpos[B] + q0,
+                   sm_m[B] + q0, sm_iz[B] + q0, sm_D[B] + q0, kpos, g.causal, warp, lane);
+    dkv_write<DH>(g, st, o, r, kpos, dk, dvv, t4);
+    __syncthreads();  // K and V of c consumed: fetch those of c - 1
+    if (more) {
+      copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[A]), tid);
+      copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[A]), tid);
+    }
+    cp_async_commit();
+  }
+  cp_async_wait<0>();
+}
+
+
 // ---- the walking backward: chunks of kMmaRows slots under the look-one-back
 // window (chunks_before 1, chunks_after 0, at least two chunks; mma_walks in
 // attention_mma.cuh), dq, dk_hat and dv in one pass per window. One block of
@@ -418,9 +638,8 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
 // last chunk of a run takes its second contribution from the next run's
 // first queries in one more, half step (the post step: S, dP and dk, dv of
 // the keys of c only), and a run's first step leaves the keys of c0 - 1 to
-// the run before: every row's dq and dk, dv come from one block (a direct
-// backward adds both into the same dqk rows), each sum in the same order
-// whatever g.walk is. Against the two-sided kernels above this computes S
+// the run before: every row's dq and dk, dv come from one block, each sum
+// in the same order whatever g.walk is. Against the two-sided kernels above this computes S
 // and dP once instead of twice (10 dh instead of 14 dh flops per pair) and
 // gathers each chunk's q, dout, k_hat and v once per run.
 // Shared memory per block: q and dout of two chunks (this one's, the next's),
@@ -616,12 +835,25 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
   launch_mma_stage<DH>(g, stage, &st, s);
   const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
   const bool want_kv = o.direct ? o.dkh || o.dv : o.dkh_r || o.dv_r;
-  if (!FULL && mma_walks(g)) {
+  if (!FULL && mma_walks(g) && !o.direct) {
     constexpr size_t smem = mma_bwd_walk_smem<DH>();
     const unsigned runs = unsigned(rounds * ((g.n_chunks + g.walk - 1) / g.walk));
     set_mma_smem(mma_bwd_walk_kernel<DH>, smem);
     mma_bwd_walk_kernel<DH><<<runs, kBwdBlock, smem, s>>>(g, st, rm, riz, rD, o);
     CUDA_CHECK_LAUNCH("mma_bwd_walk_kernel");
+  } else if (!FULL && mma_walks(g)) {
+    constexpr size_t smem = mma_walk_bwd_smem<DH>();
+    const unsigned runs = unsigned(rounds * ((g.n_chunks + g.walk - 1) / g.walk));
+    if (want_q) {
+      set_mma_smem(mma_dq_walk_kernel<DH>, smem);
+      mma_dq_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+      CUDA_CHECK_LAUNCH("mma_dq_walk_kernel");
+    }
+    if (want_kv) {
+      set_mma_smem(mma_dkv_walk_kernel<DH>, smem);
+      mma_dkv_walk_kernel<DH><<<runs, kMmaBlock, smem, s>>>(g, st, rm, riz, rD, o);
+      CUDA_CHECK_LAUNCH("mma_dkv_walk_kernel");
+    }
   } else {
     const unsigned blocks = attn_blocks(g, rounds);
     if (want_q) {
@@ -670,7 +902,7 @@ void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool 
                             int64_t ld_out, const float* lse, float* rm, float* riz, float* rD,
                             const MmaBwdOut& o, void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, full);
-  if (!full) g.walk = mma_bwd_walk(g.n_chunks, p.n_rounds);
+  if (!full && !o.direct) g.walk = mma_bwd_walk(g.n_chunks, p.n_rounds);
   g.pairs = o.direct && mma_pairs(g.dh, g.ld, {o.dq, o.dkh, o.dv});
   if (full)
     dispatch_mma_backward<true>(g, 1, qk, v, dout, out, ld_out, lse, rm, riz, rD, o, stage, s);
