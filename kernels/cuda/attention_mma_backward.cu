@@ -39,7 +39,8 @@
 // backward is bitwise reproducible (no atomics). The per-round outputs are
 // bf16 rows, a quad's four lanes filling one 32-byte sector per store
 // (store_rows_bf16). With one round per call (or full attention) the
-// kernels add into the op's dqk and dv directly instead (fp32, two
+// kernels write or add into the op's dqk and dv directly instead
+// (MmaBwdOut::add; fp32, two
 // columns per 8-byte store: store_pair; MmaBwdOut, attention_common.cuh): no
 // per-round scratch, no finish pass.
 //
@@ -97,7 +98,7 @@ __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const i
 
 // dq of this thread's two rows, columns d0 .. d0 + 8 OT - 1, to the op's
 // output: dq_r [R, L, DH] row r * L + qpos in bf16 (overwritten) or, direct,
-// dqk [L, ld] row qpos (added).
+// dqk [L, ld] row qpos (added; written without o.add).
 template <int DH, int OT>
 __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, int64_t r,
                                          const int* qpos, float (*dq)[4], int lane, int d0) {
@@ -261,7 +262,9 @@ __device__ __forceinline__ void dkv_pass(float (*dk)[4], float (*dvv)[4], const 
 
 // dk_hat and dv of this thread's two key rows (positions kpos) to the op's
 // outputs: dkh_r, dv_r [R, L, DH] row r * L + kpos in bf16 (overwritten), or, direct,
-// dqk [L, ld] += (dk_hat - k_hat (k_hat . dk_hat)) / |k| and dv += dv.
+// dqk [L, ld] += (dk_hat - k_hat (k_hat . dk_hat)) / |k| and dv += dv
+// (without o.add: dv written, and dqk written unless the query side wrote
+// its rows first).
 template <int DH>
 __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
                                           const MmaBwdOut& o, int64_t r, const int* kpos,
@@ -619,7 +622,6 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
   cp_async_wait<0>();
 }
 
-
 // ---- the walking backward: chunks of kMmaRows slots under the look-one-back
 // window (chunks_before 1, chunks_after 0, at least two chunks; mma_walks in
 // attention_mma.cuh), dq, dk_hat and dv in one pass per window. One block of
@@ -639,9 +641,9 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 // first queries in one more, half step (the post step: S, dP and dk, dv of
 // the keys of c only), and a run's first step leaves the keys of c0 - 1 to
 // the run before: every row's dq and dk, dv come from one block, each sum
-// in the same order whatever g.walk is. Against the two-sided kernels above this computes S
-// and dP once instead of twice (10 dh instead of 14 dh flops per pair) and
-// gathers each chunk's q, dout, k_hat and v once per run.
+// in the same order whatever g.walk is. Against the two-sided kernels above
+// this computes S and dP once instead of twice (10 dh instead of 14 dh flops
+// per pair) and gathers each chunk's q, dout, k_hat and v once per run.
 // Shared memory per block: q and dout of two chunks (this one's, the next's),
 // k_hat and v of three (c - 1, c, c + 1), sP and sdS: 208 KB at dh = 128,
 // one block of 8 warps per SM (its dk and dv accumulators: 128 registers a
@@ -649,7 +651,7 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 
 constexpr int kBwdWarps = 8;
 constexpr int kBwdBlock = 32 * kBwdWarps;
-constexpr int kWindowKeys = 2 * kMmaRows;     // keys of a look-one-back window
+constexpr int kWindowKeys = 2 * kMmaRows;          // keys of a look-one-back window
 constexpr int kPStride = mma_stride(kWindowKeys);  // row stride of sP and sdS
 
 template <int DH>
@@ -776,14 +778,12 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
           pv[e] = valid ? p : 0.0f;
           dsv[e] = valid && !masked ? p * (dp[nt][e] - qD[h]) : 0.0f;
         }
-        const int r0 = 16 * strip + (lane >> 2);
-        *reinterpret_cast<uint32_t*>(sP + r0 * kPStride + col0 + col) = pack_bf16(pv[0], pv[1]);
-        *reinterpret_cast<uint32_t*>(sP + (r0 + 8) * kPStride + col0 + col) =
-            pack_bf16(pv[2], pv[3]);
-        *reinterpret_cast<uint32_t*>(sdS + r0 * kPStride + col0 + col) =
-            pack_bf16(dsv[0], dsv[1]);
-        *reinterpret_cast<uint32_t*>(sdS + (r0 + 8) * kPStride + col0 + col) =
-            pack_bf16(dsv[2], dsv[3]);
+        bf16* p_row = sP + row0 * kPStride + col0 + col;
+        bf16* ds_row = sdS + row0 * kPStride + col0 + col;
+        *reinterpret_cast<uint32_t*>(p_row) = pack_bf16(pv[0], pv[1]);
+        *reinterpret_cast<uint32_t*>(p_row + 8 * kPStride) = pack_bf16(pv[2], pv[3]);
+        *reinterpret_cast<uint32_t*>(ds_row) = pack_bf16(dsv[0], dsv[1]);
+        *reinterpret_cast<uint32_t*>(ds_row + 8 * kPStride) = pack_bf16(dsv[2], dsv[3]);
       }
     }
     __syncthreads();  // sP, sdS of the window complete
