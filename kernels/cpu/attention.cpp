@@ -295,17 +295,6 @@ void fold_round(T* out, const T* out_r, const T* lse, int r, int64_t L, int dh, 
   }
 }
 
-// The combined output is one softmax over all (round, key) pairs of query i,
-// with weights P_rij = w_r,i p_r,ij = exp(s_ij - logsumexp_r lse_r,i). Hence,
-// with D_i = dout_i . out_i:
-//   dv_j   += sum_{r,i} P_rij dout_i
-//   ds_rij  = P_rij (dout_i . v_j - D_i)   (0 for masked scores)
-//   dq_i   += sum_{r,j} ds_rij k_hat_j
-//   dkhat_j = sum_{r,i} ds_rij q_i,  dk_j = (dkhat_j - k_hat_j (k_hat_j . dkhat_j)) / |k_j|
-// which equals the round-by-round derivation (d out_r = w_r dout,
-// d lse_r = w_r (dout . out_r - dout . out)). Query-side terms are computed by
-// query chunk, key-side terms by key chunk (recomputing the scores), each into
-// per-round buffers that are summed in round order.
 // The [L, dh] slices (row stride ld) of dqk and dv that are non-null set to
 // 0: a backward with AttentionParams::accumulate false then adds into them.
 namespace {
@@ -317,6 +306,17 @@ void zero_slices(T* dqk, T* dv, int64_t L, int64_t ld, int dh) {
 }
 }  // namespace
 
+// The combined output is one softmax over all (round, key) pairs of query i,
+// with weights P_rij = w_r,i p_r,ij = exp(s_ij - logsumexp_r lse_r,i). Hence,
+// with D_i = dout_i . out_i:
+//   dv_j   += sum_{r,i} P_rij dout_i
+//   ds_rij  = P_rij (dout_i . v_j - D_i)   (0 for masked scores)
+//   dq_i   += sum_{r,j} ds_rij k_hat_j
+//   dkhat_j = sum_{r,i} ds_rij q_i,  dk_j = (dkhat_j - k_hat_j (k_hat_j . dkhat_j)) / |k_j|
+// which equals the round-by-round derivation (d out_r = w_r dout,
+// d lse_r = w_r (dout . out_r - dout . out)). Query-side terms are computed by
+// query chunk, key-side terms by key chunk (recomputing the scores), each into
+// per-round buffers that are summed in round order.
 template <class T>
 void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const T* v,
                                 const int32_t* perm, const T* out, int64_t ld_out, const T* lse,
