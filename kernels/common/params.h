@@ -30,6 +30,31 @@ REFORMER_HD int rotation_cols(int n_buckets, int factor0) {
   return factor0 == 0 ? n_buckets / 2 : factor0 / 2 + (n_buckets / factor0) / 2;
 }
 
+// The hash's operands: the rotations (as drawn) and the hashed vectors (as
+// hashed) are rounded to bf16, round to nearest even, on every device, and
+// y = x R sums the exact products in the op's type. The CUDA hash then runs
+// one bf16 tensor-core product per 16 columns (fp32 sums, in another order,
+// so only exact near-ties can differ) instead of TF32's two, and the bucket
+// of a vector does not change under rounding that bf16 does not see. LSH
+// only needs a random projection: rounding the rotations draws another one
+// from nearly the same distribution. NaN and infinities pass unchanged.
+REFORMER_HD float lsh_round(float x) {
+#if defined(__CUDA_ARCH__)
+  uint32_t u = __float_as_uint(x);
+#else
+  uint32_t u;
+  __builtin_memcpy(&u, &x, sizeof u);
+#endif
+  if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float r;
+  __builtin_memcpy(&r, &u, sizeof r);
+  return r;
+#endif
+}
+
 // Arithmetic of the CUDA attention kernels. fp32: scores, softmax and sums
 // in fp32 on CUDA cores. bf16: q, k_hat, v, dout and the probabilities are
 // rounded to bf16 for tensor-core products with fp32 accumulation; softmax,

@@ -2,10 +2,12 @@
 //
 // Contracts (kernels/ops.h):
 //  - R [n_hashes, dh, cols], cols = rotation_cols(n_buckets, factor0)
-//    (kernels/common/params.h): element i is rng_normal(key, i) with
-//    key = make_key(seed, RngPurpose::rotations, step, layer, head); round r's block starts at
-//    r * dh * cols.
-//  - buckets [n_hashes, L]: with y = x_i R_r, x_i = qk[i * ld .. i * ld + dh),
+//    (kernels/common/params.h): element i is lsh_round(rng_normal(key, i))
+//    (bf16-valued) with key = make_key(seed, RngPurpose::rotations, step,
+//    layer, head); round r's block starts at r * dh * cols.
+//  - buckets [n_hashes, L]: with y = x_i R_r, x_i = lsh_round of each of
+//    qk[i * ld .. i * ld + dh) and R_r = lsh_round of each of R's entries
+//    (through fp32; a no-op on lsh_rotations' R; params.h says why),
 //    argmax over concat(y, -y) (factor0 == 0), or b0 + factor0 * b1 with b0,
 //    b1 the argmaxes over concat(y0, -y0) and concat(y1, -y1) for y's first
 //    factor0/2 columns y0 and the rest y1; lowest index on ties.
@@ -51,7 +53,7 @@ void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int 
   const int64_t n = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
   const bool par = n * 64 >= kMinParallelWork;  // a normal costs ~64 multiply-adds
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t i = 0; i < n; ++i) R[i] = T(rng_normal(key, uint64_t(i)));
+  for (int64_t i = 0; i < n; ++i) R[i] = T(lsh_round(rng_normal(key, uint64_t(i))));
 }
 
 template <class T>
@@ -61,17 +63,19 @@ void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, 
   const int cols = rotation_cols(n_buckets, factor0);
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
   const bool par = L * n_hashes * dh * cols >= kMinParallelWork;
+  std::vector<T> Rb(size_t(n_hashes) * size_t(dh) * size_t(cols));  // R as hashed
+  for (size_t e = 0; e < Rb.size(); ++e) Rb[e] = T(lsh_round(float(R[e])));
 #pragma omp parallel if (par)
   {
-    std::vector<T> y(size_t(cols), T(0));
+    std::vector<T> y(size_t(cols), T(0)), x(static_cast<size_t>(dh));
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < L; ++i) {
-      const T* x = qk + i * ld;
+      for (int d = 0; d < dh; ++d) x[size_t(d)] = T(lsh_round(float(qk[i * ld + d])));
       for (int r = 0; r < n_hashes; ++r) {
-        const T* Rr = R + int64_t(r) * dh * cols;
+        const T* Rr = Rb.data() + int64_t(r) * dh * cols;
         for (int k = 0; k < cols; ++k) y[size_t(k)] = T(0);
         for (int d = 0; d < dh; ++d) {
-          const T xd = x[d];
+          const T xd = x[size_t(d)];
           const T* row = Rr + int64_t(d) * cols;
           for (int k = 0; k < cols; ++k) y[size_t(k)] += xd * row[k];
         }

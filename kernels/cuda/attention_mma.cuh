@@ -42,21 +42,6 @@ constexpr int kMmaRows = 16 * kMmaWarps;     // rows per block: 16 per warp
 // Row stride (bf16 elements) of a shared tile whose rows hold n values.
 constexpr int mma_stride(int n) { return n + 8; }
 
-// Two floats as one bf16x2 register (round to nearest even), lo in the low half.
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// c += a b (one m16n8k16 tile).
-__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // The A fragment of k-step kk from fp32 accumulator tiles c[2kk], c[2kk+1]
 // (C layout, columns 16kk .. 16kk+15 of a 16-row strip), rounded to bf16.
 __device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float* c1) {
@@ -297,25 +282,50 @@ void set_mma_smem(Kernel k, size_t bytes) {
                                   int(cudaSharedmemCarveoutMaxShared)));
 }
 
-// Writes (ADD: adds) a C fragment's two columns x, y to row[d], row[d + 1]
-// (d even, columns past dh skipped): one 8-byte access when `pairs` (dh even,
-// rows 8-byte aligned; mma_pairs), else one per column.
-template <bool ADD = false>
-__device__ __forceinline__ void store_pair(float* row, int d, int dh, bool pairs, float x,
-                                           float y) {
-  if (pairs) {
-    if (d >= dh) return;
-    float2* p = reinterpret_cast<float2*>(row + d);
-    if (ADD) {
-      const float2 o = *p;
-      x += o.x;
-      y += o.y;
+// This thread's column pairs of one fp32 row: columns d + 8 ot and
+// d + 8 ot + 1 for ot < OT (d even), as the C fragments of an 8 OT-wide
+// strip hold them. Columns past dh read as 0 and are not written; one
+// 8-byte access per pair when `pairs` (dh even, rows 8-byte aligned;
+// mma_pairs), else one per column.
+template <int OT>
+__device__ __forceinline__ void load_row(float (*v)[2], const float* row, int d, int dh,
+                                         bool pairs) {
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot) {
+    const int c = d + 8 * ot;
+    if (pairs) {
+      const float2 x = c < dh ? *reinterpret_cast<const float2*>(row + c) : make_float2(0.f, 0.f);
+      v[ot][0] = x.x;
+      v[ot][1] = x.y;
+    } else {
+      v[ot][0] = c < dh ? row[c] : 0.0f;
+      v[ot][1] = c + 1 < dh ? row[c + 1] : 0.0f;
     }
-    *p = make_float2(x, y);
-    return;
   }
-  if (d < dh) row[d] = ADD ? row[d] + x : x;
-  if (d + 1 < dh) row[d + 1] = ADD ? row[d + 1] + y : y;
+}
+
+// Writes (add: adds) v to those columns. Adding reads every old pair before
+// the first write, so the OT read-modify-writes overlap instead of waiting
+// on each other (a store may alias a later load, for all the compiler
+// knows: the direct backward's key side ran 4.7x slower than its query
+// side with one read-modify-write after another).
+template <int OT>
+__device__ __forceinline__ void store_row(float* row, int d, int dh, bool pairs,
+                                          const float (*v)[2], bool add) {
+  float old[OT][2];
+  if (add) load_row<OT>(old, row, d, dh, pairs);
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot) {
+    const int c = d + 8 * ot;
+    const float x = add ? v[ot][0] + old[ot][0] : v[ot][0];
+    const float y = add ? v[ot][1] + old[ot][1] : v[ot][1];
+    if (pairs) {
+      if (c < dh) *reinterpret_cast<float2*>(row + c) = make_float2(x, y);
+    } else {
+      if (c < dh) row[c] = x;
+      if (c + 1 < dh) row[c + 1] = y;
+    }
+  }
 }
 
 // A 16 x 8 OT accumulator strip's two rows of this thread (h = 0: row
@@ -347,7 +357,7 @@ __device__ __forceinline__ void store_rows_bf16(bf16* const* rows, float (*acc)[
 }
 
 // Whether outputs with row stride `ld` (elements) from these pointers can be
-// written in column pairs (store_pair).
+// written in column pairs (store_row).
 inline bool mma_pairs(int dh, int64_t ld, std::initializer_list<const float*> outs) {
   bool ok = dh % 2 == 0 && ld % 2 == 0;
   for (const float* p : outs) ok = ok && aligned(p, 8);

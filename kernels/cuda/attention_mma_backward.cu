@@ -41,7 +41,7 @@
 // (store_rows_bf16). With one round per call (or full attention) the
 // kernels write or add into the op's dqk and dv directly instead
 // (MmaBwdOut::add; fp32, two
-// columns per 8-byte store: store_pair; MmaBwdOut, attention_common.cuh): no
+// columns per 8-byte access: store_row; MmaBwdOut, attention_common.cuh): no
 // per-round scratch, no finish pass.
 //
 // Work per call: the two-sided kernels 6 dh (query side: S, dP, dQ) + 8 dh
@@ -98,11 +98,12 @@ __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const i
 
 // dq of this thread's two rows, columns d0 .. d0 + 8 OT - 1, to the op's
 // output: dq_r [R, L, DH] row r * L + qpos in bf16 (overwritten) or, direct,
-// dqk [L, ld] row qpos (added; written without o.add).
-template <int DH, int OT>
+// dqk [L, ld] row qpos (added; written without o.add). kDirect false: a
+// kernel that never writes directly (no registers spent on that path).
+template <int DH, int OT, bool kDirect = true>
 __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, int64_t r,
                                          const int* qpos, float (*dq)[4], int lane, int d0) {
-  if (!o.direct) {
+  if (!kDirect || !o.direct) {
     bf16* rows[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h)
@@ -114,15 +115,13 @@ __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, 
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     if (qpos[h] < 0) continue;
-    float* dst = o.dq + int64_t(qpos[h]) * g.ld;
+    float v[OT][2];
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) {
-      const int d = d0 + ot * 8 + 2 * t4;
-      if (o.add)
-        store_pair<true>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
-      else
-        store_pair<false>(dst, d, g.dh, g.pairs, dq[ot][2 * h], dq[ot][2 * h + 1]);
+      v[ot][0] = dq[ot][2 * h];
+      v[ot][1] = dq[ot][2 * h + 1];
     }
+    store_row<OT>(o.dq + int64_t(qpos[h]) * g.ld + d0, 2 * t4, g.dh - d0, g.pairs, v, o.add);
   }
 }
 
@@ -264,50 +263,51 @@ __device__ __forceinline__ void dkv_pass(float (*dk)[4], float (*dvv)[4], const 
 // outputs: dkh_r, dv_r [R, L, DH] row r * L + kpos in bf16 (overwritten), or, direct,
 // dqk [L, ld] += (dk_hat - k_hat (k_hat . dk_hat)) / |k| and dv += dv
 // (without o.add: dv written, and dqk written unless the query side wrote
-// its rows first).
-template <int DH>
+// its rows first). kDirect as dq_write's.
+template <int DH, bool kDirect = true>
 __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
                                           const MmaBwdOut& o, int64_t r, const int* kpos,
                                           float (*dk)[4], float (*dvv)[4], int t4) {
   constexpr int OT = DH / 8;
-  if (o.direct) {
+  if (kDirect && o.direct) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
       // (t4) that share the row. Every lane shuffles; padding rows add 0.
       // k_hat_j = qk_j / |k_j| as the staging computed it.
       const int pos = kpos[h];
-      const float* q = st.src[0] + int64_t(pos < 0 ? 0 : pos) * st.lds[0];
       const float n = o.dkh && pos >= 0 ? o.norm[pos] : 1.0f;
+      float kh[OT][2] = {};
       float proj = 0.0f;
       if (o.dkh && pos >= 0) {
+        load_row<OT>(kh, st.src[0] + int64_t(pos) * st.lds[0], 2 * t4, g.dh, g.pairs);
 #pragma unroll
         for (int ot = 0; ot < OT; ++ot)
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            const int d = ot * 8 + 2 * t4 + u;
-            if (d < g.dh) proj += (q[d] / n) * dk[ot][2 * h + u];
+            kh[ot][u] /= n;
+            proj += kh[ot][u] * dk[ot][2 * h + u];
           }
       }
       proj += __shfl_xor_sync(0xffffffffu, proj, 1);
       proj += __shfl_xor_sync(0xffffffffu, proj, 2);
       if (pos < 0) continue;
-      const float inv_norm = 1.0f / n;
-      float* dqk = o.dkh ? o.dkh + int64_t(pos) * g.ld : nullptr;
-      float* dv = o.dv ? o.dv + int64_t(pos) * g.ld : nullptr;
-      const bool add_k = o.add || o.dq;  // onto the query side's rows
+      float v[OT][2];
+      if (o.dkh) {
+        const float inv_norm = 1.0f / n;
 #pragma unroll
-      for (int ot = 0; ot < OT; ++ot) {
-        const int d = ot * 8 + 2 * t4;
-        // q[d + 1] only where it exists (odd dh: the pair's second column is past it).
-        const float q0 = d < g.dh ? q[d] : 0.0f, q1 = d + 1 < g.dh ? q[d + 1] : 0.0f;
-        const float k0 = (dk[ot][2 * h] - (q0 / n) * proj) * inv_norm;
-        const float k1 = (dk[ot][2 * h + 1] - (q1 / n) * proj) * inv_norm;
-        if (dqk && add_k) store_pair<true>(dqk, d, g.dh, g.pairs, k0, k1);
-        if (dqk && !add_k) store_pair<false>(dqk, d, g.dh, g.pairs, k0, k1);
-        if (dv && o.add) store_pair<true>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
-        if (dv && !o.add)
-          store_pair<false>(dv, d, g.dh, g.pairs, dvv[ot][2 * h], dvv[ot][2 * h + 1]);
+        for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+          for (int u = 0; u < 2; ++u) v[ot][u] = (dk[ot][2 * h + u] - kh[ot][u] * proj) * inv_norm;
+        // Onto the query side's rows where it wrote them first.
+        store_row<OT>(o.dkh + int64_t(pos) * g.ld, 2 * t4, g.dh, g.pairs, v, o.add || o.dq);
+      }
+      if (o.dv) {
+#pragma unroll
+        for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+          for (int u = 0; u < 2; ++u) v[ot][u] = dvv[ot][2 * h + u];
+        store_row<OT>(o.dv + int64_t(pos) * g.ld, 2 * t4, g.dh, g.pairs, v, o.add);
       }
     }
     return;
@@ -799,7 +799,7 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
                                            sK + prev_slot * T + group * H, S, lane);
       ldsm_strip_nn<kMmaRows / 16, OT / 2>(dq, sdS + kMmaRows, kPStride, 16 * strip,
                                            sK + own_slot * T + group * H, S, lane);
-      dq_write<DH, OT / 2>(g, o, r, qpos, dq, lane, group * H);
+      dq_write<DH, OT / 2, false>(g, o, r, qpos, dq, lane, group * H);
     }
     // dv += P^T dO and dk_hat += dS^T Q for this warp's keys: chunk c's
     // start from zero; chunk c - 1's (not at the run's first step: the run
@@ -818,7 +818,7 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
     // Chunk c - 1's keys are complete; so are chunk c's at the run's last
     // step when no queries follow (the last chunk without wrap).
     if (prev_half ? j > 0 : j == n - 1 && !post_step)
-      dkv_write<DH>(g, st, o, r, kw, dk, dvv, t4);
+      dkv_write<DH, false>(g, st, o, r, kw, dk, dvv, t4);
   }
   cp_async_wait<0>();
 }
@@ -903,7 +903,7 @@ void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool 
                             const MmaBwdOut& o, void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, full);
   if (!full && !o.direct) g.walk = mma_bwd_walk(g.n_chunks, p.n_rounds);
-  g.pairs = o.direct && mma_pairs(g.dh, g.ld, {o.dq, o.dkh, o.dv});
+  g.pairs = o.direct && mma_pairs(g.dh, g.ld, {o.dq, o.dkh, o.dv, qk});
   if (full)
     dispatch_mma_backward<true>(g, 1, qk, v, dout, out, ld_out, lse, rm, riz, rD, o, stage, s);
   else

@@ -115,10 +115,13 @@ __device__ __forceinline__ void write_rows(const AttnGeom& g, float* out, int64_
     const float lt = quad_sum(l[h]);  // each lane summed its own columns
     if (qpos[h] < 0) continue;
     const float inv = 1.0f / lt;
-    float* dst = out + int64_t(qpos[h]) * ld;
+    float v[OT][2];
 #pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
-      store_pair(dst, ot * 8 + 2 * t4, g.dh, g.pairs, o[ot][2 * h] * inv, o[ot][2 * h + 1] * inv);
+    for (int ot = 0; ot < OT; ++ot) {
+      v[ot][0] = o[ot][2 * h] * inv;
+      v[ot][1] = o[ot][2 * h + 1] * inv;
+    }
+    store_row<OT>(out + int64_t(qpos[h]) * ld, 2 * t4, g.dh, g.pairs, v, false);
     if (t4 == 0) lse[qpos[h]] = m[h] + logf(lt);
   }
 }

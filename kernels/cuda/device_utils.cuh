@@ -55,6 +55,24 @@ __device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
                : "memory");
 }
 
+// Two floats as one bf16x2 register (round to nearest even), lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// c += a b (one m16n8k16 bf16 tile, fp32 accumulation; PTX ISA fragments:
+// g = lane / 4, t = lane % 4, a = A[g][2t..], A[g+8][2t..], A[g][2t+8..],
+// A[g+8][2t+8..]; b = B[2t..][g], B[2t+8..][g]; c = C[g][2t], C[g][2t+1],
+// C[g+8][2t], C[g+8][2t+1]).
+__device__ __forceinline__ void mma_bf16(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -1,21 +1,25 @@
 // LSH hashing by random rotations and the per-round sort (CUDA twin of
 // kernels/cpu/lsh.cpp).
 //
-//  - Rotations: element i of R is rng_normal(make_key(seed,
-//    RngPurpose::rotations, step, layer, head), i), the CPU's stream; device logf/cosf may differ from the
-//    host's by an ulp, so hashes agree with the CPU except at near-ties.
+//  - Rotations: element i of R is lsh_round(rng_normal(make_key(seed,
+//    RngPurpose::rotations, step, layer, head), i)), the CPU's stream and
+//    rounding (kernels/common/params.h); device logf/cosf may differ from
+//    the host's by an ulp, which moves a rounded value by one bf16 ulp in
+//    the rare case it lies at a rounding midpoint.
 //  - Hash, head widths 32, 64 and 128: one kernel computes y = x @ R on
-//    TF32 tensor cores (mma.sync m16n8k8, fp32 accumulation, R transposed
-//    and rounded to TF32 once per call) and takes the argmax below from the
+//    bf16 tensor cores (mma.sync m16n8k16, fp32 accumulation; x and R
+//    rounded to bf16 as lsh_round does, R transposed once per call), whose
+//    products of bf16 values are exact, and takes the argmax below from the
 //    accumulators, so the products never reach memory (hash_mma_kernel).
-//    Other widths:
-//    y = x @ R for all rounds in one cuBLASLt GEMM per chunk of
-//    positions, x [rows, dh] (row stride ld) times Rcat [dh, n_hashes * cols]
-//    (R's rounds side by side; cols = rotation_cols(n_buckets, factor0)), with TF32 tensor-core math accumulating in
-//    fp32 (CUBLAS_COMPUTE_32F_FAST_TF32; plain fp32 if cuBLASLt offers no
-//    TF32 kernel for the alignment). TF32 keeps 10 mantissa bits, so y differs
-//    from the CPU's fp32 sums by ~1e-3 relative and buckets agree except at
-//    near-ties. The fp32 products of one chunk (at most kHashScratchBytes, in
+//    Other widths: x's rows rounded by lsh_round into the op workspace, then
+//    y = x @ R for all rounds in one cuBLASLt GEMM per chunk of positions,
+//    x [rows, dh] times Rcat [dh, n_hashes * cols] (R's rounds side by side,
+//    rounded; cols = rotation_cols(n_buckets, factor0)), with TF32
+//    tensor-core math accumulating in fp32 (CUBLAS_COMPUTE_32F_FAST_TF32,
+//    exact for bf16 values; plain fp32 if cuBLASLt offers no TF32 kernel for
+//    the alignment). Both sum the CPU's products in another order, so
+//    buckets agree except at near-ties of a few fp32 ulps. The fp32 products
+//    of one chunk (at most kHashScratchBytes, in
 //    the op workspace) feed an argmax per (position, round) over
 //    concat(y, -y) with the lowest index on ties, as on the CPU; with
 //    factorized buckets one such argmax per factor's block, combined as
@@ -69,18 +73,28 @@ int bits_for(int64_t n) {  // bits to hold values 0..n-1 (at least 1)
 __global__ void rotations_kernel(float* R, RngKey key, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
-    R[i] = rng_normal(key, uint64_t(i));
+    R[i] = lsh_round(rng_normal(key, uint64_t(i)));
 }
 
-// Rcat[d, r * cols + j] = R[r, d, j]: the rounds side by side, rows ldy apart,
-// so one GEMM x @ Rcat computes every round.
+// Rcat[d, r * cols + j] = lsh_round(R[r, d, j]): the rounds side by side,
+// rows ldy apart, so one GEMM x @ Rcat computes every round.
 __global__ void concat_rounds_kernel(float* Rcat, int64_t ldy, const float* R, int dh, int cols,
                                      int64_t n) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = e % cols, rd = e / cols;
     const int64_t d = rd % dh, r = rd / dh;
-    Rcat[d * ldy + r * cols + j] = R[e];
+    Rcat[d * ldy + r * cols + j] = lsh_round(R[e]);
+  }
+}
+
+// xr[i, d] = lsh_round(x[i, d]) for rows rows of dh values (row strides ldr, ld).
+__global__ void round_rows_kernel(float* xr, int64_t ldr, const float* x, int64_t ld, int dh,
+                                  int64_t n) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = e / dh, d = e % dh;
+    xr[i * ldr + d] = lsh_round(x[i * ld + d]);
   }
 }
 
@@ -209,7 +223,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   if (lane == 0) buckets[int64_t(r) * L + c0 + i] = b;
 }
 
-// ---- the hash product and its argmax in one kernel (TF32 tensor cores)
+// ---- the hash product and its argmax in one kernel (bf16 tensor cores)
 
 constexpr int kHashWarps = 8;
 constexpr int kHashRows = 16 * kHashWarps;  // positions per block: 16 per warp
@@ -217,75 +231,62 @@ constexpr int kHashTile = 64;               // rotation columns staged at once
 constexpr int kHashGroup = 4;               // n8 tiles accumulated side by side
 constexpr int kHashBlocksPerSm = 2;         // register budget: 128 a thread
 
-// Shared row stride (floats) of a staged tile whose rows hold dh values: 16
+// Shared row stride (bf16) of a staged tile whose rows hold dh values: 16
 // bytes of padding put the 8 rows an ldmatrix reads in distinct banks.
-constexpr int hash_stride(int dh) { return dh + 4; }
+constexpr int hash_stride(int dh) { return dh + 8; }
 // Shared bytes of hash_mma_kernel: two staged tiles.
 constexpr size_t hash_smem_bytes(int dh) {
-  return sizeof(float) * 2 * size_t(kHashTile) * size_t(hash_stride(dh));
+  return sizeof(__nv_bfloat16) * 2 * size_t(kHashTile) * size_t(hash_stride(dh));
 }
 
-// fp32 -> TF32 (round to nearest, ties away), the bit pattern mma reads.
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
-
-// c += a b (one m16n8k8 TF32 tile, fp32 accumulation). Fragments (PTX ISA,
-// g = lane / 4, t = lane % 4): a = A[g][t], A[g+8][t], A[g][t+4],
-// A[g+8][t+4]; b = B[t][g], B[t+4][g]; c = C[g][2t], C[g][2t+1], C[g+8][2t],
-// C[g+8][2t+1].
-__device__ __forceinline__ void mma_tf32(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Rt[r, c, d] = tf32(R[r, d, c]): each rotation column's dh entries
-// contiguous and rounded once, as hash_mma_kernel stages them.
-__global__ void rotations_tf32_kernel(uint32_t* Rt, const float* R, int dh, int cols, int64_t n) {
+// Rt[r, c, d] = bf16(R[r, d, c]) (lsh_round's rounding): each rotation
+// column's dh entries contiguous, as hash_mma_kernel stages them.
+__global__ void rotations_bf16_kernel(__nv_bfloat16* Rt, const float* R, int dh, int cols,
+                                      int64_t n) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t c = e % cols, rd = e / cols;  // e = (r dh + d) cols + c: reads coalesce
     const int64_t d = rd % dh, r = rd / dh;
-    Rt[(r * cols + c) * dh + d] = to_tf32(R[e]);
+    Rt[(r * cols + c) * dh + d] = __float2bfloat16_rn(R[e]);
   }
 }
 
 // buckets[r, i] for every round r and the kHashRows positions of this block,
 // as argmax_kernel computes them from Y = x R, without writing Y: each warp
-// holds its 16 rows of x [L, kDh] (row stride ld) as TF32 A fragments; the
-// block stages Rt [n_hashes, cols, kDh] (rotations_tf32_kernel) kHashTile
-// columns at a time (cp.async, double buffered), whose B fragments ldmatrix
-// reads two k-steps at a time; every thread keeps the running extremes of
-// its two rows' columns, visited in increasing order, and the four lanes of
-// a quad, which share rows, are merged at the end of a round, ties to the
-// lowest column. kFactorized: columns [0, h0) and [h0, cols) are two blocks,
-// bucket = b0 + 2 h0 b1; else h0 == cols.
+// holds its 16 rows of x [L, kDh] (row stride ld) rounded to bf16 as A
+// fragments (lsh_round's rounding); the block stages Rt [n_hashes, cols,
+// kDh] (rotations_bf16_kernel) kHashTile columns at a time (cp.async, double
+// buffered), whose B fragments ldmatrix reads two k-steps at a time; the
+// products of bf16 values are exact and sum in fp32. Every thread keeps the
+// running extremes of its two rows' columns, visited in increasing order,
+// and the four lanes of a quad, which share rows, are merged at the end of a
+// round, ties to the lowest column. kFactorized: columns [0, h0) and
+// [h0, cols) are two blocks, bucket = b0 + 2 h0 b1; else h0 == cols.
 template <int kDh, bool kFactorized>
 __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
-    hash_mma_kernel(int32_t* buckets, const float* x, int64_t ld, const uint32_t* Rt, int64_t L,
-                    int n_hashes, int cols, int h0) {
+    hash_mma_kernel(int32_t* buckets, const float* x, int64_t ld, const __nv_bfloat16* Rt,
+                    int64_t L, int n_hashes, int cols, int h0) {
   extern __shared__ float4 hash_smem[];
-  uint32_t* tiles_smem = reinterpret_cast<uint32_t*>(hash_smem);  // [2][kHashTile][stride]
+  __nv_bfloat16* tiles_smem = reinterpret_cast<__nv_bfloat16*>(hash_smem);  // [2][kHashTile][stride]
   constexpr int kStride = hash_stride(kDh), kBlocks = kFactorized ? 2 : 1;
+  constexpr int kSteps = kDh / 16;  // k-steps of 16
   const int warp = int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
   const int64_t ra = int64_t(blockIdx.x) * kHashRows + warp * 16 + g, rb = ra + 8;
 
-  uint32_t a[kDh / 8][4];
+  uint32_t a[kSteps][4];
   {
     const float* xa = x + ra * ld;
     const float* xb = x + rb * ld;
+    auto pair = [](const float* row, bool ok, int d) {
+      return ok ? pack_bf16(row[d], row[d + 1]) : 0u;
+    };
 #pragma unroll
-    for (int ks = 0; ks < kDh / 8; ++ks) {
-      a[ks][0] = ra < L ? to_tf32(xa[ks * 8 + t]) : 0u;
-      a[ks][1] = rb < L ? to_tf32(xb[ks * 8 + t]) : 0u;
-      a[ks][2] = ra < L ? to_tf32(xa[ks * 8 + t + 4]) : 0u;
-      a[ks][3] = rb < L ? to_tf32(xb[ks * 8 + t + 4]) : 0u;
+    for (int ks = 0; ks < kSteps; ++ks) {
+      a[ks][0] = pair(xa, ra < L, ks * 16 + 2 * t);
+      a[ks][1] = pair(xb, rb < L, ks * 16 + 2 * t);
+      a[ks][2] = pair(xa, ra < L, ks * 16 + 2 * t + 8);
+      a[ks][3] = pair(xb, rb < L, ks * 16 + 2 * t + 8);
     }
   }
 
@@ -295,10 +296,10 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
   // into buffer i % 2; columns past cols are zero.
   auto stage = [&](int i) {
     const int c0 = (i % tiles) * kHashTile;
-    const uint32_t* src = Rt + (int64_t(i / tiles) * cols + c0) * kDh;
-    uint32_t* dst = tiles_smem + (i % 2) * kHashTile * kStride;
-    for (int e = int(threadIdx.x); e < kHashTile * (kDh / 4); e += kHashWarps * 32) {
-      const int c = e / (kDh / 4), q = 4 * (e % (kDh / 4));
+    const __nv_bfloat16* src = Rt + (int64_t(i / tiles) * cols + c0) * kDh;
+    __nv_bfloat16* dst = tiles_smem + (i % 2) * kHashTile * kStride;
+    for (int e = int(threadIdx.x); e < kHashTile * (kDh / 8); e += kHashWarps * 32) {
+      const int c = e / (kDh / 8), q = 8 * (e % (kDh / 8));
       const bool ok = c0 + c < cols;
       cp_async16(dst + c * kStride + q, ok ? src + int64_t(c) * kDh + q : src, ok);
     }
@@ -322,22 +323,22 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
       cp_async_wait<0>();
     }
     __syncthreads();
-    // Lane l addresses row l % 8 of its n8 tile, words 4 (l / 8) on: the
+    // Lane l addresses row l % 8 of its n8 tile, k 8 (l / 8) on: the
     // matrices b0, b1 of k-step 2 kk and of 2 kk + 1.
-    const uint32_t* B = tiles_smem + (i % 2) * kHashTile * kStride + (lane % 8) * kStride +
-                        (lane / 8) * 4;
+    const __nv_bfloat16* B = tiles_smem + (i % 2) * kHashTile * kStride + (lane % 8) * kStride +
+                             (lane / 8) * 8;
     const int c0 = (i % tiles) * kHashTile;
 #pragma unroll
     for (int n0 = 0; n0 < kHashTile / 8; n0 += kHashGroup) {
       float acc[kHashGroup][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < kDh / 16; ++kk) {
+      for (int kk = 0; kk < kSteps / 2; ++kk) {
 #pragma unroll
         for (int j = 0; j < kHashGroup; ++j) {
           uint32_t b[4];
-          ldsm_x4(b, B + (n0 + j) * 8 * kStride + kk * 16);
-          mma_tf32(acc[j], a[2 * kk], b[0], b[1]);
-          mma_tf32(acc[j], a[2 * kk + 1], b[2], b[3]);
+          ldsm_x4(b, B + (n0 + j) * 8 * kStride + kk * 32);
+          mma_bf16(acc[j], a[2 * kk], b[0], b[1]);
+          mma_bf16(acc[j], a[2 * kk + 1], b[2], b[3]);
         }
       }
 #pragma unroll
@@ -376,7 +377,8 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
 }
 
 template <int kDh, bool kFactorized>
-void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const uint32_t* Rt, int64_t L,
+void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const __nv_bfloat16* Rt,
+                     int64_t L,
                      int n_hashes, int cols, int h0, cudaStream_t stream) {
   auto* kernel = hash_mma_kernel<kDh, kFactorized>;
   const size_t smem = hash_smem_bytes(kDh);
@@ -387,8 +389,8 @@ void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const uint32_
 }
 
 // The fused path for head width dh, or nullptr where it does not apply.
-using HashMmaLauncher = void (*)(int32_t*, const float*, int64_t, const uint32_t*, int64_t, int,
-                                 int, int, cudaStream_t);
+using HashMmaLauncher = void (*)(int32_t*, const float*, int64_t, const __nv_bfloat16*, int64_t,
+                                 int, int, int, cudaStream_t);
 HashMmaLauncher hash_mma_launcher(int dh, bool factorized) {
   switch (dh) {
     case 32: return factorized ? launch_hash_mma<32, true> : launch_hash_mma<32, false>;
@@ -519,10 +521,10 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
   if (auto launch = cuda::hash_mma_launcher(dh, h0 < cols)) {
     const int64_t nR = int64_t(n_hashes) * dh * cols;
-    auto* Rt = static_cast<uint32_t*>(ws_.get(sizeof(uint32_t) * size_t(nR)));
-    cuda::rotations_tf32_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rt, R, dh,
+    auto* Rt = static_cast<__nv_bfloat16*>(ws_.get(sizeof(__nv_bfloat16) * size_t(nR)));
+    cuda::rotations_bf16_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rt, R, dh,
                                                                                    cols, nR);
-    CUDA_CHECK_LAUNCH("rotations_tf32_kernel");
+    CUDA_CHECK_LAUNCH("rotations_bf16_kernel");
     launch(buckets, qk, ld, Rt, L, n_hashes, cols, h0, stream_);
     return;
   }
@@ -532,12 +534,16 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
   if (chunk >= 256) chunk = chunk / 256 * 256;
   chunk = std::min(chunk, L);
 
+  const int64_t ldx = (int64_t(dh) + 3) / 4 * 4;  // rounded rows, 16-byte aligned
+
   cuda::Carve carve;
   const size_t off_r = carve.reserve(sizeof(float) * size_t(dh) * size_t(ldy));
   const size_t off_y = carve.reserve(sizeof(float) * size_t(chunk) * size_t(ldy));
+  const size_t off_x = carve.reserve(sizeof(float) * size_t(chunk) * size_t(ldx));
   void* base = ws_.get(carve.total());
   float* Rcat = cuda::Carve::at<float>(base, off_r);
   float* Y = cuda::Carve::at<float>(base, off_y);
+  float* X = cuda::Carve::at<float>(base, off_x);
 
   const int64_t nR = m * dh;
   cuda::concat_rounds_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rcat, ldy, R, dh,
@@ -546,9 +552,12 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
 
   for (int64_t c0 = 0; c0 < L; c0 += chunk) {
     const int64_t rows = std::min(chunk, L - c0);
-    // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ld),
-    // in TF32 tensor-core math.
-    gemm(false, false, m, rows, int64_t(dh), Rcat, ldy, qk + c0 * ld, ld, 0.0f, Y, ldy,
+    cuda::round_rows_kernel<<<cuda::grid_for(rows * dh), cuda::kThreads, 0, stream_>>>(
+        X, ldx, qk + c0 * ld, ld, dh, rows * dh);
+    CUDA_CHECK_LAUNCH("round_rows_kernel");
+    // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ldx),
+    // in TF32 tensor-core math (exact products of the bf16 values).
+    gemm(false, false, m, rows, int64_t(dh), Rcat, ldy, X, ldx, 0.0f, Y, ldy,
          GemmOperands::fp32_tf32);
 
     // float4 loads need each block's start (rounds cols apart) 16-byte aligned;

@@ -27,7 +27,14 @@ std::vector<double> rotations(uint64_t seed, uint64_t step, int layer, int head,
   return R;
 }
 
-// buckets[r, i] by the definition: argmax over concat(y, -y), lowest index on ties.
+// An operand as the hash sees it: rounded to bf16 through fp32.
+template <class T>
+T hashed(T x) {
+  return T(lsh_round(float(x)));
+}
+
+// buckets[r, i] by the definition: argmax over concat(y, -y), lowest index on
+// ties, y = x R with both rounded (hashed).
 template <class T>
 std::vector<int32_t> naive_hash(const std::vector<T>& qk, int64_t ld, const std::vector<T>& R,
                                 int64_t L, int dh, int n_hashes, int n_buckets) {
@@ -39,7 +46,7 @@ std::vector<int32_t> naive_hash(const std::vector<T>& qk, int64_t ld, const std:
       for (int k = 0; k < half; ++k) {
         T s = 0;
         for (int d = 0; d < dh; ++d)
-          s += qk[size_t(i * ld + d)] * R[size_t((int64_t(r) * dh + d) * half + k)];
+          s += hashed(qk[size_t(i * ld + d)]) * hashed(R[size_t((int64_t(r) * dh + d) * half + k)]);
         y[size_t(k)] = s;
         y[size_t(half + k)] = -s;
       }
@@ -63,7 +70,7 @@ std::vector<int32_t> naive_factored_hash(const std::vector<T>& qk, int64_t ld,
       for (int k = 0; k < cols; ++k) {
         T s = 0;
         for (int d = 0; d < dh; ++d)
-          s += qk[size_t(i * ld + d)] * R[size_t((int64_t(r) * dh + d) * cols + k)];
+          s += hashed(qk[size_t(i * ld + d)]) * hashed(R[size_t((int64_t(r) * dh + d) * cols + k)]);
         y[size_t(k)] = s;
       }
       std::vector<T> c0, c1;
@@ -121,7 +128,7 @@ TEST(LshRotations, ElementIIsStreamElementI) {
   const int n_hashes = 3, dh = 7, n_buckets = 6;
   const auto R = rotations(11, 5, 1, 2, n_hashes, dh, n_buckets);
   const RngKey key = make_key(11, RngPurpose::rotations, 5, 1, 2);
-  for (size_t i = 0; i < R.size(); ++i) EXPECT_EQ(R[i], double(rng_normal(key, i))) << i;
+  for (size_t i = 0; i < R.size(); ++i) EXPECT_EQ(R[i], double(lsh_round(rng_normal(key, i)))) << i;
   // Round 0 of a 3-round draw is the whole of a 1-round draw.
   const auto one = rotations(11, 5, 1, 2, 1, dh, n_buckets);
   EXPECT_TRUE(std::equal(one.begin(), one.end(), R.begin()));
@@ -226,6 +233,46 @@ TEST(LshHash, ScaleInvariant) {
   lsh_hash(bh.data(), qk_half.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
   EXPECT_EQ(b, b2);
   EXPECT_EQ(b, bh);
+}
+
+TEST(LshRotations, BFloat16Values) {
+  // Every entry keeps 8 significant bits, and they are not all integers or 0.
+  const auto R = rotations(4, 2, 0, 1, 2, 16, 64);
+  int fractional = 0;
+  for (double x : R) {
+    int e = 0;
+    const double m = std::frexp(x, &e);  // x = m 2^e, 0.5 <= |m| < 1
+    EXPECT_EQ(m * 256.0, std::trunc(m * 256.0)) << x;
+    fractional += x != std::trunc(x);
+  }
+  EXPECT_GT(fractional, int(R.size()) / 2);
+}
+
+TEST(LshHash, SeesOperandsRoundedToBFloat16) {
+  // x and x moved within its bf16 rounding interval hash alike; moved past
+  // it, the buckets change somewhere. R given unrounded hashes as rounded.
+  const int64_t L = 64, ld = 6;
+  const int dh = 6, n_hashes = 2, n_buckets = 32;
+  std::vector<float> x(size_t(L * ld));
+  std::vector<double> xd(x.size());
+  fill_random(xd.data(), int64_t(xd.size()), 21);
+  for (size_t e = 0; e < x.size(); ++e) x[e] = lsh_round(float(xd[e]));
+  std::vector<float> inside(x), past(x), R(size_t(n_hashes * dh * n_buckets / 2));
+  for (size_t e = 0; e < x.size(); ++e) {
+    inside[e] = x[e] * (1.0f + 0x1p-10f);  // a quarter ulp of bf16's 8 bits
+    past[e] = x[e] * (1.0f + float(e % 7) * 0x1p-5f);
+  }
+  lsh_rotations(R.data(), 3, 0, 0, 0, n_hashes, dh, n_buckets, 0);
+  std::vector<float> R_off(R);
+  for (float& r : R_off) r *= 1.0f - 0x1p-11f;
+  std::vector<int32_t> b(size_t(n_hashes * L)), bi(b.size()), bp(b.size()), br(b.size());
+  lsh_hash(b.data(), x.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
+  lsh_hash(bi.data(), inside.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
+  lsh_hash(bp.data(), past.data(), ld, R.data(), L, dh, n_hashes, n_buckets, 0);
+  lsh_hash(br.data(), x.data(), ld, R_off.data(), L, dh, n_hashes, n_buckets, 0);
+  EXPECT_EQ(b, bi);
+  EXPECT_EQ(b, br);
+  EXPECT_NE(b, bp);
 }
 
 TEST(LshHash, BucketsInRangeAndUsed) {

@@ -11,7 +11,7 @@
 //    (2e-2 with bf16 attention). LSH layers are left out of this one: a
 //    hash decided by a near-tie moves a position to another chunk and every
 //    later position of its bucket run with it, so any change of rounding
-//    (fp32 against bf16 operands, or TF32 hashing against fp32 on the CPU)
+//    (fp32 against bf16 operands, or the hash's fp32 sums in another order)
 //    moves most LSH logits by more than 2% at this size; the statistics
 //    above and the op conformance suites cover them.
 // Both attention precisions are checked with these tolerances: bf16
