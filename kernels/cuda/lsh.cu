@@ -225,11 +225,16 @@ __global__ void __launch_bounds__(kArgmaxThreads)
 
 // ---- the hash product and its argmax in one kernel (bf16 tensor cores)
 
-constexpr int kHashWarps = 8;
-constexpr int kHashRows = 16 * kHashWarps;  // positions per block: 16 per warp
-constexpr int kHashTile = 64;               // rotation columns staged at once
-constexpr int kHashGroup = 4;               // n8 tiles accumulated side by side
-constexpr int kHashBlocksPerSm = 2;         // register budget: 128 a thread
+// Each warp hashes 32 positions (two m16 tiles), so every B fragment read
+// from shared memory feeds four products: with 16 (one tile) the ldmatrix
+// reads bound the kernel (4 cycles of shared-memory bandwidth per 512-byte
+// ldmatrix.x4 against 2 mma.sync's 1 cycle each on an SM).
+constexpr int kHashWarps = 4;
+constexpr int kHashM = 2;                            // m16 tiles per warp
+constexpr int kHashRows = 16 * kHashM * kHashWarps;  // positions per block
+constexpr int kHashTile = 64;                        // rotation columns staged at once
+constexpr int kHashGroup = 4;                        // n8 tiles accumulated side by side
+constexpr int kHashBlocksPerSm = 3;                  // register budget: 168 a thread
 
 // Shared row stride (bf16) of a staged tile whose rows hold dh values: 16
 // bytes of padding put the 8 rows an ldmatrix reads in distinct banks.
@@ -253,12 +258,12 @@ __global__ void rotations_bf16_kernel(__nv_bfloat16* Rt, const float* R, int dh,
 
 // buckets[r, i] for every round r and the kHashRows positions of this block,
 // as argmax_kernel computes them from Y = x R, without writing Y: each warp
-// holds its 16 rows of x [L, kDh] (row stride ld) rounded to bf16 as A
+// holds its 32 rows of x [L, kDh] (row stride ld) rounded to bf16 as A
 // fragments (lsh_round's rounding); the block stages Rt [n_hashes, cols,
 // kDh] (rotations_bf16_kernel) kHashTile columns at a time (cp.async, double
 // buffered), whose B fragments ldmatrix reads two k-steps at a time; the
 // products of bf16 values are exact and sum in fp32. Every thread keeps the
-// running extremes of its two rows' columns, visited in increasing order,
+// running extremes of its four rows' columns, visited in increasing order,
 // and the four lanes of a quad, which share rows, are merged at the end of a
 // round, ties to the lowest column. kFactorized: columns [0, h0) and
 // [h0, cols) are two blocks, bucket = b0 + 2 h0 b1; else h0 == cols.
@@ -272,21 +277,27 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
   constexpr int kSteps = kDh / 16;  // k-steps of 16
   const int warp = int(threadIdx.x / 32), lane = int(threadIdx.x % 32);
   const int g = lane / 4, t = lane % 4;
-  const int64_t ra = int64_t(blockIdx.x) * kHashRows + warp * 16 + g, rb = ra + 8;
+  // This thread's rows: row[m][h] = tile m's row g (h = 0) or g + 8 (h = 1).
+  int64_t row[kHashM][2];
+#pragma unroll
+  for (int m = 0; m < kHashM; ++m) {
+    row[m][0] = int64_t(blockIdx.x) * kHashRows + (warp * kHashM + m) * 16 + g;
+    row[m][1] = row[m][0] + 8;
+  }
 
-  uint32_t a[kSteps][4];
-  {
-    const float* xa = x + ra * ld;
-    const float* xb = x + rb * ld;
-    auto pair = [](const float* row, bool ok, int d) {
-      return ok ? pack_bf16(row[d], row[d + 1]) : 0u;
-    };
+  uint32_t a[kHashM][kSteps][4];
+#pragma unroll
+  for (int m = 0; m < kHashM; ++m) {
+    const float* xa = x + row[m][0] * ld;
+    const float* xb = x + row[m][1] * ld;
+    const bool oka = row[m][0] < L, okb = row[m][1] < L;
+    auto pair = [](const float* r, bool ok, int d) { return ok ? pack_bf16(r[d], r[d + 1]) : 0u; };
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
-      a[ks][0] = pair(xa, ra < L, ks * 16 + 2 * t);
-      a[ks][1] = pair(xb, rb < L, ks * 16 + 2 * t);
-      a[ks][2] = pair(xa, ra < L, ks * 16 + 2 * t + 8);
-      a[ks][3] = pair(xb, rb < L, ks * 16 + 2 * t + 8);
+      a[m][ks][0] = pair(xa, oka, ks * 16 + 2 * t);
+      a[m][ks][1] = pair(xb, okb, ks * 16 + 2 * t);
+      a[m][ks][2] = pair(xa, oka, ks * 16 + 2 * t + 8);
+      a[m][ks][3] = pair(xb, okb, ks * 16 + 2 * t + 8);
     }
   }
 
@@ -306,12 +317,14 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
     cp_async_commit();
   };
 
-  Extremes e[2][kBlocks];  // [row g / g + 8][column block]
+  Extremes e[kHashM][2][kBlocks];  // [tile][row g / g + 8][column block]
   auto reset = [&] {
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+    for (int m = 0; m < kHashM; ++m)
 #pragma unroll
-      for (int k = 0; k < kBlocks; ++k) e[h][k] = Extremes::none();
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int k = 0; k < kBlocks; ++k) e[m][h][k] = Extremes::none();
   };
   reset();
   stage(0);
@@ -330,15 +343,18 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
     const int c0 = (i % tiles) * kHashTile;
 #pragma unroll
     for (int n0 = 0; n0 < kHashTile / 8; n0 += kHashGroup) {
-      float acc[kHashGroup][4] = {};
+      float acc[kHashM][kHashGroup][4] = {};
 #pragma unroll
       for (int kk = 0; kk < kSteps / 2; ++kk) {
 #pragma unroll
         for (int j = 0; j < kHashGroup; ++j) {
           uint32_t b[4];
           ldsm_x4(b, B + (n0 + j) * 8 * kStride + kk * 32);
-          mma_bf16(acc[j], a[2 * kk], b[0], b[1]);
-          mma_bf16(acc[j], a[2 * kk + 1], b[2], b[3]);
+#pragma unroll
+          for (int m = 0; m < kHashM; ++m) {
+            mma_bf16(acc[m][j], a[m][2 * kk], b[0], b[1]);
+            mma_bf16(acc[m][j], a[m][2 * kk + 1], b[2], b[3]);
+          }
         }
       }
 #pragma unroll
@@ -347,12 +363,15 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
         for (int w = 0; w < 2; ++w) {
           const int c = c0 + (n0 + j) * 8 + 2 * t + w;
           if (c >= cols) continue;
-          if (kFactorized && c >= h0) {  // constant register indices, no local memory
-            e[0][kBlocks - 1].see(acc[j][w], c - h0);
-            e[1][kBlocks - 1].see(acc[j][2 + w], c - h0);
-          } else {
-            e[0][0].see(acc[j][w], c);
-            e[1][0].see(acc[j][2 + w], c);
+#pragma unroll
+          for (int m = 0; m < kHashM; ++m) {
+            if (kFactorized && c >= h0) {  // constant register indices, no local memory
+              e[m][0][kBlocks - 1].see(acc[m][j][w], c - h0);
+              e[m][1][kBlocks - 1].see(acc[m][j][2 + w], c - h0);
+            } else {
+              e[m][0][0].see(acc[m][j][w], c);
+              e[m][1][0].see(acc[m][j][2 + w], c);
+            }
           }
         }
       }
@@ -360,16 +379,17 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
     if (i % tiles == tiles - 1) {  // round i / tiles complete: merge the quad, write
       const int64_t r = i / tiles;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        int b = 0;
+      for (int m = 0; m < kHashM; ++m)
 #pragma unroll
-        for (int k = 0; k < kBlocks; ++k) {
-          e[h][k].reduce(4);
-          b += (k == 0 ? 1 : 2 * h0) * e[h][k].signed_argmax(k == 0 ? h0 : cols - h0);
+        for (int h = 0; h < 2; ++h) {
+          int b = 0;
+#pragma unroll
+          for (int k = 0; k < kBlocks; ++k) {
+            e[m][h][k].reduce(4);
+            b += (k == 0 ? 1 : 2 * h0) * e[m][h][k].signed_argmax(k == 0 ? h0 : cols - h0);
+          }
+          if (t == 0 && row[m][h] < L) buckets[r * L + row[m][h]] = b;
         }
-        const int64_t row = h == 0 ? ra : rb;
-        if (t == 0 && row < L) buckets[r * L + row] = b;
-      }
       reset();
     }
     __syncthreads();  // buffer i % 2 read by every warp before stage(i + 2) refills it
