@@ -118,6 +118,22 @@ __device__ __forceinline__ void ldsm_strip_nt(float (*c)[4], const bf16* sa, int
   }
 }
 
+// acc[ot] (16 x 8 OT strip) += a (one 16 x 16 A fragment) times the
+// 16 x 8 OT B rows at pb, row major [k][n] (pb: this lane's ldmatrix.trans
+// address of the matrices k 0-7 / 8-15 x n 0-7, then n 8-15, which give b0,
+// b1 of tiles ot and ot + 1).
+template <int OT>
+__device__ __forceinline__ void mma_b_rows(float (*acc)[4], const uint32_t* a, const bf16* pb) {
+  static_assert(OT % 2 == 0, "tile pairs");
+#pragma unroll
+  for (int ot = 0; ot < OT; ot += 2) {
+    uint32_t b[4];
+    ldsm_x4_t(b, pb + ot * 8);
+    mma_bf16(acc[ot], a, b[0], b[1]);
+    mma_bf16(acc[ot + 1], a, b[2], b[3]);
+  }
+}
+
 // acc[ot] (16 x DH strip) += P B where P (16 x 16*KS) comes as fp32
 // accumulator tiles p[0 .. 2*KS) and B (16*KS x DH) is row major in sb
 // ([key][d], not transposed): ldmatrix.trans of the matrices keys 0-7 /
@@ -130,13 +146,7 @@ __device__ __forceinline__ void ldsm_strip_pv(float (*acc)[4], float (*p)[4], co
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t a[4];
     pack_a(a, p[2 * kk], p[2 * kk + 1]);
-#pragma unroll
-    for (int ot = 0; ot < DH / 8; ot += 2) {
-      uint32_t b[4];
-      ldsm_x4_t(b, pv + kk * 16 * stb + ot * 8);
-      mma_bf16(acc[ot], a, b[0], b[1]);
-      mma_bf16(acc[ot + 1], a, b[2], b[3]);
-    }
+    mma_b_rows<DH / 8>(acc, a, pv + kk * 16 * stb);
   }
 }
 
@@ -146,20 +156,13 @@ __device__ __forceinline__ void ldsm_strip_pv(float (*acc)[4], float (*p)[4], co
 template <int KS, int OT>
 __device__ __forceinline__ void ldsm_strip_nn(float (*acc)[4], const bf16* sa, int sta, int row0,
                                               const bf16* sb, int stb, int lane) {
-  static_assert(OT % 2 == 0, "tile pairs");
   const bf16* pa = sa + (row0 + (lane & 15)) * sta + (lane >> 4) * 8;
   const bf16* pb = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t a[4];
     ldsm_x4(a, pa + kk * 16);
-#pragma unroll
-    for (int ot = 0; ot < OT; ot += 2) {
-      uint32_t b[4];
-      ldsm_x4_t(b, pb + kk * 16 * stb + ot * 8);
-      mma_bf16(acc[ot], a, b[0], b[1]);
-      mma_bf16(acc[ot + 1], a, b[2], b[3]);
-    }
+    mma_b_rows<OT>(acc, a, pb + kk * 16 * stb);
   }
 }
 
@@ -169,20 +172,13 @@ __device__ __forceinline__ void ldsm_strip_nn(float (*acc)[4], const bf16* sa, i
 template <int KS, int OT>
 __device__ __forceinline__ void ldsm_strip_tn(float (*acc)[4], const bf16* sa, int sta, int col0,
                                               const bf16* sb, int stb, int lane) {
-  static_assert(OT % 2 == 0, "tile pairs");
   const bf16* pa = sa + ((lane >> 4) * 8 + (lane & 7)) * sta + col0 + ((lane >> 3) & 1) * 8;
   const bf16* pb = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
     uint32_t a[4];
     ldsm_x4_t(a, pa + kk * 16 * sta);
-#pragma unroll
-    for (int ot = 0; ot < OT; ot += 2) {
-      uint32_t b[4];
-      ldsm_x4_t(b, pb + kk * 16 * stb + ot * 8);
-      mma_bf16(acc[ot], a, b[0], b[1]);
-      mma_bf16(acc[ot + 1], a, b[2], b[3]);
-    }
+    mma_b_rows<OT>(acc, a, pb + kk * 16 * stb);
   }
 }
 
