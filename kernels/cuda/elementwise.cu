@@ -5,6 +5,7 @@
 // (same key, same element index), so masks are identical.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -81,6 +82,22 @@ template <class V>
 __device__ __forceinline__ V vec_zero() {
   if constexpr (sizeof(V) == sizeof(float)) return 0.0f;
   else return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+
+// dst[r, c] (+)= src[r, c] for rows of at least 32 V (float, or float4
+// where columns, strides and pointers allow): blocks stride over the rows,
+// threads over a row's columns, no division per element (copy_2d_kernel
+// divides its flat index by cols: [64K, 1024] took 337 us there, 128 us
+// here, 4.0 TB/s; bench/RESULTS.md).
+template <class V>
+__global__ void copy_rows_2d_kernel(V* dst, int64_t ld_dst, const V* src, int64_t ld_src,
+                                    int64_t rows, int cols, bool accumulate) {
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    V* d = dst + r * ld_dst;
+    const V* x = src + r * ld_src;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+      d[c] = accumulate ? vec_add(d[c], x[c]) : x[c];
+  }
 }
 
 // dst[r, c] (+)= src[idx[r], c], a row with idx[r] < 0 zeroed (kept when
@@ -173,6 +190,22 @@ void launch_add(float* out, const float* a, const float* b, float sign, int64_t 
 void launch_copy_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_src, int64_t rows,
                     int64_t cols, bool accumulate, cudaStream_t s) {
   if (rows <= 0 || cols <= 0) return;
+  const bool vec4 = cols % 4 == 0 && ld_dst % 4 == 0 && ld_src % 4 == 0 && aligned(dst, 16) &&
+                    aligned(src, 16);
+  const int64_t vcols = vec4 ? cols / 4 : cols;
+  if (vcols >= 32 && vcols <= INT32_MAX) {
+    const dim3 grid(unsigned(std::min<int64_t>((vcols + kThreads - 1) / kThreads, 65535)),
+                    unsigned(std::min<int64_t>(rows, 65535)));
+    if (vec4)
+      copy_rows_2d_kernel<<<grid, kThreads, 0, s>>>(
+          reinterpret_cast<float4*>(dst), ld_dst / 4, reinterpret_cast<const float4*>(src),
+          ld_src / 4, rows, int(vcols), accumulate);
+    else
+      copy_rows_2d_kernel<<<grid, kThreads, 0, s>>>(dst, ld_dst, src, ld_src, rows, int(vcols),
+                                                    accumulate);
+    CUDA_CHECK_LAUNCH("copy_rows_2d_kernel");
+    return;
+  }
   copy_2d_kernel<<<grid_for(rows * cols), kThreads, 0, s>>>(dst, ld_dst, src, ld_src, rows, cols,
                                                             accumulate);
   CUDA_CHECK_LAUNCH("copy_2d_kernel");

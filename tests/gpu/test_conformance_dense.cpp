@@ -111,6 +111,25 @@ void add_elementwise(std::vector<Case>& cases) {
                 });
   c.bitwise = true;
   cases.push_back(c);
+  // Rows of float4 (columns, strides and pointers multiples of 4), wider
+  // than one block of threads.
+  const int64_t wcols = 1032, wld_src = 1040, wld_dst = 1036;
+  c = make_case("copy_2d float4", OpId::copy_2d,
+                {input("src", rows * wld_src, 4),
+                 output("dst", rows * wld_dst, 5, kFp32Elementwise)},
+                [=](auto& ops, auto& t) {
+                  ops.copy_2d(t("dst") + 4, wld_dst, t("src"), wld_src, rows - 1, wcols);
+                });
+  c.bitwise = true;
+  cases.push_back(c);
+  c = make_case("add_2d float4", OpId::add_2d,
+                {input("src", rows * wld_src, 4),
+                 output("dst", rows * wld_dst, 5, kFp32Elementwise)},
+                [=](auto& ops, auto& t) {
+                  ops.add_2d(t("dst"), wld_dst, t("src") + 8, wld_src, rows - 1, wcols);
+                });
+  c.bitwise = true;
+  cases.push_back(c);
   // Rows picked out of order, repeated and skipped (idx < 0), set and added.
   std::vector<int32_t> idx(static_cast<size_t>(rows));
   for (int64_t r = 0; r < rows; ++r) idx[size_t(r)] = r % 9 == 4 ? -1 : int32_t((r * 37) % 60);
