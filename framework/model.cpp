@@ -382,23 +382,26 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
 }
 
 // x1 += dropout(ao wo) (ao [L, n], wo [n, D]), or -= when `subtract`, chunk
-// by chunk. The residual-branch dropout mask is keyed by global element
-// offsets, so every head and every layout draws the same mask, and the sum
-// of the heads' dropped-out parts is the dropped-out sum.
+// by chunk; with res, x1 = res + dropout(ao wo) (res [L, D]: a kept layer's
+// input, stack_forward). The residual-branch dropout mask is keyed by global
+// element offsets, so every head and every layout draws the same mask, and
+// the sum of the heads' dropped-out parts is the dropped-out sum.
 template <class T>
 void ReformerModel<T>::add_output(int l, const T* ao, const T* wo, int n, bool subtract,
-                                  uint64_t step, bool train) {
+                                  uint64_t step, bool train, const T* res) {
   Scratch& s = *s_;
   for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
     T* x1 = s.x1.data() + r0 * D_;
+    const T* base = res ? res + r0 * D_ : nullptr;
     if (!(train && cfg_.model.dropout > 0)) {
-      ops_.matmul_accumulate(x1, ao + r0 * n, wo, nullptr, rows, n, D_, subtract ? -1.0f : 1.0f);
+      ops_.matmul_accumulate(x1, ao + r0 * n, wo, nullptr, rows, n, D_, subtract ? -1.0f : 1.0f,
+                             base);
       return;
     }
     ops_.matmul_forward(s.fg.data(), ao + r0 * n, wo, nullptr, rows, n, D_);
     ops_.dropout(x1, s.fg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step,
                  l, kSiteAttention, (pos0_ + r0) * D_, subtract ? -1.0f : 1.0f,
-                 /*accumulate=*/true);
+                 /*accumulate=*/true, base);
   });
 }
 
@@ -412,7 +415,8 @@ void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, 
     const T* d = s.dx1.data() + r0 * D_;
     if (train && cfg_.model.dropout > 0) {
       ops_.dropout(s.dfg.data(), d, rows * D_, float(cfg_.model.dropout), cfg_.training.seed,
-                   step, l, kSiteAttention, (pos0_ + r0) * D_, 1.0f, /*accumulate=*/false);
+                   step, l, kSiteAttention, (pos0_ + r0) * D_, 1.0f, /*accumulate=*/false,
+                   nullptr);
       d = s.dfg.data();
     }
     ops_.matmul_backward(dao + r0 * n, gwo, nullptr, d, ao + r0 * n, wo, rows, n, D_,
@@ -465,21 +469,22 @@ const T* ReformerModel<T>::attend_sorted(int l, int pass, uint64_t step, bool re
   return P.wo + c0 * D_;
 }
 
-// x1 += Attn(LN_a(x2)) for layer l, saving each LSH head's bucket ids, in
-// passes of Hp heads per rank.
+// x1 += Attn(LN_a(x2)) for layer l (with x1_in: x1 = x1_in + Attn(...)),
+// saving each LSH head's bucket ids, in passes of Hp heads per rank.
 template <class T>
-void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train) {
+void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train,
+                                               const T* x1_in) {
   Scratch& s = *s_;
   if (s.sorted) {  // sort mode, in passes of Hp heads
     for (int pass = 0; pass < H_ / Hp_; ++pass) {
       const T* wo = attend_sorted(l, pass, step, /*rehash*/ true);
-      add_output(l, s.ao.data(), wo, Hp_ * dh_, false, step, train);
+      add_output(l, s.ao.data(), wo, Hp_ * dh_, false, step, train, pass == 0 ? x1_in : nullptr);
     }
     return;
   }
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass)
     add_output(l, attend_pass(l, pass, step, /*rehash*/ true), pass_weights(l, pass).wo,
-               out_cols(), false, step, train);
+               out_cols(), false, step, train, pass == 0 ? x1_in : nullptr);
 }
 
 // Attention pass `pass` of layer l: loads its weights, projects LN_a(x2) on
@@ -595,7 +600,7 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
 // for ffn_chunk_backward.
 template <class T>
 void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64_t rows,
-                                 int64_t row0, uint64_t step, bool train) {
+                                 int64_t row0, uint64_t step, bool train, const T* x2_in) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
@@ -604,14 +609,14 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
   const Activation act = cfg_.model.activation;
   if (!(train && cfg_.model.dropout > 0)) {
     ops_.ffn_forward(x2, st.h, st.a, st.ln, P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act,
-                     subtract ? -1.0f : 1.0f, /*accumulate=*/true);
+                     subtract ? -1.0f : 1.0f, /*accumulate=*/true, x2_in);
     return;
   }
   T* g = s.fg.data();
   ops_.ffn_forward(g, st.h, st.a, st.ln, P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act, 1.0f,
-                   /*accumulate=*/false);
+                   /*accumulate=*/false, nullptr);
   ops_.dropout(x2, g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
-               (pos0_ + row0) * D_, subtract ? -1.0f : 1.0f, /*accumulate=*/true);
+               (pos0_ + row0) * D_, subtract ? -1.0f : 1.0f, /*accumulate=*/true, x2_in);
 }
 
 // dy1 += d FFN(LN_f(y1)) / dy1 applied to dg (the gradient of the chunk's
@@ -627,7 +632,7 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   const T* dgd = dg;
   if (train && cfg_.model.dropout > 0) {
     ops_.dropout(s.dfg.data(), dg, rows * D_, float(cfg_.model.dropout), cfg_.training.seed,
-                 step, l, kSiteFFN, (pos0_ + row0) * D_, 1.0f, /*accumulate=*/false);
+                 step, l, kSiteFFN, (pos0_ + row0) * D_, 1.0f, /*accumulate=*/false, nullptr);
     dgd = s.dfg.data();
   }
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
@@ -745,18 +750,19 @@ void ReformerModel<T>::stack_forward(const int32_t* tokens, uint64_t step, bool 
       ops_.to_host(trace->forward_x1[size_t(l)].data(), s.x1.data(), LD);
       ops_.to_host(trace->forward_x2[size_t(l)].data(), s.x2.data(), LD);
     }
+    // A kept layer's inputs stay where they are: x1 (then x2) trades its
+    // buffer with the kept one, and the layer writes y1 = x1 + Attn, y2 = x2
+    // + FFN into the traded-in buffers from the kept inputs (no copies).
     typename Scratch::Kept* k = s.kept_of(l, NL_);
-    if (k) {
-      ops_.copy(k->x1.data(), s.x1.data(), LD);
-      ops_.copy(k->x2.data(), s.x2.data(), LD);
-    }
+    if (k) std::swap(s.x1, k->x1);
     if (k && s.attn_kept) s.swap_attention(*k);
-    attention_layer_forward(l, step, train);
+    attention_layer_forward(l, step, train, k ? k->x1.data() : nullptr);
     if (k && s.attn_kept) s.swap_attention(*k);
+    if (k) std::swap(s.x2, k->x2);
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {
       const int64_t rows = std::min<int64_t>(s.fc, L_ - r0);
       ffn_chunk(l, s.x1.data() + r0 * D_, s.x2.data() + r0 * D_, /*subtract*/ false, rows, r0,
-                step, train);
+                step, train, k ? k->x2.data() + r0 * D_ : nullptr);
     }
   }
 }

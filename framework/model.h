@@ -104,7 +104,7 @@ class ReformerModel {
   // A kept layer's backward skips the rebuild of x1 (`rebuild_x1` false:
   // its input comes from the kept copy) and, where its attention state was
   // kept, the attention forward (`attend` false: its state is in place).
-  void attention_layer_forward(int l, uint64_t step, bool train);
+  void attention_layer_forward(int l, uint64_t step, bool train, const T* x1_in = nullptr);
   void attention_layer_backward(int l, uint64_t step, bool train, bool attend = true,
                                 bool rebuild_x1 = true);
   // The weights attention pass `pass` of a layer reads and the gradient it
@@ -129,11 +129,11 @@ class ReformerModel {
   void project_backward(int l, const T* dqk, const T* dv, const T* wq, const T* wv, T* gwq,
                         T* gwv, int n);
   void add_output(int l, const T* ao, const T* wo, int n, bool subtract, uint64_t step,
-                  bool train);
+                  bool train, const T* res = nullptr);
   void output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao, uint64_t step,
                        bool train);
   void ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64_t rows, int64_t row0,
-                 uint64_t step, bool train);
+                 uint64_t step, bool train, const T* x2_in = nullptr);
   void ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy1, int64_t rows, int64_t row0,
                           uint64_t step, bool train);
   LossStats head(const int32_t* targets, bool backward, T grad_scale, std::vector<T>* logits);

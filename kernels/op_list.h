@@ -50,8 +50,8 @@
     (dst, ld_dst, src, ld_src, idx, rows, cols, accumulate))                                \
   X(void, dropout,                                                                          \
     (T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,       \
-     int site, int64_t offset, float alpha, bool accumulate),                               \
-    (out, x, n, p, seed, step, layer, site, offset, alpha, accumulate))                     \
+     int site, int64_t offset, float alpha, bool accumulate, const T* res),                 \
+    (out, x, n, p, seed, step, layer, site, offset, alpha, accumulate, res))                \
   /* embedding */                                                                           \
   X(void, embedding_forward,                                                                \
     (T* out, const int32_t* tokens, const T* wte, const T* pos1, const T* pos2, int64_t L,  \
@@ -80,8 +80,8 @@
     (dinp, dw, dbias, dout, inp, w, N, C, OC, add_dinp))                                    \
   X(void, matmul_accumulate,                                                                \
     (T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC,             \
-     float alpha),                                                                          \
-    (out, inp, w, bias, N, C, OC, alpha))                                                   \
+     float alpha, const T* res),                                                            \
+    (out, inp, w, bias, N, C, OC, alpha, res))                                              \
   /* activation */                                                                          \
   X(void, activation_forward, (T* out, const T* inp, int64_t n, Activation act),            \
     (out, inp, n, act))                                                                     \
@@ -102,8 +102,8 @@
   /* feed-forward block */                                                                   \
   X(void, ffn_forward,                                                                      \
     (T* out, T* h, T* a, const T* inp, const T* w1, const T* b1, const T* w2, const T* b2,  \
-     int64_t N, int C, int F, Activation act, float alpha, bool accumulate),                \
-    (out, h, a, inp, w1, b1, w2, b2, N, C, F, act, alpha, accumulate))                      \
+     int64_t N, int C, int F, Activation act, float alpha, bool accumulate, const T* res),  \
+    (out, h, a, inp, w1, b1, w2, b2, N, C, F, act, alpha, accumulate, res))                 \
   X(void, ffn_backward,                                                                     \
     (T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const T* inp, T* h, T* a,      \
      const T* w1, const T* w2, int64_t N, int C, int F, Activation act),                    \

@@ -66,6 +66,10 @@ class Ops {
   //   (kernels/common/philox.h); out may be x when !accumulate. Applying it
   //   to a gradient with the same key is its backward; with accumulate it is
   //   the residual update x += +-dropout(g) in one pass.
+  // res (dropout, matmul_accumulate, ffn_forward): with accumulate, the
+  //   residual the branch is added to: out = res + branch instead of out +=
+  //   branch (null: out itself; res may equal out), so a kept input stays
+  //   where it is while the output goes elsewhere. Null without accumulate.
   // gather_rows: for r < rows, dst[r * ld_dst + c] (+= when accumulate) =
   //   src[idx[r] * ld_src + c], c < cols; a row with idx[r] < 0 is set to 0
   //   (left as it is when accumulate).
@@ -77,7 +81,7 @@ class Ops {
   //   backward: dinp += dout @ w^T (dinp = when !add_dinp: a buffer the
   //   product fills needs no zeroing first); dw += inp^T @ dout; dbias +=
   //   column sums.
-  //   matmul_accumulate: out[N, OC] += alpha * (inp @ w (+ bias)), a residual
+  //   matmul_accumulate: out[N, OC] (res) += alpha * (inp @ w (+ bias)), a residual
   //   branch added (alpha 1) or taken away (alpha -1) without a buffer for
   //   it; on the CPU exactly matmul_forward into a buffer, then add / sub.
   // activation: out = act(inp); backward: dinp = dout * act'(inp) (written,
@@ -93,7 +97,7 @@ class Ops {
   //   in sequence, up to the backend's rounding.
   // feed-forward block: ffn_forward computes g = act(inp [N, C] @ w1 [C, F] +
   //   b1) @ w2 [F, C] + b2 and writes out = alpha g (accumulate false) or
-  //   adds out += alpha g (true). h and a, [N, F] each, receive what
+  //   adds out (res) += alpha g (true). h and a, [N, F] each, receive what
   //   ffn_backward needs, in a layout of the backend's own (the CPU: the
   //   pre-activation and the activation; CUDA: both in bf16 inside a, h
   //   left as scratch); only ffn_backward reads them. ffn_backward, given

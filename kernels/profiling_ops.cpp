@@ -81,7 +81,7 @@ struct Flops<OpId::matmul_forward> {
 };
 template <>
 struct Flops<OpId::matmul_accumulate> {
-  static double of(T*, const T*, const T*, const T*, int64_t N, int C, int OC, float) {
+  static double of(T*, const T*, const T*, const T*, int64_t N, int C, int OC, float, const T*) {
     return matmul_forward_flops(N, C, OC);
   }
 };
@@ -110,7 +110,7 @@ struct Flops<OpId::layernorm_project_backward> {
 template <>
 struct Flops<OpId::ffn_forward> {
   static double of(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, int64_t N, int C,
-                   int F, Activation, float, bool) {
+                   int F, Activation, float, bool, const T*) {
     return ffn_forward_flops(N, C, F);
   }
 };

@@ -115,10 +115,11 @@ void gather_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, const int
 // over the stream's Philox blocks, four global elements each.
 template <class T>
 void dropout(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,
-             int site, int64_t offset, float alpha, bool accumulate) {
+             int site, int64_t offset, float alpha, bool accumulate, const T* res) {
   if (n <= 0) return;
   const RngKey key = make_key(seed, RngPurpose::dropout, step, uint64_t(layer), uint64_t(site));
   const T keep = T(1) - T(p), a = T(alpha);
+  const T* base = res ? res : out;  // what the branch is added to
   const int64_t b0 = offset >> 2, b1 = (offset + n + 3) >> 2;  // blocks covering the elements
 #pragma omp parallel for if (n >= kParallelMin / 8)
   for (int64_t b = b0; b < b1; ++b) {
@@ -127,7 +128,7 @@ void dropout(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t ste
       const int64_t i = 4 * b + w - offset;
       if (i < 0 || i >= n) continue;
       const T v = u32_to_unit(r.v[w]) >= p ? a * (x[i] / keep) : T(0);
-      out[i] = accumulate ? out[i] + v : v;
+      out[i] = accumulate ? base[i] + v : v;
     }
   }
 }
@@ -145,7 +146,7 @@ void dropout(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t ste
   template void gather_rows<T>(T*, int64_t, const T*, int64_t, const int32_t*, int64_t,      \
                                int64_t, bool);                                               \
   template void dropout<T>(T*, const T*, int64_t, float, uint64_t, uint64_t, int, int, int64_t,  \
-                           float, bool);
+                           float, bool, const T*);
 REFORMER_INSTANTIATE(float)
 REFORMER_INSTANTIATE(double)
 #undef REFORMER_INSTANTIATE

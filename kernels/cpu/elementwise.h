@@ -21,6 +21,6 @@ template <class T>
 void add_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
 template <class T>
 void dropout(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t step, int layer,
-             int site, int64_t offset, float alpha, bool accumulate);
+             int site, int64_t offset, float alpha, bool accumulate, const T* res = nullptr);
 
 }  // namespace reformer::cpu

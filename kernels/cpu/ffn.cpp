@@ -12,11 +12,11 @@ namespace reformer::cpu {
 template <class T>
 void ffn_forward(T* out, T* h, T* a, const T* inp, const T* w1, const T* b1, const T* w2,
                  const T* b2, int64_t N, int C, int F, Activation act, float alpha,
-                 bool accumulate) {
+                 bool accumulate, const T* res) {
   matmul_forward(h, inp, w1, b1, N, C, F);
   activation_forward(a, h, N * F, act);
   if (accumulate) {
-    matmul_accumulate(out, a, w2, b2, N, F, C, alpha);
+    matmul_accumulate(out, a, w2, b2, N, F, C, alpha, res);
     return;
   }
   matmul_forward(out, a, w2, b2, N, F, C);
@@ -37,7 +37,7 @@ void ffn_backward(T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const 
 
 #define REFORMER_INSTANTIATE(T)                                                             \
   template void ffn_forward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, \
-                               int64_t, int, int, Activation, float, bool);                 \
+                               int64_t, int, int, Activation, float, bool, const T*);       \
   template void ffn_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, T*, T*, const T*,   \
                                 const T*, int64_t, int, int, Activation);
 REFORMER_INSTANTIATE(float)

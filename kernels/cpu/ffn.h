@@ -13,7 +13,7 @@ namespace reformer::cpu {
 template <class T>
 void ffn_forward(T* out, T* h, T* a, const T* inp, const T* w1, const T* b1, const T* w2,
                  const T* b2, int64_t N, int C, int F, Activation act, float alpha,
-                 bool accumulate);
+                 bool accumulate, const T* res = nullptr);
 template <class T>
 void ffn_backward(T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const T* inp, T* h,
                   T* a, const T* w1, const T* w2, int64_t N, int C, int F, Activation act);

@@ -152,11 +152,12 @@ void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, 
 
 template <class T>
 void matmul_accumulate(T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC,
-                       float alpha) {
+                       float alpha, const T* res) {
   std::vector<T> branch(static_cast<size_t>(N * OC));
   matmul_forward(branch.data(), inp, w, bias, N, C, OC);
   const T a = T(alpha);
-  for (int64_t i = 0; i < N * OC; ++i) out[i] = out[i] + a * branch[size_t(i)];
+  const T* r = res ? res : out;
+  for (int64_t i = 0; i < N * OC; ++i) out[i] = r[i] + a * branch[size_t(i)];
 }
 
 template <class T>
@@ -192,7 +193,8 @@ void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, cons
   template void matmul_forward<T>(T*, const T*, const T*, const T*, int64_t, int, int);         \
   template void matmul_backward<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int, int, \
                                    bool);                                                     \
-  template void matmul_accumulate<T>(T*, const T*, const T*, const T*, int64_t, int, int, float);
+  template void matmul_accumulate<T>(T*, const T*, const T*, const T*, int64_t, int, int, float, \
+                                     const T*);
 REFORMER_INSTANTIATE(float)
 REFORMER_INSTANTIATE(double)
 #undef REFORMER_INSTANTIATE

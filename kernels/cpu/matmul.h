@@ -14,7 +14,7 @@ void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, 
 // element out + alpha * buffer (add / sub bits for alpha = +-1).
 template <class T>
 void matmul_accumulate(T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC,
-                       float alpha);
+                       float alpha, const T* res = nullptr);
 template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N,
                      int C, int OC, bool add_dinp = true);

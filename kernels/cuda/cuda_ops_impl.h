@@ -61,7 +61,8 @@ class CudaOps final : public Ops<float> {
   // multiply its fp32 operands.
   bool gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
             int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
-            GemmOperands operands = GemmOperands::fp32_bf16_math, float alpha = 1.0f);
+            GemmOperands operands = GemmOperands::fp32_bf16_math, float alpha = 1.0f,
+            const float* c_in = nullptr);
   // Where a product's result goes (column-major [m, n] with leading
   // dimension ld, fp32 or bf16) and what cuBLASLt's epilogue does on the
   // way: `bias` (length m) added, an activation applied, its input
@@ -69,6 +70,7 @@ class CudaOps final : public Ops<float> {
   // The bias is fp32, or bf16 where bias_bf16.
   struct GemmOut {
     void* d = nullptr;
+    const void* c = nullptr;  // the beta term's input where it is not d (same layout)
     int64_t ld = 0;
     bool bf16 = false;
     cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_DEFAULT;
@@ -84,10 +86,11 @@ class CudaOps final : public Ops<float> {
                GemmOperands operands, float alpha = 1.0f);
   // out[r, c] += alpha * bias[c] for row-major out [rows, cols].
   void add_bias(float* out, const float* bias, int64_t rows, int64_t cols, float alpha);
-  // out = alpha (inp @ w + bias) + beta out for row-major out [N, OC], inp
-  // [N, C], w [C, OC]: matmul_forward (1, 0) and matmul_accumulate (alpha, 1).
+  // out = alpha (inp @ w + bias) + beta out (res in place of out where
+  // given) for row-major out [N, OC], inp [N, C], w [C, OC]: matmul_forward
+  // (1, 0) and matmul_accumulate (alpha, 1).
   void product(float* out, const float* inp, const float* w, const float* bias, int64_t N, int C,
-               int OC, float alpha, float beta);
+               int OC, float alpha, float beta, const float* res = nullptr);
 
   // Waits for stream_; then throws the device error raised since the last
   // check, if any (device_error_, cleared). Every host synchronisation point

@@ -122,16 +122,18 @@ __global__ void gather_rows_kernel(V* dst, int64_t ld_dst, const V* src, int64_t
   }
 }
 
-// out[i] (+)= alpha * dropout(x)[i], one thread per Philox block of the
+// out[i] (+)= alpha * dropout(x)[i] (accumulating onto res[i], which is
+// out unless a residual elsewhere is given), one thread per Philox block of the
 // stream: block b serves global elements 4b .. 4b + 3, i = 4b + w - offset
 // (kernels/common/philox.h, dropout_uniform). Rounded multiply and add, as
 // on the host. kVec4: offset % 4 == 0, n % 4 == 0 and 16-byte aligned
 // buffers, so a block's four elements are one float4.
 template <bool kVec4>
 __global__ void dropout_kernel(float* out, const float* x, int64_t n, float p, RngKey key,
-                               int64_t offset, float alpha, bool accumulate) {
+                               int64_t offset, float alpha, bool accumulate, const float* res) {
   const float keep = 1.0f - p;
   const int64_t b0 = offset >> 2, nb = ((offset + n + 3) >> 2) - b0;
+  const float* base = res ? res : out;
   auto drop = [&](float v, uint32_t r) {
     return u32_to_unit(r) >= p ? __fmul_rn(alpha, v / keep) : 0.0f;
   };
@@ -145,7 +147,7 @@ __global__ void dropout_kernel(float* out, const float* x, int64_t n, float p, R
                              drop(v.w, r.v[3]));
       float4* o = reinterpret_cast<float4*>(out + i0);
       if (accumulate) {
-        const float4 a = *o;
+        const float4 a = *reinterpret_cast<const float4*>(base + i0);
         d = make_float4(__fadd_rn(a.x, d.x), __fadd_rn(a.y, d.y), __fadd_rn(a.z, d.z),
                         __fadd_rn(a.w, d.w));
       }
@@ -155,7 +157,7 @@ __global__ void dropout_kernel(float* out, const float* x, int64_t n, float p, R
         const int64_t i = i0 + w;
         if (i < 0 || i >= n) continue;
         const float d = drop(x[i], r.v[w]);
-        out[i] = accumulate ? __fadd_rn(out[i], d) : d;
+        out[i] = accumulate ? __fadd_rn(base[i], d) : d;
       }
     }
   }
@@ -300,15 +302,17 @@ void CudaOps::add_2d(float* dst, int64_t ld_dst, const float* src, int64_t ld_sr
 
 void CudaOps::dropout(float* out, const float* x, int64_t n, float p, uint64_t seed,
                       uint64_t step, int layer, int site, int64_t offset, float alpha,
-                      bool accumulate) {
+                      bool accumulate, const float* res) {
   if (n <= 0) return;
   const RngKey key = make_key(seed, RngPurpose::dropout, step, uint64_t(layer), uint64_t(site));
   const int64_t blocks = ((offset + n + 3) >> 2) - (offset >> 2);
-  auto* kernel = offset % 4 == 0 && n % 4 == 0 && cuda::aligned(out, 16) && cuda::aligned(x, 16)
+  if (!accumulate) res = nullptr;
+  auto* kernel = offset % 4 == 0 && n % 4 == 0 && cuda::aligned(out, 16) &&
+                         cuda::aligned(x, 16) && (!res || cuda::aligned(res, 16))
                      ? cuda::dropout_kernel<true>
                      : cuda::dropout_kernel<false>;
   kernel<<<cuda::grid_for(blocks), cuda::kThreads, 0, stream_>>>(out, x, n, p, key, offset, alpha,
-                                                                 accumulate);
+                                                                 accumulate, res);
   CUDA_CHECK_LAUNCH("dropout_kernel");
 }
 

@@ -86,13 +86,15 @@ __global__ void ffn_slope_kernel(Bf16x4* dst, const float4* g, const Bf16x4* sta
 
 void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, const float* w1,
                           const float* b1, const float* w2, const float* b2, int64_t N, int C,
-                          int F, Activation act, float alpha, bool accumulate) {
+                          int F, Activation act, float alpha, bool accumulate,
+                          const float* res) {
   if (N <= 0 || C <= 0) return;
+  if (!accumulate) res = nullptr;
   if (!cuda::ffn_fused(C, F)) {
     product(h, inp, w1, b1, N, C, F, 1.0f, 0.0f);
     activation_forward(a, h, N * F, act);
     if (accumulate) {
-      product(out, a, w2, b2, N, F, C, alpha, 1.0f);
+      product(out, a, w2, b2, N, F, C, alpha, 1.0f, res);
       return;
     }
     product(out, a, w2, b2, N, F, C, 1.0f, 0.0f);
@@ -168,6 +170,7 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
     // out^T [C, nr] = beta out^T + alpha w2^T [C, F] a^T [F, nr] (+ b2).
     GemmOut o;
     o.d = out + r0 * C;
+    o.c = res ? res + r0 * C : nullptr;
     o.ld = C;
     bool biased = false;
     if (b2 && alpha == 1.0f) {
@@ -177,7 +180,7 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
     }
     if (!biased) {
       if (!gemm(false, false, C, nr, F, w2_16, C, a_r, F, beta, out + r0 * C, C,
-                GemmOperands::bf16, alpha))
+                GemmOperands::bf16, alpha, res ? res + r0 * C : nullptr))
         throw DeviceError("ffn_forward: no bf16 product for C=" + std::to_string(C) +
                           " F=" + std::to_string(F));
       if (b2) add_bias(out + r0 * C, b2, nr, C, alpha);

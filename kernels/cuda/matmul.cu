@@ -136,10 +136,11 @@ void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols
 
 bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
                    int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
-                   GemmOperands operands, float alpha) {
+                   GemmOperands operands, float alpha, const float* c_in) {
   GemmOut out;
   out.d = C;
   out.ld = ldc;
+  out.c = c_in;
   return gemm_to(trans_a, trans_b, m, n, k, A, lda, B, ldb, beta, out, operands, alpha);
 }
 
@@ -151,7 +152,8 @@ bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
   const cudaDataType_t cd = out.bf16 ? CUDA_R_16BF : CUDA_R_32F;
   const int eb = bf16 ? 2 : 4, ec = out.bf16 ? 2 : 4;
   const int al_a = cuda::alignment(A, lda, eb), al_b = cuda::alignment(B, ldb, eb),
-            al_c = cuda::alignment(out.d, out.ld, ec);
+            al_c = std::min(cuda::alignment(out.d, out.ld, ec),
+                            out.c ? cuda::alignment(out.c, out.ld, ec) : 16);
   const int al_ext = (out.bias ? cuda::alignment(out.bias, 0, out.bias_bf16 ? 2 : 4) : 0) * 1000 +
                      (out.aux ? cuda::alignment(out.aux, out.aux_ld, 2) : 0) * 10 +
                      int(out.bias_bf16);
@@ -240,7 +242,8 @@ bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
   if (!it->second.found) return false;
   cuda::LtDescs d;
   make(d, it->second.compute);
-  CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, A, d.a, B, d.b, &beta, out.d, d.c, out.d, d.c,
+  const void* c = out.c ? out.c : out.d;
+  CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, A, d.a, B, d.b, &beta, c, d.c, out.d, d.c,
                               &it->second.algo, lt_ws_, lt_ws_bytes_, stream_));
   return true;
 }
@@ -270,15 +273,16 @@ void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const
 // (alpha bias), which rounds once more than the CPU's out + alpha (inp @ w +
 // bias).
 void CudaOps::matmul_accumulate(float* out, const float* inp, const float* w, const float* bias,
-                                int64_t N, int C, int OC, float alpha) {
-  product(out, inp, w, bias, N, C, OC, alpha, 1.0f);
+                                int64_t N, int C, int OC, float alpha, const float* res) {
+  product(out, inp, w, bias, N, C, OC, alpha, 1.0f, res);
 }
 
 void CudaOps::product(float* out, const float* inp, const float* w, const float* bias, int64_t N,
-                      int C, int OC, float alpha, float beta) {
+                      int C, int OC, float alpha, float beta, const float* res) {
   if (N <= 0 || OC <= 0) return;
   if (C <= 0) {
     if (beta == 0.0f) fill(out, 0.0f, N * OC);
+    else if (res && res != out) copy(out, res, N * OC);
   } else {
     // out^T [OC, N] = w^T [OC, C] inp^T [C, N], all column-major views of
     // row-major data, over blocks of rows with bf16 operands.
@@ -289,10 +293,11 @@ void CudaOps::product(float* out, const float* inp, const float* w, const float*
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);
       cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+      const float* c_in = res ? res + r0 * OC : nullptr;
       if (!gemm(false, false, OC, nr, C, w16, OC, x16, C, beta, out + r0 * OC, OC,
-                GemmOperands::bf16, alpha))
+                GemmOperands::bf16, alpha, c_in))
         gemm(false, false, OC, nr, C, w, OC, inp + r0 * C, C, beta, out + r0 * OC, OC,
-             GemmOperands::fp32_bf16_math, alpha);
+             GemmOperands::fp32_bf16_math, alpha, c_in);
     }
   }
   if (bias) add_bias(out, bias, N, OC, alpha);

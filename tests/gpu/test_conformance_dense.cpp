@@ -72,21 +72,33 @@ void add_elementwise(std::vector<Case>& cases) {
     // not a multiple of 4 (a Philox block split across the call's edges).
     c = make_case("dropout in place" + s, OpId::dropout, {output("x", n, 1, kFp32Elementwise)},
                   [n](auto& ops, auto& t) {
-                    ops.dropout(t("x"), t("x"), n, 0.3f, 11, 5, 2, 1, 1000, 1.0f, false);
+                    ops.dropout(t("x"), t("x"), n, 0.3f, 11, 5, 2, 1, 1000, 1.0f, false,
+                                nullptr);
                   });
     c.bitwise = true;
     cases.push_back(c);
     c = make_case("dropout into out" + s, OpId::dropout,
                   {input("x", n, 1), output("out", n, 2, kFp32Elementwise)},
                   [n](auto& ops, auto& t) {
-                    ops.dropout(t("out"), t("x"), n, 0.2f, 11, 5, 2, 1, 4096, 1.0f, false);
+                    ops.dropout(t("out"), t("x"), n, 0.2f, 11, 5, 2, 1, 4096, 1.0f, false,
+                                nullptr);
                   });
     c.bitwise = true;
     cases.push_back(c);
     c = make_case("dropout subtracted" + s, OpId::dropout,
                   {input("x", n, 1), output("out", n, 2, kFp32Elementwise)},
                   [n](auto& ops, auto& t) {
-                    ops.dropout(t("out"), t("x"), n, 0.2f, 11, 5, 2, 1, 1001, -1.0f, true);
+                    ops.dropout(t("out"), t("x"), n, 0.2f, 11, 5, 2, 1, 1001, -1.0f, true,
+                                nullptr);
+                  });
+    c.bitwise = true;
+    cases.push_back(c);
+    // Onto a residual elsewhere: out = res + dropout(x), out's old values unread.
+    c = make_case("dropout onto a residual" + s, OpId::dropout,
+                  {input("x", n, 1), input("res", n, 3), output("out", n, 2, kFp32Elementwise)},
+                  [n](auto& ops, auto& t) {
+                    ops.dropout(t("out"), t("x"), n, 0.2f, 11, 5, 2, 1, 4096, 1.0f, true,
+                                t("res"));
                   });
     c.bitwise = true;
     cases.push_back(c);
@@ -240,18 +252,20 @@ void add_matmul(std::vector<Case>& cases) {
           }));
     // A residual branch added or taken away: out starts nonzero; 2e-2 of the
     // increment's scale (atol_inc), as for accumulated gradients.
+    // With a residual elsewhere: out = res + branch, out's old values unread.
     for (float alpha : {1.0f, -1.0f})
       for (bool bias : {true, false})
-        cases.push_back(make_case(
-            std::string("matmul_accumulate alpha=") + (alpha > 0 ? "1" : "-1") +
-                (bias ? " bias" : "") + s,
-            OpId::matmul_accumulate,
-            {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("bias", OC, 32),
-             output("out", N * OC, 37, Tol{0, 0, 0, 2e-2})},
-            [=](auto& ops, auto& t) {
-              ops.matmul_accumulate(t("out"), t("x"), t("w"), bias ? t("bias") : nullptr, N, C,
-                                    OC, alpha);
-            }));
+        for (bool res : {false, true})
+          cases.push_back(make_case(
+              std::string("matmul_accumulate alpha=") + (alpha > 0 ? "1" : "-1") +
+                  (bias ? " bias" : "") + (res ? " onto res" : "") + s,
+              OpId::matmul_accumulate,
+              {input("x", N * C, 30), input("w", int64_t(C) * OC, 31), input("bias", OC, 32),
+               input("res", N * OC, 38), output("out", N * OC, 37, Tol{0, 0, 0, 2e-2})},
+              [=](auto& ops, auto& t) {
+                ops.matmul_accumulate(t("out"), t("x"), t("w"), bias ? t("bias") : nullptr, N,
+                                      C, OC, alpha, res ? t("res") : nullptr);
+              }));
     // Accumulated GEMM gradients: 2e-2 of the increment's scale; dbias sums
     // columns in double on every backend.
     const Tol gemm_inc{0, 0, 0, 2e-2};
@@ -326,19 +340,22 @@ void add_ffn(std::vector<Case>& cases) {
   };
   for (const Shape sh : {Shape{300, 64, 128}, Shape{70, 24, 40}, Shape{33, 20, 36}})
   for (Activation act : {Activation::gelu, Activation::relu})
-  for (int mode = 0; mode < 3; ++mode) {  // out += g, out -= g, out = g (no biases)
+  for (int mode = 0; mode < 4; ++mode) {  // out += g, out -= g, out = g (no biases), res + g
     const int64_t N = sh.N;
     const int C = sh.C, F = sh.F;
-    const bool accumulate = mode < 2, biases = mode < 2;
+    const bool accumulate = mode != 2, biases = mode != 2, onto_res = mode == 3;
     const float alpha = mode == 1 ? -1.0f : 1.0f;
     const std::string s = std::string(act == Activation::gelu ? " gelu" : " relu") +
-                          (mode == 0 ? " add" : mode == 1 ? " subtract" : " write nobias") +
+                          (mode == 0   ? " add"
+                           : mode == 1 ? " subtract"
+                           : mode == 2 ? " write nobias"
+                                       : " onto res") +
                           " N=" + sz(N) + " C=" + sz(C) + " F=" + sz(F);
     const Tol inc{0, 0, 0, 2e-2};
     std::vector<TensorSpec> tensors = {
         bf16_input("x", N * C, 90), bf16_input("w1", int64_t(C) * F, 91), bf16_input("b1", F, 92),
         input("w2", int64_t(F) * C, 93), input("b2", C, 94), input("dout", N * C, 95),
-        input("h", N * F, 96), input("a", N * F, 97),
+        input("h", N * F, 96), input("a", N * F, 97), input("res", N * C, 104),
         output("out", N * C, 98, accumulate ? inc : kBf16Gemm),
         output("dinp", N * C, 99, kBf16Gemm), output("dw1", int64_t(C) * F, 100, inc),
         output("dw2", int64_t(F) * C, 101, inc), output("db2", C, 103, {1e-5, 1e-5})};
@@ -346,7 +363,8 @@ void add_ffn(std::vector<Case>& cases) {
     cases.push_back(make_case(
         "ffn_forward and backward" + s, OpId::ffn_forward, tensors, [=](auto& ops, auto& t) {
           ops.ffn_forward(t("out"), t("h"), t("a"), t("x"), t("w1"), biases ? t("b1") : nullptr,
-                          t("w2"), biases ? t("b2") : nullptr, N, C, F, act, alpha, accumulate);
+                          t("w2"), biases ? t("b2") : nullptr, N, C, F, act, alpha, accumulate,
+                          onto_res ? t("res") : nullptr);
           ops.ffn_backward(t("dinp"), t("dw1"), biases ? t("db1") : nullptr, t("dw2"), t("db2"),
                            t("dout"), t("x"), t("h"), t("a"), t("w1"), t("w2"), N, C, F, act);
         }));

@@ -159,7 +159,7 @@ TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
                   db1 = upload(F, 18, 0.0f), dw2 = upload(int64_t(F) * C, 18, 0.0f),
                   db2 = upload(C, 18, 0.0f);
     ops->ffn_forward(out.data(), h.data(), a.data(), x.data(), w1.data(), b1.data(), w2.data(),
-                     b2.data(), N, C, F, act, -1.0f, /*accumulate=*/true);
+                     b2.data(), N, C, F, act, -1.0f, /*accumulate=*/true, nullptr);
     ops->ffn_backward(dx.data(), dw1.data(), db1.data(), dw2.data(), db2.data(), dout.data(),
                       x.data(), h.data(), a.data(), w1.data(), w2.data(), N, C, F, act);
     // The separate ops.
@@ -170,7 +170,8 @@ TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
                   db2_s = upload(C, 18, 0.0f);
     ops->matmul_forward(h_s.data(), x.data(), w1.data(), b1.data(), N, C, F);
     ops->activation_forward(a_s.data(), h_s.data(), N * F, act);
-    ops->matmul_accumulate(out_s.data(), a_s.data(), w2.data(), b2.data(), N, F, C, -1.0f);
+    ops->matmul_accumulate(out_s.data(), a_s.data(), w2.data(), b2.data(), N, F, C, -1.0f,
+                           nullptr);
     ops->matmul_backward(da_s.data(), dw2_s.data(), db2_s.data(), dout.data(), a_s.data(),
                          w2.data(), N, F, C, /*add_dinp=*/false);
     ops->activation_backward(da_s.data(), da_s.data(), h_s.data(), N * F, act);

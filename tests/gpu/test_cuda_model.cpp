@@ -98,7 +98,7 @@ template <>
 struct Bf16ProductsCpu::Before<OpId::matmul_accumulate> {
   Bf16ProductsCpu& o;
   void apply(float*&, const float*& inp, const float*& w, const float*&, int64_t& N, int& C,
-             int& OC, float&) {
+             int& OC, float&, const float*&) {
     inp = o.rounded(o.a_, inp, N * C);
     w = o.rounded(o.b_, w, int64_t(C) * OC);
   }
@@ -112,7 +112,7 @@ struct Bf16ProductsCpu::Before<OpId::ffn_forward> {
   Bf16ProductsCpu& o;
   void apply(float*&, float*&, float*&, const float*& inp, const float*& w1, const float*&,
              const float*& w2, const float*&, int64_t& N, int& C, int& F, Activation&, float&,
-             bool&) {
+             bool&, const float*&) {
     inp = o.rounded(o.a_, inp, N * C);
     w1 = o.rounded(o.b_, w1, int64_t(C) * F);
     w2 = o.rounded(o.c_, w2, int64_t(F) * C);
