@@ -136,6 +136,13 @@ TEST(MatmulAccumulate, EqualsForwardThenAddOrSub) {
         EXPECT_EQ(0, std::memcmp(want.data(), got.data(), want.size() * sizeof(float)))
             << "N=" << N << " bias=" << with_bias << " alpha=" << alpha;
         EXPECT_NE(got, x);  // the branch did something
+        // Onto a residual elsewhere: the same bits, res left alone, out's
+        // old values unread.
+        std::vector<float> res = x, elsewhere(size_t(N) * OC, 7.0f);
+        cpu::matmul_accumulate(elsewhere.data(), inp.data(), w.data(), b, N, C, OC, alpha,
+                               res.data());
+        EXPECT_EQ(0, std::memcmp(want.data(), elsewhere.data(), want.size() * sizeof(float)));
+        EXPECT_EQ(res, x);
       }
   }
 }
@@ -442,6 +449,12 @@ TEST(FeedForward, EqualsTheSeparateOps) {
       for (size_t i = 0; i < g.size(); ++i) want[i] = alpha * g[i];
     }
     EXPECT_EQ(out, want) << "mode " << mode;
+    if (accumulate) {  // onto a residual elsewhere: the same values, out's old ones unread
+      std::vector<float> elsewhere(out0.size(), 9.0f), h3(size_t(N * F)), a3(size_t(N * F));
+      cpu::ffn_forward(elsewhere.data(), h3.data(), a3.data(), x.data(), w1.data(), b1.data(),
+                       w2.data(), b2.data(), N, C, F, act, alpha, accumulate, out0.data());
+      EXPECT_EQ(elsewhere, want) << "mode " << mode << " onto res";
+    }
 
     std::vector<float> dx(size_t(N * C), 3.0f), dw1(size_t(C) * F, 1.0f), db1(size_t(F), 1.0f),
         dw2(size_t(F) * C, 1.0f), db2(size_t(C), 1.0f);

@@ -197,6 +197,11 @@ TEST(Dropout, IntoAnotherBufferAndAddedWithASign) {
     cpu::dropout(acc.data(), x.data(), n, 0.3f, 8, 2, 1, 0, offset, alpha, true);
     for (int64_t i = 0; i < n; ++i)
       EXPECT_EQ(acc[size_t(i)], base[size_t(i)] + double(alpha) * dropped[size_t(i)]) << i;
+    // Onto a residual elsewhere: the same values, base left alone.
+    Vec elsewhere(size_t(n), 5.0);
+    cpu::dropout(elsewhere.data(), x.data(), n, 0.3f, 8, 2, 1, 0, offset, alpha, true,
+                 base.data());
+    EXPECT_EQ(elsewhere, acc);
   }
   // p = 0 still writes or adds.
   Vec acc = base;
