@@ -102,7 +102,7 @@ class ReformerModel {
   // forward pass (sign +1) and, in the backward pass, the rebuild of x1
   // (x1 = y1 - Attn) followed by the backward into dx2 and the gradients.
   // A kept layer's backward skips the rebuild of x1 (`rebuild_x1` false:
-  // its input comes from the kept copy) and, where its attention state was
+  // its input is the kept one) and, where its attention state was
   // kept, the attention forward (`attend` false: its state is in place).
   void attention_layer_forward(int l, uint64_t step, bool train, const T* x1_in = nullptr);
   void attention_layer_backward(int l, uint64_t step, bool train, bool attend = true,
