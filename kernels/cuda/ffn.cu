@@ -168,9 +168,10 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
       CUDA_CHECK_LAUNCH("ffn_state_kernel");
     }
     // out^T [C, nr] = beta out^T + alpha w2^T [C, F] a^T [F, nr] (+ b2).
+    const float* res_r = res ? res + r0 * C : nullptr;  // this block's residual rows
     GemmOut o;
     o.d = out + r0 * C;
-    o.c = res ? res + r0 * C : nullptr;
+    o.c = res_r;
     o.ld = C;
     bool biased = false;
     if (b2 && alpha == 1.0f) {
@@ -180,7 +181,7 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
     }
     if (!biased) {
       if (!gemm(false, false, C, nr, F, w2_16, C, a_r, F, beta, out + r0 * C, C,
-                GemmOperands::bf16, alpha, res ? res + r0 * C : nullptr))
+                GemmOperands::bf16, alpha, res_r))
         throw DeviceError("ffn_forward: no bf16 product for C=" + std::to_string(C) +
                           " F=" + std::to_string(F));
       if (b2) add_bias(out + r0 * C, b2, nr, C, alpha);
