@@ -7,6 +7,12 @@
 //
 // Usage: gemm_probe [rows ...]   (default 16384 65536)
 // Prints one row per (shape, rows): ms and TFLOP/s of each way.
+//
+//   gemm_probe --algos K [rows ...]
+// times, for the bf16 products, each of the first K algorithms cuBLASLt's
+// heuristic offers (the model takes its first) and prints the first's and
+// the fastest's TFLOP/s. Operands are random (zeros draw less power and run
+// at higher clocks than real data).
 #include <cublasLt.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -103,6 +109,83 @@ static float time_gemm(const Shape& s, cudaDataType_t ab, cublasComputeType_t co
   return ms / reps;
 }
 
+__global__ void fill_random(__nv_bfloat16* p, int64_t n, uint32_t seed) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t x = uint32_t(i) * 2654435761u ^ seed;
+    x ^= x >> 15;
+    x *= 2246822519u;
+    x ^= x >> 13;
+    p[i] = __float2bfloat16_rn(float(x & 0xffff) / 32768.0f - 1.0f);
+  }
+}
+
+// Each of the heuristic's first k algorithms for the bf16 product: prints the
+// first's time, the fastest's and its index.
+static void time_algos(const Shape& s, int k, int64_t N, cudaStream_t st) {
+  __nv_bfloat16 *A, *B;
+  float* C;
+  CK(cudaMalloc(&A, 2 * s.m * s.k));
+  CK(cudaMalloc(&B, 2 * s.k * s.n));
+  CK(cudaMalloc(&C, sizeof(float) * s.m * s.n));
+  fill_random<<<1024, 256, 0, st>>>(A, s.m * s.k, 1u);
+  fill_random<<<1024, 256, 0, st>>>(B, s.k * s.n, 2u);
+  CK(cudaMemsetAsync(C, 0, sizeof(float) * s.m * s.n, st));
+  cublasLtMatmulDesc_t op;
+  CB(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  cublasOperation_t ta = s.ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb = s.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+  cublasLtMatrixLayout_t a, b, c;
+  CB(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, s.ta ? s.k : s.m, s.ta ? s.m : s.k,
+                                s.ta ? s.k : s.m));
+  CB(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, s.tb ? s.n : s.k, s.tb ? s.k : s.n,
+                                s.tb ? s.n : s.k));
+  CB(cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, s.m, s.n, s.m));
+  cublasLtMatmulPreference_t pref;
+  CB(cublasLtMatmulPreferenceCreate(&pref));
+  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                          sizeof(ws_bytes)));
+  std::vector<cublasLtMatmulHeuristicResult_t> res(static_cast<size_t>(k));
+  int found = 0;
+  CB(cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, c, c, pref, k, res.data(), &found));
+  const float alpha = 1.0f, beta = 1.0f;
+  const double flop = 2.0 * double(s.m) * double(s.n) * double(s.k);
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  float first = -1, best = -1;
+  int best_i = -1;
+  for (int i = 0; i < found; ++i) {
+    auto run = [&] {
+      return cublasLtMatmul(lt, op, &alpha, A, a, B, b, &beta, C, c, C, c, &res[size_t(i)].algo,
+                            ws, ws_bytes, st);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;
+    for (int w = 0; w < 3; ++w) run();
+    const int reps = 10;
+    CK(cudaEventRecord(e0, st));
+    for (int r = 0; r < reps; ++r) run();
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    ms /= reps;
+    if (i == 0) first = ms;
+    if (best < 0 || ms < best) best = ms, best_i = i;
+  }
+  std::printf("| %s | %lld | %d | %.3f | %.0f | %.3f | %.0f | %d |\n", s.name, (long long)N, found,
+              first, flop / first / 1e9, best, flop / best / 1e9, best_i);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(a);
+  cublasLtMatrixLayoutDestroy(b);
+  cublasLtMatrixLayoutDestroy(c);
+  cublasLtMatmulDescDestroy(op);
+  cudaFree(A);
+  cudaFree(B);
+  cudaFree(C);
+}
+
 static float time_convert(const Shape& s, __nv_bfloat16* a16, const float* a, __nv_bfloat16* b16,
                           const float* b, cudaStream_t st, int reps) {
   cudaEvent_t e0, e1;
@@ -122,14 +205,23 @@ static float time_convert(const Shape& s, __nv_bfloat16* a16, const float* a, __
 
 int main(int argc, char** argv) {
   std::vector<int64_t> rows;
-  for (int i = 1; i < argc; ++i) rows.push_back(std::atoll(argv[i]));
+  int algos = 0;
+  for (int i = 1; i < argc; ++i) {
+    if (std::string(argv[i]) == "--algos" && i + 1 < argc) algos = std::atoi(argv[++i]);
+    else rows.push_back(std::atoll(argv[i]));
+  }
   if (rows.empty()) rows = {16384, 65536};
   CB(cublasLtCreate(&lt));
   CK(cudaMalloc(&ws, ws_bytes));
   cudaStream_t st;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  if (algos > 0) {
+    std::printf("| product | rows | algorithms | first ms | TFLOP/s | fastest ms | TFLOP/s | index |\n");
+    std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  } else {
   std::printf("| product | rows | fast16 ms | TFLOP/s | bf16 ms | TFLOP/s | convert ms | bf16+cvt TFLOP/s |\n");
   std::printf("| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+  }
   for (int64_t N : rows) {
     // Column-major views of the row-major model products (matmul.cu):
     // forward out^T[OC,N] = w^T[OC,C] inp^T[C,N]; dinp^T[C,N] = w[C,OC] dout^T;
@@ -142,8 +234,16 @@ int main(int argc, char** argv) {
         {"dinp 4096<-1024", true, false, 4096, N, 1024},
         {"dw 1024x4096", false, true, 4096, 1024, N},
         {"dw 4096x1024", false, true, 1024, 4096, N},
+        {"fwd 1024->2048", false, false, 2048, N, 1024},
+        {"dinp 1024<-2048", true, false, 1024, N, 2048},
+        {"dw 1024x1024", false, true, 1024, 1024, N},
+        {"dw 1024x2048", false, true, 2048, 1024, N},
     };
     for (const Shape& s : shapes) {
+      if (algos > 0) {
+        time_algos(s, algos, N, st);
+        continue;
+      }
       float *A, *B, *C;
       __nv_bfloat16 *A16, *B16;
       CK(cudaMalloc(&A, sizeof(float) * s.m * s.k));

@@ -604,17 +604,18 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
-  ops_.layernorm_forward(st.ln, st.mean, st.rstd, y1, P.ln_f_w, P.ln_f_b, rows, D_,
-                         float(cfg_.model.layernorm_eps));
   const Activation act = cfg_.model.activation;
+  const float eps = float(cfg_.model.layernorm_eps);
   if (!(train && cfg_.model.dropout > 0)) {
-    ops_.ffn_forward(x2, st.h, st.a, st.ln, P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act,
-                     subtract ? -1.0f : 1.0f, /*accumulate=*/true, x2_in);
+    ops_.layernorm_ffn_forward(x2, st.h, st.a, st.ln, st.mean, st.rstd, y1, P.ln_f_w, P.ln_f_b,
+                               P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act, eps,
+                               subtract ? -1.0f : 1.0f, /*accumulate=*/true, x2_in);
     return;
   }
   T* g = s.fg.data();
-  ops_.ffn_forward(g, st.h, st.a, st.ln, P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act, 1.0f,
-                   /*accumulate=*/false, nullptr);
+  ops_.layernorm_ffn_forward(g, st.h, st.a, st.ln, st.mean, st.rstd, y1, P.ln_f_w, P.ln_f_b,
+                             P.w1, P.b1, P.w2, P.b2, rows, D_, F_, act, eps, 1.0f,
+                             /*accumulate=*/false, nullptr);
   ops_.dropout(x2, g, rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step, l, kSiteFFN,
                (pos0_ + row0) * D_, subtract ? -1.0f : 1.0f, /*accumulate=*/true, x2_in);
 }
@@ -637,10 +638,9 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   }
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
   const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
-  ops_.ffn_backward(s.dfln.data(), G.w1, G.b1, G.w2, G.b2, dgd, st.ln, st.h, st.a, P.w1, P.w2,
-                    rows, D_, F_, cfg_.model.activation);
-  ops_.layernorm_backward(dy1, G.ln_f_w, G.ln_f_b, s.dfln.data(), y1, P.ln_f_w, st.mean, st.rstd,
-                          rows, D_);
+  ops_.layernorm_ffn_backward(dy1, G.ln_f_w, G.ln_f_b, G.w1, G.b1, G.w2, G.b2, dgd, st.ln,
+                              s.dfln.data(), st.h, st.a, y1, P.ln_f_w, st.mean, st.rstd, P.w1,
+                              P.w2, rows, D_, F_, cfg_.model.activation);
 }
 
 // Output LayerNorm over concat(y1, y2), head and loss, in position chunks.

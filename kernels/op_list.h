@@ -108,6 +108,18 @@
     (T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const T* inp, T* h, T* a,      \
      const T* w1, const T* w2, int64_t N, int C, int F, Activation act),                    \
     (dinp, dw1, db1, dw2, db2, dout, inp, h, a, w1, w2, N, C, F, act))                      \
+  X(void, layernorm_ffn_forward,                                                            \
+    (T* out, T* h, T* a, T* ln, T* mean, T* rstd, const T* inp, const T* ln_w,              \
+     const T* ln_b, const T* w1, const T* b1, const T* w2, const T* b2, int64_t N, int C,   \
+     int F, Activation act, float eps, float alpha, bool accumulate, const T* res),         \
+    (out, h, a, ln, mean, rstd, inp, ln_w, ln_b, w1, b1, w2, b2, N, C, F, act, eps, alpha,  \
+     accumulate, res))                                                                      \
+  X(void, layernorm_ffn_backward,                                                           \
+    (T* dinp, T* dln_w, T* dln_b, T* dw1, T* db1, T* dw2, T* db2, const T* dout, T* ln,     \
+     T* dln, T* h, T* a, const T* inp, const T* ln_w, const T* mean, const T* rstd,         \
+     const T* w1, const T* w2, int64_t N, int C, int F, Activation act),                    \
+    (dinp, dln_w, dln_b, dw1, db1, dw2, db2, dout, ln, dln, h, a, inp, ln_w, mean, rstd,    \
+     w1, w2, N, C, F, act))                                                                 \
   /* LSH */                                                                                 \
   X(void, lsh_rotations,                                                                    \
     (T* R, uint64_t seed, uint64_t step, int layer, int head, int n_hashes, int dh,         \

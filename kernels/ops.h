@@ -106,6 +106,17 @@ class Ops {
   //   gradients; it consumes h and a (they hold scratch afterwards). Both
   //   equal matmul_forward, activation_forward, matmul_accumulate and their
   //   backwards in sequence, up to the backend's rounding.
+  // LayerNorm and the feed-forward block: layernorm_ffn_forward writes mean,
+  //   rstd (as layernorm_forward) and out as ffn_forward on LN(inp) (alpha,
+  //   accumulate and res as there); ln [N, C], h and a receive what
+  //   layernorm_ffn_backward needs, in the backend's own layout (the CPU:
+  //   LN(inp) in ln and ffn_forward's h, a; CUDA: LN(inp) in bf16 in the
+  //   first half of ln), read by nothing else. layernorm_ffn_backward, given
+  //   that state and dout = dL/dout: dw1, db1, dw2, db2 += as ffn_backward,
+  //   and with dln [N, C] (scratch, left holding dL/dLN) layernorm_backward's
+  //   dinp, dln_w, dln_b +=; it consumes h and a. Both equal
+  //   layernorm_forward and ffn_forward (then ffn_backward and
+  //   layernorm_backward) in sequence, up to the backend's rounding.
   // LSH: factor0 == 0 hashes into n_buckets with one rotation block per
   //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
   //   block per factor (kernels/common/params.h, rotation_cols); cols is

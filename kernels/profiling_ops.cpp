@@ -122,6 +122,22 @@ struct Flops<OpId::ffn_backward> {
   }
 };
 template <>
+struct Flops<OpId::layernorm_ffn_forward> {
+  static double of(T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*, const T*,
+                   const T*, const T*, int64_t N, int C, int F, Activation, float, float, bool,
+                   const T*) {
+    return ffn_forward_flops(N, C, F);
+  }
+};
+template <>
+struct Flops<OpId::layernorm_ffn_backward> {
+  static double of(T*, T*, T*, T* dw1, T*, T* dw2, T*, const T*, T*, T*, T*, T*, const T*,
+                   const T*, const T*, const T*, const T*, const T*, int64_t N, int C, int F,
+                   Activation) {
+    return ffn_backward_flops(N, C, F, true, dw1 != nullptr, dw2 != nullptr);
+  }
+};
+template <>
 struct Flops<OpId::chunked_attention_forward> {
   static double of(T*, T*, T*, const T*, const T*, const int32_t*, const AttentionParams& p) {
     return attention_forward_flops(chunked_attention_pairs(p), p.dh);

@@ -5,6 +5,7 @@
 
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/layernorm.h"
 #include "kernels/cpu/matmul.h"
 
 namespace reformer::cpu {
@@ -35,11 +36,35 @@ void ffn_backward(T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const 
   matmul_backward(dinp, dw1, db1, a, inp, w1, N, C, F, /*add_dinp=*/false);
 }
 
+template <class T>
+void layernorm_ffn_forward(T* out, T* h, T* a, T* ln, T* mean, T* rstd, const T* inp,
+                           const T* ln_w, const T* ln_b, const T* w1, const T* b1, const T* w2,
+                           const T* b2, int64_t N, int C, int F, Activation act, float eps,
+                           float alpha, bool accumulate, const T* res) {
+  layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+  ffn_forward(out, h, a, ln, w1, b1, w2, b2, N, C, F, act, alpha, accumulate, res);
+}
+
+template <class T>
+void layernorm_ffn_backward(T* dinp, T* dln_w, T* dln_b, T* dw1, T* db1, T* dw2, T* db2,
+                            const T* dout, T* ln, T* dln, T* h, T* a, const T* inp,
+                            const T* ln_w, const T* mean, const T* rstd, const T* w1,
+                            const T* w2, int64_t N, int C, int F, Activation act) {
+  ffn_backward(dln, dw1, db1, dw2, db2, dout, ln, h, a, w1, w2, N, C, F, act);
+  layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
+}
+
 #define REFORMER_INSTANTIATE(T)                                                             \
   template void ffn_forward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, const T*, \
                                int64_t, int, int, Activation, float, bool, const T*);       \
   template void ffn_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, T*, T*, const T*,   \
-                                const T*, int64_t, int, int, Activation);
+                                const T*, int64_t, int, int, Activation);                 \
+  template void layernorm_ffn_forward<T>(T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, \
+                                         const T*, const T*, const T*, const T*, int64_t, int, \
+                                         int, Activation, float, float, bool, const T*);       \
+  template void layernorm_ffn_backward<T>(T*, T*, T*, T*, T*, T*, T*, const T*, T*, T*, T*,   \
+                                          T*, const T*, const T*, const T*, const T*,         \
+                                          const T*, const T*, int64_t, int, int, Activation);
 REFORMER_INSTANTIATE(float)
 REFORMER_INSTANTIATE(double)
 #undef REFORMER_INSTANTIATE

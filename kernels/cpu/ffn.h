@@ -17,5 +17,17 @@ void ffn_forward(T* out, T* h, T* a, const T* inp, const T* w1, const T* b1, con
 template <class T>
 void ffn_backward(T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const T* inp, T* h,
                   T* a, const T* w1, const T* w2, int64_t N, int C, int F, Activation act);
+// LayerNorm, then the block: layernorm_forward into ln and ffn_forward on
+// it; the backward ffn_backward into dln, then layernorm_backward.
+template <class T>
+void layernorm_ffn_forward(T* out, T* h, T* a, T* ln, T* mean, T* rstd, const T* inp,
+                           const T* ln_w, const T* ln_b, const T* w1, const T* b1, const T* w2,
+                           const T* b2, int64_t N, int C, int F, Activation act, float eps,
+                           float alpha, bool accumulate, const T* res = nullptr);
+template <class T>
+void layernorm_ffn_backward(T* dinp, T* dln_w, T* dln_b, T* dw1, T* db1, T* dw2, T* db2,
+                            const T* dout, T* ln, T* dln, T* h, T* a, const T* inp,
+                            const T* ln_w, const T* mean, const T* rstd, const T* w1,
+                            const T* w2, int64_t N, int C, int F, Activation act);
 
 }  // namespace reformer::cpu

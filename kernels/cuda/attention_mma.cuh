@@ -216,42 +216,83 @@ struct MmaStage {
   int R = 0;
 };
 
-template <int DH>
+// One warp per position. Every load of the row is issued before the first
+// store (the operands, `out` for the statistics, q once more by columns for
+// the norm), so a warp has them all in flight at once; lane l takes the
+// column pairs 2 l + 64 k of each operand (kPairs: one 8-byte load per
+// pair, where dh == DH and every row is 8-byte aligned: mma_stage_pairs).
+template <int DH, bool kPairs>
 __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g, MmaStage st) {
+  constexpr int K = (DH + 63) / 64;  // column pairs per lane and operand
+  constexpr int E = DH / 32;         // columns per lane of the norm's sum
   const int64_t pos = int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5);
   if (pos >= g.L) return;
   const int lane = threadIdx.x & 31;
-  float norm = 1.0f;  // |q| + eps under khat_from_q
-  if (st.khat_from_q) {
-    const float* q = st.src[0] + pos * st.lds[0];
-    float s = 0.0f;
-    for (int d = lane; d < g.dh; d += 32) s += q[d] * q[d];
-    norm = sqrtf(warp_sum(s) + kNormEps);
-    if (st.norm && lane == 0) st.norm[pos] = norm;
-  }
-  float dsum = 0.0f;  // dout . out (row statistics)
+  auto load_pairs = [&](const float* row, float (*x)[2]) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int d = 2 * lane + 64 * k;
+      if (d >= DH) break;
+      if (kPairs) {
+        const float2 v = *reinterpret_cast<const float2*>(row + d);
+        x[k][0] = v.x;
+        x[k][1] = v.y;
+      } else {
+        x[k][0] = d < g.dh ? row[d] : 0.0f;
+        x[k][1] = d + 1 < g.dh ? row[d + 1] : 0.0f;
+      }
+    }
+  };
+  float x[kMmaMaxStaged][K][2] = {};
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {
     if (a >= st.n) break;
-    const bool khat = a == 1 && st.khat_from_q;
-    const bool stats = a == 3 && st.rm;
-    const float* x = khat ? st.src[0] + pos * st.lds[0] : st.src[a] + pos * st.lds[a];
-    const float* o = stats ? st.out + pos * st.ld_out : nullptr;
-    for (int d = 2 * lane; d < DH; d += 64) {
-      float lo = d < g.dh ? x[d] : 0.0f, hi = d + 1 < g.dh ? x[d + 1] : 0.0f;
-      if (stats) {
-        if (d < g.dh) dsum += lo * o[d];
-        if (d + 1 < g.dh) dsum += hi * o[d + 1];
-      }
-      if (khat) {
-        lo /= norm;
-        hi /= norm;
-      }
-      *reinterpret_cast<uint32_t*>(st.dst[a] + pos * DH + d) = pack_bf16(lo, hi);
+    if (a == 1 && st.khat_from_q) continue;  // from operand 0 below
+    load_pairs(st.src[a] + pos * st.lds[a], x[a]);
+  }
+  float o[K][2] = {};
+  if (st.rm) load_pairs(st.out + pos * st.ld_out, o);
+  float qc[E];  // q by columns lane + 32 t, normalise_keys_kernel's order
+  if (st.khat_from_q) {
+    const float* q = st.src[0] + pos * st.lds[0];
+#pragma unroll
+    for (int t = 0; t < E; ++t) qc[t] = lane + 32 * t < g.dh ? q[lane + 32 * t] : 0.0f;
+  }
+  RoundWeights w{};
+  if (st.rm) w = round_weights(st.lse, g.L, pos, st.R);
+
+  if (st.khat_from_q) {
+    float s = 0.0f;
+#pragma unroll
+    for (int t = 0; t < E; ++t)
+      if (lane + 32 * t < g.dh) s += qc[t] * qc[t];
+    const float norm = sqrtf(warp_sum(s) + kNormEps);
+    if (st.norm && lane == 0) st.norm[pos] = norm;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      x[1][k][0] = x[0][k][0] / norm;
+      x[1][k][1] = x[0][k][1] / norm;
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < kMmaMaxStaged; ++a) {
+    if (a >= st.n) break;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int d = 2 * lane + 64 * k;
+      if (d >= DH) break;
+      *reinterpret_cast<uint32_t*>(st.dst[a] + pos * DH + d) = pack_bf16(x[a][k][0], x[a][k][1]);
     }
   }
   if (st.rm) {
-    const RoundWeights w = round_weights(st.lse, g.L, pos, st.R);
+    float dsum = 0.0f;  // dout . out, over dout's pairs in order
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int d = 2 * lane + 64 * k;
+      if (d >= DH) break;
+      if (d < g.dh) dsum += x[3][k][0] * o[k][0];
+      if (d + 1 < g.dh) dsum += x[3][k][1] * o[k][1];
+    }
     dsum = warp_sum(dsum);
     if (lane == 0) {
       st.rm[pos] = w.m;
@@ -261,12 +302,26 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
   }
 }
 
+// Whether every staged row (and `out`) can be read in 8-byte pairs.
+inline bool mma_stage_pairs(const AttnGeom& g, int DH, const MmaStage& st) {
+  bool ok = g.dh == DH;
+  for (int a = 0; a < st.n; ++a) {
+    if (a == 1 && st.khat_from_q) continue;
+    ok = ok && st.lds[a] % 2 == 0 && aligned(st.src[a], 8);
+  }
+  if (st.rm) ok = ok && st.ld_out % 2 == 0 && aligned(st.out, 8);
+  return ok;
+}
+
 // Fills st.dst[a] (consecutive [L, DH] arrays from `stage`) from st.src / st.lds.
 template <int DH>
 void launch_mma_stage(const AttnGeom& g, void* stage, MmaStage* st, cudaStream_t s) {
   for (int a = 0; a < st->n; ++a) st->dst[a] = static_cast<bf16*>(stage) + a * g.L * DH;
-  mma_stage_kernel<DH><<<unsigned((g.L + kStageWarps - 1) / kStageWarps), 32 * kStageWarps, 0,
-                         s>>>(g, *st);
+  const unsigned blocks = unsigned((g.L + kStageWarps - 1) / kStageWarps);
+  if (mma_stage_pairs(g, DH, *st))
+    mma_stage_kernel<DH, true><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
+  else
+    mma_stage_kernel<DH, false><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
   CUDA_CHECK_LAUNCH("mma_stage_kernel");
 }
 

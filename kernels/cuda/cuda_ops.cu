@@ -43,6 +43,7 @@ CudaOps::CudaOps() {
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaSetDevice(dev));
+  device_ = dev;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   ws_.bind(stream_);
   CUBLAS_CHECK(cublasLtCreate(&lt_));

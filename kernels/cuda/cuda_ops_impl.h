@@ -23,12 +23,14 @@
 #pragma once
 
 #include <cublasLt.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <map>
 #include <unordered_map>
 #include <tuple>
+#include <vector>
 
 #include "kernels/common/gemm_staging.h"
 #include "kernels/ops.h"
@@ -84,6 +86,17 @@ class CudaOps final : public Ops<float> {
   bool gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
                int64_t lda, const void* B, int64_t ldb, float beta, const GemmOut& out,
                GemmOperands operands, float alpha = 1.0f);
+  // ffn_forward / ffn_backward (ffn.cu) with the input rows given in fp32
+  // (inp, rounded to bf16 a block at a time) or, where x16 is non-null,
+  // already in bf16 ([N, C], as layernorm_ffn_forward leaves them in ln).
+  void ffn_forward_rows(float* out, float* h, float* a, const float* inp,
+                        const __nv_bfloat16* x16, const float* w1, const float* b1,
+                        const float* w2, const float* b2, int64_t N, int C, int F,
+                        Activation act, float alpha, bool accumulate, const float* res);
+  void ffn_backward_rows(float* dinp, float* dw1, float* db1, float* dw2, float* db2,
+                         const float* dout, const float* inp, const __nv_bfloat16* x16, float* h,
+                         float* a, const float* w1, const float* w2, int64_t N, int C, int F,
+                         Activation act);
   // out[r, c] += alpha * bias[c] for row-major out [rows, cols].
   void add_bias(float* out, const float* bias, int64_t rows, int64_t cols, float alpha);
   // out = alpha (inp @ w + bias) + beta out (res in place of out where
@@ -113,17 +126,23 @@ class CudaOps final : public Ops<float> {
   // by sync_and_check() only, after the stream is idle.
   int32_t* device_error_ = nullptr;
   int32_t* device_error_dev_ = nullptr;  // device_error_ as device code addresses it
-  // Heuristic choices by (transa, transb, m, n, k, lda, ldb, ldc, beta != 0,
-  // alignments of A, B, D, operands, D in bf16, epilogue, alignments of the
-  // bias and aux, aux_ld).
-  using GemmKey = std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int,
-                             int, int, int, int, int, int64_t>;
+  // cuBLASLt's algorithm for a large product, timed (matmul.cu).
+  int tuned_choice(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la, cublasLtMatrixLayout_t lb,
+                   cublasLtMatrixLayout_t lc, const std::vector<cublasLtMatmulAlgo_t>& algos,
+                   const void* A, const void* B, float beta, const GemmOut& out, float alpha,
+                   int64_t n);
+  int device_ = 0;  // the device this Ops runs on (keys the process-wide GEMM choices)
+  // cuBLASLt's algorithm choices (matmul.cu, gemm_to) by (device, transa,
+  // transb, m, n, k, lda, ldb, ldc, beta != 0, alignments of A, B, D,
+  // operands, D in bf16, epilogue, alignments of the bias and aux, aux_ld),
+  // shared by every CudaOps of the process.
+  using GemmKey = std::tuple<int, int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             int, int, int, int, int, int, int64_t>;
   struct GemmChoice {
     bool found;  // false: no kernel for bf16 operands (the caller uses fp32 ones)
     cublasLtMatmulAlgo_t algo;
     cublasComputeType_t compute;  // the tensor-core type unless none fits, then CUBLAS_COMPUTE_32F
   };
-  std::map<GemmKey, GemmChoice> algo_cache_;
 };
 
 }  // namespace reformer

@@ -23,6 +23,12 @@
 //
 // Otherwise the block runs as the separate ops (h and a in fp32, as on the
 // CPU).
+//
+// layernorm_ffn_forward / _backward (the model's feed-forward sublayer)
+// write the normalised rows once, in bf16, where the block is fused: the
+// LayerNorm kernel rounds its fp32 result as the staging pass would, the
+// products read those rows as they are, and the backward's dw1 reads them
+// again; the fp32 rows and the two rounding passes over [N, C] are gone.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -88,6 +94,14 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
                           const float* b1, const float* w2, const float* b2, int64_t N, int C,
                           int F, Activation act, float alpha, bool accumulate,
                           const float* res) {
+  ffn_forward_rows(out, h, a, inp, nullptr, w1, b1, w2, b2, N, C, F, act, alpha, accumulate,
+                   res);
+}
+
+void CudaOps::ffn_forward_rows(float* out, float* h, float* a, const float* inp,
+                               const __nv_bfloat16* x16_in, const float* w1, const float* b1,
+                               const float* w2, const float* b2, int64_t N, int C, int F,
+                               Activation act, float alpha, bool accumulate, const float* res) {
   if (N <= 0 || C <= 0) return;
   if (!accumulate) res = nullptr;
   if (!cuda::ffn_fused(C, F)) {
@@ -121,27 +135,29 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
   cuda::round_bf16(w1_16, w1, C, F, stream_);
   cuda::round_bf16(w2_16, w2, F, C, stream_);
   const float beta = accumulate ? 1.0f : 0.0f;
+  const bf16* x_r = x16;  // this block's input rows in bf16
   // The hidden layer's product with its epilogue, b1 as given, else (where
   // cuBLASLt has no kernel for that) from an aligned copy, else in bf16;
   // false where no epilogue kernel takes it at all.
   auto hidden = [&](GemmOut hid, int64_t nr) {
-    if (gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16))
+    if (gemm_to(false, false, F, nr, C, w1_16, F, x_r, C, 0.0f, hid, GemmOperands::bf16))
       return true;
     if (!b1) return false;
     CUDA_CHECK(cudaMemcpyAsync(b1_copy, b1, sizeof(float) * size_t(F), cudaMemcpyDeviceToDevice,
                                stream_));
     hid.bias = b1_copy;
-    if (gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16))
+    if (gemm_to(false, false, F, nr, C, w1_16, F, x_r, C, 0.0f, hid, GemmOperands::bf16))
       return true;
     cuda::round_bf16(b1_16, b1, 1, F, stream_);
     hid.bias = b1_16;
     hid.bias_bf16 = true;
-    return gemm_to(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, hid, GemmOperands::bf16);
+    return gemm_to(false, false, F, nr, C, w1_16, F, x_r, C, 0.0f, hid, GemmOperands::bf16);
   };
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
     bf16* a_r = a16 + r0 * F;
-    cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+    x_r = x16_in ? x16_in + r0 * C : x16;
+    if (!x16_in) cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
     // a^T [F, nr] = act(w1^T [F, C] x^T [C, nr] + b1), in bf16.
     GemmOut hid;
     hid.d = a_r;
@@ -157,7 +173,7 @@ void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, cons
     }
     if (!hidden(hid, nr)) {
       float* h_r = h + r0 * F;
-      if (!gemm(false, false, F, nr, C, w1_16, F, x16, C, 0.0f, h_r, F, GemmOperands::bf16))
+      if (!gemm(false, false, F, nr, C, w1_16, F, x_r, C, 0.0f, h_r, F, GemmOperands::bf16))
         throw DeviceError("ffn_forward: no bf16 product for F=" + std::to_string(F) +
                           " C=" + std::to_string(C));
       if (b1) add_bias(h_r, b1, nr, F, 1.0f);
@@ -193,6 +209,13 @@ void CudaOps::ffn_backward(float* dinp, float* dw1, float* db1, float* dw2, floa
                            const float* dout, const float* inp, float* h, float* a,
                            const float* w1, const float* w2, int64_t N, int C, int F,
                            Activation act) {
+  ffn_backward_rows(dinp, dw1, db1, dw2, db2, dout, inp, nullptr, h, a, w1, w2, N, C, F, act);
+}
+
+void CudaOps::ffn_backward_rows(float* dinp, float* dw1, float* db1, float* dw2, float* db2,
+                                const float* dout, const float* inp, const __nv_bfloat16* x16_in,
+                                float* h, float* a, const float* w1, const float* w2, int64_t N,
+                                int C, int F, Activation act) {
   if (N <= 0 || C <= 0) return;
   if (!cuda::ffn_fused(C, F)) {  // as kernels/cpu/ffn.cpp
     matmul_backward(nullptr, dw2, db2, dout, a, w2, N, F, C, true);
@@ -256,8 +279,9 @@ void CudaOps::ffn_backward(float* dinp, float* dw1, float* db1, float* dw2, floa
                 GemmOperands::bf16));
     // dw1^T [F, C] += d(pre)^T [F, nr] inp [nr, C].
     if (dw1) {
-      cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
-      must(gemm(false, true, F, C, nr, a_r, F, x16, C, 1.0f, dw1, F, GemmOperands::bf16));
+      const bf16* x_r = x16_in ? x16_in + r0 * C : x16;
+      if (!x16_in) cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+      must(gemm(false, true, F, C, nr, a_r, F, x_r, C, 1.0f, dw1, F, GemmOperands::bf16));
     }
   }
   if (db1 || db2) {
@@ -270,6 +294,47 @@ void CudaOps::ffn_backward(float* dinp, float* dw1, float* db1, float* dw2, floa
       cuda::colsum<double>(scratch, cuda::MatrixValue<bf16>{a16, F}, cuda::AddTo{db1}, N, F,
                            stream_);
   }
+}
+
+// LayerNorm into bf16 rows in the first half of ln (the products' operand,
+// kept for the backward's dw1): against layernorm_forward and ffn_forward
+// in sequence this drops the fp32 LN write and the rounding pass of the
+// forward and of the backward, with the same bits (the LN kernel rounds its
+// fp32 result as the rounding pass would). Where the fused block does not
+// apply (C or F not multiples of 8, rows wider than 2048) the ops run in
+// sequence, LN in fp32.
+void CudaOps::layernorm_ffn_forward(float* out, float* h, float* a, float* ln, float* mean,
+                                    float* rstd, const float* inp, const float* ln_w,
+                                    const float* ln_b, const float* w1, const float* b1,
+                                    const float* w2, const float* b2, int64_t N, int C, int F,
+                                    Activation act, float eps, float alpha, bool accumulate,
+                                    const float* res) {
+  if (N <= 0 || C <= 0) return;
+  auto* ln16 = reinterpret_cast<__nv_bfloat16*>(ln);
+  if (!cuda::ffn_fused(C, F) ||
+      !cuda::layernorm_forward_bf16(ln16, mean, rstd, inp, ln_w, ln_b, N, C, eps, stream_)) {
+    layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+    ffn_forward(out, h, a, ln, w1, b1, w2, b2, N, C, F, act, alpha, accumulate, res);
+    return;
+  }
+  ffn_forward_rows(out, h, a, nullptr, ln16, w1, b1, w2, b2, N, C, F, act, alpha, accumulate,
+                   res);
+}
+
+void CudaOps::layernorm_ffn_backward(float* dinp, float* dln_w, float* dln_b, float* dw1,
+                                     float* db1, float* dw2, float* db2, const float* dout,
+                                     float* ln, float* dln, float* h, float* a, const float* inp,
+                                     const float* ln_w, const float* mean, const float* rstd,
+                                     const float* w1, const float* w2, int64_t N, int C, int F,
+                                     Activation act) {
+  if (N <= 0 || C <= 0) return;
+  // The forward's choice (the same test): bf16 rows in ln, or fp32 LN.
+  if (cuda::ffn_fused(C, F) && C <= 2048)
+    ffn_backward_rows(dln, dw1, db1, dw2, db2, dout, nullptr,
+                      reinterpret_cast<const __nv_bfloat16*>(ln), h, a, w1, w2, N, C, F, act);
+  else
+    ffn_backward(dln, dw1, db1, dw2, db2, dout, ln, h, a, w1, w2, N, C, F, act);
+  layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
 }
 
 }  // namespace reformer

@@ -10,15 +10,26 @@
 // relative to the output scale). Row-major [N, C] @ [C, OC] is computed as
 // the column-major product out^T = w^T inp^T by swapping the operands. The
 // bias is added by a separate broadcast kernel; dbias is a deterministic
-// two-pass column sum. cuBLASLt's heuristic is queried once per (shape,
-// strides, alignment, operand type) and cached; where it offers no kernel
-// for bf16 operands the product runs on the fp32 operands instead.
-// Bitwise reproducible on one GPU model and toolkit (cuBLAS's guarantee).
+// two-pass column sum. The algorithm is chosen once per (shape, strides,
+// alignment, operand type) and kept for the process: for products of 4
+// GFLOP and more, the fastest of the heuristic's first 8 candidates, timed
+// on the first call's operands (on the H200 the heuristic's first ran up to
+// 43% slower than the fastest of the model's product shapes in isolation,
+// and the step at 64K gained 1.8%: bench/RESULTS.md); otherwise the
+// heuristic's first. Where it
+// offers no kernel for bf16 operands the product runs on the fp32 operands
+// instead. A product repeats its bits for the same algorithm on the same
+// GPU model and toolkit (cuBLAS's guarantee); timed choices can differ
+// between processes, so `REFORMER_GEMM_TUNING=off` (the heuristic's first
+// everywhere) is the setting for runs compared bit for bit.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <cstdint>
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -86,6 +97,34 @@ __global__ void round_bf16_2d_kernel(__nv_bfloat16* dst, int64_t ld_dst, const f
   }
 }
 
+// Timed algorithm choice (CudaOps::tuned_choice): products of at least
+// kTuneFlops take the fastest of cuBLASLt's first kTuneCandidates, each run
+// kTuneReps times after one untimed run; REFORMER_GEMM_TUNING=off keeps the
+// heuristic's first everywhere.
+constexpr double kTuneFlops = 4.0e9;
+constexpr int kTuneCandidates = 8;
+constexpr int kTuneReps = 3;
+constexpr size_t kTuneScratchBytes = size_t(64) << 20;  // largest D timed apart from its own
+bool gemm_tuning() {
+  static const bool on = [] {
+    const char* v = std::getenv("REFORMER_GEMM_TUNING");
+    return !(v && (std::string(v) == "off" || std::string(v) == "0"));
+  }();
+  return on;
+}
+
+// The choices, shared by every CudaOps of the process (so that two models
+// in one process multiply alike), and their lock.
+std::mutex& gemm_choices_mutex() {
+  static std::mutex m;
+  return m;
+}
+template <class Key, class Choice>
+std::map<Key, Choice>& gemm_choices() {
+  static std::map<Key, Choice> choices;
+  return choices;
+}
+
 // Largest power of two (<= 16) dividing both the address and the row stride in bytes.
 int alignment(const void* p, int64_t ld, int elem_bytes) {
   const uint64_t a = uint64_t(reinterpret_cast<uintptr_t>(p)) | uint64_t(ld * elem_bytes);
@@ -134,6 +173,57 @@ void round_bf16(__nv_bfloat16* dst, const float* src, int64_t rows, int64_t cols
 
 }  // namespace cuda
 
+// Index of the fastest of `algos` for this call, timed on its own operands
+// (the lowest index within 2% of the fastest, so that near ties keep the
+// heuristic's order). The timing runs leave D as one run leaves it: they
+// write D from A, B and C where C is not D; a product accumulating into D
+// itself is timed into a scratch D instead (at most kTuneScratchBytes, else
+// not timed: 0). Waits for the stream.
+int CudaOps::tuned_choice(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
+                          cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t lc,
+                          const std::vector<cublasLtMatmulAlgo_t>& algos, const void* A,
+                          const void* B, float beta, const GemmOut& out, float alpha, int64_t n) {
+  void* d = out.d;
+  const void* c = out.c ? out.c : out.d;
+  if (d == A || d == B) return 0;
+  void* scratch = nullptr;
+  if (beta != 0.0f && c == d) {
+    const size_t bytes = size_t(out.ld) * size_t(n) * (out.bf16 ? 2 : 4);
+    if (bytes > cuda::kTuneScratchBytes) return 0;
+    if (cudaMalloc(&scratch, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    d = scratch;
+  }
+  cudaEvent_t e0 = nullptr, e1 = nullptr;
+  CUDA_CHECK(cudaEventCreate(&e0));
+  CUDA_CHECK(cudaEventCreate(&e1));
+  std::vector<float> ms(algos.size(), -1.0f);
+  for (size_t i = 0; i < algos.size(); ++i) {
+    auto run = [&] {
+      return cublasLtMatmul(lt_, op, &alpha, A, la, B, lb, &beta, c, lc, d, lc, &algos[i], lt_ws_,
+                            lt_ws_bytes_, stream_);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) continue;
+    CUDA_CHECK(cudaEventRecord(e0, stream_));
+    bool ok = true;
+    for (int r = 0; r < cuda::kTuneReps && ok; ++r) ok = run() == CUBLAS_STATUS_SUCCESS;
+    CUDA_CHECK(cudaEventRecord(e1, stream_));
+    CUDA_CHECK(cudaEventSynchronize(e1));
+    if (ok) CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  if (scratch) cudaFree(scratch);
+  float best = -1.0f;
+  for (float t : ms)
+    if (t > 0.0f && (best < 0.0f || t < best)) best = t;
+  for (size_t i = 0; i < ms.size(); ++i)
+    if (ms[i] > 0.0f && ms[i] <= 1.02f * best) return int(i);
+  return 0;
+}
+
 bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
                    int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc,
                    GemmOperands operands, float alpha, const float* c_in) {
@@ -157,7 +247,8 @@ bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
   const int al_ext = (out.bias ? cuda::alignment(out.bias, 0, out.bias_bf16 ? 2 : 4) : 0) * 1000 +
                      (out.aux ? cuda::alignment(out.aux, out.aux_ld, 2) : 0) * 10 +
                      int(out.bias_bf16);
-  const GemmKey key{int(trans_a), int(trans_b), m, n, k, lda, ldb, out.ld, beta != 0.0f ? 1 : 0,
+  const GemmKey key{device_, int(trans_a), int(trans_b), m, n, k, lda, ldb, out.ld,
+                    beta != 0.0f ? 1 : 0,
                     al_a * 10000 + al_b * 100 + al_c, int(operands), int(out.bf16),
                     int(out.epilogue), al_ext, out.aux_ld};
   auto make = [&](cuda::LtDescs& d, cublasComputeType_t compute) {
@@ -197,13 +288,18 @@ bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
   // The algorithm and compute type chosen for this key. bf16 operands:
   // fp32 accumulation, or no product (false: the caller multiplies the fp32
   // operands instead). fp32 operands: tensor-core math first (TF32 or bf16
-  // as asked), plain fp32 only if cuBLASLt offers no such kernel.
-  auto it = algo_cache_.find(key);
-  if (it == algo_cache_.end()) {
+  // as asked), plain fp32 only if cuBLASLt offers no such kernel. Large
+  // products take the fastest of the heuristic's first candidates, timed
+  // on this call's operands (tuned_choice); the rest its first.
+  std::unique_lock<std::mutex> lock(cuda::gemm_choices_mutex());
+  auto& choices = cuda::gemm_choices<GemmKey, GemmChoice>();
+  auto it = choices.find(key);
+  if (it == choices.end()) {
     std::vector<cublasComputeType_t> computes;
     if (bf16) computes = {CUBLAS_COMPUTE_32F};
     else if (operands == GemmOperands::fp32_tf32) computes = {CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_COMPUTE_32F};
     else computes = {CUBLAS_COMPUTE_32F_FAST_16BF, CUBLAS_COMPUTE_32F};
+    const bool tune = cuda::gemm_tuning() && 2.0 * double(m) * double(n) * double(k) >= cuda::kTuneFlops;
     for (cublasComputeType_t compute : computes) {
       cuda::LtDescs q;
       make(q, compute);
@@ -220,18 +316,24 @@ bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
           q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ac, sizeof(ac)));
       CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(
           q.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ac, sizeof(ac)));
-      cublasLtMatmulHeuristicResult_t result{};
+      std::vector<cublasLtMatmulHeuristicResult_t> results(tune ? cuda::kTuneCandidates : 1);
       int found = 0;
-      const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt_, q.op, q.a, q.b, q.c, q.c,
-                                                               q.pref, 1, &result, &found);
+      const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(
+          lt_, q.op, q.a, q.b, q.c, q.c, q.pref, int(results.size()), results.data(), &found);
       if (st == CUBLAS_STATUS_SUCCESS && found > 0) {
-        it = algo_cache_.emplace(key, GemmChoice{true, result.algo, compute}).first;
+        int pick = 0;
+        if (found > 1) {
+          std::vector<cublasLtMatmulAlgo_t> algos;
+          for (int i = 0; i < found; ++i) algos.push_back(results[size_t(i)].algo);
+          pick = tuned_choice(q.op, q.a, q.b, q.c, algos, A, B, beta, out, alpha, n);
+        }
+        it = choices.emplace(key, GemmChoice{true, results[size_t(pick)].algo, compute}).first;
         break;
       }
     }
-    if (it == algo_cache_.end()) {
+    if (it == choices.end()) {
       if (bf16 || out.bf16 || out.epilogue != CUBLASLT_EPILOGUE_DEFAULT) {
-        algo_cache_.emplace(key, GemmChoice{false, {}, CUBLAS_COMPUTE_32F});
+        choices.emplace(key, GemmChoice{false, {}, CUBLAS_COMPUTE_32F});
         return false;
       }
       throw DeviceError("cublasLtMatmulAlgoGetHeuristic: no algorithm for m=" + std::to_string(m) +
@@ -239,12 +341,14 @@ bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
                         " (at " __FILE__ ")");
     }
   }
-  if (!it->second.found) return false;
+  const GemmChoice choice = it->second;
+  lock.unlock();
+  if (!choice.found) return false;
   cuda::LtDescs d;
-  make(d, it->second.compute);
+  make(d, choice.compute);
   const void* c = out.c ? out.c : out.d;
   CUBLAS_CHECK(cublasLtMatmul(lt_, d.op, &alpha, A, d.a, B, d.b, &beta, c, d.c, out.d, d.c,
-                              &it->second.algo, lt_ws_, lt_ws_bytes_, stream_));
+                              &choice.algo, lt_ws_, lt_ws_bytes_, stream_));
   return true;
 }
 

@@ -475,6 +475,56 @@ TEST(FeedForward, EqualsTheSeparateOps) {
   }
 }
 
+// LayerNorm and the block in one op: bitwise layernorm_forward and
+// ffn_forward (then ffn_backward and layernorm_backward), in float.
+TEST(LayernormFeedForward, EqualsTheSeparateOps) {
+  const int64_t N = 9;
+  const int C = 8, F = 12;
+  auto v = [](int64_t n, uint64_t seed) { return cast<float>(random_vec(n, seed)); };
+  const auto x = v(N * C, 11), lw = v(C, 12), lb = v(C, 13), w1 = v(int64_t(C) * F, 14),
+             b1 = v(F, 15), w2 = v(int64_t(F) * C, 16), b2 = v(C, 17), dout = v(N * C, 18),
+             out0 = v(N * C, 19);
+  for (int mode = 0; mode < 2; ++mode) {  // out -= g onto out0 elsewhere; out = g
+    const bool accumulate = mode == 0;
+    const float alpha = accumulate ? -1.0f : 1.0f;
+    const float* res = accumulate ? out0.data() : nullptr;
+    std::vector<float> out(out0.size(), 9.0f), ln(size_t(N * C)), mean(static_cast<size_t>(N)),
+        rstd(static_cast<size_t>(N)), h(size_t(N * F)), a(size_t(N * F)), dln(size_t(N * C));
+    auto want = out, eln = ln, emean = mean, erstd = rstd, eh = h, ea = a, edln = dln;
+    cpu::layernorm_ffn_forward(out.data(), h.data(), a.data(), ln.data(), mean.data(),
+                               rstd.data(), x.data(), lw.data(), lb.data(), w1.data(), b1.data(),
+                               w2.data(), b2.data(), N, C, F, Activation::gelu, 1e-5f, alpha,
+                               accumulate, res);
+    cpu::layernorm_forward(eln.data(), emean.data(), erstd.data(), x.data(), lw.data(), lb.data(),
+                           N, C, 1e-5f);
+    cpu::ffn_forward(want.data(), eh.data(), ea.data(), eln.data(), w1.data(), b1.data(),
+                     w2.data(), b2.data(), N, C, F, Activation::gelu, alpha, accumulate, res);
+    EXPECT_EQ(out, want) << "mode " << mode;
+    EXPECT_EQ(mean, emean);
+    EXPECT_EQ(rstd, erstd);
+    std::vector<float> dx(size_t(N * C), 3.0f), dlw(size_t(C), 1.0f), dlb(size_t(C), 1.0f),
+        dw1(size_t(C) * F, 1.0f), db1(size_t(F), 1.0f), dw2(size_t(F) * C, 1.0f),
+        db2(size_t(C), 1.0f);
+    auto ex = dx, elw = dlw, elb = dlb, ew1 = dw1, eb1 = db1, ew2 = dw2, eb2 = db2;
+    cpu::layernorm_ffn_backward(dx.data(), dlw.data(), dlb.data(), dw1.data(), db1.data(),
+                                dw2.data(), db2.data(), dout.data(), ln.data(), dln.data(),
+                                h.data(), a.data(), x.data(), lw.data(), mean.data(), rstd.data(),
+                                w1.data(), w2.data(), N, C, F, Activation::gelu);
+    cpu::ffn_backward(edln.data(), ew1.data(), eb1.data(), ew2.data(), eb2.data(), dout.data(),
+                      eln.data(), eh.data(), ea.data(), w1.data(), w2.data(), N, C, F,
+                      Activation::gelu);
+    cpu::layernorm_backward(ex.data(), elw.data(), elb.data(), edln.data(), x.data(), lw.data(),
+                            emean.data(), erstd.data(), N, C);
+    EXPECT_EQ(dx, ex) << "mode " << mode;
+    EXPECT_EQ(dlw, elw);
+    EXPECT_EQ(dlb, elb);
+    EXPECT_EQ(dw1, ew1);
+    EXPECT_EQ(db1, eb1);
+    EXPECT_EQ(dw2, ew2);
+    EXPECT_EQ(db2, eb2);
+  }
+}
+
 // ---------------------------------------------------------------- LayerNorm + projections
 
 // Bitwise the separate ops it stands for, with one projection and with two.

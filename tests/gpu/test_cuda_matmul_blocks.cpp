@@ -188,6 +188,67 @@ TEST(CudaMatmulBlocks, FeedForwardOverManyBlocksMatchesTheSeparateOps) {
   }
 }
 
+// LayerNorm and the feed-forward block in one op over more rows than one
+// block against layernorm_forward, ffn_forward (then ffn_backward,
+// layernorm_backward): the op keeps the normalised rows in bf16 instead of
+// rounding the fp32 ones per product, the same values, so the same bits.
+TEST(CudaMatmulBlocks, LayernormFfnGivesTheBitsOfLayernormThenFfn) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const int C = 1024, F = 4096;
+  ManyBlocks m(C, F);
+  auto& ops = m.ops;
+  const int64_t N = m.N;
+  ASSERT_LT(gemm_block_rows(N, C, F), N);
+  auto upload = [&](int64_t n, uint32_t seed, float scale) { return m.up(n, seed, scale); };
+  auto download = [&](const Buffer<float>& b, int64_t n) { return m.down(b, n); };
+  Buffer<float> x = upload(N * C, 31, 2.0f), lw = upload(C, 32, 1.0f), lb = upload(C, 33, 0.5f),
+                w1 = upload(int64_t(C) * F, 34, 0.05f), b1 = upload(F, 35, 0.5f),
+                w2 = upload(int64_t(F) * C, 36, 0.02f), b2 = upload(C, 37, 0.5f),
+                dout = upload(N * C, 38, 1.0f);
+  struct Out {
+    Buffer<float> out, mean, rstd, ln, dln, h, a, dx, dlw, dlb, dw1, db1, dw2, db2;
+  };
+  auto fresh = [&]() {
+    return Out{upload(N * C, 39, 1.0f),        Buffer<float>(*ops, N),     Buffer<float>(*ops, N),
+               Buffer<float>(*ops, N * C),     Buffer<float>(*ops, N * C), Buffer<float>(*ops, N * F),
+               Buffer<float>(*ops, N * F),     upload(N * C, 40, 1.0f),    upload(C, 41, 1.0f),
+               upload(C, 42, 1.0f),            upload(int64_t(C) * F, 43, 1.0f),
+               upload(F, 44, 1.0f),            upload(int64_t(F) * C, 45, 1.0f),
+               upload(C, 46, 1.0f)};
+  };
+  const Activation act = Activation::gelu;
+  Out f = fresh(), e = fresh();
+  // out -= g (a rebuild), then the backward.
+  ops->layernorm_ffn_forward(f.out.data(), f.h.data(), f.a.data(), f.ln.data(), f.mean.data(),
+                             f.rstd.data(), x.data(), lw.data(), lb.data(), w1.data(), b1.data(),
+                             w2.data(), b2.data(), N, C, F, act, 1e-5f, -1.0f,
+                             /*accumulate=*/true, nullptr);
+  ops->layernorm_ffn_backward(f.dx.data(), f.dlw.data(), f.dlb.data(), f.dw1.data(),
+                              f.db1.data(), f.dw2.data(), f.db2.data(), dout.data(), f.ln.data(),
+                              f.dln.data(), f.h.data(), f.a.data(), x.data(), lw.data(),
+                              f.mean.data(), f.rstd.data(), w1.data(), w2.data(), N, C, F, act);
+  ops->layernorm_forward(e.ln.data(), e.mean.data(), e.rstd.data(), x.data(), lw.data(),
+                         lb.data(), N, C, 1e-5f);
+  ops->ffn_forward(e.out.data(), e.h.data(), e.a.data(), e.ln.data(), w1.data(), b1.data(),
+                   w2.data(), b2.data(), N, C, F, act, -1.0f, /*accumulate=*/true, nullptr);
+  ops->ffn_backward(e.dln.data(), e.dw1.data(), e.db1.data(), e.dw2.data(), e.db2.data(),
+                    dout.data(), e.ln.data(), e.h.data(), e.a.data(), w1.data(), w2.data(), N, C,
+                    F, act);
+  ops->layernorm_backward(e.dx.data(), e.dlw.data(), e.dlb.data(), e.dln.data(), x.data(),
+                          lw.data(), e.mean.data(), e.rstd.data(), N, C);
+  const int64_t W = int64_t(C) * F;
+  EXPECT_TRUE(same_bits(download(f.out, N * C), download(e.out, N * C))) << "out";
+  EXPECT_TRUE(same_bits(download(f.mean, N), download(e.mean, N))) << "mean";
+  EXPECT_TRUE(same_bits(download(f.rstd, N), download(e.rstd, N))) << "rstd";
+  EXPECT_TRUE(same_bits(download(f.dx, N * C), download(e.dx, N * C))) << "dinp";
+  EXPECT_TRUE(same_bits(download(f.dlw, C), download(e.dlw, C))) << "dln_w";
+  EXPECT_TRUE(same_bits(download(f.dlb, C), download(e.dlb, C))) << "dln_b";
+  EXPECT_TRUE(same_bits(download(f.dw1, W), download(e.dw1, W))) << "dw1";
+  EXPECT_TRUE(same_bits(download(f.db1, F), download(e.db1, F))) << "db1";
+  EXPECT_TRUE(same_bits(download(f.dw2, W), download(e.dw2, W))) << "dw2";
+  EXPECT_TRUE(same_bits(download(f.db2, C), download(e.db2, C))) << "db2";
+}
+
 // LayerNorm and two projections over more rows than one block, against
 // layernorm_forward and the linear ops on the same rows: the same bf16
 // operands (the normalised rows rounded once), fp32 accumulation.

@@ -50,8 +50,8 @@ float round_bf16(float x) {  // round to nearest even, as __float2bfloat16_rn
 
 // The CPU ops with the operands of matmul_forward and matmul_backward
 // rounded to bf16 first, as kernels/cuda/matmul.cu stages them; every other
-// op is the CPU's own.
-class Bf16ProductsCpu final : public Ops<float> {
+// op is the CPU's own (Bf16ProductsCpu below adds LayerNorm and the block).
+class Bf16ProductsBase : public Ops<float> {
  public:
   using T = float;
   const char* name() const override { return "cpu, bf16 products"; }
@@ -61,7 +61,7 @@ class Bf16ProductsCpu final : public Ops<float> {
   // What runs before an op: nothing, except for the products below.
   template <OpId id>
   struct Before {
-    Bf16ProductsCpu& o;
+    Bf16ProductsBase& o;
     template <class... A>
     void apply(A&...) {}
   };
@@ -75,8 +75,8 @@ class Bf16ProductsCpu final : public Ops<float> {
 };
 
 template <>
-struct Bf16ProductsCpu::Before<OpId::matmul_forward> {
-  Bf16ProductsCpu& o;
+struct Bf16ProductsBase::Before<OpId::matmul_forward> {
+  Bf16ProductsBase& o;
   void apply(float*&, const float*& inp, const float*& w, const float*&, int64_t& N, int& C,
              int& OC) {
     inp = o.rounded(o.a_, inp, N * C);
@@ -84,8 +84,8 @@ struct Bf16ProductsCpu::Before<OpId::matmul_forward> {
   }
 };
 template <>
-struct Bf16ProductsCpu::Before<OpId::matmul_backward> {
-  Bf16ProductsCpu& o;
+struct Bf16ProductsBase::Before<OpId::matmul_backward> {
+  Bf16ProductsBase& o;
   void apply(float*&, float*&, float*&, const float*& dout, const float*& inp, const float*& w,
              int64_t& N, int& C, int& OC, bool&) {
     dout = o.rounded(o.c_, dout, N * OC);
@@ -95,8 +95,8 @@ struct Bf16ProductsCpu::Before<OpId::matmul_backward> {
 };
 
 template <>
-struct Bf16ProductsCpu::Before<OpId::matmul_accumulate> {
-  Bf16ProductsCpu& o;
+struct Bf16ProductsBase::Before<OpId::matmul_accumulate> {
+  Bf16ProductsBase& o;
   void apply(float*&, const float*& inp, const float*& w, const float*&, int64_t& N, int& C,
              int& OC, float&, const float*&) {
     inp = o.rounded(o.a_, inp, N * C);
@@ -108,8 +108,8 @@ struct Bf16ProductsCpu::Before<OpId::matmul_accumulate> {
 // the activation in bf16, which this leaves in fp32: a difference of the
 // order of the rounding of its operands).
 template <>
-struct Bf16ProductsCpu::Before<OpId::ffn_forward> {
-  Bf16ProductsCpu& o;
+struct Bf16ProductsBase::Before<OpId::ffn_forward> {
+  Bf16ProductsBase& o;
   void apply(float*&, float*&, float*&, const float*& inp, const float*& w1, const float*&,
              const float*& w2, const float*&, int64_t& N, int& C, int& F, Activation&, float&,
              bool&, const float*&) {
@@ -119,8 +119,8 @@ struct Bf16ProductsCpu::Before<OpId::ffn_forward> {
   }
 };
 template <>
-struct Bf16ProductsCpu::Before<OpId::ffn_backward> {
-  Bf16ProductsCpu& o;
+struct Bf16ProductsBase::Before<OpId::ffn_backward> {
+  Bf16ProductsBase& o;
   void apply(float*&, float*&, float*&, float*&, float*&, const float*& dout, const float*& inp,
              float*&, float*&, const float*& w1, const float*& w2, int64_t& N, int& C, int& F,
              Activation&) {
@@ -132,12 +132,35 @@ struct Bf16ProductsCpu::Before<OpId::ffn_backward> {
 };
 
 #define BF16_PRODUCTS_FORWARD(ret, name, params, args) \
-  auto Bf16ProductsCpu::name params -> ret {           \
+  auto Bf16ProductsBase::name params -> ret {          \
     Before<OpId::name>{*this}.apply args;              \
     return inner_.name args;                           \
   }
 REFORMER_OPS(BF16_PRODUCTS_FORWARD)
 #undef BF16_PRODUCTS_FORWARD
+
+// LayerNorm and the block as the two ops they stand for, so that the
+// block's operands are rounded (the CUDA op keeps the normalised rows in
+// bf16, the same values).
+class Bf16ProductsCpu final : public Bf16ProductsBase {
+ public:
+  void layernorm_ffn_forward(float* out, float* h, float* a, float* ln, float* mean, float* rstd,
+                             const float* inp, const float* ln_w, const float* ln_b,
+                             const float* w1, const float* b1, const float* w2, const float* b2,
+                             int64_t N, int C, int F, Activation act, float eps, float alpha,
+                             bool accumulate, const float* res) override {
+    layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+    ffn_forward(out, h, a, ln, w1, b1, w2, b2, N, C, F, act, alpha, accumulate, res);
+  }
+  void layernorm_ffn_backward(float* dinp, float* dln_w, float* dln_b, float* dw1, float* db1,
+                              float* dw2, float* db2, const float* dout, float* ln, float* dln,
+                              float* h, float* a, const float* inp, const float* ln_w,
+                              const float* mean, const float* rstd, const float* w1,
+                              const float* w2, int64_t N, int C, int F, Activation act) override {
+    ffn_backward(dln, dw1, db1, dw2, db2, dout, ln, h, a, w1, w2, N, C, F, act);
+    layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
+  }
+};
 
 // d_model 64, 4 heads, 3 layers (LSH, full, local), max_len 128, bucket 16,
 // 2 hash rounds; dropout on, so the CUDA masks must match the CPU's.
