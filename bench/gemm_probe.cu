@@ -67,46 +67,67 @@ static cublasLtHandle_t lt;
 static void* ws;
 static const size_t ws_bytes = 64u << 20;
 
-// One product: A [m,k] (or [k,m] transposed), B [k,n] (or [n,k]), C [m,n] fp32.
+// The descriptors of one product, A [m,k] (or [k,m] transposed), B [k,n]
+// (or [n,k]), C [m,n] fp32, and the heuristic's first k candidates for it.
+struct Product {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  std::vector<cublasLtMatmulHeuristicResult_t> algos;
+  Product(const Shape& s, cudaDataType_t ab, cublasComputeType_t compute, int k) {
+    CB(cublasLtMatmulDescCreate(&op, compute, CUDA_R_32F));
+    cublasOperation_t ta = s.ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb = s.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    CB(cublasLtMatrixLayoutCreate(&a, ab, s.ta ? s.k : s.m, s.ta ? s.m : s.k, s.ta ? s.k : s.m));
+    CB(cublasLtMatrixLayoutCreate(&b, ab, s.tb ? s.n : s.k, s.tb ? s.k : s.n, s.tb ? s.n : s.k));
+    CB(cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, s.m, s.n, s.m));
+    cublasLtMatmulPreference_t pref;
+    CB(cublasLtMatmulPreferenceCreate(&pref));
+    CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                            &ws_bytes, sizeof(ws_bytes)));
+    algos.resize(static_cast<size_t>(k));
+    int found = 0;
+    CB(cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, c, c, pref, k, algos.data(), &found));
+    algos.resize(static_cast<size_t>(found));
+    cublasLtMatmulPreferenceDestroy(pref);
+  }
+  ~Product() {
+    cublasLtMatrixLayoutDestroy(a);
+    cublasLtMatrixLayoutDestroy(b);
+    cublasLtMatrixLayoutDestroy(c);
+    cublasLtMatmulDescDestroy(op);
+  }
+  // ms per run of candidate i (C += A B), after `warm` untimed runs; -1
+  // where cuBLASLt refuses it.
+  float time(size_t i, const void* A, const void* B, float* C, cudaStream_t st, int warm,
+             int reps) const {
+    const float alpha = 1.0f, beta = 1.0f;
+    auto run = [&] {
+      return cublasLtMatmul(lt, op, &alpha, A, a, B, b, &beta, C, c, C, c, &algos[i].algo, ws,
+                            ws_bytes, st);
+    };
+    if (run() != CUBLAS_STATUS_SUCCESS) return -1.0f;
+    for (int w = 1; w < warm; ++w) run();
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    CK(cudaEventRecord(e0, st));
+    for (int r = 0; r < reps; ++r) run();
+    CK(cudaEventRecord(e1, st));
+    CK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    return ms / reps;
+  }
+};
+
+// The heuristic's first algorithm for one product: ms per run.
 static float time_gemm(const Shape& s, cudaDataType_t ab, cublasComputeType_t compute, const void* A,
                        const void* B, float* C, cudaStream_t st, int reps) {
-  cublasLtMatmulDesc_t op;
-  CB(cublasLtMatmulDescCreate(&op, compute, CUDA_R_32F));
-  cublasOperation_t ta = s.ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb = s.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-  cublasLtMatrixLayout_t a, b, c;
-  CB(cublasLtMatrixLayoutCreate(&a, ab, s.ta ? s.k : s.m, s.ta ? s.m : s.k, s.ta ? s.k : s.m));
-  CB(cublasLtMatrixLayoutCreate(&b, ab, s.tb ? s.n : s.k, s.tb ? s.k : s.n, s.tb ? s.n : s.k));
-  CB(cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, s.m, s.n, s.m));
-  cublasLtMatmulPreference_t pref;
-  CB(cublasLtMatmulPreferenceCreate(&pref));
-  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                          sizeof(ws_bytes)));
-  cublasLtMatmulHeuristicResult_t res{};
-  int found = 0;
-  CB(cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, c, c, pref, 1, &res, &found));
-  if (!found) return -1.0f;
-  const float alpha = 1.0f, beta = 1.0f;
-  auto run = [&] {
-    CB(cublasLtMatmul(lt, op, &alpha, A, a, B, b, &beta, C, c, C, c, &res.algo, ws, ws_bytes, st));
-  };
-  run();
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
-  CK(cudaEventRecord(e0, st));
-  for (int i = 0; i < reps; ++i) run();
-  CK(cudaEventRecord(e1, st));
-  CK(cudaEventSynchronize(e1));
-  float ms = 0;
-  CK(cudaEventElapsedTime(&ms, e0, e1));
-  cublasLtMatmulPreferenceDestroy(pref);
-  cublasLtMatrixLayoutDestroy(a);
-  cublasLtMatrixLayoutDestroy(b);
-  cublasLtMatrixLayoutDestroy(c);
-  cublasLtMatmulDescDestroy(op);
-  return ms / reps;
+  const Product p(s, ab, compute, 1);
+  return p.algos.empty() ? -1.0f : p.time(0, A, B, C, st, 1, reps);
 }
 
 __global__ void fill_random(__nv_bfloat16* p, int64_t n, uint32_t seed) {
@@ -120,8 +141,9 @@ __global__ void fill_random(__nv_bfloat16* p, int64_t n, uint32_t seed) {
   }
 }
 
-// Each of the heuristic's first k algorithms for the bf16 product: prints the
-// first's time, the fastest's and its index.
+// Each of the heuristic's first k algorithms for the bf16 product on random
+// operands (4 untimed runs, 10 timed): prints the first's time, the
+// fastest's and its index.
 static void time_algos(const Shape& s, int k, int64_t N, cudaStream_t st) {
   __nv_bfloat16 *A, *B;
   float* C;
@@ -131,56 +153,18 @@ static void time_algos(const Shape& s, int k, int64_t N, cudaStream_t st) {
   fill_random<<<1024, 256, 0, st>>>(A, s.m * s.k, 1u);
   fill_random<<<1024, 256, 0, st>>>(B, s.k * s.n, 2u);
   CK(cudaMemsetAsync(C, 0, sizeof(float) * s.m * s.n, st));
-  cublasLtMatmulDesc_t op;
-  CB(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
-  cublasOperation_t ta = s.ta ? CUBLAS_OP_T : CUBLAS_OP_N, tb = s.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
-  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
-  CB(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-  cublasLtMatrixLayout_t a, b, c;
-  CB(cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, s.ta ? s.k : s.m, s.ta ? s.m : s.k,
-                                s.ta ? s.k : s.m));
-  CB(cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, s.tb ? s.n : s.k, s.tb ? s.k : s.n,
-                                s.tb ? s.n : s.k));
-  CB(cublasLtMatrixLayoutCreate(&c, CUDA_R_32F, s.m, s.n, s.m));
-  cublasLtMatmulPreference_t pref;
-  CB(cublasLtMatmulPreferenceCreate(&pref));
-  CB(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                          sizeof(ws_bytes)));
-  std::vector<cublasLtMatmulHeuristicResult_t> res(static_cast<size_t>(k));
-  int found = 0;
-  CB(cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, c, c, pref, k, res.data(), &found));
-  const float alpha = 1.0f, beta = 1.0f;
+  const Product p(s, CUDA_R_16BF, CUBLAS_COMPUTE_32F, k);
   const double flop = 2.0 * double(s.m) * double(s.n) * double(s.k);
-  cudaEvent_t e0, e1;
-  CK(cudaEventCreate(&e0));
-  CK(cudaEventCreate(&e1));
   float first = -1, best = -1;
   int best_i = -1;
-  for (int i = 0; i < found; ++i) {
-    auto run = [&] {
-      return cublasLtMatmul(lt, op, &alpha, A, a, B, b, &beta, C, c, C, c, &res[size_t(i)].algo,
-                            ws, ws_bytes, st);
-    };
-    if (run() != CUBLAS_STATUS_SUCCESS) continue;
-    for (int w = 0; w < 3; ++w) run();
-    const int reps = 10;
-    CK(cudaEventRecord(e0, st));
-    for (int r = 0; r < reps; ++r) run();
-    CK(cudaEventRecord(e1, st));
-    CK(cudaEventSynchronize(e1));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, e0, e1));
-    ms /= reps;
+  for (size_t i = 0; i < p.algos.size(); ++i) {
+    const float ms = p.time(i, A, B, C, st, 4, 10);
+    if (ms < 0) continue;
     if (i == 0) first = ms;
-    if (best < 0 || ms < best) best = ms, best_i = i;
+    if (best < 0 || ms < best) best = ms, best_i = int(i);
   }
-  std::printf("| %s | %lld | %d | %.3f | %.0f | %.3f | %.0f | %d |\n", s.name, (long long)N, found,
-              first, flop / first / 1e9, best, flop / best / 1e9, best_i);
-  cublasLtMatmulPreferenceDestroy(pref);
-  cublasLtMatrixLayoutDestroy(a);
-  cublasLtMatrixLayoutDestroy(b);
-  cublasLtMatrixLayoutDestroy(c);
-  cublasLtMatmulDescDestroy(op);
+  std::printf("| %s | %lld | %d | %.3f | %.0f | %.3f | %.0f | %d |\n", s.name, (long long)N,
+              int(p.algos.size()), first, flop / first / 1e9, best, flop / best / 1e9, best_i);
   cudaFree(A);
   cudaFree(B);
   cudaFree(C);
