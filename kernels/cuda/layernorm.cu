@@ -304,7 +304,7 @@ struct DwTerm {  // dout * xhat
 bool layernorm_forward_bf16(__nv_bfloat16* out, float* mean, float* rstd, const float* inp,
                             const float* w, const float* b, int64_t N, int C, float eps,
                             cudaStream_t stream) {
-  if (C > 2048) return false;
+  if (C > kLayernormBf16MaxC) return false;
   if (N <= 0 || C <= 0) return true;
   const unsigned blocks = unsigned((N + kRowsPerBlock - 1) / kRowsPerBlock);
   const unsigned threads = 32 * kRowsPerBlock;

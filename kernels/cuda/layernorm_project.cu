@@ -26,7 +26,9 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-bool fused_ok(int C, int OC) { return C % 8 == 0 && OC % 8 == 0 && C <= 2048; }
+bool fused_ok(int C, int OC) {
+  return C % 8 == 0 && OC % 8 == 0 && C <= cuda::kLayernormBf16MaxC;
+}
 
 // The forward products' bf16 operands in the op workspace: both weights
 // (rounded here) and a block of normalised rows.

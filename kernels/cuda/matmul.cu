@@ -16,12 +16,12 @@
 // on the first call's operands (on the H200 the heuristic's first ran up to
 // 43% slower than the fastest of the model's product shapes in isolation,
 // and the step at 64K gained 1.8%: bench/RESULTS.md); otherwise the
-// heuristic's first. Where it
-// offers no kernel for bf16 operands the product runs on the fp32 operands
-// instead. A product repeats its bits for the same algorithm on the same
-// GPU model and toolkit (cuBLAS's guarantee); timed choices can differ
-// between processes, so `REFORMER_GEMM_TUNING=off` (the heuristic's first
-// everywhere) is the setting for runs compared bit for bit.
+// heuristic's first. Where it offers no kernel for bf16 operands the
+// product runs on the fp32 operands instead. A product repeats its bits for
+// the same algorithm on the same GPU model and toolkit (cuBLAS's
+// guarantee); timed choices can differ between processes, so
+// `REFORMER_GEMM_TUNING=off` (the heuristic's first everywhere) is the
+// setting for runs compared bit for bit.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -194,21 +194,29 @@ int CudaOps::tuned_choice(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
   void* d = out.d;
   const void* c = out.c ? out.c : out.d;
   if (d == A || d == B) return 0;
-  void* scratch = nullptr;
+  // The scratch output and the events, released on every way out.
+  struct Timing {
+    void* scratch = nullptr;
+    cudaEvent_t e0 = nullptr, e1 = nullptr;
+    ~Timing() {
+      if (e0) cudaEventDestroy(e0);
+      if (e1) cudaEventDestroy(e1);
+      if (scratch) cudaFree(scratch);
+    }
+  } t;
   if (beta != 0.0f && c == d) {
     const size_t bytes = size_t(out.ld) * size_t(n) * (out.bf16 ? 2 : 4);
     size_t free_bytes = 0, total_bytes = 0;
     CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
     if (bytes > cuda::kTuneScratchBytes || free_bytes < bytes + cuda::kTuneFreeMargin) return 0;
-    if (cudaMalloc(&scratch, bytes) != cudaSuccess) {
+    if (cudaMalloc(&t.scratch, bytes) != cudaSuccess) {
       cudaGetLastError();
       return 0;
     }
-    d = scratch;
+    d = t.scratch;
   }
-  cudaEvent_t e0 = nullptr, e1 = nullptr;
-  CUDA_CHECK(cudaEventCreate(&e0));
-  CUDA_CHECK(cudaEventCreate(&e1));
+  CUDA_CHECK(cudaEventCreate(&t.e0));
+  CUDA_CHECK(cudaEventCreate(&t.e1));
   std::vector<float> ms(algos.size(), -1.0f);
   for (size_t i = 0; i < algos.size(); ++i) {
     auto run = [&] {
@@ -216,16 +224,13 @@ int CudaOps::tuned_choice(cublasLtMatmulDesc_t op, cublasLtMatrixLayout_t la,
                             lt_ws_bytes_, stream_);
     };
     if (run() != CUBLAS_STATUS_SUCCESS) continue;
-    CUDA_CHECK(cudaEventRecord(e0, stream_));
+    CUDA_CHECK(cudaEventRecord(t.e0, stream_));
     bool ok = true;
     for (int r = 0; r < cuda::kTuneReps && ok; ++r) ok = run() == CUBLAS_STATUS_SUCCESS;
-    CUDA_CHECK(cudaEventRecord(e1, stream_));
-    CUDA_CHECK(cudaEventSynchronize(e1));
-    if (ok) CUDA_CHECK(cudaEventElapsedTime(&ms[i], e0, e1));
+    CUDA_CHECK(cudaEventRecord(t.e1, stream_));
+    CUDA_CHECK(cudaEventSynchronize(t.e1));
+    if (ok) CUDA_CHECK(cudaEventElapsedTime(&ms[i], t.e0, t.e1));
   }
-  cudaEventDestroy(e0);
-  cudaEventDestroy(e1);
-  if (scratch) cudaFree(scratch);
   float best = -1.0f;
   for (float t : ms)
     if (t > 0.0f && (best < 0.0f || t < best)) best = t;
