@@ -12,8 +12,22 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
+
+#include "kernels/errors.h"
 
 namespace reformer {
+
+// REFORMER_GEMM_TUNING's value (null where unset): whether the large
+// products time cuBLASLt's candidates (kernels/cuda/matmul.cu). Unset,
+// empty, "on" or "1": yes; "off" or "0": no, the heuristic's first
+// everywhere; anything else is a ConfigError naming the variable.
+inline bool gemm_tuning_from_env(const char* value) {
+  const std::string v = value ? value : "";
+  if (v.empty() || v == "on" || v == "1") return true;
+  if (v == "off" || v == "0") return false;
+  throw ConfigError("REFORMER_GEMM_TUNING: expected on, off, 1 or 0, got '" + v + "'");
+}
 
 // The staged activation rows of one block hold at most this many bytes.
 constexpr int64_t kGemmStageBytes = int64_t(256) << 20;

@@ -111,10 +111,7 @@ constexpr int kTuneReps = 3;
 constexpr size_t kTuneScratchBytes = size_t(64) << 20;
 constexpr size_t kTuneFreeMargin = size_t(1) << 30;
 bool gemm_tuning() {
-  static const bool on = [] {
-    const char* v = std::getenv("REFORMER_GEMM_TUNING");
-    return !(v && (std::string(v) == "off" || std::string(v) == "0"));
-  }();
+  static const bool on = gemm_tuning_from_env(std::getenv("REFORMER_GEMM_TUNING"));
   return on;
 }
 

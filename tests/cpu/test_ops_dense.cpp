@@ -10,8 +10,10 @@
 #include <cstring>
 #include <tuple>
 #include <functional>
+#include <string>
 #include <vector>
 
+#include "kernels/common/gemm_staging.h"
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/embedding.h"
 #include "kernels/cpu/ffn.h"
@@ -163,6 +165,24 @@ struct MatmulCase {
     cpu::matmul_backward(dinp, dw, dbias, r.data(), inp.data(), w.data(), N, C, OC, add_dinp);
   }
 };
+
+// REFORMER_GEMM_TUNING: on by default, off by "off" or "0", and any other
+// value refused with a message naming the variable.
+TEST(GemmTuning, ReadsTheEnvironmentValue) {
+  EXPECT_TRUE(gemm_tuning_from_env(nullptr));
+  EXPECT_TRUE(gemm_tuning_from_env(""));
+  EXPECT_TRUE(gemm_tuning_from_env("on"));
+  EXPECT_TRUE(gemm_tuning_from_env("1"));
+  EXPECT_FALSE(gemm_tuning_from_env("off"));
+  EXPECT_FALSE(gemm_tuning_from_env("0"));
+  try {
+    gemm_tuning_from_env("false");
+    ADD_FAILURE() << "no error for 'false'";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("REFORMER_GEMM_TUNING"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'false'"), std::string::npos) << e.what();
+  }
+}
 
 TEST(MatmulBackward, FiniteDifference) {
   MatmulCase m;
