@@ -348,7 +348,9 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   const int kept = kept_layer_count(cfg);
   b.add("kept x1", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
   b.add("kept x2", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
-  b.add("kept fln", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
+  const int64_t ln_cols = kept_ln_cols(cfg, real_bytes);
+  b.add("kept fln", G::activations, ln_cols == D ? "[L, D] per kept layer" : "[L, D/2] per kept layer",
+        {L, ln_cols}, false, kept);
   b.add("kept fmean", G::activations, "[L] per kept layer", {L}, false, kept);
   b.add("kept frstd", G::activations, "[L] per kept layer", {L}, false, kept);
   b.add("kept fa", G::activations, "[L, d_ff] per kept layer", {L, F}, false, kept);
@@ -423,6 +425,12 @@ int kept_layer_count(const Config& cfg) { return std::max(cfg.model.kept_layers,
 bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
   return sp == 1 && attention_heads_per_pass(cfg, 1, real_bytes) == cfg.model.n_heads &&
          !attention_by_round(cfg, 1, real_bytes);
+}
+
+int64_t kept_ln_cols(const Config& cfg, int real_bytes) {
+  const int64_t D = cfg.model.d_model;
+  if (real_bytes != 4 || cfg.training.device != DeviceKind::cuda) return D;
+  return layernorm_ffn_ln_cols(D, cfg.model.d_ff);
 }
 
 bool keeps_ffn_hidden(const Config& cfg, int real_bytes) {

@@ -127,6 +127,11 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes = 4);
 // feed-forward block fused (kernels/common/gemm_staging.h, ffn_state_in_a),
 // where h is scratch.
 bool keeps_ffn_hidden(const Config& cfg, int real_bytes = 4);
+// Floats per row of a kept layer's feed-forward LayerNorm state ("kept
+// fln"): layernorm_ffn_ln_cols (kernels/common/gemm_staging.h) where
+// training.device is cuda (resolved) and real_bytes 4 (D / 2: bf16 rows),
+// else d_model.
+int64_t kept_ln_cols(const Config& cfg, int real_bytes = 4);
 // `cfg` with model.kept_layers chosen for a device of `device_bytes` when it
 // is auto: the most layers whose whole plan takes at most kAutoPassFraction
 // of the device; 0 when device_bytes <= 0 (the CPU). Unchanged otherwise.

@@ -51,6 +51,7 @@ struct ReformerModel<T>::Scratch {
   Buffer<T> cat, oln, omean, orstd, logits, loss, dcat, doln;    // output chunk
   IntBuffer<T> pred;                     // output chunk argmax [oc]
   int64_t fc = 0, oc = 0;
+  int64_t ln_cols = 0;  // floats per row of a kept layer's fln (Ops::layernorm_ffn_ln_cols)
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
   // + i keeps in kept[i] its inputs, its feed-forward state over all L rows
   // (fh only where h holds state) and, where attn_kept, its attention pass's
@@ -73,9 +74,9 @@ struct ReformerModel<T>::Scratch {
   struct FfnState {
     T *ln, *mean, *rstd, *h, *a;
   };
-  FfnState ffn_state(Kept* k, int64_t r0, int64_t D, int64_t F) {
+  FfnState ffn_state(Kept* k, int64_t r0, int64_t F) {
     if (!k) return {fln.data(), fmean.data(), frstd.data(), fh.data(), fa.data()};
-    return {k->fln.data() + r0 * D, k->fmean.data() + r0, k->frstd.data() + r0,
+    return {k->fln.data() + r0 * ln_cols, k->fmean.data() + r0, k->frstd.data() + r0,
             k->fh.data() ? k->fh.data() + r0 * F : fh.data(), k->fa.data() + r0 * F};
   }
   void swap_attention(Kept& k) {
@@ -187,6 +188,14 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
                       " feed-forward keeps state in h, which the plan for training.device " +
                       to_string(cfg.training.device) + " leaves out (use training.device: cpu)");
+  // A kept layer's LayerNorm rows hold what the ops keep there (plan:
+  // kept_ln_cols, the ops: layernorm_ffn_ln_cols), else they would overrun.
+  s.ln_cols = ops.layernorm_ffn_ln_cols(D_, F_);
+  if (kept > 0 && kept_ln_cols(cfg, int(sizeof(T))) < s.ln_cols)
+    throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
+                      " feed-forward keeps fp32 LayerNorm rows, which the plan for "
+                      "training.device " + to_string(cfg.training.device) +
+                      " keeps in bf16 (use training.device: cpu)");
   for (int k = 0; k < kept; ++k) {
     typename Scratch::Kept K;
     K.x1 = buf("kept x1"); K.x2 = buf("kept x2"); K.fln = buf("kept fln");
@@ -603,7 +612,7 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
                                  int64_t row0, uint64_t step, bool train, const T* x2_in) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
+  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, F_);
   const Activation act = cfg_.model.activation;
   const float eps = float(cfg_.model.layernorm_eps);
   if (!(train && cfg_.model.dropout > 0)) {
@@ -637,7 +646,7 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
     dgd = s.dfg.data();
   }
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
-  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, D_, F_);
+  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, F_);
   ops_.layernorm_ffn_backward(dy1, G.ln_f_w, G.ln_f_b, G.w1, G.b1, G.w2, G.b2, dgd, st.ln,
                               s.dfln.data(), st.h, st.a, y1, P.ln_f_w, st.mean, st.rstd, P.w1,
                               P.w2, rows, D_, F_, cfg_.model.activation);

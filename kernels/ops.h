@@ -39,6 +39,11 @@ class Ops {
   // kernels/common/gemm_staging.h, ffn_state_in_a); false where h holds
   // state too (the CPU: the pre-activation).
   virtual bool ffn_hidden_is_scratch(int /*C*/, int /*F*/) const { return false; }
+  // Floats per row that layernorm_ffn_forward's `ln` state needs for C
+  // inputs and F hidden features (below): C here, fewer where the backend
+  // keeps the normalised rows in a narrower type (CUDA: C / 2 for bf16 rows,
+  // kernels/common/gemm_staging.h, layernorm_ffn_ln_cols).
+  virtual int64_t layernorm_ffn_ln_cols(int C, int /*F*/) const { return C; }
   // The backend's stream (a cudaStream_t for CUDA; nullptr where every op has
   // completed when it returns, as on the CPU). Every op is issued on it in
   // call order. Other streams (collectives) order themselves after the
@@ -108,13 +113,15 @@ class Ops {
   //   backwards in sequence, up to the backend's rounding.
   // LayerNorm and the feed-forward block: layernorm_ffn_forward writes mean,
   //   rstd (as layernorm_forward) and out as ffn_forward on LN(inp) (alpha,
-  //   accumulate and res as there); ln [N, C], h and a receive what
+  //   accumulate and res as there); ln, h and a receive what
   //   layernorm_ffn_backward needs, in the backend's own layout (the CPU:
-  //   LN(inp) in ln and ffn_forward's h, a; CUDA: LN(inp) in bf16 in the
-  //   first half of ln), read by nothing else. layernorm_ffn_backward, given
-  //   that state and dout = dL/dout: dw1, db1, dw2, db2 += as ffn_backward,
-  //   and with dln [N, C] (scratch, left holding dL/dLN) layernorm_backward's
-  //   dinp, dln_w, dln_b +=; it consumes h and a. Both equal
+  //   LN(inp) in ln and ffn_forward's h, a; CUDA: LN(inp) in bf16 in ln),
+  //   read by nothing else; ln is N rows of layernorm_ffn_ln_cols(C, F)
+  //   floats ([N, C] on the CPU; [N, C / 2] where CUDA keeps bf16 rows).
+  //   layernorm_ffn_backward, given that state and dout = dL/dout: dw1,
+  //   db1, dw2, db2 += as ffn_backward, and with dln [N, C] (scratch, left
+  //   holding dL/dLN) layernorm_backward's dinp, dln_w, dln_b +=; it
+  //   consumes h and a. Both equal
   //   layernorm_forward and ffn_forward (then ffn_backward and
   //   layernorm_backward) in sequence, up to the backend's rounding.
   // LSH: factor0 == 0 hashes into n_buckets with one rotation block per

@@ -65,6 +65,9 @@ class ProfilingOps final : public Ops<float> {
   bool ffn_hidden_is_scratch(int C, int F) const override {
     return inner_.ffn_hidden_is_scratch(C, F);
   }
+  int64_t layernorm_ffn_ln_cols(int C, int F) const override {
+    return inner_.layernorm_ffn_ln_cols(C, F);
+  }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
   // Per-op totals since the last reset(), in op-list order (every op, called

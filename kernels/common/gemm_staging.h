@@ -65,6 +65,19 @@ inline int64_t layernorm_project_bytes(int64_t N, int64_t C, int64_t OC) {
 // are multiples of 8 (every bf16 row 16-byte aligned).
 inline bool ffn_state_in_a(int64_t C, int64_t F) { return C % 8 == 0 && F % 8 == 0; }
 
+// Widest rows the CUDA LayerNorm writes in bf16 (kernels/cuda/layernorm.cu,
+// layernorm_forward_bf16; the projections and the feed-forward block take
+// their normalised rows from it up to this width).
+constexpr int kLayernormBf16MaxC = 2048;
+
+// Floats per row of layernorm_ffn_forward's `ln` state on CUDA: where the
+// block is fused and the rows are at most kLayernormBf16MaxC wide it keeps
+// LN(inp) in bf16 only, C / 2 floats a row (kernels/cuda/ffn.cu); else the
+// fp32 rows, C. The CPU keeps C.
+inline int64_t layernorm_ffn_ln_cols(int64_t C, int64_t F) {
+  return ffn_state_in_a(C, F) && C <= kLayernormBf16MaxC ? C / 2 : C;
+}
+
 // The feed-forward block's ops (kernels/cuda/ffn.cu) over N rows of C
 // features and F hidden ones: both weights in bf16, then a block of
 // gemm_block_rows(N, C, F) input rows and, in the backward, as many dout

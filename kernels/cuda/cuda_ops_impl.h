@@ -50,6 +50,9 @@ class CudaOps final : public Ops<float> {
   int64_t peak_bytes() const override;
   void* stream() override { return stream_; }
   bool ffn_hidden_is_scratch(int C, int F) const override { return ffn_state_in_a(C, F); }
+  int64_t layernorm_ffn_ln_cols(int C, int F) const override {
+    return reformer::layernorm_ffn_ln_cols(C, F);
+  }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
  private:

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "kernels/common/gemm_staging.h"
 #include "kernels/cuda/check.h"
 #include "kernels/cuda/workspace.h"
 
@@ -225,8 +226,7 @@ void round_bf16_2d(__nv_bfloat16* dst, int64_t ld_dst, const float* src, int64_t
 
 // out = bf16(LayerNorm(inp)) with mean and rstd, as layernorm_forward
 // (layernorm.cu); false (nothing done) for rows wider than
-// kLayernormBf16MaxC.
-constexpr int kLayernormBf16MaxC = 2048;
+// kLayernormBf16MaxC (kernels/common/gemm_staging.h).
 bool layernorm_forward_bf16(__nv_bfloat16* out, float* mean, float* rstd, const float* inp,
                             const float* w, const float* b, int64_t N, int C, float eps,
                             cudaStream_t stream);

@@ -329,7 +329,7 @@ void CudaOps::layernorm_ffn_backward(float* dinp, float* dln_w, float* dln_b, fl
                                      Activation act) {
   if (N <= 0 || C <= 0) return;
   // The forward's choice (the same test): bf16 rows in ln, or fp32 LN.
-  if (cuda::ffn_fused(C, F) && C <= cuda::kLayernormBf16MaxC)
+  if (layernorm_ffn_ln_cols(C, F) < C)
     ffn_backward_rows(dln, dw1, db1, dw2, db2, dout, nullptr,
                       reinterpret_cast<const __nv_bfloat16*>(ln), h, a, w1, w2, N, C, F, act);
   else

@@ -27,7 +27,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 bool fused_ok(int C, int OC) {
-  return C % 8 == 0 && OC % 8 == 0 && C <= cuda::kLayernormBf16MaxC;
+  return C % 8 == 0 && OC % 8 == 0 && C <= kLayernormBf16MaxC;
 }
 
 // The forward products' bf16 operands in the op workspace: both weights

@@ -335,6 +335,20 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
   EXPECT_EQ(per_layer, plan_memory(k1, 1).total_bytes() - plan_memory(cfg, 1).total_bytes());
   const Config long1 = with_length(k1, 1048576, "test");
   EXPECT_FALSE(keeps_attention(long1, 1));
+  // A kept layer's LayerNorm rows: bf16 on CUDA (half the floats), fp32 on
+  // the CPU and in the double-precision checks.
+  const int64_t D = cfg.model.d_model;
+  EXPECT_EQ(kept_ln_cols(cfg), D / 2);
+  EXPECT_EQ(kept_ln_cols(on_cpu), D);
+  EXPECT_EQ(kept_ln_cols(cfg, 8), D);
+  EXPECT_EQ(plan_memory(k1, 1).count("kept fln"), 65536 * D / 2);
+  Config k1_cpu = k1;
+  k1_cpu.training.device = DeviceKind::cpu;
+  EXPECT_EQ(plan_memory(k1_cpu, 1).count("kept fln"), 65536 * D);
+  Config wide = k1;  // rows wider than the bf16 LayerNorm takes: fp32
+  wide.model.d_model = 4096;
+  wide.model.n_heads = 32;
+  EXPECT_EQ(kept_ln_cols(wide), 4096);
   Config set = cfg;
   set.model.kept_layers = 2;
   EXPECT_EQ(fit_kept_layers(set, 1, 6 * GiB).model.kept_layers, 2);
