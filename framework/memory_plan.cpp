@@ -362,6 +362,19 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
     b.add("kept lse", G::activations, "lse per kept layer", {plan.count("lse")}, false, kept);
   }
+  if (keeps_attention_outputs(cfg, sp, real_bytes)) {
+    // Every pass's outputs ao, stashed (Ops::stash: bf16 on CUDA), and
+    // log-sum-exps: what the attention backward reads from the forward.
+    const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
+    const int64_t passes = Hloc / Hp;
+    const int64_t n = Lfull * Hp * dh;
+    b.add("kept ao stash", G::activations,
+          stash_elems(cfg, n, real_bytes) == n ? "[passes, Lfull*heads_per_pass*dh] per kept layer"
+                                               : "[passes, Lfull*heads_per_pass*dh/2] per kept layer",
+          {passes, stash_elems(cfg, n, real_bytes)}, false, kept);
+    b.add("kept lse all", G::activations, "[passes, lse] per kept layer",
+          {passes, plan.count("lse")}, false, kept);
+  }
 
   const int64_t oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L) : L;
   for (const char* n : {"cat", "oln", "dcat", "doln"}) b.add(n, G::chunks, "[oc, 2D]", {oc, 2 * D});
@@ -425,6 +438,15 @@ int kept_layer_count(const Config& cfg) { return std::max(cfg.model.kept_layers,
 bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
   return sp == 1 && attention_heads_per_pass(cfg, 1, real_bytes) == cfg.model.n_heads &&
          !attention_by_round(cfg, 1, real_bytes);
+}
+
+bool keeps_attention_outputs(const Config& cfg, int sp, int real_bytes) {
+  return sp == 1 && !keeps_attention(cfg, sp, real_bytes) && !attention_by_round(cfg, 1, real_bytes);
+}
+
+int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes) {
+  if (real_bytes != 4 || cfg.training.device != DeviceKind::cuda) return n;
+  return bf16_stash_elems(n);
 }
 
 int64_t kept_ln_cols(const Config& cfg, int real_bytes) {

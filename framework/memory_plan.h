@@ -122,6 +122,15 @@ int kept_layer_count(const Config& cfg);
 // head in one pass and the hash rounds attended together (the other layouts
 // rerun a kept layer's attention forward, but not its residual update).
 bool keeps_attention(const Config& cfg, int sp, int real_bytes = 4);
+// Where they do not: whether kept layers keep what the attention backward
+// reads from the forward instead, every pass's outputs ao (stashed: bf16
+// on CUDA) and log-sum-exps, so that their backward reruns the projections
+// but not the attention: at sp 1 with the hash rounds attended together.
+bool keeps_attention_outputs(const Config& cfg, int sp, int real_bytes = 4);
+// Elements Ops::stash of n values takes on the config's device
+// (kernels/common/gemm_staging.h, bf16_stash_elems, where training.device
+// is cuda and real_bytes 4; else n).
+int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes = 4);
 // Whether a kept layer's feed-forward state includes the pre-activation h:
 // unless training.device is cuda (resolved, not auto), real_bytes 4 and the
 // feed-forward block fused (kernels/common/gemm_staging.h, ffn_state_in_a),

@@ -60,9 +60,15 @@ struct ReformerModel<T>::Scratch {
   struct Kept {
     Buffer<T> x1, x2, fln, fmean, frstd, fa, fh;
     Buffer<T> qk, v, ao, lse;
+    Buffer<T> ao_st, lse_all;  // attn_stashed: every pass's ao (stashed) and lse
   };
   std::vector<Kept> kept;
   bool attn_kept = false;
+  // Kept layers keep every pass's attention outputs (Ops::stash) and
+  // log-sum-exps instead (keeps_attention_outputs): their backward reruns
+  // the projections, not the attention.
+  bool attn_stashed = false;
+  int64_t ao_st_pass = 0;  // elements of one pass's stashed ao
   bool keeping = false;  // this forward keeps (a backward follows)
   // Layer l's kept state when this forward keeps it, else null.
   Kept* kept_of(int l, int n_layers) {
@@ -196,6 +202,15 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
                       " feed-forward keeps fp32 LayerNorm rows, which the plan for "
                       "training.device " + to_string(cfg.training.device) +
                       " keeps in bf16 (use training.device: cpu)");
+  s.attn_stashed = kept > 0 && keeps_attention_outputs(cfg, shard.size, int(sizeof(T)));
+  if (s.attn_stashed) {
+    s.ao_st_pass = ops.stash_elems(L_ * int64_t(Hp_) * dh_);
+    if (plan.count("kept ao stash") < (Hloc_ / Hp_) * s.ao_st_pass)
+      throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
+                        " stash of the attention outputs is wider than the plan for "
+                        "training.device " + to_string(cfg.training.device) +
+                        " holds (use training.device: cpu)");
+  }
   for (int k = 0; k < kept; ++k) {
     typename Scratch::Kept K;
     K.x1 = buf("kept x1"); K.x2 = buf("kept x2"); K.fln = buf("kept fln");
@@ -204,6 +219,10 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     if (s.attn_kept) {
       K.qk = buf("kept qk"); K.v = buf("kept v"); K.ao = buf("kept ao");
       K.lse = buf("kept lse");
+    }
+    if (s.attn_stashed) {
+      K.ao_st = buf("kept ao stash");
+      K.lse_all = buf("kept lse all");
     }
     s.kept.push_back(std::move(K));
   }
@@ -491,9 +510,17 @@ void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train,
     }
     return;
   }
-  for (int pass = 0; pass < Hloc_ / Hp_; ++pass)
-    add_output(l, attend_pass(l, pass, step, /*rehash*/ true), pass_weights(l, pass).wo,
-               out_cols(), false, step, train, pass == 0 ? x1_in : nullptr);
+  typename Scratch::Kept* k = s.attn_stashed ? s.kept_of(l, NL_) : nullptr;
+  for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
+    const T* ao = attend_pass(l, pass, step, /*rehash*/ true);
+    if (k) {  // what the backward reads from this pass's attention
+      const int64_t nl = s.attn.lse.size();
+      ops_.stash(k->ao_st.data() + pass * s.ao_st_pass, ao, L_ * out_cols());
+      ops_.copy(k->lse_all.data() + pass * nl, s.attn.lse.data(), nl);
+    }
+    add_output(l, ao, pass_weights(l, pass).wo, out_cols(), false, step, train,
+               pass == 0 ? x1_in : nullptr);
+  }
 }
 
 // Attention pass `pass` of layer l: loads its weights, projects LN_a(x2) on
@@ -506,16 +533,7 @@ void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train,
 template <class T>
 const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool rehash) {
   Scratch& s = *s_;
-  const PassWeights pw = pass_weights(l, pass);
-  if (!pw.all) load_pass_weights(l, pass);
-  const int N = shard_.size * Hp_ * dh_;
-  if (!s.exchange) {
-    project(l, pw.wq, pw.wv, N, s.qk.data(), s.v.data());
-  } else {
-    project(l, pw.wq, pw.wv, N, s.lqk.data(), s.lv.data());
-    s.exchange->to_heads(s.lqk.data(), s.qk.data());
-    s.exchange->to_heads(s.lv.data(), s.v.data());
-  }
+  project_pass(l, pass);
   for (int j = 0; j < Hp_; ++j) {
     const int64_t c = int64_t(j) * dh_;
     s.kinds[size_t(l)]->forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c,
@@ -524,6 +542,23 @@ const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool reha
   if (!s.exchange) return s.ao.data();
   s.exchange->to_sequence(s.ao.data(), s.lqk.data());
   return g_ > 1 ? combine_parts(l) : s.lqk.data();
+}
+
+// The projections of attention pass `pass` of layer l (attend_pass's
+// first half): qk, v of the pass heads over the whole sequence.
+template <class T>
+void ReformerModel<T>::project_pass(int l, int pass) {
+  Scratch& s = *s_;
+  const PassWeights pw = pass_weights(l, pass);
+  if (!pw.all) load_pass_weights(l, pass);
+  const int N = shard_.size * Hp_ * dh_;
+  if (!s.exchange) {
+    project(l, pw.wq, pw.wv, N, s.qk.data(), s.v.data());
+    return;
+  }
+  project(l, pw.wq, pw.wv, N, s.lqk.data(), s.lv.data());
+  s.exchange->to_heads(s.lqk.data(), s.qk.data());
+  s.exchange->to_heads(s.lv.data(), s.v.data());
 }
 
 // From y1 in x1, the rebuilt x2 and the gradients dx1 (of y1) and dx2 (of
@@ -567,9 +602,20 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
   const int n = Hp_ * dh_, N = shard_.size * n, No = out_cols();
   const int64_t w = int64_t(D_) * N;
+  typename Scratch::Kept* k = s.attn_stashed ? s.kept_of(l, NL_) : nullptr;
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
-    // Kept attention state: one pass at sp 1, its outputs in ao.
-    const T* ao = attend ? attend_pass(l, pass, step, /*rehash*/ false) : s.ao.data();
+    // Kept attention state: one pass at sp 1, its outputs in ao; or every
+    // pass's outputs and log-sum-exps (attn_stashed), back into ao and the
+    // heads' slots after the projections.
+    const T* ao = s.ao.data();
+    if (k) {
+      const int64_t nl = s.attn.lse.size();
+      project_pass(l, pass);
+      ops_.unstash(s.ao.data(), k->ao_st.data() + pass * s.ao_st_pass, L_ * out_cols());
+      ops_.copy(s.attn.lse.data(), k->lse_all.data() + pass * nl, nl);
+    } else if (attend) {
+      ao = attend_pass(l, pass, step, /*rehash*/ false);
+    }
     const PassWeights pw = pass_weights(l, pass);
     if (rebuild_x1) add_output(l, ao, pw.wo, No, true, step, train);
     // dao of this rank's positions (lv under sp, exchanged into dao; in

@@ -117,6 +117,7 @@ class ReformerModel {
   };
   PassWeights pass_weights(int l, int pass);
   const T* attend_pass(int l, int pass, uint64_t step, bool rehash);
+  void project_pass(int l, int pass);
   const T* attend_sorted(int l, int pass, uint64_t step, bool rehash);
   int64_t pass_col(int rank, int pass) const;
   void load_pass_weights(int l, int pass);

@@ -38,6 +38,8 @@
   X(void, axpy, (T* y, T a, const T* x, int64_t n), (y, a, x, n))                           \
   X(void, scale, (T* x, T s, int64_t n), (x, s, n))                                         \
   X(double, sum_squares, (const T* x, int64_t n), (x, n))                                   \
+  X(void, stash, (T* dst, const T* src, int64_t n), (dst, src, n))                          \
+  X(void, unstash, (T* dst, const T* src, int64_t n), (dst, src, n))                        \
   X(void, copy_2d,                                                                          \
     (T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols),     \
     (dst, ld_dst, src, ld_src, rows, cols))                                                 \

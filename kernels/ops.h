@@ -44,6 +44,9 @@ class Ops {
   // keeps the normalised rows in a narrower type (CUDA: C / 2 for bf16 rows,
   // kernels/common/gemm_staging.h, layernorm_ffn_ln_cols).
   virtual int64_t layernorm_ffn_ln_cols(int C, int /*F*/) const { return C; }
+  // Elements of a stash of n values (stash, below): n here, fewer where the
+  // backend stashes in a narrower type (CUDA: (n + 1) / 2, bf16 pairs).
+  virtual int64_t stash_elems(int64_t n) const { return n; }
   // The backend's stream (a cudaStream_t for CUDA; nullptr where every op has
   // completed when it returns, as on the CPU). Every op is issued on it in
   // call order. Other streams (collectives) order themselves after the
@@ -63,7 +66,10 @@ class Ops {
   //   n elements between host memory and this Ops' memory.
   // elementwise: out = a + b, out = a - b (may alias); axpy y += a * x;
   //   scale x *= s; sum_squares sums x^2 in double; copy has memmove
-  //   semantics. copy_2d: dst[r, :cols] = src[r, :cols] for r < rows with row
+  //   semantics. stash keeps n values of src in dst (stash_elems(n)
+  //   elements) in the backend's storage precision (the CPU: exactly;
+  //   CUDA: bf16, rounded to nearest even), unstash writes them back into
+  //   n values of dst; dst and src do not overlap. copy_2d: dst[r, :cols] = src[r, :cols] for r < rows with row
   //   strides ld_dst, ld_src; add_2d the same with +=.
   //   dropout: out[i] (+= when accumulate) = alpha * (keep_i ? x[i] / (1 - p)
   //   : 0), keep_i = dropout_uniform(key, offset + i) >= p for the counter RNG

@@ -68,6 +68,7 @@ class ProfilingOps final : public Ops<float> {
   int64_t layernorm_ffn_ln_cols(int C, int F) const override {
     return inner_.layernorm_ffn_ln_cols(C, F);
   }
+  int64_t stash_elems(int64_t n) const override { return inner_.stash_elems(n); }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
   // Per-op totals since the last reset(), in op-list order (every op, called

@@ -65,6 +65,9 @@ inline int64_t layernorm_project_bytes(int64_t N, int64_t C, int64_t OC) {
 // are multiples of 8 (every bf16 row 16-byte aligned).
 inline bool ffn_state_in_a(int64_t C, int64_t F) { return C % 8 == 0 && F % 8 == 0; }
 
+// Floats that CUDA's stash of n values takes (Ops::stash: bf16 pairs).
+inline int64_t bf16_stash_elems(int64_t n) { return (n + 1) / 2; }
+
 // Widest rows the CUDA LayerNorm writes in bf16 (kernels/cuda/layernorm.cu,
 // layernorm_forward_bf16; the projections and the feed-forward block take
 // their normalised rows from it up to this width).

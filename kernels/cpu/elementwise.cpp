@@ -33,6 +33,16 @@ void copy(T* dst, const T* src, int64_t n) {
 }
 
 template <class T>
+void stash(T* dst, const T* src, int64_t n) {
+  copy(dst, src, n);
+}
+
+template <class T>
+void unstash(T* dst, const T* src, int64_t n) {
+  copy(dst, src, n);
+}
+
+template <class T>
 void add(T* out, const T* a, const T* b, int64_t n) {
 #pragma omp parallel for if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
@@ -136,6 +146,8 @@ void dropout(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t ste
 #define REFORMER_INSTANTIATE(T)                                                              \
   template void fill<T>(T*, T, int64_t);                                                     \
   template void copy<T>(T*, const T*, int64_t);                                              \
+  template void stash<T>(T*, const T*, int64_t);                                             \
+  template void unstash<T>(T*, const T*, int64_t);                                           \
   template void add<T>(T*, const T*, const T*, int64_t);                                     \
   template void sub<T>(T*, const T*, const T*, int64_t);                                     \
   template void axpy<T>(T*, T, const T*, int64_t);                                           \

@@ -12,6 +12,9 @@ template <class T> void sub(T* out, const T* a, const T* b, int64_t n);
 template <class T> void axpy(T* y, T a, const T* x, int64_t n);
 template <class T> void scale(T* x, T s, int64_t n);
 template <class T> double sum_squares(const T* x, int64_t n);
+// The CPU stashes exactly: both are copies (stash_elems(n) = n).
+template <class T> void stash(T* dst, const T* src, int64_t n);
+template <class T> void unstash(T* dst, const T* src, int64_t n);
 template <class T>
 void copy_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
 template <class T>

@@ -53,6 +53,7 @@ class CudaOps final : public Ops<float> {
   int64_t layernorm_ffn_ln_cols(int C, int F) const override {
     return reformer::layernorm_ffn_ln_cols(C, F);
   }
+  int64_t stash_elems(int64_t n) const override { return bf16_stash_elems(n); }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
  private:

@@ -3,6 +3,7 @@
 // results are bitwise reproducible; sum_squares is a deterministic two-pass
 // reduction in double. dropout draws the same counter-RNG stream as the CPU
 // (same key, same element index), so masks are identical.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -50,6 +51,19 @@ __global__ void axpy_kernel(float* y, float a, const float* x, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
     y[i] = __fadd_rn(y[i], __fmul_rn(a, x[i]));
+}
+
+// dst[i] = bf16(src[i]) (stash), dst[i] = float(src[i]) (unstash).
+__global__ void stash_kernel(__nv_bfloat16* dst, const float* src, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = __float2bfloat16_rn(src[i]);
+}
+
+__global__ void unstash_kernel(float* dst, const __nv_bfloat16* src, int64_t n) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = __bfloat162float(src[i]);
 }
 
 __global__ void scale_kernel(float* x, float s, int64_t n) {
@@ -225,6 +239,21 @@ void CudaOps::fill(float* x, float value, int64_t n) {
     return;
   }
   cuda::launch_fill(x, value, n, stream_);
+}
+
+// The stash holds bf16 values, two in each of stash_elems(n) floats.
+void CudaOps::stash(float* dst, const float* src, int64_t n) {
+  if (n <= 0) return;
+  cuda::stash_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(
+      reinterpret_cast<__nv_bfloat16*>(dst), src, n);
+  CUDA_CHECK_LAUNCH("stash_kernel");
+}
+
+void CudaOps::unstash(float* dst, const float* src, int64_t n) {
+  if (n <= 0) return;
+  cuda::unstash_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(
+      dst, reinterpret_cast<const __nv_bfloat16*>(src), n);
+  CUDA_CHECK_LAUNCH("unstash_kernel");
 }
 
 void CudaOps::copy(float* dst, const float* src, int64_t n) {

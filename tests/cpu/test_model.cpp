@@ -213,7 +213,8 @@ std::pair<std::vector<double>, std::vector<T>> two_steps(const Config& cfg, Ops<
 // The same function as the rebuilding model: in double to rounding, in fp32
 // to the rebuild's rounding of the layer inputs. And the backward really
 // skips the rebuild: with every layer kept it runs no feed-forward and no
-// attention forward (in passes of one head it reruns the attention only).
+// attention forward (in passes of one head it reruns the projections only,
+// the passes' attention outputs and log-sum-exps kept through Ops::stash).
 TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
   for (const auto& sets : std::vector<std::vector<std::string>>{
            {}, {"model.dropout=0.25", "model.ffn_chunk=5"}, {"model.attn_heads_per_pass=1"}}) {
@@ -239,8 +240,11 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
     EXPECT_LE(test::max_rel_err(fg[1].data(), fg[0].data(), int64_t(fg[0].size()), 1e-2), 1e-4);
     EXPECT_GT(calls[0][OpId::layernorm_ffn_forward], 0);
     EXPECT_EQ(calls[1][OpId::layernorm_ffn_forward] * 2, calls[0][OpId::layernorm_ffn_forward]);
+    // Every layer kept: the attention forward runs once, its state kept
+    // whole (one pass of heads) or as the passes' outputs and log-sum-exps.
     const int64_t attn = calls[1][OpId::chunked_attention_forward];
-    EXPECT_EQ(sets.size() == 1 ? attn : attn * 2, calls[0][OpId::chunked_attention_forward]);
+    EXPECT_EQ(attn * 2, calls[0][OpId::chunked_attention_forward]);
+    EXPECT_EQ(calls[1][OpId::stash] > 0, sets.size() == 1 && sets[0] == "model.attn_heads_per_pass=1");
   }
 }
 

@@ -62,6 +62,18 @@ void add_elementwise(std::vector<Case>& cases) {
                   [n](auto& ops, auto& t) { ops.copy(t("out"), t("a"), n); });
     c.bitwise = true;
     cases.push_back(c);
+    // A stash and back: the CPU's is exact, CUDA's rounds each value to bf16
+    // (relative 2^-9); the stash itself is in each backend's own layout.
+    for (OpId id : {OpId::stash, OpId::unstash}) {
+      c = make_case(std::string(id == OpId::stash ? "stash" : "unstash") + s, id,
+                    {input("a", n, 1), input("kept", n, 2),
+                     output("out", n, 3, Tol{1e-30, 2.0 / 512})},
+                    [n](auto& ops, auto& t) {
+                      ops.stash(t("kept"), t("a"), n);
+                      ops.unstash(t("out"), t("kept"), n);
+                    });
+      cases.push_back(c);
+    }
     // Sum of squares in double: only the summation order differs.
     c = make_case("sum_squares" + s, OpId::sum_squares, {input("x", n, 1)},
                   [n](auto& ops, auto& t) { t.scalar = ops.sum_squares(t("x"), n); });

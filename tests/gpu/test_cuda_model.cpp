@@ -26,6 +26,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "framework/config.h"
@@ -295,11 +296,16 @@ INSTANTIATE_TEST_SUITE_P(Attention, CudaModelAt, ::testing::Values("fp32", "bf16
 // with ReLU (layer 0, norms 0.3% apart), where either path against the CPU
 // reference is 0.996 to 0.999. Asked: cosine > 0.999 per parameter, norms
 // within 1% (tests/cpu/test_model.cpp checks the kept path's exactness).
-// GELU and ReLU (whose backward writes h).
+// GELU and ReLU (whose backward writes h); and with two passes of heads,
+// where kept layers keep the passes' attention outputs stashed in bf16 (the
+// backward's D term and dWo read them rounded, dWo as its product did).
 TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  for (const char* act : {"gelu", "relu"}) {
-    SCOPED_TRACE(act);
+  // Every head in one pass (the attention state kept whole, fp32), and two
+  // passes of two (their outputs stashed in bf16 and their log-sum-exps).
+  for (const auto& [act, hp] : {std::pair{"gelu", 0}, std::pair{"relu", 0},
+                                std::pair{"gelu", 2}}) {
+    SCOPED_TRACE(std::string(act) + ", heads per pass " + std::to_string(hp));
     std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
     std::vector<int32_t> tokens, targets;
     std::vector<float> grads[2];
@@ -309,7 +315,9 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
       cfg.training.device = DeviceKind::cuda;
       cfg.model.activation = std::string(act) == "relu" ? Activation::relu : Activation::gelu;
       cfg.model.kept_layers = kept ? 3 : 0;
+      cfg.model.attn_heads_per_pass = hp;
       ASSERT_EQ(keeps_ffn_hidden(cfg), false);
+      ASSERT_EQ(keeps_attention_outputs(cfg, 1), hp == 2);
       ReformerModel<float> m(cfg, *gpu);
       m.init_params(cfg.training.seed);
       m.zero_grads();
