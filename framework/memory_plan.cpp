@@ -349,8 +349,9 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("kept x1", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
   b.add("kept x2", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
   const int64_t ln_cols = kept_ln_cols(cfg, real_bytes);
-  b.add("kept fln", G::activations, ln_cols == D ? "[L, D] per kept layer" : "[L, D/2] per kept layer",
-        {L, ln_cols}, false, kept);
+  b.add("kept fln", G::activations,
+        ln_cols == D ? "[L, D] per kept layer" : "[L, D/2] per kept layer", {L, ln_cols}, false,
+        kept);
   b.add("kept fmean", G::activations, "[L] per kept layer", {L}, false, kept);
   b.add("kept frstd", G::activations, "[L] per kept layer", {L}, false, kept);
   b.add("kept fa", G::activations, "[L, d_ff] per kept layer", {L, F}, false, kept);
@@ -368,10 +369,11 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
     const int64_t passes = Hloc / Hp;
     const int64_t n = Lfull * Hp * dh;
+    const int64_t st = stash_elems(cfg, n, real_bytes);
     b.add("kept ao stash", G::activations,
-          stash_elems(cfg, n, real_bytes) == n ? "[passes, Lfull*heads_per_pass*dh] per kept layer"
-                                               : "[passes, Lfull*heads_per_pass*dh/2] per kept layer",
-          {passes, stash_elems(cfg, n, real_bytes)}, false, kept);
+          st == n ? "[passes, Lfull*heads_per_pass*dh] per kept layer"
+                  : "[passes, Lfull*heads_per_pass*dh/2] per kept layer",
+          {passes, st}, false, kept);
     b.add("kept lse all", G::activations, "[passes, lse] per kept layer",
           {passes, plan.count("lse")}, false, kept);
   }
@@ -441,7 +443,8 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
 }
 
 bool keeps_attention_outputs(const Config& cfg, int sp, int real_bytes) {
-  return sp == 1 && !keeps_attention(cfg, sp, real_bytes) && !attention_by_round(cfg, 1, real_bytes);
+  return sp == 1 && !keeps_attention(cfg, sp, real_bytes) &&
+         !attention_by_round(cfg, 1, real_bytes);
 }
 
 int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes) {

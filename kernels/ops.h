@@ -69,8 +69,9 @@ class Ops {
   //   semantics. stash keeps n values of src in dst (stash_elems(n)
   //   elements) in the backend's storage precision (the CPU: exactly;
   //   CUDA: bf16, rounded to nearest even), unstash writes them back into
-  //   n values of dst; dst and src do not overlap. copy_2d: dst[r, :cols] = src[r, :cols] for r < rows with row
-  //   strides ld_dst, ld_src; add_2d the same with +=.
+  //   n values of dst; dst and src do not overlap. copy_2d: dst[r, :cols] =
+  //   src[r, :cols] for r < rows with row strides ld_dst, ld_src; add_2d
+  //   the same with +=.
   //   dropout: out[i] (+= when accumulate) = alpha * (keep_i ? x[i] / (1 - p)
   //   : 0), keep_i = dropout_uniform(key, offset + i) >= p for the counter RNG
   //   stream key = make_key(seed, RngPurpose::dropout, step, layer, site)
@@ -127,9 +128,9 @@ class Ops {
   //   layernorm_ffn_backward, given that state and dout = dL/dout: dw1,
   //   db1, dw2, db2 += as ffn_backward, and with dln [N, C] (scratch, left
   //   holding dL/dLN) layernorm_backward's dinp, dln_w, dln_b +=; it
-  //   consumes h and a. Both equal
-  //   layernorm_forward and ffn_forward (then ffn_backward and
-  //   layernorm_backward) in sequence, up to the backend's rounding.
+  //   consumes h and a. Both equal layernorm_forward and ffn_forward (then
+  //   ffn_backward and layernorm_backward) in sequence, up to the
+  //   backend's rounding.
   // LSH: factor0 == 0 hashes into n_buckets with one rotation block per
   //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
   //   block per factor (kernels/common/params.h, rotation_cols); cols is
