@@ -447,19 +447,27 @@ bool keeps_attention_outputs(const Config& cfg, int sp, int real_bytes) {
          !attention_by_round(cfg, 1, real_bytes);
 }
 
+namespace {
+// Whether the plan is for the CUDA ops' layouts (training.device cuda,
+// resolved; fp32, not the double-precision checks).
+bool cuda_layouts(const Config& cfg, int real_bytes) {
+  return real_bytes == 4 && cfg.training.device == DeviceKind::cuda;
+}
+}  // namespace
+
 int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes) {
-  if (real_bytes != 4 || cfg.training.device != DeviceKind::cuda) return n;
+  if (!cuda_layouts(cfg, real_bytes)) return n;
   return bf16_stash_elems(n);
 }
 
 int64_t kept_ln_cols(const Config& cfg, int real_bytes) {
   const int64_t D = cfg.model.d_model;
-  if (real_bytes != 4 || cfg.training.device != DeviceKind::cuda) return D;
+  if (!cuda_layouts(cfg, real_bytes)) return D;
   return layernorm_ffn_ln_cols(D, cfg.model.d_ff);
 }
 
 bool keeps_ffn_hidden(const Config& cfg, int real_bytes) {
-  return real_bytes != 4 || cfg.training.device != DeviceKind::cuda ||
+  return !cuda_layouts(cfg, real_bytes) ||
          !ffn_state_in_a(cfg.model.d_model, cfg.model.d_ff);
 }
 

@@ -259,22 +259,20 @@ TEST(CudaMatmulBlocks, LayernormFfnGivesTheBitsOfLayernormThenFfn) {
   auto& ops = m.ops;
   const int64_t N = m.N;
   ASSERT_LT(gemm_block_rows(N, C, F), N);
-  auto upload = [&](int64_t n, uint32_t seed, float scale) { return m.up(n, seed, scale); };
-  auto download = [&](const Buffer<float>& b, int64_t n) { return m.down(b, n); };
-  Buffer<float> x = upload(N * C, 31, 2.0f), lw = upload(C, 32, 1.0f), lb = upload(C, 33, 0.5f),
-                w1 = upload(int64_t(C) * F, 34, 0.05f), b1 = upload(F, 35, 0.5f),
-                w2 = upload(int64_t(F) * C, 36, 0.02f), b2 = upload(C, 37, 0.5f),
-                dout = upload(N * C, 38, 1.0f);
+  Buffer<float> x = m.up(N * C, 31, 2.0f), lw = m.up(C, 32, 1.0f), lb = m.up(C, 33, 0.5f),
+                w1 = m.up(int64_t(C) * F, 34, 0.05f), b1 = m.up(F, 35, 0.5f),
+                w2 = m.up(int64_t(F) * C, 36, 0.02f), b2 = m.up(C, 37, 0.5f),
+                dout = m.up(N * C, 38, 1.0f);
   struct Out {
     Buffer<float> out, mean, rstd, ln, dln, h, a, dx, dlw, dlb, dw1, db1, dw2, db2;
   };
   auto fresh = [&]() {
-    return Out{upload(N * C, 39, 1.0f),        Buffer<float>(*ops, N),     Buffer<float>(*ops, N),
+    return Out{m.up(N * C, 39, 1.0f),        Buffer<float>(*ops, N),     Buffer<float>(*ops, N),
                Buffer<float>(*ops, N * C),     Buffer<float>(*ops, N * C), Buffer<float>(*ops, N * F),
-               Buffer<float>(*ops, N * F),     upload(N * C, 40, 1.0f),    upload(C, 41, 1.0f),
-               upload(C, 42, 1.0f),            upload(int64_t(C) * F, 43, 1.0f),
-               upload(F, 44, 1.0f),            upload(int64_t(F) * C, 45, 1.0f),
-               upload(C, 46, 1.0f)};
+               Buffer<float>(*ops, N * F),     m.up(N * C, 40, 1.0f),    m.up(C, 41, 1.0f),
+               m.up(C, 42, 1.0f),            m.up(int64_t(C) * F, 43, 1.0f),
+               m.up(F, 44, 1.0f),            m.up(int64_t(F) * C, 45, 1.0f),
+               m.up(C, 46, 1.0f)};
   };
   const Activation act = Activation::gelu;
   Out f = fresh(), e = fresh();
@@ -297,16 +295,16 @@ TEST(CudaMatmulBlocks, LayernormFfnGivesTheBitsOfLayernormThenFfn) {
   ops->layernorm_backward(e.dx.data(), e.dlw.data(), e.dlb.data(), e.dln.data(), x.data(),
                           lw.data(), e.mean.data(), e.rstd.data(), N, C);
   const int64_t W = int64_t(C) * F;
-  EXPECT_TRUE(same_bits(download(f.out, N * C), download(e.out, N * C))) << "out";
-  EXPECT_TRUE(same_bits(download(f.mean, N), download(e.mean, N))) << "mean";
-  EXPECT_TRUE(same_bits(download(f.rstd, N), download(e.rstd, N))) << "rstd";
-  EXPECT_TRUE(same_bits(download(f.dx, N * C), download(e.dx, N * C))) << "dinp";
-  EXPECT_TRUE(same_bits(download(f.dlw, C), download(e.dlw, C))) << "dln_w";
-  EXPECT_TRUE(same_bits(download(f.dlb, C), download(e.dlb, C))) << "dln_b";
-  EXPECT_TRUE(same_bits(download(f.dw1, W), download(e.dw1, W))) << "dw1";
-  EXPECT_TRUE(same_bits(download(f.db1, F), download(e.db1, F))) << "db1";
-  EXPECT_TRUE(same_bits(download(f.dw2, W), download(e.dw2, W))) << "dw2";
-  EXPECT_TRUE(same_bits(download(f.db2, C), download(e.db2, C))) << "db2";
+  EXPECT_TRUE(same_bits(m.down(f.out, N * C), m.down(e.out, N * C))) << "out";
+  EXPECT_TRUE(same_bits(m.down(f.mean, N), m.down(e.mean, N))) << "mean";
+  EXPECT_TRUE(same_bits(m.down(f.rstd, N), m.down(e.rstd, N))) << "rstd";
+  EXPECT_TRUE(same_bits(m.down(f.dx, N * C), m.down(e.dx, N * C))) << "dinp";
+  EXPECT_TRUE(same_bits(m.down(f.dlw, C), m.down(e.dlw, C))) << "dln_w";
+  EXPECT_TRUE(same_bits(m.down(f.dlb, C), m.down(e.dlb, C))) << "dln_b";
+  EXPECT_TRUE(same_bits(m.down(f.dw1, W), m.down(e.dw1, W))) << "dw1";
+  EXPECT_TRUE(same_bits(m.down(f.db1, F), m.down(e.db1, F))) << "db1";
+  EXPECT_TRUE(same_bits(m.down(f.dw2, W), m.down(e.dw2, W))) << "dw2";
+  EXPECT_TRUE(same_bits(m.down(f.db2, C), m.down(e.db2, C))) << "db2";
 }
 
 // LayerNorm and two projections over more rows than one block, against
