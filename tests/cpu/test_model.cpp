@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <map>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -245,6 +246,54 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
     const int64_t attn = calls[1][OpId::chunked_attention_forward];
     EXPECT_EQ(attn * 2, calls[0][OpId::chunked_attention_forward]);
     EXPECT_EQ(calls[1][OpId::stash] > 0, sets.size() == 1 && sets[0] == "model.attn_heads_per_pass=1");
+  }
+}
+
+// The CPU ops behind the layouts a CUDA plan assumes for kept layers: h as
+// scratch (so the plan's hidden-state check passes) and, with ln_div 2, the
+// LayerNorm rows in half the floats; everything else is the CPU's.
+class CudaLayoutsCpu final : public Ops<float> {
+ public:
+  using T = float;
+  explicit CudaLayoutsCpu(int ln_div) : ln_div_(ln_div) {}
+  const char* name() const override { return "cpu"; }
+  bool ffn_hidden_is_scratch(int, int) const override { return true; }
+  int64_t layernorm_ffn_ln_cols(int C, int) const override { return C / ln_div_; }
+#define CUDA_LAYOUTS_FORWARD(ret, name, params, args) \
+  ret name params override { return inner_.name args; }
+  REFORMER_OPS(CUDA_LAYOUTS_FORWARD)
+#undef CUDA_LAYOUTS_FORWARD
+
+ private:
+  CpuOps<float> inner_;
+  int ln_div_;
+};
+
+// A model whose ops keep kept layers' state wider than the memory plan for
+// training.device holds is refused at construction (ConfigError naming
+// model.kept_layers), not left to overrun: the LayerNorm rows (fp32 where
+// a CUDA plan holds bf16), then the stashed attention outputs (exact where
+// a CUDA plan holds bf16, in passes of one head).
+TEST(Model, KeptStateWiderThanThePlanIsRefused) {
+  const std::vector<std::string> sets = {"model.d_model=8", "model.d_ff=8",
+                                         "model.kept_layers=2", "training.device=cuda",
+                                         "model.attn_heads_per_pass=1"};
+  const Config cfg = small_config(sets);
+  ASSERT_EQ(kept_ln_cols(cfg), 4);
+  ASSERT_TRUE(keeps_attention_outputs(cfg, 1));
+  for (int ln_div : {1, 2}) {
+    SCOPED_TRACE("ln_div " + std::to_string(ln_div));
+    CudaLayoutsCpu ops(ln_div);
+    try {
+      ReformerModel<float> model(cfg, ops);
+      ADD_FAILURE() << "no error";
+    } catch (const ConfigError& e) {
+      const std::string what = e.what();
+      EXPECT_NE(what.find("model.kept_layers"), std::string::npos) << what;
+      EXPECT_NE(what.find(ln_div == 1 ? "LayerNorm rows" : "attention outputs"),
+                std::string::npos)
+          << what;
+    }
   }
 }
 
