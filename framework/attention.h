@@ -38,6 +38,10 @@ struct AttentionShape {
   // LSH: attend and differentiate the rounds one call at a time
   // (attention_by_round, framework/memory_plan.h).
   bool by_round = false;
+  // LSH: keep each head's bucket ids from the forward (16 bits each) and
+  // sort them again where used, instead of keeping its sorted orders
+  // (lsh_saves_buckets, framework/memory_plan.h).
+  bool saved_buckets = false;
 };
 
 // Transient buffers the kinds share across heads and layers, sized by the
@@ -62,6 +66,7 @@ struct AttentionScratch {
   T* w_rounds_of(int h) { return w_rounds.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // [n_hashes, L]: one head's LSH bucket ids until sorted
+  IntBuffer<T> order;      // [n_hashes, L]: one head's sorted orders (shape.saved_buckets)
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)
 };
 
@@ -74,8 +79,9 @@ class AttentionKindImpl {
   // ([lse_rows, L]): the hash rounds it attends (LSH) or 1.
   virtual int lse_rows() const { return 1; }
   // ao = attention(qk, v) for owned head h (0 <= h < heads). `rehash` (LSH):
-  // compute and save the head's bucket ids from this qk; otherwise reuse the
-  // saved ones (the backward recompute must see the forward's buckets).
+  // compute the head's bucket ids from this qk and save its sorted orders
+  // (or, shape.saved_buckets, the ids); otherwise reuse the saved ones (the
+  // backward recompute must see the forward's buckets).
   // Leaves in the scratch what backward needs.
   virtual void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
   // dqk, dv += gradients for dao of head h (= when !accumulate), right

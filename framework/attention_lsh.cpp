@@ -3,10 +3,15 @@
 // attend within chunks of the sorted order and their look-back, combine the
 // rounds by log-sum-exp. The sorted orders are kept from the hashing forward
 // pass, so the rebuild and the backward attend over the same chunks without
-// sorting again (a sort is about 4% of a 64K step). With shape.by_round each
-// round is its own attention call, forward and backward, so an op's scratch
-// and the saved round outputs hold one round instead of all.
+// sorting again (a sort is about 4% of a 64K step); with
+// shape.saved_buckets the bucket ids are kept instead, 16 bits each, and
+// sorted again into the scratch's order in every call that attends with
+// them (half the memory). With shape.by_round each round is its own
+// attention call, forward and backward, so an op's scratch and the saved
+// round outputs hold one round instead of all.
 #include "framework/attention.h"
+
+#include "kernels/common/lsh_checks.h"
 
 namespace reformer {
 
@@ -19,7 +24,10 @@ class LshAttention final : public AttentionKindImpl<T> {
                AttentionScratch<T>& scratch)
       : cfg_(cfg), shape_(shape), ops_(ops), s_(scratch),
         nh_(shape.rounds > 0 ? shape.rounds : cfg.attention.n_hashes), nb_(cfg.buckets()),
-        f0_(cfg.bucket_factor0()), perms_(ops, int64_t(shape.heads) * nh_ * shape.L) {
+        f0_(cfg.bucket_factor0()),
+        head_elems_(shape.saved_buckets ? lsh_packed_elems(int64_t(nh_) * shape.L)
+                                        : int64_t(nh_) * shape.L),
+        saved_(ops, int64_t(shape.heads) * head_elems_) {
     ap_ = attention_params(cfg, shape);
     ap_.n_rounds = nh_;
     ap_.wrap = true;
@@ -31,7 +39,8 @@ class LshAttention final : public AttentionKindImpl<T> {
 
   void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) override {
     const int64_t L = shape_.L;
-    int32_t* perm = perms_.data() + int64_t(h) * nh_ * L;
+    int32_t* saved = saved_.data() + int64_t(h) * head_elems_;
+    int32_t* perm = shape_.saved_buckets ? s_.order.data() : saved;
     if (rehash) {
       // Every round's rotations, as one process draws them; this kind hashes
       // with those of its rounds.
@@ -41,7 +50,10 @@ class LshAttention final : public AttentionKindImpl<T> {
       // The bucket ids are needed only until sorted: they go in the scratch.
       int32_t* buckets = s_.perm.data();
       ops_.lsh_hash(buckets, qk, shape_.ld, rot, L, shape_.dh, nh_, nb_, f0_);
+      if (shape_.saved_buckets) ops_.lsh_pack_buckets(saved, buckets, int64_t(nh_) * L, nb_);
       ops_.lsh_sort(perm, buckets, L, nh_, nb_);
+    } else {
+      perm = sorted_orders(h);
     }
     if (!shape_.by_round) {
       ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap_);
@@ -60,7 +72,7 @@ class LshAttention final : public AttentionKindImpl<T> {
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
                 bool accumulate) override {
     const int64_t L = shape_.L;
-    const int32_t* perm = perms_.data() + int64_t(h) * nh_ * L;
+    const int32_t* perm = sorted_orders(h);
     if (!shape_.by_round) {
       AttentionParams ap = ap_;
       ap.accumulate = accumulate;
@@ -94,12 +106,27 @@ class LshAttention final : public AttentionKindImpl<T> {
   }
 
  private:
+  // Head h's sorted orders from what its forward saved: the orders
+  // themselves, or its bucket ids sorted again into the scratch's order
+  // (the same orders: lsh_sort is a function of the ids).
+  int32_t* sorted_orders(int h) {
+    int32_t* saved = saved_.data() + int64_t(h) * head_elems_;
+    if (!shape_.saved_buckets) return saved;
+    const int64_t L = shape_.L;
+    ops_.lsh_unpack_buckets(s_.perm.data(), saved, int64_t(nh_) * L);
+    ops_.lsh_sort(s_.order.data(), s_.perm.data(), L, nh_, nb_);
+    return s_.order.data();
+  }
+
   const Config& cfg_;
   AttentionShape shape_;
   Ops<T>& ops_;
   AttentionScratch<T>& s_;
   int nh_, nb_, f0_;
-  IntBuffer<T> perms_;  // [heads, rounds, L] sorted orders, kept from forward to backward
+  int64_t head_elems_;  // int32 elements of one head's saved state
+  // [heads, rounds, L] sorted orders, or [heads, packed rounds * L] bucket
+  // ids (shape.saved_buckets), kept from forward to backward.
+  IntBuffer<T> saved_;
   AttentionParams ap_;
   AttentionParams round_;  // one round (shape.by_round)
 };

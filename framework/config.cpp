@@ -11,6 +11,7 @@
 #include <map>
 
 #include "framework/config_table.h"
+#include "kernels/common/lsh_checks.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -248,6 +249,12 @@ void validate(Config& c, const std::string& source, const Origins& origins) {
   if (a.causal && a.chunks_after != 0)
     fail_at("attention.chunks_after", "attention.chunks_after = " + s(a.chunks_after) +
                                           " must be 0 when attention.causal is true");
+  const bool lsh = std::find(a.kinds.begin(), a.kinds.end(), AttentionKind::lsh) != a.kinds.end();
+  if (lsh && m.lsh_saved == LshSaved::buckets && c.buckets() > kMaxPackedBuckets)
+    fail_at("model.lsh_saved", "model.lsh_saved = buckets keeps 16-bit bucket ids, but LSH "
+                               "layers hash into " + s(c.buckets()) + " buckets at model.max_len = " +
+                               s(m.max_len) + " (at most " + s(kMaxPackedBuckets) +
+                               "; use orders or auto)");
 
   // Data.
   const DataConfig& d = c.data;

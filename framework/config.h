@@ -36,6 +36,11 @@ enum class ByteSplit { fractions, enwik8 };
 // Sequence parallelism: heads (each rank all positions of some heads) or
 // sort (each rank a range of sorted positions).
 enum class SpMode { heads, sort };
+// What an LSH layer keeps from its forward for its backward: the sorted
+// orders (int32 per position and round), or the bucket ids (16 bits each,
+// sorted again where used); auto: bucket ids where the rounds are attended
+// one call at a time (framework/memory_plan.h, lsh_saves_buckets).
+enum class LshSaved { auto_, orders, buckets };
 // A step whose loss or gradient is not finite: stop the run, or skip the update.
 enum class OnNonFinite { stop, skip };
 
@@ -50,6 +55,7 @@ template <> struct EnumNames<DataKind> { static constexpr std::array names{"dupl
 template <> struct EnumNames<ByteSplit> { static constexpr std::array names{"fractions", "enwik8"}; };
 template <> struct EnumNames<SpMode> { static constexpr std::array names{"heads", "sort"}; };
 template <> struct EnumNames<AttentionPrecision> { static constexpr std::array names{"fp32", "bf16"}; };
+template <> struct EnumNames<LshSaved> { static constexpr std::array names{"auto", "orders", "buckets"}; };
 template <> struct EnumNames<OnNonFinite> { static constexpr std::array names{"stop", "skip"}; };
 template <> struct EnumNames<Activation> { static constexpr std::array names{"gelu", "relu"}; };
 template <> struct EnumNames<CommBackend> { static constexpr std::array names{"local", "mpi", "nccl"}; };
@@ -96,6 +102,7 @@ struct ModelConfig {
   // fit_kept_layers): 0 .. n_layers, or kKeptLayersAuto (`auto`): as many
   // as fit the device (none on the CPU).
   int kept_layers = kKeptLayersAuto;
+  LshSaved lsh_saved = LshSaved::auto_;  // LSH state kept for the backward: orders | buckets | auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings
   double axial_init_std = 1.0;        // normal init of the axial position tables (docs/defaults.md)

@@ -23,7 +23,8 @@ using Accessor =
                  Field<std::string>, Field<std::vector<int>>, Field<Activation>,
                  Field<std::vector<AttentionKind>>, Field<OptimizerKind>, Field<Schedule>,
                  Field<DeviceKind>, Field<OnNonFinite>, Field<DataKind>, Field<ByteSplit>,
-                 Field<CommBackend>, Field<SpMode>, Field<AttentionPrecision>>;
+                 Field<CommBackend>, Field<SpMode>, Field<AttentionPrecision>,
+                 Field<LshSaved>>;
 
 // Allowed values of a number (or of each element of a list of integers).
 struct Range {

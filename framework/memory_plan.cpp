@@ -10,7 +10,7 @@
 #include "framework/model_tensors.h"
 #include "framework/sequence_parallel.h"
 #include "kernels/common/gemm_staging.h"
-#include "kernels/common/workspace_growth.h"
+#include "kernels/common/lsh_checks.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -73,8 +73,10 @@ struct Builder {
 int64_t round256(int64_t b) { return (b + 255) / 256 * 256; }
 
 // The largest scratch request of one op of a step on a CUDA device
-// (kernels/cuda: attention backward, LSH sort and hash, column sums), and
-// the workspace's growth on top (workspace_capacity, kernels/common/workspace_growth.h).
+// (kernels/cuda: attention backward, LSH sort and hash, column sums): what
+// the model reserves at construction (Ops::reserve_workspace), so that no
+// growth margin (workspace_capacity, kernels/common/workspace_growth.h) is
+// held unless a request exceeds it.
 int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t chunk, bool lsh,
                            bool by_round, int64_t other = 0) {
   // Rounds of one attention call (attention_by_round: one).
@@ -119,7 +121,7 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   // two [512, d_model] double arrays at most).
   const int64_t ln_sums = round256(2 * 8 * 512 * int64_t(cfg.model.d_model));
   const int64_t largest = std::max({attention, sort, hash, colsum, ln_sums, other});
-  return workspace_capacity(largest);
+  return largest;
 }
 
 void add_optimizer(Builder& b, const Config& cfg, const ParamTable& table) {
@@ -249,6 +251,18 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
   return saved > kRoundSavingThreshold;
 }
 
+bool lsh_saves_buckets(const Config& cfg, int sp, int real_bytes) {
+  bool any_lsh = false;
+  for (int l = 0; l < cfg.model.n_layers; ++l) any_lsh |= uses_lsh(cfg, l, cfg.model.max_len);
+  if (!any_lsh || (sp > 1 && cfg.parallel.sp_mode == SpMode::sort)) return false;
+  switch (cfg.model.lsh_saved) {
+    case LshSaved::orders: return false;
+    case LshSaved::buckets: return true;  // validate_config checks the bucket count
+    case LshSaved::auto_: break;
+  }
+  return cfg.buckets() <= kMaxPackedBuckets && attention_by_round(cfg, sp, real_bytes);
+}
+
 MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   check_sequence_shard(cfg, sp, /*has_group*/ true);
   const ModelConfig& m = cfg.model;
@@ -331,8 +345,16 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       b.add("rotations", G::activations, "[n_hashes, dh, cols]",
             {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
       b.add("perm", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);  // bucket ids
-      b.add("lsh perms", G::activations, "[Hloc, rounds, Lfull] per LSH layer",
-            {Hloc, rounds, Lfull}, true, lsh_layers);
+      if (lsh_saves_buckets(cfg, sp, real_bytes)) {
+        // Each head's bucket ids, two to an int32, sorted again into one
+        // head's orders where used.
+        b.add("lsh order", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);
+        b.add("lsh buckets", G::activations, "[Hloc, rounds*Lfull/2] per LSH layer",
+              {Hloc, lsh_packed_elems(rounds * Lfull)}, true, lsh_layers);
+      } else {
+        b.add("lsh perms", G::activations, "[Hloc, rounds, Lfull] per LSH layer",
+              {Hloc, rounds, Lfull}, true, lsh_layers);
+      }
     }
     b.add("identity", G::activations, "[Lfull]", {Lfull}, true);
   }

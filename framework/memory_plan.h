@@ -83,6 +83,17 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 constexpr int64_t kRoundSavingThreshold = int64_t(8) << 30;
 bool attention_by_round(const Config& cfg, int sp, int real_bytes = 4);
 
+// Whether LSH layers (sp 1 or the heads mode) keep each head's bucket ids
+// from the forward to the backward instead of its sorted orders: 16 bits a
+// position and round instead of 32 (lsh_pack_buckets, kernels/ops.h), at
+// the cost of sorting again (lsh_sort) in each call that attends with them:
+// the rebuild's forward and the backward. model.lsh_saved `buckets` or
+// `orders`; `auto`: buckets where the rounds are attended one at a time
+// (attention_by_round, the layout for memory over speed) and n_buckets <=
+// kMaxPackedBuckets (kernels/common/lsh_checks.h). A sort is about 0.2 ms
+// per head at 1M on an H200 (bench/RESULTS.md).
+bool lsh_saves_buckets(const Config& cfg, int sp, int real_bytes = 4);
+
 // One rank's plan for a validated `cfg` under sequence parallelism over `sp`
 // ranks (cfg.parallel.sp is not read), with floating-point elements of
 // `real_bytes` bytes (4: fp32 training; 8: the double-precision checks);

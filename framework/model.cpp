@@ -160,9 +160,11 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     s.attn.slots = Hp_;
     s.attn.lse_slot = plan.count("lse") / s.attn.slots;
     if (by_round) s.attn.w_rounds = buf("w_rounds");
+    const bool saved_buckets = lsh_saves_buckets(cfg, shard.size, int(sizeof(T)));
     if (any_lsh) {
       s.attn.rot = buf("rotations");
       s.attn.perm = ibuf("perm");
+      if (saved_buckets) s.attn.order = ibuf("lsh order");
     }
     s.attn.identity = ibuf("identity");
     {
@@ -178,6 +180,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
         shape.partial = true;
       }
       shape.by_round = by_round;
+      shape.saved_buckets = saved_buckets;
       s.kinds.push_back(make_attention(cfg, shape, ops, s.attn));
     }
   }
@@ -234,6 +237,8 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.logits = buf("logits");
   s.loss = buf("loss");
   s.pred = ibuf("pred");
+  // The op scratch, as large as the step's largest request is planned.
+  ops.reserve_workspace(plan.count("op workspace (estimate)"));
 }
 
 template <class T>

@@ -134,6 +134,11 @@
   X(void, lsh_sort,                                                                         \
     (int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets),        \
     (perm, buckets, L, n_hashes, n_buckets))                                                \
+  X(void, lsh_pack_buckets,                                                                 \
+    (int32_t* packed, const int32_t* buckets, int64_t n, int n_buckets),                    \
+    (packed, buckets, n, n_buckets))                                                        \
+  X(void, lsh_unpack_buckets, (int32_t* buckets, const int32_t* packed, int64_t n),         \
+    (buckets, packed, n))                                                                   \
   X(void, lsh_decode_keys,                                                                  \
     (int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,                \
      int64_t bucket_stride, int units, int64_t capacity, int64_t pos),                      \

@@ -47,6 +47,11 @@ class Ops {
   // Elements of a stash of n values (stash, below): n here, fewer where the
   // backend stashes in a narrower type (CUDA: (n + 1) / 2, bf16 pairs).
   virtual int64_t stash_elems(int64_t n) const { return n; }
+  // Allocates the backend's op scratch now, at least `bytes` (exactly, where
+  // it grows): the memory plan's estimate of the largest request of a step,
+  // so that the step allocates nothing and no growth margin is held. A
+  // larger request still grows it. No-op where ops take no scratch (the CPU).
+  virtual void reserve_workspace(int64_t /*bytes*/) {}
   // The backend's stream (a cudaStream_t for CUDA; nullptr where every op has
   // completed when it returns, as on the CPU). Every op is issued on it in
   // call order. Other streams (collectives) order themselves after the
@@ -146,6 +151,13 @@ class Ops {
   //   output always is); an id outside throws ShapeError - on the CPU at
   //   once, on a device at the next host synchronisation point (see
   //   stream()), perm being unspecified meanwhile.
+  //   lsh_pack_buckets: the n bucket ids of buckets (each in [0, n_buckets),
+  //   n_buckets <= kMaxPackedBuckets, kernels/common/lsh_checks.h) as 16-bit
+  //   values, id k in bits 16 (k % 2) .. + 15 of packed[k / 2]
+  //   (lsh_packed_elems(n) elements; an odd n leaves the last one's high
+  //   half 0); an id outside throws ShapeError as lsh_sort's does.
+  //   lsh_unpack_buckets writes them back as int32. An LSH layer keeps its
+  //   bucket ids so from its forward to its backward (model.lsh_saved).
   //   lsh_decode_keys (one decoding step of an LSH layer): history [units,
   //   capacity] holds each unit's (head, round's) bucket of every position
   //   fed so far; with b_u = buckets[u * bucket_stride] the new position's

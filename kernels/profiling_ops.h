@@ -69,6 +69,7 @@ class ProfilingOps final : public Ops<float> {
     return inner_.layernorm_ffn_ln_cols(C, F);
   }
   int64_t stash_elems(int64_t n) const override { return inner_.stash_elems(n); }
+  void reserve_workspace(int64_t bytes) override { inner_.reserve_workspace(bytes); }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 
   // Per-op totals since the last reset(), in op-list order (every op, called

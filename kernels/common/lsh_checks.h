@@ -9,10 +9,27 @@
 
 namespace reformer {
 
+// Bucket ids packed two to an int32 (lsh_pack_buckets): 16 bits each, so
+// at most kMaxPackedBuckets buckets.
+constexpr int kMaxPackedBuckets = 1 << 16;
+
+// int32 elements holding n packed bucket ids.
+inline int64_t lsh_packed_elems(int64_t n) { return (n + 1) / 2; }
+
 // Throws ShapeError unless n_buckets is even and >= 2.
 inline void check_lsh_buckets(int n_buckets) {
   if (n_buckets < 2 || n_buckets % 2 != 0)
     throw ShapeError("lsh: n_buckets must be even and >= 2, got " + std::to_string(n_buckets));
+}
+
+// Throws ShapeError unless bucket ids in [0, n_buckets) fit 16 bits.
+inline void check_lsh_pack(int n_buckets, int64_t n) {
+  check_lsh_buckets(n_buckets);
+  if (n_buckets > kMaxPackedBuckets)
+    throw ShapeError("lsh_pack_buckets: n_buckets = " + std::to_string(n_buckets) +
+                     " exceeds the " + std::to_string(kMaxPackedBuckets) +
+                     " that 16-bit ids hold");
+  if (n < 0) throw ShapeError("lsh_pack_buckets: n must be >= 0, got " + std::to_string(n));
 }
 
 // Throws ShapeError unless factor0 == 0, or factor0 is an even factor >= 2 of

@@ -107,6 +107,23 @@ void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, in
   }
 }
 
+void lsh_pack_buckets(int32_t* packed, const int32_t* buckets, int64_t n, int n_buckets) {
+  check_lsh_pack(n_buckets, n);
+  for (int64_t k = 0; k < n; ++k)
+    if (buckets[k] < 0 || buckets[k] >= n_buckets)
+      throw ShapeError("lsh_pack_buckets: bucket id " + std::to_string(buckets[k]) +
+                       " outside [0, " + std::to_string(n_buckets) + ")");
+  for (int64_t k = 0; k < n; k += 2) {
+    const uint32_t lo = uint32_t(buckets[k]), hi = k + 1 < n ? uint32_t(buckets[k + 1]) : 0u;
+    packed[k / 2] = int32_t(lo | (hi << 16));
+  }
+}
+
+void lsh_unpack_buckets(int32_t* buckets, const int32_t* packed, int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    buckets[k] = int32_t((uint32_t(packed[k / 2]) >> (16 * (k % 2))) & 0xffffu);
+}
+
 void lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,
                      int64_t bucket_stride, int units, int64_t capacity, int64_t pos) {
   check_lsh_decode(units, capacity, pos);

@@ -13,6 +13,8 @@ template <class T>
 void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
               int n_hashes, int n_buckets, int factor0);
 void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets);
+void lsh_pack_buckets(int32_t* packed, const int32_t* buckets, int64_t n, int n_buckets);
+void lsh_unpack_buckets(int32_t* buckets, const int32_t* packed, int64_t n);
 void lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history, const int32_t* buckets,
                      int64_t bucket_stride, int units, int64_t capacity, int64_t pos);
 

@@ -57,7 +57,7 @@ inline void check_alloc(cudaError_t e, size_t bytes, const char* call, const cha
 // ShapeError at the next host synchronisation point (kernels/ops.h).
 enum DeviceErrorCode : int32_t {
   kNoDeviceError = 0,
-  kBucketOutOfRange = 1,  // lsh_sort, bucket_histogram: a bucket id outside [0, n_buckets)
+  kBucketOutOfRange = 1,  // lsh_sort, lsh_pack_buckets, bucket_histogram: an id outside [0, n_buckets)
   kRouteOutOfRange = 2,   // sort_route: a slot outside the sequence, or entries past capacity
   kNotPermutation = 3,    // invert_index: an index out of range or repeated
 };
@@ -65,7 +65,8 @@ enum DeviceErrorCode : int32_t {
 inline const char* describe_device_error(int32_t code) {
   switch (code) {
     case kBucketOutOfRange:
-      return "lsh_sort or bucket_histogram: a bucket id lies outside [0, n_buckets)";
+      return "lsh_sort, lsh_pack_buckets or bucket_histogram: a bucket id lies outside [0, "
+             "n_buckets)";
     case kRouteOutOfRange:
       return "sort_route: a global slot lies outside the sequence, or the entries exceed the "
              "send arrays' capacity";

@@ -519,6 +519,27 @@ __global__ void __launch_bounds__(kDecodeKeysThreads)
   }
 }
 
+// Bucket ids as 16-bit values (lsh_pack_buckets), one thread per id; an id
+// outside [0, n_buckets) raises kBucketOutOfRange in bad and is packed as 0.
+__global__ void pack_buckets_kernel(uint16_t* packed, int32_t* bad, const int32_t* buckets,
+                                    int64_t n, int n_buckets) {
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    int32_t b = buckets[k];
+    if (b < 0 || b >= n_buckets) {
+      *bad = kBucketOutOfRange;
+      b = 0;
+    }
+    packed[k] = uint16_t(b);
+  }
+}
+
+__global__ void unpack_buckets_kernel(int32_t* buckets, const uint16_t* packed, int64_t n) {
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < n;
+       k += int64_t(gridDim.x) * blockDim.x)
+    buckets[k] = int32_t(packed[k]);
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -610,6 +631,25 @@ void CudaOps::lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_h
   else
     cuda::sort_rounds<uint32_t>(perm, buckets, L, n_hashes, n_buckets, bits_b, key_bits, ws_,
                                 device_error_dev_, stream_);
+}
+
+// Packed ids are uint16 in memory order: id k in bits 16 (k % 2) .. of
+// int32 k / 2 on a little-endian device, as the CPU packs them.
+void CudaOps::lsh_pack_buckets(int32_t* packed, const int32_t* buckets, int64_t n,
+                               int n_buckets) {
+  check_lsh_pack(n_buckets, n);
+  if (n == 0) return;
+  if (n % 2 != 0) CUDA_CHECK(cudaMemsetAsync(packed + n / 2, 0, sizeof(int32_t), stream_));
+  cuda::pack_buckets_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(
+      reinterpret_cast<uint16_t*>(packed), device_error_dev_, buckets, n, n_buckets);
+  CUDA_CHECK_LAUNCH("pack_buckets_kernel");
+}
+
+void CudaOps::lsh_unpack_buckets(int32_t* buckets, const int32_t* packed, int64_t n) {
+  if (n <= 0) return;
+  cuda::unpack_buckets_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(
+      buckets, reinterpret_cast<const uint16_t*>(packed), n);
+  CUDA_CHECK_LAUNCH("unpack_buckets_kernel");
 }
 
 void CudaOps::lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history,

@@ -31,30 +31,14 @@ class Workspace {
   // At least `bytes` bytes of device memory, 256-byte aligned, usable by work
   // issued on the bound stream from now on.
   void* get(size_t bytes) {
-    if (bytes > cap_) {
-      if (p_) CUDA_CHECK(cudaFreeAsync(p_, stream_));
-      p_ = nullptr;
-      cap_ = 0;
-      const size_t grown = size_t(workspace_capacity(int64_t(bytes)));
-      cudaError_t rc = cudaMallocAsync(&p_, grown, stream_);
-      if (rc == cudaErrorMemoryAllocation) {
-        // The stream-ordered pool still holds the blocks freed above (and
-        // by earlier growth) until the stream passes them: wait for it and
-        // hand them back to the device, then ask again. Only growth, in a
-        // run's first step, ever gets here.
-        (void)cudaGetLastError();
-        CUDA_CHECK(cudaStreamSynchronize(stream_));
-        int device = 0;
-        cudaMemPool_t pool = nullptr;
-        CUDA_CHECK(cudaGetDevice(&device));
-        CUDA_CHECK(cudaDeviceGetMemPool(&pool, device));
-        CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
-        rc = cudaMallocAsync(&p_, grown, stream_);
-      }
-      check_alloc(rc, grown, "cudaMallocAsync (op workspace)", __FILE__, __LINE__);
-      cap_ = grown;
-    }
+    if (bytes > cap_) grow_to(size_t(workspace_capacity(int64_t(bytes))));
     return p_;
+  }
+  // Makes the capacity at least `bytes`, exactly `bytes` where it grows: for
+  // a caller that knows the largest request to come (the memory plan's
+  // estimate), so that no margin is allocated.
+  void reserve(size_t bytes) {
+    if (bytes > cap_) grow_to(bytes);
   }
   size_t capacity() const { return cap_; }
   // Frees the block once the bound stream's work is done; never throws.
@@ -67,6 +51,29 @@ class Workspace {
   }
 
  private:
+  void grow_to(size_t grown) {
+    if (p_) CUDA_CHECK(cudaFreeAsync(p_, stream_));
+    p_ = nullptr;
+    cap_ = 0;
+    cudaError_t rc = cudaMallocAsync(&p_, grown, stream_);
+    if (rc == cudaErrorMemoryAllocation) {
+      // The stream-ordered pool still holds the blocks freed above (and
+      // by earlier growth) until the stream passes them: wait for it and
+      // hand them back to the device, then ask again. Only a reservation
+      // or growth, before or in a run's first step, ever gets here.
+      (void)cudaGetLastError();
+      CUDA_CHECK(cudaStreamSynchronize(stream_));
+      int device = 0;
+      cudaMemPool_t pool = nullptr;
+      CUDA_CHECK(cudaGetDevice(&device));
+      CUDA_CHECK(cudaDeviceGetMemPool(&pool, device));
+      CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
+      rc = cudaMallocAsync(&p_, grown, stream_);
+    }
+    check_alloc(rc, grown, "cudaMallocAsync (op workspace)", __FILE__, __LINE__);
+    cap_ = grown;
+  }
+
   cudaStream_t stream_ = nullptr;
   void* p_ = nullptr;
   size_t cap_ = 0;

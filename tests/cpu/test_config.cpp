@@ -346,6 +346,27 @@ TEST(Config, ToYamlRoundTrip) {
   }
 }
 
+// model.lsh_saved: auto (the default), orders or buckets, printed back as
+// read; buckets with more than 2^16 buckets per round is refused by key,
+// file and line.
+TEST(Config, LshSaved) {
+  const Config dflt = parse_config("model:\n  n_layers: 3\n", "s.yaml");
+  EXPECT_EQ(dflt.model.lsh_saved, LshSaved::auto_);
+  EXPECT_NE(to_yaml(dflt).find("\n  lsh_saved: auto\n"), std::string::npos);
+  const Config b = parse_config("model:\n  lsh_saved: buckets\n", "s.yaml");
+  EXPECT_EQ(b.model.lsh_saved, LshSaved::buckets);
+  EXPECT_EQ(parse_config(to_yaml(b), "again").model.lsh_saved, LshSaved::buckets);
+  const std::string msg = config_error([] {
+    parse_config("model:\n  max_len: 4194304\n  lsh_saved: buckets\nattention:\n"
+                 "  kinds: [lsh]\n  bucket_size: 64\n", "s.yaml");
+  });
+  EXPECT_NE(msg.find("s.yaml:3"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("hash into 131072 buckets"), std::string::npos) << msg;
+  EXPECT_NE(config_error([] { parse_config("model:\n  lsh_saved: ids\n", "s.yaml"); })
+                .find("model.lsh_saved"),
+            std::string::npos);
+}
+
 // model.kept_layers: `auto` (the default) reads as kKeptLayersAuto and prints
 // back as auto; a count reads as itself; more than n_layers is refused by
 // key, file and line.
@@ -370,7 +391,7 @@ TEST(Config, KeptLayers) {
 
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 70u);
+  EXPECT_EQ(keys.size(), 71u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/errors.h"
+#include "kernels/common/lsh_checks.h"
 #include "kernels/common/params.h"
 #include "kernels/common/philox.h"
 #include "kernels/cpu/lsh.h"
@@ -484,6 +485,25 @@ TEST(LshSort, RejectsOutOfRangeBucket) {
   EXPECT_THROW(lsh_sort(perm.data(), b.data(), 4, 1, 4), ShapeError);
   b[2] = -1;
   EXPECT_THROW(lsh_sort(perm.data(), b.data(), 4, 1, 4), ShapeError);
+}
+
+// Bucket ids packed two to an int32 (id k in bits 16 (k % 2) of element k /
+// 2, an odd count's last high half 0) come back as they were; an id outside
+// [0, n_buckets) or more than 2^16 buckets is refused.
+TEST(LshPack, RoundTripsAndRejects) {
+  const std::vector<int32_t> b = {0, 65535, 7, 40000, 1};
+  std::vector<int32_t> packed(size_t(lsh_packed_elems(5)), -1), back(5, -1);
+  ASSERT_EQ(packed.size(), 3u);
+  lsh_pack_buckets(packed.data(), b.data(), 5, 65536);
+  EXPECT_EQ(uint32_t(packed[0]), 0xffff0000u);
+  EXPECT_EQ(uint32_t(packed[1]), (40000u << 16) | 7u);
+  EXPECT_EQ(packed[2], 1);
+  lsh_unpack_buckets(back.data(), packed.data(), 5);
+  EXPECT_EQ(back, b);
+  EXPECT_THROW(lsh_pack_buckets(packed.data(), b.data(), 5, 40000), ShapeError);
+  EXPECT_THROW(lsh_pack_buckets(packed.data(), b.data(), 1, 65538), ShapeError);
+  const std::vector<int32_t> neg = {3, -1};
+  EXPECT_THROW(lsh_pack_buckets(packed.data(), neg.data(), 2, 8), ShapeError);
 }
 
 TEST(LshPipeline, HashThenSortGroupsBuckets) {

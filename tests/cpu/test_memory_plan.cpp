@@ -97,6 +97,8 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {"model.ffn_chunk=20", "model.loss_chunk=16"},
            {"model.attn_heads_per_pass=1"},
            {"model.attn_rounds_per_pass=1"},
+           {"model.lsh_saved=buckets"},
+           {"model.lsh_saved=buckets", "model.attn_heads_per_pass=1", "model.kept_layers=2"},
            {"model.attn_heads_per_pass=1", "model.attn_rounds_per_pass=3"},
            {"attention.kinds=[full]", "optimizer.name=adafactor"},
            {"attention.kinds=[local]", "optimizer.name=adafactor", "optimizer.beta1=0"},

@@ -249,6 +249,53 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
   }
 }
 
+// An LSH layer that keeps its bucket ids (model.lsh_saved: buckets, and
+// auto where the rounds are attended one at a time) sorts them again into
+// the orders it would have kept: the same function bit for bit, the ids
+// packed once per hash and sorted again in the rebuild and the backward.
+TEST(Model, SavedBucketsEqualSavedOrders) {
+  for (const auto& sets : std::vector<std::vector<std::string>>{
+           {},
+           {"model.attn_heads_per_pass=1"},
+           {"model.attn_rounds_per_pass=1"},
+           {"model.kept_layers=2", "model.dropout=0.25"}}) {
+    SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
+    std::vector<std::string> orders = sets, buckets = sets;
+    orders.push_back("model.lsh_saved=orders");
+    buckets.push_back("model.lsh_saved=buckets");
+    const Config co = small_config(orders), cb = small_config(buckets);
+    ASSERT_FALSE(lsh_saves_buckets(co, 1, 8));
+    ASSERT_TRUE(lsh_saves_buckets(cb, 1, 8));
+    // auto: buckets exactly where the rounds are attended one at a time.
+    EXPECT_EQ(lsh_saves_buckets(small_config(sets), 1, 8), attention_by_round(cb, 1, 8));
+    CpuOps<double> dops;
+    const auto [dl0, dg0] = two_steps<double>(co, dops);
+    const auto [dl1, dg1] = two_steps<double>(cb, dops);
+    EXPECT_EQ(dl1, dl0);
+    EXPECT_EQ(dg1, dg0);
+    std::map<OpId, int64_t> calls[2];
+    std::pair<std::vector<double>, std::vector<float>> out[2];
+    for (int k = 0; k < 2; ++k) {
+      CpuOps<float> cpu;
+      ProfilingOps ops(cpu, std::make_unique<WallClock>());
+      out[k] = two_steps<float>(k ? cb : co, ops);
+      for (const OpStats& st : ops.stats()) calls[k][st.op] = st.calls;
+    }
+    EXPECT_EQ(out[1].first, out[0].first);
+    EXPECT_EQ(out[1].second, out[0].second);
+    // Two steps of one LSH layer of 2 heads: 4 hashes; orders sort once per
+    // hash, buckets once more in the backward and (unkept) the rebuild.
+    const int64_t hashes = calls[0][OpId::lsh_hash];
+    EXPECT_EQ(hashes, 4);
+    EXPECT_EQ(calls[0][OpId::lsh_sort], hashes);
+    EXPECT_EQ(calls[0][OpId::lsh_pack_buckets], 0);
+    EXPECT_EQ(calls[1][OpId::lsh_pack_buckets], hashes);
+    const bool kept = cb.model.kept_layers == 2;  // no rebuild
+    EXPECT_EQ(calls[1][OpId::lsh_sort], hashes * (kept ? 2 : 3));
+    EXPECT_EQ(calls[1][OpId::lsh_unpack_buckets], calls[1][OpId::lsh_sort] - hashes);
+  }
+}
+
 // The CPU ops behind the layouts a CUDA plan assumes for kept layers: h as
 // scratch (so the plan's hidden-state check passes) and, with ln_div 2, the
 // LayerNorm rows in half the floats; everything else is the CPU's.

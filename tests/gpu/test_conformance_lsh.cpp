@@ -106,6 +106,29 @@ std::vector<Case> lsh_cases() {
     c.bitwise = true;
     cases.push_back(c);
   }
+  // Bucket ids packed into 16 bits and back, bit for bit; an odd count.
+  for (const Sort s : {Sort{1025, 3, 65536}, Sort{int64_t(1) << 20, 4, 32768}}) {
+    const int64_t n = s.L * s.n_hashes;
+    const std::string tag = " n" + std::to_string(n) + " nb" + std::to_string(s.n_buckets);
+    Case pack = make_case("lsh_pack_buckets" + tag, OpId::lsh_pack_buckets,
+                          {ints("buckets", random_buckets(s.L, s.n_hashes, s.n_buckets, 11)),
+                           int_output("packed", lsh_packed_elems(n))},
+                          [=](auto& ops, auto& t) {
+                            ops.lsh_pack_buckets(t.i("packed"), t.i("buckets"), n, s.n_buckets);
+                          });
+    pack.bitwise = true;
+    cases.push_back(pack);
+    std::vector<int32_t> packed(size_t(lsh_packed_elems(n)));
+    const std::vector<int32_t> ids = random_buckets(s.L, s.n_hashes, s.n_buckets, 12);
+    CpuOps<float>().lsh_pack_buckets(packed.data(), ids.data(), n, s.n_buckets);
+    Case unpack = make_case("lsh_unpack_buckets" + tag, OpId::lsh_unpack_buckets,
+                            {ints("packed", packed), int_output("buckets", n)},
+                            [=](auto& ops, auto& t) {
+                              ops.lsh_unpack_buckets(t.i("buckets"), t.i("packed"), n);
+                            });
+    unpack.bitwise = true;
+    cases.push_back(unpack);
+  }
   return cases;
 }
 
@@ -389,6 +412,26 @@ void sort_rejects_out_of_range(Dev& g) {
   EXPECT_NO_THROW(g.down_i(perm));
 }
 
+// lsh_pack_buckets checks its ids as lsh_sort does: an id outside [0,
+// n_buckets) is a ShapeError, on a device at the next synchronisation.
+void pack_rejects_out_of_range(Dev& g) {
+  const int64_t L = 97;
+  auto b = random_buckets(L, 2, 8, 3);
+  b[30] = -2;
+  auto db = g.up_i(b);
+  IntBuffer<float> packed(*g.ops, lsh_packed_elems(2 * L));
+  EXPECT_THROW(
+      {
+        g.ops->lsh_pack_buckets(packed.data(), db.data(), 2 * L, 8);
+        g.ops->synchronize();
+      },
+      ShapeError);
+  b[30] = 5;
+  auto ok = g.up_i(b);
+  g.ops->lsh_pack_buckets(packed.data(), ok.data(), 2 * L, 8);
+  EXPECT_NO_THROW(g.down_i(packed));
+}
+
 TEST(LshHash, Basic) { on_each(all_backends(), hash_basic); }
 TEST(LshHash, ManyBuckets) { on_each(all_backends(), hash_many_buckets); }
 TEST(LshHash, OddSizes) { on_each(all_backends(), hash_odd_sizes); }
@@ -397,6 +440,7 @@ TEST(LshHash, Factorized) { on_each(all_backends(), hash_factorized); }
 TEST(LshHash, Chunked) { on_each(device_backends(), hash_chunked); }
 TEST(LshHash, FusedShapes) { on_each(all_backends(), hash_fused_shapes); }
 TEST(LshSort, RejectsOutOfRangeBuckets) { on_each(all_backends(), sort_rejects_out_of_range); }
+TEST(LshPack, RejectsOutOfRangeBuckets) { on_each(all_backends(), pack_rejects_out_of_range); }
 // Timing of lsh_hash (and lsh_sort) at long lengths; prints, asserts nothing.
 // Run with --gtest_also_run_disabled_tests.
 TEST(LshHash, DISABLED_Timing) { on_each(device_backends(), hash_timing); }

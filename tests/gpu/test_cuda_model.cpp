@@ -21,6 +21,7 @@
 // bring.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -343,6 +344,56 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
       ASSERT_GT(a2 * b2, 0.0) << p.name;
       EXPECT_GT(dot / std::sqrt(a2 * b2), 0.999) << p.name;
       EXPECT_NEAR(std::sqrt(a2), std::sqrt(b2), 1e-2 * std::sqrt(b2)) << p.name;
+    }
+  }
+}
+
+// LSH layers that keep their bucket ids (model.lsh_saved: buckets, packed
+// in 16 bits and sorted again where used) compute what the ones keeping
+// their sorted orders do, bit for bit on the GPU too: the sort is a function
+// of the ids. All rounds per call, and one at a time with one head per pass
+// (the leanest layout, where auto picks buckets). The token table's
+// gradient is summed by atomics (kernels/cuda/embedding.cu), so only it is
+// compared to rounding.
+TEST(CudaModel, SavedBucketsEqualSavedOrders) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const int rounds : {0, 1}) {
+    SCOPED_TRACE("rounds per pass " + std::to_string(rounds));
+    std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
+    std::vector<int32_t> tokens, targets;
+    std::vector<float> grads[2];
+    double loss[2];
+    for (int b = 0; b < 2; ++b) {
+      Config cfg = model_config("bf16");
+      cfg.training.device = DeviceKind::cuda;
+      cfg.model.kept_layers = 0;
+      cfg.model.attn_rounds_per_pass = rounds;
+      cfg.model.attn_heads_per_pass = rounds == 1 ? 1 : 0;
+      cfg.model.lsh_saved = b ? LshSaved::buckets : LshSaved::orders;
+      ASSERT_EQ(lsh_saves_buckets(cfg, 1), b == 1);
+      ReformerModel<float> m(cfg, *gpu);
+      m.init_params(cfg.training.seed);
+      m.zero_grads();
+      make_tokens(m.seq_len(), &tokens, &targets);
+      loss[b] = 0;
+      for (uint64_t step : {3, 4})
+        loss[b] +=
+            m.forward_backward(tokens.data(), targets.data(), step, true, true, 0.01f).loss_sum;
+      grads[b].resize(size_t(m.num_params()));
+      gpu->to_host(grads[b].data(), m.grads(), m.num_params());
+    }
+    EXPECT_EQ(loss[0], loss[1]);
+    const ParamTable table = model_param_table(model_config("bf16"));
+    for (const ParamInfo& p : table.params()) {
+      const auto a = grads[0].begin() + p.offset, b = grads[1].begin() + p.offset;
+      if (p.name != "embed.tokens") {
+        EXPECT_TRUE(std::equal(a, a + p.size, b)) << p.name;
+        continue;
+      }
+      float scale = 0;
+      for (int64_t i = 0; i < p.size; ++i) scale = std::max(scale, std::fabs(a[i]));
+      ASSERT_GT(scale, 0.0f);
+      for (int64_t i = 0; i < p.size; ++i) EXPECT_NEAR(a[i], b[i], 1e-5f * scale) << p.name;
     }
   }
 }
