@@ -95,6 +95,10 @@ struct ModelConfig {
   double layernorm_eps = 1e-6;        // added to the variance, > 0
   double dropout = 0.0;               // residual-branch dropout probability, [0, 1)
   int ffn_chunk = 0;                  // positions per feed-forward chunk; 0: whole sequence
+  // Positions per call of the attention's projections (LN_a with Wqk, Wv;
+  // Wo and their backward); 0: ffn_chunk. Their products are narrow (one
+  // pass's heads), so small chunks cost more per row than the FFN's.
+  int proj_chunk = 0;
   int attn_heads_per_pass = 0;        // heads a rank attends together (divides n_heads / sp); 0: auto
   int attn_rounds_per_pass = 0;       // LSH rounds per attention call: 1 or n_hashes; 0: auto
   // Layers (the top ones) whose forward activations are kept for the

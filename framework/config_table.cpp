@@ -52,6 +52,7 @@ const std::vector<Key>& keys() {
       positive(KEY(model, layernorm_eps), 1),
       num_open(KEY(model, dropout), 0, 1),
       num(KEY(model, ffn_chunk), 0, kMaxLength),
+      num(KEY(model, proj_chunk), 0, kMaxLength),
       num(KEY(model, attn_heads_per_pass), 0, 1 << 16),
       num_or_auto(KEY(model, attn_rounds_per_pass), 0, 64),
       num_or_auto(KEY(model, kept_layers), 0, 1024, kKeptLayersAuto),

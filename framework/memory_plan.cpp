@@ -359,13 +359,18 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     b.add("identity", G::activations, "[Lfull]", {Lfull}, true);
   }
 
+  // Rows of one feed-forward call (fc) and of one projection call (pc); the
+  // LayerNorm rows, branch outputs and their gradients serve both.
   const int64_t fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L) : L;
-  for (const char* n : {"fln", "fg", "dfln", "dfg"}) b.add(n, G::chunks, "[fc, D]", {fc, D});
+  const int64_t pc = m.proj_chunk > 0 ? std::min<int64_t>(m.proj_chunk, L) : fc;
+  const int64_t rc = std::max(fc, pc);
+  for (const char* n : {"fln", "fg", "dfln", "dfg"})
+    b.add(n, G::chunks, "[max(fc, pc), D]", {rc, D});
   // The feed-forward block's hidden layer (ffn_forward / ffn_backward keep
   // their state and its gradient in these two).
   for (const char* n : {"fh", "fa"}) b.add(n, G::chunks, "[fc, d_ff]", {fc, F});
-  b.add("fmean", G::chunks, "[fc]", {fc});
-  b.add("frstd", G::chunks, "[fc]", {fc});
+  b.add("fmean", G::chunks, "[max(fc, pc)]", {rc});
+  b.add("frstd", G::chunks, "[max(fc, pc)]", {rc});
   // The kept layers' state, one copy per kept layer (model.kept_layers).
   const int kept = kept_layer_count(cfg);
   b.add("kept x1", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
@@ -410,13 +415,14 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   // flags and entry indices [sp, L] int32, and the scan's scratch.
   const int64_t route = sort ? round256(16 * L) + 2 * round256(4 * sp * L) + (int64_t(1) << 20) : 0;
   // The linear layers' bf16 operands (kernels/common/gemm_staging.h): the
-  // projections and the feed-forward over blocks of fc rows, the output
-  // head over oc rows.
-  const int64_t gemm =
-      std::max({ffn_workspace_bytes(fc, D, F), layernorm_project_bytes(fc, D, proj_cols),
-                gemm_stage_bytes(oc, 2 * D, V)});
+  // feed-forward over blocks of fc rows, the projections (Wqk, Wv; Wo from
+  // the pass's output columns) of pc rows, the output head over oc rows.
+  const int64_t wo_cols = g > 1 ? m.n_heads * dh : proj_cols;
+  const int64_t gemm = std::max({ffn_workspace_bytes(fc, D, F),
+                                 layernorm_project_bytes(pc, D, proj_cols),
+                                 gemm_stage_bytes(pc, wo_cols, D), gemm_stage_bytes(oc, 2 * D, V)});
   b.add_bytes("op workspace (estimate)",
-              op_workspace_bytes(cfg, attn_rows, L, std::max(fc, oc), lsh_layers > 0, by_round,
+              op_workspace_bytes(cfg, attn_rows, L, std::max(rc, oc), lsh_layers > 0, by_round,
                                  std::max(route, gemm)));
   b.add_bytes("cuBLASLt workspace", int64_t(32) << 20);  // kernels/cuda/cuda_ops.cu
   return plan;

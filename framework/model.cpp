@@ -47,10 +47,11 @@ struct ReformerModel<T>::Scratch {
   std::unique_ptr<SortedAttention<T>> sorted;  // sp > 1, parallel.sp_mode: sort
   AttentionScratch<T> attn;
   std::vector<std::unique_ptr<AttentionKindImpl<T>>> kinds;  // per layer
-  Buffer<T> fln, fmean, frstd, fh, fa, fg, dfln, dfg;  // feed-forward chunk
+  // A feed-forward chunk (fc rows; fh, fa) or projection chunk (pc rows).
+  Buffer<T> fln, fmean, frstd, fh, fa, fg, dfln, dfg;
   Buffer<T> cat, oln, omean, orstd, logits, loss, dcat, doln;    // output chunk
   IntBuffer<T> pred;                     // output chunk argmax [oc]
-  int64_t fc = 0, oc = 0;
+  int64_t fc = 0, pc = 0, oc = 0;
   int64_t ln_cols = 0;  // floats per row of a kept layer's fln (Ops::layernorm_ffn_ln_cols)
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
   // + i keeps in kept[i] its inputs, its feed-forward state over all L rows
@@ -186,6 +187,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   }
 
   s.fc = m.ffn_chunk > 0 ? std::min<int64_t>(m.ffn_chunk, L_) : L_;
+  s.pc = m.proj_chunk > 0 ? std::min<int64_t>(m.proj_chunk, L_) : s.fc;
   s.fln = buf("fln"); s.fg = buf("fg"); s.dfln = buf("dfln"); s.dfg = buf("dfg");
   s.fh = buf("fh"); s.fa = buf("fa");
   s.fmean = buf("fmean");
@@ -389,7 +391,7 @@ template <class T>
 void ReformerModel<T>::project(int l, const T* wq, const T* wv, int n, T* qk, T* v) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+  for_chunks(L_, s.pc, [&](int64_t r0, int64_t rows) {
     ops_.layernorm_project_forward(qk + r0 * n, v + r0 * n, s.fln.data(), s.fmean.data(),
                                    s.frstd.data(), s.x2.data() + r0 * D_, P.ln_a_w, P.ln_a_b, wq,
                                    wv, rows, D_, n, float(cfg_.model.layernorm_eps));
@@ -405,7 +407,7 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
-  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+  for_chunks(L_, s.pc, [&](int64_t r0, int64_t rows) {
     ops_.layernorm_project_backward(s.dx2.data() + r0 * D_, G.ln_a_w, G.ln_a_b, gwq, gwv,
                                     dqk + r0 * n, dv + r0 * n, s.fln.data(), s.dfln.data(),
                                     s.fmean.data(), s.frstd.data(), s.x2.data() + r0 * D_,
@@ -423,7 +425,7 @@ template <class T>
 void ReformerModel<T>::add_output(int l, const T* ao, const T* wo, int n, bool subtract,
                                   uint64_t step, bool train, const T* res) {
   Scratch& s = *s_;
-  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+  for_chunks(L_, s.pc, [&](int64_t r0, int64_t rows) {
     T* x1 = s.x1.data() + r0 * D_;
     const T* base = res ? res + r0 * D_ : nullptr;
     if (!(train && cfg_.model.dropout > 0)) {
@@ -444,7 +446,7 @@ template <class T>
 void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao,
                                        uint64_t step, bool train) {
   Scratch& s = *s_;
-  for_chunks(L_, s.fc, [&](int64_t r0, int64_t rows) {
+  for_chunks(L_, s.pc, [&](int64_t r0, int64_t rows) {
     const T* d = s.dx1.data() + r0 * D_;
     if (train && cfg_.model.dropout > 0) {
       ops_.dropout(s.dfg.data(), d, rows * D_, float(cfg_.model.dropout), cfg_.training.seed,

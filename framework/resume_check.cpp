@@ -22,7 +22,7 @@ const std::vector<std::pair<std::string, ResumeChange>>& resume_classes() {
       // Used only to initialise parameters, which the checkpoint replaces.
       {"model.init_std", C::info}, {"model.axial_init_std", C::info},
       // Memory knobs: the same function, possibly rounded otherwise.
-      {"model.ffn_chunk", C::warn}, {"model.loss_chunk", C::warn},
+      {"model.ffn_chunk", C::warn}, {"model.proj_chunk", C::warn}, {"model.loss_chunk", C::warn},
       {"model.attn_heads_per_pass", C::warn}, {"model.attn_rounds_per_pass", C::warn},
       {"model.kept_layers", C::warn},
       // The same function to bf16 rounding of the attention products.

@@ -391,7 +391,7 @@ TEST(Config, KeptLayers) {
 
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 71u);
+  EXPECT_EQ(keys.size(), 72u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

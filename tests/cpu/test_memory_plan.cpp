@@ -95,6 +95,8 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
   for (const auto& sets : std::vector<std::vector<std::string>>{
            {},
            {"model.ffn_chunk=20", "model.loss_chunk=16"},
+           {"model.ffn_chunk=20", "model.proj_chunk=8"},
+           {"model.ffn_chunk=12", "model.proj_chunk=40", "model.dropout=0.1"},
            {"model.attn_heads_per_pass=1"},
            {"model.attn_rounds_per_pass=1"},
            {"model.lsh_saved=buckets"},

@@ -120,6 +120,10 @@ TEST(ModelGrad, AttentionInPassesOfFewerHeads) {
                                       "model.attn_rounds_per_pass=1"}));
   check_model_gradients(small_config({"model.n_heads=4", "model.d_head=2",
                                       "model.attn_heads_per_pass=2"}));
+  // Projection chunks other than the feed-forward's (model.proj_chunk).
+  check_model_gradients(small_config({"model.attn_heads_per_pass=1", "model.dropout=0.25",
+                                      "model.proj_chunk=5", "model.ffn_chunk=3"}));
+  check_model_gradients(small_config({"model.proj_chunk=2", "model.ffn_chunk=7"}));
 }
 
 // A pass of one head attends its hash rounds one call at a time (combined

@@ -177,6 +177,7 @@ model:
   max_len: 128
   dropout: 0.1
   ffn_chunk: 48
+  proj_chunk: 32
   loss_chunk: 40
   init_std: 0.05
   axial_init_std: 0.05
