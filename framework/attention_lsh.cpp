@@ -59,14 +59,11 @@ class LshAttention final : public AttentionKindImpl<T> {
       ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap_);
       return;
     }
-    // One call per round into the head's one-round out_r slot, folded into
-    // ao as it comes (so one round's output is held at once).
-    T* out_1 = s_.out_r.data();
-    T* lse = s_.lse_of(h);
-    for (int r = 0; r < nh_; ++r) {
-      ops_.chunked_attention_forward(nullptr, out_1, lse + r * L, qk, v, perm + r * L, round_);
-      ops_.fold_round(ao, out_1, lse, r, L, shape_.dh, shape_.ld);
-    }
+    // The rounds one at a time into the head's one-round out_r slot, each
+    // folded into ao as it comes (so one round's output is held at once).
+    AttentionParams folded = ap_;
+    folded.fold_rounds = true;
+    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse_of(h), qk, v, perm, folded);
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,

@@ -219,7 +219,12 @@ class Ops {
   //   b_i = exp(lse[r, i] - m_i): out_i = (a_i out_i + b_i out_r_i) / (a_i +
   //   b_i), the combination of rounds 0..r (equal to combine_rounds' after the
   //   last round up to rounding). chunked_attention_forward's out may be null
-  //   (the rounds' outputs only in out_r).
+  //   (the rounds' outputs only in out_r). With p.fold_rounds it does both
+  //   in one call, bit for bit as the sequence of one-round calls (n_rounds
+  //   1, perm + r L, lse + r L, into out_r [L, dh]) each followed by
+  //   fold_round(out, out_r, lse, r, L, dh, ld), for r = 0 .. n_rounds - 1:
+  //   out and out_r are required, out_r is left holding the last round's
+  //   output (a device stages the operands once for all the rounds).
   //   full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.

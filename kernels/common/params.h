@@ -82,6 +82,10 @@ struct AttentionParams {
   // Backward: add the gradients into dqk, dv (the ops' contract), or, when
   // false, write them (the [L, dh] slices' old values are not read).
   bool accumulate = true;
+  // Forward of several rounds held one at a time (kernels/ops.h,
+  // chunked_attention_forward): out_r is one round's [L, dh], each round
+  // folded into out (fold_round) as it comes.
+  bool fold_rounds = false;
 };
 
 // One decoding step of attention (kernels/ops.h, decode_attention): per head,

@@ -195,9 +195,21 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
   check_chunked(p, "chunked_attention_forward");
   const int64_t L = p.L, ld = p.ld, chunk = p.chunk;
   const int dh = p.dh;
+  if (p.fold_rounds && (!out || !out_r))
+    throw ShapeError("chunked_attention_forward: fold_rounds needs out and out_r");
   if (L == 0) return;
   if (!out && !out_r)
     throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
+  if (p.fold_rounds) {  // one round at a time into out_r, folded into out
+    AttentionParams one = p;
+    one.n_rounds = 1;
+    one.fold_rounds = false;
+    for (int r = 0; r < p.n_rounds; ++r) {
+      chunked_attention_forward<T>(nullptr, out_r, lse + r * L, qk, v, perm + r * L, one);
+      fold_round(out, out_r, lse, r, L, dh, ld);
+    }
+    return;
+  }
   const ChunkWindows cw = make_windows(p);
   const bool par = p.n_rounds * L * cw.max_window * chunk * dh >= kMinParallelWork;
   std::vector<T> khat, norm;

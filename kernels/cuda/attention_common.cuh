@@ -52,6 +52,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "kernels/errors.h"
@@ -556,6 +557,13 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
 void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, const float* qk,
                               const float* v, float* out, __nv_bfloat16* out_b, float* lse,
                               void* stage, cudaStream_t s);
+// fold_rounds (AttentionParams): q, k_hat and v staged once, then per round
+// r the round's kernels into out_1 [L, dh] (fp32) and lse + r L, each
+// followed by fold(r) (the caller's fold_round): the one-round calls' work
+// without their stagings.
+void mma_chunked_forward_folded(const AttentionParams& p, const int32_t* perm, const float* qk,
+                                const float* v, float* out_1, float* lse, void* stage,
+                                cudaStream_t s, const std::function<void(int)>& fold);
 // Writes the row statistics rm, riz, rD (row_stats_kernel's, from dout, out
 // and lse) as it stages its operands.
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,

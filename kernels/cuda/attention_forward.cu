@@ -253,10 +253,31 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
                                         const float* v, const int32_t* perm,
                                         const AttentionParams& p) {
   cuda::check_chunked(p, "chunked_attention_forward");
+  if (p.fold_rounds && (!out || !out_r))
+    throw ShapeError("chunked_attention_forward: fold_rounds needs out and out_r");
   if (p.L == 0) return;
   if (!out && !out_r) throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
   const bool bf16 = p.precision == AttentionPrecision::bf16;
   const int staged = bf16 ? cuda::kMmaFwdStaged : 0;
+  if (p.fold_rounds) {  // one round at a time into out_r, folded into out
+    AttentionParams one = p;
+    one.n_rounds = 1;
+    one.fold_rounds = false;
+    auto fold = [&](int r) { fold_round(out, out_r, lse, r, p.L, p.dh, p.ld); };
+    if (!bf16) {
+      for (int r = 0; r < p.n_rounds; ++r) {
+        chunked_attention_forward(nullptr, out_r, lse + r * p.L, qk, v, perm + r * p.L, one);
+        fold(r);
+      }
+      return;
+    }
+    // Tensor cores: the operands staged once for every round (the scratch
+    // of a one-round call).
+    const cuda::AttnScratch sc =
+        cuda::carve_scratch(ws_, p.L, p.dh, 1, false, staged, cuda::ScratchGrads::none, 0);
+    cuda::mma_chunked_forward_folded(p, perm, qk, v, out_r, lse, sc.stage, stream_, fold);
+    return;
+  }
   // Round outputs the caller does not keep live in the workspace: bf16
   // [R, L, DH] on tensor cores (mma_chunked_forward_bf16), else fp32.
   const size_t rounds = size_t(p.n_rounds) * size_t(p.L);

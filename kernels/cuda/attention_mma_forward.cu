@@ -40,6 +40,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <functional>
 
 #include "kernels/cuda/attention_mma.cuh"
 
@@ -328,13 +329,10 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
   cp_async_wait<0>();
 }
 
+// The forward's kernels over operands already staged (st).
 template <int DH, bool FULL>
-void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
-                        const float* v, float* out, bf16* out_b, float* lse, void* stage,
-                        cudaStream_t s) {
-  // k_hat staged from qk (khat null: the forward skips the fp32 k_hat).
-  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, nullptr};
-  launch_mma_stage<DH>(g, stage, &st, s);
+void launch_mma_forward_kernels(const AttnGeom& g, int rounds, const MmaStage& st, float* out,
+                                bf16* out_b, float* lse, cudaStream_t s) {
   if (!FULL && mma_walks(g)) {
     constexpr size_t smem = mma_walk_smem<DH>();
     set_mma_smem(mma_forward_walk_kernel<DH>, smem);
@@ -349,6 +347,38 @@ void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const fl
   mma_forward_kernel<DH, FULL>
       <<<attn_blocks(g, rounds), kMmaBlock, smem, s>>>(g, st, out, out_b, lse);
   CUDA_CHECK_LAUNCH("mma_forward_kernel");
+}
+
+// The operands of a forward call staged (k_hat from qk where khat is null:
+// the forward skips the fp32 k_hat).
+template <int DH>
+MmaStage stage_mma_forward(const AttnGeom& g, const float* qk, const float* khat,
+                           const float* v, void* stage, cudaStream_t s) {
+  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, nullptr};
+  launch_mma_stage<DH>(g, stage, &st, s);
+  return st;
+}
+
+template <int DH, bool FULL>
+void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
+                        const float* v, float* out, bf16* out_b, float* lse, void* stage,
+                        cudaStream_t s) {
+  const MmaStage st = stage_mma_forward<DH>(g, qk, khat, v, stage, s);
+  launch_mma_forward_kernels<DH, FULL>(g, rounds, st, out, out_b, lse, s);
+}
+
+// fold_rounds: the staging once, then per round its kernels into out_1 and
+// lse + r L, and fold(r).
+template <int DH>
+void launch_mma_forward_folded(AttnGeom g, const int32_t* perm, int rounds, const float* qk,
+                               const float* v, float* out_1, float* lse, void* stage,
+                               cudaStream_t s, const std::function<void(int)>& fold) {
+  const MmaStage st = stage_mma_forward<DH>(g, qk, nullptr, v, stage, s);
+  for (int r = 0; r < rounds; ++r) {
+    g.perm = perm + int64_t(r) * g.L;
+    launch_mma_forward_kernels<DH, false>(g, 1, st, out_1, nullptr, lse + int64_t(r) * g.L, s);
+    fold(r);
+  }
 }
 
 // out = sum_r w[r, i] out_b[r, i] for the bf16 round outputs [R, L, DH] of
@@ -412,6 +442,22 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
     dispatch_mma_forward<true>(g, 1, qk, khat, v, out, nullptr, lse, stage, s);
   else
     dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, nullptr, lse, stage, s);
+}
+
+void mma_chunked_forward_folded(const AttentionParams& p, const int32_t* perm, const float* qk,
+                                const float* v, float* out_1, float* lse, void* stage,
+                                cudaStream_t s, const std::function<void(int)>& fold) {
+  AttentionParams one = p;
+  one.n_rounds = 1;
+  AttnGeom g = mma_geom(one, perm, false);
+  g.pairs = mma_pairs(g.dh, g.dh, {out_1});
+  switch (kernel_dhm(p.dh)) {
+    case 32: launch_mma_forward_folded<32>(g, perm, p.n_rounds, qk, v, out_1, lse, stage, s, fold); break;
+    case 64: launch_mma_forward_folded<64>(g, perm, p.n_rounds, qk, v, out_1, lse, stage, s, fold); break;
+    default:
+      launch_mma_forward_folded<128>(g, perm, p.n_rounds, qk, v, out_1, lse, stage, s, fold);
+      break;
+  }
 }
 
 void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, const float* qk,

@@ -388,6 +388,20 @@ TEST(ChunkedAttention, RoundsFoldedOneAtATimeEqualAllAtOnce) {
   EXPECT_THROW(fold_round(out.data(), out_1.data(), lse.data(), -1, p.L, p.dh, p.ld), ShapeError);
   EXPECT_THROW(fold_round(out.data(), out_1.data(), lse.data(), 0, p.L, p.dh, p.dh - 1),
                ShapeError);
+  // One call with fold_rounds: the same bits (out_1 left with the last
+  // round); it needs both out and out_r.
+  auto pf = p;
+  pf.fold_rounds = true;
+  std::vector<double> out_f(size_t(p.L * p.ld), kSentinel), out_1f(size_t(p.L * p.dh));
+  std::vector<double> lse_f(size_t(3 * p.L));
+  chunked_attention_forward<double>(out_f.data(), out_1f.data(), lse_f.data(), in.qk.data(),
+                                    in.v.data(), perm.data(), pf);
+  EXPECT_EQ(out_f, out);
+  EXPECT_EQ(out_1f, out_1);
+  EXPECT_EQ(lse_f, lse);
+  EXPECT_THROW(chunked_attention_forward<double>(nullptr, out_1f.data(), lse_f.data(),
+                                                 in.qk.data(), in.v.data(), perm.data(), pf),
+               ShapeError);
 }
 
 // lse_combine_backward adds w dout into its part's columns, or writes it

@@ -7,6 +7,8 @@
 // is bitwise reproducible (the harness runs it twice). Every case runs at both
 // AttentionPrecision values (fp32: CUDA-core kernels, bf16: tensor cores),
 // with the tolerances of its precision (see AttnTols).
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -262,6 +264,18 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
                                              t("lse") + r * c.L, p1);
             }
           }));
+      // The same forward in one call (fold_rounds: a device stages the
+      // operands once for the rounds).
+      AttentionParams pf = p;
+      pf.fold_rounds = true;
+      cases.push_back(make_case(
+          "chunked_attention_forward folding its rounds" + s, OpId::chunked_attention_forward,
+          with({output("out_1", c.L * c.dh, 72, tol.out), output("lse", nr, 66, tol.lse),
+                output("out", n, 67, tol.out)}),
+          [=](auto& ops, auto& t) {
+            ops.chunked_attention_forward(t("out"), t("out_1"), t("lse"), t("qk"), t("v"),
+                                          t.i("perm"), pf);
+          }));
       cases.push_back(make_case("combine_rounds weights only" + s, OpId::combine_rounds,
                                 with({output("out_r", nr * c.dh, 65, tol.out),
                                       output("lse", nr, 66, tol.lse),
@@ -378,7 +392,7 @@ TEST(AttentionLimits, DeviceRejectsWideHeads) {
 
 // The chunked forward writes the combined output, the rounds' outputs, or
 // both; with neither it refuses (as the CPU, tests/cpu/test_attention.cpp),
-// in either precision.
+// in either precision; folding the rounds needs both.
 TEST(AttentionLimits, DeviceRejectsNoOutput) {
   std::vector<Backend> backends = device_backends();
   if (backends.empty()) GTEST_SKIP() << "no device backend";
@@ -397,6 +411,74 @@ TEST(AttentionLimits, DeviceRejectsNoOutput) {
       EXPECT_THROW(b.ops->chunked_attention_forward(nullptr, nullptr, lse.data(), x.data(),
                                                     x.data(), perm.data(), p),
                    ShapeError);
+      AttentionParams f = p;
+      f.fold_rounds = true;
+      EXPECT_THROW(b.ops->chunked_attention_forward(nullptr, x.data(), lse.data(), x.data(),
+                                                    x.data(), perm.data(), f),
+                   ShapeError);
+    }
+  }
+}
+
+// fold_rounds is the sequence of one-round calls each followed by
+// fold_round, bit for bit, on a device too (where it stages the operands
+// once instead of once per round): the walking kernels (chunks of 64) and
+// the general ones (chunks of 32), both precisions.
+TEST(AttentionFolded, EqualsOneRoundCallsAndFolds) {
+  std::vector<Backend> backends = device_backends();
+  if (backends.empty()) GTEST_SKIP() << "no device backend";
+  for (Backend& b : backends) {
+    for (AttentionPrecision pr : kPrecisions) {
+      for (const int chunk : {64, 32}) {
+        SCOPED_TRACE("backend " + b.name + ", " + precision_name(pr) + ", chunk " +
+                     std::to_string(chunk));
+        const int64_t L = 512, dh = 64, ld = 2 * dh + 3;
+        const int R = 3;
+        AttentionParams p;
+        p.L = L;
+        p.dh = int(dh);
+        p.ld = ld;
+        p.chunk = chunk;
+        p.n_rounds = R;
+        p.precision = pr;
+        std::vector<float> x(size_t(L * ld));
+        for (size_t i = 0; i < x.size(); ++i) x[i] = float(std::sin(0.37 * double(i)));
+        const std::vector<int32_t> perm = random_perm(L, R, 5);
+        Buffer<float> qk(*b.ops, L * ld), v(*b.ops, L * ld);
+        IntBuffer<float> dperm(*b.ops, R * L);
+        b.ops->from_host(qk.data(), x.data(), L * ld);
+        std::reverse(x.begin(), x.end());
+        b.ops->from_host(v.data(), x.data(), L * ld);
+        b.ops->from_host_i32(dperm.data(), perm.data(), R * L);
+        std::vector<float> outs[2], lses[2], lasts[2];
+        for (int folded = 0; folded < 2; ++folded) {
+          Buffer<float> out(*b.ops, L * ld), out_1(*b.ops, L * dh), lse(*b.ops, R * L);
+          b.ops->fill(out.data(), 0.0f, L * ld);
+          if (folded) {
+            AttentionParams f = p;
+            f.fold_rounds = true;
+            b.ops->chunked_attention_forward(out.data(), out_1.data(), lse.data(), qk.data(),
+                                             v.data(), dperm.data(), f);
+          } else {
+            AttentionParams one = p;
+            one.n_rounds = 1;
+            for (int r = 0; r < R; ++r) {
+              b.ops->chunked_attention_forward(nullptr, out_1.data(), lse.data() + r * L,
+                                               qk.data(), v.data(), dperm.data() + r * L, one);
+              b.ops->fold_round(out.data(), out_1.data(), lse.data(), r, L, int(dh), ld);
+            }
+          }
+          outs[folded].resize(size_t(L * ld));
+          lses[folded].resize(size_t(R * L));
+          lasts[folded].resize(size_t(L * dh));
+          b.ops->to_host(outs[folded].data(), out.data(), L * ld);
+          b.ops->to_host(lses[folded].data(), lse.data(), R * L);
+          b.ops->to_host(lasts[folded].data(), out_1.data(), L * dh);
+        }
+        EXPECT_EQ(outs[0], outs[1]);
+        EXPECT_EQ(lses[0], lses[1]);
+        EXPECT_EQ(lasts[0], lasts[1]);
+      }
     }
   }
 }
