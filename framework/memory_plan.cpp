@@ -72,6 +72,13 @@ struct Builder {
 
 int64_t round256(int64_t b) { return (b + 255) / 256 * 256; }
 
+// Layers that run LSH attention at model.max_len (uses_lsh).
+int lsh_layer_count(const Config& cfg) {
+  int n = 0;
+  for (int l = 0; l < cfg.model.n_layers; ++l) n += uses_lsh(cfg, l, cfg.model.max_len) ? 1 : 0;
+  return n;
+}
+
 // The largest scratch request of one op of a step on a CUDA device
 // (kernels/cuda: attention backward, LSH sort and hash, column sums): what
 // the model reserves at construction (Ops::reserve_workspace), so that no
@@ -229,8 +236,7 @@ int64_t add_sorted_attention(Builder& b, const Config& cfg, int sp, int lsh_laye
 }  // namespace
 
 bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
-  bool any_lsh = false;
-  for (int l = 0; l < cfg.model.n_layers; ++l) any_lsh |= uses_lsh(cfg, l, cfg.model.max_len);
+  const bool any_lsh = lsh_layer_count(cfg) > 0;
   const int rounds = cfg.attention.n_hashes / sp_ranks_per_head(cfg, sp);
   const int set = cfg.model.attn_rounds_per_pass;
   if (set != 0 && set != 1 && set != cfg.attention.n_hashes)
@@ -252,9 +258,7 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
 }
 
 bool lsh_saves_buckets(const Config& cfg, int sp, int real_bytes) {
-  bool any_lsh = false;
-  for (int l = 0; l < cfg.model.n_layers; ++l) any_lsh |= uses_lsh(cfg, l, cfg.model.max_len);
-  if (!any_lsh || (sp > 1 && cfg.parallel.sp_mode == SpMode::sort)) return false;
+  if (lsh_layer_count(cfg) == 0 || (sp > 1 && cfg.parallel.sp_mode == SpMode::sort)) return false;
   switch (cfg.model.lsh_saved) {
     case LshSaved::orders: return false;
     case LshSaved::buckets: return true;  // validate_config checks the bucket count
@@ -285,8 +289,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("targets", G::activations, "[L]", {L}, true);
   for (const char* n : {"x1", "x2", "dx1", "dx2"}) b.add(n, G::activations, "[L, D]", {L, D});
   const bool sort = sp > 1 && cfg.parallel.sp_mode == SpMode::sort;
-  int lsh_layers = 0;
-  for (int l = 0; l < m.n_layers; ++l) lsh_layers += uses_lsh(cfg, l, Lfull) ? 1 : 0;
+  const int lsh_layers = lsh_layer_count(cfg);
   bool by_round = false;
   int64_t attn_rows = Lfull;  // rows of one attention call
   int64_t proj_cols = 0;      // columns of one pass's qk and v projections
