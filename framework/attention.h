@@ -49,10 +49,9 @@ struct AttentionShape {
 // carries a head's state from forward() to backward() in one of `slots`
 // slots (head h uses slot h % slots), so the backward of a head must follow
 // its forward before `slots` other heads' forwards. out_r (attending by
-// round only) is one head's scratch within a call: a round's output in
-// forward(), the combined output in backward(); otherwise the attention
-// op keeps the rounds' outputs itself and the backward takes the combined
-// output, ao.
+// round only) is one head's scratch within forward(): a round's output;
+// otherwise the attention op keeps the rounds' outputs itself. The
+// backward takes the combined output, ao.
 template <class T>
 struct AttentionScratch {
   Buffer<T> out_r;         // by round: [L, dh]
@@ -60,10 +59,6 @@ struct AttentionScratch {
   int slots = 1;
   int64_t lse_slot = 0;    // elements of one slot of lse (rounds * L)
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
-  // by_round only: each round's weight in the combination [slots, rounds, L]
-  // (as lse), computed by the backward.
-  Buffer<T> w_rounds;
-  T* w_rounds_of(int h) { return w_rounds.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // [n_hashes, L]: one head's LSH bucket ids until sorted
   IntBuffer<T> order;      // [n_hashes, L]: one head's sorted orders (shape.saved_buckets)
@@ -87,8 +82,7 @@ class AttentionKindImpl {
   // dqk, dv += gradients for dao of head h (= when !accumulate), right
   // after forward() of the same head on the same inputs. ao: the head's
   // output (under shape.partial the combined one; see AttentionShape); the
-  // kind may use it as scratch (LSH by round does), so it is unspecified
-  // afterwards.
+  // kind may use it as scratch, so it is unspecified afterwards.
   virtual void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
                         bool accumulate) = 0;
 };

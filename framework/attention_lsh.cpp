@@ -6,9 +6,10 @@
 // sorting again (a sort is about 4% of a 64K step); with
 // shape.saved_buckets the bucket ids are kept instead, 16 bits each, and
 // sorted again into the scratch's order in every call that attends with
-// them (half the memory). With shape.by_round each round is its own
-// attention call, forward and backward, so an op's scratch and the saved
-// round outputs hold one round instead of all.
+// them (half the memory). With shape.by_round the attention calls fold
+// their rounds (AttentionParams::fold_rounds): the rounds go one at a time,
+// forward and backward, so an op's scratch and the saved round outputs hold
+// one round instead of all.
 #include "framework/attention.h"
 
 #include "kernels/common/lsh_checks.h"
@@ -31,8 +32,6 @@ class LshAttention final : public AttentionKindImpl<T> {
     ap_ = attention_params(cfg, shape);
     ap_.n_rounds = nh_;
     ap_.wrap = true;
-    round_ = ap_;
-    round_.n_rounds = 1;
   }
   const char* name() const override { return "lsh"; }
   int lse_rows() const override { return nh_; }
@@ -68,38 +67,13 @@ class LshAttention final : public AttentionKindImpl<T> {
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
                 bool accumulate) override {
-    const int64_t L = shape_.L;
-    const int32_t* perm = sorted_orders(h);
-    if (!shape_.by_round) {
-      AttentionParams ap = ap_;
-      ap.accumulate = accumulate;
-      ops_.chunked_attention_backward(dqk, dv, dao, qk, v, perm, ao, shape_.ld, s_.lse_of(h), ap);
-      return;
-    }
-    // Round by round: a one-round call given the combined output (its D
-    // term) and the round's weight times dao adds round r's share of the
-    // gradients (kernels/ops.h, combine_rounds). The out_r slot holds the
-    // combined output from here on ([L, dh]), and ao, copied there, holds
-    // the round's share of dao (written, not added).
-    const int64_t ld = shape_.ld;
-    LseCombineParams share;
-    share.N = L;
-    share.dh = shape_.dh;
-    share.ld_parts = ld;
-    share.ld_lse = 1;
-    share.ld_out = ld;
-    share.accumulate = false;
-    ops_.combine_rounds(nullptr, s_.w_rounds_of(h), s_.out_r.data(), s_.lse_of(h), nh_, L,
-                        shape_.dh, ld);  // the rounds' weights only
-    ops_.copy_2d(s_.out_r.data(), shape_.dh, ao, ld, L, shape_.dh);
-    T* dao_r = ao;
-    AttentionParams rp = round_;
-    for (int r = 0; r < nh_; ++r) {
-      rp.accumulate = accumulate || r > 0;  // round 0 writes when not accumulating
-      ops_.lse_combine_backward(dao_r, dao, s_.w_rounds_of(h) + r * L, share);
-      ops_.chunked_attention_backward(dqk, dv, dao_r, qk, v, perm + r * L, s_.out_r.data(),
-                                      shape_.dh, s_.lse_of(h) + r * L, rp);
-    }
+    AttentionParams ap = ap_;
+    ap.accumulate = accumulate;
+    // By round, each round's share is added in turn, so the op holds one
+    // round's per-round state (kernels/ops.h, fold_rounds).
+    ap.fold_rounds = shape_.by_round;
+    ops_.chunked_attention_backward(dqk, dv, dao, qk, v, sorted_orders(h), ao, shape_.ld,
+                                    s_.lse_of(h), ap);
   }
 
  private:
@@ -125,7 +99,6 @@ class LshAttention final : public AttentionKindImpl<T> {
   // ids (shape.saved_buckets), kept from forward to backward.
   IntBuffer<T> saved_;
   AttentionParams ap_;
-  AttentionParams round_;  // one round (shape.by_round)
 };
 
 }  // namespace

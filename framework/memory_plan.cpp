@@ -249,11 +249,11 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
   if (attention_heads_per_pass(cfg, sp, real_bytes) != 1) return false;
   // What attending by round saves: the op workspace's round outputs and
   // per-round gradients, less what the model then holds (one round's
-  // output, out_r, and the rounds' weights, w_rounds; one head per pass).
+  // output, out_r; one head per pass).
   const int64_t Lfull = cfg.model.max_len, L = Lfull / sp;
   const int64_t saved = op_workspace_bytes(cfg, Lfull, L, 0, true, false) -
                         op_workspace_bytes(cfg, Lfull, L, 0, true, true) -
-                        (int64_t(cfg.head_dim()) + rounds) * Lfull * real_bytes;
+                        int64_t(cfg.head_dim()) * Lfull * real_bytes;
   return saved > kRoundSavingThreshold;
 }
 
@@ -334,15 +334,12 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
 
     // One lse slot per head of a pass. Attended by round, a head's rounds
     // are folded into its output as they come (one round's output at a
-    // time, in out_r), and the backward keeps the rounds' weights;
-    // otherwise the attention op keeps a call's round outputs in its
-    // workspace.
+    // time, in out_r); otherwise the attention op keeps a call's round
+    // outputs in its workspace.
     const int64_t slots = Hp;
     by_round = attention_by_round(cfg, sp, real_bytes);
     if (by_round) b.add("out_r", G::activations, "[Lfull, dh]", {Lfull, dh});
     b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
-    if (by_round)
-      b.add("w_rounds", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
     if (lsh_layers > 0) {
       const int64_t nh = cfg.attention.n_hashes;
       b.add("rotations", G::activations, "[n_hashes, dh, cols]",

@@ -160,7 +160,6 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     s.attn.lse = buf("lse");
     s.attn.slots = Hp_;
     s.attn.lse_slot = plan.count("lse") / s.attn.slots;
-    if (by_round) s.attn.w_rounds = buf("w_rounds");
     const bool saved_buckets = lsh_saves_buckets(cfg, shard.size, int(sizeof(T)));
     if (any_lsh) {
       s.attn.rot = buf("rotations");

@@ -225,6 +225,13 @@ class Ops {
   //   fold_round(out, out_r, lse, r, L, dh, ld), for r = 0 .. n_rounds - 1:
   //   out and out_r are required, out_r is left holding the last round's
   //   output (a device stages the operands once for all the rounds).
+  //   chunked_attention_backward with p.fold_rounds gives the gradients of
+  //   the n_rounds call, up to rounding, adding each round's share into dqk
+  //   and dv before the next round's (round 0's written when
+  //   !p.accumulate): an op then holds one round's per-round state, and a
+  //   device stages the operands once for all the rounds. Each share is the
+  //   one-round call's given w[r] dout (the rule above) without forming
+  //   w[r] dout: the probabilities are taken over all the rounds' lse.
   //   full_attention_*: exact attention with the same
   //   scoring and masks (p.n_rounds, p.chunk and the chunk fields are
   //   ignored); lse [L] saved for the backward.

@@ -82,9 +82,9 @@ struct AttentionParams {
   // Backward: add the gradients into dqk, dv (the ops' contract), or, when
   // false, write them (the [L, dh] slices' old values are not read).
   bool accumulate = true;
-  // Forward of several rounds held one at a time (kernels/ops.h,
-  // chunked_attention_forward): out_r is one round's [L, dh], each round
-  // folded into out (fold_round) as it comes.
+  // Several rounds held one at a time (kernels/ops.h): the forward's out_r
+  // is one round's [L, dh], each round folded into out (fold_round) as it
+  // comes; the backward adds each round's share of the gradients in turn.
   bool fold_rounds = false;
 };
 

@@ -328,7 +328,9 @@ void zero_slices(T* dqk, T* dv, int64_t L, int64_t ld, int dh) {
 // which equals the round-by-round derivation (d out_r = w_r dout,
 // d lse_r = w_r (dout . out_r - dout . out)). Query-side terms are computed by
 // query chunk, key-side terms by key chunk (recomputing the scores), each into
-// per-round buffers that are summed in round order.
+// per-round buffers that are summed in round order. With p.fold_rounds the
+// rounds go one at a time (per-round buffers of one round), each round's
+// share added into dqk and dv before the next.
 template <class T>
 void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const T* v,
                                 const int32_t* perm, const T* out, int64_t ld_out, const T* lse,
@@ -344,7 +346,7 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
   std::vector<T> khat, norm;
   normalise_keys(khat, norm, qk, p, par);
 
-  // Per position: the round shift and D_i = dout_i . out_i.
+  // Per position: the round shift (over all R rounds) and D_i = dout_i . out_i.
   std::vector<RoundShift<T>> shift(static_cast<size_t>(L));
   std::vector<T> D(static_cast<size_t>(L));
 #pragma omp parallel for schedule(static) if (par)
@@ -356,114 +358,117 @@ void chunked_attention_backward(T* dqk, T* dv, const T* dout, const T* qk, const
     return std::exp(score - shift[size_t(i)].m) * shift[size_t(i)].inv_z;
   };
 
-  const size_t per_round = size_t(R) * size_t(L) * size_t(dh);
+  // Rounds r0 .. r0 + NR - 1 at a time: all of them, or one (fold_rounds).
+  const int NR = p.fold_rounds ? 1 : R;
+  const size_t per_round = size_t(NR) * size_t(L) * size_t(dh);
   std::vector<T> dq_r(dqk ? per_round : 0), dkhat_r(dqk ? per_round : 0),
       dv_r(dv ? per_round : 0);
-  const int64_t n_units = int64_t(R) * cw.n_chunks;
-
-  // Query side: dq_r[r, i] for the queries of chunk c.
-  if (dqk) {
-    const size_t W = size_t(cw.max_window * chunk);
+  const int64_t n_units = int64_t(NR) * cw.n_chunks;
+  for (int r0 = 0; r0 < R; r0 += NR) {
+    // Query side: dq_r[r, i] for the queries of chunk c.
+    if (dqk) {
+      const size_t W = size_t(cw.max_window * chunk);
 #pragma omp parallel if (par)
-    {
-      std::vector<int64_t> keys(W);
-      std::vector<T> kt(W * size_t(dh)), vt(W * size_t(dh)), sc(W), gv(W);
+      {
+        std::vector<int64_t> keys(W);
+        std::vector<T> kt(W * size_t(dh)), vt(W * size_t(dh)), sc(W), gv(W);
 #pragma omp for schedule(static)
-      for (int64_t u = 0; u < n_units; ++u) {
-        const int64_t r = u / cw.n_chunks, c = u % cw.n_chunks;
-        const int32_t* pr = perm + r * L;
-        const int64_t n = window_positions(keys.data(), pr, cw.win[size_t(c)], chunk);
-        gather_transposed(kt.data(), khat.data(), dh, keys.data(), n, dh);
-        gather_transposed(vt.data(), v, ld, keys.data(), n, dh);
-        for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
-          const int64_t i = pr[s];
-          row_times(sc.data(), qk + i * ld, kt.data(), n, dh);
-          row_times(gv.data(), dout + i * ld, vt.data(), n, dh);
-          T* dq = dq_r.data() + (r * L + i) * dh;
-          for (int d = 0; d < dh; ++d) dq[d] = T(0);
-          for (int64_t k = 0; k < n; ++k) {
-            const int64_t j = keys[size_t(k)];
-            if (is_masked(i, j, p.causal)) continue;
-            const T ds = pair_weight(sc[size_t(k)], i) * (gv[size_t(k)] - D[size_t(i)]);
-            const T* kh = khat.data() + j * dh;
-            for (int d = 0; d < dh; ++d) dq[d] += ds * kh[d];
-          }
-        }
-      }
-    }
-  }
-
-  // Key side: dkhat_r[r, j] and dv_r[r, j] for the keys of chunk kc, from
-  // every query chunk whose window holds kc.
-  {
-    const size_t Q = size_t(cw.max_inverse * chunk);
-#pragma omp parallel if (par)
-    {
-      std::vector<int64_t> queries(Q);
-      std::vector<T> qt(Q * size_t(dh)), gt(dqk ? Q * size_t(dh) : 0), sc(Q), gv(Q);
-#pragma omp for schedule(static)
-      for (int64_t u = 0; u < n_units; ++u) {
-        const int64_t r = u / cw.n_chunks, kc = u % cw.n_chunks;
-        const int32_t* pr = perm + r * L;
-        const int64_t n = window_positions(queries.data(), pr, cw.inv[size_t(kc)], chunk);
-        gather_transposed(qt.data(), qk, ld, queries.data(), n, dh);
-        if (dqk) gather_transposed(gt.data(), dout, ld, queries.data(), n, dh);
-        for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
-          const int64_t j = pr[t];
-          row_times(sc.data(), khat.data() + j * dh, qt.data(), n, dh);
-          if (dqk) row_times(gv.data(), v + j * ld, gt.data(), n, dh);
-          T* dk = dqk ? dkhat_r.data() + (r * L + j) * dh : nullptr;
-          T* dvj = dv ? dv_r.data() + (r * L + j) * dh : nullptr;
-          for (int d = 0; d < dh; ++d) {
-            if (dk) dk[d] = T(0);
-            if (dvj) dvj[d] = T(0);
-          }
-          for (int64_t k = 0; k < n; ++k) {
-            const int64_t i = queries[size_t(k)];
-            T score = sc[size_t(k)];
-            const bool masked = apply_mask(score, i, j, p.causal);
-            const T P = pair_weight(score, i);
-            const T* g = dout + i * ld;
-            if (dvj)
-              for (int d = 0; d < dh; ++d) dvj[d] += P * g[d];
-            if (dk && !masked) {
-              const T ds = P * (gv[size_t(k)] - D[size_t(i)]);
-              const T* q = qk + i * ld;
-              for (int d = 0; d < dh; ++d) dk[d] += ds * q[d];
+        for (int64_t u = 0; u < n_units; ++u) {
+          const int64_t r = u / cw.n_chunks, c = u % cw.n_chunks;
+          const int32_t* pr = perm + (r0 + r) * L;
+          const int64_t n = window_positions(keys.data(), pr, cw.win[size_t(c)], chunk);
+          gather_transposed(kt.data(), khat.data(), dh, keys.data(), n, dh);
+          gather_transposed(vt.data(), v, ld, keys.data(), n, dh);
+          for (int64_t s = c * chunk; s < (c + 1) * chunk; ++s) {
+            const int64_t i = pr[s];
+            row_times(sc.data(), qk + i * ld, kt.data(), n, dh);
+            row_times(gv.data(), dout + i * ld, vt.data(), n, dh);
+            T* dq = dq_r.data() + (r * L + i) * dh;
+            for (int d = 0; d < dh; ++d) dq[d] = T(0);
+            for (int64_t k = 0; k < n; ++k) {
+              const int64_t j = keys[size_t(k)];
+              if (is_masked(i, j, p.causal)) continue;
+              const T ds = pair_weight(sc[size_t(k)], i) * (gv[size_t(k)] - D[size_t(i)]);
+              const T* kh = khat.data() + j * dh;
+              for (int d = 0; d < dh; ++d) dq[d] += ds * kh[d];
             }
           }
         }
       }
     }
-  }
 
-  // Sum the rounds in order; project dkhat through the normalisation.
+    // Key side: dkhat_r[r, j] and dv_r[r, j] for the keys of chunk kc, from
+    // every query chunk whose window holds kc.
+    {
+      const size_t Q = size_t(cw.max_inverse * chunk);
 #pragma omp parallel if (par)
-  {
-    std::vector<T> acc(static_cast<size_t>(dh));
+      {
+        std::vector<int64_t> queries(Q);
+        std::vector<T> qt(Q * size_t(dh)), gt(dqk ? Q * size_t(dh) : 0), sc(Q), gv(Q);
 #pragma omp for schedule(static)
-    for (int64_t j = 0; j < L; ++j) {
-      if (dv) {
-        for (int d = 0; d < dh; ++d) acc[size_t(d)] = T(0);
-        for (int r = 0; r < R; ++r) {
-          const T* src = dv_r.data() + (int64_t(r) * L + j) * dh;
-          for (int d = 0; d < dh; ++d) acc[size_t(d)] += src[d];
+        for (int64_t u = 0; u < n_units; ++u) {
+          const int64_t r = u / cw.n_chunks, kc = u % cw.n_chunks;
+          const int32_t* pr = perm + (r0 + r) * L;
+          const int64_t n = window_positions(queries.data(), pr, cw.inv[size_t(kc)], chunk);
+          gather_transposed(qt.data(), qk, ld, queries.data(), n, dh);
+          if (dqk) gather_transposed(gt.data(), dout, ld, queries.data(), n, dh);
+          for (int64_t t = kc * chunk; t < (kc + 1) * chunk; ++t) {
+            const int64_t j = pr[t];
+            row_times(sc.data(), khat.data() + j * dh, qt.data(), n, dh);
+            if (dqk) row_times(gv.data(), v + j * ld, gt.data(), n, dh);
+            T* dk = dqk ? dkhat_r.data() + (r * L + j) * dh : nullptr;
+            T* dvj = dv ? dv_r.data() + (r * L + j) * dh : nullptr;
+            for (int d = 0; d < dh; ++d) {
+              if (dk) dk[d] = T(0);
+              if (dvj) dvj[d] = T(0);
+            }
+            for (int64_t k = 0; k < n; ++k) {
+              const int64_t i = queries[size_t(k)];
+              T score = sc[size_t(k)];
+              const bool masked = apply_mask(score, i, j, p.causal);
+              const T P = pair_weight(score, i);
+              const T* g = dout + i * ld;
+              if (dvj)
+                for (int d = 0; d < dh; ++d) dvj[d] += P * g[d];
+              if (dk && !masked) {
+                const T ds = P * (gv[size_t(k)] - D[size_t(i)]);
+                const T* q = qk + i * ld;
+                for (int d = 0; d < dh; ++d) dk[d] += ds * q[d];
+              }
+            }
+          }
         }
-        for (int d = 0; d < dh; ++d) dv[j * ld + d] += acc[size_t(d)];
       }
-      if (dqk) {
-        for (int d = 0; d < dh; ++d) acc[size_t(d)] = T(0);
-        for (int r = 0; r < R; ++r) {
-          const T* src = dkhat_r.data() + (int64_t(r) * L + j) * dh;
-          for (int d = 0; d < dh; ++d) acc[size_t(d)] += src[d];
+    }
+
+    // Sum the rounds in order; project dkhat through the normalisation.
+#pragma omp parallel if (par)
+    {
+      std::vector<T> acc(static_cast<size_t>(dh));
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < L; ++j) {
+        if (dv) {
+          for (int d = 0; d < dh; ++d) acc[size_t(d)] = T(0);
+          for (int r = 0; r < NR; ++r) {
+            const T* src = dv_r.data() + (int64_t(r) * L + j) * dh;
+            for (int d = 0; d < dh; ++d) acc[size_t(d)] += src[d];
+          }
+          for (int d = 0; d < dh; ++d) dv[j * ld + d] += acc[size_t(d)];
         }
-        const T* kh = khat.data() + j * dh;
-        const T proj = dot(kh, acc.data(), dh);
-        const T inv_norm = T(1) / norm[size_t(j)];
-        for (int d = 0; d < dh; ++d) {
-          T g = (acc[size_t(d)] - kh[d] * proj) * inv_norm;
-          for (int r = 0; r < R; ++r) g += dq_r[size_t((int64_t(r) * L + j) * dh + d)];
-          dqk[j * ld + d] += g;
+        if (dqk) {
+          for (int d = 0; d < dh; ++d) acc[size_t(d)] = T(0);
+          for (int r = 0; r < NR; ++r) {
+            const T* src = dkhat_r.data() + (int64_t(r) * L + j) * dh;
+            for (int d = 0; d < dh; ++d) acc[size_t(d)] += src[d];
+          }
+          const T* kh = khat.data() + j * dh;
+          const T proj = dot(kh, acc.data(), dh);
+          const T inv_norm = T(1) / norm[size_t(j)];
+          for (int d = 0; d < dh; ++d) {
+            T g = (acc[size_t(d)] - kh[d] * proj) * inv_norm;
+            for (int r = 0; r < NR; ++r) g += dq_r[size_t((int64_t(r) * L + j) * dh + d)];
+            dqk[j * ld + d] += g;
+          }
         }
       }
     }

@@ -342,6 +342,32 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                                  g.ld, g.dh, R, p.accumulate, s);
 }
 
+// fold_rounds: the row statistics of all p.n_rounds rounds once, then each
+// round's kernels with its share added into dqk, dv (round 0 writing them
+// unless p.accumulate); sc holds one round's scratch.
+void run_backward_folded(const AttnScratch& sc, const AttentionParams& p, const int32_t* perm,
+                         float* dqk, float* dv, const float* dout, const float* out,
+                         int64_t ld_out, const float* qk, const float* v, const float* lse,
+                         cudaStream_t s) {
+  if (p.precision == AttentionPrecision::bf16) {
+    const MmaBwdOut o{dqk, dqk, dv, true, sc.norm, nullptr, nullptr, nullptr, p.accumulate};
+    mma_chunked_backward_folded(p, perm, qk, v, dout, out, ld_out, lse, sc.rm, sc.riz, sc.rD, o,
+                                sc.stage, s);
+    return;
+  }
+  row_stats_kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(
+      sc.rm, sc.riz, sc.rD, dout, out, ld_out, lse, p.L, p.ld, p.dh, p.n_rounds);
+  CUDA_CHECK_LAUNCH("row_stats_kernel");
+  for (int r = 0; r < p.n_rounds; ++r) {
+    const AttnGeom g = make_geom(p, perm + int64_t(r) * p.L, false);
+    dispatch_backward<false>(g, 1, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD,
+                             dqk ? sc.dq_r : nullptr, dqk ? sc.dkh_r : nullptr,
+                             dv ? sc.dv_r : nullptr, s);
+    launch_finish_rounds<4, float>(dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, sc.norm, g.L,
+                                   g.ld, g.dh, 1, p.accumulate || r > 0, s);
+  }
+}
+
 }  // namespace
 }  // namespace cuda
 
@@ -354,6 +380,15 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
   cuda::check_chunked(p, "chunked_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
+  if (p.fold_rounds) {  // one round's scratch, the rounds' shares added in turn
+    AttentionParams one = p;
+    one.n_rounds = 1;
+    const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, 1, true, staged,
+                                                     cuda::backward_grads(one, false));
+    if (staged == 0) cuda::launch_normalise(sc, qk, p, stream_);
+    cuda::run_backward_folded(sc, p, perm, dqk, dv, dout, out, ld_out, qk, v, lse, stream_);
+    return;
+  }
   const cuda::AttnScratch sc = cuda::carve_scratch(ws_, p.L, p.dh, p.n_rounds, true, staged,
                                                    cuda::backward_grads(p, false));
   if (staged == 0) cuda::launch_normalise(sc, qk, p, stream_);

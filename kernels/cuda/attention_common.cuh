@@ -570,6 +570,14 @@ void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool 
                             const float* qk, const float* v, const float* dout, const float* out,
                             int64_t ld_out, const float* lse, float* rm, float* riz, float* rD,
                             const MmaBwdOut& o, void* stage, cudaStream_t s);
+// fold_rounds (AttentionParams) with direct outputs o: q, k_hat, v and dout
+// staged once with the row statistics of all p.n_rounds rounds, then per
+// round r the one-round kernels over perm + r L adding into o's dqk and dv
+// (round 0 writing them unless o.add).
+void mma_chunked_backward_folded(const AttentionParams& p, const int32_t* perm, const float* qk,
+                                 const float* v, const float* dout, const float* out,
+                                 int64_t ld_out, const float* lse, float* rm, float* riz,
+                                 float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s);
 
 }  // namespace cuda
 }  // namespace reformer

@@ -823,16 +823,25 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
   cp_async_wait<0>();
 }
 
-template <int DH, bool FULL>
-void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
-                         const float* dout, const float* out, int64_t ld_out, const float* lse,
-                         float* rm, float* riz, float* rD, const MmaBwdOut& o, void* stage,
-                         cudaStream_t s) {
-  // k_hat staged from qk, |k| into o.norm (for the key side's direct
-  // writes, or the round sum), the row statistics from dout and out.
-  MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, true, o.norm,
+// q, k_hat (from qk; |k| into norm, for the key side's direct writes or the
+// round sum), v and dout staged, with the row statistics of `rounds` rounds
+// from dout, out and lse.
+template <int DH>
+MmaStage stage_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
+                            const float* dout, const float* out, int64_t ld_out,
+                            const float* lse, float* rm, float* riz, float* rD, float* norm,
+                            void* stage, cudaStream_t s) {
+  MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, true, norm,
               rm, riz, rD, out, ld_out, lse, rounds};
   launch_mma_stage<DH>(g, stage, &st, s);
+  return st;
+}
+
+// The backward's kernels over operands already staged (st).
+template <int DH, bool FULL>
+void launch_mma_backward_kernels(const AttnGeom& g, int rounds, const MmaStage& st,
+                                 const float* rm, const float* riz, const float* rD,
+                                 const MmaBwdOut& o, cudaStream_t s) {
   const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
   const bool want_kv = o.direct ? o.dkh || o.dv : o.dkh_r || o.dv_r;
   if (!FULL && mma_walks(g) && !o.direct) {
@@ -869,9 +878,39 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
       CUDA_CHECK_LAUNCH("mma_dkv_kernel");
     }
   }
+}
+
+template <int DH, bool FULL>
+void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
+                         const float* dout, const float* out, int64_t ld_out, const float* lse,
+                         float* rm, float* riz, float* rD, const MmaBwdOut& o, void* stage,
+                         cudaStream_t s) {
+  const MmaStage st =
+      stage_mma_backward<DH>(g, rounds, qk, v, dout, out, ld_out, lse, rm, riz, rD, o.norm,
+                             stage, s);
+  launch_mma_backward_kernels<DH, FULL>(g, rounds, st, rm, riz, rD, o, s);
   if (o.direct) return;
   launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, qk, o.norm, g.L,
                                       g.ld, g.dh, rounds, o.add, s);
+}
+
+// fold_rounds (direct outputs): the staging once with the statistics of all
+// the rounds, then per round r its one-round kernels over perm + r L, adding
+// (round 0 writing unless o.add).
+template <int DH>
+void launch_mma_backward_folded(AttnGeom g, const int32_t* perm, int rounds, const float* qk,
+                                const float* v, const float* dout, const float* out,
+                                int64_t ld_out, const float* lse, float* rm, float* riz,
+                                float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
+  const MmaStage st =
+      stage_mma_backward<DH>(g, rounds, qk, v, dout, out, ld_out, lse, rm, riz, rD, o.norm,
+                             stage, s);
+  for (int r = 0; r < rounds; ++r) {
+    g.perm = perm + int64_t(r) * g.L;
+    MmaBwdOut round_out = o;
+    round_out.add = o.add || r > 0;
+    launch_mma_backward_kernels<DH, false>(g, 1, st, rm, riz, rD, round_out, s);
+  }
 }
 
 template <bool FULL>
@@ -896,6 +935,30 @@ void dispatch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const
 }
 
 }  // namespace
+
+void mma_chunked_backward_folded(const AttentionParams& p, const int32_t* perm, const float* qk,
+                                 const float* v, const float* dout, const float* out,
+                                 int64_t ld_out, const float* lse, float* rm, float* riz,
+                                 float* rD, const MmaBwdOut& o, void* stage, cudaStream_t s) {
+  AttentionParams one = p;
+  one.n_rounds = 1;
+  AttnGeom g = mma_geom(one, perm, false);  // one round's walk, as a one-round call's
+  g.pairs = mma_pairs(g.dh, g.ld, {o.dq, o.dkh, o.dv, qk});
+  switch (kernel_dhm(g.dh)) {
+    case 32:
+      launch_mma_backward_folded<32>(g, perm, p.n_rounds, qk, v, dout, out, ld_out, lse, rm, riz,
+                                     rD, o, stage, s);
+      break;
+    case 64:
+      launch_mma_backward_folded<64>(g, perm, p.n_rounds, qk, v, dout, out, ld_out, lse, rm, riz,
+                                     rD, o, stage, s);
+      break;
+    default:
+      launch_mma_backward_folded<128>(g, perm, p.n_rounds, qk, v, dout, out, ld_out, lse, rm,
+                                      riz, rD, o, stage, s);
+      break;
+  }
+}
 
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,
                             const float* qk, const float* v, const float* dout, const float* out,

@@ -615,6 +615,12 @@ TEST(ChunkedAttentionBackward, FiniteDifferencesRepeatedWindowChunk) {
   check_chunked_grads(params(18, 5, 7, 2, 6, 2, 1, true, true), random_perms(2, 18, 61), 191);
 }
 
+TEST(ChunkedAttentionBackward, FiniteDifferencesFoldedRounds) {
+  auto p = params(24, 5, 7, 3, 6, 1, 0, true, true);
+  p.fold_rounds = true;  // the forward folds too (run_chunked passes out and out_r)
+  check_chunked_grads(p, random_perms(3, 24, 73), 163);
+}
+
 TEST(ChunkedAttentionBackward, Accumulates) {
   const auto p = params(24, 5, 7, 2, 6, 1, 0, true, true);
   const Inputs in = make_inputs(p.L, p.dh, p.ld, 201);
@@ -644,6 +650,47 @@ TEST(ChunkedAttentionBackward, WritesWithoutAccumulate) {
   const Grads g0 = chunked_grads(in, perm, p, 0.0);
   p.accumulate = false;
   expect_written(g0, chunked_grads(in, perm, p, 0.75), p.ld, p.dh, 0.75);
+}
+
+// fold_rounds adds the rounds' shares one at a time: the gradients of the
+// all-rounds call, and of one-round calls given the combined output and
+// w_r dout (the rule of kernels/ops.h, combine_rounds), up to rounding;
+// without accumulate round 0 writes the slices.
+TEST(ChunkedAttentionBackward, RoundsFoldedEqualAllAtOnceAndOneRoundCalls) {
+  const auto p = params(24, 5, 7, 3, 6, 1, 0, true, true);
+  const Inputs in = make_inputs(p.L, p.dh, p.ld, 207, 3.0);
+  const auto perm = random_perms(3, p.L, 79);
+  auto pf = p;
+  pf.fold_rounds = true;
+  const Grads all = chunked_grads(in, perm, p, 0.75);
+  const Grads folded = chunked_grads(in, perm, pf, 0.75);
+  ASSERT_GT(max_abs(all.dqk), 1e-2);
+  for (size_t k = 0; k < all.dqk.size(); ++k) {
+    EXPECT_NEAR(folded.dqk[k], all.dqk[k], 1e-13) << k;
+    EXPECT_NEAR(folded.dv[k], all.dv[k], 1e-13) << k;
+  }
+  // One call per round with w_r dout.
+  const auto o = run_chunked(in.qk, in.v, perm, p);
+  std::vector<double> w(size_t(3 * p.L)), dout_r(in.g.size(), 0.0);
+  combine_rounds<double>(nullptr, w.data(), o.out_r.data(), o.lse.data(), 3, p.L, p.dh, p.ld);
+  auto p1 = p;
+  p1.n_rounds = 1;
+  Grads rounds{std::vector<double>(in.qk.size(), 0.75), std::vector<double>(in.v.size(), 0.75)};
+  for (int r = 0; r < 3; ++r) {
+    for (int64_t i = 0; i < p.L; ++i)
+      for (int d = 0; d < p.dh; ++d)
+        dout_r[size_t(i * p.ld + d)] = w[size_t(r * p.L + i)] * in.g[size_t(i * p.ld + d)];
+    chunked_attention_backward(rounds.dqk.data(), rounds.dv.data(), dout_r.data(), in.qk.data(),
+                               in.v.data(), perm.data() + r * p.L, o.out.data(), p.ld,
+                               o.lse.data() + r * p.L, p1);
+  }
+  for (size_t k = 0; k < all.dqk.size(); ++k) {
+    EXPECT_NEAR(folded.dqk[k], rounds.dqk[k], 1e-13) << k;
+    EXPECT_NEAR(folded.dv[k], rounds.dv[k], 1e-13) << k;
+  }
+  pf.accumulate = false;
+  expect_written(chunked_grads(in, perm, pf, 0.0), chunked_grads(in, perm, pf, 0.75), p.ld, p.dh,
+                 0.75);
 }
 
 TEST(ChunkedAttentionBackward, NullGradientIsSkipped) {

@@ -239,35 +239,27 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
           }));
       // As framework/attention_lsh.cpp does it by round: each round's
       // forward into one out_r slot (out null), folded into out as it comes;
-      // the backward's share of dout written into out (the head's output
-      // is no longer needed once copied into the slot).
-      std::vector<TensorSpec> fr = {output("out_1", c.L * c.dh, 72, tol.out),
-                                    output("lse", nr, 66, tol.lse), output("out", n, 67, tol.out),
-                                    output("w", nr, 70, tol.lse), output("dqk", n, 68, tol.dqk),
-                                    output("dv", n, 69, tol.dv)};
-      LseCombineParams written = share;
-      written.accumulate = false;
+      // the backward adds the rounds' shares one at a time (fold_rounds: a
+      // device stages its operands once for the rounds).
+      AttentionParams pf = p;
+      pf.fold_rounds = true;
+      const std::vector<TensorSpec> fr = {
+          output("out_1", c.L * c.dh, 72, tol.out), output("lse", nr, 66, tol.lse),
+          output("out", n, 67, tol.out), output("dqk", n, 68, tol.dqk),
+          output("dv", n, 69, tol.dv)};
       cases.push_back(make_case(
-          "fold_round and backward round by round" + s, OpId::fold_round, with(fr),
+          "fold_round and backward folding its rounds" + s, OpId::fold_round, with(fr),
           [=](auto& ops, auto& t) {
             for (int r = 0; r < c.rounds; ++r) {
               ops.chunked_attention_forward(nullptr, t("out_1"), t("lse") + r * c.L, t("qk"),
                                             t("v"), t.i("perm") + r * c.L, p1);
               ops.fold_round(t("out"), t("out_1"), t("lse"), r, c.L, c.dh, p.ld);
             }
-            ops.combine_rounds(nullptr, t("w"), t("out_1"), t("lse"), c.rounds, c.L, c.dh, p.ld);
-            ops.copy_2d(t("out_1"), c.dh, t("out"), p.ld, c.L, c.dh);
-            for (int r = 0; r < c.rounds; ++r) {
-              ops.lse_combine_backward(t("out"), t("dout"), t("w") + r * c.L, written);
-              ops.chunked_attention_backward(t("dqk"), t("dv"), t("out"), t("qk"), t("v"),
-                                             t.i("perm") + r * c.L, t("out_1"), c.dh,
-                                             t("lse") + r * c.L, p1);
-            }
+            ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"), t("qk"), t("v"),
+                                           t.i("perm"), t("out"), p.ld, t("lse"), pf);
           }));
       // The same forward in one call (fold_rounds: a device stages the
       // operands once for the rounds).
-      AttentionParams pf = p;
-      pf.fold_rounds = true;
       cases.push_back(make_case(
           "chunked_attention_forward folding its rounds" + s, OpId::chunked_attention_forward,
           with({output("out_1", c.L * c.dh, 72, tol.out), output("lse", nr, 66, tol.lse),
@@ -275,6 +267,18 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
           [=](auto& ops, auto& t) {
             ops.chunked_attention_forward(t("out"), t("out_1"), t("lse"), t("qk"), t("v"),
                                           t.i("perm"), pf);
+          }));
+      // Both folded, the backward writing (round 0 writes dqk and dv, which
+      // start random; their columns past dh are left as they are).
+      AttentionParams pfw = pf;
+      pfw.accumulate = false;
+      cases.push_back(make_case(
+          "chunked_attention_backward folding its rounds, written" + s,
+          OpId::chunked_attention_backward, with(fr), [=](auto& ops, auto& t) {
+            ops.chunked_attention_forward(t("out"), t("out_1"), t("lse"), t("qk"), t("v"),
+                                          t.i("perm"), pf);
+            ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"), t("qk"), t("v"),
+                                           t.i("perm"), t("out"), p.ld, t("lse"), pfw);
           }));
       cases.push_back(make_case("combine_rounds weights only" + s, OpId::combine_rounds,
                                 with({output("out_r", nr * c.dh, 65, tol.out),

@@ -205,9 +205,10 @@ void make_tokens(int64_t L, std::vector<int32_t>* tokens, std::vector<int32_t>* 
 
 class CudaModelAt : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(CudaModelAt, LossAndGradientsMatchCpu) {
-  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const Config cfg = model_config(GetParam());
+// The model's loss and gradients on the GPU against the CPU's (fp32, the
+// CPU's products unrounded): the mean loss within 2%, the global gradient
+// norm within 5%, every parameter's gradient at cosine > 0.99.
+void check_model_matches_cpu(const Config& cfg) {
   std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
   CpuOps<float> cpu;
   ReformerModel<float> mg(cfg, *gpu), mc(cfg, cpu);
@@ -258,6 +259,22 @@ TEST_P(CudaModelAt, LossAndGradientsMatchCpu) {
     const double cosine = dot / std::sqrt(a2 * b2);
     EXPECT_GT(cosine, 0.99) << p.name << " gradient cosine (norms " << std::sqrt(a2) << " cuda, "
                             << std::sqrt(b2) << " cpu)";
+  }
+}
+
+// All rounds in one attention call, and (the leanest layout) one head per
+// pass with its rounds attended one at a time (fold_rounds).
+TEST_P(CudaModelAt, LossAndGradientsMatchCpu) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const bool by_round : {false, true}) {
+    SCOPED_TRACE(by_round ? "rounds one at a time" : "all rounds per call");
+    Config cfg = model_config(GetParam());
+    if (by_round) {
+      cfg.model.attn_heads_per_pass = 1;
+      cfg.model.attn_rounds_per_pass = 1;
+    }
+    ASSERT_EQ(attention_by_round(cfg, 1), by_round);
+    check_model_matches_cpu(cfg);
   }
 }
 
