@@ -43,25 +43,52 @@ void launch_combine(float* out, float* w, int64_t ld, const float* out_r, const 
 // fold_round (kernels/ops.h): out = (a out + b out_r) / (a + b), a and b the
 // weights of rounds 0..r-1 and of round r against their largest lse; one
 // warp per position (every lane computes the two weights, the lanes split
-// the dh columns).
+// the dh columns, 128 at a time). Every load of a row's columns is issued
+// before the first store (the stores may alias the loads, for all the
+// compiler knows): with kVec (dh == 128, rows aligned to 4 floats) lane l
+// takes columns 4 l .. 4 l + 3 by one 16-byte access of each row.
+template <bool kVec>
 __global__ void fold_round_kernel(float* out, const float* out_r, const float* lse, int r,
                                   int64_t L, int dh, int64_t ld) {
+  constexpr int E = 4;  // columns per lane and pass
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (i >= L) return;
   float* o = out + i * ld;
   const float* src = out_r + i * dh;
-  if (r == 0) {
-    for (int d = lane; d < dh; d += 32) o[d] = src[d];
-    return;
+  float a = 0.0f, b = 1.0f, inv = 1.0f;  // r = 0: out_r copied, out not read
+  if (r > 0) {
+    float m = lse[i];
+    for (int k = 1; k <= r; ++k) m = fmaxf(m, lse[int64_t(k) * L + i]);
+    for (int k = 0; k < r; ++k) a += expf(lse[int64_t(k) * L + i] - m);
+    b = expf(lse[int64_t(r) * L + i] - m);
+    inv = 1.0f / (a + b);
   }
-  float m = lse[i];
-  for (int k = 1; k <= r; ++k) m = fmaxf(m, lse[int64_t(k) * L + i]);
-  float a = 0.0f;
-  for (int k = 0; k < r; ++k) a += expf(lse[int64_t(k) * L + i] - m);
-  const float b = expf(lse[int64_t(r) * L + i] - m);
-  const float inv = 1.0f / (a + b);
-  for (int d = lane; d < dh; d += 32) o[d] = (a * o[d] + b * src[d]) * inv;
+  for (int d0 = 0; d0 < dh; d0 += 32 * E) {
+    float x[E], y[E] = {};  // out_r's and (r > 0) out's columns
+    if constexpr (kVec) {
+      load_cols<E>(src + d0 + E * lane, x);
+      if (r > 0) load_cols<E>(o + d0 + E * lane, y);
+    } else {
+#pragma unroll
+      for (int t = 0; t < E; ++t) {
+        const int d = d0 + lane + 32 * t;
+        x[t] = d < dh ? src[d] : 0.0f;
+        if (r > 0 && d < dh) y[t] = o[d];
+      }
+    }
+    if (r > 0) {
+#pragma unroll
+      for (int t = 0; t < E; ++t) x[t] = (a * y[t] + b * x[t]) * inv;
+    }
+    if constexpr (kVec) {
+      store_cols<E>(o + d0 + E * lane, x);
+    } else {
+#pragma unroll
+      for (int t = 0; t < E; ++t)
+        if (d0 + lane + 32 * t < dh) o[d0 + lane + 32 * t] = x[t];
+    }
+  }
 }
 
 // ---------------------------------------------------------------- forward
@@ -308,9 +335,13 @@ void CudaOps::fold_round(float* out, const float* out_r, const float* lse, int r
                          int dh, int64_t ld) {
   check_fold_round(r, L, dh, ld);
   if (L == 0) return;
-  cuda::fold_round_kernel<<<cuda::warp_rows_blocks(L), cuda::kBlock, 0, stream_>>>(
-      out, out_r, lse, r, L, dh, ld);
-  CUDA_CHECK_LAUNCH("fold_round_kernel");
+  const bool vec = dh == 128 && ld % 4 == 0 && cuda::aligned(out, 16) && cuda::aligned(out_r, 16);
+  auto run = [&](auto kernel) {
+    kernel<<<cuda::warp_rows_blocks(L), cuda::kBlock, 0, stream_>>>(out, out_r, lse, r, L, dh,
+                                                                     ld);
+    CUDA_CHECK_LAUNCH("fold_round_kernel");
+  };
+  vec ? run(cuda::fold_round_kernel<true>) : run(cuda::fold_round_kernel<false>);
 }
 
 void CudaOps::combine_rounds(float* out, float* w, const float* out_r, const float* lse,
