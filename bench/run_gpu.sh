@@ -6,6 +6,8 @@
 # one-GPU target table (bench/target_table.py).
 #   bench/run_gpu.sh OUT_DIR [LENGTHS [PEERS_SCRIPT [PEER_LENGTHS]]]
 # e.g. bench/run_gpu.sh /tmp/out 16384,65536,1048576 .peers/peer_bench.py 65536
+# RUN_GPU_TESTS=0 skips the test suite and the default run (the figures
+# only, for a machine whose tests ran in an earlier call).
 set -uo pipefail
 out=${1:?output folder}
 lengths=${2:-16384,65536,1048576}
@@ -19,11 +21,13 @@ cd "$(dirname "$0")/.."
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   -DREFORMER_BENCH=ON > "$out/build.log" 2>&1 && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
-ctest --test-dir build-gpu -L gpu -j8 --output-on-failure > "$out/gpu-tests.log" 2>&1
-echo "gpu tests: $(grep -E 'tests passed|tests failed' "$out/gpu-tests.log" | tail -1)"
-build-gpu/reformer train --set checkpoint.dir=/tmp/reformer-default-ckpt --set checkpoint.resume=none \
-  > "$out/default.log" 2>&1
-echo "default run: $(grep -E '^eval' "$out/default.log" | tail -1)"
+if [ "${RUN_GPU_TESTS:-1}" != 0 ]; then
+  ctest --test-dir build-gpu -L gpu -j8 --output-on-failure > "$out/gpu-tests.log" 2>&1
+  echo "gpu tests: $(grep -E 'tests passed|tests failed' "$out/gpu-tests.log" | tail -1)"
+  build-gpu/reformer train --set checkpoint.dir=/tmp/reformer-default-ckpt --set checkpoint.resume=none \
+    > "$out/default.log" 2>&1
+  echo "default run: $(grep -E '^eval' "$out/default.log" | tail -1)"
+fi
 build-gpu/reformer bench --config configs/bench-peer.yaml --lengths 65536 --steps 2 --breakdown \
   > "$out/breakdown.txt" 2>&1
 tail -n 40 "$out/breakdown.txt"
