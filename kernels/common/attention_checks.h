@@ -28,6 +28,15 @@ inline void check_chunked_attention_shape(const AttentionParams& p, const char* 
                      ", n_rounds=" + std::to_string(p.n_rounds) + ")");
 }
 
+// chunked_attention_forward's outputs: throws ShapeError unless it has one
+// to write (out or out_r, where L > 0), both of them with p.fold_rounds.
+inline void check_chunked_outputs(const void* out, const void* out_r, const AttentionParams& p) {
+  if (p.fold_rounds && (!out || !out_r))
+    throw ShapeError("chunked_attention_forward: fold_rounds needs out and out_r");
+  if (p.L > 0 && !out && !out_r)
+    throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
+}
+
 // combine_rounds: throws ShapeError unless n_rounds >= 1, dh >= 1, ld >= dh, L >= 0.
 inline void check_combine_rounds(int n_rounds, int64_t L, int dh, int64_t ld) {
   if (n_rounds < 1 || dh < 1 || ld < dh || L < 0)

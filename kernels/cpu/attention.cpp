@@ -195,11 +195,8 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
   check_chunked(p, "chunked_attention_forward");
   const int64_t L = p.L, ld = p.ld, chunk = p.chunk;
   const int dh = p.dh;
-  if (p.fold_rounds && (!out || !out_r))
-    throw ShapeError("chunked_attention_forward: fold_rounds needs out and out_r");
+  check_chunked_outputs(out, out_r, p);
   if (L == 0) return;
-  if (!out && !out_r)
-    throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
   if (p.fold_rounds) {  // one round at a time into out_r, folded into out
     AttentionParams one = p;
     one.n_rounds = 1;

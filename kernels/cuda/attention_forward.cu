@@ -280,10 +280,8 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
                                         const float* v, const int32_t* perm,
                                         const AttentionParams& p) {
   cuda::check_chunked(p, "chunked_attention_forward");
-  if (p.fold_rounds && (!out || !out_r))
-    throw ShapeError("chunked_attention_forward: fold_rounds needs out and out_r");
+  check_chunked_outputs(out, out_r, p);
   if (p.L == 0) return;
-  if (!out && !out_r) throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
   const bool bf16 = p.precision == AttentionPrecision::bf16;
   const int staged = bf16 ? cuda::kMmaFwdStaged : 0;
   if (p.fold_rounds) {  // one round at a time into out_r, folded into out

@@ -303,6 +303,22 @@ TEST_P(CudaModelAt, LogitsMatchCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Attention, CudaModelAt, ::testing::Values("fp32", "bf16"));
 
+// Two training steps (3 and 4, gradients summed) of a fresh model on the
+// GPU from cfg's seed: the summed loss, and the gradients into *grads.
+double two_steps(Ops<float>& gpu, const Config& cfg, std::vector<float>* grads) {
+  ReformerModel<float> m(cfg, gpu);
+  m.init_params(cfg.training.seed);
+  m.zero_grads();
+  std::vector<int32_t> tokens, targets;
+  make_tokens(m.seq_len(), &tokens, &targets);
+  double loss = 0;
+  for (uint64_t step : {3, 4})
+    loss += m.forward_backward(tokens.data(), targets.data(), step, true, true, 0.01f).loss_sum;
+  grads->resize(size_t(m.num_params()));
+  gpu.to_host(grads->data(), m.grads(), m.num_params());
+  return loss;
+}
+
 }  // namespace
 
 // Kept layers on the GPU (model.kept_layers; training.device cuda, so the
@@ -326,7 +342,6 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
                                 std::pair{"gelu", 2}}) {
     SCOPED_TRACE(std::string(act) + ", heads per pass " + std::to_string(hp));
     std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
-    std::vector<int32_t> tokens, targets;
     std::vector<float> grads[2];
     double loss[2];
     for (int kept = 0; kept < 2; ++kept) {
@@ -337,16 +352,7 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
       cfg.model.attn_heads_per_pass = hp;
       ASSERT_EQ(keeps_ffn_hidden(cfg), false);
       ASSERT_EQ(keeps_attention_outputs(cfg, 1), hp == 2);
-      ReformerModel<float> m(cfg, *gpu);
-      m.init_params(cfg.training.seed);
-      m.zero_grads();
-      make_tokens(m.seq_len(), &tokens, &targets);
-      loss[kept] = 0;
-      for (uint64_t step : {3, 4})
-        loss[kept] += m.forward_backward(tokens.data(), targets.data(), step, true, true, 0.01f)
-                          .loss_sum;
-      grads[kept].resize(size_t(m.num_params()));
-      gpu->to_host(grads[kept].data(), m.grads(), m.num_params());
+      loss[kept] = two_steps(*gpu, cfg, &grads[kept]);
     }
     EXPECT_EQ(loss[0], loss[1]);
     const ParamTable table = model_param_table(model_config("bf16"));
@@ -378,7 +384,6 @@ TEST(CudaModel, SavedBucketsEqualSavedOrders) {
   for (const int rounds : {0, 1}) {
     SCOPED_TRACE("rounds per pass " + std::to_string(rounds));
     std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
-    std::vector<int32_t> tokens, targets;
     std::vector<float> grads[2];
     double loss[2];
     for (int b = 0; b < 2; ++b) {
@@ -389,16 +394,7 @@ TEST(CudaModel, SavedBucketsEqualSavedOrders) {
       cfg.model.attn_heads_per_pass = rounds == 1 ? 1 : 0;
       cfg.model.lsh_saved = b ? LshSaved::buckets : LshSaved::orders;
       ASSERT_EQ(lsh_saves_buckets(cfg, 1), b == 1);
-      ReformerModel<float> m(cfg, *gpu);
-      m.init_params(cfg.training.seed);
-      m.zero_grads();
-      make_tokens(m.seq_len(), &tokens, &targets);
-      loss[b] = 0;
-      for (uint64_t step : {3, 4})
-        loss[b] +=
-            m.forward_backward(tokens.data(), targets.data(), step, true, true, 0.01f).loss_sum;
-      grads[b].resize(size_t(m.num_params()));
-      gpu->to_host(grads[b].data(), m.grads(), m.num_params());
+      loss[b] = two_steps(*gpu, cfg, &grads[b]);
     }
     EXPECT_EQ(loss[0], loss[1]);
     const ParamTable table = model_param_table(model_config("bf16"));
