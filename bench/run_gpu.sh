@@ -45,14 +45,14 @@ build-gpu/reformer bench --config configs/enwik8.yaml --set data.kind=duplicatio
 grep -E '^\| cuda' "$out/enwik8.log" || tail -5 "$out/enwik8.log"
 # 1M in the leanest layout: one head and one hash round per attention call,
 # no layer kept, 4K loss chunks; 6 layers with 16K feed-forward and 32K
-# projection chunks (configs/long-1m-24gb.yaml's), 12 layers with 4K and 16K
+# projection chunks (configs/long-1m-24gb.yaml's), 12 layers with 8K and 32K
 # (memory against speed; docs/memory.md).
 lean="--set model.attn_heads_per_pass=1 --set model.attn_rounds_per_pass=1 --set model.kept_layers=0 --set model.loss_chunk=4096"
 build-gpu/reformer bench --config configs/bench-peer.yaml --lengths 1048576 --steps 2 $lean \
   --set model.ffn_chunk=16384 --set model.proj_chunk=32768 > "$out/lean-1m.log" 2>&1
 grep -E '^\| cuda' "$out/lean-1m.log" || tail -5 "$out/lean-1m.log"
 build-gpu/reformer bench --config configs/bench-peer.yaml --lengths 1048576 --steps 2 $lean \
-  --set model.ffn_chunk=4096 --set model.proj_chunk=16384 --set model.n_layers=12 \
+  --set model.ffn_chunk=8192 --set model.proj_chunk=32768 --set model.n_layers=12 \
   > "$out/lean-1m-12.log" 2>&1
 grep -E '^\| cuda' "$out/lean-1m-12.log" || tail -5 "$out/lean-1m-12.log"
 build-gpu/reformer plan --config configs/bench-peer.yaml > "$out/plan.txt" 2>&1

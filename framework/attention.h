@@ -48,13 +48,10 @@ struct AttentionShape {
 // model (framework/memory_plan.cpp) for the largest kind it holds. lse
 // carries a head's state from forward() to backward() in one of `slots`
 // slots (head h uses slot h % slots), so the backward of a head must follow
-// its forward before `slots` other heads' forwards. out_r (attending by
-// round only) is one head's scratch within forward(): a round's output;
-// otherwise the attention op keeps the rounds' outputs itself. The
-// backward takes the combined output, ao.
+// its forward before `slots` other heads' forwards. The attention op keeps
+// the rounds' outputs itself; the backward takes the combined output, ao.
 template <class T>
 struct AttentionScratch {
-  Buffer<T> out_r;         // by round: [L, dh]
   Buffer<T> lse;           // [slots, rounds, L]: each round's log-sum-exp
   int slots = 1;
   int64_t lse_slot = 0;    // elements of one slot of lse (rounds * L)

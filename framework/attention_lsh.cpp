@@ -58,11 +58,11 @@ class LshAttention final : public AttentionKindImpl<T> {
       ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap_);
       return;
     }
-    // The rounds one at a time into the head's one-round out_r slot, each
-    // folded into ao as it comes (so one round's output is held at once).
+    // The rounds one at a time, each folded into ao as it comes (so the op
+    // holds one round's output at a time).
     AttentionParams folded = ap_;
     folded.fold_rounds = true;
-    ops_.chunked_attention_forward(ao, s_.out_r.data(), s_.lse_of(h), qk, v, perm, folded);
+    ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, folded);
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,

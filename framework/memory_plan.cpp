@@ -103,9 +103,9 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
                              : round256(f * Lfull * dh) + 3 * round256(f * R * Lfull * dh);
   const int64_t backward =
       (direct ? 0 : grads) + 4 * round256(f * Lfull) + round256(4 * staged);
-  // The forward also keeps the rounds' outputs the model does not hold
-  // (bf16 [R, L, dh padded] on tensor cores, else fp32; by round the model
-  // holds them, a local layer has one).
+  // The forward also keeps the rounds' outputs (bf16 [R, L, dh padded] on
+  // tensor cores, else fp32; by round one round's, folded into the output
+  // as they come; a local layer has one).
   const int64_t own = bf16 ? round256(2 * R * Lfull * dh_pad) : round256(f * R * Lfull * dh);
   const int64_t forward = (staged > 0 ? 0 : round256(f * Lfull * dh)) + round256(f * Lfull) +
                           round256(3 * staged) + own;
@@ -248,12 +248,10 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes) {
   if (set != 0) return set == 1;
   if (attention_heads_per_pass(cfg, sp, real_bytes) != 1) return false;
   // What attending by round saves: the op workspace's round outputs and
-  // per-round gradients, less what the model then holds (one round's
-  // output, out_r; one head per pass).
+  // per-round gradients (one head per pass).
   const int64_t Lfull = cfg.model.max_len, L = Lfull / sp;
   const int64_t saved = op_workspace_bytes(cfg, Lfull, L, 0, true, false) -
-                        op_workspace_bytes(cfg, Lfull, L, 0, true, true) -
-                        int64_t(cfg.head_dim()) * Lfull * real_bytes;
+                        op_workspace_bytes(cfg, Lfull, L, 0, true, true);
   return saved > kRoundSavingThreshold;
 }
 
@@ -332,13 +330,12 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       b.add("comb_w", G::activations, "[n_heads, L, sp/n_heads]", {m.n_heads, L, g});
     }
 
-    // One lse slot per head of a pass. Attended by round, a head's rounds
-    // are folded into its output as they come (one round's output at a
-    // time, in out_r); otherwise the attention op keeps a call's round
-    // outputs in its workspace.
+    // One lse slot per head of a pass. The attention op keeps a call's
+    // round outputs in its workspace (attended by round, a head's rounds
+    // are folded into its output as they come: one round's output there
+    // at a time).
     const int64_t slots = Hp;
     by_round = attention_by_round(cfg, sp, real_bytes);
-    if (by_round) b.add("out_r", G::activations, "[Lfull, dh]", {Lfull, dh});
     b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
     if (lsh_layers > 0) {
       const int64_t nh = cfg.attention.n_hashes;

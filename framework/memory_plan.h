@@ -71,14 +71,13 @@ int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 // Whether LSH layers attend a head's hash rounds one at a time:
 // model.attn_rounds_per_pass 1, or when it is 0 (auto) a pass of one head
 // with more than one round per rank where that saves more than
-// kRoundSavingThreshold. Each round's attention call then holds one round's
-// output (out_r, in the model) instead of all (in the op workspace), and
-// the op workspace no per-round gradients (bf16: the backward adds into
-// dqk, dv directly; fp32: one round's), and the rounds are folded into the
-// output and differentiated one by one (fold_round, combine_rounds,
-// kernels/ops.h). The same function either way, but a slower step (the
+// kRoundSavingThreshold. The attention calls then hold one round's output
+// instead of all and no per-round gradients in the op workspace (bf16: the
+// backward adds into dqk, dv directly; fp32: one round's): the rounds are
+// folded into the output and differentiated one by one
+// (AttentionParams::fold_rounds, kernels/ops.h). The same function either way, but a slower step (the
 // per-call passes over [L, dh] add up; bench/RESULTS.md), hence only where
-// the memory matters: from about 3.4M tokens per rank with bench-peer.yaml.
+// the memory matters: from about 2.8M tokens per rank with bench-peer.yaml.
 // Throws ConfigError for a value other than 0, 1 and attention.n_hashes.
 constexpr int64_t kRoundSavingThreshold = int64_t(8) << 30;
 bool attention_by_round(const Config& cfg, int sp, int real_bytes = 4);

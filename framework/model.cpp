@@ -156,7 +156,6 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
 
     // Attention kinds and the scratch they share.
     const bool by_round = attention_by_round(cfg, shard.size, int(sizeof(T)));
-    if (by_round) s.attn.out_r = buf("out_r");
     s.attn.lse = buf("lse");
     s.attn.slots = Hp_;
     s.attn.lse_slot = plan.count("lse") / s.attn.slots;

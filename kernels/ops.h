@@ -223,8 +223,12 @@ class Ops {
   //   in one call, bit for bit as the sequence of one-round calls (n_rounds
   //   1, perm + r L, lse + r L, into out_r [L, dh]) each followed by
   //   fold_round(out, out_r, lse, r, L, dh, ld), for r = 0 .. n_rounds - 1:
-  //   out and out_r are required, out_r is left holding the last round's
-  //   output (a device stages the operands once for all the rounds).
+  //   out is required, out_r is left holding the last round's output (a
+  //   device stages the operands once for all the rounds). A null out_r
+  //   leaves the round's output to the op: a device attending in bf16 keeps
+  //   it in its workspace in bf16, as an all-rounds call keeps its rounds
+  //   (so equal to the above up to that rounding), the CPU and fp32 ones
+  //   in fp32 (the same bits).
   //   chunked_attention_backward with p.fold_rounds gives the gradients of
   //   the n_rounds call, up to rounding, adding each round's share into dqk
   //   and dv before the next round's (round 0's written when

@@ -29,10 +29,10 @@ inline void check_chunked_attention_shape(const AttentionParams& p, const char* 
 }
 
 // chunked_attention_forward's outputs: throws ShapeError unless it has one
-// to write (out or out_r, where L > 0), both of them with p.fold_rounds.
+// to write (out or out_r, where L > 0), out with p.fold_rounds.
 inline void check_chunked_outputs(const void* out, const void* out_r, const AttentionParams& p) {
-  if (p.fold_rounds && (!out || !out_r))
-    throw ShapeError("chunked_attention_forward: fold_rounds needs out and out_r");
+  if (p.fold_rounds && !out)
+    throw ShapeError("chunked_attention_forward: fold_rounds needs out");
   if (p.L > 0 && !out && !out_r)
     throw ShapeError("chunked_attention_forward: needs out or out_r (or both)");
 }

@@ -197,13 +197,15 @@ void chunked_attention_forward(T* out, T* out_r, T* lse, const T* qk, const T* v
   const int dh = p.dh;
   check_chunked_outputs(out, out_r, p);
   if (L == 0) return;
-  if (p.fold_rounds) {  // one round at a time into out_r, folded into out
+  if (p.fold_rounds) {  // one round at a time into out_r (or a slot of its own), folded into out
     AttentionParams one = p;
     one.n_rounds = 1;
     one.fold_rounds = false;
+    std::vector<T> slot(out_r ? 0 : size_t(L) * size_t(dh));
+    T* round = out_r ? out_r : slot.data();
     for (int r = 0; r < p.n_rounds; ++r) {
-      chunked_attention_forward<T>(nullptr, out_r, lse + r * L, qk, v, perm + r * L, one);
-      fold_round(out, out_r, lse, r, L, dh, ld);
+      chunked_attention_forward<T>(nullptr, round, lse + r * L, qk, v, perm + r * L, one);
+      fold_round(out, round, lse, r, L, dh, ld);
     }
     return;
   }

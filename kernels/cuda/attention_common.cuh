@@ -560,10 +560,13 @@ void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, con
 // fold_rounds (AttentionParams): q, k_hat and v staged once, then per round
 // r the round's kernels into out_1 [L, dh] (fp32) and lse + r L, each
 // followed by fold(r) (the caller's fold_round): the one-round calls' work
-// without their stagings.
+// without their stagings. With out_b non-null (out_1 null) each round goes
+// into out_b [L, DH] in bf16 instead (write_rows_bf16, as the all-rounds
+// call keeps its rounds).
 void mma_chunked_forward_folded(const AttentionParams& p, const int32_t* perm, const float* qk,
-                                const float* v, float* out_1, float* lse, void* stage,
-                                cudaStream_t s, const std::function<void(int)>& fold);
+                                const float* v, float* out_1, __nv_bfloat16* out_b, float* lse,
+                                void* stage, cudaStream_t s,
+                                const std::function<void(int)>& fold);
 // Writes the row statistics rm, riz, rD (row_stats_kernel's, from dout, out
 // and lse) as it stages its operands.
 void mma_attention_backward(const AttentionParams& p, const int32_t* perm, bool full,

@@ -45,17 +45,19 @@ void launch_combine(float* out, float* w, int64_t ld, const float* out_r, const 
 // warp per position (every lane computes the two weights, the lanes split
 // the dh columns, 128 at a time). Every load of a row's columns is issued
 // before the first store (the stores may alias the loads, for all the
-// compiler knows): with kVec (dh == 128, rows aligned to 4 floats) lane l
-// takes columns 4 l .. 4 l + 3 by one 16-byte access of each row.
-template <bool kVec>
-__global__ void fold_round_kernel(float* out, const float* out_r, const float* lse, int r,
-                                  int64_t L, int dh, int64_t ld) {
+// compiler knows): with kVec (dh == 128, rows aligned to 4 elements) lane l
+// takes columns 4 l .. 4 l + 3 by one access of each row. The round's rows
+// are fp32 [L, dh] (the op's out_r) or bf16 [L, ld_r] (a device's own slot,
+// mma_chunked_forward_folded).
+template <bool kVec, class Src>
+__global__ void fold_round_kernel(float* out, const Src* out_r, int64_t ld_r, const float* lse,
+                                  int r, int64_t L, int dh, int64_t ld) {
   constexpr int E = 4;  // columns per lane and pass
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (i >= L) return;
   float* o = out + i * ld;
-  const float* src = out_r + i * dh;
+  const Src* src = out_r + i * ld_r;
   float a = 0.0f, b = 1.0f, inv = 1.0f;  // r = 0: out_r copied, out not read
   if (r > 0) {
     float m = lse[i];
@@ -73,7 +75,7 @@ __global__ void fold_round_kernel(float* out, const float* out_r, const float* l
 #pragma unroll
       for (int t = 0; t < E; ++t) {
         const int d = d0 + lane + 32 * t;
-        x[t] = d < dh ? src[d] : 0.0f;
+        x[t] = d < dh ? row_value(src[d]) : 0.0f;
         if (r > 0 && d < dh) y[t] = o[d];
       }
     }
@@ -89,6 +91,20 @@ __global__ void fold_round_kernel(float* out, const float* out_r, const float* l
         if (d0 + lane + 32 * t < dh) o[d0 + lane + 32 * t] = x[t];
     }
   }
+}
+
+// fold_round_kernel over rows of `ld_r` elements (vector accesses where dh is
+// 128 and the rows allow).
+template <class Src>
+void launch_fold_round(float* out, const Src* out_r, int64_t ld_r, const float* lse, int r,
+                       int64_t L, int dh, int64_t ld, cudaStream_t s) {
+  const bool vec = dh == 128 && ld % 4 == 0 && ld_r % 4 == 0 && aligned(out, 16) &&
+                   aligned(out_r, 4 * sizeof(Src));
+  auto run = [&](auto kernel) {
+    kernel<<<warp_rows_blocks(L), kBlock, 0, s>>>(out, out_r, ld_r, lse, r, L, dh, ld);
+    CUDA_CHECK_LAUNCH("fold_round_kernel");
+  };
+  vec ? run(fold_round_kernel<true, Src>) : run(fold_round_kernel<false, Src>);
 }
 
 // ---------------------------------------------------------------- forward
@@ -284,23 +300,39 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
   if (p.L == 0) return;
   const bool bf16 = p.precision == AttentionPrecision::bf16;
   const int staged = bf16 ? cuda::kMmaFwdStaged : 0;
-  if (p.fold_rounds) {  // one round at a time into out_r, folded into out
+  if (p.fold_rounds) {  // one round at a time into a slot, folded into out
     AttentionParams one = p;
     one.n_rounds = 1;
     one.fold_rounds = false;
-    auto fold = [&](int r) { fold_round(out, out_r, lse, r, p.L, p.dh, p.ld); };
-    if (!bf16) {
-      for (int r = 0; r < p.n_rounds; ++r) {
-        chunked_attention_forward(nullptr, out_r, lse + r * p.L, qk, v, perm + r * p.L, one);
-        fold(r);
-      }
+    // The slot: the caller's out_r (fp32 [L, dh]), else the workspace's
+    // (bf16 [L, DH] on tensor cores, as the all-rounds call keeps its
+    // rounds; else fp32 [L, dh]).
+    const int dhm = cuda::kernel_dhm(p.dh);
+    const size_t own = out_r ? 0
+                       : bf16 ? sizeof(__nv_bfloat16) * size_t(p.L) * size_t(dhm)
+                              : sizeof(float) * size_t(p.L) * size_t(p.dh);
+    const cuda::AttnScratch sc = cuda::carve_scratch(
+        ws_, p.L, p.dh, 1, false, staged, bf16 ? cuda::ScratchGrads::none : cuda::ScratchGrads::fp32,
+        own);
+    float* slot = out_r ? out_r : bf16 ? nullptr : static_cast<float*>(sc.extra);
+    auto* slot_b = out_r || !bf16 ? nullptr : static_cast<__nv_bfloat16*>(sc.extra);
+    auto fold = [&](int r) {
+      if (slot_b)
+        cuda::launch_fold_round(out, slot_b, dhm, lse, r, p.L, p.dh, p.ld, stream_);
+      else
+        cuda::launch_fold_round(out, static_cast<const float*>(slot), p.dh, lse, r, p.L, p.dh,
+                                p.ld, stream_);
+    };
+    if (bf16) {  // the operands staged once for every round
+      cuda::mma_chunked_forward_folded(p, perm, qk, v, slot, slot_b, lse, sc.stage, stream_, fold);
       return;
     }
-    // Tensor cores: the operands staged once for every round (the scratch
-    // of a one-round call).
-    const cuda::AttnScratch sc =
-        cuda::carve_scratch(ws_, p.L, p.dh, 1, false, staged, cuda::ScratchGrads::none, 0);
-    cuda::mma_chunked_forward_folded(p, perm, qk, v, out_r, lse, sc.stage, stream_, fold);
+    cuda::launch_normalise(sc, qk, one, stream_);  // k_hat once for every round
+    for (int r = 0; r < p.n_rounds; ++r) {
+      const cuda::AttnGeom g = cuda::make_geom(one, perm + r * p.L, false);
+      cuda::dispatch_forward<false>(g, 1, qk, sc.khat, v, slot, lse + r * p.L, stream_);
+      fold(r);
+    }
     return;
   }
   // Round outputs the caller does not keep live in the workspace: bf16
@@ -333,13 +365,7 @@ void CudaOps::fold_round(float* out, const float* out_r, const float* lse, int r
                          int dh, int64_t ld) {
   check_fold_round(r, L, dh, ld);
   if (L == 0) return;
-  const bool vec = dh == 128 && ld % 4 == 0 && cuda::aligned(out, 16) && cuda::aligned(out_r, 16);
-  auto run = [&](auto kernel) {
-    kernel<<<cuda::warp_rows_blocks(L), cuda::kBlock, 0, stream_>>>(out, out_r, lse, r, L, dh,
-                                                                     ld);
-    CUDA_CHECK_LAUNCH("fold_round_kernel");
-  };
-  vec ? run(cuda::fold_round_kernel<true>) : run(cuda::fold_round_kernel<false>);
+  cuda::launch_fold_round(out, out_r, dh, lse, r, L, dh, ld, stream_);
 }
 
 void CudaOps::combine_rounds(float* out, float* w, const float* out_r, const float* lse,

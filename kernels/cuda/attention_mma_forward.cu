@@ -371,12 +371,13 @@ void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const fl
 // lse + r L, and fold(r).
 template <int DH>
 void launch_mma_forward_folded(AttnGeom g, const int32_t* perm, int rounds, const float* qk,
-                               const float* v, float* out_1, float* lse, void* stage,
-                               cudaStream_t s, const std::function<void(int)>& fold) {
+                               const float* v, float* out_1, bf16* out_b, float* lse,
+                               void* stage, cudaStream_t s,
+                               const std::function<void(int)>& fold) {
   const MmaStage st = stage_mma_forward<DH>(g, qk, nullptr, v, stage, s);
   for (int r = 0; r < rounds; ++r) {
     g.perm = perm + int64_t(r) * g.L;
-    launch_mma_forward_kernels<DH, false>(g, 1, st, out_1, nullptr, lse + int64_t(r) * g.L, s);
+    launch_mma_forward_kernels<DH, false>(g, 1, st, out_1, out_b, lse + int64_t(r) * g.L, s);
     fold(r);
   }
 }
@@ -445,17 +446,23 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
 }
 
 void mma_chunked_forward_folded(const AttentionParams& p, const int32_t* perm, const float* qk,
-                                const float* v, float* out_1, float* lse, void* stage,
-                                cudaStream_t s, const std::function<void(int)>& fold) {
+                                const float* v, float* out_1, __nv_bfloat16* out_b, float* lse,
+                                void* stage, cudaStream_t s,
+                                const std::function<void(int)>& fold) {
   AttentionParams one = p;
   one.n_rounds = 1;
   AttnGeom g = mma_geom(one, perm, false);
-  g.pairs = mma_pairs(g.dh, g.dh, {out_1});
+  g.pairs = out_1 && mma_pairs(g.dh, g.dh, {out_1});
   switch (kernel_dhm(p.dh)) {
-    case 32: launch_mma_forward_folded<32>(g, perm, p.n_rounds, qk, v, out_1, lse, stage, s, fold); break;
-    case 64: launch_mma_forward_folded<64>(g, perm, p.n_rounds, qk, v, out_1, lse, stage, s, fold); break;
+    case 32:
+      launch_mma_forward_folded<32>(g, perm, p.n_rounds, qk, v, out_1, out_b, lse, stage, s, fold);
+      break;
+    case 64:
+      launch_mma_forward_folded<64>(g, perm, p.n_rounds, qk, v, out_1, out_b, lse, stage, s, fold);
+      break;
     default:
-      launch_mma_forward_folded<128>(g, perm, p.n_rounds, qk, v, out_1, lse, stage, s, fold);
+      launch_mma_forward_folded<128>(g, perm, p.n_rounds, qk, v, out_1, out_b, lse, stage, s,
+                                     fold);
       break;
   }
 }

@@ -389,7 +389,7 @@ TEST(ChunkedAttention, RoundsFoldedOneAtATimeEqualAllAtOnce) {
   EXPECT_THROW(fold_round(out.data(), out_1.data(), lse.data(), 0, p.L, p.dh, p.dh - 1),
                ShapeError);
   // One call with fold_rounds: the same bits (out_1 left with the last
-  // round); it needs both out and out_r.
+  // round), also without out_r (a slot of the op's own); it needs out.
   auto pf = p;
   pf.fold_rounds = true;
   std::vector<double> out_f(size_t(p.L * p.ld), kSentinel), out_1f(size_t(p.L * p.dh));
@@ -399,6 +399,11 @@ TEST(ChunkedAttention, RoundsFoldedOneAtATimeEqualAllAtOnce) {
   EXPECT_EQ(out_f, out);
   EXPECT_EQ(out_1f, out_1);
   EXPECT_EQ(lse_f, lse);
+  std::vector<double> out_n(size_t(p.L * p.ld), kSentinel), lse_n(size_t(3 * p.L));
+  chunked_attention_forward<double>(out_n.data(), nullptr, lse_n.data(), in.qk.data(),
+                                    in.v.data(), perm.data(), pf);
+  EXPECT_EQ(out_n, out);
+  EXPECT_EQ(lse_n, lse);
   EXPECT_THROW(chunked_attention_forward<double>(nullptr, out_1f.data(), lse_f.data(),
                                                  in.qk.data(), in.v.data(), perm.data(), pf),
                ShapeError);

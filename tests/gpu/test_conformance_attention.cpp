@@ -268,14 +268,19 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
             ops.chunked_attention_forward(t("out"), t("out_1"), t("lse"), t("qk"), t("v"),
                                           t.i("perm"), pf);
           }));
-      // Both folded, the backward writing (round 0 writes dqk and dv, which
-      // start random; their columns past dh are left as they are).
+      // Both folded as framework/attention_lsh.cpp calls them (the forward
+      // without out_r: a device keeps each round in bf16 in its workspace),
+      // the backward writing (round 0 writes dqk and dv, which start random;
+      // their columns past dh are left as they are).
       AttentionParams pfw = pf;
       pfw.accumulate = false;
       cases.push_back(make_case(
           "chunked_attention_backward folding its rounds, written" + s,
-          OpId::chunked_attention_backward, with(fr), [=](auto& ops, auto& t) {
-            ops.chunked_attention_forward(t("out"), t("out_1"), t("lse"), t("qk"), t("v"),
+          OpId::chunked_attention_backward,
+          with({output("lse", nr, 66, tol.lse), output("out", n, 67, tol.out),
+                output("dqk", n, 68, tol.dqk), output("dv", n, 69, tol.dv)}),
+          [=](auto& ops, auto& t) {
+            ops.chunked_attention_forward(t("out"), nullptr, t("lse"), t("qk"), t("v"),
                                           t.i("perm"), pf);
             ops.chunked_attention_backward(t("dqk"), t("dv"), t("dout"), t("qk"), t("v"),
                                            t.i("perm"), t("out"), p.ld, t("lse"), pfw);
@@ -396,7 +401,7 @@ TEST(AttentionLimits, DeviceRejectsWideHeads) {
 
 // The chunked forward writes the combined output, the rounds' outputs, or
 // both; with neither it refuses (as the CPU, tests/cpu/test_attention.cpp),
-// in either precision; folding the rounds needs both.
+// in either precision; folding the rounds needs out.
 TEST(AttentionLimits, DeviceRejectsNoOutput) {
   std::vector<Backend> backends = device_backends();
   if (backends.empty()) GTEST_SKIP() << "no device backend";
@@ -418,6 +423,9 @@ TEST(AttentionLimits, DeviceRejectsNoOutput) {
       AttentionParams f = p;
       f.fold_rounds = true;
       EXPECT_THROW(b.ops->chunked_attention_forward(nullptr, x.data(), lse.data(), x.data(),
+                                                    x.data(), perm.data(), f),
+                   ShapeError);
+      EXPECT_THROW(b.ops->chunked_attention_forward(nullptr, nullptr, lse.data(), x.data(),
                                                     x.data(), perm.data(), f),
                    ShapeError);
     }
