@@ -311,9 +311,9 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
     const size_t own = out_r ? 0
                        : bf16 ? sizeof(__nv_bfloat16) * size_t(p.L) * size_t(dhm)
                               : sizeof(float) * size_t(p.L) * size_t(p.dh);
-    const cuda::AttnScratch sc = cuda::carve_scratch(
-        ws_, p.L, p.dh, 1, false, staged, bf16 ? cuda::ScratchGrads::none : cuda::ScratchGrads::fp32,
-        own);
+    const cuda::AttnScratch sc =
+        cuda::carve_scratch(ws_, p.L, p.dh, 1, false, staged,
+                            bf16 ? cuda::ScratchGrads::none : cuda::ScratchGrads::fp32, own);
     float* slot = out_r ? out_r : bf16 ? nullptr : static_cast<float*>(sc.extra);
     auto* slot_b = out_r || !bf16 ? nullptr : static_cast<__nv_bfloat16*>(sc.extra);
     auto fold = [&](int r) {
