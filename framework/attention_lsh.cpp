@@ -8,8 +8,7 @@
 // sorted again into the scratch's order in every call that attends with
 // them (half the memory). With shape.by_round the attention calls fold
 // their rounds (AttentionParams::fold_rounds): the rounds go one at a time,
-// forward and backward, so an op's scratch and the saved round outputs hold
-// one round instead of all.
+// forward and backward, so an op's scratch holds one round instead of all.
 #include "framework/attention.h"
 
 #include "kernels/common/lsh_checks.h"
@@ -54,15 +53,11 @@ class LshAttention final : public AttentionKindImpl<T> {
     } else {
       perm = sorted_orders(h);
     }
-    if (!shape_.by_round) {
-      ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap_);
-      return;
-    }
-    // The rounds one at a time, each folded into ao as it comes (so the op
-    // holds one round's output at a time).
-    AttentionParams folded = ap_;
-    folded.fold_rounds = true;
-    ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, folded);
+    // By round, each round is folded into ao as it comes, so the op holds
+    // one round's output at a time (kernels/ops.h, fold_rounds).
+    AttentionParams ap = ap_;
+    ap.fold_rounds = shape_.by_round;
+    ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap);
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
