@@ -13,6 +13,9 @@
 #ifdef REFORMER_HAVE_NCCL
 #include "distributed/nccl_communicator.h"
 #endif
+#ifdef REFORMER_HAVE_STAGED_MPI
+#include "distributed/mpi_staged_communicator.h"
+#endif
 
 namespace reformer {
 
@@ -98,7 +101,8 @@ std::unique_ptr<Communicator> LocalCommunicator::split(int, int) {
 
 void LocalCommunicator::abort(int status) { std::exit(status); }
 
-std::unique_ptr<Communicator> make_communicator(CommBackend backend, const CommOptions& options) {
+std::unique_ptr<Communicator> make_communicator(CommBackend backend, const CommOptions& options,
+                                                bool device_buffers) {
   const std::string available = std::string("local")
 #ifdef REFORMER_HAVE_MPI
                                 + ", mpi"
@@ -112,7 +116,14 @@ std::unique_ptr<Communicator> make_communicator(CommBackend backend, const CommO
       return std::make_unique<LocalCommunicator>();
     case CommBackend::mpi:
 #ifdef REFORMER_HAVE_MPI
-      return std::make_unique<MpiCommunicator>(options);
+      if (!device_buffers) return std::make_unique<MpiCommunicator>(options);
+#ifdef REFORMER_HAVE_STAGED_MPI
+      return std::make_unique<StagedMpiCommunicator>(options);
+#else
+      throw CommError(
+          "communicator backend 'mpi' for device buffers is not available: this build has no "
+          "CUDA path (training.device cpu works with it)");
+#endif
 #else
       throw CommError(
           "communicator backend 'mpi' is not available: built without MPI (CMake found no MPI "

@@ -6,7 +6,8 @@
 // here), MPI (host buffers) and NCCL (device buffers) implement the same calls.
 //
 // Memory: every buffer argument lives in the backend's memory space
-// (device_buffers(): device memory for NCCL, host memory otherwise). Small
+// (device_buffers(): device memory for NCCL and for MPI staged through the
+// host, mpi_staged_communicator.h; host memory otherwise). Small
 // host-side values (loss sums, votes) go through host(), which every backend
 // provides.
 //
@@ -52,8 +53,11 @@ class Communicator {
   virtual const char* backend() const = 0;
   virtual int rank() const = 0;  // 0 .. size()-1
   virtual int size() const = 0;
-  // True when buffers are device pointers (NCCL).
+  // True when buffers are device pointers (NCCL, staged MPI).
   virtual bool device_buffers() const { return false; }
+  // Ranks of this host computing on this rank's GPU (itself included): they
+  // share its memory. 1 for host backends and NCCL (one GPU per rank).
+  virtual int ranks_on_device() const { return 1; }
   // The communicator for host buffers over the same ranks (itself when
   // device_buffers() is false).
   virtual Communicator& host() { return *this; }
@@ -129,9 +133,12 @@ class LocalCommunicator final : public Communicator {
   [[noreturn]] void abort(int status) override;
 };
 
-// The communicator of `backend` over every process of the job. Throws
-// CommError when the backend was not built in or cannot start.
+// The communicator of `backend` over every process of the job, for buffers
+// in device memory when `device_buffers` (mpi: staged through the host,
+// mpi_staged_communicator.h; nccl always). Throws CommError when the
+// backend was not built in or cannot start.
 std::unique_ptr<Communicator> make_communicator(CommBackend backend,
-                                                const CommOptions& options = {});
+                                                const CommOptions& options = {},
+                                                bool device_buffers = false);
 
 }  // namespace reformer

@@ -12,6 +12,17 @@
 
 namespace reformer {
 
+NodeRanks node_ranks(MPI_Comm comm) {
+  MPI_Comm node = MPI_COMM_NULL;
+  MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
+  NodeRanks n;
+  int rc = MPI_Comm_rank(node, &n.rank);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_size(node, &n.size);
+  MPI_Comm_free(&node);
+  MPI_CHECK(rc);
+  return n;
+}
+
 namespace {
 
 // The world rank for error messages, or -1 outside an MPI session.

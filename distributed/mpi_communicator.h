@@ -24,6 +24,14 @@ namespace reformer {
 // Throws CommError "<call> failed: <MPI error string> (rank R) (at file:line)".
 [[noreturn]] void throw_mpi_error(int code, const char* call, const char* file, int line);
 
+// This process's rank among the processes of `comm` on its host, and their
+// number (MPI_Comm_split_type, MPI_COMM_TYPE_SHARED; collective over comm).
+struct NodeRanks {
+  int rank = 0;
+  int size = 1;
+};
+NodeRanks node_ranks(MPI_Comm comm);
+
 }  // namespace reformer
 
 // MPI_CHECK(call): runs an MPI call and throws reformer::CommError naming the

@@ -1,6 +1,5 @@
 #include "distributed/nccl_communicator.h"
 
-#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -8,6 +7,7 @@
 #include <utility>
 
 #include "distributed/mpi_progress.h"
+#include "distributed/mpi_staged_communicator.h"
 #include "kernels/cuda/check.h"
 #include "kernels/errors.h"
 
@@ -21,23 +21,6 @@ int world_rank_or_minus_one() {
   MPI_Finalized(&finalized);
   if (initialized && !finalized) MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
-}
-
-// The rank of this process among those on its host.
-int node_local_rank(MPI_Comm comm) {
-  MPI_Comm node = MPI_COMM_NULL;
-  MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node));
-  int r = 0;
-  const int rc = MPI_Comm_rank(node, &r);
-  MPI_Comm_free(&node);
-  MPI_CHECK(rc);
-  return r;
-}
-
-std::string host_name() {
-  char h[256] = {0};
-  if (gethostname(h, sizeof h - 1) != 0) return "?";
-  return h;
 }
 
 // Runs `enqueue` between ncclGroupStart and ncclGroupEnd (the group is closed
@@ -92,22 +75,16 @@ void throw_nccl_error(ncclResult_t code, const char* call, const char* file, int
 
 NcclCommunicator::NcclCommunicator(const CommOptions& options)
     : mpi_(std::make_unique<MpiCommunicator>(options)), options_(options) {
-  const int local = node_local_rank(mpi_->comm());
-  int count = 0;
-  const cudaError_t e = cudaGetDeviceCount(&count);
-  if (e != cudaSuccess || count == 0)
-    throw CommError("parallel.backend nccl needs a CUDA GPU on every rank; rank " +
-                    std::to_string(rank()) + " sees none (" +
-                    (e != cudaSuccess ? cudaGetErrorString(e) : "no device") +
-                    "): use parallel.backend mpi with training.device cpu on CPUs");
-  device_ = local % count;
-  CUDA_CHECK(cudaSetDevice(device_));
-  cudaDeviceProp prop{};
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
-  char bus[32] = {0};
-  CUDA_CHECK(cudaDeviceGetPCIBusId(bus, sizeof bus, device_));
-  description_ = "rank " + std::to_string(rank()) + " on host " + host_name() + " uses GPU " +
-                 std::to_string(device_) + " (" + prop.name + ", " + bus + ")";
+  NodeGpu gpu = choose_node_gpu(*mpi_, "nccl");
+  // NCCL refuses two ranks of a communicator on one GPU ("Duplicate GPU
+  // detected") only inside ncclCommInitRank: say what would work first.
+  if (gpu.sharers > 1)
+    throw CommError(gpu.description + " with " + std::to_string(gpu.sharers - 1) +
+                    " other rank(s) of this host: NCCL needs a GPU per rank; start at most one "
+                    "rank per GPU, or use parallel.backend mpi (collectives through host "
+                    "memory) to run this layout on fewer GPUs");
+  device_ = gpu.device;
+  description_ = std::move(gpu.description);
 
   ncclUniqueId id{};
   if (rank() == 0) NCCL_CHECK(ncclGetUniqueId(&id));

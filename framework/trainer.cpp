@@ -62,7 +62,8 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
                       (on_device ? "device" : "host") + " memory but parallel.backend '" +
                       world.backend() + "' reduces " +
                       (world.device_buffers() ? "device" : "host") +
-                      " buffers: use backend nccl with device cuda, mpi with device cpu");
+                      " buffers: use backend nccl (or mpi, staged through host memory) with "
+                      "device cuda, mpi with device cpu");
   world.set_compute_stream(ops_->stream());
   if (grid_->sp() > 1) grid_->sp_group().set_compute_stream(ops_->stream());
   data_ = make_dataset(cfg_);
@@ -71,7 +72,9 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
   // every auto memory knob fitted to it (memory_plan.h).
   model_cfg_ = cfg_;
   model_cfg_.training.device = on_device ? DeviceKind::cuda : DeviceKind::cpu;
-  model_cfg_ = fit_to_device(model_cfg_, grid_->sp(), on_device ? device_memory_bytes() : 0);
+  // Ranks that share a GPU (staged MPI) share its memory.
+  model_cfg_ = fit_to_device(model_cfg_, grid_->sp(),
+                             on_device ? device_memory_bytes() / world.ranks_on_device() : 0);
   // Ranks whose GPUs differ in memory could fit different heads per pass or
   // kept layers: refused by name (model.attn_heads_per_pass,
   // model.kept_layers) before any collective of the model.

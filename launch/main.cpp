@@ -30,6 +30,9 @@
 #if defined(REFORMER_HAVE_NCCL)
 #include "distributed/nccl_communicator.h"
 #endif
+#if defined(REFORMER_HAVE_STAGED_MPI)
+#include "distributed/mpi_staged_communicator.h"
+#endif
 #include "framework/checkpoint.h"
 #include "framework/config.h"
 #include "kernels/errors.h"
@@ -241,12 +244,18 @@ void refuse_local_under_mpirun(const Config& cfg) {
 // the number of processes.
 void start_communicator(Config& cfg, std::unique_ptr<Communicator>& comm) {
   refuse_local_under_mpirun(cfg);
-  comm = make_communicator(cfg.parallel.backend, comm_options(cfg));
+  const bool gpu = cfg.training.device == DeviceKind::cuda ||
+                   (cfg.training.device == DeviceKind::auto_ && cuda_available());
+  comm = make_communicator(cfg.parallel.backend, comm_options(cfg), gpu);
 #if defined(REFORMER_HAVE_NCCL)
   if (const auto* nccl = dynamic_cast<const NcclCommunicator*>(comm.get()))
     std::printf("reformer: %s\n", nccl->description().c_str());
-  std::fflush(stdout);
 #endif
+#if defined(REFORMER_HAVE_STAGED_MPI)
+  if (const auto* staged = dynamic_cast<const StagedMpiCommunicator*>(comm.get()))
+    std::printf("reformer: %s\n", staged->description().c_str());
+#endif
+  std::fflush(stdout);
   set_log_rank(comm->rank());
   if (cfg.logging.per_rank) {
     std::filesystem::create_directories(cfg.checkpoint.dir);

@@ -14,6 +14,7 @@
 #include "distributed/process_grid.h"
 #include "kernels/errors.h"
 #include "tests/common/collective_checks.h"
+#include "tests/common/cuda_memory.h"
 #include "tests/common/mpi_gtest_main.h"
 
 using namespace reformer;
@@ -25,31 +26,13 @@ NcclCommunicator* g_nccl = nullptr;  // null: skipped (fewer GPUs than ranks)
 std::string g_skip_reason;
 cudaStream_t g_stream = nullptr;     // the compute stream of the tests
 
-// Device buffers, moved in and out on the compute stream.
-Memory device_memory() {
-  return {[](size_t b) {
-            void* p = nullptr;
-            if (cudaMalloc(&p, b > 0 ? b : 1) != cudaSuccess) throw DeviceError("cudaMalloc failed");
-            return p;
-          },
-          [](void* p) { cudaFree(p); },
-          [](void* d, const void* s, size_t b) {
-            cudaMemcpyAsync(d, s, b, cudaMemcpyHostToDevice, g_stream);
-            cudaStreamSynchronize(g_stream);
-          },
-          [](void* d, const void* s, size_t b) {
-            cudaMemcpyAsync(d, s, b, cudaMemcpyDeviceToHost, g_stream);
-            cudaStreamSynchronize(g_stream);
-          }};
-}
-
 class Nccl : public ::testing::Test {
  protected:
   void SetUp() override {
     if (!g_nccl) GTEST_SKIP() << g_skip_reason;
   }
   NcclCommunicator& comm() { return *g_nccl; }
-  const Memory mem_ = device_memory();
+  const Memory mem_ = device_memory(&g_stream);
 };
 
 const int64_t kSizes[] = {0, 1, 2, 97, 1025, 65536 + 3, (int64_t(1) << 20) + 7};
