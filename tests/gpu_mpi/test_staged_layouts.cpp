@@ -102,6 +102,17 @@ TEST_F(Staged, ExactResults) {
   world().barrier();
 }
 
+TEST_F(Staged, BadArgumentsThrowCommError) {
+  EXPECT_THROW(world().send(nullptr, 4, world().rank()), CommError);
+  EXPECT_THROW(world().broadcast(nullptr, 4, world().size()), CommError);
+  EXPECT_THROW(world().allreduce_sum(static_cast<float*>(nullptr), -1), CommError);
+  const std::vector<int64_t> counts(size_t(world().size()), -1), offsets(size_t(world().size()), 0);
+  EXPECT_THROW(world().alltoallv(nullptr, counts.data(), offsets.data(), nullptr, counts.data(),
+                                 offsets.data()),
+               CommError);
+  world().barrier();
+}
+
 // ------------------------------------------------------------------ the model on CUDA
 
 // Four heads of 16, 64 positions (16 per rank at sp 4, two chunks of 8).
