@@ -74,15 +74,32 @@ StagedMpiCommunicator::StagedMpiCommunicator(std::unique_ptr<MpiCommunicator> mp
                                              cudaStream_t compute)
     : mpi_(std::move(mpi)), gpu_(std::move(gpu)), compute_(compute) {}
 
-char* StagedMpiCommunicator::send_buffer(int64_t bytes) {
-  if (int64_t(send_.size()) < bytes) send_.resize(size_t(bytes));
-  return send_.data();
+char* StagedMpiCommunicator::HostBuffer::get(int64_t bytes) {
+  if (bytes <= bytes_) return p_;
+  release();
+  void* p = nullptr;
+  if (cudaMallocHost(&p, size_t(bytes)) == cudaSuccess) {
+    p_ = static_cast<char*>(p);
+    pinned_ = true;
+  } else {
+    cudaGetLastError();  // clear the refusal: pageable memory serves
+    pageable_.resize(size_t(bytes));
+    p_ = pageable_.data();
+  }
+  bytes_ = bytes;
+  return p_;
 }
 
-char* StagedMpiCommunicator::recv_buffer(int64_t bytes) {
-  if (int64_t(recv_.size()) < bytes) recv_.resize(size_t(bytes));
-  return recv_.data();
+void StagedMpiCommunicator::HostBuffer::release() {
+  if (pinned_) cudaFreeHost(p_);
+  pageable_ = {};
+  p_ = nullptr;
+  bytes_ = 0;
+  pinned_ = false;
 }
+
+char* StagedMpiCommunicator::send_buffer(int64_t bytes) { return send_.get(bytes); }
+char* StagedMpiCommunicator::recv_buffer(int64_t bytes) { return recv_.get(bytes); }
 
 void StagedMpiCommunicator::to_host(void* host, const void* device, int64_t bytes) {
   if (bytes <= 0) return;

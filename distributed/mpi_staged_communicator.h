@@ -73,10 +73,28 @@ class StagedMpiCommunicator final : public Communicator {
   void to_host(void* host, const void* device, int64_t bytes);
   void to_device(void* device, const void* host, int64_t bytes);
 
+  // Host memory that grows to the largest request: page-locked where the
+  // driver grants it (copies at the link's rate), pageable otherwise.
+  class HostBuffer {
+   public:
+    HostBuffer() = default;
+    HostBuffer(const HostBuffer&) = delete;
+    HostBuffer& operator=(const HostBuffer&) = delete;
+    ~HostBuffer() { release(); }
+    char* get(int64_t bytes);
+
+   private:
+    void release();
+    char* p_ = nullptr;
+    int64_t bytes_ = 0;
+    bool pinned_ = false;
+    std::vector<char> pageable_;
+  };
+
   std::unique_ptr<MpiCommunicator> mpi_;
   NodeGpu gpu_;
   cudaStream_t compute_ = nullptr;
-  std::vector<char> send_, recv_;
+  HostBuffer send_, recv_;
 };
 
 }  // namespace reformer
