@@ -37,6 +37,7 @@
 #include "tests/common/collective_checks.h"
 #include "tests/common/cuda_memory.h"
 #include "tests/common/mpi_gtest_main.h"
+#include "tests/common/sort_mode_cases.h"
 
 namespace fs = std::filesystem;
 using namespace reformer;
@@ -255,29 +256,10 @@ TEST_F(Staged, PairsMatchOneProcess) {
   }
 }
 
-// Sort mode: one head over every rank, three rounds, look-ahead halos, two
-// heads per pass.
+// Sort mode (tests/common/sort_mode_cases.h).
 TEST_F(Staged, SortModeMatchesOneProcess) {
-  struct Case {
-    const char* kinds;
-    int heads, hashes, after, per_pass;
-  };
-  for (const Case& c : {Case{"[lsh]", 4, 2, 0, 0}, Case{"[lsh]", 4, 2, 0, 2},
-                        Case{"[lsh, local]", 1, 3, 0, 0}, Case{"[local, lsh]", 2, 2, 1, 1}}) {
-    const std::string what = std::string("sort ") + c.kinds + " " + std::to_string(c.heads) +
-                             " heads x " + std::to_string(c.hashes) + " hashes, chunks_after " +
-                             std::to_string(c.after) + ", heads per pass " +
-                             std::to_string(c.per_pass);
-    expect_model_matches_one_process(
-        make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
-                     "model.n_heads=" + std::to_string(c.heads),
-                     "attention.n_hashes=" + std::to_string(c.hashes),
-                     "attention.chunks_after=" + std::to_string(c.after),
-                     c.after > 0 ? "attention.causal=false" : "attention.causal=true",
-                     "model.attn_heads_per_pass=" + std::to_string(c.per_pass),
-                     "parallel.sp_mode=sort"}),
-        what);
-  }
+  for (const SortModeCase& c : sort_mode_cases())
+    expect_model_matches_one_process(make_config(settings(c)), describe(c));
 }
 
 // Kept layers in each mode against one process that keeps none.

@@ -31,9 +31,12 @@
 
 #include "framework/logging.h"
 #include "tests/common/mpi_gtest_main.h"
+#include "tests/common/sort_mode_cases.h"
 
 namespace fs = std::filesystem;
 using namespace reformer;
+using reformer::test::SortModeCase;
+using reformer::test::sort_mode_cases;
 
 namespace {
 
@@ -250,34 +253,11 @@ TEST(SequenceParallel, PairsMatchOneProcess) {
   }
 }
 
-// Sort mode (distributed bucket sort): every rank attends its share of the
-// sorted slots of every head and round, with halos from its neighbours; no
-// head cap (one head over 4 ranks), any round count (3), look-ahead halos
-// too (not causal), local layers as a one-bucket sort; all heads in one
-// pass (the weights in place) and two heads per pass (gathered columns, and
-// each head's backward after the whole pass's forward).
+// Sort mode (tests/common/sort_mode_cases.h).
 TEST(SequenceParallel, SortModeMatchesOneProcess) {
-  struct Case {
-    const char* kinds;
-    int heads, hashes, after, per_pass;
-  };
-  for (const Case& c : {Case{"[lsh]", 4, 2, 0, 0}, Case{"[lsh]", 4, 2, 0, 2},
-                        Case{"[lsh, local]", 1, 3, 0, 0}, Case{"[local, lsh]", 2, 2, 1, 1}}) {
-    const std::string what = std::string("sort ") + c.kinds + " " + std::to_string(c.heads) +
-                             " heads x " + std::to_string(c.hashes) + " hashes, chunks_after " +
-                             std::to_string(c.after) + ", heads per pass " +
-                             std::to_string(c.per_pass) + " at sp " +
-                             std::to_string(world().size());
-    expect_model_matches_one_process(
-        make_config({std::string("attention.kinds=") + c.kinds, "model.dropout=0.1",
-                     "model.n_heads=" + std::to_string(c.heads),
-                     "attention.n_hashes=" + std::to_string(c.hashes),
-                     "attention.chunks_after=" + std::to_string(c.after),
-                     c.after > 0 ? "attention.causal=false" : "attention.causal=true",
-                     "model.attn_heads_per_pass=" + std::to_string(c.per_pass),
-                     "parallel.sp_mode=sort"}),
-        what);
-  }
+  for (const SortModeCase& c : sort_mode_cases())
+    expect_model_matches_one_process(make_config(settings(c)),
+                                     describe(c) + " at sp " + std::to_string(world().size()));
 }
 
 // Kept layers under sequence parallelism: each rank keeps its shard's
