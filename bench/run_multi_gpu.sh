@@ -29,7 +29,7 @@ peer=configs/bench-peer.yaml
 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90 \
   > "$out/build.log" 2>&1 && cmake --build build-gpu -j"$(nproc)" >> "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
-timeout 300 ctest --test-dir build-gpu -L gpu -j8 --output-on-failure > "$out/gpu-tests.log" 2>&1
+timeout 600 ctest --test-dir build-gpu -L gpu -j8 --output-on-failure > "$out/gpu-tests.log" 2>&1
 echo "gpu tests ($gpus GPUs): $(grep -E 'tests passed|tests failed' "$out/gpu-tests.log" | tail -1)"
 grep -E '^\s*[0-9]+ - .*(Failed|Timeout)' "$out/gpu-tests.log" | head
 
