@@ -74,7 +74,9 @@ class StagedMpiCommunicator final : public Communicator {
   void to_device(void* device, const void* host, int64_t bytes);
 
   // Host memory that grows to the largest request: page-locked where the
-  // driver grants it (copies at the link's rate), pageable otherwise.
+  // driver grants it (copied by DMA directly; pageable memory goes through
+  // the driver's own staging copy), pageable otherwise. Its speed here is
+  // not measured.
   class HostBuffer {
    public:
     HostBuffer() = default;
