@@ -36,6 +36,7 @@
 #include "framework/trainer.h"
 #include "tests/common/collective_checks.h"
 #include "tests/common/cuda_memory.h"
+#include "tests/common/layout_testing.h"
 #include "tests/common/mpi_gtest_main.h"
 #include "tests/common/sort_mode_cases.h"
 
@@ -116,39 +117,11 @@ TEST_F(Staged, BadArgumentsThrowCommError) {
 
 // ------------------------------------------------------------------ the model on CUDA
 
-// Four heads of 16, 64 positions (16 per rank at sp 4, two chunks of 8).
-const char* kYaml = R"(
-model:
-  vocab_size: 16
-  d_model: 64
-  n_heads: 4
-  d_ff: 96
-  n_layers: 2
-  max_len: 64
-attention:
-  kinds: [lsh]
-  bucket_size: 8
-  n_hashes: 2
-optimizer:
-  name: adamw
-  lr: 3.0e-3
-  warmup_steps: 5
-  schedule: rsqrt
-training:
-  steps: 20
-  batch_size: 4
-  device: cuda
-  log_every: 1000
-  eval_every: 0
-  eval_batches: 1
-data:
-  kind: duplication
-checkpoint:
-  resume: none
-)";
-
+// The layout suites' model (tests/common/layout_testing.h) on the GPU, with
+// heads of 16.
 Config make_config(std::vector<std::string> sets) {
-  return parse_config(kYaml, "<test_staged_layouts>", sets);
+  sets.insert(sets.begin(), {"training.device=cuda", "model.d_model=64", "model.d_ff=96"});
+  return layout_config(sets, "<test_staged_layouts>");
 }
 
 // The largest |a_i - b_i| over the largest |b_i| (0 when both are empty).
@@ -284,16 +257,6 @@ TEST_F(Staged, KeptLayersMatchOneProcess) {
 
 // ------------------------------------------------------------------ training
 
-std::string shared_temp_dir() {
-  char name[256] = {0};
-  if (world().rank() == 0) {
-    char tmpl[] = "/tmp/reformer_staged_layouts_XXXXXX";
-    const char* d = mkdtemp(tmpl);
-    std::snprintf(name, sizeof name, "%s", d ? d : "");
-  }
-  world().host().broadcast(name, sizeof name, 0);
-  return name;
-}
 
 std::vector<double> train_losses(const Config& cfg, Communicator& comm) {
   Trainer t(cfg, comm, "");
@@ -307,7 +270,7 @@ std::vector<double> train_losses(const Config& cfg, Communicator& comm) {
 // another order move the bf16 products' inputs by a rounding: at most
 // 1.2e-4 measured here, 1.1e-4 and 3.0e-4 over NCCL, bench/RESULTS.md).
 TEST_F(Staged, TrainingMatchesOneProcess) {
-  const std::string dir = shared_temp_dir();
+  const std::string dir = shared_temp_dir(world().host(), "reformer_staged_layouts");
   auto local = make_communicator(CommBackend::local);
   const std::vector<std::string> model = {"attention.kinds=[lsh, local]"};
   std::vector<std::string> one = model;

@@ -32,6 +32,7 @@
 #include "framework/logging.h"
 #include "framework/trainer.h"
 #include "tests/common/collective_checks.h"
+#include "tests/common/layout_testing.h"
 #include "tests/common/mpi_gtest_main.h"
 
 namespace fs = std::filesystem;
@@ -156,17 +157,6 @@ TEST(MpiCommunicator, MpiCheckNamesCallRankFileAndLine) {
 
 // ------------------------------------------------------------------ data parallel
 
-// A shared temporary folder: made by rank 0, its name broadcast.
-std::string shared_temp_dir(Communicator& comm) {
-  char name[256] = {0};
-  if (comm.rank() == 0) {
-    char tmpl[] = "/tmp/reformer_mpi_dp_XXXXXX";
-    const char* d = mkdtemp(tmpl);
-    std::snprintf(name, sizeof name, "%s", d ? d : "");
-  }
-  comm.broadcast(name, sizeof name, 0);
-  return name;
-}
 
 // configs/tiny.yaml with a batch that 2 and 4 ranks divide, the rsqrt schedule
 // (whose learning rate does not depend on training.steps, so a 6-step run
@@ -235,7 +225,7 @@ class DataParallel : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     MpiCommunicator& comm = world();
-    dir_ = new std::string(shared_temp_dir(comm));
+    dir_ = new std::string(test::shared_temp_dir(comm, "reformer_mpi_dp"));
     dp_ = new Run;
     ref_ = new Run;
     {

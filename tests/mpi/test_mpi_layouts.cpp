@@ -30,6 +30,7 @@
 #include <omp.h>
 
 #include "framework/logging.h"
+#include "tests/common/layout_testing.h"
 #include "tests/common/mpi_gtest_main.h"
 #include "tests/common/sort_mode_cases.h"
 
@@ -43,52 +44,10 @@ namespace {
 Communicator* g_world = nullptr;
 Communicator& world() { return *g_world; }
 
-// A shared temporary folder: made by rank 0, its name broadcast.
-std::string shared_temp_dir() {
-  char name[256] = {0};
-  if (world().rank() == 0) {
-    char tmpl[] = "/tmp/reformer_mpi_layouts_XXXXXX";
-    const char* d = mkdtemp(tmpl);
-    std::snprintf(name, sizeof name, "%s", d ? d : "");
-  }
-  world().broadcast(name, sizeof name, 0);
-  return name;
-}
+std::string shared_temp_dir() { return test::shared_temp_dir(world(), "reformer_mpi_layouts"); }
 
-// Four heads, so that sp = 2 and 4 divide them; 64 positions, 16 per rank at
-// sp = 4, two chunks of 8.
-const char* kYaml = R"(
-model:
-  vocab_size: 16
-  d_model: 32
-  n_heads: 4
-  d_ff: 48
-  n_layers: 2
-  max_len: 64
-attention:
-  kinds: [lsh]
-  bucket_size: 8
-  n_hashes: 2
-optimizer:
-  name: adamw
-  lr: 3.0e-3
-  warmup_steps: 5
-  schedule: rsqrt
-training:
-  steps: 20
-  batch_size: 4
-  device: cpu
-  log_every: 1000
-  eval_every: 0
-  eval_batches: 1
-data:
-  kind: duplication
-checkpoint:
-  resume: none
-)";
-
-Config make_config(std::vector<std::string> sets) {
-  return parse_config(kYaml, "<test_mpi_layouts>", sets);
+Config make_config(const std::vector<std::string>& sets) {
+  return test::layout_config(sets, "<test_mpi_layouts>");
 }
 
 struct Layout {
