@@ -92,7 +92,7 @@ char* StagedMpiCommunicator::HostBuffer::get(int64_t bytes) {
 
 void StagedMpiCommunicator::HostBuffer::release() {
   if (pinned_) cudaFreeHost(p_);
-  pageable_ = {};
+  std::vector<char>().swap(pageable_);  // frees it (assigning {} may keep the capacity)
   p_ = nullptr;
   bytes_ = 0;
   pinned_ = false;
