@@ -3,6 +3,7 @@
 // and the small model they train.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -57,6 +58,21 @@ data:
 checkpoint:
   resume: none
 )";
+
+// One sequence of L positions over V tokens: tokens[i] = (7 i + 3) mod V,
+// targets the next token (-1 past the end).
+struct LayoutSequence {
+  std::vector<int32_t> tokens, targets;
+};
+inline LayoutSequence layout_sequence(int64_t L, int V) {
+  LayoutSequence s{std::vector<int32_t>(static_cast<size_t>(L)),
+                   std::vector<int32_t>(static_cast<size_t>(L))};
+  for (int64_t i = 0; i < L; ++i) {
+    s.tokens[size_t(i)] = int32_t((i * 7 + 3) % V);
+    s.targets[size_t(i)] = i + 1 < L ? int32_t(((i + 1) * 7 + 3) % V) : -1;
+  }
+  return s;
+}
 
 inline Config layout_config(const std::vector<std::string>& sets, const char* where) {
   return parse_config(kLayoutYaml, where, sets);

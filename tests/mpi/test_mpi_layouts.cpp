@@ -128,11 +128,7 @@ void expect_model_matches_one_process(const Config& cfg, const std::string& kind
   part.init_params(7);
   const int64_t L = cfg.model.max_len, Ll = part.seq_len(), p0 = part.seq_offset();
   EXPECT_EQ(Ll * world().size(), L);
-  std::vector<int32_t> tokens(static_cast<size_t>(L)), targets(static_cast<size_t>(L));
-  for (int64_t i = 0; i < L; ++i) {
-    tokens[size_t(i)] = int32_t((i * 7 + 3) % cfg.model.vocab_size);
-    targets[size_t(i)] = i + 1 < L ? int32_t(((i + 1) * 7 + 3) % cfg.model.vocab_size) : -1;
-  }
+  const auto [tokens, targets] = test::layout_sequence(L, cfg.model.vocab_size);
   const double scale = 1.0 / double(L - 1);
   whole.zero_grads();
   part.zero_grads();
