@@ -103,6 +103,9 @@ class MpiCommunicator final : public Communicator {
 
   MPI_Comm comm() const { return comm_; }
   const CommOptions& options() const { return options_; }
+  // Throws CommError unless peer is another rank of this communicator (a
+  // send or receive's peer).
+  void check_peer(int peer, const char* op) const;
   // The process's progress board (null when this communicator has none).
   const std::shared_ptr<ProgressBoard>& board() const { return board_; }
 
@@ -113,7 +116,6 @@ class MpiCommunicator final : public Communicator {
     return {"mpi", op, amount, unit, size_};
   }
   ProgressTrack* track() const { return track_.get(); }
-  void check_peer(int peer, const char* op) const;
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0;

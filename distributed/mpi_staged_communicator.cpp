@@ -180,6 +180,7 @@ void StagedMpiCommunicator::alltoallv(const void* send, const int64_t* send_byte
 }
 
 void StagedMpiCommunicator::send(const void* data, int64_t bytes, int peer) {
+  mpi_->check_peer(peer, "send");  // before the copy reads data
   char* h = send_buffer(bytes);
   to_host(h, data, bytes);
   mpi_->send(h, bytes, peer);

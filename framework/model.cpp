@@ -146,8 +146,11 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     if (shard.size > 1) {
       s.lqk = buf("lqk");
       s.lv = buf("lv");
-      s.exchange = std::make_unique<HeadExchange<T>>(ops, *shard.comm, L_, Hp_ * dh_,
-                                                     g_ > 1 ? part_rounds : 0);
+      // Operands and their gradients travel in bf16 where the attention
+      // reads them so (framework/sequence_parallel.h, Wire).
+      s.exchange = std::make_unique<HeadExchange<T>>(
+          ops, *shard.comm, L_, Hp_ * dh_, g_ > 1 ? part_rounds : 0,
+          cfg.attention.precision == AttentionPrecision::bf16);
     }
     if (g_ > 1) {
       s.lse_h = buf("lse_h"); s.lse_seq = buf("lse_seq"); s.comb = buf("comb");
@@ -345,11 +348,11 @@ void ReformerModel<T>::parts_backward() {
   for (int h = 0; h < H_; ++h)
     ops_.lse_combine_backward(s.lv.data() + int64_t(h) * g_ * dh_,
                               s.lqk.data() + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_, p);
-  s.exchange->to_heads(s.lv.data(), s.dao.data());
+  s.exchange->to_heads(s.lv.data(), s.dao.data(), Wire::operand);
   for (int r = 0; r < sp; ++r)
     ops_.copy_2d(s.lv.data() + int64_t(r) * dh_, int64_t(sp) * dh_,
                  s.comb.data() + int64_t(r / g_) * dh_, int64_t(H_) * dh_, L_, dh_);
-  s.exchange->to_heads(s.lv.data(), s.ao.data());
+  s.exchange->to_heads(s.lv.data(), s.ao.data(), Wire::operand);
 }
 
 // The columns of layer l's Wqk and Wv for attention pass `pass`, every
@@ -545,7 +548,9 @@ const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool reha
                                 s.ao.data() + c, step, rehash);
   }
   if (!s.exchange) return s.ao.data();
-  s.exchange->to_sequence(s.ao.data(), s.lqk.data());
+  // Pairs mode's parts combine in fp32 (combine_parts): they travel exact.
+  s.exchange->to_sequence(s.ao.data(), s.lqk.data(),
+                          g_ > 1 ? Wire::exact : Wire::operand);
   return g_ > 1 ? combine_parts(l) : s.lqk.data();
 }
 
@@ -562,8 +567,8 @@ void ReformerModel<T>::project_pass(int l, int pass) {
     return;
   }
   project(l, pw.wq, pw.wv, N, s.lqk.data(), s.lv.data());
-  s.exchange->to_heads(s.lqk.data(), s.qk.data());
-  s.exchange->to_heads(s.lv.data(), s.v.data());
+  s.exchange->to_heads(s.lqk.data(), s.qk.data(), Wire::operand);
+  s.exchange->to_heads(s.lv.data(), s.v.data(), Wire::operand);
 }
 
 // From y1 in x1, the rebuilt x2 and the gradients dx1 (of y1) and dx2 (of
@@ -629,7 +634,7 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     if (!pw.wo_in_place) ops_.fill(pw.gwo, T(0), w);
     output_backward(l, ao, pw.wo, pw.gwo, No, dao, step, train);
     if (g_ > 1) parts_backward();
-    else if (s.exchange) s.exchange->to_heads(s.lv.data(), s.dao.data());
+    else if (s.exchange) s.exchange->to_heads(s.lv.data(), s.dao.data(), Wire::operand);
     // Each head of the pass kept its forward state in its own slot; the
     // heads' column slices cover dqk and dv, so they write them (no zeroing).
     for (int j = 0; j < Hp_; ++j) {
@@ -639,8 +644,8 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     }
     const T *dqk = s.dqk.data(), *dv = s.dv.data();
     if (s.exchange) {
-      s.exchange->to_sequence(s.dqk.data(), s.lqk.data());
-      s.exchange->to_sequence(s.dv.data(), s.lv.data());
+      s.exchange->to_sequence(s.dqk.data(), s.lqk.data(), Wire::operand);
+      s.exchange->to_sequence(s.dv.data(), s.lv.data(), Wire::operand);
       dqk = s.lqk.data();
       dv = s.lv.data();
     }

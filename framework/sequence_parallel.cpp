@@ -67,16 +67,48 @@ std::string valid_sp_values(const Config& cfg) {
 
 template <class T>
 HeadExchange<T>::HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols,
-                              int max_cols)
+                              int max_cols, bool narrow_operands)
     : ops_(ops), comm_(comm), Ll_(local_len), cols_(cols),
+      // Narrow only where a block of the stash starts on an element of T,
+      // so that send and receive halves fit the exact exchange's buffer.
+      narrow_(narrow_operands && local_len * cols % 2 == 0 &&
+              ops.stash_elems(local_len * cols) < local_len * cols),
       buf_(ops, int64_t(comm.size()) * local_len * std::max(cols, max_cols)) {}
 
 template <class T>
-void HeadExchange<T>::to_heads(const T* local, T* heads_out) { to_heads(local, heads_out, cols_); }
+void HeadExchange<T>::to_heads(const T* local, T* heads_out, Wire wire) {
+  if (!narrow_ || wire == Wire::exact) {
+    to_heads(local, heads_out, cols_);
+    return;
+  }
+  // Block r of the send half: this rank's positions, rank r's head columns,
+  // in the stash's precision; the receive half holds every rank's block for
+  // this rank's heads, in position order.
+  const int sp = comm_.size(), HD = sp * cols_;
+  const int64_t block = Ll_ * cols_, half = ops_.stash_elems(sp * block);
+  T* send = buf_.data();
+  T* recv = buf_.data() + half;
+  for (int r = 0; r < sp; ++r)
+    ops_.stash_2d(send + ops_.stash_elems(r * block), local + int64_t(r) * cols_, HD, Ll_, cols_);
+  comm_.alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
+  ops_.unstash(heads_out, recv, sp * block);
+}
 
 template <class T>
-void HeadExchange<T>::to_sequence(const T* heads, T* local_out) {
-  to_sequence(heads, local_out, cols_);
+void HeadExchange<T>::to_sequence(const T* heads, T* local_out, Wire wire) {
+  if (!narrow_ || wire == Wire::exact) {
+    to_sequence(heads, local_out, cols_);
+    return;
+  }
+  const int sp = comm_.size(), HD = sp * cols_;
+  const int64_t block = Ll_ * cols_, half = ops_.stash_elems(sp * block);
+  T* send = buf_.data();
+  T* recv = buf_.data() + half;
+  ops_.stash(send, heads, sp * block);
+  comm_.alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
+  for (int s = 0; s < sp; ++s)
+    ops_.unstash_2d(local_out + int64_t(s) * cols_, HD, recv + ops_.stash_elems(s * block), Ll_,
+                    cols_);
 }
 
 template <class T>

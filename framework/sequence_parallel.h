@@ -46,6 +46,15 @@ int sp_ranks_per_head(const Config& cfg, int sp);
 // dividing n_hashes.
 std::string valid_sp_values(const Config& cfg);
 
+// What an exchange may round on its way: exact (log-sum-exps, and the
+// parts of pairs mode, which combine in fp32), or `operand`: attention
+// operands and their gradients, which the backend's attention and products
+// read as bf16 (AttentionPrecision::bf16 on a device). Those travel in the
+// backend's stash precision (Ops::stash_2d) where it is narrower: half the
+// bytes on the wire, and the same bits in the consumer, which rounds them
+// the same way (kernels/cuda/attention_mma.cuh, the staging).
+enum class Wire { exact, operand };
+
 template <class T>
 class HeadExchange {
  public:
@@ -54,25 +63,30 @@ class HeadExchange {
   // a local row holds sp * cols columns, block r (columns r * cols ..) being
   // the ones rank r attends (its heads of the current attention pass).
   // max_cols: the most columns a call passes (defaults to cols).
-  HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols, int max_cols = 0);
-
+  // narrow_operands: Wire::operand calls may travel in the stash precision
+  // (false: every call is exact).
+  HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols, int max_cols = 0,
+               bool narrow_operands = false);
   // heads_out[L, cols] (rows in global position order) <- every rank's
   // local[L/sp, sp * cols] restricted to this rank's column block.
-  void to_heads(const T* local, T* heads_out);
+  void to_heads(const T* local, T* heads_out, Wire wire);
   // local_out[L/sp, sp * cols] <- every rank's heads[L, cols] restricted to
   // this rank's positions (block r of the columns from rank r).
-  void to_sequence(const T* heads, T* local_out);
+  void to_sequence(const T* heads, T* local_out, Wire wire);
   // The same with `cols` columns per rank in place of the constructor's
-  // (at most max_cols).
+  // (at most max_cols), exact.
   void to_heads(const T* local, T* heads_out, int cols);
   void to_sequence(const T* heads, T* local_out, int cols);
+  // True when Wire::operand calls travel narrower than T.
+  bool narrow() const { return narrow_; }
 
  private:
   Ops<T>& ops_;
   Communicator& comm_;
   int64_t Ll_;     // positions per rank
   int cols_;       // columns per rank
-  Buffer<T> buf_;  // [sp, Ll, max_cols] staging for the exchange
+  bool narrow_;    // Wire::operand calls go through the stash
+  Buffer<T> buf_;  // [sp, Ll, max_cols] staging for the exchange (narrow: send, then receive)
 };
 
 extern template class HeadExchange<float>;

@@ -40,6 +40,10 @@
   X(double, sum_squares, (const T* x, int64_t n), (x, n))                                   \
   X(void, stash, (T* dst, const T* src, int64_t n), (dst, src, n))                          \
   X(void, unstash, (T* dst, const T* src, int64_t n), (dst, src, n))                        \
+  X(void, stash_2d, (T* dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols),     \
+    (dst, src, ld_src, rows, cols))                                                         \
+  X(void, unstash_2d, (T* dst, int64_t ld_dst, const T* src, int64_t rows, int64_t cols),   \
+    (dst, ld_dst, src, rows, cols))                                                         \
   X(void, copy_2d,                                                                          \
     (T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols),     \
     (dst, ld_dst, src, ld_src, rows, cols))                                                 \

@@ -74,7 +74,11 @@ class Ops {
   //   semantics. stash keeps n values of src in dst (stash_elems(n)
   //   elements) in the backend's storage precision (the CPU: exactly;
   //   CUDA: bf16, rounded to nearest even), unstash writes them back into
-  //   n values of dst; dst and src do not overlap. copy_2d: dst[r, :cols] =
+  //   n values of dst; dst and src do not overlap. stash_2d keeps src[r,
+  //   :cols] (row stride ld_src) for r < rows as stash keeps the rows * cols
+  //   values of a contiguous [rows, cols] array (stash_elems(rows * cols)
+  //   elements of dst); unstash_2d writes such a stash back into dst[r,
+  //   :cols] (row stride ld_dst). copy_2d: dst[r, :cols] =
   //   src[r, :cols] for r < rows with row strides ld_dst, ld_src; add_2d
   //   the same with +=.
   //   dropout: out[i] (+= when accumulate) = alpha * (keep_i ? x[i] / (1 - p)

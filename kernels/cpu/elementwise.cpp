@@ -94,6 +94,16 @@ void copy_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows,
 }
 
 template <class T>
+void stash_2d(T* dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols) {
+  copy_2d(dst, cols, src, ld_src, rows, cols);
+}
+
+template <class T>
+void unstash_2d(T* dst, int64_t ld_dst, const T* src, int64_t rows, int64_t cols) {
+  copy_2d(dst, ld_dst, src, cols, rows, cols);
+}
+
+template <class T>
 void add_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols) {
 #pragma omp parallel for if (rows * cols >= kParallelMin)
   for (int64_t r = 0; r < rows; ++r) {
@@ -154,6 +164,8 @@ void dropout(T* out, const T* x, int64_t n, float p, uint64_t seed, uint64_t ste
   template void scale<T>(T*, T, int64_t);                                                    \
   template double sum_squares<T>(const T*, int64_t);                                         \
   template void copy_2d<T>(T*, int64_t, const T*, int64_t, int64_t, int64_t);                \
+  template void stash_2d<T>(T*, const T*, int64_t, int64_t, int64_t);                        \
+  template void unstash_2d<T>(T*, int64_t, const T*, int64_t, int64_t);                      \
   template void add_2d<T>(T*, int64_t, const T*, int64_t, int64_t, int64_t);                 \
   template void gather_rows<T>(T*, int64_t, const T*, int64_t, const int32_t*, int64_t,      \
                                int64_t, bool);                                               \

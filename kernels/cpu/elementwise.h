@@ -16,6 +16,10 @@ template <class T> double sum_squares(const T* x, int64_t n);
 template <class T> void stash(T* dst, const T* src, int64_t n);
 template <class T> void unstash(T* dst, const T* src, int64_t n);
 template <class T>
+void stash_2d(T* dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
+template <class T>
+void unstash_2d(T* dst, int64_t ld_dst, const T* src, int64_t rows, int64_t cols);
+template <class T>
 void copy_2d(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, int64_t rows, int64_t cols);
 template <class T>
 void gather_rows(T* dst, int64_t ld_dst, const T* src, int64_t ld_src, const int32_t* idx,

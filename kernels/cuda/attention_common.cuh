@@ -54,6 +54,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <type_traits>
 
 #include "kernels/errors.h"
 #include "kernels/common/attention_checks.h"
@@ -254,7 +255,9 @@ __device__ __forceinline__ void store_cols(float* p, const float* v) {
 // from per-round rows [R, L, ld_r] (fp32, or bf16 on tensor cores):
 // dv[j] += sum_r dv_r[r, j]; dqk[j] += P_j(sum_r dkh_r[r, j]) / |k_j| +
 // sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = qk_j /
-// |k_j| (normalise_keys_kernel's division); sums in fp32 in round order.
+// |k_j| (normalise_keys_kernel's division; with bf16 rows, those of the
+// tensor-core path, qk_j rounded to bf16 first, as its staging reads it);
+// sums in fp32 in round order.
 // E columns per lane, dh <= 32 E: with kVec (dh == 32 E, every row aligned
 // to E elements: launch_finish_rounds) lane l takes columns E l .. E l + E -
 // 1, one vector access per row; else columns l + 32 t. Without kAdd, dqk
@@ -311,6 +314,7 @@ __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, con
   float proj = 0.0f;
 #pragma unroll
   for (int t = 0; t < E; ++t) {
+    if constexpr (std::is_same_v<Row, __nv_bfloat16>) kh[t] = bf16_value(kh[t]);
     kh[t] /= n;
     proj += kh[t] * acc[t];
   }

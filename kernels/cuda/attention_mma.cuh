@@ -192,10 +192,14 @@ constexpr int kStageWarps = 8;    // rows (one per warp) per block of mma_stage_
 
 // dst[a][pos * DH + d] = bf16(src[a][pos * lds[a] + d]) for a < n; zero for
 // d >= dh. Every dst[a] is [L, DH] bf16 (carve_scratch's staged layout).
-// With khat_from_q, operand 1 (src[1] unused) is k_hat computed from src[0]
-// as normalise_keys_kernel does (same sum order, same division: the same
-// bits), so the forward needs no fp32 k_hat; |k| goes into norm when it is
-// non-null (a direct backward's key side divides by it).
+// The operands are read as bf16 values: every one (and `out`, below) is
+// rounded before any arithmetic, so operands that arrive already rounded
+// (a sequence-parallel exchange in bf16, framework/sequence_parallel.h)
+// give the same bits as fp32 ones. With khat_from_q, operand 1 (src[1]
+// unused) is k_hat computed from the rounded src[0] in
+// normalise_keys_kernel's order (same sum order, same division), so the
+// forward needs no fp32 k_hat; |k| goes into norm when it is non-null (a
+// direct backward's key side divides by it, and rounds its k the same way).
 // A backward's staging also writes the row statistics of row_stats_kernel
 // (attention_backward.cu) when rm is non-null: D_i = dout_i . out_i from
 // operand 3 (dout) as it is staged and `out` (row stride ld_out), and m_i,
@@ -235,11 +239,11 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
       if (d >= DH) break;
       if (kPairs) {
         const float2 v = *reinterpret_cast<const float2*>(row + d);
-        x[k][0] = v.x;
-        x[k][1] = v.y;
+        x[k][0] = bf16_value(v.x);
+        x[k][1] = bf16_value(v.y);
       } else {
-        x[k][0] = d < g.dh ? row[d] : 0.0f;
-        x[k][1] = d + 1 < g.dh ? row[d + 1] : 0.0f;
+        x[k][0] = d < g.dh ? bf16_value(row[d]) : 0.0f;
+        x[k][1] = d + 1 < g.dh ? bf16_value(row[d + 1]) : 0.0f;
       }
     }
   };
@@ -256,7 +260,8 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
   if (st.khat_from_q) {
     const float* q = st.src[0] + pos * st.lds[0];
 #pragma unroll
-    for (int t = 0; t < E; ++t) qc[t] = lane + 32 * t < g.dh ? q[lane + 32 * t] : 0.0f;
+    for (int t = 0; t < E; ++t)
+      qc[t] = lane + 32 * t < g.dh ? bf16_value(q[lane + 32 * t]) : 0.0f;
   }
   RoundWeights w{};
   if (st.rm) w = round_weights(st.lse, g.L, pos, st.R);

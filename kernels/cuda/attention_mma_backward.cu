@@ -274,7 +274,8 @@ __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
     for (int h = 0; h < 2; ++h) {
       // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
       // (t4) that share the row. Every lane shuffles; padding rows add 0.
-      // k_hat_j = qk_j / |k_j| as the staging computed it.
+      // k_hat_j = qk_j / |k_j| as the staging computed it (from qk_j
+      // rounded to bf16).
       const int pos = kpos[h];
       const float n = o.dkh && pos >= 0 ? o.norm[pos] : 1.0f;
       float kh[OT][2] = {};
@@ -285,7 +286,7 @@ __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
         for (int ot = 0; ot < OT; ++ot)
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            kh[ot][u] /= n;
+            kh[ot][u] = bf16_value(kh[ot][u]) / n;
             proj += kh[ot][u] * dk[ot][2 * h + u];
           }
       }

@@ -23,9 +23,13 @@ namespace reformer::cuda {
 }
 
 inline void check_cuda(cudaError_t e, const char* call, const char* file, int line) {
-  if (e != cudaSuccess)
-    throw_device_error(call, std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e),
-                       file, line);
+  if (e == cudaSuccess) return;
+  // A failed call also leaves its error as the last one, where the next
+  // launch's check would find it and blame that kernel: clear it (a sticky
+  // error, one that breaks the context, stays reported by every call).
+  cudaGetLastError();
+  throw_device_error(call, std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e), file,
+                     line);
 }
 
 inline void check_cublas(cublasStatus_t s, const char* call, const char* file, int line) {

@@ -56,6 +56,11 @@ __device__ __forceinline__ void ldsm_x4(uint32_t* r, const void* p) {
                : "memory");
 }
 
+// x rounded to the nearest bf16 value (ties to even), as a float.
+__device__ __forceinline__ float bf16_value(float x) {
+  return __bfloat162float(__float2bfloat16_rn(x));
+}
+
 // Two floats as one bf16x2 register (round to nearest even), lo in the low half.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);

@@ -66,6 +66,57 @@ __global__ void unstash_kernel(float* dst, const __nv_bfloat16* src, int64_t n) 
     dst[i] = __bfloat162float(src[i]);
 }
 
+// The same over [rows, cols] tiles: dst[r * cols + c] = bf16(src[r * ld_src
+// + c]) (stash_2d) and dst[r * ld_dst + c] = float(src[r * cols + c])
+// (unstash_2d). One warp per row, lanes over its columns; kPairs (cols and
+// the stride even, rows 8-byte aligned): two columns a lane, one float2 and
+// one bf16 pair.
+constexpr int kStashRows = kThreads / 32;  // rows per block
+
+unsigned stash_blocks(int64_t rows) {
+  return unsigned(std::min<int64_t>((rows + kStashRows - 1) / kStashRows, int64_t(1) << 20));
+}
+
+template <bool kPairs>
+__global__ void stash_2d_kernel(__nv_bfloat16* dst, const float* src, int64_t ld_src,
+                                int64_t rows, int64_t cols) {
+  constexpr int kW = kPairs ? 2 : 1;
+  const int lane = threadIdx.x & 31;
+  for (int64_t r = int64_t(blockIdx.x) * kStashRows + (threadIdx.x >> 5); r < rows;
+       r += int64_t(gridDim.x) * kStashRows) {
+    const float* x = src + r * ld_src;
+    __nv_bfloat16* d = dst + r * cols;
+    for (int64_t c = kW * lane; c < cols; c += 32 * kW) {
+      if constexpr (kPairs) {
+        const float2 v = *reinterpret_cast<const float2*>(x + c);
+        *reinterpret_cast<__nv_bfloat162*>(d + c) = __floats2bfloat162_rn(v.x, v.y);
+      } else {
+        d[c] = __float2bfloat16_rn(x[c]);
+      }
+    }
+  }
+}
+
+template <bool kPairs>
+__global__ void unstash_2d_kernel(float* dst, int64_t ld_dst, const __nv_bfloat16* src,
+                                  int64_t rows, int64_t cols) {
+  constexpr int kW = kPairs ? 2 : 1;
+  const int lane = threadIdx.x & 31;
+  for (int64_t r = int64_t(blockIdx.x) * kStashRows + (threadIdx.x >> 5); r < rows;
+       r += int64_t(gridDim.x) * kStashRows) {
+    const __nv_bfloat16* x = src + r * cols;
+    float* d = dst + r * ld_dst;
+    for (int64_t c = kW * lane; c < cols; c += 32 * kW) {
+      if constexpr (kPairs) {
+        const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + c));
+        *reinterpret_cast<float2*>(d + c) = v;
+      } else {
+        d[c] = __bfloat162float(x[c]);
+      }
+    }
+  }
+}
+
 __global__ void scale_kernel(float* x, float s, int64_t n) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x)
@@ -254,6 +305,34 @@ void CudaOps::unstash(float* dst, const float* src, int64_t n) {
   cuda::unstash_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(
       dst, reinterpret_cast<const __nv_bfloat16*>(src), n);
   CUDA_CHECK_LAUNCH("unstash_kernel");
+}
+
+// Rows in the stash's layout: the bf16 values of a contiguous [rows, cols].
+void CudaOps::stash_2d(float* dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return;
+  auto* d = reinterpret_cast<__nv_bfloat16*>(dst);
+  const unsigned blocks = cuda::stash_blocks(rows);
+  if (cols % 2 == 0 && ld_src % 2 == 0 && cuda::aligned(src, 8) && cuda::aligned(dst, 4))
+    cuda::stash_2d_kernel<true><<<blocks, cuda::kThreads, 0, stream_>>>(d, src, ld_src, rows,
+                                                                          cols);
+  else
+    cuda::stash_2d_kernel<false><<<blocks, cuda::kThreads, 0, stream_>>>(d, src, ld_src, rows,
+                                                                           cols);
+  CUDA_CHECK_LAUNCH("stash_2d_kernel");
+}
+
+void CudaOps::unstash_2d(float* dst, int64_t ld_dst, const float* src, int64_t rows,
+                         int64_t cols) {
+  if (rows <= 0 || cols <= 0) return;
+  const auto* x = reinterpret_cast<const __nv_bfloat16*>(src);
+  const unsigned blocks = cuda::stash_blocks(rows);
+  if (cols % 2 == 0 && ld_dst % 2 == 0 && cuda::aligned(dst, 8) && cuda::aligned(src, 4))
+    cuda::unstash_2d_kernel<true><<<blocks, cuda::kThreads, 0, stream_>>>(dst, ld_dst, x, rows,
+                                                                            cols);
+  else
+    cuda::unstash_2d_kernel<false><<<blocks, cuda::kThreads, 0, stream_>>>(dst, ld_dst, x, rows,
+                                                                             cols);
+  CUDA_CHECK_LAUNCH("unstash_2d_kernel");
 }
 
 void CudaOps::copy(float* dst, const float* src, int64_t n) {

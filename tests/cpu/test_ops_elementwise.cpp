@@ -79,6 +79,22 @@ TEST(Elementwise, Copy2dAndAdd2dRespectStrides) {
       EXPECT_EQ(dst[size_t(r * ld_dst + c)], c < cols ? 2 * src[size_t(r * ld_src + c)] : -1.0);
 }
 
+// The CPU stashes exactly: a strided stash holds the rows back to back, and
+// unstashing it into other strides gives the values back.
+TEST(Elementwise, Stash2dKeepsRowsContiguouslyAndBack) {
+  const int rows = 3, cols = 4, ld_src = 6, ld_dst = 9;
+  const Vec src = random_vec(rows * ld_src, 7);
+  Vec kept(rows * cols, -1.0), dst(rows * ld_dst, -2.0);
+  cpu::stash_2d(kept.data(), src.data() + 1, ld_src, rows, cols);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c)
+      EXPECT_EQ(kept[size_t(r * cols + c)], src[size_t(r * ld_src + 1 + c)]);
+  cpu::unstash_2d(dst.data(), ld_dst, kept.data(), rows, cols);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < ld_dst; ++c)
+      EXPECT_EQ(dst[size_t(r * ld_dst + c)], c < cols ? src[size_t(r * ld_src + 1 + c)] : -2.0);
+}
+
 // ---------------------------------------------------------------- dropout
 
 // In-place dropout of x with the (seed, step, layer, site) key at `offset`.

@@ -120,6 +120,30 @@ void add_elementwise(std::vector<Case>& cases) {
                      [](auto& ops, auto& t) { ops.copy(t("x") + 7, t("x"), 1000); });
   c.bitwise = true;
   cases.push_back(c);
+  // A strided stash and back into other strides, and a contiguous stash
+  // taken back by rows (the sequence-parallel exchange's pairs of calls):
+  // values rounded as the 1-d stash rounds them. Even columns, strides and
+  // offsets: two columns a lane; odd ones: one.
+  for (int64_t w : {int64_t(0), int64_t(1)}) {
+    const int64_t srows = 37, scols = 1026 + w, sld = 1030 + w;
+    const std::string s = w ? " odd" : " pairs";
+    c = make_case("stash_2d" + s, OpId::stash_2d,
+                  {input("a", srows * sld, 1), input("kept", srows * scols, 2),
+                   output("out", srows * sld, 3, Tol{1e-30, 2.0 / 512})},
+                  [=](auto& ops, auto& t) {
+                    ops.stash_2d(t("kept"), t("a") + 2 * w, sld, srows, scols);
+                    ops.unstash_2d(t("out") + 2 + w, sld, t("kept"), srows, scols);
+                  });
+    cases.push_back(c);
+    c = make_case("unstash_2d" + s, OpId::unstash_2d,
+                  {input("a", srows * scols, 1), input("kept", srows * scols, 2),
+                   output("out", srows * sld, 3, Tol{1e-30, 2.0 / 512})},
+                  [=](auto& ops, auto& t) {
+                    ops.stash(t("kept"), t("a"), srows * scols);
+                    ops.unstash_2d(t("out") + 2 * w, sld, t("kept"), srows, scols);
+                  });
+    cases.push_back(c);
+  }
   const int64_t rows = 97, cols = 65, ld_src = 130, ld_dst = 71;
   c = make_case("copy_2d", OpId::copy_2d,
                 {input("src", rows * ld_src, 4), output("dst", rows * ld_dst, 5, kFp32Elementwise)},
