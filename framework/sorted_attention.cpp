@@ -32,6 +32,7 @@ struct SortedAttention<T>::State {
   Buffer<T> llse;                      // [Nl]
   IntBuffer<T> lperm;                  // [Nl] slot -> row
   int64_t Nx = 0, Nl = 0;
+  bool narrow = false;                 // dh-wide rows travel in the stash's precision
 
   // The layer being run, and per slot the head it holds.
   int layer = -1;
@@ -126,6 +127,10 @@ SortedAttention<T>::SortedAttention(const Config& cfg, Ops<T>& ops, Communicator
   s.slots.resize(size_t(s.Hp));
   s.Nx = s.slots_recv.size();
   s.Nl = s.lperm.size();
+  // As the head exchange's Wire::operand (framework/sequence_parallel.h);
+  // even rows keep every packed row on an element of T.
+  s.narrow = cfg.attention.precision == AttentionPrecision::bf16 && s.dh % 2 == 0 &&
+             ops.stash_elems(s.dh) < s.dh;
 }
 
 template <class T>
@@ -242,22 +247,85 @@ void SortedAttention<T>::exchange(const Route& rt, bool out,
                        out ? rt.recv_n.data() : rt.send_n.data());
 }
 
+// Two arrays of dh-wide rows to the slots' ranks with one that travels
+// exact: fill(k, dst) writes array k's rt.n_send rows (row stride dh) into
+// dst, and they arrive in recv0, recv1 ([n_local, dh], position order).
+// Narrow: each array is filled into the scratch's second half (b), stashed
+// into its half of the first (a), received packed into the halves of b
+// and unstashed from there.
+template <class T>
+template <class Fill>
+void SortedAttention<T>::send_pair(const Route& rt, Fill fill, T* recv0, T* recv1,
+                                   const Communicator::RowArray& exact) {
+  State& s = *s_;
+  const int dh = s.dh;
+  T* a = s.xs.data();
+  T* b = a + s.Nx * dh;
+  if (!s.narrow) {
+    fill(0, a);
+    fill(1, b);
+    const int64_t row = int64_t(sizeof(T)) * dh;
+    exchange(rt, true, {{a, recv0, row}, {b, recv1, row}, exact});
+    return;
+  }
+  const int64_t half = ops_.stash_elems(s.Nx * dh), row = ops_.stash_elems(dh) * int64_t(sizeof(T));
+  for (int k = 0; k < 2; ++k) {
+    fill(k, b);
+    ops_.stash(a + k * half, b, rt.n_send * dh);
+  }
+  exchange(rt, true, {{a, b, row}, {a + half, b + half, row}, exact});
+  ops_.unstash(recv0, b, rt.n_local * dh);
+  ops_.unstash(recv1, b + half, rt.n_local * dh);
+}
+
+// The reverse: the n (1 or 2) arrays src[k] ([n_local, dh]) back to the
+// positions' ranks with `exact` (when non-null); use(k, rows) is handed
+// array k's rt.n_send received rows (row stride dh) in turn, array 0's in
+// a and array 1's in b (narrow: both in b, one after the other).
+template <class T>
+template <class Use>
+void SortedAttention<T>::return_rows(const Route& rt, const T* const* src, int n, Use use,
+                                     const Communicator::RowArray* exact) {
+  State& s = *s_;
+  const int dh = s.dh;
+  T* a = s.xs.data();
+  T* b = a + s.Nx * dh;
+  std::vector<Communicator::RowArray> arrays;
+  if (!s.narrow) {
+    const int64_t row = int64_t(sizeof(T)) * dh;
+    for (int k = 0; k < n; ++k) arrays.push_back({src[k], k == 0 ? a : b, row});
+    if (exact) arrays.push_back(*exact);
+    comm_.alltoallv_rows(arrays.data(), int(arrays.size()), rt.recv_n.data(), rt.send_n.data());
+    for (int k = 0; k < n; ++k) use(k, k == 0 ? a : b);
+    return;
+  }
+  const int64_t half = ops_.stash_elems(s.Nx * dh), row = ops_.stash_elems(dh) * int64_t(sizeof(T));
+  for (int k = 0; k < n; ++k) {
+    ops_.stash(b + k * half, src[k], rt.n_local * dh);
+    arrays.push_back({b + k * half, a + k * half, row});
+  }
+  if (exact) arrays.push_back(*exact);
+  comm_.alltoallv_rows(arrays.data(), int(arrays.size()), rt.recv_n.data(), rt.send_n.data());
+  for (int k = 0; k < n; ++k) {
+    ops_.unstash(b, a + k * half, rt.n_send * dh);
+    use(k, b);
+  }
+}
+
 // Sends the round's qk and v rows of the head ([L, dh] each) to their
-// slots' ranks; the receiving side gets them in position order straight into
-// lqk, lv and builds the slot -> row order lperm.
+// slots' ranks; the receiving side gets them in position order in lqk, lv
+// and builds the slot -> row order lperm.
 template <class T>
 void SortedAttention<T>::send_rows(Route& rt, const T* qk, const T* v, int64_t ld) {
   State& s = *s_;
   const int dh = s.dh;
-  const int64_t row = int64_t(sizeof(T)) * dh;
-  T* a = s.xs.data();
-  T* b = a + s.Nx * dh;
-  ops_.gather_rows(a, dh, qk, ld, s.send_rows(), rt.n_send, dh, false);
-  ops_.gather_rows(b, dh, v, ld, s.send_rows(), rt.n_send, dh, false);
-  exchange(rt, true,
-           {{a, s.lqk.data(), row},
-            {b, s.lv.data(), row},
-            {s.send_slots(), s.slots_recv.data(), int64_t(sizeof(int32_t))}});
+  send_pair(
+      rt,
+      [&](int k, T* dst) {
+        ops_.gather_rows(dst, dh, k == 0 ? qk : v, ld, s.send_rows(), rt.n_send, dh, false);
+      },
+      s.lqk.data(), s.lv.data(),
+      {s.send_slots(), s.slots_recv.data(), int64_t(sizeof(int32_t))});
   ops_.invert_index(s.lperm.data(), s.slots_recv.data(), rt.n_local);
 }
 
@@ -284,10 +352,16 @@ void SortedAttention<T>::forward_head(int l, int h, int slot, const T* qk, const
     ops_.chunked_attention_forward(s.lout.data(), nullptr, s.llse.data(), s.lqk.data(),
                                    s.lv.data(), s.lperm.data(), p);
     // Outputs and log-sum-exps back to the positions' ranks, in the order they came.
-    exchange(rt, false,
-             {{s.lout.data(), a, int64_t(sizeof(T)) * dh}, {s.llse.data(), c, int64_t(sizeof(T))}});
     const int32_t* own = s.back(0);
-    ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, a, dh, own, L, dh, false);
+    const T* out = s.lout.data();
+    const Communicator::RowArray lse_rows{s.llse.data(), c, int64_t(sizeof(T))};
+    return_rows(
+        rt, &out, 1,
+        [&](int, const T* rows) {
+          ops_.gather_rows(s.parts.data() + int64_t(r) * dh, int64_t(R) * dh, rows, dh, own, L,
+                           dh, false);
+        },
+        &lse_rows);
     ops_.gather_rows(lse + r, R, c, 1, own, L, 1, false);
   }
   ops_.lse_combine_forward(ao, w, s.parts.data(), lse, round_combine(L, R, dh, ld));
@@ -298,10 +372,8 @@ void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, cons
                                        int64_t ld, const T* ao, const T* dao, T* dqk, T* dv) {
   State& s = *s_;
   const int dh = s.dh;
-  const int64_t L = s.L, row = int64_t(sizeof(T)) * dh;
-  T* a = s.xs.data();
-  T* b = a + s.Nx * dh;
-  T* c = b + s.Nx * dh;
+  const int64_t L = s.L;
+  T* c = s.xs.data() + 2 * s.Nx * dh;  // the rounds' lse rows (after the pair's scratch)
   const T* lse = s.lse.data() + slot * s.slot_stride;
   const T* w = s.w.data() + slot * s.slot_stride;
   // The sorted order and the plan its forward_head() left in the slot.
@@ -323,13 +395,17 @@ void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, cons
     send_rows(rt, qk, v, ld);
     // To the same rows: w_r dout (zero for halo copies, which only serve
     // as keys), the combined output (the D term) and the round's lse.
-    ops_.gather_rows(a, dh, s.dparts.data() + int64_t(r) * dh, int64_t(R) * dh, s.dout_rows(),
-                     rt.n_send, dh, false);
-    ops_.gather_rows(b, dh, ao, ld, s.send_rows(), rt.n_send, dh, false);
     ops_.gather_rows(c, 1, lse + r, R, s.send_rows(), rt.n_send, 1, false);
-    exchange(rt, true,
-             {{a, s.ldout.data(), row}, {b, s.lout.data(), row},
-              {c, s.llse.data(), int64_t(sizeof(T))}});
+    send_pair(
+        rt,
+        [&](int k, T* dst) {
+          if (k == 0)
+            ops_.gather_rows(dst, dh, s.dparts.data() + int64_t(r) * dh, int64_t(R) * dh,
+                             s.dout_rows(), rt.n_send, dh, false);
+          else
+            ops_.gather_rows(dst, dh, ao, ld, s.send_rows(), rt.n_send, dh, false);
+        },
+        s.ldout.data(), s.lout.data(), {c, s.llse.data(), int64_t(sizeof(T))});
     const AttentionParams p = slot_params(cfg_, rt.n_local, dh);
     ops_.fill(s.ldqk.data(), T(0), rt.n_local * dh);
     ops_.fill(s.ldv.data(), T(0), rt.n_local * dh);
@@ -337,14 +413,17 @@ void SortedAttention<T>::backward_head(int l, int h, int slot, const T* qk, cons
                                     s.lv.data(), s.lperm.data(), s.lout.data(), dh, s.llse.data(),
                                     p);
     // dqk, dv back in the order the rows came; a position adds its own
-    // row's and its halo copy's.
-    exchange(rt, false, {{s.ldqk.data(), a, row}, {s.ldv.data(), b, row}});
-    // (Every position has an owner entry: round 0's sets dqk and dv.)
-    for (int part = 0; part < 2; ++part) {
-      const bool add = r > 0 || part > 0;
-      ops_.gather_rows(dqk, ld, a, dh, s.back(part), L, dh, add);
-      ops_.gather_rows(dv, ld, b, dh, s.back(part), L, dh, add);
-    }
+    // row's and its halo copy's (every position has an owner entry: round
+    // 0's sets dqk and dv).
+    const T* grads[2] = {s.ldqk.data(), s.ldv.data()};
+    return_rows(
+        rt, grads, 2,
+        [&](int k, const T* rows) {
+          for (int part = 0; part < 2; ++part)
+            ops_.gather_rows(k == 0 ? dqk : dv, ld, rows, dh, s.back(part), L, dh,
+                             r > 0 || part > 0);
+        },
+        nullptr);
   }
 }
 

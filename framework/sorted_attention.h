@@ -21,6 +21,11 @@
 // chunked backward runs there, and dqk, dv come back and add up at their
 // positions (a halo row's key gradient included).
 //
+// The rows of qk, v, outputs and their gradients travel in bf16 where the
+// attention reads them so (AttentionPrecision::bf16 on a device; Wire::operand,
+// framework/sequence_parallel.h), through the send scratch; log-sum-exps,
+// slots and everything on the CPU travel exact.
+//
 // Work per rank is L positions of every head and round whatever the bucket
 // skew, and sp is not bounded by the head count; the price is R times the
 // traffic of the heads mode (every round of every head travels). The
@@ -74,6 +79,12 @@ class SortedAttention {
   void route(int r, Route& rt);
   void send_rows(Route& rt, const T* qk, const T* v, int64_t ld);
   void exchange(const Route& rt, bool out, std::initializer_list<Communicator::RowArray> arrays);
+  template <class Fill>
+  void send_pair(const Route& rt, Fill fill, T* recv0, T* recv1,
+                 const Communicator::RowArray& exact);
+  template <class Use>
+  void return_rows(const Route& rt, const T* const* src, int n, Use use,
+                   const Communicator::RowArray* exact);
 
   const Config& cfg_;
   Ops<T>& ops_;
