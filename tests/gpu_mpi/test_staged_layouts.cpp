@@ -2,6 +2,8 @@
 // with the MPI backend staged through host memory (mpi_staged_communicator.h),
 // so that the ranks may share one GPU:
 //  - every communicator call on device buffers gives exact results;
+//  - the head exchange moves attention operands in bf16 (each value the
+//    exact exchange's, rounded) and everything else exact;
 //  - sequence-parallel attention on CUDA (head exchange, (head, round)
 //    pairs, sort mode, kept layers, rounds one call at a time) gives the
 //    one-process GPU model's loss, logits and, summed over the group,

@@ -7,7 +7,9 @@
 //  - training under every dp x sp layout of the world gives the per-step
 //    losses and the final parameters of the one-process run (within 1e-5),
 //    for an LSH-only model and for an LSH + local mix;
-//  - a checkpoint written under one layout resumes under another.
+//  - a checkpoint written under one layout resumes under another;
+//  - over a backend that stashes in bf16 (as CUDA does), the exchanges move
+//    attention operands in bf16 and the model stays within their rounding.
 //
 // Every collective in a test is made by every rank in the same order; checks
 // are EXPECT_* (never an ASSERT_* that could make one rank skip a collective
@@ -25,6 +27,7 @@
 #include "framework/checkpoint.h"
 #include "framework/config.h"
 #include "framework/model.h"
+#include "framework/sequence_parallel.h"
 #include "framework/trainer.h"
 #include "kernels/cpu/cpu_ops.h"
 #include <omp.h>
@@ -32,6 +35,7 @@
 #include "framework/logging.h"
 #include "tests/common/layout_testing.h"
 #include "tests/common/mpi_gtest_main.h"
+#include "tests/common/narrow_stash_ops.h"
 #include "tests/common/sort_mode_cases.h"
 
 namespace fs = std::filesystem;
@@ -213,6 +217,116 @@ TEST(SequenceParallel, SortModeMatchesOneProcess) {
   for (const SortModeCase& c : sort_mode_cases())
     expect_model_matches_one_process(make_config(settings(c)),
                                      describe(c) + " at sp " + std::to_string(world().size()));
+}
+
+// ---------------------------------------------------------------- the bf16 wire
+
+// The head exchange over a backend whose stash is bf16
+// (tests/common/narrow_stash_ops.h): an operand exchange gives the exact
+// exchange's values rounded to bf16, bit for bit, both ways; an odd block,
+// or a backend that stashes exactly, travels exact.
+TEST(SequenceParallel, HeadExchangeRoundsOperandsOnly) {
+  test::NarrowStashOps narrow_ops;
+  CpuOps<float> exact_ops;
+  const int sp = world().size();
+  struct Case {
+    Ops<float>* ops;
+    int64_t Ll;
+    int cols;
+    bool narrow;
+  };
+  for (const Case c : {Case{&narrow_ops, 9, 6, true}, Case{&narrow_ops, 9, 5, false},
+                       Case{&exact_ops, 9, 6, false}}) {
+    HeadExchange<float> ex(*c.ops, world(), c.Ll, c.cols, 0, true);
+    EXPECT_EQ(ex.narrow(), c.narrow) << c.ops->name() << ", " << c.Ll << " x " << c.cols;
+    const int64_t n = c.Ll * sp * c.cols;
+    std::vector<float> src(static_cast<size_t>(n)), exact(src.size()), got(src.size());
+    for (int64_t i = 0; i < n; ++i)
+      src[size_t(i)] = std::sin(0.37f * float(i + 1000 * world().rank())) * 3.0f + 1e-3f;
+    for (int dir = 0; dir < 2; ++dir) {
+      if (dir == 0) {
+        ex.to_heads(src.data(), exact.data(), Wire::exact);
+        ex.to_heads(src.data(), got.data(), Wire::operand);
+      } else {
+        ex.to_sequence(src.data(), exact.data(), Wire::exact);
+        ex.to_sequence(src.data(), got.data(), Wire::operand);
+      }
+      int64_t wrong = 0;
+      for (size_t i = 0; i < src.size(); ++i)
+        wrong += got[i] != (c.narrow ? test::bf16_round(exact[i]) : exact[i]);
+      EXPECT_EQ(wrong, 0) << c.ops->name() << (dir == 0 ? " to_heads" : " to_sequence") << ", "
+                          << c.Ll << " x " << c.cols;
+    }
+  }
+  world().barrier();
+}
+
+// The largest |a_i - b_i| over the largest |b_i|.
+double relative_max_diff(const float* a, const float* b, int64_t n) {
+  double diff = 0, scale = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff = std::max(diff, double(std::fabs(a[i] - b[i])));
+    scale = std::max(scale, double(std::fabs(b[i])));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+// The model over that backend, the whole world one sequence-parallel group,
+// against one process: qk, v, outputs and their gradients cross the wire in
+// bf16 (heads, pairs and sort modes; kept layers), which the CPU's fp32
+// attention does not round to itself, so the two differ by bf16 roundings
+// of those values; a row sent to the wrong rank or slot would differ by the
+// values themselves (sort mode reading its received rows half a row off:
+// loss 1.7e-3, logits 2.5e-2). Measured at np 2 and 4: loss <= 1.9e-7
+// relative, logits <= 2.5e-5 and summed gradients <= 1.5e-5 of the largest.
+TEST(SequenceParallel, Bf16WireMatchesOneProcess) {
+  const int sp = world().size();
+  std::vector<std::pair<std::string, std::vector<std::string>>> cases = {
+      {"heads", {"attention.kinds=[lsh, local]"}},
+      {"heads, kept layers", {"attention.kinds=[lsh, local]", "model.kept_layers=2"}},
+      {"pairs", {"attention.kinds=[lsh, local]", "model.n_heads=" + std::to_string(sp / 2),
+                 "attention.n_hashes=4"}},
+      {"sort", {"attention.kinds=[lsh, local]", "parallel.sp_mode=sort"}},
+      {"sort, kept layers",
+       {"attention.kinds=[local, lsh]", "parallel.sp_mode=sort", "attention.chunks_after=1",
+        "attention.causal=false", "model.kept_layers=2"}}};
+  for (auto& [what, sets] : cases) {
+    sets.push_back("model.dropout=0.1");
+    const Config cfg = make_config(sets);
+    test::NarrowStashOps ops;
+    ReformerModel<float> whole(cfg, ops);
+    ReformerModel<float> part(cfg, ops, SequenceShard{sp, world().rank(), &world()});
+    whole.init_params(7);
+    part.init_params(7);
+    const int64_t L = cfg.model.max_len, Ll = part.seq_len(), p0 = part.seq_offset();
+    const auto [tokens, targets] = test::layout_sequence(L, cfg.model.vocab_size);
+    const float scale = 1.0f / float(L - 1);
+    whole.zero_grads();
+    part.zero_grads();
+    const LossStats a =
+        whole.forward_backward(tokens.data(), targets.data(), 3, true, true, scale);
+    const LossStats b =
+        part.forward_backward(tokens.data() + p0, targets.data() + p0, 3, true, true, scale);
+    double sums[2] = {b.loss_sum, double(b.count)};
+    world().allreduce_sum(sums, 2);
+    const double loss = std::fabs(sums[0] - a.loss_sum) / std::fabs(a.loss_sum);
+    std::vector<float> g(part.grads(), part.grads() + part.num_params());
+    world().allreduce_sum(g.data(), int64_t(g.size()));
+    const double grads = relative_max_diff(g.data(), whole.grads(), whole.num_params());
+    std::vector<float> la, lb;
+    whole.forward_logits(tokens.data(), 3, &la);
+    part.forward_logits(tokens.data() + p0, 3, &lb);
+    const int64_t V = cfg.model.vocab_size;
+    const double logits = relative_max_diff(lb.data(), la.data() + p0 * V, Ll * V);
+    if (world().rank() == 0)
+      std::printf("bf16 wire, %s at sp %d: loss %.2e, logits %.2e, gradients %.2e (relative)\n",
+                  what.c_str(), sp, loss, logits, grads);
+    EXPECT_LT(loss, 1e-5) << what;
+    EXPECT_LT(logits, 3e-4) << what;
+    EXPECT_LT(grads, 3e-4) << what;
+    EXPECT_GT(logits, 0.0) << what << ": the wire did not round";
+  }
+  world().barrier();
 }
 
 // Kept layers under sequence parallelism: each rank keeps its shard's
