@@ -593,23 +593,30 @@ int64_t parse_bytes(const std::string& text, const std::string& what) {
   return int64_t(bytes);
 }
 
-std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes) {
+std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes, int sharers) {
   const MemoryPlan plan = plan_memory(cfg, sp);
+  sharers = std::max(sharers, 1);
   std::string s = "the memory plan (reformer plan) says a step at model.max_len = " +
                   std::to_string(cfg.model.max_len) +
                   (sp > 1 ? " with parallel.sp = " + std::to_string(sp) : "") + " needs " +
-                  format_bytes(plan.total_bytes()) + " per GPU";
+                  format_bytes(plan.total_bytes()) + (sharers > 1 ? " per rank" : " per GPU");
   if (device_bytes > 0) {
-    const int64_t fits = longest_length_that_fits(cfg, sp, device_bytes);
-    s += "; the longest max_len that fits in " + format_bytes(device_bytes) + " is " +
+    const int64_t share = device_bytes / sharers;
+    const int64_t fits = longest_length_that_fits(cfg, sp, share);
+    s += "; the longest max_len that fits in " + format_bytes(share) +
+         (sharers > 1 ? " (the GPU's " + format_bytes(device_bytes) + " shared by " +
+                            std::to_string(sharers) + " ranks)"
+                      : std::string()) +
+         " is " +
          (fits > 0 ? std::to_string(fits) : std::string("none (the model alone does not fit)"));
   }
   return s;
 }
 
-void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp) {
-  throw OutOfMemoryError(std::string(e.what()) + "\n" + plan_advice(cfg, sp, e.total_bytes),
-                         e.requested, e.free_bytes, e.total_bytes);
+void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp, int sharers) {
+  throw OutOfMemoryError(
+      std::string(e.what()) + "\n" + plan_advice(cfg, sp, e.total_bytes, sharers), e.requested,
+      e.free_bytes, e.total_bytes);
 }
 
 }  // namespace reformer

@@ -178,11 +178,13 @@ int64_t parse_bytes(const std::string& text, const std::string& what);
 
 // One paragraph for an out-of-memory report: what the plan says a step of
 // `cfg` needs on one rank of `sp`, and the longest max_len that fits in
-// `device_bytes`.
-std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes);
+// `device_bytes`, or in its share when `sharers` ranks share the GPU (a
+// staged MPI job, Communicator::ranks_on_device).
+std::string plan_advice(const Config& cfg, int sp, int64_t device_bytes, int sharers = 1);
 
-// Rethrows `e` with plan_advice(cfg, sp, e.total_bytes) appended, for the
-// places that know the configuration (trainer, bench).
-[[noreturn]] void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp);
+// Rethrows `e` with plan_advice(cfg, sp, e.total_bytes, sharers) appended,
+// for the places that know the configuration (trainer, bench).
+[[noreturn]] void rethrow_with_plan(const OutOfMemoryError& e, const Config& cfg, int sp,
+                                    int sharers = 1);
 
 }  // namespace reformer

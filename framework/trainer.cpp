@@ -84,7 +84,7 @@ Trainer::Trainer(const Config& cfg, Communicator& world, std::string metrics_pat
     model_->init_params(cfg_.training.seed);
     opt_ = std::make_unique<Optimizer<float>>(cfg_.optimizer, model_->table(), *ops_);
   } catch (const OutOfMemoryError& e) {
-    rethrow_with_plan(e, model_cfg_, grid_->sp());
+    rethrow_with_plan(e, model_cfg_, grid_->sp(), world_.ranks_on_device());
   }
   const auto bucket_elems = int64_t(cfg_.parallel.bucket_mb * 1024 * 1024 / sizeof(float));
   reducer_ = std::make_unique<GradReducer>(world, model_->grads(), model_->num_params(),
@@ -277,7 +277,7 @@ StepResult Trainer::train_step() {
   try {  // the op workspaces grow during the first step
     st = accumulate_step(step_tokens_, step_targets_, per_group, grad_scale);
   } catch (const OutOfMemoryError& e) {
-    rethrow_with_plan(e, model_cfg_, grid_->sp());
+    rethrow_with_plan(e, model_cfg_, grid_->sp(), world_.ranks_on_device());
   }
   double sums[3] = {st.loss_sum, double(st.count), double(st.correct)};
   host_.allreduce_sum(sums, 3);

@@ -5,6 +5,7 @@
 //   reformer inspect PATH
 //   reformer bench   [--config FILE] [--set key=value]... [--lengths L1,L2,...] [--steps N]
 //   reformer plan    [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]
+//                    [--ranks-per-gpu N]
 //   reformer generate --checkpoint PATH (--prompt TEXT | --prompt-file F) --tokens N [...]
 //   reformer plot    METRICS.jsonl... [-o FILE.svg] [--labels A,B,...]
 //   reformer export  --checkpoint PATH --format hf --out DIR
@@ -111,11 +112,14 @@ const char* kBenchHelp =
 
 const char* kPlanHelp =
     "usage: reformer plan [--config FILE] [--set key=value]... [--memory SIZE] [--sp N]\n"
+    "                     [--ranks-per-gpu N]\n"
     "\n"
     "Prints, without running anything, the buffers one rank holds for a training step at\n"
     "the config's model.max_len (fp32) and their total, and the longest max_len whose step\n"
     "fits in SIZE (e.g. 141GiB, 80G; default: the memory of the visible GPU, required where\n"
-    "there is none). --sp N plans one rank of N sequence-parallel ranks (default parallel.sp).\n";
+    "there is none). --sp N plans one rank of N sequence-parallel ranks (default parallel.sp).\n"
+    "--ranks-per-gpu N plans each rank in SIZE / N, for N ranks sharing one GPU\n"
+    "(parallel.backend mpi with training.device cuda; default 1).\n";
 
 const char* kPlotHelp =
     "usage: reformer plot METRICS.jsonl [-o FILE.svg]\n"
@@ -140,6 +144,7 @@ struct Args {
   std::vector<std::string> files;   // plot: the metrics files
   std::optional<std::string> labels;  // plot: --labels a,b,...
   int sp = 0;          // plan: --sp N; 0: the config's parallel.sp
+  int sharers = 1;     // plan: --ranks-per-gpu N
 };
 
 
@@ -177,6 +182,9 @@ Args parse_args(const std::string& cmd, int argc, char** argv) {
     else if (s == "--memory" && cmd == "plan") a.memory = value(i, "--memory");
     else if (s == "--sp" && cmd == "plan")
       a.sp = int(parse_number<int64_t>("--sp", value(i, "--sp"), 1, 1 << 20));
+    else if (s == "--ranks-per-gpu" && cmd == "plan")
+      a.sharers = int(parse_number<int64_t>("--ranks-per-gpu", value(i, "--ranks-per-gpu"), 1,
+                                            1 << 16));
     else if (s.rfind("--", 0) != 0 && a.positional.empty()) a.positional = s;
     else throw UsageError("unknown argument '" + s + "' for 'reformer " + cmd + "'");
   }
@@ -354,6 +362,11 @@ int cmd_plan(const Args& a) {
     }
   }
   if (budget <= 0) throw UsageError("reformer plan needs --memory SIZE where no GPU is visible");
+  const int64_t gpu = budget;
+  budget /= a.sharers;  // ranks sharing the GPU split its memory, as the trainer's do
+  if (a.sharers > 1)
+    std::printf("%d ranks share the GPU's %s: each rank plans in %s\n\n", a.sharers,
+                format_bytes(gpu).c_str(), format_bytes(budget).c_str());
   Config fitted = cfg;  // planned for a device (memory_plan.h, keeps_ffn_hidden)
   if (fitted.training.device == DeviceKind::auto_) fitted.training.device = DeviceKind::cuda;
   fitted = fit_to_device(fitted, sp, budget);

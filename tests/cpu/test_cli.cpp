@@ -421,8 +421,18 @@ TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {
   EXPECT_EQ(sp.status, 0) << sp.output;
   EXPECT_NE(sp.output.find("| lqk | [L, sp*heads_per_pass*dh] = [16, 32] |"), std::string::npos)
       << sp.output;
+  // Ranks sharing a GPU: each plans in its share, so 4 ranks of 4 GiB fit
+  // what one rank of 1 GiB does.
+  const Result shared = run(plan + "--memory 4GiB --ranks-per-gpu 4");
+  EXPECT_EQ(shared.status, 0) << shared.output;
+  EXPECT_NE(shared.output.find("4 ranks share the GPU's 4.00 GiB: each rank plans in 1.00 GiB"),
+            std::string::npos)
+      << shared.output;
+  EXPECT_NE(shared.output.find("fits in 1.00 GiB: " + m[1].str() + "\n"), std::string::npos)
+      << shared.output;
   // Bad arguments exit 2 naming the option; no GPU and no --memory too.
-  for (const char* bad : {"--memory 12X", "--memory", "--memory -1G", "--sp 0", "--sp x"}) {
+  for (const char* bad : {"--memory 12X", "--memory", "--memory -1G", "--sp 0", "--sp x",
+                          "--ranks-per-gpu 0", "--ranks-per-gpu"}) {
     const Result b = run(plan + bad);
     EXPECT_EQ(b.status, 2) << bad << ": " << b.output;
     EXPECT_NE(b.output.find(std::string(bad).substr(0, 4)), std::string::npos) << b.output;

@@ -248,6 +248,24 @@ TEST(MemoryPlan, LongestLengthThatFits) {
   EXPECT_GT(fitted(sort, s4 + 16, 4), GiB);
 }
 
+// The out-of-memory advice of ranks sharing a GPU: the longest length that
+// fits in each rank's share, named as such.
+TEST(MemoryPlan, AdviceForRanksSharingAGpu) {
+  const Config cfg = config({});
+  const int64_t GiB = int64_t(1) << 30;
+  const std::string one = plan_advice(cfg, 1, GiB);
+  const std::string four = plan_advice(cfg, 1, 4 * GiB, 4);
+  const std::string fits = std::to_string(longest_length_that_fits(cfg, 1, GiB));
+  EXPECT_NE(one.find("needs "), std::string::npos) << one;
+  EXPECT_NE(one.find(" per GPU; the longest max_len that fits in 1.00 GiB is " + fits),
+            std::string::npos)
+      << one;
+  EXPECT_NE(four.find(" per rank; the longest max_len that fits in 1.00 GiB (the GPU's 4.00 GiB "
+                      "shared by 4 ranks) is " + fits),
+            std::string::npos)
+      << four;
+}
+
 TEST(MemoryPlan, ParsesSizes) {
   EXPECT_EQ(parse_bytes("141GiB", "m"), int64_t(141) << 30);
   EXPECT_EQ(parse_bytes("80G", "m"), int64_t(80) << 30);
