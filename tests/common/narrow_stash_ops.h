@@ -10,25 +10,9 @@
 #include <cstring>
 
 #include "kernels/cpu/cpu_ops.h"
+#include "tests/common/wire_checks.h"
 
 namespace reformer::test {
-
-// x rounded to the nearest bf16 value (ties to even; finite x), its 16 bits.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float bf16_float(uint16_t h) {
-  const uint32_t u = uint32_t(h) << 16;
-  float x;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-
-// x rounded to the nearest bf16 value, as a float.
-inline float bf16_round(float x) { return bf16_float(bf16_bits(x)); }
 
 // Every op forwarded to a CpuOps<float>, for a test backend to override some.
 class CpuForwardingOps : public Ops<float> {

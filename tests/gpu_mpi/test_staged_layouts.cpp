@@ -23,9 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <string>
@@ -37,13 +35,13 @@
 #include "framework/device.h"
 #include "framework/logging.h"
 #include "framework/model.h"
-#include "framework/sequence_parallel.h"
 #include "framework/trainer.h"
 #include "tests/common/collective_checks.h"
 #include "tests/common/cuda_memory.h"
 #include "tests/common/layout_testing.h"
 #include "tests/common/mpi_gtest_main.h"
 #include "tests/common/sort_mode_cases.h"
+#include "tests/common/wire_checks.h"
 
 namespace fs = std::filesystem;
 using namespace reformer;
@@ -122,49 +120,14 @@ TEST_F(Staged, BadArgumentsThrowCommError) {
 
 // ------------------------------------------------------------------ the head exchange
 
-// x rounded to the nearest bf16 value, ties to even (finite x).
-float bf16_round(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  std::memcpy(&x, &u, sizeof x);
-  return x;
-}
-
 // An exchange's Wire::operand calls on the device travel in bf16: each
 // value arrives as the exact exchange's rounded to bf16, bit for bit, in
 // both directions; where a rank's block is odd they travel exact.
 TEST_F(Staged, HeadExchangeRoundsOperandsOnly) {
   std::unique_ptr<Ops<float>> ops = make_ops(DeviceKind::cuda);
   world().set_compute_stream(ops->stream());
-  const int sp = world().size();
-  for (const auto [Ll, cols] : {std::pair<int64_t, int>{37, 24}, std::pair<int64_t, int>{37, 5}}) {
-    const bool even = Ll * cols % 2 == 0;
-    HeadExchange<float> ex(*ops, world(), Ll, cols, 0, true);
-    EXPECT_EQ(ex.narrow(), even);
-    const int64_t n = Ll * sp * cols;  // both sides hold n values
-    std::vector<float> host(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i)
-      host[size_t(i)] = std::sin(0.37f * float(i + 1000 * world().rank())) * 3.0f + 1e-3f;
-    reformer::Buffer<float> src(*ops, n), exact(*ops, n), narrow(*ops, n);
-    ops->from_host(src.data(), host.data(), n);
-    for (int dir = 0; dir < 2; ++dir) {
-      if (dir == 0) {
-        ex.to_heads(src.data(), exact.data(), Wire::exact);
-        ex.to_heads(src.data(), narrow.data(), Wire::operand);
-      } else {
-        ex.to_sequence(src.data(), exact.data(), Wire::exact);
-        ex.to_sequence(src.data(), narrow.data(), Wire::operand);
-      }
-      std::vector<float> e(host.size()), g(host.size());
-      ops->to_host(e.data(), exact.data(), n);
-      ops->to_host(g.data(), narrow.data(), n);
-      int64_t wrong = 0;
-      for (size_t i = 0; i < e.size(); ++i) wrong += g[i] != (even ? bf16_round(e[i]) : e[i]);
-      EXPECT_EQ(wrong, 0) << (dir == 0 ? "to_heads" : "to_sequence") << ", block " << Ll << " x "
-                          << cols;
-    }
-  }
+  EXPECT_EQ(operand_wire_wrong(*ops, world(), 37, 24, true), 0);
+  EXPECT_EQ(operand_wire_wrong(*ops, world(), 37, 5, false), 0);
   world().barrier();
 }
 

@@ -228,36 +228,9 @@ TEST(SequenceParallel, SortModeMatchesOneProcess) {
 TEST(SequenceParallel, HeadExchangeRoundsOperandsOnly) {
   test::NarrowStashOps narrow_ops;
   CpuOps<float> exact_ops;
-  const int sp = world().size();
-  struct Case {
-    Ops<float>* ops;
-    int64_t Ll;
-    int cols;
-    bool narrow;
-  };
-  for (const Case c : {Case{&narrow_ops, 9, 6, true}, Case{&narrow_ops, 9, 5, false},
-                       Case{&exact_ops, 9, 6, false}}) {
-    HeadExchange<float> ex(*c.ops, world(), c.Ll, c.cols, 0, true);
-    EXPECT_EQ(ex.narrow(), c.narrow) << c.ops->name() << ", " << c.Ll << " x " << c.cols;
-    const int64_t n = c.Ll * sp * c.cols;
-    std::vector<float> src(static_cast<size_t>(n)), exact(src.size()), got(src.size());
-    for (int64_t i = 0; i < n; ++i)
-      src[size_t(i)] = std::sin(0.37f * float(i + 1000 * world().rank())) * 3.0f + 1e-3f;
-    for (int dir = 0; dir < 2; ++dir) {
-      if (dir == 0) {
-        ex.to_heads(src.data(), exact.data(), Wire::exact);
-        ex.to_heads(src.data(), got.data(), Wire::operand);
-      } else {
-        ex.to_sequence(src.data(), exact.data(), Wire::exact);
-        ex.to_sequence(src.data(), got.data(), Wire::operand);
-      }
-      int64_t wrong = 0;
-      for (size_t i = 0; i < src.size(); ++i)
-        wrong += got[i] != (c.narrow ? test::bf16_round(exact[i]) : exact[i]);
-      EXPECT_EQ(wrong, 0) << c.ops->name() << (dir == 0 ? " to_heads" : " to_sequence") << ", "
-                          << c.Ll << " x " << c.cols;
-    }
-  }
+  EXPECT_EQ(test::operand_wire_wrong(narrow_ops, world(), 9, 6, true), 0);
+  EXPECT_EQ(test::operand_wire_wrong(narrow_ops, world(), 9, 5, false), 0);  // an odd block
+  EXPECT_EQ(test::operand_wire_wrong(exact_ops, world(), 9, 6, false), 0);
   world().barrier();
 }
 
