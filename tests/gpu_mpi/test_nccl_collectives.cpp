@@ -1,7 +1,8 @@
 // The NCCL communicator over device buffers, run under mpirun -np 2 (one GPU
 // per rank): the exact checks of tests/common/collective_checks.h on every
-// call, split groups, the process grid, and the ordering of collectives
-// after the compute stream. Skips itself where fewer GPUs than ranks are
+// call, split groups, the process grid, the ordering of collectives after
+// the compute stream, and the head exchange's bf16 wire
+// (tests/common/wire_checks.h). Skips itself where fewer GPUs than ranks are
 // visible (every rank decides alike), so it passes on CPU machines.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -12,10 +13,12 @@
 
 #include "distributed/nccl_communicator.h"
 #include "distributed/process_grid.h"
+#include "framework/device.h"
 #include "kernels/errors.h"
 #include "tests/common/collective_checks.h"
 #include "tests/common/cuda_memory.h"
 #include "tests/common/mpi_gtest_main.h"
+#include "tests/common/wire_checks.h"
 
 using namespace reformer;
 using namespace reformer::test;
@@ -90,7 +93,7 @@ TEST_F(Nccl, SplitAndProcessGrid) {
 TEST_F(Nccl, OrderedAfterAndBeforeTheComputeStream) {
   const int64_t n = 1 << 22;
   const std::vector<float> ones(size_t(n), 1.f);
-  Buffer<float> x(mem_, std::vector<float>(size_t(n), 0.f)), y(mem_, n);
+  test::Buffer<float> x(mem_, std::vector<float>(size_t(n), 0.f)), y(mem_, n);
   cudaMemcpyAsync(x.get(), ones.data(), size_t(n) * sizeof(float), cudaMemcpyHostToDevice, g_stream);
   std::unique_ptr<Work> w = comm().allreduce_sum_async(x.get(), n);
   w->wait();
@@ -98,6 +101,19 @@ TEST_F(Nccl, OrderedAfterAndBeforeTheComputeStream) {
   int64_t wrong = 0;
   for (float v : y.read()) wrong += v != float(comm().size());
   EXPECT_EQ(wrong, 0);
+}
+
+// The head exchange on the CUDA ops: operands arrive as the exact
+// exchange's values rounded to bf16, bit for bit, both ways; an odd block
+// travels exact.
+TEST_F(Nccl, HeadExchangeRoundsOperandsOnly) {
+  std::unique_ptr<Ops<float>> ops = make_ops(DeviceKind::cuda);
+  comm().set_compute_stream(ops->stream());
+  EXPECT_EQ(operand_wire_wrong(*ops, comm(), 37, 24, true), 0);
+  EXPECT_EQ(operand_wire_wrong(*ops, comm(), 37, 5, false), 0);
+  ops->synchronize();
+  comm().set_compute_stream(g_stream);
+  comm().barrier();
 }
 
 TEST_F(Nccl, BadArgumentsThrowCommError) {
