@@ -85,8 +85,11 @@ def main():
         base = one[int(num(sp["length"]))]
         x = num(sp["tokens/s"]) / base
         want = 3.4 if n == 4 else 0.85 * n
+        exch = ""
+        if sp.get("ms sp exchanges", "-") != "-":
+            exch = f"; exchanges {sp['ms sp exchanges']} of {sp['ms/step']} ms a step"
         rows.append((f"sp {n} strong scaling at {int(num(sp['length']))} tokens",
-                     f"{x:.2f}x ({num(sp['tokens/s']):,.0f} against {base:,.0f})",
+                     f"{x:.2f}x ({num(sp['tokens/s']):,.0f} against {base:,.0f}{exch})",
                      f">= {want:.1f}x", x >= want))
     longest = 0
     for path in glob.glob(os.path.join(out, "bench-long*.log")):

@@ -56,19 +56,10 @@ void GradReducer::finish() {
                    "gradients below offset " + std::to_string(lo_) + " were never reported ready");
   close();
   launch_due(true);
-  const int64_t a = clock_ ? clock_->mark() : -1;
+  const int64_t a = exposed_.begin();
   for (auto& w : inflight_) w->wait();
   inflight_.clear();
-  if (clock_) marks_.push_back({a, clock_->mark()});
-}
-
-double GradReducer::take_exposed_ms() {
-  double ms = 0;
-  for (const auto& [a, b] : marks_)
-    if (a >= 0 && b >= 0) ms += clock_->ms_between(a, b);
-  marks_.clear();
-  if (clock_) clock_->clear();
-  return ms;
+  exposed_.end(a);
 }
 
 }  // namespace reformer

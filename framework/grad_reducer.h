@@ -49,8 +49,8 @@ class GradReducer {
   // for them; on a device stream the second mark passes once the last
   // bucket is done and the backward's work is, so the time is the wait the
   // step sees after its backward). The clock must outlive its use here.
-  void set_clock(StreamClock* clock) { clock_ = clock; marks_.clear(); }
-  double take_exposed_ms();
+  void set_clock(StreamClock* clock) { exposed_.set_clock(clock); }
+  double take_exposed_ms() { return exposed_.take_ms(); }
 
  private:
   void close();               // the pending span becomes a bucket waiting for its turn
@@ -69,8 +69,7 @@ class GradReducer {
   std::vector<Waiting> waiting_;
   int64_t buckets_ = 0;
   std::vector<std::unique_ptr<Work>> inflight_;
-  StreamClock* clock_ = nullptr;
-  std::vector<std::pair<int64_t, int64_t>> marks_;  // finish()'s (before, after)
+  StreamSpans exposed_;  // finish()'s waits
 };
 
 }  // namespace reformer

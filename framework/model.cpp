@@ -269,6 +269,18 @@ void ReformerModel<T>::init_params(uint64_t seed) {
 }
 
 template <class T>
+void ReformerModel<T>::set_exchange_clock(StreamClock* clock) {
+  if (s_->exchange) s_->exchange->set_clock(clock);
+  if (s_->sorted) s_->sorted->set_clock(clock);
+}
+
+template <class T>
+double ReformerModel<T>::take_exchange_ms() {
+  return (s_->exchange ? s_->exchange->take_ms() : 0.0) +
+         (s_->sorted ? s_->sorted->take_ms() : 0.0);
+}
+
+template <class T>
 void ReformerModel<T>::zero_grads() {
   ops_.fill(grads_.data(), T(0), table_.total());
 }

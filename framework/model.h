@@ -20,6 +20,7 @@
 #include "framework/config.h"
 #include "framework/model_tensors.h"
 #include "kernels/ops.h"
+#include "kernels/profiling_ops.h"
 #include "framework/params.h"
 
 namespace reformer {
@@ -66,6 +67,12 @@ class ReformerModel {
   // Fills parameters from the counter RNG keyed by `seed` (normal for
   // matrices and embeddings, ones / zeros for LayerNorm and biases).
   void init_params(uint64_t seed);
+  // Times the sequence-parallel exchanges (and sort mode's histogram
+  // gathers) on `clock`, a clock of ops.stream() (nullptr: off);
+  // take_exchange_ms() returns the milliseconds that stream spent in them
+  // since the last take (0 at sp 1).
+  void set_exchange_clock(StreamClock* clock);
+  double take_exchange_ms();
   void zero_grads();
 
   // One sequence: this rank's tokens[seq_len()] and targets[seq_len()] in

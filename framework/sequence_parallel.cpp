@@ -76,6 +76,13 @@ HeadExchange<T>::HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len
       buf_(ops, int64_t(comm.size()) * local_len * std::max(cols, max_cols)) {}
 
 template <class T>
+void HeadExchange<T>::alltoall(const void* send, void* recv, int64_t bytes) {
+  const int64_t t = spans_.begin();
+  comm_.alltoall(send, recv, bytes);
+  spans_.end(t);
+}
+
+template <class T>
 void HeadExchange<T>::to_heads(const T* local, T* heads_out, Wire wire) {
   if (!narrow_ || wire == Wire::exact) {
     to_heads(local, heads_out, cols_);
@@ -90,7 +97,7 @@ void HeadExchange<T>::to_heads(const T* local, T* heads_out, Wire wire) {
   T* recv = buf_.data() + half;
   for (int r = 0; r < sp; ++r)
     ops_.stash_2d(send + ops_.stash_elems(r * block), local + int64_t(r) * cols_, HD, Ll_, cols_);
-  comm_.alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
+  alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
   ops_.unstash(heads_out, recv, sp * block);
 }
 
@@ -105,7 +112,7 @@ void HeadExchange<T>::to_sequence(const T* heads, T* local_out, Wire wire) {
   T* send = buf_.data();
   T* recv = buf_.data() + half;
   ops_.stash(send, heads, sp * block);
-  comm_.alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
+  alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
   for (int s = 0; s < sp; ++s)
     ops_.unstash_2d(local_out + int64_t(s) * cols_, HD, recv + ops_.stash_elems(s * block), Ll_,
                     cols_);
@@ -119,7 +126,7 @@ void HeadExchange<T>::to_heads(const T* local, T* heads_out, int cols) {
   for (int r = 0; r < sp; ++r)
     ops_.copy_2d(buf_.data() + r * block, cols, local + int64_t(r) * cols, HD, Ll_, cols);
   // Block s received holds rank s's positions: [L, cols] in position order.
-  comm_.alltoall(buf_.data(), heads_out, block * int64_t(sizeof(T)));
+  alltoall(buf_.data(), heads_out, block * int64_t(sizeof(T)));
 }
 
 template <class T>
@@ -128,7 +135,7 @@ void HeadExchange<T>::to_sequence(const T* heads, T* local_out, int cols) {
   // holds rank s's head columns for this rank's positions.
   const int sp = comm_.size(), HD = sp * cols;
   const int64_t block = Ll_ * cols;
-  comm_.alltoall(heads, buf_.data(), block * int64_t(sizeof(T)));
+  alltoall(heads, buf_.data(), block * int64_t(sizeof(T)));
   for (int s = 0; s < sp; ++s)
     ops_.copy_2d(local_out + int64_t(s) * cols, HD, buf_.data() + s * block, cols, Ll_, cols);
 }

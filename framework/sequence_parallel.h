@@ -24,6 +24,7 @@
 #include "distributed/communicator.h"
 #include "framework/config.h"
 #include "kernels/ops.h"
+#include "kernels/profiling_ops.h"
 
 namespace reformer {
 
@@ -79,6 +80,11 @@ class HeadExchange {
   void to_sequence(const T* heads, T* local_out, int cols);
   // True when Wire::operand calls travel narrower than T.
   bool narrow() const { return narrow_; }
+  // Times every all-to-all on `clock` (the compute stream's; nullptr: off):
+  // take_ms() returns the milliseconds the stream spent in them since the
+  // last take.
+  void set_clock(StreamClock* clock) { spans_.set_clock(clock); }
+  double take_ms() { return spans_.take_ms(); }
 
  private:
   Ops<T>& ops_;
@@ -87,6 +93,8 @@ class HeadExchange {
   int cols_;       // columns per rank
   bool narrow_;    // Wire::operand calls go through the stash
   Buffer<T> buf_;  // [sp, Ll, max_cols] staging for the exchange (narrow: send, then receive)
+  StreamSpans spans_;
+  void alltoall(const void* send, void* recv, int64_t bytes);
 };
 
 extern template class HeadExchange<float>;

@@ -33,6 +33,7 @@ struct SortedAttention<T>::State {
   IntBuffer<T> lperm;                  // [Nl] slot -> row
   int64_t Nx = 0, Nl = 0;
   bool narrow = false;                 // dh-wide rows travel in the stash's precision
+  StreamSpans spans;                   // time in the group's collectives
 
   // The layer being run, and per slot the head it holds.
   int layer = -1;
@@ -136,6 +137,16 @@ SortedAttention<T>::SortedAttention(const Config& cfg, Ops<T>& ops, Communicator
 template <class T>
 SortedAttention<T>::~SortedAttention() = default;
 
+template <class T>
+void SortedAttention<T>::set_clock(StreamClock* clock) {
+  s_->spans.set_clock(clock);
+}
+
+template <class T>
+double SortedAttention<T>::take_ms() {
+  return s_->spans.take_ms();
+}
+
 // For head h of layer l, into the current slot: its sorted order per round
 // (LSH), every rank's bucket histograms and from them each round's plan.
 // LSH hashes (or reuses the saved ids), local layers have one bucket. One
@@ -163,9 +174,11 @@ void SortedAttention<T>::hash_head(int l, int h, const T* qk, int64_t ld, uint64
     const int32_t all = int32_t(s.L);
     ops_.from_host_i32(mine, &all, 1);
   }
+  const int64_t t = s.spans.begin();
   comm_.allgather(mine, s.hist.data(), per_rank * int64_t(sizeof(int32_t)));
   std::vector<int32_t> hh(static_cast<size_t>(s.sp * per_rank));
   ops_.to_host_i32(hh.data(), s.hist.data(), s.sp * per_rank);
+  s.spans.end(t);
   slot.plan.clear();
   std::vector<int32_t> delta(static_cast<size_t>(per_rank));
   for (int r = 0; r < s.rounds; ++r) {
@@ -242,9 +255,16 @@ AttentionParams slot_params(const Config& cfg, int64_t n, int dh) {
 template <class T>
 void SortedAttention<T>::exchange(const Route& rt, bool out,
                                   std::initializer_list<Communicator::RowArray> arrays) {
-  comm_.alltoallv_rows(arrays.begin(), int(arrays.size()),
-                       out ? rt.send_n.data() : rt.recv_n.data(),
+  exchange(rt, out, arrays.begin(), int(arrays.size()));
+}
+
+template <class T>
+void SortedAttention<T>::exchange(const Route& rt, bool out, const Communicator::RowArray* arrays,
+                                  int n) {
+  const int64_t t = s_->spans.begin();
+  comm_.alltoallv_rows(arrays, n, out ? rt.send_n.data() : rt.recv_n.data(),
                        out ? rt.recv_n.data() : rt.send_n.data());
+  s_->spans.end(t);
 }
 
 // Two arrays of dh-wide rows to the slots' ranks with one that travels
@@ -295,7 +315,7 @@ void SortedAttention<T>::return_rows(const Route& rt, const T* const* src, int n
     const int64_t row = int64_t(sizeof(T)) * dh;
     for (int k = 0; k < n; ++k) arrays.push_back({src[k], k == 0 ? a : b, row});
     if (exact) arrays.push_back(*exact);
-    comm_.alltoallv_rows(arrays.data(), int(arrays.size()), rt.recv_n.data(), rt.send_n.data());
+    exchange(rt, false, arrays.data(), int(arrays.size()));
     for (int k = 0; k < n; ++k) use(k, k == 0 ? a : b);
     return;
   }
@@ -305,7 +325,7 @@ void SortedAttention<T>::return_rows(const Route& rt, const T* const* src, int n
     arrays.push_back({b + k * half, a + k * half, row});
   }
   if (exact) arrays.push_back(*exact);
-  comm_.alltoallv_rows(arrays.data(), int(arrays.size()), rt.recv_n.data(), rt.send_n.data());
+  exchange(rt, false, arrays.data(), int(arrays.size()));
   for (int k = 0; k < n; ++k) {
     ops_.unstash(b, a + k * half, rt.n_send * dh);
     use(k, b);

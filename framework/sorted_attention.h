@@ -43,6 +43,7 @@
 #include "framework/config.h"
 #include "framework/memory_plan.h"
 #include "kernels/ops.h"
+#include "kernels/profiling_ops.h"
 
 namespace reformer {
 
@@ -72,6 +73,12 @@ class SortedAttention {
   // output. Throws ShapeError when the slot holds another head.
   void backward_head(int l, int h, int slot, const T* qk, const T* v, int64_t ld, const T* ao,
                      const T* dao, T* dqk, T* dv);
+  // Times the group's collectives (the histograms' gather and download, the
+  // rows' all-to-alls) on `clock` (the compute stream's; nullptr: off):
+  // take_ms() returns the milliseconds the stream spent in them since the
+  // last take.
+  void set_clock(StreamClock* clock);
+  double take_ms();
 
  private:
   struct Route;  // where each position's rows go in one (head, round)
@@ -79,6 +86,7 @@ class SortedAttention {
   void route(int r, Route& rt);
   void send_rows(Route& rt, const T* qk, const T* v, int64_t ld);
   void exchange(const Route& rt, bool out, std::initializer_list<Communicator::RowArray> arrays);
+  void exchange(const Route& rt, bool out, const Communicator::RowArray* arrays, int n);
   template <class Fill>
   void send_pair(const Route& rt, Fill fill, T* recv0, T* recv1,
                  const Communicator::RowArray& exact);

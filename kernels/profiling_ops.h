@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "kernels/ops.h"
@@ -31,6 +32,38 @@ class StreamClock {
   virtual double ms_between(int64_t a, int64_t b) = 0;
   // Forgets every mark (ids restart at 0).
   virtual void clear() = 0;
+};
+
+// Spans of a stream's time, each from a mark before some work (begin) to a
+// mark after it (end), on a clock of that stream (nullptr: off, no marks):
+// the time the compute stream spends in collectives that it waits for.
+class StreamSpans {
+ public:
+  // The clock must outlive its use here.
+  void set_clock(StreamClock* clock) {
+    clock_ = clock;
+    spans_.clear();
+  }
+  // A mark before the work (-1 when off).
+  int64_t begin() noexcept { return clock_ ? clock_->mark() : -1; }
+  // The span from `a` (begin()'s) to a mark now.
+  void end(int64_t a) {
+    if (clock_) spans_.push_back({a, clock_->mark()});
+  }
+  // Milliseconds of the spans since the last take (waiting for them); forgets
+  // them and the clock's marks.
+  double take_ms() {
+    double ms = 0;
+    for (const auto& [a, b] : spans_)
+      if (a >= 0 && b >= 0) ms += clock_->ms_between(a, b);
+    spans_.clear();
+    if (clock_) clock_->clear();
+    return ms;
+  }
+
+ private:
+  StreamClock* clock_ = nullptr;
+  std::vector<std::pair<int64_t, int64_t>> spans_;
 };
 
 // StreamClock for Ops whose work is done when the call returns: host time.

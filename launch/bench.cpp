@@ -191,17 +191,23 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   // stream (ms per step of the last timed run with the sum).
   std::unique_ptr<StreamClock> wait_clock = clock_for(ops);
   t.reducer().set_clock(wait_clock.get());
-  double exposed = 0;
+  // The sequence-parallel exchanges, marked on the compute stream too.
+  const bool sp = t.grid().sp() > 1;
+  std::unique_ptr<StreamClock> exchange_clock = clock_for(ops);
+  if (sp) t.model().set_exchange_clock(exchange_clock.get());
+  double exposed = 0, exchange = 0;
   auto time_steps = [&]() {
     t.train_step();  // warm-up
     sync();
     if (profiler) profiler->reset();
     t.reducer().take_exposed_ms();
+    t.model().take_exchange_ms();
     const double t0 = seconds();
     for (int s = 0; s < steps; ++s) t.train_step();
     sync();
     const double ms = 1e3 * (seconds() - t0) / steps;
     exposed = t.reducer().take_exposed_ms() / steps;
+    exchange = t.model().take_exchange_ms() / steps;
     return ms;
   };
   ParallelBenchRow r;
@@ -209,6 +215,7 @@ ParallelBenchRow run_parallel_bench(const Config& cfg, Communicator& world, int 
   r.length = cfg.model.max_len;
   r.batch = cfg.training.batch_size;
   r.ms_per_step = time_steps();
+  if (sp) r.ms_exchange = exchange;
   ReformerModel<float>& model = t.model();
   r.grad_mib = double(model.num_params()) * sizeof(float) / double(1 << 20);
   if (world.size() > 1) {
@@ -273,9 +280,10 @@ std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
   std::string out =
       "| layout | length | batch | ms/step | tokens/s | ms compute only | ms reduce alone | "
       "reduce GB/s (bus) | one-call GB/s (bus) | reduce hidden | ms exposed wait | "
-      "reduce hidden (wait) | TFLOP/s per GPU | MFU | peak GiB | planned GiB |\n"
+      "reduce hidden (wait) | TFLOP/s per GPU | MFU | peak GiB | planned GiB | "
+      "ms sp exchanges |\n"
       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
-      "| --- |\n";
+      "| --- | --- |\n";
   // Hidden share of the reduction alone: from the step times with and without
   // it (includes any slowdown of the backward by the concurrent reduction,
   // but rests on a small difference of two large times), and from the wait
@@ -286,7 +294,7 @@ std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
   const double hidden_wait =
       many && r.ms_reduce > 0 && r.ms_exposed >= 0 ? 1.0 - r.ms_exposed / r.ms_reduce : 0.0;
   out += strfmt("| %s | %lld | %d | %.1f | %.0f | %s | %s | %s | %s | %s | %s | %s | %.1f | %s | "
-                "%.1f | %.1f |\n",
+                "%.1f | %.1f | %s |\n",
                 r.layout.c_str(), (long long)r.length, r.batch, r.ms_per_step, r.tokens_per_s,
                 many ? strfmt("%.1f", r.ms_compute).c_str() : "-",
                 many ? strfmt("%.2f", r.ms_reduce).c_str() : "-",
@@ -296,7 +304,8 @@ std::string format_parallel_bench(const ParallelBenchRow& r, int n) {
                 many ? strfmt("%.2f", r.ms_exposed).c_str() : "-",
                 many ? strfmt("%.0f%%", 100.0 * std::clamp(hidden_wait, 0.0, 1.0)).c_str() : "-",
                 r.tflops_per_gpu, r.mfu >= 0 ? strfmt("%.1f%%", 100 * r.mfu).c_str() : "-",
-                r.device_peak_gib, r.planned_gib);
+                r.device_peak_gib, r.planned_gib,
+                r.ms_exchange >= 0 ? strfmt("%.1f", r.ms_exchange).c_str() : "-");
   return out;
 }
 

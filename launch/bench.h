@@ -52,6 +52,8 @@ struct ParallelBenchRow {
   double ms_one_call = -1;    // one all-reduce call over the same bytes
   double ms_exposed = -1;     // per step, the wait for the gradient sum after the backward
                               // (GradReducer::take_exposed_ms)
+  double ms_exchange = -1;    // per step, the compute stream's time in the sequence-parallel
+                              // exchanges (ReformerModel::take_exchange_ms); -1: sp 1
   double grad_mib = 0;        // gradient bytes reduced per step
   double device_peak_gib = -1;
   double tflops_per_gpu = 0;  // model FLOP/s per rank / 1e12

@@ -30,6 +30,7 @@
 #include "framework/sequence_parallel.h"
 #include "framework/trainer.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/profiling_ops.h"
 #include <omp.h>
 
 #include "framework/logging.h"
@@ -298,6 +299,30 @@ TEST(SequenceParallel, Bf16WireMatchesOneProcess) {
     EXPECT_LT(logits, 3e-4) << what;
     EXPECT_LT(grads, 3e-4) << what;
     EXPECT_GT(logits, 0.0) << what << ": the wire did not round";
+  }
+  world().barrier();
+}
+
+// The model times its exchanges on a clock it is given (the bench's column
+// "ms sp exchanges"): some time in heads and sort mode, none once taken,
+// none without a clock.
+TEST(SequenceParallel, ExchangesAreTimedOnTheGivenClock) {
+  for (const char* mode : {"heads", "sort"}) {
+    const Config cfg = make_config({"attention.kinds=[lsh, local]",
+                                    std::string("parallel.sp_mode=") + mode});
+    CpuOps<float> ops;
+    ReformerModel<float> part(cfg, ops, SequenceShard{world().size(), world().rank(), &world()});
+    part.init_params(7);
+    const auto [tokens, targets] = test::layout_sequence(cfg.model.max_len, cfg.model.vocab_size);
+    const int64_t p0 = part.seq_offset();
+    WallClock clock;
+    part.set_exchange_clock(&clock);
+    part.forward_backward(tokens.data() + p0, targets.data() + p0, 3, true, true, 1.0f);
+    EXPECT_GT(part.take_exchange_ms(), 0.0) << mode;
+    EXPECT_EQ(part.take_exchange_ms(), 0.0) << mode;
+    part.set_exchange_clock(nullptr);
+    part.forward_backward(tokens.data() + p0, targets.data() + p0, 3, true, true, 1.0f);
+    EXPECT_EQ(part.take_exchange_ms(), 0.0) << mode;
   }
   world().barrier();
 }
