@@ -3,6 +3,8 @@
 // and the small model they train.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -72,6 +74,17 @@ inline LayoutSequence layout_sequence(int64_t L, int V) {
     s.targets[size_t(i)] = i + 1 < L ? int32_t(((i + 1) * 7 + 3) % V) : -1;
   }
   return s;
+}
+
+// The largest |a_i - b_i| over the largest |b_i| for i < n (the difference
+// itself when b is all zero).
+inline double relative_max_diff(const float* a, const float* b, int64_t n) {
+  double diff = 0, scale = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff = std::max(diff, double(std::fabs(a[i] - b[i])));
+    scale = std::max(scale, double(std::fabs(b[i])));
+  }
+  return scale > 0 ? diff / scale : diff;
 }
 
 inline Config layout_config(const std::vector<std::string>& sets, const char* where) {

@@ -140,16 +140,6 @@ Config make_config(std::vector<std::string> sets) {
   return layout_config(sets, "<test_staged_layouts>");
 }
 
-// The largest |a_i - b_i| over the largest |b_i| (0 when both are empty).
-double relative_max_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  double diff = 0, scale = 0;
-  for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
-    diff = std::max(diff, double(std::fabs(a[i] - b[i])));
-    scale = std::max(scale, double(std::fabs(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
-
 // The whole world as one sequence-parallel group on the GPU: every rank's
 // loss and logits equal its slice of the one-process model's, and the
 // gradients summed over the group equal the one-process gradients (of
@@ -183,7 +173,7 @@ void expect_model_matches_one_process(const Config& cfg, const std::string& what
   ops->to_host(gw.data(), whole.grads(), P);
   ops->to_host(gp.data(), part.grads(), P);
   world().host().allreduce_sum(gp.data(), P);
-  const double g_diff = relative_max_diff(gp, gw);
+  const double g_diff = relative_max_diff(gp.data(), gw.data(), int64_t(gw.size()));
   EXPECT_LT(g_diff, 2e-3) << what << ": largest gradient difference over the largest gradient";
 
   std::vector<float> la, lb;
@@ -192,7 +182,8 @@ void expect_model_matches_one_process(const Config& cfg, const std::string& what
   std::vector<float> mine(la.begin() + p0 * cfg.model.vocab_size,
                           la.begin() + (p0 + Ll) * cfg.model.vocab_size);
   EXPECT_EQ(lb.size(), mine.size()) << what;
-  const double l_diff = relative_max_diff(lb, mine);
+  const double l_diff =
+      relative_max_diff(lb.data(), mine.data(), int64_t(std::min(lb.size(), mine.size())));
   EXPECT_LT(l_diff, 1e-6) << what << ": logits";
   if (world().rank() == 0)
     std::printf("%s: loss %.2e, gradients %.2e, logits %.2e (relative)\n", what.c_str(),

@@ -235,16 +235,6 @@ TEST(SequenceParallel, HeadExchangeRoundsOperandsOnly) {
   world().barrier();
 }
 
-// The largest |a_i - b_i| over the largest |b_i|.
-double relative_max_diff(const float* a, const float* b, int64_t n) {
-  double diff = 0, scale = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    diff = std::max(diff, double(std::fabs(a[i] - b[i])));
-    scale = std::max(scale, double(std::fabs(b[i])));
-  }
-  return scale > 0 ? diff / scale : diff;
-}
-
 // The model over that backend, the whole world one sequence-parallel group,
 // against one process: qk, v, outputs and their gradients cross the wire in
 // bf16 (heads, pairs and sort modes; kept layers), which the CPU's fp32
@@ -286,12 +276,12 @@ TEST(SequenceParallel, Bf16WireMatchesOneProcess) {
     const double loss = std::fabs(sums[0] - a.loss_sum) / std::fabs(a.loss_sum);
     std::vector<float> g(part.grads(), part.grads() + part.num_params());
     world().allreduce_sum(g.data(), int64_t(g.size()));
-    const double grads = relative_max_diff(g.data(), whole.grads(), whole.num_params());
+    const double grads = test::relative_max_diff(g.data(), whole.grads(), whole.num_params());
     std::vector<float> la, lb;
     whole.forward_logits(tokens.data(), 3, &la);
     part.forward_logits(tokens.data() + p0, 3, &lb);
     const int64_t V = cfg.model.vocab_size;
-    const double logits = relative_max_diff(lb.data(), la.data() + p0 * V, Ll * V);
+    const double logits = test::relative_max_diff(lb.data(), la.data() + p0 * V, Ll * V);
     if (world().rank() == 0)
       std::printf("bf16 wire, %s at sp %d: loss %.2e, logits %.2e, gradients %.2e (relative)\n",
                   what.c_str(), sp, loss, logits, grads);
