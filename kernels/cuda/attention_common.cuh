@@ -201,12 +201,31 @@ struct RoundWeights {
   float m, inv_z;
   __device__ float operator()(int r) const { return expf(lse[int64_t(r) * L + i] - m) * inv_z; }
 };
+// The lse of up to kRoundBatch rounds are loaded together, then used in
+// round order: a loop over a runtime R stays rolled and would wait out one
+// memory latency per round (at 64K, R = 4: the tensor-core backward's
+// staging 73.2 -> 66.2 us a call, combine_bf16_kernel 32.3 -> 30.7 us;
+// bench/RESULTS.md, 2026-12-02 (thirteenth)).
+constexpr int kRoundBatch = 4;
 __device__ __forceinline__ RoundWeights round_weights(const float* lse, int64_t L, int64_t i,
                                                       int R) {
-  float m = lse[i];
-  for (int r = 1; r < R; ++r) m = fmaxf(m, lse[int64_t(r) * L + i]);
-  float z = 0.0f;
-  for (int r = 0; r < R; ++r) z += expf(lse[int64_t(r) * L + i] - m);
+  float m = 0.0f, z = 0.0f;
+  for (int pass = 0; pass < 2; ++pass) {  // the max, then the sum (the same loads again)
+    for (int r0 = 0; r0 < R; r0 += kRoundBatch) {
+      float x[kRoundBatch];
+#pragma unroll
+      for (int k = 0; k < kRoundBatch; ++k)
+        if (r0 + k < R) x[k] = lse[int64_t(r0 + k) * L + i];
+#pragma unroll
+      for (int k = 0; k < kRoundBatch; ++k) {
+        if (r0 + k >= R) break;
+        if (pass == 0)
+          m = r0 + k == 0 ? x[k] : fmaxf(m, x[k]);
+        else
+          z += expf(x[k] - m);
+      }
+    }
+  }
   return {lse, L, i, m, 1.0f / z};
 }
 

@@ -66,55 +66,57 @@ __global__ void unstash_kernel(float* dst, const __nv_bfloat16* src, int64_t n) 
     dst[i] = __bfloat162float(src[i]);
 }
 
-// The same over [rows, cols] tiles: dst[r * cols + c] = bf16(src[r * ld_src
-// + c]) (stash_2d) and dst[r * ld_dst + c] = float(src[r * cols + c])
-// (unstash_2d). One warp per row, lanes over its columns; kPairs (cols and
-// the stride even, rows 8-byte aligned): two columns a lane, one float2 and
-// one bf16 pair.
+// The same over [rows, cols] tiles: dst[r * ld_dst + c] = src[r * ld_src +
+// c] converted (stash_2d: fp32 to bf16, ld_dst = cols; unstash_2d: bf16 to
+// fp32, ld_src = cols). One warp per row, lanes over its columns; kPairs
+// (cols and both strides even, rows aligned to two elements): two columns
+// a lane, one float2 and one bf16 pair.
 constexpr int kStashRows = kThreads / 32;  // rows per block
 
-unsigned stash_blocks(int64_t rows) {
-  return unsigned(std::min<int64_t>((rows + kStashRows - 1) / kStashRows, int64_t(1) << 20));
+__device__ __forceinline__ void convert_one(__nv_bfloat16* d, const float* x) {
+  *d = __float2bfloat16_rn(*x);
+}
+__device__ __forceinline__ void convert_one(float* d, const __nv_bfloat16* x) {
+  *d = __bfloat162float(*x);
+}
+__device__ __forceinline__ void convert_pair(__nv_bfloat16* d, const float* x) {
+  const float2 v = *reinterpret_cast<const float2*>(x);
+  *reinterpret_cast<__nv_bfloat162*>(d) = __floats2bfloat162_rn(v.x, v.y);
+}
+__device__ __forceinline__ void convert_pair(float* d, const __nv_bfloat16* x) {
+  *reinterpret_cast<float2*>(d) = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x));
 }
 
-template <bool kPairs>
-__global__ void stash_2d_kernel(__nv_bfloat16* dst, const float* src, int64_t ld_src,
-                                int64_t rows, int64_t cols) {
-  constexpr int kW = kPairs ? 2 : 1;
-  const int lane = threadIdx.x & 31;
-  for (int64_t r = int64_t(blockIdx.x) * kStashRows + (threadIdx.x >> 5); r < rows;
-       r += int64_t(gridDim.x) * kStashRows) {
-    const float* x = src + r * ld_src;
-    __nv_bfloat16* d = dst + r * cols;
-    for (int64_t c = kW * lane; c < cols; c += 32 * kW) {
-      if constexpr (kPairs) {
-        const float2 v = *reinterpret_cast<const float2*>(x + c);
-        *reinterpret_cast<__nv_bfloat162*>(d + c) = __floats2bfloat162_rn(v.x, v.y);
-      } else {
-        d[c] = __float2bfloat16_rn(x[c]);
-      }
-    }
-  }
-}
-
-template <bool kPairs>
-__global__ void unstash_2d_kernel(float* dst, int64_t ld_dst, const __nv_bfloat16* src,
+template <bool kPairs, class Dst, class Src>
+__global__ void convert_2d_kernel(Dst* dst, int64_t ld_dst, const Src* src, int64_t ld_src,
                                   int64_t rows, int64_t cols) {
   constexpr int kW = kPairs ? 2 : 1;
   const int lane = threadIdx.x & 31;
   for (int64_t r = int64_t(blockIdx.x) * kStashRows + (threadIdx.x >> 5); r < rows;
        r += int64_t(gridDim.x) * kStashRows) {
-    const __nv_bfloat16* x = src + r * cols;
-    float* d = dst + r * ld_dst;
+    const Src* x = src + r * ld_src;
+    Dst* d = dst + r * ld_dst;
     for (int64_t c = kW * lane; c < cols; c += 32 * kW) {
-      if constexpr (kPairs) {
-        const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(x + c));
-        *reinterpret_cast<float2*>(d + c) = v;
-      } else {
-        d[c] = __bfloat162float(x[c]);
-      }
+      if constexpr (kPairs)
+        convert_pair(d + c, x + c);
+      else
+        convert_one(d + c, x + c);
     }
   }
+}
+
+template <class Dst, class Src>
+void launch_convert_2d(Dst* dst, int64_t ld_dst, const Src* src, int64_t ld_src, int64_t rows,
+                       int64_t cols, cudaStream_t s) {
+  if (rows <= 0 || cols <= 0) return;
+  const unsigned blocks =
+      unsigned(std::min<int64_t>((rows + kStashRows - 1) / kStashRows, int64_t(1) << 20));
+  if (cols % 2 == 0 && ld_dst % 2 == 0 && ld_src % 2 == 0 && aligned(dst, 2 * sizeof(Dst)) &&
+      aligned(src, 2 * sizeof(Src)))
+    convert_2d_kernel<true><<<blocks, kThreads, 0, s>>>(dst, ld_dst, src, ld_src, rows, cols);
+  else
+    convert_2d_kernel<false><<<blocks, kThreads, 0, s>>>(dst, ld_dst, src, ld_src, rows, cols);
+  CUDA_CHECK_LAUNCH("convert_2d_kernel");
 }
 
 __global__ void scale_kernel(float* x, float s, int64_t n) {
@@ -309,30 +311,14 @@ void CudaOps::unstash(float* dst, const float* src, int64_t n) {
 
 // Rows in the stash's layout: the bf16 values of a contiguous [rows, cols].
 void CudaOps::stash_2d(float* dst, const float* src, int64_t ld_src, int64_t rows, int64_t cols) {
-  if (rows <= 0 || cols <= 0) return;
-  auto* d = reinterpret_cast<__nv_bfloat16*>(dst);
-  const unsigned blocks = cuda::stash_blocks(rows);
-  if (cols % 2 == 0 && ld_src % 2 == 0 && cuda::aligned(src, 8) && cuda::aligned(dst, 4))
-    cuda::stash_2d_kernel<true><<<blocks, cuda::kThreads, 0, stream_>>>(d, src, ld_src, rows,
-                                                                          cols);
-  else
-    cuda::stash_2d_kernel<false><<<blocks, cuda::kThreads, 0, stream_>>>(d, src, ld_src, rows,
-                                                                           cols);
-  CUDA_CHECK_LAUNCH("stash_2d_kernel");
+  cuda::launch_convert_2d(reinterpret_cast<__nv_bfloat16*>(dst), cols, src, ld_src, rows, cols,
+                          stream_);
 }
 
 void CudaOps::unstash_2d(float* dst, int64_t ld_dst, const float* src, int64_t rows,
                          int64_t cols) {
-  if (rows <= 0 || cols <= 0) return;
-  const auto* x = reinterpret_cast<const __nv_bfloat16*>(src);
-  const unsigned blocks = cuda::stash_blocks(rows);
-  if (cols % 2 == 0 && ld_dst % 2 == 0 && cuda::aligned(dst, 8) && cuda::aligned(src, 4))
-    cuda::unstash_2d_kernel<true><<<blocks, cuda::kThreads, 0, stream_>>>(dst, ld_dst, x, rows,
-                                                                            cols);
-  else
-    cuda::unstash_2d_kernel<false><<<blocks, cuda::kThreads, 0, stream_>>>(dst, ld_dst, x, rows,
-                                                                             cols);
-  CUDA_CHECK_LAUNCH("unstash_2d_kernel");
+  cuda::launch_convert_2d(dst, ld_dst, reinterpret_cast<const __nv_bfloat16*>(src), cols, rows,
+                          cols, stream_);
 }
 
 void CudaOps::copy(float* dst, const float* src, int64_t n) {
