@@ -16,18 +16,9 @@
 #include <vector>
 
 #include "distributed/mpi_communicator.h"
+#include "distributed/mpi_node_gpu.h"
 
 namespace reformer {
-
-// The GPU a rank computes on: node-local rank modulo the GPUs it sees, made
-// current (cudaSetDevice); `sharers` ranks of the host take the same one.
-// Throws CommError when the rank sees no GPU (naming `backend`).
-struct NodeGpu {
-  int device = 0;
-  int sharers = 1;
-  std::string description;  // "rank R on host H uses GPU d (name, bus id)"
-};
-NodeGpu choose_node_gpu(MpiCommunicator& mpi, const char* backend);
 
 class StagedMpiCommunicator final : public Communicator {
  public:

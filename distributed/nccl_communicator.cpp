@@ -6,8 +6,8 @@
 #include <string>
 #include <utility>
 
+#include "distributed/mpi_node_gpu.h"
 #include "distributed/mpi_progress.h"
-#include "distributed/mpi_staged_communicator.h"
 #include "kernels/cuda/check.h"
 #include "kernels/errors.h"
 
