@@ -39,7 +39,8 @@ class StreamClock {
 // the time the compute stream spends in collectives that it waits for.
 class StreamSpans {
  public:
-  // The clock must outlive its use here.
+  // The clock must outlive its use here and serve no other StreamSpans:
+  // take_ms() clears its marks.
   void set_clock(StreamClock* clock) {
     clock_ = clock;
     spans_.clear();
