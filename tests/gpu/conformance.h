@@ -71,6 +71,10 @@ struct TensorSpec {
   std::string name;
   bool is_int = false;
   std::vector<double> values;  // initial contents (floats)
+  // Where set, makes `values` when the case runs (check_case): random
+  // inputs are drawn then, not when the lists are built, because every test
+  // process builds every case of its binary.
+  std::function<std::vector<double>()> make;
   std::vector<int32_t> ints;   // initial contents (ints)
   bool check = false;          // compared after the call
   Tol tol;
@@ -157,7 +161,7 @@ inline std::vector<double> random_values(int64_t n, uint64_t seed, double lo, do
 inline TensorSpec input(const std::string& name, int64_t n, uint64_t seed, double lo, double hi) {
   TensorSpec t;
   t.name = name;
-  t.values = random_values(n, seed, lo, hi);
+  t.make = [=] { return random_values(n, seed, lo, hi); };
   return t;
 }
 
@@ -289,9 +293,12 @@ inline void expect_identical(const Case& c, const Outcome& a, const Outcome& b,
   if (c.scalar_rtol >= 0) EXPECT_EQ(a.scalar, b.scalar) << "returned value: " << what;
 }
 
-inline void check_case(const Case& c) {
+inline void check_case(const Case& listed) {
   std::vector<Backend> backends = all_backends();
   if (backends.empty()) GTEST_SKIP() << "no device backend (REFORMER_CONFORMANCE_CPU=1 checks the CPU)";
+  Case c = listed;
+  for (TensorSpec& t : c.tensors)
+    if (t.make) t.values = t.make();
   CpuOps<double> ref_ops;
   const Outcome want = run_on<double>(ref_ops, c, c.run_d);
   Outcome cpu32;

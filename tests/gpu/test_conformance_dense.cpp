@@ -255,11 +255,16 @@ void add_layernorm(std::vector<Case>& cases) {
           ops.layernorm_forward(t("out"), t("mean"), t("rstd"), t("x"), t("w"), t("b"), N, C,
                                 1e-6f);
         }));
-    const auto x = random_values(N * C, 20, -2.0, 3.0);
-    auto [m, r] = row_stats(x, N, C, 1e-6);
+    // x and its statistics, made when the case runs.
+    TensorSpec mean = values("mean", {}), rstd = values("rstd", {});
+    const auto stats = [N, C] {
+      return row_stats(random_values(N * C, 20, -2.0, 3.0), N, C, 1e-6);
+    };
+    mean.make = [stats] { return stats().first; };
+    rstd.make = [stats] { return stats().second; };
     cases.push_back(make_case(
         "layernorm_backward" + s, OpId::layernorm_backward,
-        {values("x", x), input("w", C, 21, 0.5, 1.5), values("mean", m), values("rstd", r),
+        {input("x", N * C, 20, -2.0, 3.0), input("w", C, 21, 0.5, 1.5), mean, rstd,
          input("dout", N * C, 26), output("dinp", N * C, 27, kFp32Reduction),
          output("dw", C, 28, {1e-5, 1e-5}), output("db", C, 29, {1e-5, 1e-5})},
         [=](auto& ops, auto& t) {
@@ -355,11 +360,15 @@ void add_activation(std::vector<Case>& cases) {
 // An input of values bf16 represents exactly (8 significant bits).
 TensorSpec bf16_input(const std::string& name, int64_t n, uint64_t seed) {
   TensorSpec t = input(name, n, seed);
-  for (double& v : t.values) {
-    int e = 0;
-    const double m = std::frexp(v, &e);  // v = m 2^e, 0.5 <= |m| < 1
-    v = std::ldexp(std::nearbyint(std::ldexp(m, 8)), e - 8);
-  }
+  t.make = [random = t.make] {
+    std::vector<double> values = random();
+    for (double& v : values) {
+      int e = 0;
+      const double m = std::frexp(v, &e);  // v = m 2^e, 0.5 <= |m| < 1
+      v = std::ldexp(std::nearbyint(std::ldexp(m, 8)), e - 8);
+    }
+    return values;
+  };
   return t;
 }
 
