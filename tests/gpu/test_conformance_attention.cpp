@@ -131,8 +131,8 @@ void add_chunked(std::vector<Case>& cases, AttentionPrecision pr) {
   // (an H200): 528 chunks, 4 rounds, runs of 8 in the forward (mma_walk)
   // and of 16 in the backward (mma_bwd_walk). Its tensors are large, so
   // only the model's path runs on it (tensor cores, forward without out_r,
-  // then the backward), and it is listed only where a GPU is (every test
-  // process builds every case's inputs).
+  // then the backward), and it is listed only where a GPU is (so that
+  // REFORMER_CONFORMANCE_CPU=1 without one does not run it on the CPU).
   const AttnShape long_walk = {33792, 32, 64, 4, 1, 0, true, true};
   constexpr size_t kWithNullGradients = 6;  // the first shapes also run the null-gradient variants
   const AttnTols tol = tols(pr);
