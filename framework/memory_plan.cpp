@@ -299,8 +299,8 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     // Attention runs in passes of Hp heads. At sp 1 a pass projects and
     // attends Hp heads over the rank's positions (all of them). Under sequence
     // parallelism every rank attends Hp of its heads over the whole sequence,
-    // so a pass projects sp * Hp heads of the rank's positions (lqk, lv, the
-    // exchange's staging) and exchanges them for [Lfull, Hp * dh].
+    // so a pass projects sp * Hp heads of the rank's positions (lqk, lv) and
+    // exchanges them for [Lfull, Hp * dh].
     const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
     proj_cols = sp * Hp * dh;
     for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
@@ -316,12 +316,15 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     }
     // Hash rounds a rank attends per head (a part's log-sum-exps in pairs mode).
     const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes / g : 1;
-    if (sp > 1) {
+    // The sequence side of the exchange ([L, sp * Hp * dh], as many
+    // elements as an operand) and its staging: with whole heads per rank in
+    // the memory of dqk, dv and an operand that holds nothing at the time
+    // (framework/model.cpp, Scratch::lqk); pairs mode holds its own.
+    if (sp > 1 && g > 1) {
       b.add("lqk", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
       b.add("lv", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
-      const int64_t cols = g > 1 ? std::max(Hp * dh, rounds) : Hp * dh;
       b.add("exchange staging", G::activations, "[sp, L, max(heads_per_pass*dh, part rounds)]",
-            {sp, L, cols});
+            {sp, L, std::max(Hp * dh, rounds)});
     }
     if (g > 1) {  // the parts' log-sum-exps both sides and the combined heads
       b.add("lse_h", G::activations, "[Lfull, part rounds]", {Lfull, rounds});

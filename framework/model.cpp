@@ -37,7 +37,19 @@ struct ReformerModel<T>::Scratch {
   IntBuffer<T> tokens, targets;          // [L]
   Buffer<T> x1, x2, dx1, dx2;            // residual streams and their gradients [L, D]
   Buffer<T> qk, v, ao, dqk, dv, dao;     // attention operands (see above)
-  Buffer<T> lqk, lv;                     // sp > 1: sequence-shard projections / gradients
+  // sp > 1: sequence-shard projections / gradients [L, sp * Hp * dh]. In
+  // pairs mode own buffers (lqk_own, lv_own); with whole heads per rank the
+  // memory of dqk and dv, which hold nothing while lqk and lv are in use
+  // (sequence-side operands go before the attention backward writes dqk, dv;
+  // their gradients are exchanged back in place), and the exchanges stage
+  // through an operand buffer that holds nothing at the time (stage()).
+  T* lqk = nullptr;
+  T* lv = nullptr;
+  Buffer<T> lqk_own, lv_own;
+  bool borrow_staging = false;
+  // The staging an exchange passes: `idle` where the exchange borrows one,
+  // else null (its own).
+  T* stage(Buffer<T>& idle) { return borrow_staging ? idle.data() : nullptr; }
   Buffer<T> lse_h, lse_seq, comb, comb_w;  // pairs mode (see above)
   Buffer<T> wq, wv, gwq, gwv;            // a pass of fewer than all local heads: its
                                          // columns of Wqk, Wv and their gradients
@@ -144,13 +156,18 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
     const int part_rounds = any_lsh ? cfg.attention.n_hashes / g_ : 1;  // lse rows of a part
     if (shard.size > 1) {
-      s.lqk = buf("lqk");
-      s.lv = buf("lv");
+      s.borrow_staging = g_ == 1;
+      if (g_ > 1) {
+        s.lqk_own = buf("lqk");
+        s.lv_own = buf("lv");
+      }
+      s.lqk = g_ > 1 ? s.lqk_own.data() : s.dqk.data();
+      s.lv = g_ > 1 ? s.lv_own.data() : s.dv.data();
       // Operands and their gradients travel in bf16 where the attention
       // reads them so (framework/sequence_parallel.h, Wire).
       s.exchange = std::make_unique<HeadExchange<T>>(
           ops, *shard.comm, L_, Hp_ * dh_, g_ > 1 ? part_rounds : 0,
-          cfg.attention.precision == AttentionPrecision::bf16);
+          cfg.attention.precision == AttentionPrecision::bf16, !s.borrow_staging);
     }
     if (g_ > 1) {
       s.lse_h = buf("lse_h"); s.lse_seq = buf("lse_seq"); s.comb = buf("comb");
@@ -345,7 +362,7 @@ const T* ReformerModel<T>::combine_parts(int l) {
   const LseCombineParams p = combine_params(R);
   for (int h = 0; h < H_; ++h)
     ops_.lse_combine_forward(s.comb.data() + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_,
-                             s.lqk.data() + int64_t(h) * g_ * dh_,
+                             s.lqk + int64_t(h) * g_ * dh_,
                              s.lse_seq.data() + int64_t(h) * g_ * R, p);
   return s.comb.data();
 }
@@ -358,15 +375,15 @@ void ReformerModel<T>::parts_backward() {
   Scratch& s = *s_;
   const int sp = shard_.size;
   const LseCombineParams p = combine_params(1);
-  ops_.fill(s.lv.data(), T(0), L_ * sp * dh_);
+  ops_.fill(s.lv, T(0), L_ * sp * dh_);
   for (int h = 0; h < H_; ++h)
-    ops_.lse_combine_backward(s.lv.data() + int64_t(h) * g_ * dh_,
-                              s.lqk.data() + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_, p);
-  s.exchange->to_heads(s.lv.data(), s.dao.data(), Wire::operand);
+    ops_.lse_combine_backward(s.lv + int64_t(h) * g_ * dh_,
+                              s.lqk + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_, p);
+  s.exchange->to_heads(s.lv, s.dao.data(), Wire::operand);
   for (int r = 0; r < sp; ++r)
-    ops_.copy_2d(s.lv.data() + int64_t(r) * dh_, int64_t(sp) * dh_,
+    ops_.copy_2d(s.lv + int64_t(r) * dh_, int64_t(sp) * dh_,
                  s.comb.data() + int64_t(r / g_) * dh_, int64_t(H_) * dh_, L_, dh_);
-  s.exchange->to_heads(s.lv.data(), s.ao.data(), Wire::operand);
+  s.exchange->to_heads(s.lv, s.ao.data(), Wire::operand);
 }
 
 // The columns of layer l's Wqk and Wv for attention pass `pass`, every
@@ -563,9 +580,9 @@ const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool reha
   }
   if (!s.exchange) return s.ao.data();
   // Pairs mode's parts combine in fp32 (combine_parts): they travel exact.
-  s.exchange->to_sequence(s.ao.data(), s.lqk.data(),
-                          g_ > 1 ? Wire::exact : Wire::operand);
-  return g_ > 1 ? combine_parts(l) : s.lqk.data();
+  s.exchange->to_sequence(s.ao.data(), s.lqk, g_ > 1 ? Wire::exact : Wire::operand,
+                          s.stage(s.dao));
+  return g_ > 1 ? combine_parts(l) : s.lqk;
 }
 
 // The projections of attention pass `pass` of layer l (attend_pass's
@@ -580,9 +597,9 @@ void ReformerModel<T>::project_pass(int l, int pass) {
     project(l, pw.wq, pw.wv, N, s.qk.data(), s.v.data());
     return;
   }
-  project(l, pw.wq, pw.wv, N, s.lqk.data(), s.lv.data());
-  s.exchange->to_heads(s.lqk.data(), s.qk.data(), Wire::operand);
-  s.exchange->to_heads(s.lv.data(), s.v.data(), Wire::operand);
+  project(l, pw.wq, pw.wv, N, s.lqk, s.lv);
+  s.exchange->to_heads(s.lqk, s.qk.data(), Wire::operand, s.stage(s.dao));
+  s.exchange->to_heads(s.lv, s.v.data(), Wire::operand, s.stage(s.dao));
 }
 
 // From y1 in x1, the rebuilt x2 and the gradients dx1 (of y1) and dx2 (of
@@ -644,11 +661,12 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     if (rebuild_x1) add_output(l, ao, pw.wo, No, true, step, train);
     // dao of this rank's positions (lv under sp, exchanged into dao; in
     // pairs mode the combined heads' in lqk, split into parts).
-    T* dao = !s.exchange ? s.dao.data() : g_ > 1 ? s.lqk.data() : s.lv.data();
+    T* dao = !s.exchange ? s.dao.data() : g_ > 1 ? s.lqk : s.lv;
     if (!pw.wo_in_place) ops_.fill(pw.gwo, T(0), w);
     output_backward(l, ao, pw.wo, pw.gwo, No, dao, step, train);
     if (g_ > 1) parts_backward();
-    else if (s.exchange) s.exchange->to_heads(s.lv.data(), s.dao.data(), Wire::operand);
+    else if (s.exchange)  // lqk's output rows were output_backward's last use of them
+      s.exchange->to_heads(s.lv, s.dao.data(), Wire::operand, s.stage(s.dqk));
     // Each head of the pass kept its forward state in its own slot; the
     // heads' column slices cover dqk and dv, so they write them (no zeroing).
     for (int j = 0; j < Hp_; ++j) {
@@ -658,10 +676,10 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     }
     const T *dqk = s.dqk.data(), *dv = s.dv.data();
     if (s.exchange) {
-      s.exchange->to_sequence(s.dqk.data(), s.lqk.data(), Wire::operand);
-      s.exchange->to_sequence(s.dv.data(), s.lv.data(), Wire::operand);
-      dqk = s.lqk.data();
-      dv = s.lv.data();
+      s.exchange->to_sequence(s.dqk.data(), s.lqk, Wire::operand, s.stage(s.dao));
+      s.exchange->to_sequence(s.dv.data(), s.lv, Wire::operand, s.stage(s.dao));
+      dqk = s.lqk;
+      dv = s.lv;
     }
     if (pw.all) {  // the gradients accumulate in place
       project_backward(l, dqk, dv, pw.wq, pw.wv, G.wqk, G.wv, N);

@@ -67,13 +67,21 @@ std::string valid_sp_values(const Config& cfg) {
 
 template <class T>
 HeadExchange<T>::HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols,
-                              int max_cols, bool narrow_operands)
+                              int max_cols, bool narrow_operands, bool own_staging)
     : ops_(ops), comm_(comm), Ll_(local_len), cols_(cols),
       // Narrow only where a block of the stash starts on an element of T,
       // so that send and receive halves fit the exact exchange's buffer.
       narrow_(narrow_operands && local_len * cols % 2 == 0 &&
               ops.stash_elems(local_len * cols) < local_len * cols),
-      buf_(ops, int64_t(comm.size()) * local_len * std::max(cols, max_cols)) {}
+      buf_(ops, own_staging ? int64_t(comm.size()) * local_len * std::max(cols, max_cols) : 0) {}
+
+template <class T>
+T* HeadExchange<T>::staging(T* given) {
+  if (given) return given;
+  REFORMER_REQUIRE(buf_.data() != nullptr, ShapeError,
+                   "HeadExchange: a call without staging on an exchange that holds none");
+  return buf_.data();
+}
 
 template <class T>
 void HeadExchange<T>::alltoall(const void* send, void* recv, int64_t bytes) {
@@ -83,9 +91,10 @@ void HeadExchange<T>::alltoall(const void* send, void* recv, int64_t bytes) {
 }
 
 template <class T>
-void HeadExchange<T>::to_heads(const T* local, T* heads_out, Wire wire) {
+void HeadExchange<T>::to_heads(const T* local, T* heads_out, Wire wire, T* buf) {
+  buf = staging(buf);
   if (!narrow_ || wire == Wire::exact) {
-    to_heads(local, heads_out, cols_);
+    heads_exact(local, heads_out, cols_, buf);
     return;
   }
   // Block r of the send half: this rank's positions, rank r's head columns,
@@ -93,8 +102,8 @@ void HeadExchange<T>::to_heads(const T* local, T* heads_out, Wire wire) {
   // this rank's heads, in position order.
   const int sp = comm_.size(), HD = sp * cols_;
   const int64_t block = Ll_ * cols_, half = ops_.stash_elems(sp * block);
-  T* send = buf_.data();
-  T* recv = buf_.data() + half;
+  T* send = buf;
+  T* recv = buf + half;
   for (int r = 0; r < sp; ++r)
     ops_.stash_2d(send + ops_.stash_elems(r * block), local + int64_t(r) * cols_, HD, Ll_, cols_);
   alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
@@ -102,15 +111,16 @@ void HeadExchange<T>::to_heads(const T* local, T* heads_out, Wire wire) {
 }
 
 template <class T>
-void HeadExchange<T>::to_sequence(const T* heads, T* local_out, Wire wire) {
+void HeadExchange<T>::to_sequence(const T* heads, T* local_out, Wire wire, T* buf) {
+  buf = staging(buf);
   if (!narrow_ || wire == Wire::exact) {
-    to_sequence(heads, local_out, cols_);
+    sequence_exact(heads, local_out, cols_, buf);
     return;
   }
   const int sp = comm_.size(), HD = sp * cols_;
   const int64_t block = Ll_ * cols_, half = ops_.stash_elems(sp * block);
-  T* send = buf_.data();
-  T* recv = buf_.data() + half;
+  T* send = buf;
+  T* recv = buf + half;
   ops_.stash(send, heads, sp * block);
   alltoall(send, recv, ops_.stash_elems(block) * int64_t(sizeof(T)));
   for (int s = 0; s < sp; ++s)
@@ -120,24 +130,34 @@ void HeadExchange<T>::to_sequence(const T* heads, T* local_out, Wire wire) {
 
 template <class T>
 void HeadExchange<T>::to_heads(const T* local, T* heads_out, int cols) {
-  // Block r of the send buffer: this rank's positions, rank r's head columns.
-  const int sp = comm_.size(), HD = sp * cols;
-  const int64_t block = Ll_ * cols;
-  for (int r = 0; r < sp; ++r)
-    ops_.copy_2d(buf_.data() + r * block, cols, local + int64_t(r) * cols, HD, Ll_, cols);
-  // Block s received holds rank s's positions: [L, cols] in position order.
-  alltoall(buf_.data(), heads_out, block * int64_t(sizeof(T)));
+  heads_exact(local, heads_out, cols, staging(nullptr));
 }
 
 template <class T>
 void HeadExchange<T>::to_sequence(const T* heads, T* local_out, int cols) {
+  sequence_exact(heads, local_out, cols, staging(nullptr));
+}
+
+template <class T>
+void HeadExchange<T>::heads_exact(const T* local, T* heads_out, int cols, T* buf) {
+  // Block r of the send buffer: this rank's positions, rank r's head columns.
+  const int sp = comm_.size(), HD = sp * cols;
+  const int64_t block = Ll_ * cols;
+  for (int r = 0; r < sp; ++r)
+    ops_.copy_2d(buf + r * block, cols, local + int64_t(r) * cols, HD, Ll_, cols);
+  // Block s received holds rank s's positions: [L, cols] in position order.
+  alltoall(buf, heads_out, block * int64_t(sizeof(T)));
+}
+
+template <class T>
+void HeadExchange<T>::sequence_exact(const T* heads, T* local_out, int cols, T* buf) {
   // Block r of `heads` (rank r's positions) goes to rank r; block s received
   // holds rank s's head columns for this rank's positions.
   const int sp = comm_.size(), HD = sp * cols;
   const int64_t block = Ll_ * cols;
-  alltoall(heads, buf_.data(), block * int64_t(sizeof(T)));
+  alltoall(heads, buf, block * int64_t(sizeof(T)));
   for (int s = 0; s < sp; ++s)
-    ops_.copy_2d(local_out + int64_t(s) * cols, HD, buf_.data() + s * block, cols, Ll_, cols);
+    ops_.copy_2d(local_out + int64_t(s) * cols, HD, buf + s * block, cols, Ll_, cols);
 }
 
 template class HeadExchange<float>;

@@ -65,17 +65,22 @@ class HeadExchange {
   // the ones rank r attends (its heads of the current attention pass).
   // max_cols: the most columns a call passes (defaults to cols).
   // narrow_operands: Wire::operand calls may travel in the stash precision
-  // (false: every call is exact).
+  // (false: every call is exact). own_staging false: the exchange holds no
+  // staging buffer, and every Wire call names one (below).
   HeadExchange(Ops<T>& ops, Communicator& comm, int64_t local_len, int cols, int max_cols = 0,
-               bool narrow_operands = false);
+               bool narrow_operands = false, bool own_staging = true);
   // heads_out[L, cols] (rows in global position order) <- every rank's
   // local[L/sp, sp * cols] restricted to this rank's column block.
-  void to_heads(const T* local, T* heads_out, Wire wire);
+  // staging: L * cols elements the call may overwrite (null: the exchange's
+  // own), overlapping neither local nor heads_out. local may be heads_out
+  // (both have L * cols elements): the call reads all of it first.
+  void to_heads(const T* local, T* heads_out, Wire wire, T* staging = nullptr);
   // local_out[L/sp, sp * cols] <- every rank's heads[L, cols] restricted to
-  // this rank's positions (block r of the columns from rank r).
-  void to_sequence(const T* heads, T* local_out, Wire wire);
+  // this rank's positions (block r of the columns from rank r). staging
+  // and in place as to_heads.
+  void to_sequence(const T* heads, T* local_out, Wire wire, T* staging = nullptr);
   // The same with `cols` columns per rank in place of the constructor's
-  // (at most max_cols), exact.
+  // (at most max_cols), exact, through the exchange's own staging.
   void to_heads(const T* local, T* heads_out, int cols);
   void to_sequence(const T* heads, T* local_out, int cols);
   // True when Wire::operand calls travel narrower than T.
@@ -95,6 +100,9 @@ class HeadExchange {
   Buffer<T> buf_;  // [sp, Ll, max_cols] staging for the exchange (narrow: send, then receive)
   StreamSpans spans_;
   void alltoall(const void* send, void* recv, int64_t bytes);
+  T* staging(T* given);
+  void heads_exact(const T* local, T* heads_out, int cols, T* buf);
+  void sequence_exact(const T* heads, T* local_out, int cols, T* buf);
 };
 
 extern template class HeadExchange<float>;

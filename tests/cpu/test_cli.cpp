@@ -419,8 +419,11 @@ TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {
   // Sequence parallel: one rank's share.
   const Result sp = run(plan + "--memory 1GiB --sp 2");
   EXPECT_EQ(sp.status, 0) << sp.output;
-  EXPECT_NE(sp.output.find("| lqk | [L, sp*heads_per_pass*dh] = [16, 32] |"), std::string::npos)
-      << sp.output;
+  EXPECT_NE(sp.output.find("| x1 | [L, D] = [16, 32] |"), std::string::npos) << sp.output;
+  // Whole heads per rank: the exchange's sequence side and staging live in
+  // operand buffers that hold nothing at the time, so none of their own.
+  EXPECT_EQ(sp.output.find("| lqk |"), std::string::npos) << sp.output;
+  EXPECT_EQ(sp.output.find("| exchange staging |"), std::string::npos) << sp.output;
   // Ranks sharing a GPU: each plans in its share, so 4 ranks of 4 GiB fit
   // what one rank of 1 GiB does.
   const Result shared = run(plan + "--memory 4GiB --ranks-per-gpu 4");
