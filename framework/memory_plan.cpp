@@ -317,10 +317,10 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     // Hash rounds a rank attends per head (a part's log-sum-exps in pairs mode).
     const int64_t rounds = lsh_layers > 0 ? cfg.attention.n_hashes / g : 1;
     // The sequence side of the exchange ([L, sp * Hp * dh], as many
-    // elements as an operand) and its staging: with whole heads per rank in
-    // the memory of dqk, dv and an operand that holds nothing at the time
-    // (framework/model.cpp, Scratch::lqk); pairs mode holds its own.
-    if (sp > 1 && g > 1) {
+    // elements as an operand) and its staging, where they are not in the
+    // memory of dqk, dv and an operand that holds nothing at the time
+    // (exchange_in_operands; framework/model.cpp, Scratch::lqk).
+    if (sp > 1 && !exchange_in_operands(cfg, sp, real_bytes)) {
       b.add("lqk", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
       b.add("lv", G::activations, "[L, sp*heads_per_pass*dh]", {L, sp * Hp * dh});
       b.add("exchange staging", G::activations, "[sp, L, max(heads_per_pass*dh, part rounds)]",
@@ -468,6 +468,14 @@ int kept_layer_count(const Config& cfg) { return std::max(cfg.model.kept_layers,
 bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
   return sp == 1 && attention_heads_per_pass(cfg, 1, real_bytes) == cfg.model.n_heads &&
          !attention_by_round(cfg, 1, real_bytes);
+}
+
+bool exchange_in_operands(const Config& cfg, int sp, int real_bytes) {
+  if (sp == 1 || (cfg.parallel.sp_mode == SpMode::sort)) return false;
+  const int g = sp_ranks_per_head(cfg, sp);
+  const int64_t part_rounds = lsh_layer_count(cfg) > 0 ? cfg.attention.n_hashes / g : 1;
+  return g == 1 ||
+         part_rounds <= int64_t(attention_heads_per_pass(cfg, sp, real_bytes)) * cfg.head_dim();
 }
 
 bool keeps_attention_outputs(const Config& cfg, int sp, int real_bytes) {

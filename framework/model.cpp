@@ -37,12 +37,14 @@ struct ReformerModel<T>::Scratch {
   IntBuffer<T> tokens, targets;          // [L]
   Buffer<T> x1, x2, dx1, dx2;            // residual streams and their gradients [L, D]
   Buffer<T> qk, v, ao, dqk, dv, dao;     // attention operands (see above)
-  // sp > 1: sequence-shard projections / gradients [L, sp * Hp * dh]. In
-  // pairs mode own buffers (lqk_own, lv_own); with whole heads per rank the
+  // sp > 1: sequence-shard projections / gradients [L, sp * Hp * dh]: the
   // memory of dqk and dv, which hold nothing while lqk and lv are in use
-  // (sequence-side operands go before the attention backward writes dqk, dv;
-  // their gradients are exchanged back in place), and the exchanges stage
-  // through an operand buffer that holds nothing at the time (stage()).
+  // (the projections, the outputs and their gradient, pairs mode's parts,
+  // all before the attention backward writes dqk and dv, whose results are
+  // exchanged back in place), and the exchanges stage through an operand
+  // buffer that holds nothing at the time (stage());
+  // exchange_in_operands, framework/memory_plan.h. Otherwise own buffers
+  // (lqk_own, lv_own) and the exchange's own staging.
   T* lqk = nullptr;
   T* lv = nullptr;
   Buffer<T> lqk_own, lv_own;
@@ -156,13 +158,13 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
     const int part_rounds = any_lsh ? cfg.attention.n_hashes / g_ : 1;  // lse rows of a part
     if (shard.size > 1) {
-      s.borrow_staging = g_ == 1;
-      if (g_ > 1) {
+      s.borrow_staging = exchange_in_operands(cfg, shard.size, int(sizeof(T)));
+      if (!s.borrow_staging) {
         s.lqk_own = buf("lqk");
         s.lv_own = buf("lv");
       }
-      s.lqk = g_ > 1 ? s.lqk_own.data() : s.dqk.data();
-      s.lv = g_ > 1 ? s.lv_own.data() : s.dv.data();
+      s.lqk = s.borrow_staging ? s.dqk.data() : s.lqk_own.data();
+      s.lv = s.borrow_staging ? s.dv.data() : s.lv_own.data();
       // Operands and their gradients travel in bf16 where the attention
       // reads them so (framework/sequence_parallel.h, Wire).
       s.exchange = std::make_unique<HeadExchange<T>>(
@@ -358,7 +360,7 @@ const T* ReformerModel<T>::combine_parts(int l) {
   const int R = s.kinds[size_t(l)]->lse_rows();
   for (int r = 0; r < R; ++r)
     ops_.copy_2d(s.lse_h.data() + r, R, s.attn.lse_of(0) + int64_t(r) * Lfull_, 1, Lfull_, 1);
-  s.exchange->to_sequence(s.lse_h.data(), s.lse_seq.data(), R);
+  s.exchange->to_sequence(s.lse_h.data(), s.lse_seq.data(), R, s.stage(s.dao));
   const LseCombineParams p = combine_params(R);
   for (int h = 0; h < H_; ++h)
     ops_.lse_combine_forward(s.comb.data() + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_,
@@ -369,7 +371,8 @@ const T* ReformerModel<T>::combine_parts(int l) {
 
 // Pairs mode, from the gradient of comb in lqk: dao <- each part's share
 // (w_k times the head's gradient) and ao <- the combined output, both on the
-// head side, for the kind's backward (AttentionShape::partial).
+// head side, for the kind's backward (AttentionShape::partial). Both
+// exchanges stage through dqk's memory: lqk's gradient rows are read first.
 template <class T>
 void ReformerModel<T>::parts_backward() {
   Scratch& s = *s_;
@@ -379,11 +382,11 @@ void ReformerModel<T>::parts_backward() {
   for (int h = 0; h < H_; ++h)
     ops_.lse_combine_backward(s.lv + int64_t(h) * g_ * dh_,
                               s.lqk + int64_t(h) * dh_, s.comb_w.data() + h * L_ * g_, p);
-  s.exchange->to_heads(s.lv, s.dao.data(), Wire::operand);
+  s.exchange->to_heads(s.lv, s.dao.data(), Wire::operand, s.stage(s.dqk));
   for (int r = 0; r < sp; ++r)
     ops_.copy_2d(s.lv + int64_t(r) * dh_, int64_t(sp) * dh_,
                  s.comb.data() + int64_t(r / g_) * dh_, int64_t(H_) * dh_, L_, dh_);
-  s.exchange->to_heads(s.lv, s.ao.data(), Wire::operand);
+  s.exchange->to_heads(s.lv, s.ao.data(), Wire::operand, s.stage(s.dqk));
 }
 
 // The columns of layer l's Wqk and Wv for attention pass `pass`, every

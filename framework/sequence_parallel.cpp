@@ -129,13 +129,13 @@ void HeadExchange<T>::to_sequence(const T* heads, T* local_out, Wire wire, T* bu
 }
 
 template <class T>
-void HeadExchange<T>::to_heads(const T* local, T* heads_out, int cols) {
-  heads_exact(local, heads_out, cols, staging(nullptr));
+void HeadExchange<T>::to_heads(const T* local, T* heads_out, int cols, T* buf) {
+  heads_exact(local, heads_out, cols, staging(buf));
 }
 
 template <class T>
-void HeadExchange<T>::to_sequence(const T* heads, T* local_out, int cols) {
-  sequence_exact(heads, local_out, cols, staging(nullptr));
+void HeadExchange<T>::to_sequence(const T* heads, T* local_out, int cols, T* buf) {
+  sequence_exact(heads, local_out, cols, staging(buf));
 }
 
 template <class T>

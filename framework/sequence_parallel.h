@@ -80,9 +80,10 @@ class HeadExchange {
   // and in place as to_heads.
   void to_sequence(const T* heads, T* local_out, Wire wire, T* staging = nullptr);
   // The same with `cols` columns per rank in place of the constructor's
-  // (at most max_cols), exact, through the exchange's own staging.
-  void to_heads(const T* local, T* heads_out, int cols);
-  void to_sequence(const T* heads, T* local_out, int cols);
+  // (at most max_cols), exact; staging (null: the exchange's own) holds
+  // L * cols elements.
+  void to_heads(const T* local, T* heads_out, int cols, T* staging = nullptr);
+  void to_sequence(const T* heads, T* local_out, int cols, T* staging = nullptr);
   // True when Wire::operand calls travel narrower than T.
   bool narrow() const { return narrow_; }
   // Times every all-to-all on `clock` (the compute stream's; nullptr: off):

@@ -120,6 +120,22 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
   }
 }
 
+// Under sp the exchanges' sequence side and staging live in idle operand
+// buffers (exchange_in_operands), except in pairs mode where a part's
+// log-sum-exp rows (n_hashes / g = 4 here) are wider than an operand's rows
+// (dh = 3): then the exchange holds buffers of its own, as the plan says.
+TEST(MemoryPlan, ExchangeKeepsItsOwnBuffersOnlyWhereLseRowsAreWider) {
+  const Config wide = config({"attention.n_hashes=8"});
+  EXPECT_FALSE(exchange_in_operands(wide, 8));  // pairs, g = 2
+  EXPECT_TRUE(exchange_in_operands(wide, 4));   // whole heads
+  EXPECT_TRUE(exchange_in_operands(config({}), 12));  // pairs, one round a part
+  EXPECT_FALSE(exchange_in_operands(config({}), 1));
+  EXPECT_GT(plan_memory(wide, 8).count("lqk"), 0);
+  EXPECT_THROW(plan_memory(wide, 4).count("lqk"), ShapeError);  // not in the plan
+  expect_plan_matches<float>(wide, 8);
+  expect_plan_matches<float>(wide, 4);
+}
+
 // Beyond n_heads, sp must be n_heads * g with g dividing n_hashes; the error
 // lists the sp values that work.
 TEST(MemoryPlan, RefusesSpThatNeitherHeadsNorPairsFit) {
