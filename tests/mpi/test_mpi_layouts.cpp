@@ -30,6 +30,7 @@
 #include "framework/sequence_parallel.h"
 #include "framework/trainer.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/errors.h"
 #include "kernels/profiling_ops.h"
 #include <omp.h>
 
@@ -232,6 +233,19 @@ TEST(SequenceParallel, HeadExchangeRoundsOperandsOnly) {
   EXPECT_EQ(test::operand_wire_wrong(narrow_ops, world(), 9, 6, true), 0);
   EXPECT_EQ(test::operand_wire_wrong(narrow_ops, world(), 9, 5, false), 0);  // an odd block
   EXPECT_EQ(test::operand_wire_wrong(exact_ops, world(), 9, 6, false), 0);
+  world().barrier();
+}
+
+// An exchange that holds no staging refuses a call that names none, before
+// any rank sends (so no rank waits on the others).
+TEST(SequenceParallel, HeadExchangeWithoutStagingRefusesCallsThatNameNone) {
+  CpuOps<float> ops;
+  HeadExchange<float> lean(ops, world(), 3, 2, 0, false, /*own_staging*/ false);
+  const int64_t n = 3 * 2 * world().size();
+  Buffer<float> a(ops, n), b(ops, n);
+  EXPECT_THROW(lean.to_heads(a.data(), b.data(), Wire::operand), ShapeError);
+  EXPECT_THROW(lean.to_sequence(a.data(), b.data(), Wire::exact), ShapeError);
+  EXPECT_THROW(lean.to_sequence(a.data(), b.data(), 2), ShapeError);
   world().barrier();
 }
 
