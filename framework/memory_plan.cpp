@@ -471,7 +471,7 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
 }
 
 bool exchange_in_operands(const Config& cfg, int sp, int real_bytes) {
-  if (sp == 1 || (cfg.parallel.sp_mode == SpMode::sort)) return false;
+  if (sp == 1 || cfg.parallel.sp_mode == SpMode::sort) return false;
   const int g = sp_ranks_per_head(cfg, sp);
   const int64_t part_rounds = lsh_layer_count(cfg) > 0 ? cfg.attention.n_hashes / g : 1;
   return g == 1 ||

@@ -93,8 +93,8 @@ bool attention_by_round(const Config& cfg, int sp, int real_bytes = 4);
 // per head at 1M on an H200 (bench/RESULTS.md).
 bool lsh_saves_buckets(const Config& cfg, int sp, int real_bytes = 4);
 
-// Whether the heads mode's exchanges under sp > 1 keep no buffers of their
-// own: the sequence side (lqk, lv) lives in dqk and dv and every exchange
+// Whether the exchanges under sp > 1 (heads and pairs modes, not sort mode)
+// keep no buffers of their own: the sequence side (lqk, lv) lives in dqk and dv and every exchange
 // stages through an operand buffer that holds nothing at the time
 // (ReformerModel's Scratch::lqk). True unless pairs mode's log-sum-exp rows
 // (n_hashes / g per part) are wider than an operand's (heads per pass * dh).

@@ -48,10 +48,10 @@ struct ReformerModel<T>::Scratch {
   T* lqk = nullptr;
   T* lv = nullptr;
   Buffer<T> lqk_own, lv_own;
-  bool borrow_staging = false;
+  bool in_operands = false;
   // The staging an exchange passes: `idle` where the exchange borrows one,
   // else null (its own).
-  T* stage(Buffer<T>& idle) { return borrow_staging ? idle.data() : nullptr; }
+  T* stage(Buffer<T>& idle) { return in_operands ? idle.data() : nullptr; }
   Buffer<T> lse_h, lse_seq, comb, comb_w;  // pairs mode (see above)
   Buffer<T> wq, wv, gwq, gwv;            // a pass of fewer than all local heads: its
                                          // columns of Wqk, Wv and their gradients
@@ -158,18 +158,18 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     for (int l = 0; l < NL_; ++l) any_lsh |= uses_lsh(cfg, l, Lfull_);
     const int part_rounds = any_lsh ? cfg.attention.n_hashes / g_ : 1;  // lse rows of a part
     if (shard.size > 1) {
-      s.borrow_staging = exchange_in_operands(cfg, shard.size, int(sizeof(T)));
-      if (!s.borrow_staging) {
+      s.in_operands = exchange_in_operands(cfg, shard.size, int(sizeof(T)));
+      if (!s.in_operands) {
         s.lqk_own = buf("lqk");
         s.lv_own = buf("lv");
       }
-      s.lqk = s.borrow_staging ? s.dqk.data() : s.lqk_own.data();
-      s.lv = s.borrow_staging ? s.dv.data() : s.lv_own.data();
+      s.lqk = s.in_operands ? s.dqk.data() : s.lqk_own.data();
+      s.lv = s.in_operands ? s.dv.data() : s.lv_own.data();
       // Operands and their gradients travel in bf16 where the attention
       // reads them so (framework/sequence_parallel.h, Wire).
       s.exchange = std::make_unique<HeadExchange<T>>(
           ops, *shard.comm, L_, Hp_ * dh_, g_ > 1 ? part_rounds : 0,
-          cfg.attention.precision == AttentionPrecision::bf16, !s.borrow_staging);
+          cfg.attention.precision == AttentionPrecision::bf16, !s.in_operands);
     }
     if (g_ > 1) {
       s.lse_h = buf("lse_h"); s.lse_seq = buf("lse_seq"); s.comb = buf("comb");
