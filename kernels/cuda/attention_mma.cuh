@@ -76,6 +76,54 @@ __device__ __forceinline__ void copy_rows(bf16* dst, int st, const bf16* src, Ro
   }
 }
 
+// copy_rows for one row set copied from several operands, or at several
+// times: each row is looked up and its offset computed once, when built
+// (copy_rows' "memory" clobber reloads the row from shared memory for every
+// copy), so a copy costs an address add and the cp.async itself.
+template <int ROWS, int DH, int THREADS = kMmaBlock>
+struct RowCopies {
+  static constexpr int kPieces = DH / 8;
+  static constexpr int kSweep = THREADS / kPieces;
+  static constexpr int K = ROWS / kSweep;  // rows per thread
+  static_assert(THREADS % kPieces == 0 && ROWS % kSweep == 0, "whole sweeps");
+  uint64_t off[K];
+  bool ok[K];
+  int i0, q;
+
+  template <class RowOf>
+  __device__ __forceinline__ RowCopies(RowOf row_of, int tid)
+      : i0(tid / kPieces), q(8 * (tid % kPieces)) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int row = row_of(i0 + k * kSweep);
+      ok[k] = row >= 0;
+      off[k] = (ok[k] ? uint64_t(uint32_t(row)) * DH : 0) + q;
+    }
+  }
+  // Issues the copies of these rows of src into dst (row stride st).
+  __device__ __forceinline__ void copy(bf16* dst, int st, const bf16* src) const {
+#pragma unroll
+    for (int k = 0; k < K; ++k) cp_async16(dst + (i0 + k * kSweep) * st + q, src + off[k], ok[k]);
+  }
+};
+
+// The walks' masks (mma_walks below): a key after the query (causal) or a
+// padded key (kp < 0; as an unsigned value it comes after every query)
+// scores kCausalMask, the query's own key kSelfMask (tested only when kSelf:
+// a window's tile of the previous chunk never holds it); masked is set for
+// both. The general kernels score padded keys -inf (masked_score,
+// attention_common.cuh): the weights are the same, 0, wherever the window
+// holds the query's own key (so its row maximum is at least kSelfMask), as
+// every look-one-back window does; a padded query row (qp < 0) has zero
+// rows of q and dout, so its weights and dS are 0 either way.
+template <bool kSelf>
+__device__ __forceinline__ float walk_score(float s, int qp, int kp, bool causal, bool* masked) {
+  const bool after = causal ? uint32_t(kp) > uint32_t(qp) : kp < 0;
+  const bool self = kSelf && kp == qp;
+  *masked = after || self;
+  return after ? kCausalMask : self ? kSelfMask : s;
+}
+
 // exp(x) for the softmax weights: one multiply and the hardware ex2
 // (relative error about 2^-22; 0 for x = -inf and below about -87).
 __device__ __forceinline__ float fast_exp(float x) {

@@ -79,7 +79,9 @@ constexpr size_t mma_dkv_smem() {
 // Query side, one pass: s (S of this thread's two rows against 8 NT keys,
 // positions kpos; -1 = none) becomes dS from dp (dP) and the rows' statistics
 // (0 for masked pairs and padding).
-template <int NT>
+// kWalk: the walks' masks (walk_score; a padded row's q, dout and
+// statistics are 0, so its dS is 0 unmasked too).
+template <int NT, bool kWalk = false>
 __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const int* kpos,
                                           const int* qpos, const float* qm, const float* qiz,
                                           const float* qD, bool causal, int t4) {
@@ -90,7 +92,10 @@ __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const i
     for (int e = 0; e < 4; ++e) {
       const int kp = e & 1 ? kp2.y : kp2.x, h = e >> 1;
       bool masked = true;
-      if (kp >= 0 && qpos[h] >= 0) masked_score(s[nt][e], qpos[h], kp, causal, &masked);
+      if (kWalk)
+        walk_score<true>(s[nt][e], qpos[h], kp, causal, &masked);
+      else if (kp >= 0 && qpos[h] >= 0)
+        masked_score(s[nt][e], qpos[h], kp, causal, &masked);
       s[nt][e] = masked ? 0.0f : fast_exp(s[nt][e] - qm[h]) * qiz[h] * (dp[nt][e] - qD[h]);
     }
   }
@@ -218,8 +223,9 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 3 : 4)
 // and dout rows; positions and statistics qp, qm, qiz, qD by column): S^T
 // and dP^T of this warp's 16 keys (positions kpos of its two rows), P^T and
 // dS^T in fp32 registers (both 0 for padding; dS^T 0 when masked), then
-// dv += P^T dO and dk_hat += dS^T Q.
-template <int DH>
+// dv += P^T dO and dk_hat += dS^T Q. kWalk: the walks' masks (walk_score;
+// a padded query's q, dout and statistics are 0, so its P and dS are 0).
+template <int DH, bool kWalk = false>
 __device__ __forceinline__ void dkv_pass(float (*dk)[4], float (*dvv)[4], const bf16* sK,
                                          const bf16* sV, const bf16* q_tile, const bf16* g_tile,
                                          const int* qp_, const float* qm_, const float* qiz_,
@@ -248,9 +254,10 @@ __device__ __forceinline__ void dkv_pass(float (*dk)[4], float (*dvv)[4], const 
       const bool hi = e & 1;
       const int qp = hi ? qp2.y : qp2.x, kp = kpos[e >> 1];
       bool masked;
-      const float sc = masked_score(stt[nt][e], qp, kp, causal, &masked);
+      const float sc = kWalk ? walk_score<true>(stt[nt][e], qp, kp, causal, &masked)
+                             : masked_score(stt[nt][e], qp, kp, causal, &masked);
       const float p = fast_exp(sc - (hi ? m2.y : m2.x)) * (hi ? iz2.y : iz2.x);
-      const bool valid = qp >= 0 && kp >= 0;
+      const bool valid = kWalk || (qp >= 0 && kp >= 0);
       stt[nt][e] = valid ? p : 0.0f;
       dpt[nt][e] = valid && !masked ? p * (dpt[nt][e] - (hi ? D2.y : D2.x)) : 0.0f;
     }
@@ -421,8 +428,9 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 128 ? 2 : DH == 64 ? 3 : 4)
 // chunks; mma_walks in attention_mma.cuh), one block per (round, run of
 // g.walk consecutive chunks), as the walking forward
 // (attention_mma_forward.cu). Each chunk's staged rows are gathered once per
-// run instead of twice; the tiles, masks and sums are the general kernels'
-// in the same order. A direct backward (one round: fp32 adds into dqk and
+// run instead of twice; the tiles and sums are the general kernels' in the
+// same order, and so are the results (the masks by walk_score, the same
+// weights). A direct backward (one round: fp32 adds into dqk and
 // dv) runs these rather than the one-pass walk below: their two 4-warp
 // blocks per SM hide the adds' read-modify-write latency, which stalls the
 // one-pass walk's single block (the leanest 1M layout trained at 160.0K
@@ -467,12 +475,16 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
   }
   __syncthreads();
   auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
-  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(spos[0]), tid);
-  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(spos[0]), tid);
-  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sK + T, S, st.dst[1], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sV + T, S, st.dst[2], rows_of(spos[1]), tid);
+  using Rows = RowCopies<kMmaRows, DH>;
+  {
+    const Rows before(rows_of(spos[0]), tid), first(rows_of(spos[1]), tid);
+    before.copy(sK, S, st.dst[1]);
+    before.copy(sV, S, st.dst[2]);
+    first.copy(sQ, S, st.dst[0]);
+    first.copy(sG, S, st.dst[3]);
+    first.copy(sK + T, S, st.dst[1]);
+    first.copy(sV + T, S, st.dst[2]);
+  }
   cp_async_commit();
 
   for (int i = 0; i < n; ++i) {
@@ -493,6 +505,7 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
     }
     cp_async_wait<0>();
     __syncthreads();  // Q, dout of c, both slots and the positions of c + 1 in place
+    const Rows next(rows_of(next_pos), tid);  // chunk c + 1's rows, for K, V, Q and dout
     float dq[OT][4];
 #pragma unroll
     for (int ot = 0; ot < OT; ++ot) dq[ot][0] = dq[ot][1] = dq[ot][2] = dq[ot][3] = 0.0f;
@@ -509,18 +522,19 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
       if (tile == 1) {
         __syncthreads();  // Q and dout of c consumed: fetch those of c + 1
         if (more) {
-          copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(next_pos), tid);
-          copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(next_pos), tid);
+          next.copy(sQ, S, st.dst[0]);
+          next.copy(sG, S, st.dst[3]);
         }
         cp_async_commit();
       }
-      dq_scores<NT>(s, dp, tile == 0 ? prev_pos : cur_pos, qpos, qm, qiz, qD, g.causal, t4);
+      dq_scores<NT, true>(s, dp, tile == 0 ? prev_pos : cur_pos, qpos, qm, qiz, qD, g.causal,
+                          t4);
       ldsm_strip_pv<DH, kMmaRows / 16>(dq, s, sK + slot * T, S, lane);
       if (tile == 0) {
         __syncthreads();  // K and V of c - 1 consumed: fetch those of c + 1
         if (more) {
-          copy_rows<kMmaRows, DH>(sK + P * T, S, st.dst[1], rows_of(next_pos), tid);
-          copy_rows<kMmaRows, DH>(sV + P * T, S, st.dst[2], rows_of(next_pos), tid);
+          next.copy(sK + P * T, S, st.dst[1]);
+          next.copy(sV + P * T, S, st.dst[2]);
         }
         cp_async_commit();
       }
@@ -575,12 +589,16 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
   }
   __syncthreads();
   auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
-  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[1]), tid);
-  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[1]), tid);
-  copy_rows<kMmaRows, DH>(sQ, S, st.dst[0], rows_of(sqpos[0]), tid);
-  copy_rows<kMmaRows, DH>(sG, S, st.dst[3], rows_of(sqpos[0]), tid);
-  copy_rows<kMmaRows, DH>(sQ + T, S, st.dst[0], rows_of(sqpos[1]), tid);
-  copy_rows<kMmaRows, DH>(sG + T, S, st.dst[3], rows_of(sqpos[1]), tid);
+  using Rows = RowCopies<kMmaRows, DH>;
+  {
+    const Rows after(rows_of(sqpos[0]), tid), last(rows_of(sqpos[1]), tid);
+    last.copy(sK, S, st.dst[1]);
+    last.copy(sV, S, st.dst[2]);
+    after.copy(sQ, S, st.dst[0]);
+    after.copy(sG, S, st.dst[3]);
+    last.copy(sQ + T, S, st.dst[0]);
+    last.copy(sG + T, S, st.dst[3]);
+  }
   cp_async_commit();
 
   for (int j = 0; j < n; ++j) {
@@ -598,25 +616,29 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
       for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
     if (has_after) {
       for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
-        dkv_pass<DH>(dk, dvv, sK, sV, sQ + A * T + q0 * S, sG + A * T + q0 * S, sqpos[A] + q0,
-                     sm_m[A] + q0, sm_iz[A] + q0, sm_D[A] + q0, kpos, g.causal, warp, lane);
+        dkv_pass<DH, true>(dk, dvv, sK, sV, sQ + A * T + q0 * S, sG + A * T + q0 * S,
+                           sqpos[A] + q0, sm_m[A] + q0, sm_iz[A] + q0, sm_D[A] + q0, kpos,
+                           g.causal, warp, lane);
     }
     __syncthreads();  // slot A consumed: chunk c - 1's queries go there
     if (more && tid < kMmaRows) load_query(A, c - 1);
     __syncthreads();  // its positions written
-    if (more) {
-      copy_rows<kMmaRows, DH>(sQ + A * T, S, st.dst[0], rows_of(sqpos[A]), tid);
-      copy_rows<kMmaRows, DH>(sG + A * T, S, st.dst[3], rows_of(sqpos[A]), tid);
+    if (more) {  // chunk c - 1's q and dout
+      const Rows before(rows_of(sqpos[A]), tid);
+      before.copy(sQ + A * T, S, st.dst[0]);
+      before.copy(sG + A * T, S, st.dst[3]);
     }
     cp_async_commit();
     for (int q0 = 0; q0 < kMmaRows; q0 += kDkvQueries)
-      dkv_pass<DH>(dk, dvv, sK, sV, sQ + B * T + q0 * S, sG + B * T + q0 * S, sqpos[B] + q0,
-                   sm_m[B] + q0, sm_iz[B] + q0, sm_D[B] + q0, kpos, g.causal, warp, lane);
+      dkv_pass<DH, true>(dk, dvv, sK, sV, sQ + B * T + q0 * S, sG + B * T + q0 * S,
+                         sqpos[B] + q0, sm_m[B] + q0, sm_iz[B] + q0, sm_D[B] + q0, kpos,
+                         g.causal, warp, lane);
     dkv_write<DH>(g, st, o, r, kpos, dk, dvv, t4);
     __syncthreads();  // K and V of c consumed: fetch those of c - 1
-    if (more) {
-      copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(sqpos[A]), tid);
-      copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(sqpos[A]), tid);
+    if (more) {  // its k_hat and v (the rows looked up again: fewer registers held)
+      const Rows before(rows_of(sqpos[A]), tid);
+      before.copy(sK, S, st.dst[1]);
+      before.copy(sV, S, st.dst[2]);
     }
     cp_async_commit();
   }

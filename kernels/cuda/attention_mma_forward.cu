@@ -60,8 +60,12 @@ constexpr size_t mma_fwd_smem() {
 // and gr + 8 of its warp's strip): sc holds the tile's fp32 scores S (8 NT
 // keys, positions kpos; -1 = none) and leaves as the unnormalised weights P;
 // the masks apply by position, m, l and the output o (8 OT columns) are
-// rescaled to the new row maxima.
-template <int NT, int OT>
+// rescaled to the new row maxima. kMask: kMaskAny (masked_score, padded
+// keys -inf), or the walks' masks (walk_score) without or with the query's
+// own key in the tile. kFirst: the row's first tile (m = -inf, l = 0, o =
+// 0 on entry), whose rescaling by 0 is skipped (the same values).
+enum { kMaskAny, kMaskWalk, kMaskWalkSelf };
+template <int NT, int OT, int kMask = kMaskAny, bool kFirst = false>
 __device__ __forceinline__ void softmax_tile(float (*sc)[4], float (*o)[4], float* m, float* l,
                                              const int* kpos, const int* qpos, bool causal,
                                              int t4) {
@@ -73,7 +77,12 @@ __device__ __forceinline__ void softmax_tile(float (*sc)[4], float (*o)[4], floa
     for (int e = 0; e < 4; ++e) {
       const int kp = e & 1 ? kp2.y : kp2.x;
       bool masked;
-      sc[nt][e] = kp < 0 ? -INFINITY : masked_score(sc[nt][e], qpos[e >> 1], kp, causal, &masked);
+      if (kMask == kMaskAny)
+        sc[nt][e] =
+            kp < 0 ? -INFINITY : masked_score(sc[nt][e], qpos[e >> 1], kp, causal, &masked);
+      else
+        sc[nt][e] =
+            walk_score<kMask == kMaskWalkSelf>(sc[nt][e], qpos[e >> 1], kp, causal, &masked);
       mx[e >> 1] = fmaxf(mx[e >> 1], sc[nt][e]);
     }
   }
@@ -95,13 +104,15 @@ __device__ __forceinline__ void softmax_tile(float (*sc)[4], float (*o)[4], floa
     }
   }
 #pragma unroll
-  for (int h = 0; h < 2; ++h) l[h] = l[h] * corr[h] + ls[h];
+  for (int h = 0; h < 2; ++h) l[h] = kFirst ? ls[h] : l[h] * corr[h] + ls[h];
+  if constexpr (!kFirst) {
 #pragma unroll
-  for (int ot = 0; ot < OT; ++ot) {
-    o[ot][0] *= corr[0];
-    o[ot][1] *= corr[0];
-    o[ot][2] *= corr[1];
-    o[ot][3] *= corr[1];
+    for (int ot = 0; ot < OT; ++ot) {
+      o[ot][0] *= corr[0];
+      o[ot][1] *= corr[0];
+      o[ot][2] *= corr[1];
+      o[ot][3] *= corr[1];
+    }
   }
 }
 
@@ -148,6 +159,39 @@ __device__ __forceinline__ void write_rows_bf16(bf16* out, float* lse, float (*o
     if (qpos[h] >= 0 && (lane & 3) == 0) lse[qpos[h]] = m[h] + logf(lt);
   }
   store_rows_bf16<OT>(rows, o, lane);
+}
+
+// The same through shared memory: the warp's 16 rows go as bf16 into sw
+// (its own 16 rows of row stride st, which no other warp reads meanwhile),
+// then each row to out[wpos[row]] in 16-byte pieces (skipped where wpos <
+// 0). Fewer instructions than the quads' trades of store_rows_bf16 (8 OT
+// shuffles a row pair); the same values.
+template <int OT>
+__device__ __forceinline__ void write_rows_bf16_staged(bf16* out, float* lse, float (*o)[4],
+                                                       const float* m, const float* l,
+                                                       const int* qpos, const int* wpos,
+                                                       bf16* sw, int st, int lane) {
+  constexpr int DH = 8 * OT, kPieces = DH / 8;  // 16-byte pieces a row
+  const int t4 = lane & 3, gr = lane >> 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float lt = quad_sum(l[h]);
+    const float inv = 1.0f / lt;
+    if (qpos[h] >= 0 && t4 == 0) lse[qpos[h]] = m[h] + logf(lt);
+    bf16* row = sw + (gr + 8 * h) * st + 2 * t4;
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot)
+      *reinterpret_cast<uint32_t*>(row + 8 * ot) =
+          pack_bf16(o[ot][2 * h] * inv, o[ot][2 * h + 1] * inv);
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = lane; i < 16 * kPieces; i += 32) {
+    const int r = i / kPieces, piece = i % kPieces, pos = wpos[r];
+    if (pos >= 0)
+      *reinterpret_cast<uint4*>(out + int64_t(pos) * DH + 8 * piece) =
+          *reinterpret_cast<const uint4*>(sw + r * st + 8 * piece);
+  }
 }
 
 // Chunked: out = out_r [R, L, dh] (or, out_b non-null, the rounds' outputs
@@ -244,8 +288,10 @@ __global__ void __launch_bounds__(kMmaBlock, DH == 32 ? 5 : 4)
 // after P V). Q is double buffered: Q of c + 1 is fetched at the start of c.
 // Every copy of chunk c + 1 has a whole tile or more to land before the wait
 // at the start of c + 1, the block's one wait per chunk. Per chunk the
-// tiles, masks and softmax steps are the mma_forward_kernel's in the same
-// order (chunk_list's: c - 1, then c).
+// tiles and softmax steps are the mma_forward_kernel's in the same order
+// (chunk_list's: c - 1, then c), and so are the results: the masks are
+// walk_score's (fewer instructions, the same weights), the first tile skips
+// rescaling a zero output, and the rows go out through shared memory.
 template <int DH>
 constexpr size_t mma_walk_smem() {
   return sizeof(bf16) * size_t(6 * kMmaRows * mma_stride(DH));
@@ -279,11 +325,15 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
   }
   __syncthreads();
   auto rows_of = [&](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
-  copy_rows<kMmaRows, DH>(sK, S, st.dst[1], rows_of(spos[0]), tid);
-  copy_rows<kMmaRows, DH>(sV, S, st.dst[2], rows_of(spos[0]), tid);
-  copy_rows<kMmaRows, DH>(sQ + T, S, st.dst[0], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sK + T, S, st.dst[1], rows_of(spos[1]), tid);
-  copy_rows<kMmaRows, DH>(sV + T, S, st.dst[2], rows_of(spos[1]), tid);
+  using Rows = RowCopies<kMmaRows, DH>;
+  {
+    const Rows before(rows_of(spos[0]), tid), first(rows_of(spos[1]), tid);
+    before.copy(sK, S, st.dst[1]);
+    before.copy(sV, S, st.dst[2]);
+    first.copy(sQ + T, S, st.dst[0]);
+    first.copy(sK + T, S, st.dst[1]);
+    first.copy(sV + T, S, st.dst[2]);
+  }
   cp_async_commit();
 
   for (int i = 0; i < n; ++i) {
@@ -295,7 +345,8 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
     if (tid < kMmaRows) next_pos[tid] = more ? pr[(c0 + i + 1) * kMmaRows + tid] : -1;
     cp_async_wait<0>();
     __syncthreads();  // Q of c, both slots and the positions of c + 1 in place
-    if (more) copy_rows<kMmaRows, DH>(sQ + P * T, S, st.dst[0], rows_of(next_pos), tid);
+    const Rows next(rows_of(next_pos), tid);  // chunk c + 1's rows, for Q, K and V
+    if (more) next.copy(sQ + P * T, S, st.dst[0]);
     cp_async_commit();
     const int qpos[2] = {cur_pos[row0], cur_pos[row0 + 8]};
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
@@ -308,21 +359,24 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
     for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
     ldsm_strip_nt<DH, NT>(sc, sQ + N * T, S, 16 * warp, sK + P * T, S, lane);
     __syncthreads();  // K of c - 1 consumed: fetch K of c + 1
-    if (more) copy_rows<kMmaRows, DH>(sK + P * T, S, st.dst[1], rows_of(next_pos), tid);
+    if (more) next.copy(sK + P * T, S, st.dst[1]);
     cp_async_commit();
-    softmax_tile<NT, OT>(sc, o, m, l, prev_pos, qpos, g.causal, t4);
+    softmax_tile<NT, OT, kMaskWalk, true>(sc, o, m, l, prev_pos, qpos, g.causal, t4);
     ldsm_strip_pv<DH, kMmaRows / 16>(o, sc, sV + P * T, S, lane);
     __syncthreads();  // V of c - 1 consumed: fetch V of c + 1
-    if (more) copy_rows<kMmaRows, DH>(sV + P * T, S, st.dst[2], rows_of(next_pos), tid);
+    if (more) next.copy(sV + P * T, S, st.dst[2]);
     cp_async_commit();
     // Tile 1: the keys of chunk c (slot N).
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
     ldsm_strip_nt<DH, NT>(sc, sQ + N * T, S, 16 * warp, sK + N * T, S, lane);
-    softmax_tile<NT, OT>(sc, o, m, l, cur_pos, qpos, g.causal, t4);
+    softmax_tile<NT, OT, kMaskWalkSelf>(sc, o, m, l, cur_pos, qpos, g.causal, t4);
     ldsm_strip_pv<DH, kMmaRows / 16>(o, sc, sV + N * T, S, lane);
+    // The rows' outputs go through this warp's own rows of Q of c (read
+    // only by its own S above; refilled after the next chunk's barrier).
     if (out_b)
-      write_rows_bf16<OT>(out_b + r * g.L * DH, lse + r * g.L, o, m, l, qpos, lane);
+      write_rows_bf16_staged<OT>(out_b + r * g.L * DH, lse + r * g.L, o, m, l, qpos,
+                                 cur_pos + 16 * warp, sQ + N * T + 16 * warp * S, S, lane);
     else
       write_rows<OT>(g, out + r * g.L * g.dh, g.dh, lse + r * g.L, o, m, l, qpos, t4);
   }
