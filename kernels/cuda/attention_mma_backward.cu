@@ -52,6 +52,10 @@
 // bandwidth; its 8 warps wait mostly on shared-memory fragment loads
 // (ldmatrix) and fixed-latency dependencies, one block per SM (the dk and
 // dv accumulators of two chunks take 128 registers a thread at dh = 128).
+// Its masks and copies stay masked_score's and copy_rows': the walk_score
+// masks, row copies computed once and the accumulators zeroed when written
+// cut its instructions by 4 to 11% and made it 1 to 3% slower
+// (bench/RESULTS.md, 2026-12-02 (fifteenth)).
 #include <cuda_runtime.h>
 
 #include <cmath>
