@@ -142,43 +142,63 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t* r, const bf16* p) {
                : "memory");
 }
 
-// c[nt] (16 x 8*NT strip, NT even) += A B with A = the 16 x DH rows row0..
-// of sa and B^T = the 8*NT x DH rows of sb (both row major, DH columns = k).
-// ldmatrix matrices: A rows 0-7 / 8-15 x k 0-7 / 8-15 in fragment order
-// a0..a3; B^T n 0-7 k 0-7, n 0-7 k 8-15, n 8-15 k 0-7, n 8-15 k 8-15 = the
-// b0, b1 of tiles nt and nt + 1.
-template <int DH, int NT>
-__device__ __forceinline__ void ldsm_strip_nt(float (*c)[4], const bf16* sa, int sta, int row0,
-                                              const bf16* sb, int stb, int lane) {
+// Warp tiles of MT 16-row strips: each B fragment is loaded once for the MT
+// strips (per k step MT + NT / 2 ldmatrix for MT NT mma, against 1 + NT / 2
+// for NT of a single strip), with the k steps and so every element's sum in
+// the order of a single strip.
+//
+// c[mt][nt] (MT strips of 16 x 8*NT, NT even) += A B with A = the 16 MT x DH
+// rows row0.. of sa and B^T = the 8*NT x DH rows of sb (both row major, DH
+// columns = k). ldmatrix matrices: A rows 0-7 / 8-15 x k 0-7 / 8-15 in
+// fragment order a0..a3; B^T n 0-7 k 0-7, n 0-7 k 8-15, n 8-15 k 0-7, n 8-15
+// k 8-15 = the b0, b1 of tiles nt and nt + 1.
+template <int DH, int MT, int NT>
+__device__ __forceinline__ void ldsm_tile_nt(float (*c)[NT][4], const bf16* sa, int sta,
+                                             int row0, const bf16* sb, int stb, int lane) {
   const bf16* pa = sa + (row0 + (lane & 15)) * sta + (lane >> 4) * 8;
   const bf16* pb = sb + ((lane >> 4) * 8 + (lane & 7)) * stb + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int kk = 0; kk < DH; kk += 16) {
-    uint32_t a[4];
-    ldsm_x4(a, pa + kk);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], pa + mt * 16 * sta + kk);
 #pragma unroll
     for (int nt = 0; nt < NT; nt += 2) {
       uint32_t b[4];
       ldsm_x4(b, pb + nt * 8 * stb + kk);
-      mma_bf16(c[nt], a, b[0], b[1]);
-      mma_bf16(c[nt + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_bf16(c[mt][nt], a[mt], b[0], b[1]);
+        mma_bf16(c[mt][nt + 1], a[mt], b[2], b[3]);
+      }
     }
   }
 }
 
-// acc[ot] (16 x 8 OT strip) += a (one 16 x 16 A fragment) times the
-// 16 x 8 OT B rows at pb, row major [k][n] (pb: this lane's ldmatrix.trans
-// address of the matrices k 0-7 / 8-15 x n 0-7, then n 8-15, which give b0,
-// b1 of tiles ot and ot + 1).
-template <int OT>
-__device__ __forceinline__ void mma_b_rows(float (*acc)[4], const uint32_t* a, const bf16* pb) {
+// The same for one strip: c[nt] (16 x 8*NT) += A B.
+template <int DH, int NT>
+__device__ __forceinline__ void ldsm_strip_nt(float (*c)[4], const bf16* sa, int sta, int row0,
+                                              const bf16* sb, int stb, int lane) {
+  ldsm_tile_nt<DH, 1, NT>(reinterpret_cast<float (*)[NT][4]>(c), sa, sta, row0, sb, stb, lane);
+}
+
+// acc[mt][ot] (MT strips of 16 x 8 OT) += a[mt] (one 16 x 16 A fragment per
+// strip) times the 16 x 8 OT B rows at pb, row major [k][n] (pb: this lane's
+// ldmatrix.trans address of the matrices k 0-7 / 8-15 x n 0-7, then n 8-15,
+// which give b0, b1 of tiles ot and ot + 1).
+template <int MT, int OT>
+__device__ __forceinline__ void mma_b_tile(float (*acc)[OT][4], const uint32_t (*a)[4],
+                                           const bf16* pb) {
   static_assert(OT % 2 == 0, "tile pairs");
 #pragma unroll
   for (int ot = 0; ot < OT; ot += 2) {
     uint32_t b[4];
     ldsm_x4_t(b, pb + ot * 8);
-    mma_bf16(acc[ot], a, b[0], b[1]);
-    mma_bf16(acc[ot + 1], a, b[2], b[3]);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      mma_bf16(acc[mt][ot], a[mt], b[0], b[1]);
+      mma_bf16(acc[mt][ot + 1], a[mt], b[2], b[3]);
+    }
   }
 }
 
@@ -192,41 +212,44 @@ __device__ __forceinline__ void ldsm_strip_pv(float (*acc)[4], float (*p)[4], co
   const bf16* pv = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
-    uint32_t a[4];
-    pack_a(a, p[2 * kk], p[2 * kk + 1]);
-    mma_b_rows<DH / 8>(acc, a, pv + kk * 16 * stb);
+    uint32_t a[1][4];
+    pack_a(a[0], p[2 * kk], p[2 * kk + 1]);
+    mma_b_tile<1, DH / 8>(reinterpret_cast<float (*)[DH / 8][4]>(acc), a, pv + kk * 16 * stb);
   }
 }
 
-// acc[ot] (16 x 8 OT strip) += A B with both operands in shared memory:
-// A (16 x 16 KS) the rows row0.. of sa (row major [m][k]), B (16 KS x 8 OT)
-// row major [k][n] in sb (ldmatrix.trans, as ldsm_strip_pv).
-template <int KS, int OT>
-__device__ __forceinline__ void ldsm_strip_nn(float (*acc)[4], const bf16* sa, int sta, int row0,
-                                              const bf16* sb, int stb, int lane) {
+// acc[mt][ot] (MT strips of 16 x 8 OT) += A B with both operands in shared
+// memory: A (16 MT x 16 KS) the rows row0.. of sa (row major [m][k]), B
+// (16 KS x 8 OT) row major [k][n] in sb (ldmatrix.trans, as ldsm_strip_pv).
+template <int KS, int MT, int OT>
+__device__ __forceinline__ void ldsm_tile_nn(float (*acc)[OT][4], const bf16* sa, int sta,
+                                             int row0, const bf16* sb, int stb, int lane) {
   const bf16* pa = sa + (row0 + (lane & 15)) * sta + (lane >> 4) * 8;
   const bf16* pb = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
-    uint32_t a[4];
-    ldsm_x4(a, pa + kk * 16);
-    mma_b_rows<OT>(acc, a, pb + kk * 16 * stb);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldsm_x4(a[mt], pa + mt * 16 * sta + kk * 16);
+    mma_b_tile<MT, OT>(acc, a, pb + kk * 16 * stb);
   }
 }
 
-// The same with A transposed in shared memory: A (16 x 16 KS) = columns
-// col0 .. col0 + 15 of sa read down its rows (sa row major [k][m]; ldmatrix
-// .trans of the matrices k 0-7 / 8-15 x m 0-7 / 8-15 in fragment order).
-template <int KS, int OT>
-__device__ __forceinline__ void ldsm_strip_tn(float (*acc)[4], const bf16* sa, int sta, int col0,
-                                              const bf16* sb, int stb, int lane) {
+// The same with A transposed in shared memory: A (16 MT x 16 KS) = columns
+// col0 .. col0 + 16 MT - 1 of sa read down its rows (sa row major [k][m];
+// ldmatrix.trans of the matrices k 0-7 / 8-15 x m 0-7 / 8-15 in fragment
+// order).
+template <int KS, int MT, int OT>
+__device__ __forceinline__ void ldsm_tile_tn(float (*acc)[OT][4], const bf16* sa, int sta,
+                                             int col0, const bf16* sb, int stb, int lane) {
   const bf16* pa = sa + ((lane >> 4) * 8 + (lane & 7)) * sta + col0 + ((lane >> 3) & 1) * 8;
   const bf16* pb = sb + (((lane >> 3) & 1) * 8 + (lane & 7)) * stb + (lane >> 4) * 8;
 #pragma unroll
   for (int kk = 0; kk < KS; ++kk) {
-    uint32_t a[4];
-    ldsm_x4_t(a, pa + kk * 16 * sta);
-    mma_b_rows<OT>(acc, a, pb + kk * 16 * stb);
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldsm_x4_t(a[mt], pa + mt * 16 + kk * 16 * sta);
+    mma_b_tile<MT, OT>(acc, a, pb + kk * 16 * stb);
   }
 }
 

@@ -105,6 +105,21 @@ __device__ __forceinline__ void dq_scores(float (*s)[4], float (*dp)[4], const i
   }
 }
 
+// Rows pos[0], pos[1] (this thread's two rows of a 16-row strip; -1: none)
+// of round r's bf16 rows out_r [R, L, DH], columns d0 .. d0 + 8 OT - 1, from
+// the strip's accumulators (store_rows_bf16; every lane of the warp calls
+// it).
+template <int DH, int OT>
+__device__ __forceinline__ void write_round_rows(bf16* out_r, const AttnGeom& g, int64_t r,
+                                                 const int* pos, float (*acc)[4], int lane,
+                                                 int d0) {
+  bf16* rows[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    rows[h] = pos[h] < 0 ? nullptr : out_r + (r * g.L + pos[h]) * DH + d0;
+  store_rows_bf16<OT>(rows, acc, lane);
+}
+
 // dq of this thread's two rows, columns d0 .. d0 + 8 OT - 1, to the op's
 // output: dq_r [R, L, DH] row r * L + qpos in bf16 (overwritten) or, direct,
 // dqk [L, ld] row qpos (added; written without o.add). kDirect false: a
@@ -113,11 +128,7 @@ template <int DH, int OT, bool kDirect = true>
 __device__ __forceinline__ void dq_write(const AttnGeom& g, const MmaBwdOut& o, int64_t r,
                                          const int* qpos, float (*dq)[4], int lane, int d0) {
   if (!kDirect || !o.direct) {
-    bf16* rows[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      rows[h] = qpos[h] < 0 ? nullptr : o.dq_r + (r * g.L + qpos[h]) * DH + d0;
-    store_rows_bf16<OT>(rows, dq, lane);
+    write_round_rows<DH, OT>(o.dq_r, g, r, qpos, dq, lane, d0);
     return;
   }
   const int t4 = lane & 3;
@@ -654,15 +665,21 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 // attention_mma.cuh), dq, dk_hat and dv in one pass per window. One block of
 // kBwdWarps warps per (round, run of g.walk consecutive chunks) walks its
 // chunks up; at query chunk c (window: the keys of c - 1, then of c):
-//  1. S and dP of the window (64 queries x 128 keys): warp w takes query
-//     strip w % 4 and the key half of its group w / 4, computes P and dS in
-//     fp32 registers and leaves them in shared memory as bf16 (sP, sdS:
-//     [query][key], the keys of c - 1 in columns 0-63, those of c in 64-127);
-//  2. dq of c = dS K over the 128 keys (warp w: strip w % 4, columns half
-//     w / 4), written; dk_hat += dS^T Q and dv += P^T dO for the keys of the
-//     warp's group: one group holds chunk c - 1's (their second and last
-//     contribution: written now), the other starts chunk c's (its own
-//     queries). The groups trade roles at every chunk.
+//  1. S and dP of the window (64 queries x 128 keys): warp w takes the 32
+//     queries of half w % 2 and the 32 keys of quarter w / 2 (quarters 0, 1:
+//     chunk c - 1; 2, 3: chunk c), computes P and dS in fp32 registers and
+//     leaves them in shared memory as bf16 (sP, sdS: [query][key], the keys
+//     of c - 1 in columns 0-63, those of c in 64-127);
+//  2. dq of c = dS K over the 128 keys (warp w: the 16 kBwdDqStrips queries
+//     of group w % (4 / kBwdDqStrips), the columns of group w / that),
+//     written; dk_hat += dS^T Q and dv += P^T dO for the keys of the warp's
+//     group w / 4 (warp w: the 32 keys of half w % 2 of the group's chunk,
+//     the columns of half (w / 2) % 2): one group holds chunk c - 1's (their
+//     second and last contribution: written now), the other starts chunk
+//     c's (its own queries). The groups trade roles at every chunk.
+// Warp tiles of two 16-row strips load each B fragment once for both
+// (ldsm_tile_*): 144 ldmatrix for 320 mma a warp and step at dh = 128,
+// against 192 with the tiles of one strip.
 // Each key chunk x is thus summed as the queries of x, then of x + 1. The
 // last chunk of a run takes its second contribution from the next run's
 // first queries in one more, half step (the post step: S, dP and dk, dv of
@@ -680,6 +697,10 @@ constexpr int kBwdWarps = 8;
 constexpr int kBwdBlock = 32 * kBwdWarps;
 constexpr int kWindowKeys = 2 * kMmaRows;          // keys of a look-one-back window
 constexpr int kPStride = mma_stride(kWindowKeys);  // row stride of sP and sdS
+// dq's warp tiles: strips per warp, 2 where the columns per warp
+// (DH / (kBwdWarps / (4 / strips))) still make whole ldmatrix pairs (16).
+template <int DH>
+constexpr int kBwdDqStrips = DH >= 64 ? 2 : 1;
 
 template <int DH>
 constexpr size_t mma_bwd_walk_smem() {
@@ -692,9 +713,13 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
     mma_bwd_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
                         const float* rD, MmaBwdOut o) {
   constexpr int S = mma_stride(DH);
-  constexpr int NT = kMmaRows / 8;
-  constexpr int OT = DH / 8;
-  constexpr int T = kMmaRows * S;  // one tile
+  constexpr int T = kMmaRows * S;          // one tile
+  constexpr int MT = 2;                    // strips of a warp tile (phase 1, dk and dv)
+  constexpr int KT = kWindowKeys / 4 / 8;  // phase 1: n tiles of a warp's 32 keys
+  constexpr int MQ = kBwdDqStrips<DH>;     // dq: strips of a warp tile
+  constexpr int QG = 4 / MQ;               // dq: query groups
+  constexpr int OQ = DH / (kBwdWarps / QG) / 8;  // dq: n tiles of a warp's columns
+  constexpr int OKV = DH / 2 / 8;          // dk, dv: n tiles of a warp's DH / 2 columns
   extern __shared__ float4 mma_bwd_walk_smem4[];
   bf16* sQ = reinterpret_cast<bf16*>(mma_bwd_walk_smem4);  // [2][kMmaRows][S] by chunk parity
   bf16* sG = sQ + 2 * T;                                    // [2][kMmaRows][S] their dout
@@ -706,8 +731,9 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
   __shared__ __align__(8) int spos[3][kMmaRows];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int t4 = lane & 3, strip = warp & 3, group = warp >> 2;
-  const int row0 = 16 * strip + (lane >> 2);
+  const int t4 = lane & 3, gr = lane >> 2;
+  const int half = warp & 1, quarter = warp >> 1, group = warp >> 2;
+  const int row0 = 32 * half + gr;  // phase 1: this thread's rows row0 + 8 i, i < 4
   const int64_t runs = (g.n_chunks + g.walk - 1) / g.walk;
   const int64_t r = blockIdx.x / runs, c0 = (blockIdx.x % runs) * g.walk;
   const int n = int(min(int64_t(g.walk), g.n_chunks - c0));  // chunks of this run
@@ -744,30 +770,41 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
   fetch_chunk(0, true);
   cp_async_commit();
 
-  float dk[OT][4], dvv[OT][4];  // this warp's 16 keys of its group's chunk
+  // This warp's 32 keys of its group's chunk, columns (DH / 2) ((warp / 2) % 2) ..
+  float dk[MT][OKV][4], dvv[MT][OKV][4];
 #pragma unroll
-  for (int ot = 0; ot < OT; ++ot)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
+    for (int ot = 0; ot < OKV; ++ot)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mt][ot][e] = dvv[mt][ot][e] = 0.0f;
 
   for (int j = 0; j <= n; ++j) {
     const bool post = j == n;  // queries of the next run's first chunk, keys of c only
     if (post && !post_step) break;
     const int prev_slot = j % 3, own_slot = (j + 1) % 3, qb = j & 1;
-    const bool prev_half = group == (j & 1);  // this warp's keys: chunk c - 1 (else c)
-    const int slot = prev_half ? prev_slot : own_slot;
+    const bool prev_half = group == (j & 1);  // this warp's dk, dv keys: chunk c - 1 (else c)
     // Positions of chunk c + 1 (its slot was last read before the barrier
     // that ended step j - 1's first phase); this thread's query rows and
     // their statistics, loaded while the copies land.
     if (tid < kMmaRows && j + 1 <= n) load_pos(j + 2);
-    const int qpos[2] = {spos[own_slot][row0], spos[own_slot][row0 + 8]};
-    const int kw[2] = {spos[slot][row0], spos[slot][row0 + 8]};  // this warp's key rows
-    float qm[2], qiz[2], qD[2];
+    // This warp's dk, dv key rows (read now: step j + 1 refills chunk
+    // c - 1's slot before its first barrier).
+    int kw[MT][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      qm[h] = qpos[h] >= 0 ? rm[qpos[h]] : 0.0f;
-      qiz[h] = qpos[h] >= 0 ? riz[qpos[h]] : 0.0f;
-      qD[h] = qpos[h] >= 0 ? rD[qpos[h]] : 0.0f;
+    for (int mt = 0; mt < MT; ++mt) {
+      const int* kp = spos[prev_half ? prev_slot : own_slot] + 32 * half + 16 * mt + gr;
+      kw[mt][0] = kp[0];
+      kw[mt][1] = kp[8];
+    }
+    int qpos[2 * MT];
+    float qm[2 * MT], qiz[2 * MT], qD[2 * MT];
+#pragma unroll
+    for (int i = 0; i < 2 * MT; ++i) {
+      qpos[i] = spos[own_slot][row0 + 8 * i];
+      qm[i] = qpos[i] >= 0 ? rm[qpos[i]] : 0.0f;
+      qiz[i] = qpos[i] >= 0 ? riz[qpos[i]] : 0.0f;
+      qD[i] = qpos[i] >= 0 ? rD[qpos[i]] : 0.0f;
     }
     cp_async_wait<0>();
     __syncthreads();  // step j's rows landed, chunk c + 1's positions written
@@ -778,74 +815,96 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
       fetch_chunk(j + 1, false);
     cp_async_commit();
 
-    // Phase 1: S and dP of query strip `strip` x this warp's 64 keys, then
-    // P and dS into sP, sdS (0 for padding; dS 0 where masked).
-    if (!post || prev_half) {
-      float s[NT][4], dp[NT][4];
+    // Phase 1: S and dP of this warp's 32 queries x 32 keys, then P and dS
+    // into sP, sdS (0 for padding; dS 0 where masked).
+    if (!post || quarter < 2) {
+      const int kslot = quarter < 2 ? prev_slot : own_slot;
+      const int k0 = 32 * (quarter & 1);  // the warp's keys within their chunk
+      float s[MT][KT][4], dp[MT][KT][4];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.0f;
-      ldsm_strip_nt<DH, NT>(s, sQ + qb * T, S, 16 * strip, sK + slot * T, S, lane);
-      ldsm_strip_nt<DH, NT>(dp, sG + qb * T, S, 16 * strip, sV + slot * T, S, lane);
-      const int* kpos = spos[slot];
-      const int col0 = prev_half ? 0 : kMmaRows;
+        for (int nt = 0; nt < KT; ++nt)
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int col = nt * 8 + 2 * t4;
-        const int2 kp2 = *reinterpret_cast<const int2*>(kpos + col);
-        float pv[4], dsv[4];
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.0f;
+      ldsm_tile_nt<DH, MT, KT>(s, sQ + qb * T, S, 32 * half, sK + kslot * T + k0 * S, S, lane);
+      ldsm_tile_nt<DH, MT, KT>(dp, sG + qb * T, S, 32 * half, sV + kslot * T + k0 * S, S,
+                               lane);
+      const int* kpos = spos[kslot] + k0;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int kp = e & 1 ? kp2.y : kp2.x, h = e >> 1;
-          bool masked;
-          const float sc = masked_score(s[nt][e], qpos[h], kp, g.causal, &masked);
-          const float p = fast_exp(sc - qm[h]) * qiz[h];
-          const bool valid = qpos[h] >= 0 && kp >= 0;
-          pv[e] = valid ? p : 0.0f;
-          dsv[e] = valid && !masked ? p * (dp[nt][e] - qD[h]) : 0.0f;
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < KT; ++nt) {
+          const int col = nt * 8 + 2 * t4;
+          const int2 kp2 = *reinterpret_cast<const int2*>(kpos + col);
+          float pv[4], dsv[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int kp = e & 1 ? kp2.y : kp2.x, i = 2 * mt + (e >> 1);
+            bool masked;
+            const float sc = masked_score(s[mt][nt][e], qpos[i], kp, g.causal, &masked);
+            const float p = fast_exp(sc - qm[i]) * qiz[i];
+            const bool valid = qpos[i] >= 0 && kp >= 0;
+            pv[e] = valid ? p : 0.0f;
+            dsv[e] = valid && !masked ? p * (dp[mt][nt][e] - qD[i]) : 0.0f;
+          }
+          const int at = (row0 + 16 * mt) * kPStride + 32 * quarter + col;
+          *reinterpret_cast<uint32_t*>(sP + at) = pack_bf16(pv[0], pv[1]);
+          *reinterpret_cast<uint32_t*>(sP + at + 8 * kPStride) = pack_bf16(pv[2], pv[3]);
+          *reinterpret_cast<uint32_t*>(sdS + at) = pack_bf16(dsv[0], dsv[1]);
+          *reinterpret_cast<uint32_t*>(sdS + at + 8 * kPStride) = pack_bf16(dsv[2], dsv[3]);
         }
-        bf16* p_row = sP + row0 * kPStride + col0 + col;
-        bf16* ds_row = sdS + row0 * kPStride + col0 + col;
-        *reinterpret_cast<uint32_t*>(p_row) = pack_bf16(pv[0], pv[1]);
-        *reinterpret_cast<uint32_t*>(p_row + 8 * kPStride) = pack_bf16(pv[2], pv[3]);
-        *reinterpret_cast<uint32_t*>(ds_row) = pack_bf16(dsv[0], dsv[1]);
-        *reinterpret_cast<uint32_t*>(ds_row + 8 * kPStride) = pack_bf16(dsv[2], dsv[3]);
-      }
     }
     __syncthreads();  // sP, sdS of the window complete
 
-    // Phase 2: dq of chunk c (strip, columns half `group`) over the keys of
-    // c - 1, then of c.
+    // Phase 2: dq of chunk c (this warp's query strips and columns) over
+    // the keys of c - 1, then of c.
     if (!post && want_q) {
-      constexpr int H = DH / 2;
-      float dq[OT / 2][4];
+      const int qg = warp % QG, d0 = (warp / QG) * OQ * 8;
+      float dq[MQ][OQ][4];
 #pragma unroll
-      for (int ot = 0; ot < OT / 2; ++ot) dq[ot][0] = dq[ot][1] = dq[ot][2] = dq[ot][3] = 0.0f;
-      ldsm_strip_nn<kMmaRows / 16, OT / 2>(dq, sdS, kPStride, 16 * strip,
-                                           sK + prev_slot * T + group * H, S, lane);
-      ldsm_strip_nn<kMmaRows / 16, OT / 2>(dq, sdS + kMmaRows, kPStride, 16 * strip,
-                                           sK + own_slot * T + group * H, S, lane);
-      dq_write<DH, OT / 2, false>(g, o, r, qpos, dq, lane, group * H);
+      for (int mt = 0; mt < MQ; ++mt)
+#pragma unroll
+        for (int ot = 0; ot < OQ; ++ot)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dq[mt][ot][e] = 0.0f;
+      ldsm_tile_nn<kMmaRows / 16, MQ, OQ>(dq, sdS, kPStride, 16 * MQ * qg,
+                                          sK + prev_slot * T + d0, S, lane);
+      ldsm_tile_nn<kMmaRows / 16, MQ, OQ>(dq, sdS + kMmaRows, kPStride, 16 * MQ * qg,
+                                          sK + own_slot * T + d0, S, lane);
+#pragma unroll
+      for (int mt = 0; mt < MQ; ++mt) {
+        const int q0 = 16 * (MQ * qg + mt) + gr;
+        const int rows[2] = {spos[own_slot][q0], spos[own_slot][q0 + 8]};
+        dq_write<DH, OQ, false>(g, o, r, rows, dq[mt], lane, d0);
+      }
     }
     // dv += P^T dO and dk_hat += dS^T Q for this warp's keys: chunk c's
     // start from zero; chunk c - 1's (not at the run's first step: the run
     // before completes them) end here.
     if (!prev_half && !post) {
 #pragma unroll
-      for (int ot = 0; ot < OT; ++ot)
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dk[ot][e] = dvv[ot][e] = 0.0f;
+        for (int ot = 0; ot < OKV; ++ot)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) dk[mt][ot][e] = dvv[mt][ot][e] = 0.0f;
     }
+    const int e0 = (quarter & 1) * (DH / 2);  // this warp's columns of dk, dv
     if (prev_half ? j > 0 : !post) {
-      const int col0 = (prev_half ? 0 : kMmaRows) + 16 * strip;
-      ldsm_strip_tn<kMmaRows / 16, OT>(dvv, sP, kPStride, col0, sG + qb * T, S, lane);
-      ldsm_strip_tn<kMmaRows / 16, OT>(dk, sdS, kPStride, col0, sQ + qb * T, S, lane);
+      const int col0 = (prev_half ? 0 : kMmaRows) + 32 * half;
+      ldsm_tile_tn<kMmaRows / 16, MT, OKV>(dvv, sP, kPStride, col0, sG + qb * T + e0, S, lane);
+      ldsm_tile_tn<kMmaRows / 16, MT, OKV>(dk, sdS, kPStride, col0, sQ + qb * T + e0, S, lane);
     }
     // Chunk c - 1's keys are complete; so are chunk c's at the run's last
     // step when no queries follow (the last chunk without wrap).
-    if (prev_half ? j > 0 : j == n - 1 && !post_step)
-      dkv_write<DH, false>(g, st, o, r, kw, dk, dvv, t4);
+    if (prev_half ? j > 0 : j == n - 1 && !post_step) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (o.dkh_r) write_round_rows<DH, OKV>(o.dkh_r, g, r, kw[mt], dk[mt], lane, e0);
+        if (o.dv_r) write_round_rows<DH, OKV>(o.dv_r, g, r, kw[mt], dvv[mt], lane, e0);
+      }
+    }
   }
   cp_async_wait<0>();
 }
