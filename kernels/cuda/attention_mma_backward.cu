@@ -727,8 +727,10 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
   bf16* sV = sK + 3 * T;                                    // [3][kMmaRows][S] slots
   bf16* sP = sV + 3 * T;                                    // [kMmaRows][kPStride]
   bf16* sdS = sP + kMmaRows * kPStride;                     // [kMmaRows][kPStride]
-  // Positions of chunk c0 - 1 + j (step j's keys before its queries) in spos[j % 3].
-  __shared__ __align__(8) int spos[3][kMmaRows];
+  // Positions of chunk c0 - 1 + j (step j's keys before its queries) in
+  // spos[j % 4]: step j reads slots j, j + 1 and j + 2 (its keys, its
+  // queries, the next chunk's copies) and fills slot j + 3 at its end.
+  __shared__ __align__(8) int spos[4][kMmaRows];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t4 = lane & 3, gr = lane >> 2;
@@ -747,20 +749,18 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
   };
   const bool post_step = chunk_at(n + 1) >= 0;  // the queries after the run exist
   const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
-  auto load_pos = [&](int j) {
+  auto pos_at = [&](int j) -> int {  // position tid of step j's chunk (-1: none)
     const int64_t c = chunk_at(j);
-    spos[j % 3][tid] = c < 0 ? -1 : pr[c * kMmaRows + tid];
+    return c < 0 ? -1 : pr[c * kMmaRows + tid];
   };
-  if (tid < kMmaRows) {
-    load_pos(0);
-    load_pos(1);
-  }
+  if (tid < kMmaRows)
+    for (int j = 0; j < 3; ++j) spos[j][tid] = pos_at(j);
   __syncthreads();
   auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
   copy_rows<kMmaRows, DH, kBwdBlock>(sK, S, st.dst[1], rows_of(spos[0]), tid);
   copy_rows<kMmaRows, DH, kBwdBlock>(sV, S, st.dst[2], rows_of(spos[0]), tid);
   auto fetch_chunk = [&](int j, bool keys) {  // step j's queries (and keys) into their buffers
-    const auto row = rows_of(spos[(j + 1) % 3]);
+    const auto row = rows_of(spos[(j + 1) % 4]);
     copy_rows<kMmaRows, DH, kBwdBlock>(sQ + (j & 1) * T, S, st.dst[0], row, tid);
     copy_rows<kMmaRows, DH, kBwdBlock>(sG + (j & 1) * T, S, st.dst[3], row, tid);
     if (!keys) return;
@@ -782,26 +782,20 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
   for (int j = 0; j <= n; ++j) {
     const bool post = j == n;  // queries of the next run's first chunk, keys of c only
     if (post && !post_step) break;
-    const int prev_slot = j % 3, own_slot = (j + 1) % 3, qb = j & 1;
+    const int prev_slot = j % 3, own_slot = (j + 1) % 3, qb = j & 1;  // K, V buffers
+    const int* prev_pos = spos[j % 4];
+    const int* own_pos = spos[(j + 1) % 4];
     const bool prev_half = group == (j & 1);  // this warp's dk, dv keys: chunk c - 1 (else c)
-    // Positions of chunk c + 1 (its slot was last read before the barrier
-    // that ended step j - 1's first phase); this thread's query rows and
-    // their statistics, loaded while the copies land.
-    if (tid < kMmaRows && j + 1 <= n) load_pos(j + 2);
-    // This warp's dk, dv key rows (read now: step j + 1 refills chunk
-    // c - 1's slot before its first barrier).
-    int kw[MT][2];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const int* kp = spos[prev_half ? prev_slot : own_slot] + 32 * half + 16 * mt + gr;
-      kw[mt][0] = kp[0];
-      kw[mt][1] = kp[8];
-    }
+    // Positions three steps on, stored at the end of this step: the load's
+    // latency passes with the step. This thread's query rows and their
+    // statistics, loaded while the copies land.
+    const bool more_pos = tid < kMmaRows && j + 3 <= n + 1;
+    const int pos_next = more_pos ? pos_at(j + 3) : -1;
     int qpos[2 * MT];
     float qm[2 * MT], qiz[2 * MT], qD[2 * MT];
 #pragma unroll
     for (int i = 0; i < 2 * MT; ++i) {
-      qpos[i] = spos[own_slot][row0 + 8 * i];
+      qpos[i] = own_pos[row0 + 8 * i];
       qm[i] = qpos[i] >= 0 ? rm[qpos[i]] : 0.0f;
       qiz[i] = qpos[i] >= 0 ? riz[qpos[i]] : 0.0f;
       qD[i] = qpos[i] >= 0 ? rD[qpos[i]] : 0.0f;
@@ -830,7 +824,7 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
       ldsm_tile_nt<DH, MT, KT>(s, sQ + qb * T, S, 32 * half, sK + kslot * T + k0 * S, S, lane);
       ldsm_tile_nt<DH, MT, KT>(dp, sG + qb * T, S, 32 * half, sV + kslot * T + k0 * S, S,
                                lane);
-      const int* kpos = spos[kslot] + k0;
+      const int* kpos = (quarter < 2 ? prev_pos : own_pos) + k0;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -875,7 +869,7 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
 #pragma unroll
       for (int mt = 0; mt < MQ; ++mt) {
         const int q0 = 16 * (MQ * qg + mt) + gr;
-        const int rows[2] = {spos[own_slot][q0], spos[own_slot][q0 + 8]};
+        const int rows[2] = {own_pos[q0], own_pos[q0 + 8]};
         dq_write<DH, OQ, false>(g, o, r, rows, dq[mt], lane, d0);
       }
     }
@@ -901,10 +895,13 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
     if (prev_half ? j > 0 : j == n - 1 && !post_step) {
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        if (o.dkh_r) write_round_rows<DH, OKV>(o.dkh_r, g, r, kw[mt], dk[mt], lane, e0);
-        if (o.dv_r) write_round_rows<DH, OKV>(o.dv_r, g, r, kw[mt], dvv[mt], lane, e0);
+        const int* kp = (prev_half ? prev_pos : own_pos) + 32 * half + 16 * mt + gr;
+        const int kw[2] = {kp[0], kp[8]};
+        if (o.dkh_r) write_round_rows<DH, OKV>(o.dkh_r, g, r, kw, dk[mt], lane, e0);
+        if (o.dv_r) write_round_rows<DH, OKV>(o.dv_r, g, r, kw, dvv[mt], lane, e0);
       }
     }
+    if (more_pos) spos[(j + 3) % 4][tid] = pos_next;
   }
   cp_async_wait<0>();
 }
