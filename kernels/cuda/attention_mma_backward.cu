@@ -708,7 +708,9 @@ constexpr size_t mma_bwd_walk_smem() {
          size_t(10 * kMmaRows * mma_stride(DH) + 2 * kMmaRows * kPStride);
 }
 
-template <int DH>
+// kQ: dq wanted (o.dq_r non-null; a template argument, not a flag held in a
+// register through the walk).
+template <int DH, bool kQ>
 __global__ void __launch_bounds__(kBwdBlock, 1)
     mma_bwd_walk_kernel(AttnGeom g, MmaStage st, const float* rm, const float* riz,
                         const float* rD, MmaBwdOut o) {
@@ -731,6 +733,9 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
   // spos[j % 4]: step j reads slots j, j + 1 and j + 2 (its keys, its
   // queries, the next chunk's copies) and fills slot j + 3 at its end.
   __shared__ __align__(8) int spos[4][kMmaRows];
+  // Statistics m, 1 / z, D of step j's query rows in sstat[j % 2], loaded a
+  // step ahead as the positions are (none held in registers through a step).
+  __shared__ float sstat[2][3][kMmaRows];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t4 = lane & 3, gr = lane >> 2;
@@ -748,13 +753,22 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
     return c;
   };
   const bool post_step = chunk_at(n + 1) >= 0;  // the queries after the run exist
-  const bool want_q = o.direct ? o.dq != nullptr : o.dq_r != nullptr;
   auto pos_at = [&](int j) -> int {  // position tid of step j's chunk (-1: none)
     const int64_t c = chunk_at(j);
     return c < 0 ? -1 : pr[c * kMmaRows + tid];
   };
-  if (tid < kMmaRows)
+  // Row statistics of position p (0 where none).
+  auto stats_of = [&](int p, float* x) {
+    x[0] = p >= 0 ? rm[p] : 0.0f;
+    x[1] = p >= 0 ? riz[p] : 0.0f;
+    x[2] = p >= 0 ? rD[p] : 0.0f;
+  };
+  if (tid < kMmaRows) {
     for (int j = 0; j < 3; ++j) spos[j][tid] = pos_at(j);
+    float x[3];
+    stats_of(spos[1][tid], x);  // step 0's queries (this thread wrote the position)
+    for (int u = 0; u < 3; ++u) sstat[0][u][tid] = x[u];
+  }
   __syncthreads();
   auto rows_of = [](const int* pos) { return [pos](int i) -> int { return pos[i]; }; };
   copy_rows<kMmaRows, DH, kBwdBlock>(sK, S, st.dst[1], rows_of(spos[0]), tid);
@@ -787,21 +801,16 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
     const int* own_pos = spos[(j + 1) % 4];
     const bool prev_half = group == (j & 1);  // this warp's dk, dv keys: chunk c - 1 (else c)
     // Positions three steps on, stored at the end of this step: the load's
-    // latency passes with the step. This thread's query rows and their
-    // statistics, loaded while the copies land.
+    // latency passes with the step.
     const bool more_pos = tid < kMmaRows && j + 3 <= n + 1;
     const int pos_next = more_pos ? pos_at(j + 3) : -1;
-    int qpos[2 * MT];
-    float qm[2 * MT], qiz[2 * MT], qD[2 * MT];
-#pragma unroll
-    for (int i = 0; i < 2 * MT; ++i) {
-      qpos[i] = own_pos[row0 + 8 * i];
-      qm[i] = qpos[i] >= 0 ? rm[qpos[i]] : 0.0f;
-      qiz[i] = qpos[i] >= 0 ? riz[qpos[i]] : 0.0f;
-      qD[i] = qpos[i] >= 0 ? rD[qpos[i]] : 0.0f;
-    }
     cp_async_wait<0>();
     __syncthreads();  // step j's rows landed, chunk c + 1's positions written
+    // The statistics of step j + 1's queries (slot j + 2, written by step
+    // j - 1), stored at the end of this step.
+    const bool more_stats = tid < kMmaRows && j + 1 <= n;
+    float stats_next[3];
+    if (more_stats) stats_of(spos[(j + 2) % 4][tid], stats_next);
     // The buffers of chunk c + 1 were last read by step j - 1's second phase.
     if (j + 1 < n)
       fetch_chunk(j + 1, true);
@@ -825,6 +834,16 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
       ldsm_tile_nt<DH, MT, KT>(dp, sG + qb * T, S, 32 * half, sV + kslot * T + k0 * S, S,
                                lane);
       const int* kpos = (quarter < 2 ? prev_pos : own_pos) + k0;
+      const float* qstat = sstat[j & 1][0];
+      int qpos[2 * MT];
+      float qm[2 * MT], qiz[2 * MT], qD[2 * MT];
+#pragma unroll
+      for (int i = 0; i < 2 * MT; ++i) {
+        qpos[i] = own_pos[row0 + 8 * i];
+        qm[i] = qstat[row0 + 8 * i];
+        qiz[i] = qstat[kMmaRows + row0 + 8 * i];
+        qD[i] = qstat[2 * kMmaRows + row0 + 8 * i];
+      }
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -853,7 +872,7 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
 
     // Phase 2: dq of chunk c (this warp's query strips and columns) over
     // the keys of c - 1, then of c.
-    if (!post && want_q) {
+    if (kQ && !post) {
       const int qg = warp % QG, d0 = (warp / QG) * OQ * 8;
       float dq[MQ][OQ][4];
 #pragma unroll
@@ -902,6 +921,8 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
       }
     }
     if (more_pos) spos[(j + 3) % 4][tid] = pos_next;
+    if (more_stats)
+      for (int u = 0; u < 3; ++u) sstat[(j + 1) & 1][u][tid] = stats_next[u];
   }
   cp_async_wait<0>();
 }
@@ -930,8 +951,9 @@ void launch_mma_backward_kernels(const AttnGeom& g, int rounds, const MmaStage& 
   if (!FULL && mma_walks(g) && !o.direct) {
     constexpr size_t smem = mma_bwd_walk_smem<DH>();
     const unsigned runs = unsigned(rounds * ((g.n_chunks + g.walk - 1) / g.walk));
-    set_mma_smem(mma_bwd_walk_kernel<DH>, smem);
-    mma_bwd_walk_kernel<DH><<<runs, kBwdBlock, smem, s>>>(g, st, rm, riz, rD, o);
+    auto* kernel = want_q ? mma_bwd_walk_kernel<DH, true> : mma_bwd_walk_kernel<DH, false>;
+    set_mma_smem(kernel, smem);
+    kernel<<<runs, kBwdBlock, smem, s>>>(g, st, rm, riz, rD, o);
     CUDA_CHECK_LAUNCH("mma_bwd_walk_kernel");
   } else if (!FULL && mma_walks(g)) {
     constexpr size_t smem = mma_walk_bwd_smem<DH>();
