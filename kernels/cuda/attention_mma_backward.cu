@@ -48,14 +48,16 @@
 // (key side: S, dP, dV, dK) = 14 dh flops per (query, key) pair, the
 // one-pass walk 10 dh (S, dP, dQ, dV, dK: the model's count, op_flops.h;
 // 43 GFLOP per head at L = 64K, R = 4, W = 128, dh = 128). Limits of the
-// walk at 64K (Nsight Compute): 26% tensor-pipe activity, 23% of DRAM
-// bandwidth; its 8 warps wait mostly on shared-memory fragment loads
-// (ldmatrix) and fixed-latency dependencies, one block per SM (the dk and
-// dv accumulators of two chunks take 128 registers a thread at dh = 128).
-// Its masks and copies stay masked_score's and copy_rows': the walk_score
-// masks, row copies computed once and the accumulators zeroed when written
-// cut its instructions by 4 to 11% and made it 1 to 3% slower
-// (bench/RESULTS.md, 2026-12-02 (fifteenth)).
+// walk at 64K (Nsight Compute; bench/RESULTS.md, 2026-12-02 (sixteenth)):
+// 240 us a head-call, one block of 8 warps per SM at 255 registers (the dk
+// and dv accumulators of two chunks take 128 a thread at dh = 128); its
+// warps wait mostly on fixed-latency dependencies and ldmatrix results,
+// then at the step's first barrier (stall samples). Its masks and
+// copies stay masked_score's and copy_rows': the walk_score masks, row
+// copies computed once and the accumulators zeroed when written cut its
+// instructions by 4 to 11% and made it 1 to 3% slower (2026-12-02
+// (fifteenth)); dv rows out through shared memory, copied by the group
+// that writes nothing that step, left its time unchanged (sixteenth).
 #include <cuda_runtime.h>
 
 #include <cmath>
