@@ -672,8 +672,8 @@ __global__ void __launch_bounds__(kMmaBlock, 2)
 //     chunk c - 1; 2, 3: chunk c), computes P and dS in fp32 registers and
 //     leaves them in shared memory as bf16 (sP, sdS: [query][key], the keys
 //     of c - 1 in columns 0-63, those of c in 64-127);
-//  2. dq of c = dS K over the 128 keys (warp w: the 16 kBwdDqStrips queries
-//     of group w % (4 / kBwdDqStrips), the columns of group w / that),
+//  2. dq of c = dS K over the 128 keys (warp w: the 16 m queries of group
+//     w % (4 / m) and the columns of group w / (4 / m), m = kBwdDqStrips),
 //     written; dk_hat += dS^T Q and dv += P^T dO for the keys of the warp's
 //     group w / 4 (warp w: the 32 keys of half w % 2 of the group's chunk,
 //     the columns of half (w / 2) % 2): one group holds chunk c - 1's (their
