@@ -9,6 +9,7 @@
 #include "framework/attention.h"
 #include "framework/model_tensors.h"
 #include "framework/sequence_parallel.h"
+#include "kernels/common/embedding_sums.h"
 #include "kernels/common/gemm_staging.h"
 #include "kernels/common/lsh_checks.h"
 #include "kernels/errors.h"
@@ -80,7 +81,8 @@ int lsh_layer_count(const Config& cfg) {
 }
 
 // The largest scratch request of one op of a step on a CUDA device
-// (kernels/cuda: attention backward, LSH sort and hash, column sums): what
+// (kernels/cuda: attention backward, LSH sort and hash, column sums, the
+// token embedding's gradient): what
 // the model reserves at construction (Ops::reserve_workspace), so that no
 // growth margin (workspace_capacity, kernels/common/workspace_growth.h) is
 // held unless a request exceeds it.
@@ -127,7 +129,10 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
   // The one-pass LayerNorm backward's partial sums (kernels/cuda/layernorm.cu:
   // two [512, d_model] double arrays at most).
   const int64_t ln_sums = round256(2 * 8 * 512 * int64_t(cfg.model.d_model));
-  const int64_t largest = std::max({attention, sort, hash, colsum, ln_sums, other});
+  // The token embedding's gradient: the positions sorted by token and the
+  // windows' partial sums (kernels/common/embedding_sums.h).
+  const int64_t dwte = dwte_workspace_bytes(L, cfg.model.d_model);
+  const int64_t largest = std::max({attention, sort, hash, colsum, ln_sums, dwte, other});
   return largest;
 }
 

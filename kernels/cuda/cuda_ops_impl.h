@@ -18,8 +18,8 @@
 // lsh_hash's products use TF32 math (CUBLAS_COMPUTE_32F_FAST_TF32);
 // everything else computes
 // in fp32 (reductions of losses, norms and optimizer statistics in double).
-// Determinism: every op gives the same bits on every run except
-// embedding_backward's dwte (atomicAdd over tokens) - see embedding.cu.
+// Determinism: every op gives the same bits on every run (no float
+// atomics; embedding_backward's dwte: embedding.cu).
 #pragma once
 
 #include <cublasLt.h>

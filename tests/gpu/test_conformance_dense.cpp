@@ -221,7 +221,9 @@ void add_embedding(std::vector<Case>& cases) {
                      });
   c.bitwise = true;
   cases.push_back(c);
-  // dwte sums over tokens by atomics on CUDA: order (and last bits) vary.
+  // CUDA sums dwte over the positions sorted by token, window by window
+  // (kernels/common/embedding_sums.h): here within one window; the case
+  // below crosses windows.
   c = make_case("embedding_backward", OpId::embedding_backward,
                 {ints("tokens", tokens), input("dout", L * D, 9),
                  output("dwte", int64_t(V) * D, 10, kFp32Elementwise),
@@ -231,8 +233,32 @@ void add_embedding(std::vector<Case>& cases) {
                   ops.embedding_backward(t("dwte"), t("dpos1"), t("dpos2"), t("dout"),
                                          t.i("tokens"), L, D, d1, a2, offset);
                 });
-  c.deterministic = false;
   cases.push_back(c);
+  // dwte alone over 2,000 positions (8 windows of kDwteWindow sorted slots)
+  // and 300 columns (3 column blocks, the last short): token 0 at every third
+  // position (slots 0-666: windows 0 to 2, ending in window 2's head part),
+  // tokens 1, 2, 3, 5 and 7 each crossing one window's end (a tail part and
+  // a head part), 4, 6, 8 and 9 within one window (9 at the last slots);
+  // sums of up to 667 rows of O(1) values: fp32 rounding of 1e-5 of the
+  // largest sum on top of kFp32Reduction (a row missed or added twice is
+  // off by O(1)).
+  {
+    const int64_t Ls = 2000;
+    const int Ds = 300, Vs = 10;
+    std::vector<int32_t> tok(static_cast<size_t>(Ls));
+    for (int64_t i = 0; i < Ls; ++i) {
+      const int64_t h = (i * 2654435761u) % 97;
+      tok[size_t(i)] = i % 3 == 0 ? 0 : i % 4 == 1 ? 1 : i >= Ls - 40 ? 9 : int32_t(2 + h % 7);
+    }
+    c = make_case("embedding_backward dwte across windows", OpId::embedding_backward,
+                  {ints("tokens", tok), input("dout", Ls * Ds, 13),
+                   output("dwte", int64_t(Vs) * Ds, 14, Tol{1e-5, 1e-4, 0, 1e-5})},
+                  [=](auto& ops, auto& t) {
+                    ops.embedding_backward(t("dwte"), nullptr, nullptr, t("dout"), t.i("tokens"),
+                                           Ls, Ds, 0, 1, 0);
+                  });
+    cases.push_back(c);
+  }
 }
 
 void add_layernorm(std::vector<Case>& cases) {
