@@ -58,6 +58,7 @@ struct AttentionScratch {
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
   IntBuffer<T> perm;       // [n_hashes, L]: one head's LSH bucket ids until sorted
+                           // ([heads_per_pass, n_hashes, L] where hash_pass sorts a pass)
   IntBuffer<T> order;      // [n_hashes, L]: one head's sorted orders (shape.saved_buckets)
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)
 };
@@ -76,6 +77,15 @@ class AttentionKindImpl {
   // backward recompute must see the forward's buckets).
   // Leaves in the scratch what backward needs.
   virtual void forward(int h, const T* qk, const T* v, T* ao, uint64_t step, bool rehash) = 0;
+  // Before the forwards of owned heads h0 .. h0 + heads - 1 (a pass; head
+  // h0 + j's qk at qk + j * dh, row stride shape.ld): where the kind keeps
+  // its sorted orders (LSH without shape.saved_buckets), computes and saves
+  // them for all these heads at once (every head's rounds in one lsh_sort)
+  // and returns true, so that their forwards take rehash = false. Otherwise
+  // (and for kinds without hashing) does nothing and returns false.
+  virtual bool hash_pass(int /*h0*/, int /*heads*/, const T* /*qk*/, uint64_t /*step*/) {
+    return false;
+  }
   // dqk, dv += gradients for dao of head h (= when !accumulate), right
   // after forward() of the same head on the same inputs. ao: the head's
   // output (under shape.partial the combined one; see AttentionShape); the

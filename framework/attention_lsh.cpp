@@ -40,14 +40,9 @@ class LshAttention final : public AttentionKindImpl<T> {
     int32_t* saved = saved_.data() + int64_t(h) * head_elems_;
     int32_t* perm = shape_.saved_buckets ? s_.order.data() : saved;
     if (rehash) {
-      // Every round's rotations, as one process draws them; this kind hashes
-      // with those of its rounds.
-      ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer, shape_.head0 + h,
-                         cfg_.attention.n_hashes, shape_.dh, nb_, f0_);
-      const T* rot = s_.rot.data() + int64_t(shape_.round0) * shape_.dh * rotation_cols(nb_, f0_);
       // The bucket ids are needed only until sorted: they go in the scratch.
       int32_t* buckets = s_.perm.data();
-      ops_.lsh_hash(buckets, qk, shape_.ld, rot, L, shape_.dh, nh_, nb_, f0_);
+      hash(h, qk, step, buckets);
       if (shape_.saved_buckets) ops_.lsh_pack_buckets(saved, buckets, int64_t(nh_) * L, nb_);
       ops_.lsh_sort(perm, buckets, L, nh_, nb_);
     } else {
@@ -58,6 +53,20 @@ class LshAttention final : public AttentionKindImpl<T> {
     AttentionParams ap = ap_;
     ap.fold_rounds = shape_.by_round;
     ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap);
+  }
+
+  // The heads' bucket ids into the scratch ([heads, rounds, L]), then one
+  // sort of all their rounds into their saved orders (heads h0 .. are
+  // consecutive there): a sort of a few hundred thousand keys costs about
+  // as much as one of millions (bench/RESULTS.md).
+  bool hash_pass(int h0, int heads, const T* qk, uint64_t step) override {
+    if (shape_.saved_buckets) return false;
+    const int64_t n = int64_t(nh_) * shape_.L;
+    for (int j = 0; j < heads; ++j)
+      hash(h0 + j, qk + int64_t(j) * shape_.dh, step, s_.perm.data() + j * n);
+    ops_.lsh_sort(saved_.data() + int64_t(h0) * head_elems_, s_.perm.data(), shape_.L,
+                  heads * nh_, nb_);
+    return true;
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
@@ -72,6 +81,16 @@ class LshAttention final : public AttentionKindImpl<T> {
   }
 
  private:
+  // Owned head h's bucket ids [rounds, L] for this step's qk: every round's
+  // rotations, as one process draws them; this kind hashes with those of
+  // its rounds.
+  void hash(int h, const T* qk, uint64_t step, int32_t* buckets) {
+    ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer, shape_.head0 + h,
+                       cfg_.attention.n_hashes, shape_.dh, nb_, f0_);
+    const T* rot = s_.rot.data() + int64_t(shape_.round0) * shape_.dh * rotation_cols(nb_, f0_);
+    ops_.lsh_hash(buckets, qk, shape_.ld, rot, shape_.L, shape_.dh, nh_, nb_, f0_);
+  }
+
   // Head h's sorted orders from what its forward saved: the orders
   // themselves, or its bucket ids sorted again into the scratch's order
   // (the same orders: lsh_sort is a function of the ids).

@@ -87,7 +87,7 @@ int lsh_layer_count(const Config& cfg) {
 // growth margin (workspace_capacity, kernels/common/workspace_growth.h) is
 // held unless a request exceeds it.
 int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t chunk, bool lsh,
-                           bool by_round, int64_t other = 0) {
+                           bool by_round, int64_t other = 0, int64_t sort_heads = 1) {
   // Rounds of one attention call (attention_by_round: one).
   const int64_t f = 4, dh = cfg.head_dim(), R = lsh && !by_round ? cfg.attention.n_hashes : 1;
   // Backward: k_hat, norm and row statistics, per-round dq, dk_hat, dv (fp32).
@@ -113,8 +113,8 @@ int64_t op_workspace_bytes(const Config& cfg, int64_t Lfull, int64_t L, int64_t 
                           round256(3 * staged) + own;
   const int64_t attention = std::max(backward, forward);
   int64_t sort = 0;
-  if (lsh) {
-    const int64_t n = int64_t(cfg.attention.n_hashes) * Lfull;
+  if (lsh) {  // every round of sort_heads heads (hash_pass) in one sort
+    const int64_t n = sort_heads * cfg.attention.n_hashes * Lfull;
     sort = 3 * round256(8 * n);  // keys in and out, radix-sort scratch of about the same size
   }
   int64_t hash = 0;
@@ -296,6 +296,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   bool by_round = false;
   int64_t attn_rows = Lfull;  // rows of one attention call
   int64_t proj_cols = 0;      // columns of one pass's qk and v projections
+  int64_t sort_heads = 1;     // heads whose rounds one lsh_sort sorts
   if (sort) {
     attn_rows = add_sorted_attention(b, cfg, sp, lsh_layers);
     by_round = true;
@@ -349,8 +350,14 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       const int64_t nh = cfg.attention.n_hashes;
       b.add("rotations", G::activations, "[n_hashes, dh, cols]",
             {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
-      b.add("perm", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);  // bucket ids
-      if (lsh_saves_buckets(cfg, sp, real_bytes)) {
+      // Bucket ids until sorted: one head's, or with the sorted orders kept
+      // every head of a pass's, hashed before the pass attends and sorted
+      // by one lsh_sort (framework/attention_lsh.cpp, hash_pass).
+      const bool saves_buckets = lsh_saves_buckets(cfg, sp, real_bytes);
+      if (!saves_buckets) sort_heads = Hp;
+      b.add("perm", G::activations, saves_buckets ? "[rounds, Lfull]" : "[Hp, rounds, Lfull]",
+            {saves_buckets ? 1 : Hp, rounds, Lfull}, true);
+      if (saves_buckets) {
         // Each head's bucket ids, two to an int32, sorted again into one
         // head's orders where used.
         b.add("lsh order", G::activations, "[rounds, Lfull]", {rounds, Lfull}, true);
@@ -428,7 +435,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
                                  gemm_stage_bytes(pc, wo_cols, D), gemm_stage_bytes(oc, 2 * D, V)});
   b.add_bytes("op workspace (estimate)",
               op_workspace_bytes(cfg, attn_rows, L, std::max(rc, oc), lsh_layers > 0, by_round,
-                                 std::max(route, gemm)));
+                                 std::max(route, gemm), sort_heads));
   b.add_bytes("cuBLASLt workspace", int64_t(32) << 20);  // kernels/cuda/cuda_ops.cu
   return plan;
 }

@@ -576,10 +576,13 @@ template <class T>
 const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool rehash) {
   Scratch& s = *s_;
   project_pass(l, pass);
+  // LSH heads that keep their sorted orders are hashed and sorted for the
+  // whole pass first, in one sort.
+  const bool hashed = rehash && s.kinds[size_t(l)]->hash_pass(pass * Hp_, Hp_, s.qk.data(), step);
   for (int j = 0; j < Hp_; ++j) {
     const int64_t c = int64_t(j) * dh_;
     s.kinds[size_t(l)]->forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c,
-                                s.ao.data() + c, step, rehash);
+                                s.ao.data() + c, step, rehash && !hashed);
   }
   if (!s.exchange) return s.ao.data();
   // Pairs mode's parts combine in fp32 (combine_parts): they travel exact.

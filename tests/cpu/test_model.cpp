@@ -288,10 +288,11 @@ TEST(Model, SavedBucketsEqualSavedOrders) {
     EXPECT_EQ(out[1].first, out[0].first);
     EXPECT_EQ(out[1].second, out[0].second);
     // Two steps of one LSH layer of 2 heads: 4 hashes; orders sort once per
-    // hash, buckets once more in the backward and (unkept) the rebuild.
+    // pass of heads (every head's rounds in one sort, hash_pass), buckets
+    // once per hash and once more in the backward and (unkept) the rebuild.
     const int64_t hashes = calls[0][OpId::lsh_hash];
     EXPECT_EQ(hashes, 4);
-    EXPECT_EQ(calls[0][OpId::lsh_sort], hashes);
+    EXPECT_EQ(calls[0][OpId::lsh_sort], hashes / attention_heads_per_pass(co, 1, 8));
     EXPECT_EQ(calls[0][OpId::lsh_pack_buckets], 0);
     EXPECT_EQ(calls[1][OpId::lsh_pack_buckets], hashes);
     const bool kept = cb.model.kept_layers == 2;  // no rebuild
