@@ -51,9 +51,9 @@ class CaptureOps final : public ForwardingOps {
  public:
   using ForwardingOps::ForwardingOps;
   void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-                int n_hashes, int n_buckets, int factor0) override {
-    inner_.lsh_hash(buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0);
-    hashes.emplace_back(buckets, buckets + L * n_hashes);
+                int n_hashes, int n_buckets, int factor0, int heads) override {
+    inner_.lsh_hash(buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0, heads);
+    hashes.emplace_back(buckets, buckets + L * n_hashes * heads);
   }
   void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes,
                 int n_buckets) override {

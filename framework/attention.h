@@ -57,6 +57,7 @@ struct AttentionScratch {
   int64_t lse_slot = 0;    // elements of one slot of lse (rounds * L)
   T* lse_of(int h) { return lse.data() + int64_t(h % slots) * lse_slot; }
   Buffer<T> rot;           // rotations of one head [n_hashes, dh, rotation_cols]
+                           // ([heads_per_pass, ...] where hash_pass hashes a pass)
   IntBuffer<T> perm;       // [n_hashes, L]: one head's LSH bucket ids until sorted
                            // ([heads_per_pass, n_hashes, L] where hash_pass sorts a pass)
   IntBuffer<T> order;      // [n_hashes, L]: one head's sorted orders (shape.saved_buckets)

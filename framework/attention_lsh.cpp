@@ -59,11 +59,22 @@ class LshAttention final : public AttentionKindImpl<T> {
   // sort of all their rounds into their saved orders (heads h0 .. are
   // consecutive there): a sort of a few hundred thousand keys costs about
   // as much as one of millions (bench/RESULTS.md).
+  // Where this rank hashes every round of its heads (not pairs mode), the
+  // heads' rotations side by side and one lsh_hash of all of them too.
   bool hash_pass(int h0, int heads, const T* qk, uint64_t step) override {
     if (shape_.saved_buckets) return false;
-    const int64_t n = int64_t(nh_) * shape_.L;
-    for (int j = 0; j < heads; ++j)
-      hash(h0 + j, qk + int64_t(j) * shape_.dh, step, s_.perm.data() + j * n);
+    if (nh_ == cfg_.attention.n_hashes) {
+      const int64_t per_head = int64_t(nh_) * shape_.dh * rotation_cols(nb_, f0_);
+      for (int j = 0; j < heads; ++j)
+        ops_.lsh_rotations(s_.rot.data() + j * per_head, cfg_.training.seed, step, shape_.layer,
+                           shape_.head0 + h0 + j, nh_, shape_.dh, nb_, f0_);
+      ops_.lsh_hash(s_.perm.data(), qk, shape_.ld, s_.rot.data(), shape_.L, shape_.dh, nh_, nb_,
+                    f0_, heads);
+    } else {
+      const int64_t n = int64_t(nh_) * shape_.L;
+      for (int j = 0; j < heads; ++j)
+        hash(h0 + j, qk + int64_t(j) * shape_.dh, step, s_.perm.data() + j * n);
+    }
     ops_.lsh_sort(saved_.data() + int64_t(h0) * head_elems_, s_.perm.data(), shape_.L,
                   heads * nh_, nb_);
     return true;
@@ -88,7 +99,7 @@ class LshAttention final : public AttentionKindImpl<T> {
     ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer, shape_.head0 + h,
                        cfg_.attention.n_hashes, shape_.dh, nb_, f0_);
     const T* rot = s_.rot.data() + int64_t(shape_.round0) * shape_.dh * rotation_cols(nb_, f0_);
-    ops_.lsh_hash(buckets, qk, shape_.ld, rot, shape_.L, shape_.dh, nh_, nb_, f0_);
+    ops_.lsh_hash(buckets, qk, shape_.ld, rot, shape_.L, shape_.dh, nh_, nb_, f0_, 1);
   }
 
   // Head h's sorted orders from what its forward saved: the orders

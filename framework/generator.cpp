@@ -127,11 +127,10 @@ void Generator<T>::attend(int l, int64_t rows) {
   p.causal = true;
   const int64_t per_head = int64_t(s.nh) * dh_ * s.cols;
   if (kind == AttentionKind::lsh) {
-    // Every round's bucket of the step's rows, [H * n_hashes, rows].
-    for (int h = 0; h < H_; ++h)
-      ops_.lsh_hash(s.bucket.data() + int64_t(h) * s.nh * rows,
-                    s.k[size_t(l)].data() + pos_ * HD + h * dh_, HD,
-                    s.rot[size_t(l)].data() + h * per_head, rows, dh_, s.nh, s.nb, s.f0);
+    // Every round's bucket of the step's rows, [H * n_hashes, rows]: every
+    // head in one call (head h's rotations at h * per_head).
+    ops_.lsh_hash(s.bucket.data(), s.k[size_t(l)].data() + pos_ * HD, HD,
+                  s.rot[size_t(l)].data(), rows, dh_, s.nh, s.nb, s.f0, H_);
     p.rounds = s.nh;
   }
   for (int64_t i = 0; i < rows; ++i) {

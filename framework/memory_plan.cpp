@@ -348,13 +348,15 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     b.add("lse", G::activations, "[slots, rounds, Lfull]", {slots, rounds, Lfull});
     if (lsh_layers > 0) {
       const int64_t nh = cfg.attention.n_hashes;
-      b.add("rotations", G::activations, "[n_hashes, dh, cols]",
-            {nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
-      // Bucket ids until sorted: one head's, or with the sorted orders kept
-      // every head of a pass's, hashed before the pass attends and sorted
-      // by one lsh_sort (framework/attention_lsh.cpp, hash_pass).
+      // Rotations and bucket ids until sorted: one head's, or with the
+      // sorted orders kept every head of a pass's, hashed before the pass
+      // attends and sorted by one lsh_sort (framework/attention_lsh.cpp,
+      // hash_pass).
       const bool saves_buckets = lsh_saves_buckets(cfg, sp, real_bytes);
       if (!saves_buckets) sort_heads = Hp;
+      b.add("rotations", G::activations,
+            saves_buckets ? "[n_hashes, dh, cols]" : "[Hp, n_hashes, dh, cols]",
+            {sort_heads, nh, dh, rotation_cols(cfg.buckets(), cfg.bucket_factor0())});
       b.add("perm", G::activations, saves_buckets ? "[rounds, Lfull]" : "[Hp, rounds, Lfull]",
             {saves_buckets ? 1 : Hp, rounds, Lfull}, true);
       if (saves_buckets) {

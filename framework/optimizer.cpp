@@ -114,11 +114,22 @@ Optimizer<T>::Optimizer(const OptimizerConfig& cfg, const ParamTable& table, Ops
     state_.push_back(StateTensor{state, param, std::move(shape), buffers_.back().data(), n});
   };
   const auto& ps = table.params();
+  // AdamW's moments lie as the parameters do, each in one buffer [P], so
+  // that consecutive tensors with the same hyperparameters update in one
+  // call (step).
+  T* moments[2] = {nullptr, nullptr};
+  if (cfg.name == OptimizerKind::adamw) {
+    for (T*& b : moments) {
+      buffers_.emplace_back(ops, table.total());
+      ops.fill(buffers_.back().data(), T(0), table.total());
+      b = buffers_.back().data();
+    }
+  }
   for (size_t k = 0; k < ps.size(); ++k) {
     const ParamInfo& p = ps[k];
     if (cfg.name == OptimizerKind::adamw) {
-      add("m", k, p.shape);
-      add("v", k, p.shape);
+      state_.push_back(StateTensor{"m", k, p.shape, moments[0] + p.offset, p.size});
+      state_.push_back(StateTensor{"v", k, p.shape, moments[1] + p.offset, p.size});
     } else if (cfg.name == OptimizerKind::adafactor) {
       const bool factored = p.rows() > 1 && p.cols() > 1;
       if (factored) {
@@ -137,38 +148,48 @@ Optimizer<T>::Optimizer(const OptimizerConfig& cfg, const ParamTable& table, Ops
 template <class T>
 void Optimizer<T>::step(T* params, const T* grads, int64_t step, double lr) {
   const auto& ps = table_.params();
+  if (ps.empty()) return;
+  if (cfg_.name == OptimizerKind::adamw) {
+    // One call per run of consecutive tensors with the same weight decay
+    // (every tensor's, one call, without decay): the moments lie as the
+    // parameters do (the constructor), and the update is elementwise.
+    AdamWParams a;
+    a.lr = float(lr);
+    a.beta1 = float(cfg_.beta1);
+    a.beta2 = float(cfg_.beta2);
+    a.eps = float(cfg_.eps);
+    a.step = step;
+    T* m = state_[0].data;
+    T* v = state_[1].data;
+    for (size_t k = 0; k < ps.size();) {
+      const float wd = ps[k].decay ? float(cfg_.weight_decay) : 0.0f;
+      size_t e = k + 1;
+      while (e < ps.size() && (ps[e].decay ? float(cfg_.weight_decay) : 0.0f) == wd) ++e;
+      const int64_t o = ps[k].offset, n = ps[e - 1].offset + ps[e - 1].size - o;
+      a.weight_decay = wd;
+      ops_.adamw_update(params + o, grads + o, m + o, v + o, n, a);
+      k = e;
+    }
+    return;
+  }
   // State tensors are laid out per parameter in constructor order.
   size_t si = 0;
   for (size_t k = 0; k < ps.size(); ++k) {
     const ParamInfo& p = ps[k];
     T* w = params + p.offset;
     const T* g = grads + p.offset;
-    const double wd = p.decay ? cfg_.weight_decay : 0.0;
-    if (cfg_.name == OptimizerKind::adamw) {
-      AdamWParams a;
-      a.lr = float(lr);
-      a.beta1 = float(cfg_.beta1);
-      a.beta2 = float(cfg_.beta2);
-      a.eps = float(cfg_.eps);
-      a.weight_decay = float(wd);
-      a.step = step;
-      T* m = state_[si++].data;
-      T* v = state_[si++].data;
-      ops_.adamw_update(w, g, m, v, p.size, a);
-    } else {
-      AdafactorParams a;
-      a.lr = float(lr);
-      a.beta1 = float(cfg_.beta1);
-      a.decay_rate = float(cfg_.decay_rate);
-      a.clip_threshold = float(cfg_.clip_threshold);
-      a.weight_decay = float(wd);
-      a.step = step;
-      const bool factored = p.rows() > 1 && p.cols() > 1;
-      T* vr = state_[si++].data;
-      T* vc = factored ? state_[si++].data : nullptr;
-      T* m = cfg_.beta1 > 0 ? state_[si++].data : nullptr;
-      ops_.adafactor_update(w, g, m, vr, vc, p.rows(), p.cols(), a);
-    }
+    AdafactorParams a;
+    a.lr = float(lr);
+    a.beta1 = float(cfg_.beta1);
+    a.decay_rate = float(cfg_.decay_rate);
+    a.clip_threshold = float(cfg_.clip_threshold);
+    a.weight_decay = p.decay ? float(cfg_.weight_decay) : 0.0f;
+    a.step = step;
+    const bool factored = p.rows() > 1 && p.cols() > 1;
+    T* vr = state_[si++].data;
+    T* vc = factored ? state_[si++].data : nullptr;
+    T* m = cfg_.beta1 > 0 ? state_[si++].data : nullptr;
+    ops_.adafactor_update(w, g, m, vr, vc, p.rows(), p.cols(), a);
   }
 }
 

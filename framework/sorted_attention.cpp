@@ -165,7 +165,7 @@ void SortedAttention<T>::hash_head(int l, int h, const T* qk, int64_t ld, uint64
     int32_t* b = s.buckets[size_t(li)].data() + int64_t(h) * s.R * s.L;
     if (rehash) {
       ops_.lsh_rotations(s.rot.data(), cfg_.training.seed, step, l, h, s.R, s.dh, s.nb, s.f0);
-      ops_.lsh_hash(b, qk, ld, s.rot.data(), s.L, s.dh, s.R, s.nb, s.f0);
+      ops_.lsh_hash(b, qk, ld, s.rot.data(), s.L, s.dh, s.R, s.nb, s.f0, 1);
     }
     ops_.lsh_sort(s.slot_order(), b, s.L, s.R, s.nb);
     ops_.bucket_histogram(mine, b, s.L, s.R, s.nb);

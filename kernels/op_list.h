@@ -133,8 +133,8 @@
     (R, seed, step, layer, head, n_hashes, dh, n_buckets, factor0))                         \
   X(void, lsh_hash,                                                                         \
     (int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh, int n_hashes,\
-     int n_buckets, int factor0),                                                           \
-    (buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0))                              \
+     int n_buckets, int factor0, int heads),                                                \
+    (buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0, heads))                       \
   X(void, lsh_sort,                                                                         \
     (int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets),        \
     (perm, buckets, L, n_hashes, n_buckets))                                                \

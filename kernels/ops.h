@@ -150,6 +150,9 @@ class Ops {
   //   buckets[r, i] = argmax(concat(y, -y)); otherwise b0 + factor0 * b1 with
   //   b0 = argmax(concat(y0, -y0)), y0 = y[0, factor0/2), b1 likewise over the
   //   rest of y. Ties go to the lowest index. Every id is in [0, n_buckets).
+  //   With heads > 1, `heads` heads side by side in one call: head j hashes
+  //   x_i = qk[i * ld + j * dh ..] with R + j * n_hashes * dh * cols into
+  //   buckets + j * n_hashes * L, as a call of its own would.
   //   lsh_sort: perm[r, s] = position at slot s when round r is sorted by
   //   (bucket, position). Requires buckets in [0, n_buckets) (lsh_hash's
   //   output always is); an id outside throws ShapeError - on the CPU at

@@ -58,8 +58,15 @@ void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int 
 
 template <class T>
 void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-              int n_hashes, int n_buckets, int factor0) {
+              int n_hashes, int n_buckets, int factor0, int heads) {
   check_lsh_factor(n_buckets, factor0);
+  if (heads > 1) {  // head by head (kernels/ops.h)
+    const int64_t nR = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
+    for (int j = 0; j < heads; ++j)
+      lsh_hash(buckets + int64_t(j) * n_hashes * L, qk + int64_t(j) * dh, ld, R + j * nR, L, dh,
+               n_hashes, n_buckets, factor0, 1);
+    return;
+  }
   const int cols = rotation_cols(n_buckets, factor0);
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
   const bool par = L * n_hashes * dh * cols >= kMinParallelWork;
@@ -143,8 +150,8 @@ void lsh_decode_keys(int32_t* keys, int32_t* sets, int32_t* history, const int32
 template void lsh_rotations<float>(float*, uint64_t, uint64_t, int, int, int, int, int, int);
 template void lsh_rotations<double>(double*, uint64_t, uint64_t, int, int, int, int, int, int);
 template void lsh_hash<float>(int32_t*, const float*, int64_t, const float*, int64_t, int, int,
-                              int, int);
+                              int, int, int);
 template void lsh_hash<double>(int32_t*, const double*, int64_t, const double*, int64_t, int, int,
-                               int, int);
+                               int, int, int);
 
 }  // namespace reformer::cpu

@@ -11,7 +11,7 @@ void lsh_rotations(T* R, uint64_t seed, uint64_t step, int layer, int head, int 
                    int n_buckets, int factor0);
 template <class T>
 void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
-              int n_hashes, int n_buckets, int factor0);
+              int n_hashes, int n_buckets, int factor0, int heads = 1);
 void lsh_sort(int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets);
 void lsh_pack_buckets(int32_t* packed, const int32_t* buckets, int64_t n, int n_buckets);
 void lsh_unpack_buckets(int32_t* buckets, const int32_t* packed, int64_t n);

@@ -280,6 +280,11 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
   const int g = lane / 4, t = lane % 4;
   // This thread's rows: row[m][h] = tile m's row g (h = 0) or g + 8 (h = 1).
   int64_t row[kHashM][2];
+  // Head blockIdx.y of a call's heads (kernels/ops.h): its columns of x,
+  // its rotations and its rounds' buckets.
+  x += int64_t(blockIdx.y) * kDh;
+  Rt += int64_t(blockIdx.y) * n_hashes * cols * kDh;
+  buckets += int64_t(blockIdx.y) * n_hashes * L;
 #pragma unroll
   for (int m = 0; m < kHashM; ++m) {
     row[m][0] = int64_t(blockIdx.x) * kHashRows + (warp * kHashM + m) * 16 + g;
@@ -399,19 +404,18 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
 
 template <int kDh, bool kFactorized>
 void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const __nv_bfloat16* Rt,
-                     int64_t L,
-                     int n_hashes, int cols, int h0, cudaStream_t stream) {
+                     int64_t L, int n_hashes, int cols, int h0, int heads, cudaStream_t stream) {
   auto* kernel = hash_mma_kernel<kDh, kFactorized>;
   const size_t smem = hash_smem_bytes(kDh);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  kernel<<<unsigned((L + kHashRows - 1) / kHashRows), kHashWarps * 32, smem, stream>>>(
-      buckets, x, ld, Rt, L, n_hashes, cols, h0);
+  const dim3 grid(unsigned((L + kHashRows - 1) / kHashRows), unsigned(heads));
+  kernel<<<grid, kHashWarps * 32, smem, stream>>>(buckets, x, ld, Rt, L, n_hashes, cols, h0);
   CUDA_CHECK_LAUNCH("hash_mma_kernel");
 }
 
 // The fused path for head width dh, or nullptr where it does not apply.
 using HashMmaLauncher = void (*)(int32_t*, const float*, int64_t, const __nv_bfloat16*, int64_t,
-                                 int, int, int, cudaStream_t);
+                                 int, int, int, int, cudaStream_t);
 HashMmaLauncher hash_mma_launcher(int dh, bool factorized) {
   switch (dh) {
     case 32: return factorized ? launch_hash_mma<32, true> : launch_hash_mma<32, false>;
@@ -555,19 +559,29 @@ void CudaOps::lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, i
 }
 
 void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const float* R, int64_t L,
-                       int dh, int n_hashes, int n_buckets, int factor0) {
+                       int dh, int n_hashes, int n_buckets, int factor0, int heads) {
   check_lsh_factor(n_buckets, factor0);
-  if (L <= 0 || n_hashes <= 0) return;
-  if (dh <= 0 || ld < dh) throw ShapeError("lsh_hash: need dh > 0 and ld >= dh");
+  if (L <= 0 || n_hashes <= 0 || heads <= 0) return;
+  if (dh <= 0 || ld < int64_t(heads) * dh)
+    throw ShapeError("lsh_hash: need dh > 0 and ld >= heads * dh");
   const int cols = rotation_cols(n_buckets, factor0);
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
+  const int64_t nR = int64_t(n_hashes) * dh * cols;  // one head's rotations
   if (auto launch = cuda::hash_mma_launcher(dh, h0 < cols)) {
-    const int64_t nR = int64_t(n_hashes) * dh * cols;
-    auto* Rt = static_cast<__nv_bfloat16*>(ws_.get(sizeof(__nv_bfloat16) * size_t(nR)));
-    cuda::rotations_bf16_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rt, R, dh,
-                                                                                   cols, nR);
+    // Every head in one launch: blocks of positions times heads fill the
+    // device where one head's positions leave it partly idle.
+    const int64_t n = heads * nR;
+    auto* Rt = static_cast<__nv_bfloat16*>(ws_.get(sizeof(__nv_bfloat16) * size_t(n)));
+    cuda::rotations_bf16_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(Rt, R, dh,
+                                                                                  cols, n);
     CUDA_CHECK_LAUNCH("rotations_bf16_kernel");
-    launch(buckets, qk, ld, Rt, L, n_hashes, cols, h0, stream_);
+    launch(buckets, qk, ld, Rt, L, n_hashes, cols, h0, heads, stream_);
+    return;
+  }
+  if (heads > 1) {  // head by head
+    for (int j = 0; j < heads; ++j)
+      lsh_hash(buckets + int64_t(j) * n_hashes * L, qk + int64_t(j) * dh, ld, R + j * nR, L, dh,
+               n_hashes, n_buckets, factor0, 1);
     return;
   }
   const int64_t m = int64_t(n_hashes) * cols;         // columns of Rcat and of the products
@@ -587,7 +601,6 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
   float* Y = cuda::Carve::at<float>(base, off_y);
   float* X = cuda::Carve::at<float>(base, off_x);
 
-  const int64_t nR = m * dh;
   cuda::concat_rounds_kernel<<<cuda::grid_for(nR), cuda::kThreads, 0, stream_>>>(Rcat, ldy, R, dh,
                                                                                 cols, nR);
   CUDA_CHECK_LAUNCH("concat_rounds_kernel");

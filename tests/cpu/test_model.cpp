@@ -287,12 +287,15 @@ TEST(Model, SavedBucketsEqualSavedOrders) {
     }
     EXPECT_EQ(out[1].first, out[0].first);
     EXPECT_EQ(out[1].second, out[0].second);
-    // Two steps of one LSH layer of 2 heads: 4 hashes; orders sort once per
-    // pass of heads (every head's rounds in one sort, hash_pass), buckets
-    // once per hash and once more in the backward and (unkept) the rebuild.
-    const int64_t hashes = calls[0][OpId::lsh_hash];
+    // Two steps of one LSH layer of 2 heads: 4 hashes of a head. Orders
+    // hash and sort once per pass of heads (every head of the pass in one
+    // lsh_hash and one lsh_sort, hash_pass); buckets hash and sort once
+    // per head, and sort once more in the backward and (unkept) the rebuild.
+    const int64_t hashes = calls[1][OpId::lsh_hash];
     EXPECT_EQ(hashes, 4);
-    EXPECT_EQ(calls[0][OpId::lsh_sort], hashes / attention_heads_per_pass(co, 1, 8));
+    const int64_t passes = hashes / attention_heads_per_pass(co, 1, 8);
+    EXPECT_EQ(calls[0][OpId::lsh_hash], passes);
+    EXPECT_EQ(calls[0][OpId::lsh_sort], passes);
     EXPECT_EQ(calls[0][OpId::lsh_pack_buckets], 0);
     EXPECT_EQ(calls[1][OpId::lsh_pack_buckets], hashes);
     const bool kept = cb.model.kept_layers == 2;  // no rebuild

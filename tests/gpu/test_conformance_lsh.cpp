@@ -5,10 +5,12 @@
 // another order on CUDA, so only a near-tie may flip - fewer than 0.5%
 // mismatches (at least 2 allowed), each within 2^-12 of the products'
 // magnitude.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/errors.h"
@@ -160,21 +162,22 @@ int64_t hash_mismatches(Dev& g, int64_t L, int dh, int n_hashes, int n_buckets, 
   auto dqk = g.up(qk), dR = g.up(Rc);
   IntBuffer<float> buckets(*g.ops, n_hashes * L);
   g.ops->lsh_hash(buckets.data(), dqk.data() + off, ld, dR.data(), L, dh, n_hashes, n_buckets,
-                  factor0);
+                  factor0, 1);
   const auto bg = g.down_i(buckets);
 
   std::vector<int32_t> bc;  // [n_hashes, check.size()]
   if (check.empty()) {
     for (int64_t i = 0; i < L; ++i) check.push_back(i);
     bc.resize(static_cast<size_t>(n_hashes * L));
-    cpu.lsh_hash(bc.data(), qk.data() + off, ld, Rc.data(), L, dh, n_hashes, n_buckets, factor0);
+    cpu.lsh_hash(bc.data(), qk.data() + off, ld, Rc.data(), L, dh, n_hashes, n_buckets, factor0,
+                 1);
   } else {
     const int64_t n = int64_t(check.size());
     bc.resize(static_cast<size_t>(n_hashes * n));
     std::vector<int32_t> one(static_cast<size_t>(n_hashes));
     for (int64_t c = 0; c < n; ++c) {
       cpu.lsh_hash(one.data(), qk.data() + off + check[size_t(c)] * ld, ld, Rc.data(), 1, dh,
-                   n_hashes, n_buckets, factor0);
+                   n_hashes, n_buckets, factor0, 1);
       for (int r = 0; r < n_hashes; ++r) bc[size_t(r * n + c)] = one[size_t(r)];
     }
   }
@@ -272,7 +275,7 @@ void hash_factorized(Dev& g) {
   const auto qk = random_vec(L * dh, 22);
   auto dqk = g.up(qk), dR = g.up(Rc);
   IntBuffer<float> buckets(*g.ops, nh * L);
-  g.ops->lsh_hash(buckets.data(), dqk.data(), dh, dR.data(), L, dh, nh, nb, f0);
+  g.ops->lsh_hash(buckets.data(), dqk.data(), dh, dR.data(), L, dh, nh, nb, f0, 1);
   const auto bg = g.down_i(buckets);
   std::vector<int64_t> count(static_cast<size_t>(nb), 0);
   for (int32_t b : bg) {
@@ -287,7 +290,7 @@ void hash_factorized(Dev& g) {
   cpu.lsh_sort(pc.data(), bg.data(), L, nh, nb);
   EXPECT_EQ(g.down_i(perm), pc) << "lsh_sort of factorized buckets";
   // A factor that does not divide n_buckets is refused.
-  EXPECT_THROW(g.ops->lsh_hash(buckets.data(), dqk.data(), dh, dR.data(), L, dh, nh, nb, 6),
+  EXPECT_THROW(g.ops->lsh_hash(buckets.data(), dqk.data(), dh, dR.data(), L, dh, nh, nb, 6, 1),
                ShapeError);
 }
 
@@ -359,7 +362,7 @@ void hash_timing(Dev& g) {
     IntBuffer<float> buckets(*g.ops, n_hashes * L), perm(*g.ops, n_hashes * L);
     auto hash = [&] {
       g.ops->lsh_hash(buckets.data(), qk.data(), dh, R.data(), L, dh, n_hashes, n_buckets,
-                      factor0);
+                      factor0, 1);
     };
     hash();
     g.ops->synchronize();
@@ -432,7 +435,40 @@ void pack_rejects_out_of_range(Dev& g) {
   EXPECT_NO_THROW(g.down_i(packed));
 }
 
+// lsh_hash of several heads side by side in one call (a pass's heads; CUDA:
+// one launch over positions x heads) gives each head the bits of a call of
+// its own, whose buckets the cases above check against the CPU: widths the
+// fused kernel takes (64; 128 with factorized buckets) and one it does not
+// (48, head by head), rows wider than the heads (ld = heads dh + 5).
+void hash_heads_in_one_call(Dev& g) {
+  for (const auto& [dh, n_buckets, factor0] : {std::tuple{64, 16, 0}, std::tuple{128, 64, 8},
+                                               std::tuple{48, 16, 0}}) {
+    SCOPED_TRACE("dh " + std::to_string(dh));
+    const int heads = 3, n_hashes = 2;
+    const int64_t L = 1000, ld = int64_t(heads) * dh + 5;
+    const int64_t nR = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
+    IntBuffer<float> all(*g.ops, heads * n_hashes * L), one(*g.ops, n_hashes * L);
+    Buffer<float> R(*g.ops, heads * nR);
+    for (int j = 0; j < heads; ++j)
+      g.ops->lsh_rotations(R.data() + j * nR, 9, 2, 1, j, n_hashes, dh, n_buckets, factor0);
+    auto qk = g.up(random_vec(L * ld, 31));
+    g.ops->lsh_hash(all.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, factor0,
+                    heads);
+    const auto got = g.down_i(all);
+    for (int j = 0; j < heads; ++j) {
+      g.ops->lsh_hash(one.data(), qk.data() + j * dh, ld, R.data() + j * nR, L, dh, n_hashes,
+                      n_buckets, factor0, 1);
+      const auto want = g.down_i(one);
+      EXPECT_TRUE(std::equal(want.begin(), want.end(), got.begin() + j * n_hashes * L))
+          << "head " << j;
+    }
+  }
+}
+
 TEST(LshHash, Basic) { on_each(all_backends(), hash_basic); }
+TEST(LshHash, HeadsInOneCallEqualCallsOfTheirOwn) {
+  on_each(all_backends(), hash_heads_in_one_call);
+}
 TEST(LshHash, ManyBuckets) { on_each(all_backends(), hash_many_buckets); }
 TEST(LshHash, OddSizes) { on_each(all_backends(), hash_odd_sizes); }
 TEST(LshHash, Factorized) { on_each(all_backends(), hash_factorized); }
