@@ -62,6 +62,15 @@ struct AttentionScratch {
                            // ([heads_per_pass, n_hashes, L] where hash_pass sorts a pass)
   IntBuffer<T> order;      // [n_hashes, L]: one head's sorted orders (shape.saved_buckets)
   IntBuffer<T> identity;   // [L] 0, 1, ..., L-1 (local attention's order)
+  // A kept layer's AttentionParams::kept for each head of its pass, slots
+  // of kept_slot elements (Ops::attention_kept_elems), swapped in around
+  // the layer's attention forward and backward; empty otherwise.
+  Buffer<T> kept;
+  int64_t kept_slot = 0;
+  void* kept_of(int h) {
+    return kept.size() > 0 ? static_cast<void*>(kept.data() + int64_t(h % slots) * kept_slot)
+                           : nullptr;
+  }
 };
 
 template <class T>

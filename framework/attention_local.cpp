@@ -19,13 +19,16 @@ class LocalAttention final : public AttentionKindImpl<T> {
   const char* name() const override { return "local"; }
 
   void forward(int h, const T* qk, const T* v, T* ao, uint64_t, bool) override {
-    ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, s_.identity.data(), ap_);
+    AttentionParams ap = ap_;
+    ap.kept = s_.kept_of(h);
+    ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, s_.identity.data(), ap);
   }
 
   void backward(int h, const T* qk, const T* v, T* ao, const T* dao, T* dqk, T* dv,
                 bool accumulate) override {
     AttentionParams ap = ap_;
     ap.accumulate = accumulate;
+    ap.kept = s_.kept_of(h);
     ops_.chunked_attention_backward(dqk, dv, dao, qk, v, s_.identity.data(), ao, shape_.ld,
                                     s_.lse_of(h), ap);
   }

@@ -52,6 +52,7 @@ class LshAttention final : public AttentionKindImpl<T> {
     // one round's output at a time (kernels/ops.h, fold_rounds).
     AttentionParams ap = ap_;
     ap.fold_rounds = shape_.by_round;
+    ap.kept = s_.kept_of(h);
     ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap);
   }
 
@@ -87,6 +88,7 @@ class LshAttention final : public AttentionKindImpl<T> {
     // By round, each round's share is added in turn, so the op holds one
     // round's per-round state (kernels/ops.h, fold_rounds).
     ap.fold_rounds = shape_.by_round;
+    ap.kept = s_.kept_of(h);
     ops_.chunked_attention_backward(dqk, dv, dao, qk, v, sorted_orders(h), ao, shape_.ld,
                                     s_.lse_of(h), ap);
   }

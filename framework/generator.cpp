@@ -125,10 +125,9 @@ void Generator<T>::attend(int l, int64_t rows) {
   p.dh = dh_;
   p.ld = HD;
   p.causal = true;
-  const int64_t per_head = int64_t(s.nh) * dh_ * s.cols;
   if (kind == AttentionKind::lsh) {
     // Every round's bucket of the step's rows, [H * n_hashes, rows]: every
-    // head in one call (head h's rotations at h * per_head).
+    // head in one call (head h's rotations at h * n_hashes * dh * cols).
     ops_.lsh_hash(s.bucket.data(), s.k[size_t(l)].data() + pos_ * HD, HD,
                   s.rot[size_t(l)].data(), rows, dh_, s.nh, s.nb, s.f0, H_);
     p.rounds = s.nh;

@@ -403,6 +403,11 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     for (const char* n : {"kept qk", "kept v", "kept ao"})
       b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
     b.add("kept lse", G::activations, "lse per kept layer", {plan.count("lse")}, false, kept);
+    // CUDA: each head's operands as the tensor-core forward staged them,
+    // read by its backward instead of staging them again.
+    b.add("kept attention staging", G::activations,
+          "[heads, staged q, k_hat, v, |k|] per kept layer",
+          {Hloc, kept_attention_staged(cfg, real_bytes)}, false, kept);
   }
   if (keeps_attention_outputs(cfg, sp, real_bytes)) {
     // Every pass's outputs ao, stashed (Ops::stash: bf16 on CUDA), and
@@ -514,6 +519,12 @@ int64_t kept_ln_cols(const Config& cfg, int real_bytes) {
   const int64_t D = cfg.model.d_model;
   if (!cuda_layouts(cfg, real_bytes)) return D;
   return layernorm_ffn_ln_cols(D, cfg.model.d_ff);
+}
+
+int64_t kept_attention_staged(const Config& cfg, int real_bytes) {
+  if (!cuda_layouts(cfg, real_bytes) || cfg.attention.precision != AttentionPrecision::bf16)
+    return 0;
+  return (attention_kept_bytes(cfg.model.max_len, cfg.head_dim()) + 3) / 4;
 }
 
 bool keeps_ffn_hidden(const Config& cfg, int real_bytes) {

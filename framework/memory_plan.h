@@ -158,6 +158,11 @@ bool keeps_ffn_hidden(const Config& cfg, int real_bytes = 4);
 // training.device is cuda (resolved) and real_bytes 4 (D / 2: bf16 rows),
 // else d_model.
 int64_t kept_ln_cols(const Config& cfg, int real_bytes = 4);
+// Floats per head of a kept layer's staged attention operands ("kept
+// attention staging", AttentionParams::kept: attention_kept_bytes,
+// kernels/common/params.h) where training.device is cuda, real_bytes 4 and
+// attention.precision bf16; else 0 (nothing kept).
+int64_t kept_attention_staged(const Config& cfg, int real_bytes = 4);
 // `cfg` with model.kept_layers chosen for a device of `device_bytes` when it
 // is auto: the most layers whose whole plan takes at most kAutoPassFraction
 // of the device; 0 when device_bytes <= 0 (the CPU). Unchanged otherwise.

@@ -75,6 +75,7 @@ struct ReformerModel<T>::Scratch {
   struct Kept {
     Buffer<T> x1, x2, fln, fmean, frstd, fa, fh;
     Buffer<T> qk, v, ao, lse;
+    Buffer<T> staged;  // its heads' AttentionParams::kept (AttentionScratch::kept)
     Buffer<T> ao_st, lse_all;  // attn_stashed: every pass's ao (stashed) and lse
   };
   std::vector<Kept> kept;
@@ -102,7 +103,7 @@ struct ReformerModel<T>::Scratch {
   }
   void swap_attention(Kept& k) {
     std::swap(qk, k.qk); std::swap(v, k.v); std::swap(ao, k.ao);
-    std::swap(attn.lse, k.lse);
+    std::swap(attn.lse, k.lse); std::swap(attn.kept, k.staged);
   }
 };
 
@@ -180,6 +181,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     const bool by_round = attention_by_round(cfg, shard.size, int(sizeof(T)));
     s.attn.lse = buf("lse");
     s.attn.slots = Hp_;
+    s.attn.kept_slot = kept_attention_staged(cfg, int(sizeof(T)));
     s.attn.lse_slot = plan.count("lse") / s.attn.slots;
     const bool saved_buckets = lsh_saves_buckets(cfg, shard.size, int(sizeof(T)));
     if (any_lsh) {
@@ -244,6 +246,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     if (s.attn_kept) {
       K.qk = buf("kept qk"); K.v = buf("kept v"); K.ao = buf("kept ao");
       K.lse = buf("kept lse");
+      K.staged = buf("kept attention staging");
     }
     if (s.attn_stashed) {
       K.ao_st = buf("kept ao stash");

@@ -47,6 +47,14 @@ class Ops {
   // Elements of a stash of n values (stash, below): n here, fewer where the
   // backend stashes in a narrower type (CUDA: (n + 1) / 2, bf16 pairs).
   virtual int64_t stash_elems(int64_t n) const { return n; }
+  // Elements of AttentionParams::kept for a chunked attention call over L
+  // positions of width dh at precision `prec`: 0 where the backend keeps
+  // nothing (here; CUDA: attention_kept_bytes for bf16, kernels/common/
+  // params.h).
+  virtual int64_t attention_kept_elems(int64_t /*L*/, int /*dh*/,
+                                       AttentionPrecision /*prec*/) const {
+    return 0;
+  }
   // Allocates the backend's op scratch now, at least `bytes` (exactly, where
   // it grows): the memory plan's estimate of the largest request of a step,
   // so that the step allocates nothing and no growth margin is held. A

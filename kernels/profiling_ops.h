@@ -103,6 +103,9 @@ class ProfilingOps final : public Ops<float> {
     return inner_.layernorm_ffn_ln_cols(C, F);
   }
   int64_t stash_elems(int64_t n) const override { return inner_.stash_elems(n); }
+  int64_t attention_kept_elems(int64_t L, int dh, AttentionPrecision prec) const override {
+    return inner_.attention_kept_elems(L, dh, prec);
+  }
   void reserve_workspace(int64_t bytes) override { inner_.reserve_workspace(bytes); }
   REFORMER_OPS(REFORMER_DECLARE_OP_OVERRIDE)
 

@@ -86,7 +86,24 @@ struct AttentionParams {
   // is one round's [L, dh], each round folded into out (fold_round) as it
   // comes; the backward adds each round's share of the gradients in turn.
   bool fold_rounds = false;
+  // A chunked call's operands as the backend stages them, kept from a
+  // forward to the backward of the same head (Ops::attention_kept_elems
+  // elements; null: none). A forward that is given it leaves its staged
+  // q, k_hat, v there, and the backward given the same buffer and the same
+  // qk, v reads them instead of staging them again (the same values, so
+  // the same results). Ignored where the backend keeps nothing (the CPU,
+  // fp32 attention) and with fold_rounds.
+  void* kept = nullptr;
 };
+
+// Bytes of AttentionParams::kept for the CUDA tensor-core attention over L
+// positions of width dh: q, k_hat and v staged in bf16 [3, L, DH] (DH = dh
+// padded to 32, 64 or 128) and |k| [L] in fp32 (kernels/cuda/
+// attention_common.cuh, kept_stage).
+inline int64_t attention_kept_bytes(int64_t L, int dh) {
+  const int64_t DH = dh <= 32 ? 32 : dh <= 64 ? 64 : 128;
+  return 3 * L * DH * 2 + 4 * L;
+}
 
 // One decoding step of attention (kernels/ops.h, decode_attention): per head,
 // one query against `rounds` sets of earlier positions gathered from a

@@ -315,6 +315,8 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                   const float* qk, const float* v, const float* lse, cudaStream_t s) {
   if (p.precision == AttentionPrecision::bf16) {  // direct, or bf16 rounds and their sum
     const bool direct = mma_backward_direct(p, FULL);
+    // The forward's staged operands and |k|, where it kept them.
+    void* kept = FULL ? nullptr : p.kept;
     // Without accumulate the direct kernels write: the query side its dq
     // rows, the key side dv and its dk_hat rows added onto them (no zeroing
     // pass over the [L, dh] slices of dqk and dv).
@@ -322,11 +324,12 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                       dqk,
                       dv,
                       direct,
-                      sc.norm,
+                      kept ? kept_norm(kept, p.L, p.dh) : sc.norm,
                       direct || !dqk ? nullptr : sc.dq_b,
                       direct || !dqk ? nullptr : sc.dkh_b,
                       direct || !dv ? nullptr : sc.dv_b,
-                      p.accumulate};
+                      p.accumulate,
+                      kept};
     mma_attention_backward(p, g.perm, FULL, qk, v, dout, out, ld_out, lse, sc.rm, sc.riz, sc.rD,
                            o, sc.stage, s);
     return;

@@ -369,6 +369,13 @@ inline int kernel_dhm(int dh) {
   return 128;
 }
 
+// AttentionParams::kept (attention_kept_bytes, kernels/common/params.h): a
+// tensor-core forward's staged q, k_hat, v [3, L, DH] bf16, where a
+// staging area puts them (launch_mma_stage), then |k| [L].
+inline float* kept_norm(void* kept, int64_t L, int dh) {
+  return reinterpret_cast<float*>(static_cast<__nv_bfloat16*>(kept) + 3 * L * kernel_dhm(dh));
+}
+
 template <class Kernel>
 void set_smem(Kernel k, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
@@ -557,6 +564,9 @@ struct MmaBwdOut {
   // them), the key side adds dk_hat (also onto the query side's rows when
   // dq is wanted) and dv (else writes them).
   bool add;
+  // AttentionParams::kept of a chunked call: q, k_hat, v staged there by
+  // the forward (norm then points into it too), so only dout is staged.
+  void* kept = nullptr;
 };
 inline bool mma_backward_direct(const AttentionParams& p, bool full) {
   return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);

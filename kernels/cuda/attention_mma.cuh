@@ -289,6 +289,10 @@ struct MmaStage {
   int64_t ld_out = 0;
   const float* lse = nullptr;
   int R = 0;
+  // Operands a < first are staged already (a forward's, kept:
+  // AttentionParams::kept): their dst come from the kept buffer and they
+  // are not read or written (khat_from_q is then false).
+  int first = 0;
 };
 
 // One warp per position. Every load of the row is issued before the first
@@ -322,7 +326,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {
     if (a >= st.n) break;
-    if (a == 1 && st.khat_from_q) continue;  // from operand 0 below
+    if (a < st.first || (a == 1 && st.khat_from_q)) continue;  // kept; k_hat from q below
     load_pairs(st.src[a] + pos * st.lds[a], x[a]);
   }
   float o[K][2] = {};
@@ -353,6 +357,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {
     if (a >= st.n) break;
+    if (a < st.first) continue;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int d = 2 * lane + 64 * k;
@@ -389,10 +394,13 @@ inline bool mma_stage_pairs(const AttnGeom& g, int DH, const MmaStage& st) {
   return ok;
 }
 
-// Fills st.dst[a] (consecutive [L, DH] arrays from `stage`) from st.src / st.lds.
+// Fills st.dst[a] (consecutive [L, DH] arrays from `stage`) from st.src /
+// st.lds; operands a < st->first are in `kept` at the same places (kept_stage).
 template <int DH>
-void launch_mma_stage(const AttnGeom& g, void* stage, MmaStage* st, cudaStream_t s) {
-  for (int a = 0; a < st->n; ++a) st->dst[a] = static_cast<bf16*>(stage) + a * g.L * DH;
+void launch_mma_stage(const AttnGeom& g, void* stage, MmaStage* st, cudaStream_t s,
+                      void* kept = nullptr) {
+  for (int a = 0; a < st->n; ++a)
+    st->dst[a] = static_cast<bf16*>(a < st->first ? kept : stage) + a * g.L * DH;
   const unsigned blocks = unsigned((g.L + kStageWarps - 1) / kStageWarps);
   if (mma_stage_pairs(g, DH, *st))
     mma_stage_kernel<DH, true><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);

@@ -931,15 +931,17 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
 
 // q, k_hat (from qk; |k| into norm, for the key side's direct writes or the
 // round sum), v and dout staged, with the row statistics of `rounds` rounds
-// from dout, out and lse.
+// from dout, out and lse. With kept (AttentionParams::kept) q, k_hat, v and
+// |k| are the forward's there: only dout is staged.
 template <int DH>
 MmaStage stage_mma_backward(const AttnGeom& g, int rounds, const float* qk, const float* v,
                             const float* dout, const float* out, int64_t ld_out,
                             const float* lse, float* rm, float* riz, float* rD, float* norm,
-                            void* stage, cudaStream_t s) {
-  MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, true, norm,
+                            void* stage, cudaStream_t s, void* kept = nullptr) {
+  MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, !kept, norm,
               rm, riz, rD, out, ld_out, lse, rounds};
-  launch_mma_stage<DH>(g, stage, &st, s);
+  st.first = kept ? 3 : 0;
+  launch_mma_stage<DH>(g, stage, &st, s, kept);
   return st;
 }
 
@@ -994,7 +996,7 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
                          cudaStream_t s) {
   const MmaStage st =
       stage_mma_backward<DH>(g, rounds, qk, v, dout, out, ld_out, lse, rm, riz, rD, o.norm,
-                             stage, s);
+                             stage, s, o.kept);
   launch_mma_backward_kernels<DH, FULL>(g, rounds, st, rm, riz, rD, o, s);
   if (o.direct) return;
   launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, qk, o.norm, g.L,

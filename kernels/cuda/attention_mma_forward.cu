@@ -407,8 +407,8 @@ void launch_mma_forward_kernels(const AttnGeom& g, int rounds, const MmaStage& s
 // the forward skips the fp32 k_hat).
 template <int DH>
 MmaStage stage_mma_forward(const AttnGeom& g, const float* qk, const float* khat,
-                           const float* v, void* stage, cudaStream_t s) {
-  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, nullptr};
+                           const float* v, void* stage, cudaStream_t s, float* norm = nullptr) {
+  MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, norm};
   launch_mma_stage<DH>(g, stage, &st, s);
   return st;
 }
@@ -416,8 +416,8 @@ MmaStage stage_mma_forward(const AttnGeom& g, const float* qk, const float* khat
 template <int DH, bool FULL>
 void launch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                         const float* v, float* out, bf16* out_b, float* lse, void* stage,
-                        cudaStream_t s) {
-  const MmaStage st = stage_mma_forward<DH>(g, qk, khat, v, stage, s);
+                        cudaStream_t s, float* norm) {
+  const MmaStage st = stage_mma_forward<DH>(g, qk, khat, v, stage, s, norm);
   launch_mma_forward_kernels<DH, FULL>(g, rounds, st, out, out_b, lse, s);
 }
 
@@ -476,12 +476,16 @@ __global__ void combine_bf16_kernel(float* out, int64_t ld, const bf16* out_b, c
 template <bool FULL>
 void dispatch_mma_forward(const AttnGeom& g, int rounds, const float* qk, const float* khat,
                           const float* v, float* out, bf16* out_b, float* lse, void* stage,
-                          cudaStream_t s) {
+                          cudaStream_t s, float* norm = nullptr) {
   switch (kernel_dhm(g.dh)) {
-    case 32: launch_mma_forward<32, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s); break;
-    case 64: launch_mma_forward<64, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s); break;
+    case 32:
+      launch_mma_forward<32, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s, norm);
+      break;
+    case 64:
+      launch_mma_forward<64, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s, norm);
+      break;
     default:
-      launch_mma_forward<128, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s);
+      launch_mma_forward<128, FULL>(g, rounds, qk, khat, v, out, out_b, lse, stage, s, norm);
       break;
   }
 }
@@ -495,6 +499,9 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
   g.pairs = mma_pairs(g.dh, full ? g.ld : g.dh, {out});
   if (full)
     dispatch_mma_forward<true>(g, 1, qk, khat, v, out, nullptr, lse, stage, s);
+  else if (p.kept && !khat)  // staged into p.kept, with |k| (kept_stage)
+    dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, nullptr, lse, p.kept, s,
+                                kept_norm(p.kept, p.L, p.dh));
   else
     dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, nullptr, lse, stage, s);
 }
@@ -525,7 +532,11 @@ void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, con
                               const float* v, float* out, __nv_bfloat16* out_b, float* lse,
                               void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, false);
-  dispatch_mma_forward<false>(g, p.n_rounds, qk, nullptr, v, nullptr, out_b, lse, stage, s);
+  // With p.kept the operands are staged there (kept_stage), with |k|, for
+  // the backward of this head.
+  dispatch_mma_forward<false>(g, p.n_rounds, qk, nullptr, v, nullptr, out_b, lse,
+                              p.kept ? p.kept : stage, s,
+                              p.kept ? kept_norm(p.kept, p.L, p.dh) : nullptr);
   const int dhm = kernel_dhm(p.dh);
   const int E = dhm / 32;
   const bool vec = p.dh == dhm && p.ld % E == 0 && aligned(out, sizeof(float) * E);

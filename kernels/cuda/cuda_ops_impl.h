@@ -54,6 +54,9 @@ class CudaOps final : public Ops<float> {
     return reformer::layernorm_ffn_ln_cols(C, F);
   }
   int64_t stash_elems(int64_t n) const override { return bf16_stash_elems(n); }
+  int64_t attention_kept_elems(int64_t L, int dh, AttentionPrecision prec) const override {
+    return prec == AttentionPrecision::bf16 ? (attention_kept_bytes(L, dh) + 3) / 4 : 0;
+  }
   void reserve_workspace(int64_t bytes) override {
     if (bytes > 0) ws_.reserve(size_t(bytes));
   }
