@@ -383,6 +383,68 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
   }
 }
 
+// The backward's staging where the forward's q, k_hat and v are kept
+// (st.first == 3, AttentionParams::kept): dout staged and the row
+// statistics, as mma_stage_kernel computes them (the same values), for
+// kStageDoutRows consecutive positions per warp whose dout and out rows are
+// all loaded before the first is used. One position per warp, as there,
+// left each warp with two rows in flight: 53.9 us a call at 64K against
+// the 27 us its bytes take (bench/RESULTS.md).
+constexpr int kStageDoutRows = 4;
+template <int DH, bool kPairs>
+__global__ void __launch_bounds__(32 * kStageWarps)
+    mma_stage_dout_kernel(AttnGeom g, MmaStage st) {
+  constexpr int K = (DH + 63) / 64;  // column pairs per lane
+  constexpr int P = kStageDoutRows;
+  const int64_t pos0 = (int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5)) * P;
+  if (pos0 >= g.L) return;
+  const int lane = threadIdx.x & 31;
+  auto load_pairs = [&](const float* row, float (*x)[2]) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int d = 2 * lane + 64 * k;
+      if (d >= DH) break;
+      if (kPairs) {
+        const float2 v = *reinterpret_cast<const float2*>(row + d);
+        x[k][0] = bf16_value(v.x);
+        x[k][1] = bf16_value(v.y);
+      } else {
+        x[k][0] = d < g.dh ? bf16_value(row[d]) : 0.0f;
+        x[k][1] = d + 1 < g.dh ? bf16_value(row[d + 1]) : 0.0f;
+      }
+    }
+  };
+  float x[P][K][2] = {}, o[P][K][2] = {};
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t pos = pos0 + p;
+    if (pos >= g.L) break;
+    load_pairs(st.src[3] + pos * st.lds[3], x[p]);
+    load_pairs(st.out + pos * st.ld_out, o[p]);
+  }
+#pragma unroll
+  for (int p = 0; p < P; ++p) {
+    const int64_t pos = pos0 + p;
+    if (pos >= g.L) break;
+    const RoundWeights w = round_weights(st.lse, g.L, pos, st.R);
+    float dsum = 0.0f;  // dout . out, over dout's pairs in order
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int d = 2 * lane + 64 * k;
+      if (d >= DH) break;
+      *reinterpret_cast<uint32_t*>(st.dst[3] + pos * DH + d) = pack_bf16(x[p][k][0], x[p][k][1]);
+      if (d < g.dh) dsum += x[p][k][0] * o[p][k][0];
+      if (d + 1 < g.dh) dsum += x[p][k][1] * o[p][k][1];
+    }
+    dsum = warp_sum(dsum);
+    if (lane == 0) {
+      st.rm[pos] = w.m;
+      st.riz[pos] = w.inv_z;
+      st.rD[pos] = dsum;
+    }
+  }
+}
+
 // Whether every staged row (and `out`) can be read in 8-byte pairs.
 inline bool mma_stage_pairs(const AttnGeom& g, int DH, const MmaStage& st) {
   bool ok = g.dh == DH;
@@ -401,6 +463,16 @@ void launch_mma_stage(const AttnGeom& g, void* stage, MmaStage* st, cudaStream_t
                       void* kept = nullptr) {
   for (int a = 0; a < st->n; ++a)
     st->dst[a] = static_cast<bf16*>(a < st->first ? kept : stage) + a * g.L * DH;
+  if (st->first == 3 && st->n == 4 && st->rm) {  // dout only (kept operands)
+    const int64_t rows = int64_t(kStageWarps) * kStageDoutRows;
+    const unsigned blocks = unsigned((g.L + rows - 1) / rows);
+    if (mma_stage_pairs(g, DH, *st))
+      mma_stage_dout_kernel<DH, true><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
+    else
+      mma_stage_dout_kernel<DH, false><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
+    CUDA_CHECK_LAUNCH("mma_stage_dout_kernel");
+    return;
+  }
   const unsigned blocks = unsigned((g.L + kStageWarps - 1) / kStageWarps);
   if (mma_stage_pairs(g, DH, *st))
     mma_stage_kernel<DH, true><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
