@@ -406,7 +406,7 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     // CUDA: each head's operands as the tensor-core forward staged them,
     // read by its backward instead of staging them again.
     b.add("kept attention staging", G::activations,
-          "[heads, staged q, k_hat, v, |k|] per kept layer",
+          "[heads, staged q, k_hat, v and norms] per kept layer",
           {Hloc, kept_attention_staged(cfg, real_bytes)}, false, kept);
   }
   if (keeps_attention_outputs(cfg, sp, real_bytes)) {
