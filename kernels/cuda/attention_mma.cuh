@@ -295,6 +295,28 @@ struct MmaStage {
   int first = 0;
 };
 
+// Lane `lane`'s column pairs 2 lane + 64 k of an fp32 row, as bf16 values
+// (0 past dh), for k < (DH + 63) / 64: one 8-byte load per pair with
+// kPairs (dh == DH, rows 8-byte aligned: mma_stage_pairs).
+template <int DH, bool kPairs>
+__device__ __forceinline__ void load_stage_pairs(const float* row, float (*x)[2], int lane,
+                                                 int dh) {
+  constexpr int K = (DH + 63) / 64;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int d = 2 * lane + 64 * k;
+    if (d >= DH) break;
+    if (kPairs) {
+      const float2 v = *reinterpret_cast<const float2*>(row + d);
+      x[k][0] = bf16_value(v.x);
+      x[k][1] = bf16_value(v.y);
+    } else {
+      x[k][0] = d < dh ? bf16_value(row[d]) : 0.0f;
+      x[k][1] = d + 1 < dh ? bf16_value(row[d + 1]) : 0.0f;
+    }
+  }
+}
+
 // One warp per position. Every load of the row is issued before the first
 // store (the operands, `out` for the statistics, q once more by columns for
 // the norm), so a warp has them all in flight at once; lane l takes the
@@ -308,19 +330,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
   if (pos >= g.L) return;
   const int lane = threadIdx.x & 31;
   auto load_pairs = [&](const float* row, float (*x)[2]) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int d = 2 * lane + 64 * k;
-      if (d >= DH) break;
-      if (kPairs) {
-        const float2 v = *reinterpret_cast<const float2*>(row + d);
-        x[k][0] = bf16_value(v.x);
-        x[k][1] = bf16_value(v.y);
-      } else {
-        x[k][0] = d < g.dh ? bf16_value(row[d]) : 0.0f;
-        x[k][1] = d + 1 < g.dh ? bf16_value(row[d + 1]) : 0.0f;
-      }
-    }
+    load_stage_pairs<DH, kPairs>(row, x, lane, g.dh);
   };
   float x[kMmaMaxStaged][K][2] = {};
 #pragma unroll
@@ -400,19 +410,7 @@ __global__ void __launch_bounds__(32 * kStageWarps)
   if (pos0 >= g.L) return;
   const int lane = threadIdx.x & 31;
   auto load_pairs = [&](const float* row, float (*x)[2]) {
-#pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int d = 2 * lane + 64 * k;
-      if (d >= DH) break;
-      if (kPairs) {
-        const float2 v = *reinterpret_cast<const float2*>(row + d);
-        x[k][0] = bf16_value(v.x);
-        x[k][1] = bf16_value(v.y);
-      } else {
-        x[k][0] = d < g.dh ? bf16_value(row[d]) : 0.0f;
-        x[k][1] = d + 1 < g.dh ? bf16_value(row[d + 1]) : 0.0f;
-      }
-    }
+    load_stage_pairs<DH, kPairs>(row, x, lane, g.dh);
   };
   float x[P][K][2] = {}, o[P][K][2] = {};
 #pragma unroll

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -21,28 +20,18 @@
 
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
+#include "tests/common/patterns.h"
 
 using namespace reformer;
 
 namespace {
 
-std::vector<float> pattern(int64_t n, uint32_t seed) {
-  std::vector<float> v(static_cast<size_t>(n));
-  uint32_t s = seed;
-  for (auto& x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = float(int32_t(s >> 8) % 2001 - 1000) / 1000.0f;
-  }
-  return v;
-}
+using test::pattern;
+using test::same_bits;
 
 struct Result {
   std::vector<float> out, lse, dqk, dv;
 };
-
-bool same(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
 
 TEST(CudaAttentionKept, BackwardReadsTheForwardsStagedOperandsForTheSameBits) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
@@ -97,14 +86,14 @@ TEST(CudaAttentionKept, BackwardReadsTheForwardsStagedOperandsForTheSameBits) {
       };
       const Result base = run(false, false), with = run(true, false), moved = run(true, true);
       const Result unkept_moved = run(false, true);
-      EXPECT_TRUE(same(with.out, base.out) && same(with.lse, base.lse)) << "forward";
-      EXPECT_TRUE(same(with.dqk, base.dqk)) << "dqk";
-      EXPECT_TRUE(same(with.dv, base.dv)) << "dv";
-      EXPECT_TRUE(same(moved.dqk, base.dqk) && same(moved.dv, base.dv))
+      EXPECT_TRUE(same_bits(with.out, base.out) && same_bits(with.lse, base.lse)) << "forward";
+      EXPECT_TRUE(same_bits(with.dqk, base.dqk)) << "dqk";
+      EXPECT_TRUE(same_bits(with.dv, base.dv)) << "dv";
+      EXPECT_TRUE(same_bits(moved.dqk, base.dqk) && same_bits(moved.dv, base.dv))
           << "the backward read v, not the kept operands";
       // Without kept, the changed v does change the gradients (the check
       // above could fail).
-      EXPECT_FALSE(same(unkept_moved.dqk, base.dqk) && same(unkept_moved.dv, base.dv));
+      EXPECT_FALSE(same_bits(unkept_moved.dqk, base.dqk) && same_bits(unkept_moved.dv, base.dv));
     }
   }
 }

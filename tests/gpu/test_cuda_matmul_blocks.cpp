@@ -10,31 +10,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <memory>
 #include <vector>
 
 #include "kernels/common/gemm_staging.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
+#include "tests/common/patterns.h"
 
 using namespace reformer;
 
 namespace {
 
-std::vector<float> pattern(int64_t n, uint32_t seed) {
-  std::vector<float> v(static_cast<size_t>(n));
-  uint32_t s = seed;
-  for (auto& x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = float(int32_t(s >> 8) % 2001 - 1000) / 1000.0f;
-  }
-  return v;
-}
-
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
+using test::pattern;
+using test::same_bits;
 
 TEST(CudaMatmulBlocks, ManyBlocksEqualTheOpsCalledBlockByBlock) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
