@@ -56,12 +56,13 @@ class LshAttention final : public AttentionKindImpl<T> {
     ops_.chunked_attention_forward(ao, nullptr, s_.lse_of(h), qk, v, perm, ap);
   }
 
-  // The heads' bucket ids into the scratch ([heads, rounds, L]), then one
-  // sort of all their rounds into their saved orders (heads h0 .. are
-  // consecutive there): a sort of a few hundred thousand keys costs about
-  // as much as one of millions (bench/RESULTS.md).
-  // Where this rank hashes every round of its heads (not pairs mode), the
-  // heads' rotations side by side and one lsh_hash of all of them too.
+  // The heads' bucket ids into the scratch ([heads, rounds, L]), by one
+  // lsh_hash of all of them (their rotations side by side) where this rank
+  // hashes every round of its heads (not pairs mode), then one sort of all
+  // their rounds into their saved orders (heads h0 .. are consecutive
+  // there). The calls cost little more than one head's: at 16K tokens a
+  // sort of 64K keys took 35 us, one of 512K 46 us (bench/RESULTS.md,
+  // 2026-12-02 (seventeenth)).
   bool hash_pass(int h0, int heads, const T* qk, uint64_t step) override {
     if (shape_.saved_buckets) return false;
     if (nh_ == cfg_.attention.n_hashes) {

@@ -99,7 +99,7 @@ struct AttentionParams {
 // Bytes of AttentionParams::kept for the CUDA tensor-core attention over L
 // positions of width dh: q, k_hat and v staged in bf16 [3, L, DH] (DH = dh
 // padded to 32, 64 or 128) and |k| [L] in fp32 (kernels/cuda/
-// attention_common.cuh, kept_stage).
+// attention_common.cuh, kept_norm).
 inline int64_t attention_kept_bytes(int64_t L, int dh) {
   const int64_t DH = dh <= 32 ? 32 : dh <= 64 ? 64 : 128;
   return 3 * L * DH * 2 + 4 * L;

@@ -455,7 +455,7 @@ inline bool mma_stage_pairs(const AttnGeom& g, int DH, const MmaStage& st) {
 }
 
 // Fills st.dst[a] (consecutive [L, DH] arrays from `stage`) from st.src /
-// st.lds; operands a < st->first are in `kept` at the same places (kept_stage).
+// st.lds; operands a < st->first are in `kept` at the same places (kept_norm).
 template <int DH>
 void launch_mma_stage(const AttnGeom& g, void* stage, MmaStage* st, cudaStream_t s,
                       void* kept = nullptr) {

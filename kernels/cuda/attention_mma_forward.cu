@@ -499,7 +499,7 @@ void mma_attention_forward(const AttentionParams& p, const int32_t* perm, bool f
   g.pairs = mma_pairs(g.dh, full ? g.ld : g.dh, {out});
   if (full)
     dispatch_mma_forward<true>(g, 1, qk, khat, v, out, nullptr, lse, stage, s);
-  else if (p.kept && !khat)  // staged into p.kept, with |k| (kept_stage)
+  else if (p.kept && !khat)  // staged into p.kept, with |k| (kept_norm)
     dispatch_mma_forward<false>(g, p.n_rounds, qk, khat, v, out, nullptr, lse, p.kept, s,
                                 kept_norm(p.kept, p.L, p.dh));
   else
@@ -532,7 +532,7 @@ void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, con
                               const float* v, float* out, __nv_bfloat16* out_b, float* lse,
                               void* stage, cudaStream_t s) {
   AttnGeom g = mma_geom(p, perm, false);
-  // With p.kept the operands are staged there (kept_stage), with |k|, for
+  // With p.kept the operands are staged there (kept_norm), with |k|, for
   // the backward of this head.
   dispatch_mma_forward<false>(g, p.n_rounds, qk, nullptr, v, nullptr, out_b, lse,
                               p.kept ? p.kept : stage, s,
