@@ -206,6 +206,30 @@ TEST(LshHash, MatchesNaiveArgmaxDouble) {
   EXPECT_EQ(b, naive_hash(qk, ld, R, L, dh, n_hashes, n_buckets));
 }
 
+// Several heads side by side in one call (kernels/ops.h): head j's columns
+// of qk, its rotations after head j - 1's and its buckets after head j - 1's,
+// each head as a call of its own hashes it (plain and factorized buckets,
+// rows wider than the heads).
+TEST(LshHash, HeadsSideBySideEqualCallsOfTheirOwn) {
+  for (const int factor0 : {0, 4}) {
+    const int64_t L = 30, ld = 3 * 6 + 2;
+    const int dh = 6, n_hashes = 2, n_buckets = 16, heads = 3;
+    const int64_t nR = int64_t(n_hashes) * dh * rotation_cols(n_buckets, factor0);
+    std::vector<double> qk(size_t(L * ld)), R(size_t(heads * nR));
+    fill_random(qk.data(), int64_t(qk.size()), 4);
+    for (int j = 0; j < heads; ++j)
+      lsh_rotations(R.data() + j * nR, 3, 1, 0, j, n_hashes, dh, n_buckets, factor0);
+    std::vector<int32_t> all(size_t(heads * n_hashes * L)), one(size_t(n_hashes * L));
+    lsh_hash(all.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, factor0, heads);
+    for (int j = 0; j < heads; ++j) {
+      lsh_hash(one.data(), qk.data() + j * dh, ld, R.data() + j * nR, L, dh, n_hashes, n_buckets,
+               factor0);
+      EXPECT_TRUE(std::equal(one.begin(), one.end(), all.begin() + j * n_hashes * L))
+          << "factor0 " << factor0 << ", head " << j;
+    }
+  }
+}
+
 TEST(LshHash, MatchesNaiveArgmaxFloat) {
   const int64_t L = 24, ld = 6;
   const int dh = 5, n_hashes = 2, n_buckets = 16;

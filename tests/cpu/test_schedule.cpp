@@ -3,10 +3,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "framework/optimizer.h"
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/optimizer.h"
+#include "kernels/profiling_ops.h"
 
 using namespace reformer;
 
@@ -87,6 +90,55 @@ TEST(Optimizer, AdamWStateMirrorsParametersAndDecaysMatricesOnly) {
   // lr and weight decay travel as float in AdamWParams: 1e-8 covers that.
   for (int i = 0; i < 12; ++i) EXPECT_NEAR(p[size_t(i)], 1.0 - 0.1 * 0.5, 1e-8);
   for (int i = 12; i < 16; ++i) EXPECT_DOUBLE_EQ(p[size_t(i)], 1.0);
+}
+
+// AdamW's moments lie as the parameters do, and a step updates each run of
+// consecutive tensors with the same weight decay in one call: with decay
+// (matrices decayed, vectors not) one call per run, without it one call for
+// all. Either way every element gets what a call per tensor gives, bit for
+// bit (the update is elementwise), over three steps.
+TEST(Optimizer, AdamWUpdatesRunsOfEqualDecayInOneCallEach) {
+  ParamTable t;
+  t.add("a", {3, 4}, InitKind::normal, 0.1, /*decay*/ true);
+  t.add("b", {4}, InitKind::zeros, 0, /*decay*/ false);
+  t.add("c", {2, 5}, InitKind::normal, 0.1, /*decay*/ true);
+  t.add("d", {5, 3}, InitKind::normal, 0.1, /*decay*/ true);
+  t.add("e", {3}, InitKind::zeros, 0, /*decay*/ false);
+  const size_t P = size_t(t.total());
+  for (const double wd : {0.3, 0.0}) {
+    SCOPED_TRACE("weight decay " + std::to_string(wd));
+    CpuOps<float> cpu;
+    ProfilingOps ops(cpu, std::make_unique<WallClock>());
+    OptimizerConfig c;
+    c.name = OptimizerKind::adamw;
+    c.weight_decay = wd;
+    Optimizer<float> opt(c, t, ops);
+    std::vector<float> p(P), want(P), m(P, 0.0f), v(P, 0.0f);
+    for (size_t i = 0; i < P; ++i) p[i] = want[i] = float(i % 7) * 0.1f - 0.3f;
+    for (int step = 1; step <= 3; ++step) {
+      std::vector<float> g(P);
+      for (size_t i = 0; i < P; ++i) g[i] = float((i * 5 + size_t(step)) % 11) * 0.05f - 0.25f;
+      opt.step(p.data(), g.data(), step, 0.01);
+      for (const ParamInfo& q : t.params()) {
+        AdamWParams a;
+        a.lr = 0.01f;
+        a.beta1 = float(c.beta1);
+        a.beta2 = float(c.beta2);
+        a.eps = float(c.eps);
+        a.weight_decay = q.decay ? float(wd) : 0.0f;
+        a.step = step;
+        cpu::adamw_update(want.data() + q.offset, g.data() + q.offset, m.data() + q.offset,
+                          v.data() + q.offset, q.size, a);
+      }
+    }
+    EXPECT_EQ(p, want);
+    EXPECT_EQ(std::vector<float>(opt.state()[0].data, opt.state()[0].data + P), m);
+    EXPECT_EQ(std::vector<float>(opt.state()[1].data, opt.state()[1].data + P), v);
+    int64_t calls = 0;
+    for (const OpStats& st : ops.stats())
+      if (st.op == OpId::adamw_update) calls = st.calls;
+    EXPECT_EQ(calls, 3 * (wd > 0 ? 4 : 1));  // runs a | b | c d | e, or one
+  }
 }
 
 TEST(Optimizer, AdafactorFactorsMatricesOnly) {
