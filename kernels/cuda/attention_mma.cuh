@@ -51,6 +51,18 @@ __device__ __forceinline__ void pack_a(uint32_t* a, const float* c0, const float
   a[3] = pack_bf16(c1[2], c1[3]);
 }
 
+// Zeroes M x N accumulator tiles of 4 per thread (the C fragments of m16n8
+// products) before their first mma.
+template <int M, int N>
+__device__ __forceinline__ void zero_tiles(float (&x)[M][N][4]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int n = 0; n < N; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[m][n][e] = 0.0f;
+}
+
 // ---- staged tiles (bf16 rows by position, see mma_stage_kernel): cp.async
 // copies (device_utils.cuh) of gathered rows into shared memory and ldmatrix
 // fragment loads.

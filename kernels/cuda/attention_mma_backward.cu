@@ -788,12 +788,8 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
 
   // This warp's 32 keys of its group's chunk, columns (DH / 2) ((warp / 2) % 2) ..
   float dk[MT][OKV][4], dvv[MT][OKV][4];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int ot = 0; ot < OKV; ++ot)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dk[mt][ot][e] = dvv[mt][ot][e] = 0.0f;
+  zero_tiles(dk);
+  zero_tiles(dvv);
 
   for (int j = 0; j <= n; ++j) {
     const bool post = j == n;  // queries of the next run's first chunk, keys of c only
@@ -826,12 +822,8 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
       const int kslot = quarter < 2 ? prev_slot : own_slot;
       const int k0 = 32 * (quarter & 1);  // the warp's keys within their chunk
       float s[MT][KT][4], dp[MT][KT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < KT; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[mt][nt][e] = dp[mt][nt][e] = 0.0f;
+      zero_tiles(s);
+      zero_tiles(dp);
       ldsm_tile_nt<DH, MT, KT>(s, sQ + qb * T, S, 32 * half, sK + kslot * T + k0 * S, S, lane);
       ldsm_tile_nt<DH, MT, KT>(dp, sG + qb * T, S, 32 * half, sV + kslot * T + k0 * S, S,
                                lane);
@@ -877,12 +869,7 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
     if (kQ && !post) {
       const int qg = warp % QG, d0 = (warp / QG) * OQ * 8;
       float dq[MQ][OQ][4];
-#pragma unroll
-      for (int mt = 0; mt < MQ; ++mt)
-#pragma unroll
-        for (int ot = 0; ot < OQ; ++ot)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dq[mt][ot][e] = 0.0f;
+      zero_tiles(dq);
       ldsm_tile_nn<kMmaRows / 16, MQ, OQ>(dq, sdS, kPStride, 16 * MQ * qg,
                                           sK + prev_slot * T + d0, S, lane);
       ldsm_tile_nn<kMmaRows / 16, MQ, OQ>(dq, sdS + kMmaRows, kPStride, 16 * MQ * qg,
@@ -898,12 +885,8 @@ __global__ void __launch_bounds__(kBwdBlock, 1)
     // start from zero; chunk c - 1's (not at the run's first step: the run
     // before completes them) end here.
     if (!prev_half && !post) {
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int ot = 0; ot < OKV; ++ot)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) dk[mt][ot][e] = dvv[mt][ot][e] = 0.0f;
+      zero_tiles(dk);
+      zero_tiles(dvv);
     }
     const int e0 = (quarter & 1) * (DH / 2);  // this warp's columns of dk, dv
     if (prev_half ? j > 0 : !post) {
