@@ -228,6 +228,11 @@ void validate(Config& c, const std::string& source, const Origins& origins) {
     fail_at("model.kept_layers", "model.kept_layers = " + s(m.kept_layers) +
                                      " exceeds model.n_layers = " + s(m.n_layers) +
                                      " (0 .. n_layers, or auto)");
+  if (m.stashed_layers > m.n_layers - std::max(m.kept_layers, 0))
+    fail_at("model.stashed_layers",
+            "model.stashed_layers = " + s(m.stashed_layers) + " exceeds the " +
+                s(m.n_layers - std::max(m.kept_layers, 0)) +
+                " layers below the kept ones (0 .. n_layers - kept_layers, or auto)");
 
   // Attention.
   if (a.kinds.empty()) fail_at("attention.kinds", "attention.kinds must name at least one kind");

@@ -80,6 +80,8 @@ std::optional<E> parse_enum(std::string_view s) {
 
 // model.kept_layers: `auto`.
 constexpr int kKeptLayersAuto = -1;
+// model.stashed_layers: `auto`.
+constexpr int kStashedLayersAuto = -1;
 
 struct ModelConfig {
   int vocab_size = 256;               // token ids are in [0, vocab_size)
@@ -106,6 +108,12 @@ struct ModelConfig {
   // fit_kept_layers): 0 .. n_layers, or kKeptLayersAuto (`auto`): as many
   // as fit the device (none on the CPU).
   int kept_layers = kKeptLayersAuto;
+  // Layers below the kept ones that keep their attention outputs (stashed)
+  // and log-sum-exps for the backward, so that it reruns their projections
+  // but not their attention (framework/memory_plan.h, stashed_layer_count):
+  // 0 .. n_layers - kept_layers, or kStashedLayersAuto (`auto`): fitted with
+  // kept_layers to the device (none on the CPU).
+  int stashed_layers = kStashedLayersAuto;
   LshSaved lsh_saved = LshSaved::auto_;  // LSH state kept for the backward: orders | buckets | auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings

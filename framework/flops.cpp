@@ -40,13 +40,16 @@ ModelFlops train_flops(const Config& cfg, int sp) {
   const int first_kept = m.n_layers - kept_layer_count(cfg);
   const bool attention_kept = keeps_attention(cfg, sp);
   const bool outputs_kept = keeps_attention_outputs(cfg, sp);
+  const int first_stashed = first_kept - stashed_layer_count(cfg, sp);
   double total = 0, attention = 0;
   for (int l = 0; l < m.n_layers; ++l) {
     // A kept layer's backward reruns no product but, where its attention
     // state is not kept, the qk, v projections and (where its attention
-    // outputs are not kept either) the attention forward.
+    // outputs are not kept either) the attention forward; a stashed layer's
+    // reruns every product but not the attention forward.
     const bool kept = l >= first_kept, reproject = !kept || !attention_kept,
-               reattend = reproject && !(kept && outputs_kept);
+               stashed = l >= first_stashed && !kept,
+               reattend = reproject && !(kept && outputs_kept) && !stashed;
     total += (reproject ? 4 : 3) * 2 * matmul_forward_flops(L, D, HD);  // qk, v
     total += (kept ? 3 : 4) * (matmul_forward_flops(L, HD, D) +        // output projection
                                matmul_forward_flops(L, D, F) + matmul_forward_flops(L, F, D));

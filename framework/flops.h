@@ -8,7 +8,8 @@
 // attention forward twice and its backward once, and the head's product
 // three times. A kept layer (model.kept_layers, framework/memory_plan.h)
 // runs its products three times, and where its attention state is kept
-// (keeps_attention) its attention forward once. Not counted: elementwise
+// (keeps_attention) its attention forward once, as does a kept or stashed
+// layer (model.stashed_layers) whose attention outputs are stashed. Not counted: elementwise
 // passes, normalisation, hashing, sorting, the optimizer.
 #pragma once
 
@@ -23,7 +24,8 @@ struct ModelFlops {
 
 // For cfg.model.max_len (the whole sequence, whatever the layout), on
 // sequence-parallel groups of `sp` ranks (which decides whether kept
-// layers keep their attention state; model.kept_layers as resolved).
+// layers keep their attention state; model.kept_layers and model.stashed_layers
+// as resolved).
 ModelFlops train_flops(const Config& cfg, int sp = 1);
 
 // The FLOPs per token a sequence-parallel group of sp ranks executes, at

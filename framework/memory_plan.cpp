@@ -409,20 +409,24 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
           "[heads, staged q, k_hat, v and norms] per kept layer",
           {Hloc, kept_attention_staged(cfg, real_bytes)}, false, kept);
   }
-  if (keeps_attention_outputs(cfg, sp, real_bytes)) {
-    // Every pass's outputs ao, stashed (Ops::stash: bf16 on CUDA), and
-    // log-sum-exps: what the attention backward reads from the forward.
+  // Every pass's outputs ao, stashed (Ops::stash: bf16 on CUDA), and
+  // log-sum-exps: what the attention backward reads from the forward.
+  auto add_stash = [&](const char* ao_name, const char* lse_name, const std::string& per,
+                       int copies) {
     const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
     const int64_t passes = Hloc / Hp;
     const int64_t n = Lfull * Hp * dh;
     const int64_t st = stash_elems(cfg, n, real_bytes);
-    b.add("kept ao stash", G::activations,
-          st == n ? "[passes, Lfull*heads_per_pass*dh] per kept layer"
-                  : "[passes, Lfull*heads_per_pass*dh/2] per kept layer",
-          {passes, st}, false, kept);
-    b.add("kept lse all", G::activations, "[passes, lse] per kept layer",
-          {passes, plan.count("lse")}, false, kept);
-  }
+    const std::string cols = st == n ? "dh" : "dh/2";
+    b.add(ao_name, G::activations, "[passes, Lfull*heads_per_pass*" + cols + "] per " + per,
+          {passes, st}, false, copies);
+    b.add(lse_name, G::activations, "[passes, lse] per " + per, {passes, plan.count("lse")},
+          false, copies);
+  };
+  if (keeps_attention_outputs(cfg, sp, real_bytes))
+    add_stash("kept ao stash", "kept lse all", "kept layer", kept);
+  if (const int stashed = stashed_layer_count(cfg, sp, real_bytes); stashed > 0)
+    add_stash("stashed ao", "stashed lse", "stashed layer", stashed);
 
   const int64_t oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L) : L;
   for (const char* n : {"cat", "oln", "dcat", "doln"}) b.add(n, G::chunks, "[oc, 2D]", {oc, 2 * D});
@@ -489,6 +493,15 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
          !attention_by_round(cfg, 1, real_bytes);
 }
 
+bool stashes_attention(const Config& cfg, int sp, int real_bytes) {
+  return sp == 1 && !attention_by_round(cfg, 1, real_bytes);
+}
+
+int stashed_layer_count(const Config& cfg, int sp, int real_bytes) {
+  if (!stashes_attention(cfg, sp, real_bytes)) return 0;
+  return std::clamp(cfg.model.stashed_layers, 0, cfg.model.n_layers - kept_layer_count(cfg));
+}
+
 bool exchange_in_operands(const Config& cfg, int sp, int real_bytes) {
   if (sp == 1 || cfg.parallel.sp_mode == SpMode::sort) return false;
   const int g = sp_ranks_per_head(cfg, sp);
@@ -533,14 +546,43 @@ bool keeps_ffn_hidden(const Config& cfg, int real_bytes) {
 }
 
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
-  if (cfg.model.kept_layers != kKeptLayersAuto) return cfg;
+  const bool kept_auto = cfg.model.kept_layers == kKeptLayersAuto;
+  const bool stashed_auto = cfg.model.stashed_layers == kStashedLayersAuto;
+  if (!kept_auto && !stashed_auto) return cfg;
   Config c = cfg;
-  for (int k = device_bytes > 0 ? cfg.model.n_layers : 0; k > 0; --k) {
+  if (kept_auto) c.model.kept_layers = 0;
+  if (stashed_auto) c.model.stashed_layers = 0;
+  if (device_bytes <= 0) return c;
+  const int n = cfg.model.n_layers;
+  const bool stashes = stashes_attention(cfg, sp);
+  auto fits = [&](int k, int st) {
     c.model.kept_layers = k;
-    if (double(plan_memory(c, sp).total_bytes()) <= kAutoPassFraction * double(device_bytes))
-      return c;
+    c.model.stashed_layers = st;
+    return double(plan_memory(c, sp).total_bytes()) <= kAutoPassFraction * double(device_bytes);
+  };
+  // Each candidate count of kept layers with the most stashed layers that
+  // fit beside it; the best by what their backward no longer reruns.
+  int best_k = c.model.kept_layers, best_s = c.model.stashed_layers;
+  double best = -1;
+  const int k_hi = kept_auto ? n : cfg.model.kept_layers, k_lo = kept_auto ? 0 : k_hi;
+  for (int k = k_hi; k >= k_lo; --k) {
+    const int s_hi = !stashes        ? 0
+                     : stashed_auto ? n - k
+                                    : std::min(cfg.model.stashed_layers, n - k);
+    const int s_lo = stashed_auto ? 0 : s_hi;
+    for (int st = s_hi; st >= s_lo; --st) {
+      if (!fits(k, st)) continue;
+      const double saved = kKeptOverStashed * k + st;
+      if (saved > best) {
+        best = saved;
+        best_k = k;
+        best_s = st;
+      }
+      break;
+    }
   }
-  c.model.kept_layers = 0;
+  c.model.kept_layers = best_k;
+  c.model.stashed_layers = stashed_auto ? best_s : cfg.model.stashed_layers;
   return c;
 }
 

@@ -144,6 +144,18 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes = 4);
 // on CUDA) and log-sum-exps, so that their backward reruns the projections
 // but not the attention: at sp 1 with the hash rounds attended together.
 bool keeps_attention_outputs(const Config& cfg, int sp, int real_bytes = 4);
+// Stashed layers (model.stashed_layers): the layers just below the kept
+// ones that keep every pass's attention outputs ao (stashed: bf16 on CUDA)
+// and log-sum-exps, as kept layers do where keeps_attention_outputs(), and
+// nothing else. Their backward rebuilds x2 and x1 as for any layer, but
+// x1 from the stashed outputs: it reruns their projections, not their
+// attention (at 1M tokens 17 ms a step against a kept layer's 59.5, in a
+// thirteenth of its memory; bench/RESULTS.md). Where the hash rounds are
+// attended together at sp 1 (stashes_attention); elsewhere none.
+bool stashes_attention(const Config& cfg, int sp, int real_bytes = 4);
+// model.stashed_layers as given, at most the layers below the kept ones; 0
+// while it is auto and where !stashes_attention().
+int stashed_layer_count(const Config& cfg, int sp, int real_bytes = 4);
 // Elements Ops::stash of n values takes on the config's device
 // (kernels/common/gemm_staging.h, bf16_stash_elems, where training.device
 // is cuda and real_bytes 4; else n).
@@ -163,9 +175,14 @@ int64_t kept_ln_cols(const Config& cfg, int real_bytes = 4);
 // kernels/common/params.h) where training.device is cuda, real_bytes 4 and
 // attention.precision bf16; else 0 (nothing kept).
 int64_t kept_attention_staged(const Config& cfg, int real_bytes = 4);
-// `cfg` with model.kept_layers chosen for a device of `device_bytes` when it
-// is auto: the most layers whose whole plan takes at most kAutoPassFraction
-// of the device; 0 when device_bytes <= 0 (the CPU). Unchanged otherwise.
+// `cfg` with model.kept_layers and model.stashed_layers, those that are
+// auto, chosen for a device of `device_bytes`: among the counts whose whole
+// plan takes at most kAutoPassFraction of the device, those that save the
+// backward most, a kept layer counted as kKeptOverStashed stashed ones; 0
+// when device_bytes <= 0 (the CPU). Unchanged when neither is auto.
+// The ratio is measured: at 1M tokens (configs/bench-peer.yaml, one H200) a
+// kept layer saved a step 59.5 ms, a stashed one 17.0 ms (bench/RESULTS.md).
+constexpr double kKeptOverStashed = 3.5;
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
 // fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
 // a device.

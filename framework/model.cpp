@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <memory>
 #include <numeric>
+#include <tuple>
 
 #include "framework/attention.h"
 #include "framework/memory_plan.h"
@@ -72,24 +73,38 @@ struct ReformerModel<T>::Scratch {
   // (fh only where h holds state) and, where attn_kept, its attention pass's
   // qk, v, ao and lse (swapped with the shared ones around its attention
   // forward and backward, so those run as for any layer).
+  // Every pass's attention outputs (Ops::stash) and log-sum-exps, from a
+  // layer's forward to its backward, which then reruns its projections but
+  // not its attention.
+  struct Stash {
+    Buffer<T> ao, lse;
+  };
   struct Kept {
     Buffer<T> x1, x2, fln, fmean, frstd, fa, fh;
     Buffer<T> qk, v, ao, lse;
     Buffer<T> staged;  // its heads' AttentionParams::kept (AttentionScratch::kept)
-    Buffer<T> ao_st, lse_all;  // attn_stashed: every pass's ao (stashed) and lse
+    Stash stash;       // attn_stashed
   };
   std::vector<Kept> kept;
   bool attn_kept = false;
-  // Kept layers keep every pass's attention outputs (Ops::stash) and
-  // log-sum-exps instead (keeps_attention_outputs): their backward reruns
-  // the projections, not the attention.
+  // Kept layers keep a Stash instead (keeps_attention_outputs).
   bool attn_stashed = false;
+  // Stashed layers (model.stashed_layers): layer NL - kept.size() -
+  // stashed.size() + i keeps stashed[i].
+  std::vector<Stash> stashed;
   int64_t ao_st_pass = 0;  // elements of one pass's stashed ao
   bool keeping = false;  // this forward keeps (a backward follows)
   // Layer l's kept state when this forward keeps it, else null.
   Kept* kept_of(int l, int n_layers) {
     const int i = l - (n_layers - int(kept.size()));
     return keeping && i >= 0 ? &kept[size_t(i)] : nullptr;
+  }
+  // Layer l's stash when this forward keeps one (a kept layer's under
+  // attn_stashed, or a stashed layer's), else null.
+  Stash* stash_of(int l, int n_layers) {
+    if (Kept* k = kept_of(l, n_layers)) return attn_stashed ? &k->stash : nullptr;
+    const int i = l - (n_layers - int(kept.size()) - int(stashed.size()));
+    return keeping && i >= 0 && i < int(stashed.size()) ? &stashed[size_t(i)] : nullptr;
   }
   // Where a feed-forward chunk at row r0 keeps its state for the backward:
   // the shared chunk buffers, or layer k's rows from r0.
@@ -230,14 +245,15 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
                       "training.device " + to_string(cfg.training.device) +
                       " keeps in bf16 (use training.device: cpu)");
   s.attn_stashed = kept > 0 && keeps_attention_outputs(cfg, shard.size, int(sizeof(T)));
-  if (s.attn_stashed) {
-    s.ao_st_pass = ops.stash_elems(L_ * int64_t(Hp_) * dh_);
-    if (plan.count("kept ao stash") < (Hloc_ / Hp_) * s.ao_st_pass)
-      throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
+  const int stashed = stashed_layer_count(cfg, shard.size, int(sizeof(T)));
+  s.ao_st_pass = ops.stash_elems(L_ * int64_t(Hp_) * dh_);
+  for (auto [on, name, key] : {std::tuple{s.attn_stashed, "kept ao stash", "model.kept_layers"},
+                               std::tuple{stashed > 0, "stashed ao", "model.stashed_layers"}})
+    if (on && plan.count(name) < (Hloc_ / Hp_) * s.ao_st_pass)
+      throw ConfigError(std::string(key) + ": the " + ops.name() +
                         " stash of the attention outputs is wider than the plan for "
                         "training.device " + to_string(cfg.training.device) +
                         " holds (use training.device: cpu)");
-  }
   for (int k = 0; k < kept; ++k) {
     typename Scratch::Kept K;
     K.x1 = buf("kept x1"); K.x2 = buf("kept x2"); K.fln = buf("kept fln");
@@ -248,12 +264,10 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
       K.lse = buf("kept lse");
       K.staged = buf("kept attention staging");
     }
-    if (s.attn_stashed) {
-      K.ao_st = buf("kept ao stash");
-      K.lse_all = buf("kept lse all");
-    }
+    if (s.attn_stashed) K.stash = {buf("kept ao stash"), buf("kept lse all")};
     s.kept.push_back(std::move(K));
   }
+  for (int i = 0; i < stashed; ++i) s.stashed.push_back({buf("stashed ao"), buf("stashed lse")});
 
   s.oc = m.loss_chunk > 0 ? std::min<int64_t>(m.loss_chunk, L_) : L_;
   s.cat = buf("cat"); s.oln = buf("oln"); s.dcat = buf("dcat"); s.doln = buf("doln");
@@ -555,13 +569,13 @@ void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train,
     }
     return;
   }
-  typename Scratch::Kept* k = s.attn_stashed ? s.kept_of(l, NL_) : nullptr;
+  typename Scratch::Stash* k = s.stash_of(l, NL_);
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
     const T* ao = attend_pass(l, pass, step, /*rehash*/ true);
     if (k) {  // what the backward reads from this pass's attention
       const int64_t nl = s.attn.lse.size();
-      ops_.stash(k->ao_st.data() + pass * s.ao_st_pass, ao, L_ * out_cols());
-      ops_.copy(k->lse_all.data() + pass * nl, s.attn.lse.data(), nl);
+      ops_.stash(k->ao.data() + pass * s.ao_st_pass, ao, L_ * out_cols());
+      ops_.copy(k->lse.data() + pass * nl, s.attn.lse.data(), nl);
     }
     add_output(l, ao, pass_weights(l, pass).wo, out_cols(), false, step, train,
                pass == 0 ? x1_in : nullptr);
@@ -652,17 +666,18 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
   AttentionKindImpl<T>& kind = *s.kinds[size_t(l)];
   const int n = Hp_ * dh_, N = shard_.size * n, No = out_cols();
   const int64_t w = int64_t(D_) * N;
-  typename Scratch::Kept* k = s.attn_stashed ? s.kept_of(l, NL_) : nullptr;
+  typename Scratch::Stash* k = s.stash_of(l, NL_);
   for (int pass = 0; pass < Hloc_ / Hp_; ++pass) {
     // Kept attention state: one pass at sp 1, its outputs in ao; or every
-    // pass's outputs and log-sum-exps (attn_stashed), back into ao and the
-    // heads' slots after the projections.
+    // pass's outputs and log-sum-exps (a kept layer's under attn_stashed, a
+    // stashed layer's), back into ao and the heads' slots after the
+    // projections.
     const T* ao = s.ao.data();
     if (k) {
       const int64_t nl = s.attn.lse.size();
       project_pass(l, pass);
-      ops_.unstash(s.ao.data(), k->ao_st.data() + pass * s.ao_st_pass, L_ * out_cols());
-      ops_.copy(s.attn.lse.data(), k->lse_all.data() + pass * nl, nl);
+      ops_.unstash(s.ao.data(), k->ao.data() + pass * s.ao_st_pass, L_ * out_cols());
+      ops_.copy(s.attn.lse.data(), k->lse.data() + pass * nl, nl);
     } else if (attend) {
       ao = attend_pass(l, pass, step, /*rehash*/ false);
     }

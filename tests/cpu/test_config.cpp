@@ -389,9 +389,32 @@ TEST(Config, KeptLayers) {
             std::string::npos);
 }
 
+// model.stashed_layers: `auto` by default, printed back as auto; a count
+// reads as itself; more than the layers below the kept ones is refused by
+// key, file and line.
+TEST(Config, StashedLayers) {
+  const Config dflt = parse_config("model:\n  n_layers: 3\n", "s.yaml");
+  EXPECT_EQ(dflt.model.stashed_layers, kStashedLayersAuto);
+  EXPECT_NE(to_yaml(dflt).find("\n  stashed_layers: auto\n"), std::string::npos);
+  const Config two =
+      parse_config("model:\n  n_layers: 3\n  kept_layers: 1\n  stashed_layers: 2\n", "s.yaml");
+  EXPECT_EQ(two.model.stashed_layers, 2);
+  EXPECT_EQ(parse_config(to_yaml(two), "again").model.stashed_layers, 2);
+  const std::string msg = config_error([] {
+    parse_config("model:\n  n_layers: 3\n  kept_layers: 2\n  stashed_layers: 2\n", "s.yaml");
+  });
+  EXPECT_NE(msg.find("s.yaml:4"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("model.stashed_layers = 2 exceeds the 1 layers below the kept ones"),
+            std::string::npos)
+      << msg;
+  EXPECT_NE(config_error([] { parse_config("model:\n  stashed_layers: -2\n", "s.yaml"); })
+                .find("model.stashed_layers"),
+            std::string::npos);
+}
+
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 72u);
+  EXPECT_EQ(keys.size(), 73u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

@@ -67,6 +67,8 @@ TEST(Flops, FormulaEqualsWhatTheModelRuns) {
       {"model.ffn_chunk=16", "model.loss_chunk=8", "model.d_head=3"},
       {"model.kept_layers=2"},  // kept layers rerun nothing
       {"model.kept_layers=1", "model.attn_heads_per_pass=1"},  // nor their residual update
+      {"model.stashed_layers=2"},  // stashed layers rerun all but the attention forward
+      {"model.kept_layers=1", "model.stashed_layers=1", "model.attn_heads_per_pass=1"},
   };
   for (const auto& sets : cases) {
     const Config cfg = flops_config(sets);

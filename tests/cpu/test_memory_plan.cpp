@@ -109,7 +109,9 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {"parallel.sp_mode=sort", "attention.kinds=[local]", "model.n_heads=3"},
            {"model.kept_layers=3"},
            {"model.kept_layers=1", "model.ffn_chunk=20", "model.attn_heads_per_pass=1"},
-           {"model.kept_layers=2", "parallel.sp_mode=sort", "attention.kinds=[lsh, local]"}}) {
+           {"model.kept_layers=2", "parallel.sp_mode=sort", "attention.kinds=[lsh, local]"},
+           {"model.stashed_layers=2"},
+           {"model.kept_layers=1", "model.stashed_layers=2", "model.attn_heads_per_pass=1"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     const Config cfg = config(sets);
     expect_plan_matches<float>(cfg, 1);
@@ -345,6 +347,7 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
   const int64_t GiB = int64_t(1) << 30;
   ASSERT_EQ(cfg.model.kept_layers, kKeptLayersAuto);
   EXPECT_EQ(kept_layer_count(cfg), 0);
+  cfg.model.stashed_layers = 0;  // kept layers alone (StashedLayersFitBesideKeptOnes)
   EXPECT_TRUE(keeps_attention(cfg, 1));
   EXPECT_FALSE(keeps_attention(cfg, 2));
   EXPECT_FALSE(keeps_ffn_hidden(cfg));
@@ -389,4 +392,71 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
   Config set = cfg;
   set.model.kept_layers = 2;
   EXPECT_EQ(fit_kept_layers(set, 1, 6 * GiB).model.kept_layers, 2);
+}
+
+// Auto kept and stashed layers together: of the counts whose whole plan
+// takes at most 90% of the device, the one that saves the backward most (a
+// kept layer weighing kKeptOverStashed stashed ones). At 1M tokens on an
+// H200 that is 3 kept and 1 stashed (2 kept and 4 stashed also fit); on
+// 139 GiB, where 3 and 1 do not, 2 and 4. At 2M, 6 stashed. A
+// stashed layer holds every pass's outputs (bf16 on CUDA) and log-sum-exps;
+// none under sp or where rounds are attended one at a time; a set count
+// stays, at most the layers below the kept ones.
+TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
+  const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
+                                 {"model.max_len=1048576", "training.device=cuda"});
+  const int64_t GiB = int64_t(1) << 30, h200 = int64_t(143771) << 20;  // as an H200 reports
+  ASSERT_EQ(cfg.model.stashed_layers, kStashedLayersAuto);
+  EXPECT_EQ(stashed_layer_count(cfg, 1), 0);
+  const Config f = fit_to_device(cfg, 1, h200);
+  EXPECT_EQ(f.model.kept_layers, 3);
+  EXPECT_EQ(f.model.stashed_layers, 1);
+  EXPECT_EQ(stashed_layer_count(f, 1), 1);
+  const Config f139 = fit_to_device(cfg, 1, 139 * GiB);
+  EXPECT_EQ(f139.model.kept_layers, 2);
+  EXPECT_EQ(stashed_layer_count(f139, 1), 4);
+  const double budget = 0.9 * double(h200);
+  EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
+  const int n = cfg.model.n_layers;
+  const double chosen = kKeptOverStashed * 3 + 1;
+  for (int k = 0; k <= n; ++k)
+    for (int st = 0; st <= n - k; ++st) {
+      Config c = f;
+      c.model.kept_layers = k;
+      c.model.stashed_layers = st;
+      if (double(plan_memory(c, 1).total_bytes()) <= budget)
+        EXPECT_LE(kKeptOverStashed * k + st, chosen) << k << " kept, " << st << " stashed";
+    }
+  // What a stashed layer holds: its passes' outputs in bf16 and log-sum-exps.
+  const MemoryPlan plan = plan_memory(f, 1);
+  const int64_t Hp = attention_heads_per_pass(f, 1), passes = f.model.n_heads / Hp;
+  const int64_t n_out = int64_t(f.model.max_len) * Hp * f.head_dim();
+  EXPECT_EQ(plan.count("stashed ao"), passes * stash_elems(f, n_out));
+  EXPECT_LT(stash_elems(f, n_out), n_out);
+  EXPECT_EQ(plan.count("stashed lse"), passes * plan.count("lse"));
+  Config one = f, none = f;
+  one.model.stashed_layers = 1;
+  none.model.stashed_layers = 0;
+  EXPECT_EQ(plan_memory(one, 1).total_bytes() - plan_memory(none, 1).total_bytes(),
+            4 * (plan.count("stashed ao") + plan.count("stashed lse")));
+  // At 2M none is kept and all six are stashed.
+  const Config f2 = fit_to_device(with_length(cfg, 2097152, "test"), 1, h200);
+  EXPECT_EQ(f2.model.kept_layers, 0);
+  EXPECT_EQ(stashed_layer_count(f2, 1), 6);
+  // None under sp, none with one round per call, none without a device.
+  EXPECT_EQ(stashed_layer_count(f, 2), 0);
+  Config by_round = f;
+  by_round.model.attn_rounds_per_pass = 1;
+  EXPECT_EQ(stashed_layer_count(by_round, 1), 0);
+  EXPECT_EQ(fit_kept_layers(cfg, 1, 0).model.stashed_layers, 0);
+  // A set count stays (the kept layers fitted beside it); at most the rest.
+  Config set = cfg;
+  set.model.stashed_layers = 6;
+  const Config fs = fit_to_device(set, 1, h200);
+  EXPECT_EQ(fs.model.stashed_layers, 6);
+  EXPECT_EQ(stashed_layer_count(fs, 1), n - fs.model.kept_layers);
+  // At 64K every layer is kept, so none is stashed.
+  const Config short_f = fit_to_device(with_length(cfg, 65536, "test"), 1, h200);
+  EXPECT_EQ(short_f.model.kept_layers, 6);
+  EXPECT_EQ(stashed_layer_count(short_f, 1), 0);
 }

@@ -253,6 +253,61 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
   }
 }
 
+// Stashed layers (model.stashed_layers) rebuild their inputs as any layer,
+// x1 from the attention outputs their forward stashed: the same function to
+// rounding (the forward's outputs and log-sum-exps instead of the rebuilt
+// input's), and the backward reruns their projections but not their
+// attention forward. Below a kept layer, with dropout, and in passes of
+// one head (the stash per pass).
+TEST(Model, StashedLayersEqualRebuiltOnesAndSkipTheirAttention) {
+  for (const auto& sets : std::vector<std::vector<std::string>>{
+           {"model.stashed_layers=2"},
+           {"model.kept_layers=1", "model.stashed_layers=1", "model.dropout=0.25"},
+           {"model.stashed_layers=1", "model.attn_heads_per_pass=1"}}) {
+    SCOPED_TRACE(sets[0] + " " + sets[1 % sets.size()]);
+    std::vector<std::string> base_sets;  // the same without the stash
+    for (const std::string& s : sets)
+      if (s.rfind("model.stashed_layers", 0) != 0) base_sets.push_back(s);
+    const Config rebuilt = small_config(base_sets), stashed = small_config(sets);
+    const int n_stashed = stashed_layer_count(stashed, 1);
+    ASSERT_EQ(n_stashed, stashed.model.stashed_layers);
+    CpuOps<double> dops;
+    const auto [dl0, dg0] = two_steps<double>(rebuilt, dops);
+    const auto [dl1, dg1] = two_steps<double>(stashed, dops);
+    for (size_t i = 0; i < dl0.size(); ++i) EXPECT_NEAR(dl1[i], dl0[i], 1e-12 * dl0[i]);
+    EXPECT_LE(test::max_rel_err(dg1.data(), dg0.data(), int64_t(dg0.size()), 1e-3), 1e-10);
+
+    CpuOps<float> cpu;
+    std::map<OpId, int64_t> calls[2];
+    std::vector<double> fg[2];
+    for (int k = 0; k < 2; ++k) {
+      ProfilingOps ops(cpu, std::make_unique<WallClock>());
+      const auto [losses, grads] = two_steps<float>(k ? stashed : rebuilt, ops);
+      fg[k].assign(grads.begin(), grads.end());
+      for (const OpStats& st : ops.stats()) calls[k][st.op] = st.calls;
+    }
+    EXPECT_LE(test::max_rel_err(fg[1].data(), fg[0].data(), int64_t(fg[0].size()), 1e-2), 1e-4);
+    // The feed-forward reruns as before; each stashed layer's attention
+    // forward does not (one call per head per step fewer, two steps), and
+    // every pass of a stashed layer stashes and unstashes once a step.
+    EXPECT_EQ(calls[1][OpId::layernorm_ffn_forward], calls[0][OpId::layernorm_ffn_forward]);
+    const int heads = stashed.model.n_heads;
+    int64_t fewer = 0;
+    for (int l = 0; l < stashed.model.n_layers; ++l) {
+      const bool is_stashed = l >= stashed.model.n_layers - kept_layer_count(stashed) -
+                                       n_stashed && l < stashed.model.n_layers -
+                                                            kept_layer_count(stashed);
+      if (is_stashed && stashed.attention_kind(l) != AttentionKind::full) fewer += 2 * heads;
+    }
+    EXPECT_GT(fewer, 0);
+    EXPECT_EQ(calls[1][OpId::chunked_attention_forward],
+              calls[0][OpId::chunked_attention_forward] - fewer);
+    const int passes = heads / attention_heads_per_pass(stashed, 1);
+    EXPECT_EQ(calls[1][OpId::stash] - calls[0][OpId::stash], 2 * n_stashed * passes);
+    EXPECT_EQ(calls[1][OpId::unstash] - calls[0][OpId::unstash], 2 * n_stashed * passes);
+  }
+}
+
 // An LSH layer that keeps its bucket ids (model.lsh_saved: buckets, and
 // auto where the rounds are attended one at a time) sorts them again into
 // the orders it would have kept: the same function bit for bit, the ids

@@ -321,6 +321,25 @@ double two_steps(Ops<float>& gpu, const Config& cfg, std::vector<float>* grads) 
   return loss;
 }
 
+// Per parameter of model_config's model: the cosine of a and b above 0.999
+// and their norms within 1%.
+void expect_same_directions(const std::vector<float>& a, const std::vector<float>& b) {
+  const ParamTable table = model_param_table(model_config("bf16"));
+  for (const ParamInfo& p : table.params()) {
+    double dot = 0, a2 = 0, b2 = 0;
+    for (int64_t i = p.offset; i < p.offset + p.size; ++i) {
+      const double x = a[size_t(i)], y = b[size_t(i)];
+      dot += x * y;
+      a2 += x * x;
+      b2 += y * y;
+    }
+    if (a2 == 0.0 && b2 == 0.0) continue;
+    ASSERT_GT(a2 * b2, 0.0) << p.name;
+    EXPECT_GT(dot / std::sqrt(a2 * b2), 0.999) << p.name;
+    EXPECT_NEAR(std::sqrt(a2), std::sqrt(b2), 1e-2 * std::sqrt(b2)) << p.name;
+  }
+}
+
 }  // namespace
 
 // Kept layers on the GPU (model.kept_layers; training.device cuda, so the
@@ -357,20 +376,34 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
       loss[kept] = two_steps(*gpu, cfg, &grads[kept]);
     }
     EXPECT_EQ(loss[0], loss[1]);
-    const ParamTable table = model_param_table(model_config("bf16"));
-    for (const ParamInfo& p : table.params()) {
-      double dot = 0, a2 = 0, b2 = 0;
-      for (int64_t i = p.offset; i < p.offset + p.size; ++i) {
-        const double a = grads[1][size_t(i)], b = grads[0][size_t(i)];
-        dot += a * b;
-        a2 += a * a;
-        b2 += b * b;
-      }
-      if (a2 == 0.0 && b2 == 0.0) continue;
-      ASSERT_GT(a2 * b2, 0.0) << p.name;
-      EXPECT_GT(dot / std::sqrt(a2 * b2), 0.999) << p.name;
-      EXPECT_NEAR(std::sqrt(a2), std::sqrt(b2), 1e-2 * std::sqrt(b2)) << p.name;
+    expect_same_directions(grads[1], grads[0]);
+  }
+}
+
+// Stashed layers on the GPU (model.stashed_layers): the same loss bit for
+// bit (the forward only stashes), and gradients as the kept layers' test
+// asks (cosine > 0.999 per parameter, norms within 1%): the backward reads
+// the forward's attention outputs (bf16) and log-sum-exps where the
+// rebuilding model recomputes them from the rebuilt input. One pass of
+// heads and two passes of two; below a kept layer.
+TEST(CudaModel, StashedLayersEqualRebuiltOnes) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  for (const auto& [hp, kept] : {std::pair{0, 0}, std::pair{2, 0}, std::pair{2, 1}}) {
+    SCOPED_TRACE("heads per pass " + std::to_string(hp) + ", kept " + std::to_string(kept));
+    std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
+    std::vector<float> grads[2];
+    double loss[2];
+    for (int st = 0; st < 2; ++st) {
+      Config cfg = model_config("bf16");
+      cfg.training.device = DeviceKind::cuda;
+      cfg.model.kept_layers = kept;
+      cfg.model.stashed_layers = st ? cfg.model.n_layers - kept : 0;
+      cfg.model.attn_heads_per_pass = hp;
+      ASSERT_EQ(stashed_layer_count(cfg, 1), st ? cfg.model.n_layers - kept : 0);
+      loss[st] = two_steps(*gpu, cfg, &grads[st]);
     }
+    EXPECT_EQ(loss[0], loss[1]);
+    expect_same_directions(grads[1], grads[0]);
   }
 }
 
