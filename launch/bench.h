@@ -21,6 +21,9 @@ struct BenchRow {
   double host_peak_gib = 0;    // peak resident memory of the process
   double tflops = 0;           // model FLOP/s (framework/flops.h) / 1e12
   double mfu = -1;             // tflops / the device's ceiling; -1: no ceiling known
+  // The memory knobs as fitted to the device (memory_plan.h): kept and
+  // stashed layers, heads per attention pass.
+  int kept_layers = 0, stashed_layers = 0, heads_per_pass = 0;
   // With breakdown: per-op totals over the timed steps (ProfilingOps), in
   // op-list order; empty otherwise.
   std::vector<OpStats> ops;
