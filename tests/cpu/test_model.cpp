@@ -3,6 +3,7 @@
 // every window covers the sequence, and causality.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <map>
 #include <string>
@@ -213,6 +214,28 @@ std::pair<std::vector<double>, std::vector<T>> two_steps(const Config& cfg, Ops<
   return {losses, grads};
 }
 
+// Two steps of a and of b compute the same function: losses equal in
+// double to rounding, gradients to 1e-10 in double and 1e-4 in fp32 (the
+// layouts round differently). Returns each fp32 run's calls per op.
+std::array<std::map<OpId, int64_t>, 2> expect_same_function(const Config& a, const Config& b) {
+  CpuOps<double> dops;
+  const auto [dl0, dg0] = two_steps<double>(a, dops);
+  const auto [dl1, dg1] = two_steps<double>(b, dops);
+  for (size_t i = 0; i < dl0.size(); ++i) EXPECT_NEAR(dl1[i], dl0[i], 1e-12 * dl0[i]);
+  EXPECT_LE(test::max_rel_err(dg1.data(), dg0.data(), int64_t(dg0.size()), 1e-3), 1e-10);
+  CpuOps<float> cpu;
+  std::array<std::map<OpId, int64_t>, 2> calls;
+  std::vector<double> fg[2];
+  for (int k = 0; k < 2; ++k) {
+    ProfilingOps ops(cpu, std::make_unique<WallClock>());
+    const auto [losses, grads] = two_steps<float>(k ? b : a, ops);
+    fg[k].assign(grads.begin(), grads.end());
+    for (const OpStats& st : ops.stats()) calls[size_t(k)][st.op] = st.calls;
+  }
+  EXPECT_LE(test::max_rel_err(fg[1].data(), fg[0].data(), int64_t(fg[0].size()), 1e-2), 1e-4);
+  return calls;
+}
+
 }  // namespace
 
 // The same function as the rebuilding model: in double to rounding, in fp32
@@ -227,22 +250,7 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
     std::vector<std::string> kept_sets = sets;
     kept_sets.push_back("model.kept_layers=2");
     const Config rebuilt = small_config(sets), kept = small_config(kept_sets);
-    CpuOps<double> dops;
-    const auto [dl0, dg0] = two_steps<double>(rebuilt, dops);
-    const auto [dl1, dg1] = two_steps<double>(kept, dops);
-    for (size_t i = 0; i < dl0.size(); ++i) EXPECT_NEAR(dl1[i], dl0[i], 1e-12 * dl0[i]);
-    EXPECT_LE(test::max_rel_err(dg1.data(), dg0.data(), int64_t(dg0.size()), 1e-3), 1e-10);
-
-    CpuOps<float> cpu;
-    std::map<OpId, int64_t> calls[2];
-    std::vector<double> fg[2];
-    for (int k = 0; k < 2; ++k) {
-      ProfilingOps ops(cpu, std::make_unique<WallClock>());
-      const auto [losses, grads] = two_steps<float>(k ? kept : rebuilt, ops);
-      fg[k].assign(grads.begin(), grads.end());
-      for (const OpStats& st : ops.stats()) calls[k][st.op] = st.calls;
-    }
-    EXPECT_LE(test::max_rel_err(fg[1].data(), fg[0].data(), int64_t(fg[0].size()), 1e-2), 1e-4);
+    auto calls = expect_same_function(rebuilt, kept);
     EXPECT_GT(calls[0][OpId::layernorm_ffn_forward], 0);
     EXPECT_EQ(calls[1][OpId::layernorm_ffn_forward] * 2, calls[0][OpId::layernorm_ffn_forward]);
     // Every layer kept: the attention forward runs once, its state kept
@@ -271,22 +279,7 @@ TEST(Model, StashedLayersEqualRebuiltOnesAndSkipTheirAttention) {
     const Config rebuilt = small_config(base_sets), stashed = small_config(sets);
     const int n_stashed = stashed_layer_count(stashed, 1);
     ASSERT_EQ(n_stashed, stashed.model.stashed_layers);
-    CpuOps<double> dops;
-    const auto [dl0, dg0] = two_steps<double>(rebuilt, dops);
-    const auto [dl1, dg1] = two_steps<double>(stashed, dops);
-    for (size_t i = 0; i < dl0.size(); ++i) EXPECT_NEAR(dl1[i], dl0[i], 1e-12 * dl0[i]);
-    EXPECT_LE(test::max_rel_err(dg1.data(), dg0.data(), int64_t(dg0.size()), 1e-3), 1e-10);
-
-    CpuOps<float> cpu;
-    std::map<OpId, int64_t> calls[2];
-    std::vector<double> fg[2];
-    for (int k = 0; k < 2; ++k) {
-      ProfilingOps ops(cpu, std::make_unique<WallClock>());
-      const auto [losses, grads] = two_steps<float>(k ? stashed : rebuilt, ops);
-      fg[k].assign(grads.begin(), grads.end());
-      for (const OpStats& st : ops.stats()) calls[k][st.op] = st.calls;
-    }
-    EXPECT_LE(test::max_rel_err(fg[1].data(), fg[0].data(), int64_t(fg[0].size()), 1e-2), 1e-4);
+    auto calls = expect_same_function(rebuilt, stashed);
     // The feed-forward reruns as before; each stashed layer's attention
     // forward does not (one call per head per step fewer, two steps), and
     // every pass of a stashed layer stashes and unstashes once a step.

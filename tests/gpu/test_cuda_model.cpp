@@ -340,6 +340,18 @@ void expect_same_directions(const std::vector<float>& a, const std::vector<float
   }
 }
 
+// Two steps of layout(0) and layout(1) on the GPU: the same loss bit for
+// bit, and gradients as expect_same_directions asks.
+template <class Layout>
+void expect_same_loss_and_directions(Layout layout) {
+  std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
+  std::vector<float> grads[2];
+  double loss[2];
+  for (int i = 0; i < 2; ++i) loss[i] = two_steps(*gpu, layout(i), &grads[i]);
+  EXPECT_EQ(loss[0], loss[1]);
+  expect_same_directions(grads[1], grads[0]);
+}
+
 }  // namespace
 
 // Kept layers on the GPU (model.kept_layers; training.device cuda, so the
@@ -362,21 +374,16 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
   for (const auto& [act, hp] : {std::pair{"gelu", 0}, std::pair{"relu", 0},
                                 std::pair{"gelu", 2}}) {
     SCOPED_TRACE(std::string(act) + ", heads per pass " + std::to_string(hp));
-    std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
-    std::vector<float> grads[2];
-    double loss[2];
-    for (int kept = 0; kept < 2; ++kept) {
+    expect_same_loss_and_directions([&](int kept) {
       Config cfg = model_config("bf16");
       cfg.training.device = DeviceKind::cuda;
       cfg.model.activation = std::string(act) == "relu" ? Activation::relu : Activation::gelu;
       cfg.model.kept_layers = kept ? 3 : 0;
       cfg.model.attn_heads_per_pass = hp;
-      ASSERT_EQ(keeps_ffn_hidden(cfg), false);
-      ASSERT_EQ(keeps_attention_outputs(cfg, 1), hp == 2);
-      loss[kept] = two_steps(*gpu, cfg, &grads[kept]);
-    }
-    EXPECT_EQ(loss[0], loss[1]);
-    expect_same_directions(grads[1], grads[0]);
+      EXPECT_EQ(keeps_ffn_hidden(cfg), false);
+      EXPECT_EQ(keeps_attention_outputs(cfg, 1), hp == 2);
+      return cfg;
+    });
   }
 }
 
@@ -390,20 +397,15 @@ TEST(CudaModel, StashedLayersEqualRebuiltOnes) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (const auto& [hp, kept] : {std::pair{0, 0}, std::pair{2, 0}, std::pair{2, 1}}) {
     SCOPED_TRACE("heads per pass " + std::to_string(hp) + ", kept " + std::to_string(kept));
-    std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
-    std::vector<float> grads[2];
-    double loss[2];
-    for (int st = 0; st < 2; ++st) {
+    expect_same_loss_and_directions([&](int st) {
       Config cfg = model_config("bf16");
       cfg.training.device = DeviceKind::cuda;
       cfg.model.kept_layers = kept;
       cfg.model.stashed_layers = st ? cfg.model.n_layers - kept : 0;
       cfg.model.attn_heads_per_pass = hp;
-      ASSERT_EQ(stashed_layer_count(cfg, 1), st ? cfg.model.n_layers - kept : 0);
-      loss[st] = two_steps(*gpu, cfg, &grads[st]);
-    }
-    EXPECT_EQ(loss[0], loss[1]);
-    expect_same_directions(grads[1], grads[0]);
+      EXPECT_EQ(stashed_layer_count(cfg, 1), st ? cfg.model.n_layers - kept : 0);
+      return cfg;
+    });
   }
 }
 
