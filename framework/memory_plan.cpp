@@ -474,9 +474,9 @@ Config with_length(const Config& cfg, int64_t length, const std::string& source)
 
 Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
   if (cfg.model.attn_heads_per_pass > 0 || device_bytes <= 0) return cfg;
-  const int most = attention_heads_per_pass(cfg, sp), heads = rank_heads(cfg, sp);
+  const int heads = rank_heads(cfg, sp);
   Config c = cfg;
-  for (int g = most; g > 1; --g) {
+  for (int g = heads; g > 1; --g) {
     if (heads % g != 0) continue;
     c.model.attn_heads_per_pass = g;
     if (double(plan_memory(c, sp).total_bytes()) <= kAutoPassFraction * double(device_bytes))

@@ -57,14 +57,13 @@ struct MemoryPlan {
 // Heads each rank attends in one attention pass: model.attn_heads_per_pass,
 // or when it is 0 the most heads (a divisor of n_heads / sp, the heads a rank
 // attends; 1 when sp > n_heads, pairs mode) whose six [Lfull, heads * dh] operand buffers and per-head round
-// outputs take at most kAttentionPassBudget bytes (one head at least). Fewer
-// heads per pass hold less memory; more make wider products and recompute
-// LayerNorm less often. Under sp > 1 a pass projects sp times as many heads
-// (every rank's pass heads) over the rank's L / sp positions. Throws
-// ConfigError when the key does not divide n_heads / sp. The budget buys
-// speed with memory: on one H200 at 1M tokens (bench-peer.yaml) it gives 4
-// heads per pass, 218K tokens/s in 50.5 GiB, where one head per pass runs
-// 151K tokens/s in 35.4 GiB (bench/RESULTS.md, 2026-11-30, bf16 operands).
+// outputs take at most kAttentionPassBudget bytes (one head at least): the
+// choice where no device is known (the CPU); on a device fit_heads_per_pass
+// chooses by the device's memory. Fewer heads per pass hold less memory;
+// more make wider products and recompute LayerNorm less often. Under sp > 1
+// a pass projects sp times as many heads (every rank's pass heads) over the
+// rank's L / sp positions. Throws ConfigError when the key does not divide
+// n_heads / sp.
 constexpr int64_t kAttentionPassBudget = int64_t(24) << 30;
 int attention_heads_per_pass(const Config& cfg, int sp, int real_bytes = 4);
 
@@ -115,10 +114,15 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes = 4);
 int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes);
 
 // `cfg` with model.attn_heads_per_pass chosen for a device of `device_bytes`
-// when it is 0 (auto) and device_bytes > 0: the most heads per pass the pass
-// budget allows (attention_heads_per_pass) whose whole plan takes at most
-// kAutoPassFraction of the device, else the fewest (1); unchanged otherwise.
-// Every rank of a run must see the same device_bytes.
+// when it is 0 (auto) and device_bytes > 0: the most heads per pass (a
+// divisor of the rank's heads; kAttentionPassBudget does not bound it)
+// whose whole plan, no layer kept or stashed, takes at most
+// kAutoPassFraction of the device, else the fewest (1); unchanged
+// otherwise. Kept and stashed layers are fitted after it
+// (fit_to_device): a pass of more heads saves more than the layers its
+// memory would keep (bench/RESULTS.md, 2026-12-02 (eighteenth): at 2M
+// tokens 8 heads a pass run 20% faster than 2, at 4M 2 heads 38% faster
+// than 1). Every rank of a run must see the same device_bytes.
 constexpr double kAutoPassFraction = 0.9;
 Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes);
 

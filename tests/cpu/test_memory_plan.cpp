@@ -294,11 +294,11 @@ TEST(MemoryPlan, ParsesSizes) {
     EXPECT_THROW(parse_bytes(bad, "m"), ConfigError) << bad;
 }
 
-// Auto heads per pass on a device of a given size: the most the pass budget
-// allows whose whole plan takes at most 90% of the device, else one; a set
-// key and an unknown device leave the config alone. The peers' model at 1M
-// with 16K chunks: 4 heads plan 35.47 GiB, 2 heads 29.44, 1 head 26.42
-// (`reformer plan`).
+// Auto heads per pass on a device of a given size: the most heads (a
+// divisor of n_heads; the pass budget, which decides without a device, does
+// not bound it) whose whole plan takes at most 90% of the device, else one;
+// a set key and an unknown device leave the config alone. The peers' model
+// at 1M with 16K chunks.
 TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"model.max_len=1048576", "model.ffn_chunk=16384",
@@ -307,19 +307,28 @@ TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   auto fitted = [&](const Config& c, int64_t bytes) {
     return fit_heads_per_pass(c, 1, bytes).model.attn_heads_per_pass;
   };
-  EXPECT_EQ(attention_heads_per_pass(cfg, 1), 4);  // the 24 GiB pass budget
-  EXPECT_EQ(fitted(cfg, 139 * GiB), 4);
-  EXPECT_EQ(fitted(cfg, 38 * GiB), 2);  // 4 heads: 35.47 > 34.2 GiB
-  EXPECT_EQ(fitted(cfg, 32 * GiB), 1);  // 2 heads: 29.44 > 28.8 GiB
-  EXPECT_EQ(fitted(cfg, 0), 0);         // no device: the budget rule decides
-  Config set = cfg;
-  set.model.attn_heads_per_pass = 8;
-  EXPECT_EQ(fitted(set, 40 * GiB), 8);
-  for (int64_t gib : {139, 38, 32}) {
-    const Config f = fit_heads_per_pass(cfg, 1, gib * GiB);
-    const int64_t total = plan_memory(f, 1).total_bytes();
-    if (f.model.attn_heads_per_pass > 1) EXPECT_LE(double(total), 0.9 * double(gib * GiB));
+  auto planned = [&](int g) {
+    Config c = cfg;
+    c.model.attn_heads_per_pass = g;
+    return double(plan_memory(c, 1).total_bytes());
+  };
+  EXPECT_EQ(attention_heads_per_pass(cfg, 1), 4);  // the 24 GiB pass budget, no device
+  EXPECT_EQ(fitted(cfg, 139 * GiB), 8);            // a device: beyond the budget
+  EXPECT_EQ(fitted(cfg, 0), 0);                    // no device: the budget rule decides
+  std::vector<int> seen;
+  // Planned: 8 heads 47.39 GiB, 4 heads 35.27, 2 heads 29.20, 1 head 26.17.
+  for (int64_t gib : {139, 45, 34, 30, 20}) {
+    SCOPED_TRACE(std::to_string(gib) + " GiB");
+    const int g = fitted(cfg, gib * GiB);
+    seen.push_back(g);
+    if (g > 1) EXPECT_LE(planned(g), 0.9 * double(gib * GiB));
+    for (int more : {2, 4, 8})
+      if (more > g) EXPECT_GT(planned(more), 0.9 * double(gib * GiB)) << more;
   }
+  EXPECT_EQ(seen, (std::vector<int>{8, 4, 2, 1, 1}));
+  Config set = cfg;
+  set.model.attn_heads_per_pass = 2;
+  EXPECT_EQ(fitted(set, 139 * GiB), 2);
 }
 
 // With heads per pass fitted at every length, the longest length that fits
@@ -396,15 +405,17 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
 
 // Auto kept and stashed layers together: of the counts whose whole plan
 // takes at most 90% of the device, the one that saves the backward most (a
-// kept layer weighing kKeptOverStashed stashed ones). At 1M tokens on an
-// H200 that is 3 kept and 1 stashed (2 kept and 4 stashed also fit); on
-// 139 GiB, where 3 and 1 do not, 2 and 4. At 2M, 6 stashed. A
+// kept layer weighing kKeptOverStashed stashed ones). At 1M tokens in
+// passes of 4 heads on an H200 that is 3 kept and 1 stashed (2 kept and 4
+// stashed also fit); on 139 GiB, where 3 and 1 do not, 2 and 4. At 2M in
+// passes of 2, 6 stashed. A
 // stashed layer holds every pass's outputs (bf16 on CUDA) and log-sum-exps;
 // none under sp or where rounds are attended one at a time; a set count
 // stays, at most the layers below the kept ones.
 TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
-                                 {"model.max_len=1048576", "training.device=cuda"});
+                                 {"model.max_len=1048576", "training.device=cuda",
+                                  "model.attn_heads_per_pass=4"});
   const int64_t GiB = int64_t(1) << 30, h200 = int64_t(143771) << 20;  // as an H200 reports
   ASSERT_EQ(cfg.model.stashed_layers, kStashedLayersAuto);
   EXPECT_EQ(stashed_layer_count(cfg, 1), 0);
@@ -439,8 +450,10 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   none.model.stashed_layers = 0;
   EXPECT_EQ(plan_memory(one, 1).total_bytes() - plan_memory(none, 1).total_bytes(),
             4 * (plan.count("stashed ao") + plan.count("stashed lse")));
-  // At 2M none is kept and all six are stashed.
-  const Config f2 = fit_to_device(with_length(cfg, 2097152, "test"), 1, h200);
+  // At 2M in passes of 2 none is kept and all six are stashed.
+  Config two = with_length(cfg, 2097152, "test");
+  two.model.attn_heads_per_pass = 2;
+  const Config f2 = fit_to_device(two, 1, h200);
   EXPECT_EQ(f2.model.kept_layers, 0);
   EXPECT_EQ(stashed_layer_count(f2, 1), 6);
   // None under sp, none with one round per call, none without a device.
