@@ -41,6 +41,12 @@ enum class SpMode { heads, sort };
 // sorted again where used); auto: bucket ids where the rounds are attended
 // one call at a time (framework/memory_plan.h, lsh_saves_buckets).
 enum class LshSaved { auto_, orders, buckets };
+// What a kept layer keeps of its attention where every head is attended in
+// one pass at sp 1 (framework/memory_plan.h, keeps_attention): its whole
+// state (the pass's qk, v, ao, log-sum-exps and staged operands), or only
+// its outputs and log-sum-exps (a stash, as with fewer heads per pass);
+// auto: fitted with the kept layers to the device.
+enum class KeptAttention { auto_, state, outputs };
 // A step whose loss or gradient is not finite: stop the run, or skip the update.
 enum class OnNonFinite { stop, skip };
 
@@ -56,6 +62,7 @@ template <> struct EnumNames<ByteSplit> { static constexpr std::array names{"fra
 template <> struct EnumNames<SpMode> { static constexpr std::array names{"heads", "sort"}; };
 template <> struct EnumNames<AttentionPrecision> { static constexpr std::array names{"fp32", "bf16"}; };
 template <> struct EnumNames<LshSaved> { static constexpr std::array names{"auto", "orders", "buckets"}; };
+template <> struct EnumNames<KeptAttention> { static constexpr std::array names{"auto", "state", "outputs"}; };
 template <> struct EnumNames<OnNonFinite> { static constexpr std::array names{"stop", "skip"}; };
 template <> struct EnumNames<Activation> { static constexpr std::array names{"gelu", "relu"}; };
 template <> struct EnumNames<CommBackend> { static constexpr std::array names{"local", "mpi", "nccl"}; };
@@ -114,6 +121,7 @@ struct ModelConfig {
   // 0 .. n_layers - kept_layers, or kStashedLayersAuto (`auto`): fitted with
   // kept_layers to the device (none on the CPU).
   int stashed_layers = kStashedLayersAuto;
+  KeptAttention kept_attention = KeptAttention::auto_;  // state | outputs | auto
   LshSaved lsh_saved = LshSaved::auto_;  // LSH state kept for the backward: orders | buckets | auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings

@@ -489,12 +489,19 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
 int kept_layer_count(const Config& cfg) { return std::max(cfg.model.kept_layers, 0); }
 
 bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
-  return sp == 1 && attention_heads_per_pass(cfg, 1, real_bytes) == cfg.model.n_heads &&
+  return sp == 1 && cfg.model.kept_attention != KeptAttention::outputs &&
+         attention_heads_per_pass(cfg, 1, real_bytes) == cfg.model.n_heads &&
          !attention_by_round(cfg, 1, real_bytes);
 }
 
 bool stashes_attention(const Config& cfg, int sp, int real_bytes) {
   return sp == 1 && !attention_by_round(cfg, 1, real_bytes);
+}
+
+const char* kept_attention_text(const Config& cfg, int sp) {
+  return keeps_attention(cfg, sp)           ? "state"
+         : keeps_attention_outputs(cfg, sp) ? "outputs"
+                                            : "rerun";
 }
 
 int stashed_layer_count(const Config& cfg, int sp, int real_bytes) {
@@ -548,13 +555,24 @@ bool keeps_ffn_hidden(const Config& cfg, int real_bytes) {
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   const bool kept_auto = cfg.model.kept_layers == kKeptLayersAuto;
   const bool stashed_auto = cfg.model.stashed_layers == kStashedLayersAuto;
-  if (!kept_auto && !stashed_auto) return cfg;
+  const bool form_auto = cfg.model.kept_attention == KeptAttention::auto_;
+  if (!kept_auto && !stashed_auto && !form_auto) return cfg;
   Config c = cfg;
   if (kept_auto) c.model.kept_layers = 0;
   if (stashed_auto) c.model.stashed_layers = 0;
   if (device_bytes <= 0) return c;
   const int n = cfg.model.n_layers;
   const bool stashes = stashes_attention(cfg, sp);
+  // The forms a kept layer's attention may take here: its whole state
+  // where that layout allows it (weighing kKeptStateOverStashed), and its
+  // outputs (kKeptOverStashed).
+  std::vector<KeptAttention> forms{cfg.model.kept_attention};
+  if (form_auto) {
+    Config state = cfg;
+    state.model.kept_attention = KeptAttention::state;
+    forms = {KeptAttention::outputs};
+    if (keeps_attention(state, sp)) forms.push_back(KeptAttention::state);
+  }
   auto fits = [&](int k, int st) {
     c.model.kept_layers = k;
     c.model.stashed_layers = st;
@@ -563,26 +581,33 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   // Each candidate count of kept layers with the most stashed layers that
   // fit beside it; the best by what their backward no longer reruns.
   int best_k = c.model.kept_layers, best_s = c.model.stashed_layers;
+  KeptAttention best_form = cfg.model.kept_attention;
   double best = -1;
   const int k_hi = kept_auto ? n : cfg.model.kept_layers, k_lo = kept_auto ? 0 : k_hi;
-  for (int k = k_hi; k >= k_lo; --k) {
-    const int s_hi = !stashes        ? 0
-                     : stashed_auto ? n - k
-                                    : std::min(cfg.model.stashed_layers, n - k);
-    const int s_lo = stashed_auto ? 0 : s_hi;
-    for (int st = s_hi; st >= s_lo; --st) {
-      if (!fits(k, st)) continue;
-      const double saved = kKeptOverStashed * k + st;
-      if (saved > best) {
-        best = saved;
-        best_k = k;
-        best_s = st;
+  for (const KeptAttention form : forms) {
+    c.model.kept_attention = form;
+    const double weight = keeps_attention(c, sp) ? kKeptStateOverStashed : kKeptOverStashed;
+    for (int k = k_hi; k >= k_lo; --k) {
+      const int s_hi = !stashes        ? 0
+                       : stashed_auto ? n - k
+                                      : std::min(cfg.model.stashed_layers, n - k);
+      const int s_lo = stashed_auto ? 0 : s_hi;
+      for (int st = s_hi; st >= s_lo; --st) {
+        if (!fits(k, st)) continue;
+        const double saved = weight * k + st;
+        if (saved > best) {
+          best = saved;
+          best_k = k;
+          best_s = st;
+          best_form = form;
+        }
+        break;
       }
-      break;
     }
   }
   c.model.kept_layers = best_k;
   c.model.stashed_layers = stashed_auto ? best_s : cfg.model.stashed_layers;
+  c.model.kept_attention = best_form;
   return c;
 }
 

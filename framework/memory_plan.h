@@ -140,8 +140,9 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes);
 // model.kept_layers as given; 0 while it is auto (fit_kept_layers resolves it).
 int kept_layer_count(const Config& cfg);
 // Whether kept layers keep their attention state too: at sp 1 with every
-// head in one pass and the hash rounds attended together (the other layouts
-// rerun a kept layer's attention forward, but not its residual update).
+// head in one pass and the hash rounds attended together, unless
+// model.kept_attention is outputs (the other layouts rerun a kept layer's
+// attention forward, but not its residual update).
 bool keeps_attention(const Config& cfg, int sp, int real_bytes = 4);
 // Where they do not: whether kept layers keep what the attention backward
 // reads from the forward instead, every pass's outputs ao (stashed: bf16
@@ -160,6 +161,9 @@ bool stashes_attention(const Config& cfg, int sp, int real_bytes = 4);
 // model.stashed_layers as given, at most the layers below the kept ones; 0
 // while it is auto and where !stashes_attention().
 int stashed_layer_count(const Config& cfg, int sp, int real_bytes = 4);
+// What a kept layer keeps of its attention, in words: "state"
+// (keeps_attention), "outputs" (keeps_attention_outputs) or "rerun".
+const char* kept_attention_text(const Config& cfg, int sp);
 // Elements Ops::stash of n values takes on the config's device
 // (kernels/common/gemm_staging.h, bf16_stash_elems, where training.device
 // is cuda and real_bytes 4; else n).
@@ -179,14 +183,21 @@ int64_t kept_ln_cols(const Config& cfg, int real_bytes = 4);
 // kernels/common/params.h) where training.device is cuda, real_bytes 4 and
 // attention.precision bf16; else 0 (nothing kept).
 int64_t kept_attention_staged(const Config& cfg, int real_bytes = 4);
-// `cfg` with model.kept_layers and model.stashed_layers, those that are
-// auto, chosen for a device of `device_bytes`: among the counts whose whole
-// plan takes at most kAutoPassFraction of the device, those that save the
-// backward most, a kept layer counted as kKeptOverStashed stashed ones; 0
-// when device_bytes <= 0 (the CPU). Unchanged when neither is auto.
+// `cfg` with model.kept_layers, model.stashed_layers and
+// model.kept_attention, those that are auto, chosen for a device of
+// `device_bytes`: among the counts (and forms) whose whole plan takes at
+// most kAutoPassFraction of the device, those that save the backward most,
+// a kept layer counted as kKeptStateOverStashed stashed ones where it keeps
+// its attention state and kKeptOverStashed where it keeps its outputs; 0
+// kept and stashed when device_bytes <= 0 (the CPU), the form left auto
+// (keeps_attention reads it as state). Unchanged when none is auto.
 // The ratio is measured: at 1M tokens (configs/bench-peer.yaml, one H200) a
 // kept layer saved a step 59.5 ms, a stashed one 17.9 ms (bench/RESULTS.md).
 constexpr double kKeptOverStashed = 3.3;
+// A kept layer with its whole attention state also skips the projections'
+// rerun and the staging of q, k_hat and v in the backward (estimated from
+// the 64K breakdown scaled to 1M: about 12.6 ms more than 59.5).
+constexpr double kKeptStateOverStashed = 4.0;
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
 // fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
 // a device.

@@ -26,6 +26,7 @@ const std::vector<std::pair<std::string, ResumeChange>>& resume_classes() {
       {"model.attn_heads_per_pass", C::warn}, {"model.attn_rounds_per_pass", C::warn},
       {"model.kept_layers", C::warn},
       {"model.stashed_layers", C::warn},
+      {"model.kept_attention", C::warn},
       // The same function to bf16 rounding of the attention products.
       {"attention.precision", C::warn},
       // The rest of the model (max_len, dropout, activation, ...) and attention

@@ -24,6 +24,7 @@ struct BenchRow {
   // The memory knobs as fitted to the device (memory_plan.h): kept and
   // stashed layers, heads per attention pass.
   int kept_layers = 0, stashed_layers = 0, heads_per_pass = 0;
+  std::string kept_attention;  // what kept layers keep of their attention
   // With breakdown: per-op totals over the timed steps (ProfilingOps), in
   // op-list order; empty otherwise.
   std::vector<OpStats> ops;

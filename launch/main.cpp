@@ -372,12 +372,15 @@ int cmd_plan(const Args& a) {
   fitted = fit_to_device(fitted, sp, budget);
   const MemoryPlan plan = plan_memory(fitted, sp);
   std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32, %d of %d layers kept"
-              " (model.kept_layers%s), %d stashed (model.stashed_layers%s):\n\n%s",
+              " (model.kept_layers%s) with their attention %s (model.kept_attention%s), %d"
+              " stashed (model.stashed_layers%s), %d heads per pass:\n\n%s",
               (long long)cfg.model.max_len, sp, kept_layer_count(fitted), cfg.model.n_layers,
               cfg.model.kept_layers == kKeptLayersAuto ? ": auto" : "",
+              kept_attention_text(fitted, sp),
+              cfg.model.kept_attention == KeptAttention::auto_ ? ": auto" : "",
               stashed_layer_count(fitted, sp),
               cfg.model.stashed_layers == kStashedLayersAuto ? ": auto" : "",
-              format_plan(plan).c_str());
+              attention_heads_per_pass(fitted, sp), format_plan(plan).c_str());
   const int64_t fits = longest_length_that_fits(cfg, sp, budget);
   std::printf("longest model.max_len that fits in %s: %s\n", format_bytes(budget).c_str(),
               fits > 0 ? std::to_string(fits).c_str() : "none (the model alone does not fit)");

@@ -407,13 +407,14 @@ TEST_F(Cli, BenchPrintsTheLayoutItRan) {
       kBin + " bench --config " + kSrc + "/configs/tiny.yaml --lengths 32 --steps 1";
   const Result dflt = run(bench);
   EXPECT_EQ(dflt.status, 0) << dflt.output;
-  EXPECT_NE(dflt.output.find("| kept, stashed layers, heads per pass |"), std::string::npos)
+  EXPECT_NE(dflt.output.find("| kept (their attention), stashed layers, heads per pass |"),
+            std::string::npos)
       << dflt.output;
-  EXPECT_NE(dflt.output.find(" | 0, 0, 2 |"), std::string::npos) << dflt.output;
+  EXPECT_NE(dflt.output.find(" | 0 (state), 0, 2 |"), std::string::npos) << dflt.output;
   const Result set = run(bench + " --set model.kept_layers=1 --set model.stashed_layers=1" +
                          " --set model.attn_heads_per_pass=1");
   EXPECT_EQ(set.status, 0) << set.output;
-  EXPECT_NE(set.output.find(" | 1, 1, 1 |"), std::string::npos) << set.output;
+  EXPECT_NE(set.output.find(" | 1 (outputs), 1, 1 |"), std::string::npos) << set.output;
 }
 
 TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {

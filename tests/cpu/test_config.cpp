@@ -412,9 +412,25 @@ TEST(Config, StashedLayers) {
             std::string::npos);
 }
 
+// model.kept_attention: auto by default (printed back as auto), state or
+// outputs; anything else is refused naming the key.
+TEST(Config, KeptAttention) {
+  const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
+  EXPECT_EQ(dflt.model.kept_attention, KeptAttention::auto_);
+  EXPECT_NE(to_yaml(dflt).find("\n  kept_attention: auto\n"), std::string::npos);
+  EXPECT_EQ(parse_config("model:\n  kept_attention: outputs\n", "a.yaml").model.kept_attention,
+            KeptAttention::outputs);
+  EXPECT_EQ(parse_config("model:\n  kept_attention: state\n", "a.yaml").model.kept_attention,
+            KeptAttention::state);
+  const std::string msg =
+      config_error([] { parse_config("model:\n  kept_attention: some\n", "a.yaml"); });
+  EXPECT_NE(msg.find("model.kept_attention"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("a.yaml:2"), std::string::npos) << msg;
+}
+
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 73u);
+  EXPECT_EQ(keys.size(), 74u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

@@ -68,6 +68,7 @@ TEST(Flops, FormulaEqualsWhatTheModelRuns) {
       {"model.kept_layers=2"},  // kept layers rerun nothing
       {"model.kept_layers=1", "model.attn_heads_per_pass=1"},  // nor their residual update
       {"model.stashed_layers=2"},  // stashed layers rerun all but the attention forward
+      {"model.kept_layers=2", "model.kept_attention=outputs"},  // the projections rerun
       {"model.kept_layers=1", "model.stashed_layers=1", "model.attn_heads_per_pass=1"},
   };
   for (const auto& sets : cases) {

@@ -111,6 +111,7 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {"model.kept_layers=1", "model.ffn_chunk=20", "model.attn_heads_per_pass=1"},
            {"model.kept_layers=2", "parallel.sp_mode=sort", "attention.kinds=[lsh, local]"},
            {"model.stashed_layers=2"},
+           {"model.kept_layers=2", "model.kept_attention=outputs"},
            {"model.kept_layers=1", "model.stashed_layers=2", "model.attn_heads_per_pass=1"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     const Config cfg = config(sets);
@@ -472,4 +473,63 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   const Config short_f = fit_to_device(with_length(cfg, 65536, "test"), 1, h200);
   EXPECT_EQ(short_f.model.kept_layers, 6);
   EXPECT_EQ(stashed_layer_count(short_f, 1), 0);
+}
+
+// Auto kept attention: with every head in one pass a kept layer may keep
+// its whole attention state (weighing kKeptStateOverStashed stashed layers)
+// or only its outputs (kKeptOverStashed); the fit takes the form with the
+// best count that fits. On an H200: at 64K every layer keeps its state; at
+// 512K every layer its outputs (4 with their state and 2 stashed also
+// fit); at 1M, 8 heads a pass, 2 with their outputs and 4 stashed. A set
+// form stays; without a device auto reads as state.
+TEST(MemoryPlan, KeptAttentionFormFitsTheDevice) {
+  const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
+                                 {"training.device=cuda"});
+  const int64_t h200 = int64_t(143771) << 20;
+  ASSERT_EQ(cfg.model.kept_attention, KeptAttention::auto_);
+  Config k2 = with_length(cfg, 65536, "test");
+  k2.model.kept_layers = 2;
+  EXPECT_TRUE(keeps_attention(k2, 1));  // auto reads as state
+  k2.model.kept_attention = KeptAttention::outputs;
+  EXPECT_FALSE(keeps_attention(k2, 1));
+  EXPECT_TRUE(keeps_attention_outputs(k2, 1));
+  EXPECT_THROW(plan_memory(k2, 1).count("kept qk"), ShapeError);
+  EXPECT_GT(plan_memory(k2, 1).count("kept ao stash"), 0);
+  struct Want {
+    int64_t L;
+    KeptAttention form;
+    int kept, stashed, heads;
+  };
+  for (const Want& w : {Want{65536, KeptAttention::state, 6, 0, 8},
+                        Want{524288, KeptAttention::outputs, 6, 0, 8},
+                        Want{1048576, KeptAttention::outputs, 2, 4, 8}}) {
+    SCOPED_TRACE(w.L);
+    const Config f = fit_to_device(with_length(cfg, w.L, "test"), 1, h200);
+    EXPECT_EQ(f.model.kept_attention, w.form);
+    EXPECT_EQ(f.model.kept_layers, w.kept);
+    EXPECT_EQ(stashed_layer_count(f, 1), w.stashed);
+    EXPECT_EQ(attention_heads_per_pass(f, 1), w.heads);
+    const double budget = 0.9 * double(h200);
+    auto score = [&](const Config& c) {
+      return (keeps_attention(c, 1) ? kKeptStateOverStashed : kKeptOverStashed) *
+                 c.model.kept_layers + stashed_layer_count(c, 1);
+    };
+    EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
+    for (KeptAttention form : {KeptAttention::state, KeptAttention::outputs})
+      for (int k = 0; k <= 6; ++k)
+        for (int st = 0; st <= 6 - k; ++st) {
+          Config c = f;
+          c.model.kept_attention = form;
+          c.model.kept_layers = k;
+          c.model.stashed_layers = st;
+          if (double(plan_memory(c, 1).total_bytes()) <= budget)
+            EXPECT_LE(score(c), score(f)) << k << " kept, " << st << " stashed";
+        }
+  }
+  Config set = with_length(cfg, 1048576, "test");
+  set.model.kept_attention = KeptAttention::state;
+  const Config fs = fit_to_device(set, 1, h200);
+  EXPECT_EQ(fs.model.kept_attention, KeptAttention::state);
+  EXPECT_TRUE(keeps_attention(fs, 1));
+  EXPECT_EQ(fs.model.kept_layers, 1);
 }

@@ -245,7 +245,8 @@ std::array<std::map<OpId, int64_t>, 2> expect_same_function(const Config& a, con
 // the passes' attention outputs and log-sum-exps kept through Ops::stash).
 TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
   for (const auto& sets : std::vector<std::vector<std::string>>{
-           {}, {"model.dropout=0.25", "model.ffn_chunk=5"}, {"model.attn_heads_per_pass=1"}}) {
+           {}, {"model.dropout=0.25", "model.ffn_chunk=5"}, {"model.attn_heads_per_pass=1"},
+           {"model.kept_attention=outputs"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     std::vector<std::string> kept_sets = sets;
     kept_sets.push_back("model.kept_layers=2");
@@ -257,7 +258,9 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
     // whole (one pass of heads) or as the passes' outputs and log-sum-exps.
     const int64_t attn = calls[1][OpId::chunked_attention_forward];
     EXPECT_EQ(attn * 2, calls[0][OpId::chunked_attention_forward]);
-    EXPECT_EQ(calls[1][OpId::stash] > 0, sets.size() == 1 && sets[0] == "model.attn_heads_per_pass=1");
+    const Config kept_cfg = small_config(kept_sets);
+    EXPECT_EQ(calls[1][OpId::stash] > 0, keeps_attention_outputs(kept_cfg, 1));
+    EXPECT_EQ(keeps_attention(kept_cfg, 1), sets.empty() || sets[0] == "model.dropout=0.25");
   }
 }
 

@@ -371,17 +371,20 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   // Every head in one pass (the attention state kept whole, fp32), and two
   // passes of two (their outputs stashed in bf16 and their log-sum-exps).
+  // Every head in one pass keeping only the outputs (model.kept_attention).
   for (const auto& [act, hp] : {std::pair{"gelu", 0}, std::pair{"relu", 0},
-                                std::pair{"gelu", 2}}) {
+                                std::pair{"gelu", 2}, std::pair{"outputs", 0}}) {
     SCOPED_TRACE(std::string(act) + ", heads per pass " + std::to_string(hp));
+    const bool outputs = std::string(act) == "outputs";
     expect_same_loss_and_directions([&](int kept) {
       Config cfg = model_config("bf16");
       cfg.training.device = DeviceKind::cuda;
       cfg.model.activation = std::string(act) == "relu" ? Activation::relu : Activation::gelu;
       cfg.model.kept_layers = kept ? 3 : 0;
       cfg.model.attn_heads_per_pass = hp;
+      if (outputs) cfg.model.kept_attention = KeptAttention::outputs;
       EXPECT_EQ(keeps_ffn_hidden(cfg), false);
-      EXPECT_EQ(keeps_attention_outputs(cfg, 1), hp == 2);
+      EXPECT_EQ(keeps_attention_outputs(cfg, 1), hp == 2 || outputs);
       return cfg;
     });
   }
