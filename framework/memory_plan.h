@@ -195,8 +195,10 @@ int64_t kept_attention_staged(const Config& cfg, int real_bytes = 4);
 // kept layer saved a step 59.5 ms, a stashed one 17.9 ms (bench/RESULTS.md).
 constexpr double kKeptOverStashed = 3.3;
 // A kept layer with its whole attention state also skips the projections'
-// rerun and the staging of q, k_hat and v in the backward (estimated from
-// the 64K breakdown scaled to 1M: about 12.6 ms more than 59.5).
+// rerun and the staging of q, k_hat and v in the backward. Measured at 8
+// heads a pass: at 1M, 1 such layer and 5 stashed ran 1.1% slower than 2
+// kept with their outputs and 4 stashed (a weight below 4.5); at 512K, 4
+// and 2 stashed 0.4% slower than 6 with their outputs (below 4.45).
 constexpr double kKeptStateOverStashed = 4.0;
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
 // fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
