@@ -518,8 +518,7 @@ bool exchange_in_operands(const Config& cfg, int sp, int real_bytes) {
 }
 
 bool keeps_attention_outputs(const Config& cfg, int sp, int real_bytes) {
-  return sp == 1 && !keeps_attention(cfg, sp, real_bytes) &&
-         !attention_by_round(cfg, 1, real_bytes);
+  return stashes_attention(cfg, sp, real_bytes) && !keeps_attention(cfg, sp, real_bytes);
 }
 
 namespace {
