@@ -47,6 +47,11 @@ enum class LshSaved { auto_, orders, buckets };
 // its outputs and log-sum-exps (a stash, as with fewer heads per pass);
 // auto: fitted with the kept layers to the device.
 enum class KeptAttention { auto_, state, outputs };
+// What a kept layer keeps of its feed-forward hidden layer: both the
+// activation and what its gradient is taken at (the pre-activation), or
+// only the pre-activation, the backward rebuilding the activation from it
+// (Ops::ffn_rebuild); auto: fitted with the kept layers to the device.
+enum class KeptFfn { auto_, both, pre_activation };
 // A step whose loss or gradient is not finite: stop the run, or skip the update.
 enum class OnNonFinite { stop, skip };
 
@@ -63,6 +68,7 @@ template <> struct EnumNames<SpMode> { static constexpr std::array names{"heads"
 template <> struct EnumNames<AttentionPrecision> { static constexpr std::array names{"fp32", "bf16"}; };
 template <> struct EnumNames<LshSaved> { static constexpr std::array names{"auto", "orders", "buckets"}; };
 template <> struct EnumNames<KeptAttention> { static constexpr std::array names{"auto", "state", "outputs"}; };
+template <> struct EnumNames<KeptFfn> { static constexpr std::array names{"auto", "both", "pre_activation"}; };
 template <> struct EnumNames<OnNonFinite> { static constexpr std::array names{"stop", "skip"}; };
 template <> struct EnumNames<Activation> { static constexpr std::array names{"gelu", "relu"}; };
 template <> struct EnumNames<CommBackend> { static constexpr std::array names{"local", "mpi", "nccl"}; };
@@ -122,6 +128,7 @@ struct ModelConfig {
   // kept_layers to the device (none on the CPU).
   int stashed_layers = kStashedLayersAuto;
   KeptAttention kept_attention = KeptAttention::auto_;  // state | outputs | auto
+  KeptFfn kept_ffn = KeptFfn::auto_;  // both | pre_activation | auto
   LshSaved lsh_saved = LshSaved::auto_;  // LSH state kept for the backward: orders | buckets | auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings

@@ -58,6 +58,7 @@ const std::vector<Key>& keys() {
       num_or_auto(KEY(model, kept_layers), 0, 1024, kKeptLayersAuto),
       num_or_auto(KEY(model, stashed_layers), 0, 1024, kStashedLayersAuto),
       any(KEY(model, kept_attention)),
+      any(KEY(model, kept_ffn)),
       any(KEY(model, lsh_saved)),
       num(KEY(model, loss_chunk), 0, kMaxLength),
       num(KEY(model, init_std), 0, 100),

@@ -395,9 +395,14 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
         kept);
   b.add("kept fmean", G::activations, "[L] per kept layer", {L}, false, kept);
   b.add("kept frstd", G::activations, "[L] per kept layer", {L}, false, kept);
-  b.add("kept fa", G::activations, "[L, d_ff] per kept layer", {L, F}, false, kept);
-  if (keeps_ffn_hidden(cfg, real_bytes))
-    b.add("kept fh", G::activations, "[L, d_ff] per kept layer", {L, F}, false, kept);
+  // The hidden layer's state (Ops::ffn_state_cols): what the activation is
+  // rebuilt from, and the activation unless the backward rebuilds it.
+  const FfnStateCols ffn = kept_ffn_cols(cfg, real_bytes);
+  for (auto [name, cols] : {std::pair{"kept fh", ffn.h}, std::pair{"kept fa", ffn.a}})
+    if (cols > 0)
+      b.add(name, G::activations,
+            cols == F ? "[L, d_ff] per kept layer" : "[L, d_ff/2] per kept layer", {L, cols},
+            false, kept);
   if (keeps_attention(cfg, sp, real_bytes)) {
     const int64_t HD = Hloc * dh;
     for (const char* n : {"kept qk", "kept v", "kept ao"})
@@ -476,14 +481,20 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
   if (cfg.model.attn_heads_per_pass > 0 || device_bytes <= 0) return cfg;
   const int heads = rank_heads(cfg, sp);
   Config c = cfg;
-  for (int g = heads; g > 1; --g) {
+  // Kept layers' forms left to fit_kept_layers are tried in their smallest.
+  if (c.model.kept_attention == KeptAttention::auto_)
+    c.model.kept_attention = KeptAttention::outputs;
+  if (c.model.kept_ffn == KeptFfn::auto_) c.model.kept_ffn = KeptFfn::pre_activation;
+  int best = 1;
+  for (int g = heads; g > 1 && best == 1; --g) {
     if (heads % g != 0) continue;
     c.model.attn_heads_per_pass = g;
     if (double(plan_memory(c, sp).total_bytes()) <= kAutoPassFraction * double(device_bytes))
-      return c;
+      best = g;
   }
-  c.model.attn_heads_per_pass = 1;
-  return c;
+  Config fitted = cfg;
+  fitted.model.attn_heads_per_pass = best;
+  return fitted;
 }
 
 int kept_layer_count(const Config& cfg) { return std::max(cfg.model.kept_layers, 0); }
@@ -502,6 +513,10 @@ const char* kept_attention_text(const Config& cfg, int sp) {
   return keeps_attention(cfg, sp)           ? "state"
          : keeps_attention_outputs(cfg, sp) ? "outputs"
                                             : "rerun";
+}
+
+const char* kept_ffn_text(const Config& cfg) {
+  return cfg.model.kept_ffn == KeptFfn::pre_activation ? "pre-activation" : "both";
 }
 
 int stashed_layer_count(const Config& cfg, int sp, int real_bytes) {
@@ -546,16 +561,21 @@ int64_t kept_attention_staged(const Config& cfg, int real_bytes) {
   return (attention_kept_bytes(cfg.model.max_len, cfg.head_dim()) + 3) / 4;
 }
 
-bool keeps_ffn_hidden(const Config& cfg, int real_bytes) {
-  return !cuda_layouts(cfg, real_bytes) ||
-         !ffn_state_in_a(cfg.model.d_model, cfg.model.d_ff);
+FfnStateCols kept_ffn_cols(const Config& cfg, int real_bytes) {
+  const int64_t F = cfg.model.d_ff;
+  FfnStateCols c{F, F};
+  if (cuda_layouts(cfg, real_bytes))
+    c = cuda_ffn_state_cols(cfg.model.d_model, F, cfg.model.activation == Activation::relu);
+  if (cfg.model.kept_ffn == KeptFfn::pre_activation) c.a = 0;
+  return c;
 }
 
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   const bool kept_auto = cfg.model.kept_layers == kKeptLayersAuto;
   const bool stashed_auto = cfg.model.stashed_layers == kStashedLayersAuto;
   const bool form_auto = cfg.model.kept_attention == KeptAttention::auto_;
-  if (!kept_auto && !stashed_auto && !form_auto) return cfg;
+  const bool ffn_auto = cfg.model.kept_ffn == KeptFfn::auto_;
+  if (!kept_auto && !stashed_auto && !form_auto && !ffn_auto) return cfg;
   Config c = cfg;
   if (kept_auto) c.model.kept_layers = 0;
   if (stashed_auto) c.model.stashed_layers = 0;
@@ -572,6 +592,10 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
     forms = {KeptAttention::outputs};
     if (keeps_attention(state, sp)) forms.push_back(KeptAttention::state);
   }
+  // And what it keeps of its feed-forward: both halves, or the
+  // pre-activation alone (its weight less kActivationRebuildInStashed).
+  std::vector<KeptFfn> ffn_forms{cfg.model.kept_ffn};
+  if (ffn_auto) ffn_forms = {KeptFfn::both, KeptFfn::pre_activation};
   auto fits = [&](int k, int st) {
     c.model.kept_layers = k;
     c.model.stashed_layers = st;
@@ -581,32 +605,39 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   // fit beside it; the best by what their backward no longer reruns.
   int best_k = c.model.kept_layers, best_s = c.model.stashed_layers;
   KeptAttention best_form = cfg.model.kept_attention;
+  KeptFfn best_ffn = cfg.model.kept_ffn;
   double best = -1;
   const int k_hi = kept_auto ? n : cfg.model.kept_layers, k_lo = kept_auto ? 0 : k_hi;
-  for (const KeptAttention form : forms) {
-    c.model.kept_attention = form;
-    const double weight = keeps_attention(c, sp) ? kKeptStateOverStashed : kKeptOverStashed;
-    for (int k = k_hi; k >= k_lo; --k) {
-      const int s_hi = !stashes        ? 0
-                       : stashed_auto ? n - k
-                                      : std::min(cfg.model.stashed_layers, n - k);
-      const int s_lo = stashed_auto ? 0 : s_hi;
-      for (int st = s_hi; st >= s_lo; --st) {
-        if (!fits(k, st)) continue;
-        const double saved = weight * k + st;
-        if (saved > best) {
-          best = saved;
-          best_k = k;
-          best_s = st;
-          best_form = form;
+  for (const KeptAttention form : forms)
+    for (const KeptFfn ffn : ffn_forms) {
+      c.model.kept_attention = form;
+      c.model.kept_ffn = ffn;
+      const double weight =
+          (keeps_attention(c, sp) ? kKeptStateOverStashed : kKeptOverStashed) -
+          (ffn == KeptFfn::pre_activation ? kActivationRebuildInStashed : 0);
+      for (int k = k_hi; k >= k_lo; --k) {
+        const int s_hi = !stashes        ? 0
+                         : stashed_auto ? n - k
+                                        : std::min(cfg.model.stashed_layers, n - k);
+        const int s_lo = stashed_auto ? 0 : s_hi;
+        for (int st = s_hi; st >= s_lo; --st) {
+          if (!fits(k, st)) continue;
+          const double saved = weight * k + st;
+          if (saved > best) {
+            best = saved;
+            best_k = k;
+            best_s = st;
+            best_form = form;
+            best_ffn = ffn;
+          }
+          break;
         }
-        break;
       }
     }
-  }
   c.model.kept_layers = best_k;
   c.model.stashed_layers = stashed_auto ? best_s : cfg.model.stashed_layers;
   c.model.kept_attention = best_form;
+  c.model.kept_ffn = best_ffn;
   return c;
 }
 

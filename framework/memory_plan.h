@@ -116,9 +116,11 @@ int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes
 // `cfg` with model.attn_heads_per_pass chosen for a device of `device_bytes`
 // when it is 0 (auto) and device_bytes > 0: the most heads per pass (a
 // divisor of the rank's heads; kAttentionPassBudget does not bound it)
-// whose whole plan, no layer kept or stashed, takes at most
-// kAutoPassFraction of the device, else the fewest (1); unchanged
-// otherwise. Kept and stashed layers are fitted after it
+// whose whole plan takes at most kAutoPassFraction of the device, else the
+// fewest (1); unchanged otherwise. The plan counts the kept and stashed
+// layers as set (none where auto), in their smallest forms where the forms
+// are auto (their attention outputs, their feed-forward pre-activation).
+// Kept and stashed layers and their forms are fitted after it
 // (fit_to_device): a pass of more heads saves more than the layers its
 // memory would keep (bench/RESULTS.md, 2026-12-02 (eighteenth): at 2M
 // tokens 8 heads a pass run 20% faster than 2, at 4M 2 heads 38% faster
@@ -164,15 +166,20 @@ int stashed_layer_count(const Config& cfg, int sp, int real_bytes = 4);
 // What a kept layer keeps of its attention, in words: "state"
 // (keeps_attention), "outputs" (keeps_attention_outputs) or "rerun".
 const char* kept_attention_text(const Config& cfg, int sp);
+// What a kept layer keeps of its feed-forward hidden layer, in words:
+// "pre-activation" (model.kept_ffn: pre_activation) or "both".
+const char* kept_ffn_text(const Config& cfg);
 // Elements Ops::stash of n values takes on the config's device
 // (kernels/common/gemm_staging.h, bf16_stash_elems, where training.device
 // is cuda and real_bytes 4; else n).
 int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes = 4);
-// Whether a kept layer's feed-forward state includes the pre-activation h:
-// unless training.device is cuda (resolved, not auto), real_bytes 4 and the
-// feed-forward block fused (kernels/common/gemm_staging.h, ffn_state_in_a),
-// where h is scratch.
-bool keeps_ffn_hidden(const Config& cfg, int real_bytes = 4);
+// Floats per row of a kept layer's feed-forward state in h ("kept fh") and
+// a ("kept fa"; 0: none kept, the backward rebuilds the activation into
+// the chunk's fa, Ops::ffn_rebuild): Ops::ffn_state_cols of the config's
+// device (kernels/common/gemm_staging.h, cuda_ffn_state_cols, where
+// training.device is cuda, resolved, and real_bytes 4; else d_ff each),
+// with a = 0 under model.kept_ffn: pre_activation (auto reads as both).
+FfnStateCols kept_ffn_cols(const Config& cfg, int real_bytes = 4);
 // Floats per row of a kept layer's feed-forward LayerNorm state ("kept
 // fln"): layernorm_ffn_ln_cols (kernels/common/gemm_staging.h) where
 // training.device is cuda (resolved) and real_bytes 4 (D / 2: bf16 rows),
@@ -183,14 +190,16 @@ int64_t kept_ln_cols(const Config& cfg, int real_bytes = 4);
 // kernels/common/params.h) where training.device is cuda, real_bytes 4 and
 // attention.precision bf16; else 0 (nothing kept).
 int64_t kept_attention_staged(const Config& cfg, int real_bytes = 4);
-// `cfg` with model.kept_layers, model.stashed_layers and
-// model.kept_attention, those that are auto, chosen for a device of
+// `cfg` with model.kept_layers, model.stashed_layers, model.kept_attention
+// and model.kept_ffn, those that are auto, chosen for a device of
 // `device_bytes`: among the counts (and forms) whose whole plan takes at
 // most kAutoPassFraction of the device, those that save the backward most,
 // a kept layer counted as kKeptStateOverStashed stashed ones where it keeps
-// its attention state and kKeptOverStashed where it keeps its outputs; 0
-// kept and stashed when device_bytes <= 0 (the CPU), the form left auto
-// (keeps_attention reads it as state). Unchanged when none is auto.
+// its attention state and kKeptOverStashed where it keeps its outputs, less
+// kActivationRebuildInStashed where it keeps only its feed-forward
+// pre-activation; 0 kept and stashed when device_bytes <= 0 (the CPU), the
+// forms left auto (keeps_attention reads it as state, kept_ffn_cols as
+// both). Unchanged when none is auto.
 // The ratio is measured: at 1M tokens (configs/bench-peer.yaml, one H200) a
 // kept layer saved a step 59.5 ms, a stashed one 17.9 ms (bench/RESULTS.md).
 constexpr double kKeptOverStashed = 3.3;
@@ -200,6 +209,12 @@ constexpr double kKeptOverStashed = 3.3;
 // kept with their outputs and 4 stashed (a weight below 4.5); at 512K, 4
 // and 2 stashed 0.4% slower than 6 with their outputs (below 4.45).
 constexpr double kKeptStateOverStashed = 4.0;
+// A kept layer that keeps only its feed-forward pre-activation
+// (model.kept_ffn: pre_activation) rebuilds the activation in its backward:
+// one pass over [L, d_ff] in bf16 on CUDA, read and written (counted: 16 GiB
+// at 1M for d_ff 4096, about 4.5 ms at the H200's bandwidth, a quarter of a
+// stashed layer's 17.9 ms). Its weight is the form's less this.
+constexpr double kActivationRebuildInStashed = 0.25;
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
 // fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
 // a device.

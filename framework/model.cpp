@@ -68,9 +68,14 @@ struct ReformerModel<T>::Scratch {
   IntBuffer<T> pred;                     // output chunk argmax [oc]
   int64_t fc = 0, pc = 0, oc = 0;
   int64_t ln_cols = 0;  // floats per row of a kept layer's fln (Ops::layernorm_ffn_ln_cols)
+  FfnStateCols ffn_cols;  // and of its fh and fa (the plan's kept_ffn_cols)
+  // Kept layers keep no fa but the ops keep state there: their backward
+  // rebuilds it from fh into the chunk's fa (model.kept_ffn: pre_activation).
+  bool ffn_rebuilt = false;
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
   // + i keeps in kept[i] its inputs, its feed-forward state over all L rows
-  // (fh only where h holds state) and, where attn_kept, its attention pass's
+  // (fa only where a holds state that is not rebuilt) and, where attn_kept,
+  // its attention pass's
   // qk, v, ao and lse (swapped with the shared ones around its attention
   // forward and backward, so those run as for any layer).
   // Every pass's attention outputs (Ops::stash) and log-sum-exps, from a
@@ -111,10 +116,11 @@ struct ReformerModel<T>::Scratch {
   struct FfnState {
     T *ln, *mean, *rstd, *h, *a;
   };
-  FfnState ffn_state(Kept* k, int64_t r0, int64_t F) {
+  FfnState ffn_state(Kept* k, int64_t r0) {
     if (!k) return {fln.data(), fmean.data(), frstd.data(), fh.data(), fa.data()};
     return {k->fln.data() + r0 * ln_cols, k->fmean.data() + r0, k->frstd.data() + r0,
-            k->fh.data() ? k->fh.data() + r0 * F : fh.data(), k->fa.data() + r0 * F};
+            k->fh.data() + r0 * ffn_cols.h,
+            k->fa.data() ? k->fa.data() + r0 * ffn_cols.a : fa.data()};
   }
   void swap_attention(Kept& k) {
     std::swap(qk, k.qk); std::swap(v, k.v); std::swap(ao, k.ao);
@@ -231,11 +237,17 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.frstd = buf("frstd");
   const int kept = kept_layer_count(cfg);
   s.attn_kept = kept > 0 && keeps_attention(cfg, shard.size, int(sizeof(T)));
-  const bool kept_h = keeps_ffn_hidden(cfg, int(sizeof(T)));
-  if (kept > 0 && !kept_h && !ops.ffn_hidden_is_scratch(D_, F_))
+  // A kept layer's feed-forward state is as wide as the ops keep it (plan:
+  // kept_ffn_cols, the ops: ffn_state_cols), else it would overrun; where
+  // the plan keeps no fa, the backward rebuilds the ops' state there.
+  s.ffn_cols = kept_ffn_cols(cfg, int(sizeof(T)));
+  const FfnStateCols ops_ffn = ops.ffn_state_cols(D_, F_, m.activation);
+  if (kept > 0 && (ops_ffn.h > s.ffn_cols.h || (s.ffn_cols.a > 0 && ops_ffn.a > s.ffn_cols.a)))
     throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
-                      " feed-forward keeps state in h, which the plan for training.device " +
-                      to_string(cfg.training.device) + " leaves out (use training.device: cpu)");
+                      " feed-forward keeps a wider hidden state than the plan for "
+                      "training.device " + to_string(cfg.training.device) +
+                      " holds (use training.device: cpu)");
+  s.ffn_rebuilt = kept > 0 && s.ffn_cols.a == 0 && ops_ffn.a > 0;
   // A kept layer's LayerNorm rows hold what the ops keep there (plan:
   // kept_ln_cols, the ops: layernorm_ffn_ln_cols), else they would overrun.
   s.ln_cols = ops.layernorm_ffn_ln_cols(D_, F_);
@@ -257,8 +269,8 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   for (int k = 0; k < kept; ++k) {
     typename Scratch::Kept K;
     K.x1 = buf("kept x1"); K.x2 = buf("kept x2"); K.fln = buf("kept fln");
-    K.fmean = buf("kept fmean"); K.frstd = buf("kept frstd"); K.fa = buf("kept fa");
-    if (kept_h) K.fh = buf("kept fh");
+    K.fmean = buf("kept fmean"); K.frstd = buf("kept frstd"); K.fh = buf("kept fh");
+    if (s.ffn_cols.a > 0) K.fa = buf("kept fa");
     if (s.attn_kept) {
       K.qk = buf("kept qk"); K.v = buf("kept v"); K.ao = buf("kept ao");
       K.lse = buf("kept lse");
@@ -724,7 +736,7 @@ void ReformerModel<T>::ffn_chunk(int l, const T* y1, T* x2, bool subtract, int64
                                  int64_t row0, uint64_t step, bool train, const T* x2_in) {
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
-  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, F_);
+  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0);
   const Activation act = cfg_.model.activation;
   const float eps = float(cfg_.model.layernorm_eps);
   if (!(train && cfg_.model.dropout > 0)) {
@@ -758,7 +770,9 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
     dgd = s.dfg.data();
   }
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
-  const typename Scratch::FfnState st = s.ffn_state(s.kept_of(l, NL_), row0, F_);
+  typename Scratch::Kept* k = s.kept_of(l, NL_);
+  const typename Scratch::FfnState st = s.ffn_state(k, row0);
+  if (k && s.ffn_rebuilt) ops_.ffn_rebuild(st.a, st.h, rows, D_, F_, cfg_.model.activation);
   ops_.layernorm_ffn_backward(dy1, G.ln_f_w, G.ln_f_b, G.w1, G.b1, G.w2, G.b2, dgd, st.ln,
                               s.dfln.data(), st.h, st.a, y1, P.ln_f_w, st.mean, st.rstd, P.w1,
                               P.w2, rows, D_, F_, cfg_.model.activation);

@@ -34,11 +34,14 @@ class Ops {
   // False when this backend lacks the op: calling it then throws DeviceError,
   // and the conformance suite skips it on this backend.
   virtual bool supports(OpId) const { return true; }
-  // True when ffn_forward leaves its whole state for ffn_backward in `a` for
-  // C inputs and F hidden features, so that `h` is scratch to both (CUDA:
-  // kernels/common/gemm_staging.h, ffn_state_in_a); false where h holds
-  // state too (the CPU: the pre-activation).
-  virtual bool ffn_hidden_is_scratch(int /*C*/, int /*F*/) const { return false; }
+  // Floats per row of the state ffn_forward leaves in h and in a for C
+  // inputs and F hidden features (feed-forward block, below): F each here
+  // (the pre-activation and the activation); CUDA where it keeps them in
+  // bf16: F / 2 each, or for ReLU F / 2 in h and none in a
+  // (kernels/common/gemm_staging.h, cuda_ffn_state_cols).
+  virtual FfnStateCols ffn_state_cols(int /*C*/, int F, Activation /*act*/) const {
+    return {F, F};
+  }
   // Floats per row that layernorm_ffn_forward's `ln` state needs for C
   // inputs and F hidden features (below): C here, fewer where the backend
   // keeps the normalised rows in a narrower type (CUDA: C / 2 for bf16 rows,
@@ -126,14 +129,20 @@ class Ops {
   //   in sequence, up to the backend's rounding.
   // feed-forward block: ffn_forward computes g = act(inp [N, C] @ w1 [C, F] +
   //   b1) @ w2 [F, C] + b2 and writes out = alpha g (accumulate false) or
-  //   adds out (res) += alpha g (true). h and a, [N, F] each, receive what
-  //   ffn_backward needs, in a layout of the backend's own (the CPU: the
-  //   pre-activation and the activation; CUDA: both in bf16 inside a, h
-  //   left as scratch); only ffn_backward reads them. ffn_backward, given
-  //   the h and a of ffn_forward on the same inp and weights, and dout = dL/dg:
-  //   dinp = dL/dinp (written, not added), dw1, db1, dw2, db2 += their
-  //   gradients; it consumes h and a (they hold scratch afterwards). Both
-  //   equal matmul_forward, activation_forward, matmul_accumulate and their
+  //   adds out (res) += alpha g (true). h and a receive what ffn_backward
+  //   needs, in a layout of the backend's own, ffn_state_cols(C, F, act)
+  //   floats a row each (the CPU: the pre-activation in h, the activation
+  //   in a; CUDA: in bf16, GELU's pre-activation in h and activation in a,
+  //   ReLU's activation in h); a buffer whose cols are 0 holds no state and
+  //   is scratch of [N, F] to both calls, as both are where their state
+  //   comes from a caller that keeps nothing. Only ffn_backward and
+  //   ffn_rebuild read them. ffn_rebuild(a, h, N, C, F, act) writes a's
+  //   state from h's (the CPU: a = act(h)), so that h alone may be kept
+  //   from the forward to the backward. ffn_backward, given the h and a of
+  //   ffn_forward on the same inp and weights, and dout = dL/dg: dinp =
+  //   dL/dinp (written, not added), dw1, db1, dw2, db2 += their gradients;
+  //   it consumes h and a (they hold scratch afterwards). Both equal
+  //   matmul_forward, activation_forward, matmul_accumulate and their
   //   backwards in sequence, up to the backend's rounding.
   // LayerNorm and the feed-forward block: layernorm_ffn_forward writes mean,
   //   rstd (as layernorm_forward) and out as ffn_forward on LN(inp) (alpha,

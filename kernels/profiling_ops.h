@@ -96,8 +96,8 @@ class ProfilingOps final : public Ops<float> {
   int64_t peak_bytes() const override { return inner_.peak_bytes(); }
   bool supports(OpId id) const override { return inner_.supports(id); }
   void* stream() override { return inner_.stream(); }
-  bool ffn_hidden_is_scratch(int C, int F) const override {
-    return inner_.ffn_hidden_is_scratch(C, F);
+  FfnStateCols ffn_state_cols(int C, int F, Activation act) const override {
+    return inner_.ffn_state_cols(C, F, act);
   }
   int64_t layernorm_ffn_ln_cols(int C, int F) const override {
     return inner_.layernorm_ffn_ln_cols(C, F);

@@ -367,17 +367,19 @@ int cmd_plan(const Args& a) {
   if (a.sharers > 1)
     std::printf("%d ranks share the GPU's %s: each rank plans in %s\n\n", a.sharers,
                 format_bytes(gpu).c_str(), format_bytes(budget).c_str());
-  Config fitted = cfg;  // planned for a device (memory_plan.h, keeps_ffn_hidden)
+  Config fitted = cfg;  // planned for a device (memory_plan.h, kept_ffn_cols)
   if (fitted.training.device == DeviceKind::auto_) fitted.training.device = DeviceKind::cuda;
   fitted = fit_to_device(fitted, sp, budget);
   const MemoryPlan plan = plan_memory(fitted, sp);
   std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32, %d of %d layers kept"
-              " (model.kept_layers%s) with their attention %s (model.kept_attention%s), %d"
-              " stashed (model.stashed_layers%s), %d heads per pass:\n\n%s",
+              " (model.kept_layers%s) with their attention %s (model.kept_attention%s) and"
+              " feed-forward %s (model.kept_ffn%s), %d stashed (model.stashed_layers%s), %d"
+              " heads per pass:\n\n%s",
               (long long)cfg.model.max_len, sp, kept_layer_count(fitted), cfg.model.n_layers,
               cfg.model.kept_layers == kKeptLayersAuto ? ": auto" : "",
               kept_attention_text(fitted, sp),
               cfg.model.kept_attention == KeptAttention::auto_ ? ": auto" : "",
+              kept_ffn_text(fitted), cfg.model.kept_ffn == KeptFfn::auto_ ? ": auto" : "",
               stashed_layer_count(fitted, sp),
               cfg.model.stashed_layers == kStashedLayersAuto ? ": auto" : "",
               attention_heads_per_pass(fitted, sp), format_plan(plan).c_str());

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels/common/params.h"
 #include "kernels/errors.h"
 
 namespace reformer {
@@ -60,10 +61,20 @@ inline int64_t layernorm_project_bytes(int64_t N, int64_t C, int64_t OC) {
   return r256(2 * C * 2 * OC) + r256(2 * rows * C) + r256(2 * rows * 2 * OC);
 }
 
-// Whether the CUDA feed-forward block (kernels/cuda/ffn.cu) keeps its whole
-// forward state in bf16 inside `a`, leaving `h` as scratch: where C and F
-// are multiples of 8 (every bf16 row 16-byte aligned).
-inline bool ffn_state_in_a(int64_t C, int64_t F) { return C % 8 == 0 && F % 8 == 0; }
+// Whether the CUDA feed-forward block (kernels/cuda/ffn.cu) keeps its
+// forward state in bf16: where C and F are multiples of 8 (every bf16 row
+// 16-byte aligned).
+inline bool ffn_state_bf16(int64_t C, int64_t F) { return C % 8 == 0 && F % 8 == 0; }
+
+// The CUDA feed-forward block's FfnStateCols (kernels/common/params.h).
+// Where the state is bf16: F / 2 each, the pre-activation in h and the
+// activation in a for GELU; for ReLU the activation in h (its own slope:
+// positive exactly where its input was) and nothing in a. Else the fp32
+// pre-activation and activation, F each, as on the CPU.
+inline FfnStateCols cuda_ffn_state_cols(int64_t C, int64_t F, bool relu) {
+  if (!ffn_state_bf16(C, F)) return {F, F};
+  return {F / 2, relu ? 0 : F / 2};
+}
 
 // Floats that CUDA's stash of n values takes (Ops::stash: bf16 pairs).
 inline int64_t bf16_stash_elems(int64_t n) { return (n + 1) / 2; }
@@ -78,18 +89,25 @@ constexpr int kLayernormBf16MaxC = 2048;
 // LN(inp) in bf16 only, C / 2 floats a row (kernels/cuda/ffn.cu); else the
 // fp32 rows, C. The CPU keeps C.
 inline int64_t layernorm_ffn_ln_cols(int64_t C, int64_t F) {
-  return ffn_state_in_a(C, F) && C <= kLayernormBf16MaxC ? C / 2 : C;
+  return ffn_state_bf16(C, F) && C <= kLayernormBf16MaxC ? C / 2 : C;
 }
+
+// Rows of the fp32 strip through which the CUDA feed-forward block takes
+// its GELU hidden layer where cuBLASLt has no epilogue kernel for it
+// (kernels/cuda/ffn.cu): the product in fp32, then a kernel to bf16.
+constexpr int64_t kFfnStripRows = 512;
 
 // The feed-forward block's ops (kernels/cuda/ffn.cu) over N rows of C
 // features and F hidden ones: both weights in bf16, then a block of
 // gemm_block_rows(N, C, F) input rows and, in the backward, as many dout
-// rows; the bias gradients' column sums reuse the space afterwards (one
-// double per column per slab of 256 rows).
+// rows, and the fp32 strip (kFfnStripRows rows of F); the bias gradients'
+// column sums reuse the space afterwards (one double per column per slab
+// of 256 rows).
 inline int64_t ffn_workspace_bytes(int64_t N, int64_t C, int64_t F) {
   auto r256 = [](int64_t b) { return (b + 255) / 256 * 256; };
   const int64_t rows = gemm_block_rows(N, C, F);
-  const int64_t stage = 2 * r256(2 * C * F) + 2 * r256(2 * rows * C);
+  const int64_t stage = 2 * r256(2 * C * F) + 2 * r256(2 * rows * C) +
+                        r256(4 * std::min(rows, kFfnStripRows) * F);
   const int64_t sums = 8 * ((N + 255) / 256) * std::max(C, F);
   return std::max(stage, sums);
 }

@@ -15,6 +15,14 @@ namespace reformer {
 
 enum class Activation { gelu, relu };
 
+// Floats per row of the feed-forward block's state between ffn_forward and
+// ffn_backward (Ops::ffn_state_cols, kernels/ops.h): in h, what the
+// activation is rebuilt from (Ops::ffn_rebuild); in a, the activation. 0:
+// that buffer holds no state (scratch of F floats a row to each call).
+struct FfnStateCols {
+  int64_t h = 0, a = 0;
+};
+
 // Masked scores are set (not added) to these values, as in trax and HF.
 constexpr double kCausalMaskValue = -1e9;  // key position > query position
 constexpr double kSelfMaskValue = -1e5;    // a query's own position

@@ -17,6 +17,10 @@ void ffn_forward(T* out, T* h, T* a, const T* inp, const T* w1, const T* b1, con
 template <class T>
 void ffn_backward(T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const T* inp, T* h,
                   T* a, const T* w1, const T* w2, int64_t N, int C, int F, Activation act);
+// a = act(h): the activation from the pre-activation, as ffn_forward left
+// them (C unused: the CUDA twin's layout depends on it).
+template <class T>
+void ffn_rebuild(T* a, const T* h, int64_t N, int C, int F, Activation act);
 // LayerNorm, then the block: layernorm_forward into ln and ffn_forward on
 // it; the backward ffn_backward into dln, then layernorm_backward.
 template <class T>

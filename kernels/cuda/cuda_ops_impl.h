@@ -49,7 +49,9 @@ class CudaOps final : public Ops<float> {
   const char* name() const override { return "cuda"; }
   int64_t peak_bytes() const override;
   void* stream() override { return stream_; }
-  bool ffn_hidden_is_scratch(int C, int F) const override { return ffn_state_in_a(C, F); }
+  FfnStateCols ffn_state_cols(int C, int F, Activation act) const override {
+    return cuda_ffn_state_cols(C, F, act == Activation::relu);
+  }
   int64_t layernorm_ffn_ln_cols(int C, int F) const override {
     return reformer::layernorm_ffn_ln_cols(C, F);
   }

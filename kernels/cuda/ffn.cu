@@ -3,23 +3,32 @@
 //
 // Where C and F are multiples of 8 (every bf16 row 16-byte aligned) the
 // hidden layer is never written in fp32. The first product's cuBLASLt
-// epilogue adds b1, applies the activation and writes it in bf16 into the
-// first half of `a`; for GELU it also keeps its input, the pre-activation,
-// in bf16 in the second half. cuBLASLt (13.0, H200) takes the bias of an
-// epilogue with bf16 output only in bf16, so b1 is rounded to bf16 there
-// (2^-9 of b1, below the rounding of the activation it feeds). The second product reads that bf16
+// epilogue adds b1, applies the activation and writes it in bf16; for GELU
+// into the first half of `a`, keeping its input, the pre-activation, in
+// bf16 in the first half of `h`; for ReLU into the first half of `h`, `a`
+// holding no state (kernels/common/gemm_staging.h, cuda_ffn_state_cols).
+// cuBLASLt (13.0, H200) takes the bias of an epilogue with bf16 output
+// only in bf16, so b1 is rounded to bf16 there (2^-9 of b1, below the
+// rounding of the activation it feeds). The second product reads that bf16
 // activation as it is, and adds b2 in its epilogue where alpha is 1. In the
 // backward, the product dout @ w2^T applies the GELU slope from the saved
 // pre-activation in its epilogue and writes d(pre-activation) in bf16 over
 // the spent activation; the products for dinp and dw1 read it from there.
 // ReLU's slope comes from the activation itself (positive exactly where
-// its input was): that product is written in fp32 into h and a kernel
-// applies the slope, as for GELU where cuBLASLt offers no epilogue kernel.
-// Against the separate ops this drops the bias, activation and bf16
-// staging passes over [N, F] and the fp32 [N, F] buffers of the backward;
-// the rounding is theirs (their products round the activation and the
-// gradients to bf16 anyway) plus b1 in bf16 and GELU's slope taken at the
-// pre-activation rounded to bf16.
+// its input was): that product is written in fp32 into `a` (scratch there)
+// and a kernel applies the slope, as for GELU where cuBLASLt offers no
+// epilogue kernel (then through an fp32 strip of the workspace,
+// kFfnStripRows rows at a time). Against the separate ops this drops the
+// bias, activation and bf16 staging passes over [N, F] and the fp32 [N, F]
+// buffers of the backward; the rounding is theirs (their products round the
+// activation and the gradients to bf16 anyway) plus b1 in bf16 and GELU's
+// slope taken at the pre-activation rounded to bf16.
+//
+// ffn_rebuild writes GELU's activation from the pre-activation, so that a
+// layer may keep only h from its forward to its backward
+// (model.kept_ffn: pre_activation): bf16(gelu(pre)) of the bf16
+// pre-activation, where the forward's epilogue took gelu of the fp32 one
+// (the two differ by at most about one bf16 rounding).
 //
 // Otherwise the block runs as the separate ops (h and a in fp32, as on the
 // CPU).
@@ -49,7 +58,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-bool ffn_fused(int C, int F) { return ffn_state_in_a(C, F); }
+bool ffn_fused(int C, int F) { return ffn_state_bf16(C, F); }
 
 // Four elements per thread: the fused path's rows are multiples of 8
 // elements at 16-byte aligned offsets.
@@ -87,8 +96,32 @@ __global__ void ffn_slope_kernel(Bf16x4* dst, const float4* g, const Bf16x4* sta
   }
 }
 
+// a16 = bf16(gelu(pre16)). n4 groups of four.
+__global__ void ffn_rebuild_kernel(Bf16x4* a16, const Bf16x4* pre16, int64_t n4) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const Bf16x4 x = pre16[i];
+    const float2 lo = __bfloat1622float2(x.lo), hi = __bfloat1622float2(x.hi);
+    a16[i] = pack4(act_value(lo.x, false), act_value(lo.y, false), act_value(hi.x, false),
+                   act_value(hi.y, false));
+  }
+}
+
 }  // namespace
 }  // namespace cuda
+
+void CudaOps::ffn_rebuild(float* a, const float* h, int64_t N, int C, int F, Activation act) {
+  if (N <= 0 || F <= 0) return;
+  if (!cuda::ffn_fused(C, F)) {
+    activation_forward(a, h, N * F, act);
+    return;
+  }
+  if (act == Activation::relu) return;  // the activation is its own state, in h
+  const int64_t n4 = N * F / 4;
+  cuda::ffn_rebuild_kernel<<<cuda::grid_for(n4), cuda::kThreads, 0, stream_>>>(
+      reinterpret_cast<cuda::Bf16x4*>(a), reinterpret_cast<const cuda::Bf16x4*>(h), n4);
+  CUDA_CHECK_LAUNCH("ffn_rebuild_kernel");
+}
 
 void CudaOps::ffn_forward(float* out, float* h, float* a, const float* inp, const float* w1,
                           const float* b1, const float* w2, const float* b2, int64_t N, int C,
@@ -117,19 +150,23 @@ void CudaOps::ffn_forward_rows(float* out, float* h, float* a, const float* inp,
   }
   using cuda::bf16;
   const bool relu = act == Activation::relu;
-  bf16* a16 = reinterpret_cast<bf16*>(a);
-  bf16* pre16 = relu ? nullptr : a16 + N * F;
+  // The activation (GELU: in a; ReLU: in h) and GELU's pre-activation (in h).
+  bf16* a16 = reinterpret_cast<bf16*>(relu ? h : a);
+  bf16* pre16 = relu ? nullptr : reinterpret_cast<bf16*>(h);
   const int64_t rows = gemm_block_rows(N, C, F);
+  const int64_t strip = std::min(rows, kFfnStripRows);
   cuda::Carve carve;
   const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(F));
   const size_t o_w2 = carve.reserve(2 * size_t(F) * size_t(C));
   const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
+  const size_t o_s = carve.reserve(4 * size_t(strip) * size_t(F));  // the fp32 strip
   const size_t o_b = carve.reserve(4 * size_t(F));   // b1, 256-byte aligned
   const size_t o_b16 = carve.reserve(2 * size_t(F)); // b1 in bf16
   void* base = ws_.get(carve.total());
   bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
   bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
   bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
+  float* strip32 = cuda::Carve::at<float>(base, o_s);
   float* b1_copy = cuda::Carve::at<float>(base, o_b);
   bf16* b1_16 = cuda::Carve::at<bf16>(base, o_b16);
   cuda::round_bf16(w1_16, w1, C, F, stream_);
@@ -171,16 +208,19 @@ void CudaOps::ffn_forward_rows(float* out, float* h, float* a, const float* inp,
       hid.aux = pre16 + r0 * F;
       hid.aux_ld = F;
     }
-    if (!hidden(hid, nr)) {
-      float* h_r = h + r0 * F;
-      if (!gemm(false, false, F, nr, C, w1_16, F, x_r, C, 0.0f, h_r, F, GemmOperands::bf16))
+    // Else the product in fp32, strip by strip, then its bf16 state.
+    const bool epilogue = hidden(hid, nr);
+    for (int64_t s0 = 0; !epilogue && s0 < nr; s0 += strip) {
+      const int64_t ns = std::min(strip, nr - s0);
+      if (!gemm(false, false, F, ns, C, w1_16, F, x_r + s0 * C, C, 0.0f, strip32, F,
+                GemmOperands::bf16))
         throw DeviceError("ffn_forward: no bf16 product for F=" + std::to_string(F) +
                           " C=" + std::to_string(C));
-      if (b1) add_bias(h_r, b1, nr, F, 1.0f);
-      cuda::ffn_state_kernel<<<cuda::grid_for(nr * F / 4), cuda::kThreads, 0, stream_>>>(
-          reinterpret_cast<cuda::Bf16x4*>(a_r),
-          relu ? nullptr : reinterpret_cast<cuda::Bf16x4*>(pre16 + r0 * F),
-          reinterpret_cast<const float4*>(h_r), nr * F / 4, relu);
+      if (b1) add_bias(strip32, b1, ns, F, 1.0f);
+      cuda::ffn_state_kernel<<<cuda::grid_for(ns * F / 4), cuda::kThreads, 0, stream_>>>(
+          reinterpret_cast<cuda::Bf16x4*>(a_r + s0 * F),
+          relu ? nullptr : reinterpret_cast<cuda::Bf16x4*>(pre16 + (r0 + s0) * F),
+          reinterpret_cast<const float4*>(strip32), ns * F / 4, relu);
       CUDA_CHECK_LAUNCH("ffn_state_kernel");
     }
     // out^T [C, nr] = beta out^T + alpha w2^T [C, F] a^T [F, nr] (+ b2).
@@ -226,25 +266,37 @@ void CudaOps::ffn_backward_rows(float* dinp, float* dw1, float* db1, float* dw2,
   }
   using cuda::bf16;
   const bool relu = act == Activation::relu;
-  bf16* a16 = reinterpret_cast<bf16*>(a);
-  const bf16* pre16 = relu ? nullptr : a16 + N * F;
+  // The activation, then d(pre-activation) over it (GELU: in a; ReLU: in
+  // h), and GELU's pre-activation (in h).
+  bf16* a16 = reinterpret_cast<bf16*>(relu ? h : a);
+  const bf16* pre16 = relu ? nullptr : reinterpret_cast<const bf16*>(h);
   const int64_t rows = gemm_block_rows(N, C, F);
+  const int64_t strip = std::min(rows, kFfnStripRows);
   cuda::Carve carve;
   const size_t o_w1 = carve.reserve(2 * size_t(C) * size_t(F));
   const size_t o_w2 = carve.reserve(2 * size_t(F) * size_t(C));
   const size_t o_x = carve.reserve(2 * size_t(rows) * size_t(C));
   const size_t o_d = carve.reserve(2 * size_t(rows) * size_t(C));
+  const size_t o_s = carve.reserve(4 * size_t(strip) * size_t(F));  // the fp32 strip
   void* base = ws_.get(carve.total());
   bf16* w1_16 = cuda::Carve::at<bf16>(base, o_w1);
   bf16* w2_16 = cuda::Carve::at<bf16>(base, o_w2);
   bf16* x16 = cuda::Carve::at<bf16>(base, o_x);
   bf16* d16 = cuda::Carve::at<bf16>(base, o_d);
+  float* strip32 = cuda::Carve::at<float>(base, o_s);
   cuda::round_bf16(w2_16, w2, F, C, stream_);
   if (dinp) cuda::round_bf16(w1_16, w1, C, F, stream_);
   auto must = [&](bool ok) {
     if (!ok)
       throw DeviceError("ffn_backward: no bf16 product for C=" + std::to_string(C) +
                         " F=" + std::to_string(F));
+  };
+  // d(pre) [ns rows] = bf16(g * act'(state)) for g = w2 dout^T in fp32 at g32.
+  auto slope = [&](bf16* dst, const float* g32, const bf16* state, int64_t ns) {
+    cuda::ffn_slope_kernel<<<cuda::grid_for(ns * F / 4), cuda::kThreads, 0, stream_>>>(
+        reinterpret_cast<cuda::Bf16x4*>(dst), reinterpret_cast<const float4*>(g32),
+        reinterpret_cast<const cuda::Bf16x4*>(state), ns * F / 4, relu);
+    CUDA_CHECK_LAUNCH("ffn_slope_kernel");
   };
   for (int64_t r0 = 0; r0 < N; r0 += rows) {
     const int64_t nr = std::min(rows, N - r0);
@@ -254,8 +306,11 @@ void CudaOps::ffn_backward_rows(float* dinp, float* dw1, float* db1, float* dw2,
     if (dw2)
       must(gemm(false, true, C, F, nr, d16, C, a_r, F, 1.0f, dw2, C, GemmOperands::bf16));
     // d(pre)^T [F, nr] = act' (.) (w2 [F, C] dout^T [C, nr]), in bf16 over a_r.
-    bool done = false;
-    if (!relu) {
+    if (relu) {  // the product in fp32 in a (scratch), the slope in place
+      float* g_r = a + r0 * F;
+      must(gemm(true, false, F, nr, C, w2_16, C, d16, C, 0.0f, g_r, F, GemmOperands::bf16));
+      slope(a_r, g_r, a_r, nr);
+    } else {
       GemmOut g;
       g.d = a_r;
       g.ld = F;
@@ -263,15 +318,14 @@ void CudaOps::ffn_backward_rows(float* dinp, float* dw1, float* db1, float* dw2,
       g.epilogue = CUBLASLT_EPILOGUE_DGELU;
       g.aux = const_cast<bf16*>(pre16 + r0 * F);
       g.aux_ld = F;
-      done = gemm_to(true, false, F, nr, C, w2_16, C, d16, C, 0.0f, g, GemmOperands::bf16);
-    }
-    if (!done) {
-      float* h_r = h + r0 * F;
-      must(gemm(true, false, F, nr, C, w2_16, C, d16, C, 0.0f, h_r, F, GemmOperands::bf16));
-      cuda::ffn_slope_kernel<<<cuda::grid_for(nr * F / 4), cuda::kThreads, 0, stream_>>>(
-          reinterpret_cast<cuda::Bf16x4*>(a_r), reinterpret_cast<const float4*>(h_r),
-          reinterpret_cast<const cuda::Bf16x4*>(relu ? a_r : pre16 + r0 * F), nr * F / 4, relu);
-      CUDA_CHECK_LAUNCH("ffn_slope_kernel");
+      const bool epilogue =
+          gemm_to(true, false, F, nr, C, w2_16, C, d16, C, 0.0f, g, GemmOperands::bf16);
+      for (int64_t s0 = 0; !epilogue && s0 < nr; s0 += strip) {  // else strip by strip
+        const int64_t ns = std::min(strip, nr - s0);
+        must(gemm(true, false, F, ns, C, w2_16, C, d16 + s0 * C, C, 0.0f, strip32, F,
+                  GemmOperands::bf16));
+        slope(a_r + s0 * F, strip32, pre16 + (r0 + s0) * F, ns);
+      }
     }
     // dinp^T [C, nr] = w1 [C, F] d(pre)^T [F, nr].
     if (dinp)

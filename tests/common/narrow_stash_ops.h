@@ -21,8 +21,8 @@ class CpuForwardingOps : public Ops<float> {
   const char* name() const override { return cpu_.name(); }
   int64_t peak_bytes() const override { return cpu_.peak_bytes(); }
   bool supports(OpId id) const override { return cpu_.supports(id); }
-  bool ffn_hidden_is_scratch(int C, int F) const override {
-    return cpu_.ffn_hidden_is_scratch(C, F);
+  FfnStateCols ffn_state_cols(int C, int F, Activation act) const override {
+    return cpu_.ffn_state_cols(C, F, act);
   }
   int64_t layernorm_ffn_ln_cols(int C, int F) const override {
     return cpu_.layernorm_ffn_ln_cols(C, F);

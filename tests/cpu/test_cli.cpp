@@ -407,14 +407,16 @@ TEST_F(Cli, BenchPrintsTheLayoutItRan) {
       kBin + " bench --config " + kSrc + "/configs/tiny.yaml --lengths 32 --steps 1";
   const Result dflt = run(bench);
   EXPECT_EQ(dflt.status, 0) << dflt.output;
-  EXPECT_NE(dflt.output.find("| kept (their attention), stashed layers, heads per pass |"),
+  EXPECT_NE(dflt.output.find(
+                "| kept (their attention; feed-forward), stashed layers, heads per pass |"),
             std::string::npos)
       << dflt.output;
-  EXPECT_NE(dflt.output.find(" | 0 (state), 0, 2 |"), std::string::npos) << dflt.output;
+  EXPECT_NE(dflt.output.find(" | 0 (state; both), 0, 2 |"), std::string::npos) << dflt.output;
   const Result set = run(bench + " --set model.kept_layers=1 --set model.stashed_layers=1" +
-                         " --set model.attn_heads_per_pass=1");
+                         " --set model.attn_heads_per_pass=1 --set model.kept_ffn=pre_activation");
   EXPECT_EQ(set.status, 0) << set.output;
-  EXPECT_NE(set.output.find(" | 1 (outputs), 1, 1 |"), std::string::npos) << set.output;
+  EXPECT_NE(set.output.find(" | 1 (outputs; pre-activation), 1, 1 |"), std::string::npos)
+      << set.output;
 }
 
 TEST_F(Cli, PlanPrintsTheBuffersAndTheLongestLengthThatFits) {

@@ -428,9 +428,24 @@ TEST(Config, KeptAttention) {
   EXPECT_NE(msg.find("a.yaml:2"), std::string::npos) << msg;
 }
 
+// model.kept_ffn: auto by default (printed back as auto), both or
+// pre_activation; anything else is refused naming the key, file and line.
+TEST(Config, KeptFfn) {
+  const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
+  EXPECT_EQ(dflt.model.kept_ffn, KeptFfn::auto_);
+  EXPECT_NE(to_yaml(dflt).find("\n  kept_ffn: auto\n"), std::string::npos);
+  EXPECT_EQ(parse_config("model:\n  kept_ffn: both\n", "a.yaml").model.kept_ffn, KeptFfn::both);
+  EXPECT_EQ(parse_config("model:\n  kept_ffn: pre_activation\n", "a.yaml").model.kept_ffn,
+            KeptFfn::pre_activation);
+  const std::string msg = config_error(
+      [] { parse_config("model:\n  n_layers: 3\n  kept_ffn: activation\n", "a.yaml"); });
+  EXPECT_NE(msg.find("model.kept_ffn"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("a.yaml:3"), std::string::npos) << msg;
+}
+
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 74u);
+  EXPECT_EQ(keys.size(), 75u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

@@ -112,6 +112,7 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {"model.kept_layers=2", "parallel.sp_mode=sort", "attention.kinds=[lsh, local]"},
            {"model.stashed_layers=2"},
            {"model.kept_layers=2", "model.kept_attention=outputs"},
+           {"model.kept_layers=2", "model.kept_ffn=pre_activation", "model.ffn_chunk=20"},
            {"model.kept_layers=1", "model.stashed_layers=2", "model.attn_heads_per_pass=1"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     const Config cfg = config(sets);
@@ -299,7 +300,8 @@ TEST(MemoryPlan, ParsesSizes) {
 // divisor of n_heads; the pass budget, which decides without a device, does
 // not bound it) whose whole plan takes at most 90% of the device, else one;
 // a set key and an unknown device leave the config alone. The peers' model
-// at 1M with 16K chunks.
+// at 1M with 16K chunks. Kept layers set by count are planned in their
+// smallest forms where the forms are auto (fitted after the heads).
 TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"model.max_len=1048576", "model.ffn_chunk=16384",
@@ -330,6 +332,20 @@ TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   Config set = cfg;
   set.model.attn_heads_per_pass = 2;
   EXPECT_EQ(fitted(set, 139 * GiB), 2);
+  // 2 kept and 4 stashed on an H200 (as it reports its memory): 8 heads fit
+  // with the kept layers' outputs and pre-activations, not with their
+  // whole attention state.
+  Config counts = cfg;
+  counts.training.device = DeviceKind::cuda;
+  counts.model.kept_layers = 2;
+  counts.model.stashed_layers = 4;
+  const int64_t h200 = int64_t(143771) << 20;
+  EXPECT_EQ(fitted(counts, h200), 8);
+  Config state = counts;
+  state.model.kept_attention = KeptAttention::state;
+  EXPECT_LT(fitted(state, h200), 8);
+  const Config f = fit_to_device(counts, 1, h200);
+  EXPECT_LE(double(plan_memory(f, 1).total_bytes()), 0.9 * double(h200));
 }
 
 // With heads per pass fitted at every length, the longest length that fits
@@ -349,8 +365,10 @@ TEST(MemoryPlan, LongestFitUsesTheFittedPlan) {
 
 // Auto kept layers on a device of a given size: the most whose whole plan
 // takes at most 90% of it; none without a device; a set value stays. On
-// CUDA (fused feed-forward) a kept layer holds no fp32 pre-activation; with
-// every head in one pass its attention state is kept too, else not.
+// CUDA (fused feed-forward) a kept layer holds its pre-activation and
+// activation in bf16 (the CPU: fp32), the activation not under
+// model.kept_ffn: pre_activation; with every head in one pass its attention
+// state is kept too, else not.
 TEST(MemoryPlan, KeptLayersFitTheDevice) {
   Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                            {"model.max_len=65536", "training.device=cuda"});
@@ -360,10 +378,24 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
   cfg.model.stashed_layers = 0;  // kept layers alone (StashedLayersFitBesideKeptOnes)
   EXPECT_TRUE(keeps_attention(cfg, 1));
   EXPECT_FALSE(keeps_attention(cfg, 2));
-  EXPECT_FALSE(keeps_ffn_hidden(cfg));
+  const int64_t F = cfg.model.d_ff;
+  auto ffn_cols = [&](const Config& c, KeptFfn form, int real_bytes = 4) {
+    Config f = c;
+    f.model.kept_ffn = form;
+    const FfnStateCols cols = kept_ffn_cols(f, real_bytes);
+    return std::pair{cols.h, cols.a};
+  };
+  EXPECT_EQ(ffn_cols(cfg, KeptFfn::auto_), std::pair(F / 2, F / 2));
+  EXPECT_EQ(ffn_cols(cfg, KeptFfn::both), std::pair(F / 2, F / 2));
+  EXPECT_EQ(ffn_cols(cfg, KeptFfn::pre_activation), std::pair(F / 2, int64_t(0)));
+  Config relu = cfg;  // ReLU's activation is its own state, in h
+  relu.model.activation = Activation::relu;
+  EXPECT_EQ(ffn_cols(relu, KeptFfn::both), std::pair(F / 2, int64_t(0)));
   Config on_cpu = cfg;
   on_cpu.training.device = DeviceKind::cpu;
-  EXPECT_TRUE(keeps_ffn_hidden(on_cpu));
+  EXPECT_EQ(ffn_cols(on_cpu, KeptFfn::both), std::pair(F, F));
+  EXPECT_EQ(ffn_cols(on_cpu, KeptFfn::pre_activation), std::pair(F, int64_t(0)));
+  EXPECT_EQ(ffn_cols(cfg, KeptFfn::both, 8), std::pair(F, F));
   EXPECT_EQ(fit_to_device(cfg, 1, 139 * GiB).model.kept_layers, 6);
   EXPECT_EQ(fit_kept_layers(cfg, 1, 0).model.kept_layers, 0);
   for (int64_t gib : {139, 24, 12, 6}) {
@@ -416,7 +448,7 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
 TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"model.max_len=1048576", "training.device=cuda",
-                                  "model.attn_heads_per_pass=4"});
+                                  "model.attn_heads_per_pass=4", "model.kept_ffn=both"});
   const int64_t GiB = int64_t(1) << 30, h200 = int64_t(143771) << 20;  // as an H200 reports
   ASSERT_EQ(cfg.model.stashed_layers, kStashedLayersAuto);
   EXPECT_EQ(stashed_layer_count(cfg, 1), 0);
@@ -475,61 +507,81 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   EXPECT_EQ(stashed_layer_count(short_f, 1), 0);
 }
 
-// Auto kept attention: with every head in one pass a kept layer may keep
-// its whole attention state (weighing kKeptStateOverStashed stashed layers)
-// or only its outputs (kKeptOverStashed); the fit takes the form with the
-// best count that fits. On an H200: at 64K every layer keeps its state; at
-// 512K every layer its outputs (4 with their state and 2 stashed also
-// fit); at 1M, 8 heads a pass, 2 with their outputs and 4 stashed. A set
-// form stays; without a device auto reads as state.
-TEST(MemoryPlan, KeptAttentionFormFitsTheDevice) {
+// Auto kept forms: with every head in one pass a kept layer may keep its
+// whole attention state (weighing kKeptStateOverStashed stashed layers) or
+// only its outputs (kKeptOverStashed), and its feed-forward activation or
+// only the pre-activation (weighing kActivationRebuildInStashed less); the
+// fit takes the forms with the best counts that fit. On an H200: at 64K
+// every layer keeps its state and both; at 512K every layer its outputs
+// and both (4 with their state and 2 stashed also fit); at 1M, 8 heads a
+// pass, 3 with their outputs and pre-activations and 3 stashed (2 keeping
+// both and 4 stashed also fit). A set form stays; without a device auto
+// reads as state and both.
+TEST(MemoryPlan, KeptFormsFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"training.device=cuda"});
   const int64_t h200 = int64_t(143771) << 20;
   ASSERT_EQ(cfg.model.kept_attention, KeptAttention::auto_);
+  ASSERT_EQ(cfg.model.kept_ffn, KeptFfn::auto_);
   Config k2 = with_length(cfg, 65536, "test");
   k2.model.kept_layers = 2;
   EXPECT_TRUE(keeps_attention(k2, 1));  // auto reads as state
+  EXPECT_GT(plan_memory(k2, 1).count("kept fa"), 0);  // and as both
   k2.model.kept_attention = KeptAttention::outputs;
   EXPECT_FALSE(keeps_attention(k2, 1));
   EXPECT_TRUE(keeps_attention_outputs(k2, 1));
   EXPECT_THROW(plan_memory(k2, 1).count("kept qk"), ShapeError);
   EXPECT_GT(plan_memory(k2, 1).count("kept ao stash"), 0);
+  k2.model.kept_ffn = KeptFfn::pre_activation;
+  EXPECT_THROW(plan_memory(k2, 1).count("kept fa"), ShapeError);
+  EXPECT_EQ(plan_memory(k2, 1).count("kept fh"), int64_t(65536) * cfg.model.d_ff / 2);  // a copy
   struct Want {
     int64_t L;
     KeptAttention form;
+    KeptFfn ffn;
     int kept, stashed, heads;
   };
-  for (const Want& w : {Want{65536, KeptAttention::state, 6, 0, 8},
-                        Want{524288, KeptAttention::outputs, 6, 0, 8},
-                        Want{1048576, KeptAttention::outputs, 2, 4, 8}}) {
+  for (const Want& w : {Want{65536, KeptAttention::state, KeptFfn::both, 6, 0, 8},
+                        Want{524288, KeptAttention::outputs, KeptFfn::both, 6, 0, 8},
+                        Want{1048576, KeptAttention::outputs, KeptFfn::pre_activation, 3, 3,
+                             8}}) {
     SCOPED_TRACE(w.L);
     const Config f = fit_to_device(with_length(cfg, w.L, "test"), 1, h200);
     EXPECT_EQ(f.model.kept_attention, w.form);
+    EXPECT_EQ(f.model.kept_ffn, w.ffn);
     EXPECT_EQ(f.model.kept_layers, w.kept);
     EXPECT_EQ(stashed_layer_count(f, 1), w.stashed);
     EXPECT_EQ(attention_heads_per_pass(f, 1), w.heads);
     const double budget = 0.9 * double(h200);
     auto score = [&](const Config& c) {
-      return (keeps_attention(c, 1) ? kKeptStateOverStashed : kKeptOverStashed) *
+      return ((keeps_attention(c, 1) ? kKeptStateOverStashed : kKeptOverStashed) -
+              (c.model.kept_ffn == KeptFfn::pre_activation ? kActivationRebuildInStashed : 0)) *
                  c.model.kept_layers + stashed_layer_count(c, 1);
     };
     EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
     for (KeptAttention form : {KeptAttention::state, KeptAttention::outputs})
-      for (int k = 0; k <= 6; ++k)
-        for (int st = 0; st <= 6 - k; ++st) {
-          Config c = f;
-          c.model.kept_attention = form;
-          c.model.kept_layers = k;
-          c.model.stashed_layers = st;
-          if (double(plan_memory(c, 1).total_bytes()) <= budget)
-            EXPECT_LE(score(c), score(f)) << k << " kept, " << st << " stashed";
-        }
+      for (KeptFfn ffn : {KeptFfn::both, KeptFfn::pre_activation})
+        for (int k = 0; k <= 6; ++k)
+          for (int st = 0; st <= 6 - k; ++st) {
+            Config c = f;
+            c.model.kept_attention = form;
+            c.model.kept_ffn = ffn;
+            c.model.kept_layers = k;
+            c.model.stashed_layers = st;
+            if (double(plan_memory(c, 1).total_bytes()) <= budget)
+              EXPECT_LE(score(c), score(f)) << k << " kept, " << st << " stashed";
+          }
   }
   Config set = with_length(cfg, 1048576, "test");
   set.model.kept_attention = KeptAttention::state;
+  set.model.kept_ffn = KeptFfn::both;
   const Config fs = fit_to_device(set, 1, h200);
   EXPECT_EQ(fs.model.kept_attention, KeptAttention::state);
+  EXPECT_EQ(fs.model.kept_ffn, KeptFfn::both);
   EXPECT_TRUE(keeps_attention(fs, 1));
   EXPECT_EQ(fs.model.kept_layers, 1);
+  EXPECT_EQ(fit_to_device(set, 1, 0).model.kept_ffn, KeptFfn::both);
+  Config no_device = set;
+  no_device.model.kept_ffn = KeptFfn::auto_;
+  EXPECT_EQ(fit_to_device(no_device, 1, 0).model.kept_ffn, KeptFfn::auto_);
 }

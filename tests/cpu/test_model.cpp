@@ -14,6 +14,7 @@
 #include "framework/memory_plan.h"
 #include "framework/model.h"
 #include "framework/model_tensors.h"
+#include "kernels/common/gemm_staging.h"
 #include "kernels/errors.h"
 #include "kernels/profiling_ops.h"
 #include "kernels/cpu/cpu_ops.h"
@@ -185,11 +186,14 @@ TEST(ModelGrad, AccumulatesAcrossSequences) {
 // the forward instead of rebuilding them: the gradients are exact, with
 // every layer kept, one (chunked feed-forward, dropout), and attention in
 // passes of one head (whose forward the backward reruns; only the residual
-// update and the feed-forward are kept).
+// update and the feed-forward are kept); and keeping only the feed-forward
+// pre-activation (the activation rebuilt in the backward).
 TEST(ModelGrad, KeptLayers) {
   check_model_gradients(small_config({"model.kept_layers=2"}));
   check_model_gradients(small_config({"model.kept_layers=1", "model.dropout=0.25",
                                       "model.ffn_chunk=5", "model.activation=relu"}));
+  check_model_gradients(small_config({"model.kept_layers=1", "model.ffn_chunk=5",
+                                      "model.kept_ffn=pre_activation"}));
   check_model_gradients(small_config({"model.kept_layers=2", "model.attn_heads_per_pass=1"}));
 }
 
@@ -243,10 +247,13 @@ std::array<std::map<OpId, int64_t>, 2> expect_same_function(const Config& a, con
 // skips the rebuild: with every layer kept it runs no feed-forward and no
 // attention forward (in passes of one head it reruns the projections only,
 // the passes' attention outputs and log-sum-exps kept through Ops::stash).
+// Keeping only the feed-forward pre-activation (model.kept_ffn), the
+// backward rebuilds the activation once per chunk of each kept layer.
 TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
   for (const auto& sets : std::vector<std::vector<std::string>>{
            {}, {"model.dropout=0.25", "model.ffn_chunk=5"}, {"model.attn_heads_per_pass=1"},
-           {"model.kept_attention=outputs"}}) {
+           {"model.kept_attention=outputs"},
+           {"model.kept_ffn=pre_activation", "model.ffn_chunk=5"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     std::vector<std::string> kept_sets = sets;
     kept_sets.push_back("model.kept_layers=2");
@@ -260,7 +267,14 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
     EXPECT_EQ(attn * 2, calls[0][OpId::chunked_attention_forward]);
     const Config kept_cfg = small_config(kept_sets);
     EXPECT_EQ(calls[1][OpId::stash] > 0, keeps_attention_outputs(kept_cfg, 1));
-    EXPECT_EQ(keeps_attention(kept_cfg, 1), sets.empty() || sets[0] == "model.dropout=0.25");
+    EXPECT_EQ(keeps_attention(kept_cfg, 1),
+              sets.empty() || sets[0] == "model.dropout=0.25" ||
+                  sets[0] == "model.kept_ffn=pre_activation");
+    const int64_t L = kept_cfg.model.max_len, fc = std::min<int64_t>(kept_cfg.model.ffn_chunk, L);
+    const int64_t chunks = fc > 0 ? (L + fc - 1) / fc : 1;
+    const bool pre = kept_cfg.model.kept_ffn == KeptFfn::pre_activation;
+    EXPECT_EQ(calls[1][OpId::ffn_rebuild], pre ? 2 * 2 * chunks : 0);  // 2 steps, 2 layers
+    EXPECT_EQ(calls[0][OpId::ffn_rebuild], 0);
   }
 }
 
@@ -355,15 +369,18 @@ TEST(Model, SavedBucketsEqualSavedOrders) {
   }
 }
 
-// The CPU ops behind the layouts a CUDA plan assumes for kept layers: h as
-// scratch (so the plan's hidden-state check passes) and, with ln_div 2, the
-// LayerNorm rows in half the floats; everything else is the CPU's.
+// The CPU ops behind the layouts a CUDA plan assumes for kept layers: the
+// feed-forward state as wide as CUDA's (so the plan's hidden-state check
+// passes) and, with ln_div 2, the LayerNorm rows in half the floats;
+// everything else is the CPU's.
 class CudaLayoutsCpu final : public Ops<float> {
  public:
   using T = float;
   explicit CudaLayoutsCpu(int ln_div) : ln_div_(ln_div) {}
   const char* name() const override { return "cpu"; }
-  bool ffn_hidden_is_scratch(int, int) const override { return true; }
+  FfnStateCols ffn_state_cols(int C, int F, Activation act) const override {
+    return cuda_ffn_state_cols(C, F, act == Activation::relu);
+  }
   int64_t layernorm_ffn_ln_cols(int C, int) const override { return C / ln_div_; }
 #define CUDA_LAYOUTS_FORWARD(ret, name, params, args) \
   ret name params override { return inner_.name args; }
@@ -377,9 +394,10 @@ class CudaLayoutsCpu final : public Ops<float> {
 
 // A model whose ops keep kept layers' state wider than the memory plan for
 // training.device holds is refused at construction (ConfigError naming
-// model.kept_layers), not left to overrun: the LayerNorm rows (fp32 where
-// a CUDA plan holds bf16), then the stashed attention outputs (exact where
-// a CUDA plan holds bf16, in passes of one head).
+// model.kept_layers), not left to overrun: the feed-forward state (fp32
+// where a CUDA plan holds bf16), the LayerNorm rows (likewise), then the
+// stashed attention outputs (exact where a CUDA plan holds bf16, in passes
+// of one head).
 TEST(Model, KeptStateWiderThanThePlanIsRefused) {
   const std::vector<std::string> sets = {"model.d_model=8", "model.d_ff=8",
                                          "model.kept_layers=2", "training.device=cuda",
@@ -387,18 +405,19 @@ TEST(Model, KeptStateWiderThanThePlanIsRefused) {
   const Config cfg = small_config(sets);
   ASSERT_EQ(kept_ln_cols(cfg), 4);
   ASSERT_TRUE(keeps_attention_outputs(cfg, 1));
-  for (int ln_div : {1, 2}) {
+  for (int ln_div : {0, 1, 2}) {  // 0: the CPU's own layouts
     SCOPED_TRACE("ln_div " + std::to_string(ln_div));
-    CudaLayoutsCpu ops(ln_div);
+    CudaLayoutsCpu cuda_like(std::max(ln_div, 1));
+    CpuOps<float> cpu;
+    Ops<float>& ops = ln_div == 0 ? static_cast<Ops<float>&>(cpu) : cuda_like;
     try {
       ReformerModel<float> model(cfg, ops);
       ADD_FAILURE() << "no error";
     } catch (const ConfigError& e) {
       const std::string what = e.what();
       EXPECT_NE(what.find("model.kept_layers"), std::string::npos) << what;
-      EXPECT_NE(what.find(ln_div == 1 ? "LayerNorm rows" : "attention outputs"),
-                std::string::npos)
-          << what;
+      const char* want[] = {"hidden state", "LayerNorm rows", "attention outputs"};
+      EXPECT_NE(what.find(want[ln_div]), std::string::npos) << what;
     }
   }
 }

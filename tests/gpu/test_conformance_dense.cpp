@@ -403,7 +403,9 @@ TensorSpec bf16_input(const std::string& name, int64_t n, uint64_t seed) {
 // multiples of 8 take CUDA's fused path, 20 x 36 the separate ops'. x, w1
 // and b1 are bf16 numbers, so that the product's bf16 operands and the
 // epilogue's bf16 bias are exact and no pre-activation changes sign against
-// the reference (ReLU's slope would jump there).
+// the reference (ReLU's slope would jump there). "rebuilt": a is
+// overwritten between the two and ffn_rebuild writes its state back from h
+// (what a layer keeping only h does, model.kept_ffn: pre_activation).
 void add_ffn(std::vector<Case>& cases) {
   struct Shape {
     int64_t N;
@@ -411,8 +413,8 @@ void add_ffn(std::vector<Case>& cases) {
   };
   for (const Shape sh : {Shape{300, 64, 128}, Shape{70, 24, 40}, Shape{33, 20, 36}})
   for (Activation act : {Activation::gelu, Activation::relu})
-  for (int mode = 0; mode < 4; ++mode) {  // out += g, out -= g, out = g (no biases), res + g
-    const int64_t N = sh.N;
+  for (int mode = 0; mode < 5; ++mode) {  // out += g, out -= g, out = g (no biases), res + g,
+    const int64_t N = sh.N;                 // out += g with a rebuilt
     const int C = sh.C, F = sh.F;
     const bool accumulate = mode != 2, biases = mode != 2, onto_res = mode == 3;
     const float alpha = mode == 1 ? -1.0f : 1.0f;
@@ -420,7 +422,8 @@ void add_ffn(std::vector<Case>& cases) {
                           (mode == 0   ? " add"
                            : mode == 1 ? " subtract"
                            : mode == 2 ? " write nobias"
-                                       : " onto res") +
+                           : mode == 3 ? " onto res"
+                                       : " add, a rebuilt") +
                           " N=" + sz(N) + " C=" + sz(C) + " F=" + sz(F);
     const Tol inc{0, 0, 0, 2e-2};
     std::vector<TensorSpec> tensors = {
@@ -436,6 +439,10 @@ void add_ffn(std::vector<Case>& cases) {
           ops.ffn_forward(t("out"), t("h"), t("a"), t("x"), t("w1"), biases ? t("b1") : nullptr,
                           t("w2"), biases ? t("b2") : nullptr, N, C, F, act, alpha, accumulate,
                           onto_res ? t("res") : nullptr);
+          if (mode == 4) {
+            ops.fill(t("a"), 7.0f, N * F);
+            ops.ffn_rebuild(t("a"), t("h"), N, C, F, act);
+          }
           ops.ffn_backward(t("dinp"), t("dw1"), biases ? t("db1") : nullptr, t("dw2"), t("db2"),
                            t("dout"), t("x"), t("h"), t("a"), t("w1"), t("w2"), N, C, F, act);
         }));

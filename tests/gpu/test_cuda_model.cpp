@@ -355,8 +355,8 @@ void expect_same_loss_and_directions(Layout layout) {
 }  // namespace
 
 // Kept layers on the GPU (model.kept_layers; training.device cuda, so the
-// fused feed-forward keeps no pre-activation and uses the shared h as
-// scratch): the same loss as the rebuilding model, bit for bit (the forward
+// fused feed-forward keeps its state in bf16): the same loss as the
+// rebuilding model, bit for bit (the forward
 // is the same work), and the same gradients up to what the rebuild's
 // rounding of the layer inputs moves (each path is deterministic). That
 // rounding reaches the bf16 operands and, with ReLU, its kinks: measured on
@@ -364,27 +364,39 @@ void expect_same_loss_and_directions(Layout layout) {
 // with ReLU (layer 0, norms 0.3% apart), where either path against the CPU
 // reference is 0.996 to 0.999. Asked: cosine > 0.999 per parameter, norms
 // within 1% (tests/cpu/test_model.cpp checks the kept path's exactness).
-// GELU and ReLU (whose backward writes h); and with two passes of heads,
-// where kept layers keep the passes' attention outputs stashed in bf16 (the
-// backward's D term and dWo read them rounded, dWo as its product did).
+// GELU and ReLU (whose backward writes its slope over the activation in
+// h); with two passes of heads, where kept layers keep the passes'
+// attention outputs stashed in bf16 (the backward's D term and dWo read
+// them rounded, dWo as its product did); and keeping only the feed-forward
+// pre-activation (model.kept_ffn), the backward rebuilding GELU's
+// activation from it in bf16 (ReLU's is its own state).
 TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   // Every head in one pass (the attention state kept whole, fp32), and two
   // passes of two (their outputs stashed in bf16 and their log-sum-exps).
   // Every head in one pass keeping only the outputs (model.kept_attention).
-  for (const auto& [act, hp] : {std::pair{"gelu", 0}, std::pair{"relu", 0},
-                                std::pair{"gelu", 2}, std::pair{"outputs", 0}}) {
-    SCOPED_TRACE(std::string(act) + ", heads per pass " + std::to_string(hp));
-    const bool outputs = std::string(act) == "outputs";
+  struct Case {
+    const char* act;
+    int hp;
+    bool outputs, pre;
+  };
+  for (const Case& c : {Case{"gelu", 0, false, false}, Case{"relu", 0, false, false},
+                        Case{"gelu", 2, false, false}, Case{"gelu", 0, true, false},
+                        Case{"gelu", 0, true, true}, Case{"relu", 2, false, true}}) {
+    SCOPED_TRACE(std::string(c.act) + ", heads per pass " + std::to_string(c.hp) +
+                 (c.outputs ? ", outputs" : "") + (c.pre ? ", pre-activation" : ""));
     expect_same_loss_and_directions([&](int kept) {
       Config cfg = model_config("bf16");
       cfg.training.device = DeviceKind::cuda;
-      cfg.model.activation = std::string(act) == "relu" ? Activation::relu : Activation::gelu;
+      cfg.model.activation = std::string(c.act) == "relu" ? Activation::relu : Activation::gelu;
       cfg.model.kept_layers = kept ? 3 : 0;
-      cfg.model.attn_heads_per_pass = hp;
-      if (outputs) cfg.model.kept_attention = KeptAttention::outputs;
-      EXPECT_EQ(keeps_ffn_hidden(cfg), false);
-      EXPECT_EQ(keeps_attention_outputs(cfg, 1), hp == 2 || outputs);
+      cfg.model.attn_heads_per_pass = c.hp;
+      if (c.outputs) cfg.model.kept_attention = KeptAttention::outputs;
+      if (c.pre) cfg.model.kept_ffn = KeptFfn::pre_activation;
+      const FfnStateCols cols = kept_ffn_cols(cfg);
+      EXPECT_EQ(cols.h, cfg.model.d_ff / 2);
+      EXPECT_EQ(cols.a, c.pre || std::string(c.act) == "relu" ? 0 : cfg.model.d_ff / 2);
+      EXPECT_EQ(keeps_attention_outputs(cfg, 1), c.hp == 2 || c.outputs);
       return cfg;
     });
   }
