@@ -59,6 +59,7 @@ const std::vector<Key>& keys() {
       num_or_auto(KEY(model, stashed_layers), 0, 1024, kStashedLayersAuto),
       any(KEY(model, kept_attention)),
       any(KEY(model, kept_ffn)),
+      any(KEY(model, kept_x1)),
       any(KEY(model, lsh_saved)),
       num(KEY(model, loss_chunk), 0, kMaxLength),
       num(KEY(model, init_std), 0, 100),

@@ -24,7 +24,8 @@ using Accessor =
                  Field<std::vector<AttentionKind>>, Field<OptimizerKind>, Field<Schedule>,
                  Field<DeviceKind>, Field<OnNonFinite>, Field<DataKind>, Field<ByteSplit>,
                  Field<CommBackend>, Field<SpMode>, Field<AttentionPrecision>,
-                 Field<LshSaved>, Field<KeptAttention>, Field<KeptFfn>>;
+                 Field<LshSaved>, Field<KeptAttention>, Field<KeptFfn>,
+                 Field<KeptX1>>;
 
 // Allowed values of a number (or of each element of a list of integers).
 struct Range {

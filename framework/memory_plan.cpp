@@ -387,7 +387,8 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   b.add("frstd", G::chunks, "[max(fc, pc)]", {rc});
   // The kept layers' state, one copy per kept layer (model.kept_layers).
   const int kept = kept_layer_count(cfg);
-  b.add("kept x1", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
+  if (keeps_x1(cfg))
+    b.add("kept x1", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
   b.add("kept x2", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
   const int64_t ln_cols = kept_ln_cols(cfg, real_bytes);
   b.add("kept fln", G::activations,
@@ -485,6 +486,7 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
   if (c.model.kept_attention == KeptAttention::auto_)
     c.model.kept_attention = KeptAttention::outputs;
   if (c.model.kept_ffn == KeptFfn::auto_) c.model.kept_ffn = KeptFfn::pre_activation;
+  if (c.model.kept_x1 == KeptX1::auto_) c.model.kept_x1 = KeptX1::rebuilt;
   int best = 1;
   for (int g = heads; g > 1 && best == 1; --g) {
     if (heads % g != 0) continue;
@@ -518,6 +520,8 @@ const char* kept_attention_text(const Config& cfg, int sp) {
 const char* kept_ffn_text(const Config& cfg) {
   return cfg.model.kept_ffn == KeptFfn::pre_activation ? "pre-activation" : "both";
 }
+
+bool keeps_x1(const Config& cfg) { return cfg.model.kept_x1 != KeptX1::rebuilt; }
 
 int stashed_layer_count(const Config& cfg, int sp, int real_bytes) {
   if (!stashes_attention(cfg, sp, real_bytes)) return 0;
@@ -575,7 +579,8 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   const bool stashed_auto = cfg.model.stashed_layers == kStashedLayersAuto;
   const bool form_auto = cfg.model.kept_attention == KeptAttention::auto_;
   const bool ffn_auto = cfg.model.kept_ffn == KeptFfn::auto_;
-  if (!kept_auto && !stashed_auto && !form_auto && !ffn_auto) return cfg;
+  const bool x1_auto = cfg.model.kept_x1 == KeptX1::auto_;
+  if (!kept_auto && !stashed_auto && !form_auto && !ffn_auto && !x1_auto) return cfg;
   Config c = cfg;
   if (kept_auto) c.model.kept_layers = 0;
   if (stashed_auto) c.model.stashed_layers = 0;
@@ -596,6 +601,9 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   // pre-activation alone (its weight less kActivationRebuildInStashed).
   std::vector<KeptFfn> ffn_forms{cfg.model.kept_ffn};
   if (ffn_auto) ffn_forms = {KeptFfn::both, KeptFfn::pre_activation};
+  // And x1, or not (kX1RebuildInStashed less).
+  std::vector<KeptX1> x1_forms{cfg.model.kept_x1};
+  if (x1_auto) x1_forms = {KeptX1::kept, KeptX1::rebuilt};
   auto fits = [&](int k, int st) {
     c.model.kept_layers = k;
     c.model.stashed_layers = st;
@@ -606,15 +614,19 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   int best_k = c.model.kept_layers, best_s = c.model.stashed_layers;
   KeptAttention best_form = cfg.model.kept_attention;
   KeptFfn best_ffn = cfg.model.kept_ffn;
+  KeptX1 best_x1 = cfg.model.kept_x1;
   double best = -1;
   const int k_hi = kept_auto ? n : cfg.model.kept_layers, k_lo = kept_auto ? 0 : k_hi;
   for (const KeptAttention form : forms)
-    for (const KeptFfn ffn : ffn_forms) {
+    for (const KeptFfn ffn : ffn_forms)
+    for (const KeptX1 x1 : x1_forms) {
       c.model.kept_attention = form;
       c.model.kept_ffn = ffn;
+      c.model.kept_x1 = x1;
       const double weight =
           (keeps_attention(c, sp) ? kKeptStateOverStashed : kKeptOverStashed) -
-          (ffn == KeptFfn::pre_activation ? kActivationRebuildInStashed : 0);
+          (ffn == KeptFfn::pre_activation ? kActivationRebuildInStashed : 0) -
+          (x1 == KeptX1::rebuilt ? kX1RebuildInStashed : 0);
       for (int k = k_hi; k >= k_lo; --k) {
         const int s_hi = !stashes        ? 0
                          : stashed_auto ? n - k
@@ -629,6 +641,7 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
             best_s = st;
             best_form = form;
             best_ffn = ffn;
+            best_x1 = x1;
           }
           break;
         }
@@ -638,6 +651,7 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   c.model.stashed_layers = stashed_auto ? best_s : cfg.model.stashed_layers;
   c.model.kept_attention = best_form;
   c.model.kept_ffn = best_ffn;
+  c.model.kept_x1 = best_x1;
   return c;
 }
 

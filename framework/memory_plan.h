@@ -119,7 +119,8 @@ int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes
 // whose whole plan takes at most kAutoPassFraction of the device, else the
 // fewest (1); unchanged otherwise. The plan counts the kept and stashed
 // layers as set (none where auto), in their smallest forms where the forms
-// are auto (their attention outputs, their feed-forward pre-activation).
+// are auto (their attention outputs, their feed-forward pre-activation, x1
+// rebuilt).
 // Kept and stashed layers and their forms are fitted after it
 // (fit_to_device): a pass of more heads saves more than the layers its
 // memory would keep (bench/RESULTS.md, 2026-12-02 (eighteenth): at 2M
@@ -169,6 +170,9 @@ const char* kept_attention_text(const Config& cfg, int sp);
 // What a kept layer keeps of its feed-forward hidden layer, in words:
 // "pre-activation" (model.kept_ffn: pre_activation) or "both".
 const char* kept_ffn_text(const Config& cfg);
+// Whether a kept layer keeps its input x1 ("kept x1"): unless model.kept_x1
+// is rebuilt (auto reads as kept).
+bool keeps_x1(const Config& cfg);
 // Elements Ops::stash of n values takes on the config's device
 // (kernels/common/gemm_staging.h, bf16_stash_elems, where training.device
 // is cuda and real_bytes 4; else n).
@@ -190,16 +194,17 @@ int64_t kept_ln_cols(const Config& cfg, int real_bytes = 4);
 // kernels/common/params.h) where training.device is cuda, real_bytes 4 and
 // attention.precision bf16; else 0 (nothing kept).
 int64_t kept_attention_staged(const Config& cfg, int real_bytes = 4);
-// `cfg` with model.kept_layers, model.stashed_layers, model.kept_attention
-// and model.kept_ffn, those that are auto, chosen for a device of
+// `cfg` with model.kept_layers, model.stashed_layers, model.kept_attention,
+// model.kept_ffn and model.kept_x1, those that are auto, chosen for a device of
 // `device_bytes`: among the counts (and forms) whose whole plan takes at
 // most kAutoPassFraction of the device, those that save the backward most,
 // a kept layer counted as kKeptStateOverStashed stashed ones where it keeps
 // its attention state and kKeptOverStashed where it keeps its outputs, less
 // kActivationRebuildInStashed where it keeps only its feed-forward
-// pre-activation; 0 kept and stashed when device_bytes <= 0 (the CPU), the
-// forms left auto (keeps_attention reads it as state, kept_ffn_cols as
-// both). Unchanged when none is auto.
+// pre-activation and kX1RebuildInStashed where it rebuilds x1; 0 kept and
+// stashed when device_bytes <= 0 (the CPU), the forms left auto
+// (keeps_attention reads it as state, kept_ffn_cols as both, keeps_x1 as
+// kept). Unchanged when none is auto.
 // The ratio is measured: at 1M tokens (configs/bench-peer.yaml, one H200) a
 // kept layer saved a step 59.5 ms, a stashed one 17.9 ms (bench/RESULTS.md).
 constexpr double kKeptOverStashed = 3.3;
@@ -215,6 +220,11 @@ constexpr double kKeptStateOverStashed = 4.0;
 // at 1M for d_ff 4096, about 4.5 ms at the H200's bandwidth, a quarter of a
 // stashed layer's 17.9 ms). Its weight is the form's less this.
 constexpr double kActivationRebuildInStashed = 0.25;
+// A kept layer without its input x1 (model.kept_x1: rebuilt) rebuilds it
+// from its attention outputs: the output projection, a product of [L, D]
+// and [D, D] (counted: 2.2 TFLOP at 1M for d_model 1024, about 4 ms with its
+// operand's rounding, 0.22 of a stashed layer's 17.9 ms).
+constexpr double kX1RebuildInStashed = 0.22;
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
 // fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
 // a device.

@@ -72,11 +72,12 @@ struct ReformerModel<T>::Scratch {
   // Kept layers keep no fa but the ops keep state there: their backward
   // rebuilds it from fh into the chunk's fa (model.kept_ffn: pre_activation).
   bool ffn_rebuilt = false;
+  // Kept layers keep x1 (model.kept_x1), else their backward rebuilds it.
+  bool x1_kept = true;
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
-  // + i keeps in kept[i] its inputs, its feed-forward state over all L rows
-  // (fa only where a holds state that is not rebuilt) and, where attn_kept,
-  // its attention pass's
-  // qk, v, ao and lse (swapped with the shared ones around its attention
+  // + i keeps in kept[i] its inputs (x1 only where x1_kept), its
+  // feed-forward state over all L rows (fa only where a holds state that is
+  // not rebuilt) and, where attn_kept, its attention pass's qk, v, ao and lse (swapped with the shared ones around its attention
   // forward and backward, so those run as for any layer).
   // Every pass's attention outputs (Ops::stash) and log-sum-exps, from a
   // layer's forward to its backward, which then reruns its projections but
@@ -248,6 +249,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
                       "training.device " + to_string(cfg.training.device) +
                       " holds (use training.device: cpu)");
   s.ffn_rebuilt = kept > 0 && s.ffn_cols.a == 0 && ops_ffn.a > 0;
+  s.x1_kept = keeps_x1(cfg);
   // A kept layer's LayerNorm rows hold what the ops keep there (plan:
   // kept_ln_cols, the ops: layernorm_ffn_ln_cols), else they would overrun.
   s.ln_cols = ops.layernorm_ffn_ln_cols(D_, F_);
@@ -268,7 +270,8 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
                         " holds (use training.device: cpu)");
   for (int k = 0; k < kept; ++k) {
     typename Scratch::Kept K;
-    K.x1 = buf("kept x1"); K.x2 = buf("kept x2"); K.fln = buf("kept fln");
+    if (s.x1_kept) K.x1 = buf("kept x1");
+    K.x2 = buf("kept x2"); K.fln = buf("kept fln");
     K.fmean = buf("kept fmean"); K.frstd = buf("kept frstd"); K.fh = buf("kept fh");
     if (s.ffn_cols.a > 0) K.fa = buf("kept fa");
     if (s.attn_kept) {
@@ -847,11 +850,14 @@ void ReformerModel<T>::stack_backward(uint64_t step, bool train) {
                          rows, r0, step, train);
     }
     if (k) std::swap(s.x2, k->x2);
-    // y1 = x1 + Attn(LN_a(x2)): rebuild x1, then dx2 += Attn'(x2)^T dy1.
+    // y1 = x1 + Attn(LN_a(x2)): rebuild x1 (unless kept), then dx2 +=
+    // Attn'(x2)^T dy1.
+    const bool x1_kept = k && s.x1_kept;
     if (k && s.attn_kept) s.swap_attention(*k);
-    attention_layer_backward(l, step, train, /*attend*/ !(k && s.attn_kept), /*rebuild_x1*/ !k);
+    attention_layer_backward(l, step, train, /*attend*/ !(k && s.attn_kept),
+                             /*rebuild_x1*/ !x1_kept);
     if (k && s.attn_kept) s.swap_attention(*k);
-    if (k) std::swap(s.x1, k->x1);
+    if (x1_kept) std::swap(s.x1, k->x1);
     if (trace) {
       trace->rebuilt_x1[size_t(l)].resize(size_t(LD));
       trace->rebuilt_x2[size_t(l)].resize(size_t(LD));
@@ -887,11 +893,13 @@ void ReformerModel<T>::stack_forward(const int32_t* tokens, uint64_t step, bool 
     }
     // A kept layer's inputs stay where they are: x1 (then x2) trades its
     // buffer with the kept one, and the layer writes y1 = x1 + Attn, y2 = x2
-    // + FFN into the traded-in buffers from the kept inputs (no copies).
+    // + FFN into the traded-in buffers from the kept inputs (no copies);
+    // without kept x1 (model.kept_x1: rebuilt) y1 is written over x1.
     typename Scratch::Kept* k = s.kept_of(l, NL_);
-    if (k) std::swap(s.x1, k->x1);
+    const bool x1_kept = k && s.x1_kept;
+    if (x1_kept) std::swap(s.x1, k->x1);
     if (k && s.attn_kept) s.swap_attention(*k);
-    attention_layer_forward(l, step, train, k ? k->x1.data() : nullptr);
+    attention_layer_forward(l, step, train, x1_kept ? k->x1.data() : nullptr);
     if (k && s.attn_kept) s.swap_attention(*k);
     if (k) std::swap(s.x2, k->x2);
     for (int64_t r0 = 0; r0 < L_; r0 += s.fc) {

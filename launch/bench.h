@@ -26,6 +26,7 @@ struct BenchRow {
   int kept_layers = 0, stashed_layers = 0, heads_per_pass = 0;
   std::string kept_attention;  // what kept layers keep of their attention
   std::string kept_ffn;        // and of their feed-forward hidden layer
+  std::string kept_x1;         // and whether x1 ("x1" or "x1 rebuilt")
   // With breakdown: per-op totals over the timed steps (ProfilingOps), in
   // op-list order; empty otherwise.
   std::vector<OpStats> ops;

@@ -372,14 +372,16 @@ int cmd_plan(const Args& a) {
   fitted = fit_to_device(fitted, sp, budget);
   const MemoryPlan plan = plan_memory(fitted, sp);
   std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32, %d of %d layers kept"
-              " (model.kept_layers%s) with their attention %s (model.kept_attention%s) and"
-              " feed-forward %s (model.kept_ffn%s), %d stashed (model.stashed_layers%s), %d"
-              " heads per pass:\n\n%s",
+              " (model.kept_layers%s) with their attention %s (model.kept_attention%s),"
+              " feed-forward %s (model.kept_ffn%s) and x1 %s (model.kept_x1%s), %d stashed"
+              " (model.stashed_layers%s), %d heads per pass:\n\n%s",
               (long long)cfg.model.max_len, sp, kept_layer_count(fitted), cfg.model.n_layers,
               cfg.model.kept_layers == kKeptLayersAuto ? ": auto" : "",
               kept_attention_text(fitted, sp),
               cfg.model.kept_attention == KeptAttention::auto_ ? ": auto" : "",
               kept_ffn_text(fitted), cfg.model.kept_ffn == KeptFfn::auto_ ? ": auto" : "",
+              keeps_x1(fitted) ? "kept" : "rebuilt",
+              cfg.model.kept_x1 == KeptX1::auto_ ? ": auto" : "",
               stashed_layer_count(fitted, sp),
               cfg.model.stashed_layers == kStashedLayersAuto ? ": auto" : "",
               attention_heads_per_pass(fitted, sp), format_plan(plan).c_str());

@@ -443,9 +443,23 @@ TEST(Config, KeptFfn) {
   EXPECT_NE(msg.find("a.yaml:3"), std::string::npos) << msg;
 }
 
+// model.kept_x1: auto by default, kept or rebuilt; anything else refused.
+TEST(Config, KeptX1) {
+  const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
+  EXPECT_EQ(dflt.model.kept_x1, KeptX1::auto_);
+  EXPECT_NE(to_yaml(dflt).find("\n  kept_x1: auto\n"), std::string::npos);
+  EXPECT_EQ(parse_config("model:\n  kept_x1: rebuilt\n", "a.yaml").model.kept_x1,
+            KeptX1::rebuilt);
+  EXPECT_EQ(parse_config("model:\n  kept_x1: kept\n", "a.yaml").model.kept_x1, KeptX1::kept);
+  const std::string msg =
+      config_error([] { parse_config("model:\n  kept_x1: true\n", "b.yaml"); });
+  EXPECT_NE(msg.find("model.kept_x1"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("b.yaml:2"), std::string::npos) << msg;
+}
+
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 75u);
+  EXPECT_EQ(keys.size(), 76u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

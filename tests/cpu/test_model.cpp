@@ -194,6 +194,8 @@ TEST(ModelGrad, KeptLayers) {
                                       "model.ffn_chunk=5", "model.activation=relu"}));
   check_model_gradients(small_config({"model.kept_layers=1", "model.ffn_chunk=5",
                                       "model.kept_ffn=pre_activation"}));
+  check_model_gradients(small_config({"model.kept_layers=2", "model.kept_x1=rebuilt",
+                                      "model.kept_attention=outputs"}));
   check_model_gradients(small_config({"model.kept_layers=2", "model.attn_heads_per_pass=1"}));
 }
 
@@ -248,12 +250,16 @@ std::array<std::map<OpId, int64_t>, 2> expect_same_function(const Config& a, con
 // attention forward (in passes of one head it reruns the projections only,
 // the passes' attention outputs and log-sum-exps kept through Ops::stash).
 // Keeping only the feed-forward pre-activation (model.kept_ffn), the
-// backward rebuilds the activation once per chunk of each kept layer.
+// backward rebuilds the activation once per chunk of each kept layer;
+// without x1 (model.kept_x1) it rebuilds x1 as a layer that keeps nothing,
+// one output projection per pass of each kept layer (matmul_accumulate).
 TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
   for (const auto& sets : std::vector<std::vector<std::string>>{
            {}, {"model.dropout=0.25", "model.ffn_chunk=5"}, {"model.attn_heads_per_pass=1"},
            {"model.kept_attention=outputs"},
-           {"model.kept_ffn=pre_activation", "model.ffn_chunk=5"}}) {
+           {"model.kept_ffn=pre_activation", "model.ffn_chunk=5"},
+           {"model.kept_x1=rebuilt", "model.attn_heads_per_pass=1", "model.dropout=0.25"},
+           {"model.kept_x1=rebuilt", "model.kept_attention=outputs"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     std::vector<std::string> kept_sets = sets;
     kept_sets.push_back("model.kept_layers=2");
@@ -275,6 +281,10 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
     const bool pre = kept_cfg.model.kept_ffn == KeptFfn::pre_activation;
     EXPECT_EQ(calls[1][OpId::ffn_rebuild], pre ? 2 * 2 * chunks : 0);  // 2 steps, 2 layers
     EXPECT_EQ(calls[0][OpId::ffn_rebuild], 0);
+    // x1: the rebuilding model's output projections in the forward and the
+    // rebuild, two steps; the kept one's forward, and the rebuild unless kept.
+    const int64_t proj = calls[0][OpId::matmul_accumulate];
+    EXPECT_EQ(calls[1][OpId::matmul_accumulate], keeps_x1(kept_cfg) ? proj / 2 : proj);
   }
 }
 
