@@ -212,19 +212,23 @@ constexpr double kKeptOverStashed = 3.3;
 // rerun and the staging of q, k_hat and v in the backward. Measured at 8
 // heads a pass: at 1M, 1 such layer and 5 stashed ran 1.1% slower than 2
 // kept with their outputs and 4 stashed (a weight below 4.5); at 512K, 4
-// and 2 stashed 0.4% slower than 6 with their outputs (below 4.45).
-constexpr double kKeptStateOverStashed = 4.0;
+// and 2 stashed 0.4% slower than 6 with their outputs (below 4.45), and 6
+// with their state, pre-activations and x1 rebuilt 2.7% faster than 6
+// with their outputs and everything else (about 4.4 with the two weights
+// below; bench/RESULTS.md, 2026-12-02 (nineteenth)).
+constexpr double kKeptStateOverStashed = 4.4;
 // A kept layer that keeps only its feed-forward pre-activation
 // (model.kept_ffn: pre_activation) rebuilds the activation in its backward:
 // one pass over [L, d_ff] in bf16 on CUDA, read and written (counted: 16 GiB
-// at 1M for d_ff 4096, about 4.5 ms at the H200's bandwidth, a quarter of a
-// stashed layer's 17.9 ms). Its weight is the form's less this.
-constexpr double kActivationRebuildInStashed = 0.25;
+// at 1M for d_ff 4096, about 4.5 ms at the H200's bandwidth). Measured at
+// 1M, 2 kept and 4 stashed layers: 6.6 ms a kept layer, 0.37 of a stashed
+// layer's 17.9 ms. Its weight is the form's less this.
+constexpr double kActivationRebuildInStashed = 0.37;
 // A kept layer without its input x1 (model.kept_x1: rebuilt) rebuilds it
 // from its attention outputs: the output projection, a product of [L, D]
 // and [D, D] (counted: 2.2 TFLOP at 1M for d_model 1024, about 4 ms with its
-// operand's rounding, 0.22 of a stashed layer's 17.9 ms).
-constexpr double kX1RebuildInStashed = 0.22;
+// operand's rounding). Measured as above: 6.5 ms a kept layer, 0.36.
+constexpr double kX1RebuildInStashed = 0.36;
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
 // fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
 // a device.
