@@ -77,8 +77,9 @@ struct ReformerModel<T>::Scratch {
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
   // + i keeps in kept[i] its inputs (x1 only where x1_kept), its
   // feed-forward state over all L rows (fa only where a holds state that is
-  // not rebuilt) and, where attn_kept, its attention pass's qk, v, ao and lse (swapped with the shared ones around its attention
-  // forward and backward, so those run as for any layer).
+  // not rebuilt) and, where attn_kept, its attention pass's qk, v, ao and
+  // lse (swapped with the shared ones around its attention forward and
+  // backward, so those run as for any layer).
   // Every pass's attention outputs (Ops::stash) and log-sum-exps, from a
   // layer's forward to its backward, which then reruns its projections but
   // not its attention.

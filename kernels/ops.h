@@ -134,8 +134,8 @@ class Ops {
   //   floats a row each (the CPU: the pre-activation in h, the activation
   //   in a; CUDA: in bf16, GELU's pre-activation in h and activation in a,
   //   ReLU's activation in h); a buffer whose cols are 0 holds no state and
-  //   is scratch of [N, F] to both calls, as both are where their state
-  //   comes from a caller that keeps nothing. Only ffn_backward and
+  //   must still be [N, F] (scratch to both calls); a caller that keeps
+  //   nothing passes [N, F] for both. Only ffn_backward and
   //   ffn_rebuild read them. ffn_rebuild(a, h, N, C, F, act) writes a's
   //   state from h's (the CPU: a = act(h)), so that h alone may be kept
   //   from the forward to the backward. ffn_backward, given the h and a of
