@@ -56,6 +56,10 @@ enum class KeptFfn { auto_, both, pre_activation };
 // a layer that keeps nothing does (x1 = y1 - Attn(x2)), from the attention
 // outputs it keeps; auto: fitted with the kept layers to the device.
 enum class KeptX1 { auto_, kept, rebuilt };
+// Whether a kept layer keeps its feed-forward LayerNorm rows and statistics,
+// or its backward normalises its input again (Ops::layernorm_ffn_rows);
+// auto: fitted with the kept layers to the device.
+enum class KeptLn { auto_, kept, rebuilt };
 // A step whose loss or gradient is not finite: stop the run, or skip the update.
 enum class OnNonFinite { stop, skip };
 
@@ -74,6 +78,7 @@ template <> struct EnumNames<LshSaved> { static constexpr std::array names{"auto
 template <> struct EnumNames<KeptAttention> { static constexpr std::array names{"auto", "state", "outputs"}; };
 template <> struct EnumNames<KeptFfn> { static constexpr std::array names{"auto", "both", "pre_activation"}; };
 template <> struct EnumNames<KeptX1> { static constexpr std::array names{"auto", "kept", "rebuilt"}; };
+template <> struct EnumNames<KeptLn> { static constexpr std::array names{"auto", "kept", "rebuilt"}; };
 template <> struct EnumNames<OnNonFinite> { static constexpr std::array names{"stop", "skip"}; };
 template <> struct EnumNames<Activation> { static constexpr std::array names{"gelu", "relu"}; };
 template <> struct EnumNames<CommBackend> { static constexpr std::array names{"local", "mpi", "nccl"}; };
@@ -135,6 +140,7 @@ struct ModelConfig {
   KeptAttention kept_attention = KeptAttention::auto_;  // state | outputs | auto
   KeptFfn kept_ffn = KeptFfn::auto_;  // both | pre_activation | auto
   KeptX1 kept_x1 = KeptX1::auto_;     // kept | rebuilt | auto
+  KeptLn kept_ln = KeptLn::auto_;     // kept | rebuilt | auto
   LshSaved lsh_saved = LshSaved::auto_;  // LSH state kept for the backward: orders | buckets | auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings

@@ -60,6 +60,7 @@ const std::vector<Key>& keys() {
       any(KEY(model, kept_attention)),
       any(KEY(model, kept_ffn)),
       any(KEY(model, kept_x1)),
+      any(KEY(model, kept_ln)),
       any(KEY(model, lsh_saved)),
       num(KEY(model, loss_chunk), 0, kMaxLength),
       num(KEY(model, init_std), 0, 100),

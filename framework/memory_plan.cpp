@@ -390,12 +390,14 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
   if (keeps_x1(cfg))
     b.add("kept x1", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
   b.add("kept x2", G::activations, "[L, D] per kept layer", {L, D}, false, kept);
-  const int64_t ln_cols = kept_ln_cols(cfg, real_bytes);
-  b.add("kept fln", G::activations,
-        ln_cols == D ? "[L, D] per kept layer" : "[L, D/2] per kept layer", {L, ln_cols}, false,
-        kept);
-  b.add("kept fmean", G::activations, "[L] per kept layer", {L}, false, kept);
-  b.add("kept frstd", G::activations, "[L] per kept layer", {L}, false, kept);
+  if (keeps_ln(cfg)) {
+    const int64_t ln_cols = kept_ln_cols(cfg, real_bytes);
+    b.add("kept fln", G::activations,
+          ln_cols == D ? "[L, D] per kept layer" : "[L, D/2] per kept layer", {L, ln_cols},
+          false, kept);
+    b.add("kept fmean", G::activations, "[L] per kept layer", {L}, false, kept);
+    b.add("kept frstd", G::activations, "[L] per kept layer", {L}, false, kept);
+  }
   // The hidden layer's state (Ops::ffn_state_cols): what the activation is
   // rebuilt from, and the activation unless the backward rebuilds it.
   const FfnStateCols ffn = kept_ffn_cols(cfg, real_bytes);
@@ -487,6 +489,7 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
     c.model.kept_attention = KeptAttention::outputs;
   if (c.model.kept_ffn == KeptFfn::auto_) c.model.kept_ffn = KeptFfn::pre_activation;
   if (c.model.kept_x1 == KeptX1::auto_) c.model.kept_x1 = KeptX1::rebuilt;
+  if (c.model.kept_ln == KeptLn::auto_) c.model.kept_ln = KeptLn::rebuilt;
   int best = 1;
   for (int g = heads; g > 1 && best == 1; --g) {
     if (heads % g != 0) continue;
@@ -522,6 +525,8 @@ const char* kept_ffn_text(const Config& cfg) {
 }
 
 bool keeps_x1(const Config& cfg) { return cfg.model.kept_x1 != KeptX1::rebuilt; }
+
+bool keeps_ln(const Config& cfg) { return cfg.model.kept_ln != KeptLn::rebuilt; }
 
 int stashed_layer_count(const Config& cfg, int sp, int real_bytes) {
   if (!stashes_attention(cfg, sp, real_bytes)) return 0;
@@ -580,7 +585,8 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   const bool form_auto = cfg.model.kept_attention == KeptAttention::auto_;
   const bool ffn_auto = cfg.model.kept_ffn == KeptFfn::auto_;
   const bool x1_auto = cfg.model.kept_x1 == KeptX1::auto_;
-  if (!kept_auto && !stashed_auto && !form_auto && !ffn_auto && !x1_auto) return cfg;
+  const bool ln_auto = cfg.model.kept_ln == KeptLn::auto_;
+  if (!kept_auto && !stashed_auto && !form_auto && !ffn_auto && !x1_auto && !ln_auto) return cfg;
   Config c = cfg;
   if (kept_auto) c.model.kept_layers = 0;
   if (stashed_auto) c.model.stashed_layers = 0;
@@ -604,6 +610,9 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   // And x1, or not (kX1RebuildInStashed less).
   std::vector<KeptX1> x1_forms{cfg.model.kept_x1};
   if (x1_auto) x1_forms = {KeptX1::kept, KeptX1::rebuilt};
+  // And its LayerNorm rows, or not (kLnRebuildInStashed less).
+  std::vector<KeptLn> ln_forms{cfg.model.kept_ln};
+  if (ln_auto) ln_forms = {KeptLn::kept, KeptLn::rebuilt};
   auto fits = [&](int k, int st) {
     c.model.kept_layers = k;
     c.model.stashed_layers = st;
@@ -615,18 +624,22 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   KeptAttention best_form = cfg.model.kept_attention;
   KeptFfn best_ffn = cfg.model.kept_ffn;
   KeptX1 best_x1 = cfg.model.kept_x1;
+  KeptLn best_ln = cfg.model.kept_ln;
   double best = -1;
   const int k_hi = kept_auto ? n : cfg.model.kept_layers, k_lo = kept_auto ? 0 : k_hi;
   for (const KeptAttention form : forms)
     for (const KeptFfn ffn : ffn_forms)
-    for (const KeptX1 x1 : x1_forms) {
+    for (const KeptX1 x1 : x1_forms)
+    for (const KeptLn ln : ln_forms) {
       c.model.kept_attention = form;
       c.model.kept_ffn = ffn;
       c.model.kept_x1 = x1;
+      c.model.kept_ln = ln;
       const double weight =
           (keeps_attention(c, sp) ? kKeptStateOverStashed : kKeptOverStashed) -
           (ffn == KeptFfn::pre_activation ? kActivationRebuildInStashed : 0) -
-          (x1 == KeptX1::rebuilt ? kX1RebuildInStashed : 0);
+          (x1 == KeptX1::rebuilt ? kX1RebuildInStashed : 0) -
+          (ln == KeptLn::rebuilt ? kLnRebuildInStashed : 0);
       for (int k = k_hi; k >= k_lo; --k) {
         const int s_hi = !stashes        ? 0
                          : stashed_auto ? n - k
@@ -642,6 +655,7 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
             best_form = form;
             best_ffn = ffn;
             best_x1 = x1;
+            best_ln = ln;
           }
           break;
         }
@@ -652,6 +666,7 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   c.model.kept_attention = best_form;
   c.model.kept_ffn = best_ffn;
   c.model.kept_x1 = best_x1;
+  c.model.kept_ln = best_ln;
   return c;
 }
 

@@ -120,7 +120,7 @@ int64_t longest_length_that_fits(const Config& cfg, int sp, int64_t budget_bytes
 // fewest (1); unchanged otherwise. The plan counts the kept and stashed
 // layers as set (none where auto), in their smallest forms where the forms
 // are auto (their attention outputs, their feed-forward pre-activation, x1
-// rebuilt).
+// and the LayerNorm rows rebuilt).
 // Kept and stashed layers and their forms are fitted after it
 // (fit_to_device): a pass of more heads saves more than the layers its
 // memory would keep (bench/RESULTS.md, 2026-12-02 (eighteenth): at 2M
@@ -173,6 +173,10 @@ const char* kept_ffn_text(const Config& cfg);
 // Whether a kept layer keeps its input x1 ("kept x1"): unless model.kept_x1
 // is rebuilt (auto reads as kept).
 bool keeps_x1(const Config& cfg);
+// Whether a kept layer keeps its feed-forward LayerNorm rows and statistics
+// ("kept fln", "kept fmean", "kept frstd"): unless model.kept_ln is rebuilt
+// (auto reads as kept).
+bool keeps_ln(const Config& cfg);
 // Elements Ops::stash of n values takes on the config's device
 // (kernels/common/gemm_staging.h, bf16_stash_elems, where training.device
 // is cuda and real_bytes 4; else n).
@@ -195,16 +199,18 @@ int64_t kept_ln_cols(const Config& cfg, int real_bytes = 4);
 // attention.precision bf16; else 0 (nothing kept).
 int64_t kept_attention_staged(const Config& cfg, int real_bytes = 4);
 // `cfg` with model.kept_layers, model.stashed_layers, model.kept_attention,
-// model.kept_ffn and model.kept_x1, those that are auto, chosen for a device of
+// model.kept_ffn, model.kept_x1 and model.kept_ln, those that are auto,
+// chosen for a device of
 // `device_bytes`: among the counts (and forms) whose whole plan takes at
 // most kAutoPassFraction of the device, those that save the backward most,
 // a kept layer counted as kKeptStateOverStashed stashed ones where it keeps
 // its attention state and kKeptOverStashed where it keeps its outputs, less
 // kActivationRebuildInStashed where it keeps only its feed-forward
-// pre-activation and kX1RebuildInStashed where it rebuilds x1; 0 kept and
+// pre-activation, kX1RebuildInStashed where it rebuilds x1 and
+// kLnRebuildInStashed where it rebuilds its LayerNorm rows; 0 kept and
 // stashed when device_bytes <= 0 (the CPU), the forms left auto
-// (keeps_attention reads it as state, kept_ffn_cols as both, keeps_x1 as
-// kept). Unchanged when none is auto.
+// (keeps_attention reads it as state, kept_ffn_cols as both, keeps_x1 and
+// keeps_ln as kept). Unchanged when none is auto.
 // The ratio is measured: at 1M tokens (configs/bench-peer.yaml, one H200) a
 // kept layer saved a step 59.5 ms, a stashed one 17.9 ms (bench/RESULTS.md).
 constexpr double kKeptOverStashed = 3.3;
@@ -229,6 +235,11 @@ constexpr double kActivationRebuildInStashed = 0.37;
 // and [D, D] (counted: 2.2 TFLOP at 1M for d_model 1024, about 4 ms with its
 // operand's rounding). Measured as above: 6.5 ms a kept layer, 0.36.
 constexpr double kX1RebuildInStashed = 0.36;
+// A kept layer without its LayerNorm rows (model.kept_ln: rebuilt)
+// normalises its feed-forward input again in the backward: a pass reading
+// [L, D] in fp32 and writing it in bf16 (counted: 6 GiB at 1M for d_model
+// 1024, about 1.7 ms; the two rebuilds above took about 1.5x their counts).
+constexpr double kLnRebuildInStashed = 0.14;
 Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes);
 // fit_heads_per_pass, then fit_kept_layers: every auto memory knob fitted to
 // a device.

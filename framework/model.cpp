@@ -72,8 +72,10 @@ struct ReformerModel<T>::Scratch {
   // Kept layers keep no fa but the ops keep state there: their backward
   // rebuilds it from fh into the chunk's fa (model.kept_ffn: pre_activation).
   bool ffn_rebuilt = false;
-  // Kept layers keep x1 (model.kept_x1), else their backward rebuilds it.
-  bool x1_kept = true;
+  // Kept layers keep x1 (model.kept_x1), else their backward rebuilds it;
+  // likewise their LayerNorm rows and statistics (model.kept_ln), else the
+  // backward normalises again into the chunk's fln, fmean, frstd.
+  bool x1_kept = true, ln_kept = true;
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
   // + i keeps in kept[i] its inputs (x1 only where x1_kept), its
   // feed-forward state over all L rows (fa only where a holds state that is
@@ -120,9 +122,12 @@ struct ReformerModel<T>::Scratch {
   };
   FfnState ffn_state(Kept* k, int64_t r0) {
     if (!k) return {fln.data(), fmean.data(), frstd.data(), fh.data(), fa.data()};
-    return {k->fln.data() + r0 * ln_cols, k->fmean.data() + r0, k->frstd.data() + r0,
-            k->fh.data() + r0 * ffn_cols.h,
-            k->fa.data() ? k->fa.data() + r0 * ffn_cols.a : fa.data()};
+    FfnState st{fln.data(), fmean.data(), frstd.data(), k->fh.data() + r0 * ffn_cols.h,
+                k->fa.data() ? k->fa.data() + r0 * ffn_cols.a : fa.data()};
+    if (ln_kept)
+      std::tie(st.ln, st.mean, st.rstd) =
+          std::tuple{k->fln.data() + r0 * ln_cols, k->fmean.data() + r0, k->frstd.data() + r0};
+    return st;
   }
   void swap_attention(Kept& k) {
     std::swap(qk, k.qk); std::swap(v, k.v); std::swap(ao, k.ao);
@@ -254,7 +259,8 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   // A kept layer's LayerNorm rows hold what the ops keep there (plan:
   // kept_ln_cols, the ops: layernorm_ffn_ln_cols), else they would overrun.
   s.ln_cols = ops.layernorm_ffn_ln_cols(D_, F_);
-  if (kept > 0 && kept_ln_cols(cfg, int(sizeof(T))) < s.ln_cols)
+  s.ln_kept = keeps_ln(cfg);
+  if (kept > 0 && s.ln_kept && kept_ln_cols(cfg, int(sizeof(T))) < s.ln_cols)
     throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
                       " feed-forward keeps fp32 LayerNorm rows, which the plan for "
                       "training.device " + to_string(cfg.training.device) +
@@ -272,8 +278,11 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   for (int k = 0; k < kept; ++k) {
     typename Scratch::Kept K;
     if (s.x1_kept) K.x1 = buf("kept x1");
-    K.x2 = buf("kept x2"); K.fln = buf("kept fln");
-    K.fmean = buf("kept fmean"); K.frstd = buf("kept frstd"); K.fh = buf("kept fh");
+    K.x2 = buf("kept x2");
+    if (s.ln_kept) {
+      K.fln = buf("kept fln"); K.fmean = buf("kept fmean"); K.frstd = buf("kept frstd");
+    }
+    K.fh = buf("kept fh");
     if (s.ffn_cols.a > 0) K.fa = buf("kept fa");
     if (s.attn_kept) {
       K.qk = buf("kept qk"); K.v = buf("kept v"); K.ao = buf("kept ao");
@@ -776,6 +785,9 @@ void ReformerModel<T>::ffn_chunk_backward(int l, const T* y1, const T* dg, T* dy
   // dfln is written, not added to: no zeroing first. fh and fa are consumed.
   typename Scratch::Kept* k = s.kept_of(l, NL_);
   const typename Scratch::FfnState st = s.ffn_state(k, row0);
+  if (k && !s.ln_kept)
+    ops_.layernorm_ffn_rows(st.ln, st.mean, st.rstd, y1, P.ln_f_w, P.ln_f_b, rows, D_, F_,
+                            float(cfg_.model.layernorm_eps));
   if (k && s.ffn_rebuilt) ops_.ffn_rebuild(st.a, st.h, rows, D_, F_, cfg_.model.activation);
   ops_.layernorm_ffn_backward(dy1, G.ln_f_w, G.ln_f_b, G.w1, G.b1, G.w2, G.b2, dgd, st.ln,
                               s.dfln.data(), st.h, st.a, y1, P.ln_f_w, st.mean, st.rstd, P.w1,

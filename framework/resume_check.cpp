@@ -29,6 +29,7 @@ const std::vector<std::pair<std::string, ResumeChange>>& resume_classes() {
       {"model.kept_attention", C::warn},
       {"model.kept_ffn", C::warn},
       {"model.kept_x1", C::warn},
+      {"model.kept_ln", C::warn},
       // The same function to bf16 rounding of the attention products.
       {"attention.precision", C::warn},
       // The rest of the model (max_len, dropout, activation, ...) and attention

@@ -116,6 +116,10 @@
     (dinp, dw1, db1, dw2, db2, dout, inp, h, a, w1, w2, N, C, F, act))                      \
   X(void, ffn_rebuild, (T* a, const T* h, int64_t N, int C, int F, Activation act),          \
     (a, h, N, C, F, act))                                                                   \
+  X(void, layernorm_ffn_rows,                                                               \
+    (T* ln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b, int64_t N, int C, \
+     int F, float eps),                                                                     \
+    (ln, mean, rstd, inp, ln_w, ln_b, N, C, F, eps))                                        \
   X(void, layernorm_ffn_forward,                                                            \
     (T* out, T* h, T* a, T* ln, T* mean, T* rstd, const T* inp, const T* ln_w,              \
      const T* ln_b, const T* w1, const T* b1, const T* w2, const T* b2, int64_t N, int C,   \

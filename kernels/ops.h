@@ -156,7 +156,9 @@ class Ops {
   //   holding dL/dLN) layernorm_backward's dinp, dln_w, dln_b +=; it
   //   consumes h and a. Both equal layernorm_forward and ffn_forward (then
   //   ffn_backward and layernorm_backward) in sequence, up to the
-  //   backend's rounding.
+  //   backend's rounding. layernorm_ffn_rows writes ln, mean and rstd as
+  //   layernorm_ffn_forward does, without the block, so that a layer need
+  //   not keep them from its forward to its backward.
   // LSH: factor0 == 0 hashes into n_buckets with one rotation block per
   //   round; otherwise n_buckets = factor0 * factor1 (both even) with one
   //   block per factor (kernels/common/params.h, rotation_cols); cols is

@@ -142,6 +142,7 @@ std::vector<BenchRow> run_bench(const Config& base, const std::vector<int64_t>& 
     r.kept_attention = kept_attention_text(cfg, 1);
     r.kept_ffn = kept_ffn_text(cfg);
     r.kept_x1 = keeps_x1(cfg) ? "x1" : "x1 rebuilt";
+    r.kept_ln = keeps_ln(cfg) ? "LN rows" : "LN rows rebuilt";
     if (profiler) r.ops = profiler->stats();
     rows.push_back(r);
     log_info(strfmt("bench: %s L=%lld %.1f ms/step %.0f tok/s", r.device.c_str(), (long long)L,
@@ -358,17 +359,18 @@ std::string format_parallel_breakdown(const ParallelBenchRow& row) {
 std::string format_bench(const std::vector<BenchRow>& rows) {
   std::ostringstream o;
   o << "| device | length | ms/step | tokens/s | model TFLOP/s | MFU | device peak GiB | "
-       "planned GiB | host peak GiB | kept (their attention; feed-forward; x1), stashed "
-       "layers, heads per pass |\n";
+       "planned GiB | host peak GiB | kept (their attention; feed-forward; x1; LN rows), "
+       "stashed layers, heads per pass |\n";
   o << "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n";
   for (const BenchRow& r : rows)
-    o << strfmt("| %s | %lld | %.1f | %.0f | %.3g | %s | %s | %.2f | %.2f | %d (%s; %s; %s), "
-                "%d, %d |\n",
+    o << strfmt("| %s | %lld | %.1f | %.0f | %.3g | %s | %s | %.2f | %.2f | %d (%s; %s; %s; "
+                "%s), %d, %d |\n",
                 r.device.c_str(), (long long)r.length, r.ms_per_step, r.tokens_per_s, r.tflops,
                 r.mfu >= 0 ? strfmt("%.1f%%", 100 * r.mfu).c_str() : "-",
                 r.device_peak_gib >= 0 ? strfmt("%.2f", r.device_peak_gib).c_str() : "-",
                 r.planned_gib, r.host_peak_gib, r.kept_layers, r.kept_attention.c_str(),
-                r.kept_ffn.c_str(), r.kept_x1.c_str(), r.stashed_layers, r.heads_per_pass);
+                r.kept_ffn.c_str(), r.kept_x1.c_str(), r.kept_ln.c_str(), r.stashed_layers,
+                r.heads_per_pass);
   return o.str();
 }
 

@@ -27,6 +27,7 @@ struct BenchRow {
   std::string kept_attention;  // what kept layers keep of their attention
   std::string kept_ffn;        // and of their feed-forward hidden layer
   std::string kept_x1;         // and whether x1 ("x1" or "x1 rebuilt")
+  std::string kept_ln;         // and the LayerNorm rows ("LN rows" or "LN rows rebuilt")
   // With breakdown: per-op totals over the timed steps (ProfilingOps), in
   // op-list order; empty otherwise.
   std::vector<OpStats> ops;

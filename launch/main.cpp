@@ -373,8 +373,9 @@ int cmd_plan(const Args& a) {
   const MemoryPlan plan = plan_memory(fitted, sp);
   std::printf("memory plan at model.max_len %lld, one rank of sp %d, fp32, %d of %d layers kept"
               " (model.kept_layers%s) with their attention %s (model.kept_attention%s),"
-              " feed-forward %s (model.kept_ffn%s) and x1 %s (model.kept_x1%s), %d stashed"
-              " (model.stashed_layers%s), %d heads per pass:\n\n%s",
+              " feed-forward %s (model.kept_ffn%s), x1 %s (model.kept_x1%s) and LayerNorm rows"
+              " %s (model.kept_ln%s), %d stashed (model.stashed_layers%s), %d heads per"
+              " pass:\n\n%s",
               (long long)cfg.model.max_len, sp, kept_layer_count(fitted), cfg.model.n_layers,
               cfg.model.kept_layers == kKeptLayersAuto ? ": auto" : "",
               kept_attention_text(fitted, sp),
@@ -382,6 +383,8 @@ int cmd_plan(const Args& a) {
               kept_ffn_text(fitted), cfg.model.kept_ffn == KeptFfn::auto_ ? ": auto" : "",
               keeps_x1(fitted) ? "kept" : "rebuilt",
               cfg.model.kept_x1 == KeptX1::auto_ ? ": auto" : "",
+              keeps_ln(fitted) ? "kept" : "rebuilt",
+              cfg.model.kept_ln == KeptLn::auto_ ? ": auto" : "",
               stashed_layer_count(fitted, sp),
               cfg.model.stashed_layers == kStashedLayersAuto ? ": auto" : "",
               attention_heads_per_pass(fitted, sp), format_plan(plan).c_str());

@@ -42,6 +42,12 @@ void ffn_rebuild(T* a, const T* h, int64_t N, int /*C*/, int F, Activation act) 
 }
 
 template <class T>
+void layernorm_ffn_rows(T* ln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b,
+                        int64_t N, int C, int /*F*/, float eps) {
+  layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+}
+
+template <class T>
 void layernorm_ffn_forward(T* out, T* h, T* a, T* ln, T* mean, T* rstd, const T* inp,
                            const T* ln_w, const T* ln_b, const T* w1, const T* b1, const T* w2,
                            const T* b2, int64_t N, int C, int F, Activation act, float eps,
@@ -65,6 +71,8 @@ void layernorm_ffn_backward(T* dinp, T* dln_w, T* dln_b, T* dw1, T* db1, T* dw2,
   template void ffn_backward<T>(T*, T*, T*, T*, T*, const T*, const T*, T*, T*, const T*,   \
                                 const T*, int64_t, int, int, Activation);                 \
   template void ffn_rebuild<T>(T*, const T*, int64_t, int, int, Activation);                 \
+  template void layernorm_ffn_rows<T>(T*, T*, T*, const T*, const T*, const T*, int64_t, int, \
+                                      int, float);                                           \
   template void layernorm_ffn_forward<T>(T*, T*, T*, T*, T*, T*, const T*, const T*, const T*, \
                                          const T*, const T*, const T*, const T*, int64_t, int, \
                                          int, Activation, float, float, bool, const T*);       \

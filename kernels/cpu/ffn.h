@@ -21,6 +21,10 @@ void ffn_backward(T* dinp, T* dw1, T* db1, T* dw2, T* db2, const T* dout, const 
 // them (C unused: the CUDA twin's layout depends on it).
 template <class T>
 void ffn_rebuild(T* a, const T* h, int64_t N, int C, int F, Activation act);
+// ln, mean, rstd as layernorm_ffn_forward leaves them: layernorm_forward.
+template <class T>
+void layernorm_ffn_rows(T* ln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b,
+                        int64_t N, int C, int F, float eps);
 // LayerNorm, then the block: layernorm_forward into ln and ffn_forward on
 // it; the backward ffn_backward into dln, then layernorm_backward.
 template <class T>

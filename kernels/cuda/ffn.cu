@@ -375,6 +375,18 @@ void CudaOps::layernorm_ffn_forward(float* out, float* h, float* a, float* ln, f
                    res);
 }
 
+// The forward's LayerNorm state alone (the same test as the forward).
+void CudaOps::layernorm_ffn_rows(float* ln, float* mean, float* rstd, const float* inp,
+                                 const float* ln_w, const float* ln_b, int64_t N, int C, int F,
+                                 float eps) {
+  if (N <= 0 || C <= 0) return;
+  if (cuda::ffn_fused(C, F) &&
+      cuda::layernorm_forward_bf16(reinterpret_cast<__nv_bfloat16*>(ln), mean, rstd, inp, ln_w,
+                                   ln_b, N, C, eps, stream_))
+    return;
+  layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+}
+
 void CudaOps::layernorm_ffn_backward(float* dinp, float* dln_w, float* dln_b, float* dw1,
                                      float* db1, float* dw2, float* db2, const float* dout,
                                      float* ln, float* dln, float* h, float* a, const float* inp,

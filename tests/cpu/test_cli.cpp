@@ -408,16 +408,17 @@ TEST_F(Cli, BenchPrintsTheLayoutItRan) {
   const Result dflt = run(bench);
   EXPECT_EQ(dflt.status, 0) << dflt.output;
   EXPECT_NE(dflt.output.find(
-                "| kept (their attention; feed-forward; x1), stashed layers, heads per pass |"),
+                "| kept (their attention; feed-forward; x1; LN rows), stashed layers, heads per "
+                "pass |"),
             std::string::npos)
       << dflt.output;
-  EXPECT_NE(dflt.output.find(" | 0 (state; both; x1), 0, 2 |"), std::string::npos)
+  EXPECT_NE(dflt.output.find(" | 0 (state; both; x1; LN rows), 0, 2 |"), std::string::npos)
       << dflt.output;
   const Result set = run(bench + " --set model.kept_layers=1 --set model.stashed_layers=1" +
                          " --set model.attn_heads_per_pass=1 --set model.kept_ffn=pre_activation" +
-                         " --set model.kept_x1=rebuilt");
+                         " --set model.kept_x1=rebuilt --set model.kept_ln=rebuilt");
   EXPECT_EQ(set.status, 0) << set.output;
-  EXPECT_NE(set.output.find(" | 1 (outputs; pre-activation; x1 rebuilt), 1, 1 |"),
+  EXPECT_NE(set.output.find(" | 1 (outputs; pre-activation; x1 rebuilt; LN rows rebuilt), 1, 1 |"),
             std::string::npos)
       << set.output;
 }

@@ -457,9 +457,22 @@ TEST(Config, KeptX1) {
   EXPECT_NE(msg.find("b.yaml:2"), std::string::npos) << msg;
 }
 
+// model.kept_ln: auto by default, kept or rebuilt; anything else refused.
+TEST(Config, KeptLn) {
+  const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
+  EXPECT_EQ(dflt.model.kept_ln, KeptLn::auto_);
+  EXPECT_NE(to_yaml(dflt).find("\n  kept_ln: auto\n"), std::string::npos);
+  EXPECT_EQ(parse_config("model:\n  kept_ln: rebuilt\n", "a.yaml").model.kept_ln,
+            KeptLn::rebuilt);
+  const std::string msg =
+      config_error([] { parse_config("model:\n  kept_ln: 1\n", "c.yaml"); });
+  EXPECT_NE(msg.find("model.kept_ln"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("c.yaml:2"), std::string::npos) << msg;
+}
+
 TEST(Config, KeyTable) {
   std::vector<std::string> keys = config_keys();
-  EXPECT_EQ(keys.size(), 76u);
+  EXPECT_EQ(keys.size(), 77u);
   EXPECT_EQ(keys.front(), "model.vocab_size");
   EXPECT_EQ(keys.back(), "logging.per_rank");
 }

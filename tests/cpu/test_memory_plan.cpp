@@ -114,6 +114,7 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
            {"model.kept_layers=2", "model.kept_attention=outputs"},
            {"model.kept_layers=2", "model.kept_ffn=pre_activation", "model.ffn_chunk=20"},
            {"model.kept_layers=2", "model.kept_x1=rebuilt", "model.attn_heads_per_pass=1"},
+           {"model.kept_layers=2", "model.kept_ln=rebuilt", "model.ffn_chunk=20"},
            {"model.kept_layers=1", "model.stashed_layers=2", "model.attn_heads_per_pass=1"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     const Config cfg = config(sets);
@@ -346,6 +347,7 @@ TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   state.model.kept_attention = KeptAttention::state;
   state.model.kept_ffn = KeptFfn::both;
   state.model.kept_x1 = KeptX1::kept;
+  state.model.kept_ln = KeptLn::kept;
   EXPECT_LT(fitted(state, h200), 8);
   const Config f = fit_to_device(counts, 1, h200);
   EXPECT_LE(double(plan_memory(f, 1).total_bytes()), 0.9 * double(h200));
@@ -452,7 +454,7 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"model.max_len=1048576", "training.device=cuda",
                                   "model.attn_heads_per_pass=4", "model.kept_ffn=both",
-                                  "model.kept_x1=kept"});
+                                  "model.kept_x1=kept", "model.kept_ln=kept"});
   const int64_t GiB = int64_t(1) << 30, h200 = int64_t(143771) << 20;  // as an H200 reports
   ASSERT_EQ(cfg.model.stashed_layers, kStashedLayersAuto);
   EXPECT_EQ(stashed_layer_count(cfg, 1), 0);
@@ -514,14 +516,15 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
 // Auto kept forms: with every head in one pass a kept layer may keep its
 // whole attention state (weighing kKeptStateOverStashed stashed layers) or
 // only its outputs (kKeptOverStashed), its feed-forward activation or only
-// the pre-activation (weighing kActivationRebuildInStashed less), and x1 or
-// not (kX1RebuildInStashed less); the fit takes the forms with the best
-// counts that fit. On an H200: at 64K every layer keeps everything; at
-// 512K every layer its state and pre-activation, x1 rebuilt; at 1M, 8
-// heads a pass, 4 their outputs and pre-activations, x1 rebuilt, and 2
-// stashed (2 keeping everything of their outputs form and 4 stashed also
-// fit). A set form stays; without a device auto reads as state, both and
-// x1 kept.
+// the pre-activation (weighing kActivationRebuildInStashed less), x1 or not
+// (kX1RebuildInStashed less) and its LayerNorm rows or not
+// (kLnRebuildInStashed less); the fit takes the forms with the best counts
+// that fit. On an H200: at 64K every layer keeps everything; at 512K every
+// layer its state, pre-activation and LayerNorm rows, x1 rebuilt; at 1M, 8
+// heads a pass, 5 their outputs and pre-activations, x1 and the rows
+// rebuilt, and 1 stashed (2 keeping everything of their outputs form and 4
+// stashed also fit). A set form stays; without a device auto reads as
+// state, both and kept.
 TEST(MemoryPlan, KeptFormsFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"training.device=cuda"});
@@ -542,24 +545,29 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   EXPECT_GT(plan_memory(k2, 1).count("kept x1"), 0);  // auto reads as kept
   k2.model.kept_x1 = KeptX1::rebuilt;
   EXPECT_THROW(plan_memory(k2, 1).count("kept x1"), ShapeError);
+  EXPECT_GT(plan_memory(k2, 1).count("kept fln"), 0);  // auto reads as kept
+  k2.model.kept_ln = KeptLn::rebuilt;
+  for (const char* name : {"kept fln", "kept fmean", "kept frstd"})
+    EXPECT_THROW(plan_memory(k2, 1).count(name), ShapeError) << name;
   EXPECT_EQ(plan_memory(k2, 1).count("kept fh"), int64_t(65536) * cfg.model.d_ff / 2);  // a copy
   struct Want {
     int64_t L;
     KeptAttention form;
     KeptFfn ffn;
-    KeptX1 x1;
+    bool x1, ln;  // kept
     int kept, stashed, heads;
   };
   using A = KeptAttention;
   using F = KeptFfn;
-  for (const Want& w : {Want{65536, A::state, F::both, KeptX1::kept, 6, 0, 8},
-                        Want{524288, A::state, F::pre_activation, KeptX1::rebuilt, 6, 0, 8},
-                        Want{1048576, A::outputs, F::pre_activation, KeptX1::rebuilt, 4, 2, 8}}) {
+  for (const Want& w : {Want{65536, A::state, F::both, true, true, 6, 0, 8},
+                        Want{524288, A::state, F::pre_activation, false, true, 6, 0, 8},
+                        Want{1048576, A::outputs, F::pre_activation, false, false, 5, 1, 8}}) {
     SCOPED_TRACE(w.L);
     const Config f = fit_to_device(with_length(cfg, w.L, "test"), 1, h200);
     EXPECT_EQ(f.model.kept_attention, w.form);
     EXPECT_EQ(f.model.kept_ffn, w.ffn);
-    EXPECT_EQ(f.model.kept_x1, w.x1);
+    EXPECT_EQ(keeps_x1(f), w.x1);
+    EXPECT_EQ(keeps_ln(f), w.ln);
     EXPECT_EQ(f.model.kept_layers, w.kept);
     EXPECT_EQ(stashed_layer_count(f, 1), w.stashed);
     EXPECT_EQ(attention_heads_per_pass(f, 1), w.heads);
@@ -567,19 +575,22 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
     auto score = [&](const Config& c) {
       return ((keeps_attention(c, 1) ? kKeptStateOverStashed : kKeptOverStashed) -
               (c.model.kept_ffn == F::pre_activation ? kActivationRebuildInStashed : 0) -
-              (keeps_x1(c) ? 0 : kX1RebuildInStashed)) *
+              (keeps_x1(c) ? 0 : kX1RebuildInStashed) -
+              (keeps_ln(c) ? 0 : kLnRebuildInStashed)) *
                  c.model.kept_layers + stashed_layer_count(c, 1);
     };
     EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
     for (A form : {A::state, A::outputs})
       for (F ffn : {F::both, F::pre_activation})
         for (KeptX1 x1 : {KeptX1::kept, KeptX1::rebuilt})
+        for (KeptLn ln : {KeptLn::kept, KeptLn::rebuilt})
           for (int k = 0; k <= 6; ++k)
             for (int st = 0; st <= 6 - k; ++st) {
               Config c = f;
               c.model.kept_attention = form;
               c.model.kept_ffn = ffn;
               c.model.kept_x1 = x1;
+              c.model.kept_ln = ln;
               c.model.kept_layers = k;
               c.model.stashed_layers = st;
               if (double(plan_memory(c, 1).total_bytes()) <= budget)
@@ -590,6 +601,7 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   set.model.kept_attention = KeptAttention::state;
   set.model.kept_ffn = KeptFfn::both;
   set.model.kept_x1 = KeptX1::kept;
+  set.model.kept_ln = KeptLn::kept;
   const Config fs = fit_to_device(set, 1, h200);
   EXPECT_EQ(fs.model.kept_attention, KeptAttention::state);
   EXPECT_EQ(fs.model.kept_ffn, KeptFfn::both);

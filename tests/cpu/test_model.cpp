@@ -196,6 +196,8 @@ TEST(ModelGrad, KeptLayers) {
                                       "model.kept_ffn=pre_activation"}));
   check_model_gradients(small_config({"model.kept_layers=2", "model.kept_x1=rebuilt",
                                       "model.kept_attention=outputs"}));
+  check_model_gradients(small_config({"model.kept_layers=2", "model.kept_ln=rebuilt",
+                                      "model.ffn_chunk=5", "model.dropout=0.25"}));
   check_model_gradients(small_config({"model.kept_layers=2", "model.attn_heads_per_pass=1"}));
 }
 
@@ -252,14 +254,18 @@ std::array<std::map<OpId, int64_t>, 2> expect_same_function(const Config& a, con
 // Keeping only the feed-forward pre-activation (model.kept_ffn), the
 // backward rebuilds the activation once per chunk of each kept layer;
 // without x1 (model.kept_x1) it rebuilds x1 as a layer that keeps nothing,
-// one output projection per pass of each kept layer (matmul_accumulate).
+// one output projection per pass of each kept layer (matmul_accumulate);
+// without the LayerNorm rows (model.kept_ln) it normalises again, once per
+// chunk of each kept layer.
 TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
   for (const auto& sets : std::vector<std::vector<std::string>>{
            {}, {"model.dropout=0.25", "model.ffn_chunk=5"}, {"model.attn_heads_per_pass=1"},
            {"model.kept_attention=outputs"},
            {"model.kept_ffn=pre_activation", "model.ffn_chunk=5"},
            {"model.kept_x1=rebuilt", "model.attn_heads_per_pass=1", "model.dropout=0.25"},
-           {"model.kept_x1=rebuilt", "model.kept_attention=outputs"}}) {
+           {"model.kept_x1=rebuilt", "model.kept_attention=outputs"},
+           {"model.kept_ln=rebuilt", "model.ffn_chunk=5", "model.kept_ffn=pre_activation",
+            "model.kept_x1=rebuilt"}}) {
     SCOPED_TRACE(sets.empty() ? "defaults" : sets[0]);
     std::vector<std::string> kept_sets = sets;
     kept_sets.push_back("model.kept_layers=2");
@@ -275,12 +281,14 @@ TEST(Model, KeptLayersEqualRebuiltOnesAndSkipTheRebuild) {
     EXPECT_EQ(calls[1][OpId::stash] > 0, keeps_attention_outputs(kept_cfg, 1));
     EXPECT_EQ(keeps_attention(kept_cfg, 1),
               sets.empty() || sets[0] == "model.dropout=0.25" ||
-                  sets[0] == "model.kept_ffn=pre_activation");
+                  sets[0] == "model.kept_ffn=pre_activation" || sets[0] == "model.kept_ln=rebuilt");
     const int64_t L = kept_cfg.model.max_len, fc = std::min<int64_t>(kept_cfg.model.ffn_chunk, L);
     const int64_t chunks = fc > 0 ? (L + fc - 1) / fc : 1;
     const bool pre = kept_cfg.model.kept_ffn == KeptFfn::pre_activation;
     EXPECT_EQ(calls[1][OpId::ffn_rebuild], pre ? 2 * 2 * chunks : 0);  // 2 steps, 2 layers
     EXPECT_EQ(calls[0][OpId::ffn_rebuild], 0);
+    EXPECT_EQ(calls[1][OpId::layernorm_ffn_rows], keeps_ln(kept_cfg) ? 0 : 2 * 2 * chunks);
+    EXPECT_EQ(calls[0][OpId::layernorm_ffn_rows], 0);
     // x1: the rebuilding model's output projections in the forward and the
     // rebuild, two steps; the kept one's forward, and the rebuild unless kept.
     const int64_t proj = calls[0][OpId::matmul_accumulate];

@@ -492,19 +492,25 @@ void add_layernorm_project(std::vector<Case>& cases) {
 // compared). C and F multiples of 8 take CUDA's path with the normalised
 // rows kept in bf16, 20 x 36 the separate ops'. GELU only: the normalised
 // rows are not bf16 numbers, so a pre-activation near 0 may change sign
-// against the reference, where ReLU's slope would jump.
+// against the reference, where ReLU's slope would jump. "rebuilt": ln,
+// mean, rstd and a are overwritten between the two and layernorm_ffn_rows
+// and ffn_rebuild write them back (a kept layer under model.kept_ln and
+// model.kept_ffn: pre_activation).
 void add_layernorm_ffn(std::vector<Case>& cases) {
   struct Shape {
     int64_t N;
     int C, F;
   };
   for (const Shape sh : {Shape{300, 64, 128}, Shape{33, 20, 36}})
-  for (int mode = 0; mode < 3; ++mode) {  // out += g, out = g (no biases), res - g
+  for (int mode = 0; mode < 4; ++mode) {  // out += g, out = g (no biases), res - g, rebuilt
     const int64_t N = sh.N;
     const int C = sh.C, F = sh.F;
     const bool accumulate = mode != 1, biases = mode != 1, onto_res = mode == 2;
     const float alpha = mode == 2 ? -1.0f : 1.0f;
-    const std::string s = std::string(mode == 0 ? " add" : mode == 1 ? " write nobias" : " res minus") +
+    const std::string s = std::string(mode == 0   ? " add"
+                                      : mode == 1 ? " write nobias"
+                                      : mode == 2 ? " res minus"
+                                                  : " add, rebuilt") +
                           " N=" + sz(N) + " C=" + sz(C) + " F=" + sz(F);
     const Tol inc{0, 0, 0, 2e-2};
     std::vector<TensorSpec> tensors = {
@@ -526,6 +532,15 @@ void add_layernorm_ffn(std::vector<Case>& cases) {
                                     t("w2"), biases ? t("b2") : nullptr, N, C, F,
                                     Activation::gelu, 1e-6f, alpha, accumulate,
                                     onto_res ? t("res") : nullptr);
+          if (mode == 3) {
+            ops.fill(t("ln"), 5.0f, N * C);
+            ops.fill(t("a"), 5.0f, N * F);
+            ops.fill(t("mean"), 3.0f, N);
+            ops.fill(t("rstd"), 0.5f, N);
+            ops.layernorm_ffn_rows(t("ln"), t("mean"), t("rstd"), t("x"), t("lw"), t("lb"), N, C,
+                                   F, 1e-6f);
+            ops.ffn_rebuild(t("a"), t("h"), N, C, F, Activation::gelu);
+          }
           ops.layernorm_ffn_backward(t("dinp"), t("dlw"), t("dlb"), t("dw1"),
                                      biases ? t("db1") : nullptr, t("dw2"), t("db2"), t("dout"),
                                      t("ln"), t("dln"), t("h"), t("a"), t("x"), t("lw"),

@@ -369,8 +369,9 @@ void expect_same_loss_and_directions(Layout layout) {
 // attention outputs stashed in bf16 (the backward's D term and dWo read
 // them rounded, dWo as its product did); and keeping only the feed-forward
 // pre-activation (model.kept_ffn), the backward rebuilding GELU's
-// activation from it in bf16 (ReLU's is its own state); and without x1
-// (model.kept_x1), rebuilt from the kept attention state or outputs.
+// activation from it in bf16 (ReLU's is its own state); without x1
+// (model.kept_x1), rebuilt from the kept attention state or outputs; and
+// without the LayerNorm rows (model.kept_ln), normalised again.
 TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   // Every head in one pass (the attention state kept whole, fp32), and two
@@ -379,16 +380,16 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
   struct Case {
     const char* act;
     int hp;
-    bool outputs, pre, x1_rebuilt;
+    bool outputs, pre, x1_rebuilt, ln_rebuilt;
   };
   for (const Case& c :
-       {Case{"gelu", 0, false, false, false}, Case{"relu", 0, false, false, false},
-        Case{"gelu", 2, false, false, false}, Case{"gelu", 0, true, false, false},
-        Case{"gelu", 0, true, true, true}, Case{"relu", 2, false, true, false},
-        Case{"gelu", 0, false, true, true}}) {
+       {Case{"gelu", 0, false, false, false, false}, Case{"relu", 0, false, false, false, false},
+        Case{"gelu", 2, false, false, false, false}, Case{"gelu", 0, true, false, false, false},
+        Case{"gelu", 0, true, true, true, true}, Case{"relu", 2, false, true, false, true},
+        Case{"gelu", 0, false, true, true, false}}) {
     SCOPED_TRACE(std::string(c.act) + ", heads per pass " + std::to_string(c.hp) +
                  (c.outputs ? ", outputs" : "") + (c.pre ? ", pre-activation" : "") +
-                 (c.x1_rebuilt ? ", x1 rebuilt" : ""));
+                 (c.x1_rebuilt ? ", x1 rebuilt" : "") + (c.ln_rebuilt ? ", LN rebuilt" : ""));
     expect_same_loss_and_directions([&](int kept) {
       Config cfg = model_config("bf16");
       cfg.training.device = DeviceKind::cuda;
@@ -398,6 +399,7 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
       if (c.outputs) cfg.model.kept_attention = KeptAttention::outputs;
       if (c.pre) cfg.model.kept_ffn = KeptFfn::pre_activation;
       cfg.model.kept_x1 = c.x1_rebuilt ? KeptX1::rebuilt : KeptX1::kept;
+      cfg.model.kept_ln = c.ln_rebuilt ? KeptLn::rebuilt : KeptLn::kept;
       const FfnStateCols cols = kept_ffn_cols(cfg);
       EXPECT_EQ(cols.h, cfg.model.d_ff / 2);
       EXPECT_EQ(cols.a, c.pre || std::string(c.act) == "relu" ? 0 : cfg.model.d_ff / 2);
