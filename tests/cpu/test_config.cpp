@@ -428,46 +428,34 @@ TEST(Config, KeptAttention) {
   EXPECT_NE(msg.find("a.yaml:2"), std::string::npos) << msg;
 }
 
-// model.kept_ffn: auto by default (printed back as auto), both or
-// pre_activation; anything else is refused naming the key, file and line.
-TEST(Config, KeptFfn) {
-  const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
-  EXPECT_EQ(dflt.model.kept_ffn, KeptFfn::auto_);
-  EXPECT_NE(to_yaml(dflt).find("\n  kept_ffn: auto\n"), std::string::npos);
-  EXPECT_EQ(parse_config("model:\n  kept_ffn: both\n", "a.yaml").model.kept_ffn, KeptFfn::both);
+// The kept layers' forms (model.kept_ffn, kept_x1, kept_ln): auto by
+// default (printed back as auto), each value read and printed back;
+// anything else is refused naming the key, file and line.
+TEST(Config, KeptForms) {
+  struct Key {
+    std::string name;
+    std::vector<std::string> values;
+  };
+  for (const Key& k : {Key{"kept_ffn", {"both", "pre_activation"}},
+                       Key{"kept_x1", {"kept", "rebuilt"}}, Key{"kept_ln", {"kept", "rebuilt"}}}) {
+    SCOPED_TRACE(k.name);
+    const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
+    EXPECT_NE(to_yaml(dflt).find("\n  " + k.name + ": auto\n"), std::string::npos);
+    for (const std::string& v : k.values) {
+      const Config c = parse_config("model:\n  " + k.name + ": " + v + "\n", "a.yaml");
+      EXPECT_NE(to_yaml(c).find("\n  " + k.name + ": " + v + "\n"), std::string::npos) << v;
+    }
+    const std::string msg = config_error(
+        [&] { parse_config("model:\n  n_layers: 3\n  " + k.name + ": some\n", "b.yaml"); });
+    EXPECT_NE(msg.find("model." + k.name), std::string::npos) << msg;
+    EXPECT_NE(msg.find("b.yaml:3"), std::string::npos) << msg;
+  }
   EXPECT_EQ(parse_config("model:\n  kept_ffn: pre_activation\n", "a.yaml").model.kept_ffn,
             KeptFfn::pre_activation);
-  const std::string msg = config_error(
-      [] { parse_config("model:\n  n_layers: 3\n  kept_ffn: activation\n", "a.yaml"); });
-  EXPECT_NE(msg.find("model.kept_ffn"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("a.yaml:3"), std::string::npos) << msg;
-}
-
-// model.kept_x1: auto by default, kept or rebuilt; anything else refused.
-TEST(Config, KeptX1) {
-  const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
-  EXPECT_EQ(dflt.model.kept_x1, KeptX1::auto_);
-  EXPECT_NE(to_yaml(dflt).find("\n  kept_x1: auto\n"), std::string::npos);
   EXPECT_EQ(parse_config("model:\n  kept_x1: rebuilt\n", "a.yaml").model.kept_x1,
             KeptX1::rebuilt);
-  EXPECT_EQ(parse_config("model:\n  kept_x1: kept\n", "a.yaml").model.kept_x1, KeptX1::kept);
-  const std::string msg =
-      config_error([] { parse_config("model:\n  kept_x1: true\n", "b.yaml"); });
-  EXPECT_NE(msg.find("model.kept_x1"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("b.yaml:2"), std::string::npos) << msg;
-}
-
-// model.kept_ln: auto by default, kept or rebuilt; anything else refused.
-TEST(Config, KeptLn) {
-  const Config dflt = parse_config("model:\n  n_layers: 3\n", "a.yaml");
-  EXPECT_EQ(dflt.model.kept_ln, KeptLn::auto_);
-  EXPECT_NE(to_yaml(dflt).find("\n  kept_ln: auto\n"), std::string::npos);
   EXPECT_EQ(parse_config("model:\n  kept_ln: rebuilt\n", "a.yaml").model.kept_ln,
             KeptLn::rebuilt);
-  const std::string msg =
-      config_error([] { parse_config("model:\n  kept_ln: 1\n", "c.yaml"); });
-  EXPECT_NE(msg.find("model.kept_ln"), std::string::npos) << msg;
-  EXPECT_NE(msg.find("c.yaml:2"), std::string::npos) << msg;
 }
 
 TEST(Config, KeyTable) {
