@@ -520,6 +520,15 @@ const char* kept_attention_text(const Config& cfg, int sp) {
                                             : "rerun";
 }
 
+std::string memory_layout_text(const Config& cfg, int sp) {
+  return std::to_string(attention_heads_per_pass(cfg, sp)) + " heads per pass; " +
+         std::to_string(kept_layer_count(cfg)) + " of " + std::to_string(cfg.model.n_layers) +
+         " layers kept (attention " + kept_attention_text(cfg, sp) + "; feed-forward " +
+         kept_ffn_text(cfg) + "; x1 " + (keeps_x1(cfg) ? "kept" : "rebuilt") + "; LN rows " +
+         (keeps_ln(cfg) ? "kept" : "rebuilt") + "), " +
+         std::to_string(stashed_layer_count(cfg, sp)) + " stashed";
+}
+
 const char* kept_ffn_text(const Config& cfg) {
   return cfg.model.kept_ffn == KeptFfn::pre_activation ? "pre-activation" : "both";
 }

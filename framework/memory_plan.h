@@ -167,6 +167,11 @@ int stashed_layer_count(const Config& cfg, int sp, int real_bytes = 4);
 // What a kept layer keeps of its attention, in words: "state"
 // (keeps_attention), "outputs" (keeps_attention_outputs) or "rerun".
 const char* kept_attention_text(const Config& cfg, int sp);
+// The memory layout `cfg` runs, in words: heads per pass, kept layers and
+// what they keep (attention; feed-forward; x1; LayerNorm rows), stashed
+// layers, e.g. "8 heads per pass; 5 of 6 layers kept (attention outputs;
+// feed-forward pre-activation; x1 rebuilt; LN rows rebuilt), 1 stashed".
+std::string memory_layout_text(const Config& cfg, int sp);
 // What a kept layer keeps of its feed-forward hidden layer, in words:
 // "pre-activation" (model.kept_ffn: pre_activation) or "both".
 const char* kept_ffn_text(const Config& cfg);

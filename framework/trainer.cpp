@@ -353,6 +353,8 @@ TrainResult Trainer::train() {
   log_info(strfmt("model: %lld parameters, %d layers, d_model %d, %d heads, max_len %lld",
                   (long long)model_->num_params(), cfg_.model.n_layers, cfg_.model.d_model,
                   cfg_.model.n_heads, (long long)L));
+  log_info("memory: " + memory_layout_text(model_cfg_, grid_->sp()) +
+           " (model.attn_heads_per_pass, kept_layers, stashed_layers and the kept forms)");
   log_info("data: " + data_->describe());
   // Model FLOP/s and MFU per GPU (framework/flops.h) on the progress line.
   const double flops_per_token = train_flops(model_cfg_, grid_->sp()).per_token;

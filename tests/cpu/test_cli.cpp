@@ -138,6 +138,10 @@ TEST_F(Cli, TrainsWritesMetricsAndEndsWithAnEvalLine) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("config (resolved):"), std::string::npos);
   EXPECT_NE(r.output.find("tok/s"), std::string::npos);
+  EXPECT_NE(r.output.find("memory: 2 heads per pass; 0 of 2 layers kept (attention state; "
+                          "feed-forward both; x1 kept; LN rows kept), 0 stashed"),
+            std::string::npos)
+      << r.output;
   std::ifstream f(path("m.jsonl"));
   std::string line, last;
   int lines = 0;
