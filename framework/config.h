@@ -52,14 +52,13 @@ enum class KeptAttention { auto_, state, outputs };
 // only the pre-activation, the backward rebuilding the activation from it
 // (Ops::ffn_rebuild); auto: fitted with the kept layers to the device.
 enum class KeptFfn { auto_, both, pre_activation };
-// Whether a kept layer keeps its input x1, or its backward rebuilds it as
-// a layer that keeps nothing does (x1 = y1 - Attn(x2)), from the attention
-// outputs it keeps; auto: fitted with the kept layers to the device.
-enum class KeptX1 { auto_, kept, rebuilt };
-// Whether a kept layer keeps its feed-forward LayerNorm rows and statistics,
-// or its backward normalises its input again (Ops::layernorm_ffn_rows);
-// auto: fitted with the kept layers to the device.
-enum class KeptLn { auto_, kept, rebuilt };
+// Whether a kept layer keeps a part of its state or its backward rebuilds
+// it; auto: fitted with the kept layers to the device. model.kept_x1: its
+// input x1, rebuilt as a layer that keeps nothing does (x1 = y1 -
+// Attn(x2)) from the attention outputs it keeps; model.kept_ln: its
+// feed-forward LayerNorm rows and statistics, its input normalised again
+// (Ops::layernorm_ffn_rows).
+enum class KeptPart { auto_, kept, rebuilt };
 // A step whose loss or gradient is not finite: stop the run, or skip the update.
 enum class OnNonFinite { stop, skip };
 
@@ -77,8 +76,7 @@ template <> struct EnumNames<AttentionPrecision> { static constexpr std::array n
 template <> struct EnumNames<LshSaved> { static constexpr std::array names{"auto", "orders", "buckets"}; };
 template <> struct EnumNames<KeptAttention> { static constexpr std::array names{"auto", "state", "outputs"}; };
 template <> struct EnumNames<KeptFfn> { static constexpr std::array names{"auto", "both", "pre_activation"}; };
-template <> struct EnumNames<KeptX1> { static constexpr std::array names{"auto", "kept", "rebuilt"}; };
-template <> struct EnumNames<KeptLn> { static constexpr std::array names{"auto", "kept", "rebuilt"}; };
+template <> struct EnumNames<KeptPart> { static constexpr std::array names{"auto", "kept", "rebuilt"}; };
 template <> struct EnumNames<OnNonFinite> { static constexpr std::array names{"stop", "skip"}; };
 template <> struct EnumNames<Activation> { static constexpr std::array names{"gelu", "relu"}; };
 template <> struct EnumNames<CommBackend> { static constexpr std::array names{"local", "mpi", "nccl"}; };
@@ -139,8 +137,8 @@ struct ModelConfig {
   int stashed_layers = kStashedLayersAuto;
   KeptAttention kept_attention = KeptAttention::auto_;  // state | outputs | auto
   KeptFfn kept_ffn = KeptFfn::auto_;  // both | pre_activation | auto
-  KeptX1 kept_x1 = KeptX1::auto_;     // kept | rebuilt | auto
-  KeptLn kept_ln = KeptLn::auto_;     // kept | rebuilt | auto
+  KeptPart kept_x1 = KeptPart::auto_;  // kept | rebuilt | auto
+  KeptPart kept_ln = KeptPart::auto_;  // kept | rebuilt | auto
   LshSaved lsh_saved = LshSaved::auto_;  // LSH state kept for the backward: orders | buckets | auto
   int loss_chunk = 0;                 // positions per output/loss chunk; 0: whole sequence
   double init_std = 0.02;             // normal init of matrices and token embeddings

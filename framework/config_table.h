@@ -25,7 +25,7 @@ using Accessor =
                  Field<DeviceKind>, Field<OnNonFinite>, Field<DataKind>, Field<ByteSplit>,
                  Field<CommBackend>, Field<SpMode>, Field<AttentionPrecision>,
                  Field<LshSaved>, Field<KeptAttention>, Field<KeptFfn>,
-                 Field<KeptX1>, Field<KeptLn>>;
+                 Field<KeptPart>>;
 
 // Allowed values of a number (or of each element of a list of integers).
 struct Range {

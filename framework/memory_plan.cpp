@@ -488,8 +488,8 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes) {
   if (c.model.kept_attention == KeptAttention::auto_)
     c.model.kept_attention = KeptAttention::outputs;
   if (c.model.kept_ffn == KeptFfn::auto_) c.model.kept_ffn = KeptFfn::pre_activation;
-  if (c.model.kept_x1 == KeptX1::auto_) c.model.kept_x1 = KeptX1::rebuilt;
-  if (c.model.kept_ln == KeptLn::auto_) c.model.kept_ln = KeptLn::rebuilt;
+  if (c.model.kept_x1 == KeptPart::auto_) c.model.kept_x1 = KeptPart::rebuilt;
+  if (c.model.kept_ln == KeptPart::auto_) c.model.kept_ln = KeptPart::rebuilt;
   int best = 1;
   for (int g = heads; g > 1 && best == 1; --g) {
     if (heads % g != 0) continue;
@@ -533,9 +533,9 @@ const char* kept_ffn_text(const Config& cfg) {
   return cfg.model.kept_ffn == KeptFfn::pre_activation ? "pre-activation" : "both";
 }
 
-bool keeps_x1(const Config& cfg) { return cfg.model.kept_x1 != KeptX1::rebuilt; }
+bool keeps_x1(const Config& cfg) { return cfg.model.kept_x1 != KeptPart::rebuilt; }
 
-bool keeps_ln(const Config& cfg) { return cfg.model.kept_ln != KeptLn::rebuilt; }
+bool keeps_ln(const Config& cfg) { return cfg.model.kept_ln != KeptPart::rebuilt; }
 
 int stashed_layer_count(const Config& cfg, int sp, int real_bytes) {
   if (!stashes_attention(cfg, sp, real_bytes)) return 0;
@@ -593,8 +593,8 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   const bool stashed_auto = cfg.model.stashed_layers == kStashedLayersAuto;
   const bool form_auto = cfg.model.kept_attention == KeptAttention::auto_;
   const bool ffn_auto = cfg.model.kept_ffn == KeptFfn::auto_;
-  const bool x1_auto = cfg.model.kept_x1 == KeptX1::auto_;
-  const bool ln_auto = cfg.model.kept_ln == KeptLn::auto_;
+  const bool x1_auto = cfg.model.kept_x1 == KeptPart::auto_;
+  const bool ln_auto = cfg.model.kept_ln == KeptPart::auto_;
   if (!kept_auto && !stashed_auto && !form_auto && !ffn_auto && !x1_auto && !ln_auto) return cfg;
   Config c = cfg;
   if (kept_auto) c.model.kept_layers = 0;
@@ -617,11 +617,11 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   std::vector<KeptFfn> ffn_forms{cfg.model.kept_ffn};
   if (ffn_auto) ffn_forms = {KeptFfn::both, KeptFfn::pre_activation};
   // And x1, or not (kX1RebuildInStashed less).
-  std::vector<KeptX1> x1_forms{cfg.model.kept_x1};
-  if (x1_auto) x1_forms = {KeptX1::kept, KeptX1::rebuilt};
+  std::vector<KeptPart> x1_forms{cfg.model.kept_x1};
+  if (x1_auto) x1_forms = {KeptPart::kept, KeptPart::rebuilt};
   // And its LayerNorm rows, or not (kLnRebuildInStashed less).
-  std::vector<KeptLn> ln_forms{cfg.model.kept_ln};
-  if (ln_auto) ln_forms = {KeptLn::kept, KeptLn::rebuilt};
+  std::vector<KeptPart> ln_forms{cfg.model.kept_ln};
+  if (ln_auto) ln_forms = {KeptPart::kept, KeptPart::rebuilt};
   auto fits = [&](int k, int st) {
     c.model.kept_layers = k;
     c.model.stashed_layers = st;
@@ -632,14 +632,14 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
   int best_k = c.model.kept_layers, best_s = c.model.stashed_layers;
   KeptAttention best_form = cfg.model.kept_attention;
   KeptFfn best_ffn = cfg.model.kept_ffn;
-  KeptX1 best_x1 = cfg.model.kept_x1;
-  KeptLn best_ln = cfg.model.kept_ln;
+  KeptPart best_x1 = cfg.model.kept_x1;
+  KeptPart best_ln = cfg.model.kept_ln;
   double best = -1;
   const int k_hi = kept_auto ? n : cfg.model.kept_layers, k_lo = kept_auto ? 0 : k_hi;
   for (const KeptAttention form : forms)
     for (const KeptFfn ffn : ffn_forms)
-    for (const KeptX1 x1 : x1_forms)
-    for (const KeptLn ln : ln_forms) {
+    for (const KeptPart x1 : x1_forms)
+    for (const KeptPart ln : ln_forms) {
       c.model.kept_attention = form;
       c.model.kept_ffn = ffn;
       c.model.kept_x1 = x1;
@@ -647,8 +647,8 @@ Config fit_kept_layers(const Config& cfg, int sp, int64_t device_bytes) {
       const double weight =
           (keeps_attention(c, sp) ? kKeptStateOverStashed : kKeptOverStashed) -
           (ffn == KeptFfn::pre_activation ? kActivationRebuildInStashed : 0) -
-          (x1 == KeptX1::rebuilt ? kX1RebuildInStashed : 0) -
-          (ln == KeptLn::rebuilt ? kLnRebuildInStashed : 0);
+          (x1 == KeptPart::rebuilt ? kX1RebuildInStashed : 0) -
+          (ln == KeptPart::rebuilt ? kLnRebuildInStashed : 0);
       for (int k = k_hi; k >= k_lo; --k) {
         const int s_hi = !stashes        ? 0
                          : stashed_auto ? n - k

@@ -382,9 +382,9 @@ int cmd_plan(const Args& a) {
               cfg.model.kept_attention == KeptAttention::auto_ ? ": auto" : "",
               kept_ffn_text(fitted), cfg.model.kept_ffn == KeptFfn::auto_ ? ": auto" : "",
               keeps_x1(fitted) ? "kept" : "rebuilt",
-              cfg.model.kept_x1 == KeptX1::auto_ ? ": auto" : "",
+              cfg.model.kept_x1 == KeptPart::auto_ ? ": auto" : "",
               keeps_ln(fitted) ? "kept" : "rebuilt",
-              cfg.model.kept_ln == KeptLn::auto_ ? ": auto" : "",
+              cfg.model.kept_ln == KeptPart::auto_ ? ": auto" : "",
               stashed_layer_count(fitted, sp),
               cfg.model.stashed_layers == kStashedLayersAuto ? ": auto" : "",
               attention_heads_per_pass(fitted, sp), format_plan(plan).c_str());

@@ -109,6 +109,11 @@ class CudaOps final : public Ops<float> {
                          const float* dout, const float* inp, const __nv_bfloat16* x16, float* h,
                          float* a, const float* w1, const float* w2, int64_t N, int C, int F,
                          Activation act);
+  // layernorm_ffn_forward's LayerNorm state (ffn.cu): bf16 rows in ln where
+  // the block is fused and the rows fit the bf16 kernel (true), else fp32.
+  bool ffn_layernorm_rows(float* ln, float* mean, float* rstd, const float* inp,
+                          const float* ln_w, const float* ln_b, int64_t N, int C, int F,
+                          float eps);
   // out[r, c] += alpha * bias[c] for row-major out [rows, cols].
   void add_bias(float* out, const float* bias, int64_t rows, int64_t cols, float alpha);
   // out = alpha (inp @ w + bias) + beta out (res in place of out where

@@ -364,27 +364,32 @@ void CudaOps::layernorm_ffn_forward(float* out, float* h, float* a, float* ln, f
                                     Activation act, float eps, float alpha, bool accumulate,
                                     const float* res) {
   if (N <= 0 || C <= 0) return;
-  auto* ln16 = reinterpret_cast<__nv_bfloat16*>(ln);
-  if (!cuda::ffn_fused(C, F) ||
-      !cuda::layernorm_forward_bf16(ln16, mean, rstd, inp, ln_w, ln_b, N, C, eps, stream_)) {
-    layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+  if (!ffn_layernorm_rows(ln, mean, rstd, inp, ln_w, ln_b, N, C, F, eps)) {
     ffn_forward(out, h, a, ln, w1, b1, w2, b2, N, C, F, act, alpha, accumulate, res);
     return;
   }
-  ffn_forward_rows(out, h, a, nullptr, ln16, w1, b1, w2, b2, N, C, F, act, alpha, accumulate,
-                   res);
+  ffn_forward_rows(out, h, a, nullptr, reinterpret_cast<const __nv_bfloat16*>(ln), w1, b1, w2,
+                   b2, N, C, F, act, alpha, accumulate, res);
 }
 
-// The forward's LayerNorm state alone (the same test as the forward).
+// The forward's LayerNorm state alone.
 void CudaOps::layernorm_ffn_rows(float* ln, float* mean, float* rstd, const float* inp,
                                  const float* ln_w, const float* ln_b, int64_t N, int C, int F,
                                  float eps) {
   if (N <= 0 || C <= 0) return;
+  ffn_layernorm_rows(ln, mean, rstd, inp, ln_w, ln_b, N, C, F, eps);
+}
+
+// LN(inp) into ln as the fused block reads it, bf16 rows (true), else fp32.
+bool CudaOps::ffn_layernorm_rows(float* ln, float* mean, float* rstd, const float* inp,
+                                 const float* ln_w, const float* ln_b, int64_t N, int C, int F,
+                                 float eps) {
   if (cuda::ffn_fused(C, F) &&
       cuda::layernorm_forward_bf16(reinterpret_cast<__nv_bfloat16*>(ln), mean, rstd, inp, ln_w,
                                    ln_b, N, C, eps, stream_))
-    return;
+    return true;
   layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
+  return false;
 }
 
 void CudaOps::layernorm_ffn_backward(float* dinp, float* dln_w, float* dln_b, float* dw1,

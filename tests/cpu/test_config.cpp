@@ -453,9 +453,9 @@ TEST(Config, KeptForms) {
   EXPECT_EQ(parse_config("model:\n  kept_ffn: pre_activation\n", "a.yaml").model.kept_ffn,
             KeptFfn::pre_activation);
   EXPECT_EQ(parse_config("model:\n  kept_x1: rebuilt\n", "a.yaml").model.kept_x1,
-            KeptX1::rebuilt);
+            KeptPart::rebuilt);
   EXPECT_EQ(parse_config("model:\n  kept_ln: rebuilt\n", "a.yaml").model.kept_ln,
-            KeptLn::rebuilt);
+            KeptPart::rebuilt);
 }
 
 TEST(Config, KeyTable) {

@@ -346,8 +346,8 @@ TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   Config state = counts;
   state.model.kept_attention = KeptAttention::state;
   state.model.kept_ffn = KeptFfn::both;
-  state.model.kept_x1 = KeptX1::kept;
-  state.model.kept_ln = KeptLn::kept;
+  state.model.kept_x1 = KeptPart::kept;
+  state.model.kept_ln = KeptPart::kept;
   EXPECT_LT(fitted(state, h200), 8);
   const Config f = fit_to_device(counts, 1, h200);
   EXPECT_LE(double(plan_memory(f, 1).total_bytes()), 0.9 * double(h200));
@@ -543,10 +543,10 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   k2.model.kept_ffn = KeptFfn::pre_activation;
   EXPECT_THROW(plan_memory(k2, 1).count("kept fa"), ShapeError);
   EXPECT_GT(plan_memory(k2, 1).count("kept x1"), 0);  // auto reads as kept
-  k2.model.kept_x1 = KeptX1::rebuilt;
+  k2.model.kept_x1 = KeptPart::rebuilt;
   EXPECT_THROW(plan_memory(k2, 1).count("kept x1"), ShapeError);
   EXPECT_GT(plan_memory(k2, 1).count("kept fln"), 0);  // auto reads as kept
-  k2.model.kept_ln = KeptLn::rebuilt;
+  k2.model.kept_ln = KeptPart::rebuilt;
   for (const char* name : {"kept fln", "kept fmean", "kept frstd"})
     EXPECT_THROW(plan_memory(k2, 1).count(name), ShapeError) << name;
   EXPECT_EQ(plan_memory(k2, 1).count("kept fh"), int64_t(65536) * cfg.model.d_ff / 2);  // a copy
@@ -582,8 +582,8 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
     EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
     for (A form : {A::state, A::outputs})
       for (F ffn : {F::both, F::pre_activation})
-        for (KeptX1 x1 : {KeptX1::kept, KeptX1::rebuilt})
-        for (KeptLn ln : {KeptLn::kept, KeptLn::rebuilt})
+        for (KeptPart x1 : {KeptPart::kept, KeptPart::rebuilt})
+        for (KeptPart ln : {KeptPart::kept, KeptPart::rebuilt})
           for (int k = 0; k <= 6; ++k)
             for (int st = 0; st <= 6 - k; ++st) {
               Config c = f;
@@ -600,8 +600,8 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   Config set = with_length(cfg, 1048576, "test");
   set.model.kept_attention = KeptAttention::state;
   set.model.kept_ffn = KeptFfn::both;
-  set.model.kept_x1 = KeptX1::kept;
-  set.model.kept_ln = KeptLn::kept;
+  set.model.kept_x1 = KeptPart::kept;
+  set.model.kept_ln = KeptPart::kept;
   const Config fs = fit_to_device(set, 1, h200);
   EXPECT_EQ(fs.model.kept_attention, KeptAttention::state);
   EXPECT_EQ(fs.model.kept_ffn, KeptFfn::both);

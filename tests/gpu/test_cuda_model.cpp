@@ -398,8 +398,8 @@ TEST(CudaModel, KeptLayersEqualRebuiltOnes) {
       cfg.model.attn_heads_per_pass = c.hp;
       if (c.outputs) cfg.model.kept_attention = KeptAttention::outputs;
       if (c.pre) cfg.model.kept_ffn = KeptFfn::pre_activation;
-      cfg.model.kept_x1 = c.x1_rebuilt ? KeptX1::rebuilt : KeptX1::kept;
-      cfg.model.kept_ln = c.ln_rebuilt ? KeptLn::rebuilt : KeptLn::kept;
+      cfg.model.kept_x1 = c.x1_rebuilt ? KeptPart::rebuilt : KeptPart::kept;
+      cfg.model.kept_ln = c.ln_rebuilt ? KeptPart::rebuilt : KeptPart::kept;
       const FfnStateCols cols = kept_ffn_cols(cfg);
       EXPECT_EQ(cols.h, cfg.model.d_ff / 2);
       EXPECT_EQ(cols.a, c.pre || std::string(c.act) == "relu" ? 0 : cfg.model.d_ff / 2);
