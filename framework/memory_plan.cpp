@@ -408,8 +408,10 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
             false, kept);
   if (keeps_attention(cfg, sp, real_bytes)) {
     const int64_t HD = Hloc * dh;
+    const bool operands = keeps_attention_operands(cfg, real_bytes);
     for (const char* n : {"kept qk", "kept v", "kept ao"})
-      b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
+      if (operands || n == std::string("kept ao"))
+        b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
     b.add("kept lse", G::activations, "lse per kept layer", {plan.count("lse")}, false, kept);
     // CUDA: each head's operands as the tensor-core forward staged them,
     // read by its backward instead of staging them again.
@@ -508,6 +510,15 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
   return sp == 1 && cfg.model.kept_attention != KeptAttention::outputs &&
          attention_heads_per_pass(cfg, 1, real_bytes) == cfg.model.n_heads &&
          !attention_by_round(cfg, 1, real_bytes);
+}
+
+bool keeps_attention_operands(const Config& cfg, int real_bytes) {
+  if (kept_attention_staged(cfg, real_bytes) == 0) return true;
+  for (int l = 0; l < cfg.model.n_layers; ++l)
+    if (cfg.model.max_len <= cfg.attention.bucket_size ||
+        cfg.attention_kind(l) == AttentionKind::full)
+      return true;  // full attention stages nothing it keeps
+  return false;
 }
 
 bool stashes_attention(const Config& cfg, int sp, int real_bytes) {

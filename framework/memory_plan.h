@@ -135,8 +135,9 @@ Config fit_heads_per_pass(const Config& cfg, int sp, int64_t device_bytes);
 // its forward to its backward, its inputs x1, x2 [L, D] and its feed-forward
 // state over all L positions (LayerNorm output and statistics, hidden layer:
 // [L, D] + 2 [L] + 1 or 2 [L, d_ff]), and where keeps_attention() its
-// attention state too (the pass's qk, v, outputs [Lfull, H dh] and each
-// head's round outputs and log-sum-exps). The top kept_layer_count() layers
+// attention state too (the pass's outputs [Lfull, H dh], each head's
+// log-sum-exps and staged operands, and qk, v where
+// keeps_attention_operands()). The top kept_layer_count() layers
 // are kept. The same function (exact inputs instead of rebuilt ones), faster
 // where the memory allows it.
 //
@@ -147,6 +148,15 @@ int kept_layer_count(const Config& cfg);
 // model.kept_attention is outputs (the other layouts rerun a kept layer's
 // attention forward, but not its residual update).
 bool keeps_attention(const Config& cfg, int sp, int real_bytes = 4);
+// Where they do: whether they keep the pass's qk and v too ("kept qk",
+// "kept v"). Not where the backend keeps each head's staged operands
+// (kept_attention_staged > 0) and every layer attends in chunks (LSH or
+// local attention over more than one chunk): the backward given those
+// reads neither (AttentionParams::kept, kernels/common/params.h), so a
+// kept layer's qk and v go through the pass's buffers as any layer's (at
+// 1M tokens 8 GiB less per kept layer). Full attention keeps nothing
+// staged.
+bool keeps_attention_operands(const Config& cfg, int real_bytes = 4);
 // Where they do not: whether kept layers keep what the attention backward
 // reads from the forward instead, every pass's outputs ao (stashed: bf16
 // on CUDA) and log-sum-exps, so that their backward reruns the projections
@@ -225,9 +235,12 @@ constexpr double kKeptOverStashed = 3.3;
 // kept with their outputs and 4 stashed (a weight below 4.5); at 512K, 4
 // and 2 stashed 0.4% slower than 6 with their outputs (below 4.45), and 6
 // with their state, pre-activations and x1 rebuilt 2.7% faster than 6
-// with their outputs and everything else (about 4.4 with the two weights
-// below; bench/RESULTS.md, 2026-12-02 (nineteenth)).
-constexpr double kKeptStateOverStashed = 4.4;
+// with their outputs and everything else (above 4.03 with the two weights
+// below; bench/RESULTS.md, 2026-12-02 (nineteenth)); since such a layer
+// keeps no fp32 qk and v on CUDA (keeps_attention_operands), at 1M 3 with
+// their state and 3 stashed 0.2% slower than 5 with their outputs and 1
+// stashed, every part rebuilt in both (below 4.17; twentieth).
+constexpr double kKeptStateOverStashed = 4.1;
 // A kept layer that keeps only its feed-forward pre-activation
 // (model.kept_ffn: pre_activation) rebuilds the activation in its backward:
 // one pass over [L, d_ff] in bf16 on CUDA, read and written (counted: 16 GiB

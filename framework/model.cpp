@@ -79,9 +79,11 @@ struct ReformerModel<T>::Scratch {
   // Kept layers (model.kept_layers, memory_plan.h): layer NL - kept.size()
   // + i keeps in kept[i] its inputs (x1 only where x1_kept), its
   // feed-forward state over all L rows (fa only where a holds state that is
-  // not rebuilt) and, where attn_kept, its attention pass's qk, v, ao and
-  // lse (swapped with the shared ones around its attention forward and
-  // backward, so those run as for any layer).
+  // not rebuilt) and, where attn_kept, its attention pass's ao, lse, the
+  // heads' staged operands and, where attn_operands, qk and v (swapped with
+  // the shared ones around its attention forward and backward, so those
+  // run as for any layer; without attn_operands its qk and v go through
+  // the shared ones, which its backward does not read).
   // Every pass's attention outputs (Ops::stash) and log-sum-exps, from a
   // layer's forward to its backward, which then reruns its projections but
   // not its attention.
@@ -96,6 +98,7 @@ struct ReformerModel<T>::Scratch {
   };
   std::vector<Kept> kept;
   bool attn_kept = false;
+  bool attn_operands = true;  // keeps_attention_operands
   // Kept layers keep a Stash instead (keeps_attention_outputs).
   bool attn_stashed = false;
   // Stashed layers (model.stashed_layers): layer NL - kept.size() -
@@ -130,7 +133,8 @@ struct ReformerModel<T>::Scratch {
     return st;
   }
   void swap_attention(Kept& k) {
-    std::swap(qk, k.qk); std::swap(v, k.v); std::swap(ao, k.ao);
+    if (attn_operands) { std::swap(qk, k.qk); std::swap(v, k.v); }
+    std::swap(ao, k.ao);
     std::swap(attn.lse, k.lse); std::swap(attn.kept, k.staged);
   }
 };
@@ -244,6 +248,17 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.frstd = buf("frstd");
   const int kept = kept_layer_count(cfg);
   s.attn_kept = kept > 0 && keeps_attention(cfg, shard.size, int(sizeof(T)));
+  s.attn_operands = keeps_attention_operands(cfg, int(sizeof(T)));
+  // The ops must keep what the plan counts on: their staged operands in the
+  // planned slot, and where the plan keeps no qk and v, staged ones at all
+  // (else their backward would read qk and v that are gone).
+  if (s.attn_kept) {
+    const int64_t need = ops.attention_kept_elems(Lfull_, dh_, cfg.attention.precision);
+    if (need > s.attn.kept_slot || (need == 0 && !s.attn_operands))
+      throw ConfigError(std::string("model.kept_layers: the ") + ops.name() +
+                        " attention keeps other operands than the plan for training.device " +
+                        to_string(cfg.training.device) + " holds (use training.device: cpu)");
+  }
   // A kept layer's feed-forward state is as wide as the ops keep it (plan:
   // kept_ffn_cols, the ops: ffn_state_cols), else it would overrun; where
   // the plan keeps no fa, the backward rebuilds the ops' state there.
@@ -285,7 +300,8 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
     K.fh = buf("kept fh");
     if (s.ffn_cols.a > 0) K.fa = buf("kept fa");
     if (s.attn_kept) {
-      K.qk = buf("kept qk"); K.v = buf("kept v"); K.ao = buf("kept ao");
+      if (s.attn_operands) { K.qk = buf("kept qk"); K.v = buf("kept v"); }
+      K.ao = buf("kept ao");
       K.lse = buf("kept lse");
       K.staged = buf("kept attention staging");
     }

@@ -97,10 +97,12 @@ struct AttentionParams {
   // A chunked call's operands as the backend stages them, kept from a
   // forward to the backward of the same head (Ops::attention_kept_elems
   // elements; null: none). A forward that is given it leaves its staged
-  // q, k_hat, v there, and the backward given the same buffer and the same
-  // qk, v reads them instead of staging them again (the same values, so
-  // the same results). Ignored where the backend keeps nothing (the CPU,
-  // fp32 attention) and with fold_rounds.
+  // q, k_hat, v there, and the backward given the same buffer reads them
+  // instead of staging them again (the same values, so the same results)
+  // and reads neither qk nor v: they need not be kept, and may hold
+  // anything by then. Ignored where the backend keeps nothing (the CPU,
+  // fp32 attention; the backward then reads the forward's qk and v) and
+  // with fold_rounds.
   void* kept = nullptr;
 };
 

@@ -341,8 +341,8 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
   float* dkh_r = dqk ? sc.dkh_r : nullptr;
   float* dv_r = dv ? sc.dv_r : nullptr;
   dispatch_backward<FULL>(g, R, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD, dq_r, dkh_r, dv_r, s);
-  launch_finish_rounds<4, float>(dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, sc.norm, g.L,
-                                 g.ld, g.dh, R, p.accumulate, s);
+  launch_finish_rounds<4, float>(dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, g.ld, sc.norm,
+                                 g.L, g.ld, g.dh, R, p.accumulate, s);
 }
 
 // fold_rounds: the row statistics of all p.n_rounds rounds once, then each
@@ -366,8 +366,8 @@ void run_backward_folded(const AttnScratch& sc, const AttentionParams& p, const 
     dispatch_backward<false>(g, 1, qk, sc.khat, v, dout, sc.rm, sc.riz, sc.rD,
                              dqk ? sc.dq_r : nullptr, dqk ? sc.dkh_r : nullptr,
                              dv ? sc.dv_r : nullptr, s);
-    launch_finish_rounds<4, float>(dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, sc.norm, g.L,
-                                   g.ld, g.dh, 1, p.accumulate || r > 0, s);
+    launch_finish_rounds<4, float>(dqk, dv, sc.dq_r, sc.dkh_r, sc.dv_r, g.dh, qk, g.ld, sc.norm,
+                                   g.L, g.ld, g.dh, 1, p.accumulate || r > 0, s);
   }
 }
 

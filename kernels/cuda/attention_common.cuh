@@ -273,17 +273,20 @@ __device__ __forceinline__ void store_cols(float* p, const float* v) {
 // The round sum of a backward of several rounds, one warp per position j,
 // from per-round rows [R, L, ld_r] (fp32, or bf16 on tensor cores):
 // dv[j] += sum_r dv_r[r, j]; dqk[j] += P_j(sum_r dkh_r[r, j]) / |k_j| +
-// sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = qk_j /
-// |k_j| (normalise_keys_kernel's division; with bf16 rows, those of the
-// tensor-core path, qk_j rounded to bf16 first, as its staging reads it);
-// sums in fp32 in round order.
+// sum_r dq_r[r, j] with P_j = I - k_hat_j k_hat_j^T and k_hat_j = k_j /
+// |k_j| (normalise_keys_kernel's division), k_j the row j of kq (row
+// stride ld_k): qk itself on the fp32 path; with bf16 rows, those of the
+// tensor-core path, the staged query rows (bf16(qk_j), the k its staging
+// normalised), so that the backward reads no fp32 qk once staged (and
+// none at all where the forward kept its staging); sums in fp32 in round
+// order.
 // E columns per lane, dh <= 32 E: with kVec (dh == 32 E, every row aligned
 // to E elements: launch_finish_rounds) lane l takes columns E l .. E l + E -
 // 1, one vector access per row; else columns l + 32 t. Without kAdd, dqk
 // and dv are written (=) instead (AttentionParams::accumulate false).
 template <int E, class Row, bool kVec, bool kAdd>
 __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
-                                     const Row* dv_r, int64_t ld_r, const float* qk,
+                                     const Row* dv_r, int64_t ld_r, const Row* kq, int64_t ld_k,
                                      const float* norm, int64_t L, int64_t ld, int dh, int R) {
   const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -329,11 +332,10 @@ __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, con
   float kh[E], dq[E];
   round_sum(dkh_r, acc);
   round_sum(dq_r, dq);
-  load(qk + j * ld, kh);
+  load(kq + j * ld_k, kh);
   float proj = 0.0f;
 #pragma unroll
   for (int t = 0; t < E; ++t) {
-    if constexpr (std::is_same_v<Row, __nv_bfloat16>) kh[t] = bf16_value(kh[t]);
     kh[t] /= n;
     proj += kh[t] * acc[t];
   }
@@ -439,15 +441,16 @@ inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) /
 // and pointers aligned to E elements).
 template <int E, class Row>
 void launch_finish_rounds(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
-                          const Row* dv_r, int64_t ld_r, const float* qk, const float* norm,
-                          int64_t L, int64_t ld, int dh, int R, bool add, cudaStream_t s) {
-  const bool vec = dh == 32 * E && ld % E == 0 && ld_r % E == 0 &&
-                   aligned(dqk, 4 * E) && aligned(dv, 4 * E) && aligned(qk, 4 * E) &&
+                          const Row* dv_r, int64_t ld_r, const Row* kq, int64_t ld_k,
+                          const float* norm, int64_t L, int64_t ld, int dh, int R, bool add,
+                          cudaStream_t s) {
+  const bool vec = dh == 32 * E && ld % E == 0 && ld_r % E == 0 && ld_k % E == 0 &&
+                   aligned(dqk, 4 * E) && aligned(dv, 4 * E) && aligned(kq, sizeof(Row) * E) &&
                    aligned(dq_r, sizeof(Row) * E) && aligned(dkh_r, sizeof(Row) * E) &&
                    aligned(dv_r, sizeof(Row) * E);
   auto run = [&](auto kernel) {
-    kernel<<<warp_rows_blocks(L), kBlock, 0, s>>>(dqk, dv, dq_r, dkh_r, dv_r, ld_r, qk, norm, L,
-                                                 ld, dh, R);
+    kernel<<<warp_rows_blocks(L), kBlock, 0, s>>>(dqk, dv, dq_r, dkh_r, dv_r, ld_r, kq, ld_k,
+                                                 norm, L, ld, dh, R);
     CUDA_CHECK_LAUNCH("finish_rounds_kernel");
   };
   if (vec)

@@ -521,6 +521,18 @@ __device__ __forceinline__ void load_row(float (*v)[2], const float* row, int d,
   }
 }
 
+// The same columns of a staged bf16 row (DH wide, zero past dh: the
+// staging's padding), one 4-byte access per pair.
+template <int OT>
+__device__ __forceinline__ void load_row(float (*v)[2], const bf16* row, int d) {
+#pragma unroll
+  for (int ot = 0; ot < OT; ++ot) {
+    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + d + 8 * ot));
+    v[ot][0] = x.x;
+    v[ot][1] = x.y;
+  }
+}
+
 // Writes (add: adds) v to those columns. Adding reads every old pair before
 // the first write, so the OT read-modify-writes overlap instead of waiting
 // on each other (a store may alias a later load, for all the compiler

@@ -298,19 +298,19 @@ __device__ __forceinline__ void dkv_write(const AttnGeom& g, const MmaStage& st,
     for (int h = 0; h < 2; ++h) {
       // k_hat . dk_hat over the row: this lane's columns, then the 4 lanes
       // (t4) that share the row. Every lane shuffles; padding rows add 0.
-      // k_hat_j = qk_j / |k_j| as the staging computed it (from qk_j
-      // rounded to bf16).
+      // k_hat_j = qk_j / |k_j| as the staging computed it: from the staged
+      // query row, qk_j rounded to bf16 (no fp32 qk read, none kept).
       const int pos = kpos[h];
       const float n = o.dkh && pos >= 0 ? o.norm[pos] : 1.0f;
       float kh[OT][2] = {};
       float proj = 0.0f;
       if (o.dkh && pos >= 0) {
-        load_row<OT>(kh, st.src[0] + int64_t(pos) * st.lds[0], 2 * t4, g.dh, g.pairs);
+        load_row<OT>(kh, st.dst[0] + int64_t(pos) * DH, 2 * t4);
 #pragma unroll
         for (int ot = 0; ot < OT; ++ot)
 #pragma unroll
           for (int u = 0; u < 2; ++u) {
-            kh[ot][u] = bf16_value(kh[ot][u]) / n;
+            kh[ot][u] /= n;
             proj += kh[ot][u] * dk[ot][2 * h + u];
           }
       }
@@ -982,8 +982,10 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
                              stage, s, o.kept);
   launch_mma_backward_kernels<DH, FULL>(g, rounds, st, rm, riz, rD, o, s);
   if (o.direct) return;
-  launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, qk, o.norm, g.L,
-                                      g.ld, g.dh, rounds, o.add, s);
+  // k_hat from the staged query rows (bf16(qk), as the staging normalised
+  // them): no fp32 qk read here.
+  launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, st.dst[0], DH,
+                                      o.norm, g.L, g.ld, g.dh, rounds, o.add, s);
 }
 
 // fold_rounds (direct outputs): the staging once with the statistics of all

@@ -535,6 +535,16 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   k2.model.kept_layers = 2;
   EXPECT_TRUE(keeps_attention(k2, 1));  // auto reads as state
   EXPECT_GT(plan_memory(k2, 1).count("kept fa"), 0);  // and as both
+  // The state form keeps the staged operands and not qk, v on CUDA; on the
+  // CPU qk and v (its backward reads them) and nothing staged.
+  EXPECT_GT(plan_memory(k2, 1).count("kept attention staging"), 0);
+  EXPECT_GT(plan_memory(k2, 1).count("kept ao"), 0);
+  for (const char* name : {"kept qk", "kept v"})
+    EXPECT_THROW(plan_memory(k2, 1).count(name), ShapeError) << name;
+  Config k2_cpu = k2;
+  k2_cpu.training.device = DeviceKind::cpu;
+  EXPECT_EQ(plan_memory(k2_cpu, 1).count("kept qk"), plan_memory(k2_cpu, 1).count("kept ao"));
+  EXPECT_EQ(plan_memory(k2_cpu, 1).count("kept attention staging"), 0);
   k2.model.kept_attention = KeptAttention::outputs;
   EXPECT_FALSE(keeps_attention(k2, 1));
   EXPECT_TRUE(keeps_attention_outputs(k2, 1));
@@ -560,7 +570,7 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   using A = KeptAttention;
   using F = KeptFfn;
   for (const Want& w : {Want{65536, A::state, F::both, true, true, 6, 0, 8},
-                        Want{524288, A::state, F::pre_activation, false, true, 6, 0, 8},
+                        Want{524288, A::state, F::both, false, true, 6, 0, 8},
                         Want{1048576, A::outputs, F::pre_activation, false, false, 5, 1, 8}}) {
     SCOPED_TRACE(w.L);
     const Config f = fit_to_device(with_length(cfg, w.L, "test"), 1, h200);
@@ -606,7 +616,7 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   EXPECT_EQ(fs.model.kept_attention, KeptAttention::state);
   EXPECT_EQ(fs.model.kept_ffn, KeptFfn::both);
   EXPECT_TRUE(keeps_attention(fs, 1));
-  EXPECT_EQ(fs.model.kept_layers, 1);
+  EXPECT_EQ(fs.model.kept_layers, 2);  // 36 GiB each (no fp32 qk and v)
   EXPECT_EQ(fit_to_device(set, 1, 0).model.kept_ffn, KeptFfn::both);
   Config no_device = set;
   no_device.model.kept_ffn = KeptFfn::auto_;

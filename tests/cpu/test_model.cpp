@@ -438,6 +438,28 @@ TEST(Model, KeptStateWiderThanThePlanIsRefused) {
       EXPECT_NE(what.find(want[ln_div]), std::string::npos) << what;
     }
   }
+  // Kept layers with their attention state under a CUDA plan keep no qk
+  // and v (the backward of the CUDA attention reads its staged operands);
+  // ops that keep none, whose backward reads qk and v, are refused.
+  Config state = small_config({"model.d_model=8", "model.d_ff=8", "model.kept_layers=2",
+                               "training.device=cuda", "model.kept_attention=state"});
+  ASSERT_TRUE(keeps_attention(state, 1));
+  ASSERT_FALSE(keeps_attention_operands(state));
+  ASSERT_TRUE(keeps_attention_operands(state, 8));  // no staging in double
+  CpuOps<float> cpu;
+  try {
+    ReformerModel<float> model(state, cpu);
+    ADD_FAILURE() << "no error";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("attention keeps other operands"), std::string::npos)
+        << e.what();
+  }
+  // Where one layer attends in full, it stages nothing to keep, so qk and v are kept.
+  state.attention.kinds = {AttentionKind::lsh, AttentionKind::full};
+  EXPECT_TRUE(keeps_attention_operands(state));
+  state.attention.kinds = {AttentionKind::lsh};
+  state.model.max_len = state.attention.bucket_size;
+  EXPECT_TRUE(keeps_attention_operands(state));
 }
 
 template <class T>

@@ -2,9 +2,10 @@
 // stages its q, k_hat, v there, and the backward given it reads them instead
 // of staging them again. The same values, so the forward's outputs and the
 // backward's gradients are the same bits as without it; and the backward
-// does read the kept operands: v changed between the forward and the
-// backward does not change its results (v reaches the backward only through
-// its staging). LSH rounds (the one-pass backward and the round sum) and one
+// reads the kept operands and neither qk nor v: both overwritten between
+// the forward and the backward change none of its results (the model keeps
+// no qk and v for such a layer, framework/memory_plan.h,
+// keeps_attention_operands). LSH rounds (the one-pass backward and the round sum) and one
 // local round (the direct backward), widths 128, 64 and 40 (padded to 64,
 // read by columns), rows wider than a head; the backward's dout-only
 // staging (mma_stage_dout_kernel) gives the statistics and staged dout of
@@ -65,14 +66,17 @@ TEST(CudaAttentionKept, BackwardReadsTheForwardsStagedOperandsForTheSameBits) {
       const int64_t elems = ops->attention_kept_elems(L, dh, AttentionPrecision::bf16);
       ASSERT_GT(elems, 0);
       Buffer<float> kept(*ops, elems);
-      auto run = [&](bool keep, bool change_v) {
+      auto run = [&](bool keep, bool change_operands) {
         ops->from_host(qk.data(), pattern(n, 1).data(), n);
         ops->from_host(v.data(), pattern(n, 2).data(), n);
         AttentionParams q = p;
         q.kept = keep ? kept.data() : nullptr;
         ops->chunked_attention_forward(out.data(), nullptr, lse.data(), qk.data(), v.data(),
                                        dperm.data(), q);
-        if (change_v) ops->from_host(v.data(), pattern(n, 4).data(), n);
+        if (change_operands) {
+          ops->from_host(qk.data(), pattern(n, 5).data(), n);
+          ops->from_host(v.data(), pattern(n, 4).data(), n);
+        }
         ops->chunked_attention_backward(dqk.data(), dv.data(), dout.data(), qk.data(), v.data(),
                                         dperm.data(), out.data(), p.ld, lse.data(), q);
         Result res;
@@ -90,9 +94,9 @@ TEST(CudaAttentionKept, BackwardReadsTheForwardsStagedOperandsForTheSameBits) {
       EXPECT_TRUE(same_bits(with.dqk, base.dqk)) << "dqk";
       EXPECT_TRUE(same_bits(with.dv, base.dv)) << "dv";
       EXPECT_TRUE(same_bits(moved.dqk, base.dqk) && same_bits(moved.dv, base.dv))
-          << "the backward read v, not the kept operands";
-      // Without kept, the changed v does change the gradients (the check
-      // above could fail).
+          << "the backward read qk or v, not the kept operands";
+      // Without kept, the changed qk and v do change the gradients (the
+      // check above could fail).
       EXPECT_FALSE(same_bits(unkept_moved.dqk, base.dqk) && same_bits(unkept_moved.dv, base.dv));
     }
   }
