@@ -19,15 +19,19 @@
 
 namespace reformer {
 
-// REFORMER_GEMM_TUNING's value (null where unset): whether the large
-// products time cuBLASLt's candidates (kernels/cuda/matmul.cu). Unset,
-// empty, "on" or "1": yes; "off" or "0": no, the heuristic's first
-// everywhere; anything else is a ConfigError naming the variable.
-inline bool gemm_tuning_from_env(const char* value) {
+// The value of an on/off environment variable `name` (value: null where
+// unset). Unset, empty, "on" or "1": on; "off" or "0": off; anything else
+// is a ConfigError naming the variable. The switches (kernels/cuda/
+// matmul.cu): REFORMER_GEMM_TUNING, whether the large products time
+// cuBLASLt's candidates (off: the heuristic's first everywhere);
+// REFORMER_GEMM_EPILOGUES, whether products take cuBLASLt epilogues (off:
+// none, so the feed-forward block runs its fallbacks: bias and activation
+// in passes of their own, the product through an fp32 strip).
+inline bool switch_from_env(const char* name, const char* value) {
   const std::string v = value ? value : "";
   if (v.empty() || v == "on" || v == "1") return true;
   if (v == "off" || v == "0") return false;
-  throw ConfigError("REFORMER_GEMM_TUNING: expected on, off, 1 or 0, got '" + v + "'");
+  throw ConfigError(std::string(name) + ": expected on, off, 1 or 0, got '" + v + "'");
 }
 
 // The staged activation rows of one block hold at most this many bytes.

@@ -111,7 +111,16 @@ constexpr int kTuneReps = 3;
 constexpr size_t kTuneScratchBytes = size_t(64) << 20;
 constexpr size_t kTuneFreeMargin = size_t(1) << 30;
 bool gemm_tuning() {
-  static const bool on = gemm_tuning_from_env(std::getenv("REFORMER_GEMM_TUNING"));
+  static const bool on =
+      switch_from_env("REFORMER_GEMM_TUNING", std::getenv("REFORMER_GEMM_TUNING"));
+  return on;
+}
+// Whether products may take an epilogue (REFORMER_GEMM_EPILOGUES): off,
+// gemm_to declines every product with one, as where cuBLASLt has no kernel
+// for it, so that the callers' fallbacks can be run and tested on any GPU.
+bool gemm_epilogues() {
+  static const bool on =
+      switch_from_env("REFORMER_GEMM_EPILOGUES", std::getenv("REFORMER_GEMM_EPILOGUES"));
   return on;
 }
 
@@ -249,6 +258,7 @@ bool CudaOps::gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
 bool CudaOps::gemm_to(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A,
                       int64_t lda, const void* B, int64_t ldb, float beta, const GemmOut& out,
                       GemmOperands operands, float alpha) {
+  if (out.epilogue != CUBLASLT_EPILOGUE_DEFAULT && !cuda::gemm_epilogues()) return false;
   const bool bf16 = operands == GemmOperands::bf16;
   const cudaDataType_t ab = bf16 ? CUDA_R_16BF : CUDA_R_32F;
   const cudaDataType_t cd = out.bf16 ? CUDA_R_16BF : CUDA_R_32F;

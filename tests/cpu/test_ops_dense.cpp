@@ -166,20 +166,22 @@ struct MatmulCase {
   }
 };
 
-// REFORMER_GEMM_TUNING: on by default, off by "off" or "0", and any other
+// An on/off switch (REFORMER_GEMM_TUNING, REFORMER_GEMM_EPILOGUES): on by
+// default, off by "off" or "0", and any other
 // value refused with a message naming the variable.
 TEST(GemmTuning, ReadsTheEnvironmentValue) {
-  EXPECT_TRUE(gemm_tuning_from_env(nullptr));
-  EXPECT_TRUE(gemm_tuning_from_env(""));
-  EXPECT_TRUE(gemm_tuning_from_env("on"));
-  EXPECT_TRUE(gemm_tuning_from_env("1"));
-  EXPECT_FALSE(gemm_tuning_from_env("off"));
-  EXPECT_FALSE(gemm_tuning_from_env("0"));
+  const char* name = "REFORMER_GEMM_TUNING";
+  EXPECT_TRUE(switch_from_env(name, nullptr));
+  EXPECT_TRUE(switch_from_env(name, ""));
+  EXPECT_TRUE(switch_from_env(name, "on"));
+  EXPECT_TRUE(switch_from_env(name, "1"));
+  EXPECT_FALSE(switch_from_env(name, "off"));
+  EXPECT_FALSE(switch_from_env(name, "0"));
   try {
-    gemm_tuning_from_env("false");
+    switch_from_env(name, "false");
     ADD_FAILURE() << "no error for 'false'";
   } catch (const ConfigError& e) {
-    EXPECT_NE(std::string(e.what()).find("REFORMER_GEMM_TUNING"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(name), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("'false'"), std::string::npos) << e.what();
   }
 }
