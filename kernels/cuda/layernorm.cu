@@ -52,39 +52,75 @@ __device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) {
   *p = __float2bfloat16_rn(v);
 }
 
+// Four consecutive outputs at p (kVec: 16-byte aligned fp32, 8-byte aligned
+// bf16), one vector store.
+__device__ __forceinline__ void store_quad(float* p, const float* y) {
+  *reinterpret_cast<float4*>(p) = make_float4(y[0], y[1], y[2], y[3]);
+}
+__device__ __forceinline__ void store_quad(__nv_bfloat16* p, const float* y) {
+  uint2 u;
+  *reinterpret_cast<__nv_bfloat162*>(&u.x) = __floats2bfloat162_rn(y[0], y[1]);
+  *reinterpret_cast<__nv_bfloat162*>(&u.y) = __floats2bfloat162_rn(y[2], y[3]);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+
 // As layernorm_forward_kernel with the row in registers: kPer values per
-// lane (C <= 32 * kPer); the output in fp32 or bf16.
-template <int kPer, class OutT>
+// lane (C <= 32 * kPer); the output in fp32 or bf16. kVec (C % 4 == 0, every
+// row and w, b 16-byte aligned: ln_vec): lane l takes the column quads 4 (l
+// + 32 j) .. + 3 by vector loads and stores (a row at 1.5 to 2x the bytes a
+// second of one column per lane: bench/RESULTS.md, 2026-12-02 (twentieth));
+// else columns l + 32 k.
+template <int kPer, class OutT, bool kVec>
 __global__ void layernorm_forward_reg_kernel(OutT* out, float* mean, float* rstd,
                                              const float* inp, const float* w, const float* b,
                                              int64_t N, int C, float eps) {
+  static_assert(kPer % 4 == 0, "values in fours");
   const int64_t n = int64_t(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (n >= N) return;
+  // Column of this lane's value k.
+  auto col = [&](int k) { return kVec ? 4 * (lane + 32 * (k / 4)) + k % 4 : lane + 32 * k; };
   const float* x = inp + n * C;
   float v[kPer];
+  if constexpr (kVec) {
+#pragma unroll
+    for (int k = 0; k < kPer; k += 4) {
+      const int c = col(k);
+      const float4 x4 = c < C ? *reinterpret_cast<const float4*>(x + c) : float4{};
+      v[k] = x4.x, v[k + 1] = x4.y, v[k + 2] = x4.z, v[k + 3] = x4.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) v[k] = col(k) < C ? x[col(k)] : 0.0f;
+  }
   float s = 0.0f;
 #pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    v[k] = c < C ? x[c] : 0.0f;
-    s += v[k];
-  }
+  for (int k = 0; k < kPer; ++k) s += v[k];
   const float m = warp_sum(s) / float(C);
   float q = 0.0f;
 #pragma unroll
   for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    const float d = c < C ? v[k] - m : 0.0f;
+    const float d = col(k) < C ? v[k] - m : 0.0f;
     q += d * d;
   }
   const float var = warp_sum(q) / float(C);
   const float r = 1.0f / sqrtf(var + eps);
   OutT* o = out + n * C;
+  if constexpr (kVec) {
 #pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    const int c = lane + 32 * k;
-    if (c < C) store_out(o + c, (v[k] - m) * r * w[c] + b[c]);
+    for (int k = 0; k < kPer; k += 4) {
+      const int c = col(k);
+      if (c >= C) continue;
+      const float4 w4 = *reinterpret_cast<const float4*>(w + c);
+      const float4 b4 = *reinterpret_cast<const float4*>(b + c);
+      const float y[4] = {(v[k] - m) * r * w4.x + b4.x, (v[k + 1] - m) * r * w4.y + b4.y,
+                          (v[k + 2] - m) * r * w4.z + b4.z, (v[k + 3] - m) * r * w4.w + b4.w};
+      store_quad(o + c, y);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k)
+      if (col(k) < C) store_out(o + col(k), (v[k] - m) * r * w[col(k)] + b[col(k)]);
   }
   if (lane == 0) {
     mean[n] = m;
@@ -291,6 +327,29 @@ inline bool ln_vec(int C, std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// layernorm_forward_reg_kernel for C <= 2048: values per lane by C, quads
+// where the rows allow (ln_vec).
+template <class OutT>
+void launch_layernorm_forward_reg(OutT* out, float* mean, float* rstd, const float* inp,
+                                  const float* w, const float* b, int64_t N, int C, float eps,
+                                  cudaStream_t s) {
+  const unsigned blocks = unsigned((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  const bool vec = ln_vec(C, {out, inp, w, b});
+  auto run = [&](auto kernel) {
+    kernel<<<blocks, 32 * kRowsPerBlock, 0, s>>>(out, mean, rstd, inp, w, b, N, C, eps);
+    CUDA_CHECK_LAUNCH("layernorm_forward_reg_kernel");
+  };
+  if (C <= 256)
+    vec ? run(layernorm_forward_reg_kernel<8, OutT, true>)
+        : run(layernorm_forward_reg_kernel<8, OutT, false>);
+  else if (C <= 1024)
+    vec ? run(layernorm_forward_reg_kernel<32, OutT, true>)
+        : run(layernorm_forward_reg_kernel<32, OutT, false>);
+  else
+    vec ? run(layernorm_forward_reg_kernel<64, OutT, true>)
+        : run(layernorm_forward_reg_kernel<64, OutT, false>);
+}
+
 struct DwTerm {  // dout * xhat
   const float *dout, *inp, *mean, *rstd;
   int64_t C;
@@ -306,18 +365,7 @@ bool layernorm_forward_bf16(__nv_bfloat16* out, float* mean, float* rstd, const 
                             cudaStream_t stream) {
   if (C > kLayernormBf16MaxC) return false;
   if (N <= 0 || C <= 0) return true;
-  const unsigned blocks = unsigned((N + kRowsPerBlock - 1) / kRowsPerBlock);
-  const unsigned threads = 32 * kRowsPerBlock;
-  if (C <= 256)
-    layernorm_forward_reg_kernel<8, __nv_bfloat16>
-        <<<blocks, threads, 0, stream>>>(out, mean, rstd, inp, w, b, N, C, eps);
-  else if (C <= 1024)
-    layernorm_forward_reg_kernel<32, __nv_bfloat16>
-        <<<blocks, threads, 0, stream>>>(out, mean, rstd, inp, w, b, N, C, eps);
-  else
-    layernorm_forward_reg_kernel<64, __nv_bfloat16>
-        <<<blocks, threads, 0, stream>>>(out, mean, rstd, inp, w, b, N, C, eps);
-  CUDA_CHECK_LAUNCH("layernorm_forward_reg_kernel (bf16)");
+  launch_layernorm_forward_reg(out, mean, rstd, inp, w, b, N, C, eps, stream);
   return true;
 }
 
@@ -326,21 +374,13 @@ bool layernorm_forward_bf16(__nv_bfloat16* out, float* mean, float* rstd, const 
 void CudaOps::layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
                                 const float* w, const float* b, int64_t N, int C, float eps) {
   if (N <= 0 || C <= 0) return;
-  const unsigned blocks = unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock);
-  const unsigned threads = 32 * cuda::kRowsPerBlock;
-  if (C <= 256) {
-    cuda::layernorm_forward_reg_kernel<8, float>
-        <<<blocks, threads, 0, stream_>>>(out, mean, rstd, inp, w, b, N, C, eps);
-  } else if (C <= 1024) {
-    cuda::layernorm_forward_reg_kernel<32, float>
-        <<<blocks, threads, 0, stream_>>>(out, mean, rstd, inp, w, b, N, C, eps);
-  } else if (C <= 2048) {
-    cuda::layernorm_forward_reg_kernel<64, float>
-        <<<blocks, threads, 0, stream_>>>(out, mean, rstd, inp, w, b, N, C, eps);
-  } else {
-    cuda::layernorm_forward_kernel<<<blocks, threads, 0, stream_>>>(out, mean, rstd, inp, w, b,
-                                                                     N, C, eps);
+  if (C <= 2048) {
+    cuda::launch_layernorm_forward_reg(out, mean, rstd, inp, w, b, N, C, eps, stream_);
+    return;
   }
+  const unsigned blocks = unsigned((N + cuda::kRowsPerBlock - 1) / cuda::kRowsPerBlock);
+  cuda::layernorm_forward_kernel<<<blocks, 32 * cuda::kRowsPerBlock, 0, stream_>>>(
+      out, mean, rstd, inp, w, b, N, C, eps);
   CUDA_CHECK_LAUNCH("layernorm_forward_kernel");
 }
 

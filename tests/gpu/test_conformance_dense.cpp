@@ -265,9 +265,9 @@ void add_layernorm(std::vector<Case>& cases) {
   // Widths for every register kernel of the CUDA LayerNorm (<= 256, 1024,
   // 2048, 4096 columns) and one beyond them; 5000 rows of 200: more rows
   // than the one-pass backward's 512 blocks of 8 warps, so warps take
-  // several rows (and the last block fewer). The one-pass backward reads
-  // rows by float4 where C % 4 == 0: 516 ends inside its quads' second
-  // sweep, 1022 and 65 take the scalar path.
+  // several rows (and the last block fewer). The forward and the one-pass
+  // backward read rows by float4 where C % 4 == 0: 516 ends inside their
+  // quads' second sweep, 1022 and 65 take the scalar path.
   for (auto [N, C] : {std::pair<int64_t, int>{97, 65}, {128, 1024}, {3, 1025}, {1500, 2048},
                       {600, 4096}, {40, 4100}, {5000, 200}, {257, 516}, {64, 1022}}) {
     const std::string s = " " + sz(N) + "x" + sz(C);
