@@ -363,61 +363,6 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
           }
         }
       }
-      // The group's columns g0 .. g0 + 8 kHashGroup - 1 (this thread's: g0 +
-      // 8 j + 2 t + w), visited in increasing order. Where they lie in one
-      // column block, each row's group maximum and minimum first (one fmaxf
-      // and one fminf a value), and only a group that moves a running
-      // extreme is searched for the first column holding it: the same
-      // extremes and columns as seeing every value in order, in about a
-      // third of the instructions (the running extremes rarely move).
-      const int g0 = c0 + n0 * 8, g1 = g0 + 8 * kHashGroup;
-      const bool whole = g1 <= cols && (!kFactorized || g1 <= h0 || g0 >= h0);
-      auto see_group = [&](Extremes& x, int m, int h, int off) {
-        float gmax = acc[m][0][2 * h], gmin = gmax;
-#pragma unroll
-        for (int j = 0; j < kHashGroup; ++j)
-#pragma unroll
-          for (int w = 0; w < 2; ++w) {
-            gmax = fmaxf(gmax, acc[m][j][2 * h + w]);
-            gmin = fminf(gmin, acc[m][j][2 * h + w]);
-          }
-        if (gmax > x.hi) {
-          bool found = false;
-#pragma unroll
-          for (int j = 0; j < kHashGroup; ++j)
-#pragma unroll
-            for (int w = 0; w < 2; ++w)
-              if (!found && acc[m][j][2 * h + w] == gmax) {
-                found = true;
-                x.hi = gmax;
-                x.khi = g0 + j * 8 + 2 * t + w - off;
-              }
-        }
-        if (gmin < x.lo) {
-          bool found = false;
-#pragma unroll
-          for (int j = 0; j < kHashGroup; ++j)
-#pragma unroll
-            for (int w = 0; w < 2; ++w)
-              if (!found && acc[m][j][2 * h + w] == gmin) {
-                found = true;
-                x.lo = gmin;
-                x.klo = g0 + j * 8 + 2 * t + w - off;
-              }
-        }
-      };
-      if (whole) {
-#pragma unroll
-        for (int m = 0; m < kHashM; ++m)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if (kFactorized && g0 >= h0)  // constant register indices, no local memory
-              see_group(e[m][h][kBlocks - 1], m, h, h0);
-            else
-              see_group(e[m][h][0], m, h, 0);
-          }
-        continue;
-      }
 #pragma unroll
       for (int j = 0; j < kHashGroup; ++j) {
 #pragma unroll
