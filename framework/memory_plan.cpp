@@ -408,10 +408,11 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
             false, kept);
   if (keeps_attention(cfg, sp, real_bytes)) {
     const int64_t HD = Hloc * dh;
-    const bool operands = keeps_attention_operands(cfg, real_bytes);
-    for (const char* n : {"kept qk", "kept v", "kept ao"})
-      if (operands || n == std::string("kept ao"))
+    if (keeps_attention_operands(cfg, real_bytes))
+      for (const char* n : {"kept qk", "kept v"})
         b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
+    b.add("kept ao", G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false,
+          kept);
     b.add("kept lse", G::activations, "lse per kept layer", {plan.count("lse")}, false, kept);
     // CUDA: each head's operands as the tensor-core forward staged them,
     // read by its backward instead of staging them again.
@@ -513,11 +514,12 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes) {
 }
 
 bool keeps_attention_operands(const Config& cfg, int real_bytes) {
-  if (kept_attention_staged(cfg, real_bytes) == 0) return true;
+  // Full attention (every layer's at one chunk or less) stages nothing it keeps.
+  if (kept_attention_staged(cfg, real_bytes) == 0 ||
+      cfg.model.max_len <= cfg.attention.bucket_size)
+    return true;
   for (int l = 0; l < cfg.model.n_layers; ++l)
-    if (cfg.model.max_len <= cfg.attention.bucket_size ||
-        cfg.attention_kind(l) == AttentionKind::full)
-      return true;  // full attention stages nothing it keeps
+    if (cfg.attention_kind(l) == AttentionKind::full) return true;
   return false;
 }
 
