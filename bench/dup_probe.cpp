@@ -36,6 +36,9 @@ class ForwardingOps : public Ops<float> {
   int64_t peak_bytes() const override { return inner_.peak_bytes(); }
   bool supports(OpId id) const override { return inner_.supports(id); }
   void* stream() override { return inner_.stream(); }
+  bool attention_output_bf16(AttentionPrecision prec) const override {
+    return inner_.attention_output_bf16(prec);
+  }
 #define FORWARD(ret, name, params, args) \
   ret name params override { return inner_.name args; }
   REFORMER_OPS(FORWARD)

@@ -15,6 +15,7 @@ AttentionParams attention_params(const Config& cfg, const AttentionShape& shape)
   ap.chunks_after = ac.chunks_after;
   ap.causal = ac.causal;
   ap.precision = ac.precision;
+  ap.out_bf16 = shape.out_bf16;
   return ap;
 }
 

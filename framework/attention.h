@@ -42,6 +42,9 @@ struct AttentionShape {
   // sort them again where used, instead of keeping its sorted orders
   // (lsh_saves_buckets, framework/memory_plan.h).
   bool saved_buckets = false;
+  // ao in bf16 (AttentionParams::out_bf16; attention_output_bf16,
+  // framework/memory_plan.h): its column offsets count bf16 values.
+  bool out_bf16 = false;
 };
 
 // Transient buffers the kinds share across heads and layers, sized by the

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <numeric>
 #include <sstream>
 
@@ -309,8 +310,13 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     // exchanges them for [Lfull, Hp * dh].
     const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
     proj_cols = sp * Hp * dh;
-    for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"})
-      b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    const bool ao_bf16 = attention_output_bf16(cfg, sp, real_bytes);
+    for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"}) {
+      if (ao_bf16 && std::string(n) == "ao")  // bf16 pairs
+        b.add(n, G::activations, "[Lfull, heads_per_pass*dh/2]", {Lfull, Hp * dh / 2});
+      else
+        b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    }
     // Pairs mode (g ranks per head) gathers every rank's head columns of Wqk,
     // Wv (duplicates included) and uses Wo in place.
     if (Hp < Hloc || g > 1) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
@@ -411,8 +417,12 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     if (keeps_attention_operands(cfg, real_bytes))
       for (const char* n : {"kept qk", "kept v"})
         b.add(n, G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false, kept);
-    b.add("kept ao", G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false,
-          kept);
+    if (attention_output_bf16(cfg, sp, real_bytes))
+      b.add("kept ao", G::activations, "[Lfull, heads*dh/2] per kept layer", {Lfull, HD / 2},
+            false, kept);
+    else
+      b.add("kept ao", G::activations, "[Lfull, heads*dh] per kept layer", {Lfull, HD}, false,
+            kept);
     b.add("kept lse", G::activations, "lse per kept layer", {plan.count("lse")}, false, kept);
     // CUDA: each head's operands as the tensor-core forward staged them,
     // read by its backward instead of staging them again.
@@ -574,6 +584,18 @@ bool cuda_layouts(const Config& cfg, int real_bytes) {
   return real_bytes == 4 && cfg.training.device == DeviceKind::cuda;
 }
 }  // namespace
+
+bool attention_output_bf16(const Config& cfg, int sp, int real_bytes) {
+  const char* env = "REFORMER_BF16_ATTENTION_OUTPUT";
+  if (!switch_from_env(env, std::getenv(env)) || !cuda_layouts(cfg, real_bytes) ||
+      cfg.attention.precision != AttentionPrecision::bf16 || sp != 1 ||
+      cfg.head_dim() % 8 != 0 || cfg.model.max_len <= cfg.attention.bucket_size ||
+      attention_by_round(cfg, sp, real_bytes))
+    return false;
+  for (int l = 0; l < cfg.model.n_layers; ++l)
+    if (cfg.attention_kind(l) == AttentionKind::full) return false;
+  return true;
+}
 
 int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes) {
   if (!cuda_layouts(cfg, real_bytes)) return n;

@@ -157,6 +157,15 @@ bool keeps_attention(const Config& cfg, int sp, int real_bytes = 4);
 // 1M tokens 8 GiB less per kept layer). Full attention keeps nothing
 // staged.
 bool keeps_attention_operands(const Config& cfg, int real_bytes = 4);
+// Whether the attention outputs ("ao", "kept ao") are kept in bf16, half
+// their fp32 size (AttentionParams::out_bf16, Operand in kernels/): on a
+// CUDA device attending in bf16, which rounds them to bf16 wherever it
+// reads them (the products, the stash, the backward's row statistics), so
+// training computes the same bits, at sp 1 outside sort mode, with the
+// hash rounds attended together and every layer attending in chunks (LSH
+// or local attention over more than one chunk; head widths a multiple of
+// 8). REFORMER_BF16_ATTENTION_OUTPUT=off keeps them in fp32.
+bool attention_output_bf16(const Config& cfg, int sp, int real_bytes = 4);
 // Where they do not: whether kept layers keep what the attention backward
 // reads from the forward instead, every pass's outputs ao (stashed: bf16
 // on CUDA) and log-sum-exps, so that their backward reruns the projections

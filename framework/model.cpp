@@ -105,6 +105,10 @@ struct ReformerModel<T>::Scratch {
   // stashed.size() + i keeps stashed[i].
   std::vector<Stash> stashed;
   int64_t ao_st_pass = 0;  // elements of one pass's stashed ao
+  // The attention outputs (ao, kept ao) hold bf16 values, two to a T, as
+  // written by the attention and read by the products (attention_output_bf16,
+  // framework/memory_plan.h): the stash is then a copy.
+  bool ao_bf16 = false;
   bool keeping = false;  // this forward keeps (a backward follows)
   // Layer l's kept state when this forward keeps it, else null.
   Kept* kept_of(int l, int n_layers) {
@@ -227,8 +231,15 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
       std::iota(id.begin(), id.end(), 0);
       ops.from_host_i32(s.attn.identity.data(), id.data(), Lfull_);
     }
+    s.ao_bf16 = attention_output_bf16(cfg, shard.size, int(sizeof(T)));
+    if (s.ao_bf16 && !ops.attention_output_bf16(cfg.attention.precision))
+      throw ConfigError(std::string("attention.precision: the ") + ops.name() +
+                        " attention writes fp32 outputs, which the plan for training.device " +
+                        to_string(cfg.training.device) +
+                        " keeps in bf16 (use training.device: cpu)");
     for (int l = 0; l < NL_; ++l) {
       AttentionShape shape{l, Lfull_, Hloc_, shard.rank / g_ * Hloc_, dh_, int64_t(Hp_) * dh_};
+      shape.out_bf16 = s.ao_bf16;
       if (g_ > 1) {  // this rank's share of each head's hash rounds
         shape.rounds = cfg.attention.n_hashes / g_;
         shape.round0 = shard.rank % g_ * shape.rounds;
@@ -509,6 +520,11 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
   });
 }
 
+template <class T>
+T* ReformerModel<T>::ao_at(T* ao, int64_t i) const {
+  return s_->ao_bf16 ? ao + i / 2 : ao + i;
+}
+
 // x1 += dropout(ao wo) (ao [L, n], wo [n, D]), or -= when `subtract`, chunk
 // by chunk; with res, x1 = res + dropout(ao wo) (res [L, D]: a kept layer's
 // input, stack_forward). The residual-branch dropout mask is keyed by global
@@ -521,12 +537,12 @@ void ReformerModel<T>::add_output(int l, const T* ao, const T* wo, int n, bool s
   for_chunks(L_, s.pc, [&](int64_t r0, int64_t rows) {
     T* x1 = s.x1.data() + r0 * D_;
     const T* base = res ? res + r0 * D_ : nullptr;
+    const Operand<T> a{ao_at(ao, r0 * n), s.ao_bf16};
     if (!(train && cfg_.model.dropout > 0)) {
-      ops_.matmul_accumulate(x1, ao + r0 * n, wo, nullptr, rows, n, D_, subtract ? -1.0f : 1.0f,
-                             base);
+      ops_.matmul_accumulate(x1, a, wo, nullptr, rows, n, D_, subtract ? -1.0f : 1.0f, base);
       return;
     }
-    ops_.matmul_forward(s.fg.data(), ao + r0 * n, wo, nullptr, rows, n, D_);
+    ops_.matmul_forward(s.fg.data(), a, wo, nullptr, rows, n, D_);
     ops_.dropout(x1, s.fg.data(), rows * D_, float(cfg_.model.dropout), cfg_.training.seed, step,
                  l, kSiteAttention, (pos0_ + r0) * D_, subtract ? -1.0f : 1.0f,
                  /*accumulate=*/true, base);
@@ -547,8 +563,8 @@ void ReformerModel<T>::output_backward(int l, const T* ao, const T* wo, T* gwo, 
                    nullptr);
       d = s.dfg.data();
     }
-    ops_.matmul_backward(dao + r0 * n, gwo, nullptr, d, ao + r0 * n, wo, rows, n, D_,
-                         /*add_dinp=*/false);
+    ops_.matmul_backward(dao + r0 * n, gwo, nullptr, d, Operand<T>{ao_at(ao, r0 * n), s.ao_bf16},
+                         wo, rows, n, D_, /*add_dinp=*/false);
   });
 }
 
@@ -615,7 +631,11 @@ void ReformerModel<T>::attention_layer_forward(int l, uint64_t step, bool train,
     const T* ao = attend_pass(l, pass, step, /*rehash*/ true);
     if (k) {  // what the backward reads from this pass's attention
       const int64_t nl = s.attn.lse.size();
-      ops_.stash(k->ao.data() + pass * s.ao_st_pass, ao, L_ * out_cols());
+      T* st = k->ao.data() + pass * s.ao_st_pass;
+      if (s.ao_bf16)  // already the stash's bf16 values
+        ops_.copy(st, ao, s.ao_st_pass);
+      else
+        ops_.stash(st, ao, L_ * out_cols());
       ops_.copy(k->lse.data() + pass * nl, s.attn.lse.data(), nl);
     }
     add_output(l, ao, pass_weights(l, pass).wo, out_cols(), false, step, train,
@@ -640,7 +660,7 @@ const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool reha
   for (int j = 0; j < Hp_; ++j) {
     const int64_t c = int64_t(j) * dh_;
     s.kinds[size_t(l)]->forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c,
-                                s.ao.data() + c, step, rehash && !hashed);
+                                ao_at(s.ao.data(), c), step, rehash && !hashed);
   }
   if (!s.exchange) return s.ao.data();
   // Pairs mode's parts combine in fp32 (combine_parts): they travel exact.
@@ -717,7 +737,11 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     if (k) {
       const int64_t nl = s.attn.lse.size();
       project_pass(l, pass);
-      ops_.unstash(s.ao.data(), k->ao.data() + pass * s.ao_st_pass, L_ * out_cols());
+      const T* st = k->ao.data() + pass * s.ao_st_pass;
+      if (s.ao_bf16)
+        ops_.copy(s.ao.data(), st, s.ao_st_pass);
+      else
+        ops_.unstash(s.ao.data(), st, L_ * out_cols());
       ops_.copy(s.attn.lse.data(), k->lse.data() + pass * nl, nl);
     } else if (attend) {
       ao = attend_pass(l, pass, step, /*rehash*/ false);
@@ -736,7 +760,7 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     // heads' column slices cover dqk and dv, so they write them (no zeroing).
     for (int j = 0; j < Hp_; ++j) {
       const int64_t c = int64_t(j) * dh_;
-      kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, s.ao.data() + c,
+      kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, ao_at(s.ao.data(), c),
                     s.dao.data() + c, s.dqk.data() + c, s.dv.data() + c, /*accumulate*/ false);
     }
     const T *dqk = s.dqk.data(), *dv = s.dv.data();

@@ -136,6 +136,10 @@ class ReformerModel {
   void project(int l, const T* wq, const T* wv, int n, T* qk, T* v);
   void project_backward(int l, const T* dqk, const T* dv, const T* wq, const T* wv, T* gwq,
                         T* gwv, int n);
+  // Element i of an attention output buffer (ao, its kept and stashed
+  // copies): T i, or bf16 i where the outputs are kept in bf16 (i even).
+  T* ao_at(T* ao, int64_t i) const;
+  const T* ao_at(const T* ao, int64_t i) const { return ao_at(const_cast<T*>(ao), i); }
   void add_output(int l, const T* ao, const T* wo, int n, bool subtract, uint64_t step,
                   bool train, const T* res = nullptr);
   void output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao, uint64_t step,

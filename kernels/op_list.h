@@ -78,14 +78,14 @@
     (dinp, dw, db, dout, inp, w, mean, rstd, N, C))                                         \
   /* linear */                                                                              \
   X(void, matmul_forward,                                                                   \
-    (T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC),            \
+    (T* out, Operand<T> inp, const T* w, const T* bias, int64_t N, int C, int OC),          \
     (out, inp, w, bias, N, C, OC))                                                          \
   X(void, matmul_backward,                                                                  \
-    (T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N, int C,   \
+    (T* dinp, T* dw, T* dbias, const T* dout, Operand<T> inp, const T* w, int64_t N, int C, \
      int OC, bool add_dinp),                                                                \
     (dinp, dw, dbias, dout, inp, w, N, C, OC, add_dinp))                                    \
   X(void, matmul_accumulate,                                                                \
-    (T* out, const T* inp, const T* w, const T* bias, int64_t N, int C, int OC,             \
+    (T* out, Operand<T> inp, const T* w, const T* bias, int64_t N, int C, int OC,           \
      float alpha, const T* res),                                                            \
     (out, inp, w, bias, N, C, OC, alpha, res))                                              \
   /* activation */                                                                          \

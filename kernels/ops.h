@@ -50,6 +50,11 @@ class Ops {
   // Elements of a stash of n values (stash, below): n here, fewer where the
   // backend stashes in a narrower type (CUDA: (n + 1) / 2, bf16 pairs).
   virtual int64_t stash_elems(int64_t n) const { return n; }
+  // Whether attention calls at precision `prec` may write and read their
+  // output in bf16 (AttentionParams::out_bf16) and the products take it as
+  // an Operand in bf16: the same bits as fp32 outputs, which this backend
+  // rounds to bf16 wherever it reads them (CUDA at bf16; not here).
+  virtual bool attention_output_bf16(AttentionPrecision /*prec*/) const { return false; }
   // Elements of AttentionParams::kept for a chunked attention call over L
   // positions of width dh at precision `prec`: 0 where the backend keeps
   // nothing (here; CUDA: attention_kept_bytes for bf16, kernels/common/
@@ -110,6 +115,8 @@ class Ops {
   // layernorm: out[N, C] = (inp - mean) * rstd * w + b, rstd = 1 / sqrt(var +
   //   eps); mean[N], rstd[N] are saved for the backward.
   // linear: out[N, OC] = inp[N, C] @ w[C, OC] (+ bias[OC] when non-null);
+  //   inp is an Operand: T values, or bf16 values where the backend keeps
+  //   attention outputs so (attention_output_bf16; ShapeError elsewhere);
   //   backward: dinp += dout @ w^T (dinp = when !add_dinp: a buffer the
   //   product fills needs no zeroing first); dw += inp^T @ dout; dbias +=
   //   column sums.

@@ -75,19 +75,20 @@ struct Flops {
 };
 template <>
 struct Flops<OpId::matmul_forward> {
-  static double of(T*, const T*, const T*, const T*, int64_t N, int C, int OC) {
+  static double of(T*, Operand<T>, const T*, const T*, int64_t N, int C, int OC) {
     return matmul_forward_flops(N, C, OC);
   }
 };
 template <>
 struct Flops<OpId::matmul_accumulate> {
-  static double of(T*, const T*, const T*, const T*, int64_t N, int C, int OC, float, const T*) {
+  static double of(T*, Operand<T>, const T*, const T*, int64_t N, int C, int OC, float,
+                   const T*) {
     return matmul_forward_flops(N, C, OC);
   }
 };
 template <>
 struct Flops<OpId::matmul_backward> {
-  static double of(T* dinp, T* dw, T*, const T*, const T*, const T*, int64_t N, int C, int OC,
+  static double of(T* dinp, T* dw, T*, const T*, Operand<T>, const T*, int64_t N, int C, int OC,
                    bool) {
     return matmul_backward_flops(N, C, OC, dinp != nullptr, dw != nullptr);
   }

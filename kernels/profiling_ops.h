@@ -103,6 +103,9 @@ class ProfilingOps final : public Ops<float> {
     return inner_.layernorm_ffn_ln_cols(C, F);
   }
   int64_t stash_elems(int64_t n) const override { return inner_.stash_elems(n); }
+  bool attention_output_bf16(AttentionPrecision prec) const override {
+    return inner_.attention_output_bf16(prec);
+  }
   int64_t attention_kept_elems(int64_t L, int dh, AttentionPrecision prec) const override {
     return inner_.attention_kept_elems(L, dh, prec);
   }

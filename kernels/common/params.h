@@ -104,6 +104,27 @@ struct AttentionParams {
   // fp32 attention; the backward then reads the forward's qk and v) and
   // with fold_rounds.
   void* kept = nullptr;
+  // The output `out` in bf16 (round to nearest even), two values to a
+  // float of its buffer, row i's at bf16 element i * ld (a backward's
+  // i * ld_out): a forward writes it so, a backward reads it so (Operand
+  // for the products that read it next). For a backend that attends in
+  // bf16 and rounds `out` to bf16 wherever it reads it
+  // (Ops::attention_output_bf16), so that the results are the same bits as
+  // with fp32 `out`. Chunked calls that keep their rounds themselves only
+  // (no out_r, no fold_rounds); elsewhere ShapeError.
+  bool out_bf16 = false;
+};
+
+// An input of a product that may be held in bf16 (AttentionParams::
+// out_bf16's outputs): p points at bf16 values, two to a T, where bf16 is
+// set (only a backend with Ops::attention_output_bf16 takes them; the
+// others throw ShapeError), else at T values. Built from a plain pointer.
+template <class T>
+struct Operand {
+  const T* p = nullptr;
+  bool bf16 = false;
+  Operand(const T* values) : p(values) {}  // NOLINT: implicit, as the plain pointer it replaces
+  Operand(const T* values, bool in_bf16) : p(values), bf16(in_bf16) {}
 };
 
 // Bytes of AttentionParams::kept for the CUDA tensor-core attention over L

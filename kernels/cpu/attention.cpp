@@ -38,9 +38,14 @@ namespace {
 // would cost more than it saves. Results do not depend on it.
 constexpr int64_t kMinParallelWork = int64_t(1) << 16;
 
-void check_common(const AttentionParams& p, const char* op) { check_attention_shape(p, op); }
+void check_common(const AttentionParams& p, const char* op) {
+  check_attention_shape(p, op);
+  if (p.out_bf16)  // Ops::attention_output_bf16 is false here
+    throw ShapeError(std::string(op) + ": out_bf16 needs a backend that keeps bf16 outputs");
+}
 
 void check_chunked(const AttentionParams& p, const char* op) {
+  check_common(p, op);
   check_chunked_attention_shape(p, op);
 }
 

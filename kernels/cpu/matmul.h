@@ -5,6 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+
+#include "kernels/common/params.h"
+#include "kernels/errors.h"
 
 namespace reformer::cpu {
 
@@ -18,5 +22,28 @@ void matmul_accumulate(T* out, const T* inp, const T* w, const T* bias, int64_t 
 template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N,
                      int C, int OC, bool add_dinp = true);
+
+// The op interface's forms (kernels/ops.h): an Operand input in T; the CPU
+// keeps no bf16 operands (Ops::attention_output_bf16 is false here).
+template <class T>
+const T* plain_operand(Operand<T> inp, const char* op) {
+  if (inp.bf16) throw ShapeError(std::string(op) + ": bf16 inputs need a backend that keeps them");
+  return inp.p;
+}
+template <class T>
+void matmul_forward(T* out, Operand<T> inp, const T* w, const T* bias, int64_t N, int C, int OC) {
+  matmul_forward(out, plain_operand(inp, "matmul_forward"), w, bias, N, C, OC);
+}
+template <class T>
+void matmul_accumulate(T* out, Operand<T> inp, const T* w, const T* bias, int64_t N, int C, int OC,
+                       float alpha, const T* res) {
+  matmul_accumulate(out, plain_operand(inp, "matmul_accumulate"), w, bias, N, C, OC, alpha, res);
+}
+template <class T>
+void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, Operand<T> inp, const T* w,
+                     int64_t N, int C, int OC, bool add_dinp) {
+  matmul_backward(dinp, dw, dbias, dout, plain_operand(inp, "matmul_backward"), w, N, C, OC,
+                  add_dinp);
+}
 
 }  // namespace reformer::cpu

@@ -381,6 +381,8 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
                                          const float* out, int64_t ld_out, const float* lse,
                                          const AttentionParams& p) {
   cuda::check_chunked(p, "chunked_attention_backward");
+  cuda::check_out_bf16(p, p.precision == AttentionPrecision::bf16 && !p.fold_rounds,
+                       "chunked_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
   if (p.fold_rounds) {  // one round's scratch, the rounds' shares added in turn
@@ -404,6 +406,7 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
                                       const float* qk, const float* v, const float* lse,
                                       const AttentionParams& p) {
   cuda::check_common(p, "full_attention_backward");
+  cuda::check_out_bf16(p, false, "full_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
   const cuda::AttnScratch sc =

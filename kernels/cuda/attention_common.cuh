@@ -96,6 +96,7 @@ struct AttnGeom {
   bool pairs;           // (mma kernels) outputs written two columns per 8-byte access
   int64_t row_tiles;    // kTile-row tiles per chunk (chunked) or per sequence (full)
   int walk;             // (mma walking kernels) chunks per block
+  bool out_bf16;        // out in bf16 (AttentionParams::out_bf16): tensor-core paths
 };
 
 __device__ __forceinline__ int64_t wrap_chunk(int64_t kc, const AttnGeom& g, bool* ok) {
@@ -269,6 +270,19 @@ __device__ __forceinline__ void store_cols(float* p, const float* v) {
   else
     *p = v[0];
 }
+template <int E>
+__device__ __forceinline__ void store_cols(__nv_bfloat16* p, const float* v) {  // rounded
+  if constexpr (E == 4) {
+    uint2 x;
+    *reinterpret_cast<__nv_bfloat162*>(&x.x) = __floats2bfloat162_rn(v[0], v[1]);
+    *reinterpret_cast<__nv_bfloat162*>(&x.y) = __floats2bfloat162_rn(v[2], v[3]);
+    *reinterpret_cast<uint2*>(p) = x;
+  } else if constexpr (E == 2) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v[0], v[1]);
+  } else {
+    *p = __float2bfloat16_rn(v[0]);
+  }
+}
 
 // The round sum of a backward of several rounds, one warp per position j,
 // from per-round rows [R, L, ld_r] (fp32, or bf16 on tensor cores):
@@ -396,6 +410,14 @@ inline void check_common(const AttentionParams& p, const char* op) {
     throw ShapeError(std::string(op) + ": L must fit in int32");
 }
 
+// AttentionParams::out_bf16 where this call cannot honour it (ok false).
+inline void check_out_bf16(const AttentionParams& p, bool ok, const char* op) {
+  if (p.out_bf16 && !ok)
+    throw ShapeError(std::string(op) +
+                     ": out_bf16 needs bf16 precision and a chunked call that keeps its rounds "
+                     "itself (no out_r, no fold_rounds)");
+}
+
 inline void check_chunked(const AttentionParams& p, const char* op) {
   check_common(p, op);
   check_chunked_attention_shape(p, op);
@@ -413,6 +435,7 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
   g.causal = p.causal;
   g.pairs = false;
   g.walk = 1;
+  g.out_bf16 = p.out_bf16;
   if (full) {
     g.chunk = 0;
     g.chunk_shift = -1;

@@ -297,10 +297,11 @@ struct MmaStage {
   float* rm = nullptr;
   float* riz = nullptr;
   float* rD = nullptr;
-  const float* out = nullptr;
+  const float* out = nullptr;  // bf16 values where out_bf16 (AttentionParams::out_bf16)
   int64_t ld_out = 0;
   const float* lse = nullptr;
   int R = 0;
+  bool out_bf16 = false;
   // Operands a < first are staged already (a forward's, kept:
   // AttentionParams::kept): their dst come from the kept buffer and they
   // are not read or written (khat_from_q is then false).
@@ -329,6 +330,38 @@ __device__ __forceinline__ void load_stage_pairs(const float* row, float (*x)[2]
   }
 }
 
+// The same pairs of a row of bf16 values (AttentionParams::out_bf16's
+// `out`): the values load_stage_pairs gives for their fp32 originals.
+template <int DH, bool kPairs>
+__device__ __forceinline__ void load_stage_pairs(const bf16* row, float (*x)[2], int lane,
+                                                 int dh) {
+  constexpr int K = (DH + 63) / 64;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int d = 2 * lane + 64 * k;
+    if (d >= DH) break;
+    if (kPairs) {
+      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + d));
+      x[k][0] = v.x;
+      x[k][1] = v.y;
+    } else {
+      x[k][0] = d < dh ? __bfloat162float(row[d]) : 0.0f;
+      x[k][1] = d + 1 < dh ? __bfloat162float(row[d + 1]) : 0.0f;
+    }
+  }
+}
+
+// The row of `out` at position pos (fp32 or bf16 values, st.out_bf16).
+template <int DH, bool kPairs>
+__device__ __forceinline__ void load_out_pairs(const MmaStage& st, int64_t pos, float (*x)[2],
+                                               int lane, int dh) {
+  if (st.out_bf16)
+    load_stage_pairs<DH, kPairs>(reinterpret_cast<const bf16*>(st.out) + pos * st.ld_out, x,
+                                 lane, dh);
+  else
+    load_stage_pairs<DH, kPairs>(st.out + pos * st.ld_out, x, lane, dh);
+}
+
 // One warp per position. Every load of the row is issued before the first
 // store (the operands, `out` for the statistics, q once more by columns for
 // the norm), so a warp has them all in flight at once; lane l takes the
@@ -352,7 +385,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
     load_pairs(st.src[a] + pos * st.lds[a], x[a]);
   }
   float o[K][2] = {};
-  if (st.rm) load_pairs(st.out + pos * st.ld_out, o);
+  if (st.rm) load_out_pairs<DH, kPairs>(st, pos, o, lane, g.dh);
   float qc[E];  // q by columns lane + 32 t, normalise_keys_kernel's order
   if (st.khat_from_q) {
     const float* q = st.src[0] + pos * st.lds[0];
@@ -430,7 +463,7 @@ __global__ void __launch_bounds__(32 * kStageWarps)
     const int64_t pos = pos0 + p;
     if (pos >= g.L) break;
     load_pairs(st.src[3] + pos * st.lds[3], x[p]);
-    load_pairs(st.out + pos * st.ld_out, o[p]);
+    load_out_pairs<DH, kPairs>(st, pos, o[p], lane, g.dh);
   }
 #pragma unroll
   for (int p = 0; p < P; ++p) {
@@ -462,7 +495,7 @@ inline bool mma_stage_pairs(const AttnGeom& g, int DH, const MmaStage& st) {
     if (a == 1 && st.khat_from_q) continue;
     ok = ok && st.lds[a] % 2 == 0 && aligned(st.src[a], 8);
   }
-  if (st.rm) ok = ok && st.ld_out % 2 == 0 && aligned(st.out, 8);
+  if (st.rm) ok = ok && st.ld_out % 2 == 0 && aligned(st.out, st.out_bf16 ? 4 : 8);
   return ok;
 }
 

@@ -924,6 +924,7 @@ MmaStage stage_mma_backward(const AttnGeom& g, int rounds, const float* qk, cons
   MmaStage st{{qk, nullptr, v, dout}, {g.ld, g.dh, g.ld, g.ld}, {}, kMmaBwdStaged, !kept, norm,
               rm, riz, rD, out, ld_out, lse, rounds};
   st.first = kept ? 3 : 0;
+  st.out_bf16 = g.out_bf16;
   launch_mma_stage<DH>(g, stage, &st, s, kept);
   return st;
 }

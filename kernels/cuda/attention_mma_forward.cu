@@ -439,11 +439,12 @@ void launch_mma_forward_folded(AttnGeom g, const int32_t* perm, int rounds, cons
 // out = sum_r w[r, i] out_b[r, i] for the bf16 round outputs [R, L, DH] of
 // a call, the weights as combine_rounds_kernel's (attention_forward.cu), one
 // warp per position, sums in fp32 in round order. E = DH / 32 columns per
-// lane: with kVec (dh == DH, out's rows aligned to E floats) lane l takes
+// lane: with kVec (dh == DH, out's rows aligned to E values) lane l takes
 // columns E l .. E l + E - 1 by vector accesses (load_cols, store_cols), else
-// columns l + 32 t.
-template <int DH, bool kVec>
-__global__ void combine_bf16_kernel(float* out, int64_t ld, const bf16* out_b, const float* lse,
+// columns l + 32 t. OutT: float, or bf16 rounded to nearest even
+// (AttentionParams::out_bf16).
+template <int DH, bool kVec, class OutT>
+__global__ void combine_bf16_kernel(OutT* out, int64_t ld, const bf16* out_b, const float* lse,
                                     int64_t L, int dh, int R) {
   constexpr int E = DH / 32;
   const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -469,7 +470,32 @@ __global__ void combine_bf16_kernel(float* out, int64_t ld, const bf16* out_b, c
   } else {
 #pragma unroll
     for (int t = 0; t < E; ++t)
-      if (lane + 32 * t < dh) out[i * ld + lane + 32 * t] = acc[t];
+      if (lane + 32 * t < dh) store_cols<1>(out + i * ld + lane + 32 * t, acc + t);
+  }
+}
+
+// combine_bf16_kernel over a call's rounds into out (OutT rows, stride
+// p.ld), by vector accesses where the rows allow.
+template <class OutT>
+void combine_rounds_bf16(OutT* out, const AttentionParams& p, int dhm, const bf16* out_b,
+                         const float* lse, cudaStream_t s) {
+  const int E = dhm / 32;
+  const bool vec = p.dh == dhm && p.ld % E == 0 && aligned(out, sizeof(OutT) * E);
+  auto combine = [&](auto kernel) {
+    kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L, p.dh,
+                                                     p.n_rounds);
+    CUDA_CHECK_LAUNCH("combine_bf16_kernel");
+  };
+  switch (dhm) {
+    case 32:
+      combine(vec ? combine_bf16_kernel<32, true, OutT> : combine_bf16_kernel<32, false, OutT>);
+      break;
+    case 64:
+      combine(vec ? combine_bf16_kernel<64, true, OutT> : combine_bf16_kernel<64, false, OutT>);
+      break;
+    default:
+      combine(vec ? combine_bf16_kernel<128, true, OutT> : combine_bf16_kernel<128, false, OutT>);
+      break;
   }
 }
 
@@ -538,20 +564,10 @@ void mma_chunked_forward_bf16(const AttentionParams& p, const int32_t* perm, con
                               p.kept ? p.kept : stage, s,
                               p.kept ? kept_norm(p.kept, p.L, p.dh) : nullptr);
   const int dhm = kernel_dhm(p.dh);
-  const int E = dhm / 32;
-  const bool vec = p.dh == dhm && p.ld % E == 0 && aligned(out, sizeof(float) * E);
-  auto combine = [&](auto kernel) {
-    kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L, p.dh,
-                                                     p.n_rounds);
-    CUDA_CHECK_LAUNCH("combine_bf16_kernel");
-  };
-  switch (dhm) {
-    case 32: combine(vec ? combine_bf16_kernel<32, true> : combine_bf16_kernel<32, false>); break;
-    case 64: combine(vec ? combine_bf16_kernel<64, true> : combine_bf16_kernel<64, false>); break;
-    default:
-      combine(vec ? combine_bf16_kernel<128, true> : combine_bf16_kernel<128, false>);
-      break;
-  }
+  if (p.out_bf16)  // out holds bf16 rows (AttentionParams::out_bf16)
+    combine_rounds_bf16(reinterpret_cast<bf16*>(out), p, dhm, out_b, lse, s);
+  else
+    combine_rounds_bf16(out, p, dhm, out_b, lse, s);
 }
 
 }  // namespace cuda

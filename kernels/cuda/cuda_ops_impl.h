@@ -56,6 +56,9 @@ class CudaOps final : public Ops<float> {
     return reformer::layernorm_ffn_ln_cols(C, F);
   }
   int64_t stash_elems(int64_t n) const override { return bf16_stash_elems(n); }
+  bool attention_output_bf16(AttentionPrecision prec) const override {
+    return prec == AttentionPrecision::bf16;
+  }
   int64_t attention_kept_elems(int64_t L, int dh, AttentionPrecision prec) const override {
     return prec == AttentionPrecision::bf16 ? (attention_kept_bytes(L, dh) + 3) / 4 : 0;
   }
@@ -119,8 +122,11 @@ class CudaOps final : public Ops<float> {
   // out = alpha (inp @ w + bias) + beta out (res in place of out where
   // given) for row-major out [N, OC], inp [N, C], w [C, OC]: matmul_forward
   // (1, 0) and matmul_accumulate (alpha, 1).
-  void product(float* out, const float* inp, const float* w, const float* bias, int64_t N, int C,
-               int OC, float alpha, float beta, const float* res = nullptr);
+  // An Operand input in bf16 is the product's bf16 operand as it is (no
+  // rounding pass; no fp32 fallback: DeviceError where cuBLASLt has no
+  // bf16 product for it).
+  void product(float* out, Operand<float> inp, const float* w, const float* bias, int64_t N,
+               int C, int OC, float alpha, float beta, const float* res = nullptr);
 
   // Waits for stream_; then throws the device error raised since the last
   // check, if any (device_error_, cleared). Every host synchronisation point

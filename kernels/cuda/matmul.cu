@@ -389,7 +389,7 @@ void CudaOps::add_bias(float* out, const float* bias, int64_t rows, int64_t cols
   }
 }
 
-void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const float* bias,
+void CudaOps::matmul_forward(float* out, Operand<float> inp, const float* w, const float* bias,
                              int64_t N, int C, int OC) {
   product(out, inp, w, bias, N, C, OC, 1.0f, 0.0f);
 }
@@ -398,13 +398,31 @@ void CudaOps::matmul_forward(float* out, const float* inp, const float* w, const
 // branch never goes through memory; the bias follows in its own pass
 // (alpha bias), which rounds once more than the CPU's out + alpha (inp @ w +
 // bias).
-void CudaOps::matmul_accumulate(float* out, const float* inp, const float* w, const float* bias,
-                                int64_t N, int C, int OC, float alpha, const float* res) {
+void CudaOps::matmul_accumulate(float* out, Operand<float> inp, const float* w,
+                                const float* bias, int64_t N, int C, int OC, float alpha,
+                                const float* res) {
   product(out, inp, w, bias, N, C, OC, alpha, 1.0f, res);
 }
 
-void CudaOps::product(float* out, const float* inp, const float* w, const float* bias, int64_t N,
-                      int C, int OC, float alpha, float beta, const float* res) {
+namespace {
+// Row r0 of a product's input (bf16 or fp32 rows of C values) and its bf16
+// rows for cuBLASLt: the input's own where it is bf16, else x16 filled by
+// rounding them.
+const __nv_bfloat16* bf16_rows(Operand<float> inp, int64_t r0, int64_t rows, int C,
+                               __nv_bfloat16* x16, cudaStream_t s) {
+  if (inp.bf16) return reinterpret_cast<const __nv_bfloat16*>(inp.p) + r0 * C;
+  cuda::round_bf16(x16, inp.p + r0 * C, rows, C, s);
+  return x16;
+}
+
+[[noreturn]] void no_bf16_product(const char* op, int C, int OC) {
+  throw DeviceError(std::string(op) + ": no bf16 product for a bf16 input, C=" +
+                    std::to_string(C) + " OC=" + std::to_string(OC));
+}
+}  // namespace
+
+void CudaOps::product(float* out, Operand<float> inp, const float* w, const float* bias,
+                      int64_t N, int C, int OC, float alpha, float beta, const float* res) {
   if (N <= 0 || OC <= 0) return;
   if (C <= 0) {
     if (beta == 0.0f) fill(out, 0.0f, N * OC);
@@ -418,19 +436,21 @@ void CudaOps::product(float* out, const float* inp, const float* w, const float*
     cuda::round_bf16(w16, w, C, OC, stream_);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);
-      cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
+      const __nv_bfloat16* x = bf16_rows(inp, r0, nr, C, x16, stream_);
       const float* c_in = res ? res + r0 * OC : nullptr;
-      if (!gemm(false, false, OC, nr, C, w16, OC, x16, C, beta, out + r0 * OC, OC,
-                GemmOperands::bf16, alpha, c_in))
-        gemm(false, false, OC, nr, C, w, OC, inp + r0 * C, C, beta, out + r0 * OC, OC,
-             GemmOperands::fp32_bf16_math, alpha, c_in);
+      if (gemm(false, false, OC, nr, C, w16, OC, x, C, beta, out + r0 * OC, OC,
+               GemmOperands::bf16, alpha, c_in))
+        continue;
+      if (inp.bf16) no_bf16_product("matmul", C, OC);
+      gemm(false, false, OC, nr, C, w, OC, inp.p + r0 * C, C, beta, out + r0 * OC, OC,
+           GemmOperands::fp32_bf16_math, alpha, c_in);
     }
   }
   if (bias) add_bias(out, bias, N, OC, alpha);
 }
 
 void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float* dout,
-                              const float* inp, const float* w, int64_t N, int C, int OC,
+                              Operand<float> inp, const float* w, int64_t N, int C, int OC,
                               bool add_dinp) {
   if (N <= 0 || OC <= 0) return;
   if ((dinp || dw) && C > 0) {
@@ -450,9 +470,11 @@ void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float*
       }
       if (dw) {
         // dw^T [OC, C] += dout^T [OC, nr] inp [nr, C].
-        cuda::round_bf16(x16, inp + r0 * C, nr, C, stream_);
-        if (!gemm(false, true, OC, C, nr, d16, OC, x16, C, 1.0f, dw, OC, GemmOperands::bf16))
-          gemm(false, true, OC, C, nr, dout + r0 * OC, OC, inp + r0 * C, C, 1.0f, dw, OC);
+        const __nv_bfloat16* x = bf16_rows(inp, r0, nr, C, x16, stream_);
+        if (!gemm(false, true, OC, C, nr, d16, OC, x, C, 1.0f, dw, OC, GemmOperands::bf16)) {
+          if (inp.bf16) no_bf16_product("matmul_backward", C, OC);
+          gemm(false, true, OC, C, nr, dout + r0 * OC, OC, inp.p + r0 * C, C, 1.0f, dw, OC);
+        }
       }
     }
   }

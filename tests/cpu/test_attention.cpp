@@ -809,5 +809,29 @@ TEST(FullAttentionBackward, AccumulatesAndSkipsNull) {
   EXPECT_EQ(dv, g0.dv);
 }
 
+// The CPU attention writes fp32 outputs: a call asking for bf16 ones
+// (AttentionParams::out_bf16) is refused, chunked and full.
+TEST(ChunkedAttention, RefusesBf16Outputs) {
+  AttentionParams p;
+  p.L = 8;
+  p.dh = 2;
+  p.ld = 2;
+  p.chunk = 4;
+  p.out_bf16 = true;
+  std::vector<float> qk(16, 0.5f), v(16, 0.25f), out(16), lse(8);
+  std::vector<int32_t> perm(8);
+  std::iota(perm.begin(), perm.end(), 0);
+  EXPECT_THROW(chunked_attention_forward(out.data(), static_cast<float*>(nullptr),
+                                              lse.data(), qk.data(), v.data(), perm.data(), p),
+               ShapeError);
+  EXPECT_THROW(full_attention_forward(out.data(), lse.data(), qk.data(), v.data(), p),
+               ShapeError);
+  p.out_bf16 = false;
+  chunked_attention_forward(out.data(), static_cast<float*>(nullptr), lse.data(), qk.data(),
+                                 v.data(), perm.data(), p);
+  EXPECT_FLOAT_EQ(out[0], 0.25f);
+}
+
 }  // namespace
 }  // namespace reformer::cpu
+

@@ -126,6 +126,54 @@ TEST(MemoryPlan, EqualsTheModelsAllocations) {
   }
 }
 
+// The attention outputs in bf16 (attention_output_bf16): on a CUDA device
+// attending in bf16 at sp 1, every layer attending in chunks with all its
+// rounds per call, "ao" and "kept ao" are half their fp32 size; not on the
+// CPU, at fp32 precision, with a full-attention layer or at one chunk,
+// with rounds one at a time, under sp, or with
+// REFORMER_BF16_ATTENTION_OUTPUT=off. A backend whose attention writes
+// fp32 outputs refuses a plan that keeps them in bf16.
+TEST(MemoryPlan, AttentionOutputsInBf16WhereTheDeviceKeepsThem) {
+  const Config bench =
+      load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
+                  {"model.max_len=65536", "training.device=cuda", "model.kept_layers=6"});
+  ASSERT_TRUE(keeps_attention(bench, 1));
+  EXPECT_TRUE(attention_output_bf16(bench, 1));
+  const int64_t L = 65536, HD = bench.model.d_model;
+  EXPECT_EQ(plan_memory(bench, 1).count("ao"), L * HD / 2);
+  EXPECT_EQ(plan_memory(bench, 1).count("kept ao"), L * HD / 2);
+  EXPECT_EQ(plan_memory(bench, 1).count("qk"), L * HD);
+  auto with = [&](std::vector<std::string> sets) {
+    sets.insert(sets.begin(), {"model.max_len=65536", "training.device=cuda"});
+    return load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml", sets);
+  };
+  for (const auto& sets : std::vector<std::vector<std::string>>{
+           {"training.device=cpu"},
+           {"attention.precision=fp32"},
+           {"attention.kinds=[lsh, full]"},
+           {"model.attn_rounds_per_pass=1"},
+           {"model.max_len=64"}}) {
+    SCOPED_TRACE(sets[0]);
+    const Config c = with(sets);
+    EXPECT_FALSE(attention_output_bf16(c, 1));
+    EXPECT_EQ(plan_memory(c, 1).count("ao"), plan_memory(c, 1).count("qk"));
+  }
+  EXPECT_TRUE(attention_output_bf16(with({"attention.kinds=[lsh, local]"}), 1));
+  EXPECT_FALSE(attention_output_bf16(bench, 2));
+  setenv("REFORMER_BF16_ATTENTION_OUTPUT", "off", 1);
+  EXPECT_FALSE(attention_output_bf16(bench, 1));
+  EXPECT_EQ(plan_memory(bench, 1).count("ao"), L * HD);
+  setenv("REFORMER_BF16_ATTENTION_OUTPUT", "sometimes", 1);
+  EXPECT_THROW(attention_output_bf16(bench, 1), ConfigError);
+  unsetenv("REFORMER_BF16_ATTENTION_OUTPUT");
+  // The CPU attention writes fp32 outputs: a model for such a plan is refused.
+  Config small =
+      config({"training.device=cuda", "attention.kinds=[lsh, local]", "model.d_model=32"});
+  ASSERT_TRUE(attention_output_bf16(small, 1));
+  test::CountingOps<float> ops;
+  EXPECT_THROW((ReformerModel<float>(small, ops, SequenceShard{1, 0, nullptr})), ConfigError);
+}
+
 // Under sp the exchanges' sequence side and staging live in idle operand
 // buffers (exchange_in_operands), except in pairs mode where a part's
 // log-sum-exp rows (n_hashes / g = 4 here) are wider than an operand's rows
@@ -334,13 +382,13 @@ TEST(MemoryPlan, HeadsPerPassFitTheDevice) {
   Config set = cfg;
   set.model.attn_heads_per_pass = 2;
   EXPECT_EQ(fitted(set, 139 * GiB), 2);
-  // 2 kept and 4 stashed on an H200 (as it reports its memory): 8 heads fit
+  // 3 kept and 3 stashed on an H200 (as it reports its memory): 8 heads fit
   // with the kept layers' outputs and pre-activations and x1 rebuilt, not
   // with their whole attention state and both halves and x1 kept.
   Config counts = cfg;
   counts.training.device = DeviceKind::cuda;
-  counts.model.kept_layers = 2;
-  counts.model.stashed_layers = 4;
+  counts.model.kept_layers = 3;
+  counts.model.stashed_layers = 3;
   const int64_t h200 = int64_t(143771) << 20;
   EXPECT_EQ(fitted(counts, h200), 8);
   Config state = counts;
@@ -445,7 +493,7 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
 // takes at most 90% of the device, the one that saves the backward most (a
 // kept layer weighing kKeptOverStashed stashed ones). At 1M tokens in
 // passes of 4 heads on an H200 that is 3 kept and 1 stashed (2 kept and 4
-// stashed also fit); on 139 GiB, where 3 and 1 do not, 2 and 4. At 2M in
+// stashed also fit); on 137 GiB, where 3 and 1 do not, 2 and 4. At 2M in
 // passes of 2, 6 stashed. A
 // stashed layer holds every pass's outputs (bf16 on CUDA) and log-sum-exps;
 // none under sp or where rounds are attended one at a time; a set count
@@ -462,9 +510,9 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   EXPECT_EQ(f.model.kept_layers, 3);
   EXPECT_EQ(f.model.stashed_layers, 1);
   EXPECT_EQ(stashed_layer_count(f, 1), 1);
-  const Config f139 = fit_to_device(cfg, 1, 139 * GiB);
-  EXPECT_EQ(f139.model.kept_layers, 2);
-  EXPECT_EQ(stashed_layer_count(f139, 1), 4);
+  const Config f137 = fit_to_device(cfg, 1, 137 * GiB);
+  EXPECT_EQ(f137.model.kept_layers, 2);
+  EXPECT_EQ(stashed_layer_count(f137, 1), 4);
   const double budget = 0.9 * double(h200);
   EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
   const int n = cfg.model.n_layers;
@@ -519,12 +567,12 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
 // the pre-activation (weighing kActivationRebuildInStashed less), x1 or not
 // (kX1RebuildInStashed less) and its LayerNorm rows or not
 // (kLnRebuildInStashed less); the fit takes the forms with the best counts
-// that fit. On an H200: at 64K every layer keeps everything; at 512K every
-// layer its state, pre-activation and LayerNorm rows, x1 rebuilt; at 1M, 8
-// heads a pass, 5 their outputs and pre-activations, x1 and the rows
-// rebuilt, and 1 stashed (2 keeping everything of their outputs form and 4
-// stashed also fit). A set form stays; without a device auto reads as
-// state, both and kept.
+// that fit. On an H200 (attention outputs in bf16): at 64K every layer
+// keeps everything; at 512K every layer its state, both halves and x1, the
+// LayerNorm rows rebuilt; at 1M, 8 heads a pass, 3 their state,
+// pre-activations and LayerNorm rows, x1 rebuilt, and 3 stashed (5 with
+// their outputs and 1 stashed also fit, and score less). A set form stays;
+// without a device auto reads as state, both and kept.
 TEST(MemoryPlan, KeptFormsFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
                                  {"training.device=cuda"});
@@ -570,8 +618,8 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   using A = KeptAttention;
   using F = KeptFfn;
   for (const Want& w : {Want{65536, A::state, F::both, true, true, 6, 0, 8},
-                        Want{524288, A::state, F::both, false, true, 6, 0, 8},
-                        Want{1048576, A::outputs, F::pre_activation, false, false, 5, 1, 8}}) {
+                        Want{524288, A::state, F::both, true, false, 6, 0, 8},
+                        Want{1048576, A::state, F::pre_activation, false, true, 3, 3, 8}}) {
     SCOPED_TRACE(w.L);
     const Config f = fit_to_device(with_length(cfg, w.L, "test"), 1, h200);
     EXPECT_EQ(f.model.kept_attention, w.form);
@@ -616,7 +664,7 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   EXPECT_EQ(fs.model.kept_attention, KeptAttention::state);
   EXPECT_EQ(fs.model.kept_ffn, KeptFfn::both);
   EXPECT_TRUE(keeps_attention(fs, 1));
-  EXPECT_EQ(fs.model.kept_layers, 2);  // 36 GiB each (no fp32 qk and v)
+  EXPECT_EQ(fs.model.kept_layers, 2);  // 34 GiB each (no fp32 qk and v, ao in bf16)
   EXPECT_EQ(fit_to_device(set, 1, 0).model.kept_ffn, KeptFfn::both);
   Config no_device = set;
   no_device.model.kept_ffn = KeptFfn::auto_;

@@ -678,3 +678,22 @@ TEST(Embedding, BackwardAccumulatesAndSkipsNull) {
 
 }  // namespace
 }  // namespace reformer
+
+// The CPU keeps no bf16 operands (Ops::attention_output_bf16 is false
+// there): a product given a bf16 input refuses it, a plain one runs.
+TEST(MatmulForward, RefusesBf16Inputs) {
+  using reformer::Operand;
+  std::vector<float> out(6), inp(6, 1.0f), w(4, 1.0f);
+  const float* no_bias = nullptr;
+  float* no_dbias = nullptr;
+  EXPECT_THROW(reformer::cpu::matmul_forward(out.data(), Operand<float>{inp.data(), true},
+                                             w.data(), no_bias, 3, 2, 2),
+               reformer::ShapeError);
+  EXPECT_THROW(reformer::cpu::matmul_backward(out.data(), w.data(), no_dbias, out.data(),
+                                              Operand<float>{inp.data(), true}, w.data(), 3, 2,
+                                              2, false),
+               reformer::ShapeError);
+  reformer::cpu::matmul_forward(out.data(), Operand<float>{inp.data()}, w.data(), no_bias, 3, 2,
+                                2);
+  EXPECT_EQ(out[0], 2.0f);
+}

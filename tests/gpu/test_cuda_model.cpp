@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -79,19 +80,19 @@ class Bf16ProductsBase : public Ops<float> {
 template <>
 struct Bf16ProductsBase::Before<OpId::matmul_forward> {
   Bf16ProductsBase& o;
-  void apply(float*&, const float*& inp, const float*& w, const float*&, int64_t& N, int& C,
+  void apply(float*&, Operand<float>& inp, const float*& w, const float*&, int64_t& N, int& C,
              int& OC) {
-    inp = o.rounded(o.a_, inp, N * C);
+    inp = o.rounded(o.a_, inp.p, N * C);
     w = o.rounded(o.b_, w, int64_t(C) * OC);
   }
 };
 template <>
 struct Bf16ProductsBase::Before<OpId::matmul_backward> {
   Bf16ProductsBase& o;
-  void apply(float*&, float*&, float*&, const float*& dout, const float*& inp, const float*& w,
-             int64_t& N, int& C, int& OC, bool&) {
+  void apply(float*&, float*&, float*&, const float*& dout, Operand<float>& inp,
+             const float*& w, int64_t& N, int& C, int& OC, bool&) {
     dout = o.rounded(o.c_, dout, N * OC);
-    inp = o.rounded(o.a_, inp, N * C);
+    inp = o.rounded(o.a_, inp.p, N * C);
     w = o.rounded(o.b_, w, int64_t(C) * OC);
   }
 };
@@ -99,9 +100,9 @@ struct Bf16ProductsBase::Before<OpId::matmul_backward> {
 template <>
 struct Bf16ProductsBase::Before<OpId::matmul_accumulate> {
   Bf16ProductsBase& o;
-  void apply(float*&, const float*& inp, const float*& w, const float*&, int64_t& N, int& C,
+  void apply(float*&, Operand<float>& inp, const float*& w, const float*&, int64_t& N, int& C,
              int& OC, float&, const float*&) {
-    inp = o.rounded(o.a_, inp, N * C);
+    inp = o.rounded(o.a_, inp.p, N * C);
     w = o.rounded(o.b_, w, int64_t(C) * OC);
   }
 };
@@ -455,6 +456,54 @@ TEST(CudaModel, SavedBucketsEqualSavedOrders) {
     }
     EXPECT_EQ(loss[0], loss[1]);
     const ParamTable table = model_param_table(model_config("bf16"));
+    for (const ParamInfo& p : table.params()) {
+      const auto a = grads[0].begin() + p.offset, b = grads[1].begin() + p.offset;
+      EXPECT_TRUE(std::equal(a, a + p.size, b)) << p.name;
+    }
+  }
+}
+
+// Attention outputs kept in bf16 (attention_output_bf16, the CUDA default
+// where it applies: LSH and local layers attending in bf16) give the loss
+// and gradients of fp32 ones (REFORMER_BF16_ATTENTION_OUTPUT=off) bit for
+// bit: every reader of them (the output projection and its weight
+// gradient, the stash, the backward's row statistics) rounds them to bf16
+// first. Every layer rebuilt; kept with their attention state; kept with
+// their outputs in two passes of heads; stashed; dropout on (the output
+// projection through its separate branch).
+TEST(CudaModel, Bf16AttentionOutputsGiveTheSameBits) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  struct Case {
+    int kept, stashed, hp;
+    bool outputs;
+  };
+  for (const Case& c : {Case{0, 0, 0, false}, Case{3, 0, 0, false}, Case{3, 0, 2, false},
+                        Case{2, 0, 0, true}, Case{0, 3, 0, false}}) {
+    SCOPED_TRACE("kept " + std::to_string(c.kept) + ", stashed " + std::to_string(c.stashed) +
+                 ", heads per pass " + std::to_string(c.hp) + (c.outputs ? ", outputs" : ""));
+    std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
+    std::vector<float> grads[2];
+    double loss[2];
+    for (int off = 0; off < 2; ++off) {
+      if (off)
+        setenv("REFORMER_BF16_ATTENTION_OUTPUT", "off", 1);
+      else
+        unsetenv("REFORMER_BF16_ATTENTION_OUTPUT");
+      Config cfg = model_config("bf16", "[lsh, local]");
+      cfg.training.device = DeviceKind::cuda;
+      cfg.model.kept_layers = c.kept;
+      cfg.model.stashed_layers = c.stashed;
+      cfg.model.attn_heads_per_pass = c.hp;
+      if (c.outputs) cfg.model.kept_attention = KeptAttention::outputs;
+      EXPECT_EQ(attention_output_bf16(cfg, 1), off == 0);
+      const MemoryPlan plan = plan_memory(cfg, 1);
+      const int64_t hd = int64_t(c.hp > 0 ? c.hp : cfg.model.n_heads) * cfg.head_dim();
+      EXPECT_EQ(plan.count("ao"), cfg.model.max_len * hd / (off ? 1 : 2));
+      loss[off] = two_steps(*gpu, cfg, &grads[off]);
+    }
+    unsetenv("REFORMER_BF16_ATTENTION_OUTPUT");
+    EXPECT_EQ(loss[0], loss[1]);
+    const ParamTable table = model_param_table(model_config("bf16", "[lsh, local]"));
     for (const ParamInfo& p : table.params()) {
       const auto a = grads[0].begin() + p.offset, b = grads[1].begin() + p.offset;
       EXPECT_TRUE(std::equal(a, a + p.size, b)) << p.name;
