@@ -310,13 +310,14 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     // exchanges them for [Lfull, Hp * dh].
     const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
     proj_cols = sp * Hp * dh;
-    const bool ao_bf16 = attention_output_bf16(cfg, sp, real_bytes);
-    for (const char* n : {"qk", "v", "ao", "dqk", "dv", "dao"}) {
-      if (ao_bf16 && std::string(n) == "ao")  // bf16 pairs
-        b.add(n, G::activations, "[Lfull, heads_per_pass*dh/2]", {Lfull, Hp * dh / 2});
-      else
-        b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
-    }
+    for (const char* n : {"qk", "v"})
+      b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    if (attention_output_bf16(cfg, sp, real_bytes))  // bf16 pairs
+      b.add("ao", G::activations, "[Lfull, heads_per_pass*dh/2]", {Lfull, Hp * dh / 2});
+    else
+      b.add("ao", G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    for (const char* n : {"dqk", "dv", "dao"})
+      b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
     // Pairs mode (g ranks per head) gathers every rank's head columns of Wqk,
     // Wv (duplicates included) and uses Wo in place.
     if (Hp < Hloc || g > 1) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
