@@ -308,32 +308,24 @@ struct MmaStage {
   int first = 0;
 };
 
-// Lane `lane`'s column pairs 2 lane + 64 k of an fp32 row, as bf16 values
-// (0 past dh), for k < (DH + 63) / 64: one 8-byte load per pair with
-// kPairs (dh == DH, rows 8-byte aligned: mma_stage_pairs).
-template <int DH, bool kPairs>
-__device__ __forceinline__ void load_stage_pairs(const float* row, float (*x)[2], int lane,
-                                                 int dh) {
-  constexpr int K = (DH + 63) / 64;
-#pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const int d = 2 * lane + 64 * k;
-    if (d >= DH) break;
-    if (kPairs) {
-      const float2 v = *reinterpret_cast<const float2*>(row + d);
-      x[k][0] = bf16_value(v.x);
-      x[k][1] = bf16_value(v.y);
-    } else {
-      x[k][0] = d < dh ? bf16_value(row[d]) : 0.0f;
-      x[k][1] = d + 1 < dh ? bf16_value(row[d + 1]) : 0.0f;
-    }
-  }
+// A staged operand's values as bf16 values in fp32: an fp32 row's rounded
+// (bf16_value), a bf16 row's (AttentionParams::out_bf16's `out`) as they
+// are: the same values for the same originals.
+__device__ __forceinline__ float stage_value(float x) { return bf16_value(x); }
+__device__ __forceinline__ float stage_value(bf16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float2 stage_pair(const float* p) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  return make_float2(bf16_value(v.x), bf16_value(v.y));
+}
+__device__ __forceinline__ float2 stage_pair(const bf16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
 
-// The same pairs of a row of bf16 values (AttentionParams::out_bf16's
-// `out`): the values load_stage_pairs gives for their fp32 originals.
-template <int DH, bool kPairs>
-__device__ __forceinline__ void load_stage_pairs(const bf16* row, float (*x)[2], int lane,
+// Lane `lane`'s column pairs 2 lane + 64 k of a row (fp32 or bf16), as bf16
+// values (0 past dh), for k < (DH + 63) / 64: one 8- or 4-byte load per
+// pair with kPairs (dh == DH, rows aligned to a pair: mma_stage_pairs).
+template <int DH, bool kPairs, class Row>
+__device__ __forceinline__ void load_stage_pairs(const Row* row, float (*x)[2], int lane,
                                                  int dh) {
   constexpr int K = (DH + 63) / 64;
 #pragma unroll
@@ -341,12 +333,12 @@ __device__ __forceinline__ void load_stage_pairs(const bf16* row, float (*x)[2],
     const int d = 2 * lane + 64 * k;
     if (d >= DH) break;
     if (kPairs) {
-      const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(row + d));
+      const float2 v = stage_pair(row + d);
       x[k][0] = v.x;
       x[k][1] = v.y;
     } else {
-      x[k][0] = d < dh ? __bfloat162float(row[d]) : 0.0f;
-      x[k][1] = d + 1 < dh ? __bfloat162float(row[d + 1]) : 0.0f;
+      x[k][0] = d < dh ? stage_value(row[d]) : 0.0f;
+      x[k][1] = d + 1 < dh ? stage_value(row[d + 1]) : 0.0f;
     }
   }
 }
