@@ -16,6 +16,8 @@ AttentionParams attention_params(const Config& cfg, const AttentionShape& shape)
   ap.causal = ac.causal;
   ap.precision = ac.precision;
   ap.out_bf16 = shape.out_bf16;
+  ap.grad_bf16 = shape.grad_bf16;
+  ap.ld_grad = shape.grad_bf16 ? 2 * shape.ld : 0;
   return ap;
 }
 

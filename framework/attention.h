@@ -45,6 +45,10 @@ struct AttentionShape {
   // ao in bf16 (AttentionParams::out_bf16; attention_output_bf16,
   // framework/memory_plan.h): its column offsets count bf16 values.
   bool out_bf16 = false;
+  // dqk and dv in bf16 (AttentionParams::grad_bf16; attention_gradients_bf16,
+  // framework/memory_plan.h): rows of 2 ld bf16 values, their column
+  // offsets counting bf16 values.
+  bool grad_bf16 = false;
 };
 
 // Transient buffers the kinds share across heads and layers, sized by the

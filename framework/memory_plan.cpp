@@ -316,8 +316,14 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
       b.add("ao", G::activations, "[Lfull, heads_per_pass*dh/2]", {Lfull, Hp * dh / 2});
     else
       b.add("ao", G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
-    for (const char* n : {"dqk", "dv", "dao"})
-      b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    if (attention_gradients_bf16(cfg, sp, real_bytes)) {  // dqk's rows, then dv's, in bf16
+      b.add("dqk", G::activations, "[Lfull, heads_per_pass*dh] (dqk, dv in bf16)",
+            {Lfull, Hp * dh});
+      b.add("dao", G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    } else {
+      for (const char* n : {"dqk", "dv", "dao"})
+        b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    }
     // Pairs mode (g ranks per head) gathers every rank's head columns of Wqk,
     // Wv (duplicates included) and uses Wo in place.
     if (Hp < Hloc || g > 1) {  // a pass's columns of Wqk, Wv (rows of Wo) and their gradients
@@ -586,16 +592,33 @@ bool cuda_layouts(const Config& cfg, int real_bytes) {
 }
 }  // namespace
 
-bool attention_output_bf16(const Config& cfg, int sp, int real_bytes) {
-  const char* env = "REFORMER_BF16_ATTENTION_OUTPUT";
-  if (!switch_from_env(env, std::getenv(env)) || !cuda_layouts(cfg, real_bytes) ||
-      cfg.attention.precision != AttentionPrecision::bf16 || sp != 1 ||
-      cfg.head_dim() % 8 != 0 || cfg.model.max_len <= cfg.attention.bucket_size ||
+namespace {
+// What attention_output_bf16 and attention_gradients_bf16 both need: a CUDA
+// device attending in bf16 at sp 1, the hash rounds attended together,
+// head widths a multiple of 8, every layer attending in chunks.
+bool bf16_attention_buffers(const Config& cfg, int sp, int real_bytes) {
+  if (!cuda_layouts(cfg, real_bytes) || cfg.attention.precision != AttentionPrecision::bf16 ||
+      sp != 1 || cfg.head_dim() % 8 != 0 || cfg.model.max_len <= cfg.attention.bucket_size ||
       attention_by_round(cfg, sp, real_bytes))
     return false;
   for (int l = 0; l < cfg.model.n_layers; ++l)
     if (cfg.attention_kind(l) == AttentionKind::full) return false;
   return true;
+}
+}  // namespace
+
+bool attention_output_bf16(const Config& cfg, int sp, int real_bytes) {
+  const char* env = "REFORMER_BF16_ATTENTION_OUTPUT";
+  return switch_from_env(env, std::getenv(env)) && bf16_attention_buffers(cfg, sp, real_bytes);
+}
+
+bool attention_gradients_bf16(const Config& cfg, int sp, int real_bytes) {
+  const char* env = "REFORMER_BF16_ATTENTION_GRADIENTS";
+  if (!switch_from_env(env, std::getenv(env)) || !bf16_attention_buffers(cfg, sp, real_bytes) ||
+      cfg.attention.n_hashes < 2 || cfg.model.d_model % 8 != 0 ||
+      cfg.model.d_model > kLayernormBf16MaxC)
+    return false;
+  return lsh_layer_count(cfg) == cfg.model.n_layers;
 }
 
 int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes) {

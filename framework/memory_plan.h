@@ -166,6 +166,16 @@ bool keeps_attention_operands(const Config& cfg, int real_bytes = 4);
 // or local attention over more than one chunk; head widths a multiple of
 // 8). REFORMER_BF16_ATTENTION_OUTPUT=off keeps them in fp32.
 bool attention_output_bf16(const Config& cfg, int sp, int real_bytes = 4);
+// Whether the attention backward's gradients dqk and dv are kept in bf16,
+// side by side in "dqk" (a row's dqk values, then its dv values; no "dv":
+// half their fp32 size), as the projections' backward reads them
+// (AttentionParams::grad_bf16, Operand with a row stride): the same bits,
+// as that product rounds them to bf16. Where attention_output_bf16's
+// conditions hold (its switch aside), every layer is an LSH layer of two
+// or more hash rounds (whose round sum writes them) and d_model is a
+// multiple of 8 of at most kLayernormBf16MaxC (the fused projections).
+// REFORMER_BF16_ATTENTION_GRADIENTS=off keeps them in fp32.
+bool attention_gradients_bf16(const Config& cfg, int sp, int real_bytes = 4);
 // Where they do not: whether kept layers keep what the attention backward
 // reads from the forward instead, every pass's outputs ao (stashed: bf16
 // on CUDA) and log-sum-exps, so that their backward reruns the projections

@@ -109,6 +109,11 @@ struct ReformerModel<T>::Scratch {
   // written by the attention and read by the products (attention_output_bf16,
   // framework/memory_plan.h): the stash is then a copy.
   bool ao_bf16 = false;
+  // The attention backward's gradients dqk, dv are bf16 values, side by
+  // side in dqk (a row's 2 Hp dh values: dqk's, then dv's; no dv buffer),
+  // as written by the attention and read by the projections' backward
+  // (attention_gradients_bf16, framework/memory_plan.h).
+  bool grad_bf16 = false;
   bool keeping = false;  // this forward keeps (a backward follows)
   // Layer l's kept state when this forward keeps it, else null.
   Kept* kept_of(int l, int n_layers) {
@@ -182,7 +187,9 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.targets = ibuf("targets");
   s.x1 = buf("x1"); s.x2 = buf("x2"); s.dx1 = buf("dx1"); s.dx2 = buf("dx2");
   s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
-  s.dqk = buf("dqk"); s.dv = buf("dv"); s.dao = buf("dao");
+  s.grad_bf16 = attention_gradients_bf16(cfg, shard.size, int(sizeof(T)));
+  s.dqk = buf("dqk"); s.dao = buf("dao");
+  if (!s.grad_bf16) s.dv = buf("dv");
   if (shard.size > 1 && cfg.parallel.sp_mode == SpMode::sort) {
     if (Hp_ < H_) { s.wq = buf("wq_h"); s.wv = buf("wv_h"); s.gwq = buf("gwq_h"); s.gwv = buf("gwv_h"); }
     s.sorted = std::make_unique<SortedAttention<T>>(cfg, ops, *shard.comm, plan);
@@ -237,9 +244,15 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
                         " attention writes fp32 outputs, which the plan for training.device " +
                         to_string(cfg.training.device) +
                         " keeps in bf16 (use training.device: cpu)");
+    if (s.grad_bf16 && !ops.attention_output_bf16(cfg.attention.precision))
+      throw ConfigError(std::string("attention.precision: the ") + ops.name() +
+                        " attention writes fp32 gradients, which the plan for training.device " +
+                        to_string(cfg.training.device) +
+                        " keeps in bf16 (use training.device: cpu)");
     for (int l = 0; l < NL_; ++l) {
       AttentionShape shape{l, Lfull_, Hloc_, shard.rank / g_ * Hloc_, dh_, int64_t(Hp_) * dh_};
       shape.out_bf16 = s.ao_bf16;
+      shape.grad_bf16 = s.grad_bf16;
       if (g_ > 1) {  // this rank's share of each head's hash rounds
         shape.rounds = cfg.attention.n_hashes / g_;
         shape.round0 = shard.rank % g_ * shape.rounds;
@@ -511,9 +524,12 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   const LayerTensors<T>& G = G_.layers[size_t(l)];
+  // bf16 gradients: rows of 2 n values (grad_bf16), r0 n floats a block.
+  const int64_t ld = s.grad_bf16 ? 2 * int64_t(n) : 0;
   for_chunks(L_, s.pc, [&](int64_t r0, int64_t rows) {
-    ops_.layernorm_project_backward(s.dx2.data() + r0 * D_, G.ln_a_w, G.ln_a_b, gwq, gwv,
-                                    dqk + r0 * n, dv + r0 * n, s.fln.data(), s.dfln.data(),
+    const Operand<T> d1{dqk + r0 * n, s.grad_bf16, ld}, d2{dv + r0 * n, s.grad_bf16, ld};
+    ops_.layernorm_project_backward(s.dx2.data() + r0 * D_, G.ln_a_w, G.ln_a_b, gwq, gwv, d1,
+                                    d2, s.fln.data(), s.dfln.data(),
                                     s.fmean.data(), s.frstd.data(), s.x2.data() + r0 * D_,
                                     P.ln_a_w, P.ln_a_b, wq, wv, rows, D_, n,
                                     float(cfg_.model.layernorm_eps));
@@ -758,12 +774,17 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
       s.exchange->to_heads(s.lv, s.dao.data(), Wire::operand, s.stage(s.dqk));
     // Each head of the pass kept its forward state in its own slot; the
     // heads' column slices cover dqk and dv, so they write them (no zeroing).
+    // With bf16 gradients a row holds the pass's n dqk values, then its n
+    // dv values (grad_bf16): bf16 element c of dqk is float c / 2.
+    T* dv_all = s.grad_bf16 ? s.dqk.data() + n / 2 : s.dv.data();
+    auto grad_at = [&](T* g, int64_t c) { return s.grad_bf16 ? g + c / 2 : g + c; };
     for (int j = 0; j < Hp_; ++j) {
       const int64_t c = int64_t(j) * dh_;
       kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, ao_at(s.ao.data(), c),
-                    s.dao.data() + c, s.dqk.data() + c, s.dv.data() + c, /*accumulate*/ false);
+                    s.dao.data() + c, grad_at(s.dqk.data(), c), grad_at(dv_all, c),
+                    /*accumulate*/ false);
     }
-    const T *dqk = s.dqk.data(), *dv = s.dv.data();
+    const T *dqk = s.dqk.data(), *dv = dv_all;
     if (s.exchange) {
       s.exchange->to_sequence(s.dqk.data(), s.lqk, Wire::operand, s.stage(s.dao));
       s.exchange->to_sequence(s.dv.data(), s.lv, Wire::operand, s.stage(s.dao));

@@ -100,7 +100,7 @@
      const T* w1, const T* w2, int64_t N, int C, int OC, float eps),                        \
     (out1, out2, ln, mean, rstd, inp, ln_w, ln_b, w1, w2, N, C, OC, eps))                   \
   X(void, layernorm_project_backward,                                                       \
-    (T* dinp, T* dln_w, T* dln_b, T* dw1, T* dw2, const T* dout1, const T* dout2, T* ln,    \
+    (T* dinp, T* dln_w, T* dln_b, T* dw1, T* dw2, Operand<T> dout1, Operand<T> dout2, T* ln,\
      T* dln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b, const T* w1,     \
      const T* w2, int64_t N, int C, int OC, float eps),                                     \
     (dinp, dln_w, dln_b, dw1, dw2, dout1, dout2, ln, dln, mean, rstd, inp, ln_w, ln_b, w1,  \

@@ -51,9 +51,10 @@ class Ops {
   // backend stashes in a narrower type (CUDA: (n + 1) / 2, bf16 pairs).
   virtual int64_t stash_elems(int64_t n) const { return n; }
   // Whether attention calls at precision `prec` may write and read their
-  // output in bf16 (AttentionParams::out_bf16) and the products take it as
-  // an Operand in bf16: the same bits as fp32 outputs, which this backend
-  // rounds to bf16 wherever it reads them (CUDA at bf16; not here).
+  // output in bf16 (AttentionParams::out_bf16), write their gradients dqk,
+  // dv in bf16 (grad_bf16), and the products take them as Operands in bf16:
+  // the same bits as fp32 ones, which this backend rounds to bf16 wherever
+  // it reads them (CUDA at bf16; not here).
   virtual bool attention_output_bf16(AttentionPrecision /*prec*/) const { return false; }
   // Elements of AttentionParams::kept for a chunked attention call over L
   // positions of width dh at precision `prec`: 0 where the backend keeps
@@ -133,7 +134,9 @@ class Ops {
   //   dout2, dw2 may be null together), and with dln = dout1 w1^T + dout2
   //   w2^T (dln [N, C] is scratch, left holding it) layernorm_backward's
   //   dinp, dln_w, dln_b +=. Both equal layernorm_forward and the linear ops
-  //   in sequence, up to the backend's rounding.
+  //   in sequence, up to the backend's rounding. dout1, dout2 are Operands:
+  //   T rows, or bf16 rows where the backend keeps the attention's
+  //   gradients so (AttentionParams::grad_bf16), of row stride ld (0: OC).
   // feed-forward block: ffn_forward computes g = act(inp [N, C] @ w1 [C, F] +
   //   b1) @ w2 [F, C] + b2 and writes out = alpha g (accumulate false) or
   //   adds out (res) += alpha g (true). h and a receive what ffn_backward

@@ -102,7 +102,7 @@ struct Flops<OpId::layernorm_project_forward> {
 };
 template <>
 struct Flops<OpId::layernorm_project_backward> {
-  static double of(T*, T*, T*, T* dw1, T* dw2, const T*, const T*, T*, T*, T*, T*, const T*,
+  static double of(T*, T*, T*, T* dw1, T* dw2, Operand<T>, Operand<T>, T*, T*, T*, T*, const T*,
                    const T*, const T*, const T*, const T* w2, int64_t N, int C, int OC, float) {
     return matmul_backward_flops(N, C, OC, true, dw1 != nullptr) +
            (w2 ? matmul_backward_flops(N, C, OC, true, dw2 != nullptr) : 0.0);

@@ -113,18 +113,35 @@ struct AttentionParams {
   // with fp32 `out`. Chunked calls that keep their rounds themselves only
   // (no out_r, no fold_rounds); elsewhere ShapeError.
   bool out_bf16 = false;
+  // A backward's gradients dqk and dv in bf16 (round to nearest even), two
+  // values to a float of their buffers, row i's at bf16 element
+  // i * ld_grad of each: written so (accumulate false) for the products
+  // that read them next (Operand with that row stride), as the same bits
+  // as fp32 gradients which the products round to bf16. For a backend that
+  // attends in bf16 (Ops::attention_output_bf16) and sums a call's rounds
+  // itself: chunked calls of several rounds, no fold_rounds; elsewhere
+  // ShapeError.
+  bool grad_bf16 = false;
+  int64_t ld_grad = 0;
 };
 
 // An input of a product that may be held in bf16 (AttentionParams::
-// out_bf16's outputs): p points at bf16 values, two to a T, where bf16 is
-// set (only a backend with Ops::attention_output_bf16 takes them; the
-// others throw ShapeError), else at T values. Built from a plain pointer.
+// out_bf16's outputs, grad_bf16's gradients): p points at bf16 values, two
+// to a T, where bf16 is set (only a backend with
+// Ops::attention_output_bf16 takes them; the others throw ShapeError),
+// else at T values. ld: its row stride in its own values (bf16 or T), 0
+// for rows as wide as the product's input (only the products that say so
+// take another). Built from a plain pointer.
 template <class T>
 struct Operand {
   const T* p = nullptr;
   bool bf16 = false;
+  int64_t ld = 0;
   Operand(const T* values) : p(values) {}  // NOLINT: implicit, as the plain pointer it replaces
-  Operand(const T* values, bool in_bf16) : p(values), bf16(in_bf16) {}
+  Operand(const T* values, bool in_bf16, int64_t row_stride = 0)
+      : p(values), bf16(in_bf16), ld(row_stride) {}
+  // Whether its rows are dense at width C (ld 0 or C).
+  bool dense(int64_t C) const { return ld == 0 || ld == C; }
 };
 
 // Bytes of AttentionParams::kept for the CUDA tensor-core attention over L

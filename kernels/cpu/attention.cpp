@@ -42,6 +42,8 @@ void check_common(const AttentionParams& p, const char* op) {
   check_attention_shape(p, op);
   if (p.out_bf16)  // Ops::attention_output_bf16 is false here
     throw ShapeError(std::string(op) + ": out_bf16 needs a backend that keeps bf16 outputs");
+  if (p.grad_bf16)
+    throw ShapeError(std::string(op) + ": grad_bf16 needs a backend that keeps bf16 gradients");
 }
 
 void check_chunked(const AttentionParams& p, const char* op) {

@@ -329,7 +329,8 @@ void run_backward(const AttnScratch& sc, const AttentionParams& p, const AttnGeo
                       direct || !dqk ? nullptr : sc.dkh_b,
                       direct || !dv ? nullptr : sc.dv_b,
                       p.accumulate,
-                      kept};
+                      kept,
+                      p.grad_bf16 ? p.ld_grad : 0};
     mma_attention_backward(p, g.perm, FULL, qk, v, dout, out, ld_out, lse, sc.rm, sc.riz, sc.rD,
                            o, sc.stage, s);
     return;
@@ -383,6 +384,9 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
   cuda::check_chunked(p, "chunked_attention_backward");
   cuda::check_out_bf16(p, p.precision == AttentionPrecision::bf16 && !p.fold_rounds,
                        "chunked_attention_backward");
+  cuda::check_grad_bf16(
+      p, p.precision == AttentionPrecision::bf16 && !p.fold_rounds && p.n_rounds > 1,
+      "chunked_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
   if (p.fold_rounds) {  // one round's scratch, the rounds' shares added in turn
@@ -407,6 +411,7 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
                                       const AttentionParams& p) {
   cuda::check_common(p, "full_attention_backward");
   cuda::check_out_bf16(p, false, "full_attention_backward");
+  cuda::check_grad_bf16(p, false, "full_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
   const cuda::AttnScratch sc =

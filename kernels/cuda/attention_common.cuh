@@ -297,11 +297,14 @@ __device__ __forceinline__ void store_cols(__nv_bfloat16* p, const float* v) {  
 // E columns per lane, dh <= 32 E: with kVec (dh == 32 E, every row aligned
 // to E elements: launch_finish_rounds) lane l takes columns E l .. E l + E -
 // 1, one vector access per row; else columns l + 32 t. Without kAdd, dqk
-// and dv are written (=) instead (AttentionParams::accumulate false).
-template <int E, class Row, bool kVec, bool kAdd>
-__global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
+// and dv are written (=) instead (AttentionParams::accumulate false). Out:
+// float, or bf16 rounded to nearest even (AttentionParams::grad_bf16, which
+// only writes), ld counting Out elements.
+template <int E, class Row, bool kVec, bool kAdd, class Out>
+__global__ void finish_rounds_kernel(Out* dqk, Out* dv, const Row* dq_r, const Row* dkh_r,
                                      const Row* dv_r, int64_t ld_r, const Row* kq, int64_t ld_k,
                                      const float* norm, int64_t L, int64_t ld, int dh, int R) {
+  static_assert(!kAdd || std::is_same_v<Out, float>, "bf16 gradients are written, not added");
   const int64_t j = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (j >= L) return;
@@ -314,13 +317,13 @@ __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, con
       for (int t = 0; t < E; ++t) v[t] = lane + 32 * t < dh ? row_value(row[lane + 32 * t]) : 0.0f;
     }
   };
-  auto store = [&](float* row, const float* v) {
+  auto store = [&](Out* row, const float* v) {
     if constexpr (kVec) {
       store_cols<E>(row + lane * E, v);
     } else {
 #pragma unroll
       for (int t = 0; t < E; ++t)
-        if (lane + 32 * t < dh) row[lane + 32 * t] = v[t];
+        if (lane + 32 * t < dh) store_cols<1>(row + lane + 32 * t, v + t);
     }
   };
   auto round_sum = [&](const Row* x, float* acc) {
@@ -336,7 +339,7 @@ __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, con
   float acc[E], cur[E] = {};
   if (dv) {
     round_sum(dv_r, acc);
-    if (kAdd) load(dv + j * ld, cur);
+    if constexpr (kAdd) load(dv + j * ld, cur);
 #pragma unroll
     for (int t = 0; t < E; ++t) cur[t] += acc[t];
     store(dv + j * ld, cur);
@@ -357,7 +360,7 @@ __global__ void finish_rounds_kernel(float* dqk, float* dv, const Row* dq_r, con
   const float inv_norm = 1.0f / n;
 #pragma unroll
   for (int t = 0; t < E; ++t) cur[t] = 0.0f;
-  if (kAdd) load(dqk + j * ld, cur);
+  if constexpr (kAdd) load(dqk + j * ld, cur);
 #pragma unroll
   for (int t = 0; t < E; ++t) cur[t] += (acc[t] - kh[t] * proj) * inv_norm + dq[t];
   store(dqk + j * ld, cur);
@@ -408,6 +411,18 @@ inline void check_common(const AttentionParams& p, const char* op) {
                      std::to_string(p.dh));
   if (p.L > int64_t(0x7fffffff))
     throw ShapeError(std::string(op) + ": L must fit in int32");
+}
+
+// AttentionParams::grad_bf16 where this call cannot honour it (ok false).
+inline void check_grad_bf16(const AttentionParams& p, bool ok, const char* op) {
+  if (!p.grad_bf16) return;
+  if (!ok || p.accumulate)
+    throw ShapeError(std::string(op) +
+                     ": grad_bf16 needs bf16 precision and a chunked call of several rounds "
+                     "that writes its gradients (no fold_rounds, accumulate false)");
+  if (p.ld_grad < p.dh)
+    throw ShapeError(std::string(op) + ": ld_grad " + std::to_string(p.ld_grad) +
+                     " is narrower than dh " + std::to_string(p.dh));
 }
 
 // AttentionParams::out_bf16 where this call cannot honour it (ok false).
@@ -461,27 +476,33 @@ inline unsigned warp_rows_blocks(int64_t L) { return unsigned((L + kWarps - 1) /
 
 // finish_rounds_kernel over L positions, adding into dqk, dv (add) or
 // writing them, by vector accesses where the rows allow (dh == 32 E, strides
-// and pointers aligned to E elements).
-template <int E, class Row>
-void launch_finish_rounds(float* dqk, float* dv, const Row* dq_r, const Row* dkh_r,
+// and pointers aligned to E elements). Out: float, or bf16 (written only).
+template <int E, class Row, class Out = float>
+void launch_finish_rounds(Out* dqk, Out* dv, const Row* dq_r, const Row* dkh_r,
                           const Row* dv_r, int64_t ld_r, const Row* kq, int64_t ld_k,
                           const float* norm, int64_t L, int64_t ld, int dh, int R, bool add,
                           cudaStream_t s) {
   const bool vec = dh == 32 * E && ld % E == 0 && ld_r % E == 0 && ld_k % E == 0 &&
-                   aligned(dqk, 4 * E) && aligned(dv, 4 * E) && aligned(kq, sizeof(Row) * E) &&
-                   aligned(dq_r, sizeof(Row) * E) && aligned(dkh_r, sizeof(Row) * E) &&
-                   aligned(dv_r, sizeof(Row) * E);
+                   aligned(dqk, sizeof(Out) * E) && aligned(dv, sizeof(Out) * E) &&
+                   aligned(kq, sizeof(Row) * E) && aligned(dq_r, sizeof(Row) * E) &&
+                   aligned(dkh_r, sizeof(Row) * E) && aligned(dv_r, sizeof(Row) * E);
   auto run = [&](auto kernel) {
     kernel<<<warp_rows_blocks(L), kBlock, 0, s>>>(dqk, dv, dq_r, dkh_r, dv_r, ld_r, kq, ld_k,
                                                  norm, L, ld, dh, R);
     CUDA_CHECK_LAUNCH("finish_rounds_kernel");
   };
-  if (vec)
-    add ? run(finish_rounds_kernel<E, Row, true, true>)
-        : run(finish_rounds_kernel<E, Row, true, false>);
-  else
-    add ? run(finish_rounds_kernel<E, Row, false, true>)
-        : run(finish_rounds_kernel<E, Row, false, false>);
+  if constexpr (std::is_same_v<Out, float>) {
+    if (vec)
+      add ? run(finish_rounds_kernel<E, Row, true, true, Out>)
+          : run(finish_rounds_kernel<E, Row, true, false, Out>);
+    else
+      add ? run(finish_rounds_kernel<E, Row, false, true, Out>)
+          : run(finish_rounds_kernel<E, Row, false, false, Out>);
+  } else {
+    if (add) throw ShapeError("finish_rounds: bf16 gradients are written, not added");
+    vec ? run(finish_rounds_kernel<E, Row, true, false, Out>)
+        : run(finish_rounds_kernel<E, Row, false, false, Out>);
+  }
 }
 
 // Scratch of one call: k_hat, norms, row statistics, the per-round gradients
@@ -593,6 +614,10 @@ struct MmaBwdOut {
   // AttentionParams::kept of a chunked call: q, k_hat, v staged there by
   // the forward (norm then points into it too), so only dout is staged.
   void* kept = nullptr;
+  // Not direct, not add: dkh and dv hold bf16 rows of this stride
+  // (AttentionParams::grad_bf16: the round sum writes them rounded); 0:
+  // fp32 rows of stride ld.
+  int64_t ld_grad = 0;
 };
 inline bool mma_backward_direct(const AttentionParams& p, bool full) {
   return p.precision == AttentionPrecision::bf16 && (full || p.n_rounds == 1);

@@ -985,8 +985,13 @@ void launch_mma_backward(const AttnGeom& g, int rounds, const float* qk, const f
   if (o.direct) return;
   // k_hat from the staged query rows (bf16(qk), as the staging normalised
   // them): no fp32 qk read here.
-  launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, st.dst[0], DH,
-                                      o.norm, g.L, g.ld, g.dh, rounds, o.add, s);
+  if (o.ld_grad)  // bf16 rows (AttentionParams::grad_bf16)
+    launch_finish_rounds<DH / 32, bf16, bf16>(
+        reinterpret_cast<bf16*>(o.dkh), reinterpret_cast<bf16*>(o.dv), o.dq_r, o.dkh_r, o.dv_r,
+        DH, st.dst[0], DH, o.norm, g.L, o.ld_grad, g.dh, rounds, o.add, s);
+  else
+    launch_finish_rounds<DH / 32, bf16>(o.dkh, o.dv, o.dq_r, o.dkh_r, o.dv_r, DH, st.dst[0], DH,
+                                        o.norm, g.L, g.ld, g.dh, rounds, o.add, s);
 }
 
 // fold_rounds (direct outputs): the staging once with the statistics of all

@@ -84,17 +84,29 @@ void CudaOps::layernorm_project_forward(float* out1, float* out2, float* ln, flo
   }
 }
 
+// The gradient rows may come in bf16 (Operand: AttentionParams::grad_bf16's
+// rows, both in one buffer of 2 OC values a row, dout1's then dout2's): in
+// that layout they are the product's [nr, K] operand as they are; otherwise
+// each is copied (bf16) or rounded (fp32) into the staged rows.
 void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b, float* dw1,
-                                         float* dw2, const float* dout1, const float* dout2,
+                                         float* dw2, Operand<float> dout1, Operand<float> dout2,
                                          float* ln, float* dln, float* mean, float* rstd,
                                          const float* inp, const float* ln_w, const float* ln_b,
                                          const float* w1, const float* w2, int64_t N, int C,
                                          int OC, float eps) {
+  const std::string op = "layernorm_project_backward";
   if (N <= 0 || C <= 0) return;
+  auto stride = [&](const Operand<float>& d) { return d.ld ? d.ld : int64_t(OC); };
   if (!fused_ok(C, OC)) {
+    if (dout1.bf16 || (w2 && dout2.bf16))
+      throw ShapeError(op + ": bf16 gradients need C and OC multiples of 8 and C <= " +
+                       std::to_string(kLayernormBf16MaxC) + ", got C=" + std::to_string(C) +
+                       " OC=" + std::to_string(OC));
+    if (!dout1.dense(OC) || (w2 && !dout2.dense(OC)))
+      throw ShapeError(op + ": gradient rows must be OC=" + std::to_string(OC) + " wide here");
     layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
-    matmul_backward(dln, dw1, nullptr, dout1, ln, w1, N, C, OC, /*add_dinp=*/false);
-    if (w2) matmul_backward(dln, dw2, nullptr, dout2, ln, w2, N, C, OC, /*add_dinp=*/true);
+    matmul_backward(dln, dw1, nullptr, dout1.p, ln, w1, N, C, OC, /*add_dinp=*/false);
+    if (w2) matmul_backward(dln, dw2, nullptr, dout2.p, ln, w2, N, C, OC, /*add_dinp=*/true);
     layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
     return;
   }
@@ -104,25 +116,46 @@ void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b
   // pass adding into it); each weight gradient from its half of the rows,
   // dw^T [OC, C] += dout^T [OC, nr] LN [nr, C].
   const int64_t K = w2 ? 2 * int64_t(OC) : OC;
+  const bf16* d1 = reinterpret_cast<const bf16*>(dout1.p);
+  const bool in_place = dout1.bf16 && stride(dout1) == K &&
+                        (!w2 || (dout2.bf16 && stride(dout2) == K &&
+                                 reinterpret_cast<const bf16*>(dout2.p) == d1 + OC));
+  // dout (fp32 or bf16 rows) r0 .. r0 + nr into columns col of d16.
+  auto stage_rows = [&](bf16* d16, int64_t col, const Operand<float>& d, int64_t r0,
+                        int64_t nr) {
+    const int64_t ld = stride(d);
+    if (!d.bf16) {
+      cuda::round_bf16_2d(d16 + col, K, d.p + r0 * ld, ld, nr, OC, stream_);
+      return;
+    }
+    CUDA_CHECK(cudaMemcpy2DAsync(d16 + col, sizeof(bf16) * K,
+                                 reinterpret_cast<const bf16*>(d.p) + r0 * ld, sizeof(bf16) * ld,
+                                 sizeof(bf16) * OC, nr, cudaMemcpyDeviceToDevice, stream_));
+  };
   const int64_t rows = gemm_block_rows(N, C, K);
   {
     const cuda::GemmStage st = cuda::carve_gemm_stage(ws_, C, K, rows);
-    bf16 *w16 = st.w, *x16 = st.x, *d16 = st.d;
+    bf16 *w16 = st.w, *x16 = st.x;
     cuda::round_bf16_2d(w16, K, w1, OC, C, OC, stream_);
     if (w2) cuda::round_bf16_2d(w16 + OC, K, w2, OC, C, OC, stream_);
     for (int64_t r0 = 0; r0 < N; r0 += rows) {
       const int64_t nr = std::min(rows, N - r0);
       cuda::layernorm_forward_bf16(x16, mean + r0, rstd + r0, inp + r0 * C, ln_w, ln_b, nr, C,
                                    eps, stream_);
-      cuda::round_bf16_2d(d16, K, dout1 + r0 * OC, OC, nr, OC, stream_);
-      if (w2) cuda::round_bf16_2d(d16 + OC, K, dout2 + r0 * OC, OC, nr, OC, stream_);
+      const bf16* d16 = st.d;
+      if (in_place) {
+        d16 = d1 + r0 * K;
+      } else {
+        stage_rows(st.d, 0, dout1, r0, nr);
+        if (w2) stage_rows(st.d, OC, dout2, r0, nr);
+      }
       if (!gemm(true, false, C, nr, K, w16, K, d16, K, 0.0f, dln + r0 * C, C, GemmOperands::bf16))
-        no_product("layernorm_project_backward", C, OC);
+        no_product(op.c_str(), C, OC);
       if (dw1 && !gemm(false, true, OC, C, nr, d16, K, x16, C, 1.0f, dw1, OC, GemmOperands::bf16))
-        no_product("layernorm_project_backward", C, OC);
+        no_product(op.c_str(), C, OC);
       if (w2 && dw2 &&
           !gemm(false, true, OC, C, nr, d16 + OC, K, x16, C, 1.0f, dw2, OC, GemmOperands::bf16))
-        no_product("layernorm_project_backward", C, OC);
+        no_product(op.c_str(), C, OC);
     }
   }
   layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);

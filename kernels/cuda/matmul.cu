@@ -415,6 +415,12 @@ const __nv_bfloat16* bf16_rows(Operand<float> inp, int64_t r0, int64_t rows, int
   return x16;
 }
 
+void check_dense(Operand<float> inp, int C, const char* op) {
+  if (!inp.dense(C))
+    throw ShapeError(std::string(op) + ": input rows of stride " + std::to_string(inp.ld) +
+                     " are not " + std::to_string(C) + " wide");
+}
+
 [[noreturn]] void no_bf16_product(const char* op, int C, int OC) {
   throw DeviceError(std::string(op) + ": no bf16 product for a bf16 input, C=" +
                     std::to_string(C) + " OC=" + std::to_string(OC));
@@ -423,6 +429,7 @@ const __nv_bfloat16* bf16_rows(Operand<float> inp, int64_t r0, int64_t rows, int
 
 void CudaOps::product(float* out, Operand<float> inp, const float* w, const float* bias,
                       int64_t N, int C, int OC, float alpha, float beta, const float* res) {
+  check_dense(inp, C, "matmul");
   if (N <= 0 || OC <= 0) return;
   if (C <= 0) {
     if (beta == 0.0f) fill(out, 0.0f, N * OC);
@@ -452,6 +459,7 @@ void CudaOps::product(float* out, Operand<float> inp, const float* w, const floa
 void CudaOps::matmul_backward(float* dinp, float* dw, float* dbias, const float* dout,
                               Operand<float> inp, const float* w, int64_t N, int C, int OC,
                               bool add_dinp) {
+  check_dense(inp, C, "matmul_backward");
   if (N <= 0 || OC <= 0) return;
   if ((dinp || dw) && C > 0) {
     const int64_t rows = gemm_block_rows(N, C, OC);

@@ -832,6 +832,34 @@ TEST(ChunkedAttention, RefusesBf16Outputs) {
   EXPECT_FLOAT_EQ(out[0], 0.25f);
 }
 
+// Nor does its backward write bf16 gradients (AttentionParams::grad_bf16).
+TEST(ChunkedAttention, RefusesBf16Gradients) {
+  AttentionParams p;
+  p.L = 8;
+  p.dh = 2;
+  p.ld = 2;
+  p.chunk = 4;
+  p.n_rounds = 2;
+  p.accumulate = false;
+  std::vector<float> qk(16, 0.5f), v(16, 0.25f), out(16), lse(16), dout(16, 1.0f), dqk(16),
+      dv(16);
+  std::vector<int32_t> perm(16);
+  std::iota(perm.begin(), perm.begin() + 8, 0);
+  std::iota(perm.begin() + 8, perm.end(), 0);
+  chunked_attention_forward(out.data(), static_cast<float*>(nullptr), lse.data(), qk.data(),
+                            v.data(), perm.data(), p);
+  p.grad_bf16 = true;
+  p.ld_grad = 4;
+  EXPECT_THROW(chunked_attention_backward(dqk.data(), dv.data(), dout.data(), qk.data(),
+                                          v.data(), perm.data(), out.data(), p.ld, lse.data(),
+                                          p),
+               ShapeError);
+  p.grad_bf16 = false;
+  chunked_attention_backward(dqk.data(), dv.data(), dout.data(), qk.data(), v.data(),
+                             perm.data(), out.data(), p.ld, lse.data(), p);
+  EXPECT_NE(dv[0], 0.0f);
+}
+
 }  // namespace
 }  // namespace reformer::cpu
 

@@ -174,6 +174,62 @@ TEST(MemoryPlan, AttentionOutputsInBf16WhereTheDeviceKeepsThem) {
   EXPECT_THROW((ReformerModel<float>(small, ops, SequenceShard{1, 0, nullptr})), ConfigError);
 }
 
+// The attention's gradients in bf16 (attention_gradients_bf16): where the
+// outputs may be (the same device, precision and layout) and every layer
+// is an LSH layer of several hash rounds with d_model a multiple of 8 of at
+// most 2048, dqk and dv share "dqk" (no "dv"); not with a local or full
+// layer, one hash round, rounds one at a time, wider d_model, on the CPU,
+// at fp32, under sp or with REFORMER_BF16_ATTENTION_GRADIENTS=off. A
+// backend whose attention writes fp32 gradients refuses such a plan.
+TEST(MemoryPlan, AttentionGradientsInBf16WhereTheDeviceKeepsThem) {
+  auto with = [&](std::vector<std::string> sets) {
+    sets.insert(sets.begin(), {"model.max_len=65536", "training.device=cuda"});
+    return load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml", sets);
+  };
+  const Config bench = with({});
+  ASSERT_TRUE(attention_gradients_bf16(bench, 1));
+  const int64_t L = 65536, HD = bench.model.d_model;
+  const MemoryPlan plan = plan_memory(bench, 1);
+  EXPECT_EQ(plan.count("dqk"), L * HD);
+  EXPECT_EQ(plan.count("dao"), L * HD);
+  EXPECT_THROW(plan.count("dv"), ShapeError);  // not in the plan
+  for (const auto& sets : std::vector<std::vector<std::string>>{
+           {"training.device=cpu"},
+           {"attention.precision=fp32"},
+           {"attention.kinds=[lsh, local]"},
+           {"attention.kinds=[lsh, full]"},
+           {"attention.n_hashes=1"},
+           {"model.attn_rounds_per_pass=1"},
+           {"model.d_model=2560", "model.n_heads=20"},
+           {"model.max_len=64"}}) {
+    SCOPED_TRACE(sets[0]);
+    const Config c = with(sets);
+    EXPECT_FALSE(attention_gradients_bf16(c, 1));
+    EXPECT_EQ(plan_memory(c, 1).count("dv"), plan_memory(c, 1).count("dqk"));
+  }
+  EXPECT_FALSE(attention_gradients_bf16(bench, 2));
+  setenv("REFORMER_BF16_ATTENTION_GRADIENTS", "off", 1);
+  EXPECT_FALSE(attention_gradients_bf16(bench, 1));
+  EXPECT_TRUE(attention_output_bf16(bench, 1));  // a switch of its own
+  EXPECT_EQ(plan_memory(bench, 1).count("dv"), L * HD);
+  setenv("REFORMER_BF16_ATTENTION_GRADIENTS", "sometimes", 1);
+  EXPECT_THROW(attention_gradients_bf16(bench, 1), ConfigError);
+  unsetenv("REFORMER_BF16_ATTENTION_GRADIENTS");
+  // The CPU attention writes fp32 gradients: a model for such a plan is
+  // refused (with the outputs in fp32, so that this is what refuses it).
+  setenv("REFORMER_BF16_ATTENTION_OUTPUT", "off", 1);
+  Config small = config({"training.device=cuda", "attention.kinds=[lsh]", "model.d_model=32"});
+  ASSERT_TRUE(attention_gradients_bf16(small, 1));
+  test::CountingOps<float> ops;
+  try {
+    ReformerModel<float> m(small, ops, SequenceShard{1, 0, nullptr});
+    ADD_FAILURE() << "a plan with bf16 gradients accepted by an fp32 backend";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("gradients"), std::string::npos) << e.what();
+  }
+  unsetenv("REFORMER_BF16_ATTENTION_OUTPUT");
+}
+
 // Under sp the exchanges' sequence side and staging live in idle operand
 // buffers (exchange_in_operands), except in pairs mode where a part's
 // log-sum-exp rows (n_hashes / g = 4 here) are wider than an operand's rows
@@ -492,9 +548,9 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
 // Auto kept and stashed layers together: of the counts whose whole plan
 // takes at most 90% of the device, the one that saves the backward most (a
 // kept layer weighing kKeptOverStashed stashed ones). At 1M tokens in
-// passes of 4 heads on an H200 that is 3 kept and 1 stashed (2 kept and 4
-// stashed also fit); on 137 GiB, where 3 and 1 do not, 2 and 4. At 2M in
-// passes of 2, 6 stashed. A
+// passes of 4 heads on an H200 that is 3 kept and 2 stashed (with the
+// attention's outputs and gradients in bf16); on 137 GiB, where 3 and 2 do
+// not, 3 and 1. At 2M in passes of 2, 1 kept and 3 stashed. A
 // stashed layer holds every pass's outputs (bf16 on CUDA) and log-sum-exps;
 // none under sp or where rounds are attended one at a time; a set count
 // stays, at most the layers below the kept ones.
@@ -508,15 +564,15 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   EXPECT_EQ(stashed_layer_count(cfg, 1), 0);
   const Config f = fit_to_device(cfg, 1, h200);
   EXPECT_EQ(f.model.kept_layers, 3);
-  EXPECT_EQ(f.model.stashed_layers, 1);
-  EXPECT_EQ(stashed_layer_count(f, 1), 1);
+  EXPECT_EQ(f.model.stashed_layers, 2);
+  EXPECT_EQ(stashed_layer_count(f, 1), 2);
   const Config f137 = fit_to_device(cfg, 1, 137 * GiB);
-  EXPECT_EQ(f137.model.kept_layers, 2);
-  EXPECT_EQ(stashed_layer_count(f137, 1), 4);
+  EXPECT_EQ(f137.model.kept_layers, 3);
+  EXPECT_EQ(stashed_layer_count(f137, 1), 1);
   const double budget = 0.9 * double(h200);
   EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
   const int n = cfg.model.n_layers;
-  const double chosen = kKeptOverStashed * 3 + 1;
+  const double chosen = kKeptOverStashed * 3 + 2;
   for (int k = 0; k <= n; ++k)
     for (int st = 0; st <= n - k; ++st) {
       Config c = f;
@@ -537,12 +593,12 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   none.model.stashed_layers = 0;
   EXPECT_EQ(plan_memory(one, 1).total_bytes() - plan_memory(none, 1).total_bytes(),
             4 * (plan.count("stashed ao") + plan.count("stashed lse")));
-  // At 2M in passes of 2 none is kept and all six are stashed.
+  // At 2M in passes of 2 one is kept and three are stashed.
   Config two = with_length(cfg, 2097152, "test");
   two.model.attn_heads_per_pass = 2;
   const Config f2 = fit_to_device(two, 1, h200);
-  EXPECT_EQ(f2.model.kept_layers, 0);
-  EXPECT_EQ(stashed_layer_count(f2, 1), 6);
+  EXPECT_EQ(f2.model.kept_layers, 1);
+  EXPECT_EQ(stashed_layer_count(f2, 1), 3);
   // None under sp, none with one round per call, none without a device.
   EXPECT_EQ(stashed_layer_count(f, 2), 0);
   Config by_round = f;
@@ -567,11 +623,11 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
 // the pre-activation (weighing kActivationRebuildInStashed less), x1 or not
 // (kX1RebuildInStashed less) and its LayerNorm rows or not
 // (kLnRebuildInStashed less); the fit takes the forms with the best counts
-// that fit. On an H200 (attention outputs in bf16): at 64K every layer
-// keeps everything; at 512K every layer its state, both halves and x1, the
-// LayerNorm rows rebuilt; at 1M, 8 heads a pass, 3 their state,
-// pre-activations and LayerNorm rows, x1 rebuilt, and 3 stashed (5 with
-// their outputs and 1 stashed also fit, and score less). A set form stays;
+// that fit. On an H200 (attention outputs and gradients in bf16): at 64K
+// every layer keeps everything; at 512K every layer its state, both halves
+// and x1, the LayerNorm rows rebuilt; at 1M, 8 heads a pass, 3 their
+// state, pre-activations and x1, the LayerNorm rows rebuilt, and 3
+// stashed. A set form stays;
 // without a device auto reads as state, both and kept.
 TEST(MemoryPlan, KeptFormsFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
@@ -619,7 +675,7 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   using F = KeptFfn;
   for (const Want& w : {Want{65536, A::state, F::both, true, true, 6, 0, 8},
                         Want{524288, A::state, F::both, true, false, 6, 0, 8},
-                        Want{1048576, A::state, F::pre_activation, false, true, 3, 3, 8}}) {
+                        Want{1048576, A::state, F::pre_activation, true, false, 3, 3, 8}}) {
     SCOPED_TRACE(w.L);
     const Config f = fit_to_device(with_length(cfg, w.L, "test"), 1, h200);
     EXPECT_EQ(f.model.kept_attention, w.form);

@@ -5,11 +5,13 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -696,4 +698,39 @@ TEST(MatmulForward, RefusesBf16Inputs) {
   reformer::cpu::matmul_forward(out.data(), Operand<float>{inp.data()}, w.data(), no_bias, 3, 2,
                                 2);
   EXPECT_EQ(out[0], 2.0f);
+}
+
+// Nor bf16 gradients for the projections' backward, nor rows of another
+// stride than the op's width; plain rows (stride 0 or OC) run.
+TEST(LayernormProjectBackward, RefusesBf16AndStridedGradients) {
+  using reformer::Operand;
+  const int N = 3, C = 4, OC = 2;
+  std::vector<float> dinp(N * C), dlw(C), dlb(C), dw1(C * OC), dw2(C * OC), ln(N * C),
+      dln(N * C), mean(N), rstd(N), inp(N * C), lw(C, 1.0f), lb(C), w(C * OC, 0.5f),
+      dout(2 * N * OC, 1.0f);
+  std::iota(inp.begin(), inp.end(), 0.0f);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0.1f * float(i % 5) - 0.2f;
+  auto run = [&](Operand<float> d1, Operand<float> d2) {
+    reformer::cpu::layernorm_project_backward(dinp.data(), dlw.data(), dlb.data(), dw1.data(),
+                                              dw2.data(), d1, d2, ln.data(), dln.data(),
+                                              mean.data(), rstd.data(), inp.data(), lw.data(),
+                                              lb.data(), w.data(), w.data(), N, C, OC, 1e-5f);
+  };
+  const float* d = dout.data();
+  EXPECT_THROW(run(Operand<float>{d, true}, Operand<float>{d}), reformer::ShapeError);
+  EXPECT_THROW(run(Operand<float>{d}, Operand<float>{d + OC, true, 2 * OC}),
+               reformer::ShapeError);
+  EXPECT_THROW(run(Operand<float>{d, false, 2 * OC}, Operand<float>{d}), reformer::ShapeError);
+  // Rows of stride OC are the plain rows: the plain call's results.
+  std::iota(dout.begin(), dout.end(), 1.0f);
+  std::fill(dinp.begin(), dinp.end(), 0.0f);
+  run(Operand<float>{d, false, OC}, Operand<float>{d + N * OC});
+  const std::vector<float> strided = dinp;
+  std::fill(dinp.begin(), dinp.end(), 0.0f);
+  reformer::cpu::layernorm_project_backward(dinp.data(), dlw.data(), dlb.data(), dw1.data(),
+                                            dw2.data(), d, d + N * OC, ln.data(), dln.data(),
+                                            mean.data(), rstd.data(), inp.data(), lw.data(),
+                                            lb.data(), w.data(), w.data(), N, C, OC, 1e-5f);
+  EXPECT_EQ(dinp, strided);
+  EXPECT_NE(dinp[0], 0.0f);
 }

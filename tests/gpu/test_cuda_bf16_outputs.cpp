@@ -6,11 +6,16 @@
 // give what they give for the fp32 values they round (matmul_forward,
 // matmul_accumulate, matmul_backward's weight gradient). LSH rounds and one
 // local round, widths 128, 64 and 40, rows wider than a head; the calls
-// that cannot write bf16 outputs refuse them.
+// that cannot write bf16 outputs refuse them. The gradients in bf16
+// (AttentionParams::grad_bf16): the backward writes dqk and dv rounded, the
+// fp32 gradients stashed bit for bit, side by side in one buffer, and the
+// projections' backward reading them gives what it gives for the fp32
+// gradients (layernorm_project_backward with Operand rows of a stride).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <string>
@@ -33,6 +38,14 @@ using test::same_bits;
 std::vector<float> host(Ops<float>& ops, const float* p, int64_t n) {
   std::vector<float> h(static_cast<size_t>(n));
   ops.to_host(h.data(), p, n);
+  return h;
+}
+
+// The n bf16 values at p (n / 2 floats, n even) as their bits.
+std::vector<uint16_t> host_bf16(Ops<float>& ops, const float* p, int64_t n) {
+  const std::vector<float> f = host(ops, p, n / 2);
+  std::vector<uint16_t> h(static_cast<size_t>(n));
+  std::memcpy(h.data(), f.data(), sizeof(uint16_t) * h.size());
   return h;
 }
 
@@ -154,6 +167,171 @@ TEST(CudaBf16Outputs, ProductsTakeBf16Inputs) {
     };
     const auto f = run(false), h = run(true);
     for (size_t i = 0; i < f.size(); ++i) EXPECT_TRUE(same_bits(h[i], f[i])) << "result " << i;
+  }
+}
+
+// The backward with grad_bf16 writes dqk at bf16 element i * ld_grad + d
+// and dv likewise (here dv's rows after dqk's in one buffer of 2 ld values
+// a row, as the model lays them out) as the fp32 gradients rounded to
+// nearest even (Ops::stash), and leaves the other columns alone; calls that
+// cannot write them refuse.
+TEST(CudaBf16Outputs, AttentionBackwardWritesItsGradientsInBf16) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = make_cuda_ops();
+  for (const int dh : {128, 64, 40}) {
+    SCOPED_TRACE("dh " + std::to_string(dh));
+    AttentionParams p;
+    p.L = dh == 40 ? 2000 : 2048;
+    p.dh = dh;
+    p.ld = 3 * int64_t(dh);
+    p.n_rounds = 4;
+    p.chunk = dh == 40 ? 16 : 64;
+    p.accumulate = false;
+    const int64_t L = p.L, n = L * p.ld, R = p.n_rounds;
+    std::vector<int32_t> perm(size_t(R * L));
+    std::mt19937 rng(12);
+    for (int64_t r = 0; r < R; ++r) {
+      auto first = perm.begin() + r * L;
+      std::iota(first, first + L, 0);
+      std::shuffle(first, first + L, rng);
+    }
+    Buffer<float> qk(*ops, n), v(*ops, n), dout(*ops, n), out(*ops, n), lse(*ops, R * L),
+        dqk(*ops, n), dv(*ops, n), grads(*ops, n), want_q(*ops, ops->stash_elems(n)),
+        want_v(*ops, ops->stash_elems(n));
+    IntBuffer<float> dperm(*ops, R * L);
+    ops->from_host_i32(dperm.data(), perm.data(), R * L);
+    ops->from_host(qk.data(), pattern(n, 5).data(), n);
+    ops->from_host(v.data(), pattern(n, 6).data(), n);
+    ops->from_host(dout.data(), pattern(n, 7).data(), n);
+    ops->chunked_attention_forward(out.data(), nullptr, lse.data(), qk.data(), v.data(),
+                                   dperm.data(), p);
+    ops->chunked_attention_backward(dqk.data(), dv.data(), dout.data(), qk.data(), v.data(),
+                                    dperm.data(), out.data(), p.ld, lse.data(), p);
+    ops->stash(want_q.data(), dqk.data(), n);
+    ops->stash(want_v.data(), dv.data(), n);
+    const std::vector<uint16_t> wq = host_bf16(*ops, want_q.data(), n),
+                                wv = host_bf16(*ops, want_v.data(), n);
+    AttentionParams q = p;
+    q.grad_bf16 = true;
+    q.ld_grad = 2 * p.ld;
+    const std::vector<float> fill = pattern(n, 8);  // what the other columns hold
+    ops->from_host(grads.data(), fill.data(), n);
+    ops->chunked_attention_backward(grads.data(), grads.data() + p.ld / 2, dout.data(),
+                                    qk.data(), v.data(), dperm.data(), out.data(), p.ld,
+                                    lse.data(), q);
+    const std::vector<uint16_t> got = host_bf16(*ops, grads.data(), 2 * n);
+    std::vector<uint16_t> filled(got.size());
+    std::memcpy(filled.data(), fill.data(), sizeof(uint16_t) * filled.size());
+    int64_t bad = 0, moved = 0;
+    for (int64_t i = 0; i < L; ++i)
+      for (int64_t c = 0; c < 2 * p.ld; ++c) {
+        const int64_t e = i * 2 * p.ld + c, d = c % p.ld;
+        const bool mine = d < dh;
+        const uint16_t want = !mine ? filled[size_t(e)]
+                              : c < p.ld ? wq[size_t(i * p.ld + d)]
+                                         : wv[size_t(i * p.ld + d)];
+        bad += got[size_t(e)] != want;
+        moved += mine && got[size_t(e)] != filled[size_t(e)];
+      }
+    EXPECT_EQ(bad, 0);
+    EXPECT_GT(moved, L * dh);  // the gradients were written (most differ from the fill)
+
+    auto refuses = [&](const AttentionParams& a) {
+      EXPECT_THROW(ops->chunked_attention_backward(grads.data(), grads.data() + p.ld / 2,
+                                                   dout.data(), qk.data(), v.data(),
+                                                   dperm.data(), out.data(), p.ld, lse.data(),
+                                                   a),
+                   ShapeError);
+    };
+    AttentionParams bad_call = q;
+    bad_call.fold_rounds = true;
+    refuses(bad_call);
+    bad_call = q;
+    bad_call.accumulate = true;
+    refuses(bad_call);
+    bad_call = q;
+    bad_call.n_rounds = 1;
+    refuses(bad_call);
+    bad_call = q;
+    bad_call.precision = AttentionPrecision::fp32;
+    refuses(bad_call);
+    bad_call = q;
+    bad_call.ld_grad = dh - 1;
+    refuses(bad_call);
+  }
+  AttentionParams full;
+  full.L = 256;
+  full.dh = 64;
+  full.ld = 64;
+  full.accumulate = false;
+  full.grad_bf16 = true;
+  full.ld_grad = 128;
+  Buffer<float> x(*ops, full.L * full.ld), lse(*ops, full.L);
+  EXPECT_THROW(ops->full_attention_backward(x.data(), x.data(), x.data(), x.data(), x.data(),
+                                            x.data(), lse.data(), full),
+               ShapeError);
+}
+
+// layernorm_project_backward from bf16 gradients (the fp32 ones stashed):
+// side by side in one buffer of 2 OC a row (read in place), in two buffers
+// (copied), and dout1 alone (w2 null), against the fp32 gradients: the same
+// bits in every output (it rounds them to those bf16 values first). Rows
+// over several of the product's row blocks.
+TEST(CudaBf16Outputs, ProjectionsBackwardTakesBf16Gradients) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = make_cuda_ops();
+  for (const auto& [N, C, OC] : {std::tuple{300, 64, 96}, std::tuple{5000, 256, 128}}) {
+    SCOPED_TRACE(std::to_string(N) + " x " + std::to_string(C) + " x " + std::to_string(OC));
+    const int64_t nd = int64_t(N) * OC, nx = int64_t(N) * C, nw = int64_t(C) * OC;
+    Buffer<float> d1(*ops, nd), d2(*ops, nd), d1b(*ops, nd / 2), d2b(*ops, nd / 2),
+        both(*ops, nd), inp(*ops, nx), lw(*ops, C), lb(*ops, C), w1(*ops, nw), w2(*ops, nw),
+        dinp(*ops, nx), dlw(*ops, C), dlb(*ops, C), dw1(*ops, nw), dw2(*ops, nw), ln(*ops, nx),
+        dln(*ops, nx), mean(*ops, N), rstd(*ops, N);
+    ops->from_host(d1.data(), pattern(nd, 21).data(), nd);
+    ops->from_host(d2.data(), pattern(nd, 22).data(), nd);
+    ops->from_host(inp.data(), pattern(nx, 23).data(), nx);
+    ops->from_host(lw.data(), pattern(C, 24).data(), C);
+    ops->from_host(lb.data(), pattern(C, 25).data(), C);
+    ops->from_host(w1.data(), pattern(nw, 26).data(), nw);
+    ops->from_host(w2.data(), pattern(nw, 27).data(), nw);
+    ops->stash(d1b.data(), d1.data(), nd);
+    ops->stash(d2b.data(), d2.data(), nd);
+    {  // both: row i = d1b's row i, then d2b's
+      const std::vector<uint16_t> a = host_bf16(*ops, d1b.data(), nd),
+                                  b = host_bf16(*ops, d2b.data(), nd);
+      std::vector<uint16_t> ab(size_t(2 * nd));
+      for (int64_t i = 0; i < N; ++i) {
+        std::copy_n(a.begin() + i * OC, OC, ab.begin() + 2 * i * OC);
+        std::copy_n(b.begin() + i * OC, OC, ab.begin() + (2 * i + 1) * OC);
+      }
+      std::vector<float> f(static_cast<size_t>(nd));
+      std::memcpy(f.data(), ab.data(), sizeof(float) * f.size());
+      ops->from_host(both.data(), f.data(), nd);
+    }
+    auto run = [&](Operand<float> a, Operand<float> b, bool second) {
+      for (Buffer<float>* x : {&dinp, &dlw, &dlb, &dw1, &dw2}) ops->fill(x->data(), 0.0f, x->size());
+      ops->layernorm_project_backward(dinp.data(), dlw.data(), dlb.data(), dw1.data(),
+                                      second ? dw2.data() : nullptr, a, b, ln.data(), dln.data(),
+                                      mean.data(), rstd.data(), inp.data(), lw.data(), lb.data(),
+                                      w1.data(), second ? w2.data() : nullptr, N, C, OC, 1e-5f);
+      std::vector<std::vector<float>> r;
+      for (Buffer<float>* x : {&dinp, &dlw, &dlb, &dw1, &dw2})
+        r.push_back(host(*ops, x->data(), x->size()));
+      return r;
+    };
+    const auto want = run(d1.data(), d2.data(), true);
+    const auto in_place = run(Operand<float>{both.data(), true, 2 * OC},
+                              Operand<float>{both.data() + OC / 2, true, 2 * OC}, true);
+    const auto copied =
+        run(Operand<float>{d1b.data(), true}, Operand<float>{d2b.data(), true}, true);
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_TRUE(same_bits(in_place[i], want[i])) << "in place, result " << i;
+      EXPECT_TRUE(same_bits(copied[i], want[i])) << "copied, result " << i;
+    }
+    const auto want1 = run(d1.data(), nullptr, false);
+    const auto one = run(Operand<float>{d1b.data(), true}, nullptr, false);
+    for (size_t i = 0; i < want1.size(); ++i)
+      EXPECT_TRUE(same_bits(one[i], want1[i])) << "one projection, result " << i;
   }
 }
 

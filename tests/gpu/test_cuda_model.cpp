@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -463,16 +464,14 @@ TEST(CudaModel, SavedBucketsEqualSavedOrders) {
   }
 }
 
-// Attention outputs kept in bf16 (attention_output_bf16, the CUDA default
-// where it applies: LSH and local layers attending in bf16) give the loss
-// and gradients of fp32 ones (REFORMER_BF16_ATTENTION_OUTPUT=off) bit for
-// bit: every reader of them (the output projection and its weight
-// gradient, the stash, the backward's row statistics) rounds them to bf16
-// first. Every layer rebuilt; kept with their attention state; kept with
-// their outputs in two passes of heads; stashed; dropout on (the output
-// projection through its separate branch).
-TEST(CudaModel, Bf16AttentionOutputsGiveTheSameBits) {
-  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+// Runs the cases below (every layer rebuilt; kept with their attention
+// state; kept in two passes of heads; kept with their outputs; stashed;
+// dropout on) with the switch `env` unset and off: the same loss and
+// gradients bit for bit. `on` says whether the switch applies to a config,
+// `check` what the plan holds either way.
+void expect_switch_keeps_bits(const char* env, const std::string& kinds,
+                              bool (*on)(const Config&, int, int),
+                              const std::function<void(const Config&, bool)>& check) {
   struct Case {
     int kept, stashed, hp;
     bool outputs;
@@ -486,29 +485,64 @@ TEST(CudaModel, Bf16AttentionOutputsGiveTheSameBits) {
     double loss[2];
     for (int off = 0; off < 2; ++off) {
       if (off)
-        setenv("REFORMER_BF16_ATTENTION_OUTPUT", "off", 1);
+        setenv(env, "off", 1);
       else
-        unsetenv("REFORMER_BF16_ATTENTION_OUTPUT");
-      Config cfg = model_config("bf16", "[lsh, local]");
+        unsetenv(env);
+      Config cfg = model_config("bf16", kinds);
       cfg.training.device = DeviceKind::cuda;
       cfg.model.kept_layers = c.kept;
       cfg.model.stashed_layers = c.stashed;
       cfg.model.attn_heads_per_pass = c.hp;
       if (c.outputs) cfg.model.kept_attention = KeptAttention::outputs;
-      EXPECT_EQ(attention_output_bf16(cfg, 1), off == 0);
-      const MemoryPlan plan = plan_memory(cfg, 1);
-      const int64_t hd = int64_t(c.hp > 0 ? c.hp : cfg.model.n_heads) * cfg.head_dim();
-      EXPECT_EQ(plan.count("ao"), cfg.model.max_len * hd / (off ? 1 : 2));
+      EXPECT_EQ(on(cfg, 1, 4), off == 0);
+      check(cfg, off == 0);
       loss[off] = two_steps(*gpu, cfg, &grads[off]);
     }
-    unsetenv("REFORMER_BF16_ATTENTION_OUTPUT");
+    unsetenv(env);
     EXPECT_EQ(loss[0], loss[1]);
-    const ParamTable table = model_param_table(model_config("bf16", "[lsh, local]"));
+    const ParamTable table = model_param_table(model_config("bf16", kinds));
     for (const ParamInfo& p : table.params()) {
       const auto a = grads[0].begin() + p.offset, b = grads[1].begin() + p.offset;
       EXPECT_TRUE(std::equal(a, a + p.size, b)) << p.name;
     }
   }
+}
+
+int64_t pass_cols(const Config& cfg) {
+  const int hp = cfg.model.attn_heads_per_pass;
+  return int64_t(hp > 0 ? hp : cfg.model.n_heads) * cfg.head_dim();
+}
+
+// Attention outputs kept in bf16 (attention_output_bf16, the CUDA default
+// where it applies: LSH and local layers attending in bf16) give the loss
+// and gradients of fp32 ones (REFORMER_BF16_ATTENTION_OUTPUT=off) bit for
+// bit: every reader of them (the output projection and its weight
+// gradient, the stash, the backward's row statistics) rounds them to bf16
+// first (the output projection through its separate branch where dropout
+// is on).
+TEST(CudaModel, Bf16AttentionOutputsGiveTheSameBits) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  expect_switch_keeps_bits("REFORMER_BF16_ATTENTION_OUTPUT", "[lsh, local]",
+                           attention_output_bf16, [](const Config& cfg, bool on) {
+                             EXPECT_EQ(plan_memory(cfg, 1).count("ao"),
+                                       cfg.model.max_len * pass_cols(cfg) / (on ? 2 : 1));
+                           });
+}
+
+// So do the attention's gradients in bf16 (attention_gradients_bf16: LSH
+// layers only), against fp32 ones (REFORMER_BF16_ATTENTION_GRADIENTS=off):
+// the projections' backward, their one reader, rounds them to bf16 first.
+TEST(CudaModel, Bf16AttentionGradientsGiveTheSameBits) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  expect_switch_keeps_bits("REFORMER_BF16_ATTENTION_GRADIENTS", "[lsh]",
+                           attention_gradients_bf16, [](const Config& cfg, bool on) {
+                             const MemoryPlan plan = plan_memory(cfg, 1);
+                             EXPECT_EQ(plan.count("dqk"), cfg.model.max_len * pass_cols(cfg));
+                             if (on)
+                               EXPECT_THROW(plan.count("dv"), ShapeError);
+                             else
+                               EXPECT_EQ(plan.count("dv"), plan.count("dqk"));
+                           });
 }
 
 // Every op of the GPU step is deterministic (the token table's gradient
