@@ -53,7 +53,7 @@ class ForwardingOps : public Ops<float> {
 class CaptureOps final : public ForwardingOps {
  public:
   using ForwardingOps::ForwardingOps;
-  void lsh_hash(int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh,
+  void lsh_hash(int32_t* buckets, Operand<T> qk, int64_t ld, const T* R, int64_t L, int dh,
                 int n_hashes, int n_buckets, int factor0, int heads) override {
     inner_.lsh_hash(buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0, heads);
     hashes.emplace_back(buckets, buckets + L * n_hashes * heads);

@@ -18,6 +18,7 @@ AttentionParams attention_params(const Config& cfg, const AttentionShape& shape)
   ap.out_bf16 = shape.out_bf16;
   ap.grad_bf16 = shape.grad_bf16;
   ap.ld_grad = shape.grad_bf16 ? 2 * shape.ld : 0;
+  ap.in_bf16 = shape.in_bf16;
   return ap;
 }
 

@@ -49,6 +49,9 @@ struct AttentionShape {
   // framework/memory_plan.h): rows of 2 ld bf16 values, their column
   // offsets counting bf16 values.
   bool grad_bf16 = false;
+  // qk and v in bf16 (AttentionParams::in_bf16, Operand for the hash;
+  // attention_operands_bf16): their column offsets count bf16 values.
+  bool in_bf16 = false;
 };
 
 // Transient buffers the kinds share across heads and layers, sized by the

@@ -70,12 +70,13 @@ class LshAttention final : public AttentionKindImpl<T> {
       for (int j = 0; j < heads; ++j)
         ops_.lsh_rotations(s_.rot.data() + j * per_head, cfg_.training.seed, step, shape_.layer,
                            shape_.head0 + h0 + j, nh_, shape_.dh, nb_, f0_);
-      ops_.lsh_hash(s_.perm.data(), qk, shape_.ld, s_.rot.data(), shape_.L, shape_.dh, nh_, nb_,
-                    f0_, heads);
+      ops_.lsh_hash(s_.perm.data(), {qk, shape_.in_bf16}, shape_.ld, s_.rot.data(), shape_.L,
+                    shape_.dh, nh_, nb_, f0_, heads);
     } else {
       const int64_t n = int64_t(nh_) * shape_.L;
       for (int j = 0; j < heads; ++j)
-        hash(h0 + j, qk + int64_t(j) * shape_.dh, step, s_.perm.data() + j * n);
+        hash(h0 + j, qk + int64_t(j) * shape_.dh / (shape_.in_bf16 ? 2 : 1), step,
+             s_.perm.data() + j * n);
     }
     ops_.lsh_sort(saved_.data() + int64_t(h0) * head_elems_, s_.perm.data(), shape_.L,
                   heads * nh_, nb_);
@@ -102,7 +103,8 @@ class LshAttention final : public AttentionKindImpl<T> {
     ops_.lsh_rotations(s_.rot.data(), cfg_.training.seed, step, shape_.layer, shape_.head0 + h,
                        cfg_.attention.n_hashes, shape_.dh, nb_, f0_);
     const T* rot = s_.rot.data() + int64_t(shape_.round0) * shape_.dh * rotation_cols(nb_, f0_);
-    ops_.lsh_hash(buckets, qk, shape_.ld, rot, shape_.L, shape_.dh, nh_, nb_, f0_, 1);
+    ops_.lsh_hash(buckets, {qk, shape_.in_bf16}, shape_.ld, rot, shape_.L, shape_.dh, nh_, nb_,
+                  f0_, 1);
   }
 
   // Head h's sorted orders from what its forward saved: the orders

@@ -310,8 +310,12 @@ MemoryPlan plan_memory(const Config& cfg, int sp, int real_bytes) {
     // exchanges them for [Lfull, Hp * dh].
     const int64_t Hp = attention_heads_per_pass(cfg, sp, real_bytes);
     proj_cols = sp * Hp * dh;
-    for (const char* n : {"qk", "v"})
-      b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    for (const char* n : {"qk", "v"}) {
+      if (attention_operands_bf16(cfg, sp, real_bytes))  // bf16 pairs
+        b.add(n, G::activations, "[Lfull, heads_per_pass*dh/2]", {Lfull, Hp * dh / 2});
+      else
+        b.add(n, G::activations, "[Lfull, heads_per_pass*dh]", {Lfull, Hp * dh});
+    }
     if (attention_output_bf16(cfg, sp, real_bytes))  // bf16 pairs
       b.add("ao", G::activations, "[Lfull, heads_per_pass*dh/2]", {Lfull, Hp * dh / 2});
     else
@@ -612,13 +616,25 @@ bool attention_output_bf16(const Config& cfg, int sp, int real_bytes) {
   return switch_from_env(env, std::getenv(env)) && bf16_attention_buffers(cfg, sp, real_bytes);
 }
 
+namespace {
+// What attention_gradients_bf16 and attention_operands_bf16 both need: the
+// above, every layer an LSH layer of two or more hash rounds, and the
+// projections fused (d_model a multiple of 8 of at most kLayernormBf16MaxC).
+bool bf16_lsh_buffers(const Config& cfg, int sp, int real_bytes) {
+  return bf16_attention_buffers(cfg, sp, real_bytes) && cfg.attention.n_hashes >= 2 &&
+         cfg.model.d_model % 8 == 0 && cfg.model.d_model <= kLayernormBf16MaxC &&
+         lsh_layer_count(cfg) == cfg.model.n_layers;
+}
+}  // namespace
+
 bool attention_gradients_bf16(const Config& cfg, int sp, int real_bytes) {
   const char* env = "REFORMER_BF16_ATTENTION_GRADIENTS";
-  if (!switch_from_env(env, std::getenv(env)) || !bf16_attention_buffers(cfg, sp, real_bytes) ||
-      cfg.attention.n_hashes < 2 || cfg.model.d_model % 8 != 0 ||
-      cfg.model.d_model > kLayernormBf16MaxC)
-    return false;
-  return lsh_layer_count(cfg) == cfg.model.n_layers;
+  return switch_from_env(env, std::getenv(env)) && bf16_lsh_buffers(cfg, sp, real_bytes);
+}
+
+bool attention_operands_bf16(const Config& cfg, int sp, int real_bytes) {
+  const char* env = "REFORMER_BF16_ATTENTION_OPERANDS";
+  return switch_from_env(env, std::getenv(env)) && bf16_lsh_buffers(cfg, sp, real_bytes);
 }
 
 int64_t stash_elems(const Config& cfg, int64_t n, int real_bytes) {

@@ -176,6 +176,16 @@ bool attention_output_bf16(const Config& cfg, int sp, int real_bytes = 4);
 // multiple of 8 of at most kLayernormBf16MaxC (the fused projections).
 // REFORMER_BF16_ATTENTION_GRADIENTS=off keeps them in fp32.
 bool attention_gradients_bf16(const Config& cfg, int sp, int real_bytes = 4);
+// Whether the attention's operands qk and v are kept in bf16, half their
+// fp32 size, as the projections write them (layernorm_project_forward's
+// out_bf16, cuBLASLt rounding its fp32 sums to nearest even) and the hash
+// and the attention read them (Operand, AttentionParams::in_bf16): where
+// attention_gradients_bf16's conditions hold (its switch aside). Both
+// round them to bf16 before any arithmetic, so the values read are those
+// of fp32 operands rounded, from products that may sum in another order
+// (cuBLASLt may pick another kernel for bf16 outputs).
+// REFORMER_BF16_ATTENTION_OPERANDS=off keeps them in fp32.
+bool attention_operands_bf16(const Config& cfg, int sp, int real_bytes = 4);
 // Where they do not: whether kept layers keep what the attention backward
 // reads from the forward instead, every pass's outputs ao (stashed: bf16
 // on CUDA) and log-sum-exps, so that their backward reruns the projections

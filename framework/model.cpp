@@ -114,6 +114,10 @@ struct ReformerModel<T>::Scratch {
   // as written by the attention and read by the projections' backward
   // (attention_gradients_bf16, framework/memory_plan.h).
   bool grad_bf16 = false;
+  // The attention's operands qk, v are bf16 values, two to a T, as the
+  // projections write them and the hash and the attention read them
+  // (attention_operands_bf16, framework/memory_plan.h).
+  bool qkv_bf16 = false;
   bool keeping = false;  // this forward keeps (a backward follows)
   // Layer l's kept state when this forward keeps it, else null.
   Kept* kept_of(int l, int n_layers) {
@@ -186,6 +190,7 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
   s.tokens = ibuf("tokens");
   s.targets = ibuf("targets");
   s.x1 = buf("x1"); s.x2 = buf("x2"); s.dx1 = buf("dx1"); s.dx2 = buf("dx2");
+  s.qkv_bf16 = attention_operands_bf16(cfg, shard.size, int(sizeof(T)));
   s.qk = buf("qk"); s.v = buf("v"); s.ao = buf("ao");
   s.grad_bf16 = attention_gradients_bf16(cfg, shard.size, int(sizeof(T)));
   s.dqk = buf("dqk"); s.dao = buf("dao");
@@ -244,15 +249,18 @@ ReformerModel<T>::ReformerModel(const Config& cfg, Ops<T>& ops, const SequenceSh
                         " attention writes fp32 outputs, which the plan for training.device " +
                         to_string(cfg.training.device) +
                         " keeps in bf16 (use training.device: cpu)");
-    if (s.grad_bf16 && !ops.attention_output_bf16(cfg.attention.precision))
-      throw ConfigError(std::string("attention.precision: the ") + ops.name() +
-                        " attention writes fp32 gradients, which the plan for training.device " +
-                        to_string(cfg.training.device) +
-                        " keeps in bf16 (use training.device: cpu)");
+    for (auto [on, what] : {std::pair{s.grad_bf16, "writes fp32 gradients"},
+                            std::pair{s.qkv_bf16, "reads fp32 operands"}})
+      if (on && !ops.attention_output_bf16(cfg.attention.precision))
+        throw ConfigError(std::string("attention.precision: the ") + ops.name() +
+                          " attention " + what + ", which the plan for training.device " +
+                          to_string(cfg.training.device) +
+                          " keeps in bf16 (use training.device: cpu)");
     for (int l = 0; l < NL_; ++l) {
       AttentionShape shape{l, Lfull_, Hloc_, shard.rank / g_ * Hloc_, dh_, int64_t(Hp_) * dh_};
       shape.out_bf16 = s.ao_bf16;
       shape.grad_bf16 = s.grad_bf16;
+      shape.in_bf16 = s.qkv_bf16;
       if (g_ > 1) {  // this rank's share of each head's hash rounds
         shape.rounds = cfg.attention.n_hashes / g_;
         shape.round0 = shard.rank % g_ * shape.rounds;
@@ -509,9 +517,10 @@ void ReformerModel<T>::project(int l, const T* wq, const T* wv, int n, T* qk, T*
   Scratch& s = *s_;
   const LayerTensors<T>& P = P_.layers[size_t(l)];
   for_chunks(L_, s.pc, [&](int64_t r0, int64_t rows) {
-    ops_.layernorm_project_forward(qk + r0 * n, v + r0 * n, s.fln.data(), s.fmean.data(),
-                                   s.frstd.data(), s.x2.data() + r0 * D_, P.ln_a_w, P.ln_a_b, wq,
-                                   wv, rows, D_, n, float(cfg_.model.layernorm_eps));
+    ops_.layernorm_project_forward(qkv_at(qk, r0 * n), qkv_at(v, r0 * n), s.fln.data(),
+                                   s.fmean.data(), s.frstd.data(), s.x2.data() + r0 * D_,
+                                   P.ln_a_w, P.ln_a_b, wq, wv, rows, D_, n,
+                                   float(cfg_.model.layernorm_eps), s.qkv_bf16);
   });
 }
 
@@ -539,6 +548,11 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
 template <class T>
 T* ReformerModel<T>::ao_at(T* ao, int64_t i) const {
   return s_->ao_bf16 ? ao + i / 2 : ao + i;
+}
+
+template <class T>
+T* ReformerModel<T>::qkv_at(T* x, int64_t i) const {
+  return s_->qkv_bf16 ? x + i / 2 : x + i;
 }
 
 // x1 += dropout(ao wo) (ao [L, n], wo [n, D]), or -= when `subtract`, chunk
@@ -675,7 +689,7 @@ const T* ReformerModel<T>::attend_pass(int l, int pass, uint64_t step, bool reha
   const bool hashed = rehash && s.kinds[size_t(l)]->hash_pass(pass * Hp_, Hp_, s.qk.data(), step);
   for (int j = 0; j < Hp_; ++j) {
     const int64_t c = int64_t(j) * dh_;
-    s.kinds[size_t(l)]->forward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c,
+    s.kinds[size_t(l)]->forward(pass * Hp_ + j, qkv_at(s.qk.data(), c), qkv_at(s.v.data(), c),
                                 ao_at(s.ao.data(), c), step, rehash && !hashed);
   }
   if (!s.exchange) return s.ao.data();
@@ -780,9 +794,9 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     auto grad_at = [&](T* g, int64_t c) { return s.grad_bf16 ? g + c / 2 : g + c; };
     for (int j = 0; j < Hp_; ++j) {
       const int64_t c = int64_t(j) * dh_;
-      kind.backward(pass * Hp_ + j, s.qk.data() + c, s.v.data() + c, ao_at(s.ao.data(), c),
-                    s.dao.data() + c, grad_at(s.dqk.data(), c), grad_at(dv_all, c),
-                    /*accumulate*/ false);
+      kind.backward(pass * Hp_ + j, qkv_at(s.qk.data(), c), qkv_at(s.v.data(), c),
+                    ao_at(s.ao.data(), c), s.dao.data() + c, grad_at(s.dqk.data(), c),
+                    grad_at(dv_all, c), /*accumulate*/ false);
     }
     const T *dqk = s.dqk.data(), *dv = dv_all;
     if (s.exchange) {

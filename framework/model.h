@@ -140,6 +140,8 @@ class ReformerModel {
   // copies): T i, or bf16 i where the outputs are kept in bf16 (i even).
   T* ao_at(T* ao, int64_t i) const;
   const T* ao_at(const T* ao, int64_t i) const { return ao_at(const_cast<T*>(ao), i); }
+  // The same for qk and v (bf16 where the operands are kept so).
+  T* qkv_at(T* x, int64_t i) const;
   void add_output(int l, const T* ao, const T* wo, int n, bool subtract, uint64_t step,
                   bool train, const T* res = nullptr);
   void output_backward(int l, const T* ao, const T* wo, T* gwo, int n, T* dao, uint64_t step,

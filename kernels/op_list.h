@@ -97,8 +97,8 @@
   /* LayerNorm and the projections that read it */                                          \
   X(void, layernorm_project_forward,                                                        \
     (T* out1, T* out2, T* ln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b, \
-     const T* w1, const T* w2, int64_t N, int C, int OC, float eps),                        \
-    (out1, out2, ln, mean, rstd, inp, ln_w, ln_b, w1, w2, N, C, OC, eps))                   \
+     const T* w1, const T* w2, int64_t N, int C, int OC, float eps, bool out_bf16),         \
+    (out1, out2, ln, mean, rstd, inp, ln_w, ln_b, w1, w2, N, C, OC, eps, out_bf16))         \
   X(void, layernorm_project_backward,                                                       \
     (T* dinp, T* dln_w, T* dln_b, T* dw1, T* dw2, Operand<T> dout1, Operand<T> dout2, T* ln,\
      T* dln, T* mean, T* rstd, const T* inp, const T* ln_w, const T* ln_b, const T* w1,     \
@@ -138,8 +138,8 @@
      int n_buckets, int factor0),                                                           \
     (R, seed, step, layer, head, n_hashes, dh, n_buckets, factor0))                         \
   X(void, lsh_hash,                                                                         \
-    (int32_t* buckets, const T* qk, int64_t ld, const T* R, int64_t L, int dh, int n_hashes,\
-     int n_buckets, int factor0, int heads),                                                \
+    (int32_t* buckets, Operand<T> qk, int64_t ld, const T* R, int64_t L, int dh,            \
+     int n_hashes, int n_buckets, int factor0, int heads),                                  \
     (buckets, qk, ld, R, L, dh, n_hashes, n_buckets, factor0, heads))                       \
   X(void, lsh_sort,                                                                         \
     (int32_t* perm, const int32_t* buckets, int64_t L, int n_hashes, int n_buckets),        \

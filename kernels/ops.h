@@ -129,7 +129,10 @@ class Ops {
   // LayerNorm and projections: layernorm_project_forward writes mean, rstd
   //   (as layernorm_forward) and out1 [N, OC] = LN(inp) @ w1, out2 = LN(inp)
   //   @ w2 (skipped when w2 is null); ln [N, C] is scratch (the CPU leaves
-  //   LN(inp) there). layernorm_project_backward recomputes LN(inp) (mean,
+  //   LN(inp) there); with out_bf16 out1 and out2 hold bf16 values, two to
+  //   a T (rounded to nearest even; a backend that keeps the attention's
+  //   operands so, Ops::attention_output_bf16; ShapeError elsewhere).
+  //   layernorm_project_backward recomputes LN(inp) (mean,
   //   rstd, ln rewritten), then: dw1 += LN^T dout1, dw2 += LN^T dout2 (w2,
   //   dout2, dw2 may be null together), and with dln = dout1 w1^T + dout2
   //   w2^T (dln [N, C] is scratch, left holding it) layernorm_backward's
@@ -181,7 +184,9 @@ class Ops {
   //   rest of y. Ties go to the lowest index. Every id is in [0, n_buckets).
   //   With heads > 1, `heads` heads side by side in one call: head j hashes
   //   x_i = qk[i * ld + j * dh ..] with R + j * n_hashes * dh * cols into
-  //   buckets + j * n_hashes * L, as a call of its own would.
+  //   buckets + j * n_hashes * L, as a call of its own would. qk is an
+  //   Operand: T values, or bf16 where the backend keeps them so (ld then
+  //   counts bf16 values).
   //   lsh_sort: perm[r, s] = position at slot s when round r is sorted by
   //   (bucket, position). Requires buckets in [0, n_buckets) (lsh_hash's
   //   output always is); an id outside throws ShapeError - on the CPU at

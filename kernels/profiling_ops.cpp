@@ -96,7 +96,7 @@ struct Flops<OpId::matmul_backward> {
 template <>
 struct Flops<OpId::layernorm_project_forward> {
   static double of(T*, T*, T*, T*, T*, const T*, const T*, const T*, const T*, const T* w2,
-                   int64_t N, int C, int OC, float) {
+                   int64_t N, int C, int OC, float, bool) {
     return (w2 ? 2.0 : 1.0) * matmul_forward_flops(N, C, OC);
   }
 };

@@ -123,6 +123,13 @@ struct AttentionParams {
   // ShapeError.
   bool grad_bf16 = false;
   int64_t ld_grad = 0;
+  // The inputs qk and v in bf16, two values to a float of their buffers,
+  // row i's at bf16 element i * ld (layernorm_project_forward's out_bf16
+  // rows): read so, as the same values as fp32 inputs that this backend
+  // rounds to bf16 before any arithmetic. For a backend that attends in
+  // bf16 (Ops::attention_output_bf16): chunked calls, no fold_rounds, and
+  // backward calls of several rounds; elsewhere ShapeError.
+  bool in_bf16 = false;
 };
 
 // An input of a product that may be held in bf16 (AttentionParams::

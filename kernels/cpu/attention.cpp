@@ -44,6 +44,8 @@ void check_common(const AttentionParams& p, const char* op) {
     throw ShapeError(std::string(op) + ": out_bf16 needs a backend that keeps bf16 outputs");
   if (p.grad_bf16)
     throw ShapeError(std::string(op) + ": grad_bf16 needs a backend that keeps bf16 gradients");
+  if (p.in_bf16)
+    throw ShapeError(std::string(op) + ": in_bf16 needs a backend that keeps bf16 operands");
 }
 
 void check_chunked(const AttentionParams& p, const char* op) {

@@ -13,6 +13,16 @@ template <class T>
 void layernorm_project_forward(T* out1, T* out2, T* ln, T* mean, T* rstd, const T* inp,
                                const T* ln_w, const T* ln_b, const T* w1, const T* w2, int64_t N,
                                int C, int OC, float eps);
+// The op interface's form (kernels/ops.h): out_bf16 needs a backend that
+// writes bf16 outputs (not this one).
+template <class T>
+void layernorm_project_forward(T* out1, T* out2, T* ln, T* mean, T* rstd, const T* inp,
+                               const T* ln_w, const T* ln_b, const T* w1, const T* w2, int64_t N,
+                               int C, int OC, float eps, bool out_bf16) {
+  if (out_bf16)
+    throw ShapeError("layernorm_project_forward: bf16 outputs need a backend that writes them");
+  layernorm_project_forward(out1, out2, ln, mean, rstd, inp, ln_w, ln_b, w1, w2, N, C, OC, eps);
+}
 template <class T>
 void layernorm_project_backward(T* dinp, T* dln_w, T* dln_b, T* dw1, T* dw2, const T* dout1,
                                 const T* dout2, T* ln, T* dln, T* mean, T* rstd, const T* inp,

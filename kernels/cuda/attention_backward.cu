@@ -384,6 +384,9 @@ void CudaOps::chunked_attention_backward(float* dqk, float* dv, const float* dou
   cuda::check_chunked(p, "chunked_attention_backward");
   cuda::check_out_bf16(p, p.precision == AttentionPrecision::bf16 && !p.fold_rounds,
                        "chunked_attention_backward");
+  cuda::check_in_bf16(
+      p, p.precision == AttentionPrecision::bf16 && !p.fold_rounds && p.n_rounds > 1,
+      "chunked_attention_backward");
   cuda::check_grad_bf16(
       p, p.precision == AttentionPrecision::bf16 && !p.fold_rounds && p.n_rounds > 1,
       "chunked_attention_backward");
@@ -412,6 +415,7 @@ void CudaOps::full_attention_backward(float* dqk, float* dv, const float* dout, 
   cuda::check_common(p, "full_attention_backward");
   cuda::check_out_bf16(p, false, "full_attention_backward");
   cuda::check_grad_bf16(p, false, "full_attention_backward");
+  cuda::check_in_bf16(p, false, "full_attention_backward");
   if (p.L == 0 || (!dqk && !dv)) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaBwdStaged : 0;
   const cuda::AttnScratch sc =

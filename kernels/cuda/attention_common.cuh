@@ -97,6 +97,7 @@ struct AttnGeom {
   int64_t row_tiles;    // kTile-row tiles per chunk (chunked) or per sequence (full)
   int walk;             // (mma walking kernels) chunks per block
   bool out_bf16;        // out in bf16 (AttentionParams::out_bf16): tensor-core paths
+  bool in_bf16;         // qk, v in bf16 (AttentionParams::in_bf16): tensor-core stagings
 };
 
 __device__ __forceinline__ int64_t wrap_chunk(int64_t kc, const AttnGeom& g, bool* ok) {
@@ -425,6 +426,16 @@ inline void check_grad_bf16(const AttentionParams& p, bool ok, const char* op) {
                      " is narrower than dh " + std::to_string(p.dh));
 }
 
+// AttentionParams::in_bf16 where this call cannot honour it (ok false).
+inline void check_in_bf16(const AttentionParams& p, bool ok, const char* op) {
+  if (p.in_bf16 && !ok)
+    throw ShapeError(std::string(op) +
+                     ": in_bf16 needs bf16 precision and a chunked call (no fold_rounds; a "
+                     "backward of several rounds)");
+  if (p.in_bf16 && (p.ld % 2 != 0 || p.dh % 2 != 0))
+    throw ShapeError(std::string(op) + ": in_bf16 needs an even ld and dh");
+}
+
 // AttentionParams::out_bf16 where this call cannot honour it (ok false).
 inline void check_out_bf16(const AttentionParams& p, bool ok, const char* op) {
   if (p.out_bf16 && !ok)
@@ -451,6 +462,7 @@ inline AttnGeom make_geom(const AttentionParams& p, const int32_t* perm, bool fu
   g.pairs = false;
   g.walk = 1;
   g.out_bf16 = p.out_bf16;
+  g.in_bf16 = p.in_bf16;
   if (full) {
     g.chunk = 0;
     g.chunk_shift = -1;

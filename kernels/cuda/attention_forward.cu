@@ -299,6 +299,7 @@ void CudaOps::chunked_attention_forward(float* out, float* out_r, float* lse, co
   check_chunked_outputs(out, out_r, p);
   cuda::check_out_bf16(p, p.precision == AttentionPrecision::bf16 && !p.fold_rounds && !out_r,
                        "chunked_attention_forward");
+  cuda::check_in_bf16(p, p.precision == AttentionPrecision::bf16, "chunked_attention_forward");
   if (p.L == 0) return;
   const bool bf16 = p.precision == AttentionPrecision::bf16;
   const int staged = bf16 ? cuda::kMmaFwdStaged : 0;
@@ -381,6 +382,7 @@ void CudaOps::full_attention_forward(float* out, float* lse, const float* qk, co
                                      const AttentionParams& p) {
   cuda::check_common(p, "full_attention_forward");
   cuda::check_out_bf16(p, false, "full_attention_forward");
+  cuda::check_in_bf16(p, false, "full_attention_forward");
   if (p.L == 0) return;
   const int staged = p.precision == AttentionPrecision::bf16 ? cuda::kMmaFwdStaged : 0;
   const cuda::AttnScratch sc = cuda::carve_scratch(

@@ -302,6 +302,9 @@ struct MmaStage {
   const float* lse = nullptr;
   int R = 0;
   bool out_bf16 = false;
+  // src[0] (qk) and src[2] (v) hold bf16 values (AttentionParams::in_bf16),
+  // lds[0] and lds[2] counting them: staged as they are (stage_value).
+  bool src_bf16 = false;
   // Operands a < first are staged already (a forward's, kept:
   // AttentionParams::kept): their dst come from the kept buffer and they
   // are not read or written (khat_from_q is then false).
@@ -366,24 +369,30 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
   const int64_t pos = int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5);
   if (pos >= g.L) return;
   const int lane = threadIdx.x & 31;
-  auto load_pairs = [&](const float* row, float (*x)[2]) {
-    load_stage_pairs<DH, kPairs>(row, x, lane, g.dh);
-  };
   float x[kMmaMaxStaged][K][2] = {};
 #pragma unroll
   for (int a = 0; a < kMmaMaxStaged; ++a) {
     if (a >= st.n) break;
     if (a < st.first || (a == 1 && st.khat_from_q)) continue;  // kept; k_hat from q below
-    load_pairs(st.src[a] + pos * st.lds[a], x[a]);
+    if (st.src_bf16 && (a == 0 || a == 2))  // qk, v
+      load_stage_pairs<DH, kPairs>(reinterpret_cast<const bf16*>(st.src[a]) + pos * st.lds[a],
+                                   x[a], lane, g.dh);
+    else
+      load_stage_pairs<DH, kPairs>(st.src[a] + pos * st.lds[a], x[a], lane, g.dh);
   }
   float o[K][2] = {};
   if (st.rm) load_out_pairs<DH, kPairs>(st, pos, o, lane, g.dh);
   float qc[E];  // q by columns lane + 32 t, normalise_keys_kernel's order
   if (st.khat_from_q) {
-    const float* q = st.src[0] + pos * st.lds[0];
+    auto columns = [&](const auto* q) {
 #pragma unroll
-    for (int t = 0; t < E; ++t)
-      qc[t] = lane + 32 * t < g.dh ? bf16_value(q[lane + 32 * t]) : 0.0f;
+      for (int t = 0; t < E; ++t)
+        qc[t] = lane + 32 * t < g.dh ? stage_value(q[lane + 32 * t]) : 0.0f;
+    };
+    if (st.src_bf16)
+      columns(reinterpret_cast<const bf16*>(st.src[0]) + pos * st.lds[0]);
+    else
+      columns(st.src[0] + pos * st.lds[0]);
   }
   RoundWeights w{};
   if (st.rm) w = round_weights(st.lse, g.L, pos, st.R);
@@ -485,7 +494,7 @@ inline bool mma_stage_pairs(const AttnGeom& g, int DH, const MmaStage& st) {
   bool ok = g.dh == DH;
   for (int a = 0; a < st.n; ++a) {
     if (a == 1 && st.khat_from_q) continue;
-    ok = ok && st.lds[a] % 2 == 0 && aligned(st.src[a], 8);
+    ok = ok && st.lds[a] % 2 == 0 && aligned(st.src[a], st.src_bf16 && (a == 0 || a == 2) ? 4 : 8);
   }
   if (st.rm) ok = ok && st.ld_out % 2 == 0 && aligned(st.out, st.out_bf16 ? 4 : 8);
   return ok;

@@ -925,6 +925,7 @@ MmaStage stage_mma_backward(const AttnGeom& g, int rounds, const float* qk, cons
               rm, riz, rD, out, ld_out, lse, rounds};
   st.first = kept ? 3 : 0;
   st.out_bf16 = g.out_bf16;
+  st.src_bf16 = g.in_bf16;
   launch_mma_stage<DH>(g, stage, &st, s, kept);
   return st;
 }

@@ -409,6 +409,7 @@ template <int DH>
 MmaStage stage_mma_forward(const AttnGeom& g, const float* qk, const float* khat,
                            const float* v, void* stage, cudaStream_t s, float* norm = nullptr) {
   MmaStage st{{qk, khat, v}, {g.ld, g.dh, g.ld}, {}, kMmaFwdStaged, khat == nullptr, norm};
+  st.src_bf16 = g.in_bf16;
   launch_mma_stage<DH>(g, stage, &st, s);
   return st;
 }

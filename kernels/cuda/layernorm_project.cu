@@ -56,11 +56,17 @@ Operands stage_operands(cuda::Workspace& ws, const float* w1, const float* w2, i
 
 }  // namespace
 
+// With out_bf16 the products write out1 and out2 in bf16 (cuBLASLt's
+// rounding of its fp32 sums, to nearest even).
 void CudaOps::layernorm_project_forward(float* out1, float* out2, float* ln, float* mean,
                                         float* rstd, const float* inp, const float* ln_w,
                                         const float* ln_b, const float* w1, const float* w2,
-                                        int64_t N, int C, int OC, float eps) {
+                                        int64_t N, int C, int OC, float eps, bool out_bf16) {
   if (N <= 0 || C <= 0) return;
+  if (out_bf16 && !fused_ok(C, OC))
+    throw ShapeError("layernorm_project_forward: bf16 outputs need C and OC multiples of 8 and "
+                     "C <= " + std::to_string(kLayernormBf16MaxC) + ", got C=" +
+                     std::to_string(C) + " OC=" + std::to_string(OC));
   if (!fused_ok(C, OC)) {
     layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
     matmul_forward(out1, ln, w1, nullptr, N, C, OC);
@@ -75,12 +81,22 @@ void CudaOps::layernorm_project_forward(float* out1, float* out2, float* ln, flo
     cuda::layernorm_forward_bf16(x16, mean + r0, rstd + r0, inp + r0 * C, ln_w, ln_b, nr, C, eps,
                                  stream_);
     // out^T [OC, nr] = w^T [OC, C] LN^T [C, nr].
-    if (!gemm(false, false, OC, nr, C, w1_16, OC, x16, C, 0.0f, out1 + r0 * OC, OC,
-              GemmOperands::bf16))
-      no_product("layernorm_project_forward", C, OC);
-    if (w2 && !gemm(false, false, OC, nr, C, w2_16, OC, x16, C, 0.0f, out2 + r0 * OC, OC,
-                    GemmOperands::bf16))
-      no_product("layernorm_project_forward", C, OC);
+    auto product = [&](const bf16* w16, float* out) {
+      bool ok;
+      if (out_bf16) {
+        GemmOut o;
+        o.d = reinterpret_cast<bf16*>(out) + r0 * OC;
+        o.ld = OC;
+        o.bf16 = true;
+        ok = gemm_to(false, false, OC, nr, C, w16, OC, x16, C, 0.0f, o, GemmOperands::bf16);
+      } else {
+        ok = gemm(false, false, OC, nr, C, w16, OC, x16, C, 0.0f, out + r0 * OC, OC,
+                  GemmOperands::bf16);
+      }
+      if (!ok) no_product("layernorm_project_forward", C, OC);
+    };
+    product(w1_16, out1);
+    if (w2) product(w2_16, out2);
   }
 }
 

@@ -88,13 +88,27 @@ __global__ void concat_rounds_kernel(float* Rcat, int64_t ldy, const float* R, i
   }
 }
 
-// xr[i, d] = lsh_round(x[i, d]) for rows rows of dh values (row strides ldr, ld).
-__global__ void round_rows_kernel(float* xr, int64_t ldr, const float* x, int64_t ld, int dh,
+// A value of qk as the hash reads it: an fp32 value rounded (lsh_round), a
+// bf16 value (Operand's bf16 rows, rounded so already) as it is; and a
+// pair of them (columns d, d + 1, d even) as the bf16 pair of an mma
+// fragment, the lower column in the low half.
+__device__ __forceinline__ float hash_value(float x) { return lsh_round(x); }
+__device__ __forceinline__ float hash_value(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ uint32_t hash_pair(const float* r, int d) {
+  return pack_bf16(r[d], r[d + 1]);
+}
+__device__ __forceinline__ uint32_t hash_pair(const __nv_bfloat16* r, int d) {
+  return *reinterpret_cast<const uint32_t*>(r + d);
+}
+
+// xr[i, d] = hash_value(x[i, d]) for rows rows of dh values (row strides ldr, ld).
+template <class X>
+__global__ void round_rows_kernel(float* xr, int64_t ldr, const X* x, int64_t ld, int dh,
                                   int64_t n) {
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
        e += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = e / dh, d = e % dh;
-    xr[i * ldr + d] = lsh_round(x[i * ld + d]);
+    xr[i * ldr + d] = hash_value(x[i * ld + d]);
   }
 }
 
@@ -267,10 +281,11 @@ __global__ void rotations_bf16_kernel(__nv_bfloat16* Rt, const float* R, int dh,
 // running extremes of its four rows' columns, visited in increasing order,
 // and the four lanes of a quad, which share rows, are merged at the end of a
 // round, ties to the lowest column. kFactorized: columns [0, h0) and
-// [h0, cols) are two blocks, bucket = b0 + 2 h0 b1; else h0 == cols.
-template <int kDh, bool kFactorized>
+// [h0, cols) are two blocks, bucket = b0 + 2 h0 b1; else h0 == cols. X:
+// float, or bf16 rows (hash_pair: the same fragments for the same values).
+template <int kDh, bool kFactorized, class X>
 __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
-    hash_mma_kernel(int32_t* buckets, const float* x, int64_t ld, const __nv_bfloat16* Rt,
+    hash_mma_kernel(int32_t* buckets, const X* x, int64_t ld, const __nv_bfloat16* Rt,
                     int64_t L, int n_hashes, int cols, int h0) {
   extern __shared__ float4 hash_smem[];
   __nv_bfloat16* tiles_smem = reinterpret_cast<__nv_bfloat16*>(hash_smem);  // [2][kHashTile][stride]
@@ -294,10 +309,10 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
   uint32_t a[kHashM][kSteps][4];
 #pragma unroll
   for (int m = 0; m < kHashM; ++m) {
-    const float* xa = x + row[m][0] * ld;
-    const float* xb = x + row[m][1] * ld;
+    const X* xa = x + row[m][0] * ld;
+    const X* xb = x + row[m][1] * ld;
     const bool oka = row[m][0] < L, okb = row[m][1] < L;
-    auto pair = [](const float* r, bool ok, int d) { return ok ? pack_bf16(r[d], r[d + 1]) : 0u; };
+    auto pair = [](const X* r, bool ok, int d) { return ok ? hash_pair(r, d) : 0u; };
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
       a[m][ks][0] = pair(xa, oka, ks * 16 + 2 * t);
@@ -402,10 +417,10 @@ __global__ void __launch_bounds__(kHashWarps * 32, kHashBlocksPerSm)
   }
 }
 
-template <int kDh, bool kFactorized>
-void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const __nv_bfloat16* Rt,
+template <int kDh, bool kFactorized, class X>
+void launch_hash_mma(int32_t* buckets, const X* x, int64_t ld, const __nv_bfloat16* Rt,
                      int64_t L, int n_hashes, int cols, int h0, int heads, cudaStream_t stream) {
-  auto* kernel = hash_mma_kernel<kDh, kFactorized>;
+  auto* kernel = hash_mma_kernel<kDh, kFactorized, X>;
   const size_t smem = hash_smem_bytes(kDh);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   const dim3 grid(unsigned((L + kHashRows - 1) / kHashRows), unsigned(heads));
@@ -414,13 +429,15 @@ void launch_hash_mma(int32_t* buckets, const float* x, int64_t ld, const __nv_bf
 }
 
 // The fused path for head width dh, or nullptr where it does not apply.
-using HashMmaLauncher = void (*)(int32_t*, const float*, int64_t, const __nv_bfloat16*, int64_t,
-                                 int, int, int, int, cudaStream_t);
-HashMmaLauncher hash_mma_launcher(int dh, bool factorized) {
+template <class X>
+using HashMmaLauncher = void (*)(int32_t*, const X*, int64_t, const __nv_bfloat16*, int64_t, int,
+                                 int, int, int, cudaStream_t);
+template <class X>
+HashMmaLauncher<X> hash_mma_launcher(int dh, bool factorized) {
   switch (dh) {
-    case 32: return factorized ? launch_hash_mma<32, true> : launch_hash_mma<32, false>;
-    case 64: return factorized ? launch_hash_mma<64, true> : launch_hash_mma<64, false>;
-    case 128: return factorized ? launch_hash_mma<128, true> : launch_hash_mma<128, false>;
+    case 32: return factorized ? launch_hash_mma<32, true, X> : launch_hash_mma<32, false, X>;
+    case 64: return factorized ? launch_hash_mma<64, true, X> : launch_hash_mma<64, false, X>;
+    case 128: return factorized ? launch_hash_mma<128, true, X> : launch_hash_mma<128, false, X>;
     default: return nullptr;
   }
 }
@@ -558,7 +575,9 @@ void CudaOps::lsh_rotations(float* R, uint64_t seed, uint64_t step, int layer, i
   CUDA_CHECK_LAUNCH("rotations_kernel");
 }
 
-void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const float* R, int64_t L,
+// qk in fp32, or bf16 rows (Operand; ld then counts bf16 values): the same
+// buckets for the same values.
+void CudaOps::lsh_hash(int32_t* buckets, Operand<float> qk, int64_t ld, const float* R, int64_t L,
                        int dh, int n_hashes, int n_buckets, int factor0, int heads) {
   check_lsh_factor(n_buckets, factor0);
   if (L <= 0 || n_hashes <= 0 || heads <= 0) return;
@@ -567,21 +586,32 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
   const int cols = rotation_cols(n_buckets, factor0);
   const int h0 = factor0 == 0 ? cols : factor0 / 2;  // columns of the first block
   const int64_t nR = int64_t(n_hashes) * dh * cols;  // one head's rotations
-  if (auto launch = cuda::hash_mma_launcher(dh, h0 < cols)) {
+  using bf16 = __nv_bfloat16;
+  const bf16* qk16 = reinterpret_cast<const bf16*>(qk.p);
+  if (qk.bf16 && (ld % 2 != 0 || dh % 2 != 0 || !cuda::aligned(qk.p, 4)))
+    throw ShapeError("lsh_hash: bf16 rows need an even ld and dh and 4-byte alignment");
+  auto fused = [&](auto launch, const auto* x) {
     // Every head in one launch: blocks of positions times heads fill the
     // device where one head's positions leave it partly idle.
     const int64_t n = heads * nR;
-    auto* Rt = static_cast<__nv_bfloat16*>(ws_.get(sizeof(__nv_bfloat16) * size_t(n)));
+    auto* Rt = static_cast<bf16*>(ws_.get(sizeof(bf16) * size_t(n)));
     cuda::rotations_bf16_kernel<<<cuda::grid_for(n), cuda::kThreads, 0, stream_>>>(Rt, R, dh,
                                                                                   cols, n);
     CUDA_CHECK_LAUNCH("rotations_bf16_kernel");
-    launch(buckets, qk, ld, Rt, L, n_hashes, cols, h0, heads, stream_);
-    return;
+    launch(buckets, x, ld, Rt, L, n_hashes, cols, h0, heads, stream_);
+  };
+  if (qk.bf16) {
+    if (auto launch = cuda::hash_mma_launcher<bf16>(dh, h0 < cols)) return fused(launch, qk16);
+  } else {
+    if (auto launch = cuda::hash_mma_launcher<float>(dh, h0 < cols)) return fused(launch, qk.p);
   }
   if (heads > 1) {  // head by head
-    for (int j = 0; j < heads; ++j)
-      lsh_hash(buckets + int64_t(j) * n_hashes * L, qk + int64_t(j) * dh, ld, R + j * nR, L, dh,
-               n_hashes, n_buckets, factor0, 1);
+    for (int j = 0; j < heads; ++j) {
+      const Operand<float> x = qk.bf16 ? Operand<float>{qk.p + int64_t(j) * dh / 2, true}
+                                       : Operand<float>{qk.p + int64_t(j) * dh};
+      lsh_hash(buckets + int64_t(j) * n_hashes * L, x, ld, R + j * nR, L, dh, n_hashes,
+               n_buckets, factor0, 1);
+    }
     return;
   }
   const int64_t m = int64_t(n_hashes) * cols;         // columns of Rcat and of the products
@@ -607,8 +637,13 @@ void CudaOps::lsh_hash(int32_t* buckets, const float* qk, int64_t ld, const floa
 
   for (int64_t c0 = 0; c0 < L; c0 += chunk) {
     const int64_t rows = std::min(chunk, L - c0);
-    cuda::round_rows_kernel<<<cuda::grid_for(rows * dh), cuda::kThreads, 0, stream_>>>(
-        X, ldx, qk + c0 * ld, ld, dh, rows * dh);
+    const unsigned blocks = cuda::grid_for(rows * dh);
+    if (qk.bf16)
+      cuda::round_rows_kernel<<<blocks, cuda::kThreads, 0, stream_>>>(X, ldx, qk16 + c0 * ld, ld,
+                                                                       dh, rows * dh);
+    else
+      cuda::round_rows_kernel<<<blocks, cuda::kThreads, 0, stream_>>>(X, ldx, qk.p + c0 * ld, ld,
+                                                                       dh, rows * dh);
     CUDA_CHECK_LAUNCH("round_rows_kernel");
     // Column-major view: Y^T [m, rows] (ldy) = Rcat^T [m, dh] (ldy) x^T [dh, rows] (ldx),
     // in TF32 tensor-core math (exact products of the bf16 values).

@@ -832,8 +832,9 @@ TEST(ChunkedAttention, RefusesBf16Outputs) {
   EXPECT_FLOAT_EQ(out[0], 0.25f);
 }
 
-// Nor does its backward write bf16 gradients (AttentionParams::grad_bf16).
-TEST(ChunkedAttention, RefusesBf16Gradients) {
+// Nor does its backward write bf16 gradients (AttentionParams::grad_bf16),
+// nor either read bf16 operands (in_bf16).
+TEST(ChunkedAttention, RefusesBf16GradientsAndOperands) {
   AttentionParams p;
   p.L = 8;
   p.dh = 2;
@@ -855,6 +856,15 @@ TEST(ChunkedAttention, RefusesBf16Gradients) {
                                           p),
                ShapeError);
   p.grad_bf16 = false;
+  p.in_bf16 = true;  // nor bf16 operands
+  EXPECT_THROW(chunked_attention_forward(out.data(), static_cast<float*>(nullptr), lse.data(),
+                                         qk.data(), v.data(), perm.data(), p),
+               ShapeError);
+  EXPECT_THROW(chunked_attention_backward(dqk.data(), dv.data(), dout.data(), qk.data(),
+                                          v.data(), perm.data(), out.data(), p.ld, lse.data(),
+                                          p),
+               ShapeError);
+  p.in_bf16 = false;
   chunked_attention_backward(dqk.data(), dv.data(), dout.data(), qk.data(), v.data(),
                              perm.data(), out.data(), p.ld, lse.data(), p);
   EXPECT_NE(dv[0], 0.0f);

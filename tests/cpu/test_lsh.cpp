@@ -343,6 +343,18 @@ TEST(LshHash, TiesPickLowestIndex) {
   EXPECT_EQ(b, (std::vector<int32_t>{0, 2, 0}));
 }
 
+// The op interface's form: a T Operand hashes as the plain rows; the CPU
+// keeps no bf16 operands and refuses them.
+TEST(LshHash, OperandFormRefusesBf16) {
+  const std::vector<double> R = {1.0, 1.0};
+  const std::vector<double> qk = {2.0, -3.0, 0.0};
+  std::vector<int32_t> b(3, -1);
+  lsh_hash(b.data(), Operand<double>{qk.data()}, 1, R.data(), 3, 1, 1, 4, 0, 1);
+  EXPECT_EQ(b, (std::vector<int32_t>{0, 2, 0}));
+  EXPECT_THROW(lsh_hash(b.data(), Operand<double>{qk.data(), true}, 1, R.data(), 3, 1, 1, 4, 0, 1),
+               ShapeError);
+}
+
 TEST(LshHash, FactorizedMatchesNaiveDouble) {
   const int64_t L = 60, ld = 9;
   const int dh = 7, n_hashes = 3;

@@ -142,7 +142,7 @@ TEST(MemoryPlan, AttentionOutputsInBf16WhereTheDeviceKeepsThem) {
   const int64_t L = 65536, HD = bench.model.d_model;
   EXPECT_EQ(plan_memory(bench, 1).count("ao"), L * HD / 2);
   EXPECT_EQ(plan_memory(bench, 1).count("kept ao"), L * HD / 2);
-  EXPECT_EQ(plan_memory(bench, 1).count("qk"), L * HD);
+  EXPECT_EQ(plan_memory(bench, 1).count("dao"), L * HD);
   auto with = [&](std::vector<std::string> sets) {
     sets.insert(sets.begin(), {"model.max_len=65536", "training.device=cuda"});
     return load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml", sets);
@@ -156,7 +156,7 @@ TEST(MemoryPlan, AttentionOutputsInBf16WhereTheDeviceKeepsThem) {
     SCOPED_TRACE(sets[0]);
     const Config c = with(sets);
     EXPECT_FALSE(attention_output_bf16(c, 1));
-    EXPECT_EQ(plan_memory(c, 1).count("ao"), plan_memory(c, 1).count("qk"));
+    EXPECT_EQ(plan_memory(c, 1).count("ao"), plan_memory(c, 1).count("dao"));
   }
   EXPECT_TRUE(attention_output_bf16(with({"attention.kinds=[lsh, local]"}), 1));
   EXPECT_FALSE(attention_output_bf16(bench, 2));
@@ -174,24 +174,30 @@ TEST(MemoryPlan, AttentionOutputsInBf16WhereTheDeviceKeepsThem) {
   EXPECT_THROW((ReformerModel<float>(small, ops, SequenceShard{1, 0, nullptr})), ConfigError);
 }
 
-// The attention's gradients in bf16 (attention_gradients_bf16): where the
-// outputs may be (the same device, precision and layout) and every layer
-// is an LSH layer of several hash rounds with d_model a multiple of 8 of at
-// most 2048, dqk and dv share "dqk" (no "dv"); not with a local or full
-// layer, one hash round, rounds one at a time, wider d_model, on the CPU,
-// at fp32, under sp or with REFORMER_BF16_ATTENTION_GRADIENTS=off. A
-// backend whose attention writes fp32 gradients refuses such a plan.
-TEST(MemoryPlan, AttentionGradientsInBf16WhereTheDeviceKeepsThem) {
+// The attention's gradients and operands in bf16 (attention_gradients_bf16,
+// attention_operands_bf16, each with its own switch): where the outputs
+// may be (the same device, precision and layout) and every layer is an LSH
+// layer of several hash rounds with d_model a multiple of 8 of at most
+// 2048: dqk and dv share "dqk" (no "dv"), "qk" and "v" are half their fp32
+// size; not with a local or full layer, one hash round, rounds one at a
+// time, wider d_model, on the CPU, at fp32, under sp or with
+// REFORMER_BF16_ATTENTION_GRADIENTS / _OPERANDS=off. A backend whose
+// attention writes fp32 gradients or reads fp32 operands refuses such a
+// plan.
+TEST(MemoryPlan, AttentionGradientsAndOperandsInBf16WhereTheDeviceKeepsThem) {
   auto with = [&](std::vector<std::string> sets) {
     sets.insert(sets.begin(), {"model.max_len=65536", "training.device=cuda"});
     return load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml", sets);
   };
   const Config bench = with({});
   ASSERT_TRUE(attention_gradients_bf16(bench, 1));
+  ASSERT_TRUE(attention_operands_bf16(bench, 1));
   const int64_t L = 65536, HD = bench.model.d_model;
   const MemoryPlan plan = plan_memory(bench, 1);
   EXPECT_EQ(plan.count("dqk"), L * HD);
   EXPECT_EQ(plan.count("dao"), L * HD);
+  EXPECT_EQ(plan.count("qk"), L * HD / 2);
+  EXPECT_EQ(plan.count("v"), L * HD / 2);
   EXPECT_THROW(plan.count("dv"), ShapeError);  // not in the plan
   for (const auto& sets : std::vector<std::vector<std::string>>{
            {"training.device=cpu"},
@@ -205,27 +211,41 @@ TEST(MemoryPlan, AttentionGradientsInBf16WhereTheDeviceKeepsThem) {
     SCOPED_TRACE(sets[0]);
     const Config c = with(sets);
     EXPECT_FALSE(attention_gradients_bf16(c, 1));
+    EXPECT_FALSE(attention_operands_bf16(c, 1));
     EXPECT_EQ(plan_memory(c, 1).count("dv"), plan_memory(c, 1).count("dqk"));
+    EXPECT_EQ(plan_memory(c, 1).count("qk"), plan_memory(c, 1).count("dqk"));
   }
   EXPECT_FALSE(attention_gradients_bf16(bench, 2));
-  setenv("REFORMER_BF16_ATTENTION_GRADIENTS", "off", 1);
-  EXPECT_FALSE(attention_gradients_bf16(bench, 1));
-  EXPECT_TRUE(attention_output_bf16(bench, 1));  // a switch of its own
-  EXPECT_EQ(plan_memory(bench, 1).count("dv"), L * HD);
-  setenv("REFORMER_BF16_ATTENTION_GRADIENTS", "sometimes", 1);
-  EXPECT_THROW(attention_gradients_bf16(bench, 1), ConfigError);
-  unsetenv("REFORMER_BF16_ATTENTION_GRADIENTS");
-  // The CPU attention writes fp32 gradients: a model for such a plan is
-  // refused (with the outputs in fp32, so that this is what refuses it).
+  EXPECT_FALSE(attention_operands_bf16(bench, 2));
+  for (const char* env : {"REFORMER_BF16_ATTENTION_GRADIENTS", "REFORMER_BF16_ATTENTION_OPERANDS"}) {
+    SCOPED_TRACE(env);
+    const bool grads = std::string(env).find("GRADIENTS") != std::string::npos;
+    setenv(env, "off", 1);
+    EXPECT_NE(attention_gradients_bf16(bench, 1), grads);  // each a switch of its own
+    EXPECT_EQ(attention_operands_bf16(bench, 1), grads);
+    EXPECT_TRUE(attention_output_bf16(bench, 1));
+    EXPECT_EQ(plan_memory(bench, 1).count(grads ? "dv" : "v"), L * HD);
+    setenv(env, "sometimes", 1);
+    EXPECT_THROW(plan_memory(bench, 1), ConfigError);
+    unsetenv(env);
+  }
+  // The CPU attention writes fp32 gradients and reads fp32 operands: a
+  // model for a plan with either in bf16 is refused (with the outputs in
+  // fp32, so that this is what refuses it).
   setenv("REFORMER_BF16_ATTENTION_OUTPUT", "off", 1);
   Config small = config({"training.device=cuda", "attention.kinds=[lsh]", "model.d_model=32"});
-  ASSERT_TRUE(attention_gradients_bf16(small, 1));
-  test::CountingOps<float> ops;
-  try {
-    ReformerModel<float> m(small, ops, SequenceShard{1, 0, nullptr});
-    ADD_FAILURE() << "a plan with bf16 gradients accepted by an fp32 backend";
-  } catch (const ConfigError& e) {
-    EXPECT_NE(std::string(e.what()).find("gradients"), std::string::npos) << e.what();
+  for (const char* off : {"REFORMER_BF16_ATTENTION_OPERANDS", "REFORMER_BF16_ATTENTION_GRADIENTS"}) {
+    setenv(off, "off", 1);
+    ASSERT_NE(attention_gradients_bf16(small, 1), attention_operands_bf16(small, 1));
+    test::CountingOps<float> ops;
+    try {
+      ReformerModel<float> m(small, ops, SequenceShard{1, 0, nullptr});
+      ADD_FAILURE() << "a plan with bf16 attention buffers accepted by an fp32 backend";
+    } catch (const ConfigError& e) {
+      const std::string want = attention_gradients_bf16(small, 1) ? "gradients" : "operands";
+      EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+    }
+    unsetenv(off);
   }
   unsetenv("REFORMER_BF16_ATTENTION_OUTPUT");
 }
@@ -548,9 +568,9 @@ TEST(MemoryPlan, KeptLayersFitTheDevice) {
 // Auto kept and stashed layers together: of the counts whose whole plan
 // takes at most 90% of the device, the one that saves the backward most (a
 // kept layer weighing kKeptOverStashed stashed ones). At 1M tokens in
-// passes of 4 heads on an H200 that is 3 kept and 2 stashed (with the
-// attention's outputs and gradients in bf16); on 137 GiB, where 3 and 2 do
-// not, 3 and 1. At 2M in passes of 2, 1 kept and 3 stashed. A
+// passes of 4 heads on an H200 that is 3 kept and 3 stashed (with the
+// attention's outputs, operands and gradients in bf16); on 137 GiB, where
+// 3 and 3 do not, 3 and 2. At 2M in passes of 2, 1 kept and 3 stashed. A
 // stashed layer holds every pass's outputs (bf16 on CUDA) and log-sum-exps;
 // none under sp or where rounds are attended one at a time; a set count
 // stays, at most the layers below the kept ones.
@@ -564,15 +584,15 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
   EXPECT_EQ(stashed_layer_count(cfg, 1), 0);
   const Config f = fit_to_device(cfg, 1, h200);
   EXPECT_EQ(f.model.kept_layers, 3);
-  EXPECT_EQ(f.model.stashed_layers, 2);
-  EXPECT_EQ(stashed_layer_count(f, 1), 2);
+  EXPECT_EQ(f.model.stashed_layers, 3);
+  EXPECT_EQ(stashed_layer_count(f, 1), 3);
   const Config f137 = fit_to_device(cfg, 1, 137 * GiB);
   EXPECT_EQ(f137.model.kept_layers, 3);
-  EXPECT_EQ(stashed_layer_count(f137, 1), 1);
+  EXPECT_EQ(stashed_layer_count(f137, 1), 2);
   const double budget = 0.9 * double(h200);
   EXPECT_LE(double(plan_memory(f, 1).total_bytes()), budget);
   const int n = cfg.model.n_layers;
-  const double chosen = kKeptOverStashed * 3 + 2;
+  const double chosen = kKeptOverStashed * 3 + 3;
   for (int k = 0; k <= n; ++k)
     for (int st = 0; st <= n - k; ++st) {
       Config c = f;
@@ -623,11 +643,10 @@ TEST(MemoryPlan, StashedLayersFitBesideKeptOnes) {
 // the pre-activation (weighing kActivationRebuildInStashed less), x1 or not
 // (kX1RebuildInStashed less) and its LayerNorm rows or not
 // (kLnRebuildInStashed less); the fit takes the forms with the best counts
-// that fit. On an H200 (attention outputs and gradients in bf16): at 64K
-// every layer keeps everything; at 512K every layer its state, both halves
-// and x1, the LayerNorm rows rebuilt; at 1M, 8 heads a pass, 3 their
-// state, pre-activations and x1, the LayerNorm rows rebuilt, and 3
-// stashed. A set form stays;
+// that fit. On an H200 (the attention's outputs, operands and gradients in
+// bf16): at 64K and 512K every layer keeps everything; at 1M, 8 heads a
+// pass, 4 their state and pre-activations, x1 and the LayerNorm rows
+// rebuilt, and 2 stashed. A set form stays;
 // without a device auto reads as state, both and kept.
 TEST(MemoryPlan, KeptFormsFitTheDevice) {
   const Config cfg = load_config(std::string(REFORMER_SOURCE_DIR) + "/configs/bench-peer.yaml",
@@ -674,8 +693,8 @@ TEST(MemoryPlan, KeptFormsFitTheDevice) {
   using A = KeptAttention;
   using F = KeptFfn;
   for (const Want& w : {Want{65536, A::state, F::both, true, true, 6, 0, 8},
-                        Want{524288, A::state, F::both, true, false, 6, 0, 8},
-                        Want{1048576, A::state, F::pre_activation, true, false, 3, 3, 8}}) {
+                        Want{524288, A::state, F::both, true, true, 6, 0, 8},
+                        Want{1048576, A::state, F::pre_activation, false, false, 4, 2, 8}}) {
     SCOPED_TRACE(w.L);
     const Config f = fit_to_device(with_length(cfg, w.L, "test"), 1, h200);
     EXPECT_EQ(f.model.kept_attention, w.form);

@@ -733,4 +733,10 @@ TEST(LayernormProjectBackward, RefusesBf16AndStridedGradients) {
                                             lb.data(), w.data(), w.data(), N, C, OC, 1e-5f);
   EXPECT_EQ(dinp, strided);
   EXPECT_NE(dinp[0], 0.0f);
+  // Nor bf16 outputs of the forward.
+  std::vector<float> o1(N * OC), o2(N * OC);
+  EXPECT_THROW(reformer::cpu::layernorm_project_forward(
+                   o1.data(), o2.data(), ln.data(), mean.data(), rstd.data(), inp.data(),
+                   lw.data(), lb.data(), w.data(), w.data(), N, C, OC, 1e-5f, true),
+               reformer::ShapeError);
 }

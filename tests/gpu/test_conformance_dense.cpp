@@ -478,7 +478,7 @@ void add_layernorm_project(std::vector<Case>& cases) {
         [=](auto& ops, auto& t) {
           auto* w2 = two ? t("w2") : nullptr;
           ops.layernorm_project_forward(t("o1"), t("o2"), t("ln"), t("mean"), t("rstd"), t("x"),
-                                        t("lw"), t("lb"), t("w1"), w2, N, C, OC, 1e-6f);
+                                        t("lw"), t("lb"), t("w1"), w2, N, C, OC, 1e-6f, false);
           ops.layernorm_project_backward(t("dinp"), t("dlw"), t("dlb"), t("dw1"),
                                          two ? t("dw2") : nullptr, t("d1"), two ? t("d2") : nullptr,
                                          t("ln"), t("dln"), t("mean"), t("rstd"), t("x"), t("lw"),

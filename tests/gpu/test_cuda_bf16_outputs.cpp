@@ -10,10 +10,15 @@
 // (AttentionParams::grad_bf16): the backward writes dqk and dv rounded, the
 // fp32 gradients stashed bit for bit, side by side in one buffer, and the
 // projections' backward reading them gives what it gives for the fp32
-// gradients (layernorm_project_backward with Operand rows of a stride).
+// gradients (layernorm_project_backward with Operand rows of a stride). The
+// operands in bf16 (AttentionParams::in_bf16, layernorm_project_forward's
+// out_bf16, lsh_hash's Operand): the projections write them within one
+// bf16 step of their fp32 results rounded, and the hash and the attention
+// reading them give what they give for fp32 operands of those values.
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <numeric>
@@ -332,6 +337,162 @@ TEST(CudaBf16Outputs, ProjectionsBackwardTakesBf16Gradients) {
     const auto one = run(Operand<float>{d1b.data(), true}, nullptr, false);
     for (size_t i = 0; i < want1.size(); ++i)
       EXPECT_TRUE(same_bits(one[i], want1[i])) << "one projection, result " << i;
+  }
+}
+
+// The bf16 value of bits b as a float.
+float bf16_float(uint16_t b) {
+  const uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// layernorm_project_forward with out_bf16: each value within one bf16 step
+// of the fp32 result's (cuBLASLt may sum in another order for bf16
+// outputs, moving a value across a rounding boundary), the statistics the
+// same bits; and most values equal.
+TEST(CudaBf16Outputs, ProjectionsWriteBf16Operands) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = make_cuda_ops();
+  for (const auto& [N, C, OC] : {std::tuple{300, 64, 96}, std::tuple{5000, 256, 128}}) {
+    SCOPED_TRACE(std::to_string(N) + " x " + std::to_string(C) + " x " + std::to_string(OC));
+    const int64_t no = int64_t(N) * OC, nx = int64_t(N) * C, nw = int64_t(C) * OC;
+    Buffer<float> o1(*ops, no), o2(*ops, no), b1(*ops, no / 2), b2(*ops, no / 2),
+        w1_rn(*ops, no / 2), w2_rn(*ops, no / 2), inp(*ops, nx), lw(*ops, C), lb(*ops, C),
+        w1(*ops, nw), w2(*ops, nw), ln(*ops, nx), mean(*ops, N), rstd(*ops, N), mean_b(*ops, N),
+        rstd_b(*ops, N);
+    ops->from_host(inp.data(), pattern(nx, 31).data(), nx);
+    ops->from_host(lw.data(), pattern(C, 32).data(), C);
+    ops->from_host(lb.data(), pattern(C, 33).data(), C);
+    ops->from_host(w1.data(), pattern(nw, 34).data(), nw);
+    ops->from_host(w2.data(), pattern(nw, 35).data(), nw);
+    ops->layernorm_project_forward(o1.data(), o2.data(), ln.data(), mean.data(), rstd.data(),
+                                   inp.data(), lw.data(), lb.data(), w1.data(), w2.data(), N, C,
+                                   OC, 1e-5f, false);
+    ops->layernorm_project_forward(b1.data(), b2.data(), ln.data(), mean_b.data(),
+                                   rstd_b.data(), inp.data(), lw.data(), lb.data(), w1.data(),
+                                   w2.data(), N, C, OC, 1e-5f, true);
+    EXPECT_TRUE(same_bits(host(*ops, mean_b.data(), N), host(*ops, mean.data(), N)));
+    EXPECT_TRUE(same_bits(host(*ops, rstd_b.data(), N), host(*ops, rstd.data(), N)));
+    ops->stash(w1_rn.data(), o1.data(), no);
+    ops->stash(w2_rn.data(), o2.data(), no);
+    for (auto [got_p, want_p] : {std::pair{&b1, &w1_rn}, std::pair{&b2, &w2_rn}}) {
+      const std::vector<uint16_t> got = host_bf16(*ops, got_p->data(), no),
+                                  want = host_bf16(*ops, want_p->data(), no);
+      int64_t far = 0, differ = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        const float g = bf16_float(got[i]), w = bf16_float(want[i]);
+        differ += got[i] != want[i];
+        far += std::fabs(g - w) > std::ldexp(std::max(std::fabs(g), std::fabs(w)), -7);
+      }
+      EXPECT_EQ(far, 0);
+      EXPECT_LT(differ, no / 100);
+    }
+  }
+  Buffer<float> x(*ops, 64 * 12);
+  EXPECT_THROW(ops->layernorm_project_forward(x.data(), x.data(), x.data(), x.data(), x.data(),
+                                              x.data(), x.data(), x.data(), x.data(), x.data(),
+                                              8, 12, 12, 1e-5f, true),
+               ShapeError);  // C = 12: no fused projections, no bf16 outputs
+}
+
+// lsh_hash of bf16 rows (the fp32 rows stashed) against the fp32 rows: the
+// same buckets (the hash rounds fp32 values to those bf16 ones first).
+// Widths 64 and 128 (the tensor-core hash) and 40 (rows rounded into the
+// workspace), two heads side by side, factorized buckets and not.
+TEST(CudaBf16Outputs, HashReadsBf16Operands) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = make_cuda_ops();
+  for (const int dh : {64, 128, 40}) {
+    for (const int f0 : {0, 8}) {
+      SCOPED_TRACE("dh " + std::to_string(dh) + ", factor0 " + std::to_string(f0));
+      const int64_t L = 3000, heads = 2, ld = heads * dh, n = L * ld;
+      const int n_hashes = 3, n_buckets = 64;
+      const int64_t nR = int64_t(n_hashes) * dh * rotation_cols(n_buckets, f0);
+      Buffer<float> qk(*ops, n), qk_b(*ops, n / 2), R(*ops, heads * nR);
+      IntBuffer<float> b(*ops, heads * n_hashes * L), bb(*ops, heads * n_hashes * L);
+      ops->from_host(qk.data(), pattern(n, 41).data(), n);
+      ops->stash(qk_b.data(), qk.data(), n);
+      for (int j = 0; j < heads; ++j)
+        ops->lsh_rotations(R.data() + j * nR, 3, 0, 0, j, n_hashes, dh, n_buckets, f0);
+      ops->lsh_hash(b.data(), qk.data(), ld, R.data(), L, dh, n_hashes, n_buckets, f0, heads);
+      ops->lsh_hash(bb.data(), Operand<float>{qk_b.data(), true}, ld, R.data(), L, dh, n_hashes,
+                    n_buckets, f0, heads);
+      const int64_t nb = heads * n_hashes * L;
+      std::vector<int32_t> want(static_cast<size_t>(nb)), got(want.size());
+      ops->to_host_i32(want.data(), b.data(), nb);
+      ops->to_host_i32(got.data(), bb.data(), nb);
+      EXPECT_EQ(got, want);
+    }
+  }
+}
+
+// The attention forward and backward reading bf16 qk and v (the fp32 ones
+// stashed; in_bf16) against the fp32 ones: the same bits in out, lse, dqk
+// and dv (the staging rounds fp32 operands to those values first); calls
+// that cannot read them refuse.
+TEST(CudaBf16Outputs, AttentionReadsBf16Operands) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  auto ops = make_cuda_ops();
+  for (const int dh : {128, 64, 40}) {
+    for (const bool kept : {false, true}) {
+      SCOPED_TRACE("dh " + std::to_string(dh) + (kept ? ", kept" : ""));
+      AttentionParams p;
+      p.L = dh == 40 ? 2000 : 2048;
+      p.dh = dh;
+      p.ld = 3 * int64_t(dh);
+      p.n_rounds = 4;
+      p.chunk = dh == 40 ? 16 : 64;
+      p.accumulate = false;
+      const int64_t L = p.L, n = L * p.ld, R = p.n_rounds;
+      std::vector<int32_t> perm(size_t(R * L));
+      std::mt19937 rng(13);
+      for (int64_t r = 0; r < R; ++r) {
+        auto first = perm.begin() + r * L;
+        std::iota(first, first + L, 0);
+        std::shuffle(first, first + L, rng);
+      }
+      const int64_t nk = ops->attention_kept_elems(L, dh, AttentionPrecision::bf16);
+      Buffer<float> qk(*ops, n), v(*ops, n), qk_b(*ops, n / 2), v_b(*ops, n / 2),
+          dout(*ops, n), out(*ops, n), lse(*ops, R * L), dqk(*ops, n), dv(*ops, n),
+          staged(*ops, nk);
+      IntBuffer<float> dperm(*ops, R * L);
+      ops->from_host_i32(dperm.data(), perm.data(), R * L);
+      ops->from_host(qk.data(), pattern(n, 51).data(), n);
+      ops->from_host(v.data(), pattern(n, 52).data(), n);
+      ops->from_host(dout.data(), pattern(n, 53).data(), n);
+      ops->stash(qk_b.data(), qk.data(), n);
+      ops->stash(v_b.data(), v.data(), n);
+      auto run = [&](bool b) {
+        AttentionParams a = p;
+        a.in_bf16 = b;
+        a.kept = kept ? staged.data() : nullptr;
+        const float* q = b ? qk_b.data() : qk.data();
+        const float* vv = b ? v_b.data() : v.data();
+        ops->fill(out.data(), 0.0f, n);
+        ops->chunked_attention_forward(out.data(), nullptr, lse.data(), q, vv, dperm.data(), a);
+        ops->chunked_attention_backward(dqk.data(), dv.data(), dout.data(), q, vv, dperm.data(),
+                                        out.data(), p.ld, lse.data(), a);
+        return std::vector{host(*ops, out.data(), n), host(*ops, lse.data(), R * L),
+                           host(*ops, dqk.data(), n), host(*ops, dv.data(), n)};
+      };
+      const auto f = run(false), h = run(true);
+      for (size_t i = 0; i < f.size(); ++i) EXPECT_TRUE(same_bits(h[i], f[i])) << "result " << i;
+
+      AttentionParams bad = p;
+      bad.in_bf16 = true;
+      bad.precision = AttentionPrecision::fp32;
+      EXPECT_THROW(ops->chunked_attention_forward(out.data(), nullptr, lse.data(), qk_b.data(),
+                                                  v_b.data(), dperm.data(), bad),
+                   ShapeError);
+      bad.precision = AttentionPrecision::bf16;
+      bad.n_rounds = 1;
+      EXPECT_THROW(ops->chunked_attention_backward(dqk.data(), dv.data(), dout.data(),
+                                                   qk_b.data(), v_b.data(), dperm.data(),
+                                                   out.data(), p.ld, lse.data(), bad),
+                   ShapeError);
+    }
   }
 }
 

@@ -324,7 +324,7 @@ TEST(CudaMatmulBlocks, LayernormProjectOverManyBlocksMatchesTheSeparateOps) {
   Out f = fresh(), e = fresh();
   ops->layernorm_project_forward(f.o1.data(), f.o2.data(), f.ln.data(), f.mean.data(),
                                  f.rstd.data(), x.data(), lw.data(), lb.data(), w1.data(),
-                                 w2.data(), N, C, OC, 1e-5f);
+                                 w2.data(), N, C, OC, 1e-5f, false);
   ops->layernorm_project_backward(f.dx.data(), f.dlw.data(), f.dlb.data(), f.dw1.data(),
                                   f.dw2.data(), d1.data(), d2.data(), f.ln.data(), f.dln.data(),
                                   f.mean.data(), f.rstd.data(), x.data(), lw.data(), lb.data(),

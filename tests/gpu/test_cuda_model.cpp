@@ -215,7 +215,9 @@ class CudaModelAt : public ::testing::TestWithParam<std::string> {};
 void check_model_matches_cpu(const Config& cfg) {
   std::unique_ptr<Ops<float>> gpu = make_cuda_ops();
   CpuOps<float> cpu;
-  ReformerModel<float> mg(cfg, *gpu), mc(cfg, cpu);
+  Config cpu_cfg = cfg;  // a plan for the host: no bf16 buffers (cfg may ask for cuda's)
+  cpu_cfg.training.device = DeviceKind::cpu;
+  ReformerModel<float> mg(cfg, *gpu), mc(cpu_cfg, cpu);
   mg.init_params(cfg.training.seed);
   mc.init_params(cfg.training.seed);
   mg.zero_grads();
@@ -467,11 +469,13 @@ TEST(CudaModel, SavedBucketsEqualSavedOrders) {
 // Runs the cases below (every layer rebuilt; kept with their attention
 // state; kept in two passes of heads; kept with their outputs; stashed;
 // dropout on) with the switch `env` unset and off: the same loss and
-// gradients bit for bit. `on` says whether the switch applies to a config,
-// `check` what the plan holds either way.
-void expect_switch_keeps_bits(const char* env, const std::string& kinds,
-                              bool (*on)(const Config&, int, int),
-                              const std::function<void(const Config&, bool)>& check) {
+// gradients bit for bit (bitwise), or the loss within 1e-3 relative and
+// the gradients as expect_same_directions asks. `on` says whether the
+// switch applies to a config, `check` what the plan holds either way.
+void expect_switch_keeps_results(const char* env, const std::string& kinds,
+                                 bool (*on)(const Config&, int, int),
+                                 const std::function<void(const Config&, bool)>& check,
+                                 bool bitwise = true) {
   struct Case {
     int kept, stashed, hp;
     bool outputs;
@@ -499,6 +503,11 @@ void expect_switch_keeps_bits(const char* env, const std::string& kinds,
       loss[off] = two_steps(*gpu, cfg, &grads[off]);
     }
     unsetenv(env);
+    if (!bitwise) {
+      EXPECT_NEAR(loss[0], loss[1], 1e-3 * std::fabs(loss[1]));
+      expect_same_directions(grads[0], grads[1]);
+      continue;
+    }
     EXPECT_EQ(loss[0], loss[1]);
     const ParamTable table = model_param_table(model_config("bf16", kinds));
     for (const ParamInfo& p : table.params()) {
@@ -522,7 +531,7 @@ int64_t pass_cols(const Config& cfg) {
 // is on).
 TEST(CudaModel, Bf16AttentionOutputsGiveTheSameBits) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  expect_switch_keeps_bits("REFORMER_BF16_ATTENTION_OUTPUT", "[lsh, local]",
+  expect_switch_keeps_results("REFORMER_BF16_ATTENTION_OUTPUT", "[lsh, local]",
                            attention_output_bf16, [](const Config& cfg, bool on) {
                              EXPECT_EQ(plan_memory(cfg, 1).count("ao"),
                                        cfg.model.max_len * pass_cols(cfg) / (on ? 2 : 1));
@@ -534,7 +543,7 @@ TEST(CudaModel, Bf16AttentionOutputsGiveTheSameBits) {
 // the projections' backward, their one reader, rounds them to bf16 first.
 TEST(CudaModel, Bf16AttentionGradientsGiveTheSameBits) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  expect_switch_keeps_bits("REFORMER_BF16_ATTENTION_GRADIENTS", "[lsh]",
+  expect_switch_keeps_results("REFORMER_BF16_ATTENTION_GRADIENTS", "[lsh]",
                            attention_gradients_bf16, [](const Config& cfg, bool on) {
                              const MemoryPlan plan = plan_memory(cfg, 1);
                              EXPECT_EQ(plan.count("dqk"), cfg.model.max_len * pass_cols(cfg));
@@ -543,6 +552,42 @@ TEST(CudaModel, Bf16AttentionGradientsGiveTheSameBits) {
                              else
                                EXPECT_EQ(plan.count("dv"), plan.count("dqk"));
                            });
+}
+
+// The attention's operands in bf16 (attention_operands_bf16: LSH layers
+// only), against fp32 ones (REFORMER_BF16_ATTENTION_OPERANDS=off): the
+// hash and the attention read the values they rounded fp32 operands to,
+// but the projections writing bf16 may sum in another order than those
+// writing fp32 (cuBLASLt picks its kernel by the output type), and a value
+// across a rounding boundary may move a hash near-tie: the same loss to
+// 1e-3 and the same gradient directions.
+TEST(CudaModel, Bf16AttentionOperandsKeepTheResults) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  expect_switch_keeps_results(
+      "REFORMER_BF16_ATTENTION_OPERANDS", "[lsh]", attention_operands_bf16,
+      [](const Config& cfg, bool on) {
+        const MemoryPlan plan = plan_memory(cfg, 1);
+        EXPECT_EQ(plan.count("qk"), cfg.model.max_len * pass_cols(cfg) / (on ? 2 : 1));
+        EXPECT_EQ(plan.count("v"), plan.count("qk"));
+      },
+      /*bitwise=*/false);
+}
+
+// A model of one LSH layer on CUDA with every attention buffer in bf16
+// (its outputs, operands and gradients) against the CPU's fp32 model, with
+// the statistics of check_model_matches_cpu. One layer, as
+// LossAndGradientsMatchCpu's model has one LSH layer: with three, several
+// parameters' gradient cosines against the CPU's measured 0.974 to 0.989
+// (near-tie hashes in every layer; the bf16 buffers against fp32 ones on
+// the GPU keep 0.999, Bf16AttentionOperandsKeepTheResults).
+TEST(CudaModel, Bf16AttentionBuffersMatchCpu) {
+  if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  Config cfg = model_config("bf16", "[lsh]", {"model.n_layers=1"});
+  cfg.training.device = DeviceKind::cuda;
+  ASSERT_TRUE(attention_output_bf16(cfg, 1));
+  ASSERT_TRUE(attention_operands_bf16(cfg, 1));
+  ASSERT_TRUE(attention_gradients_bf16(cfg, 1));
+  check_model_matches_cpu(cfg);
 }
 
 // Every op of the GPU step is deterministic (the token table's gradient
