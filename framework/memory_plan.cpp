@@ -597,9 +597,10 @@ bool cuda_layouts(const Config& cfg, int real_bytes) {
 }  // namespace
 
 namespace {
-// What attention_output_bf16 and attention_gradients_bf16 both need: a CUDA
-// device attending in bf16 at sp 1, the hash rounds attended together,
-// head widths a multiple of 8, every layer attending in chunks.
+// What every bf16 attention buffer (attention_output_bf16 and the two
+// below) needs: a CUDA device attending in bf16 at sp 1, the hash rounds
+// attended together, head widths a multiple of 8, every layer attending in
+// chunks.
 bool bf16_attention_buffers(const Config& cfg, int sp, int real_bytes) {
   if (!cuda_layouts(cfg, real_bytes) || cfg.attention.precision != AttentionPrecision::bf16 ||
       sp != 1 || cfg.head_dim() % 8 != 0 || cfg.model.max_len <= cfg.attention.bucket_size ||

@@ -54,6 +54,38 @@ std::vector<uint16_t> host_bf16(Ops<float>& ops, const float* p, int64_t n) {
   return h;
 }
 
+// A chunked call over one head of a [L, 3 dh] buffer, writing its
+// gradients: widths 128 and 64 over 2048 positions in chunks of 64 (the
+// walking kernels), 40 over 2000 in chunks of 16; wrapping where it has
+// several rounds.
+AttentionParams head_call(int dh, int rounds) {
+  AttentionParams p;
+  p.L = dh == 40 ? 2000 : 2048;
+  p.dh = dh;
+  p.ld = 3 * int64_t(dh);
+  p.n_rounds = rounds;
+  p.chunk = dh == 40 ? 16 : 64;
+  p.wrap = rounds > 1;
+  p.accumulate = false;
+  return p;
+}
+
+// p's rounds' orders on the device: each a shuffle of the positions (rng
+// seeded with seed) where p has several rounds, else the identity.
+IntBuffer<float> round_orders(Ops<float>& ops, const AttentionParams& p, uint32_t seed) {
+  const int64_t L = p.L, R = p.n_rounds;
+  std::vector<int32_t> perm(size_t(R * L));
+  std::mt19937 rng(seed);
+  for (int64_t r = 0; r < R; ++r) {
+    auto first = perm.begin() + r * L;
+    std::iota(first, first + L, 0);
+    if (R > 1) std::shuffle(first, first + L, rng);
+  }
+  IntBuffer<float> d(ops, R * L);
+  ops.from_host_i32(d.data(), perm.data(), R * L);
+  return d;
+}
+
 TEST(CudaBf16Outputs, AttentionWritesAndReadsItsOutputInBf16) {
   if (reformer::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";
   auto ops = make_cuda_ops();
@@ -62,26 +94,11 @@ TEST(CudaBf16Outputs, AttentionWritesAndReadsItsOutputInBf16) {
   for (const int dh : {128, 64, 40}) {
     for (const int rounds : {4, 1}) {
       SCOPED_TRACE("dh " + std::to_string(dh) + ", rounds " + std::to_string(rounds));
-      AttentionParams p;
-      p.L = dh == 40 ? 2000 : 2048;
-      p.dh = dh;
-      p.ld = 3 * int64_t(dh);
-      p.n_rounds = rounds;
-      p.chunk = dh == 40 ? 16 : 64;
-      p.wrap = rounds > 1;
-      p.accumulate = false;
+      const AttentionParams p = head_call(dh, rounds);
       const int64_t L = p.L, n = L * p.ld, nb = ops->stash_elems(n);
-      std::vector<int32_t> perm(size_t(rounds) * size_t(L));
-      std::mt19937 rng(11);
-      for (int r = 0; r < rounds; ++r) {
-        auto first = perm.begin() + int64_t(r) * L;
-        std::iota(first, first + L, 0);
-        if (rounds > 1) std::shuffle(first, first + L, rng);
-      }
+      IntBuffer<float> dperm = round_orders(*ops, p, 11);
       Buffer<float> qk(*ops, n), v(*ops, n), dout(*ops, n), out(*ops, n), lse(*ops, rounds * L),
           dqk(*ops, n), dv(*ops, n), out_b(*ops, nb), want_b(*ops, nb);
-      IntBuffer<float> dperm(*ops, rounds * L);
-      ops->from_host_i32(dperm.data(), perm.data(), rounds * L);
       ops->from_host(qk.data(), pattern(n, 1).data(), n);
       ops->from_host(v.data(), pattern(n, 2).data(), n);
       ops->from_host(dout.data(), pattern(n, 3).data(), n);
@@ -185,26 +202,12 @@ TEST(CudaBf16Outputs, AttentionBackwardWritesItsGradientsInBf16) {
   auto ops = make_cuda_ops();
   for (const int dh : {128, 64, 40}) {
     SCOPED_TRACE("dh " + std::to_string(dh));
-    AttentionParams p;
-    p.L = dh == 40 ? 2000 : 2048;
-    p.dh = dh;
-    p.ld = 3 * int64_t(dh);
-    p.n_rounds = 4;
-    p.chunk = dh == 40 ? 16 : 64;
-    p.accumulate = false;
+    const AttentionParams p = head_call(dh, 4);
     const int64_t L = p.L, n = L * p.ld, R = p.n_rounds;
-    std::vector<int32_t> perm(size_t(R * L));
-    std::mt19937 rng(12);
-    for (int64_t r = 0; r < R; ++r) {
-      auto first = perm.begin() + r * L;
-      std::iota(first, first + L, 0);
-      std::shuffle(first, first + L, rng);
-    }
+    IntBuffer<float> dperm = round_orders(*ops, p, 12);
     Buffer<float> qk(*ops, n), v(*ops, n), dout(*ops, n), out(*ops, n), lse(*ops, R * L),
         dqk(*ops, n), dv(*ops, n), grads(*ops, n), want_q(*ops, ops->stash_elems(n)),
         want_v(*ops, ops->stash_elems(n));
-    IntBuffer<float> dperm(*ops, R * L);
-    ops->from_host_i32(dperm.data(), perm.data(), R * L);
     ops->from_host(qk.data(), pattern(n, 5).data(), n);
     ops->from_host(v.data(), pattern(n, 6).data(), n);
     ops->from_host(dout.data(), pattern(n, 7).data(), n);
@@ -438,27 +441,13 @@ TEST(CudaBf16Outputs, AttentionReadsBf16Operands) {
   for (const int dh : {128, 64, 40}) {
     for (const bool kept : {false, true}) {
       SCOPED_TRACE("dh " + std::to_string(dh) + (kept ? ", kept" : ""));
-      AttentionParams p;
-      p.L = dh == 40 ? 2000 : 2048;
-      p.dh = dh;
-      p.ld = 3 * int64_t(dh);
-      p.n_rounds = 4;
-      p.chunk = dh == 40 ? 16 : 64;
-      p.accumulate = false;
+      const AttentionParams p = head_call(dh, 4);
       const int64_t L = p.L, n = L * p.ld, R = p.n_rounds;
-      std::vector<int32_t> perm(size_t(R * L));
-      std::mt19937 rng(13);
-      for (int64_t r = 0; r < R; ++r) {
-        auto first = perm.begin() + r * L;
-        std::iota(first, first + L, 0);
-        std::shuffle(first, first + L, rng);
-      }
+      IntBuffer<float> dperm = round_orders(*ops, p, 13);
       const int64_t nk = ops->attention_kept_elems(L, dh, AttentionPrecision::bf16);
       Buffer<float> qk(*ops, n), v(*ops, n), qk_b(*ops, n / 2), v_b(*ops, n / 2),
           dout(*ops, n), out(*ops, n), lse(*ops, R * L), dqk(*ops, n), dv(*ops, n),
           staged(*ops, nk);
-      IntBuffer<float> dperm(*ops, R * L);
-      ops->from_host_i32(dperm.data(), perm.data(), R * L);
       ops->from_host(qk.data(), pattern(n, 51).data(), n);
       ops->from_host(v.data(), pattern(n, 52).data(), n);
       ops->from_host(dout.data(), pattern(n, 53).data(), n);
