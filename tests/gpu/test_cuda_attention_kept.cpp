@@ -22,12 +22,15 @@
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
 #include "tests/common/patterns.h"
+#include "tests/gpu/attention_calls.h"
 
 using namespace reformer;
 
 namespace {
 
+using test::head_call;
 using test::pattern;
+using test::round_orders;
 using test::same_bits;
 
 struct Result {
@@ -40,28 +43,11 @@ TEST(CudaAttentionKept, BackwardReadsTheForwardsStagedOperandsForTheSameBits) {
   for (const int dh : {128, 64, 40}) {
     for (const int rounds : {4, 1}) {
       SCOPED_TRACE("dh " + std::to_string(dh) + ", rounds " + std::to_string(rounds));
-      AttentionParams p;
-      // At dh 40, 2,000 positions in chunks of 16: the dout-only staging's
-      // last warp holds fewer than its 4 positions.
-      p.L = dh == 40 ? 2000 : 2048;
-      p.dh = dh;
-      p.ld = 3 * int64_t(dh);
-      p.n_rounds = rounds;
-      p.chunk = dh == 40 ? 16 : 64;
-      p.wrap = rounds > 1;  // LSH wraps; a local layer does not
-      p.accumulate = false;
+      const AttentionParams p = head_call(dh, rounds);
       const int64_t L = p.L, n = L * p.ld;
-      std::vector<int32_t> perm(size_t(rounds) * size_t(L));
-      std::mt19937 rng(7);
-      for (int r = 0; r < rounds; ++r) {
-        auto first = perm.begin() + int64_t(r) * L;
-        std::iota(first, first + L, 0);
-        if (rounds > 1) std::shuffle(first, first + L, rng);
-      }
+      IntBuffer<float> dperm = round_orders(*ops, p, 7);
       Buffer<float> qk(*ops, n), v(*ops, n), dout(*ops, n), out(*ops, n), lse(*ops, rounds * L),
           dqk(*ops, n), dv(*ops, n);
-      IntBuffer<float> dperm(*ops, rounds * L);
-      ops->from_host_i32(dperm.data(), perm.data(), rounds * L);
       ops->from_host(dout.data(), pattern(n, 3).data(), n);
       const int64_t elems = ops->attention_kept_elems(L, dh, AttentionPrecision::bf16);
       ASSERT_GT(elems, 0);

@@ -32,12 +32,15 @@
 #include "kernels/errors.h"
 #include "kernels/ops.h"
 #include "tests/common/patterns.h"
+#include "tests/gpu/attention_calls.h"
 
 using namespace reformer;
 
 namespace {
 
+using test::head_call;
 using test::pattern;
+using test::round_orders;
 using test::same_bits;
 
 std::vector<float> host(Ops<float>& ops, const float* p, int64_t n) {
@@ -52,38 +55,6 @@ std::vector<uint16_t> host_bf16(Ops<float>& ops, const float* p, int64_t n) {
   std::vector<uint16_t> h(static_cast<size_t>(n));
   std::memcpy(h.data(), f.data(), sizeof(uint16_t) * h.size());
   return h;
-}
-
-// A chunked call over one head of a [L, 3 dh] buffer, writing its
-// gradients: widths 128 and 64 over 2048 positions in chunks of 64 (the
-// walking kernels), 40 over 2000 in chunks of 16; wrapping where it has
-// several rounds.
-AttentionParams head_call(int dh, int rounds) {
-  AttentionParams p;
-  p.L = dh == 40 ? 2000 : 2048;
-  p.dh = dh;
-  p.ld = 3 * int64_t(dh);
-  p.n_rounds = rounds;
-  p.chunk = dh == 40 ? 16 : 64;
-  p.wrap = rounds > 1;
-  p.accumulate = false;
-  return p;
-}
-
-// p's rounds' orders on the device: each a shuffle of the positions (rng
-// seeded with seed) where p has several rounds, else the identity.
-IntBuffer<float> round_orders(Ops<float>& ops, const AttentionParams& p, uint32_t seed) {
-  const int64_t L = p.L, R = p.n_rounds;
-  std::vector<int32_t> perm(size_t(R * L));
-  std::mt19937 rng(seed);
-  for (int64_t r = 0; r < R; ++r) {
-    auto first = perm.begin() + r * L;
-    std::iota(first, first + L, 0);
-    if (R > 1) std::shuffle(first, first + L, rng);
-  }
-  IntBuffer<float> d(ops, R * L);
-  ops.from_host_i32(d.data(), perm.data(), R * L);
-  return d;
 }
 
 TEST(CudaBf16Outputs, AttentionWritesAndReadsItsOutputInBf16) {
