@@ -545,14 +545,22 @@ void ReformerModel<T>::project_backward(int l, const T* dqk, const T* dv, const 
   });
 }
 
+namespace {
+// Element i of a buffer of T values, or of bf16 values two to a T (i even).
+template <class T>
+T* element_at(T* p, int64_t i, bool bf16) {
+  return bf16 ? p + i / 2 : p + i;
+}
+}  // namespace
+
 template <class T>
 T* ReformerModel<T>::ao_at(T* ao, int64_t i) const {
-  return s_->ao_bf16 ? ao + i / 2 : ao + i;
+  return element_at(ao, i, s_->ao_bf16);
 }
 
 template <class T>
 T* ReformerModel<T>::qkv_at(T* x, int64_t i) const {
-  return s_->qkv_bf16 ? x + i / 2 : x + i;
+  return element_at(x, i, s_->qkv_bf16);
 }
 
 // x1 += dropout(ao wo) (ao [L, n], wo [n, D]), or -= when `subtract`, chunk
@@ -791,12 +799,12 @@ void ReformerModel<T>::attention_layer_backward(int l, uint64_t step, bool train
     // With bf16 gradients a row holds the pass's n dqk values, then its n
     // dv values (grad_bf16): bf16 element c of dqk is float c / 2.
     T* dv_all = s.grad_bf16 ? s.dqk.data() + n / 2 : s.dv.data();
-    auto grad_at = [&](T* g, int64_t c) { return s.grad_bf16 ? g + c / 2 : g + c; };
     for (int j = 0; j < Hp_; ++j) {
       const int64_t c = int64_t(j) * dh_;
       kind.backward(pass * Hp_ + j, qkv_at(s.qk.data(), c), qkv_at(s.v.data(), c),
-                    ao_at(s.ao.data(), c), s.dao.data() + c, grad_at(s.dqk.data(), c),
-                    grad_at(dv_all, c), /*accumulate*/ false);
+                    ao_at(s.ao.data(), c), s.dao.data() + c,
+                    element_at(s.dqk.data(), c, s.grad_bf16), element_at(dv_all, c, s.grad_bf16),
+                    /*accumulate*/ false);
     }
     const T *dqk = s.dqk.data(), *dv = dv_all;
     if (s.exchange) {

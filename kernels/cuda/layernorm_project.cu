@@ -110,16 +110,18 @@ void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b
                                          const float* inp, const float* ln_w, const float* ln_b,
                                          const float* w1, const float* w2, int64_t N, int C,
                                          int OC, float eps) {
-  const std::string op = "layernorm_project_backward";
+  const char* op = "layernorm_project_backward";
   if (N <= 0 || C <= 0) return;
   auto stride = [&](const Operand<float>& d) { return d.ld ? d.ld : int64_t(OC); };
   if (!fused_ok(C, OC)) {
     if (dout1.bf16 || (w2 && dout2.bf16))
-      throw ShapeError(op + ": bf16 gradients need C and OC multiples of 8 and C <= " +
+      throw ShapeError(std::string(op) +
+                       ": bf16 gradients need C and OC multiples of 8 and C <= " +
                        std::to_string(kLayernormBf16MaxC) + ", got C=" + std::to_string(C) +
                        " OC=" + std::to_string(OC));
     if (!dout1.dense(OC) || (w2 && !dout2.dense(OC)))
-      throw ShapeError(op + ": gradient rows must be OC=" + std::to_string(OC) + " wide here");
+      throw ShapeError(std::string(op) + ": gradient rows must be OC=" + std::to_string(OC) +
+                       " wide here");
     layernorm_forward(ln, mean, rstd, inp, ln_w, ln_b, N, C, eps);
     matmul_backward(dln, dw1, nullptr, dout1.p, ln, w1, N, C, OC, /*add_dinp=*/false);
     if (w2) matmul_backward(dln, dw2, nullptr, dout2.p, ln, w2, N, C, OC, /*add_dinp=*/true);
@@ -166,12 +168,12 @@ void CudaOps::layernorm_project_backward(float* dinp, float* dln_w, float* dln_b
         if (w2) stage_rows(st.d, OC, dout2, r0, nr);
       }
       if (!gemm(true, false, C, nr, K, w16, K, d16, K, 0.0f, dln + r0 * C, C, GemmOperands::bf16))
-        no_product(op.c_str(), C, OC);
+        no_product(op, C, OC);
       if (dw1 && !gemm(false, true, OC, C, nr, d16, K, x16, C, 1.0f, dw1, OC, GemmOperands::bf16))
-        no_product(op.c_str(), C, OC);
+        no_product(op, C, OC);
       if (w2 && dw2 &&
           !gemm(false, true, OC, C, nr, d16 + OC, K, x16, C, 1.0f, dw2, OC, GemmOperands::bf16))
-        no_product(op.c_str(), C, OC);
+        no_product(op, C, OC);
     }
   }
   layernorm_backward(dinp, dln_w, dln_b, dln, inp, ln_w, mean, rstd, N, C);
