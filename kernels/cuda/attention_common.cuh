@@ -231,6 +231,30 @@ __device__ __forceinline__ RoundWeights round_weights(const float* lse, int64_t 
   return {lse, L, i, m, 1.0f / z};
 }
 
+// round_weights computed by a warp together, every lane calling it for the
+// same position i: lane r < R loads lse[r, i] and takes exp(lse[r, i] - m)
+// once, the max comes by shuffles (fmaxf gives the same maximum in any
+// order) and every lane sums the R exponentials in round order, so m and
+// 1 / z are round_weights' bits (its weights recompute their exponentials).
+// For the stagings' row statistics, where every lane computed all of them
+// itself (2 R expf a lane and position): at 64K the kept backward's staging
+// 29.8 -> 26.2 us a call. combine_bf16_kernel, which also wants the
+// weights, stays with round_weights: the weights shuffled from these lanes
+// left it 28.6 -> 29.9 us (bench/RESULTS.md, 2026-12-03 (twenty-third)).
+// R > 32: round_weights itself.
+__device__ __forceinline__ RoundWeights warp_round_weights(const float* lse, int64_t L, int64_t i,
+                                                           int R, int lane) {
+  if (R > 32) return round_weights(lse, L, i, R);
+  const float x = lane < R ? lse[int64_t(lane) * L + i] : -INFINITY;
+  float m = x;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  const float e = lane < R ? expf(x - m) : 0.0f;
+  float z = 0.0f;
+  for (int r = 0; r < R; ++r) z += __shfl_sync(0xffffffffu, e, r);
+  return {lse, L, i, m, 1.0f / z};
+}
+
 __device__ __forceinline__ float row_value(float x) { return x; }
 __device__ __forceinline__ float row_value(__nv_bfloat16 x) { return __bfloat162float(x); }
 

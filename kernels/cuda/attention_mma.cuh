@@ -362,17 +362,20 @@ __device__ __forceinline__ void load_out_pairs(const MmaStage& st, int64_t pos, 
 // the norm), so a warp has them all in flight at once; lane l takes the
 // column pairs 2 l + 64 k of each operand (kPairs: one 8-byte load per
 // pair, where dh == DH and every row is 8-byte aligned: mma_stage_pairs).
-template <int DH, bool kPairs>
+// NA: st.n, the operands (kMmaFwdStaged: a forward's; kMmaBwdStaged: a
+// backward's, dout last, with the row statistics where st.rm), so that
+// neither carries the other's code.
+template <int DH, bool kPairs, int NA>
 __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g, MmaStage st) {
   constexpr int K = (DH + 63) / 64;  // column pairs per lane and operand
   constexpr int E = DH / 32;         // columns per lane of the norm's sum
   const int64_t pos = int64_t(blockIdx.x) * kStageWarps + (threadIdx.x >> 5);
   if (pos >= g.L) return;
   const int lane = threadIdx.x & 31;
-  float x[kMmaMaxStaged][K][2] = {};
+  constexpr bool kStats = NA == kMmaBwdStaged;
+  float x[NA][K][2] = {};
 #pragma unroll
-  for (int a = 0; a < kMmaMaxStaged; ++a) {
-    if (a >= st.n) break;
+  for (int a = 0; a < NA; ++a) {
     if (a < st.first || (a == 1 && st.khat_from_q)) continue;  // kept; k_hat from q below
     if (st.src_bf16 && (a == 0 || a == 2))  // qk, v
       load_stage_pairs<DH, kPairs>(reinterpret_cast<const bf16*>(st.src[a]) + pos * st.lds[a],
@@ -381,7 +384,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
       load_stage_pairs<DH, kPairs>(st.src[a] + pos * st.lds[a], x[a], lane, g.dh);
   }
   float o[K][2] = {};
-  if (st.rm) load_out_pairs<DH, kPairs>(st, pos, o, lane, g.dh);
+  if (kStats && st.rm) load_out_pairs<DH, kPairs>(st, pos, o, lane, g.dh);
   float qc[E];  // q by columns lane + 32 t, normalise_keys_kernel's order
   if (st.khat_from_q) {
     auto columns = [&](const auto* q) {
@@ -395,7 +398,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
       columns(st.src[0] + pos * st.lds[0]);
   }
   RoundWeights w{};
-  if (st.rm) w = round_weights(st.lse, g.L, pos, st.R);
+  if (kStats && st.rm) w = warp_round_weights(st.lse, g.L, pos, st.R, lane);
 
   if (st.khat_from_q) {
     float s = 0.0f;
@@ -411,8 +414,7 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
     }
   }
 #pragma unroll
-  for (int a = 0; a < kMmaMaxStaged; ++a) {
-    if (a >= st.n) break;
+  for (int a = 0; a < NA; ++a) {
     if (a < st.first) continue;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -421,14 +423,14 @@ __global__ void __launch_bounds__(32 * kStageWarps) mma_stage_kernel(AttnGeom g,
       *reinterpret_cast<uint32_t*>(st.dst[a] + pos * DH + d) = pack_bf16(x[a][k][0], x[a][k][1]);
     }
   }
-  if (st.rm) {
+  if (kStats && st.rm) {
     float dsum = 0.0f;  // dout . out, over dout's pairs in order
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const int d = 2 * lane + 64 * k;
       if (d >= DH) break;
-      if (d < g.dh) dsum += x[3][k][0] * o[k][0];
-      if (d + 1 < g.dh) dsum += x[3][k][1] * o[k][1];
+      if (d < g.dh) dsum += x[NA - 1][k][0] * o[k][0];
+      if (d + 1 < g.dh) dsum += x[NA - 1][k][1] * o[k][1];
     }
     dsum = warp_sum(dsum);
     if (lane == 0) {
@@ -470,7 +472,7 @@ __global__ void __launch_bounds__(32 * kStageWarps)
   for (int p = 0; p < P; ++p) {
     const int64_t pos = pos0 + p;
     if (pos >= g.L) break;
-    const RoundWeights w = round_weights(st.lse, g.L, pos, st.R);
+    const RoundWeights w = warp_round_weights(st.lse, g.L, pos, st.R, lane);
     float dsum = 0.0f;  // dout . out, over dout's pairs in order
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -518,10 +520,13 @@ void launch_mma_stage(const AttnGeom& g, void* stage, MmaStage* st, cudaStream_t
     return;
   }
   const unsigned blocks = unsigned((g.L + kStageWarps - 1) / kStageWarps);
-  if (mma_stage_pairs(g, DH, *st))
-    mma_stage_kernel<DH, true><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
+  const bool pairs = mma_stage_pairs(g, DH, *st);
+  if (st->n == kMmaFwdStaged)
+    (pairs ? mma_stage_kernel<DH, true, kMmaFwdStaged> : mma_stage_kernel<DH, false, kMmaFwdStaged>)
+        <<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
   else
-    mma_stage_kernel<DH, false><<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
+    (pairs ? mma_stage_kernel<DH, true, kMmaBwdStaged> : mma_stage_kernel<DH, false, kMmaBwdStaged>)
+        <<<blocks, 32 * kStageWarps, 0, s>>>(g, *st);
   CUDA_CHECK_LAUNCH("mma_stage_kernel");
 }
 
