@@ -274,7 +274,15 @@ __device__ __forceinline__ void load_cols(const float* p, float* v) {
 }
 template <int E>
 __device__ __forceinline__ void load_cols(const __nv_bfloat16* p, float* v) {
-  if constexpr (E == 4) {
+  if constexpr (E == 8) {
+    const uint4 x = *reinterpret_cast<const uint4*>(p);
+    const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[k]));
+      v[2 * k] = a.x, v[2 * k + 1] = a.y;
+    }
+  } else if constexpr (E == 4) {
     const uint2 x = *reinterpret_cast<const uint2*>(p);
     const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
     const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
@@ -288,7 +296,10 @@ __device__ __forceinline__ void load_cols(const __nv_bfloat16* p, float* v) {
 }
 template <int E>
 __device__ __forceinline__ void store_cols(float* p, const float* v) {
-  if constexpr (E == 4)
+  if constexpr (E == 8) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+  } else if constexpr (E == 4)
     *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
   else if constexpr (E == 2)
     *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
@@ -297,7 +308,14 @@ __device__ __forceinline__ void store_cols(float* p, const float* v) {
 }
 template <int E>
 __device__ __forceinline__ void store_cols(__nv_bfloat16* p, const float* v) {  // rounded
-  if constexpr (E == 4) {
+  if constexpr (E == 8) {
+    uint4 x;
+    uint32_t* w = reinterpret_cast<uint32_t*>(&x);
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      *reinterpret_cast<__nv_bfloat162*>(&w[k]) = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+    *reinterpret_cast<uint4*>(p) = x;
+  } else if constexpr (E == 4) {
     uint2 x;
     *reinterpret_cast<__nv_bfloat162*>(&x.x) = __floats2bfloat162_rn(v[0], v[1]);
     *reinterpret_cast<__nv_bfloat162*>(&x.y) = __floats2bfloat162_rn(v[2], v[3]);

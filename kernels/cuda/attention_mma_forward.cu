@@ -41,6 +41,7 @@
 
 #include <cmath>
 #include <functional>
+#include <type_traits>
 
 #include "kernels/cuda/attention_mma.cuh"
 
@@ -438,18 +439,29 @@ void launch_mma_forward_folded(AttnGeom g, const int32_t* perm, int rounds, cons
 }
 
 // out = sum_r w[r, i] out_b[r, i] for the bf16 round outputs [R, L, DH] of
-// a call, the weights as combine_rounds_kernel's (attention_forward.cu), one
-// warp per position, sums in fp32 in round order. E = DH / 32 columns per
-// lane: with kVec (dh == DH, out's rows aligned to E values) lane l takes
-// columns E l .. E l + E - 1 by vector accesses (load_cols, store_cols), else
-// columns l + 32 t. OutT: float, or bf16 rounded to nearest even
-// (AttentionParams::out_bf16).
+// a call, the weights as combine_rounds_kernel's (attention_forward.cu),
+// sums in fp32 in round order. With kVec (dh == DH, out's rows aligned to 8
+// values: combine_vec) kCombineLanes(DH) lanes take a position, lane l its
+// columns 8 l .. 8 l + 7, one 16-byte access per row (load_cols,
+// store_cols): several positions a warp (one per warp, 8 bytes a lane and
+// row: 28.6 us a call at 64K, 2.7 TB/s; so 23.1 us, 3.3 TB/s;
+// bench/RESULTS.md, 2026-12-03 (twenty-third)). Else one
+// warp per position, lane l its columns l + 32 t. OutT: float, or bf16
+// rounded to nearest even (AttentionParams::out_bf16).
+template <int DH>
+constexpr int kCombineLanes = DH / 8;
+template <int DH, bool kVec>
+constexpr int combine_positions_per_warp() {
+  return kVec ? 32 / kCombineLanes<DH> : 1;
+}
 template <int DH, bool kVec, class OutT>
 __global__ void combine_bf16_kernel(OutT* out, int64_t ld, const bf16* out_b, const float* lse,
                                     int64_t L, int dh, int R) {
-  constexpr int E = DH / 32;
-  const int64_t i = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
+  constexpr int E = kVec ? 8 : DH / 32;          // columns per lane
+  constexpr int LP = kVec ? kCombineLanes<DH> : 32;  // lanes per position
+  constexpr int PW = combine_positions_per_warp<DH, kVec>();
+  const int lane = threadIdx.x & 31, l = lane % LP;
+  const int64_t i = (int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * PW + lane / LP;
   if (i >= L) return;
   const RoundWeights weight = round_weights(lse, L, i, R);
   float acc[E] = {};
@@ -458,20 +470,20 @@ __global__ void combine_bf16_kernel(OutT* out, int64_t ld, const bf16* out_b, co
     const bf16* row = out_b + (int64_t(r) * L + i) * DH;
     float x[E];
     if constexpr (kVec) {
-      load_cols<E>(row + lane * E, x);
+      load_cols<E>(row + l * E, x);
     } else {
 #pragma unroll
-      for (int t = 0; t < E; ++t) x[t] = __bfloat162float(row[lane + 32 * t]);
+      for (int t = 0; t < E; ++t) x[t] = __bfloat162float(row[l + 32 * t]);
     }
 #pragma unroll
     for (int t = 0; t < E; ++t) acc[t] += w * x[t];
   }
   if constexpr (kVec) {
-    store_cols<E>(out + i * ld + lane * E, acc);
+    store_cols<E>(out + i * ld + l * E, acc);
   } else {
 #pragma unroll
     for (int t = 0; t < E; ++t)
-      if (lane + 32 * t < dh) store_cols<1>(out + i * ld + lane + 32 * t, acc + t);
+      if (l + 32 * t < dh) store_cols<1>(out + i * ld + l + 32 * t, acc + t);
   }
 }
 
@@ -480,23 +492,24 @@ __global__ void combine_bf16_kernel(OutT* out, int64_t ld, const bf16* out_b, co
 template <class OutT>
 void combine_rounds_bf16(OutT* out, const AttentionParams& p, int dhm, const bf16* out_b,
                          const float* lse, cudaStream_t s) {
-  const int E = dhm / 32;
-  const bool vec = p.dh == dhm && p.ld % E == 0 && aligned(out, sizeof(OutT) * E);
-  auto combine = [&](auto kernel) {
-    kernel<<<warp_rows_blocks(p.L), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L, p.dh,
-                                                     p.n_rounds);
+  const bool vec = p.dh == dhm && p.ld % 8 == 0 && aligned(out, 16) && aligned(out_b, 16);
+  auto combine = [&](auto kernel, int per_warp) {
+    const int64_t rows = int64_t(kWarps) * per_warp;
+    kernel<<<unsigned((p.L + rows - 1) / rows), kBlock, 0, s>>>(out, p.ld, out_b, lse, p.L,
+                                                                 p.dh, p.n_rounds);
     CUDA_CHECK_LAUNCH("combine_bf16_kernel");
   };
+  auto launch = [&](auto dh) {
+    constexpr int DH = decltype(dh)::value;
+    if (vec)
+      combine(combine_bf16_kernel<DH, true, OutT>, combine_positions_per_warp<DH, true>());
+    else
+      combine(combine_bf16_kernel<DH, false, OutT>, 1);
+  };
   switch (dhm) {
-    case 32:
-      combine(vec ? combine_bf16_kernel<32, true, OutT> : combine_bf16_kernel<32, false, OutT>);
-      break;
-    case 64:
-      combine(vec ? combine_bf16_kernel<64, true, OutT> : combine_bf16_kernel<64, false, OutT>);
-      break;
-    default:
-      combine(vec ? combine_bf16_kernel<128, true, OutT> : combine_bf16_kernel<128, false, OutT>);
-      break;
+    case 32: launch(std::integral_constant<int, 32>{}); break;
+    case 64: launch(std::integral_constant<int, 64>{}); break;
+    default: launch(std::integral_constant<int, 128>{}); break;
   }
 }
 
