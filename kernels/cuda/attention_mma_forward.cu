@@ -440,14 +440,14 @@ void launch_mma_forward_folded(AttnGeom g, const int32_t* perm, int rounds, cons
 
 // out = sum_r w[r, i] out_b[r, i] for the bf16 round outputs [R, L, DH] of
 // a call, the weights as combine_rounds_kernel's (attention_forward.cu),
-// sums in fp32 in round order. With kVec (dh == DH, out's rows aligned to 8
-// values: combine_vec) kCombineLanes(DH) lanes take a position, lane l its
-// columns 8 l .. 8 l + 7, one 16-byte access per row (load_cols,
-// store_cols): several positions a warp (one per warp, 8 bytes a lane and
-// row: 28.6 us a call at 64K, 2.7 TB/s; so 23.1 us, 3.3 TB/s;
-// bench/RESULTS.md, 2026-12-03 (twenty-third)). Else one
-// warp per position, lane l its columns l + 32 t. OutT: float, or bf16
-// rounded to nearest even (AttentionParams::out_bf16).
+// sums in fp32 in round order. With kVec (dh == DH, out's row stride a
+// multiple of 8 values and both buffers 16-byte aligned: combine_rounds_bf16)
+// kCombineLanes<DH> lanes take a position, lane l its columns 8 l .. 8 l +
+// 7, one 16-byte access per row (load_cols, store_cols), 32 / that
+// positions a warp (one per warp, 8 bytes a lane and row: 28.6 us a call
+// at 64K, 2.7 TB/s; so 23.1 us, 3.3 TB/s; bench/RESULTS.md, 2026-12-03
+// (twenty-third)). Else one warp per position, lane l its columns l + 32 t.
+// OutT: float, or bf16 rounded to nearest even (AttentionParams::out_bf16).
 template <int DH>
 constexpr int kCombineLanes = DH / 8;
 template <int DH, bool kVec>
